@@ -1,0 +1,9 @@
+//! keel-store: durable storage for Keel on SQLite (the embedded default).
+//!
+//! Opens the database with WAL, a busy timeout and embedded migrations, and implements the
+//! plugin registry plus the kernel's store traits.
+
+pub mod plugins;
+pub mod sqlite;
+
+pub use sqlite::{Database, StoreError};

@@ -79,7 +79,7 @@ impl Roots {
             })
             .collect();
         // Longest prefix first, so nested grants win over their parents.
-        roots.sort_by(|a, b| b.components.len().cmp(&a.components.len()));
+        roots.sort_by_key(|r| std::cmp::Reverse(r.components.len()));
         Roots(roots)
     }
 

@@ -1,1 +1,26 @@
-//! keel-sandbox
+//! keel-sandbox: Keel's WebAssembly component host.
+//!
+//! One shared [`wasmtime::Engine`] with a pooling allocator and copy-on-write memory images;
+//! plugins are validated against the `keel:plugin/tool` world, stored by sha256, precompiled once
+//! into an HMAC-verified cache, pre-linked (`InstancePre`) once, and every call runs in a fresh
+//! `Store` holding only the capabilities granted (filesystem preopens, an HTTP allowlist, named
+//! environment variables) under per-call limits (memory, deadline, fuel, output, logs).
+//!
+//! This crate knows nothing about jobs, policy or budgets: the kernel reaches it through
+//! [`keel_kernel::tool::ToolHost`], implemented by [`SandboxToolHost`].
+
+pub mod cache;
+pub mod config;
+pub mod grants;
+pub mod host;
+pub mod info;
+mod sandbox;
+mod toolhost;
+
+pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
+pub use config::{Limits, SandboxConfig};
+pub use grants::{FsGrant, GrantError, Grants};
+pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
+pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};
+pub use sandbox::{CallReport, ExecReport, PreparedPlugin, Sandbox, SandboxError, WIT_PACKAGE, WIT_VERSION};
+pub use toolhost::{InstalledTool, SandboxToolHost};

@@ -1,0 +1,108 @@
+//! Configuration: engine-wide settings and per-call limits. Every limit and default lives here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Per-call resource limits. Configurable globally ([`SandboxConfig::default_limits`]) and per plugin;
+/// the TOML/CLI names are the field names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory cap per call, in bytes (all memories of the instance together).
+    pub memory_bytes: u64,
+    /// Wall-clock deadline per call, in milliseconds (epoch interruption in guest code, plus an
+    /// async timeout around host calls such as HTTP).
+    pub timeout_ms: u64,
+    /// Fuel per call, when the engine meters fuel ([`SandboxConfig::fuel_metering`]).
+    pub fuel: Option<u64>,
+    /// Maximum size of a tool's JSON output, in bytes.
+    pub max_output_bytes: u64,
+    /// Total bytes of `host.log` messages kept per call; the rest is dropped and counted.
+    pub max_log_bytes: u64,
+    /// Bytes of guest stdout and of stderr captured per call.
+    pub max_stdio_bytes: u64,
+    /// Maximum elements per table.
+    pub max_table_elements: u64,
+    /// Maximum core instances created by one component instantiation.
+    pub max_instances: u64,
+    /// Maximum tables.
+    pub max_tables: u64,
+    /// Maximum linear memories.
+    pub max_memories: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 << 20,
+            timeout_ms: 10_000,
+            fuel: None,
+            max_output_bytes: 1 << 20,
+            max_log_bytes: 64 << 10,
+            max_stdio_bytes: 64 << 10,
+            max_table_elements: 100_000,
+            max_instances: 32,
+            max_tables: 32,
+            max_memories: 4,
+        }
+    }
+}
+
+impl Limits {
+    /// The strict limits used to run `describe` at install time.
+    pub fn for_describe() -> Self {
+        Self { memory_bytes: 32 << 20, timeout_ms: 2_000, max_output_bytes: 1 << 20, ..Self::default() }
+    }
+
+    /// The wall-clock deadline as a [`Duration`].
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Apply per-plugin overrides (the JSON object stored with the plugin) on top of `self`.
+    pub fn overridden_by(&self, overrides: &serde_json::Value) -> Result<Limits, serde_json::Error> {
+        let mut merged = serde_json::to_value(self)?;
+        if let (Some(base), Some(over)) = (merged.as_object_mut(), overrides.as_object()) {
+            for (key, value) in over {
+                base.insert(key.clone(), value.clone());
+            }
+        }
+        serde_json::from_value(merged)
+    }
+}
+
+/// Engine-wide configuration.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Directory for precompiled artifacts (`$KEEL_HOME/cache`).
+    pub cache_dir: PathBuf,
+    /// Limits used when a call does not specify its own.
+    pub default_limits: Limits,
+    /// Hard ceiling on any memory limit; sizes the pooling allocator's slots.
+    pub max_memory_bytes: u64,
+    /// Instances the pooling allocator keeps slots for (concurrent calls).
+    pub pool_instances: u32,
+    /// Meter fuel (changes compiled code, so it is part of the cache key).
+    pub fuel_metering: bool,
+    /// Epoch tick length: the resolution of call deadlines.
+    pub epoch_tick: Duration,
+    /// Maximum guest stack, in bytes (deep recursion traps cleanly past it).
+    pub max_wasm_stack: usize,
+}
+
+impl SandboxConfig {
+    /// Defaults with artifacts cached under `cache_dir`.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            default_limits: Limits::default(),
+            max_memory_bytes: 1 << 30,
+            pool_instances: 128,
+            fuel_metering: false,
+            epoch_tick: Duration::from_millis(5),
+            max_wasm_stack: 1 << 20,
+        }
+    }
+}

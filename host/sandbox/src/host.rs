@@ -1,0 +1,293 @@
+//! Per-call store state: WASI context, HTTP hooks enforcing the allowlist, the resource limiter,
+//! and the `keel:plugin/host` functions (log, progress).
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::grants::{NetPolicy, is_non_public};
+
+/// Generated bindings for `keel:plugin/tool`.
+#[allow(missing_docs)]
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        world: "tool",
+        path: "../../wit",
+        exports: { default: async },
+    });
+}
+
+use bindings::keel::plugin::host::LogLevel as WitLogLevel;
+
+/// Longest single log line kept; the rest is cut.
+const MAX_LOG_LINE: usize = 4096;
+
+/// Severity of a plugin log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Trace.
+    Trace,
+    /// Debug.
+    Debug,
+    /// Info.
+    Info,
+    /// Warn.
+    Warn,
+    /// Error.
+    Error,
+}
+
+/// One line a plugin logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Severity.
+    pub level: LogLevel,
+    /// Message (truncated to 4 KiB).
+    pub message: String,
+}
+
+/// A progress report from a plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    /// Fraction done, if known.
+    pub fraction: Option<f32>,
+    /// Message.
+    pub message: String,
+}
+
+/// A capability the host refused during a call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    /// `network` (filesystem refusals happen inside WASI and reach the guest as error codes).
+    pub capability: String,
+    /// The host (and port) that was refused.
+    pub target: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// What the host collected during one call, shared with the HTTP hooks (which run in their own tasks).
+#[derive(Debug, Default)]
+pub struct CallJournal {
+    /// Logged lines kept.
+    pub logs: Vec<LogRecord>,
+    /// Bytes of log messages kept so far.
+    pub log_bytes: u64,
+    /// Log lines dropped because of the byte cap.
+    pub logs_dropped: u64,
+    /// Progress reports (the last 64).
+    pub progress: Vec<ProgressRecord>,
+    /// Network refusals.
+    pub denials: Vec<Denial>,
+}
+
+/// Resource limiter that remembers which limit stopped the guest, so a trap after a refused
+/// `memory.grow` is reported as a memory limit rather than a generic crash.
+#[derive(Debug)]
+pub struct Limiter {
+    /// Memory cap in bytes.
+    pub memory_bytes: usize,
+    /// Table elements cap.
+    pub table_elements: usize,
+    /// Core instances cap.
+    pub instances: usize,
+    /// Tables cap.
+    pub tables: usize,
+    /// Memories cap.
+    pub memories: usize,
+    /// Set when a growth was refused.
+    pub hit: Option<&'static str>,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let ok = desired <= self.memory_bytes;
+        if !ok {
+            self.hit = Some("memory");
+        }
+        Ok(ok)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let ok = desired <= self.table_elements;
+        if !ok {
+            self.hit = Some("table_elements");
+        }
+        Ok(ok)
+    }
+
+    fn instances(&self) -> usize {
+        self.instances
+    }
+
+    fn tables(&self) -> usize {
+        self.tables
+    }
+
+    fn memories(&self) -> usize {
+        self.memories
+    }
+}
+
+/// The data of one call's `Store`.
+pub struct State {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) http: WasiHttpCtx,
+    pub(crate) hooks: NetHooks,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: Limiter,
+    pub(crate) journal: Arc<Mutex<CallJournal>>,
+    pub(crate) max_log_bytes: u64,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
+
+impl bindings::keel::plugin::types::Host for State {}
+
+impl bindings::keel::plugin::host::Host for State {
+    fn log(&mut self, level: WitLogLevel, message: String) {
+        let level = match level {
+            WitLogLevel::Trace => LogLevel::Trace,
+            WitLogLevel::Debug => LogLevel::Debug,
+            WitLogLevel::Info => LogLevel::Info,
+            WitLogLevel::Warn => LogLevel::Warn,
+            WitLogLevel::Error => LogLevel::Error,
+        };
+        let message = truncate(message, MAX_LOG_LINE);
+        let mut journal = self.journal.lock().expect("journal lock");
+        if journal.log_bytes + message.len() as u64 > self.max_log_bytes {
+            journal.logs_dropped += 1;
+            return;
+        }
+        journal.log_bytes += message.len() as u64;
+        tracing::debug!(target: "keel::plugin", ?level, %message);
+        journal.logs.push(LogRecord { level, message });
+    }
+
+    fn progress(&mut self, fraction: Option<f32>, message: String) {
+        let fraction = fraction.filter(|f| f.is_finite()).map(|f| f.clamp(0.0, 1.0));
+        let mut journal = self.journal.lock().expect("journal lock");
+        if journal.progress.len() >= 64 {
+            journal.progress.remove(0);
+        }
+        journal.progress.push(ProgressRecord { fraction, message: truncate(message, MAX_LOG_LINE) });
+    }
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+/// Register every interface Keel offers guests: WASI p2 (gated per call by the `WasiCtx`),
+/// `wasi:http` (gated by [`NetHooks`]) and `keel:plugin/host`.
+pub fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_async(linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker)?;
+    bindings::keel::plugin::host::add_to_linker::<State, HasSelf<State>>(linker, |state| state)?;
+    bindings::keel::plugin::types::add_to_linker::<State, HasSelf<State>>(linker, |state| state)?;
+    Ok(())
+}
+
+/// `wasi:http` hooks: every outgoing request (including each redirect hop, which the guest sends
+/// as a new request) must match the allowlist, and every address its host resolves to must be
+/// public unless private networks were granted. Plain-HTTP requests are then sent to the checked
+/// address itself, so DNS cannot be re-bound between check and connect.
+pub struct NetHooks {
+    pub(crate) policy: Arc<NetPolicy>,
+    pub(crate) journal: Arc<Mutex<CallJournal>>,
+}
+
+type SendFuture = Box<
+    dyn Future<
+            Output = wasmtime_wasi_http::Result<(
+                http::Response<wasmtime_wasi_http::WasiBody>,
+                Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+            )>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for NetHooks {
+    fn send_request(
+        &mut self,
+        mut request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> SendFuture {
+        let policy = self.policy.clone();
+        let journal = self.journal.clone();
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let deny = |target: String, reason: String| {
+                tracing::info!(%target, %reason, "outbound HTTP refused");
+                journal.lock().expect("journal lock").denials.push(Denial {
+                    capability: "network".into(),
+                    target,
+                    reason,
+                });
+                wasmtime_wasi_http::Error::HttpRequestDenied
+            };
+            let uri = request.uri().clone();
+            let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+            let default_port = if https { 443 } else { 80 };
+            let Some(authority) = uri.authority() else {
+                return Err(deny(uri.to_string(), "request has no host".into()));
+            };
+            let host = authority.host().to_string();
+            let port = authority.port_u16().unwrap_or(default_port);
+            let target = format!("{host}:{port}");
+            if !policy.allows(&host, port, default_port) {
+                return Err(deny(target, "host is not on the plugin's network allowlist".into()));
+            }
+            let bare = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((bare.as_str(), port)).await {
+                Ok(addrs) => addrs.collect(),
+                Err(_) => return Err(wasmtime_wasi_http::Error::DnsError { rcode: None, info_code: None }),
+            };
+            if !policy.allow_private_network {
+                if let Some(bad) = addrs.iter().find(|a| is_non_public(a.ip())) {
+                    return Err(deny(
+                        target,
+                        format!("{} is a private, loopback, link-local or metadata address", bad.ip()),
+                    ));
+                }
+            }
+            let Some(pinned) = addrs.first().copied() else {
+                return Err(wasmtime_wasi_http::Error::DestinationNotFound);
+            };
+            if !https {
+                // Connect to the address that was checked; the Host header keeps the original name.
+                let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                *request.uri_mut() = format!("http://{pinned}{path}")
+                    .parse()
+                    .map_err(|_| wasmtime_wasi_http::Error::HttpRequestUriInvalid)?;
+            }
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+            ))
+        })
+    }
+}

@@ -1,0 +1,151 @@
+//! What a plugin says about itself (`describe`) and what its component imports, as host-side types.
+
+use serde::{Deserialize, Serialize};
+
+/// Filesystem access mode. Ordered: `Read < ReadWrite`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsMode {
+    /// Read files and list directories only.
+    Read,
+    /// Read, create, write, rename, delete.
+    ReadWrite,
+}
+
+impl std::fmt::Display for FsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FsMode::Read => "read",
+            FsMode::ReadWrite => "read-write",
+        })
+    }
+}
+
+/// A requested filesystem capability.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsRequest {
+    /// Guest path.
+    pub path: String,
+    /// Access needed.
+    pub mode: FsMode,
+}
+
+/// Capabilities a tool requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Capabilities {
+    /// Directories.
+    pub filesystem: Vec<FsRequest>,
+    /// HTTP hosts.
+    pub network: Vec<String>,
+    /// Environment variables.
+    pub environment: Vec<String>,
+}
+
+impl Capabilities {
+    /// Union of several tools' requests, without duplicates.
+    pub fn union<'a>(all: impl IntoIterator<Item = &'a Capabilities>) -> Capabilities {
+        let mut union = Capabilities::default();
+        for caps in all {
+            for fs in &caps.filesystem {
+                if !union.filesystem.contains(fs) {
+                    union.filesystem.push(fs.clone());
+                }
+            }
+            for host in &caps.network {
+                if !union.network.contains(host) {
+                    union.network.push(host.clone());
+                }
+            }
+            for var in &caps.environment {
+                if !union.environment.contains(var) {
+                    union.environment.push(var.clone());
+                }
+            }
+        }
+        union
+    }
+
+    /// True when nothing is requested.
+    pub fn is_empty(&self) -> bool {
+        self.filesystem.is_empty() && self.network.is_empty() && self.environment.is_empty()
+    }
+}
+
+/// One tool of a plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolInfo {
+    /// Tool name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// JSON Schema of the arguments.
+    pub input_schema: serde_json::Value,
+    /// JSON Schema of the output.
+    pub output_schema: Option<serde_json::Value>,
+    /// Requested capabilities.
+    pub capabilities: Capabilities,
+    /// Safe to re-run.
+    pub idempotent: bool,
+}
+
+/// A plugin's `describe` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    /// Plugin name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Description.
+    pub description: String,
+    /// Tools.
+    pub tools: Vec<ToolInfo>,
+}
+
+impl PluginInfo {
+    /// The tool named `name`.
+    pub fn tool(&self, name: &str) -> Option<&ToolInfo> {
+        self.tools.iter().find(|t| t.name == name)
+    }
+
+    /// Everything any tool requests.
+    pub fn requested(&self) -> Capabilities {
+        Capabilities::union(self.tools.iter().map(|t| &t.capabilities))
+    }
+}
+
+/// What the component *can* reach, read from its imports: a plugin that does not import
+/// `wasi:http` can never make an HTTP request, whatever it is granted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportSummary {
+    /// Every imported interface, e.g. `wasi:filesystem/types@0.2.6`.
+    pub interfaces: Vec<String>,
+    /// Imports `wasi:filesystem`.
+    pub filesystem: bool,
+    /// Imports `wasi:http/outgoing-handler`.
+    pub http: bool,
+    /// Imports `wasi:sockets` (raw TCP/UDP/DNS; never granted by Keel today).
+    pub sockets: bool,
+    /// Imports `wasi:cli/environment`.
+    pub environment: bool,
+}
+
+impl ImportSummary {
+    /// Classify a list of imported interface names.
+    pub fn from_interfaces(mut interfaces: Vec<String>) -> Self {
+        interfaces.sort();
+        let any = |prefix: &str| interfaces.iter().any(|i| i.starts_with(prefix));
+        Self {
+            filesystem: any("wasi:filesystem/"),
+            http: any("wasi:http/outgoing-handler"),
+            sockets: any("wasi:sockets/"),
+            environment: any("wasi:cli/environment"),
+            interfaces,
+        }
+    }
+}
+
+/// Validate a plugin or tool name: `[a-z0-9_-]{1,64}`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}

@@ -1,0 +1,647 @@
+//! The sandbox: one shared engine, prepared plugins (validated, precompiled, pre-linked), and
+//! calls that each run in a fresh store with only the granted capabilities and the call's limits.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keel_kernel::tool::{ToolCallContext, ToolError, ToolOutput};
+use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasmtime_wasi_http::WasiHttpCtx;
+
+use crate::cache::{ArtifactCache, CacheOutcome, sha256_hex};
+use crate::config::{Limits, SandboxConfig};
+use crate::grants::{Grants, NetPolicy};
+use crate::host::bindings::{ToolPre, keel::plugin::types as wit};
+use crate::host::{CallJournal, Denial, Limiter, LogRecord, NetHooks, ProgressRecord, State};
+use crate::info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo, valid_name};
+
+/// The WIT package this host implements.
+pub const WIT_PACKAGE: &str = "keel:plugin";
+/// Its version.
+pub const WIT_VERSION: &str = "0.1.0";
+const TOOLS_EXPORT: &str = "keel:plugin/tools";
+
+/// Why a component could not be prepared or run. Each is one clear sentence.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// Not WebAssembly at all (random or truncated bytes).
+    #[error("not a WebAssembly file: {0}")]
+    NotWasm(String),
+    /// A core module, not a component.
+    #[error(
+        "this is a core WebAssembly module, not a component; build it for wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    /// A component that does not implement the tool world.
+    #[error("this component does not implement the keel:plugin/tool world: {0}")]
+    WrongWorld(String),
+    /// Built against another major version of the contract.
+    #[error("this plugin was built for {found} but this host implements {WIT_PACKAGE}@{WIT_VERSION}; rebuild it against {WIT_PACKAGE}@{WIT_VERSION}")]
+    IncompatibleVersion {
+        /// e.g. `keel:plugin@0.2.0`.
+        found: String,
+    },
+    /// Structurally invalid (fails validation / compilation).
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    /// Imports something Keel does not provide.
+    #[error("the component imports interfaces Keel does not provide: {0}")]
+    UnsupportedImports(String),
+    /// `describe` failed or returned nonsense.
+    #[error("the plugin's describe() failed: {0}")]
+    Describe(String),
+    /// A grant cannot be applied (e.g. the directory vanished).
+    #[error("cannot apply grants: {0}")]
+    Grant(String),
+    /// I/O or engine failure in the host.
+    #[error("host error: {0}")]
+    Host(String),
+}
+
+/// A plugin ready to run: validated, compiled (or loaded from cache), pre-linked, described.
+pub struct PreparedPlugin {
+    /// sha256 of the component bytes.
+    pub sha256: String,
+    /// What `describe` returned.
+    pub info: PluginInfo,
+    /// What the component imports.
+    pub imports: ImportSummary,
+    /// Whether the native code came from the cache.
+    pub cache: CacheOutcome,
+    /// Time to compile or load.
+    pub load_time: Duration,
+    pre: ToolPre<State>,
+}
+
+impl std::fmt::Debug for PreparedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedPlugin").field("sha256", &self.sha256).field("name", &self.info.name).finish()
+    }
+}
+
+/// Everything one call produced.
+#[derive(Debug)]
+pub struct CallReport {
+    /// The tool's result, or why there is none.
+    pub result: Result<ToolOutput, ToolError>,
+    /// Lines the plugin logged (capped by `max_log_bytes`).
+    pub logs: Vec<LogRecord>,
+    /// True when log lines were dropped.
+    pub logs_truncated: bool,
+    /// Progress reports.
+    pub progress: Vec<ProgressRecord>,
+    /// Capabilities refused by the host during the call.
+    pub denials: Vec<Denial>,
+    /// Captured guest stdout (capped).
+    pub stdout: Vec<u8>,
+    /// Captured guest stderr (capped).
+    pub stderr: Vec<u8>,
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<State>,
+    cache: ArtifactCache,
+    config: SandboxConfig,
+    prepared: Mutex<HashMap<String, Arc<PreparedPlugin>>>,
+    _ticker: EpochTicker,
+}
+
+/// The component host. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+/// Advances the engine epoch on a background thread; stops when dropped.
+struct EpochTicker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine, tick: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("keel-epoch".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawn epoch thread");
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Build the engine configuration. Only the features Keel uses are compiled in (see Cargo.toml).
+fn engine_config(config: &SandboxConfig) -> Config {
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true)
+        .epoch_interruption(true)
+        .consume_fuel(config.fuel_metering)
+        .max_wasm_stack(config.max_wasm_stack)
+        .memory_init_cow(true)
+        .parallel_compilation(true);
+    let instances = config.pool_instances;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(instances)
+        .total_core_instances(instances * 8)
+        .total_memories(instances * 2)
+        .total_tables(instances * 8)
+        .total_stacks(instances)
+        .max_core_instances_per_component(32)
+        .max_memories_per_component(4)
+        .max_tables_per_component(32)
+        .table_elements(100_000)
+        .max_memory_size(config.max_memory_bytes as usize)
+        .max_component_instance_size(4 << 20)
+        .max_core_instance_size(4 << 20);
+    wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    wasm
+}
+
+impl Sandbox {
+    /// Create the engine, linker, epoch ticker and artifact cache.
+    pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
+        let engine = Engine::new(&engine_config(&config)).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        crate::host::add_to_linker(&mut linker).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
+        let cache = ArtifactCache::open(&config.cache_dir, &engine)
+            .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
+        let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        Ok(Self {
+            inner: Arc::new(Inner { engine, linker, cache, config, prepared: Mutex::default(), _ticker: ticker }),
+        })
+    }
+
+    /// The engine (for benchmarks and advanced embedding).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.inner.config
+    }
+
+    /// Validate, compile (or load from the verified cache), pre-link and describe a component.
+    /// Prepared plugins are memoised by sha256 for the life of the sandbox.
+    pub async fn prepare(&self, wasm: &[u8]) -> Result<Arc<PreparedPlugin>, SandboxError> {
+        check_header(wasm)?;
+        let sha256 = sha256_hex(wasm);
+        if let Some(found) = self.inner.prepared.lock().expect("prepared lock").get(&sha256) {
+            return Ok(found.clone());
+        }
+        let started = Instant::now();
+        let (component, cache) = {
+            let inner = self.inner.clone();
+            let sha = sha256.clone();
+            let bytes = wasm.to_vec();
+            tokio::task::spawn_blocking(move || inner.cache.load_or_compile(&inner.engine, &sha, &bytes))
+                .await
+                .map_err(|e| SandboxError::Host(e.to_string()))?
+                .map_err(|e| SandboxError::Invalid(first_line(&format!("{e:#}"))))?
+        };
+        let load_time = started.elapsed();
+        let imports = self.check_world(&component)?;
+        let instance_pre = self.instantiate_pre(&component)?;
+        let pre = ToolPre::new(instance_pre).map_err(|e| SandboxError::WrongWorld(format!("{e:#}")))?;
+        let info = self.describe(&pre).await?;
+        let prepared = Arc::new(PreparedPlugin { sha256: sha256.clone(), info, imports, cache, load_time, pre });
+        self.inner.prepared.lock().expect("prepared lock").insert(sha256, prepared.clone());
+        Ok(prepared)
+    }
+
+    fn instantiate_pre(&self, component: &Component) -> Result<InstancePre<State>, SandboxError> {
+        self.inner.linker.instantiate_pre(component).map_err(|e| {
+            let message = format!("{e:#}");
+            if message.contains("matching implementation was not found") || message.contains("import") {
+                SandboxError::UnsupportedImports(first_line(&message))
+            } else {
+                SandboxError::Invalid(first_line(&message))
+            }
+        })
+    }
+
+    /// Check exports against the tool world (naming the version on a mismatch) and list imports.
+    fn check_world(&self, component: &Component) -> Result<ImportSummary, SandboxError> {
+        let engine = &self.inner.engine;
+        let ty = component.component_type();
+        let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
+        let wanted = format!("{TOOLS_EXPORT}@{WIT_VERSION}");
+        if !exports.iter().any(|e| *e == wanted) {
+            if let Some(other) = exports.iter().find(|e| e.starts_with(&format!("{TOOLS_EXPORT}@"))) {
+                let version = other.rsplit('@').next().unwrap_or_default();
+                if !semver_compatible(version, WIT_VERSION) {
+                    return Err(SandboxError::IncompatibleVersion { found: format!("{WIT_PACKAGE}@{version}") });
+                }
+                // A compatible (newer patch/minor) export name is resolved by the linker's semver rules.
+            } else if exports.iter().any(|e| e.starts_with("wasi:cli/run@")) {
+                return Err(SandboxError::WrongWorld(
+                    "it is a WASI command (exports wasi:cli/run); run it with `keel exec`".into(),
+                ));
+            } else {
+                let listed = if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") };
+                return Err(SandboxError::WrongWorld(format!("it exports {listed}, not {wanted}")));
+            }
+        }
+        let mut interfaces = Vec::new();
+        for (name, _) in ty.imports(engine) {
+            if let Some(other) = name.strip_prefix("keel:plugin/") {
+                let version = other.rsplit('@').next().unwrap_or_default();
+                if !semver_compatible(version, WIT_VERSION) {
+                    return Err(SandboxError::IncompatibleVersion { found: format!("{WIT_PACKAGE}@{version}") });
+                }
+            }
+            if name.contains(':') {
+                interfaces.push(name.to_string());
+            }
+        }
+        Ok(ImportSummary::from_interfaces(interfaces))
+    }
+
+    async fn describe(&self, pre: &ToolPre<State>) -> Result<PluginInfo, SandboxError> {
+        let limits = Limits::for_describe();
+        let (mut store, journal, _, stderr) =
+            self.new_store(&Grants::default(), &limits, None).map_err(|e| SandboxError::Host(e.to_string()))?;
+        let run = async {
+            let tool = pre.instantiate_async(&mut store).await?;
+            tool.keel_plugin_tools().call_describe(&mut store).await
+        };
+        let outcome = tokio::time::timeout(limits.timeout() + Duration::from_millis(500), run).await;
+        let raw = match outcome {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => {
+                let error = classify_error(e, &store, &stderr);
+                return Err(SandboxError::Describe(error.to_string()));
+            }
+            Err(_) => return Err(SandboxError::Describe("timed out".into())),
+        };
+        drop(journal);
+        convert_info(raw)
+    }
+
+    /// Build a fresh store holding only `grants`, under `limits`.
+    fn new_store(
+        &self,
+        grants: &Grants,
+        limits: &Limits,
+        args: Option<&[String]>,
+    ) -> Result<(Store<State>, Arc<Mutex<CallJournal>>, MemoryOutputPipe, MemoryOutputPipe), SandboxError> {
+        let stdout = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
+        let stderr = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone()).stderr(stderr.clone());
+        if let Some(args) = args {
+            wasi.args(args);
+        }
+        for grant in &grants.fs {
+            let perms = match grant.mode {
+                FsMode::Read => FsPerms::ReadOnly,
+                FsMode::ReadWrite => FsPerms::ReadWrite,
+            };
+            wasi.preopened_dir(&grant.host, &grant.guest, perms)
+                .map_err(|e| SandboxError::Grant(format!("{}: {e}", grant.host.display())))?;
+        }
+        for name in &grants.env {
+            if let Ok(value) = std::env::var(name) {
+                wasi.env(name, value);
+            }
+        }
+        let journal = Arc::new(Mutex::new(CallJournal::default()));
+        let state = State {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            hooks: NetHooks { policy: Arc::new(NetPolicy::new(grants)), journal: journal.clone() },
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes.min(self.inner.config.max_memory_bytes) as usize,
+                table_elements: limits.max_table_elements as usize,
+                instances: limits.max_instances as usize,
+                tables: limits.max_tables as usize,
+                memories: limits.max_memories as usize,
+                hit: None,
+            },
+            journal: journal.clone(),
+            max_log_bytes: limits.max_log_bytes,
+        };
+        let mut store = Store::new(&self.inner.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        let tick = self.inner.config.epoch_tick.as_millis().max(1) as u64;
+        // A new store's deadline is 0 (trap at once): always set it.
+        store.set_epoch_deadline(limits.timeout_ms.div_ceil(tick) + 1);
+        store.epoch_deadline_trap();
+        if self.inner.config.fuel_metering {
+            store.set_fuel(limits.fuel.unwrap_or(u64::MAX)).map_err(|e| SandboxError::Host(e.to_string()))?;
+        }
+        Ok((store, journal, stdout, stderr))
+    }
+
+    /// Run `tool` of `plugin` with JSON `arguments` in a fresh store holding only `grants`
+    /// (narrowed to what the tool declares), under `limits`.
+    pub async fn call(
+        &self,
+        plugin: &PreparedPlugin,
+        grants: &Grants,
+        limits: &Limits,
+        ctx: &ToolCallContext,
+        tool: &str,
+        arguments: &serde_json::Value,
+    ) -> CallReport {
+        let empty = |result| CallReport {
+            result: Err(result),
+            logs: vec![],
+            logs_truncated: false,
+            progress: vec![],
+            denials: vec![],
+            stdout: vec![],
+            stderr: vec![],
+        };
+        let Some(tool_info) = plugin.info.tool(tool) else {
+            return empty(ToolError::UnknownTool { tool: format!("{}/{tool}", plugin.info.name) });
+        };
+        let mut limits = limits.clone();
+        if let Some(timeout) = ctx.timeout {
+            limits.timeout_ms = limits.timeout_ms.min(timeout.as_millis() as u64);
+        }
+        let grants = grants.narrow_for(tool_info, &plugin.info.tools);
+        let (mut store, journal, stdout, stderr) = match self.new_store(&grants, &limits, None) {
+            Ok(parts) => parts,
+            Err(e) => return empty(ToolError::Host { message: e.to_string() }),
+        };
+        let wit_ctx = wit::CallContext {
+            call_id: ctx.call_id.clone(),
+            job_id: ctx.job_id.clone(),
+            scope: ctx.scope.clone(),
+            principal: ctx.principal.clone(),
+            trace_id: ctx.trace_id.clone(),
+            deadline_ms: limits.timeout_ms,
+        };
+        let arguments = arguments.to_string();
+        let started = Instant::now();
+        let run = async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            instance.keel_plugin_tools().call_call(&mut store, &wit_ctx, tool, &arguments).await
+        };
+        // Epoch interruption stops guest code; this timeout also stops a guest parked in a host call.
+        let outcome = tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await;
+        let duration = started.elapsed();
+        let fuel_consumed = match (self.inner.config.fuel_metering, store.get_fuel()) {
+            (true, Ok(left)) => Some(limits.fuel.unwrap_or(u64::MAX) - left),
+            _ => None,
+        };
+        let result = match outcome {
+            Err(_) => Err(ToolError::TimedOut {
+                message: format!("the call did not finish within {} ms", limits.timeout_ms),
+            }),
+            Ok(Err(e)) => Err(classify_error(e, &store, &stderr)),
+            Ok(Ok(Err(error))) => Err(convert_tool_error(error)),
+            Ok(Ok(Ok(output))) => {
+                if output.json.len() as u64 > limits.max_output_bytes {
+                    Err(ToolError::LimitExceeded {
+                        limit: "output".into(),
+                        message: format!(
+                            "the tool returned {} bytes of output; the limit is {} bytes",
+                            output.json.len(),
+                            limits.max_output_bytes
+                        ),
+                    })
+                } else {
+                    match serde_json::from_str(&output.json) {
+                        Ok(value) => Ok(ToolOutput { output: value, duration, fuel_consumed }),
+                        Err(e) => Err(ToolError::Failed { message: format!("the tool returned invalid JSON: {e}") }),
+                    }
+                }
+            }
+        };
+        drop(store);
+        let journal = std::mem::take(&mut *journal.lock().expect("journal lock"));
+        CallReport {
+            result,
+            logs: journal.logs,
+            logs_truncated: journal.logs_dropped > 0,
+            progress: journal.progress,
+            denials: journal.denials,
+            stdout: stdout.contents().to_vec(),
+            stderr: stderr.contents().to_vec(),
+        }
+    }
+
+    /// Run a WASI command component (`wasi:cli/run`) under `grants` and `limits`, with `args`
+    /// (`args[0]` is the program name). Its stdout and stderr are captured (capped) and returned.
+    pub async fn exec(&self, wasm: &[u8], grants: &Grants, limits: &Limits, args: &[String]) -> Result<ExecReport, SandboxError> {
+        check_header(wasm)?;
+        let sha256 = sha256_hex(wasm);
+        let (component, _) = {
+            let inner = self.inner.clone();
+            let bytes = wasm.to_vec();
+            tokio::task::spawn_blocking(move || inner.cache.load_or_compile(&inner.engine, &sha256, &bytes))
+                .await
+                .map_err(|e| SandboxError::Host(e.to_string()))?
+                .map_err(|e| SandboxError::Invalid(first_line(&format!("{e:#}"))))?
+        };
+        let pre = self.instantiate_pre(&component)?;
+        let pre = wasmtime_wasi::p2::bindings::CommandPre::new(pre).map_err(|_| {
+            SandboxError::WrongWorld("`keel exec` runs WASI commands (components exporting wasi:cli/run)".into())
+        })?;
+        let (mut store, _journal, stdout, stderr) = self.new_store(grants, limits, Some(args))?;
+        let run = async {
+            let command = pre.instantiate_async(&mut store).await?;
+            command.wasi_cli_run().call_run(&mut store).await
+        };
+        let outcome = tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await;
+        let status = match outcome {
+            Err(_) => Err(ToolError::TimedOut { message: format!("did not finish within {} ms", limits.timeout_ms) }),
+            Ok(Ok(Ok(()))) => Ok(0),
+            Ok(Ok(Err(()))) => Ok(1),
+            Ok(Err(e)) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                Some(exit) => Ok(exit.0),
+                None => Err(classify_error(e, &store, &stderr)),
+            },
+        };
+        Ok(ExecReport { status, stdout: stdout.contents().to_vec(), stderr: stderr.contents().to_vec() })
+    }
+}
+
+/// Result of [`Sandbox::exec`].
+#[derive(Debug)]
+pub struct ExecReport {
+    /// Exit code, or why the program did not exit normally.
+    pub status: Result<i32, ToolError>,
+    /// Captured stdout (capped).
+    pub stdout: Vec<u8>,
+    /// Captured stderr (capped).
+    pub stderr: Vec<u8>,
+}
+
+/// Reject non-wasm and core modules with a precise message before handing bytes to the compiler.
+fn check_header(wasm: &[u8]) -> Result<(), SandboxError> {
+    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+        let what = if wasm.is_empty() { "the file is empty".to_string() } else { "missing the `\\0asm` magic number".into() };
+        return Err(SandboxError::NotWasm(what));
+    }
+    if wasmparser::Parser::is_core_wasm(wasm) {
+        return Err(SandboxError::CoreModule);
+    }
+    if !wasmparser::Parser::is_component(wasm) {
+        return Err(SandboxError::NotWasm("unknown WebAssembly binary version or layer".into()));
+    }
+    Ok(())
+}
+
+/// `0.x` versions are compatible within a minor version; `>=1` within a major version.
+fn semver_compatible(found: &str, ours: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64)> {
+        let mut parts = v.split(['.', '-', '+']);
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    };
+    match (parse(found), parse(ours)) {
+        (Some((0, a)), Some((0, b))) => a == b,
+        (Some((a, _)), Some((b, _))) => a == b,
+        _ => false,
+    }
+}
+
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or(message).trim_end_matches(':').to_string()
+}
+
+/// Turn a wasmtime error from instantiation or a call into a structured tool error.
+fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &MemoryOutputPipe) -> ToolError {
+    let limiter_hit = store.data().limiter.hit;
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        match trap {
+            Trap::Interrupt => {
+                return ToolError::TimedOut { message: "the plugin ran past its deadline and was interrupted".into() };
+            }
+            Trap::OutOfFuel => {
+                return ToolError::LimitExceeded { limit: "fuel".into(), message: "the plugin ran out of fuel".into() };
+            }
+            Trap::StackOverflow => {
+                return ToolError::LimitExceeded {
+                    limit: "stack".into(),
+                    message: "the plugin overflowed its stack (too deep recursion)".into(),
+                };
+            }
+            _ => {}
+        }
+    }
+    if let Some(limit) = limiter_hit {
+        let message = match limit {
+            "memory" => format!("the plugin tried to use more than {} bytes of memory", store.data().limiter.memory_bytes),
+            other => format!("the plugin exceeded its {other} limit"),
+        };
+        return ToolError::LimitExceeded { limit: limit.into(), message };
+    }
+    let text = format!("{error:#}");
+    if text.contains("maximum concurrent") || text.contains("pooling allocator") {
+        return ToolError::LimitExceeded {
+            limit: "instances".into(),
+            message: "too many concurrent plugin calls; try again".into(),
+        };
+    }
+    // A Rust panic prints its message to stderr before trapping: surface it.
+    let stderr = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
+    let panic = stderr.lines().rev().find(|l| l.contains("panicked")).map(str::to_string);
+    let message = match (error.downcast_ref::<Trap>(), panic) {
+        (_, Some(panic)) => format!("the plugin panicked: {panic}"),
+        (Some(trap), None) => format!("the plugin trapped: {trap}"),
+        (None, None) => format!("the plugin failed: {}", first_line(&text)),
+    };
+    ToolError::Trapped { message }
+}
+
+fn convert_tool_error(error: wit::ToolError) -> ToolError {
+    match error {
+        wit::ToolError::InvalidInput(message) => ToolError::InvalidInput { message },
+        wit::ToolError::Denied(d) => ToolError::Denied { capability: d.capability, target: d.target, message: d.message },
+        wit::ToolError::Failed(message) => ToolError::Failed { message },
+        wit::ToolError::TimedOut(message) => ToolError::TimedOut { message },
+        wit::ToolError::UnknownTool(tool) => ToolError::UnknownTool { tool },
+    }
+}
+
+fn convert_info(raw: wit::PluginInfo) -> Result<PluginInfo, SandboxError> {
+    let bad = |m: String| SandboxError::Describe(m);
+    if !valid_name(&raw.name) {
+        return Err(bad(format!("plugin name `{}` must match [a-z0-9_-]{{1,64}}", raw.name)));
+    }
+    let mut tools: Vec<ToolInfo> = Vec::with_capacity(raw.tools.len());
+    for tool in raw.tools {
+        if !valid_name(&tool.name) {
+            return Err(bad(format!("tool name `{}` must match [a-z0-9_-]{{1,64}}", tool.name)));
+        }
+        if tools.iter().any(|t| t.name == tool.name) {
+            return Err(bad(format!("tool `{}` is declared twice", tool.name)));
+        }
+        let schema = |text: &str, what: &str| {
+            serde_json::from_str::<serde_json::Value>(text)
+                .map_err(|e| bad(format!("tool `{}` {what} schema is not JSON: {e}", tool.name)))
+        };
+        let input_schema = schema(&tool.input_schema, "input")?;
+        let output_schema = tool.output_schema.as_deref().map(|s| schema(s, "output")).transpose()?;
+        let caps = tool.capabilities;
+        for host in &caps.network {
+            crate::grants::validate_host_pattern(host).map_err(|e| bad(format!("tool `{}`: {e}", tool.name)))?;
+        }
+        tools.push(ToolInfo {
+            name: tool.name,
+            description: tool.description,
+            input_schema,
+            output_schema,
+            capabilities: Capabilities {
+                filesystem: caps
+                    .filesystem
+                    .into_iter()
+                    .map(|f| FsRequest {
+                        path: f.path,
+                        mode: match f.mode {
+                            wit::FsMode::Read => FsMode::Read,
+                            wit::FsMode::ReadWrite => FsMode::ReadWrite,
+                        },
+                    })
+                    .collect(),
+                network: caps.network,
+                environment: caps.environment,
+            },
+            idempotent: tool.idempotent,
+        });
+    }
+    Ok(PluginInfo { name: raw.name, version: raw.version, description: raw.description, tools })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_checks() {
+        assert!(matches!(check_header(b""), Err(SandboxError::NotWasm(_))));
+        assert!(matches!(check_header(b"hello world, not wasm"), Err(SandboxError::NotWasm(_))));
+        assert!(matches!(check_header(b"\0asm\x01\0\0\0"), Err(SandboxError::CoreModule)));
+        assert!(matches!(check_header(b"\0asm\x0d\0\x01\0"), Ok(())));
+        assert!(matches!(check_header(b"\0asm\x0d\0\x02\0"), Err(SandboxError::NotWasm(_))));
+    }
+
+    #[test]
+    fn versions() {
+        assert!(semver_compatible("0.1.0", "0.1.0"));
+        assert!(semver_compatible("0.1.3", "0.1.0"));
+        assert!(!semver_compatible("0.2.0", "0.1.0"));
+        assert!(!semver_compatible("1.0.0", "0.1.0"));
+        assert!(semver_compatible("1.4.0", "1.0.0"));
+        assert!(!semver_compatible("garbage", "0.1.0"));
+    }
+}

@@ -1,0 +1,104 @@
+//! The sandbox end to end with the `hello` example: prepare, describe, call, cache, errors.
+
+use std::sync::Arc;
+
+use keel_kernel::tool::{ToolCallContext, ToolError, ToolHost};
+use keel_sandbox::{
+    CacheOutcome, Grants, InstalledTool, Limits, PreparedPlugin, Sandbox, SandboxConfig, SandboxError, SandboxToolHost,
+};
+use serde_json::json;
+
+async fn hello(sandbox: &Sandbox) -> Arc<PreparedPlugin> {
+    sandbox.prepare(&keel_testutil::guest_bytes("hello")).await.expect("hello prepares")
+}
+
+fn sandbox(dir: &tempfile::TempDir) -> Sandbox {
+    Sandbox::new(SandboxConfig::new(dir.path().join("cache"))).unwrap()
+}
+
+#[tokio::test]
+async fn describe_and_call_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(&dir);
+    let plugin = hello(&sandbox).await;
+    assert_eq!(plugin.info.name, "hello");
+    let greet = plugin.info.tool("greet").expect("greet tool");
+    assert!(greet.idempotent);
+    assert_eq!(greet.input_schema["properties"]["name"]["type"], "string");
+    assert!(!plugin.imports.interfaces.is_empty());
+    assert!(plugin.imports.interfaces.iter().all(|i| i.starts_with("wasi:") || i.starts_with("keel:plugin/")));
+    assert!(!plugin.imports.http, "hello cannot reach the network");
+
+    let ctx = ToolCallContext::ad_hoc("test");
+    let report = sandbox.call(&plugin, &Grants::default(), &Limits::default(), &ctx, "greet", &json!({"name": "Ada"})).await;
+    assert_eq!(report.result.unwrap().output, json!({"greeting": "Hello, Ada!"}));
+
+    let report = sandbox.call(&plugin, &Grants::default(), &Limits::default(), &ctx, "greet", &json!({"nom": "Ada"})).await;
+    assert!(matches!(report.result, Err(ToolError::InvalidInput { .. })), "{:?}", report.result);
+    let report = sandbox.call(&plugin, &Grants::default(), &Limits::default(), &ctx, "greet", &json!({"name": " "})).await;
+    assert!(matches!(report.result, Err(ToolError::InvalidInput { ref message }) if message.contains("empty")));
+    let report = sandbox.call(&plugin, &Grants::default(), &Limits::default(), &ctx, "nope", &json!({})).await;
+    assert_eq!(report.result, Err(ToolError::UnknownTool { tool: "hello/nope".into() }));
+}
+
+#[tokio::test]
+async fn second_engine_loads_from_cache_and_tampering_forces_recompile() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = hello(&sandbox(&dir)).await;
+    assert_eq!(first.cache, CacheOutcome::Compiled);
+    let second = hello(&sandbox(&dir)).await;
+    assert_eq!(second.cache, CacheOutcome::Hit, "an unchanged plugin is never recompiled");
+
+    // Flip a byte in every cached artifact: it must be rejected, not executed.
+    for entry in std::fs::read_dir(dir.path().join("cache")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "cwasm") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0xff;
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    let third_sandbox = sandbox(&dir);
+    let third = hello(&third_sandbox).await;
+    assert_eq!(third.cache, CacheOutcome::Compiled, "a tampered artifact is recompiled");
+    let report = third_sandbox
+        .call(&third, &Grants::default(), &Limits::default(), &ToolCallContext::ad_hoc("t"), "greet", &json!({"name": "B"}))
+        .await;
+    assert!(report.result.is_ok());
+}
+
+#[tokio::test]
+async fn bad_files_are_refused_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(&dir);
+    let hello = keel_testutil::guest_bytes("hello");
+
+    let error = sandbox.prepare(b"").await.unwrap_err();
+    assert!(matches!(error, SandboxError::NotWasm(_)), "{error}");
+    let error = sandbox.prepare(&[7u8; 4096]).await.unwrap_err();
+    assert!(matches!(error, SandboxError::NotWasm(_)), "{error}");
+    let error = sandbox.prepare(b"\0asm\x01\0\0\0").await.unwrap_err();
+    assert!(matches!(error, SandboxError::CoreModule), "{error}");
+    let error = sandbox.prepare(&hello[..hello.len() / 2]).await.unwrap_err();
+    assert!(matches!(error, SandboxError::Invalid(_)), "{error}");
+    assert!(!error.to_string().contains('\n'), "one line: {error}");
+}
+
+#[tokio::test]
+async fn tool_host_lists_and_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(&dir);
+    let plugin = hello(&sandbox).await;
+    let host = SandboxToolHost::new(
+        sandbox.clone(),
+        [InstalledTool { plugin, grants: Grants::default(), limits: Limits::default() }],
+    );
+    let tools = host.list_tools().await.unwrap();
+    assert_eq!(tools.iter().map(|t| t.qualified_name()).collect::<Vec<_>>(), ["hello/greet"]);
+    let ctx = ToolCallContext::ad_hoc("t");
+    let out = host.call_tool(&ctx, "hello/greet", &json!({"name": "Lin"})).await.unwrap();
+    assert_eq!(out.output["greeting"], "Hello, Lin!");
+    assert!(matches!(host.call_tool(&ctx, "nope/greet", &json!({})).await, Err(ToolError::UnknownTool { .. })));
+    assert!(matches!(host.call_tool(&ctx, "greet", &json!({})).await, Err(ToolError::UnknownTool { .. })));
+}

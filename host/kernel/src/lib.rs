@@ -3,5 +3,20 @@
 //! Pure Rust + tokio: no wasmtime, no database, no HTTP. The crates that talk to the outside
 //! world (keel-sandbox, keel-store, keel-models) implement the traits defined here.
 
+pub mod action;
 pub mod canonical;
+pub mod clock;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+pub mod context;
+pub mod error;
+pub mod event;
+pub mod job;
+pub mod ledger;
+pub mod memory;
+pub mod services;
+pub mod store;
 pub mod tool;
+
+pub use error::{KernelError, KernelResult};
+pub use services::{Kernel, KernelConfig};

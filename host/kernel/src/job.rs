@@ -1,0 +1,260 @@
+//! Jobs: the unit of durable work, and their state machine.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Lifecycle state of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    /// Created, not yet picked up.
+    Queued,
+    /// Being worked on.
+    Running,
+    /// Blocked on a human action.
+    WaitingAction,
+    /// Finished successfully (terminal).
+    Succeeded,
+    /// Finished with an error (terminal).
+    Failed,
+    /// Cancelled (terminal).
+    Cancelled,
+    /// Ran past its deadline or its action expired (terminal).
+    TimedOut,
+}
+
+impl JobState {
+    /// All states, in lifecycle order.
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::WaitingAction,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+    ];
+
+    /// Whether no transition leaves this state.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut)
+    }
+
+    /// The legal-transition table.
+    pub fn can_transition_to(self, to: JobState) -> bool {
+        use JobState::*;
+        matches!(
+            (self, to),
+            (Queued, Running | Failed | Cancelled | TimedOut)
+                | (Running, WaitingAction | Succeeded | Failed | Cancelled | TimedOut)
+                | (WaitingAction, Running | Failed | Cancelled | TimedOut)
+        )
+    }
+
+    /// The stored name, e.g. `WAITING_ACTION`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "QUEUED",
+            JobState::Running => "RUNNING",
+            JobState::WaitingAction => "WAITING_ACTION",
+            JobState::Succeeded => "SUCCEEDED",
+            JobState::Failed => "FAILED",
+            JobState::Cancelled => "CANCELLED",
+            JobState::TimedOut => "TIMED_OUT",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not a job state.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown job state {0:?}")]
+pub struct UnknownJobState(pub String);
+
+impl FromStr for JobState {
+    type Err = UnknownJobState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownJobState(s.to_string()))
+    }
+}
+
+/// Why a job failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    /// Machine-readable code, e.g. `tool_failed`, `deadline_exceeded`.
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Unique id (UUIDv7: time-ordered).
+    pub id: Uuid,
+    /// Tenant scope.
+    pub tenant: String,
+    /// Principal the job runs for.
+    pub principal: Option<String>,
+    /// Session the job belongs to.
+    pub session: Option<String>,
+    /// Run the job belongs to.
+    pub run_id: Option<Uuid>,
+    /// Parent job, for child jobs.
+    pub parent_id: Option<Uuid>,
+    /// What kind of work this is (e.g. `agent`, `tool`, an operator name).
+    pub kind: String,
+    /// Current state.
+    pub state: JobState,
+    /// Optimistic-concurrency version; incremented by every write.
+    pub version: u64,
+    /// Idempotency key, unique per tenant.
+    pub idempotency_key: Option<String>,
+    /// Input of the job.
+    pub input: serde_json::Value,
+    /// Progress in `[0, 1]`.
+    pub progress: f64,
+    /// Last progress message.
+    pub progress_message: Option<String>,
+    /// Agent turns taken.
+    pub turns: u32,
+    /// Tool calls made.
+    pub tool_calls: u32,
+    /// Past this instant the sweeper times the job out.
+    pub deadline: Option<DateTime<Utc>>,
+    /// Error, once failed or timed out.
+    pub error: Option<JobError>,
+    /// Reference to the result (artifact id, URI, or inline JSON pointer).
+    pub result_ref: Option<String>,
+    /// Tags for filtering.
+    pub tags: Vec<String>,
+    /// Free-form metadata (the serialized execution context lives here under `context`).
+    pub metadata: serde_json::Value,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last write.
+    pub updated_at: DateTime<Utc>,
+    /// When it first ran.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What a caller supplies to create a job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NewJob {
+    /// Tenant scope.
+    pub tenant: String,
+    /// Principal.
+    pub principal: Option<String>,
+    /// Session.
+    pub session: Option<String>,
+    /// Run.
+    pub run_id: Option<Uuid>,
+    /// Parent job.
+    pub parent_id: Option<Uuid>,
+    /// Kind of work.
+    pub kind: String,
+    /// Idempotency key: creating twice with the same key returns the first job.
+    pub idempotency_key: Option<String>,
+    /// Input.
+    pub input: serde_json::Value,
+    /// Deadline.
+    pub deadline: Option<DateTime<Utc>>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Metadata.
+    pub metadata: serde_json::Value,
+}
+
+impl NewJob {
+    /// A job of `kind` in `tenant`, everything else empty.
+    pub fn new(tenant: impl Into<String>, kind: impl Into<String>) -> Self {
+        Self { tenant: tenant.into(), kind: kind.into(), ..Default::default() }
+    }
+
+    /// Take tenant, principal, session and run from a context.
+    pub fn from_context(ctx: &crate::context::ExecutionContext, kind: impl Into<String>) -> Self {
+        Self {
+            tenant: ctx.tenant.clone(),
+            principal: ctx.principal.clone(),
+            session: ctx.session.clone(),
+            run_id: Some(ctx.run_id),
+            kind: kind.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Filters for listing and counting jobs. The tenant is mandatory: tenants never see each other.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobFilter {
+    /// Tenant scope.
+    pub tenant: String,
+    /// Only these states (any if empty).
+    pub states: Vec<JobState>,
+    /// Only this principal.
+    pub principal: Option<String>,
+    /// Only this session.
+    pub session: Option<String>,
+    /// Only children of this job.
+    pub parent_id: Option<Uuid>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only jobs carrying this tag.
+    pub tag: Option<String>,
+    /// At most this many (list only; newest first).
+    pub limit: Option<u32>,
+}
+
+impl JobFilter {
+    /// All jobs of `tenant`.
+    pub fn tenant(tenant: impl Into<String>) -> Self {
+        Self { tenant: tenant.into(), ..Default::default() }
+    }
+
+    /// Whether `job` passes the filter (ignores `limit`). In-memory stores use this directly.
+    pub fn matches(&self, job: &Job) -> bool {
+        job.tenant == self.tenant
+            && (self.states.is_empty() || self.states.contains(&job.state))
+            && self.principal.as_ref().is_none_or(|p| job.principal.as_ref() == Some(p))
+            && self.session.as_ref().is_none_or(|s| job.session.as_ref() == Some(s))
+            && self.parent_id.is_none_or(|p| job.parent_id == Some(p))
+            && self.kind.as_ref().is_none_or(|k| &job.kind == k)
+            && self.tag.as_ref().is_none_or(|t| job.tags.contains(t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_table() {
+        use JobState::*;
+        assert!(Queued.can_transition_to(Running));
+        assert!(Running.can_transition_to(WaitingAction));
+        assert!(WaitingAction.can_transition_to(Running));
+        assert!(!Queued.can_transition_to(Succeeded));
+        assert!(!Queued.can_transition_to(WaitingAction));
+        for terminal in [Succeeded, Failed, Cancelled, TimedOut] {
+            assert!(terminal.is_terminal());
+            for to in JobState::ALL {
+                assert!(!terminal.can_transition_to(to), "{terminal} -> {to}");
+            }
+        }
+        for st in JobState::ALL {
+            assert_eq!(st.as_str().parse::<JobState>().unwrap(), st);
+            assert!(!st.can_transition_to(st), "self-transition {st}");
+        }
+    }
+}

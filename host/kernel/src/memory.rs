@@ -1,0 +1,431 @@
+//! In-memory [`KernelStore`]: one mutex around plain collections. For unit tests and for
+//! embedding without persistence; it passes the same conformance suite as the SQLite store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use uuid::Uuid;
+
+use crate::action::{Action, ActionFilter, ActionState};
+use crate::event::{EventQuery, RuntimeEvent};
+use crate::job::{Job, JobFilter};
+use crate::ledger::{
+    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
+    ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
+};
+use crate::store::{Batch, BudgetEvaluator, KernelStore, StoreError, StoreResult};
+
+#[derive(Debug, Default)]
+struct State {
+    jobs: HashMap<Uuid, Job>,
+    job_keys: HashMap<(String, String), Uuid>,
+    actions: HashMap<Uuid, Action>,
+    token_hashes: HashMap<String, Uuid>,
+    events: Vec<RuntimeEvent>,
+    job_seq: HashMap<Uuid, u64>,
+    ledger: Vec<LedgerEvent>,
+    budgets: BTreeMap<Uuid, Budget>,
+    reservations: HashMap<Uuid, Reservation>,
+}
+
+impl State {
+    fn append_ledger(&mut self, entry: NewLedgerEvent) -> LedgerEvent {
+        let event = LedgerEvent { id: self.ledger.len() as i64 + 1, entry };
+        self.ledger.push(event.clone());
+        event
+    }
+}
+
+/// The in-memory store.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn conflict(entity: &'static str, id: impl ToString) -> StoreError {
+    StoreError::Conflict { entity, id: id.to_string() }
+}
+
+fn limit<T>(items: impl Iterator<Item = T>, limit: Option<u32>) -> Vec<T> {
+    items.take(limit.map_or(usize::MAX, |l| l as usize)).collect()
+}
+
+impl MemoryStore {
+    fn commit_sync(&self, batch: Batch) -> StoreResult<Vec<RuntimeEvent>> {
+        let mut st = self.lock();
+        // Validate everything against a staged view first so a failure applies nothing.
+        let mut staged_jobs: HashMap<Uuid, Job> = HashMap::new();
+        let mut staged_keys: Vec<(String, String)> = Vec::new();
+        for w in &batch.jobs {
+            let current = staged_jobs.get(&w.job.id).or_else(|| st.jobs.get(&w.job.id));
+            match (w.expected_version, current) {
+                (None, Some(_)) => return Err(conflict("job", w.job.id)),
+                (None, None) => {
+                    if let Some(key) = &w.job.idempotency_key {
+                        let k = (w.job.tenant.clone(), key.clone());
+                        if st.job_keys.contains_key(&k) || staged_keys.contains(&k) {
+                            return Err(StoreError::DuplicateIdempotencyKey { tenant: k.0, key: k.1 });
+                        }
+                        staged_keys.push(k);
+                    }
+                }
+                (Some(_), None) => return Err(StoreError::NotFound { entity: "job", id: w.job.id.to_string() }),
+                (Some(v), Some(cur)) if cur.version != v => return Err(conflict("job", w.job.id)),
+                (Some(_), Some(_)) => {}
+            }
+            staged_jobs.insert(w.job.id, w.job.clone());
+        }
+        let mut staged_actions: HashMap<Uuid, Action> = HashMap::new();
+        for w in &batch.actions {
+            let current = staged_actions.get(&w.action.id).or_else(|| st.actions.get(&w.action.id));
+            match (w.expected_version, current) {
+                (None, Some(_)) => return Err(conflict("action", w.action.id)),
+                (None, None) => {
+                    if st.token_hashes.contains_key(&w.action.token_hash) {
+                        return Err(conflict("action", w.action.id));
+                    }
+                    if !staged_jobs.contains_key(&w.action.job_id) && !st.jobs.contains_key(&w.action.job_id) {
+                        return Err(StoreError::NotFound { entity: "job", id: w.action.job_id.to_string() });
+                    }
+                }
+                (Some(_), None) => {
+                    return Err(StoreError::NotFound { entity: "action", id: w.action.id.to_string() });
+                }
+                (Some(v), Some(cur)) if cur.version != v => return Err(conflict("action", w.action.id)),
+                (Some(_), Some(_)) => {}
+            }
+            staged_actions.insert(w.action.id, w.action.clone());
+        }
+        for e in &batch.events {
+            if !staged_jobs.contains_key(&e.job_id) && !st.jobs.contains_key(&e.job_id) {
+                return Err(StoreError::NotFound { entity: "job", id: e.job_id.to_string() });
+            }
+        }
+        // Apply.
+        for k in staged_keys {
+            let id = batch
+                .jobs
+                .iter()
+                .find(|w| w.job.tenant == k.0 && w.job.idempotency_key.as_ref() == Some(&k.1))
+                .map(|w| w.job.id);
+            if let Some(id) = id {
+                st.job_keys.insert(k, id);
+            }
+        }
+        st.jobs.extend(staged_jobs);
+        for (id, a) in staged_actions {
+            st.token_hashes.insert(a.token_hash.clone(), id);
+            st.actions.insert(id, a);
+        }
+        let mut out = Vec::with_capacity(batch.events.len());
+        for e in batch.events {
+            let seq = st.job_seq.entry(e.job_id).or_insert(0);
+            *seq += 1;
+            let seq = *seq;
+            let event = RuntimeEvent {
+                id: st.events.len() as i64 + 1,
+                seq,
+                job_id: e.job_id,
+                tenant: e.tenant,
+                event_type: e.event_type,
+                data: e.data,
+                at: e.at,
+            };
+            st.events.push(event.clone());
+            out.push(event);
+        }
+        Ok(out)
+    }
+
+    fn used_against(st: &State, budget: &Budget, now: DateTime<Utc>) -> Usage {
+        let mut used = Usage::zero();
+        for e in st.ledger.iter().filter(|e| budget.counts(&e.entry, now)) {
+            used += e.entry.usage.clone();
+        }
+        for r in st.reservations.values() {
+            if r.is_live(now) && budget.applies_to(&r.tenant, r.principal.as_deref(), r.session.as_deref()) {
+                used += r.amount.clone();
+            }
+        }
+        used
+    }
+
+    fn reserve_sync(&self, req: ReserveRequest, evaluate: BudgetEvaluator) -> StoreResult<ReserveOutcome> {
+        let mut st = self.lock();
+        let statuses: Vec<BudgetStatus> = st
+            .budgets
+            .values()
+            .filter(|b| b.applies_to(&req.tenant, req.principal.as_deref(), req.session.as_deref()))
+            .map(|b| BudgetStatus { budget: b.clone(), used: Self::used_against(&st, b, req.now) })
+            .collect();
+        let decision = evaluate(&req.amount, &statuses);
+        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
+            kind,
+            tenant: req.tenant.clone(),
+            principal: req.principal.clone(),
+            session: req.session.clone(),
+            job_id: req.job_id,
+            reservation_id,
+            usage: req.amount.clone(),
+            duration_ms: None,
+            model: None,
+            tool: None,
+            data,
+            at: req.now,
+        };
+        if decision.outcome != BudgetOutcome::Allow {
+            let data = serde_json::to_value(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let e = entry(LedgerKind::BudgetCheck, None, data);
+            st.append_ledger(e);
+        }
+        if !decision.outcome.is_allowed() {
+            return Ok(ReserveOutcome { decision, reservation: None });
+        }
+        let reservation = Reservation {
+            id: Uuid::now_v7(),
+            tenant: req.tenant.clone(),
+            principal: req.principal.clone(),
+            session: req.session.clone(),
+            job_id: req.job_id,
+            amount: req.amount.clone(),
+            state: ReservationState::Held,
+            actual: None,
+            created_at: req.now,
+            expires_at: req.expires_at,
+            closed_at: None,
+        };
+        let e = entry(LedgerKind::Hold, Some(reservation.id), serde_json::Value::Null);
+        st.append_ledger(e);
+        st.reservations.insert(reservation.id, reservation.clone());
+        Ok(ReserveOutcome { decision, reservation: Some(reservation) })
+    }
+
+    fn close_entry(r: &Reservation, kind: LedgerKind, usage: Usage, at: DateTime<Utc>) -> NewLedgerEvent {
+        NewLedgerEvent {
+            kind,
+            tenant: r.tenant.clone(),
+            principal: r.principal.clone(),
+            session: r.session.clone(),
+            job_id: r.job_id,
+            reservation_id: Some(r.id),
+            usage,
+            duration_ms: None,
+            model: None,
+            tool: None,
+            data: serde_json::Value::Null,
+            at,
+        }
+    }
+
+    fn settle_sync(&self, req: SettleRequest) -> StoreResult<Reservation> {
+        let mut st = self.lock();
+        let r = st
+            .reservations
+            .get(&req.reservation_id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound { entity: "reservation", id: req.reservation_id.to_string() })?;
+        if r.state == ReservationState::Settled {
+            return Err(conflict("reservation", r.id));
+        }
+        let mut usage = Self::close_entry(&r, req.kind, req.actual.clone(), req.now);
+        usage.duration_ms = req.duration_ms;
+        usage.model = req.model;
+        usage.tool = req.tool;
+        usage.data = req.data;
+        st.append_ledger(usage);
+        st.append_ledger(Self::close_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now));
+        let r = Reservation { state: ReservationState::Settled, actual: Some(req.actual), closed_at: Some(req.now), ..r };
+        st.reservations.insert(r.id, r.clone());
+        Ok(r)
+    }
+
+    fn release_locked(st: &mut State, id: Uuid, now: DateTime<Utc>, reason: &str) -> StoreResult<Reservation> {
+        let r = st
+            .reservations
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound { entity: "reservation", id: id.to_string() })?;
+        if r.state != ReservationState::Held {
+            return Err(conflict("reservation", id));
+        }
+        let mut e = Self::close_entry(&r, LedgerKind::Release, r.amount.clone(), now);
+        e.data = serde_json::json!({ "reason": reason });
+        st.append_ledger(e);
+        let r = Reservation { state: ReservationState::Released, closed_at: Some(now), ..r };
+        st.reservations.insert(id, r.clone());
+        Ok(r)
+    }
+}
+
+impl KernelStore for MemoryStore {
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, StoreResult<Vec<RuntimeEvent>>> {
+        let r = self.commit_sync(batch);
+        Box::pin(async move { r })
+    }
+
+    fn get_job(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Job>>> {
+        let r = self.lock().jobs.get(&id).cloned();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>> {
+        let st = self.lock();
+        let r = st.job_keys.get(&(tenant.to_string(), key.to_string())).and_then(|id| st.jobs.get(id)).cloned();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<Job>>> {
+        let st = self.lock();
+        let mut jobs: Vec<Job> = st.jobs.values().filter(|j| filter.matches(j)).cloned().collect();
+        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        let r = limit(jobs.into_iter(), filter.limit);
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn count_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<u64>> {
+        let r = self.lock().jobs.values().filter(|j| filter.matches(j)).count() as u64;
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn overdue_jobs(&self, now: DateTime<Utc>, limit_n: u32) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let st = self.lock();
+        let mut jobs: Vec<Job> = st
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_terminal() && j.deadline.is_some_and(|d| d <= now))
+            .cloned()
+            .collect();
+        jobs.sort_by_key(|j| (j.deadline, j.id));
+        let r = limit(jobs.into_iter(), Some(limit_n));
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn get_action(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Action>>> {
+        let r = self.lock().actions.get(&id).cloned();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>> {
+        let st = self.lock();
+        let r = st.token_hashes.get(token_hash).and_then(|id| st.actions.get(id)).cloned();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
+        let st = self.lock();
+        let mut actions: Vec<Action> = st.actions.values().filter(|a| filter.matches(a)).cloned().collect();
+        actions.sort_by_key(|a| (a.created_at, a.id));
+        let r = limit(actions.into_iter(), filter.limit);
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn expired_actions(&self, now: DateTime<Utc>, limit_n: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
+        let st = self.lock();
+        let mut actions: Vec<Action> = st
+            .actions
+            .values()
+            .filter(|a| a.state == ActionState::Pending && a.expires_at <= now)
+            .cloned()
+            .collect();
+        actions.sort_by_key(|a| (a.expires_at, a.id));
+        let r = limit(actions.into_iter(), Some(limit_n));
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
+        let st = self.lock();
+        let it = st
+            .events
+            .iter()
+            .filter(|e| query.filter.matches(e) && e.seq > query.after_seq && e.id > query.after_id)
+            .cloned();
+        let r = limit(it, query.limit);
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn append_ledger(&self, entry: NewLedgerEvent) -> BoxFuture<'_, StoreResult<LedgerEvent>> {
+        let r = self.lock().append_ledger(entry);
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
+        let st = self.lock();
+        let r = limit(st.ledger.iter().filter(|e| query.matches(&e.entry)).cloned(), query.limit);
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn usage<'a>(&'a self, query: &'a UsageQuery) -> BoxFuture<'a, StoreResult<Usage>> {
+        let q = query.as_ledger_query();
+        let mut total = Usage::zero();
+        for e in self.lock().ledger.iter().filter(|e| q.matches(&e.entry)) {
+            total += e.entry.usage.clone();
+        }
+        Box::pin(async move { Ok(total) })
+    }
+
+    fn put_budget(&self, budget: Budget) -> BoxFuture<'_, StoreResult<()>> {
+        self.lock().budgets.insert(budget.id, budget);
+        Box::pin(async move { Ok(()) })
+    }
+
+    fn list_budgets<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, StoreResult<Vec<Budget>>> {
+        let r = self.lock().budgets.values().filter(|b| b.tenant == tenant).cloned().collect();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn delete_budget(&self, id: Uuid) -> BoxFuture<'_, StoreResult<bool>> {
+        let r = self.lock().budgets.remove(&id).is_some();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn reserve(&self, request: ReserveRequest, evaluate: BudgetEvaluator) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
+        let r = self.reserve_sync(request, evaluate);
+        Box::pin(async move { r })
+    }
+
+    fn get_reservation(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Reservation>>> {
+        let r = self.lock().reservations.get(&id).cloned();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn settle(&self, request: SettleRequest) -> BoxFuture<'_, StoreResult<Reservation>> {
+        let r = self.settle_sync(request);
+        Box::pin(async move { r })
+    }
+
+    fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>> {
+        let r = Self::release_locked(&mut self.lock(), id, now, &reason);
+        Box::pin(async move { r })
+    }
+
+    fn release_expired(&self, now: DateTime<Utc>, limit_n: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
+        let mut st = self.lock();
+        let mut due: Vec<(DateTime<Utc>, Uuid)> = st
+            .reservations
+            .values()
+            .filter(|r| r.state == ReservationState::Held && r.expires_at <= now)
+            .map(|r| (r.expires_at, r.id))
+            .collect();
+        due.sort();
+        let mut out = Vec::new();
+        for (_, id) in due.into_iter().take(limit_n as usize) {
+            if let Ok(r) = Self::release_locked(&mut st, id, now, "expired") {
+                out.push(r);
+            }
+        }
+        Box::pin(async move { Ok(out) })
+    }
+}

@@ -1,0 +1,167 @@
+//! The storage contract the kernel needs. keel-store implements it on SQLite; [`crate::memory`]
+//! implements it in memory for tests; [`crate::conformance`] (feature `conformance`) is the test
+//! suite every implementation must pass.
+//!
+//! The kernel owns the logic (state machines, budget evaluation); a store owns atomicity. Every
+//! state change goes through [`KernelStore::commit`], which applies a [`Batch`] of job and action
+//! writes plus the events they cause in one transaction, with optimistic concurrency on each
+//! written row.
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use uuid::Uuid;
+
+use crate::action::{Action, ActionFilter};
+use crate::event::{EventQuery, NewEvent, RuntimeEvent};
+use crate::job::{Job, JobFilter};
+use crate::ledger::{
+    Budget, BudgetDecision, BudgetStatus, LedgerEvent, LedgerQuery, NewLedgerEvent, Reservation, ReserveOutcome,
+    ReserveRequest, SettleRequest, Usage, UsageQuery,
+};
+
+/// Errors a store reports. Backends map their own errors into `Backend` / `Corrupt`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Optimistic concurrency: the row's version was not the one expected (or an insert found
+    /// the row already there). Nothing in the batch was applied.
+    #[error("{entity} {id} was modified concurrently")]
+    Conflict {
+        /// `job`, `action` or `reservation`.
+        entity: &'static str,
+        /// Row id.
+        id: String,
+    },
+    /// A job with this idempotency key already exists in the tenant. Nothing was applied.
+    #[error("idempotency key {key:?} is already used in tenant {tenant:?}")]
+    DuplicateIdempotencyKey {
+        /// Tenant.
+        tenant: String,
+        /// Key.
+        key: String,
+    },
+    /// A referenced row does not exist.
+    #[error("{entity} {id} not found")]
+    NotFound {
+        /// Kind of row.
+        entity: &'static str,
+        /// Row id.
+        id: String,
+    },
+    /// Stored data did not decode.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The backend failed (I/O, connection, ...).
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+/// Result alias for store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One job write. `expected_version: None` inserts (the job's `version` must be 1); `Some(v)`
+/// updates only if the stored version is `v` (the job's `version` must be `v + 1`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobWrite {
+    /// The full new row.
+    pub job: Job,
+    /// Version expected in the store.
+    pub expected_version: Option<u64>,
+}
+
+/// One action write, with the same version rules as [`JobWrite`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionWrite {
+    /// The full new row.
+    pub action: Action,
+    /// Version expected in the store.
+    pub expected_version: Option<u64>,
+}
+
+/// Writes applied atomically: all or nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// Job inserts/updates (applied in order).
+    pub jobs: Vec<JobWrite>,
+    /// Action inserts/updates (applied after jobs).
+    pub actions: Vec<ActionWrite>,
+    /// Events to append; each gets the next sequence number of its job.
+    pub events: Vec<NewEvent>,
+}
+
+impl Batch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.actions.is_empty() && self.events.is_empty()
+    }
+}
+
+/// A pure budget verdict function, run by the store inside its reservation transaction.
+pub type BudgetEvaluator = fn(&Usage, &[BudgetStatus]) -> BudgetDecision;
+
+/// Durable storage for jobs, actions, events, the ledger, budgets and reservations.
+pub trait KernelStore: Send + Sync + std::fmt::Debug {
+    // ---- state changes ----
+
+    /// Apply `batch` atomically and return the appended events with their `id` and `seq`.
+    /// Fails with `Conflict` / `DuplicateIdempotencyKey` without applying anything.
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, StoreResult<Vec<RuntimeEvent>>>;
+
+    // ---- jobs ----
+
+    /// A job by id (any tenant; managers enforce tenant scoping).
+    fn get_job(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Job>>>;
+    /// A job by tenant and idempotency key.
+    fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>>;
+    /// Jobs matching `filter`, newest first.
+    fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<Job>>>;
+    /// Number of jobs matching `filter` (ignoring its limit).
+    fn count_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<u64>>;
+    /// Non-terminal jobs (any tenant) whose deadline is `<= now`, oldest deadline first.
+    fn overdue_jobs(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
+
+    // ---- actions ----
+
+    /// An action by id.
+    fn get_action(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Action>>>;
+    /// The action whose token hashes to `token_hash`.
+    fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>>;
+    /// Actions matching `filter`, oldest first.
+    fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>>;
+    /// PENDING actions (any tenant) with `expires_at <= now`, oldest expiry first.
+    fn expired_actions(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>>;
+
+    // ---- events ----
+
+    /// Persisted events matching `query`, ordered by `id`.
+    fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>>;
+
+    // ---- ledger, budgets, reservations ----
+
+    /// Append one ledger entry.
+    fn append_ledger(&self, entry: NewLedgerEvent) -> BoxFuture<'_, StoreResult<LedgerEvent>>;
+    /// Ledger entries matching `query`, oldest first.
+    fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>>;
+    /// Summed usage (model and tool usage entries) matching `query`.
+    fn usage<'a>(&'a self, query: &'a UsageQuery) -> BoxFuture<'a, StoreResult<Usage>>;
+    /// Insert or replace a budget.
+    fn put_budget(&self, budget: Budget) -> BoxFuture<'_, StoreResult<()>>;
+    /// Budgets of a tenant.
+    fn list_budgets<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, StoreResult<Vec<Budget>>>;
+    /// Delete a budget; whether it existed.
+    fn delete_budget(&self, id: Uuid) -> BoxFuture<'_, StoreResult<bool>>;
+    /// In ONE serialized transaction: load the budgets applying to the request, compute each
+    /// one's usage (usage entries in its window + live holds), call `evaluate`, and if allowed
+    /// insert a HELD reservation plus a `hold` ledger entry (and a `budget_check` entry whenever
+    /// the outcome is not plain allow).
+    fn reserve(&self, request: ReserveRequest, evaluate: BudgetEvaluator) -> BoxFuture<'_, StoreResult<ReserveOutcome>>;
+    /// A reservation by id.
+    fn get_reservation(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Reservation>>>;
+    /// Atomically: mark the reservation SETTLED (from HELD, or RELEASED by expiry: the usage
+    /// happened anyway), append the actual usage entry and a `settle` entry. `Conflict` if it
+    /// was already settled; `NotFound` if absent.
+    fn settle(&self, request: SettleRequest) -> BoxFuture<'_, StoreResult<Reservation>>;
+    /// Atomically: HELD -> RELEASED plus a `release` entry. `Conflict` if not HELD.
+    fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>>;
+    /// Release every HELD reservation with `expires_at <= now` (recovery sweep); returns them.
+    fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>>;
+}

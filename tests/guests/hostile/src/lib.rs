@@ -43,7 +43,7 @@ use std::hint::black_box;
 use keel_sdk::prelude::*;
 use wasip2::filesystem::preopens::get_directories;
 use wasip2::filesystem::types::{
-    Descriptor, DescriptorFlags, ErrorCode, NewTimestamp, OpenFlags, PathFlags,
+    Descriptor, DescriptorFlags, DescriptorType, ErrorCode, NewTimestamp, OpenFlags, PathFlags,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -206,11 +206,16 @@ struct SymlinkInput {
 fn symlink_escape(_: &Context, i: SymlinkInput) -> Result<Value, ToolError> {
     let d = preopen(&i.dir)?;
     let mut a = Attempt::default();
-    a.step(
+    let linked = a.step(
         &format!("symlink_at({} -> {})", i.link, i.target),
         false,
         d.symlink_at(&i.target, &i.link),
     );
+    if linked.is_none() {
+        // The host refused to create the link: nothing to follow (opening `link` now would only
+        // create or miss a plain file inside the grant).
+        return a.finish(&i.target);
+    }
     let opened = d.open_at(
         PathFlags::SYMLINK_FOLLOW,
         &i.link,
@@ -237,7 +242,7 @@ fn symlink_escape(_: &Context, i: SymlinkInput) -> Result<Value, ToolError> {
     }
     a.step(
         "stat_at(link, follow)",
-        false,
+        true,
         d.stat_at(PathFlags::SYMLINK_FOLLOW, &i.link).map(|_| ()),
     );
     if i.write {
@@ -264,11 +269,14 @@ fn symlink_escape(_: &Context, i: SymlinkInput) -> Result<Value, ToolError> {
 fn symlink_trailing_slash(_: &Context, i: SymlinkInput) -> Result<Value, ToolError> {
     let d = preopen(&i.dir)?;
     let mut a = Attempt::default();
-    a.step(
+    let linked = a.step(
         &format!("symlink_at({} -> {})", i.link, i.target),
         false,
         d.symlink_at(&i.target, &i.link),
     );
+    if linked.is_none() {
+        return a.finish(&i.target);
+    }
     let slash = format!("{}/", i.link);
     let opened = d.open_at(
         PathFlags::empty(),
@@ -288,17 +296,25 @@ fn symlink_trailing_slash(_: &Context, i: SymlinkInput) -> Result<Value, ToolErr
         }
         a.content = Some(names.join(","));
     }
-    a.step(
-        &format!("stat_at({slash}, nofollow)"),
-        true,
-        d.stat_at(PathFlags::empty(), &slash).map(|_| ()),
-    );
-    let dot = format!("{}/.", i.link);
-    a.step(
-        &format!("stat_at({dot}, nofollow)"),
-        true,
-        d.stat_at(PathFlags::empty(), &dot).map(|_| ()),
-    );
+    // `stat` of the link itself is fine (type symlink); a directory type means the host followed it.
+    for probe in [slash.clone(), format!("{}/.", i.link)] {
+        for (flags, name) in [
+            (PathFlags::empty(), "nofollow"),
+            (PathFlags::SYMLINK_FOLLOW, "follow"),
+        ] {
+            if let Some(st) = a.step(
+                &format!("stat_at({probe}, {name})"),
+                false,
+                d.stat_at(flags, &probe),
+            ) {
+                a.steps
+                    .push(format!("stat_at({probe}, {name}) type: {:?}", st.type_));
+                if st.type_ != DescriptorType::SymbolicLink {
+                    a.escaped = true;
+                }
+            }
+        }
+    }
     let inner = format!("{}/pwned.txt", i.link);
     let opened = d.open_at(
         PathFlags::empty(),
@@ -336,7 +352,7 @@ fn hardlink_escape(_: &Context, i: TwoDirs) -> Result<Value, ToolError> {
     let mut a = Attempt::default();
     a.step(
         &format!(
-            "link_at({}{} -> {}{})",
+            "link_at({}:{} -> {}:{})",
             i.from_dir, i.from_path, i.to_dir, i.to_path
         ),
         true,
@@ -360,7 +376,7 @@ fn rename_escape(_: &Context, i: TwoDirs) -> Result<Value, ToolError> {
     let mut a = Attempt::default();
     a.step(
         &format!(
-            "rename_at({}{} -> {}{})",
+            "rename_at({}:{} -> {}:{})",
             i.from_dir, i.from_path, i.to_dir, i.to_path
         ),
         true,

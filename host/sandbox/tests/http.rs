@@ -1,0 +1,433 @@
+//! Network sandbox tests: the `hostile` guest makes raw `wasi:http` requests to a real HTTP server
+//! the test runs on 127.0.0.1. Checks the allowlist (host and port), redirects to hosts that are not
+//! granted (each hop is a new request the host re-checks), and the refusal of loopback / private
+//! addresses — literal, by name, IPv4-mapped IPv6 — unless `allow_private_network` is granted.
+//!
+//! No traffic leaves the loopback interface: every URL is either a local server or refused by the
+//! allowlist before any name lookup or connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use keel_kernel::tool::{ToolCallContext, ToolError};
+use keel_sandbox::{CallReport, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig};
+use serde_json::{Value, json};
+
+// -------------------------------------------------------------------------------------------------
+// A tiny HTTP/1.1 server on 127.0.0.1 (std only; one thread per connection, `Connection: close`).
+
+/// A request the test server received.
+#[derive(Debug, Clone)]
+#[allow(dead_code)]
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// What the handler answers: status, extra headers, body.
+type Response = (u16, Vec<(String, String)>, Vec<u8>);
+
+struct Server {
+    port: u16,
+    hits: Arc<AtomicUsize>,
+}
+
+impl Server {
+    fn start(handler: impl Fn(&Request, u16) -> Response + Send + Sync + 'static) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let handler = Arc::new(handler);
+        let counter = hits.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let handler = handler.clone();
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    if let Some(request) = read_request(&stream) {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let (status, headers, body) = handler(&request, port);
+                        let _ = write_response(&stream, status, &headers, &body);
+                    }
+                });
+            }
+        });
+        Server { port, hits }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+fn read_request(stream: &TcpStream) -> Option<Request> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if let Some(len) = header("content-length") {
+        let len: usize = len.parse().ok()?;
+        body.resize(len, 0);
+        reader.read_exact(&mut body).ok()?;
+    } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).ok()?;
+            let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+            if size == 0 {
+                // Trailers, then the final empty line.
+                loop {
+                    let mut t = String::new();
+                    reader.read_line(&mut t).ok()?;
+                    if t.trim_end().is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).ok()?;
+            body.extend_from_slice(&chunk[..size]);
+        }
+    }
+    Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    })
+}
+
+fn write_response(
+    mut stream: &TcpStream,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status} Status\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+fn text(status: u16, body: &str) -> Response {
+    (
+        status,
+        vec![("content-type".into(), "text/plain".into())],
+        body.as_bytes().to_vec(),
+    )
+}
+
+fn redirect(location: String) -> Response {
+    (302, vec![("location".into(), location)], Vec::new())
+}
+
+// -------------------------------------------------------------------------------------------------
+// Sandbox fixture
+
+fn cache_dir() -> std::path::PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("cache tempdir"))
+        .path()
+        .to_path_buf()
+}
+
+struct Env {
+    sandbox: Sandbox,
+    plugin: Arc<PreparedPlugin>,
+}
+
+async fn setup() -> Env {
+    let mut config = SandboxConfig::new(cache_dir());
+    config.pool_instances = 8;
+    config.max_memory_bytes = 256 << 20;
+    let sandbox = Sandbox::new(config).expect("sandbox");
+    let wasm = keel_testutil::guest_bytes("keel-test-hostile");
+    let plugin = sandbox.prepare(&wasm).await.expect("prepare hostile guest");
+    Env { sandbox, plugin }
+}
+
+fn net(hosts: &[String], allow_private_network: bool) -> Grants {
+    Grants {
+        net: hosts.to_vec(),
+        allow_private_network,
+        ..Grants::default()
+    }
+}
+
+impl Env {
+    async fn get(&self, grants: &Grants, url: &str) -> CallReport {
+        let limits = Limits {
+            timeout_ms: 5_000,
+            ..Limits::default()
+        };
+        let report = self
+            .sandbox
+            .call(
+                &self.plugin,
+                grants,
+                &limits,
+                &ToolCallContext::ad_hoc("test"),
+                "http_get",
+                &json!({"url": url}),
+            )
+            .await;
+        // The host is alive and the plugin still works after each request.
+        let ok = self
+            .sandbox
+            .call(
+                &self.plugin,
+                grants,
+                &limits,
+                &ToolCallContext::ad_hoc("test"),
+                "ok",
+                &json!({}),
+            )
+            .await;
+        assert_eq!(
+            ok.result.expect("ok after a request").output,
+            json!({"ok": true})
+        );
+        report
+    }
+
+    /// `url` must be refused with a network denial naming `host`.
+    async fn assert_denied(&self, grants: &Grants, url: &str, host: &str) -> CallReport {
+        let report = self.get(grants, url).await;
+        match &report.result {
+            Err(ToolError::Denied {
+                capability,
+                target,
+                message,
+            }) => {
+                assert_eq!(capability, "network", "{url}: {message}");
+                assert_eq!(target, host, "{url}: {message}");
+                assert!(message.contains("HttpRequestDenied"), "{url}: {message}");
+            }
+            other => {
+                panic!("{url} with grants {grants:?}: expected a network denial, got {other:?}")
+            }
+        }
+        assert!(
+            report.denials.iter().any(|d| d.capability == "network"),
+            "{url}: the host did not record the denial: {:?}",
+            report.denials
+        );
+        report
+    }
+}
+
+fn status_of(report: &CallReport) -> (u64, String) {
+    let output: &Value = &report.result.as_ref().expect("request succeeded").output;
+    (
+        output["status"].as_u64().unwrap(),
+        output["body"].as_str().unwrap().to_string(),
+    )
+}
+
+// -------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn allowed_host_is_reachable() {
+    let env = setup().await;
+    let server = Server::start(|_, _| text(200, "hello from loopback"));
+    let grants = net(&[format!("localhost:{}", server.port)], true);
+    let report = env
+        .get(&grants, &format!("http://localhost:{}/", server.port))
+        .await;
+    assert_eq!(status_of(&report), (200, "hello from loopback".into()));
+    assert_eq!(server.hits(), 1);
+}
+
+#[tokio::test]
+async fn hosts_and_ports_not_on_the_allowlist_are_denied() {
+    let env = setup().await;
+    let server = Server::start(|_, _| text(200, "should not be reached"));
+    let other = Server::start(|_, _| text(200, "should not be reached either"));
+    let grants = net(&[format!("localhost:{}", server.port)], true);
+    // Same server, spelled as an address that is not on the allowlist.
+    env.assert_denied(
+        &grants,
+        &format!("http://127.0.0.1:{}/", server.port),
+        "127.0.0.1",
+    )
+    .await;
+    // Allowed name, other port.
+    env.assert_denied(
+        &grants,
+        &format!("http://localhost:{}/", other.port),
+        "localhost",
+    )
+    .await;
+    // Allowed name, default port.
+    env.assert_denied(&grants, "http://localhost/", "localhost")
+        .await;
+    // A name that is not granted at all (refused before any lookup).
+    env.assert_denied(&grants, "http://example.invalid/", "example.invalid")
+        .await;
+    env.assert_denied(
+        &grants,
+        "http://169.254.169.254/latest/meta-data/",
+        "169.254.169.254",
+    )
+    .await;
+    // No network grant at all.
+    env.assert_denied(
+        &Grants::default(),
+        &format!("http://localhost:{}/", server.port),
+        "localhost",
+    )
+    .await;
+    assert_eq!(server.hits(), 0);
+    assert_eq!(other.hits(), 0);
+}
+
+#[tokio::test]
+async fn redirect_to_a_host_that_is_not_granted_is_denied() {
+    let env = setup().await;
+    let elsewhere = Server::start(|_, _| text(200, "redirect target: must not be reached"));
+    let target = format!("http://127.0.0.1:{}/", elsewhere.port);
+    let server = Server::start(move |_, _| redirect(target.clone()));
+    let grants = net(&[format!("localhost:{}", server.port)], true);
+    let report = env
+        .assert_denied(
+            &grants,
+            &format!("http://localhost:{}/", server.port),
+            "127.0.0.1",
+        )
+        .await;
+    assert!(
+        report
+            .denials
+            .iter()
+            .any(|d| d.target == format!("127.0.0.1:{}", elsewhere.port)),
+        "{:?}",
+        report.denials
+    );
+    assert_eq!(server.hits(), 1, "the allowed host was asked once");
+    assert_eq!(
+        elsewhere.hits(),
+        0,
+        "the redirect target must never be contacted"
+    );
+}
+
+#[tokio::test]
+async fn redirect_within_the_grant_is_followed() {
+    let env = setup().await;
+    let server = Server::start(|req, _| match req.path.as_str() {
+        "/start" => redirect("/end".into()),
+        _ => text(200, "arrived"),
+    });
+    let grants = net(&[format!("localhost:{}", server.port)], true);
+    let report = env
+        .get(&grants, &format!("http://localhost:{}/start", server.port))
+        .await;
+    assert_eq!(status_of(&report), (200, "arrived".into()));
+    assert_eq!(server.hits(), 2);
+}
+
+#[tokio::test]
+async fn loopback_and_private_addresses_are_refused_without_allow_private_network() {
+    let env = setup().await;
+    let server = Server::start(|_, _| text(200, "private service: must not be reached"));
+    let p = server.port;
+    for (pattern, url, host) in [
+        (
+            format!("127.0.0.1:{p}"),
+            format!("http://127.0.0.1:{p}/"),
+            "127.0.0.1",
+        ),
+        (
+            format!("localhost:{p}"),
+            format!("http://localhost:{p}/"),
+            "localhost",
+        ),
+        (
+            format!("[::ffff:127.0.0.1]:{p}"),
+            format!("http://[::ffff:127.0.0.1]:{p}/"),
+            "[::ffff:127.0.0.1]",
+        ),
+        (format!("[::1]:{p}"), format!("http://[::1]:{p}/"), "[::1]"),
+        (
+            format!("0.0.0.0:{p}"),
+            format!("http://0.0.0.0:{p}/"),
+            "0.0.0.0",
+        ),
+        (format!("127.1:{p}"), format!("http://127.1:{p}/"), "127.1"),
+        (
+            format!("127.0.0.2:{p}"),
+            format!("http://127.0.0.2:{p}/"),
+            "127.0.0.2",
+        ),
+    ] {
+        let grants = net(&[pattern], false);
+        let report = env.assert_denied(&grants, &url, host).await;
+        let reasons: Vec<_> = report.denials.iter().map(|d| d.reason.clone()).collect();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("private") || r.contains("loopback")),
+            "{url}: {reasons:?}"
+        );
+    }
+    assert_eq!(
+        server.hits(),
+        0,
+        "no request may reach a loopback service without allow_private_network"
+    );
+    // Positive control: the same server is reachable once private networks are granted.
+    let grants = net(&[format!("127.0.0.1:{p}")], true);
+    let report = env.get(&grants, &format!("http://127.0.0.1:{p}/")).await;
+    assert_eq!(status_of(&report).0, 200);
+    assert_eq!(server.hits(), 1);
+}
+
+#[tokio::test]
+async fn wildcard_patterns_do_not_match_the_bare_domain_or_other_suffixes() {
+    let env = setup().await;
+    // Only names under `.localhost` are granted; `localhost` itself and look-alikes are not.
+    let grants = net(&["*.localhost".into()], true);
+    env.assert_denied(&grants, "http://localhost/", "localhost")
+        .await;
+    env.assert_denied(&grants, "http://evil-localhost/", "evil-localhost")
+        .await;
+    env.assert_denied(
+        &grants,
+        "http://localhost.evil.invalid/",
+        "localhost.evil.invalid",
+    )
+    .await;
+}

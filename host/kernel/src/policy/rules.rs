@@ -1,0 +1,235 @@
+//! Compiled rules: what a loaded policy file becomes.
+//!
+//! Everything here is built once at load time (patterns are compiled, values converted), so the check
+//! path only compares: no glob compilation, no parsing, no allocation to match.
+
+use globset::{GlobBuilder, GlobMatcher};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+use super::Outcome;
+
+/// Characters that make a pattern a glob rather than a literal.
+const GLOB_META: &[char] = &['*', '?', '[', ']', '{', '}', '\\'];
+
+/// One compiled pattern. The common shapes (`*`, a literal, `prefix*`, `*suffix`) skip the glob
+/// engine entirely: a string comparison is ~10x cheaper than a regex-backed `GlobMatcher`.
+#[derive(Debug, Clone)]
+pub(crate) enum Pattern {
+    /// `*` or `**`: matches everything.
+    Any,
+    /// No metacharacters: exact string equality.
+    Exact(Box<str>),
+    /// `literal*`.
+    Prefix(Box<str>),
+    /// `*literal`.
+    Suffix(Box<str>),
+    /// Anything else.
+    Glob(GlobMatcher),
+}
+
+impl Pattern {
+    /// Compile `src`. `paths` selects path semantics (`*` stops at `/`, `**` crosses it), used for
+    /// argument globs; names (tools, models, scopes, principals) use plain wildcard semantics where
+    /// `*` matches any run of characters, `/` included.
+    pub(crate) fn compile(src: &str, paths: bool) -> Result<Self, globset::Error> {
+        // Always build the glob, even for the fast shapes, so an invalid pattern is rejected.
+        let glob = GlobBuilder::new(src)
+            .literal_separator(paths)
+            .backslash_escape(true)
+            .build()?;
+        let plain = |s: &str| !s.contains(GLOB_META);
+        if plain(src) {
+            return Ok(Pattern::Exact(src.into()));
+        }
+        if !paths {
+            if src == "*" || src == "**" {
+                return Ok(Pattern::Any);
+            }
+            if let Some(prefix) = src.strip_suffix('*').filter(|p| plain(p)) {
+                return Ok(Pattern::Prefix(prefix.into()));
+            }
+            if let Some(suffix) = src.strip_prefix('*').filter(|s| plain(s)) {
+                return Ok(Pattern::Suffix(suffix.into()));
+            }
+        }
+        Ok(Pattern::Glob(glob.compile_matcher()))
+    }
+
+    /// Whether `s` matches.
+    #[inline]
+    pub(crate) fn matches(&self, s: &str) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(e) => **e == *s,
+            Pattern::Prefix(p) => s.starts_with(&**p),
+            Pattern::Suffix(x) => s.ends_with(&**x),
+            Pattern::Glob(g) => g.is_match(s),
+        }
+    }
+}
+
+/// A list of patterns: matches when any pattern does.
+#[derive(Debug, Clone)]
+pub(crate) struct Patterns(pub(crate) Vec<Pattern>);
+
+impl Patterns {
+    #[inline]
+    pub(crate) fn matches(&self, s: &str) -> bool {
+        self.0.iter().any(|p| p.matches(s))
+    }
+}
+
+/// An optional filter: `None` (the key was absent) matches everything.
+#[inline]
+fn filter_matches(filter: &Option<Patterns>, s: &str) -> bool {
+    filter.as_ref().is_none_or(|p| p.matches(s))
+}
+
+/// Where a condition reads its value from in the call's arguments.
+#[derive(Debug, Clone)]
+pub(crate) enum ArgPath {
+    /// A top-level key of the arguments object.
+    Key(String),
+    /// An RFC 6901 JSON pointer (the key started with `/`).
+    Pointer(String),
+}
+
+/// One argument condition. Every check that is set must hold; a missing argument never matches.
+#[derive(Debug, Clone)]
+pub(crate) struct Condition {
+    pub(crate) path: ArgPath,
+    pub(crate) glob: Option<Pattern>,
+    pub(crate) equals: Option<Value>,
+    pub(crate) one_of: Option<Vec<Value>>,
+    pub(crate) max_len: Option<u64>,
+    pub(crate) max: Option<f64>,
+    pub(crate) min: Option<f64>,
+}
+
+impl Condition {
+    fn lookup<'v>(&self, args: &'v Value) -> Option<&'v Value> {
+        match &self.path {
+            ArgPath::Key(k) => args.get(k.as_str()),
+            ArgPath::Pointer(p) => args.pointer(p),
+        }
+    }
+
+    pub(crate) fn holds(&self, args: &Value) -> bool {
+        let Some(v) = self.lookup(args) else {
+            return false;
+        };
+        if let Some(g) = &self.glob
+            && !v.as_str().is_some_and(|s| g.matches(s))
+        {
+            return false;
+        }
+        if let Some(e) = &self.equals
+            && !json_eq(v, e)
+        {
+            return false;
+        }
+        if let Some(set) = &self.one_of
+            && !set.iter().any(|e| json_eq(v, e))
+        {
+            return false;
+        }
+        if let Some(max_len) = self.max_len {
+            let len = match v {
+                Value::String(s) => s.chars().count(),
+                Value::Array(a) => a.len(),
+                Value::Object(o) => o.len(),
+                _ => return false,
+            };
+            if len as u64 > max_len {
+                return false;
+            }
+        }
+        if self.max.is_some() || self.min.is_some() {
+            let Some(n) = v.as_f64() else {
+                return false;
+            };
+            if self.max.is_some_and(|m| n > m) || self.min.is_some_and(|m| n < m) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// JSON equality where numbers compare by value (`3` equals `3.0`): TOML integers and JSON floats
+/// would otherwise never be equal.
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x == y || x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+/// Fields shared by every rule kind.
+#[derive(Debug, Clone)]
+pub(crate) struct RuleMeta {
+    pub(crate) name: String,
+    /// 1-based line of the rule's `name` in the policy file (0 for rules built in code).
+    pub(crate) line: usize,
+    pub(crate) scopes: Option<Patterns>,
+    pub(crate) principals: Option<Patterns>,
+    /// The rule's own reason, if the file gave one.
+    pub(crate) reason: Option<String>,
+}
+
+impl RuleMeta {
+    #[inline]
+    pub(crate) fn in_scope(&self, scope: &str, principal: &str) -> bool {
+        filter_matches(&self.scopes, scope) && filter_matches(&self.principals, principal)
+    }
+}
+
+/// `[[tool]]`: first match wins.
+#[derive(Debug, Clone)]
+pub(crate) struct ToolRule {
+    pub(crate) meta: RuleMeta,
+    pub(crate) tools: Patterns,
+    pub(crate) when: Vec<Condition>,
+    pub(crate) decision: Outcome,
+    /// Precomputed reason, cloned into decisions.
+    pub(crate) reason: String,
+}
+
+impl ToolRule {
+    #[inline]
+    pub(crate) fn matches(&self, tool: &str, scope: &str, principal: &str, args: &Value) -> bool {
+        self.tools.matches(tool)
+            && self.meta.in_scope(scope, principal)
+            && self.when.iter().all(|c| c.holds(args))
+    }
+}
+
+/// `[[model]]`: first match wins.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelRule {
+    pub(crate) meta: RuleMeta,
+    pub(crate) models: Patterns,
+    pub(crate) decision: Outcome,
+    pub(crate) max_tokens: Option<u64>,
+    /// Precomputed reason, cloned into decisions.
+    pub(crate) reason: String,
+}
+
+impl ModelRule {
+    #[inline]
+    pub(crate) fn matches(&self, model: &str, scope: &str, principal: &str) -> bool {
+        self.models.matches(model) && self.meta.in_scope(scope, principal)
+    }
+}
+
+/// `[[constraint]]`: every constraint in scope applies.
+#[derive(Debug, Clone)]
+pub(crate) struct ConstraintRule {
+    pub(crate) meta: RuleMeta,
+    pub(crate) max_tokens_per_request: Option<u64>,
+    pub(crate) max_cost_per_request: Option<Decimal>,
+    pub(crate) max_tool_calls_per_turn: Option<u32>,
+    pub(crate) max_turns: Option<u32>,
+    pub(crate) on_violation: Outcome,
+}

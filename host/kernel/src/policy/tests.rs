@@ -1,0 +1,689 @@
+use std::str::FromStr;
+
+use serde_json::{Value, json};
+
+use super::*;
+
+fn policy(text: &str) -> Policy {
+    match Policy::from_toml_str(text, "policy.toml") {
+        Ok(p) => p,
+        Err(e) => panic!("policy should load: {e}"),
+    }
+}
+
+fn load_err(text: &str) -> (usize, String) {
+    match Policy::from_toml_str(text, "policy.toml") {
+        Ok(_) => panic!("policy should be rejected"),
+        Err(e) => (e.line().expect("invalid error has a line"), e.to_string()),
+    }
+}
+
+fn tool<'a>(name: &'a str, args: &'a Value) -> PolicyRequest<'a> {
+    PolicyRequest::Tool {
+        tool: name,
+        arguments: args,
+        scope: "acme",
+        principal: "alice",
+        session: Some("s1"),
+        tool_calls_this_turn: 0,
+        turn: 1,
+    }
+}
+
+fn model(name: &str, max_tokens: u64, cost: &str) -> PolicyRequest<'static> {
+    // Leak is fine in tests: keeps the helper's signature simple.
+    let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    PolicyRequest::Model {
+        model: name,
+        scope: "acme",
+        principal: "alice",
+        max_tokens,
+        estimated_cost: Decimal::from_str(cost).unwrap(),
+        turn: 1,
+    }
+}
+
+const BASIC: &str = r#"
+default = "deny"
+
+[[tool]]
+name = "no-etc-writes"
+tools = ["fs/write"]
+decision = "deny"
+reason = "never write under /etc"
+[tool.when]
+path = { glob = "/etc/**" }
+
+[[tool]]
+name = "tmp-writes"
+tools = ["fs/write"]
+decision = "allow"
+[tool.when]
+path = { glob = "/tmp/**" }
+
+[[tool]]
+name = "other-writes"
+tools = ["fs/write"]
+decision = "require_approval"
+
+[[tool]]
+name = "reads"
+tools = ["fs/read*", "fs/list", "fs/stat"]
+decision = "allow"
+
+[[tool]]
+name = "http"
+tools = ["http-fetch/*"]
+decision = "warn"
+scopes = ["acme"]
+principals = ["alice", "svc-*"]
+
+[[model]]
+name = "small-models"
+models = ["openai/gpt-4o-mini", "anthropic/claude-*-haiku*"]
+decision = "allow"
+max_tokens = 4096
+
+[[model]]
+name = "big-models"
+models = ["openai/*", "anthropic/*"]
+decision = "require_approval"
+"#;
+
+#[test]
+fn tool_rules_first_match_wins_in_order() {
+    let p = policy(BASIC);
+    let etc = json!({"path": "/etc/passwd", "content": "x"});
+    let d = p.evaluate(&tool("fs/write", &etc));
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.reason, "never write under /etc");
+    assert_eq!(d.applied_rules, ["no-etc-writes"]);
+    assert_eq!(d.violated_rules, ["no-etc-writes"]);
+
+    let tmp = json!({"path": "/tmp/a/b.txt"});
+    let d = p.evaluate(&tool("fs/write", &tmp));
+    assert_eq!(d.outcome, Outcome::Allow);
+    assert_eq!(d.applied_rules, ["tmp-writes"]);
+    assert!(d.violated_rules.is_empty());
+
+    let home = json!({"path": "/home/alice/notes"});
+    let d = p.evaluate(&tool("fs/write", &home));
+    assert_eq!(d.outcome, Outcome::RequireApproval);
+    assert_eq!(d.applied_rules, ["other-writes"]);
+
+    // Prefix pattern and exact pattern in one list.
+    let d = p.evaluate(&tool("fs/read_many", &json!({})));
+    assert_eq!(
+        (d.outcome, d.applied_rules[0].as_str()),
+        (Outcome::Allow, "reads")
+    );
+    assert_eq!(
+        p.evaluate(&tool("fs/stat", &json!({}))).outcome,
+        Outcome::Allow
+    );
+}
+
+#[test]
+fn scopes_and_principals_filter_rules() {
+    let p = policy(BASIC);
+    let args = json!({"url": "https://example.com"});
+    let d = p.evaluate(&tool("http-fetch/get", &args));
+    assert_eq!(d.outcome, Outcome::Warn);
+    assert_eq!(d.violated_rules, ["http"]);
+
+    let other_scope = PolicyRequest::Tool {
+        tool: "http-fetch/get",
+        arguments: &args,
+        scope: "globex",
+        principal: "alice",
+        session: None,
+        tool_calls_this_turn: 0,
+        turn: 1,
+    };
+    let d = p.evaluate(&other_scope);
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.applied_rules, [DEFAULT_RULE]);
+
+    let svc = PolicyRequest::Tool {
+        tool: "http-fetch/get",
+        arguments: &args,
+        scope: "acme",
+        principal: "svc-indexer",
+        session: None,
+        tool_calls_this_turn: 0,
+        turn: 1,
+    };
+    assert_eq!(p.evaluate(&svc).outcome, Outcome::Warn);
+    let bob = PolicyRequest::Tool {
+        tool: "http-fetch/get",
+        arguments: &args,
+        scope: "acme",
+        principal: "bob",
+        session: None,
+        tool_calls_this_turn: 0,
+        turn: 1,
+    };
+    assert_eq!(p.evaluate(&bob).outcome, Outcome::Deny);
+}
+
+#[test]
+fn default_deny_and_default_allow() {
+    let p = policy(BASIC);
+    let d = p.evaluate(&tool("shell/exec", &json!({})));
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.applied_rules, [DEFAULT_RULE]);
+    assert_eq!(d.violated_rules, [DEFAULT_RULE]);
+    assert!(
+        d.reason.contains("no tool rule matches `shell/exec`"),
+        "{}",
+        d.reason
+    );
+
+    // No `default` key at all: deny.
+    let p = policy("");
+    assert_eq!(p.default_mode(), DefaultMode::Deny);
+    assert_eq!(p.evaluate(&tool("x/y", &json!({}))).outcome, Outcome::Deny);
+    assert_eq!(p.evaluate(&model("m", 1, "0")).outcome, Outcome::Deny);
+
+    let p = policy(r#"default = "allow""#);
+    let d = p.evaluate(&tool("x/y", &json!({})));
+    assert_eq!(d.outcome, Outcome::Allow);
+    assert!(d.violated_rules.is_empty());
+    assert_eq!(
+        Policy::allow_all().evaluate(&model("m", 1, "0")).outcome,
+        Outcome::Allow
+    );
+}
+
+#[test]
+fn argument_conditions() {
+    let p = policy(
+        r#"
+[[tool]]
+name = "exact"
+tools = ["t/*"]
+decision = "allow"
+[tool.when]
+mode = { equals = "read" }
+"/opts/depth" = { max = 3, min = 1 }
+
+[[tool]]
+name = "choice"
+tools = ["t/*"]
+decision = "warn"
+[tool.when]
+region = { one_of = ["eu", "us"] }
+query = { max_len = 5 }
+"#,
+    );
+    let d = |args: Value| p.evaluate(&tool("t/x", &args)).outcome;
+    assert_eq!(
+        d(json!({"mode": "read", "opts": {"depth": 2}})),
+        Outcome::Allow
+    );
+    assert_eq!(
+        d(json!({"mode": "read", "opts": {"depth": 3.0}})),
+        Outcome::Allow
+    );
+    assert_eq!(
+        d(json!({"mode": "read", "opts": {"depth": 4}})),
+        Outcome::Deny
+    );
+    assert_eq!(
+        d(json!({"mode": "read", "opts": {"depth": 0}})),
+        Outcome::Deny
+    );
+    assert_eq!(
+        d(json!({"mode": "write", "opts": {"depth": 2}})),
+        Outcome::Deny
+    );
+    // A missing argument never matches.
+    assert_eq!(d(json!({"mode": "read"})), Outcome::Deny);
+    assert_eq!(d(json!({"region": "eu", "query": "abcde"})), Outcome::Warn);
+    assert_eq!(d(json!({"region": "eu", "query": "abcdéf"})), Outcome::Deny);
+    assert_eq!(d(json!({"region": "asia", "query": "a"})), Outcome::Deny);
+    assert_eq!(
+        d(json!({"region": "us", "query": ["a", "b"]})),
+        Outcome::Warn
+    );
+}
+
+#[test]
+fn argument_glob_has_path_semantics() {
+    let p = policy(
+        r#"
+[[tool]]
+name = "tmp-top"
+tools = ["fs/write"]
+decision = "allow"
+when = { path = { glob = "/tmp/*" } }
+"#,
+    );
+    let d = |path: &str| {
+        p.evaluate(&tool("fs/write", &json!({"path": path})))
+            .outcome
+    };
+    assert_eq!(d("/tmp/a"), Outcome::Allow);
+    assert_eq!(d("/tmp/a/b"), Outcome::Deny);
+    // Non-string values never match a glob.
+    assert_eq!(
+        p.evaluate(&tool("fs/write", &json!({"path": 1}))).outcome,
+        Outcome::Deny
+    );
+}
+
+#[test]
+fn model_rules_and_max_tokens() {
+    let p = policy(BASIC);
+    let d = p.evaluate(&model("openai/gpt-4o-mini", 1000, "0.01"));
+    assert_eq!(d.outcome, Outcome::Allow);
+    assert_eq!(d.applied_rules, ["small-models"]);
+
+    let d = p.evaluate(&model("anthropic/claude-3-5-haiku-latest", 8000, "0.01"));
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.violated_rules, ["small-models"]);
+    assert!(
+        d.reason
+            .contains("max_tokens 8000 exceeds the limit of 4096"),
+        "{}",
+        d.reason
+    );
+
+    let d = p.evaluate(&model("openai/gpt-5", 1000, "0.01"));
+    assert_eq!(d.outcome, Outcome::RequireApproval);
+    assert_eq!(d.applied_rules, ["big-models"]);
+
+    let d = p.evaluate(&model("local/llama", 1000, "0"));
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert!(d.reason.contains("no model rule matches `local/llama`"));
+}
+
+const CONSTRAINTS: &str = r#"
+default = "allow"
+
+[[constraint]]
+name = "request-size"
+max_tokens_per_request = 8000
+max_cost_per_request = "0.50"
+
+[[constraint]]
+name = "turn-limits"
+max_tool_calls_per_turn = 3
+max_turns = 10
+on_violation = "require_approval"
+
+[[constraint]]
+name = "soft-cost"
+max_cost_per_request = 0.10
+on_violation = "warn"
+reason = "unusually expensive call"
+
+[[constraint]]
+name = "interns"
+principals = ["intern-*"]
+max_tool_calls_per_turn = 1
+"#;
+
+#[test]
+fn constraints_all_apply_and_most_severe_wins() {
+    let p = policy(CONSTRAINTS);
+    let d = p.evaluate(&model("m", 1000, "0.05"));
+    assert_eq!(d.outcome, Outcome::Allow);
+    assert_eq!(
+        d.applied_rules,
+        [DEFAULT_RULE, "request-size", "turn-limits", "soft-cost"]
+    );
+    assert!(d.violated_rules.is_empty());
+
+    let d = p.evaluate(&model("m", 1000, "0.20"));
+    assert_eq!(d.outcome, Outcome::Warn);
+    assert_eq!(d.violated_rules, ["soft-cost"]);
+    assert_eq!(
+        d.reason,
+        "constraint `soft-cost`: estimated cost 0.20 exceeds max_cost_per_request 0.1 (unusually expensive call)"
+    );
+
+    // Over both cost limits: deny wins over warn.
+    let d = p.evaluate(&model("m", 1000, "0.75"));
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.violated_rules, ["request-size", "soft-cost"]);
+    assert!(
+        d.reason.starts_with("constraint `request-size`"),
+        "{}",
+        d.reason
+    );
+
+    let d = p.evaluate(&model("m", 9000, "0.01"));
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert!(
+        d.reason
+            .contains("max_tokens 9000 exceeds max_tokens_per_request 8000")
+    );
+}
+
+#[test]
+fn turn_constraints() {
+    let p = policy(CONSTRAINTS);
+    let args = json!({});
+    let call = |calls: u32, turn: u32, principal: &'static str| PolicyRequest::Tool {
+        tool: "fs/read",
+        arguments: Box::leak(Box::new(args.clone())),
+        scope: "acme",
+        principal,
+        session: None,
+        tool_calls_this_turn: calls,
+        turn,
+    };
+    let d = p.evaluate(&call(2, 1, "alice"));
+    assert_eq!(d.outcome, Outcome::Allow);
+    // Constraints without a tool-relevant limit are not applied to tool calls.
+    assert_eq!(d.applied_rules, [DEFAULT_RULE, "turn-limits"]);
+
+    let d = p.evaluate(&call(3, 1, "alice"));
+    assert_eq!(d.outcome, Outcome::RequireApproval);
+    assert_eq!(d.violated_rules, ["turn-limits"]);
+    assert!(d.reason.contains("tool call 4 of the turn"), "{}", d.reason);
+
+    let d = p.evaluate(&call(0, 11, "alice"));
+    assert_eq!(d.outcome, Outcome::RequireApproval);
+    assert!(d.reason.contains("turn 11 exceeds max_turns 10"));
+
+    let d = p.evaluate(&call(1, 1, "intern-joe"));
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.violated_rules, ["interns"]);
+}
+
+#[test]
+fn session_approvals_turn_require_approval_into_allow() {
+    let p = policy(BASIC);
+    let approvals = SessionApprovals::new();
+    let args = json!({"path": "/home/alice/notes", "content": "hi"});
+    assert_eq!(
+        p.evaluate_with(&tool("fs/write", &args), &approvals)
+            .outcome,
+        Outcome::RequireApproval
+    );
+
+    // Same call, keys in another order: approved.
+    approvals.approve_call(
+        "s1",
+        "fs/write",
+        &json!({"content": "hi", "path": "/home/alice/notes"}),
+    );
+    let d = p.evaluate_with(&tool("fs/write", &args), &approvals);
+    assert_eq!(d.outcome, Outcome::Allow);
+    assert_eq!(d.applied_rules, ["other-writes", SESSION_APPROVAL_RULE]);
+    assert!(d.violated_rules.is_empty());
+    assert!(d.reason.starts_with("approved for this session"));
+
+    // Different arguments, different session, or no session: still needs approval.
+    let other = json!({"path": "/home/alice/other", "content": "hi"});
+    assert_eq!(
+        p.evaluate_with(&tool("fs/write", &other), &approvals)
+            .outcome,
+        Outcome::RequireApproval
+    );
+    let other_session = PolicyRequest::Tool {
+        tool: "fs/write",
+        arguments: &args,
+        scope: "acme",
+        principal: "alice",
+        session: Some("s2"),
+        tool_calls_this_turn: 0,
+        turn: 1,
+    };
+    assert_eq!(
+        p.evaluate_with(&other_session, &approvals).outcome,
+        Outcome::RequireApproval
+    );
+    let no_session = PolicyRequest::Tool {
+        tool: "fs/write",
+        arguments: &args,
+        scope: "acme",
+        principal: "alice",
+        session: None,
+        tool_calls_this_turn: 0,
+        turn: 1,
+    };
+    assert_eq!(
+        p.evaluate_with(&no_session, &approvals).outcome,
+        Outcome::RequireApproval
+    );
+    // Without a store, approvals are not consulted.
+    assert_eq!(
+        p.evaluate(&tool("fs/write", &args)).outcome,
+        Outcome::RequireApproval
+    );
+
+    approvals.revoke_session("s1");
+    assert!(approvals.is_empty());
+    assert_eq!(
+        p.evaluate_with(&tool("fs/write", &args), &approvals)
+            .outcome,
+        Outcome::RequireApproval
+    );
+}
+
+#[test]
+fn session_approval_does_not_lift_constraints_or_deny() {
+    let text = format!("{BASIC}\n[[constraint]]\nname = \"calls\"\nmax_tool_calls_per_turn = 2\n");
+    let p = policy(&text);
+    let approvals = SessionApprovals::new();
+    let args = json!({"path": "/home/x"});
+    approvals.approve_call("s1", "fs/write", &args);
+    let req = PolicyRequest::Tool {
+        tool: "fs/write",
+        arguments: &args,
+        scope: "acme",
+        principal: "alice",
+        session: Some("s1"),
+        tool_calls_this_turn: 2,
+        turn: 1,
+    };
+    let d = p.evaluate_with(&req, &approvals);
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(
+        d.applied_rules,
+        ["other-writes", SESSION_APPROVAL_RULE, "calls"]
+    );
+    assert_eq!(d.violated_rules, ["calls"]);
+
+    // Approving a denied call changes nothing.
+    let etc = json!({"path": "/etc/passwd"});
+    approvals.approve_call("s1", "fs/write", &etc);
+    assert_eq!(
+        p.evaluate_with(&tool("fs/write", &etc), &approvals).outcome,
+        Outcome::Deny
+    );
+}
+
+#[test]
+fn session_approvals_are_thread_safe() {
+    let approvals = std::sync::Arc::new(SessionApprovals::new());
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let a = approvals.clone();
+            std::thread::spawn(move || {
+                for j in 0..50 {
+                    a.approve_call(&format!("s{i}"), "t/x", &json!({ "n": j }));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(approvals.len(), 200);
+    assert!(approvals.is_call_approved("s3", "t/x", &json!({"n": 49})));
+    assert!(!approvals.is_call_approved("s3", "t/y", &json!({"n": 49})));
+}
+
+#[test]
+fn decision_serializes_with_upper_case_outcome() {
+    let p = policy(BASIC);
+    let d = p.evaluate(&tool("fs/write", &json!({"path": "/etc/x"})));
+    let v = serde_json::to_value(&d).unwrap();
+    assert_eq!(v["outcome"], "DENY");
+    assert_eq!(v["violated_rules"], json!(["no-etc-writes"]));
+}
+
+#[test]
+fn summary_lists_rules_with_lines() {
+    let p = policy(BASIC);
+    let s = p.summary();
+    assert_eq!(s.default, DefaultMode::Deny);
+    assert_eq!(s.rules.len(), 7);
+    assert_eq!(s.rules[0].name, "no-etc-writes");
+    assert_eq!(s.rules[0].line, 5);
+    assert_eq!(s.rules[0].kind, "tool");
+    assert_eq!(s.rules[5].kind, "model");
+    assert_eq!(s.rules[5].decision, Outcome::Allow);
+}
+
+#[test]
+fn example_policy_loads() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/policies/default.toml"
+    );
+    let p = Policy::load(path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!p.summary().rules.is_empty());
+}
+
+// ---- Bad files: each error names the line. -----------------------------------------------------
+
+#[test]
+fn unknown_field_is_rejected_with_line() {
+    let (line, msg) = load_err(
+        "default = \"deny\"\n\n[[tool]]\nname = \"a\"\ntoool = [\"x\"]\ndecision = \"allow\"\n",
+    );
+    assert_eq!(line, 5, "{msg}");
+    assert!(
+        msg.starts_with("policy.toml:5:1: unknown field `toool`, expected one of"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn toml_syntax_error_has_line() {
+    let (line, msg) = load_err("default = \"deny\"\n[[tool]\nname = \"a\"\n");
+    assert_eq!(line, 2, "{msg}");
+}
+
+#[test]
+fn bad_decision_and_default_values() {
+    let (line, msg) = load_err("[[tool]]\nname = \"a\"\ntools = [\"x\"]\ndecision = \"maybe\"\n");
+    assert_eq!(line, 4, "{msg}");
+    assert!(msg.contains("unknown variant `maybe`"), "{msg}");
+    let (line, msg) = load_err("\ndefault = \"sometimes\"\n");
+    assert_eq!(line, 2, "{msg}");
+}
+
+#[test]
+fn missing_required_field() {
+    let (line, msg) = load_err("\n\n[[tool]]\nname = \"a\"\ndecision = \"allow\"\n");
+    assert!(msg.contains("missing field `tools`"), "{msg}");
+    assert!((3..=5).contains(&line), "{msg}");
+}
+
+#[test]
+fn bad_glob_points_at_pattern() {
+    let (line, msg) = load_err(
+        "[[tool]]\nname = \"a\"\ndecision = \"allow\"\ntools = [\n  \"fs/*\",\n  \"fs/[oops\",\n]\n",
+    );
+    assert_eq!(line, 6, "{msg}");
+    assert!(msg.contains("invalid pattern `fs/[oops`"), "{msg}");
+    assert!(msg.starts_with("policy.toml:6:3:"), "{msg}");
+}
+
+#[test]
+fn bad_argument_glob_points_at_pattern() {
+    let (line, msg) = load_err(
+        "[[tool]]\nname = \"a\"\ntools = [\"x\"]\ndecision = \"allow\"\n[tool.when]\npath = { glob = \"{a\" }\n",
+    );
+    assert_eq!(line, 6, "{msg}");
+}
+
+#[test]
+fn empty_and_duplicate_and_reserved_names() {
+    let (line, msg) = load_err("[[tool]]\nname = \" \"\ntools = [\"x\"]\ndecision = \"allow\"\n");
+    assert_eq!(line, 2, "{msg}");
+    assert!(msg.contains("rule name must not be empty"), "{msg}");
+
+    let (line, msg) = load_err(
+        "[[tool]]\nname = \"a\"\ntools = [\"x\"]\ndecision = \"allow\"\n\n[[model]]\nname = \"a\"\nmodels = [\"m\"]\ndecision = \"allow\"\n",
+    );
+    assert_eq!(line, 7, "{msg}");
+    assert!(msg.contains("duplicate rule name `a`"), "{msg}");
+
+    let (line, msg) =
+        load_err("[[tool]]\nname = \"default\"\ntools = [\"x\"]\ndecision = \"allow\"\n");
+    assert_eq!(line, 2, "{msg}");
+    assert!(msg.contains("reserved"), "{msg}");
+}
+
+#[test]
+fn empty_pattern_lists_and_conditions() {
+    let (line, msg) = load_err("[[tool]]\nname = \"a\"\ntools = []\ndecision = \"allow\"\n");
+    assert_eq!(line, 3, "{msg}");
+    assert!(
+        msg.contains("`tools` must list at least one pattern"),
+        "{msg}"
+    );
+
+    let (line, msg) = load_err(
+        "[[tool]]\nname = \"a\"\ntools = [\"x\"]\ndecision = \"allow\"\n[tool.when]\npath = {}\n",
+    );
+    assert_eq!(line, 6, "{msg}");
+    assert!(msg.contains("has no test"), "{msg}");
+
+    let (line, msg) = load_err(
+        "[[tool]]\nname = \"a\"\ntools = [\"x\"]\ndecision = \"allow\"\n[tool.when]\npath = { globb = \"x\" }\n",
+    );
+    assert_eq!(line, 6, "{msg}");
+    assert!(msg.contains("unknown field `globb`"), "{msg}");
+}
+
+#[test]
+fn bad_constraints() {
+    let (line, msg) = load_err("\n[[constraint]]\nname = \"c\"\n");
+    assert!(msg.contains("sets no limit"), "{msg}");
+    assert!((2..=3).contains(&line), "{msg}");
+
+    let (line, msg) =
+        load_err("[[constraint]]\nname = \"c\"\nmax_turns = 3\non_violation = \"allow\"\n");
+    assert_eq!(line, 4, "{msg}");
+
+    let (line, msg) = load_err("[[constraint]]\nname = \"c\"\nmax_cost_per_request = \"cheap\"\n");
+    assert_eq!(line, 3, "{msg}");
+    assert!(msg.contains("invalid decimal amount `cheap`"), "{msg}");
+
+    let (line, msg) = load_err("[[constraint]]\nname = \"c\"\nmax_turns = -1\n");
+    assert_eq!(line, 3, "{msg}");
+}
+
+#[test]
+fn unsupported_version() {
+    let (line, msg) = load_err("version = 2\n");
+    assert_eq!(line, 1, "{msg}");
+    assert!(msg.contains("unsupported policy version 2"), "{msg}");
+    policy("version = 1");
+}
+
+#[test]
+fn missing_file_is_an_io_error() {
+    let err = Policy::load("/nonexistent/policy.toml").unwrap_err();
+    assert!(matches!(err, PolicyError::Io { .. }));
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/policy.toml: cannot read policy file")
+    );
+}
+
+#[test]
+fn line_col_counts_characters() {
+    assert_eq!(file::line_col("ab\ncdé f", 0), (1, 1));
+    assert_eq!(file::line_col("ab\ncdé f", 3), (2, 1));
+    assert_eq!(file::line_col("ab\ncdé f", 7), (2, 4));
+    assert_eq!(file::line_col("ab", 99), (1, 3));
+}

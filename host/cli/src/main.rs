@@ -1,1 +1,65 @@
-fn main() {}
+//! `keel`: install and run sandboxed WebAssembly tool plugins; govern agent jobs.
+//!
+//! Exit codes: 0 success, 1 the plugin/tool failed (or a policy denied), 2 user error (bad arguments,
+//! missing or invalid file, unknown plugin), 3 internal host error.
+
+mod app;
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::output::CliError;
+
+/// Keel: a WebAssembly plugin host runtime for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about, propagate_version = true)]
+struct Cli {
+    /// Keel home directory (database, components, compiled cache).
+    #[arg(long, global = true, env = "KEEL_HOME")]
+    home: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install a plugin component (a path, or `-` for stdin): validate, store, precompile, describe.
+    Install(commands::plugins::InstallArgs),
+    /// List, inspect, grant, revoke, limit and remove installed plugins.
+    #[command(subcommand)]
+    Plugins(commands::plugins::PluginsCommand),
+    /// Call a tool (`plugin/tool`) with JSON arguments in a fresh sandbox and print its output.
+    Call(commands::plugins::CallArgs),
+    /// Run a WASI command component (wasi:cli/run) under the same kind of grants and limits.
+    Exec(commands::plugins::ExecArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return CliError::internal(format!("cannot start the async runtime: {e}")).report(),
+    };
+    let home = cli.home.unwrap_or_else(app::default_home);
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Install(args) => commands::plugins::install(&home, args).await,
+            Command::Plugins(cmd) => commands::plugins::plugins(&home, cmd).await,
+            Command::Call(args) => commands::plugins::call(&home, args).await,
+            Command::Exec(args) => commands::plugins::exec(&home, args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => error.report(),
+    }
+}

@@ -54,8 +54,16 @@ fn decode(row: Row) -> Result<PluginRecord, StoreError> {
     })
 }
 
-const SELECT: &str = "SELECT name, version, description, sha256, info_json, imports_json, grants_json, \
-                      limits_json, installed_at, updated_at FROM plugins";
+/// `SELECT <all columns> FROM plugins <tail>` as a static string (sqlx only takes audited SQL).
+macro_rules! select_plugins {
+    ($tail:literal) => {
+        concat!(
+            "SELECT name, version, description, sha256, info_json, imports_json, grants_json, ",
+            "limits_json, installed_at, updated_at FROM plugins ",
+            $tail
+        )
+    };
+}
 
 impl Database {
     /// Insert or replace the plugin named `record.name`, keeping its original install time.
@@ -85,7 +93,7 @@ impl Database {
 
     /// The plugin named `name`, if installed.
     pub async fn get_plugin(&self, name: &str) -> Result<Option<PluginRecord>, StoreError> {
-        let row: Option<Row> = sqlx::query_as(&format!("{SELECT} WHERE name = ?"))
+        let row: Option<Row> = sqlx::query_as(select_plugins!("WHERE name = ?"))
             .bind(name)
             .fetch_optional(self.pool())
             .await?;
@@ -94,7 +102,7 @@ impl Database {
 
     /// All installed plugins, by name.
     pub async fn list_plugins(&self) -> Result<Vec<PluginRecord>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(&format!("{SELECT} ORDER BY name"))
+        let rows: Vec<Row> = sqlx::query_as(select_plugins!("ORDER BY name"))
             .fetch_all(self.pool())
             .await?;
         rows.into_iter().map(decode).collect()

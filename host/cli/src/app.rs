@@ -1,0 +1,135 @@
+//! The pieces a command needs, opened from the Keel home: database, component store, sandbox, config.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use keel_sandbox::{ComponentStore, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig};
+use keel_store::Database;
+use keel_store::plugins::PluginRecord;
+use serde::Deserialize;
+
+use crate::output::CliError;
+
+/// `$XDG_DATA_HOME/keel`, else `~/.local/share/keel`, else `./.keel`.
+pub fn default_home() -> PathBuf {
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(data).join("keel");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/keel"),
+        None => PathBuf::from(".keel"),
+    }
+}
+
+/// `$KEEL_HOME/config.toml`. Every field is optional; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeelConfig {
+    /// Global per-call limits (field names as in `keel_sandbox::Limits`).
+    pub limits: Limits,
+    /// Engine settings.
+    pub sandbox: SandboxSettings,
+}
+
+/// Engine settings from `[sandbox]`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxSettings {
+    /// Meter fuel (enables `limits.fuel`).
+    pub fuel_metering: bool,
+    /// Ceiling on any memory limit, in bytes.
+    pub max_memory_bytes: u64,
+    /// Concurrent instance slots.
+    pub pool_instances: u32,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        let defaults = SandboxConfig::new("");
+        Self {
+            fuel_metering: defaults.fuel_metering,
+            max_memory_bytes: defaults.max_memory_bytes,
+            pool_instances: defaults.pool_instances,
+        }
+    }
+}
+
+impl KeelConfig {
+    /// Load `home/config.toml` if it exists.
+    pub fn load(home: &Path) -> Result<Self, CliError> {
+        let path = home.join("config.toml");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| {
+                CliError::user(format!("{}: {}", path.display(), e.to_string().lines().collect::<Vec<_>>().join(" ")))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(CliError::internal(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+}
+
+/// Everything a plugin command needs.
+pub struct App {
+    /// The database.
+    pub db: Database,
+    /// The sandbox.
+    pub sandbox: Sandbox,
+    /// Component bytes by sha256.
+    pub components: ComponentStore,
+    /// Global configuration.
+    pub config: KeelConfig,
+}
+
+impl App {
+    /// Open (creating if needed) the Keel home.
+    pub async fn open(home: &Path) -> Result<Self, CliError> {
+        std::fs::create_dir_all(home)
+            .map_err(|e| CliError::user(format!("cannot create Keel home {}: {e}", home.display())))?;
+        let config = KeelConfig::load(home)?;
+        let db = Database::open(&home.join("keel.db")).await?;
+        let mut sandbox_config = SandboxConfig::new(home.join("cache"));
+        sandbox_config.default_limits = config.limits.clone();
+        sandbox_config.fuel_metering = config.sandbox.fuel_metering;
+        sandbox_config.max_memory_bytes = config.sandbox.max_memory_bytes;
+        sandbox_config.pool_instances = config.sandbox.pool_instances;
+        let sandbox = Sandbox::new(sandbox_config)?;
+        Ok(Self { db, sandbox, components: ComponentStore::new(home.join("components")), config })
+    }
+
+    /// The record of installed plugin `name`, or a user error listing what is installed.
+    pub async fn record(&self, name: &str) -> Result<PluginRecord, CliError> {
+        match self.db.get_plugin(name).await? {
+            Some(record) => Ok(record),
+            None => {
+                let installed: Vec<String> = self.db.list_plugins().await?.into_iter().map(|p| p.name).collect();
+                let hint = if installed.is_empty() {
+                    "no plugins are installed; use `keel install FILE.wasm`".to_string()
+                } else {
+                    format!("installed: {}", installed.join(", "))
+                };
+                Err(CliError::user(format!("no plugin named `{name}` ({hint})")))
+            }
+        }
+    }
+
+    /// Prepare an installed plugin for calls, with its grants and effective limits.
+    pub async fn load(&self, record: &PluginRecord) -> Result<(Arc<PreparedPlugin>, Grants, Limits), CliError> {
+        let bytes = self.components.get(&record.sha256).map_err(|e| {
+            CliError::internal(format!("cannot read the stored component of `{}`: {e}", record.name))
+        })?;
+        let plugin = self.sandbox.prepare(&bytes).await?;
+        let grants = grants_of(record)?;
+        let limits = self
+            .config
+            .limits
+            .overridden_by(&record.limits)
+            .map_err(|e| CliError::internal(format!("stored limits of `{}` are invalid: {e}", record.name)))?;
+        Ok((plugin, grants, limits))
+    }
+}
+
+/// Decode a record's stored grants.
+pub fn grants_of(record: &PluginRecord) -> Result<Grants, CliError> {
+    serde_json::from_value(record.grants.clone())
+        .map_err(|e| CliError::internal(format!("stored grants of `{}` are invalid: {e}", record.name)))
+}

@@ -234,7 +234,12 @@ fn render_summary(file: &Path, summary: &PolicySummary) -> String {
         count("model"),
         count("constraint"),
     );
-    let width = summary.rules.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    let width = summary
+        .rules
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0);
     for rule in &summary.rules {
         let _ = writeln!(
             out,
@@ -315,7 +320,11 @@ max_tokens = 100
         let bad = write("[[tool]]\nname = \"a\"\ntoool = 1\n");
         let err = check(bad.path(), false).unwrap_err();
         assert_eq!(err.exit_code(), 2);
-        assert!(err.message.contains(":3:1: unknown field `toool`"), "{}", err.message);
+        assert!(
+            err.message.contains(":3:1: unknown field `toool`"),
+            "{}",
+            err.message
+        );
         assert_eq!(check(bad.path(), true).unwrap(), ExitCode::from(2));
     }
 
@@ -330,20 +339,41 @@ max_tokens = 100
     #[test]
     fn eval_exit_codes() {
         let good = write(POLICY);
-        assert_eq!(eval(good.path(), Some("fs/read"), None, 0).unwrap(), ExitCode::SUCCESS);
-        assert_eq!(eval(good.path(), Some("fs/write"), None, 0).unwrap(), ExitCode::from(1));
-        assert_eq!(eval(good.path(), None, Some("local/x"), 50).unwrap(), ExitCode::SUCCESS);
-        assert_eq!(eval(good.path(), None, Some("local/x"), 500).unwrap(), ExitCode::from(1));
+        assert_eq!(
+            eval(good.path(), Some("fs/read"), None, 0).unwrap(),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            eval(good.path(), Some("fs/write"), None, 0).unwrap(),
+            ExitCode::from(1)
+        );
+        assert_eq!(
+            eval(good.path(), None, Some("local/x"), 50).unwrap(),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            eval(good.path(), None, Some("local/x"), 500).unwrap(),
+            ExitCode::from(1)
+        );
         let missing = eval(Path::new("/nonexistent/p.toml"), Some("fs/read"), None, 0).unwrap_err();
         assert_eq!(missing.exit_code(), 2);
-        assert!(missing.message.contains("no policy file at"), "{}", missing.message);
+        assert!(
+            missing.message.contains("no policy file at"),
+            "{}",
+            missing.message
+        );
     }
 
     #[test]
     fn renders_summary_and_decision() {
         let policy = Policy::from_toml_str(POLICY, "p.toml").unwrap();
         let text = render_summary(Path::new("p.toml"), &policy.summary());
-        assert!(text.starts_with("p.toml: valid policy (default deny; 1 tool rules, 1 model rules, 0 constraints)"), "{text}");
+        assert!(
+            text.starts_with(
+                "p.toml: valid policy (default deny; 1 tool rules, 1 model rules, 0 constraints)"
+            ),
+            "{text}"
+        );
         assert!(text.contains("line 5    tool       reads  ALLOW"), "{text}");
         let args = json!({});
         let decision = policy.evaluate(&PolicyRequest::Tool {
@@ -356,7 +386,10 @@ max_tokens = 100
             turn: 1,
         });
         let text = render_decision("fs/write", &decision);
-        assert!(text.starts_with("DENY fs/write\n  reason:   no tool rule matches `fs/write`"), "{text}");
+        assert!(
+            text.starts_with("DENY fs/write\n  reason:   no tool rule matches `fs/write`"),
+            "{text}"
+        );
         assert!(text.contains("violated: default"), "{text}");
     }
 }

@@ -3,7 +3,9 @@
 //! Opens the database with WAL, a busy timeout and embedded migrations, and implements the
 //! plugin registry plus the kernel's store traits.
 
+pub mod kernel_store;
 pub mod plugins;
 pub mod sqlite;
 
+pub use kernel_store::SqliteKernelStore;
 pub use sqlite::{Database, StoreError};

@@ -1,0 +1,296 @@
+//! Black-box tests of the `keel` binary: install / plugins / call / exec, exit codes, messages.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{Value, json};
+
+struct Keel {
+    home: tempfile::TempDir,
+}
+
+impl Keel {
+    fn new() -> Self {
+        Self { home: tempfile::tempdir().unwrap() }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command.args(args).env("KEEL_HOME", self.home.path()).env_remove("KEEL_LOG");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run keel")
+    }
+
+    /// Run, expect exit code `code`, return stdout.
+    fn expect(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "keel {args:?}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run, expect exit code `code`, return stderr.
+    fn stderr(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "keel {args:?}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.expect(args, 0)).expect("JSON output")
+    }
+}
+
+fn guest(name: &str) -> String {
+    keel_testutil::guest(name).to_string_lossy().into_owned()
+}
+
+fn one_clear_line(stderr: &str) {
+    let lines: Vec<_> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+}
+
+fn canonical(path: &Path) -> String {
+    std::fs::canonicalize(path).unwrap().to_string_lossy().into_owned()
+}
+
+#[test]
+fn install_list_show_call_remove() {
+    let keel = Keel::new();
+    let out = keel.expect(&["install", &guest("hello")], 0);
+    assert!(out.contains("installed hello 0.1.0 (compiled"), "{out}");
+    assert!(out.contains("hello/greet [idempotent]"), "{out}");
+    assert!(out.contains("network (wasi:http) no"), "{out}");
+
+    // Re-installing the same bytes never recompiles.
+    let out = keel.expect(&["install", &guest("hello")], 0);
+    assert!(out.contains("loaded from cache"), "{out}");
+
+    let list = keel.json(&["plugins", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["name"], "hello");
+    let show = keel.json(&["plugins", "show", "hello", "--json"]);
+    assert_eq!(show["tools"][0]["name"], "greet");
+    assert_eq!(show["imports"]["http"], false);
+    assert_eq!(show["limits"]["memory_bytes"], 64 << 20);
+
+    let out = keel.expect(&["call", "hello/greet", r#"{"name":"Ada"}"#], 0);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!({"greeting": "Hello, Ada!"}));
+    let report = keel.json(&["call", "hello/greet", r#"{"name":"Ada"}"#, "--json"]);
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["output"]["greeting"], "Hello, Ada!");
+
+    // Arguments from stdin.
+    let mut child =
+        keel.command(&["call", "hello/greet", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(br#"{"name":"Stdin"}"#).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Hello, Stdin!"));
+
+    keel.expect(&["plugins", "remove", "hello"], 0);
+    assert_eq!(keel.json(&["plugins", "list", "--json"]), json!([]));
+    one_clear_line(&keel.stderr(&["call", "hello/greet", "{}"], 2));
+}
+
+#[test]
+fn user_errors_and_plugin_failures_have_distinct_exit_codes() {
+    let keel = Keel::new();
+    keel.expect(&["install", &guest("hello")], 0);
+    one_clear_line(&keel.stderr(&["call", "hello/greet", "{not json"], 2));
+    one_clear_line(&keel.stderr(&["call", "hello/nope", "{}"], 2));
+    one_clear_line(&keel.stderr(&["call", "ghost/greet", "{}"], 2));
+    one_clear_line(&keel.stderr(&["call", "hello", "{}"], 2));
+    let err = keel.stderr(&["call", "hello/greet", r#"{"name":""}"#], 2);
+    assert!(err.contains("must not be empty"), "{err}");
+    one_clear_line(&keel.stderr(&["plugins", "show", "ghost"], 2));
+
+    keel.expect(&["install", &guest("keel-test-hostile"), "--timeout-ms", "300"], 0);
+    let err = keel.stderr(&["call", "hostile/infinite_loop", "{}"], 1);
+    one_clear_line(&err);
+    assert!(err.contains("timed out"), "{err}");
+    let report = keel.run(&["call", "hostile/panic", "{}", "--json"]);
+    assert_eq!(report.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["error"]["kind"], "trapped");
+}
+
+#[test]
+fn malformed_components_are_refused_and_nothing_is_stored() {
+    let keel = Keel::new();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let hello = std::fs::read(guest("hello")).unwrap();
+    let cases = [
+        (write("random.wasm", &[0x5a; 1000]), "not a WebAssembly file"),
+        (write("empty.wasm", b""), "not a WebAssembly file"),
+        (write("core.wasm", b"\0asm\x01\0\0\0"), "core WebAssembly module, not a component"),
+        (write("truncated.wasm", &hello[..hello.len() / 3]), "invalid component"),
+        (guest("keel-test-cmd"), "WASI command"),
+        (guest("keel-test-wrong-version"), "built for keel:plugin@0.2.0 but this host implements keel:plugin@0.1.0"),
+        ("/nonexistent/x.wasm".to_string(), "cannot read"),
+    ];
+    for (path, expected) in cases {
+        let err = keel.stderr(&["install", &path], 2);
+        one_clear_line(&err);
+        assert!(err.contains(expected), "{path}: expected `{expected}` in {err}");
+    }
+    assert_eq!(keel.json(&["plugins", "list", "--json"]), json!([]));
+    let stored = std::fs::read_dir(keel.home.path().join("components")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(stored, 0, "no component bytes may be stored for a refused install");
+}
+
+#[test]
+fn install_from_stdin() {
+    let keel = Keel::new();
+    let mut child =
+        keel.command(&["install", "-", "--json"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(&std::fs::read(guest("hello")).unwrap()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["name"], "hello");
+}
+
+#[test]
+fn fs_plugin_grants_and_revocation() {
+    let keel = Keel::new();
+    let data = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("in.txt"), "from the host").unwrap();
+    let data_path = canonical(data.path());
+    let out_path = canonical(out_dir.path());
+    let install = keel.json(&[
+        "install",
+        &guest("keel-plugin-fs"),
+        "--allow-read",
+        &data_path,
+        "--allow-write",
+        &out_path,
+        "--json",
+    ]);
+    assert_eq!(install["grants"]["fs"].as_array().unwrap().len(), 2);
+
+    let read = keel.json(&["call", "fs/read", &format!(r#"{{"path":"{data_path}/in.txt"}}"#)]);
+    assert_eq!(read["content"], "from the host");
+    keel.expect(&["call", "fs/write", &format!(r#"{{"path":"{out_path}/new.txt","content":"written"}}"#)], 0);
+    assert_eq!(std::fs::read_to_string(out_dir.path().join("new.txt")).unwrap(), "written");
+
+    // Writing into the read-only grant is denied and names the capability.
+    let err = keel.stderr(&["call", "fs/write", &format!(r#"{{"path":"{data_path}/x.txt","content":"no"}}"#)], 1);
+    assert!(err.contains("filesystem"), "{err}");
+    assert!(!data.path().join("x.txt").exists());
+    // Outside every grant: denied, listing the allowed roots.
+    let err = keel.stderr(&["call", "fs/read", r#"{"path":"/etc/passwd"}"#], 1);
+    assert!(err.contains(&data_path), "error lists the allowed roots: {err}");
+
+    keel.expect(&["plugins", "revoke", "fs", "--dir", &data_path], 0);
+    let err = keel.stderr(&["call", "fs/read", &format!(r#"{{"path":"{data_path}/in.txt"}}"#)], 1);
+    assert!(err.contains("filesystem"), "{err}");
+    one_clear_line(&keel.stderr(&["plugins", "revoke", "fs", "--dir", &data_path], 2));
+
+    // Remapping HOST::GUEST.
+    keel.expect(&["plugins", "grant", "fs", "--allow-read", &format!("{data_path}::/data")], 0);
+    let read = keel.json(&["call", "fs/read", r#"{"path":"/data/in.txt"}"#]);
+    assert_eq!(read["content"], "from the host");
+}
+
+#[test]
+fn reinstalling_a_newer_version_shows_new_requests_and_does_not_carry_grants() {
+    let keel = Keel::new();
+    let dir = tempfile::tempdir().unwrap();
+    keel.expect(&["install", &guest("hello"), "--allow-env", "USER", "--allow-read", &canonical(dir.path())], 0);
+    let out = keel.expect(&["install", &guest("keel-test-hello-v2")], 0);
+    assert!(out.contains("installed hello 0.2.0"), "{out}");
+    assert!(out.contains("requests more than 0.1.0 was granted"), "{out}");
+    assert!(out.contains("env GREETING") && out.contains("network greetings.example.com"), "{out}");
+    assert!(out.contains("were not carried over"), "{out}");
+    let show = keel.json(&["plugins", "show", "hello", "--json"]);
+    assert_eq!(show["version"], "0.2.0");
+    assert_eq!(show["grants"]["env"], json!([]));
+    assert_eq!(show["grants"]["fs"], json!([]));
+
+    // The env var is visible only once granted.
+    let out = keel.command(&["call", "hello/greet", r#"{"name":"Ada"}"#]).env("GREETING", "Ahoy").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Hello, Ada!"));
+    keel.expect(&["plugins", "grant", "hello", "--allow-env", "GREETING"], 0);
+    let out = keel.command(&["call", "hello/greet", r#"{"name":"Ada"}"#]).env("GREETING", "Ahoy").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Ahoy, Ada!"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // --keep-grants carries them over explicitly.
+    let out = keel.expect(&["install", &guest("hello"), "--keep-grants"], 0);
+    assert!(out.contains("env GREETING"), "{out}");
+}
+
+#[test]
+fn per_plugin_limits_apply() {
+    let keel = Keel::new();
+    keel.expect(&["install", &guest("keel-test-hostile")], 0);
+    let limits = keel.json(&["plugins", "limits", "hostile", "--timeout-ms", "300", "--memory-mb", "8", "--json"]);
+    assert_eq!(limits["memory_bytes"], 8 << 20);
+    assert_eq!(limits["timeout_ms"], 300);
+    let show = keel.json(&["plugins", "show", "hostile", "--json"]);
+    assert_eq!(show["limits"]["timeout_ms"], 300);
+    let err = keel.stderr(&["call", "hostile/infinite_loop", "{}"], 1);
+    assert!(err.contains("timed out"), "{err}");
+    keel.expect(&["call", "hostile/ok", "{}"], 0);
+    let limits = keel.json(&["plugins", "limits", "hostile", "--reset", "--json"]);
+    assert_eq!(limits["timeout_ms"], 10_000);
+}
+
+#[test]
+fn exec_runs_wasi_commands_under_grants() {
+    let keel = Keel::new();
+    let cmd = guest("keel-test-cmd");
+    let out = keel.expect(&["exec", &cmd, "--", "hello", "world"], 0);
+    assert_eq!(out.trim(), "args: hello world");
+    // WASI 0.2 `exit` carries success or failure only (exit-with-code is unstable): any failure is 1.
+    let out = keel.run(&["exec", &cmd, "--", "exit", "7"]);
+    assert_eq!(out.status.code(), Some(1));
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.txt"), "granted text").unwrap();
+    let root = canonical(dir.path());
+    let file = format!("{root}/f.txt");
+    let out = keel.run(&["exec", &cmd, "--", "cat", &file]);
+    assert_eq!(out.status.code(), Some(1), "no grant, no read");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cat "), "the program's stderr is passed through");
+    let out = keel.expect(&["exec", &cmd, "--allow-read", &root, "--", "cat", &file], 0);
+    assert_eq!(out, "granted text");
+    let out = keel.run(&["exec", &cmd, "--allow-read", &root, "--", "write", &file, "x"]);
+    assert_eq!(out.status.code(), Some(1), "a read-only grant refuses writes");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("write "));
+    assert_eq!(std::fs::read_to_string(dir.path().join("f.txt")).unwrap(), "granted text");
+
+    let out = keel.command(&["exec", &cmd, "--", "env", "SECRET_TOKEN"]).env("SECRET_TOKEN", "s3cr3t").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "<unset>");
+    let out = keel
+        .command(&["exec", &cmd, "--allow-env", "SECRET_TOKEN", "--", "env", "SECRET_TOKEN"])
+        .env("SECRET_TOKEN", "s3cr3t")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "s3cr3t");
+
+    one_clear_line(&keel.stderr(&["exec", &guest("hello")], 2));
+}

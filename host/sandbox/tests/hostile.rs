@@ -578,6 +578,25 @@ async fn log_flood_is_capped() {
 }
 
 #[tokio::test]
+async fn one_huge_log_line_is_truncated() {
+    let env = setup().await;
+    let report = env
+        .call("log_flood", json!({"lines": 3, "line_bytes": 1 << 20}))
+        .await;
+    assert!(report.result.is_ok(), "{:?}", report.result);
+    let logged: usize = report.logs.iter().map(|l| l.message.len()).sum();
+    assert!(
+        logged as u64 <= Limits::default().max_log_bytes,
+        "{logged} bytes of logs kept"
+    );
+    assert!(
+        report.logs.iter().all(|l| l.message.len() <= 4096 + 64),
+        "a log line was not truncated"
+    );
+    env.assert_alive().await;
+}
+
+#[tokio::test]
 async fn stdout_flood_is_capped() {
     let env = setup().await;
     let report = env.call("stdout_flood", json!({"mb": 8})).await;
@@ -601,7 +620,14 @@ async fn panic_is_a_clean_trap() {
     let env = setup().await;
     let report = env.call("panic", json!({})).await;
     match &report.result {
-        Err(ToolError::Trapped { message }) => assert!(message.contains("panicked"), "{message}"),
+        Err(ToolError::Trapped { message }) => {
+            assert!(message.contains("panicked"), "{message}");
+            // The panic payload (on the line after `panicked at file:line:`) must reach the caller.
+            assert!(
+                message.contains("hostile panic"),
+                "the panic message was lost: {message}"
+            );
+        }
         other => panic!("expected a trap, got {other:?}"),
     }
     env.assert_alive().await;

@@ -826,11 +826,14 @@ struct Flood {
     /// Number of lines (default 100000).
     #[serde(default)]
     lines: Option<usize>,
+    /// Approximate bytes per line (default 96).
+    #[serde(default)]
+    line_bytes: Option<usize>,
 }
 
 fn log_flood(ctx: &Context, i: Flood) -> Result<Value, ToolError> {
     let n = i.lines.unwrap_or(100_000);
-    let line = "flood ".repeat(16);
+    let line = "flood ".repeat(i.line_bytes.unwrap_or(96) / 6);
     for k in 0..n {
         ctx.log(LogLevel::Info, &format!("{k} {line}"));
     }

@@ -45,17 +45,22 @@ pub const SESSION_APPROVAL_RULE: &str = "session-approval";
 /// What a policy decides. Ordered by severity: `Allow < Warn < RequireApproval < Deny`.
 ///
 /// Serialized as `ALLOW`, `WARN`, `REQUIRE_APPROVAL`, `DENY`; written in policy files as `allow`,
-/// `warn`, `require_approval`, `deny`.
+/// `warn`, `require_approval`, `deny`. Deserialization accepts both spellings, so a recorded
+/// decision reads back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all(serialize = "SCREAMING_SNAKE_CASE", deserialize = "snake_case"))]
 pub enum Outcome {
     /// Go ahead.
+    #[serde(alias = "ALLOW")]
     Allow,
     /// Go ahead, but record/show the reason.
+    #[serde(alias = "WARN")]
     Warn,
     /// Ask a human first.
+    #[serde(alias = "REQUIRE_APPROVAL")]
     RequireApproval,
     /// Refuse.
+    #[serde(alias = "DENY")]
     Deny,
 }
 
@@ -141,7 +146,7 @@ pub enum PolicyRequest<'a> {
 }
 
 /// The policy's answer, with why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyDecision {
     /// The final outcome.
     pub outcome: Outcome,
@@ -279,7 +284,8 @@ impl Policy {
                         let approved = rule.decision == Outcome::RequireApproval
                             && session.zip(approvals).is_some_and(|(s, store)| {
                                 // Digest only when it can matter: it hashes the canonical arguments.
-                                store.is_approved(s, tool, &call_digest(tool, arguments))
+                                store.may_have_approvals(s, tool)
+                                    && store.is_approved(s, tool, &call_digest(tool, arguments))
                             });
                         acc.applied.push(rule.meta.name.clone());
                         if approved {

@@ -21,6 +21,13 @@ pub trait SessionApprovalStore: Send + Sync {
     /// Record that `digest` of `tool` is approved for the rest of `session`.
     fn approve(&self, session: &str, tool: &str, digest: &str);
 
+    /// Whether anything at all is approved for `tool` in `session`. The engine asks this first so a
+    /// miss skips hashing the arguments; the default (`true`) is always correct, just slower.
+    fn may_have_approvals(&self, session: &str, tool: &str) -> bool {
+        let _ = (session, tool);
+        true
+    }
+
     /// Forget every approval of `session` (the session ended).
     fn revoke_session(&self, session: &str);
 
@@ -72,6 +79,12 @@ impl SessionApprovalStore for SessionApprovals {
         map.get(session)
             .and_then(|tools| tools.get(tool))
             .is_some_and(|digests| digests.contains(digest))
+    }
+
+    fn may_have_approvals(&self, session: &str, tool: &str) -> bool {
+        let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        map.get(session)
+            .is_some_and(|tools| tools.contains_key(tool))
     }
 
     fn approve(&self, session: &str, tool: &str, digest: &str) {

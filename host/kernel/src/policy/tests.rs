@@ -525,6 +525,8 @@ fn decision_serializes_with_upper_case_outcome() {
     let v = serde_json::to_value(&d).unwrap();
     assert_eq!(v["outcome"], "DENY");
     assert_eq!(v["violated_rules"], json!(["no-etc-writes"]));
+    let back: PolicyDecision = serde_json::from_value(v).unwrap();
+    assert_eq!(back, d);
 }
 
 #[test]
@@ -686,4 +688,52 @@ fn line_col_counts_characters() {
     assert_eq!(file::line_col("ab\ncdé f", 3), (2, 1));
     assert_eq!(file::line_col("ab\ncdé f", 7), (2, 4));
     assert_eq!(file::line_col("ab", 99), (1, 3));
+}
+
+#[test]
+fn fast_pattern_shapes_agree_with_globset() {
+    use rules::Pattern;
+    let names = [
+        "fs/read",
+        "fs/read_many",
+        "fs",
+        "xfs/read",
+        "http-fetch/get",
+        "",
+        "a*b",
+        "fs/read/x",
+    ];
+    for src in [
+        "*",
+        "**",
+        "fs/read",
+        "fs/*",
+        "*/read",
+        "fs/read*",
+        "*read",
+        "fs/r?ad",
+        "{fs,http-fetch}/*",
+        "a\\*b",
+    ] {
+        let fast = Pattern::compile(src, false).unwrap();
+        let glob = globset::GlobBuilder::new(src)
+            .backslash_escape(true)
+            .build()
+            .unwrap()
+            .compile_matcher();
+        for name in names {
+            assert_eq!(
+                fast.matches(name),
+                glob.is_match(name),
+                "pattern {src:?} on {name:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn policy_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Policy>();
+    assert_send_sync::<SessionApprovals>();
 }

@@ -712,3 +712,60 @@ async fn host_survives_a_barrage_of_attacks_in_a_row() {
         );
     }
 }
+
+#[tokio::test]
+async fn concurrent_bombs_all_fail_cleanly() {
+    let env = setup().await;
+    let limits = small_limits();
+    let calls = ["memory_bomb", "deep_recursion", "panic", "memory_bomb"]
+        .map(|tool| env.call_with(&env.grants, &limits, tool, json!({})));
+    let reports = futures::future::join_all(calls).await;
+    for report in reports {
+        assert!(report.result.is_err(), "{:?}", report.result);
+    }
+    env.assert_alive().await;
+}
+
+#[tokio::test]
+async fn fuel_limit_stops_an_infinite_loop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = SandboxConfig::new(tmp.path());
+    config.fuel_metering = true;
+    config.pool_instances = 4;
+    config.max_memory_bytes = 64 << 20;
+    let sandbox = Sandbox::new(config).expect("sandbox");
+    let plugin = sandbox
+        .prepare(&keel_testutil::guest_bytes("keel-test-hostile"))
+        .await
+        .expect("prepare");
+    let limits = Limits {
+        fuel: Some(5_000_000),
+        timeout_ms: 10_000,
+        ..Limits::default()
+    };
+    let ctx = ToolCallContext::ad_hoc("test");
+    let report = sandbox
+        .call(
+            &plugin,
+            &Grants::default(),
+            &limits,
+            &ctx,
+            "infinite_loop",
+            &json!({}),
+        )
+        .await;
+    match &report.result {
+        Err(ToolError::LimitExceeded { limit, .. }) => assert_eq!(limit, "fuel"),
+        other => panic!("expected the fuel limit, got {other:?}"),
+    }
+    let report = sandbox
+        .call(&plugin, &Grants::default(), &limits, &ctx, "ok", &json!({}))
+        .await;
+    let out = report.result.expect("ok after running out of fuel");
+    assert_eq!(out.output, json!({"ok": true}));
+    assert!(
+        out.fuel_consumed.is_some_and(|f| f > 0),
+        "fuel is reported: {:?}",
+        out.fuel_consumed
+    );
+}

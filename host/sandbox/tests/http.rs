@@ -431,3 +431,68 @@ async fn wildcard_patterns_do_not_match_the_bare_domain_or_other_suffixes() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn authority_tricks_do_not_bypass_the_allowlist() {
+    let env = setup().await;
+    let allowed = Server::start(|_, _| text(200, "allowed"));
+    let secret = Server::start(|_, _| text(200, "secret service: must not be reached"));
+    let grants = net(&[format!("localhost:{}", allowed.port)], true);
+    let (a, s) = (allowed.port, secret.port);
+
+    // Userinfo that looks like the allowed host: the real host is 127.0.0.1.
+    let report = env
+        .get(&grants, &format!("http://localhost:{a}@127.0.0.1:{s}/"))
+        .await;
+    assert!(
+        report.result.is_err(),
+        "userinfo confusion succeeded: {:?}",
+        report.result
+    );
+
+    // A spoofed Host header naming the allowed host while the URL targets another one.
+    let args = json!({"url": format!("http://127.0.0.1:{s}/"), "headers": [["host", format!("localhost:{a}")]]});
+    let limits = Limits {
+        timeout_ms: 5_000,
+        ..Limits::default()
+    };
+    let report = env
+        .sandbox
+        .call(
+            &env.plugin,
+            &grants,
+            &limits,
+            &ToolCallContext::ad_hoc("test"),
+            "http_get",
+            &args,
+        )
+        .await;
+    assert!(
+        report.result.is_err(),
+        "Host header spoofing succeeded: {:?}",
+        report.result
+    );
+
+    // A spoofed Host header on a request to the allowed host does not redirect it anywhere else.
+    let args = json!({"url": format!("http://localhost:{a}/"), "headers": [["host", format!("127.0.0.1:{s}")]]});
+    let report = env
+        .sandbox
+        .call(
+            &env.plugin,
+            &grants,
+            &limits,
+            &ToolCallContext::ad_hoc("test"),
+            "http_get",
+            &args,
+        )
+        .await;
+    if let Ok(out) = &report.result {
+        assert_eq!(out.output["body"], "allowed");
+    }
+
+    assert_eq!(
+        secret.hits(),
+        0,
+        "the service that was not granted must never be contacted"
+    );
+}

@@ -641,9 +641,19 @@ mod net {
     }
 
     /// One GET; returns (status, location, body).
-    fn get_once(url: &str) -> Result<(u16, Option<String>, String), ToolError> {
+    fn get_once(
+        url: &str,
+        headers: &[(String, String)],
+    ) -> Result<(u16, Option<String>, String), ToolError> {
         let (https, authority, path) = split(url)?;
-        let req = OutgoingRequest::new(Fields::new());
+        let entries: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+            .collect();
+        let fields = Fields::from_list(&entries).map_err(|e| {
+            ToolError::invalid_input(format!("the host refused the headers: {e:?}"))
+        })?;
+        let req = OutgoingRequest::new(fields);
         req.set_method(&Method::Get)
             .map_err(|()| ToolError::failed("method"))?;
         req.set_scheme(Some(&if https { Scheme::Https } else { Scheme::Http }))
@@ -704,6 +714,9 @@ mod net {
         /// Follow redirects (default true, at most 5).
         #[serde(default = "yes")]
         follow_redirects: bool,
+        /// Extra request headers, e.g. a spoofed `host`.
+        #[serde(default)]
+        headers: Vec<(String, String)>,
     }
 
     fn yes() -> bool {
@@ -714,7 +727,7 @@ mod net {
         let mut url = i.url;
         let mut hops = vec![url.clone()];
         for _ in 0..6 {
-            let (status, location, body) = get_once(&url)?;
+            let (status, location, body) = get_once(&url, &i.headers)?;
             match location {
                 Some(next) if i.follow_redirects && (300..400).contains(&status) => {
                     url = if next.contains("://") {

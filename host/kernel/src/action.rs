@@ -95,12 +95,22 @@ pub struct Resolution {
 impl Resolution {
     /// An approval (or confirmation) of `approved`.
     pub fn approve(approved: bool) -> Self {
-        Self { approved: Some(approved), value: serde_json::Value::Null, resolved_by: None, call_digest: None }
+        Self {
+            approved: Some(approved),
+            value: serde_json::Value::Null,
+            resolved_by: None,
+            call_digest: None,
+        }
     }
 
     /// A value answer.
     pub fn value(value: serde_json::Value) -> Self {
-        Self { approved: None, value, resolved_by: None, call_digest: None }
+        Self {
+            approved: None,
+            value,
+            resolved_by: None,
+            call_digest: None,
+        }
     }
 }
 
@@ -140,7 +150,9 @@ pub struct Action {
 impl Action {
     /// Whether this action approves exactly `tool` called with `arguments`.
     pub fn authorizes(&self, tool: &str, arguments: &serde_json::Value) -> bool {
-        let Some(digest) = &self.call_digest else { return false };
+        let Some(digest) = &self.call_digest else {
+            return false;
+        };
         self.action_type == ActionType::Approval
             && self.state == ActionState::Resolved
             && self.resolution.as_ref().and_then(|r| r.approved) == Some(true)

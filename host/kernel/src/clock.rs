@@ -38,7 +38,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock reading `start`.
     pub fn new(start: DateTime<Utc>) -> Self {
-        Self { now: Mutex::new(truncate_micros(start)) }
+        Self {
+            now: Mutex::new(truncate_micros(start)),
+        }
     }
 
     /// Move the clock forward by `by`.

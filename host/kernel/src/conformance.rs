@@ -21,21 +21,26 @@ use crate::error::KernelError;
 use crate::event::{EventFilter, EventQuery, EventType};
 use crate::job::{JobError, JobFilter, JobState, NewJob};
 use crate::ledger::{
-    Budget, BudgetOutcome, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, NewLedgerEvent, ReservationState,
-    Usage, UsageQuery,
+    Budget, BudgetOutcome, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, NewLedgerEvent,
+    ReservationState, Usage, UsageQuery,
 };
 use crate::services::{HoldRequest, Kernel, KernelConfig, SettleDetails};
 use crate::store::{Batch, JobWrite, KernelStore, StoreError};
 
 /// A start instant for the manual clock (mid-month, mid-day, so windows are unambiguous).
 pub fn epoch() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 3, 15, 12, 0, 0).single().unwrap_or_else(Utc::now)
+    Utc.with_ymd_and_hms(2026, 3, 15, 12, 0, 0)
+        .single()
+        .unwrap_or_else(Utc::now)
 }
 
 /// A kernel over `store` with a manual clock at [`epoch`].
 pub fn kernel_with_clock(store: Arc<dyn KernelStore>) -> (Kernel, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(epoch()));
-    (Kernel::with_clock(store, clock.clone(), KernelConfig::default()), clock)
+    (
+        Kernel::with_clock(store, clock.clone(), KernelConfig::default()),
+        clock,
+    )
 }
 
 fn dec(s: &str) -> Decimal {
@@ -43,7 +48,12 @@ fn dec(s: &str) -> Decimal {
 }
 
 async fn running_job(k: &Kernel, tenant: &str) -> Uuid {
-    let job = k.jobs().create(NewJob::new(tenant, "agent")).await.expect("create").job;
+    let job = k
+        .jobs()
+        .create(NewJob::new(tenant, "agent"))
+        .await
+        .expect("create")
+        .job;
     k.jobs().start(job.id).await.expect("start");
     job.id
 }
@@ -54,7 +64,10 @@ fn approval(job_id: Uuid, tool: &str, args: serde_json::Value, ttl: Duration) ->
         action_type: ActionType::Approval,
         title: format!("run {tool}?"),
         request: json!({}),
-        call: Some(ToolCallRef { tool: tool.into(), arguments: args }),
+        call: Some(ToolCallRef {
+            tool: tool.into(),
+            arguments: args,
+        }),
         ttl,
     }
 }
@@ -101,32 +114,71 @@ pub async fn job_lifecycle(store: Arc<dyn KernelStore>) {
     let job = created.job;
     assert_eq!(job.state, JobState::Queued);
     assert_eq!(job.version, 1);
-    assert_eq!(k.jobs().get("t1", job.id).await.expect("get"), job, "job round-trips exactly");
+    assert_eq!(
+        k.jobs().get("t1", job.id).await.expect("get"),
+        job,
+        "job round-trips exactly"
+    );
 
-    let err = k.jobs().complete(job.id, None).await.expect_err("QUEUED -> SUCCEEDED is illegal");
-    assert!(matches!(err, KernelError::IllegalTransition { from: JobState::Queued, to: JobState::Succeeded, .. }), "{err}");
+    let err = k
+        .jobs()
+        .complete(job.id, None)
+        .await
+        .expect_err("QUEUED -> SUCCEEDED is illegal");
+    assert!(
+        matches!(
+            err,
+            KernelError::IllegalTransition {
+                from: JobState::Queued,
+                to: JobState::Succeeded,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     clock.advance(Duration::seconds(1));
     let started = k.jobs().start(job.id).await.expect("start");
     assert_eq!(started.state, JobState::Running);
     assert_eq!(started.started_at, Some(epoch() + Duration::seconds(1)));
-    let p = k.jobs().progress(job.id, 0.5, Some("half".into())).await.expect("progress");
-    assert_eq!((p.progress, p.progress_message.as_deref()), (0.5, Some("half")));
+    let p = k
+        .jobs()
+        .progress(job.id, 0.5, Some("half".into()))
+        .await
+        .expect("progress");
+    assert_eq!(
+        (p.progress, p.progress_message.as_deref()),
+        (0.5, Some("half"))
+    );
     let t = k.jobs().record_turn(job.id, 3).await.expect("turn");
     assert_eq!((t.turns, t.tool_calls), (1, 3));
     k.jobs().wait_for_action(job.id).await.expect("wait");
     k.jobs().resume(job.id).await.expect("resume");
-    let done = k.jobs().complete(job.id, Some("artifact://r1".into())).await.expect("complete");
+    let done = k
+        .jobs()
+        .complete(job.id, Some("artifact://r1".into()))
+        .await
+        .expect("complete");
     assert_eq!(done.state, JobState::Succeeded);
     assert_eq!(done.result_ref.as_deref(), Some("artifact://r1"));
     assert!(done.finished_at.is_some());
-    assert_eq!(k.jobs().get("t1", job.id).await.expect("get"), done, "stored row equals returned row");
+    assert_eq!(
+        k.jobs().get("t1", job.id).await.expect("get"),
+        done,
+        "stored row equals returned row"
+    );
     let err = k.jobs().start(job.id).await.expect_err("terminal");
     assert!(matches!(err, KernelError::IllegalTransition { .. }));
     let err = k.jobs().cancel(job.id, "late").await.expect_err("terminal");
     assert!(matches!(err, KernelError::IllegalTransition { .. }));
 
-    let events = k.read_events(&EventQuery { filter: EventFilter::job(job.id), ..Default::default() }).await.expect("events");
+    let events = k
+        .read_events(&EventQuery {
+            filter: EventFilter::job(job.id),
+            ..Default::default()
+        })
+        .await
+        .expect("events");
     let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
     assert_eq!(
         types,
@@ -140,12 +192,29 @@ pub async fn job_lifecycle(store: Arc<dyn KernelStore>) {
         ]
     );
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, [1, 2, 3, 4, 5, 6], "per-job sequence is 1.. without gaps");
+    assert_eq!(
+        seqs,
+        [1, 2, 3, 4, 5, 6],
+        "per-job sequence is 1.. without gaps"
+    );
 
     let failing = running_job(&k, "t1").await;
-    let failed = k.jobs().fail(failing, JobError { code: "tool_failed".into(), message: "boom".into() }).await.expect("fail");
+    let failed = k
+        .jobs()
+        .fail(
+            failing,
+            JobError {
+                code: "tool_failed".into(),
+                message: "boom".into(),
+            },
+        )
+        .await
+        .expect("fail");
     assert_eq!(failed.state, JobState::Failed);
-    assert_eq!(failed.error.as_ref().map(|e| e.code.as_str()), Some("tool_failed"));
+    assert_eq!(
+        failed.error.as_ref().map(|e| e.code.as_str()),
+        Some("tool_failed")
+    );
 }
 
 /// The same idempotency key in the same tenant returns the first job; other tenants are separate.
@@ -161,8 +230,21 @@ pub async fn idempotency(store: Arc<dyn KernelStore>) {
     let c = k.jobs().create(new).await.expect("other tenant");
     assert!(c.created);
     assert_ne!(c.job.id, a.job.id);
-    assert_eq!(k.jobs().by_idempotency_key("t1", "key-1").await.expect("by key").map(|j| j.id), Some(a.job.id));
-    assert_eq!(k.jobs().by_idempotency_key("t1", "nope").await.expect("by key"), None);
+    assert_eq!(
+        k.jobs()
+            .by_idempotency_key("t1", "key-1")
+            .await
+            .expect("by key")
+            .map(|j| j.id),
+        Some(a.job.id)
+    );
+    assert_eq!(
+        k.jobs()
+            .by_idempotency_key("t1", "nope")
+            .await
+            .expect("by key"),
+        None
+    );
 }
 
 /// A write with a stale version is refused and applies nothing (not even its events).
@@ -183,18 +265,59 @@ pub async fn optimistic_concurrency(store: Arc<dyn KernelStore>) {
         data: json!({ "progress": p }),
         at: epoch(),
     };
-    let first = Batch { jobs: vec![JobWrite { job: a, expected_version: Some(job.version) }], actions: vec![], events: vec![event(0.25)] };
-    let second = Batch { jobs: vec![JobWrite { job: b, expected_version: Some(job.version) }], actions: vec![], events: vec![event(0.75)] };
+    let first = Batch {
+        jobs: vec![JobWrite {
+            job: a,
+            expected_version: Some(job.version),
+        }],
+        actions: vec![],
+        events: vec![event(0.25)],
+    };
+    let second = Batch {
+        jobs: vec![JobWrite {
+            job: b,
+            expected_version: Some(job.version),
+        }],
+        actions: vec![],
+        events: vec![event(0.75)],
+    };
     store.commit(first).await.expect("first writer wins");
-    let err = store.commit(second).await.expect_err("second writer must not overwrite");
-    assert!(matches!(err, StoreError::Conflict { entity: "job", .. }), "{err}");
+    let err = store
+        .commit(second)
+        .await
+        .expect_err("second writer must not overwrite");
+    assert!(
+        matches!(err, StoreError::Conflict { entity: "job", .. }),
+        "{err}"
+    );
     let stored = k.jobs().get("t1", id).await.expect("get");
     assert_eq!(stored.progress, 0.25);
     assert_eq!(stored.version, job.version + 1);
-    let events = k.read_events(&EventQuery { filter: EventFilter::job(id), ..Default::default() }).await.expect("events");
-    assert_eq!(events.iter().filter(|e| e.event_type == EventType::Progress).count(), 1, "the losing batch's event is not persisted");
+    let events = k
+        .read_events(&EventQuery {
+            filter: EventFilter::job(id),
+            ..Default::default()
+        })
+        .await
+        .expect("events");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == EventType::Progress)
+            .count(),
+        1,
+        "the losing batch's event is not persisted"
+    );
     // Inserting an existing id is a conflict too.
-    let err = store.commit(Batch { jobs: vec![JobWrite { job: stored, expected_version: None }], ..Batch::default() }).await;
+    let err = store
+        .commit(Batch {
+            jobs: vec![JobWrite {
+                job: stored,
+                expected_version: None,
+            }],
+            ..Batch::default()
+        })
+        .await;
     assert!(matches!(err, Err(StoreError::Conflict { .. })));
 }
 
@@ -209,25 +332,87 @@ pub async fn list_count_and_tenant_isolation(store: Arc<dyn KernelStore>) {
         new.tags = vec![format!("n{i}")];
         ids.push(k.jobs().create(new).await.expect("create").job.id);
     }
-    k.jobs().create(NewJob::new("t2", "agent")).await.expect("create t2");
+    k.jobs()
+        .create(NewJob::new("t2", "agent"))
+        .await
+        .expect("create t2");
     k.jobs().start(ids[0]).await.expect("start");
     let all = k.jobs().list(&JobFilter::tenant("t1")).await.expect("list");
     assert_eq!(all.len(), 5);
-    assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), ids.iter().rev().copied().collect::<Vec<_>>(), "newest first");
-    assert_eq!(k.jobs().count(&JobFilter::tenant("t1")).await.expect("count"), 5);
-    assert_eq!(k.jobs().count(&JobFilter::tenant("t2")).await.expect("count"), 1);
-    let f = JobFilter { states: vec![JobState::Running], ..JobFilter::tenant("t1") };
-    assert_eq!(k.jobs().list(&f).await.expect("list").iter().map(|j| j.id).collect::<Vec<_>>(), [ids[0]]);
-    let f = JobFilter { principal: Some("bob".into()), ..JobFilter::tenant("t1") };
+    assert_eq!(
+        all.iter().map(|j| j.id).collect::<Vec<_>>(),
+        ids.iter().rev().copied().collect::<Vec<_>>(),
+        "newest first"
+    );
+    assert_eq!(
+        k.jobs()
+            .count(&JobFilter::tenant("t1"))
+            .await
+            .expect("count"),
+        5
+    );
+    assert_eq!(
+        k.jobs()
+            .count(&JobFilter::tenant("t2"))
+            .await
+            .expect("count"),
+        1
+    );
+    let f = JobFilter {
+        states: vec![JobState::Running],
+        ..JobFilter::tenant("t1")
+    };
+    assert_eq!(
+        k.jobs()
+            .list(&f)
+            .await
+            .expect("list")
+            .iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>(),
+        [ids[0]]
+    );
+    let f = JobFilter {
+        principal: Some("bob".into()),
+        ..JobFilter::tenant("t1")
+    };
     assert_eq!(k.jobs().count(&f).await.expect("count"), 2);
-    let f = JobFilter { kind: Some("tool".into()), ..JobFilter::tenant("t1") };
+    let f = JobFilter {
+        kind: Some("tool".into()),
+        ..JobFilter::tenant("t1")
+    };
     assert_eq!(k.jobs().count(&f).await.expect("count"), 2);
-    let f = JobFilter { tag: Some("n3".into()), ..JobFilter::tenant("t1") };
-    assert_eq!(k.jobs().list(&f).await.expect("list").iter().map(|j| j.id).collect::<Vec<_>>(), [ids[3]]);
-    let f = JobFilter { limit: Some(2), ..JobFilter::tenant("t1") };
+    let f = JobFilter {
+        tag: Some("n3".into()),
+        ..JobFilter::tenant("t1")
+    };
+    assert_eq!(
+        k.jobs()
+            .list(&f)
+            .await
+            .expect("list")
+            .iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>(),
+        [ids[3]]
+    );
+    let f = JobFilter {
+        limit: Some(2),
+        ..JobFilter::tenant("t1")
+    };
     assert_eq!(k.jobs().list(&f).await.expect("list").len(), 2);
-    assert_eq!(k.jobs().count(&f).await.expect("count"), 5, "count ignores limit");
-    assert!(matches!(k.jobs().get("t2", ids[0]).await, Err(KernelError::JobNotFound(_))), "cross-tenant get is not found");
+    assert_eq!(
+        k.jobs().count(&f).await.expect("count"),
+        5,
+        "count ignores limit"
+    );
+    assert!(
+        matches!(
+            k.jobs().get("t2", ids[0]).await,
+            Err(KernelError::JobNotFound(_))
+        ),
+        "cross-tenant get is not found"
+    );
 }
 
 /// Cancelling a parent cancels its whole subtree and their pending actions, in one go.
@@ -246,23 +431,52 @@ pub async fn cancel_cascades(store: Arc<dyn KernelStore>) {
     let done_child = k.jobs().create(d).await.expect("done child").job.id;
     k.jobs().start(done_child).await.expect("start");
     k.jobs().complete(done_child, None).await.expect("complete");
-    let action = k.actions().create(approval(child, "fs/write", json!({"p": 1}), Duration::minutes(5))).await.expect("action");
+    let action = k
+        .actions()
+        .create(approval(
+            child,
+            "fs/write",
+            json!({"p": 1}),
+            Duration::minutes(5),
+        ))
+        .await
+        .expect("action");
     let token = k.jobs().cancellation_token(grandchild);
 
     let mut c = NewJob::new("t1", "bad-parent");
     c.parent_id = Some(parent);
     c.tenant = "t2".into();
-    assert!(k.jobs().create(c).await.is_err(), "a parent in another tenant is refused");
+    assert!(
+        k.jobs().create(c).await.is_err(),
+        "a parent in another tenant is refused"
+    );
 
     let cancelled = k.jobs().cancel(parent, "user asked").await.expect("cancel");
     assert_eq!(cancelled.state, JobState::Cancelled);
     for id in [child, grandchild] {
-        assert_eq!(k.jobs().get("t1", id).await.expect("get").state, JobState::Cancelled);
+        assert_eq!(
+            k.jobs().get("t1", id).await.expect("get").state,
+            JobState::Cancelled
+        );
     }
-    assert_eq!(k.jobs().get("t1", done_child).await.expect("get").state, JobState::Succeeded, "finished children stay finished");
-    assert_eq!(k.actions().get("t1", action.action.id).await.expect("get").state, ActionState::Cancelled);
+    assert_eq!(
+        k.jobs().get("t1", done_child).await.expect("get").state,
+        JobState::Succeeded,
+        "finished children stay finished"
+    );
+    assert_eq!(
+        k.actions()
+            .get("t1", action.action.id)
+            .await
+            .expect("get")
+            .state,
+        ActionState::Cancelled
+    );
     assert!(token.is_cancelled(), "in-process token fired");
-    let children = JobFilter { parent_id: Some(parent), ..JobFilter::tenant("t1") };
+    let children = JobFilter {
+        parent_id: Some(parent),
+        ..JobFilter::tenant("t1")
+    };
     assert_eq!(k.jobs().count(&children).await.expect("count"), 2);
 }
 
@@ -285,11 +499,27 @@ pub async fn deadline_sweep(store: Arc<dyn KernelStore>) {
     assert_eq!(report.jobs_timed_out, 1);
     let job = k.jobs().get("t1", late).await.expect("get");
     assert_eq!(job.state, JobState::TimedOut);
-    assert_eq!(job.error.as_ref().map(|e| e.code.as_str()), Some("deadline_exceeded"));
-    assert_eq!(k.jobs().get("t1", fine).await.expect("get").state, JobState::Queued);
+    assert_eq!(
+        job.error.as_ref().map(|e| e.code.as_str()),
+        Some("deadline_exceeded")
+    );
+    assert_eq!(
+        k.jobs().get("t1", fine).await.expect("get").state,
+        JobState::Queued
+    );
     let ev = sub.recv().await.expect("live event");
-    assert_eq!((ev.event_type, ev.data["to"].as_str()), (EventType::JobStatusChanged, Some("TIMED_OUT")));
-    assert_eq!(k.recover_and_sweep(clock.now()).await.expect("sweep").jobs_timed_out, 0, "idempotent");
+    assert_eq!(
+        (ev.event_type, ev.data["to"].as_str()),
+        (EventType::JobStatusChanged, Some("TIMED_OUT"))
+    );
+    assert_eq!(
+        k.recover_and_sweep(clock.now())
+            .await
+            .expect("sweep")
+            .jobs_timed_out,
+        0,
+        "idempotent"
+    );
 }
 
 /// Approvals: job waits, token is single-use and hashed, approval bound to the exact call.
@@ -299,21 +529,65 @@ pub async fn approvals_and_tokens(store: Arc<dyn KernelStore>) {
     let args = json!({"path": "/tmp/x", "mode": "w"});
     let err = k
         .actions()
-        .create(NewAction { call: None, ..approval(job, "fs/write", args.clone(), Duration::minutes(5)) })
+        .create(NewAction {
+            call: None,
+            ..approval(job, "fs/write", args.clone(), Duration::minutes(5))
+        })
         .await
         .expect_err("approval without a call");
     assert!(matches!(err, KernelError::Invalid(_)));
-    let created = k.actions().create(approval(job, "fs/write", args.clone(), Duration::minutes(5))).await.expect("create");
+    let created = k
+        .actions()
+        .create(approval(
+            job,
+            "fs/write",
+            args.clone(),
+            Duration::minutes(5),
+        ))
+        .await
+        .expect("create");
     let action = created.action.clone();
     assert_eq!(action.state, ActionState::Pending);
     assert_eq!(created.token.len(), 64);
     assert_eq!(action.token_hash, hash_token(&created.token));
-    assert_ne!(action.token_hash, created.token, "token stored only as a hash");
-    assert_eq!(k.jobs().get("t1", job).await.expect("get").state, JobState::WaitingAction, "same transaction");
-    assert_eq!(k.actions().list_pending("t1", Some(job)).await.expect("pending").len(), 1);
-    assert_eq!(k.actions().list_pending("t1", None).await.expect("pending").len(), 1);
-    assert_eq!(k.actions().list_pending("t2", None).await.expect("pending").len(), 0);
-    let stored = store.get_action(action.id).await.expect("get").expect("exists");
+    assert_ne!(
+        action.token_hash, created.token,
+        "token stored only as a hash"
+    );
+    assert_eq!(
+        k.jobs().get("t1", job).await.expect("get").state,
+        JobState::WaitingAction,
+        "same transaction"
+    );
+    assert_eq!(
+        k.actions()
+            .list_pending("t1", Some(job))
+            .await
+            .expect("pending")
+            .len(),
+        1
+    );
+    assert_eq!(
+        k.actions()
+            .list_pending("t1", None)
+            .await
+            .expect("pending")
+            .len(),
+        1
+    );
+    assert_eq!(
+        k.actions()
+            .list_pending("t2", None)
+            .await
+            .expect("pending")
+            .len(),
+        0
+    );
+    let stored = store
+        .get_action(action.id)
+        .await
+        .expect("get")
+        .expect("exists");
     assert_eq!(stored, action, "action round-trips exactly");
 
     // A second action on the same job: resolving the first must not resume the job yet.
@@ -330,79 +604,202 @@ pub async fn approvals_and_tokens(store: Arc<dyn KernelStore>) {
         .await
         .expect("second");
 
-    assert!(matches!(k.actions().resolve_by_token(&"0".repeat(64), Resolution::approve(true)).await, Err(KernelError::InvalidToken)));
+    assert!(matches!(
+        k.actions()
+            .resolve_by_token(&"0".repeat(64), Resolution::approve(true))
+            .await,
+        Err(KernelError::InvalidToken)
+    ));
     let mut wrong = Resolution::approve(true);
-    wrong.call_digest = Some(crate::canonical::call_digest("fs/write", &json!({"path": "/etc/passwd"})));
-    assert!(matches!(k.actions().resolve_by_token(&created.token, wrong).await, Err(KernelError::CallDigestMismatch(_))));
-    assert!(matches!(k.actions().resolve_by_token(&created.token, Resolution::value(json!(1))).await, Err(KernelError::Invalid(_))));
+    wrong.call_digest = Some(crate::canonical::call_digest(
+        "fs/write",
+        &json!({"path": "/etc/passwd"}),
+    ));
+    assert!(matches!(
+        k.actions().resolve_by_token(&created.token, wrong).await,
+        Err(KernelError::CallDigestMismatch(_))
+    ));
+    assert!(matches!(
+        k.actions()
+            .resolve_by_token(&created.token, Resolution::value(json!(1)))
+            .await,
+        Err(KernelError::Invalid(_))
+    ));
 
     let mut ok = Resolution::approve(true);
     ok.resolved_by = Some("alice".into());
     ok.call_digest = action.call_digest.clone();
-    let resolved = k.actions().resolve_by_token(&created.token, ok).await.expect("resolve");
+    let resolved = k
+        .actions()
+        .resolve_by_token(&created.token, ok)
+        .await
+        .expect("resolve");
     assert_eq!(resolved.state, ActionState::Resolved);
-    assert_eq!(k.jobs().get("t1", job).await.expect("get").state, JobState::WaitingAction, "another action still pending");
-    let again = k.actions().resolve_by_token(&created.token, Resolution::approve(true)).await;
-    assert!(matches!(again, Err(KernelError::ActionNotPending { state: ActionState::Resolved, .. })), "single use");
+    assert_eq!(
+        k.jobs().get("t1", job).await.expect("get").state,
+        JobState::WaitingAction,
+        "another action still pending"
+    );
+    let again = k
+        .actions()
+        .resolve_by_token(&created.token, Resolution::approve(true))
+        .await;
+    assert!(
+        matches!(
+            again,
+            Err(KernelError::ActionNotPending {
+                state: ActionState::Resolved,
+                ..
+            })
+        ),
+        "single use"
+    );
 
     // Bound to the exact call: key order does not matter, anything else does.
     let reordered = json!({"mode": "w", "path": "/tmp/x"});
     assert!(resolved.authorizes("fs/write", &reordered));
     assert!(!resolved.authorizes("fs/write", &json!({"path": "/tmp/y", "mode": "w"})));
     assert!(!resolved.authorizes("fs/delete", &args));
-    k.actions().verify_approval("t1", action.id, "fs/write", &args).await.expect("verify");
-    assert!(matches!(k.actions().verify_approval("t1", action.id, "fs/delete", &args).await, Err(KernelError::CallDigestMismatch(_))));
+    k.actions()
+        .verify_approval("t1", action.id, "fs/write", &args)
+        .await
+        .expect("verify");
+    assert!(matches!(
+        k.actions()
+            .verify_approval("t1", action.id, "fs/delete", &args)
+            .await,
+        Err(KernelError::CallDigestMismatch(_))
+    ));
 
-    k.actions().resolve_by_token(&second.token, Resolution::value(json!("a"))).await.expect("resolve second");
-    assert_eq!(k.jobs().get("t1", job).await.expect("get").state, JobState::Running, "last resolution resumes the job");
+    k.actions()
+        .resolve_by_token(&second.token, Resolution::value(json!("a")))
+        .await
+        .expect("resolve second");
+    assert_eq!(
+        k.jobs().get("t1", job).await.expect("get").state,
+        JobState::Running,
+        "last resolution resumes the job"
+    );
 
     // A rejected approval does not authorize.
-    let third = k.actions().create(approval(job, "fs/write", args.clone(), Duration::minutes(5))).await.expect("third");
-    let rejected = k.actions().resolve("t1", third.action.id, Resolution::approve(false)).await.expect("reject");
+    let third = k
+        .actions()
+        .create(approval(
+            job,
+            "fs/write",
+            args.clone(),
+            Duration::minutes(5),
+        ))
+        .await
+        .expect("third");
+    let rejected = k
+        .actions()
+        .resolve("t1", third.action.id, Resolution::approve(false))
+        .await
+        .expect("reject");
     assert!(!rejected.authorizes("fs/write", &args));
-    assert!(matches!(k.actions().resolve("t2", third.action.id, Resolution::approve(true)).await, Err(KernelError::ActionNotFound(_))));
+    assert!(matches!(
+        k.actions()
+            .resolve("t2", third.action.id, Resolution::approve(true))
+            .await,
+        Err(KernelError::ActionNotFound(_))
+    ));
 
     // Cancelling an action resumes the job too.
-    let fourth = k.actions().create(approval(job, "fs/write", args, Duration::minutes(5))).await.expect("fourth");
-    k.actions().cancel("t1", fourth.action.id).await.expect("cancel");
-    assert_eq!(k.jobs().get("t1", job).await.expect("get").state, JobState::Running);
-    assert!(matches!(k.actions().resolve_by_token(&fourth.token, Resolution::approve(true)).await, Err(KernelError::ActionNotPending { .. })));
+    let fourth = k
+        .actions()
+        .create(approval(job, "fs/write", args, Duration::minutes(5)))
+        .await
+        .expect("fourth");
+    k.actions()
+        .cancel("t1", fourth.action.id)
+        .await
+        .expect("cancel");
+    assert_eq!(
+        k.jobs().get("t1", job).await.expect("get").state,
+        JobState::Running
+    );
+    assert!(matches!(
+        k.actions()
+            .resolve_by_token(&fourth.token, Resolution::approve(true))
+            .await,
+        Err(KernelError::ActionNotPending { .. })
+    ));
 }
 
 /// Expired tokens stop working and time their job out, by token use or by the sweeper.
 pub async fn action_expiry(store: Arc<dyn KernelStore>) {
     let (k, clock) = kernel_with_clock(store);
     let job = running_job(&k, "t1").await;
-    let a = k.actions().create(approval(job, "x/y", json!({}), Duration::seconds(60))).await.expect("create");
+    let a = k
+        .actions()
+        .create(approval(job, "x/y", json!({}), Duration::seconds(60)))
+        .await
+        .expect("create");
     clock.advance(Duration::seconds(61));
-    let err = k.actions().resolve_by_token(&a.token, Resolution::approve(true)).await.expect_err("expired");
+    let err = k
+        .actions()
+        .resolve_by_token(&a.token, Resolution::approve(true))
+        .await
+        .expect_err("expired");
     assert!(matches!(err, KernelError::ActionExpired(_)), "{err}");
-    assert_eq!(k.actions().get("t1", a.action.id).await.expect("get").state, ActionState::Expired);
+    assert_eq!(
+        k.actions().get("t1", a.action.id).await.expect("get").state,
+        ActionState::Expired
+    );
     let j = k.jobs().get("t1", job).await.expect("get");
     assert_eq!(j.state, JobState::TimedOut);
     assert_eq!(j.error.map(|e| e.code), Some("action_expired".to_string()));
 
     let job2 = running_job(&k, "t1").await;
-    let b = k.actions().create(approval(job2, "x/y", json!({}), Duration::seconds(60))).await.expect("create");
-    assert_eq!(k.recover_and_sweep(clock.now()).await.expect("sweep").actions_expired, 0);
+    let b = k
+        .actions()
+        .create(approval(job2, "x/y", json!({}), Duration::seconds(60)))
+        .await
+        .expect("create");
+    assert_eq!(
+        k.recover_and_sweep(clock.now())
+            .await
+            .expect("sweep")
+            .actions_expired,
+        0
+    );
     clock.advance(Duration::seconds(60));
     let report = k.recover_and_sweep(clock.now()).await.expect("sweep");
     assert_eq!(report.actions_expired, 1);
-    assert_eq!(k.actions().get("t1", b.action.id).await.expect("get").state, ActionState::Expired);
-    assert_eq!(k.jobs().get("t1", job2).await.expect("get").state, JobState::TimedOut);
+    assert_eq!(
+        k.actions().get("t1", b.action.id).await.expect("get").state,
+        ActionState::Expired
+    );
+    assert_eq!(
+        k.jobs().get("t1", job2).await.expect("get").state,
+        JobState::TimedOut
+    );
     let events = k
-        .read_events(&EventQuery { filter: EventFilter::job(job2).with_types([EventType::ActionExpired]), ..Default::default() })
+        .read_events(&EventQuery {
+            filter: EventFilter::job(job2).with_types([EventType::ActionExpired]),
+            ..Default::default()
+        })
         .await
         .expect("events");
     assert_eq!(events.len(), 1);
-    assert!(matches!(k.actions().resolve_by_token(&b.token, Resolution::approve(true)).await, Err(KernelError::ActionNotPending { .. })));
+    assert!(matches!(
+        k.actions()
+            .resolve_by_token(&b.token, Resolution::approve(true))
+            .await,
+        Err(KernelError::ActionNotPending { .. })
+    ));
 }
 
 /// A waiter wakes on resolution, including one attached by a fresh kernel (a restart).
 pub async fn wait_for_resolution(store: Arc<dyn KernelStore>) {
     let (k, _) = kernel_with_clock(store.clone());
     let job = running_job(&k, "t1").await;
-    let a = k.actions().create(approval(job, "x/y", json!({}), Duration::hours(1))).await.expect("create");
+    let a = k
+        .actions()
+        .create(approval(job, "x/y", json!({}), Duration::hours(1)))
+        .await
+        .expect("create");
     // "Restart": a new kernel over the same store knows nothing in memory about the action.
     let (k2, _) = kernel_with_clock(store);
     let waiter = {
@@ -413,28 +810,73 @@ pub async fn wait_for_resolution(store: Arc<dyn KernelStore>) {
     let mut sub = k2.subscribe(EventFilter::job(job).with_types([EventType::ActionResolved]));
     // Let the waiter attach; correctness does not depend on it (it re-reads the store).
     tokio::task::yield_now().await;
-    k2.actions().resolve_by_token(&a.token, Resolution::approve(true)).await.expect("resolve");
+    k2.actions()
+        .resolve_by_token(&a.token, Resolution::approve(true))
+        .await
+        .expect("resolve");
     let done = waiter.await.expect("join").expect("wait");
     assert_eq!(done.state, ActionState::Resolved);
-    assert_eq!(sub.recv().await.expect("event").event_type, EventType::ActionResolved);
+    assert_eq!(
+        sub.recv().await.expect("event").event_type,
+        EventType::ActionResolved
+    );
     // Already resolved: returns at once.
-    assert_eq!(k.actions().wait_for_resolution(a.action.id).await.expect("wait").state, ActionState::Resolved);
+    assert_eq!(
+        k.actions()
+            .wait_for_resolution(a.action.id)
+            .await
+            .expect("wait")
+            .state,
+        ActionState::Resolved
+    );
 }
 
 /// Per-job sequences, resume from a sequence, type filters, live subscription filters.
 pub async fn events(store: Arc<dyn KernelStore>) {
     let (k, _) = kernel_with_clock(store);
     let mut all = k.subscribe(EventFilter::tenant("t1"));
-    let mut tokens_only = k.subscribe(EventFilter::tenant("t1").with_types([EventType::ModelToken]));
-    let a = k.jobs().create(NewJob::new("t1", "agent")).await.expect("a").job.id;
-    let b = k.jobs().create(NewJob::new("t1", "agent")).await.expect("b").job.id;
-    let other = k.jobs().create(NewJob::new("t2", "agent")).await.expect("t2").job.id;
+    let mut tokens_only =
+        k.subscribe(EventFilter::tenant("t1").with_types([EventType::ModelToken]));
+    let a = k
+        .jobs()
+        .create(NewJob::new("t1", "agent"))
+        .await
+        .expect("a")
+        .job
+        .id;
+    let b = k
+        .jobs()
+        .create(NewJob::new("t1", "agent"))
+        .await
+        .expect("b")
+        .job
+        .id;
+    let other = k
+        .jobs()
+        .create(NewJob::new("t2", "agent"))
+        .await
+        .expect("t2")
+        .job
+        .id;
     for i in 0..3 {
-        k.jobs().emit(a, EventType::ModelToken, json!({ "text": format!("a{i}") })).await.expect("emit");
-        k.jobs().emit(b, EventType::ModelToken, json!({ "text": format!("b{i}") })).await.expect("emit");
+        k.jobs()
+            .emit(a, EventType::ModelToken, json!({ "text": format!("a{i}") }))
+            .await
+            .expect("emit");
+        k.jobs()
+            .emit(b, EventType::ModelToken, json!({ "text": format!("b{i}") }))
+            .await
+            .expect("emit");
     }
-    k.jobs().emit(other, EventType::ModelToken, json!({})).await.expect("emit");
-    let read = |job: Uuid, after_seq: u64| EventQuery { filter: EventFilter::job(job), after_seq, ..Default::default() };
+    k.jobs()
+        .emit(other, EventType::ModelToken, json!({}))
+        .await
+        .expect("emit");
+    let read = |job: Uuid, after_seq: u64| EventQuery {
+        filter: EventFilter::job(job),
+        after_seq,
+        ..Default::default()
+    };
     let ea = k.read_events(&read(a, 0)).await.expect("read");
     assert_eq!(ea.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
     assert!(ea.windows(2).all(|w| w[0].id < w[1].id));
@@ -442,20 +884,54 @@ pub async fn events(store: Arc<dyn KernelStore>) {
     assert_eq!(resumed.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
     assert_eq!(resumed[0].data["text"], "a1");
     let eb = k.read_events(&read(b, 0)).await.expect("read");
-    assert_eq!(eb.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4], "sequences are per job");
-    let q = EventQuery { filter: EventFilter::tenant("t1").with_types([EventType::ModelToken]), limit: Some(4), ..Default::default() };
+    assert_eq!(
+        eb.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4],
+        "sequences are per job"
+    );
+    let q = EventQuery {
+        filter: EventFilter::tenant("t1").with_types([EventType::ModelToken]),
+        limit: Some(4),
+        ..Default::default()
+    };
     let page = k.read_events(&q).await.expect("read");
     assert_eq!(page.len(), 4);
-    let q2 = EventQuery { after_id: page[3].id, ..q };
-    assert_eq!(k.read_events(&q2).await.expect("read").len(), 2, "store-wide cursor");
-    assert_eq!(k.read_events(&EventQuery { filter: EventFilter::tenant("t2"), ..Default::default() }).await.expect("read").len(), 2);
+    let q2 = EventQuery {
+        after_id: page[3].id,
+        ..q
+    };
+    assert_eq!(
+        k.read_events(&q2).await.expect("read").len(),
+        2,
+        "store-wide cursor"
+    );
+    assert_eq!(
+        k.read_events(&EventQuery {
+            filter: EventFilter::tenant("t2"),
+            ..Default::default()
+        })
+        .await
+        .expect("read")
+        .len(),
+        2
+    );
 
     let first = all.recv().await.expect("live");
-    assert_eq!((first.job_id, first.event_type, first.seq), (a, EventType::JobStatusChanged, 1));
+    assert_eq!(
+        (first.job_id, first.event_type, first.seq),
+        (a, EventType::JobStatusChanged, 1)
+    );
     for i in 0..6 {
         let e = tokens_only.recv().await.expect("live");
         assert_eq!(e.event_type, EventType::ModelToken);
-        assert_eq!(e.data["text"], if i % 2 == 0 { format!("a{}", i / 2) } else { format!("b{}", i / 2) });
+        assert_eq!(
+            e.data["text"],
+            if i % 2 == 0 {
+                format!("a{}", i / 2)
+            } else {
+                format!("b{}", i / 2)
+            }
+        );
     }
 }
 
@@ -463,9 +939,18 @@ pub async fn events(store: Arc<dyn KernelStore>) {
 pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
     let (k, _) = kernel_with_clock(store);
     let mut budget = Budget::new("t1", "monthly", BudgetWindow::Monthly);
-    budget.limits = crate::ledger::BudgetLimits { max_cost: Some(dec("1.00")), max_tokens: Some(1000), max_requests: None, max_tool_calls: Some(5) };
+    budget.limits = crate::ledger::BudgetLimits {
+        max_cost: Some(dec("1.00")),
+        max_tokens: Some(1000),
+        max_requests: None,
+        max_tool_calls: Some(5),
+    };
     k.ledger().put_budget(budget.clone()).await.expect("put");
-    assert_eq!(k.ledger().budgets("t1").await.expect("list"), vec![budget.clone()], "budget round-trips");
+    assert_eq!(
+        k.ledger().budgets("t1").await.expect("list"),
+        vec![budget.clone()],
+        "budget round-trips"
+    );
     assert!(k.ledger().budgets("t2").await.expect("list").is_empty());
 
     let hold = |cost: &str, tokens: u64| HoldRequest {
@@ -473,66 +958,168 @@ pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
         principal: Some("alice".into()),
         session: None,
         job_id: None,
-        amount: Usage { tokens, cost: dec(cost), requests: 1, tool_calls: 0 },
+        amount: Usage {
+            tokens,
+            cost: dec(cost),
+            requests: 1,
+            tool_calls: 0,
+        },
         ttl: None,
     };
     let r1 = k.ledger().reserve(hold("0.3", 100)).await.expect("reserve");
     assert_eq!(r1.decision.outcome, BudgetOutcome::Allow);
     assert_eq!(r1.reservation.state, ReservationState::Held);
-    let actual = Usage { tokens: 80, cost: dec("0.1"), requests: 1, tool_calls: 0 };
-    let details = SettleDetails { duration_ms: Some(1200), model: Some("m".into()), ..Default::default() };
-    let settled = k.ledger().settle(r1.reservation.id, LedgerKind::ModelUsage, actual.clone(), details).await.expect("settle");
+    let actual = Usage {
+        tokens: 80,
+        cost: dec("0.1"),
+        requests: 1,
+        tool_calls: 0,
+    };
+    let details = SettleDetails {
+        duration_ms: Some(1200),
+        model: Some("m".into()),
+        ..Default::default()
+    };
+    let settled = k
+        .ledger()
+        .settle(
+            r1.reservation.id,
+            LedgerKind::ModelUsage,
+            actual.clone(),
+            details,
+        )
+        .await
+        .expect("settle");
     assert_eq!(settled.state, ReservationState::Settled);
     assert_eq!(settled.actual, Some(actual.clone()));
     assert!(matches!(
-        k.ledger().settle(r1.reservation.id, LedgerKind::ModelUsage, actual.clone(), SettleDetails::default()).await,
+        k.ledger()
+            .settle(
+                r1.reservation.id,
+                LedgerKind::ModelUsage,
+                actual.clone(),
+                SettleDetails::default()
+            )
+            .await,
         Err(KernelError::ReservationState { .. })
     ));
     let r2 = k.ledger().reserve(hold("0.2", 10)).await.expect("reserve");
-    k.ledger().settle(r2.reservation.id, LedgerKind::ToolUsage, Usage { tokens: 0, cost: dec("0.2"), requests: 0, tool_calls: 1 }, SettleDetails::default()).await.expect("settle");
-    let usage = k.ledger().usage(&UsageQuery { tenant: "t1".into(), ..Default::default() }).await.expect("usage");
+    k.ledger()
+        .settle(
+            r2.reservation.id,
+            LedgerKind::ToolUsage,
+            Usage {
+                tokens: 0,
+                cost: dec("0.2"),
+                requests: 0,
+                tool_calls: 1,
+            },
+            SettleDetails::default(),
+        )
+        .await
+        .expect("settle");
+    let usage = k
+        .ledger()
+        .usage(&UsageQuery {
+            tenant: "t1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("usage");
     assert_eq!(usage.cost, dec("0.3"), "0.1 + 0.2 is exactly 0.3");
     assert_eq!((usage.tokens, usage.requests, usage.tool_calls), (80, 1, 1));
 
     // 0.3 used; holding 0.6 reaches 0.9 >= 80% -> warn; then 0.2 more would be 1.1 -> deny.
-    let r3 = k.ledger().reserve(hold("0.6", 0)).await.expect("warn still reserves");
+    let r3 = k
+        .ledger()
+        .reserve(hold("0.6", 0))
+        .await
+        .expect("warn still reserves");
     assert_eq!(r3.decision.outcome, BudgetOutcome::Warn);
     let err = k.ledger().reserve(hold("0.2", 0)).await.expect_err("deny");
     match err {
         KernelError::BudgetExceeded(d) => {
             assert_eq!(d.outcome, BudgetOutcome::Deny);
-            assert!(d.findings.iter().any(|f| f.metric == "cost" && f.exceeded && f.projected == dec("1.1")));
+            assert!(
+                d.findings
+                    .iter()
+                    .any(|f| f.metric == "cost" && f.exceeded && f.projected == dec("1.1"))
+            );
         }
         e => panic!("expected BudgetExceeded, got {e}"),
     }
     // Releasing the hold frees the budget.
-    let released = k.ledger().release(r3.reservation.id, "call failed").await.expect("release");
+    let released = k
+        .ledger()
+        .release(r3.reservation.id, "call failed")
+        .await
+        .expect("release");
     assert_eq!(released.state, ReservationState::Released);
-    assert!(matches!(k.ledger().release(r3.reservation.id, "again").await, Err(KernelError::ReservationState { .. })));
-    k.ledger().reserve(hold("0.2", 0)).await.expect("fits again");
-    assert!(matches!(k.ledger().release(Uuid::now_v7(), "x").await, Err(KernelError::ReservationNotFound(_))));
+    assert!(matches!(
+        k.ledger().release(r3.reservation.id, "again").await,
+        Err(KernelError::ReservationState { .. })
+    ));
+    k.ledger()
+        .reserve(hold("0.2", 0))
+        .await
+        .expect("fits again");
+    assert!(matches!(
+        k.ledger().release(Uuid::now_v7(), "x").await,
+        Err(KernelError::ReservationNotFound(_))
+    ));
 
     // Degrade strategy allows but says so.
     budget.strategy = ExceedStrategy::Degrade;
-    k.ledger().put_budget(budget.clone()).await.expect("replace");
-    assert_eq!(k.ledger().budgets("t1").await.expect("list").len(), 1, "put replaces");
-    let r = k.ledger().reserve(hold("5", 0)).await.expect("degrade allows");
+    k.ledger()
+        .put_budget(budget.clone())
+        .await
+        .expect("replace");
+    assert_eq!(
+        k.ledger().budgets("t1").await.expect("list").len(),
+        1,
+        "put replaces"
+    );
+    let r = k
+        .ledger()
+        .reserve(hold("5", 0))
+        .await
+        .expect("degrade allows");
     assert_eq!(r.decision.outcome, BudgetOutcome::Degrade);
 
     // Costs finer than the stored precision are refused, not rounded.
-    assert!(matches!(k.ledger().reserve(hold("0.0000000001", 0)).await, Err(KernelError::Invalid(_))));
+    assert!(matches!(
+        k.ledger().reserve(hold("0.0000000001", 0)).await,
+        Err(KernelError::Invalid(_))
+    ));
 
     // Ledger entries: holds, settles, releases, usage, budget checks, all queryable.
-    let entries = k.ledger().entries(&LedgerQuery { tenant: "t1".into(), ..Default::default() }).await.expect("entries");
+    let entries = k
+        .ledger()
+        .entries(&LedgerQuery {
+            tenant: "t1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("entries");
     let count = |kind: LedgerKind| entries.iter().filter(|e| e.entry.kind == kind).count();
     assert_eq!(count(LedgerKind::Hold), 5);
     assert_eq!(count(LedgerKind::Settle), 2);
     assert_eq!(count(LedgerKind::Release), 1);
     assert_eq!(count(LedgerKind::ModelUsage), 1);
     assert_eq!(count(LedgerKind::ToolUsage), 1);
-    assert_eq!(count(LedgerKind::BudgetCheck), 3, "warn, deny and degrade are recorded");
-    let model = entries.iter().find(|e| e.entry.kind == LedgerKind::ModelUsage).expect("model usage");
-    assert_eq!((model.entry.duration_ms, model.entry.model.as_deref()), (Some(1200), Some("m")));
+    assert_eq!(
+        count(LedgerKind::BudgetCheck),
+        3,
+        "warn, deny and degrade are recorded"
+    );
+    let model = entries
+        .iter()
+        .find(|e| e.entry.kind == LedgerKind::ModelUsage)
+        .expect("model usage");
+    assert_eq!(
+        (model.entry.duration_ms, model.entry.model.as_deref()),
+        (Some(1200), Some("m"))
+    );
     assert_eq!(model.entry.usage, actual);
     assert!(entries.windows(2).all(|w| w[0].id < w[1].id));
 
@@ -564,30 +1151,104 @@ pub async fn budget_windows_and_subjects(store: Arc<dyn KernelStore>) {
         principal: Some(principal.into()),
         session: session.map(str::to_string),
         job_id: None,
-        amount: Usage { tokens, cost: Decimal::ZERO, requests: 1, tool_calls },
+        amount: Usage {
+            tokens,
+            cost: Decimal::ZERO,
+            requests: 1,
+            tool_calls,
+        },
         ttl: None,
     };
-    let usage = |tool_calls: u64| Usage { tokens: 1, cost: Decimal::ZERO, requests: 1, tool_calls };
+    let usage = |tool_calls: u64| Usage {
+        tokens: 1,
+        cost: Decimal::ZERO,
+        requests: 1,
+        tool_calls,
+    };
     for _ in 0..2 {
-        let r = k.ledger().reserve(req("alice", None, 1, 0)).await.expect("reserve");
-        k.ledger().settle(r.reservation.id, LedgerKind::ModelUsage, usage(0), SettleDetails::default()).await.expect("settle");
+        let r = k
+            .ledger()
+            .reserve(req("alice", None, 1, 0))
+            .await
+            .expect("reserve");
+        k.ledger()
+            .settle(
+                r.reservation.id,
+                LedgerKind::ModelUsage,
+                usage(0),
+                SettleDetails::default(),
+            )
+            .await
+            .expect("settle");
     }
-    assert!(matches!(k.ledger().reserve(req("alice", None, 1, 0)).await, Err(KernelError::BudgetExceeded(_))), "alice's daily limit");
-    k.ledger().reserve(req("bob", None, 1, 0)).await.expect("bob is not limited by alice's budget");
-    assert!(matches!(k.ledger().reserve(req("bob", None, 501, 0)).await, Err(KernelError::BudgetExceeded(_))), "per-request tokens");
+    assert!(
+        matches!(
+            k.ledger().reserve(req("alice", None, 1, 0)).await,
+            Err(KernelError::BudgetExceeded(_))
+        ),
+        "alice's daily limit"
+    );
+    k.ledger()
+        .reserve(req("bob", None, 1, 0))
+        .await
+        .expect("bob is not limited by alice's budget");
+    assert!(
+        matches!(
+            k.ledger().reserve(req("bob", None, 501, 0)).await,
+            Err(KernelError::BudgetExceeded(_))
+        ),
+        "per-request tokens"
+    );
     clock.advance(Duration::days(1));
-    k.ledger().reserve(req("alice", None, 1, 0)).await.expect("a new day");
+    k.ledger()
+        .reserve(req("alice", None, 1, 0))
+        .await
+        .expect("a new day");
 
-    let r = k.ledger().reserve(req("carol", Some("s9"), 1, 1)).await.expect("session tool call");
-    k.ledger().settle(r.reservation.id, LedgerKind::ToolUsage, usage(1), SettleDetails::default()).await.expect("settle");
-    assert!(matches!(k.ledger().reserve(req("carol", Some("s9"), 1, 1)).await, Err(KernelError::BudgetExceeded(_))));
-    k.ledger().reserve(req("carol", Some("s8"), 1, 1)).await.expect("other session");
+    let r = k
+        .ledger()
+        .reserve(req("carol", Some("s9"), 1, 1))
+        .await
+        .expect("session tool call");
+    k.ledger()
+        .settle(
+            r.reservation.id,
+            LedgerKind::ToolUsage,
+            usage(1),
+            SettleDetails::default(),
+        )
+        .await
+        .expect("settle");
+    assert!(matches!(
+        k.ledger().reserve(req("carol", Some("s9"), 1, 1)).await,
+        Err(KernelError::BudgetExceeded(_))
+    ));
+    k.ledger()
+        .reserve(req("carol", Some("s8"), 1, 1))
+        .await
+        .expect("other session");
 
-    let q = UsageQuery { tenant: "t1".into(), principal: Some("alice".into()), ..Default::default() };
+    let q = UsageQuery {
+        tenant: "t1".into(),
+        principal: Some("alice".into()),
+        ..Default::default()
+    };
     assert_eq!(k.ledger().usage(&q).await.expect("usage").requests, 2);
-    let q = UsageQuery { tenant: "t1".into(), from: Some(clock.now() - Duration::hours(1)), ..Default::default() };
-    assert_eq!(k.ledger().usage(&q).await.expect("usage").requests, 1, "time window");
-    let q = UsageQuery { tenant: "t1".into(), to: Some(epoch() + Duration::seconds(1)), ..Default::default() };
+    let q = UsageQuery {
+        tenant: "t1".into(),
+        from: Some(clock.now() - Duration::hours(1)),
+        ..Default::default()
+    };
+    assert_eq!(
+        k.ledger().usage(&q).await.expect("usage").requests,
+        1,
+        "time window"
+    );
+    let q = UsageQuery {
+        tenant: "t1".into(),
+        to: Some(epoch() + Duration::seconds(1)),
+        ..Default::default()
+    };
     assert_eq!(k.ledger().usage(&q).await.expect("usage").requests, 2);
 }
 
@@ -606,16 +1267,58 @@ pub async fn reservation_expiry(store: Arc<dyn KernelStore>) {
         ttl: Some(Duration::seconds(ttl)),
     };
     let crashed = k.ledger().reserve(hold(30)).await.expect("reserve");
-    assert!(k.ledger().reserve(hold(30)).await.is_err(), "the live hold counts");
+    assert!(
+        k.ledger().reserve(hold(30)).await.is_err(),
+        "the live hold counts"
+    );
     clock.advance(Duration::seconds(30));
-    let late = k.ledger().reserve(hold(30)).await.expect("an expired hold no longer counts");
+    let late = k
+        .ledger()
+        .reserve(hold(30))
+        .await
+        .expect("an expired hold no longer counts");
     let report = k.recover_and_sweep(clock.now()).await.expect("sweep");
     assert_eq!(report.reservations_released, 1);
-    assert_eq!(k.ledger().reservation(crashed.reservation.id).await.expect("get").state, ReservationState::Released);
-    assert_eq!(k.ledger().reservation(late.reservation.id).await.expect("get").state, ReservationState::Held);
-    let s = k.ledger().settle(crashed.reservation.id, LedgerKind::ModelUsage, Usage::cost(dec("0.1")), SettleDetails::default()).await;
-    assert_eq!(s.expect("late settle records the usage").state, ReservationState::Settled);
-    assert_eq!(k.ledger().usage(&UsageQuery { tenant: "t1".into(), ..Default::default() }).await.expect("usage").cost, dec("0.1"));
+    assert_eq!(
+        k.ledger()
+            .reservation(crashed.reservation.id)
+            .await
+            .expect("get")
+            .state,
+        ReservationState::Released
+    );
+    assert_eq!(
+        k.ledger()
+            .reservation(late.reservation.id)
+            .await
+            .expect("get")
+            .state,
+        ReservationState::Held
+    );
+    let s = k
+        .ledger()
+        .settle(
+            crashed.reservation.id,
+            LedgerKind::ModelUsage,
+            Usage::cost(dec("0.1")),
+            SettleDetails::default(),
+        )
+        .await;
+    assert_eq!(
+        s.expect("late settle records the usage").state,
+        ReservationState::Settled
+    );
+    assert_eq!(
+        k.ledger()
+            .usage(&UsageQuery {
+                tenant: "t1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("usage")
+            .cost,
+        dec("0.1")
+    );
 }
 
 /// 64 concurrent reservations against one budget edge: total held never exceeds the budget.
@@ -628,7 +1331,14 @@ pub async fn concurrent_reservations(store: Arc<dyn KernelStore>) {
         .map(|_| {
             let k = k.clone();
             tokio::spawn(async move {
-                let req = HoldRequest { tenant: "t1".into(), principal: None, session: None, job_id: None, amount: Usage::cost(dec("0.25")), ttl: None };
+                let req = HoldRequest {
+                    tenant: "t1".into(),
+                    principal: None,
+                    session: None,
+                    job_id: None,
+                    amount: Usage::cost(dec("0.25")),
+                    ttl: None,
+                };
                 k.ledger().reserve(req).await
             })
         })
@@ -672,14 +1382,24 @@ pub async fn concurrent_idempotency(store: Arc<dyn KernelStore>) {
     }
     assert_eq!(ids.len(), 1);
     assert_eq!(created, 1);
-    assert_eq!(k.jobs().count(&JobFilter::tenant("t1")).await.expect("count"), 1);
+    assert_eq!(
+        k.jobs()
+            .count(&JobFilter::tenant("t1"))
+            .await
+            .expect("count"),
+        1
+    );
 }
 
 /// 32 concurrent resolutions of one token: exactly one succeeds.
 pub async fn concurrent_token_resolution(store: Arc<dyn KernelStore>) {
     let (k, _) = kernel_with_clock(store);
     let job = running_job(&k, "t1").await;
-    let a = k.actions().create(approval(job, "x/y", json!({}), Duration::hours(1))).await.expect("create");
+    let a = k
+        .actions()
+        .create(approval(job, "x/y", json!({}), Duration::hours(1)))
+        .await
+        .expect("create");
     let tasks: Vec<_> = (0..32)
         .map(|i| {
             let k = k.clone();
@@ -695,14 +1415,23 @@ pub async fn concurrent_token_resolution(store: Arc<dyn KernelStore>) {
     for t in tasks {
         match t.await.expect("join") {
             Ok(_) => ok += 1,
-            Err(KernelError::ActionNotPending { state: ActionState::Resolved, .. }) => {}
+            Err(KernelError::ActionNotPending {
+                state: ActionState::Resolved,
+                ..
+            }) => {}
             Err(e) => panic!("unexpected error: {e}"),
         }
     }
     assert_eq!(ok, 1);
-    assert_eq!(k.jobs().get("t1", job).await.expect("get").state, JobState::Running);
+    assert_eq!(
+        k.jobs().get("t1", job).await.expect("get").state,
+        JobState::Running
+    );
     let resolved = k
-        .read_events(&EventQuery { filter: EventFilter::job(job).with_types([EventType::ActionResolved]), ..Default::default() })
+        .read_events(&EventQuery {
+            filter: EventFilter::job(job).with_types([EventType::ActionResolved]),
+            ..Default::default()
+        })
         .await
         .expect("events");
     assert_eq!(resolved.len(), 1, "one resolution event");

@@ -109,12 +109,18 @@ pub struct EventFilter {
 impl EventFilter {
     /// Every event of one job.
     pub fn job(job_id: Uuid) -> Self {
-        Self { job_id: Some(job_id), ..Default::default() }
+        Self {
+            job_id: Some(job_id),
+            ..Default::default()
+        }
     }
 
     /// Every event of one tenant.
     pub fn tenant(tenant: impl Into<String>) -> Self {
-        Self { tenant: Some(tenant.into()), ..Default::default() }
+        Self {
+            tenant: Some(tenant.into()),
+            ..Default::default()
+        }
     }
 
     /// Restrict to `types`.
@@ -159,7 +165,9 @@ impl Default for EventBus {
 impl EventBus {
     /// A bus buffering up to `capacity` events per slow subscriber before it lags.
     pub fn new(capacity: usize) -> Self {
-        Self { tx: broadcast::channel(capacity.max(1)).0 }
+        Self {
+            tx: broadcast::channel(capacity.max(1)).0,
+        }
     }
 
     /// Publish committed events. Having no subscribers is fine.
@@ -171,7 +179,10 @@ impl EventBus {
 
     /// Subscribe to events matching `filter`, from now on.
     pub fn subscribe(&self, filter: EventFilter) -> Subscription {
-        Subscription { rx: self.tx.subscribe(), filter }
+        Subscription {
+            rx: self.tx.subscribe(),
+            filter,
+        }
     }
 }
 
@@ -200,7 +211,9 @@ impl Subscription {
             match self.rx.recv().await {
                 Ok(event) if self.filter.matches(&event) => return Ok(event),
                 Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(n)) => return Err(SubscriptionError::Lagged(n)),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    return Err(SubscriptionError::Lagged(n));
+                }
                 Err(broadcast::error::RecvError::Closed) => return Err(SubscriptionError::Closed),
             }
         }
@@ -221,7 +234,10 @@ mod tests {
         assert_eq!(EventType::ALL.len(), 20);
         for t in EventType::ALL {
             assert_eq!(t.as_str().parse::<EventType>().unwrap(), *t);
-            assert_eq!(serde_json::to_value(t).unwrap(), serde_json::json!(t.as_str()));
+            assert_eq!(
+                serde_json::to_value(t).unwrap(),
+                serde_json::json!(t.as_str())
+            );
         }
     }
 }

@@ -41,7 +41,10 @@ impl JobState {
 
     /// Whether no transition leaves this state.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut
+        )
     }
 
     /// The legal-transition table.
@@ -50,7 +53,10 @@ impl JobState {
         matches!(
             (self, to),
             (Queued, Running | Failed | Cancelled | TimedOut)
-                | (Running, WaitingAction | Succeeded | Failed | Cancelled | TimedOut)
+                | (
+                    Running,
+                    WaitingAction | Succeeded | Failed | Cancelled | TimedOut
+                )
                 | (WaitingAction, Running | Failed | Cancelled | TimedOut)
         )
     }
@@ -83,7 +89,10 @@ pub struct UnknownJobState(pub String);
 impl FromStr for JobState {
     type Err = UnknownJobState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownJobState(s.to_string()))
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownJobState(s.to_string()))
     }
 }
 
@@ -179,7 +188,11 @@ pub struct NewJob {
 impl NewJob {
     /// A job of `kind` in `tenant`, everything else empty.
     pub fn new(tenant: impl Into<String>, kind: impl Into<String>) -> Self {
-        Self { tenant: tenant.into(), kind: kind.into(), ..Default::default() }
+        Self {
+            tenant: tenant.into(),
+            kind: kind.into(),
+            ..Default::default()
+        }
     }
 
     /// Take tenant, principal, session and run from a context.
@@ -219,15 +232,24 @@ pub struct JobFilter {
 impl JobFilter {
     /// All jobs of `tenant`.
     pub fn tenant(tenant: impl Into<String>) -> Self {
-        Self { tenant: tenant.into(), ..Default::default() }
+        Self {
+            tenant: tenant.into(),
+            ..Default::default()
+        }
     }
 
     /// Whether `job` passes the filter (ignores `limit`). In-memory stores use this directly.
     pub fn matches(&self, job: &Job) -> bool {
         job.tenant == self.tenant
             && (self.states.is_empty() || self.states.contains(&job.state))
-            && self.principal.as_ref().is_none_or(|p| job.principal.as_ref() == Some(p))
-            && self.session.as_ref().is_none_or(|s| job.session.as_ref() == Some(s))
+            && self
+                .principal
+                .as_ref()
+                .is_none_or(|p| job.principal.as_ref() == Some(p))
+            && self
+                .session
+                .as_ref()
+                .is_none_or(|s| job.session.as_ref() == Some(s))
             && self.parent_id.is_none_or(|p| job.parent_id == Some(p))
             && self.kind.as_ref().is_none_or(|k| &job.kind == k)
             && self.tag.as_ref().is_none_or(|t| job.tags.contains(t))

@@ -44,7 +44,9 @@ pub fn cost_to_nanos(cost: Decimal) -> Result<i64, CostError> {
     if cost.is_sign_negative() && !cost.is_zero() {
         return Err(CostError::Negative(cost));
     }
-    let scaled = cost.checked_mul(Decimal::from(1_000_000_000u64)).ok_or(CostError::TooLarge(cost))?;
+    let scaled = cost
+        .checked_mul(Decimal::from(1_000_000_000u64))
+        .ok_or(CostError::TooLarge(cost))?;
     if !scaled.fract().is_zero() {
         return Err(CostError::TooPrecise(cost));
     }
@@ -77,7 +79,10 @@ impl Usage {
 
     /// Just a cost.
     pub fn cost(cost: Decimal) -> Self {
-        Self { cost, ..Self::default() }
+        Self {
+            cost,
+            ..Self::default()
+        }
     }
 
     /// Check the cost can be stored exactly.
@@ -216,8 +221,14 @@ impl LedgerQuery {
     pub fn matches(&self, e: &NewLedgerEvent) -> bool {
         e.tenant == self.tenant
             && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
-            && self.principal.as_ref().is_none_or(|p| e.principal.as_ref() == Some(p))
-            && self.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s))
+            && self
+                .principal
+                .as_ref()
+                .is_none_or(|p| e.principal.as_ref() == Some(p))
+            && self
+                .session
+                .as_ref()
+                .is_none_or(|s| e.session.as_ref() == Some(s))
             && self.job_id.is_none_or(|j| e.job_id == Some(j))
             && self.from.is_none_or(|f| e.at >= f)
             && self.to.is_none_or(|t| e.at < t)
@@ -243,8 +254,12 @@ impl BudgetWindow {
     pub fn start(self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
             BudgetWindow::PerRequest | BudgetWindow::Total => None,
-            BudgetWindow::Daily => Utc.with_ymd_and_hms(now.year(), now.month(), now.day(), 0, 0, 0).single(),
-            BudgetWindow::Monthly => Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single(),
+            BudgetWindow::Daily => Utc
+                .with_ymd_and_hms(now.year(), now.month(), now.day(), 0, 0, 0)
+                .single(),
+            BudgetWindow::Monthly => Utc
+                .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+                .single(),
         }
     }
 }
@@ -316,7 +331,10 @@ impl Budget {
     /// Whether the budget governs a request by `principal` in `session` of `tenant`.
     pub fn applies_to(&self, tenant: &str, principal: Option<&str>, session: Option<&str>) -> bool {
         self.tenant == tenant
-            && self.principal.as_deref().is_none_or(|p| principal == Some(p))
+            && self
+                .principal
+                .as_deref()
+                .is_none_or(|p| principal == Some(p))
             && self.session.as_deref().is_none_or(|s| session == Some(s))
     }
 
@@ -427,10 +445,22 @@ pub fn evaluate_budgets(requested: &Usage, statuses: &[BudgetStatus]) -> BudgetD
             status.used.clone() + requested.clone()
         };
         let metrics = [
-            ("tokens", b.limits.max_tokens.map(Decimal::from), Decimal::from(projected.tokens)),
+            (
+                "tokens",
+                b.limits.max_tokens.map(Decimal::from),
+                Decimal::from(projected.tokens),
+            ),
             ("cost", b.limits.max_cost, projected.cost),
-            ("requests", b.limits.max_requests.map(Decimal::from), Decimal::from(projected.requests)),
-            ("tool_calls", b.limits.max_tool_calls.map(Decimal::from), Decimal::from(projected.tool_calls)),
+            (
+                "requests",
+                b.limits.max_requests.map(Decimal::from),
+                Decimal::from(projected.requests),
+            ),
+            (
+                "tool_calls",
+                b.limits.max_tool_calls.map(Decimal::from),
+                Decimal::from(projected.tool_calls),
+            ),
         ];
         for (metric, limit, value) in metrics {
             let Some(limit) = limit else { continue };
@@ -600,30 +630,64 @@ mod tests {
         let c = Decimal::from_str("0.000000001").unwrap();
         assert_eq!(cost_to_nanos(c).unwrap(), 1);
         assert_eq!(cost_from_nanos(1), c);
-        assert_eq!(cost_from_nanos(cost_to_nanos(Decimal::from_str("12.5").unwrap()).unwrap()).to_string(), "12.5");
-        assert!(matches!(cost_to_nanos(Decimal::from_str("0.0000000001").unwrap()), Err(CostError::TooPrecise(_))));
-        assert!(matches!(cost_to_nanos(Decimal::from(-1)), Err(CostError::Negative(_))));
+        assert_eq!(
+            cost_from_nanos(cost_to_nanos(Decimal::from_str("12.5").unwrap()).unwrap()).to_string(),
+            "12.5"
+        );
+        assert!(matches!(
+            cost_to_nanos(Decimal::from_str("0.0000000001").unwrap()),
+            Err(CostError::TooPrecise(_))
+        ));
+        assert!(matches!(
+            cost_to_nanos(Decimal::from(-1)),
+            Err(CostError::Negative(_))
+        ));
     }
 
     #[test]
     fn windows_and_evaluation() {
         let now = Utc.with_ymd_and_hms(2026, 3, 15, 13, 4, 5).unwrap();
-        assert_eq!(BudgetWindow::Daily.start(now), Utc.with_ymd_and_hms(2026, 3, 15, 0, 0, 0).single());
-        assert_eq!(BudgetWindow::Monthly.start(now), Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).single());
+        assert_eq!(
+            BudgetWindow::Daily.start(now),
+            Utc.with_ymd_and_hms(2026, 3, 15, 0, 0, 0).single()
+        );
+        assert_eq!(
+            BudgetWindow::Monthly.start(now),
+            Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).single()
+        );
 
         let mut b = Budget::new("t", "daily", BudgetWindow::Daily);
         b.limits.max_cost = Some(Decimal::from(10));
-        let status = |b: &Budget, used: i64| BudgetStatus { budget: b.clone(), used: Usage::cost(Decimal::from(used)) };
+        let status = |b: &Budget, used: i64| BudgetStatus {
+            budget: b.clone(),
+            used: Usage::cost(Decimal::from(used)),
+        };
         let req = Usage::cost(Decimal::from(1));
-        assert_eq!(evaluate_budgets(&req, &[status(&b, 1)]).outcome, BudgetOutcome::Allow);
-        assert_eq!(evaluate_budgets(&req, &[status(&b, 7)]).outcome, BudgetOutcome::Warn);
-        assert_eq!(evaluate_budgets(&req, &[status(&b, 9)]).outcome, BudgetOutcome::Warn, "exactly at the limit is allowed");
+        assert_eq!(
+            evaluate_budgets(&req, &[status(&b, 1)]).outcome,
+            BudgetOutcome::Allow
+        );
+        assert_eq!(
+            evaluate_budgets(&req, &[status(&b, 7)]).outcome,
+            BudgetOutcome::Warn
+        );
+        assert_eq!(
+            evaluate_budgets(&req, &[status(&b, 9)]).outcome,
+            BudgetOutcome::Warn,
+            "exactly at the limit is allowed"
+        );
         let denied = evaluate_budgets(&req, &[status(&b, 10)]);
         assert_eq!(denied.outcome, BudgetOutcome::Deny);
         assert!(denied.findings[0].exceeded);
         b.strategy = ExceedStrategy::Degrade;
-        assert_eq!(evaluate_budgets(&req, &[status(&b, 10)]).outcome, BudgetOutcome::Degrade);
+        assert_eq!(
+            evaluate_budgets(&req, &[status(&b, 10)]).outcome,
+            BudgetOutcome::Degrade
+        );
         b.window = BudgetWindow::PerRequest;
-        assert_eq!(evaluate_budgets(&req, &[status(&b, 100)]).outcome, BudgetOutcome::Allow);
+        assert_eq!(
+            evaluate_budgets(&req, &[status(&b, 100)]).outcome,
+            BudgetOutcome::Allow
+        );
     }
 }

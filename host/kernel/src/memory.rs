@@ -12,8 +12,9 @@ use crate::action::{Action, ActionFilter, ActionState};
 use crate::event::{EventQuery, RuntimeEvent};
 use crate::job::{Job, JobFilter};
 use crate::ledger::{
-    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
-    ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
+    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent,
+    Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage,
+    UsageQuery,
 };
 use crate::store::{Batch, BudgetEvaluator, KernelStore, StoreError, StoreResult};
 
@@ -32,7 +33,10 @@ struct State {
 
 impl State {
     fn append_ledger(&mut self, entry: NewLedgerEvent) -> LedgerEvent {
-        let event = LedgerEvent { id: self.ledger.len() as i64 + 1, entry };
+        let event = LedgerEvent {
+            id: self.ledger.len() as i64 + 1,
+            entry,
+        };
         self.ledger.push(event.clone());
         event
     }
@@ -56,11 +60,16 @@ impl MemoryStore {
 }
 
 fn conflict(entity: &'static str, id: impl ToString) -> StoreError {
-    StoreError::Conflict { entity, id: id.to_string() }
+    StoreError::Conflict {
+        entity,
+        id: id.to_string(),
+    }
 }
 
 fn limit<T>(items: impl Iterator<Item = T>, limit: Option<u32>) -> Vec<T> {
-    items.take(limit.map_or(usize::MAX, |l| l as usize)).collect()
+    items
+        .take(limit.map_or(usize::MAX, |l| l as usize))
+        .collect()
 }
 
 impl MemoryStore {
@@ -70,19 +79,29 @@ impl MemoryStore {
         let mut staged_jobs: HashMap<Uuid, Job> = HashMap::new();
         let mut staged_keys: Vec<(String, String)> = Vec::new();
         for w in &batch.jobs {
-            let current = staged_jobs.get(&w.job.id).or_else(|| st.jobs.get(&w.job.id));
+            let current = staged_jobs
+                .get(&w.job.id)
+                .or_else(|| st.jobs.get(&w.job.id));
             match (w.expected_version, current) {
                 (None, Some(_)) => return Err(conflict("job", w.job.id)),
                 (None, None) => {
                     if let Some(key) = &w.job.idempotency_key {
                         let k = (w.job.tenant.clone(), key.clone());
                         if st.job_keys.contains_key(&k) || staged_keys.contains(&k) {
-                            return Err(StoreError::DuplicateIdempotencyKey { tenant: k.0, key: k.1 });
+                            return Err(StoreError::DuplicateIdempotencyKey {
+                                tenant: k.0,
+                                key: k.1,
+                            });
                         }
                         staged_keys.push(k);
                     }
                 }
-                (Some(_), None) => return Err(StoreError::NotFound { entity: "job", id: w.job.id.to_string() }),
+                (Some(_), None) => {
+                    return Err(StoreError::NotFound {
+                        entity: "job",
+                        id: w.job.id.to_string(),
+                    });
+                }
                 (Some(v), Some(cur)) if cur.version != v => return Err(conflict("job", w.job.id)),
                 (Some(_), Some(_)) => {}
             }
@@ -90,28 +109,43 @@ impl MemoryStore {
         }
         let mut staged_actions: HashMap<Uuid, Action> = HashMap::new();
         for w in &batch.actions {
-            let current = staged_actions.get(&w.action.id).or_else(|| st.actions.get(&w.action.id));
+            let current = staged_actions
+                .get(&w.action.id)
+                .or_else(|| st.actions.get(&w.action.id));
             match (w.expected_version, current) {
                 (None, Some(_)) => return Err(conflict("action", w.action.id)),
                 (None, None) => {
                     if st.token_hashes.contains_key(&w.action.token_hash) {
                         return Err(conflict("action", w.action.id));
                     }
-                    if !staged_jobs.contains_key(&w.action.job_id) && !st.jobs.contains_key(&w.action.job_id) {
-                        return Err(StoreError::NotFound { entity: "job", id: w.action.job_id.to_string() });
+                    if !staged_jobs.contains_key(&w.action.job_id)
+                        && !st.jobs.contains_key(&w.action.job_id)
+                    {
+                        return Err(StoreError::NotFound {
+                            entity: "job",
+                            id: w.action.job_id.to_string(),
+                        });
                     }
                 }
                 (Some(_), None) => {
-                    return Err(StoreError::NotFound { entity: "action", id: w.action.id.to_string() });
+                    return Err(StoreError::NotFound {
+                        entity: "action",
+                        id: w.action.id.to_string(),
+                    });
                 }
-                (Some(v), Some(cur)) if cur.version != v => return Err(conflict("action", w.action.id)),
+                (Some(v), Some(cur)) if cur.version != v => {
+                    return Err(conflict("action", w.action.id));
+                }
                 (Some(_), Some(_)) => {}
             }
             staged_actions.insert(w.action.id, w.action.clone());
         }
         for e in &batch.events {
             if !staged_jobs.contains_key(&e.job_id) && !st.jobs.contains_key(&e.job_id) {
-                return Err(StoreError::NotFound { entity: "job", id: e.job_id.to_string() });
+                return Err(StoreError::NotFound {
+                    entity: "job",
+                    id: e.job_id.to_string(),
+                });
             }
         }
         // Apply.
@@ -156,43 +190,64 @@ impl MemoryStore {
             used += e.entry.usage.clone();
         }
         for r in st.reservations.values() {
-            if r.is_live(now) && budget.applies_to(&r.tenant, r.principal.as_deref(), r.session.as_deref()) {
+            if r.is_live(now)
+                && budget.applies_to(&r.tenant, r.principal.as_deref(), r.session.as_deref())
+            {
                 used += r.amount.clone();
             }
         }
         used
     }
 
-    fn reserve_sync(&self, req: ReserveRequest, evaluate: BudgetEvaluator) -> StoreResult<ReserveOutcome> {
+    fn reserve_sync(
+        &self,
+        req: ReserveRequest,
+        evaluate: BudgetEvaluator,
+    ) -> StoreResult<ReserveOutcome> {
         let mut st = self.lock();
         let statuses: Vec<BudgetStatus> = st
             .budgets
             .values()
-            .filter(|b| b.applies_to(&req.tenant, req.principal.as_deref(), req.session.as_deref()))
-            .map(|b| BudgetStatus { budget: b.clone(), used: Self::used_against(&st, b, req.now) })
+            .filter(|b| {
+                b.applies_to(
+                    &req.tenant,
+                    req.principal.as_deref(),
+                    req.session.as_deref(),
+                )
+            })
+            .map(|b| BudgetStatus {
+                budget: b.clone(),
+                used: Self::used_against(&st, b, req.now),
+            })
             .collect();
         let decision = evaluate(&req.amount, &statuses);
-        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
-            kind,
-            tenant: req.tenant.clone(),
-            principal: req.principal.clone(),
-            session: req.session.clone(),
-            job_id: req.job_id,
-            reservation_id,
-            usage: req.amount.clone(),
-            duration_ms: None,
-            model: None,
-            tool: None,
-            data,
-            at: req.now,
+        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| {
+            NewLedgerEvent {
+                kind,
+                tenant: req.tenant.clone(),
+                principal: req.principal.clone(),
+                session: req.session.clone(),
+                job_id: req.job_id,
+                reservation_id,
+                usage: req.amount.clone(),
+                duration_ms: None,
+                model: None,
+                tool: None,
+                data,
+                at: req.now,
+            }
         };
         if decision.outcome != BudgetOutcome::Allow {
-            let data = serde_json::to_value(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let data =
+                serde_json::to_value(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let e = entry(LedgerKind::BudgetCheck, None, data);
             st.append_ledger(e);
         }
         if !decision.outcome.is_allowed() {
-            return Ok(ReserveOutcome { decision, reservation: None });
+            return Ok(ReserveOutcome {
+                decision,
+                reservation: None,
+            });
         }
         let reservation = Reservation {
             id: Uuid::now_v7(),
@@ -207,13 +262,25 @@ impl MemoryStore {
             expires_at: req.expires_at,
             closed_at: None,
         };
-        let e = entry(LedgerKind::Hold, Some(reservation.id), serde_json::Value::Null);
+        let e = entry(
+            LedgerKind::Hold,
+            Some(reservation.id),
+            serde_json::Value::Null,
+        );
         st.append_ledger(e);
         st.reservations.insert(reservation.id, reservation.clone());
-        Ok(ReserveOutcome { decision, reservation: Some(reservation) })
+        Ok(ReserveOutcome {
+            decision,
+            reservation: Some(reservation),
+        })
     }
 
-    fn close_entry(r: &Reservation, kind: LedgerKind, usage: Usage, at: DateTime<Utc>) -> NewLedgerEvent {
+    fn close_entry(
+        r: &Reservation,
+        kind: LedgerKind,
+        usage: Usage,
+        at: DateTime<Utc>,
+    ) -> NewLedgerEvent {
         NewLedgerEvent {
             kind,
             tenant: r.tenant.clone(),
@@ -236,7 +303,10 @@ impl MemoryStore {
             .reservations
             .get(&req.reservation_id)
             .cloned()
-            .ok_or_else(|| StoreError::NotFound { entity: "reservation", id: req.reservation_id.to_string() })?;
+            .ok_or_else(|| StoreError::NotFound {
+                entity: "reservation",
+                id: req.reservation_id.to_string(),
+            })?;
         if r.state == ReservationState::Settled {
             return Err(conflict("reservation", r.id));
         }
@@ -246,25 +316,47 @@ impl MemoryStore {
         usage.tool = req.tool;
         usage.data = req.data;
         st.append_ledger(usage);
-        st.append_ledger(Self::close_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now));
-        let r = Reservation { state: ReservationState::Settled, actual: Some(req.actual), closed_at: Some(req.now), ..r };
+        st.append_ledger(Self::close_entry(
+            &r,
+            LedgerKind::Settle,
+            req.actual.clone(),
+            req.now,
+        ));
+        let r = Reservation {
+            state: ReservationState::Settled,
+            actual: Some(req.actual),
+            closed_at: Some(req.now),
+            ..r
+        };
         st.reservations.insert(r.id, r.clone());
         Ok(r)
     }
 
-    fn release_locked(st: &mut State, id: Uuid, now: DateTime<Utc>, reason: &str) -> StoreResult<Reservation> {
+    fn release_locked(
+        st: &mut State,
+        id: Uuid,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> StoreResult<Reservation> {
         let r = st
             .reservations
             .get(&id)
             .cloned()
-            .ok_or_else(|| StoreError::NotFound { entity: "reservation", id: id.to_string() })?;
+            .ok_or_else(|| StoreError::NotFound {
+                entity: "reservation",
+                id: id.to_string(),
+            })?;
         if r.state != ReservationState::Held {
             return Err(conflict("reservation", id));
         }
         let mut e = Self::close_entry(&r, LedgerKind::Release, r.amount.clone(), now);
         e.data = serde_json::json!({ "reason": reason });
         st.append_ledger(e);
-        let r = Reservation { state: ReservationState::Released, closed_at: Some(now), ..r };
+        let r = Reservation {
+            state: ReservationState::Released,
+            closed_at: Some(now),
+            ..r
+        };
         st.reservations.insert(id, r.clone());
         Ok(r)
     }
@@ -281,26 +373,48 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>> {
+    fn get_job_by_key<'a>(
+        &'a self,
+        tenant: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<Job>>> {
         let st = self.lock();
-        let r = st.job_keys.get(&(tenant.to_string(), key.to_string())).and_then(|id| st.jobs.get(id)).cloned();
+        let r = st
+            .job_keys
+            .get(&(tenant.to_string(), key.to_string()))
+            .and_then(|id| st.jobs.get(id))
+            .cloned();
         Box::pin(async move { Ok(r) })
     }
 
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<Job>>> {
         let st = self.lock();
-        let mut jobs: Vec<Job> = st.jobs.values().filter(|j| filter.matches(j)).cloned().collect();
+        let mut jobs: Vec<Job> = st
+            .jobs
+            .values()
+            .filter(|j| filter.matches(j))
+            .cloned()
+            .collect();
         jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         let r = limit(jobs.into_iter(), filter.limit);
         Box::pin(async move { Ok(r) })
     }
 
     fn count_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<u64>> {
-        let r = self.lock().jobs.values().filter(|j| filter.matches(j)).count() as u64;
+        let r = self
+            .lock()
+            .jobs
+            .values()
+            .filter(|j| filter.matches(j))
+            .count() as u64;
         Box::pin(async move { Ok(r) })
     }
 
-    fn overdue_jobs(&self, now: DateTime<Utc>, limit_n: u32) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+    fn overdue_jobs(
+        &self,
+        now: DateTime<Utc>,
+        limit_n: u32,
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         let st = self.lock();
         let mut jobs: Vec<Job> = st
             .jobs
@@ -318,21 +432,40 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>> {
+    fn get_action_by_token_hash<'a>(
+        &'a self,
+        token_hash: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<Action>>> {
         let st = self.lock();
-        let r = st.token_hashes.get(token_hash).and_then(|id| st.actions.get(id)).cloned();
+        let r = st
+            .token_hashes
+            .get(token_hash)
+            .and_then(|id| st.actions.get(id))
+            .cloned();
         Box::pin(async move { Ok(r) })
     }
 
-    fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
+    fn list_actions<'a>(
+        &'a self,
+        filter: &'a ActionFilter,
+    ) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
         let st = self.lock();
-        let mut actions: Vec<Action> = st.actions.values().filter(|a| filter.matches(a)).cloned().collect();
+        let mut actions: Vec<Action> = st
+            .actions
+            .values()
+            .filter(|a| filter.matches(a))
+            .cloned()
+            .collect();
         actions.sort_by_key(|a| (a.created_at, a.id));
         let r = limit(actions.into_iter(), filter.limit);
         Box::pin(async move { Ok(r) })
     }
 
-    fn expired_actions(&self, now: DateTime<Utc>, limit_n: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
+    fn expired_actions(
+        &self,
+        now: DateTime<Utc>,
+        limit_n: u32,
+    ) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
         let st = self.lock();
         let mut actions: Vec<Action> = st
             .actions
@@ -345,7 +478,10 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
+    fn read_events<'a>(
+        &'a self,
+        query: &'a EventQuery,
+    ) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
         let st = self.lock();
         let it = st
             .events
@@ -361,9 +497,18 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
+    fn list_ledger<'a>(
+        &'a self,
+        query: &'a LedgerQuery,
+    ) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
         let st = self.lock();
-        let r = limit(st.ledger.iter().filter(|e| query.matches(&e.entry)).cloned(), query.limit);
+        let r = limit(
+            st.ledger
+                .iter()
+                .filter(|e| query.matches(&e.entry))
+                .cloned(),
+            query.limit,
+        );
         Box::pin(async move { Ok(r) })
     }
 
@@ -382,7 +527,13 @@ impl KernelStore for MemoryStore {
     }
 
     fn list_budgets<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, StoreResult<Vec<Budget>>> {
-        let r = self.lock().budgets.values().filter(|b| b.tenant == tenant).cloned().collect();
+        let r = self
+            .lock()
+            .budgets
+            .values()
+            .filter(|b| b.tenant == tenant)
+            .cloned()
+            .collect();
         Box::pin(async move { Ok(r) })
     }
 
@@ -391,7 +542,11 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn reserve(&self, request: ReserveRequest, evaluate: BudgetEvaluator) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
+    fn reserve(
+        &self,
+        request: ReserveRequest,
+        evaluate: BudgetEvaluator,
+    ) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
         let r = self.reserve_sync(request, evaluate);
         Box::pin(async move { r })
     }
@@ -406,12 +561,21 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { r })
     }
 
-    fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>> {
+    fn release(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        reason: String,
+    ) -> BoxFuture<'_, StoreResult<Reservation>> {
         let r = Self::release_locked(&mut self.lock(), id, now, &reason);
         Box::pin(async move { r })
     }
 
-    fn release_expired(&self, now: DateTime<Utc>, limit_n: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
+    fn release_expired(
+        &self,
+        now: DateTime<Utc>,
+        limit_n: u32,
+    ) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
         let mut st = self.lock();
         let mut due: Vec<(DateTime<Utc>, Uuid)> = st
             .reservations

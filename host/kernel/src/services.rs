@@ -15,18 +15,21 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::action::{
-    Action, ActionFilter, ActionState, ActionType, CreatedAction, NewAction, Resolution, ct_eq_str, generate_token,
-    hash_token,
+    Action, ActionFilter, ActionState, ActionType, CreatedAction, NewAction, Resolution, ct_eq_str,
+    generate_token, hash_token,
 };
 use crate::canonical::call_digest;
 use crate::clock::{Clock, SystemClock};
 use crate::context::{CancellationToken, ExecutionContext};
 use crate::error::{KernelError, KernelResult};
-use crate::event::{EventBus, EventFilter, EventQuery, EventType, NewEvent, RuntimeEvent, Subscription, SubscriptionError};
+use crate::event::{
+    EventBus, EventFilter, EventQuery, EventType, NewEvent, RuntimeEvent, Subscription,
+    SubscriptionError,
+};
 use crate::job::{Job, JobError, JobFilter, JobState, NewJob};
 use crate::ledger::{
-    Budget, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation, ReserveRequest, SettleRequest, Usage,
-    UsageQuery, evaluate_budgets,
+    Budget, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation, ReserveRequest,
+    SettleRequest, Usage, UsageQuery, evaluate_budgets,
 };
 use crate::store::{ActionWrite, Batch, JobWrite, KernelStore, StoreError};
 
@@ -45,7 +48,12 @@ pub struct KernelConfig {
 
 impl Default for KernelConfig {
     fn default() -> Self {
-        Self { event_buffer: 4096, max_write_attempts: 64, sweep_batch: 500, hold_ttl_secs: 600 }
+        Self {
+            event_buffer: 4096,
+            max_write_attempts: 64,
+            sweep_batch: 500,
+            hold_ttl_secs: 600,
+        }
     }
 }
 
@@ -59,7 +67,10 @@ struct Core {
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").field("store", &self.store).field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Core")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -67,8 +78,19 @@ fn is_conflict(e: &StoreError) -> bool {
     matches!(e, StoreError::Conflict { .. })
 }
 
-fn job_event(job: &Job, event_type: EventType, data: serde_json::Value, at: DateTime<Utc>) -> NewEvent {
-    NewEvent { job_id: job.id, tenant: job.tenant.clone(), event_type, data, at }
+fn job_event(
+    job: &Job,
+    event_type: EventType,
+    data: serde_json::Value,
+    at: DateTime<Utc>,
+) -> NewEvent {
+    NewEvent {
+        job_id: job.id,
+        tenant: job.tenant.clone(),
+        event_type,
+        data,
+        at,
+    }
 }
 
 fn action_event(a: &Action, event_type: EventType, at: DateTime<Utc>) -> NewEvent {
@@ -82,13 +104,23 @@ fn action_event(a: &Action, event_type: EventType, at: DateTime<Utc>) -> NewEven
         "expires_at": a.expires_at,
         "resolution": a.resolution,
     });
-    NewEvent { job_id: a.job_id, tenant: a.tenant.clone(), event_type, data, at }
+    NewEvent {
+        job_id: a.job_id,
+        tenant: a.tenant.clone(),
+        event_type,
+        data,
+        at,
+    }
 }
 
 /// The new row for `job` moved to `to` at `now`, or `IllegalTransition`.
 fn transition(job: &Job, to: JobState, now: DateTime<Utc>) -> KernelResult<Job> {
     if !job.state.can_transition_to(to) {
-        return Err(KernelError::IllegalTransition { job_id: job.id, from: job.state, to });
+        return Err(KernelError::IllegalTransition {
+            job_id: job.id,
+            from: job.state,
+            to,
+        });
     }
     let mut next = job.clone();
     next.state = to;
@@ -104,7 +136,12 @@ fn transition(job: &Job, to: JobState, now: DateTime<Utc>) -> KernelResult<Job> 
 }
 
 /// The event announcing `from -> next`.
-fn status_event(from: JobState, next: &Job, extra: serde_json::Value, now: DateTime<Utc>) -> NewEvent {
+fn status_event(
+    from: JobState,
+    next: &Job,
+    extra: serde_json::Value,
+    now: DateTime<Utc>,
+) -> NewEvent {
     let event_type = match (from, next.state) {
         (JobState::Queued, JobState::Running) => EventType::JobStarted,
         (_, JobState::Succeeded) => EventType::JobCompleted,
@@ -131,11 +168,17 @@ impl Core {
     }
 
     async fn load_job(&self, id: Uuid) -> KernelResult<Job> {
-        self.store.get_job(id).await?.ok_or(KernelError::JobNotFound(id))
+        self.store
+            .get_job(id)
+            .await?
+            .ok_or(KernelError::JobNotFound(id))
     }
 
     async fn load_action(&self, id: Uuid) -> KernelResult<Action> {
-        self.store.get_action(id).await?.ok_or(KernelError::ActionNotFound(id))
+        self.store
+            .get_action(id)
+            .await?
+            .ok_or(KernelError::ActionNotFound(id))
     }
 
     async fn pending_actions(&self, job: &Job) -> KernelResult<Vec<Action>> {
@@ -156,8 +199,17 @@ impl Core {
     {
         for _ in 0..self.config.max_write_attempts {
             let job = self.load_job(id).await?;
-            let Some((next, events)) = build(&job, self.now())? else { return Ok(job) };
-            let batch = Batch { jobs: vec![JobWrite { job: next.clone(), expected_version: Some(job.version) }], actions: vec![], events };
+            let Some((next, events)) = build(&job, self.now())? else {
+                return Ok(job);
+            };
+            let batch = Batch {
+                jobs: vec![JobWrite {
+                    job: next.clone(),
+                    expected_version: Some(job.version),
+                }],
+                actions: vec![],
+                events,
+            };
             match self.commit(batch).await {
                 Ok(_) => return Ok(next),
                 Err(e) if is_conflict(&e) => continue,
@@ -188,7 +240,10 @@ impl Core {
             let mut queue = VecDeque::from([root_job.clone()]);
             let mut seen = HashSet::from([root_job.id]);
             while let Some(parent) = queue.pop_front() {
-                let filter = JobFilter { parent_id: Some(parent.id), ..JobFilter::tenant(parent.tenant.clone()) };
+                let filter = JobFilter {
+                    parent_id: Some(parent.id),
+                    ..JobFilter::tenant(parent.tenant.clone())
+                };
                 for child in self.store.list_jobs(&filter).await? {
                     if !seen.insert(child.id) {
                         continue;
@@ -205,20 +260,42 @@ impl Core {
                 if is_root {
                     next.error = error.clone();
                 } else {
-                    next.error = Some(JobError { code: "parent_terminated".into(), message: format!("parent job {root} ended: {reason}") });
+                    next.error = Some(JobError {
+                        code: "parent_terminated".into(),
+                        message: format!("parent job {root} ended: {reason}"),
+                    });
                 }
-                batch.events.push(status_event(job.state, &next, json!({ "reason": reason }), now));
+                batch.events.push(status_event(
+                    job.state,
+                    &next,
+                    json!({ "reason": reason }),
+                    now,
+                ));
                 for action in self.pending_actions(&job).await? {
-                    let state = if Some(action.id) == expired_action { ActionState::Expired } else { ActionState::Cancelled };
+                    let state = if Some(action.id) == expired_action {
+                        ActionState::Expired
+                    } else {
+                        ActionState::Cancelled
+                    };
                     let mut a = action.clone();
                     a.state = state;
                     a.version += 1;
                     a.resolved_at = Some(now);
-                    let et = if state == ActionState::Expired { EventType::ActionExpired } else { EventType::ActionCancelled };
+                    let et = if state == ActionState::Expired {
+                        EventType::ActionExpired
+                    } else {
+                        EventType::ActionCancelled
+                    };
                     batch.events.push(action_event(&a, et, now));
-                    batch.actions.push(ActionWrite { action: a, expected_version: Some(action.version) });
+                    batch.actions.push(ActionWrite {
+                        action: a,
+                        expected_version: Some(action.version),
+                    });
                 }
-                batch.jobs.push(JobWrite { job: next, expected_version: Some(job.version) });
+                batch.jobs.push(JobWrite {
+                    job: next,
+                    expected_version: Some(job.version),
+                });
             }
             let ids: Vec<Uuid> = batch.jobs.iter().map(|w| w.job.id).collect();
             match self.commit(batch).await {
@@ -243,18 +320,29 @@ impl Core {
     }
 
     fn forget_token(&self, id: Uuid) {
-        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// Take `action` (PENDING) to `state`, with the job effect that implies, in one transaction.
     /// RESOLVED / CANCELLED resume a WAITING_ACTION job when no other action is pending;
     /// EXPIRED times the job out.
-    async fn finish_action(&self, action_id: Uuid, state: ActionState, resolution: Option<Resolution>) -> KernelResult<Action> {
+    async fn finish_action(
+        &self,
+        action_id: Uuid,
+        state: ActionState,
+        resolution: Option<Resolution>,
+    ) -> KernelResult<Action> {
         for _ in 0..self.config.max_write_attempts {
             let now = self.now();
             let action = self.load_action(action_id).await?;
             if action.state != ActionState::Pending {
-                return Err(KernelError::ActionNotPending { id: action.id, state: action.state });
+                return Err(KernelError::ActionNotPending {
+                    id: action.id,
+                    state: action.state,
+                });
             }
             if state == ActionState::Resolved && action.expires_at <= now {
                 // Too late: expire it now rather than wait for the sweeper.
@@ -275,7 +363,10 @@ impl Core {
                     let batch = Batch {
                         jobs: vec![],
                         events: vec![action_event(&a, EventType::ActionExpired, now)],
-                        actions: vec![ActionWrite { action: a.clone(), expected_version: Some(action.version) }],
+                        actions: vec![ActionWrite {
+                            action: a.clone(),
+                            expected_version: Some(action.version),
+                        }],
                     };
                     match self.commit(batch).await {
                         Ok(_) => return Ok(a),
@@ -283,8 +374,20 @@ impl Core {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                let error = JobError { code: "action_expired".into(), message: format!("action {} expired", action.id) };
-                match self.terminate(job.id, JobState::TimedOut, Some(error), "action expired", Some(action.id)).await {
+                let error = JobError {
+                    code: "action_expired".into(),
+                    message: format!("action {} expired", action.id),
+                };
+                match self
+                    .terminate(
+                        job.id,
+                        JobState::TimedOut,
+                        Some(error),
+                        "action expired",
+                        Some(action.id),
+                    )
+                    .await
+                {
                     Ok(_) => return self.load_action(action_id).await,
                     Err(KernelError::IllegalTransition { .. }) => continue,
                     Err(e) => return Err(e),
@@ -295,17 +398,36 @@ impl Core {
             a.version += 1;
             a.resolved_at = Some(now);
             a.resolution = resolution.clone();
-            let event_type = if state == ActionState::Resolved { EventType::ActionResolved } else { EventType::ActionCancelled };
+            let event_type = if state == ActionState::Resolved {
+                EventType::ActionResolved
+            } else {
+                EventType::ActionCancelled
+            };
             let mut batch = Batch {
                 jobs: vec![],
                 events: vec![action_event(&a, event_type, now)],
-                actions: vec![ActionWrite { action: a.clone(), expected_version: Some(action.version) }],
+                actions: vec![ActionWrite {
+                    action: a.clone(),
+                    expected_version: Some(action.version),
+                }],
             };
-            let others_pending = self.pending_actions(&job).await?.iter().any(|p| p.id != action.id);
+            let others_pending = self
+                .pending_actions(&job)
+                .await?
+                .iter()
+                .any(|p| p.id != action.id);
             if job.state == JobState::WaitingAction && !others_pending {
                 let next = transition(&job, JobState::Running, now)?;
-                batch.events.push(status_event(job.state, &next, json!({ "action_id": action.id }), now));
-                batch.jobs.push(JobWrite { job: next, expected_version: Some(job.version) });
+                batch.events.push(status_event(
+                    job.state,
+                    &next,
+                    json!({ "action_id": action.id }),
+                    now,
+                ));
+                batch.jobs.push(JobWrite {
+                    job: next,
+                    expected_version: Some(job.version),
+                });
             }
             match self.commit(batch).await {
                 Ok(_) => return Ok(a),
@@ -338,12 +460,17 @@ impl JobManager {
     /// existing job (`created: false`); the store's unique constraint makes this race-free.
     pub async fn create(&self, new: NewJob) -> KernelResult<CreatedJob> {
         if new.tenant.is_empty() || new.kind.is_empty() {
-            return Err(KernelError::Invalid("a job needs a tenant and a kind".into()));
+            return Err(KernelError::Invalid(
+                "a job needs a tenant and a kind".into(),
+            ));
         }
         if let Some(key) = &new.idempotency_key
             && let Some(job) = self.core.store.get_job_by_key(&new.tenant, key).await?
         {
-            return Ok(CreatedJob { job, created: false });
+            return Ok(CreatedJob {
+                job,
+                created: false,
+            });
         }
         if let Some(parent) = new.parent_id {
             let p = self.core.load_job(parent).await?;
@@ -378,21 +505,49 @@ impl JobManager {
             started_at: None,
             finished_at: None,
         };
-        let event = job_event(&job, EventType::JobStatusChanged, json!({ "from": null, "to": JobState::Queued }), now);
-        let batch = Batch { jobs: vec![JobWrite { job: job.clone(), expected_version: None }], actions: vec![], events: vec![event] };
+        let event = job_event(
+            &job,
+            EventType::JobStatusChanged,
+            json!({ "from": null, "to": JobState::Queued }),
+            now,
+        );
+        let batch = Batch {
+            jobs: vec![JobWrite {
+                job: job.clone(),
+                expected_version: None,
+            }],
+            actions: vec![],
+            events: vec![event],
+        };
         match self.core.commit(batch).await {
             Ok(_) => Ok(CreatedJob { job, created: true }),
             Err(StoreError::DuplicateIdempotencyKey { tenant, key }) => {
-                let job = self.core.store.get_job_by_key(&tenant, &key).await?.ok_or_else(|| {
-                    KernelError::Store(StoreError::Corrupt(format!("idempotency key {key:?} conflicts but no job holds it")))
-                })?;
-                Ok(CreatedJob { job, created: false })
+                let job = self
+                    .core
+                    .store
+                    .get_job_by_key(&tenant, &key)
+                    .await?
+                    .ok_or_else(|| {
+                        KernelError::Store(StoreError::Corrupt(format!(
+                            "idempotency key {key:?} conflicts but no job holds it"
+                        )))
+                    })?;
+                Ok(CreatedJob {
+                    job,
+                    created: false,
+                })
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn move_to(&self, id: Uuid, to: JobState, edit: impl Fn(&mut Job) + Send, extra: serde_json::Value) -> KernelResult<Job> {
+    async fn move_to(
+        &self,
+        id: Uuid,
+        to: JobState,
+        edit: impl Fn(&mut Job) + Send,
+        extra: serde_json::Value,
+    ) -> KernelResult<Job> {
         self.core
             .mutate_job(id, |job, now| {
                 let mut next = transition(job, to, now)?;
@@ -410,7 +565,8 @@ impl JobManager {
 
     /// RUNNING -> WAITING_ACTION (creating an action does this itself).
     pub async fn wait_for_action(&self, id: Uuid) -> KernelResult<Job> {
-        self.move_to(id, JobState::WaitingAction, |_| {}, json!({})).await
+        self.move_to(id, JobState::WaitingAction, |_| {}, json!({}))
+            .await
     }
 
     /// WAITING_ACTION -> RUNNING (resolving the last pending action does this itself).
@@ -422,7 +578,15 @@ impl JobManager {
     pub async fn complete(&self, id: Uuid, result_ref: Option<String>) -> KernelResult<Job> {
         let r = result_ref.clone();
         let job = self
-            .move_to(id, JobState::Succeeded, move |j| { j.result_ref = r.clone(); j.progress = 1.0; }, json!({ "result_ref": result_ref }))
+            .move_to(
+                id,
+                JobState::Succeeded,
+                move |j| {
+                    j.result_ref = r.clone();
+                    j.progress = 1.0;
+                },
+                json!({ "result_ref": result_ref }),
+            )
             .await?;
         self.core.forget_token(id);
         Ok(job)
@@ -432,7 +596,12 @@ impl JobManager {
     pub async fn fail(&self, id: Uuid, error: JobError) -> KernelResult<Job> {
         let e = error.clone();
         let job = self
-            .move_to(id, JobState::Failed, move |j| j.error = Some(e.clone()), json!({ "code": error.code, "message": error.message }))
+            .move_to(
+                id,
+                JobState::Failed,
+                move |j| j.error = Some(e.clone()),
+                json!({ "code": error.code, "message": error.message }),
+            )
             .await?;
         self.core.forget_token(id);
         Ok(job)
@@ -441,30 +610,58 @@ impl JobManager {
     /// Cancel the job, all its non-terminal descendants and their pending actions, atomically,
     /// and fire their in-process cancellation tokens.
     pub async fn cancel(&self, id: Uuid, reason: &str) -> KernelResult<Job> {
-        let error = JobError { code: "cancelled".into(), message: reason.to_string() };
-        self.core.terminate(id, JobState::Cancelled, Some(error), reason, None).await
+        let error = JobError {
+            code: "cancelled".into(),
+            message: reason.to_string(),
+        };
+        self.core
+            .terminate(id, JobState::Cancelled, Some(error), reason, None)
+            .await
     }
 
     /// Time the job out now (the sweeper does this for past-deadline jobs).
     pub async fn time_out(&self, id: Uuid, reason: &str) -> KernelResult<Job> {
-        let error = JobError { code: "deadline_exceeded".into(), message: reason.to_string() };
-        self.core.terminate(id, JobState::TimedOut, Some(error), reason, None).await
+        let error = JobError {
+            code: "deadline_exceeded".into(),
+            message: reason.to_string(),
+        };
+        self.core
+            .terminate(id, JobState::TimedOut, Some(error), reason, None)
+            .await
     }
 
     /// Record progress (`fraction` clamped to `[0, 1]`) on a non-terminal job, with a progress event.
-    pub async fn progress(&self, id: Uuid, fraction: f64, message: Option<String>) -> KernelResult<Job> {
-        let fraction = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { 0.0 };
+    pub async fn progress(
+        &self,
+        id: Uuid,
+        fraction: f64,
+        message: Option<String>,
+    ) -> KernelResult<Job> {
+        let fraction = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self.core
             .mutate_job(id, |job, now| {
                 if job.state.is_terminal() {
-                    return Err(KernelError::IllegalTransition { job_id: job.id, from: job.state, to: job.state });
+                    return Err(KernelError::IllegalTransition {
+                        job_id: job.id,
+                        from: job.state,
+                        to: job.state,
+                    });
                 }
                 let mut next = job.clone();
                 next.version += 1;
                 next.updated_at = now;
                 next.progress = fraction;
                 next.progress_message = message.clone();
-                let event = job_event(&next, EventType::Progress, json!({ "progress": fraction, "message": message }), now);
+                let event = job_event(
+                    &next,
+                    EventType::Progress,
+                    json!({ "progress": fraction, "message": message }),
+                    now,
+                );
                 Ok(Some((next, vec![event])))
             })
             .await
@@ -475,7 +672,11 @@ impl JobManager {
         self.core
             .mutate_job(id, |job, now| {
                 if job.state.is_terminal() {
-                    return Err(KernelError::IllegalTransition { job_id: job.id, from: job.state, to: job.state });
+                    return Err(KernelError::IllegalTransition {
+                        job_id: job.id,
+                        from: job.state,
+                        to: job.state,
+                    });
                 }
                 let mut next = job.clone();
                 next.version += 1;
@@ -488,11 +689,24 @@ impl JobManager {
     }
 
     /// Append an event to a job's stream (model tokens, tool calls, artifacts, final result...).
-    pub async fn emit(&self, id: Uuid, event_type: EventType, data: serde_json::Value) -> KernelResult<RuntimeEvent> {
+    pub async fn emit(
+        &self,
+        id: Uuid,
+        event_type: EventType,
+        data: serde_json::Value,
+    ) -> KernelResult<RuntimeEvent> {
         let job = self.core.load_job(id).await?;
         let event = job_event(&job, event_type, data, self.core.now());
-        let mut events = self.core.commit(Batch { events: vec![event], ..Batch::default() }).await?;
-        events.pop().ok_or_else(|| KernelError::Store(StoreError::Backend("commit returned no event".into())))
+        let mut events = self
+            .core
+            .commit(Batch {
+                events: vec![event],
+                ..Batch::default()
+            })
+            .await?;
+        events.pop().ok_or_else(|| {
+            KernelError::Store(StoreError::Backend("commit returned no event".into()))
+        })
     }
 
     /// A job of `tenant` (another tenant's job is "not found").
@@ -521,7 +735,13 @@ impl JobManager {
     /// The in-process cancellation token of a job, fired when the job is cancelled or times out
     /// through this kernel. Derive the job's [`ExecutionContext`] token from it.
     pub fn cancellation_token(&self, id: Uuid) -> CancellationToken {
-        self.core.tokens.lock().unwrap_or_else(|e| e.into_inner()).entry(id).or_default().clone()
+        self.core
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id)
+            .or_default()
+            .clone()
     }
 
     /// Attach the job's cancellation token to `ctx` (and set its job id).
@@ -546,12 +766,16 @@ impl ActionManager {
         let digest = match (&new.call, new.action_type) {
             (Some(call), _) => Some(call_digest(&call.tool, &call.arguments)),
             (None, ActionType::Approval) => {
-                return Err(KernelError::Invalid("an approval must name the exact tool call it approves".into()));
+                return Err(KernelError::Invalid(
+                    "an approval must name the exact tool call it approves".into(),
+                ));
             }
             (None, _) => None,
         };
         if new.ttl <= chrono::Duration::zero() {
-            return Err(KernelError::Invalid("an action needs a positive ttl".into()));
+            return Err(KernelError::Invalid(
+                "an action needs a positive ttl".into(),
+            ));
         }
         let token = generate_token();
         let token_hash = hash_token(&token);
@@ -580,8 +804,16 @@ impl ActionManager {
                 JobState::WaitingAction => {}
                 _ => {
                     let next = transition(&job, JobState::WaitingAction, now)?;
-                    batch.events.push(status_event(job.state, &next, json!({ "action_id": action_id }), now));
-                    batch.jobs.push(JobWrite { job: next, expected_version: Some(job.version) });
+                    batch.events.push(status_event(
+                        job.state,
+                        &next,
+                        json!({ "action_id": action_id }),
+                        now,
+                    ));
+                    batch.jobs.push(JobWrite {
+                        job: next,
+                        expected_version: Some(job.version),
+                    });
                 }
             }
             if batch.jobs.is_empty() {
@@ -589,10 +821,18 @@ impl ActionManager {
                 let mut same = job.clone();
                 same.version += 1;
                 same.updated_at = now;
-                batch.jobs.push(JobWrite { job: same, expected_version: Some(job.version) });
+                batch.jobs.push(JobWrite {
+                    job: same,
+                    expected_version: Some(job.version),
+                });
             }
-            batch.events.push(action_event(&action, EventType::ActionRequired, now));
-            batch.actions.push(ActionWrite { action: action.clone(), expected_version: None });
+            batch
+                .events
+                .push(action_event(&action, EventType::ActionRequired, now));
+            batch.actions.push(ActionWrite {
+                action: action.clone(),
+                expected_version: None,
+            });
             match self.core.commit(batch).await {
                 Ok(_) => return Ok(CreatedAction { action, token }),
                 Err(e) if is_conflict(&e) => continue,
@@ -605,9 +845,18 @@ impl ActionManager {
     /// Resolve the action a resume token belongs to. Single-use: exactly one of any number of
     /// concurrent callers succeeds; the others get `ActionNotPending`. An expired token gets
     /// `ActionExpired`, an unknown one `InvalidToken`.
-    pub async fn resolve_by_token(&self, token: &str, resolution: Resolution) -> KernelResult<Action> {
+    pub async fn resolve_by_token(
+        &self,
+        token: &str,
+        resolution: Resolution,
+    ) -> KernelResult<Action> {
         let hash = hash_token(token);
-        let action = self.core.store.get_action_by_token_hash(&hash).await?.ok_or(KernelError::InvalidToken)?;
+        let action = self
+            .core
+            .store
+            .get_action_by_token_hash(&hash)
+            .await?
+            .ok_or(KernelError::InvalidToken)?;
         // The lookup is by hash; compare again in constant time so no backend's index
         // semantics (collation, prefix matching) can ever accept a different token.
         if !ct_eq_str(&action.token_hash, &hash) {
@@ -617,40 +866,71 @@ impl ActionManager {
     }
 
     /// Resolve an action by id, for trusted callers (CLI, authenticated API) in `tenant`.
-    pub async fn resolve(&self, tenant: &str, id: Uuid, resolution: Resolution) -> KernelResult<Action> {
+    pub async fn resolve(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        resolution: Resolution,
+    ) -> KernelResult<Action> {
         let action = self.get(tenant, id).await?;
         self.resolve_checked(action, resolution).await
     }
 
-    async fn resolve_checked(&self, action: Action, resolution: Resolution) -> KernelResult<Action> {
-        if matches!(action.action_type, ActionType::Approval | ActionType::Confirm) && resolution.approved.is_none() {
-            return Err(KernelError::Invalid(format!("a {} needs approved = true or false", action.action_type)));
+    async fn resolve_checked(
+        &self,
+        action: Action,
+        resolution: Resolution,
+    ) -> KernelResult<Action> {
+        if matches!(
+            action.action_type,
+            ActionType::Approval | ActionType::Confirm
+        ) && resolution.approved.is_none()
+        {
+            return Err(KernelError::Invalid(format!(
+                "a {} needs approved = true or false",
+                action.action_type
+            )));
         }
         if let (Some(seen), Some(bound)) = (&resolution.call_digest, &action.call_digest)
             && !ct_eq_str(seen, bound)
         {
             return Err(KernelError::CallDigestMismatch(action.id));
         }
-        self.core.finish_action(action.id, ActionState::Resolved, Some(resolution)).await
+        self.core
+            .finish_action(action.id, ActionState::Resolved, Some(resolution))
+            .await
     }
 
     /// Withdraw a pending action; its job resumes if nothing else is pending.
     pub async fn cancel(&self, tenant: &str, id: Uuid) -> KernelResult<Action> {
         self.get(tenant, id).await?;
-        self.core.finish_action(id, ActionState::Cancelled, None).await
+        self.core
+            .finish_action(id, ActionState::Cancelled, None)
+            .await
     }
 
     /// Expire a pending action now and time its job out (the sweeper does this at expiry).
     pub async fn expire(&self, id: Uuid) -> KernelResult<Action> {
-        self.core.finish_action(id, ActionState::Expired, None).await
+        self.core
+            .finish_action(id, ActionState::Expired, None)
+            .await
     }
 
     /// Check that action `id` of `tenant` is a resolved, approved approval of exactly
     /// `tool(arguments)`; `CallDigestMismatch` for any other call.
-    pub async fn verify_approval(&self, tenant: &str, id: Uuid, tool: &str, arguments: &serde_json::Value) -> KernelResult<Action> {
+    pub async fn verify_approval(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        tool: &str,
+        arguments: &serde_json::Value,
+    ) -> KernelResult<Action> {
         let action = self.get(tenant, id).await?;
         if action.state != ActionState::Resolved {
-            return Err(KernelError::ActionNotPending { id, state: action.state });
+            return Err(KernelError::ActionNotPending {
+                id,
+                state: action.state,
+            });
         }
         if !action.authorizes(tool, arguments) {
             return Err(KernelError::CallDigestMismatch(id));
@@ -672,8 +952,17 @@ impl ActionManager {
     }
 
     /// Pending actions of a tenant, or of one job.
-    pub async fn list_pending(&self, tenant: &str, job_id: Option<Uuid>) -> KernelResult<Vec<Action>> {
-        let filter = ActionFilter { tenant: tenant.to_string(), job_id, states: vec![ActionState::Pending], limit: None };
+    pub async fn list_pending(
+        &self,
+        tenant: &str,
+        job_id: Option<Uuid>,
+    ) -> KernelResult<Vec<Action>> {
+        let filter = ActionFilter {
+            tenant: tenant.to_string(),
+            job_id,
+            states: vec![ActionState::Pending],
+            limit: None,
+        };
         self.list(&filter).await
     }
 
@@ -694,7 +983,9 @@ impl ActionManager {
             if action.state != ActionState::Pending {
                 return Ok(action);
             }
-            let remaining = (action.expires_at - self.core.now()).to_std().unwrap_or_default();
+            let remaining = (action.expires_at - self.core.now())
+                .to_std()
+                .unwrap_or_default();
             let expiry = tokio::time::sleep(remaining);
             tokio::pin!(expiry);
             loop {
@@ -805,7 +1096,9 @@ impl Ledger {
     pub async fn reserve(&self, request: HoldRequest) -> KernelResult<Reserved> {
         request.amount.validate().map_err(invalid_cost)?;
         let now = self.core.now();
-        let ttl = request.ttl.unwrap_or_else(|| chrono::Duration::seconds(self.core.config.hold_ttl_secs));
+        let ttl = request
+            .ttl
+            .unwrap_or_else(|| chrono::Duration::seconds(self.core.config.hold_ttl_secs));
         let req = ReserveRequest {
             tenant: request.tenant,
             principal: request.principal,
@@ -817,15 +1110,26 @@ impl Ledger {
         };
         let outcome = self.core.store.reserve(req, evaluate_budgets).await?;
         match outcome.reservation {
-            Some(reservation) => Ok(Reserved { reservation, decision: outcome.decision }),
+            Some(reservation) => Ok(Reserved {
+                reservation,
+                decision: outcome.decision,
+            }),
             None => Err(KernelError::BudgetExceeded(outcome.decision)),
         }
     }
 
     /// Settle a hold with the actual usage (`kind`: model or tool usage).
-    pub async fn settle(&self, id: Uuid, kind: LedgerKind, actual: Usage, details: SettleDetails) -> KernelResult<Reservation> {
+    pub async fn settle(
+        &self,
+        id: Uuid,
+        kind: LedgerKind,
+        actual: Usage,
+        details: SettleDetails,
+    ) -> KernelResult<Reservation> {
         if !kind.counts_as_usage() {
-            return Err(KernelError::Invalid(format!("settle needs a usage kind, not {kind}")));
+            return Err(KernelError::Invalid(format!(
+                "settle needs a usage kind, not {kind}"
+            )));
         }
         actual.validate().map_err(invalid_cost)?;
         let req = SettleRequest {
@@ -838,26 +1142,47 @@ impl Ledger {
             data: details.data,
             now: self.core.now(),
         };
-        self.core.store.settle(req).await.map_err(|e| self.reservation_error(id, e))
+        self.core
+            .store
+            .settle(req)
+            .await
+            .map_err(|e| self.reservation_error(id, e))
     }
 
     /// Release a hold without usage (the call failed or was not made).
     pub async fn release(&self, id: Uuid, reason: &str) -> KernelResult<Reservation> {
-        let r = self.core.store.release(id, self.core.now(), reason.to_string()).await;
+        let r = self
+            .core
+            .store
+            .release(id, self.core.now(), reason.to_string())
+            .await;
         r.map_err(|e| self.reservation_error(id, e))
     }
 
     fn reservation_error(&self, id: Uuid, e: StoreError) -> KernelError {
         match e {
-            StoreError::NotFound { entity: "reservation", .. } => KernelError::ReservationNotFound(id),
-            StoreError::Conflict { entity: "reservation", .. } => KernelError::ReservationState { id, state: crate::ledger::ReservationState::Settled },
+            StoreError::NotFound {
+                entity: "reservation",
+                ..
+            } => KernelError::ReservationNotFound(id),
+            StoreError::Conflict {
+                entity: "reservation",
+                ..
+            } => KernelError::ReservationState {
+                id,
+                state: crate::ledger::ReservationState::Settled,
+            },
             e => e.into(),
         }
     }
 
     /// A reservation by id.
     pub async fn reservation(&self, id: Uuid) -> KernelResult<Reservation> {
-        self.core.store.get_reservation(id).await?.ok_or(KernelError::ReservationNotFound(id))
+        self.core
+            .store
+            .get_reservation(id)
+            .await?
+            .ok_or(KernelError::ReservationNotFound(id))
     }
 
     /// Append an entry directly (usage outside reserve/settle, audit records).
@@ -904,7 +1229,11 @@ impl Kernel {
     }
 
     /// A kernel with an explicit clock and config (tests drive time through the clock).
-    pub fn with_clock(store: Arc<dyn KernelStore>, clock: Arc<dyn Clock>, config: KernelConfig) -> Self {
+    pub fn with_clock(
+        store: Arc<dyn KernelStore>,
+        clock: Arc<dyn Clock>,
+        config: KernelConfig,
+    ) -> Self {
         let core = Arc::new(Core {
             store,
             bus: EventBus::new(config.event_buffer),
@@ -1011,7 +1340,11 @@ impl Kernel {
     }
 
     /// Run [`recover_and_sweep`](Self::recover_and_sweep) every `every` until `stop` is cancelled.
-    pub fn spawn_sweeper(&self, every: std::time::Duration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_sweeper(
+        &self,
+        every: std::time::Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let kernel = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

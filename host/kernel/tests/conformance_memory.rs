@@ -8,5 +8,8 @@ use keel_kernel::store::KernelStore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_passes_conformance() {
-    keel_kernel::conformance::run_all(|| async { Arc::new(MemoryStore::new()) as Arc<dyn KernelStore> }).await;
+    keel_kernel::conformance::run_all(|| async {
+        Arc::new(MemoryStore::new()) as Arc<dyn KernelStore>
+    })
+    .await;
 }

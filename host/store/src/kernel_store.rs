@@ -13,8 +13,9 @@ use keel_kernel::action::{Action, ActionFilter, ActionState, ActionType, Resolut
 use keel_kernel::event::{EventQuery, EventType, RuntimeEvent};
 use keel_kernel::job::{Job, JobError, JobFilter, JobState};
 use keel_kernel::ledger::{
-    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
-    ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery, cost_from_nanos, cost_to_nanos,
+    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent,
+    Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage,
+    UsageQuery, cost_from_nanos, cost_to_nanos,
 };
 use keel_kernel::store::{Batch, BudgetEvaluator, KernelStore, StoreError, StoreResult};
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
@@ -32,7 +33,9 @@ pub struct SqliteKernelStore {
 impl SqliteKernelStore {
     /// A store on `db` (whose migrations have already created the tables).
     pub fn new(db: &Database) -> Self {
-        Self { pool: db.pool().clone() }
+        Self {
+            pool: db.pool().clone(),
+        }
     }
 }
 
@@ -100,13 +103,22 @@ fn nanos(cost: rust_decimal::Decimal) -> StoreResult<i64> {
     cost_to_nanos(cost).map_err(|e| StoreError::Backend(e.to_string()))
 }
 
-fn get<'r, T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>>(row: &'r SqliteRow, col: &str) -> StoreResult<T> {
+fn get<'r, T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>>(
+    row: &'r SqliteRow,
+    col: &str,
+) -> StoreResult<T> {
     row.try_get(col).map_err(be)
 }
 
 fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
-    let error = match (get::<Option<String>>(r, "error_code")?, get::<Option<String>>(r, "error_message")?) {
-        (Some(code), message) => Some(JobError { code, message: message.unwrap_or_default() }),
+    let error = match (
+        get::<Option<String>>(r, "error_code")?,
+        get::<Option<String>>(r, "error_message")?,
+    ) {
+        (Some(code), message) => Some(JobError {
+            code,
+            message: message.unwrap_or_default(),
+        }),
         (None, _) => None,
     };
     Ok(Job {
@@ -150,7 +162,10 @@ fn action_from_row(r: &SqliteRow) -> StoreResult<Action> {
         request: from_json(&get::<String>(r, "request_json")?)?,
         call_digest: get(r, "call_digest")?,
         token_hash: get(r, "token_hash")?,
-        resolution: resolution.as_deref().map(from_json::<Resolution>).transpose()?,
+        resolution: resolution
+            .as_deref()
+            .map(from_json::<Resolution>)
+            .transpose()?,
         created_at: from_micros(get(r, "created_at")?)?,
         expires_at: from_micros(get(r, "expires_at")?)?,
         resolved_at: opt_from_micros(get(r, "resolved_at")?)?,
@@ -189,7 +204,9 @@ fn ledger_from_row(r: &SqliteRow) -> StoreResult<LedgerEvent> {
             job_id: opt_uuid(get(r, "job_id")?)?,
             reservation_id: opt_uuid(get(r, "reservation_id")?)?,
             usage: usage_from_row(r)?,
-            duration_ms: get::<Option<i64>>(r, "duration_ms")?.map(u64_of).transpose()?,
+            duration_ms: get::<Option<i64>>(r, "duration_ms")?
+                .map(u64_of)
+                .transpose()?,
             model: get(r, "model")?,
             tool: get(r, "tool")?,
             data: from_json(&get::<String>(r, "data_json")?)?,
@@ -228,9 +245,10 @@ async fn insert_job(conn: &mut SqliteConnection, job: &Job) -> StoreResult<()> {
     );
     let q = bind_job(sqlx::query(sqlx::AssertSqlSafe(sql)), job)?;
     let res = q.execute(&mut *conn).await.map_err(|e| match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => {
-            StoreError::Conflict { entity: "job", id: job.id.to_string() }
-        }
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict {
+            entity: "job",
+            id: job.id.to_string(),
+        },
         _ => be(e),
     })?;
     if res.rows_affected() == 0 {
@@ -288,11 +306,26 @@ async fn update_job(conn: &mut SqliteConnection, job: &Job, expected: u64) -> St
     Ok(())
 }
 
-async fn missing_or_conflict(conn: &mut SqliteConnection, table: &str, entity: &'static str, id: Uuid) -> StoreError {
+async fn missing_or_conflict(
+    conn: &mut SqliteConnection,
+    table: &str,
+    entity: &'static str,
+    id: Uuid,
+) -> StoreError {
     let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE id = ?");
-    match sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.to_string()).fetch_one(&mut *conn).await {
-        Ok(row) if row.try_get::<i64, _>("n").unwrap_or(0) == 0 => StoreError::NotFound { entity, id: id.to_string() },
-        Ok(_) => StoreError::Conflict { entity, id: id.to_string() },
+    match sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.to_string())
+        .fetch_one(&mut *conn)
+        .await
+    {
+        Ok(row) if row.try_get::<i64, _>("n").unwrap_or(0) == 0 => StoreError::NotFound {
+            entity,
+            id: id.to_string(),
+        },
+        Ok(_) => StoreError::Conflict {
+            entity,
+            id: id.to_string(),
+        },
         Err(e) => be(e),
     }
 }
@@ -318,13 +351,20 @@ async fn insert_action(conn: &mut SqliteConnection, a: &Action) -> StoreResult<(
     let sql = "INSERT INTO actions (id, job_id, tenant, action_type, state, version, title, request_json, \
          call_digest, token_hash, resolution_json, created_at, expires_at, resolved_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
-    bind_action(sqlx::query(sql), a)?.execute(&mut *conn).await.map_err(|e| match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict { entity: "action", id: a.id.to_string() },
-        sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
-            StoreError::NotFound { entity: "job", id: a.job_id.to_string() }
-        }
-        _ => be(e),
-    })?;
+    bind_action(sqlx::query(sql), a)?
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict {
+                entity: "action",
+                id: a.id.to_string(),
+            },
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound {
+                entity: "job",
+                id: a.job_id.to_string(),
+            },
+            _ => be(e),
+        })?;
     Ok(())
 }
 
@@ -332,7 +372,11 @@ async fn update_action(conn: &mut SqliteConnection, a: &Action, expected: u64) -
     let sql = "UPDATE actions SET id = ?1, job_id = ?2, tenant = ?3, action_type = ?4, state = ?5, version = ?6, \
          title = ?7, request_json = ?8, call_digest = ?9, token_hash = ?10, resolution_json = ?11, \
          created_at = ?12, expires_at = ?13, resolved_at = ?14 WHERE id = ?1 AND version = ?15";
-    let res = bind_action(sqlx::query(sql), a)?.bind(i64_of(expected)?).execute(&mut *conn).await.map_err(be)?;
+    let res = bind_action(sqlx::query(sql), a)?
+        .bind(i64_of(expected)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(be)?;
     if res.rows_affected() == 0 {
         return Err(missing_or_conflict(conn, "actions", "action", a.id).await);
     }
@@ -375,29 +419,48 @@ fn push_subject(qb: &mut QueryBuilder<Sqlite>, principal: Option<&str>, session:
     }
 }
 
-async fn budget_usage(conn: &mut SqliteConnection, budget: &Budget, now: DateTime<Utc>) -> StoreResult<Usage> {
+async fn budget_usage(
+    conn: &mut SqliteConnection,
+    budget: &Budget,
+    now: DateTime<Utc>,
+) -> StoreResult<Usage> {
     let sums = "COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(cost_nanos), 0) AS cost_nanos, \
                 COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(tool_calls), 0) AS tool_calls";
     let mut qb = QueryBuilder::<Sqlite>::new(format!(
         "SELECT {sums} FROM ledger_events WHERE kind IN ('model_usage', 'tool_usage') AND tenant = "
     ));
     qb.push_bind(budget.tenant.clone());
-    push_subject(&mut qb, budget.principal.as_deref(), budget.session.as_deref());
+    push_subject(
+        &mut qb,
+        budget.principal.as_deref(),
+        budget.session.as_deref(),
+    );
     if let Some(start) = budget.window.start(now) {
         qb.push(" AND at >= ").push_bind(micros(start));
     }
     let settled = usage_from_row(&qb.build().fetch_one(&mut *conn).await.map_err(be)?)?;
 
     // Live holds count whatever the window: they are about to be spent now.
-    let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {sums} FROM reservations WHERE state = 'HELD' AND tenant = "));
+    let mut qb = QueryBuilder::<Sqlite>::new(format!(
+        "SELECT {sums} FROM reservations WHERE state = 'HELD' AND tenant = "
+    ));
     qb.push_bind(budget.tenant.clone());
     qb.push(" AND expires_at > ").push_bind(micros(now));
-    push_subject(&mut qb, budget.principal.as_deref(), budget.session.as_deref());
+    push_subject(
+        &mut qb,
+        budget.principal.as_deref(),
+        budget.session.as_deref(),
+    );
     let held = usage_from_row(&qb.build().fetch_one(&mut *conn).await.map_err(be)?)?;
     Ok(settled + held)
 }
 
-fn reservation_entry(r: &Reservation, kind: LedgerKind, usage: Usage, at: DateTime<Utc>) -> NewLedgerEvent {
+fn reservation_entry(
+    r: &Reservation,
+    kind: LedgerKind,
+    usage: Usage,
+    at: DateTime<Utc>,
+) -> NewLedgerEvent {
     NewLedgerEvent {
         kind,
         tenant: r.tenant.clone(),
@@ -420,7 +483,10 @@ async fn load_reservation(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<
         .fetch_optional(&mut *conn)
         .await
         .map_err(be)?
-        .ok_or_else(|| StoreError::NotFound { entity: "reservation", id: id.to_string() })?;
+        .ok_or_else(|| StoreError::NotFound {
+            entity: "reservation",
+            id: id.to_string(),
+        })?;
     reservation_from_row(&row)
 }
 
@@ -441,21 +507,36 @@ async fn close_reservation(
         .await
         .map_err(be)?;
     if res.rows_affected() == 0 {
-        return Err(StoreError::Conflict { entity: "reservation", id: r.id.to_string() });
+        return Err(StoreError::Conflict {
+            entity: "reservation",
+            id: r.id.to_string(),
+        });
     }
     Ok(())
 }
 
-async fn release_in(conn: &mut SqliteConnection, id: Uuid, now: DateTime<Utc>, reason: &str) -> StoreResult<Reservation> {
+async fn release_in(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    now: DateTime<Utc>,
+    reason: &str,
+) -> StoreResult<Reservation> {
     let r = load_reservation(conn, id).await?;
     if r.state != ReservationState::Held {
-        return Err(StoreError::Conflict { entity: "reservation", id: id.to_string() });
+        return Err(StoreError::Conflict {
+            entity: "reservation",
+            id: id.to_string(),
+        });
     }
     close_reservation(conn, &r, ReservationState::Released, None, now).await?;
     let mut e = reservation_entry(&r, LedgerKind::Release, r.amount.clone(), now);
     e.data = serde_json::json!({ "reason": reason });
     insert_ledger(conn, &e).await?;
-    Ok(Reservation { state: ReservationState::Released, closed_at: Some(now), ..r })
+    Ok(Reservation {
+        state: ReservationState::Released,
+        closed_at: Some(now),
+        ..r
+    })
 }
 
 impl SqliteKernelStore {
@@ -512,7 +593,11 @@ impl SqliteKernelStore {
         Ok(out)
     }
 
-    async fn reserve_tx(&self, req: ReserveRequest, evaluate: BudgetEvaluator) -> StoreResult<ReserveOutcome> {
+    async fn reserve_tx(
+        &self,
+        req: ReserveRequest,
+        evaluate: BudgetEvaluator,
+    ) -> StoreResult<ReserveOutcome> {
         let mut tx = self.begin().await?;
         let rows = sqlx::query("SELECT budget_json FROM budgets WHERE tenant = ? ORDER BY id")
             .bind(req.tenant.clone())
@@ -522,33 +607,50 @@ impl SqliteKernelStore {
         let mut statuses = Vec::new();
         for row in rows {
             let budget: Budget = from_json(&get::<String>(&row, "budget_json")?)?;
-            if budget.applies_to(&req.tenant, req.principal.as_deref(), req.session.as_deref()) {
+            if budget.applies_to(
+                &req.tenant,
+                req.principal.as_deref(),
+                req.session.as_deref(),
+            ) {
                 let used = budget_usage(&mut tx, &budget, req.now).await?;
                 statuses.push(BudgetStatus { budget, used });
             }
         }
         let decision = evaluate(&req.amount, &statuses);
-        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
-            kind,
-            tenant: req.tenant.clone(),
-            principal: req.principal.clone(),
-            session: req.session.clone(),
-            job_id: req.job_id,
-            reservation_id,
-            usage: req.amount.clone(),
-            duration_ms: None,
-            model: None,
-            tool: None,
-            data,
-            at: req.now,
+        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| {
+            NewLedgerEvent {
+                kind,
+                tenant: req.tenant.clone(),
+                principal: req.principal.clone(),
+                session: req.session.clone(),
+                job_id: req.job_id,
+                reservation_id,
+                usage: req.amount.clone(),
+                duration_ms: None,
+                model: None,
+                tool: None,
+                data,
+                at: req.now,
+            }
         };
         if decision.outcome != BudgetOutcome::Allow {
-            insert_ledger(&mut tx, &entry(LedgerKind::BudgetCheck, None, serde_json::to_value(&decision).map_err(corrupt)?)).await?;
+            insert_ledger(
+                &mut tx,
+                &entry(
+                    LedgerKind::BudgetCheck,
+                    None,
+                    serde_json::to_value(&decision).map_err(corrupt)?,
+                ),
+            )
+            .await?;
         }
         if !decision.outcome.is_allowed() {
             // Commit the budget-check record; nothing is held.
             tx.commit().await.map_err(be)?;
-            return Ok(ReserveOutcome { decision, reservation: None });
+            return Ok(ReserveOutcome {
+                decision,
+                reservation: None,
+            });
         }
         let r = Reservation {
             id: Uuid::now_v7(),
@@ -583,37 +685,72 @@ impl SqliteKernelStore {
         .execute(&mut *tx)
         .await
         .map_err(be)?;
-        insert_ledger(&mut tx, &entry(LedgerKind::Hold, Some(r.id), serde_json::Value::Null)).await?;
+        insert_ledger(
+            &mut tx,
+            &entry(LedgerKind::Hold, Some(r.id), serde_json::Value::Null),
+        )
+        .await?;
         tx.commit().await.map_err(be)?;
-        Ok(ReserveOutcome { decision, reservation: Some(r) })
+        Ok(ReserveOutcome {
+            decision,
+            reservation: Some(r),
+        })
     }
 
     async fn settle_tx(&self, req: SettleRequest) -> StoreResult<Reservation> {
         let mut tx = self.begin().await?;
         let r = load_reservation(&mut tx, req.reservation_id).await?;
         if r.state == ReservationState::Settled {
-            return Err(StoreError::Conflict { entity: "reservation", id: r.id.to_string() });
+            return Err(StoreError::Conflict {
+                entity: "reservation",
+                id: r.id.to_string(),
+            });
         }
-        close_reservation(&mut tx, &r, ReservationState::Settled, Some(&req.actual), req.now).await?;
+        close_reservation(
+            &mut tx,
+            &r,
+            ReservationState::Settled,
+            Some(&req.actual),
+            req.now,
+        )
+        .await?;
         let mut usage = reservation_entry(&r, req.kind, req.actual.clone(), req.now);
         usage.duration_ms = req.duration_ms;
         usage.model = req.model;
         usage.tool = req.tool;
         usage.data = req.data;
         insert_ledger(&mut tx, &usage).await?;
-        insert_ledger(&mut tx, &reservation_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now)).await?;
+        insert_ledger(
+            &mut tx,
+            &reservation_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now),
+        )
+        .await?;
         tx.commit().await.map_err(be)?;
-        Ok(Reservation { state: ReservationState::Settled, actual: Some(req.actual), closed_at: Some(req.now), ..r })
+        Ok(Reservation {
+            state: ReservationState::Settled,
+            actual: Some(req.actual),
+            closed_at: Some(req.now),
+            ..r
+        })
     }
 
-    async fn release_tx(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> StoreResult<Reservation> {
+    async fn release_tx(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        reason: String,
+    ) -> StoreResult<Reservation> {
         let mut tx = self.begin().await?;
         let r = release_in(&mut tx, id, now, &reason).await?;
         tx.commit().await.map_err(be)?;
         Ok(r)
     }
 
-    async fn release_expired_tx(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<Reservation>> {
+    async fn release_expired_tx(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Reservation>> {
         let mut tx = self.begin().await?;
         let rows = sqlx::query("SELECT id FROM reservations WHERE state = 'HELD' AND expires_at <= ? ORDER BY expires_at, id LIMIT ?")
             .bind(micros(now))
@@ -659,7 +796,8 @@ fn push_job_filter(qb: &mut QueryBuilder<Sqlite>, f: &JobFilter) {
         qb.push(" AND kind = ").push_bind(k.clone());
     }
     if let Some(t) = &f.tag {
-        qb.push(" AND EXISTS (SELECT 1 FROM json_each(jobs.tags_json) WHERE json_each.value = ").push_bind(t.clone());
+        qb.push(" AND EXISTS (SELECT 1 FROM json_each(jobs.tags_json) WHERE json_each.value = ")
+            .push_bind(t.clone());
         qb.push(")");
     }
 }
@@ -686,7 +824,11 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>> {
+    fn get_job_by_key<'a>(
+        &'a self,
+        tenant: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<Job>>> {
         Box::pin(async move {
             let row = sqlx::query("SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?")
                 .bind(tenant.to_string())
@@ -740,7 +882,10 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>> {
+    fn get_action_by_token_hash<'a>(
+        &'a self,
+        token_hash: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<Action>>> {
         Box::pin(async move {
             let row = sqlx::query("SELECT * FROM actions WHERE token_hash = ?")
                 .bind(token_hash.to_string())
@@ -751,7 +896,10 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
+    fn list_actions<'a>(
+        &'a self,
+        filter: &'a ActionFilter,
+    ) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
         Box::pin(async move {
             let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM actions WHERE tenant = ");
             qb.push_bind(filter.tenant.clone());
@@ -772,16 +920,25 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn expired_actions(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
+    fn expired_actions(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
         Box::pin(async move {
-            let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM actions WHERE state = 'PENDING' AND expires_at <= ");
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "SELECT * FROM actions WHERE state = 'PENDING' AND expires_at <= ",
+            );
             qb.push_bind(micros(now)).push(" ORDER BY expires_at, id");
             push_limit(&mut qb, Some(limit));
             self.fetch_actions(&mut qb).await
         })
     }
 
-    fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
+    fn read_events<'a>(
+        &'a self,
+        query: &'a EventQuery,
+    ) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
         Box::pin(async move {
             let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM events WHERE id > ");
             qb.push_bind(query.after_id);
@@ -815,7 +972,10 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
+    fn list_ledger<'a>(
+        &'a self,
+        query: &'a LedgerQuery,
+    ) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
         Box::pin(async move {
             let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM ledger_events WHERE tenant = ");
             push_ledger_filter(&mut qb, query)?;
@@ -861,18 +1021,28 @@ impl KernelStore for SqliteKernelStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(be)?;
-            rows.iter().map(|r| from_json(&get::<String>(r, "budget_json")?)).collect()
+            rows.iter()
+                .map(|r| from_json(&get::<String>(r, "budget_json")?))
+                .collect()
         })
     }
 
     fn delete_budget(&self, id: Uuid) -> BoxFuture<'_, StoreResult<bool>> {
         Box::pin(async move {
-            let res = sqlx::query("DELETE FROM budgets WHERE id = ?").bind(id.to_string()).execute(&self.pool).await.map_err(be)?;
+            let res = sqlx::query("DELETE FROM budgets WHERE id = ?")
+                .bind(id.to_string())
+                .execute(&self.pool)
+                .await
+                .map_err(be)?;
             Ok(res.rows_affected() > 0)
         })
     }
 
-    fn reserve(&self, request: ReserveRequest, evaluate: BudgetEvaluator) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
+    fn reserve(
+        &self,
+        request: ReserveRequest,
+        evaluate: BudgetEvaluator,
+    ) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
         Box::pin(self.reserve_tx(request, evaluate))
     }
 
@@ -891,11 +1061,20 @@ impl KernelStore for SqliteKernelStore {
         Box::pin(self.settle_tx(request))
     }
 
-    fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>> {
+    fn release(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        reason: String,
+    ) -> BoxFuture<'_, StoreResult<Reservation>> {
         Box::pin(self.release_tx(id, now, reason))
     }
 
-    fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
+    fn release_expired(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
         Box::pin(self.release_expired_tx(now, limit))
     }
 }

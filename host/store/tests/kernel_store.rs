@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::Duration;
-use keel_kernel::clock::Clock;
 use keel_kernel::action::{ActionState, ActionType, NewAction, Resolution, ToolCallRef};
+use keel_kernel::clock::Clock;
 use keel_kernel::conformance::{self, kernel_with_clock};
 use keel_kernel::job::{JobState, NewJob};
 use keel_kernel::ledger::{LedgerKind, NewLedgerEvent, Usage, UsageQuery};
@@ -19,7 +19,9 @@ async fn sqlite_store_passes_conformance() {
     let dir = tempfile::tempdir().expect("tempdir");
     let n = AtomicUsize::new(0);
     conformance::run_all(|| {
-        let path = dir.path().join(format!("keel-{}.db", n.fetch_add(1, Ordering::SeqCst)));
+        let path = dir
+            .path()
+            .join(format!("keel-{}.db", n.fetch_add(1, Ordering::SeqCst)));
         async move {
             let db = Database::open(&path).await.expect("open");
             Arc::new(SqliteKernelStore::new(&db)) as Arc<dyn KernelStore>
@@ -39,7 +41,8 @@ async fn two_pools_on_one_file_cannot_overspend_or_double_resolve() {
     let (ka, _) = kernel_with_clock(Arc::new(a.kernel_store()));
     let (kb, _) = kernel_with_clock(Arc::new(b.kernel_store()));
 
-    let mut budget = keel_kernel::ledger::Budget::new("t", "edge", keel_kernel::ledger::BudgetWindow::Total);
+    let mut budget =
+        keel_kernel::ledger::Budget::new("t", "edge", keel_kernel::ledger::BudgetWindow::Total);
     budget.limits.max_cost = Some(Decimal::new(500, 2));
     ka.ledger().put_budget(budget).await.expect("put");
     let mut tasks = Vec::new();
@@ -63,7 +66,13 @@ async fn two_pools_on_one_file_cannot_overspend_or_double_resolve() {
     }
     assert_eq!(granted, 10, "5.00 / 0.50");
 
-    let job = ka.jobs().create(NewJob::new("t", "agent")).await.expect("create").job.id;
+    let job = ka
+        .jobs()
+        .create(NewJob::new("t", "agent"))
+        .await
+        .expect("create")
+        .job
+        .id;
     ka.jobs().start(job).await.expect("start");
     let action = ka
         .actions()
@@ -81,7 +90,12 @@ async fn two_pools_on_one_file_cannot_overspend_or_double_resolve() {
     for i in 0..16 {
         let k = if i % 2 == 0 { ka.clone() } else { kb.clone() };
         let token = action.token.clone();
-        tasks.push(tokio::spawn(async move { k.actions().resolve_by_token(&token, Resolution::approve(true)).await.is_ok() }));
+        tasks.push(tokio::spawn(async move {
+            k.actions()
+                .resolve_by_token(&token, Resolution::approve(true))
+                .await
+                .is_ok()
+        }));
     }
     let mut ok = 0;
     for t in tasks {
@@ -100,7 +114,13 @@ async fn waiting_job_survives_reopen() {
     let (job, token, action_id) = {
         let db = Database::open(&path).await.expect("open");
         let (k, _) = kernel_with_clock(Arc::new(db.kernel_store()));
-        let job = k.jobs().create(NewJob::new("t", "agent")).await.expect("create").job.id;
+        let job = k
+            .jobs()
+            .create(NewJob::new("t", "agent"))
+            .await
+            .expect("create")
+            .job
+            .id;
         k.jobs().start(job).await.expect("start");
         let created = k
             .actions()
@@ -109,7 +129,10 @@ async fn waiting_job_survives_reopen() {
                 action_type: ActionType::Approval,
                 title: "write?".into(),
                 request: json!({}),
-                call: Some(ToolCallRef { tool: "fs/write".into(), arguments: args.clone() }),
+                call: Some(ToolCallRef {
+                    tool: "fs/write".into(),
+                    arguments: args.clone(),
+                }),
                 ttl: Duration::hours(1),
             })
             .await
@@ -119,41 +142,79 @@ async fn waiting_job_survives_reopen() {
     };
     let db = Database::open(&path).await.expect("reopen");
     let (k, _) = kernel_with_clock(Arc::new(db.kernel_store()));
-    assert_eq!(k.jobs().get("t", job).await.expect("get").state, JobState::WaitingAction);
-    assert_eq!(k.actions().list_pending("t", Some(job)).await.expect("pending").len(), 1);
+    assert_eq!(
+        k.jobs().get("t", job).await.expect("get").state,
+        JobState::WaitingAction
+    );
+    assert_eq!(
+        k.actions()
+            .list_pending("t", Some(job))
+            .await
+            .expect("pending")
+            .len(),
+        1
+    );
     let waiter = {
         let k = k.clone();
         tokio::spawn(async move { k.actions().wait_for_resolution(action_id).await })
     };
-    k.actions().resolve_by_token(&token, Resolution::approve(true)).await.expect("resolve");
+    k.actions()
+        .resolve_by_token(&token, Resolution::approve(true))
+        .await
+        .expect("resolve");
     let action = waiter.await.expect("join").expect("wait");
     assert_eq!(action.state, ActionState::Resolved);
     assert!(action.authorizes("fs/write", &args));
-    assert_eq!(k.jobs().get("t", job).await.expect("get").state, JobState::Running);
+    assert_eq!(
+        k.jobs().get("t", job).await.expect("get").state,
+        JobState::Running
+    );
 }
 
 /// Costs are stored as exact integers, the token never hits the disk, the ledger is append-only.
 #[tokio::test]
 async fn storage_representation() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = Database::open(&dir.path().join("keel.db")).await.expect("open");
+    let db = Database::open(&dir.path().join("keel.db"))
+        .await
+        .expect("open");
     let (k, clock) = kernel_with_clock(Arc::new(db.kernel_store()));
     let mut e = NewLedgerEvent::new(LedgerKind::ModelUsage, "t", clock.now());
     e.usage.cost = "0.123456789".parse().expect("decimal");
     k.ledger().record(e.clone()).await.expect("record");
     k.ledger().record(e).await.expect("record");
     let (typ, nanos): (String, i64) =
-        sqlx::query_as("SELECT typeof(cost_nanos), cost_nanos FROM ledger_events LIMIT 1").fetch_one(db.pool()).await.expect("row");
+        sqlx::query_as("SELECT typeof(cost_nanos), cost_nanos FROM ledger_events LIMIT 1")
+            .fetch_one(db.pool())
+            .await
+            .expect("row");
     assert_eq!((typ.as_str(), nanos), ("integer", 123_456_789));
-    let usage = k.ledger().usage(&UsageQuery { tenant: "t".into(), ..Default::default() }).await.expect("usage");
+    let usage = k
+        .ledger()
+        .usage(&UsageQuery {
+            tenant: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("usage");
     assert_eq!(usage.cost.to_string(), "0.246913578");
 
-    let err = sqlx::query("UPDATE ledger_events SET cost_nanos = 0").execute(db.pool()).await;
+    let err = sqlx::query("UPDATE ledger_events SET cost_nanos = 0")
+        .execute(db.pool())
+        .await;
     assert!(err.is_err(), "ledger rows cannot be updated");
-    let err = sqlx::query("DELETE FROM ledger_events").execute(db.pool()).await;
+    let err = sqlx::query("DELETE FROM ledger_events")
+        .execute(db.pool())
+        .await;
     assert!(err.is_err(), "ledger rows cannot be deleted");
 
-    let job = k.jobs().create(NewJob::new("t", "agent")).await.expect("create").job.id;
+    let job = k
+        .jobs()
+        .create(NewJob::new("t", "agent"))
+        .await
+        .expect("create")
+        .job
+        .id;
     k.jobs().start(job).await.expect("start");
     let created = k
         .actions()
@@ -167,13 +228,18 @@ async fn storage_representation() {
         })
         .await
         .expect("action");
-    let dump: Vec<(String,)> = sqlx::query_as("SELECT token_hash FROM actions").fetch_all(db.pool()).await.expect("rows");
+    let dump: Vec<(String,)> = sqlx::query_as("SELECT token_hash FROM actions")
+        .fetch_all(db.pool())
+        .await
+        .expect("rows");
     assert_eq!(dump.len(), 1);
     assert_ne!(dump[0].0, created.token);
-    let hits: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM actions WHERE instr(request_json || title || token_hash, ?) > 0")
-        .bind(created.token.clone())
-        .fetch_one(db.pool())
-        .await
-        .expect("count");
+    let hits: (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM actions WHERE instr(request_json || title || token_hash, ?) > 0",
+    )
+    .bind(created.token.clone())
+    .fetch_one(db.pool())
+    .await
+    .expect("count");
     assert_eq!(hits.0, 0, "the token is stored nowhere");
 }

@@ -35,6 +35,9 @@ enum Command {
     Call(commands::plugins::CallArgs),
     /// Run a WASI command component (wasi:cli/run) under the same kind of grants and limits.
     Exec(commands::plugins::ExecArgs),
+    /// Validate a policy file or dry-run a policy decision.
+    #[command(subcommand)]
+    Policy(commands::policy::PolicyCommand),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
             Command::Plugins(cmd) => commands::plugins::plugins(&home, cmd).await,
             Command::Call(args) => commands::plugins::call(&home, args).await,
             Command::Exec(args) => commands::plugins::exec(&home, args).await,
+            Command::Policy(cmd) => commands::policy::run(&home, cmd),
         }
     });
     match result {

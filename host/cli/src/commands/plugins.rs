@@ -584,7 +584,9 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     if report.logs_truncated {
         eprintln!("[{plugin_name}] (further log lines dropped: log limit reached)");
     }
-    for denial in &report.denials {
+    // A denial the plugin already reported as its error is not repeated.
+    let reported = matches!(report.result, Err(ToolError::Denied { .. }));
+    for denial in report.denials.iter().filter(|_| !reported) {
         eprintln!(
             "denied: {} {} — {} (grant with `keel plugins grant {plugin_name} --allow-net HOST`)",
             denial.capability, denial.target, denial.reason

@@ -769,3 +769,33 @@ async fn fuel_limit_stops_an_infinite_loop() {
         out.fuel_consumed
     );
 }
+
+#[tokio::test]
+async fn preexisting_symlinks_inside_a_grant_cannot_leave_it() {
+    let env = setup().await;
+    let rw = env.base.join("rw");
+    std::os::unix::fs::symlink("chain2", rw.join("chain1")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", rw.join("chain2")).unwrap();
+    std::os::unix::fs::symlink("..", rw.join("sub/up")).unwrap();
+    std::os::unix::fs::symlink(env.base.join("secret.txt"), rw.join("abs")).unwrap();
+    std::os::unix::fs::symlink(env.base.join("outside"), rw.join("absdir")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", env.base.join("ro/link")).unwrap();
+    for (dir, path) in [
+        ("/rw", "chain1"),
+        ("/rw", "chain2"),
+        ("/rw", "sub/up/../secret.txt"),
+        ("/rw", "sub/up/sub/up/../secret.txt"),
+        ("/rw", "abs"),
+        ("/rw", "absdir/secret.txt"),
+        ("/ro", "link"),
+    ] {
+        env.assert_fs_refused("traverse_read", json!({"dir": dir, "path": path}))
+            .await;
+    }
+    // Following a link that stays inside the grant is fine.
+    let report = env
+        .call("traverse_read", json!({"dir": "/rw", "path": "sub/up/sub"}))
+        .await;
+    assert!(!format!("{:?}", report.result).contains(SECRET));
+    env.assert_alive().await;
+}

@@ -72,7 +72,7 @@ fn approval(job_id: Uuid, tool: &str, args: serde_json::Value, ttl: Duration) ->
     }
 }
 
-/// Run every check, each on a fresh store from `make`.
+/// Run every check in order, each on a fresh store from `make`.
 pub async fn run_all<F, Fut>(make: F)
 where
     F: Fn() -> Fut,
@@ -95,6 +95,31 @@ where
     concurrent_idempotency(make().await).await;
     concurrent_token_resolution(make().await).await;
     concurrent_job_writers(make().await).await;
+}
+
+/// Expand to one `#[tokio::test]` per conformance check, so a failure names the check.
+/// `$make` is an async function (or closure) `fn(&'static str) -> Arc<dyn KernelStore>` called
+/// with the check's name, e.g. to name a database file. The caller needs `tokio` (macros,
+/// multi-threaded runtime) as a dev-dependency.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            job_lifecycle, idempotency, optimistic_concurrency, list_count_and_tenant_isolation,
+            cancel_cascades, deadline_sweep, approvals_and_tokens, action_expiry, wait_for_resolution,
+            events, ledger_and_budgets, budget_windows_and_subjects, reservation_expiry,
+            concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
+            concurrent_job_writers);
+    };
+    (@each $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let store = ($make)(stringify!($name)).await;
+                $crate::conformance::$name(store).await;
+            }
+        )*
+    };
 }
 
 /// Create -> start -> progress -> wait -> resume -> complete, with round-trips, the transition
@@ -215,6 +240,19 @@ pub async fn job_lifecycle(store: Arc<dyn KernelStore>) {
         failed.error.as_ref().map(|e| e.code.as_str()),
         Some("tool_failed")
     );
+
+    // The execution context is checkpointed with the job and survives the store.
+    let mut ctx = crate::context::ExecutionContext::new("t1").with_principal("alice");
+    ctx.budget.max_cost = Some(dec("2.5"));
+    let from_ctx = k
+        .jobs()
+        .create(NewJob::from_context(&ctx, "agent"))
+        .await
+        .expect("create");
+    let stored = k.jobs().get("t1", from_ctx.job.id).await.expect("get");
+    let restored = stored.context().expect("context checkpointed");
+    assert_eq!(restored, ctx.clone().with_job(stored.id));
+    assert_eq!(stored.run_id, Some(ctx.run_id));
 }
 
 /// The same idempotency key in the same tenant returns the first job; other tenants are separate.
@@ -1057,7 +1095,10 @@ pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
     assert_eq!(released.state, ReservationState::Released);
     assert!(matches!(
         k.ledger().release(r3.reservation.id, "again").await,
-        Err(KernelError::ReservationState { .. })
+        Err(KernelError::ReservationState {
+            state: ReservationState::Released,
+            ..
+        })
     ));
     k.ledger()
         .reserve(hold("0.2", 0))
@@ -1078,6 +1119,13 @@ pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
         k.ledger().budgets("t1").await.expect("list").len(),
         1,
         "put replaces"
+    );
+    let report = k.ledger().budget_report("t1").await.expect("report");
+    assert_eq!(report.len(), 1);
+    assert_eq!(
+        report[0].used.cost,
+        dec("0.3"),
+        "settled usage in the window"
     );
     let r = k
         .ledger()

@@ -158,6 +158,16 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+impl Job {
+    /// The execution context checkpointed by [`NewJob::from_context`], bound to this job (with
+    /// a fresh cancellation token), if there is one.
+    pub fn context(&self) -> Option<crate::context::ExecutionContext> {
+        let ctx: crate::context::ExecutionContext =
+            serde_json::from_value(self.metadata.get("context")?.clone()).ok()?;
+        Some(ctx.with_job(self.id))
+    }
+}
+
 /// What a caller supplies to create a job.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NewJob {
@@ -195,7 +205,8 @@ impl NewJob {
         }
     }
 
-    /// Take tenant, principal, session and run from a context.
+    /// Take tenant, principal, session and run from a context, and checkpoint the context
+    /// itself in `metadata.context` (read it back with [`Job::context`]).
     pub fn from_context(ctx: &crate::context::ExecutionContext, kind: impl Into<String>) -> Self {
         Self {
             tenant: ctx.tenant.clone(),
@@ -203,6 +214,7 @@ impl NewJob {
             session: ctx.session.clone(),
             run_id: Some(ctx.run_id),
             kind: kind.into(),
+            metadata: serde_json::json!({ "context": ctx }),
             ..Default::default()
         }
     }

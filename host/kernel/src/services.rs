@@ -1142,11 +1142,10 @@ impl Ledger {
             data: details.data,
             now: self.core.now(),
         };
-        self.core
-            .store
-            .settle(req)
-            .await
-            .map_err(|e| self.reservation_error(id, e))
+        match self.core.store.settle(req).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.reservation_error(id, e).await),
+        }
     }
 
     /// Release a hold without usage (the call failed or was not made).
@@ -1156,10 +1155,13 @@ impl Ledger {
             .store
             .release(id, self.core.now(), reason.to_string())
             .await;
-        r.map_err(|e| self.reservation_error(id, e))
+        match r {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.reservation_error(id, e).await),
+        }
     }
 
-    fn reservation_error(&self, id: Uuid, e: StoreError) -> KernelError {
+    async fn reservation_error(&self, id: Uuid, e: StoreError) -> KernelError {
         match e {
             StoreError::NotFound {
                 entity: "reservation",
@@ -1168,12 +1170,40 @@ impl Ledger {
             StoreError::Conflict {
                 entity: "reservation",
                 ..
-            } => KernelError::ReservationState {
-                id,
-                state: crate::ledger::ReservationState::Settled,
+            } => match self.core.store.get_reservation(id).await {
+                Ok(Some(r)) => KernelError::ReservationState { id, state: r.state },
+                Ok(None) => KernelError::ReservationNotFound(id),
+                Err(e) => e.into(),
             },
             e => e.into(),
         }
+    }
+
+    /// Each budget of `tenant` with its settled usage in the current window (live holds are not
+    /// included: this is a report, not a check). For `keel budgets` and dashboards.
+    pub async fn budget_report(
+        &self,
+        tenant: &str,
+    ) -> KernelResult<Vec<crate::ledger::BudgetStatus>> {
+        let now = self.core.now();
+        let mut out = Vec::new();
+        for budget in self.core.store.list_budgets(tenant).await? {
+            let query = UsageQuery {
+                tenant: budget.tenant.clone(),
+                principal: budget.principal.clone(),
+                session: budget.session.clone(),
+                job_id: None,
+                from: budget.window.start(now),
+                to: None,
+            };
+            let used = if budget.window == crate::ledger::BudgetWindow::PerRequest {
+                Usage::zero()
+            } else {
+                self.core.store.usage(&query).await?
+            };
+            out.push(crate::ledger::BudgetStatus { budget, used });
+        }
+        Ok(out)
     }
 
     /// A reservation by id.

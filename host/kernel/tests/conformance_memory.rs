@@ -1,4 +1,4 @@
-//! The store conformance suite against the in-memory store.
+//! The store conformance suite against the in-memory store, one test per check.
 #![cfg(feature = "conformance")]
 
 use std::sync::Arc;
@@ -6,10 +6,13 @@ use std::sync::Arc;
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::store::KernelStore;
 
+async fn memory_store(_check: &'static str) -> Arc<dyn KernelStore> {
+    Arc::new(MemoryStore::new())
+}
+
+keel_kernel::conformance_tests!(memory_store);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_store_passes_conformance() {
-    keel_kernel::conformance::run_all(|| async {
-        Arc::new(MemoryStore::new()) as Arc<dyn KernelStore>
-    })
-    .await;
+async fn run_all_in_sequence() {
+    keel_kernel::conformance::run_all(|| memory_store("all")).await;
 }

@@ -14,6 +14,25 @@ use keel_store::{Database, SqliteKernelStore};
 use rust_decimal::Decimal;
 use serde_json::json;
 
+/// A fresh database file per check, under cargo's per-target scratch dir (kept for inspection,
+/// recreated on the next run).
+async fn sqlite_store(check: &'static str) -> Arc<dyn KernelStore> {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("keel-store-conformance");
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let path = dir.join(format!("{check}.db"));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let db = Database::open(&path).await.expect("open");
+    Arc::new(SqliteKernelStore::new(&db))
+}
+
+mod conformance_suite {
+    use super::sqlite_store;
+    keel_kernel::conformance_tests!(sqlite_store);
+}
+
+/// The whole suite in sequence on temp-file databases (as a downstream backend would run it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_store_passes_conformance() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -552,6 +552,14 @@ async fn out_of_bounds_string_to_host_traps_cleanly() {
             "huge_host_arg at {at}: {:?}",
             report.result
         );
+        // The error must say what went wrong (wasmtime's root cause is "string pointer/length out of
+        // bounds of memory"), not the first line of the backtrace.
+        let message = format!("{:?}", report.result);
+        assert!(
+            (message.contains("bounds") || message.contains("string"))
+                && !message.contains("wasm backtrace"),
+            "huge_host_arg at {at}: the error does not name the cause: {message}"
+        );
         let logged: usize = report.logs.iter().map(|l| l.message.len()).sum();
         assert!(logged <= Limits::default().max_log_bytes as usize);
         env.assert_alive().await;
@@ -703,6 +711,7 @@ async fn host_survives_a_barrage_of_attacks_in_a_row() {
         ),
     ] {
         let report = env.call_with(&env.grants, &limits, tool, args).await;
+        eprintln!("{tool}: {:?}", report.result);
         assert!(report.result.is_err(), "{tool} unexpectedly succeeded");
         let ok = env.call_with(&env.grants, &limits, "ok", json!({})).await;
         assert_eq!(

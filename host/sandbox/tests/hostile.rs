@@ -808,3 +808,20 @@ async fn preexisting_symlinks_inside_a_grant_cannot_leave_it() {
     assert!(!format!("{:?}", report.result).contains(SECRET));
     env.assert_alive().await;
 }
+
+#[tokio::test]
+async fn no_state_survives_between_calls() {
+    let env = setup().await;
+    for _ in 0..3 {
+        let report = env.call("counter", json!({})).await;
+        assert_eq!(
+            report.result.expect("counter").output,
+            json!({"count": 1}),
+            "guest state leaked between calls"
+        );
+    }
+    // Not even across a trap.
+    let _ = env.call("panic", json!({})).await;
+    let report = env.call("counter", json!({})).await;
+    assert_eq!(report.result.expect("counter").output, json!({"count": 1}));
+}

@@ -36,6 +36,7 @@
 //! - `log_flood` — sends `lines` log lines (default 100000).
 //! - `stdout_flood` — writes `mb` MiB (default 8) to stdout and stderr.
 //! - `panic` — panics (a guest trap).
+//! - `counter` — increments a static and returns it: `1` on every call unless state leaks between calls.
 //! - `read_env` — returns the value of an environment variable (or the error) and the names visible.
 
 use std::hint::black_box;
@@ -876,6 +877,14 @@ fn read_env(_: &Context, i: EnvInput) -> Result<Value, ToolError> {
     })
 }
 
+/// Per-instance state: a fresh instance per call always starts from zero.
+static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn counter(_: &Context, _: Value) -> Result<Value, ToolError> {
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    Ok(json!({ "count": n }))
+}
+
 fn ok(_: &Context, _: Value) -> Result<Value, ToolError> {
     Ok(json!({ "ok": true }))
 }
@@ -971,6 +980,11 @@ impl Plugin for Hostile {
             ),
             Tool::new("log_flood", "Send 100k log lines.", log_flood),
             Tool::new("panic", "Panic.", panic_tool),
+            Tool::new(
+                "counter",
+                "Count calls in a static: always 1 when instances are fresh.",
+                counter,
+            ),
             Tool::new("read_env", "Read an environment variable.", read_env),
         ]
     }

@@ -1377,7 +1377,7 @@ impl Kernel {
     ) -> tokio::task::JoinHandle<()> {
         let kernel = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -1390,5 +1390,40 @@ impl Kernel {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn background_sweeper_times_out_jobs_and_stops() {
+        let clock = Arc::new(ManualClock::new(Utc::now()));
+        let kernel = Kernel::with_clock(
+            Arc::new(MemoryStore::new()),
+            clock.clone(),
+            KernelConfig::default(),
+        );
+        let mut new = NewJob::new("t", "agent");
+        new.deadline = Some(clock.now() + chrono::Duration::seconds(5));
+        let job = kernel.jobs().create(new).await.unwrap().job;
+        let token = kernel.jobs().cancellation_token(job.id);
+        let mut sub =
+            kernel.subscribe(EventFilter::job(job.id).with_types([EventType::JobStatusChanged]));
+        clock.advance(chrono::Duration::seconds(6));
+        let stop = CancellationToken::new();
+        let sweeper = kernel.spawn_sweeper(std::time::Duration::from_millis(10), stop.clone());
+        let event = sub.recv().await.unwrap();
+        assert_eq!(event.data["to"], "TIMED_OUT");
+        token.cancelled().await;
+        stop.cancel();
+        sweeper.await.unwrap();
+        assert_eq!(
+            kernel.jobs().get("t", job.id).await.unwrap().state,
+            JobState::TimedOut
+        );
     }
 }

@@ -496,3 +496,37 @@ async fn authority_tricks_do_not_bypass_the_allowlist() {
         "the service that was not granted must never be contacted"
     );
 }
+
+#[tokio::test]
+async fn a_server_that_never_answers_hits_the_call_deadline() {
+    let env = setup().await;
+    // The handler parks its connection thread; the guest is left blocked inside a host call.
+    let server = Server::start(|_, _| {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        text(200, "too late")
+    });
+    let grants = net(&[format!("localhost:{}", server.port)], true);
+    let limits = Limits {
+        timeout_ms: 500,
+        ..Limits::default()
+    };
+    let args = json!({"url": format!("http://localhost:{}/", server.port)});
+    let ctx = ToolCallContext::ad_hoc("test");
+    let report = env
+        .sandbox
+        .call(&env.plugin, &grants, &limits, &ctx, "http_get", &args)
+        .await;
+    assert!(
+        matches!(report.result, Err(ToolError::TimedOut { .. })),
+        "{:?}",
+        report.result
+    );
+    let ok = env
+        .sandbox
+        .call(&env.plugin, &grants, &limits, &ctx, "ok", &json!({}))
+        .await;
+    assert_eq!(
+        ok.result.expect("ok after a hung request").output,
+        json!({"ok": true})
+    );
+}

@@ -203,6 +203,15 @@ fn cases() -> Vec<Case> {
             }),
         },
         Case {
+            name: "tool_require_approval_miss",
+            expect: Outcome::RequireApproval,
+            run: Box::new(move || {
+                policy
+                    .evaluate_with(&tool("js-exec/run", read), approvals)
+                    .outcome
+            }),
+        },
+        Case {
             name: "model_allow",
             expect: Outcome::Allow,
             run: Box::new(move || {

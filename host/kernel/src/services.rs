@@ -35,6 +35,7 @@ use crate::store::{ActionWrite, Batch, JobWrite, KernelStore, StoreError};
 
 /// Tunables of the kernel core. Names match the `[kernel]` config section and CLI flags.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct KernelConfig {
     /// Live events buffered per slow subscriber before it lags (and must re-read the store).
     pub event_buffer: usize,
@@ -44,6 +45,10 @@ pub struct KernelConfig {
     pub sweep_batch: u32,
     /// How long a budget hold lives if never settled, in seconds.
     pub hold_ttl_secs: i64,
+    /// If set, `wait_for_resolution` also re-reads the store this often (milliseconds). Live
+    /// wake-ups are in-process only; set this when *another process* may resolve actions in the
+    /// same database (e.g. `keel actions resolve` against a running `keel serve` on SQLite).
+    pub action_recheck_ms: Option<u64>,
 }
 
 impl Default for KernelConfig {
@@ -53,6 +58,7 @@ impl Default for KernelConfig {
             max_write_attempts: 64,
             sweep_batch: 500,
             hold_ttl_secs: 600,
+            action_recheck_ms: None,
         }
     }
 }
@@ -988,8 +994,18 @@ impl ActionManager {
                 .unwrap_or_default();
             let expiry = tokio::time::sleep(remaining);
             tokio::pin!(expiry);
+            let recheck = async {
+                match self.core.config.action_recheck_ms {
+                    Some(ms) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(ms.max(1))).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(recheck);
             loop {
                 tokio::select! {
+                    _ = &mut recheck => break,
                     event = sub.recv() => match event {
                         Ok(e) if e.data.get("action_id").and_then(|v| v.as_str()) == Some(id.to_string().as_str()) => break,
                         Ok(_) => continue,

@@ -5,11 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::Duration;
 use keel_kernel::action::{ActionState, ActionType, NewAction, Resolution, ToolCallRef};
-use keel_kernel::clock::Clock;
+use keel_kernel::clock::{Clock, SystemClock};
 use keel_kernel::conformance::{self, kernel_with_clock};
 use keel_kernel::job::{JobState, NewJob};
 use keel_kernel::ledger::{LedgerKind, NewLedgerEvent, Usage, UsageQuery};
 use keel_kernel::store::KernelStore;
+use keel_kernel::{Kernel, KernelConfig};
 use keel_store::{Database, SqliteKernelStore};
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -261,4 +262,51 @@ async fn storage_representation() {
     .await
     .expect("count");
     assert_eq!(hits.0, 0, "the token is stored nowhere");
+}
+
+/// With `action_recheck_ms`, a waiter in one "process" sees a resolution committed by another
+/// process (a second pool on the same file, with its own event bus).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_sees_resolution_from_another_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keel.db");
+    let a = Database::open(&path).await.expect("open a");
+    let b = Database::open(&path).await.expect("open b");
+    let config = KernelConfig {
+        action_recheck_ms: Some(10),
+        ..KernelConfig::default()
+    };
+    let ka = Kernel::with_clock(Arc::new(a.kernel_store()), Arc::new(SystemClock), config);
+    let kb = Kernel::new(Arc::new(b.kernel_store()));
+    let job = ka
+        .jobs()
+        .create(NewJob::new("t", "agent"))
+        .await
+        .expect("create")
+        .job
+        .id;
+    ka.jobs().start(job).await.expect("start");
+    let created = ka
+        .actions()
+        .create(NewAction {
+            job_id: job,
+            action_type: ActionType::Confirm,
+            title: "ok?".into(),
+            request: json!({}),
+            call: None,
+            ttl: Duration::hours(1),
+        })
+        .await
+        .expect("action");
+    let waiter = {
+        let ka = ka.clone();
+        let id = created.action.id;
+        tokio::spawn(async move { ka.actions().wait_for_resolution(id).await })
+    };
+    kb.actions()
+        .resolve_by_token(&created.token, Resolution::approve(true))
+        .await
+        .expect("resolve in the other process");
+    let action = waiter.await.expect("join").expect("wait");
+    assert_eq!(action.state, ActionState::Resolved);
 }

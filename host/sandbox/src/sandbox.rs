@@ -552,15 +552,32 @@ fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &MemoryO
             message: "too many concurrent plugin calls; try again".into(),
         };
     }
-    // A Rust panic prints its message to stderr before trapping: surface it.
-    let stderr = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
-    let panic = stderr.lines().rev().find(|l| l.contains("panicked")).map(str::to_string);
-    let message = match (error.downcast_ref::<Trap>(), panic) {
+    let message = match (error.downcast_ref::<Trap>(), panic_message(&stderr.contents())) {
         (_, Some(panic)) => format!("the plugin panicked: {panic}"),
+        (Some(Trap::MemoryOutOfBounds), None) => format!(
+            "the plugin trapped: {} (a guest stack overflow from deep recursion also ends this way)",
+            Trap::MemoryOutOfBounds
+        ),
         (Some(trap), None) => format!("the plugin trapped: {trap}"),
-        (None, None) => format!("the plugin failed: {}", first_line(&text)),
+        // Not a trap: the root cause names the problem (e.g. a string out of bounds of memory);
+        // the outer context is only "error while executing at wasm backtrace".
+        (None, None) => format!("the plugin failed: {}", first_line(&error.root_cause().to_string())),
     };
     ToolError::Trapped { message }
+}
+
+/// The panic line a Rust guest printed to stderr (`thread '..' panicked at file:line:`) together
+/// with its message, which Rust prints on the following line.
+fn panic_message(stderr: &[u8]) -> Option<String> {
+    let stderr = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let at = lines.iter().rposition(|l| l.contains("panicked"))?;
+    let mut message = lines[at].trim().to_string();
+    if let Some(next) = lines.get(at + 1).filter(|l| !l.trim().is_empty() && !l.starts_with("note:")) {
+        message.push(' ');
+        message.push_str(next.trim());
+    }
+    Some(message)
 }
 
 fn convert_tool_error(error: wit::ToolError) -> ToolError {
@@ -643,5 +660,15 @@ mod tests {
         assert!(!semver_compatible("1.0.0", "0.1.0"));
         assert!(semver_compatible("1.4.0", "1.0.0"));
         assert!(!semver_compatible("garbage", "0.1.0"));
+    }
+
+    #[test]
+    fn panic_messages_keep_their_text() {
+        let stderr = b"thread '<unnamed>' (1) panicked at src/lib.rs:9:5:\nboom went the plugin\nnote: run with RUST_BACKTRACE=1\n";
+        assert_eq!(
+            panic_message(stderr).unwrap(),
+            "thread '<unnamed>' (1) panicked at src/lib.rs:9:5: boom went the plugin"
+        );
+        assert_eq!(panic_message(b"just some output\n"), None);
     }
 }

@@ -84,7 +84,7 @@ struct ToolRuleFile {
     scopes: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     principals: Option<Spanned<Vec<Spanned<String>>>>,
-    decision: Outcome,
+    decision: Decision,
     #[serde(default)]
     reason: Option<String>,
     #[serde(default)]
@@ -117,7 +117,7 @@ struct ModelRuleFile {
     scopes: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     principals: Option<Spanned<Vec<Spanned<String>>>>,
-    decision: Outcome,
+    decision: Decision,
     #[serde(default)]
     max_tokens: Option<u64>,
     #[serde(default)]
@@ -141,9 +141,30 @@ struct ConstraintFile {
     #[serde(default)]
     max_turns: Option<u32>,
     #[serde(default)]
-    on_violation: Option<Spanned<Outcome>>,
+    on_violation: Option<Spanned<Decision>>,
     #[serde(default)]
     reason: Option<String>,
+}
+
+/// A decision as written in a file (lower case, so error messages list exactly what to write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Decision {
+    Allow,
+    Warn,
+    RequireApproval,
+    Deny,
+}
+
+impl From<Decision> for Outcome {
+    fn from(d: Decision) -> Self {
+        match d {
+            Decision::Allow => Outcome::Allow,
+            Decision::Warn => Outcome::Warn,
+            Decision::RequireApproval => Outcome::RequireApproval,
+            Decision::Deny => Outcome::Deny,
+        }
+    }
 }
 
 /// A cost written as a string (`"0.50"`, exact: recommended), an integer or a float.
@@ -195,7 +216,15 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let cx = Cx { text, origin };
     let file: PolicyFile = toml::from_str(text).map_err(|e| {
         let at = e.span().map_or(0, |s| s.start);
-        cx.err(at..at, e.message().trim_end())
+        let message = e.message().trim_end();
+        if message == "invalid type: map, expected a sequence" {
+            // The usual cause: `[tool]` where `[[tool]]` was meant.
+            return cx.err(
+                at..at,
+                format!("{message}; rules are arrays of tables: write [[tool]], [[model]], [[constraint]]"),
+            );
+        }
+        cx.err(at..at, message)
     })?;
     compile(file, &cx)
 }
@@ -259,15 +288,18 @@ fn compile(file: PolicyFile, cx: &Cx<'_>) -> Result<Policy, PolicyError> {
         for (key, cond) in rule.when {
             when.push(condition(cx, &meta.name, key, cond)?);
         }
-        let reason = meta
-            .reason
-            .clone()
-            .unwrap_or_else(|| format!("tool rule `{}`: {}", meta.name, rule.decision.verb()));
+        let reason = meta.reason.clone().unwrap_or_else(|| {
+            format!(
+                "tool rule `{}`: {}",
+                meta.name,
+                Outcome::from(rule.decision).verb()
+            )
+        });
         tool_rules.push(ToolRule {
             meta,
             tools,
             when,
-            decision: rule.decision,
+            decision: rule.decision.into(),
             reason,
         });
     }
@@ -283,14 +315,17 @@ fn compile(file: PolicyFile, cx: &Cx<'_>) -> Result<Policy, PolicyError> {
             rule.reason,
         )?;
         let models = patterns(cx, rule.models, "models", false)?;
-        let reason = meta
-            .reason
-            .clone()
-            .unwrap_or_else(|| format!("model rule `{}`: {}", meta.name, rule.decision.verb()));
+        let reason = meta.reason.clone().unwrap_or_else(|| {
+            format!(
+                "model rule `{}`: {}",
+                meta.name,
+                Outcome::from(rule.decision).verb()
+            )
+        });
         model_rules.push(ModelRule {
             meta,
             models,
-            decision: rule.decision,
+            decision: rule.decision.into(),
             max_tokens: rule.max_tokens,
             reason,
         });
@@ -323,7 +358,7 @@ fn compile(file: PolicyFile, cx: &Cx<'_>) -> Result<Policy, PolicyError> {
         }
         let on_violation = match rule.on_violation {
             None => Outcome::Deny,
-            Some(o) if *o.get_ref() == Outcome::Allow => {
+            Some(o) if *o.get_ref() == Decision::Allow => {
                 return Err(cx.err(
                     o.span(),
                     format!(
@@ -332,7 +367,7 @@ fn compile(file: PolicyFile, cx: &Cx<'_>) -> Result<Policy, PolicyError> {
                     ),
                 ));
             }
-            Some(o) => o.into_inner(),
+            Some(o) => o.into_inner().into(),
         };
         let max_cost_per_request = match rule.max_cost_per_request {
             Some(c) if c.get_ref().0.is_sign_negative() => {

@@ -45,22 +45,17 @@ pub const SESSION_APPROVAL_RULE: &str = "session-approval";
 /// What a policy decides. Ordered by severity: `Allow < Warn < RequireApproval < Deny`.
 ///
 /// Serialized as `ALLOW`, `WARN`, `REQUIRE_APPROVAL`, `DENY`; written in policy files as `allow`,
-/// `warn`, `require_approval`, `deny`. Deserialization accepts both spellings, so a recorded
-/// decision reads back.
+/// `warn`, `require_approval`, `deny`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all(serialize = "SCREAMING_SNAKE_CASE", deserialize = "snake_case"))]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Outcome {
     /// Go ahead.
-    #[serde(alias = "ALLOW")]
     Allow,
     /// Go ahead, but record/show the reason.
-    #[serde(alias = "WARN")]
     Warn,
     /// Ask a human first.
-    #[serde(alias = "REQUIRE_APPROVAL")]
     RequireApproval,
     /// Refuse.
-    #[serde(alias = "DENY")]
     Deny,
 }
 

@@ -576,7 +576,12 @@ fn toml_syntax_error_has_line() {
 fn bad_decision_and_default_values() {
     let (line, msg) = load_err("[[tool]]\nname = \"a\"\ntools = [\"x\"]\ndecision = \"maybe\"\n");
     assert_eq!(line, 4, "{msg}");
-    assert!(msg.contains("unknown variant `maybe`"), "{msg}");
+    assert!(
+        msg.contains(
+            "unknown variant `maybe`, expected one of `allow`, `warn`, `require_approval`, `deny`"
+        ),
+        "{msg}"
+    );
     let (line, msg) = load_err("\ndefault = \"sometimes\"\n");
     assert_eq!(line, 2, "{msg}");
 }
@@ -736,4 +741,11 @@ fn policy_is_shareable_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Policy>();
     assert_send_sync::<SessionApprovals>();
+}
+
+#[test]
+fn single_bracket_rule_table_gets_a_hint() {
+    let (line, msg) = load_err("default = \"deny\"\n[tool]\nname = \"a\"\n");
+    assert_eq!(line, 2, "{msg}");
+    assert!(msg.contains("write [[tool]]"), "{msg}");
 }

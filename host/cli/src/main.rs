@@ -38,6 +38,21 @@ enum Command {
     /// Validate a policy file or dry-run a policy decision.
     #[command(subcommand)]
     Policy(commands::policy::PolicyCommand),
+    /// List, inspect and cancel durable jobs.
+    #[command(subcommand)]
+    Jobs(commands::jobs::JobsCommand),
+    /// List and answer human-in-the-loop actions (approve/deny by id, or resolve a resume token).
+    #[command(subcommand)]
+    Actions(commands::actions::ActionsCommand),
+    /// Read the usage ledger.
+    #[command(subcommand)]
+    Ledger(commands::ledger::LedgerCommand),
+    /// Set and show budgets.
+    #[command(subcommand)]
+    Budgets(commands::budgets::BudgetsCommand),
+    /// Kernel stress and invariant tools for tests.
+    #[command(subcommand, hide = true)]
+    Debug(commands::debug::DebugCommand),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +75,11 @@ fn main() -> ExitCode {
             Command::Call(args) => commands::plugins::call(&home, args).await,
             Command::Exec(args) => commands::plugins::exec(&home, args).await,
             Command::Policy(cmd) => commands::policy::run(&home, cmd),
+            Command::Jobs(cmd) => commands::jobs::run(&home, cmd).await,
+            Command::Actions(cmd) => commands::actions::run(&home, cmd).await,
+            Command::Ledger(cmd) => commands::ledger::run(&home, cmd).await,
+            Command::Budgets(cmd) => commands::budgets::run(&home, cmd).await,
+            Command::Debug(cmd) => commands::debug::run(&home, cmd).await,
         }
     });
     match result {

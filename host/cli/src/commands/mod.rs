@@ -1,4 +1,10 @@
 //! One module per command group.
 
+pub mod actions;
+pub mod budgets;
+pub mod debug;
+pub mod jobs;
+pub mod kernel_app;
+pub mod ledger;
 pub mod plugins;
 pub mod policy;

@@ -1,0 +1,226 @@
+//! `keel actions list|approve|deny|resolve`: the human side of human-in-the-loop actions.
+//!
+//! `approve`/`deny` act as a trusted operator by action id (the kernel's tenant-checked
+//! `ActionManager::resolve`); `resolve` presents a resume token, exactly as a remote approver would.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{ArgGroup, Subcommand};
+use keel_kernel::action::{Action, ActionFilter, ActionState, Resolution};
+use serde_json::Value;
+
+use crate::commands::kernel_app::{DEFAULT_SCOPE, open_kernel, parse_id, when};
+use crate::output::{CliError, CliResult, print_json};
+
+/// `keel actions ...`.
+#[derive(Debug, Subcommand)]
+pub enum ActionsCommand {
+    /// List actions (pending ones unless --all or --state).
+    List {
+        /// Only the actions of this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Scope (tenant).
+        #[arg(long, default_value = DEFAULT_SCOPE)]
+        scope: String,
+        /// Only actions in this state (pending, resolved, expired, cancelled). Repeatable.
+        #[arg(long = "state", value_name = "STATE", value_parser = parse_action_state, conflicts_with = "all")]
+        states: Vec<ActionState>,
+        /// Every action, whatever its state.
+        #[arg(long)]
+        all: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending action by id, as the operator.
+    Approve(DecideArgs),
+    /// Deny a pending action by id, as the operator.
+    Deny(DecideArgs),
+    /// Resolve the action a resume token belongs to (`-` reads the token from stdin).
+    #[command(group(ArgGroup::new("verdict").args(["approve", "deny"])))]
+    Resolve {
+        /// The resume token, or `-` to read it from stdin (keeps it out of `ps`).
+        token: String,
+        /// The answer as JSON (the chosen option, the input, ...).
+        #[arg(long)]
+        value: Option<String>,
+        /// Approve (confirmations and approvals need --approve or --deny).
+        #[arg(long)]
+        approve: bool,
+        /// Deny.
+        #[arg(long)]
+        deny: bool,
+        /// Who is answering (recorded with the resolution).
+        #[arg(long)]
+        by: Option<String>,
+        /// Print the resolved action as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Arguments of `keel actions approve|deny`.
+#[derive(Debug, clap::Args)]
+pub struct DecideArgs {
+    /// Action id.
+    id: String,
+    /// Scope (tenant).
+    #[arg(long, default_value = DEFAULT_SCOPE)]
+    scope: String,
+    /// An answer to record with the decision, as JSON.
+    #[arg(long)]
+    value: Option<String>,
+    /// Who decides (recorded with the resolution).
+    #[arg(long, default_value = "operator")]
+    by: String,
+    /// Print the resolved action as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_action_state(s: &str) -> Result<ActionState, String> {
+    s.trim()
+        .to_ascii_uppercase()
+        .parse::<ActionState>()
+        .map_err(|_| {
+            let all: Vec<String> = ActionState::ALL
+                .iter()
+                .map(|st| st.as_str().to_ascii_lowercase())
+                .collect();
+            format!("unknown action state {s:?} (one of {})", all.join(", "))
+        })
+}
+
+fn parse_value(value: Option<&str>) -> Result<Value, CliError> {
+    match value {
+        None => Ok(Value::Null),
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| CliError::user(format!("--value is not valid JSON: {e}"))),
+    }
+}
+
+/// Run a `keel actions` command.
+pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
+    match cmd {
+        ActionsCommand::List {
+            job,
+            scope,
+            states,
+            all,
+            json,
+        } => {
+            let job_id = job.as_deref().map(|j| parse_id("job", j)).transpose()?;
+            let kernel = open_kernel(home).await?;
+            if let Some(id) = job_id {
+                kernel.jobs().get(&scope, id).await?;
+            }
+            let states = match (all, states.is_empty()) {
+                (true, _) => vec![],
+                (false, true) => vec![ActionState::Pending],
+                (false, false) => states,
+            };
+            let actions = kernel
+                .actions()
+                .list(&ActionFilter {
+                    tenant: scope.clone(),
+                    job_id,
+                    states,
+                    limit: None,
+                })
+                .await?;
+            if json {
+                print_json(&actions);
+            } else if actions.is_empty() {
+                println!("no matching actions in scope {scope}");
+            } else {
+                println!(
+                    "{:<36}  {:<9}  {:<13}  {:<36}  {:<19}  TITLE",
+                    "ID", "STATE", "TYPE", "JOB", "EXPIRES"
+                );
+                for a in &actions {
+                    println!(
+                        "{:<36}  {:<9}  {:<13}  {:<36}  {:<19}  {}",
+                        a.id,
+                        a.state,
+                        a.action_type,
+                        a.job_id,
+                        when(Some(a.expires_at)),
+                        a.title
+                    );
+                }
+            }
+        }
+        ActionsCommand::Approve(args) => return decide(home, args, true).await,
+        ActionsCommand::Deny(args) => return decide(home, args, false).await,
+        ActionsCommand::Resolve {
+            token,
+            value,
+            approve,
+            deny,
+            by,
+            json,
+        } => {
+            let token = if token == "-" {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text).map_err(|e| {
+                    CliError::user(format!("cannot read the token from stdin: {e}"))
+                })?;
+                text.trim().to_string()
+            } else {
+                token.trim().to_string()
+            };
+            if token.is_empty() {
+                return Err(CliError::user("the resume token is empty"));
+            }
+            let resolution = Resolution {
+                approved: (approve || deny).then_some(approve),
+                value: parse_value(value.as_deref())?,
+                resolved_by: by,
+                call_digest: None,
+            };
+            let kernel = open_kernel(home).await?;
+            let action = kernel
+                .actions()
+                .resolve_by_token(&token, resolution)
+                .await?;
+            report(&action, json);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn decide(home: &Path, args: DecideArgs, approved: bool) -> CliResult {
+    let id = parse_id("action", &args.id)?;
+    let resolution = Resolution {
+        approved: Some(approved),
+        value: parse_value(args.value.as_deref())?,
+        resolved_by: Some(args.by),
+        call_digest: None,
+    };
+    let kernel = open_kernel(home).await?;
+    let action = kernel
+        .actions()
+        .resolve(&args.scope, id, resolution)
+        .await?;
+    report(&action, args.json);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(action: &Action, json: bool) {
+    if json {
+        print_json(action);
+        return;
+    }
+    let verdict = match action.resolution.as_ref().and_then(|r| r.approved) {
+        Some(true) => "approved",
+        Some(false) => "denied",
+        None => "resolved",
+    };
+    println!(
+        "{verdict} action {} ({}: {}) of job {}",
+        action.id, action.action_type, action.title, action.job_id
+    );
+}

@@ -1,0 +1,225 @@
+//! `keel jobs list|show|cancel`: inspect and cancel durable jobs.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use keel_kernel::event::{EventFilter, EventQuery, RuntimeEvent};
+use keel_kernel::job::{Job, JobFilter, JobState};
+use serde_json::json;
+
+use crate::commands::kernel_app::{DEFAULT_SCOPE, open_kernel, parse_id, when};
+use crate::output::{CliError, CliResult, print_json};
+
+/// `keel jobs ...`.
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// Scope (tenant).
+        #[arg(long, default_value = DEFAULT_SCOPE)]
+        scope: String,
+        /// Only jobs in this state (queued, running, waiting_action, succeeded, failed,
+        /// cancelled, timed_out). Repeatable.
+        #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
+        states: Vec<JobState>,
+        /// Only jobs of this principal.
+        #[arg(long)]
+        principal: Option<String>,
+        /// At most this many (0 = all).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a job and its events.
+    Show {
+        /// Job id.
+        id: String,
+        /// Scope (tenant).
+        #[arg(long, default_value = DEFAULT_SCOPE)]
+        scope: String,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job, its unfinished child jobs and their pending actions.
+    Cancel {
+        /// Job id.
+        id: String,
+        /// Scope (tenant).
+        #[arg(long, default_value = DEFAULT_SCOPE)]
+        scope: String,
+        /// Why (recorded on the job and in its events).
+        #[arg(long, default_value = "cancelled by operator")]
+        reason: String,
+        /// Print the cancelled job as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parse a job state, case-insensitively (`running`, `WAITING_ACTION`, `waiting-action`).
+pub fn parse_state(s: &str) -> Result<JobState, String> {
+    let upper = s.trim().to_ascii_uppercase().replace('-', "_");
+    upper.parse::<JobState>().map_err(|_| {
+        let all: Vec<String> = JobState::ALL
+            .iter()
+            .map(|st| st.as_str().to_ascii_lowercase())
+            .collect();
+        format!("unknown job state {s:?} (one of {})", all.join(", "))
+    })
+}
+
+/// Run a `keel jobs` command.
+pub async fn run(home: &Path, cmd: JobsCommand) -> CliResult {
+    let kernel = open_kernel(home).await?;
+    match cmd {
+        JobsCommand::List {
+            scope,
+            states,
+            principal,
+            limit,
+            json,
+        } => {
+            let filter = JobFilter {
+                states,
+                principal,
+                limit: (limit > 0).then_some(limit),
+                ..JobFilter::tenant(scope.clone())
+            };
+            let jobs = kernel.jobs().list(&filter).await?;
+            if json {
+                print_json(&jobs);
+            } else if jobs.is_empty() {
+                println!("no jobs in scope {scope}");
+            } else {
+                println!(
+                    "{:<36}  {:<14}  {:<16}  {:>5}  CREATED",
+                    "ID", "STATE", "KIND", "PROG"
+                );
+                for job in &jobs {
+                    println!(
+                        "{:<36}  {:<14}  {:<16}  {:>4.0}%  {}",
+                        job.id,
+                        job.state,
+                        truncate(&job.kind, 16),
+                        job.progress * 100.0,
+                        when(Some(job.created_at))
+                    );
+                }
+            }
+        }
+        JobsCommand::Show { id, scope, json } => {
+            let id = parse_id("job", &id)?;
+            let job = kernel.jobs().get(&scope, id).await?;
+            let events = kernel
+                .read_events(&EventQuery {
+                    filter: EventFilter::job(id),
+                    ..EventQuery::default()
+                })
+                .await?;
+            if json {
+                print_json(&json!({ "job": job, "events": events }));
+            } else {
+                print_job(&job);
+                println!("events ({}):", events.len());
+                for event in &events {
+                    print_event(event);
+                }
+            }
+        }
+        JobsCommand::Cancel {
+            id,
+            scope,
+            reason,
+            json,
+        } => {
+            let id = parse_id("job", &id)?;
+            // Tenant check first: mutating manager calls take bare ids.
+            let job = kernel.jobs().get(&scope, id).await?;
+            if job.state.is_terminal() {
+                return Err(CliError::user(format!(
+                    "job {id} already finished ({})",
+                    job.state
+                )));
+            }
+            let job = kernel.jobs().cancel(id, &reason).await?;
+            if json {
+                print_json(&job);
+            } else {
+                println!("cancelled job {id}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn print_job(job: &Job) {
+    println!("job {}", job.id);
+    println!("  scope      {}", job.tenant);
+    println!("  kind       {}", job.kind);
+    println!("  state      {}", job.state);
+    if let Some(p) = &job.principal {
+        println!("  principal  {p}");
+    }
+    if let Some(s) = &job.session {
+        println!("  session    {s}");
+    }
+    if let Some(parent) = job.parent_id {
+        println!("  parent     {parent}");
+    }
+    if let Some(key) = &job.idempotency_key {
+        println!("  key        {key}");
+    }
+    let message = job
+        .progress_message
+        .as_deref()
+        .map(|m| format!(" ({m})"))
+        .unwrap_or_default();
+    println!("  progress   {:.0}%{message}", job.progress * 100.0);
+    println!("  turns      {} ({} tool calls)", job.turns, job.tool_calls);
+    println!("  created    {}", when(Some(job.created_at)));
+    println!("  started    {}", when(job.started_at));
+    println!("  finished   {}", when(job.finished_at));
+    if let Some(deadline) = job.deadline {
+        println!("  deadline   {}", when(Some(deadline)));
+    }
+    if let Some(error) = &job.error {
+        println!("  error      {}: {}", error.code, error.message);
+    }
+    if let Some(result) = &job.result_ref {
+        println!("  result     {result}");
+    }
+}
+
+fn print_event(event: &RuntimeEvent) {
+    let data = match &event.data {
+        serde_json::Value::Null => String::new(),
+        data => {
+            let mut s = data.to_string();
+            if s.len() > 120 {
+                s.truncate(s.floor_char_boundary(119));
+                s.push('…');
+            }
+            s
+        }
+    };
+    println!(
+        "  {:>4}  {}  {:<20}  {data}",
+        event.seq,
+        when(Some(event.at)),
+        event.event_type
+    );
+}

@@ -1,0 +1,111 @@
+//! Opening the durable kernel over `$KEEL_HOME/keel.db`, and the argument parsing and error
+//! mapping shared by `keel jobs`, `actions`, `ledger`, `budgets` and `debug`.
+//!
+//! Kernel commands never touch the sandbox: compiling the wasm engine would cost far more than
+//! the command itself, so this opens only the database.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use keel_kernel::{Kernel, KernelError};
+use keel_store::Database;
+use uuid::Uuid;
+
+use crate::output::CliError;
+
+/// The default scope (tenant) of every kernel command, as in `keel policy eval`.
+pub const DEFAULT_SCOPE: &str = "default";
+
+/// Open (creating if needed) the Keel home's database and the kernel over it.
+pub async fn open_kernel(home: &Path) -> Result<Kernel, CliError> {
+    let db = open_db(home).await?;
+    Ok(Kernel::new(Arc::new(db.kernel_store())))
+}
+
+/// Open (creating if needed) `home/keel.db` without the sandbox.
+pub async fn open_db(home: &Path) -> Result<Database, CliError> {
+    std::fs::create_dir_all(home)
+        .map_err(|e| CliError::user(format!("cannot create Keel home {}: {e}", home.display())))?;
+    Ok(Database::open(&home.join("keel.db")).await?)
+}
+
+impl From<KernelError> for CliError {
+    fn from(error: KernelError) -> Self {
+        use KernelError as E;
+        match error {
+            // The caller named something that does not exist or cannot take this step.
+            E::IllegalTransition { .. }
+            | E::JobNotFound(_)
+            | E::ActionNotFound(_)
+            | E::InvalidToken
+            | E::ActionNotPending { .. }
+            | E::ActionExpired(_)
+            | E::CallDigestMismatch(_)
+            | E::ReservationNotFound(_)
+            | E::ReservationState { .. }
+            | E::Invalid(_) => CliError::user(error.to_string()),
+            // A budget refusal is a policy failure, like a denied tool call.
+            E::BudgetExceeded(_) => CliError::plugin(error.to_string()),
+            E::Contention(_) | E::EventsClosed | E::Store(_) => {
+                CliError::internal(error.to_string())
+            }
+        }
+    }
+}
+
+/// Parse a job or action id.
+pub fn parse_id(what: &str, s: &str) -> Result<Uuid, CliError> {
+    Uuid::parse_str(s.trim()).map_err(|_| CliError::user(format!("{s:?} is not a valid {what} id")))
+}
+
+/// Which end of a day a bare date stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DayEdge {
+    /// `2026-11-21` = 2026-11-21T00:00:00Z (for `--since`).
+    Start,
+    /// `2026-11-21` = 2026-11-22T00:00:00Z, exclusive (for `--until`: the whole day is included).
+    End,
+}
+
+/// Parse an RFC 3339 instant, or a UTC day `YYYY-MM-DD`.
+pub fn parse_time(flag: &str, s: &str, edge: DayEdge) -> Result<DateTime<Utc>, CliError> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let day = NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| {
+        CliError::user(format!(
+            "{flag} {s:?} is neither an RFC 3339 time (2026-11-21T09:00:00Z) nor a day (2026-11-21)"
+        ))
+    })?;
+    let day = match edge {
+        DayEdge::Start => day,
+        DayEdge::End => day
+            .succ_opt()
+            .ok_or_else(|| CliError::user(format!("{flag} {s:?} is out of range")))?,
+    };
+    Ok(day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc())
+}
+
+/// Format an optional instant for humans.
+pub fn when(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_and_instants() {
+        let since = parse_time("--since", "2026-11-21", DayEdge::Start).unwrap();
+        let until = parse_time("--until", "2026-11-21", DayEdge::End).unwrap();
+        assert_eq!(since.to_rfc3339(), "2026-11-21T00:00:00+00:00");
+        assert_eq!(until.to_rfc3339(), "2026-11-22T00:00:00+00:00");
+        let t = parse_time("--since", "2026-11-21T09:30:00+01:00", DayEdge::Start).unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-11-21T08:30:00+00:00");
+        assert!(parse_time("--since", "yesterday", DayEdge::Start).is_err());
+        assert!(parse_id("job", "nope").is_err());
+    }
+}

@@ -224,6 +224,11 @@ pub async fn job_lifecycle(store: Arc<dyn KernelStore>) {
     );
 
     let failing = running_job(&k, "t1").await;
+    let pending = k
+        .actions()
+        .create(approval(failing, "x/y", json!({}), Duration::minutes(5)))
+        .await
+        .expect("action");
     let failed = k
         .jobs()
         .fail(
@@ -239,6 +244,15 @@ pub async fn job_lifecycle(store: Arc<dyn KernelStore>) {
     assert_eq!(
         failed.error.as_ref().map(|e| e.code.as_str()),
         Some("tool_failed")
+    );
+    assert_eq!(
+        k.actions()
+            .get("t1", pending.action.id)
+            .await
+            .expect("get")
+            .state,
+        ActionState::Cancelled,
+        "failing a job withdraws its pending actions"
     );
 
     // The execution context is checkpointed with the job and survives the store.

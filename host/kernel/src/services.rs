@@ -225,7 +225,7 @@ impl Core {
         Err(KernelError::Contention(format!("job {id}")))
     }
 
-    /// Move `root` to the terminal state `to` (CANCELLED or TIMED_OUT), cancel every non-terminal
+    /// Move `root` to the terminal state `to` (FAILED, CANCELLED or TIMED_OUT), cancel every non-terminal
     /// descendant and every pending action of all of them, in one transaction. If
     /// `expired_action` is given, that action becomes EXPIRED instead of CANCELLED.
     async fn terminate(
@@ -598,19 +598,14 @@ impl JobManager {
         Ok(job)
     }
 
-    /// Any non-terminal state -> FAILED with `error`.
+    /// Any non-terminal state -> FAILED with `error`. Like [`cancel`](Self::cancel), this also
+    /// cancels the job's non-terminal descendants and pending actions in the same transaction,
+    /// so no token of a failed job can still be resolved.
     pub async fn fail(&self, id: Uuid, error: JobError) -> KernelResult<Job> {
-        let e = error.clone();
-        let job = self
-            .move_to(
-                id,
-                JobState::Failed,
-                move |j| j.error = Some(e.clone()),
-                json!({ "code": error.code, "message": error.message }),
-            )
-            .await?;
-        self.core.forget_token(id);
-        Ok(job)
+        let reason = format!("{}: {}", error.code, error.message);
+        self.core
+            .terminate(id, JobState::Failed, Some(error), &reason, None)
+            .await
     }
 
     /// Cancel the job, all its non-terminal descendants and their pending actions, atomically,

@@ -180,8 +180,8 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'_, StoreResult<ReserveOutcome>>;
     /// A reservation by id.
     fn get_reservation(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Reservation>>>;
-    /// Atomically: mark the reservation SETTLED (from HELD, or RELEASED by expiry: the usage
-    /// happened anyway), append the actual usage entry and a `settle` entry. `Conflict` if it
+    /// Atomically: mark the reservation SETTLED (from HELD, or from RELEASED: a late settle after
+    /// an expiry sweep still records usage that really happened), append the actual usage entry and a `settle` entry. `Conflict` if it
     /// was already settled; `NotFound` if absent.
     fn settle(&self, request: SettleRequest) -> BoxFuture<'_, StoreResult<Reservation>>;
     /// Atomically: HELD -> RELEASED plus a `release` entry. `Conflict` if not HELD.

@@ -8,6 +8,9 @@
 //!
 //! Run: `cargo bench -p keel-sandbox --bench call`.
 
+// criterion_group! generates undocumented public items.
+#![allow(missing_docs)]
+
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};

@@ -265,13 +265,10 @@ impl WasiHttpHooks for NetHooks {
                 Ok(addrs) => addrs.collect(),
                 Err(_) => return Err(wasmtime_wasi_http::Error::DnsError { rcode: None, info_code: None }),
             };
-            if !policy.allow_private_network {
-                if let Some(bad) = addrs.iter().find(|a| is_non_public(a.ip())) {
-                    return Err(deny(
-                        target,
-                        format!("{} is a private, loopback, link-local or metadata address", bad.ip()),
-                    ));
-                }
+            if !policy.allow_private_network
+                && let Some(bad) = addrs.iter().find(|a| is_non_public(a.ip()))
+            {
+                return Err(deny(target, format!("{} is a private, loopback, link-local or metadata address", bad.ip())));
             }
             let Some(pinned) = addrs.first().copied() else {
                 return Err(wasmtime_wasi_http::Error::DestinationNotFound);

@@ -102,6 +102,14 @@ pub struct CallReport {
     pub stderr: Vec<u8>,
 }
 
+/// A fresh store plus the handles to what the guest produces during the call.
+struct CallStore {
+    store: Store<State>,
+    journal: Arc<Mutex<CallJournal>>,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
 struct Inner {
     engine: Engine,
     linker: Linker<State>,
@@ -241,7 +249,7 @@ impl Sandbox {
         let ty = component.component_type();
         let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
         let wanted = format!("{TOOLS_EXPORT}@{WIT_VERSION}");
-        if !exports.iter().any(|e| *e == wanted) {
+        if !exports.contains(&wanted) {
             if let Some(other) = exports.iter().find(|e| e.starts_with(&format!("{TOOLS_EXPORT}@"))) {
                 let version = other.rsplit('@').next().unwrap_or_default();
                 if !semver_compatible(version, WIT_VERSION) {
@@ -274,7 +282,7 @@ impl Sandbox {
 
     async fn describe(&self, pre: &ToolPre<State>) -> Result<PluginInfo, SandboxError> {
         let limits = Limits::for_describe();
-        let (mut store, journal, _, stderr) =
+        let CallStore { mut store, journal, stderr, .. } =
             self.new_store(&Grants::default(), &limits, None).map_err(|e| SandboxError::Host(e.to_string()))?;
         let run = async {
             let tool = pre.instantiate_async(&mut store).await?;
@@ -299,7 +307,7 @@ impl Sandbox {
         grants: &Grants,
         limits: &Limits,
         args: Option<&[String]>,
-    ) -> Result<(Store<State>, Arc<Mutex<CallJournal>>, MemoryOutputPipe, MemoryOutputPipe), SandboxError> {
+    ) -> Result<CallStore, SandboxError> {
         let stdout = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
         let stderr = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
         let mut wasi = WasiCtxBuilder::new();
@@ -346,7 +354,7 @@ impl Sandbox {
         if self.inner.config.fuel_metering {
             store.set_fuel(limits.fuel.unwrap_or(u64::MAX)).map_err(|e| SandboxError::Host(e.to_string()))?;
         }
-        Ok((store, journal, stdout, stderr))
+        Ok(CallStore { store, journal, stdout, stderr })
     }
 
     /// Run `tool` of `plugin` with JSON `arguments` in a fresh store holding only `grants`
@@ -377,7 +385,7 @@ impl Sandbox {
             limits.timeout_ms = limits.timeout_ms.min(timeout.as_millis() as u64);
         }
         let grants = grants.narrow_for(tool_info, &plugin.info.tools);
-        let (mut store, journal, stdout, stderr) = match self.new_store(&grants, &limits, None) {
+        let CallStore { mut store, journal, stdout, stderr } = match self.new_store(&grants, &limits, None) {
             Ok(parts) => parts,
             Err(e) => return empty(ToolError::Host { message: e.to_string() }),
         };
@@ -456,7 +464,7 @@ impl Sandbox {
         let pre = wasmtime_wasi::p2::bindings::CommandPre::new(pre).map_err(|_| {
             SandboxError::WrongWorld("`keel exec` runs WASI commands (components exporting wasi:cli/run)".into())
         })?;
-        let (mut store, _journal, stdout, stderr) = self.new_store(grants, limits, Some(args))?;
+        let CallStore { mut store, stdout, stderr, .. } = self.new_store(grants, limits, Some(args))?;
         let run = async {
             let command = pre.instantiate_async(&mut store).await?;
             command.wasi_cli_run().call_run(&mut store).await

@@ -284,10 +284,10 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         updated_at: String::new(),
     };
     app.db.upsert_plugin(&record).await?;
-    if let Some(old) = previous.filter(|old| old.sha256 != plugin.sha256) {
-        if !app.db.component_in_use(&old.sha256).await? {
-            let _ = app.components.remove(&old.sha256);
-        }
+    if let Some(old) = previous.filter(|old| old.sha256 != plugin.sha256)
+        && !app.db.component_in_use(&old.sha256).await?
+    {
+        let _ = app.components.remove(&old.sha256);
     }
     notes.extend(reach_warnings(&plugin.info, &plugin.imports, &grants));
 
@@ -535,11 +535,12 @@ async fn save_grants(app: &App, record: &PluginRecord, grants: &Grants, json: bo
         print_json(grants);
     } else {
         println!("{} granted: {}", record.name, describe_grants(grants));
-        if let Ok(imports) = serde_json::from_value::<keel_sandbox::ImportSummary>(record.imports.clone()) {
-            if let Ok(info) = serde_json::from_value::<PluginInfo>(record.info.clone()) {
-                for note in reach_warnings(&info, &imports, grants).into_iter().skip(1) {
-                    println!("note: {note}");
-                }
+        let imports = serde_json::from_value::<keel_sandbox::ImportSummary>(record.imports.clone());
+        let info = serde_json::from_value::<PluginInfo>(record.info.clone());
+        if let (Ok(imports), Ok(info)) = (imports, info) {
+            // Skip the "requested but not granted" note: the user is granting right now.
+            for note in reach_warnings(&info, &imports, grants).into_iter().skip(1) {
+                println!("note: {note}");
             }
         }
     }

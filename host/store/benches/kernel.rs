@@ -1,0 +1,119 @@
+//! Throughput of the durable kernel on a file-backed SQLite database (WAL, the same pragmas as
+//! production), against a bare SQLite commit loop on the same file for the ratio.
+//!
+//! `cargo bench -p keel-store --bench kernel -- --warm-up-time 1 --measurement-time 5`
+//!
+//! - `kernel/job_create_complete`: create (with an idempotency key) -> start -> complete, i.e.
+//!   3 kernel transactions (each a job row + its event).
+//! - `kernel/reserve_settle`: reserve against a total budget (sums usage + live holds in the
+//!   transaction) -> settle, i.e. 2 transactions.
+//! - `sqlite/bare_commit`: `BEGIN IMMEDIATE; INSERT one row; COMMIT` on the same pool: the floor
+//!   every kernel transaction pays (dominated by the WAL fsync with `synchronous = FULL`).
+
+#![allow(missing_docs)] // criterion_group! generates an undocumented pub fn.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{Criterion, Throughput};
+use keel_kernel::Kernel;
+use keel_kernel::job::NewJob;
+use keel_kernel::ledger::{Budget, BudgetLimits, BudgetWindow, LedgerKind, Usage};
+use keel_kernel::services::{HoldRequest, SettleDetails};
+use keel_store::Database;
+use rust_decimal::Decimal;
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = rt
+        .block_on(Database::open(&dir.path().join("bench.db")))
+        .unwrap();
+    let kernel = Kernel::new(Arc::new(db.kernel_store()));
+    let counter = AtomicU64::new(0);
+
+    let mut group = c.benchmark_group("kernel");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("job_create_complete", |b| {
+        b.to_async(&rt).iter(|| async {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            let mut new = NewJob::new("bench", "bench");
+            new.idempotency_key = Some(format!("job-{n}"));
+            let job = kernel.jobs().create(new).await.unwrap().job;
+            kernel.jobs().start(job.id).await.unwrap();
+            black_box(kernel.jobs().complete(job.id, None).await.unwrap());
+        })
+    });
+
+    rt.block_on(async {
+        let mut budget = Budget::new("bench", "bench total", BudgetWindow::Total);
+        budget.limits = BudgetLimits {
+            max_tokens: Some(u64::MAX / 4),
+            ..BudgetLimits::default()
+        };
+        kernel.ledger().put_budget(budget).await.unwrap();
+    });
+    group.bench_function("reserve_settle", |b| {
+        b.to_async(&rt).iter(|| async {
+            let amount = Usage {
+                tokens: 1000,
+                cost: Decimal::new(12, 3),
+                requests: 1,
+                tool_calls: 0,
+            };
+            let request = HoldRequest {
+                tenant: "bench".into(),
+                principal: Some("p".into()),
+                session: None,
+                job_id: None,
+                amount: amount.clone(),
+                ttl: None,
+            };
+            let held = kernel.ledger().reserve(request).await.unwrap();
+            let settled = kernel
+                .ledger()
+                .settle(
+                    held.reservation.id,
+                    LedgerKind::ModelUsage,
+                    amount,
+                    SettleDetails::default(),
+                )
+                .await
+                .unwrap();
+            black_box(settled);
+        })
+    });
+    group.finish();
+
+    let pool = db.pool().clone();
+    rt.block_on(async {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS bench_commit (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    });
+    let mut group = c.benchmark_group("sqlite");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("bare_commit", |b| {
+        b.to_async(&rt).iter(|| async {
+            // Same shape as a kernel write: BEGIN IMMEDIATE on a pooled connection, one row, COMMIT.
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
+            sqlx::query("INSERT INTO bench_commit (body) VALUES (?)")
+                .bind("x")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        })
+    });
+    group.finish();
+}
+
+criterion::criterion_group!(benches, bench);
+criterion::criterion_main!(benches);

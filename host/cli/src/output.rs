@@ -25,17 +25,26 @@ pub struct CliError {
 impl CliError {
     /// A user error (exit 2).
     pub fn user(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::User, message: message.into() }
+        Self {
+            kind: ErrorKind::User,
+            message: message.into(),
+        }
     }
 
     /// A plugin failure (exit 1).
     pub fn plugin(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Plugin, message: message.into() }
+        Self {
+            kind: ErrorKind::Plugin,
+            message: message.into(),
+        }
     }
 
     /// An internal failure (exit 3).
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Internal, message: message.into() }
+        Self {
+            kind: ErrorKind::Internal,
+            message: message.into(),
+        }
     }
 
     /// The process exit code for this error.

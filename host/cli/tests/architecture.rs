@@ -52,16 +52,24 @@ fn transitive_deps() -> HashMap<String, BTreeSet<String>> {
 #[test]
 fn dependencies_point_one_way() {
     let deps = transitive_deps();
-    let keel_crates = |name: &str| -> BTreeSet<String> {
-        deps[name].iter().filter(|d| d.starts_with("keel-")).cloned().collect()
-    };
-    assert!(keel_crates("keel-kernel").is_empty(), "the kernel depends on no other Keel crate");
+    let keel_crates =
+        |name: &str| -> BTreeSet<String> { deps[name].iter().filter(|d| d.starts_with("keel-")).cloned().collect() };
+    assert!(
+        keel_crates("keel-kernel").is_empty(),
+        "the kernel depends on no other Keel crate"
+    );
     for forbidden in ["wasmtime", "sqlx", "hyper", "reqwest", "axum", "cap-std"] {
-        assert!(!deps["keel-kernel"].contains(forbidden), "keel-kernel must not depend on {forbidden}");
+        assert!(
+            !deps["keel-kernel"].contains(forbidden),
+            "keel-kernel must not depend on {forbidden}"
+        );
     }
     assert_eq!(keel_crates("keel-sandbox"), BTreeSet::from(["keel-kernel".to_string()]));
     assert_eq!(keel_crates("keel-store"), BTreeSet::from(["keel-kernel".to_string()]));
     assert!(!deps["keel-sandbox"].contains("sqlx"), "the sandbox has no database");
-    assert!(!deps["keel-store"].contains("wasmtime"), "the store runs no WebAssembly");
+    assert!(
+        !deps["keel-store"].contains("wasmtime"),
+        "the store runs no WebAssembly"
+    );
     assert!(!deps["keel-sdk"].contains("wasmtime"), "the guest SDK is guest-only");
 }

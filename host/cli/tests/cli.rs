@@ -12,12 +12,17 @@ struct Keel {
 
 impl Keel {
     fn new() -> Self {
-        Self { home: tempfile::tempdir().unwrap() }
+        Self {
+            home: tempfile::tempdir().unwrap(),
+        }
     }
 
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
-        command.args(args).env("KEEL_HOME", self.home.path()).env_remove("KEEL_LOG");
+        command
+            .args(args)
+            .env("KEEL_HOME", self.home.path())
+            .env_remove("KEEL_LOG");
         command
     }
 
@@ -64,7 +69,10 @@ fn one_clear_line(stderr: &str) {
     let lines: Vec<_> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one line expected: {stderr}");
     assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
 }
 
 fn canonical(path: &Path) -> String {
@@ -92,14 +100,21 @@ fn install_list_show_call_remove() {
     assert_eq!(show["limits"]["memory_bytes"], 64 << 20);
 
     let out = keel.expect(&["call", "hello/greet", r#"{"name":"Ada"}"#], 0);
-    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!({"greeting": "Hello, Ada!"}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({"greeting": "Hello, Ada!"})
+    );
     let report = keel.json(&["call", "hello/greet", r#"{"name":"Ada"}"#, "--json"]);
     assert_eq!(report["ok"], true);
     assert_eq!(report["output"]["greeting"], "Hello, Ada!");
 
     // Arguments from stdin.
-    let mut child =
-        keel.command(&["call", "hello/greet", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = keel
+        .command(&["call", "hello/greet", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(br#"{"name":"Stdin"}"#).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("Hello, Stdin!"));
@@ -145,10 +160,16 @@ fn malformed_components_are_refused_and_nothing_is_stored() {
     let cases = [
         (write("random.wasm", &[0x5a; 1000]), "not a WebAssembly file"),
         (write("empty.wasm", b""), "not a WebAssembly file"),
-        (write("core.wasm", b"\0asm\x01\0\0\0"), "core WebAssembly module, not a component"),
+        (
+            write("core.wasm", b"\0asm\x01\0\0\0"),
+            "core WebAssembly module, not a component",
+        ),
         (write("truncated.wasm", &hello[..hello.len() / 3]), "invalid component"),
         (guest("keel-test-cmd"), "WASI command"),
-        (guest("keel-test-wrong-version"), "built for keel:plugin@0.2.0 but this host implements keel:plugin@0.1.0"),
+        (
+            guest("keel-test-wrong-version"),
+            "built for keel:plugin@0.2.0 but this host implements keel:plugin@0.1.0",
+        ),
         ("/nonexistent/x.wasm".to_string(), "cannot read"),
     ];
     for (path, expected) in cases {
@@ -157,16 +178,27 @@ fn malformed_components_are_refused_and_nothing_is_stored() {
         assert!(err.contains(expected), "{path}: expected `{expected}` in {err}");
     }
     assert_eq!(keel.json(&["plugins", "list", "--json"]), json!([]));
-    let stored = std::fs::read_dir(keel.home.path().join("components")).map(|d| d.count()).unwrap_or(0);
+    let stored = std::fs::read_dir(keel.home.path().join("components"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(stored, 0, "no component bytes may be stored for a refused install");
 }
 
 #[test]
 fn install_from_stdin() {
     let keel = Keel::new();
-    let mut child =
-        keel.command(&["install", "-", "--json"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(&std::fs::read(guest("hello")).unwrap()).unwrap();
+    let mut child = keel
+        .command(&["install", "-", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(guest("hello")).unwrap())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let value: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -194,11 +226,28 @@ fn fs_plugin_grants_and_revocation() {
 
     let read = keel.json(&["call", "fs/read", &format!(r#"{{"path":"{data_path}/in.txt"}}"#)]);
     assert_eq!(read["content"], "from the host");
-    keel.expect(&["call", "fs/write", &format!(r#"{{"path":"{out_path}/new.txt","content":"written"}}"#)], 0);
-    assert_eq!(std::fs::read_to_string(out_dir.path().join("new.txt")).unwrap(), "written");
+    keel.expect(
+        &[
+            "call",
+            "fs/write",
+            &format!(r#"{{"path":"{out_path}/new.txt","content":"written"}}"#),
+        ],
+        0,
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.path().join("new.txt")).unwrap(),
+        "written"
+    );
 
     // Writing into the read-only grant is denied and names the capability.
-    let err = keel.stderr(&["call", "fs/write", &format!(r#"{{"path":"{data_path}/x.txt","content":"no"}}"#)], 1);
+    let err = keel.stderr(
+        &[
+            "call",
+            "fs/write",
+            &format!(r#"{{"path":"{data_path}/x.txt","content":"no"}}"#),
+        ],
+        1,
+    );
     assert!(err.contains("filesystem"), "{err}");
     assert!(!data.path().join("x.txt").exists());
     // Outside every grant: denied, listing the allowed roots.
@@ -211,7 +260,10 @@ fn fs_plugin_grants_and_revocation() {
     one_clear_line(&keel.stderr(&["plugins", "revoke", "fs", "--dir", &data_path], 2));
 
     // Remapping HOST::GUEST.
-    keel.expect(&["plugins", "grant", "fs", "--allow-read", &format!("{data_path}::/data")], 0);
+    keel.expect(
+        &["plugins", "grant", "fs", "--allow-read", &format!("{data_path}::/data")],
+        0,
+    );
     let read = keel.json(&["call", "fs/read", r#"{"path":"/data/in.txt"}"#]);
     assert_eq!(read["content"], "from the host");
 }
@@ -220,11 +272,24 @@ fn fs_plugin_grants_and_revocation() {
 fn reinstalling_a_newer_version_shows_new_requests_and_does_not_carry_grants() {
     let keel = Keel::new();
     let dir = tempfile::tempdir().unwrap();
-    keel.expect(&["install", &guest("hello"), "--allow-env", "USER", "--allow-read", &canonical(dir.path())], 0);
+    keel.expect(
+        &[
+            "install",
+            &guest("hello"),
+            "--allow-env",
+            "USER",
+            "--allow-read",
+            &canonical(dir.path()),
+        ],
+        0,
+    );
     let out = keel.expect(&["install", &guest("keel-test-hello-v2")], 0);
     assert!(out.contains("installed hello 0.2.0"), "{out}");
     assert!(out.contains("requests more than 0.1.0 was granted"), "{out}");
-    assert!(out.contains("env GREETING") && out.contains("network greetings.example.com"), "{out}");
+    assert!(
+        out.contains("env GREETING") && out.contains("network greetings.example.com"),
+        "{out}"
+    );
     assert!(out.contains("were not carried over"), "{out}");
     let show = keel.json(&["plugins", "show", "hello", "--json"]);
     assert_eq!(show["version"], "0.2.0");
@@ -232,11 +297,23 @@ fn reinstalling_a_newer_version_shows_new_requests_and_does_not_carry_grants() {
     assert_eq!(show["grants"]["fs"], json!([]));
 
     // The env var is visible only once granted.
-    let out = keel.command(&["call", "hello/greet", r#"{"name":"Ada"}"#]).env("GREETING", "Ahoy").output().unwrap();
+    let out = keel
+        .command(&["call", "hello/greet", r#"{"name":"Ada"}"#])
+        .env("GREETING", "Ahoy")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("Hello, Ada!"));
     keel.expect(&["plugins", "grant", "hello", "--allow-env", "GREETING"], 0);
-    let out = keel.command(&["call", "hello/greet", r#"{"name":"Ada"}"#]).env("GREETING", "Ahoy").output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Ahoy, Ada!"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = keel
+        .command(&["call", "hello/greet", r#"{"name":"Ada"}"#])
+        .env("GREETING", "Ahoy")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Ahoy, Ada!"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // --keep-grants carries them over explicitly.
     let out = keel.expect(&["install", &guest("hello"), "--keep-grants"], 0);
@@ -247,7 +324,16 @@ fn reinstalling_a_newer_version_shows_new_requests_and_does_not_carry_grants() {
 fn per_plugin_limits_apply() {
     let keel = Keel::new();
     keel.expect(&["install", &guest("keel-test-hostile")], 0);
-    let limits = keel.json(&["plugins", "limits", "hostile", "--timeout-ms", "300", "--memory-mb", "8", "--json"]);
+    let limits = keel.json(&[
+        "plugins",
+        "limits",
+        "hostile",
+        "--timeout-ms",
+        "300",
+        "--memory-mb",
+        "8",
+        "--json",
+    ]);
     assert_eq!(limits["memory_bytes"], 8 << 20);
     assert_eq!(limits["timeout_ms"], 300);
     let show = keel.json(&["plugins", "show", "hostile", "--json"]);
@@ -275,15 +361,25 @@ fn exec_runs_wasi_commands_under_grants() {
     let file = format!("{root}/f.txt");
     let out = keel.run(&["exec", &cmd, "--", "cat", &file]);
     assert_eq!(out.status.code(), Some(1), "no grant, no read");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cat "), "the program's stderr is passed through");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cat "),
+        "the program's stderr is passed through"
+    );
     let out = keel.expect(&["exec", &cmd, "--allow-read", &root, "--", "cat", &file], 0);
     assert_eq!(out, "granted text");
     let out = keel.run(&["exec", &cmd, "--allow-read", &root, "--", "write", &file, "x"]);
     assert_eq!(out.status.code(), Some(1), "a read-only grant refuses writes");
     assert!(String::from_utf8_lossy(&out.stderr).contains("write "));
-    assert_eq!(std::fs::read_to_string(dir.path().join("f.txt")).unwrap(), "granted text");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("f.txt")).unwrap(),
+        "granted text"
+    );
 
-    let out = keel.command(&["exec", &cmd, "--", "env", "SECRET_TOKEN"]).env("SECRET_TOKEN", "s3cr3t").output().unwrap();
+    let out = keel
+        .command(&["exec", &cmd, "--", "env", "SECRET_TOKEN"])
+        .env("SECRET_TOKEN", "s3cr3t")
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "<unset>");
     let out = keel
         .command(&["exec", &cmd, "--allow-env", "SECRET_TOKEN", "--", "env", "SECRET_TOKEN"])

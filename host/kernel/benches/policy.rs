@@ -8,9 +8,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::Criterion;
-use keel_kernel::policy::{
-    Decimal, Outcome, Policy, PolicyRequest, SessionApprovalStore, SessionApprovals,
-};
+use keel_kernel::policy::{Decimal, Outcome, Policy, PolicyRequest, SessionApprovalStore, SessionApprovals};
 use serde_json::{Value, json};
 
 /// 14 tool rules, 3 model rules, 3 constraints.
@@ -150,8 +148,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let policy: &'static Policy =
-        Box::leak(Box::new(Policy::from_toml_str(POLICY, "bench").unwrap()));
+    let policy: &'static Policy = Box::leak(Box::new(Policy::from_toml_str(POLICY, "bench").unwrap()));
     let approvals: &'static SessionApprovals = Box::leak(Box::new(SessionApprovals::new()));
     let leak = |v: Value| -> &'static Value { Box::leak(Box::new(v)) };
     let read = leak(json!({"path": "/work/notes.md"}));
@@ -164,11 +161,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "tool_allow",
             expect: Outcome::Allow,
-            run: Box::new(move || {
-                policy
-                    .evaluate_with(&tool("fs/read", read), approvals)
-                    .outcome
-            }),
+            run: Box::new(move || policy.evaluate_with(&tool("fs/read", read), approvals).outcome),
         },
         Case {
             name: "tool_allow_late_rule",
@@ -178,38 +171,22 @@ fn cases() -> Vec<Case> {
         Case {
             name: "tool_deny",
             expect: Outcome::Deny,
-            run: Box::new(move || {
-                policy
-                    .evaluate_with(&tool("shell/exec", shell), approvals)
-                    .outcome
-            }),
+            run: Box::new(move || policy.evaluate_with(&tool("shell/exec", shell), approvals).outcome),
         },
         Case {
             name: "tool_default_deny",
             expect: Outcome::Deny,
-            run: Box::new(move || {
-                policy
-                    .evaluate_with(&tool("unknown/tool", read), approvals)
-                    .outcome
-            }),
+            run: Box::new(move || policy.evaluate_with(&tool("unknown/tool", read), approvals).outcome),
         },
         Case {
             name: "tool_session_approval_hit",
             expect: Outcome::Allow,
-            run: Box::new(move || {
-                policy
-                    .evaluate_with(&tool("fs/write", write), approvals)
-                    .outcome
-            }),
+            run: Box::new(move || policy.evaluate_with(&tool("fs/write", write), approvals).outcome),
         },
         Case {
             name: "tool_require_approval_miss",
             expect: Outcome::RequireApproval,
-            run: Box::new(move || {
-                policy
-                    .evaluate_with(&tool("js-exec/run", read), approvals)
-                    .outcome
-            }),
+            run: Box::new(move || policy.evaluate_with(&tool("js-exec/run", read), approvals).outcome),
         },
         Case {
             name: "model_allow",

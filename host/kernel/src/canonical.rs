@@ -72,7 +72,10 @@ mod tests {
     fn different_tool_or_arguments_differ() {
         let args = json!({"path": "/tmp/a"});
         assert_ne!(call_digest("fs/write", &args), call_digest("fs/read", &args));
-        assert_ne!(call_digest("fs/write", &args), call_digest("fs/write", &json!({"path": "/tmp/b"})));
+        assert_ne!(
+            call_digest("fs/write", &args),
+            call_digest("fs/write", &json!({"path": "/tmp/b"}))
+        );
         assert_ne!(canonical_json(&json!([1, 2])), canonical_json(&json!([2, 1])));
     }
 }

@@ -21,8 +21,8 @@ use crate::error::KernelError;
 use crate::event::{EventFilter, EventQuery, EventType};
 use crate::job::{JobError, JobFilter, JobState, NewJob};
 use crate::ledger::{
-    Budget, BudgetOutcome, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, NewLedgerEvent,
-    ReservationState, Usage, UsageQuery,
+    Budget, BudgetOutcome, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, NewLedgerEvent, ReservationState,
+    Usage, UsageQuery,
 };
 use crate::services::{HoldRequest, Kernel, KernelConfig, SettleDetails};
 use crate::store::{Batch, JobWrite, KernelStore, StoreError};
@@ -37,10 +37,7 @@ pub fn epoch() -> DateTime<Utc> {
 /// A kernel over `store` with a manual clock at [`epoch`].
 pub fn kernel_with_clock(store: Arc<dyn KernelStore>) -> (Kernel, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(epoch()));
-    (
-        Kernel::with_clock(store, clock.clone(), KernelConfig::default()),
-        clock,
-    )
+    (Kernel::with_clock(store, clock.clone(), KernelConfig::default()), clock)
 }
 
 fn dec(s: &str) -> Decimal {
@@ -48,12 +45,7 @@ fn dec(s: &str) -> Decimal {
 }
 
 async fn running_job(k: &Kernel, tenant: &str) -> Uuid {
-    let job = k
-        .jobs()
-        .create(NewJob::new(tenant, "agent"))
-        .await
-        .expect("create")
-        .job;
+    let job = k.jobs().create(NewJob::new(tenant, "agent")).await.expect("create").job;
     k.jobs().start(job.id).await.expect("start");
     job.id
 }
@@ -171,10 +163,7 @@ pub async fn job_lifecycle(store: Arc<dyn KernelStore>) {
         .progress(job.id, 0.5, Some("half".into()))
         .await
         .expect("progress");
-    assert_eq!(
-        (p.progress, p.progress_message.as_deref()),
-        (0.5, Some("half"))
-    );
+    assert_eq!((p.progress, p.progress_message.as_deref()), (0.5, Some("half")));
     let t = k.jobs().record_turn(job.id, 3).await.expect("turn");
     assert_eq!((t.turns, t.tool_calls), (1, 3));
     k.jobs().wait_for_action(job.id).await.expect("wait");
@@ -217,11 +206,7 @@ pub async fn job_lifecycle(store: Arc<dyn KernelStore>) {
         ]
     );
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(
-        seqs,
-        [1, 2, 3, 4, 5, 6],
-        "per-job sequence is 1.. without gaps"
-    );
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6], "per-job sequence is 1.. without gaps");
 
     let failing = running_job(&k, "t1").await;
     let pending = k
@@ -241,16 +226,9 @@ pub async fn job_lifecycle(store: Arc<dyn KernelStore>) {
         .await
         .expect("fail");
     assert_eq!(failed.state, JobState::Failed);
+    assert_eq!(failed.error.as_ref().map(|e| e.code.as_str()), Some("tool_failed"));
     assert_eq!(
-        failed.error.as_ref().map(|e| e.code.as_str()),
-        Some("tool_failed")
-    );
-    assert_eq!(
-        k.actions()
-            .get("t1", pending.action.id)
-            .await
-            .expect("get")
-            .state,
+        k.actions().get("t1", pending.action.id).await.expect("get").state,
         ActionState::Cancelled,
         "failing a job withdraws its pending actions"
     );
@@ -290,13 +268,7 @@ pub async fn idempotency(store: Arc<dyn KernelStore>) {
             .map(|j| j.id),
         Some(a.job.id)
     );
-    assert_eq!(
-        k.jobs()
-            .by_idempotency_key("t1", "nope")
-            .await
-            .expect("by key"),
-        None
-    );
+    assert_eq!(k.jobs().by_idempotency_key("t1", "nope").await.expect("by key"), None);
 }
 
 /// A write with a stale version is refused and applies nothing (not even its events).
@@ -338,10 +310,7 @@ pub async fn optimistic_concurrency(store: Arc<dyn KernelStore>) {
         .commit(second)
         .await
         .expect_err("second writer must not overwrite");
-    assert!(
-        matches!(err, StoreError::Conflict { entity: "job", .. }),
-        "{err}"
-    );
+    assert!(matches!(err, StoreError::Conflict { entity: "job", .. }), "{err}");
     let stored = k.jobs().get("t1", id).await.expect("get");
     assert_eq!(stored.progress, 0.25);
     assert_eq!(stored.version, job.version + 1);
@@ -353,10 +322,7 @@ pub async fn optimistic_concurrency(store: Arc<dyn KernelStore>) {
         .await
         .expect("events");
     assert_eq!(
-        events
-            .iter()
-            .filter(|e| e.event_type == EventType::Progress)
-            .count(),
+        events.iter().filter(|e| e.event_type == EventType::Progress).count(),
         1,
         "the losing batch's event is not persisted"
     );
@@ -384,10 +350,7 @@ pub async fn list_count_and_tenant_isolation(store: Arc<dyn KernelStore>) {
         new.tags = vec![format!("n{i}")];
         ids.push(k.jobs().create(new).await.expect("create").job.id);
     }
-    k.jobs()
-        .create(NewJob::new("t2", "agent"))
-        .await
-        .expect("create t2");
+    k.jobs().create(NewJob::new("t2", "agent")).await.expect("create t2");
     k.jobs().start(ids[0]).await.expect("start");
     let all = k.jobs().list(&JobFilter::tenant("t1")).await.expect("list");
     assert_eq!(all.len(), 5);
@@ -396,20 +359,8 @@ pub async fn list_count_and_tenant_isolation(store: Arc<dyn KernelStore>) {
         ids.iter().rev().copied().collect::<Vec<_>>(),
         "newest first"
     );
-    assert_eq!(
-        k.jobs()
-            .count(&JobFilter::tenant("t1"))
-            .await
-            .expect("count"),
-        5
-    );
-    assert_eq!(
-        k.jobs()
-            .count(&JobFilter::tenant("t2"))
-            .await
-            .expect("count"),
-        1
-    );
+    assert_eq!(k.jobs().count(&JobFilter::tenant("t1")).await.expect("count"), 5);
+    assert_eq!(k.jobs().count(&JobFilter::tenant("t2")).await.expect("count"), 1);
     let f = JobFilter {
         states: vec![JobState::Running],
         ..JobFilter::tenant("t1")
@@ -453,16 +404,9 @@ pub async fn list_count_and_tenant_isolation(store: Arc<dyn KernelStore>) {
         ..JobFilter::tenant("t1")
     };
     assert_eq!(k.jobs().list(&f).await.expect("list").len(), 2);
-    assert_eq!(
-        k.jobs().count(&f).await.expect("count"),
-        5,
-        "count ignores limit"
-    );
+    assert_eq!(k.jobs().count(&f).await.expect("count"), 5, "count ignores limit");
     assert!(
-        matches!(
-            k.jobs().get("t2", ids[0]).await,
-            Err(KernelError::JobNotFound(_))
-        ),
+        matches!(k.jobs().get("t2", ids[0]).await, Err(KernelError::JobNotFound(_))),
         "cross-tenant get is not found"
     );
 }
@@ -485,12 +429,7 @@ pub async fn cancel_cascades(store: Arc<dyn KernelStore>) {
     k.jobs().complete(done_child, None).await.expect("complete");
     let action = k
         .actions()
-        .create(approval(
-            child,
-            "fs/write",
-            json!({"p": 1}),
-            Duration::minutes(5),
-        ))
+        .create(approval(child, "fs/write", json!({"p": 1}), Duration::minutes(5)))
         .await
         .expect("action");
     let token = k.jobs().cancellation_token(grandchild);
@@ -506,10 +445,7 @@ pub async fn cancel_cascades(store: Arc<dyn KernelStore>) {
     let cancelled = k.jobs().cancel(parent, "user asked").await.expect("cancel");
     assert_eq!(cancelled.state, JobState::Cancelled);
     for id in [child, grandchild] {
-        assert_eq!(
-            k.jobs().get("t1", id).await.expect("get").state,
-            JobState::Cancelled
-        );
+        assert_eq!(k.jobs().get("t1", id).await.expect("get").state, JobState::Cancelled);
     }
     assert_eq!(
         k.jobs().get("t1", done_child).await.expect("get").state,
@@ -517,11 +453,7 @@ pub async fn cancel_cascades(store: Arc<dyn KernelStore>) {
         "finished children stay finished"
     );
     assert_eq!(
-        k.actions()
-            .get("t1", action.action.id)
-            .await
-            .expect("get")
-            .state,
+        k.actions().get("t1", action.action.id).await.expect("get").state,
         ActionState::Cancelled
     );
     assert!(token.is_cancelled(), "in-process token fired");
@@ -551,24 +483,15 @@ pub async fn deadline_sweep(store: Arc<dyn KernelStore>) {
     assert_eq!(report.jobs_timed_out, 1);
     let job = k.jobs().get("t1", late).await.expect("get");
     assert_eq!(job.state, JobState::TimedOut);
-    assert_eq!(
-        job.error.as_ref().map(|e| e.code.as_str()),
-        Some("deadline_exceeded")
-    );
-    assert_eq!(
-        k.jobs().get("t1", fine).await.expect("get").state,
-        JobState::Queued
-    );
+    assert_eq!(job.error.as_ref().map(|e| e.code.as_str()), Some("deadline_exceeded"));
+    assert_eq!(k.jobs().get("t1", fine).await.expect("get").state, JobState::Queued);
     let ev = sub.recv().await.expect("live event");
     assert_eq!(
         (ev.event_type, ev.data["to"].as_str()),
         (EventType::JobStatusChanged, Some("TIMED_OUT"))
     );
     assert_eq!(
-        k.recover_and_sweep(clock.now())
-            .await
-            .expect("sweep")
-            .jobs_timed_out,
+        k.recover_and_sweep(clock.now()).await.expect("sweep").jobs_timed_out,
         0,
         "idempotent"
     );
@@ -590,56 +513,26 @@ pub async fn approvals_and_tokens(store: Arc<dyn KernelStore>) {
     assert!(matches!(err, KernelError::Invalid(_)));
     let created = k
         .actions()
-        .create(approval(
-            job,
-            "fs/write",
-            args.clone(),
-            Duration::minutes(5),
-        ))
+        .create(approval(job, "fs/write", args.clone(), Duration::minutes(5)))
         .await
         .expect("create");
     let action = created.action.clone();
     assert_eq!(action.state, ActionState::Pending);
     assert_eq!(created.token.len(), 64);
     assert_eq!(action.token_hash, hash_token(&created.token));
-    assert_ne!(
-        action.token_hash, created.token,
-        "token stored only as a hash"
-    );
+    assert_ne!(action.token_hash, created.token, "token stored only as a hash");
     assert_eq!(
         k.jobs().get("t1", job).await.expect("get").state,
         JobState::WaitingAction,
         "same transaction"
     );
     assert_eq!(
-        k.actions()
-            .list_pending("t1", Some(job))
-            .await
-            .expect("pending")
-            .len(),
+        k.actions().list_pending("t1", Some(job)).await.expect("pending").len(),
         1
     );
-    assert_eq!(
-        k.actions()
-            .list_pending("t1", None)
-            .await
-            .expect("pending")
-            .len(),
-        1
-    );
-    assert_eq!(
-        k.actions()
-            .list_pending("t2", None)
-            .await
-            .expect("pending")
-            .len(),
-        0
-    );
-    let stored = store
-        .get_action(action.id)
-        .await
-        .expect("get")
-        .expect("exists");
+    assert_eq!(k.actions().list_pending("t1", None).await.expect("pending").len(), 1);
+    assert_eq!(k.actions().list_pending("t2", None).await.expect("pending").len(), 0);
+    let stored = store.get_action(action.id).await.expect("get").expect("exists");
     assert_eq!(stored, action, "action round-trips exactly");
 
     // A second action on the same job: resolving the first must not resume the job yet.
@@ -681,11 +574,7 @@ pub async fn approvals_and_tokens(store: Arc<dyn KernelStore>) {
     let mut ok = Resolution::approve(true);
     ok.resolved_by = Some("alice".into());
     ok.call_digest = action.call_digest.clone();
-    let resolved = k
-        .actions()
-        .resolve_by_token(&created.token, ok)
-        .await
-        .expect("resolve");
+    let resolved = k.actions().resolve_by_token(&created.token, ok).await.expect("resolve");
     assert_eq!(resolved.state, ActionState::Resolved);
     assert_eq!(
         k.jobs().get("t1", job).await.expect("get").state,
@@ -717,9 +606,7 @@ pub async fn approvals_and_tokens(store: Arc<dyn KernelStore>) {
         .await
         .expect("verify");
     assert!(matches!(
-        k.actions()
-            .verify_approval("t1", action.id, "fs/delete", &args)
-            .await,
+        k.actions().verify_approval("t1", action.id, "fs/delete", &args).await,
         Err(KernelError::CallDigestMismatch(_))
     ));
 
@@ -736,12 +623,7 @@ pub async fn approvals_and_tokens(store: Arc<dyn KernelStore>) {
     // A rejected approval does not authorize.
     let third = k
         .actions()
-        .create(approval(
-            job,
-            "fs/write",
-            args.clone(),
-            Duration::minutes(5),
-        ))
+        .create(approval(job, "fs/write", args.clone(), Duration::minutes(5)))
         .await
         .expect("third");
     let rejected = k
@@ -763,14 +645,8 @@ pub async fn approvals_and_tokens(store: Arc<dyn KernelStore>) {
         .create(approval(job, "fs/write", args, Duration::minutes(5)))
         .await
         .expect("fourth");
-    k.actions()
-        .cancel("t1", fourth.action.id)
-        .await
-        .expect("cancel");
-    assert_eq!(
-        k.jobs().get("t1", job).await.expect("get").state,
-        JobState::Running
-    );
+    k.actions().cancel("t1", fourth.action.id).await.expect("cancel");
+    assert_eq!(k.jobs().get("t1", job).await.expect("get").state, JobState::Running);
     assert!(matches!(
         k.actions()
             .resolve_by_token(&fourth.token, Resolution::approve(true))
@@ -810,10 +686,7 @@ pub async fn action_expiry(store: Arc<dyn KernelStore>) {
         .await
         .expect("create");
     assert_eq!(
-        k.recover_and_sweep(clock.now())
-            .await
-            .expect("sweep")
-            .actions_expired,
+        k.recover_and_sweep(clock.now()).await.expect("sweep").actions_expired,
         0
     );
     clock.advance(Duration::seconds(60));
@@ -823,10 +696,7 @@ pub async fn action_expiry(store: Arc<dyn KernelStore>) {
         k.actions().get("t1", b.action.id).await.expect("get").state,
         ActionState::Expired
     );
-    assert_eq!(
-        k.jobs().get("t1", job2).await.expect("get").state,
-        JobState::TimedOut
-    );
+    assert_eq!(k.jobs().get("t1", job2).await.expect("get").state, JobState::TimedOut);
     let events = k
         .read_events(&EventQuery {
             filter: EventFilter::job(job2).with_types([EventType::ActionExpired]),
@@ -836,9 +706,7 @@ pub async fn action_expiry(store: Arc<dyn KernelStore>) {
         .expect("events");
     assert_eq!(events.len(), 1);
     assert!(matches!(
-        k.actions()
-            .resolve_by_token(&b.token, Resolution::approve(true))
-            .await,
+        k.actions().resolve_by_token(&b.token, Resolution::approve(true)).await,
         Err(KernelError::ActionNotPending { .. })
     ));
 }
@@ -868,17 +736,10 @@ pub async fn wait_for_resolution(store: Arc<dyn KernelStore>) {
         .expect("resolve");
     let done = waiter.await.expect("join").expect("wait");
     assert_eq!(done.state, ActionState::Resolved);
-    assert_eq!(
-        sub.recv().await.expect("event").event_type,
-        EventType::ActionResolved
-    );
+    assert_eq!(sub.recv().await.expect("event").event_type, EventType::ActionResolved);
     // Already resolved: returns at once.
     assert_eq!(
-        k.actions()
-            .wait_for_resolution(a.action.id)
-            .await
-            .expect("wait")
-            .state,
+        k.actions().wait_for_resolution(a.action.id).await.expect("wait").state,
         ActionState::Resolved
     );
 }
@@ -887,29 +748,10 @@ pub async fn wait_for_resolution(store: Arc<dyn KernelStore>) {
 pub async fn events(store: Arc<dyn KernelStore>) {
     let (k, _) = kernel_with_clock(store);
     let mut all = k.subscribe(EventFilter::tenant("t1"));
-    let mut tokens_only =
-        k.subscribe(EventFilter::tenant("t1").with_types([EventType::ModelToken]));
-    let a = k
-        .jobs()
-        .create(NewJob::new("t1", "agent"))
-        .await
-        .expect("a")
-        .job
-        .id;
-    let b = k
-        .jobs()
-        .create(NewJob::new("t1", "agent"))
-        .await
-        .expect("b")
-        .job
-        .id;
-    let other = k
-        .jobs()
-        .create(NewJob::new("t2", "agent"))
-        .await
-        .expect("t2")
-        .job
-        .id;
+    let mut tokens_only = k.subscribe(EventFilter::tenant("t1").with_types([EventType::ModelToken]));
+    let a = k.jobs().create(NewJob::new("t1", "agent")).await.expect("a").job.id;
+    let b = k.jobs().create(NewJob::new("t1", "agent")).await.expect("b").job.id;
+    let other = k.jobs().create(NewJob::new("t2", "agent")).await.expect("t2").job.id;
     for i in 0..3 {
         k.jobs()
             .emit(a, EventType::ModelToken, json!({ "text": format!("a{i}") }))
@@ -952,11 +794,7 @@ pub async fn events(store: Arc<dyn KernelStore>) {
         after_id: page[3].id,
         ..q
     };
-    assert_eq!(
-        k.read_events(&q2).await.expect("read").len(),
-        2,
-        "store-wide cursor"
-    );
+    assert_eq!(k.read_events(&q2).await.expect("read").len(), 2, "store-wide cursor");
     assert_eq!(
         k.read_events(&EventQuery {
             filter: EventFilter::tenant("t2"),
@@ -1034,12 +872,7 @@ pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
     };
     let settled = k
         .ledger()
-        .settle(
-            r1.reservation.id,
-            LedgerKind::ModelUsage,
-            actual.clone(),
-            details,
-        )
+        .settle(r1.reservation.id, LedgerKind::ModelUsage, actual.clone(), details)
         .await
         .expect("settle");
     assert_eq!(settled.state, ReservationState::Settled);
@@ -1082,11 +915,7 @@ pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
     assert_eq!((usage.tokens, usage.requests, usage.tool_calls), (80, 1, 1));
 
     // 0.3 used; holding 0.6 reaches 0.9 >= 80% -> warn; then 0.2 more would be 1.1 -> deny.
-    let r3 = k
-        .ledger()
-        .reserve(hold("0.6", 0))
-        .await
-        .expect("warn still reserves");
+    let r3 = k.ledger().reserve(hold("0.6", 0)).await.expect("warn still reserves");
     assert_eq!(r3.decision.outcome, BudgetOutcome::Warn);
     let err = k.ledger().reserve(hold("0.2", 0)).await.expect_err("deny");
     match err {
@@ -1114,10 +943,7 @@ pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
             ..
         })
     ));
-    k.ledger()
-        .reserve(hold("0.2", 0))
-        .await
-        .expect("fits again");
+    k.ledger().reserve(hold("0.2", 0)).await.expect("fits again");
     assert!(matches!(
         k.ledger().release(Uuid::now_v7(), "x").await,
         Err(KernelError::ReservationNotFound(_))
@@ -1125,27 +951,12 @@ pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
 
     // Degrade strategy allows but says so.
     budget.strategy = ExceedStrategy::Degrade;
-    k.ledger()
-        .put_budget(budget.clone())
-        .await
-        .expect("replace");
-    assert_eq!(
-        k.ledger().budgets("t1").await.expect("list").len(),
-        1,
-        "put replaces"
-    );
+    k.ledger().put_budget(budget.clone()).await.expect("replace");
+    assert_eq!(k.ledger().budgets("t1").await.expect("list").len(), 1, "put replaces");
     let report = k.ledger().budget_report("t1").await.expect("report");
     assert_eq!(report.len(), 1);
-    assert_eq!(
-        report[0].used.cost,
-        dec("0.3"),
-        "settled usage in the window"
-    );
-    let r = k
-        .ledger()
-        .reserve(hold("5", 0))
-        .await
-        .expect("degrade allows");
+    assert_eq!(report[0].used.cost, dec("0.3"), "settled usage in the window");
+    let r = k.ledger().reserve(hold("5", 0)).await.expect("degrade allows");
     assert_eq!(r.decision.outcome, BudgetOutcome::Degrade);
 
     // Costs finer than the stored precision are refused, not rounded.
@@ -1169,11 +980,7 @@ pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
     assert_eq!(count(LedgerKind::Release), 1);
     assert_eq!(count(LedgerKind::ModelUsage), 1);
     assert_eq!(count(LedgerKind::ToolUsage), 1);
-    assert_eq!(
-        count(LedgerKind::BudgetCheck),
-        3,
-        "warn, deny and degrade are recorded"
-    );
+    assert_eq!(count(LedgerKind::BudgetCheck), 3, "warn, deny and degrade are recorded");
     let model = entries
         .iter()
         .find(|e| e.entry.kind == LedgerKind::ModelUsage)
@@ -1228,11 +1035,7 @@ pub async fn budget_windows_and_subjects(store: Arc<dyn KernelStore>) {
         tool_calls,
     };
     for _ in 0..2 {
-        let r = k
-            .ledger()
-            .reserve(req("alice", None, 1, 0))
-            .await
-            .expect("reserve");
+        let r = k.ledger().reserve(req("alice", None, 1, 0)).await.expect("reserve");
         k.ledger()
             .settle(
                 r.reservation.id,
@@ -1262,10 +1065,7 @@ pub async fn budget_windows_and_subjects(store: Arc<dyn KernelStore>) {
         "per-request tokens"
     );
     clock.advance(Duration::days(1));
-    k.ledger()
-        .reserve(req("alice", None, 1, 0))
-        .await
-        .expect("a new day");
+    k.ledger().reserve(req("alice", None, 1, 0)).await.expect("a new day");
 
     let r = k
         .ledger()
@@ -1301,11 +1101,7 @@ pub async fn budget_windows_and_subjects(store: Arc<dyn KernelStore>) {
         from: Some(clock.now() - Duration::hours(1)),
         ..Default::default()
     };
-    assert_eq!(
-        k.ledger().usage(&q).await.expect("usage").requests,
-        1,
-        "time window"
-    );
+    assert_eq!(k.ledger().usage(&q).await.expect("usage").requests, 1, "time window");
     let q = UsageQuery {
         tenant: "t1".into(),
         to: Some(epoch() + Duration::seconds(1)),
@@ -1329,10 +1125,7 @@ pub async fn reservation_expiry(store: Arc<dyn KernelStore>) {
         ttl: Some(Duration::seconds(ttl)),
     };
     let crashed = k.ledger().reserve(hold(30)).await.expect("reserve");
-    assert!(
-        k.ledger().reserve(hold(30)).await.is_err(),
-        "the live hold counts"
-    );
+    assert!(k.ledger().reserve(hold(30)).await.is_err(), "the live hold counts");
     clock.advance(Duration::seconds(30));
     let late = k
         .ledger()
@@ -1342,19 +1135,11 @@ pub async fn reservation_expiry(store: Arc<dyn KernelStore>) {
     let report = k.recover_and_sweep(clock.now()).await.expect("sweep");
     assert_eq!(report.reservations_released, 1);
     assert_eq!(
-        k.ledger()
-            .reservation(crashed.reservation.id)
-            .await
-            .expect("get")
-            .state,
+        k.ledger().reservation(crashed.reservation.id).await.expect("get").state,
         ReservationState::Released
     );
     assert_eq!(
-        k.ledger()
-            .reservation(late.reservation.id)
-            .await
-            .expect("get")
-            .state,
+        k.ledger().reservation(late.reservation.id).await.expect("get").state,
         ReservationState::Held
     );
     let s = k
@@ -1444,13 +1229,7 @@ pub async fn concurrent_idempotency(store: Arc<dyn KernelStore>) {
     }
     assert_eq!(ids.len(), 1);
     assert_eq!(created, 1);
-    assert_eq!(
-        k.jobs()
-            .count(&JobFilter::tenant("t1"))
-            .await
-            .expect("count"),
-        1
-    );
+    assert_eq!(k.jobs().count(&JobFilter::tenant("t1")).await.expect("count"), 1);
 }
 
 /// 32 concurrent resolutions of one token: exactly one succeeds.
@@ -1485,10 +1264,7 @@ pub async fn concurrent_token_resolution(store: Arc<dyn KernelStore>) {
         }
     }
     assert_eq!(ok, 1);
-    assert_eq!(
-        k.jobs().get("t1", job).await.expect("get").state,
-        JobState::Running
-    );
+    assert_eq!(k.jobs().get("t1", job).await.expect("get").state, JobState::Running);
     let resolved = k
         .read_events(&EventQuery {
             filter: EventFilter::job(job).with_types([EventType::ActionResolved]),

@@ -169,8 +169,7 @@ impl TokenInner {
             return;
         }
         self.notify.notify_waiters();
-        let children =
-            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        let children = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
         for child in children.iter().filter_map(Weak::upgrade) {
             child.cancel();
         }
@@ -203,11 +202,7 @@ impl CancellationToken {
         if self.is_cancelled() {
             child.cancel();
         } else {
-            let mut children = self
-                .inner
-                .children
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut children = self.inner.children.lock().unwrap_or_else(|e| e.into_inner());
             children.retain(|w| w.strong_count() > 0);
             children.push(Arc::downgrade(&child.inner));
             drop(children);
@@ -250,9 +245,7 @@ mod tests {
 
     #[test]
     fn serde_round_trip_and_child() {
-        let mut ctx = ExecutionContext::new("acme")
-            .with_principal("alice")
-            .with_session("s1");
+        let mut ctx = ExecutionContext::new("acme").with_principal("alice").with_session("s1");
         ctx.budget.max_cost = Some(Decimal::new(1234, 2));
         ctx.budget.max_turns = Some(8);
         ctx.policy = PolicyRef {
@@ -267,10 +260,7 @@ mod tests {
         let json = serde_json::to_string(&ctx).unwrap();
         let back: ExecutionContext = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ctx);
-        assert!(
-            json.contains("\"12.34\""),
-            "cost serialized as an exact string: {json}"
-        );
+        assert!(json.contains("\"12.34\""), "cost serialized as an exact string: {json}");
 
         let child = ctx.child();
         assert_eq!(child.trace_id, ctx.trace_id);

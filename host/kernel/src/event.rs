@@ -234,10 +234,7 @@ mod tests {
         assert_eq!(EventType::ALL.len(), 20);
         for t in EventType::ALL {
             assert_eq!(t.as_str().parse::<EventType>().unwrap(), *t);
-            assert_eq!(
-                serde_json::to_value(t).unwrap(),
-                serde_json::json!(t.as_str())
-            );
+            assert_eq!(serde_json::to_value(t).unwrap(), serde_json::json!(t.as_str()));
         }
     }
 }

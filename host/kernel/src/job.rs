@@ -53,10 +53,7 @@ impl JobState {
         matches!(
             (self, to),
             (Queued, Running | Failed | Cancelled | TimedOut)
-                | (
-                    Running,
-                    WaitingAction | Succeeded | Failed | Cancelled | TimedOut
-                )
+                | (Running, WaitingAction | Succeeded | Failed | Cancelled | TimedOut)
                 | (WaitingAction, Running | Failed | Cancelled | TimedOut)
         )
     }
@@ -258,10 +255,7 @@ impl JobFilter {
                 .principal
                 .as_ref()
                 .is_none_or(|p| job.principal.as_ref() == Some(p))
-            && self
-                .session
-                .as_ref()
-                .is_none_or(|s| job.session.as_ref() == Some(s))
+            && self.session.as_ref().is_none_or(|s| job.session.as_ref() == Some(s))
             && self.parent_id.is_none_or(|p| job.parent_id == Some(p))
             && self.kind.as_ref().is_none_or(|k| &job.kind == k)
             && self.tag.as_ref().is_none_or(|t| job.tags.contains(t))

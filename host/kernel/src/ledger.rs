@@ -221,14 +221,8 @@ impl LedgerQuery {
     pub fn matches(&self, e: &NewLedgerEvent) -> bool {
         e.tenant == self.tenant
             && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
-            && self
-                .principal
-                .as_ref()
-                .is_none_or(|p| e.principal.as_ref() == Some(p))
-            && self
-                .session
-                .as_ref()
-                .is_none_or(|s| e.session.as_ref() == Some(s))
+            && self.principal.as_ref().is_none_or(|p| e.principal.as_ref() == Some(p))
+            && self.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s))
             && self.job_id.is_none_or(|j| e.job_id == Some(j))
             && self.from.is_none_or(|f| e.at >= f)
             && self.to.is_none_or(|t| e.at < t)
@@ -257,9 +251,7 @@ impl BudgetWindow {
             BudgetWindow::Daily => Utc
                 .with_ymd_and_hms(now.year(), now.month(), now.day(), 0, 0, 0)
                 .single(),
-            BudgetWindow::Monthly => Utc
-                .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
-                .single(),
+            BudgetWindow::Monthly => Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single(),
         }
     }
 }
@@ -331,10 +323,7 @@ impl Budget {
     /// Whether the budget governs a request by `principal` in `session` of `tenant`.
     pub fn applies_to(&self, tenant: &str, principal: Option<&str>, session: Option<&str>) -> bool {
         self.tenant == tenant
-            && self
-                .principal
-                .as_deref()
-                .is_none_or(|p| principal == Some(p))
+            && self.principal.as_deref().is_none_or(|p| principal == Some(p))
             && self.session.as_deref().is_none_or(|s| session == Some(s))
     }
 
@@ -638,10 +627,7 @@ mod tests {
             cost_to_nanos(Decimal::from_str("0.0000000001").unwrap()),
             Err(CostError::TooPrecise(_))
         ));
-        assert!(matches!(
-            cost_to_nanos(Decimal::from(-1)),
-            Err(CostError::Negative(_))
-        ));
+        assert!(matches!(cost_to_nanos(Decimal::from(-1)), Err(CostError::Negative(_))));
     }
 
     #[test]
@@ -663,14 +649,8 @@ mod tests {
             used: Usage::cost(Decimal::from(used)),
         };
         let req = Usage::cost(Decimal::from(1));
-        assert_eq!(
-            evaluate_budgets(&req, &[status(&b, 1)]).outcome,
-            BudgetOutcome::Allow
-        );
-        assert_eq!(
-            evaluate_budgets(&req, &[status(&b, 7)]).outcome,
-            BudgetOutcome::Warn
-        );
+        assert_eq!(evaluate_budgets(&req, &[status(&b, 1)]).outcome, BudgetOutcome::Allow);
+        assert_eq!(evaluate_budgets(&req, &[status(&b, 7)]).outcome, BudgetOutcome::Warn);
         assert_eq!(
             evaluate_budgets(&req, &[status(&b, 9)]).outcome,
             BudgetOutcome::Warn,
@@ -685,9 +665,6 @@ mod tests {
             BudgetOutcome::Degrade
         );
         b.window = BudgetWindow::PerRequest;
-        assert_eq!(
-            evaluate_budgets(&req, &[status(&b, 100)]).outcome,
-            BudgetOutcome::Allow
-        );
+        assert_eq!(evaluate_budgets(&req, &[status(&b, 100)]).outcome, BudgetOutcome::Allow);
     }
 }

@@ -12,9 +12,8 @@ use crate::action::{Action, ActionFilter, ActionState};
 use crate::event::{EventQuery, RuntimeEvent};
 use crate::job::{Job, JobFilter};
 use crate::ledger::{
-    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent,
-    Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage,
-    UsageQuery,
+    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
+    ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
 use crate::store::{Batch, BudgetEvaluator, KernelStore, StoreError, StoreResult};
 
@@ -67,9 +66,7 @@ fn conflict(entity: &'static str, id: impl ToString) -> StoreError {
 }
 
 fn limit<T>(items: impl Iterator<Item = T>, limit: Option<u32>) -> Vec<T> {
-    items
-        .take(limit.map_or(usize::MAX, |l| l as usize))
-        .collect()
+    items.take(limit.map_or(usize::MAX, |l| l as usize)).collect()
 }
 
 impl MemoryStore {
@@ -79,19 +76,14 @@ impl MemoryStore {
         let mut staged_jobs: HashMap<Uuid, Job> = HashMap::new();
         let mut staged_keys: Vec<(String, String)> = Vec::new();
         for w in &batch.jobs {
-            let current = staged_jobs
-                .get(&w.job.id)
-                .or_else(|| st.jobs.get(&w.job.id));
+            let current = staged_jobs.get(&w.job.id).or_else(|| st.jobs.get(&w.job.id));
             match (w.expected_version, current) {
                 (None, Some(_)) => return Err(conflict("job", w.job.id)),
                 (None, None) => {
                     if let Some(key) = &w.job.idempotency_key {
                         let k = (w.job.tenant.clone(), key.clone());
                         if st.job_keys.contains_key(&k) || staged_keys.contains(&k) {
-                            return Err(StoreError::DuplicateIdempotencyKey {
-                                tenant: k.0,
-                                key: k.1,
-                            });
+                            return Err(StoreError::DuplicateIdempotencyKey { tenant: k.0, key: k.1 });
                         }
                         staged_keys.push(k);
                     }
@@ -118,9 +110,7 @@ impl MemoryStore {
                     if st.token_hashes.contains_key(&w.action.token_hash) {
                         return Err(conflict("action", w.action.id));
                     }
-                    if !staged_jobs.contains_key(&w.action.job_id)
-                        && !st.jobs.contains_key(&w.action.job_id)
-                    {
+                    if !staged_jobs.contains_key(&w.action.job_id) && !st.jobs.contains_key(&w.action.job_id) {
                         return Err(StoreError::NotFound {
                             entity: "job",
                             id: w.action.job_id.to_string(),
@@ -190,56 +180,41 @@ impl MemoryStore {
             used += e.entry.usage.clone();
         }
         for r in st.reservations.values() {
-            if r.is_live(now)
-                && budget.applies_to(&r.tenant, r.principal.as_deref(), r.session.as_deref())
-            {
+            if r.is_live(now) && budget.applies_to(&r.tenant, r.principal.as_deref(), r.session.as_deref()) {
                 used += r.amount.clone();
             }
         }
         used
     }
 
-    fn reserve_sync(
-        &self,
-        req: ReserveRequest,
-        evaluate: BudgetEvaluator,
-    ) -> StoreResult<ReserveOutcome> {
+    fn reserve_sync(&self, req: ReserveRequest, evaluate: BudgetEvaluator) -> StoreResult<ReserveOutcome> {
         let mut st = self.lock();
         let statuses: Vec<BudgetStatus> = st
             .budgets
             .values()
-            .filter(|b| {
-                b.applies_to(
-                    &req.tenant,
-                    req.principal.as_deref(),
-                    req.session.as_deref(),
-                )
-            })
+            .filter(|b| b.applies_to(&req.tenant, req.principal.as_deref(), req.session.as_deref()))
             .map(|b| BudgetStatus {
                 budget: b.clone(),
                 used: Self::used_against(&st, b, req.now),
             })
             .collect();
         let decision = evaluate(&req.amount, &statuses);
-        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| {
-            NewLedgerEvent {
-                kind,
-                tenant: req.tenant.clone(),
-                principal: req.principal.clone(),
-                session: req.session.clone(),
-                job_id: req.job_id,
-                reservation_id,
-                usage: req.amount.clone(),
-                duration_ms: None,
-                model: None,
-                tool: None,
-                data,
-                at: req.now,
-            }
+        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
+            kind,
+            tenant: req.tenant.clone(),
+            principal: req.principal.clone(),
+            session: req.session.clone(),
+            job_id: req.job_id,
+            reservation_id,
+            usage: req.amount.clone(),
+            duration_ms: None,
+            model: None,
+            tool: None,
+            data,
+            at: req.now,
         };
         if decision.outcome != BudgetOutcome::Allow {
-            let data =
-                serde_json::to_value(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let data = serde_json::to_value(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let e = entry(LedgerKind::BudgetCheck, None, data);
             st.append_ledger(e);
         }
@@ -262,11 +237,7 @@ impl MemoryStore {
             expires_at: req.expires_at,
             closed_at: None,
         };
-        let e = entry(
-            LedgerKind::Hold,
-            Some(reservation.id),
-            serde_json::Value::Null,
-        );
+        let e = entry(LedgerKind::Hold, Some(reservation.id), serde_json::Value::Null);
         st.append_ledger(e);
         st.reservations.insert(reservation.id, reservation.clone());
         Ok(ReserveOutcome {
@@ -275,12 +246,7 @@ impl MemoryStore {
         })
     }
 
-    fn close_entry(
-        r: &Reservation,
-        kind: LedgerKind,
-        usage: Usage,
-        at: DateTime<Utc>,
-    ) -> NewLedgerEvent {
+    fn close_entry(r: &Reservation, kind: LedgerKind, usage: Usage, at: DateTime<Utc>) -> NewLedgerEvent {
         NewLedgerEvent {
             kind,
             tenant: r.tenant.clone(),
@@ -316,12 +282,7 @@ impl MemoryStore {
         usage.tool = req.tool;
         usage.data = req.data;
         st.append_ledger(usage);
-        st.append_ledger(Self::close_entry(
-            &r,
-            LedgerKind::Settle,
-            req.actual.clone(),
-            req.now,
-        ));
+        st.append_ledger(Self::close_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now));
         let r = Reservation {
             state: ReservationState::Settled,
             actual: Some(req.actual),
@@ -332,20 +293,11 @@ impl MemoryStore {
         Ok(r)
     }
 
-    fn release_locked(
-        st: &mut State,
-        id: Uuid,
-        now: DateTime<Utc>,
-        reason: &str,
-    ) -> StoreResult<Reservation> {
-        let r = st
-            .reservations
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound {
-                entity: "reservation",
-                id: id.to_string(),
-            })?;
+    fn release_locked(st: &mut State, id: Uuid, now: DateTime<Utc>, reason: &str) -> StoreResult<Reservation> {
+        let r = st.reservations.get(&id).cloned().ok_or_else(|| StoreError::NotFound {
+            entity: "reservation",
+            id: id.to_string(),
+        })?;
         if r.state != ReservationState::Held {
             return Err(conflict("reservation", id));
         }
@@ -373,11 +325,7 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn get_job_by_key<'a>(
-        &'a self,
-        tenant: &'a str,
-        key: &'a str,
-    ) -> BoxFuture<'a, StoreResult<Option<Job>>> {
+    fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>> {
         let st = self.lock();
         let r = st
             .job_keys
@@ -389,32 +337,18 @@ impl KernelStore for MemoryStore {
 
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<Job>>> {
         let st = self.lock();
-        let mut jobs: Vec<Job> = st
-            .jobs
-            .values()
-            .filter(|j| filter.matches(j))
-            .cloned()
-            .collect();
+        let mut jobs: Vec<Job> = st.jobs.values().filter(|j| filter.matches(j)).cloned().collect();
         jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         let r = limit(jobs.into_iter(), filter.limit);
         Box::pin(async move { Ok(r) })
     }
 
     fn count_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<u64>> {
-        let r = self
-            .lock()
-            .jobs
-            .values()
-            .filter(|j| filter.matches(j))
-            .count() as u64;
+        let r = self.lock().jobs.values().filter(|j| filter.matches(j)).count() as u64;
         Box::pin(async move { Ok(r) })
     }
 
-    fn overdue_jobs(
-        &self,
-        now: DateTime<Utc>,
-        limit_n: u32,
-    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+    fn overdue_jobs(&self, now: DateTime<Utc>, limit_n: u32) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         let st = self.lock();
         let mut jobs: Vec<Job> = st
             .jobs
@@ -432,10 +366,7 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn get_action_by_token_hash<'a>(
-        &'a self,
-        token_hash: &'a str,
-    ) -> BoxFuture<'a, StoreResult<Option<Action>>> {
+    fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>> {
         let st = self.lock();
         let r = st
             .token_hashes
@@ -445,27 +376,15 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn list_actions<'a>(
-        &'a self,
-        filter: &'a ActionFilter,
-    ) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
+    fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
         let st = self.lock();
-        let mut actions: Vec<Action> = st
-            .actions
-            .values()
-            .filter(|a| filter.matches(a))
-            .cloned()
-            .collect();
+        let mut actions: Vec<Action> = st.actions.values().filter(|a| filter.matches(a)).cloned().collect();
         actions.sort_by_key(|a| (a.created_at, a.id));
         let r = limit(actions.into_iter(), filter.limit);
         Box::pin(async move { Ok(r) })
     }
 
-    fn expired_actions(
-        &self,
-        now: DateTime<Utc>,
-        limit_n: u32,
-    ) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
+    fn expired_actions(&self, now: DateTime<Utc>, limit_n: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
         let st = self.lock();
         let mut actions: Vec<Action> = st
             .actions
@@ -478,10 +397,7 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn read_events<'a>(
-        &'a self,
-        query: &'a EventQuery,
-    ) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
+    fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
         let st = self.lock();
         let it = st
             .events
@@ -497,16 +413,10 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn list_ledger<'a>(
-        &'a self,
-        query: &'a LedgerQuery,
-    ) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
+    fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
         let st = self.lock();
         let r = limit(
-            st.ledger
-                .iter()
-                .filter(|e| query.matches(&e.entry))
-                .cloned(),
+            st.ledger.iter().filter(|e| query.matches(&e.entry)).cloned(),
             query.limit,
         );
         Box::pin(async move { Ok(r) })
@@ -561,21 +471,12 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { r })
     }
 
-    fn release(
-        &self,
-        id: Uuid,
-        now: DateTime<Utc>,
-        reason: String,
-    ) -> BoxFuture<'_, StoreResult<Reservation>> {
+    fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>> {
         let r = Self::release_locked(&mut self.lock(), id, now, &reason);
         Box::pin(async move { r })
     }
 
-    fn release_expired(
-        &self,
-        now: DateTime<Utc>,
-        limit_n: u32,
-    ) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
+    fn release_expired(&self, now: DateTime<Utc>, limit_n: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
         let mut st = self.lock();
         let mut due: Vec<(DateTime<Utc>, Uuid)> = st
             .reservations

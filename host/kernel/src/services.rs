@@ -15,21 +15,20 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::action::{
-    Action, ActionFilter, ActionState, ActionType, CreatedAction, NewAction, Resolution, ct_eq_str,
-    generate_token, hash_token,
+    Action, ActionFilter, ActionState, ActionType, CreatedAction, NewAction, Resolution, ct_eq_str, generate_token,
+    hash_token,
 };
 use crate::canonical::call_digest;
 use crate::clock::{Clock, SystemClock};
 use crate::context::{CancellationToken, ExecutionContext};
 use crate::error::{KernelError, KernelResult};
 use crate::event::{
-    EventBus, EventFilter, EventQuery, EventType, NewEvent, RuntimeEvent, Subscription,
-    SubscriptionError,
+    EventBus, EventFilter, EventQuery, EventType, NewEvent, RuntimeEvent, Subscription, SubscriptionError,
 };
 use crate::job::{Job, JobError, JobFilter, JobState, NewJob};
 use crate::ledger::{
-    Budget, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation, ReserveRequest,
-    SettleRequest, Usage, UsageQuery, evaluate_budgets,
+    Budget, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation, ReserveRequest, SettleRequest, Usage,
+    UsageQuery, evaluate_budgets,
 };
 use crate::store::{ActionWrite, Batch, JobWrite, KernelStore, StoreError};
 
@@ -84,12 +83,7 @@ fn is_conflict(e: &StoreError) -> bool {
     matches!(e, StoreError::Conflict { .. })
 }
 
-fn job_event(
-    job: &Job,
-    event_type: EventType,
-    data: serde_json::Value,
-    at: DateTime<Utc>,
-) -> NewEvent {
+fn job_event(job: &Job, event_type: EventType, data: serde_json::Value, at: DateTime<Utc>) -> NewEvent {
     NewEvent {
         job_id: job.id,
         tenant: job.tenant.clone(),
@@ -142,12 +136,7 @@ fn transition(job: &Job, to: JobState, now: DateTime<Utc>) -> KernelResult<Job> 
 }
 
 /// The event announcing `from -> next`.
-fn status_event(
-    from: JobState,
-    next: &Job,
-    extra: serde_json::Value,
-    now: DateTime<Utc>,
-) -> NewEvent {
+fn status_event(from: JobState, next: &Job, extra: serde_json::Value, now: DateTime<Utc>) -> NewEvent {
     let event_type = match (from, next.state) {
         (JobState::Queued, JobState::Running) => EventType::JobStarted,
         (_, JobState::Succeeded) => EventType::JobCompleted,
@@ -174,17 +163,11 @@ impl Core {
     }
 
     async fn load_job(&self, id: Uuid) -> KernelResult<Job> {
-        self.store
-            .get_job(id)
-            .await?
-            .ok_or(KernelError::JobNotFound(id))
+        self.store.get_job(id).await?.ok_or(KernelError::JobNotFound(id))
     }
 
     async fn load_action(&self, id: Uuid) -> KernelResult<Action> {
-        self.store
-            .get_action(id)
-            .await?
-            .ok_or(KernelError::ActionNotFound(id))
+        self.store.get_action(id).await?.ok_or(KernelError::ActionNotFound(id))
     }
 
     async fn pending_actions(&self, job: &Job) -> KernelResult<Vec<Action>> {
@@ -271,12 +254,9 @@ impl Core {
                         message: format!("parent job {root} ended: {reason}"),
                     });
                 }
-                batch.events.push(status_event(
-                    job.state,
-                    &next,
-                    json!({ "reason": reason }),
-                    now,
-                ));
+                batch
+                    .events
+                    .push(status_event(job.state, &next, json!({ "reason": reason }), now));
                 for action in self.pending_actions(&job).await? {
                     let state = if Some(action.id) == expired_action {
                         ActionState::Expired
@@ -326,10 +306,7 @@ impl Core {
     }
 
     fn forget_token(&self, id: Uuid) {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
     /// Take `action` (PENDING) to `state`, with the job effect that implies, in one transaction.
@@ -417,19 +394,12 @@ impl Core {
                     expected_version: Some(action.version),
                 }],
             };
-            let others_pending = self
-                .pending_actions(&job)
-                .await?
-                .iter()
-                .any(|p| p.id != action.id);
+            let others_pending = self.pending_actions(&job).await?.iter().any(|p| p.id != action.id);
             if job.state == JobState::WaitingAction && !others_pending {
                 let next = transition(&job, JobState::Running, now)?;
-                batch.events.push(status_event(
-                    job.state,
-                    &next,
-                    json!({ "action_id": action.id }),
-                    now,
-                ));
+                batch
+                    .events
+                    .push(status_event(job.state, &next, json!({ "action_id": action.id }), now));
                 batch.jobs.push(JobWrite {
                     job: next,
                     expected_version: Some(job.version),
@@ -466,17 +436,12 @@ impl JobManager {
     /// existing job (`created: false`); the store's unique constraint makes this race-free.
     pub async fn create(&self, new: NewJob) -> KernelResult<CreatedJob> {
         if new.tenant.is_empty() || new.kind.is_empty() {
-            return Err(KernelError::Invalid(
-                "a job needs a tenant and a kind".into(),
-            ));
+            return Err(KernelError::Invalid("a job needs a tenant and a kind".into()));
         }
         if let Some(key) = &new.idempotency_key
             && let Some(job) = self.core.store.get_job_by_key(&new.tenant, key).await?
         {
-            return Ok(CreatedJob {
-                job,
-                created: false,
-            });
+            return Ok(CreatedJob { job, created: false });
         }
         if let Some(parent) = new.parent_id {
             let p = self.core.load_job(parent).await?;
@@ -528,20 +493,12 @@ impl JobManager {
         match self.core.commit(batch).await {
             Ok(_) => Ok(CreatedJob { job, created: true }),
             Err(StoreError::DuplicateIdempotencyKey { tenant, key }) => {
-                let job = self
-                    .core
-                    .store
-                    .get_job_by_key(&tenant, &key)
-                    .await?
-                    .ok_or_else(|| {
-                        KernelError::Store(StoreError::Corrupt(format!(
-                            "idempotency key {key:?} conflicts but no job holds it"
-                        )))
-                    })?;
-                Ok(CreatedJob {
-                    job,
-                    created: false,
-                })
+                let job = self.core.store.get_job_by_key(&tenant, &key).await?.ok_or_else(|| {
+                    KernelError::Store(StoreError::Corrupt(format!(
+                        "idempotency key {key:?} conflicts but no job holds it"
+                    )))
+                })?;
+                Ok(CreatedJob { job, created: false })
             }
             Err(e) => Err(e.into()),
         }
@@ -571,8 +528,7 @@ impl JobManager {
 
     /// RUNNING -> WAITING_ACTION (creating an action does this itself).
     pub async fn wait_for_action(&self, id: Uuid) -> KernelResult<Job> {
-        self.move_to(id, JobState::WaitingAction, |_| {}, json!({}))
-            .await
+        self.move_to(id, JobState::WaitingAction, |_| {}, json!({})).await
     }
 
     /// WAITING_ACTION -> RUNNING (resolving the last pending action does this itself).
@@ -632,12 +588,7 @@ impl JobManager {
     }
 
     /// Record progress (`fraction` clamped to `[0, 1]`) on a non-terminal job, with a progress event.
-    pub async fn progress(
-        &self,
-        id: Uuid,
-        fraction: f64,
-        message: Option<String>,
-    ) -> KernelResult<Job> {
+    pub async fn progress(&self, id: Uuid, fraction: f64, message: Option<String>) -> KernelResult<Job> {
         let fraction = if fraction.is_finite() {
             fraction.clamp(0.0, 1.0)
         } else {
@@ -690,12 +641,7 @@ impl JobManager {
     }
 
     /// Append an event to a job's stream (model tokens, tool calls, artifacts, final result...).
-    pub async fn emit(
-        &self,
-        id: Uuid,
-        event_type: EventType,
-        data: serde_json::Value,
-    ) -> KernelResult<RuntimeEvent> {
+    pub async fn emit(&self, id: Uuid, event_type: EventType, data: serde_json::Value) -> KernelResult<RuntimeEvent> {
         let job = self.core.load_job(id).await?;
         let event = job_event(&job, event_type, data, self.core.now());
         let mut events = self
@@ -705,9 +651,9 @@ impl JobManager {
                 ..Batch::default()
             })
             .await?;
-        events.pop().ok_or_else(|| {
-            KernelError::Store(StoreError::Backend("commit returned no event".into()))
-        })
+        events
+            .pop()
+            .ok_or_else(|| KernelError::Store(StoreError::Backend("commit returned no event".into())))
     }
 
     /// A job of `tenant` (another tenant's job is "not found").
@@ -774,9 +720,7 @@ impl ActionManager {
             (None, _) => None,
         };
         if new.ttl <= chrono::Duration::zero() {
-            return Err(KernelError::Invalid(
-                "an action needs a positive ttl".into(),
-            ));
+            return Err(KernelError::Invalid("an action needs a positive ttl".into()));
         }
         let token = generate_token();
         let token_hash = hash_token(&token);
@@ -805,12 +749,9 @@ impl ActionManager {
                 JobState::WaitingAction => {}
                 _ => {
                     let next = transition(&job, JobState::WaitingAction, now)?;
-                    batch.events.push(status_event(
-                        job.state,
-                        &next,
-                        json!({ "action_id": action_id }),
-                        now,
-                    ));
+                    batch
+                        .events
+                        .push(status_event(job.state, &next, json!({ "action_id": action_id }), now));
                     batch.jobs.push(JobWrite {
                         job: next,
                         expected_version: Some(job.version),
@@ -827,9 +768,7 @@ impl ActionManager {
                     expected_version: Some(job.version),
                 });
             }
-            batch
-                .events
-                .push(action_event(&action, EventType::ActionRequired, now));
+            batch.events.push(action_event(&action, EventType::ActionRequired, now));
             batch.actions.push(ActionWrite {
                 action: action.clone(),
                 expected_version: None,
@@ -846,11 +785,7 @@ impl ActionManager {
     /// Resolve the action a resume token belongs to. Single-use: exactly one of any number of
     /// concurrent callers succeeds; the others get `ActionNotPending`. An expired token gets
     /// `ActionExpired`, an unknown one `InvalidToken`.
-    pub async fn resolve_by_token(
-        &self,
-        token: &str,
-        resolution: Resolution,
-    ) -> KernelResult<Action> {
+    pub async fn resolve_by_token(&self, token: &str, resolution: Resolution) -> KernelResult<Action> {
         let hash = hash_token(token);
         let action = self
             .core
@@ -867,26 +802,13 @@ impl ActionManager {
     }
 
     /// Resolve an action by id, for trusted callers (CLI, authenticated API) in `tenant`.
-    pub async fn resolve(
-        &self,
-        tenant: &str,
-        id: Uuid,
-        resolution: Resolution,
-    ) -> KernelResult<Action> {
+    pub async fn resolve(&self, tenant: &str, id: Uuid, resolution: Resolution) -> KernelResult<Action> {
         let action = self.get(tenant, id).await?;
         self.resolve_checked(action, resolution).await
     }
 
-    async fn resolve_checked(
-        &self,
-        action: Action,
-        resolution: Resolution,
-    ) -> KernelResult<Action> {
-        if matches!(
-            action.action_type,
-            ActionType::Approval | ActionType::Confirm
-        ) && resolution.approved.is_none()
-        {
+    async fn resolve_checked(&self, action: Action, resolution: Resolution) -> KernelResult<Action> {
+        if matches!(action.action_type, ActionType::Approval | ActionType::Confirm) && resolution.approved.is_none() {
             return Err(KernelError::Invalid(format!(
                 "a {} needs approved = true or false",
                 action.action_type
@@ -905,16 +827,12 @@ impl ActionManager {
     /// Withdraw a pending action; its job resumes if nothing else is pending.
     pub async fn cancel(&self, tenant: &str, id: Uuid) -> KernelResult<Action> {
         self.get(tenant, id).await?;
-        self.core
-            .finish_action(id, ActionState::Cancelled, None)
-            .await
+        self.core.finish_action(id, ActionState::Cancelled, None).await
     }
 
     /// Expire a pending action now and time its job out (the sweeper does this at expiry).
     pub async fn expire(&self, id: Uuid) -> KernelResult<Action> {
-        self.core
-            .finish_action(id, ActionState::Expired, None)
-            .await
+        self.core.finish_action(id, ActionState::Expired, None).await
     }
 
     /// Check that action `id` of `tenant` is a resolved, approved approval of exactly
@@ -953,11 +871,7 @@ impl ActionManager {
     }
 
     /// Pending actions of a tenant, or of one job.
-    pub async fn list_pending(
-        &self,
-        tenant: &str,
-        job_id: Option<Uuid>,
-    ) -> KernelResult<Vec<Action>> {
+    pub async fn list_pending(&self, tenant: &str, job_id: Option<Uuid>) -> KernelResult<Vec<Action>> {
         let filter = ActionFilter {
             tenant: tenant.to_string(),
             job_id,
@@ -984,16 +898,12 @@ impl ActionManager {
             if action.state != ActionState::Pending {
                 return Ok(action);
             }
-            let remaining = (action.expires_at - self.core.now())
-                .to_std()
-                .unwrap_or_default();
+            let remaining = (action.expires_at - self.core.now()).to_std().unwrap_or_default();
             let expiry = tokio::time::sleep(remaining);
             tokio::pin!(expiry);
             let recheck = async {
                 match self.core.config.action_recheck_ms {
-                    Some(ms) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(ms.max(1))).await
-                    }
+                    Some(ms) => tokio::time::sleep(std::time::Duration::from_millis(ms.max(1))).await,
                     None => std::future::pending().await,
                 }
             };
@@ -1138,9 +1048,7 @@ impl Ledger {
         details: SettleDetails,
     ) -> KernelResult<Reservation> {
         if !kind.counts_as_usage() {
-            return Err(KernelError::Invalid(format!(
-                "settle needs a usage kind, not {kind}"
-            )));
+            return Err(KernelError::Invalid(format!("settle needs a usage kind, not {kind}")));
         }
         actual.validate().map_err(invalid_cost)?;
         let req = SettleRequest {
@@ -1161,11 +1069,7 @@ impl Ledger {
 
     /// Release a hold without usage (the call failed or was not made).
     pub async fn release(&self, id: Uuid, reason: &str) -> KernelResult<Reservation> {
-        let r = self
-            .core
-            .store
-            .release(id, self.core.now(), reason.to_string())
-            .await;
+        let r = self.core.store.release(id, self.core.now(), reason.to_string()).await;
         match r {
             Ok(r) => Ok(r),
             Err(e) => Err(self.reservation_error(id, e).await),
@@ -1175,12 +1079,10 @@ impl Ledger {
     async fn reservation_error(&self, id: Uuid, e: StoreError) -> KernelError {
         match e {
             StoreError::NotFound {
-                entity: "reservation",
-                ..
+                entity: "reservation", ..
             } => KernelError::ReservationNotFound(id),
             StoreError::Conflict {
-                entity: "reservation",
-                ..
+                entity: "reservation", ..
             } => match self.core.store.get_reservation(id).await {
                 Ok(Some(r)) => KernelError::ReservationState { id, state: r.state },
                 Ok(None) => KernelError::ReservationNotFound(id),
@@ -1192,10 +1094,7 @@ impl Ledger {
 
     /// Each budget of `tenant` with its settled usage in the current window (live holds are not
     /// included: this is a report, not a check). For `keel budgets` and dashboards.
-    pub async fn budget_report(
-        &self,
-        tenant: &str,
-    ) -> KernelResult<Vec<crate::ledger::BudgetStatus>> {
+    pub async fn budget_report(&self, tenant: &str) -> KernelResult<Vec<crate::ledger::BudgetStatus>> {
         let now = self.core.now();
         let mut out = Vec::new();
         for budget in self.core.store.list_budgets(tenant).await? {
@@ -1270,11 +1169,7 @@ impl Kernel {
     }
 
     /// A kernel with an explicit clock and config (tests drive time through the clock).
-    pub fn with_clock(
-        store: Arc<dyn KernelStore>,
-        clock: Arc<dyn Clock>,
-        config: KernelConfig,
-    ) -> Self {
+    pub fn with_clock(store: Arc<dyn KernelStore>, clock: Arc<dyn Clock>, config: KernelConfig) -> Self {
         let core = Arc::new(Core {
             store,
             bus: EventBus::new(config.event_buffer),
@@ -1381,11 +1276,7 @@ impl Kernel {
     }
 
     /// Run [`recover_and_sweep`](Self::recover_and_sweep) every `every` until `stop` is cancelled.
-    pub fn spawn_sweeper(
-        &self,
-        every: std::time::Duration,
-        stop: CancellationToken,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_sweeper(&self, every: std::time::Duration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let kernel = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(1)));
@@ -1413,17 +1304,12 @@ mod tests {
     #[tokio::test]
     async fn background_sweeper_times_out_jobs_and_stops() {
         let clock = Arc::new(ManualClock::new(Utc::now()));
-        let kernel = Kernel::with_clock(
-            Arc::new(MemoryStore::new()),
-            clock.clone(),
-            KernelConfig::default(),
-        );
+        let kernel = Kernel::with_clock(Arc::new(MemoryStore::new()), clock.clone(), KernelConfig::default());
         let mut new = NewJob::new("t", "agent");
         new.deadline = Some(clock.now() + chrono::Duration::seconds(5));
         let job = kernel.jobs().create(new).await.unwrap().job;
         let token = kernel.jobs().cancellation_token(job.id);
-        let mut sub =
-            kernel.subscribe(EventFilter::job(job.id).with_types([EventType::JobStatusChanged]));
+        let mut sub = kernel.subscribe(EventFilter::job(job.id).with_types([EventType::JobStatusChanged]));
         clock.advance(chrono::Duration::seconds(6));
         let stop = CancellationToken::new();
         let sweeper = kernel.spawn_sweeper(std::time::Duration::from_millis(10), stop.clone());
@@ -1432,9 +1318,6 @@ mod tests {
         token.cancelled().await;
         stop.cancel();
         sweeper.await.unwrap();
-        assert_eq!(
-            kernel.jobs().get("t", job.id).await.unwrap().state,
-            JobState::TimedOut
-        );
+        assert_eq!(kernel.jobs().get("t", job.id).await.unwrap().state, JobState::TimedOut);
     }
 }

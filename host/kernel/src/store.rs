@@ -15,8 +15,8 @@ use crate::action::{Action, ActionFilter};
 use crate::event::{EventQuery, NewEvent, RuntimeEvent};
 use crate::job::{Job, JobFilter};
 use crate::ledger::{
-    Budget, BudgetDecision, BudgetStatus, LedgerEvent, LedgerQuery, NewLedgerEvent, Reservation,
-    ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
+    Budget, BudgetDecision, BudgetStatus, LedgerEvent, LedgerQuery, NewLedgerEvent, Reservation, ReserveOutcome,
+    ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
 
 /// Errors a store reports. Backends map their own errors into `Backend` / `Corrupt`.
@@ -111,11 +111,7 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     /// A job by id (any tenant; managers enforce tenant scoping).
     fn get_job(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Job>>>;
     /// A job by tenant and idempotency key.
-    fn get_job_by_key<'a>(
-        &'a self,
-        tenant: &'a str,
-        key: &'a str,
-    ) -> BoxFuture<'a, StoreResult<Option<Job>>>;
+    fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>>;
     /// Jobs matching `filter`, newest first.
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<Job>>>;
     /// Number of jobs matching `filter` (ignoring its limit).
@@ -128,39 +124,23 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     /// An action by id.
     fn get_action(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Action>>>;
     /// The action whose token hashes to `token_hash`.
-    fn get_action_by_token_hash<'a>(
-        &'a self,
-        token_hash: &'a str,
-    ) -> BoxFuture<'a, StoreResult<Option<Action>>>;
+    fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>>;
     /// Actions matching `filter`, oldest first.
-    fn list_actions<'a>(
-        &'a self,
-        filter: &'a ActionFilter,
-    ) -> BoxFuture<'a, StoreResult<Vec<Action>>>;
+    fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>>;
     /// PENDING actions (any tenant) with `expires_at <= now`, oldest expiry first.
-    fn expired_actions(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> BoxFuture<'_, StoreResult<Vec<Action>>>;
+    fn expired_actions(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>>;
 
     // ---- events ----
 
     /// Persisted events matching `query`, ordered by `id`.
-    fn read_events<'a>(
-        &'a self,
-        query: &'a EventQuery,
-    ) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>>;
+    fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>>;
 
     // ---- ledger, budgets, reservations ----
 
     /// Append one ledger entry.
     fn append_ledger(&self, entry: NewLedgerEvent) -> BoxFuture<'_, StoreResult<LedgerEvent>>;
     /// Ledger entries matching `query`, oldest first.
-    fn list_ledger<'a>(
-        &'a self,
-        query: &'a LedgerQuery,
-    ) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>>;
+    fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>>;
     /// Summed usage (model and tool usage entries) matching `query`.
     fn usage<'a>(&'a self, query: &'a UsageQuery) -> BoxFuture<'a, StoreResult<Usage>>;
     /// Insert or replace a budget.
@@ -173,11 +153,8 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     /// one's usage (usage entries in its window + live holds), call `evaluate`, and if allowed
     /// insert a HELD reservation plus a `hold` ledger entry (and a `budget_check` entry whenever
     /// the outcome is not plain allow).
-    fn reserve(
-        &self,
-        request: ReserveRequest,
-        evaluate: BudgetEvaluator,
-    ) -> BoxFuture<'_, StoreResult<ReserveOutcome>>;
+    fn reserve(&self, request: ReserveRequest, evaluate: BudgetEvaluator)
+    -> BoxFuture<'_, StoreResult<ReserveOutcome>>;
     /// A reservation by id.
     fn get_reservation(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Reservation>>>;
     /// Atomically: mark the reservation SETTLED (from HELD, or from RELEASED: a late settle after
@@ -185,16 +162,7 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     /// was already settled; `NotFound` if absent.
     fn settle(&self, request: SettleRequest) -> BoxFuture<'_, StoreResult<Reservation>>;
     /// Atomically: HELD -> RELEASED plus a `release` entry. `Conflict` if not HELD.
-    fn release(
-        &self,
-        id: Uuid,
-        now: DateTime<Utc>,
-        reason: String,
-    ) -> BoxFuture<'_, StoreResult<Reservation>>;
+    fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>>;
     /// Release every HELD reservation with `expires_at <= now` (recovery sweep); returns them.
-    fn release_expired(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> BoxFuture<'_, StoreResult<Vec<Reservation>>>;
+    fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>>;
 }

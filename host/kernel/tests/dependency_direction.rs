@@ -3,8 +3,7 @@
 
 #[test]
 fn kernel_depends_on_no_backend() {
-    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-        .expect("manifest");
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).expect("manifest");
     let forbidden = [
         "sqlx",
         "rusqlite",
@@ -30,9 +29,6 @@ fn kernel_depends_on_no_backend() {
             continue;
         }
         let name = line.split(['=', '.', ' ']).next().unwrap_or("");
-        assert!(
-            !forbidden.contains(&name),
-            "keel-kernel must not depend on {name}"
-        );
+        assert!(!forbidden.contains(&name), "keel-kernel must not depend on {name}");
     }
 }

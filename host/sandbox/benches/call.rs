@@ -32,7 +32,10 @@ struct BareState {
 
 impl WasiView for BareState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -43,7 +46,10 @@ impl bare::keel::plugin::host::Host for BareState {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn rss_bytes() -> u64 {
@@ -89,12 +95,21 @@ fn benches(c: &mut Criterion) {
 
     // Bare wasmtime with the same engine configuration as the sandbox.
     let mut config = Config::new();
-    config.wasm_component_model(true).epoch_interruption(true).memory_init_cow(true);
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .memory_init_cow(true);
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_component_instances(128).total_core_instances(1024).total_memories(256).total_tables(1024);
-    pool.max_core_instances_per_component(32).max_memories_per_component(4).max_tables_per_component(32);
+    pool.total_component_instances(128)
+        .total_core_instances(1024)
+        .total_memories(256)
+        .total_tables(1024);
+    pool.max_core_instances_per_component(32)
+        .max_memories_per_component(4)
+        .max_tables_per_component(32);
     pool.max_memory_size(1 << 30).table_elements(100_000);
-    pool.max_component_instance_size(4 << 20).max_core_instance_size(4 << 20);
+    pool.max_component_instance_size(4 << 20)
+        .max_core_instance_size(4 << 20);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let engine = Engine::new(&config).unwrap();
     let component = Component::new(&engine, &wasm).unwrap();
@@ -115,10 +130,20 @@ fn benches(c: &mut Criterion) {
     group.bench_function("bare_wasmtime", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let mut store = Store::new(&engine, BareState { wasi: WasiCtx::builder().build(), table: ResourceTable::new() });
+                let mut store = Store::new(
+                    &engine,
+                    BareState {
+                        wasi: WasiCtx::builder().build(),
+                        table: ResourceTable::new(),
+                    },
+                );
                 store.set_epoch_deadline(1_000);
                 let tool = pre.instantiate_async(&mut store).await.unwrap();
-                let out = tool.keel_plugin_tools().call_call(&mut store, &bare_ctx, "greet", &arguments).await.unwrap();
+                let out = tool
+                    .keel_plugin_tools()
+                    .call_call(&mut store, &bare_ctx, "greet", &arguments)
+                    .await
+                    .unwrap();
                 assert!(out.is_ok());
             })
         })
@@ -128,10 +153,14 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("startup");
     group.sample_size(10).measurement_time(Duration::from_secs(8));
     let sandbox_engine = sandbox.engine().clone();
-    group.bench_function("compile", |b| b.iter(|| Component::new(&sandbox_engine, &wasm).unwrap()));
+    group.bench_function("compile", |b| {
+        b.iter(|| Component::new(&sandbox_engine, &wasm).unwrap())
+    });
     let cache = ArtifactCache::open(&dir.path().join("cache"), &sandbox_engine).unwrap();
     let sha = plugin.sha256.clone();
-    group.bench_function("load_cached", |b| b.iter(|| cache.load(&sandbox_engine, &sha).expect("cached")));
+    group.bench_function("load_cached", |b| {
+        b.iter(|| cache.load(&sandbox_engine, &sha).expect("cached"))
+    });
     group.bench_function("first_call_from_cache", |b| {
         b.iter(|| {
             let fresh = Sandbox::new(SandboxConfig::new(dir.path().join("cache"))).unwrap();
@@ -151,7 +180,10 @@ fn benches(c: &mut Criterion) {
     }
     let fresh = Sandbox::new(SandboxConfig::new(dir.path().join("cache"))).unwrap();
     let before = rss_bytes();
-    let ready: Vec<_> = variants.iter().map(|v| rt.block_on(fresh.prepare(v)).unwrap()).collect();
+    let ready: Vec<_> = variants
+        .iter()
+        .map(|v| rt.block_on(fresh.prepare(v)).unwrap())
+        .collect();
     let after = rss_bytes();
     println!(
         "idle_ready_plugin_memory: {:.1} KiB per plugin (RSS {} -> {} over {} plugins loaded from cache)",

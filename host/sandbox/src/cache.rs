@@ -125,7 +125,11 @@ impl ArtifactCache {
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let engine_tag = format!("wasmtime{}-{:016x}", wasmtime_version(), hasher.finish());
-        Ok(Self { dir: dir.to_path_buf(), key, engine_tag })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            key,
+            engine_tag,
+        })
     }
 
     fn path(&self, sha256: &str) -> PathBuf {

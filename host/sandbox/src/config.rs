@@ -53,7 +53,12 @@ impl Default for Limits {
 impl Limits {
     /// The strict limits used to run `describe` at install time.
     pub fn for_describe() -> Self {
-        Self { memory_bytes: 32 << 20, timeout_ms: 2_000, max_output_bytes: 1 << 20, ..Self::default() }
+        Self {
+            memory_bytes: 32 << 20,
+            timeout_ms: 2_000,
+            max_output_bytes: 1 << 20,
+            ..Self::default()
+        }
     }
 
     /// The wall-clock deadline as a [`Duration`].

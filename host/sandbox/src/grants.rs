@@ -70,7 +70,10 @@ impl FsGrant {
             Some((host, guest)) => (host, Some(guest)),
             None => (spec, None),
         };
-        let bad = |reason: String| GrantError::BadDirectory { path: host.to_string(), reason };
+        let bad = |reason: String| GrantError::BadDirectory {
+            path: host.to_string(),
+            reason,
+        };
         let canonical = std::fs::canonicalize(host).map_err(|e| bad(e.to_string()))?;
         if !canonical.is_dir() {
             return Err(bad("not a directory".into()));
@@ -80,7 +83,11 @@ impl FsGrant {
             Some(guest) => normalize_guest(guest),
             None => canonical.to_string_lossy().into_owned(),
         };
-        Ok(Self { host: canonical, guest, mode })
+        Ok(Self {
+            host: canonical,
+            guest,
+            mode,
+        })
     }
 }
 
@@ -96,7 +103,10 @@ fn guest_within(inner: &str, outer: &str) -> bool {
 
 /// Validate a network allowlist pattern.
 pub fn validate_host_pattern(pattern: &str) -> Result<(), GrantError> {
-    let bad = |reason: &str| GrantError::BadHostPattern { pattern: pattern.into(), reason: reason.into() };
+    let bad = |reason: &str| GrantError::BadHostPattern {
+        pattern: pattern.into(),
+        reason: reason.into(),
+    };
     let parsed = HostPattern::parse(pattern).ok_or_else(|| bad("expected `host`, `*.host`, optionally `:port`"))?;
     if parsed.host.is_empty() || parsed.host.contains(['/', '@', '?', '#', ' ']) {
         return Err(bad("not a host name"));
@@ -107,7 +117,11 @@ pub fn validate_host_pattern(pattern: &str) -> Result<(), GrantError> {
 /// Validate an environment variable name.
 pub fn validate_env_name(name: &str) -> Result<(), GrantError> {
     let ok = !name.is_empty() && !name.contains(['=', '\0']) && name.chars().all(|c| c.is_ascii_graphic());
-    if ok { Ok(()) } else { Err(GrantError::BadEnvName(name.into())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(GrantError::BadEnvName(name.into()))
+    }
 }
 
 /// A parsed allowlist pattern.
@@ -138,7 +152,8 @@ impl HostPattern {
             None => port == default_port,
         };
         let host_ok = if self.wildcard {
-            host.strip_suffix(&self.host).is_some_and(|prefix| prefix.ends_with('.') && prefix.len() > 1)
+            host.strip_suffix(&self.host)
+                .is_some_and(|prefix| prefix.ends_with('.') && prefix.len() > 1)
         } else {
             host == self.host
         };
@@ -262,7 +277,11 @@ impl Grants {
                         let relative = wanted[grant.guest.len()..].trim_start_matches('/');
                         let host = grant.host.join(relative);
                         if is_dir_within(&host, &grant.host) {
-                            narrowed.push(FsGrant { host, guest: wanted.clone(), mode });
+                            narrowed.push(FsGrant {
+                                host,
+                                guest: wanted.clone(),
+                                mode,
+                            });
                         }
                     }
                 }
@@ -272,16 +291,29 @@ impl Grants {
             self.fs.clone()
         };
         let net = if declares(|t| !t.capabilities.network.is_empty()) {
-            self.net.iter().filter(|g| requested.network.iter().any(|r| r.eq_ignore_ascii_case(g))).cloned().collect()
+            self.net
+                .iter()
+                .filter(|g| requested.network.iter().any(|r| r.eq_ignore_ascii_case(g)))
+                .cloned()
+                .collect()
         } else {
             self.net.clone()
         };
         let env = if declares(|t| !t.capabilities.environment.is_empty()) {
-            self.env.iter().filter(|g| requested.environment.contains(g)).cloned().collect()
+            self.env
+                .iter()
+                .filter(|g| requested.environment.contains(g))
+                .cloned()
+                .collect()
         } else {
             self.env.clone()
         };
-        Grants { fs, net, env, allow_private_network: self.allow_private_network }
+        Grants {
+            fs,
+            net,
+            env,
+            allow_private_network: self.allow_private_network,
+        }
     }
 
     /// What `requested` asks for beyond these grants, as human-readable lines (for re-install diffs
@@ -327,12 +359,20 @@ mod tests {
     #[test]
     fn host_patterns() {
         let policy = NetPolicy::new(&Grants {
-            net: vec!["api.example.com".into(), "*.example.org".into(), "localhost:8080".into(), "[::1]:9".into()],
+            net: vec![
+                "api.example.com".into(),
+                "*.example.org".into(),
+                "localhost:8080".into(),
+                "[::1]:9".into(),
+            ],
             ..Default::default()
         });
         assert!(policy.allows("api.example.com", 443, 443));
         assert!(policy.allows("API.Example.com", 80, 80));
-        assert!(!policy.allows("api.example.com", 8443, 443), "no port in the pattern means the default port only");
+        assert!(
+            !policy.allows("api.example.com", 8443, 443),
+            "no port in the pattern means the default port only"
+        );
         assert!(!policy.allows("evil-api.example.com", 443, 443));
         assert!(!policy.allows("api.example.com.evil.net", 443, 443));
         assert!(policy.allows("a.example.org", 443, 443));
@@ -379,14 +419,20 @@ mod tests {
     fn fs_grant_parsing() {
         let dir = tempfile::tempdir().unwrap();
         let grant = FsGrant::parse(dir.path().to_str().unwrap(), FsMode::Read).unwrap();
-        assert_eq!(grant.guest, std::fs::canonicalize(dir.path()).unwrap().to_string_lossy());
+        assert_eq!(
+            grant.guest,
+            std::fs::canonicalize(dir.path()).unwrap().to_string_lossy()
+        );
         let mapped = FsGrant::parse(&format!("{}::/data/", dir.path().display()), FsMode::ReadWrite).unwrap();
         assert_eq!(mapped.guest, "/data");
         assert!(matches!(
             FsGrant::parse(&format!("{}::data", dir.path().display()), FsMode::Read),
             Err(GrantError::RelativeGuestPath(_))
         ));
-        assert!(matches!(FsGrant::parse("/definitely/not/here", FsMode::Read), Err(GrantError::BadDirectory { .. })));
+        assert!(matches!(
+            FsGrant::parse("/definitely/not/here", FsMode::Read),
+            Err(GrantError::BadDirectory { .. })
+        ));
     }
 
     fn tool(name: &str, capabilities: Capabilities) -> ToolInfo {
@@ -405,7 +451,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         let grants = Grants {
-            fs: vec![FsGrant { host: dir.path().into(), guest: "/data".into(), mode: FsMode::ReadWrite }],
+            fs: vec![FsGrant {
+                host: dir.path().into(),
+                guest: "/data".into(),
+                mode: FsMode::ReadWrite,
+            }],
             net: vec!["a.com".into(), "b.com".into()],
             env: vec!["A".into(), "B".into()],
             allow_private_network: false,
@@ -413,13 +463,21 @@ mod tests {
         let reader = tool(
             "reader",
             Capabilities {
-                filesystem: vec![FsRequest { path: "/data/sub".into(), mode: FsMode::Read }],
+                filesystem: vec![FsRequest {
+                    path: "/data/sub".into(),
+                    mode: FsMode::Read,
+                }],
                 network: vec!["a.com".into()],
                 environment: vec![],
             },
         );
-        let env_user =
-            tool("env", Capabilities { environment: vec!["B".into()], ..Default::default() });
+        let env_user = tool(
+            "env",
+            Capabilities {
+                environment: vec!["B".into()],
+                ..Default::default()
+            },
+        );
         let all = [reader.clone(), env_user.clone()];
 
         let narrowed = grants.narrow_for(&reader, &all);

@@ -146,13 +146,20 @@ pub struct State {
 
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for State {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
     }
 }
 
@@ -184,7 +191,10 @@ impl bindings::keel::plugin::host::Host for State {
         if journal.progress.len() >= 64 {
             journal.progress.remove(0);
         }
-        journal.progress.push(ProgressRecord { fraction, message: truncate(message, MAX_LOG_LINE) });
+        journal.progress.push(ProgressRecord {
+            fraction,
+            message: truncate(message, MAX_LOG_LINE),
+        });
     }
 }
 
@@ -263,12 +273,20 @@ impl WasiHttpHooks for NetHooks {
             let bare = host.trim_start_matches('[').trim_end_matches(']').to_string();
             let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((bare.as_str(), port)).await {
                 Ok(addrs) => addrs.collect(),
-                Err(_) => return Err(wasmtime_wasi_http::Error::DnsError { rcode: None, info_code: None }),
+                Err(_) => {
+                    return Err(wasmtime_wasi_http::Error::DnsError {
+                        rcode: None,
+                        info_code: None,
+                    });
+                }
             };
             if !policy.allow_private_network
                 && let Some(bad) = addrs.iter().find(|a| is_non_public(a.ip()))
             {
-                return Err(deny(target, format!("{} is a private, loopback, link-local or metadata address", bad.ip())));
+                return Err(deny(
+                    target,
+                    format!("{} is a private, loopback, link-local or metadata address", bad.ip()),
+                ));
             }
             let Some(pinned) = addrs.first().copied() else {
                 return Err(wasmtime_wasi_http::Error::DestinationNotFound);

@@ -40,7 +40,9 @@ pub enum SandboxError {
     #[error("this component does not implement the keel:plugin/tool world: {0}")]
     WrongWorld(String),
     /// Built against another major version of the contract.
-    #[error("this plugin was built for {found} but this host implements {WIT_PACKAGE}@{WIT_VERSION}; rebuild it against {WIT_PACKAGE}@{WIT_VERSION}")]
+    #[error(
+        "this plugin was built for {found} but this host implements {WIT_PACKAGE}@{WIT_VERSION}; rebuild it against {WIT_PACKAGE}@{WIT_VERSION}"
+    )]
     IncompatibleVersion {
         /// e.g. `keel:plugin@0.2.0`.
         found: String,
@@ -79,7 +81,10 @@ pub struct PreparedPlugin {
 
 impl std::fmt::Debug for PreparedPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreparedPlugin").field("sha256", &self.sha256).field("name", &self.info.name).finish()
+        f.debug_struct("PreparedPlugin")
+            .field("sha256", &self.sha256)
+            .field("name", &self.info.name)
+            .finish()
     }
 }
 
@@ -190,7 +195,14 @@ impl Sandbox {
             .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
         Ok(Self {
-            inner: Arc::new(Inner { engine, linker, cache, config, prepared: Mutex::default(), _ticker: ticker }),
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                cache,
+                config,
+                prepared: Mutex::default(),
+                _ticker: ticker,
+            }),
         })
     }
 
@@ -227,8 +239,19 @@ impl Sandbox {
         let instance_pre = self.instantiate_pre(&component)?;
         let pre = ToolPre::new(instance_pre).map_err(|e| SandboxError::WrongWorld(format!("{e:#}")))?;
         let info = self.describe(&pre).await?;
-        let prepared = Arc::new(PreparedPlugin { sha256: sha256.clone(), info, imports, cache, load_time, pre });
-        self.inner.prepared.lock().expect("prepared lock").insert(sha256, prepared.clone());
+        let prepared = Arc::new(PreparedPlugin {
+            sha256: sha256.clone(),
+            info,
+            imports,
+            cache,
+            load_time,
+            pre,
+        });
+        self.inner
+            .prepared
+            .lock()
+            .expect("prepared lock")
+            .insert(sha256, prepared.clone());
         Ok(prepared)
     }
 
@@ -253,7 +276,9 @@ impl Sandbox {
             if let Some(other) = exports.iter().find(|e| e.starts_with(&format!("{TOOLS_EXPORT}@"))) {
                 let version = other.rsplit('@').next().unwrap_or_default();
                 if !semver_compatible(version, WIT_VERSION) {
-                    return Err(SandboxError::IncompatibleVersion { found: format!("{WIT_PACKAGE}@{version}") });
+                    return Err(SandboxError::IncompatibleVersion {
+                        found: format!("{WIT_PACKAGE}@{version}"),
+                    });
                 }
                 // A compatible (newer patch/minor) export name is resolved by the linker's semver rules.
             } else if exports.iter().any(|e| e.starts_with("wasi:cli/run@")) {
@@ -261,7 +286,11 @@ impl Sandbox {
                     "it is a WASI command (exports wasi:cli/run); run it with `keel exec`".into(),
                 ));
             } else {
-                let listed = if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") };
+                let listed = if exports.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    exports.join(", ")
+                };
                 return Err(SandboxError::WrongWorld(format!("it exports {listed}, not {wanted}")));
             }
         }
@@ -270,7 +299,9 @@ impl Sandbox {
             if let Some(other) = name.strip_prefix("keel:plugin/") {
                 let version = other.rsplit('@').next().unwrap_or_default();
                 if !semver_compatible(version, WIT_VERSION) {
-                    return Err(SandboxError::IncompatibleVersion { found: format!("{WIT_PACKAGE}@{version}") });
+                    return Err(SandboxError::IncompatibleVersion {
+                        found: format!("{WIT_PACKAGE}@{version}"),
+                    });
                 }
             }
             if name.contains(':') {
@@ -282,8 +313,14 @@ impl Sandbox {
 
     async fn describe(&self, pre: &ToolPre<State>) -> Result<PluginInfo, SandboxError> {
         let limits = Limits::for_describe();
-        let CallStore { mut store, journal, stderr, .. } =
-            self.new_store(&Grants::default(), &limits, None).map_err(|e| SandboxError::Host(e.to_string()))?;
+        let CallStore {
+            mut store,
+            journal,
+            stderr,
+            ..
+        } = self
+            .new_store(&Grants::default(), &limits, None)
+            .map_err(|e| SandboxError::Host(e.to_string()))?;
         let run = async {
             let tool = pre.instantiate_async(&mut store).await?;
             tool.keel_plugin_tools().call_describe(&mut store).await
@@ -302,12 +339,7 @@ impl Sandbox {
     }
 
     /// Build a fresh store holding only `grants`, under `limits`.
-    fn new_store(
-        &self,
-        grants: &Grants,
-        limits: &Limits,
-        args: Option<&[String]>,
-    ) -> Result<CallStore, SandboxError> {
+    fn new_store(&self, grants: &Grants, limits: &Limits, args: Option<&[String]>) -> Result<CallStore, SandboxError> {
         let stdout = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
         let stderr = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
         let mut wasi = WasiCtxBuilder::new();
@@ -332,7 +364,10 @@ impl Sandbox {
         let state = State {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            hooks: NetHooks { policy: Arc::new(NetPolicy::new(grants)), journal: journal.clone() },
+            hooks: NetHooks {
+                policy: Arc::new(NetPolicy::new(grants)),
+                journal: journal.clone(),
+            },
             table: ResourceTable::new(),
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes.min(self.inner.config.max_memory_bytes) as usize,
@@ -352,9 +387,16 @@ impl Sandbox {
         store.set_epoch_deadline(limits.timeout_ms.div_ceil(tick) + 1);
         store.epoch_deadline_trap();
         if self.inner.config.fuel_metering {
-            store.set_fuel(limits.fuel.unwrap_or(u64::MAX)).map_err(|e| SandboxError::Host(e.to_string()))?;
+            store
+                .set_fuel(limits.fuel.unwrap_or(u64::MAX))
+                .map_err(|e| SandboxError::Host(e.to_string()))?;
         }
-        Ok(CallStore { store, journal, stdout, stderr })
+        Ok(CallStore {
+            store,
+            journal,
+            stdout,
+            stderr,
+        })
     }
 
     /// Run `tool` of `plugin` with JSON `arguments` in a fresh store holding only `grants`
@@ -378,14 +420,21 @@ impl Sandbox {
             stderr: vec![],
         };
         let Some(tool_info) = plugin.info.tool(tool) else {
-            return empty(ToolError::UnknownTool { tool: format!("{}/{tool}", plugin.info.name) });
+            return empty(ToolError::UnknownTool {
+                tool: format!("{}/{tool}", plugin.info.name),
+            });
         };
         let mut limits = limits.clone();
         if let Some(timeout) = ctx.timeout {
             limits.timeout_ms = limits.timeout_ms.min(timeout.as_millis() as u64);
         }
         let grants = grants.narrow_for(tool_info, &plugin.info.tools);
-        let CallStore { mut store, journal, stdout, stderr } = match self.new_store(&grants, &limits, None) {
+        let CallStore {
+            mut store,
+            journal,
+            stdout,
+            stderr,
+        } = match self.new_store(&grants, &limits, None) {
             Ok(parts) => parts,
             Err(e) => return empty(ToolError::Host { message: e.to_string() }),
         };
@@ -401,7 +450,10 @@ impl Sandbox {
         let started = Instant::now();
         let run = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
-            instance.keel_plugin_tools().call_call(&mut store, &wit_ctx, tool, &arguments).await
+            instance
+                .keel_plugin_tools()
+                .call_call(&mut store, &wit_ctx, tool, &arguments)
+                .await
         };
         // Epoch interruption stops guest code; this timeout also stops a guest parked in a host call.
         let outcome = tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await;
@@ -428,8 +480,14 @@ impl Sandbox {
                     })
                 } else {
                     match serde_json::from_str(&output.json) {
-                        Ok(value) => Ok(ToolOutput { output: value, duration, fuel_consumed }),
-                        Err(e) => Err(ToolError::Failed { message: format!("the tool returned invalid JSON: {e}") }),
+                        Ok(value) => Ok(ToolOutput {
+                            output: value,
+                            duration,
+                            fuel_consumed,
+                        }),
+                        Err(e) => Err(ToolError::Failed {
+                            message: format!("the tool returned invalid JSON: {e}"),
+                        }),
                     }
                 }
             }
@@ -449,7 +507,13 @@ impl Sandbox {
 
     /// Run a WASI command component (`wasi:cli/run`) under `grants` and `limits`, with `args`
     /// (`args[0]` is the program name). Its stdout and stderr are captured (capped) and returned.
-    pub async fn exec(&self, wasm: &[u8], grants: &Grants, limits: &Limits, args: &[String]) -> Result<ExecReport, SandboxError> {
+    pub async fn exec(
+        &self,
+        wasm: &[u8],
+        grants: &Grants,
+        limits: &Limits,
+        args: &[String],
+    ) -> Result<ExecReport, SandboxError> {
         check_header(wasm)?;
         let sha256 = sha256_hex(wasm);
         let (component, _) = {
@@ -464,14 +528,21 @@ impl Sandbox {
         let pre = wasmtime_wasi::p2::bindings::CommandPre::new(pre).map_err(|_| {
             SandboxError::WrongWorld("`keel exec` runs WASI commands (components exporting wasi:cli/run)".into())
         })?;
-        let CallStore { mut store, stdout, stderr, .. } = self.new_store(grants, limits, Some(args))?;
+        let CallStore {
+            mut store,
+            stdout,
+            stderr,
+            ..
+        } = self.new_store(grants, limits, Some(args))?;
         let run = async {
             let command = pre.instantiate_async(&mut store).await?;
             command.wasi_cli_run().call_run(&mut store).await
         };
         let outcome = tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await;
         let status = match outcome {
-            Err(_) => Err(ToolError::TimedOut { message: format!("did not finish within {} ms", limits.timeout_ms) }),
+            Err(_) => Err(ToolError::TimedOut {
+                message: format!("did not finish within {} ms", limits.timeout_ms),
+            }),
             Ok(Ok(Ok(()))) => Ok(0),
             Ok(Ok(Err(()))) => Ok(1),
             Ok(Err(e)) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
@@ -479,7 +550,11 @@ impl Sandbox {
                 None => Err(classify_error(e, &store, &stderr)),
             },
         };
-        Ok(ExecReport { status, stdout: stdout.contents().to_vec(), stderr: stderr.contents().to_vec() })
+        Ok(ExecReport {
+            status,
+            stdout: stdout.contents().to_vec(),
+            stderr: stderr.contents().to_vec(),
+        })
     }
 }
 
@@ -497,14 +572,20 @@ pub struct ExecReport {
 /// Reject non-wasm and core modules with a precise message before handing bytes to the compiler.
 fn check_header(wasm: &[u8]) -> Result<(), SandboxError> {
     if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
-        let what = if wasm.is_empty() { "the file is empty".to_string() } else { "missing the `\\0asm` magic number".into() };
+        let what = if wasm.is_empty() {
+            "the file is empty".to_string()
+        } else {
+            "missing the `\\0asm` magic number".into()
+        };
         return Err(SandboxError::NotWasm(what));
     }
     if wasmparser::Parser::is_core_wasm(wasm) {
         return Err(SandboxError::CoreModule);
     }
     if !wasmparser::Parser::is_component(wasm) {
-        return Err(SandboxError::NotWasm("unknown WebAssembly binary version or layer".into()));
+        return Err(SandboxError::NotWasm(
+            "unknown WebAssembly binary version or layer".into(),
+        ));
     }
     Ok(())
 }
@@ -523,7 +604,12 @@ fn semver_compatible(found: &str, ours: &str) -> bool {
 }
 
 fn first_line(message: &str) -> String {
-    message.lines().next().unwrap_or(message).trim_end_matches(':').to_string()
+    message
+        .lines()
+        .next()
+        .unwrap_or(message)
+        .trim_end_matches(':')
+        .to_string()
 }
 
 /// Turn a wasmtime error from instantiation or a call into a structured tool error.
@@ -532,10 +618,15 @@ fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &MemoryO
     if let Some(trap) = error.downcast_ref::<Trap>() {
         match trap {
             Trap::Interrupt => {
-                return ToolError::TimedOut { message: "the plugin ran past its deadline and was interrupted".into() };
+                return ToolError::TimedOut {
+                    message: "the plugin ran past its deadline and was interrupted".into(),
+                };
             }
             Trap::OutOfFuel => {
-                return ToolError::LimitExceeded { limit: "fuel".into(), message: "the plugin ran out of fuel".into() };
+                return ToolError::LimitExceeded {
+                    limit: "fuel".into(),
+                    message: "the plugin ran out of fuel".into(),
+                };
             }
             Trap::StackOverflow => {
                 return ToolError::LimitExceeded {
@@ -548,10 +639,16 @@ fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &MemoryO
     }
     if let Some(limit) = limiter_hit {
         let message = match limit {
-            "memory" => format!("the plugin tried to use more than {} bytes of memory", store.data().limiter.memory_bytes),
+            "memory" => format!(
+                "the plugin tried to use more than {} bytes of memory",
+                store.data().limiter.memory_bytes
+            ),
             other => format!("the plugin exceeded its {other} limit"),
         };
-        return ToolError::LimitExceeded { limit: limit.into(), message };
+        return ToolError::LimitExceeded {
+            limit: limit.into(),
+            message,
+        };
     }
     let text = format!("{error:#}");
     if text.contains("maximum concurrent") || text.contains("pooling allocator") {
@@ -581,7 +678,10 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
     let lines: Vec<&str> = stderr.lines().collect();
     let at = lines.iter().rposition(|l| l.contains("panicked"))?;
     let mut message = lines[at].trim().to_string();
-    if let Some(next) = lines.get(at + 1).filter(|l| !l.trim().is_empty() && !l.starts_with("note:")) {
+    if let Some(next) = lines
+        .get(at + 1)
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("note:"))
+    {
         message.push(' ');
         message.push_str(next.trim());
     }
@@ -591,7 +691,11 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
 fn convert_tool_error(error: wit::ToolError) -> ToolError {
     match error {
         wit::ToolError::InvalidInput(message) => ToolError::InvalidInput { message },
-        wit::ToolError::Denied(d) => ToolError::Denied { capability: d.capability, target: d.target, message: d.message },
+        wit::ToolError::Denied(d) => ToolError::Denied {
+            capability: d.capability,
+            target: d.target,
+            message: d.message,
+        },
         wit::ToolError::Failed(message) => ToolError::Failed { message },
         wit::ToolError::TimedOut(message) => ToolError::TimedOut { message },
         wit::ToolError::UnknownTool(tool) => ToolError::UnknownTool { tool },
@@ -644,7 +748,12 @@ fn convert_info(raw: wit::PluginInfo) -> Result<PluginInfo, SandboxError> {
             idempotent: tool.idempotent,
         });
     }
-    Ok(PluginInfo { name: raw.name, version: raw.version, description: raw.description, tools })
+    Ok(PluginInfo {
+        name: raw.name,
+        version: raw.version,
+        description: raw.description,
+        tools,
+    })
 }
 
 #[cfg(test)]
@@ -654,10 +763,19 @@ mod tests {
     #[test]
     fn header_checks() {
         assert!(matches!(check_header(b""), Err(SandboxError::NotWasm(_))));
-        assert!(matches!(check_header(b"hello world, not wasm"), Err(SandboxError::NotWasm(_))));
-        assert!(matches!(check_header(b"\0asm\x01\0\0\0"), Err(SandboxError::CoreModule)));
+        assert!(matches!(
+            check_header(b"hello world, not wasm"),
+            Err(SandboxError::NotWasm(_))
+        ));
+        assert!(matches!(
+            check_header(b"\0asm\x01\0\0\0"),
+            Err(SandboxError::CoreModule)
+        ));
         assert!(matches!(check_header(b"\0asm\x0d\0\x01\0"), Ok(())));
-        assert!(matches!(check_header(b"\0asm\x0d\0\x02\0"), Err(SandboxError::NotWasm(_))));
+        assert!(matches!(
+            check_header(b"\0asm\x0d\0\x02\0"),
+            Err(SandboxError::NotWasm(_))
+        ));
     }
 
     #[test]

@@ -30,12 +30,17 @@ impl SandboxToolHost {
     /// Serve `plugins` (keyed by plugin name).
     pub fn new(sandbox: Sandbox, plugins: impl IntoIterator<Item = InstalledTool>) -> Self {
         let plugins = plugins.into_iter().map(|p| (p.plugin.info.name.clone(), p)).collect();
-        Self { sandbox, plugins: Arc::new(plugins) }
+        Self {
+            sandbox,
+            plugins: Arc::new(plugins),
+        }
     }
 
     /// Split `plugin/tool`.
     fn resolve(&self, qualified: &str) -> Result<(&InstalledTool, String), ToolError> {
-        let unknown = || ToolError::UnknownTool { tool: qualified.to_string() };
+        let unknown = || ToolError::UnknownTool {
+            tool: qualified.to_string(),
+        };
         let (plugin, tool) = qualified.split_once('/').ok_or_else(unknown)?;
         let installed = self.plugins.get(plugin).ok_or_else(unknown)?;
         installed.plugin.info.tool(tool).ok_or_else(unknown)?;
@@ -71,8 +76,17 @@ impl ToolHost for SandboxToolHost {
     ) -> BoxFuture<'a, Result<ToolOutput, ToolError>> {
         Box::pin(async move {
             let (installed, tool) = self.resolve(tool)?;
-            let report =
-                self.sandbox.call(&installed.plugin, &installed.grants, &installed.limits, ctx, &tool, arguments).await;
+            let report = self
+                .sandbox
+                .call(
+                    &installed.plugin,
+                    &installed.grants,
+                    &installed.limits,
+                    ctx,
+                    &tool,
+                    arguments,
+                )
+                .await;
             report.result
         })
     }

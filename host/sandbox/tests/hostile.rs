@@ -21,9 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use keel_kernel::tool::{ToolCallContext, ToolError};
-use keel_sandbox::{
-    CallReport, FsGrant, FsMode, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig,
-};
+use keel_sandbox::{CallReport, FsGrant, FsMode, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig};
 use serde_json::{Value, json};
 
 const SECRET: &str = "TOP SECRET: the host's private data";
@@ -88,13 +86,7 @@ async fn setup() -> Env {
 }
 
 impl Env {
-    async fn call_with(
-        &self,
-        grants: &Grants,
-        limits: &Limits,
-        tool: &str,
-        args: Value,
-    ) -> CallReport {
+    async fn call_with(&self, grants: &Grants, limits: &Limits, tool: &str, args: Value) -> CallReport {
         self.sandbox
             .call(
                 &self.plugin,
@@ -108,8 +100,7 @@ impl Env {
     }
 
     async fn call(&self, tool: &str, args: Value) -> CallReport {
-        self.call_with(&self.grants, &Limits::default(), tool, args)
-            .await
+        self.call_with(&self.grants, &Limits::default(), tool, args).await
     }
 
     /// The host is alive and the plugin still works after an attack.
@@ -143,15 +134,10 @@ impl Env {
             !rendered.contains(SECRET),
             "{tool} {args} leaked the secret: {rendered}"
         );
-        assert!(
-            !rendered.contains(RO_CONTENT),
-            "{tool} {args} leaked: {rendered}"
-        );
+        assert!(!rendered.contains(RO_CONTENT), "{tool} {args} leaked: {rendered}");
         let message = match report.result {
             Err(ToolError::Denied {
-                capability,
-                message,
-                ..
+                capability, message, ..
             }) => {
                 assert_eq!(capability, "filesystem", "{tool} {args}: {message}");
                 message
@@ -165,10 +151,7 @@ impl Env {
 }
 
 fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     entries.sort();
     for path in entries {
         let rel = path.strip_prefix(base).unwrap().to_path_buf();
@@ -222,11 +205,7 @@ async fn dot_dot_traversal_is_refused() {
 #[tokio::test]
 async fn dot_dot_create_is_refused() {
     let env = setup().await;
-    for path in [
-        "../created.txt",
-        "../outside/created.txt",
-        "../ro/created.txt",
-    ] {
+    for path in ["../created.txt", "../outside/created.txt", "../ro/created.txt"] {
         env.assert_fs_refused("traverse_create", json!({"dir": "/rw", "path": path}))
             .await;
     }
@@ -275,10 +254,7 @@ async fn symlink_pointing_outside_is_not_followed() {
         )
         .await;
     }
-    assert_eq!(
-        std::fs::read_to_string(env.base.join("secret.txt")).unwrap(),
-        SECRET
-    );
+    assert_eq!(std::fs::read_to_string(env.base.join("secret.txt")).unwrap(), SECRET);
 }
 
 #[tokio::test]
@@ -356,10 +332,7 @@ async fn rename_across_grants_is_refused() {
 async fn truncating_a_readonly_file_is_refused() {
     let env = setup().await;
     let message = env
-        .assert_fs_refused(
-            "truncate_readonly",
-            json!({"dir": "/ro", "path": "file.txt"}),
-        )
+        .assert_fs_refused("truncate_readonly", json!({"dir": "/ro", "path": "file.txt"}))
         .await;
     assert!(message.contains("open_at(truncate, write)"), "{message}");
     assert_eq!(
@@ -390,11 +363,7 @@ async fn creating_in_a_readonly_dir_is_refused() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(
-        names.len(),
-        2,
-        "unexpected entries in the read-only grant: {names:?}"
-    );
+    assert_eq!(names.len(), 2, "unexpected entries in the read-only grant: {names:?}");
 }
 
 #[tokio::test]
@@ -413,13 +382,7 @@ async fn deleting_in_a_readonly_dir_is_refused() {
 async fn preopens_are_exactly_the_grants() {
     let env = setup().await;
     let report = env.call("preopens", json!({})).await;
-    let mut list = report
-        .result
-        .expect("preopens")
-        .output
-        .as_array()
-        .cloned()
-        .unwrap();
+    let mut list = report.result.expect("preopens").output.as_array().cloned().unwrap();
     list.sort_by_key(|v| v["path"].as_str().unwrap_or_default().to_string());
     assert_eq!(
         list,
@@ -430,12 +393,7 @@ async fn preopens_are_exactly_the_grants() {
     );
     // No grants: no preopens at all.
     let report = env
-        .call_with(
-            &Grants::default(),
-            &Limits::default(),
-            "preopens",
-            json!({}),
-        )
+        .call_with(&Grants::default(), &Limits::default(), "preopens", json!({}))
         .await;
     assert_eq!(report.result.expect("preopens").output, json!([]));
 }
@@ -556,8 +514,7 @@ async fn out_of_bounds_string_to_host_traps_cleanly() {
         // bounds of memory"), not the first line of the backtrace.
         let message = format!("{:?}", report.result);
         assert!(
-            (message.contains("bounds") || message.contains("string"))
-                && !message.contains("wasm backtrace"),
+            (message.contains("bounds") || message.contains("string")) && !message.contains("wasm backtrace"),
             "huge_host_arg at {at}: the error does not name the cause: {message}"
         );
         let logged: usize = report.logs.iter().map(|l| l.message.len()).sum();
@@ -588,9 +545,7 @@ async fn log_flood_is_capped() {
 #[tokio::test]
 async fn one_huge_log_line_is_truncated() {
     let env = setup().await;
-    let report = env
-        .call("log_flood", json!({"lines": 3, "line_bytes": 1 << 20}))
-        .await;
+    let report = env.call("log_flood", json!({"lines": 3, "line_bytes": 1 << 20})).await;
     assert!(report.result.is_ok(), "{:?}", report.result);
     let logged: usize = report.logs.iter().map(|l| l.message.len()).sum();
     assert!(
@@ -652,30 +607,16 @@ async fn only_granted_environment_variables_are_visible() {
         ..env.grants.clone()
     };
     let report = env
-        .call_with(
-            &grants,
-            &Limits::default(),
-            "read_env",
-            json!({"name": "PATH"}),
-        )
+        .call_with(&grants, &Limits::default(), "read_env", json!({"name": "PATH"}))
         .await;
     let output = report.result.expect("read_env").output;
     assert_eq!(output["value"], json!(path_value));
     assert_eq!(output["visible"], json!(["PATH"]));
     let report = env
-        .call_with(
-            &grants,
-            &Limits::default(),
-            "read_env",
-            json!({"name": "HOME"}),
-        )
+        .call_with(&grants, &Limits::default(), "read_env", json!({"name": "HOME"}))
         .await;
     let output = report.result.expect("read_env").output;
-    assert_eq!(
-        output["value"],
-        Value::Null,
-        "an ungranted variable leaked: {output}"
-    );
+    assert_eq!(output["value"], Value::Null, "an ungranted variable leaked: {output}");
     // No grant: nothing at all.
     let report = env.call("read_env", json!({"name": "PATH"})).await;
     let output = report.result.expect("read_env").output;
@@ -705,10 +646,7 @@ async fn host_survives_a_barrage_of_attacks_in_a_row() {
         ("deep_recursion", json!({})),
         ("panic", json!({})),
         ("huge_host_arg", json!({"at": "end"})),
-        (
-            "traverse_read",
-            json!({"dir": "/rw", "path": "../secret.txt"}),
-        ),
+        ("traverse_read", json!({"dir": "/rw", "path": "../secret.txt"})),
     ] {
         let report = env.call_with(&env.grants, &limits, tool, args).await;
         eprintln!("{tool}: {:?}", report.result);
@@ -754,14 +692,7 @@ async fn fuel_limit_stops_an_infinite_loop() {
     };
     let ctx = ToolCallContext::ad_hoc("test");
     let report = sandbox
-        .call(
-            &plugin,
-            &Grants::default(),
-            &limits,
-            &ctx,
-            "infinite_loop",
-            &json!({}),
-        )
+        .call(&plugin, &Grants::default(), &limits, &ctx, "infinite_loop", &json!({}))
         .await;
     match &report.result {
         Err(ToolError::LimitExceeded { limit, .. }) => assert_eq!(limit, "fuel"),

@@ -83,12 +83,7 @@ fn read_request(stream: &TcpStream) -> Option<Request> {
         let (k, v) = h.split_once(':')?;
         headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let mut body = Vec::new();
     if let Some(len) = header("content-length") {
         let len: usize = len.parse().ok()?;
@@ -216,10 +211,7 @@ impl Env {
                 &json!({}),
             )
             .await;
-        assert_eq!(
-            ok.result.expect("ok after a request").output,
-            json!({"ok": true})
-        );
+        assert_eq!(ok.result.expect("ok after a request").output, json!({"ok": true}));
         report
     }
 
@@ -264,9 +256,7 @@ async fn allowed_host_is_reachable() {
     let env = setup().await;
     let server = Server::start(|_, _| text(200, "hello from loopback"));
     let grants = net(&[format!("localhost:{}", server.port)], true);
-    let report = env
-        .get(&grants, &format!("http://localhost:{}/", server.port))
-        .await;
+    let report = env.get(&grants, &format!("http://localhost:{}/", server.port)).await;
     assert_eq!(status_of(&report), (200, "hello from loopback".into()));
     assert_eq!(server.hits(), 1);
 }
@@ -278,31 +268,18 @@ async fn hosts_and_ports_not_on_the_allowlist_are_denied() {
     let other = Server::start(|_, _| text(200, "should not be reached either"));
     let grants = net(&[format!("localhost:{}", server.port)], true);
     // Same server, spelled as an address that is not on the allowlist.
-    env.assert_denied(
-        &grants,
-        &format!("http://127.0.0.1:{}/", server.port),
-        "127.0.0.1",
-    )
-    .await;
-    // Allowed name, other port.
-    env.assert_denied(
-        &grants,
-        &format!("http://localhost:{}/", other.port),
-        "localhost",
-    )
-    .await;
-    // Allowed name, default port.
-    env.assert_denied(&grants, "http://localhost/", "localhost")
+    env.assert_denied(&grants, &format!("http://127.0.0.1:{}/", server.port), "127.0.0.1")
         .await;
+    // Allowed name, other port.
+    env.assert_denied(&grants, &format!("http://localhost:{}/", other.port), "localhost")
+        .await;
+    // Allowed name, default port.
+    env.assert_denied(&grants, "http://localhost/", "localhost").await;
     // A name that is not granted at all (refused before any lookup).
     env.assert_denied(&grants, "http://example.invalid/", "example.invalid")
         .await;
-    env.assert_denied(
-        &grants,
-        "http://169.254.169.254/latest/meta-data/",
-        "169.254.169.254",
-    )
-    .await;
+    env.assert_denied(&grants, "http://169.254.169.254/latest/meta-data/", "169.254.169.254")
+        .await;
     // No network grant at all.
     env.assert_denied(
         &Grants::default(),
@@ -322,11 +299,7 @@ async fn redirect_to_a_host_that_is_not_granted_is_denied() {
     let server = Server::start(move |_, _| redirect(target.clone()));
     let grants = net(&[format!("localhost:{}", server.port)], true);
     let report = env
-        .assert_denied(
-            &grants,
-            &format!("http://localhost:{}/", server.port),
-            "127.0.0.1",
-        )
+        .assert_denied(&grants, &format!("http://localhost:{}/", server.port), "127.0.0.1")
         .await;
     assert!(
         report
@@ -337,11 +310,7 @@ async fn redirect_to_a_host_that_is_not_granted_is_denied() {
         report.denials
     );
     assert_eq!(server.hits(), 1, "the allowed host was asked once");
-    assert_eq!(
-        elsewhere.hits(),
-        0,
-        "the redirect target must never be contacted"
-    );
+    assert_eq!(elsewhere.hits(), 0, "the redirect target must never be contacted");
 }
 
 #[tokio::test]
@@ -365,41 +334,23 @@ async fn loopback_and_private_addresses_are_refused_without_allow_private_networ
     let server = Server::start(|_, _| text(200, "private service: must not be reached"));
     let p = server.port;
     for (pattern, url, host) in [
-        (
-            format!("127.0.0.1:{p}"),
-            format!("http://127.0.0.1:{p}/"),
-            "127.0.0.1",
-        ),
-        (
-            format!("localhost:{p}"),
-            format!("http://localhost:{p}/"),
-            "localhost",
-        ),
+        (format!("127.0.0.1:{p}"), format!("http://127.0.0.1:{p}/"), "127.0.0.1"),
+        (format!("localhost:{p}"), format!("http://localhost:{p}/"), "localhost"),
         (
             format!("[::ffff:127.0.0.1]:{p}"),
             format!("http://[::ffff:127.0.0.1]:{p}/"),
             "[::ffff:127.0.0.1]",
         ),
         (format!("[::1]:{p}"), format!("http://[::1]:{p}/"), "[::1]"),
-        (
-            format!("0.0.0.0:{p}"),
-            format!("http://0.0.0.0:{p}/"),
-            "0.0.0.0",
-        ),
+        (format!("0.0.0.0:{p}"), format!("http://0.0.0.0:{p}/"), "0.0.0.0"),
         (format!("127.1:{p}"), format!("http://127.1:{p}/"), "127.1"),
-        (
-            format!("127.0.0.2:{p}"),
-            format!("http://127.0.0.2:{p}/"),
-            "127.0.0.2",
-        ),
+        (format!("127.0.0.2:{p}"), format!("http://127.0.0.2:{p}/"), "127.0.0.2"),
     ] {
         let grants = net(&[pattern], false);
         let report = env.assert_denied(&grants, &url, host).await;
         let reasons: Vec<_> = report.denials.iter().map(|d| d.reason.clone()).collect();
         assert!(
-            reasons
-                .iter()
-                .any(|r| r.contains("private") || r.contains("loopback")),
+            reasons.iter().any(|r| r.contains("private") || r.contains("loopback")),
             "{url}: {reasons:?}"
         );
     }
@@ -420,16 +371,11 @@ async fn wildcard_patterns_do_not_match_the_bare_domain_or_other_suffixes() {
     let env = setup().await;
     // Only names under `.localhost` are granted; `localhost` itself and look-alikes are not.
     let grants = net(&["*.localhost".into()], true);
-    env.assert_denied(&grants, "http://localhost/", "localhost")
-        .await;
+    env.assert_denied(&grants, "http://localhost/", "localhost").await;
     env.assert_denied(&grants, "http://evil-localhost/", "evil-localhost")
         .await;
-    env.assert_denied(
-        &grants,
-        "http://localhost.evil.invalid/",
-        "localhost.evil.invalid",
-    )
-    .await;
+    env.assert_denied(&grants, "http://localhost.evil.invalid/", "localhost.evil.invalid")
+        .await;
 }
 
 #[tokio::test]
@@ -441,9 +387,7 @@ async fn authority_tricks_do_not_bypass_the_allowlist() {
     let (a, s) = (allowed.port, secret.port);
 
     // Userinfo that looks like the allowed host: the real host is 127.0.0.1.
-    let report = env
-        .get(&grants, &format!("http://localhost:{a}@127.0.0.1:{s}/"))
-        .await;
+    let report = env.get(&grants, &format!("http://localhost:{a}@127.0.0.1:{s}/")).await;
     assert!(
         matches!(&report.result, Err(ToolError::Denied { capability, .. }) if capability == "network"),
         "userinfo confusion was not refused: {:?}",
@@ -525,8 +469,5 @@ async fn a_server_that_never_answers_hits_the_call_deadline() {
         .sandbox
         .call(&env.plugin, &grants, &limits, &ctx, "ok", &json!({}))
         .await;
-    assert_eq!(
-        ok.result.expect("ok after a hung request").output,
-        json!({"ok": true})
-    );
+    assert_eq!(ok.result.expect("ok after a hung request").output, json!({"ok": true}));
 }

@@ -9,9 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use keel_kernel::tool::{ToolCallContext, ToolError};
-use keel_sandbox::{
-    CallReport, FsGrant, FsMode, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig,
-};
+use keel_sandbox::{CallReport, FsGrant, FsMode, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig};
 use serde_json::{Value, json};
 
 fn cache_dir() -> PathBuf {
@@ -31,13 +29,7 @@ async fn sandbox_with(package: &str) -> (Sandbox, Arc<PreparedPlugin>) {
     (sandbox, plugin)
 }
 
-async fn call(
-    sandbox: &Sandbox,
-    plugin: &PreparedPlugin,
-    grants: &Grants,
-    tool: &str,
-    args: Value,
-) -> CallReport {
+async fn call(sandbox: &Sandbox, plugin: &PreparedPlugin, grants: &Grants, tool: &str, args: Value) -> CallReport {
     sandbox
         .call(
             plugin,
@@ -126,13 +118,7 @@ impl Fs {
 async fn fs_describes_four_tools_and_requests_no_fixed_paths() {
     let fs = fs_setup().await;
     assert_eq!(fs.plugin.info.name, "fs");
-    let mut names: Vec<_> = fs
-        .plugin
-        .info
-        .tools
-        .iter()
-        .map(|t| t.name.clone())
-        .collect();
+    let mut names: Vec<_> = fs.plugin.info.tools.iter().map(|t| t.name.clone()).collect();
     names.sort();
     assert_eq!(names, ["list", "read", "stat", "write"]);
     for tool in &fs.plugin.info.tools {
@@ -154,28 +140,19 @@ async fn fs_reads_lists_and_stats_inside_the_grant() {
     assert_eq!(out["truncated"], false);
 
     let out = output(
-        fs.call(
-            "read",
-            json!({"path": "/data/notes.txt", "offset": 5, "length": 3}),
-        )
-        .await,
+        fs.call("read", json!({"path": "/data/notes.txt", "offset": 5, "length": 3}))
+            .await,
     );
     assert_eq!(out["content"], "one");
     assert_eq!(out["truncated"], true);
 
     // A cut in the middle of a multi-byte character is not reported as invalid UTF-8.
-    let out = output(
-        fs.call("read", json!({"path": "/data/utf8.txt", "length": 2}))
-            .await,
-    );
+    let out = output(fs.call("read", json!({"path": "/data/utf8.txt", "length": 2})).await);
     assert_eq!(out["content"], "h");
     assert_eq!(out["lossy"], false);
 
     // `.` and `..` inside the grant are fine.
-    let out = output(
-        fs.call("read", json!({"path": "/data/sub/../notes.txt"}))
-            .await,
-    );
+    let out = output(fs.call("read", json!({"path": "/data/sub/../notes.txt"})).await);
     assert_eq!(out["bytes_read"], 18);
 
     let out = output(fs.call("list", json!({"path": "/data"})).await);
@@ -206,11 +183,8 @@ async fn fs_reads_lists_and_stats_inside_the_grant() {
 async fn fs_writes_inside_a_read_write_grant() {
     let fs = fs_setup().await;
     let out = output(
-        fs.call(
-            "write",
-            json!({"path": "/out/report.md", "content": "# Report\n"}),
-        )
-        .await,
+        fs.call("write", json!({"path": "/out/report.md", "content": "# Report\n"}))
+            .await,
     );
     assert_eq!(out["bytes_written"], 9);
     assert_eq!(
@@ -234,10 +208,7 @@ async fn fs_writes_inside_a_read_write_grant() {
         fs.call("write", json!({"path": "/out/report.md", "content": "new"}))
             .await,
     );
-    assert_eq!(
-        std::fs::read_to_string(fs.base.join("out/report.md")).unwrap(),
-        "new"
-    );
+    assert_eq!(std::fs::read_to_string(fs.base.join("out/report.md")).unwrap(), "new");
 
     let report = fs
         .call(
@@ -252,10 +223,7 @@ async fn fs_writes_inside_a_read_write_grant() {
     );
 
     let report = fs
-        .call(
-            "write",
-            json!({"path": "/out/a/b/c.txt", "content": "deep"}),
-        )
+        .call("write", json!({"path": "/out/a/b/c.txt", "content": "deep"}))
         .await;
     assert!(
         matches!(report.result, Err(ToolError::Failed { .. })),
@@ -269,10 +237,7 @@ async fn fs_writes_inside_a_read_write_grant() {
         )
         .await,
     );
-    assert_eq!(
-        std::fs::read_to_string(fs.base.join("out/a/b/c.txt")).unwrap(),
-        "deep"
-    );
+    assert_eq!(std::fs::read_to_string(fs.base.join("out/a/b/c.txt")).unwrap(), "deep");
 }
 
 #[tokio::test]
@@ -346,9 +311,7 @@ async fn fs_refuses_symlinks_that_leave_the_grant() {
         let (_, message) = denied(&report, "filesystem");
         assert!(message.contains("refused"), "{message}");
         assert!(!format!("{:?}", report.result).contains("host secret"));
-        let report = fs
-            .call("write", json!({"path": path, "content": "pwned"}))
-            .await;
+        let report = fs.call("write", json!({"path": path, "content": "pwned"})).await;
         denied(&report, "filesystem");
     }
     assert_eq!(
@@ -379,10 +342,7 @@ async fn fs_errors_are_clear() {
         report.result
     );
     let report = fs
-        .call(
-            "read",
-            json!({"path": "/data/notes.txt", "length": 1u64 << 40}),
-        )
+        .call("read", json!({"path": "/data/notes.txt", "length": 1u64 << 40}))
         .await;
     assert!(
         matches!(report.result, Err(ToolError::InvalidInput { .. })),
@@ -506,12 +466,7 @@ fn read_request(stream: &TcpStream) -> Option<Request> {
         let (k, v) = h.split_once(':')?;
         headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let mut body = Vec::new();
     if let Some(len) = header("content-length") {
         body.resize(len.parse().ok()?, 0);
@@ -564,11 +519,7 @@ fn write_response(
 }
 
 fn redirect(status: u16, location: &str) -> Response {
-    (
-        status,
-        vec![("location".into(), location.into())],
-        Vec::new(),
-    )
+    (status, vec![("location".into(), location.into())], Vec::new())
 }
 
 /// A server with the routes the http-fetch tests use. `elsewhere` is a port that is never granted.
@@ -689,10 +640,7 @@ async fn http_fetch_gets_and_posts_on_a_granted_host() {
     assert_eq!(echoed["x_custom"], "yes");
 
     let out = output(h.call("get", json!({"url": h.url("/nowhere")})).await);
-    assert_eq!(
-        out["status"], 404,
-        "HTTP errors are results, not tool errors"
-    );
+    assert_eq!(out["status"], 404, "HTTP errors are results, not tool errors");
 }
 
 #[tokio::test]
@@ -705,20 +653,14 @@ async fn http_fetch_follows_redirects_within_the_grant() {
 
     // 301 with a relative location, then 307 which keeps the method and body.
     let out = output(
-        h.call(
-            "post",
-            json!({"url": h.url("/relative/start"), "body": "payload"}),
-        )
-        .await,
+        h.call("post", json!({"url": h.url("/relative/start"), "body": "payload"}))
+            .await,
     );
     let echoed: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
     assert_eq!(echoed["method"], "GET", "301 after POST becomes GET");
     let out = output(
-        h.call(
-            "post",
-            json!({"url": h.url("/keep-post"), "body": "payload"}),
-        )
-        .await,
+        h.call("post", json!({"url": h.url("/keep-post"), "body": "payload"}))
+            .await,
     );
     let echoed: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
     assert_eq!(
@@ -726,11 +668,8 @@ async fn http_fetch_follows_redirects_within_the_grant() {
         (Some("POST"), Some("payload"))
     );
     let out = output(
-        h.call(
-            "post",
-            json!({"url": h.url("/see-other"), "body": "payload"}),
-        )
-        .await,
+        h.call("post", json!({"url": h.url("/see-other"), "body": "payload"}))
+            .await,
     );
     let echoed: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
     assert_eq!(
@@ -740,11 +679,8 @@ async fn http_fetch_follows_redirects_within_the_grant() {
 
     // Not following: the redirect itself is the result.
     let out = output(
-        h.call(
-            "get",
-            json!({"url": h.url("/hop/1"), "follow_redirects": false}),
-        )
-        .await,
+        h.call("get", json!({"url": h.url("/hop/1"), "follow_redirects": false}))
+            .await,
     );
     assert_eq!(out["status"], 302);
     assert_eq!(out["headers"]["location"], "/hop/0");
@@ -786,28 +722,16 @@ async fn http_fetch_refuses_hosts_outside_the_grant() {
         .await;
     let (target, _) = denied(&report, "network");
     assert_eq!(target, "localhost");
-    let report = h
-        .call("get", json!({"url": "http://example.invalid/"}))
-        .await;
+    let report = h.call("get", json!({"url": "http://example.invalid/"})).await;
     let (target, message) = denied(&report, "network");
     assert_eq!(target, "example.invalid");
-    assert!(
-        message.contains("not in this plugin's network grant"),
-        "{message}"
-    );
+    assert!(message.contains("not in this plugin's network grant"), "{message}");
     // The granted name, but private networks not granted.
     let grants = Grants {
         allow_private_network: false,
         ..h.grants.clone()
     };
-    let report = call(
-        &h.sandbox,
-        &h.plugin,
-        &grants,
-        "get",
-        json!({"url": h.url("/hello")}),
-    )
-    .await;
+    let report = call(&h.sandbox, &h.plugin, &grants, "get", json!({"url": h.url("/hello")})).await;
     denied(&report, "network");
     assert_eq!(h.elsewhere.hits(), 0);
     assert_eq!(h.server.hits(), 0);
@@ -816,10 +740,7 @@ async fn http_fetch_refuses_hosts_outside_the_grant() {
 #[tokio::test]
 async fn http_fetch_caps_the_body() {
     let h = http_setup().await;
-    let out = output(
-        h.call("get", json!({"url": h.url("/big"), "max_bytes": 1000}))
-            .await,
-    );
+    let out = output(h.call("get", json!({"url": h.url("/big"), "max_bytes": 1000})).await);
     assert_eq!(out["truncated"], true);
     assert_eq!(out["bytes"], 1000);
     assert_eq!(out["body"].as_str().unwrap().len(), 1000);
@@ -827,10 +748,7 @@ async fn http_fetch_caps_the_body() {
     assert_eq!(out["truncated"], false);
     assert_eq!(out["bytes"], 100_000);
     let report = h
-        .call(
-            "get",
-            json!({"url": h.url("/big"), "max_bytes": 1u64 << 40}),
-        )
+        .call("get", json!({"url": h.url("/big"), "max_bytes": 1u64 << 40}))
         .await;
     assert!(
         matches!(report.result, Err(ToolError::InvalidInput { .. })),

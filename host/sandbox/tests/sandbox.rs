@@ -9,7 +9,10 @@ use keel_sandbox::{
 use serde_json::json;
 
 async fn hello(sandbox: &Sandbox) -> Arc<PreparedPlugin> {
-    sandbox.prepare(&keel_testutil::guest_bytes("hello")).await.expect("hello prepares")
+    sandbox
+        .prepare(&keel_testutil::guest_bytes("hello"))
+        .await
+        .expect("hello prepares")
 }
 
 fn sandbox(dir: &tempfile::TempDir) -> Sandbox {
@@ -26,19 +29,70 @@ async fn describe_and_call_hello() {
     assert!(greet.idempotent);
     assert_eq!(greet.input_schema["properties"]["name"]["type"], "string");
     assert!(!plugin.imports.interfaces.is_empty());
-    assert!(plugin.imports.interfaces.iter().all(|i| i.starts_with("wasi:") || i.starts_with("keel:plugin/")));
+    assert!(
+        plugin
+            .imports
+            .interfaces
+            .iter()
+            .all(|i| i.starts_with("wasi:") || i.starts_with("keel:plugin/"))
+    );
     assert!(!plugin.imports.http, "hello cannot reach the network");
 
     let ctx = ToolCallContext::ad_hoc("test");
-    let report = sandbox.call(&plugin, &Grants::default(), &Limits::default(), &ctx, "greet", &json!({"name": "Ada"})).await;
+    let report = sandbox
+        .call(
+            &plugin,
+            &Grants::default(),
+            &Limits::default(),
+            &ctx,
+            "greet",
+            &json!({"name": "Ada"}),
+        )
+        .await;
     assert_eq!(report.result.unwrap().output, json!({"greeting": "Hello, Ada!"}));
 
-    let report = sandbox.call(&plugin, &Grants::default(), &Limits::default(), &ctx, "greet", &json!({"nom": "Ada"})).await;
-    assert!(matches!(report.result, Err(ToolError::InvalidInput { .. })), "{:?}", report.result);
-    let report = sandbox.call(&plugin, &Grants::default(), &Limits::default(), &ctx, "greet", &json!({"name": " "})).await;
+    let report = sandbox
+        .call(
+            &plugin,
+            &Grants::default(),
+            &Limits::default(),
+            &ctx,
+            "greet",
+            &json!({"nom": "Ada"}),
+        )
+        .await;
+    assert!(
+        matches!(report.result, Err(ToolError::InvalidInput { .. })),
+        "{:?}",
+        report.result
+    );
+    let report = sandbox
+        .call(
+            &plugin,
+            &Grants::default(),
+            &Limits::default(),
+            &ctx,
+            "greet",
+            &json!({"name": " "}),
+        )
+        .await;
     assert!(matches!(report.result, Err(ToolError::InvalidInput { ref message }) if message.contains("empty")));
-    let report = sandbox.call(&plugin, &Grants::default(), &Limits::default(), &ctx, "nope", &json!({})).await;
-    assert_eq!(report.result, Err(ToolError::UnknownTool { tool: "hello/nope".into() }));
+    let report = sandbox
+        .call(
+            &plugin,
+            &Grants::default(),
+            &Limits::default(),
+            &ctx,
+            "nope",
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        report.result,
+        Err(ToolError::UnknownTool {
+            tool: "hello/nope".into()
+        })
+    );
 }
 
 #[tokio::test]
@@ -47,7 +101,11 @@ async fn second_engine_loads_from_cache_and_tampering_forces_recompile() {
     let first = hello(&sandbox(&dir)).await;
     assert_eq!(first.cache, CacheOutcome::Compiled);
     let second = hello(&sandbox(&dir)).await;
-    assert_eq!(second.cache, CacheOutcome::Hit, "an unchanged plugin is never recompiled");
+    assert_eq!(
+        second.cache,
+        CacheOutcome::Hit,
+        "an unchanged plugin is never recompiled"
+    );
 
     // Flip a byte in every cached artifact: it must be rejected, not executed.
     for entry in std::fs::read_dir(dir.path().join("cache")).unwrap() {
@@ -63,7 +121,14 @@ async fn second_engine_loads_from_cache_and_tampering_forces_recompile() {
     let third = hello(&third_sandbox).await;
     assert_eq!(third.cache, CacheOutcome::Compiled, "a tampered artifact is recompiled");
     let report = third_sandbox
-        .call(&third, &Grants::default(), &Limits::default(), &ToolCallContext::ad_hoc("t"), "greet", &json!({"name": "B"}))
+        .call(
+            &third,
+            &Grants::default(),
+            &Limits::default(),
+            &ToolCallContext::ad_hoc("t"),
+            "greet",
+            &json!({"name": "B"}),
+        )
         .await;
     assert!(report.result.is_ok());
 }
@@ -92,13 +157,29 @@ async fn tool_host_lists_and_calls() {
     let plugin = hello(&sandbox).await;
     let host = SandboxToolHost::new(
         sandbox.clone(),
-        [InstalledTool { plugin, grants: Grants::default(), limits: Limits::default() }],
+        [InstalledTool {
+            plugin,
+            grants: Grants::default(),
+            limits: Limits::default(),
+        }],
     );
     let tools = host.list_tools().await.unwrap();
-    assert_eq!(tools.iter().map(|t| t.qualified_name()).collect::<Vec<_>>(), ["hello/greet"]);
+    assert_eq!(
+        tools.iter().map(|t| t.qualified_name()).collect::<Vec<_>>(),
+        ["hello/greet"]
+    );
     let ctx = ToolCallContext::ad_hoc("t");
-    let out = host.call_tool(&ctx, "hello/greet", &json!({"name": "Lin"})).await.unwrap();
+    let out = host
+        .call_tool(&ctx, "hello/greet", &json!({"name": "Lin"}))
+        .await
+        .unwrap();
     assert_eq!(out.output["greeting"], "Hello, Lin!");
-    assert!(matches!(host.call_tool(&ctx, "nope/greet", &json!({})).await, Err(ToolError::UnknownTool { .. })));
-    assert!(matches!(host.call_tool(&ctx, "greet", &json!({})).await, Err(ToolError::UnknownTool { .. })));
+    assert!(matches!(
+        host.call_tool(&ctx, "nope/greet", &json!({})).await,
+        Err(ToolError::UnknownTool { .. })
+    ));
+    assert!(matches!(
+        host.call_tool(&ctx, "greet", &json!({})).await,
+        Err(ToolError::UnknownTool { .. })
+    ));
 }

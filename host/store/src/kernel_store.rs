@@ -13,9 +13,8 @@ use keel_kernel::action::{Action, ActionFilter, ActionState, ActionType, Resolut
 use keel_kernel::event::{EventQuery, EventType, RuntimeEvent};
 use keel_kernel::job::{Job, JobError, JobFilter, JobState};
 use keel_kernel::ledger::{
-    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent,
-    Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage,
-    UsageQuery, cost_from_nanos, cost_to_nanos,
+    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
+    ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery, cost_from_nanos, cost_to_nanos,
 };
 use keel_kernel::store::{Batch, BudgetEvaluator, KernelStore, StoreError, StoreResult};
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
@@ -103,10 +102,7 @@ fn nanos(cost: rust_decimal::Decimal) -> StoreResult<i64> {
     cost_to_nanos(cost).map_err(|e| StoreError::Backend(e.to_string()))
 }
 
-fn get<'r, T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>>(
-    row: &'r SqliteRow,
-    col: &str,
-) -> StoreResult<T> {
+fn get<'r, T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>>(row: &'r SqliteRow, col: &str) -> StoreResult<T> {
     row.try_get(col).map_err(be)
 }
 
@@ -162,10 +158,7 @@ fn action_from_row(r: &SqliteRow) -> StoreResult<Action> {
         request: from_json(&get::<String>(r, "request_json")?)?,
         call_digest: get(r, "call_digest")?,
         token_hash: get(r, "token_hash")?,
-        resolution: resolution
-            .as_deref()
-            .map(from_json::<Resolution>)
-            .transpose()?,
+        resolution: resolution.as_deref().map(from_json::<Resolution>).transpose()?,
         created_at: from_micros(get(r, "created_at")?)?,
         expires_at: from_micros(get(r, "expires_at")?)?,
         resolved_at: opt_from_micros(get(r, "resolved_at")?)?,
@@ -204,9 +197,7 @@ fn ledger_from_row(r: &SqliteRow) -> StoreResult<LedgerEvent> {
             job_id: opt_uuid(get(r, "job_id")?)?,
             reservation_id: opt_uuid(get(r, "reservation_id")?)?,
             usage: usage_from_row(r)?,
-            duration_ms: get::<Option<i64>>(r, "duration_ms")?
-                .map(u64_of)
-                .transpose()?,
+            duration_ms: get::<Option<i64>>(r, "duration_ms")?.map(u64_of).transpose()?,
             model: get(r, "model")?,
             tool: get(r, "tool")?,
             data: from_json(&get::<String>(r, "data_json")?)?,
@@ -306,12 +297,7 @@ async fn update_job(conn: &mut SqliteConnection, job: &Job, expected: u64) -> St
     Ok(())
 }
 
-async fn missing_or_conflict(
-    conn: &mut SqliteConnection,
-    table: &str,
-    entity: &'static str,
-    id: Uuid,
-) -> StoreError {
+async fn missing_or_conflict(conn: &mut SqliteConnection, table: &str, entity: &'static str, id: Uuid) -> StoreError {
     let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE id = ?");
     match sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.to_string())
@@ -419,22 +405,14 @@ fn push_subject(qb: &mut QueryBuilder<Sqlite>, principal: Option<&str>, session:
     }
 }
 
-async fn budget_usage(
-    conn: &mut SqliteConnection,
-    budget: &Budget,
-    now: DateTime<Utc>,
-) -> StoreResult<Usage> {
+async fn budget_usage(conn: &mut SqliteConnection, budget: &Budget, now: DateTime<Utc>) -> StoreResult<Usage> {
     let sums = "COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(cost_nanos), 0) AS cost_nanos, \
                 COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(tool_calls), 0) AS tool_calls";
     let mut qb = QueryBuilder::<Sqlite>::new(format!(
         "SELECT {sums} FROM ledger_events WHERE kind IN ('model_usage', 'tool_usage') AND tenant = "
     ));
     qb.push_bind(budget.tenant.clone());
-    push_subject(
-        &mut qb,
-        budget.principal.as_deref(),
-        budget.session.as_deref(),
-    );
+    push_subject(&mut qb, budget.principal.as_deref(), budget.session.as_deref());
     if let Some(start) = budget.window.start(now) {
         qb.push(" AND at >= ").push_bind(micros(start));
     }
@@ -446,21 +424,12 @@ async fn budget_usage(
     ));
     qb.push_bind(budget.tenant.clone());
     qb.push(" AND expires_at > ").push_bind(micros(now));
-    push_subject(
-        &mut qb,
-        budget.principal.as_deref(),
-        budget.session.as_deref(),
-    );
+    push_subject(&mut qb, budget.principal.as_deref(), budget.session.as_deref());
     let held = usage_from_row(&qb.build().fetch_one(&mut *conn).await.map_err(be)?)?;
     Ok(settled + held)
 }
 
-fn reservation_entry(
-    r: &Reservation,
-    kind: LedgerKind,
-    usage: Usage,
-    at: DateTime<Utc>,
-) -> NewLedgerEvent {
+fn reservation_entry(r: &Reservation, kind: LedgerKind, usage: Usage, at: DateTime<Utc>) -> NewLedgerEvent {
     NewLedgerEvent {
         kind,
         tenant: r.tenant.clone(),
@@ -497,15 +466,16 @@ async fn close_reservation(
     actual: Option<&Usage>,
     now: DateTime<Utc>,
 ) -> StoreResult<()> {
-    let res = sqlx::query("UPDATE reservations SET state = ?, actual_json = ?, closed_at = ? WHERE id = ? AND state = ?")
-        .bind(state.as_str())
-        .bind(actual.map(to_json).transpose()?)
-        .bind(micros(now))
-        .bind(r.id.to_string())
-        .bind(r.state.as_str())
-        .execute(&mut *conn)
-        .await
-        .map_err(be)?;
+    let res =
+        sqlx::query("UPDATE reservations SET state = ?, actual_json = ?, closed_at = ? WHERE id = ? AND state = ?")
+            .bind(state.as_str())
+            .bind(actual.map(to_json).transpose()?)
+            .bind(micros(now))
+            .bind(r.id.to_string())
+            .bind(r.state.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(be)?;
     if res.rows_affected() == 0 {
         return Err(StoreError::Conflict {
             entity: "reservation",
@@ -574,9 +544,10 @@ impl SqliteKernelStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(|err| match &err {
-                sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
-                    StoreError::NotFound { entity: "job", id: e.job_id.to_string() }
-                }
+                sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound {
+                    entity: "job",
+                    id: e.job_id.to_string(),
+                },
                 _ => be(err),
             })?;
             out.push(RuntimeEvent {
@@ -593,11 +564,7 @@ impl SqliteKernelStore {
         Ok(out)
     }
 
-    async fn reserve_tx(
-        &self,
-        req: ReserveRequest,
-        evaluate: BudgetEvaluator,
-    ) -> StoreResult<ReserveOutcome> {
+    async fn reserve_tx(&self, req: ReserveRequest, evaluate: BudgetEvaluator) -> StoreResult<ReserveOutcome> {
         let mut tx = self.begin().await?;
         let rows = sqlx::query("SELECT budget_json FROM budgets WHERE tenant = ? ORDER BY id")
             .bind(req.tenant.clone())
@@ -607,31 +574,25 @@ impl SqliteKernelStore {
         let mut statuses = Vec::new();
         for row in rows {
             let budget: Budget = from_json(&get::<String>(&row, "budget_json")?)?;
-            if budget.applies_to(
-                &req.tenant,
-                req.principal.as_deref(),
-                req.session.as_deref(),
-            ) {
+            if budget.applies_to(&req.tenant, req.principal.as_deref(), req.session.as_deref()) {
                 let used = budget_usage(&mut tx, &budget, req.now).await?;
                 statuses.push(BudgetStatus { budget, used });
             }
         }
         let decision = evaluate(&req.amount, &statuses);
-        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| {
-            NewLedgerEvent {
-                kind,
-                tenant: req.tenant.clone(),
-                principal: req.principal.clone(),
-                session: req.session.clone(),
-                job_id: req.job_id,
-                reservation_id,
-                usage: req.amount.clone(),
-                duration_ms: None,
-                model: None,
-                tool: None,
-                data,
-                at: req.now,
-            }
+        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
+            kind,
+            tenant: req.tenant.clone(),
+            principal: req.principal.clone(),
+            session: req.session.clone(),
+            job_id: req.job_id,
+            reservation_id,
+            usage: req.amount.clone(),
+            duration_ms: None,
+            model: None,
+            tool: None,
+            data,
+            at: req.now,
         };
         if decision.outcome != BudgetOutcome::Allow {
             insert_ledger(
@@ -685,11 +646,7 @@ impl SqliteKernelStore {
         .execute(&mut *tx)
         .await
         .map_err(be)?;
-        insert_ledger(
-            &mut tx,
-            &entry(LedgerKind::Hold, Some(r.id), serde_json::Value::Null),
-        )
-        .await?;
+        insert_ledger(&mut tx, &entry(LedgerKind::Hold, Some(r.id), serde_json::Value::Null)).await?;
         tx.commit().await.map_err(be)?;
         Ok(ReserveOutcome {
             decision,
@@ -706,14 +663,7 @@ impl SqliteKernelStore {
                 id: r.id.to_string(),
             });
         }
-        close_reservation(
-            &mut tx,
-            &r,
-            ReservationState::Settled,
-            Some(&req.actual),
-            req.now,
-        )
-        .await?;
+        close_reservation(&mut tx, &r, ReservationState::Settled, Some(&req.actual), req.now).await?;
         let mut usage = reservation_entry(&r, req.kind, req.actual.clone(), req.now);
         usage.duration_ms = req.duration_ms;
         usage.model = req.model;
@@ -734,30 +684,23 @@ impl SqliteKernelStore {
         })
     }
 
-    async fn release_tx(
-        &self,
-        id: Uuid,
-        now: DateTime<Utc>,
-        reason: String,
-    ) -> StoreResult<Reservation> {
+    async fn release_tx(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> StoreResult<Reservation> {
         let mut tx = self.begin().await?;
         let r = release_in(&mut tx, id, now, &reason).await?;
         tx.commit().await.map_err(be)?;
         Ok(r)
     }
 
-    async fn release_expired_tx(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<Reservation>> {
+    async fn release_expired_tx(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<Reservation>> {
         let mut tx = self.begin().await?;
-        let rows = sqlx::query("SELECT id FROM reservations WHERE state = 'HELD' AND expires_at <= ? ORDER BY expires_at, id LIMIT ?")
-            .bind(micros(now))
-            .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(be)?;
+        let rows = sqlx::query(
+            "SELECT id FROM reservations WHERE state = 'HELD' AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
+        )
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(be)?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let id = uuid(&get::<String>(&row, "id")?)?;
@@ -824,11 +767,7 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn get_job_by_key<'a>(
-        &'a self,
-        tenant: &'a str,
-        key: &'a str,
-    ) -> BoxFuture<'a, StoreResult<Option<Job>>> {
+    fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>> {
         Box::pin(async move {
             let row = sqlx::query("SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?")
                 .bind(tenant.to_string())
@@ -882,10 +821,7 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn get_action_by_token_hash<'a>(
-        &'a self,
-        token_hash: &'a str,
-    ) -> BoxFuture<'a, StoreResult<Option<Action>>> {
+    fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>> {
         Box::pin(async move {
             let row = sqlx::query("SELECT * FROM actions WHERE token_hash = ?")
                 .bind(token_hash.to_string())
@@ -896,10 +832,7 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn list_actions<'a>(
-        &'a self,
-        filter: &'a ActionFilter,
-    ) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
+    fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
         Box::pin(async move {
             let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM actions WHERE tenant = ");
             qb.push_bind(filter.tenant.clone());
@@ -920,25 +853,17 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn expired_actions(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
+    fn expired_actions(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
         Box::pin(async move {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "SELECT * FROM actions WHERE state = 'PENDING' AND expires_at <= ",
-            );
+            let mut qb =
+                QueryBuilder::<Sqlite>::new("SELECT * FROM actions WHERE state = 'PENDING' AND expires_at <= ");
             qb.push_bind(micros(now)).push(" ORDER BY expires_at, id");
             push_limit(&mut qb, Some(limit));
             self.fetch_actions(&mut qb).await
         })
     }
 
-    fn read_events<'a>(
-        &'a self,
-        query: &'a EventQuery,
-    ) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
+    fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
         Box::pin(async move {
             let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM events WHERE id > ");
             qb.push_bind(query.after_id);
@@ -972,10 +897,7 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
-    fn list_ledger<'a>(
-        &'a self,
-        query: &'a LedgerQuery,
-    ) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
+    fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
         Box::pin(async move {
             let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM ledger_events WHERE tenant = ");
             push_ledger_filter(&mut qb, query)?;
@@ -1061,20 +983,11 @@ impl KernelStore for SqliteKernelStore {
         Box::pin(self.settle_tx(request))
     }
 
-    fn release(
-        &self,
-        id: Uuid,
-        now: DateTime<Utc>,
-        reason: String,
-    ) -> BoxFuture<'_, StoreResult<Reservation>> {
+    fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>> {
         Box::pin(self.release_tx(id, now, reason))
     }
 
-    fn release_expired(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
+    fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
         Box::pin(self.release_expired_tx(now, limit))
     }
 }

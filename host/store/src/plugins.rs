@@ -33,7 +33,18 @@ pub struct PluginRecord {
     pub updated_at: String,
 }
 
-type Row = (String, String, String, String, String, String, String, String, String, String);
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+);
 
 fn decode(row: Row) -> Result<PluginRecord, StoreError> {
     let (name, version, description, sha256, info, imports, grants, limits, installed_at, updated_at) = row;
@@ -174,7 +185,10 @@ mod tests {
         assert_eq!(a.grants, json!({"env": ["HOME"]}));
         assert!(db.component_in_use(&"ab".repeat(32)).await.unwrap());
 
-        assert!(matches!(db.set_plugin_grants("zzz", &json!({})).await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            db.set_plugin_grants("zzz", &json!({})).await,
+            Err(StoreError::NotFound(_))
+        ));
         assert!(db.remove_plugin("a").await.unwrap());
         assert!(!db.remove_plugin("a").await.unwrap());
         assert!(db.get_plugin("a").await.unwrap().is_none());

@@ -39,9 +39,7 @@ async fn sqlite_store_passes_conformance() {
     let dir = tempfile::tempdir().expect("tempdir");
     let n = AtomicUsize::new(0);
     conformance::run_all(|| {
-        let path = dir
-            .path()
-            .join(format!("keel-{}.db", n.fetch_add(1, Ordering::SeqCst)));
+        let path = dir.path().join(format!("keel-{}.db", n.fetch_add(1, Ordering::SeqCst)));
         async move {
             let db = Database::open(&path).await.expect("open");
             Arc::new(SqliteKernelStore::new(&db)) as Arc<dyn KernelStore>
@@ -61,8 +59,7 @@ async fn two_pools_on_one_file_cannot_overspend_or_double_resolve() {
     let (ka, _) = kernel_with_clock(Arc::new(a.kernel_store()));
     let (kb, _) = kernel_with_clock(Arc::new(b.kernel_store()));
 
-    let mut budget =
-        keel_kernel::ledger::Budget::new("t", "edge", keel_kernel::ledger::BudgetWindow::Total);
+    let mut budget = keel_kernel::ledger::Budget::new("t", "edge", keel_kernel::ledger::BudgetWindow::Total);
     budget.limits.max_cost = Some(Decimal::new(500, 2));
     ka.ledger().put_budget(budget).await.expect("put");
     let mut tasks = Vec::new();
@@ -134,13 +131,7 @@ async fn waiting_job_survives_reopen() {
     let (job, token, action_id) = {
         let db = Database::open(&path).await.expect("open");
         let (k, _) = kernel_with_clock(Arc::new(db.kernel_store()));
-        let job = k
-            .jobs()
-            .create(NewJob::new("t", "agent"))
-            .await
-            .expect("create")
-            .job
-            .id;
+        let job = k.jobs().create(NewJob::new("t", "agent")).await.expect("create").job.id;
         k.jobs().start(job).await.expect("start");
         let created = k
             .actions()
@@ -167,11 +158,7 @@ async fn waiting_job_survives_reopen() {
         JobState::WaitingAction
     );
     assert_eq!(
-        k.actions()
-            .list_pending("t", Some(job))
-            .await
-            .expect("pending")
-            .len(),
+        k.actions().list_pending("t", Some(job)).await.expect("pending").len(),
         1
     );
     let waiter = {
@@ -185,19 +172,14 @@ async fn waiting_job_survives_reopen() {
     let action = waiter.await.expect("join").expect("wait");
     assert_eq!(action.state, ActionState::Resolved);
     assert!(action.authorizes("fs/write", &args));
-    assert_eq!(
-        k.jobs().get("t", job).await.expect("get").state,
-        JobState::Running
-    );
+    assert_eq!(k.jobs().get("t", job).await.expect("get").state, JobState::Running);
 }
 
 /// Costs are stored as exact integers, the token never hits the disk, the ledger is append-only.
 #[tokio::test]
 async fn storage_representation() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = Database::open(&dir.path().join("keel.db"))
-        .await
-        .expect("open");
+    let db = Database::open(&dir.path().join("keel.db")).await.expect("open");
     let (k, clock) = kernel_with_clock(Arc::new(db.kernel_store()));
     let mut e = NewLedgerEvent::new(LedgerKind::ModelUsage, "t", clock.now());
     e.usage.cost = "0.123456789".parse().expect("decimal");
@@ -223,18 +205,10 @@ async fn storage_representation() {
         .execute(db.pool())
         .await;
     assert!(err.is_err(), "ledger rows cannot be updated");
-    let err = sqlx::query("DELETE FROM ledger_events")
-        .execute(db.pool())
-        .await;
+    let err = sqlx::query("DELETE FROM ledger_events").execute(db.pool()).await;
     assert!(err.is_err(), "ledger rows cannot be deleted");
 
-    let job = k
-        .jobs()
-        .create(NewJob::new("t", "agent"))
-        .await
-        .expect("create")
-        .job
-        .id;
+    let job = k.jobs().create(NewJob::new("t", "agent")).await.expect("create").job.id;
     k.jobs().start(job).await.expect("start");
     let created = k
         .actions()
@@ -254,13 +228,12 @@ async fn storage_representation() {
         .expect("rows");
     assert_eq!(dump.len(), 1);
     assert_ne!(dump[0].0, created.token);
-    let hits: (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM actions WHERE instr(request_json || title || token_hash, ?) > 0",
-    )
-    .bind(created.token.clone())
-    .fetch_one(db.pool())
-    .await
-    .expect("count");
+    let hits: (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM actions WHERE instr(request_json || title || token_hash, ?) > 0")
+            .bind(created.token.clone())
+            .fetch_one(db.pool())
+            .await
+            .expect("count");
     assert_eq!(hits.0, 0, "the token is stored nowhere");
 }
 

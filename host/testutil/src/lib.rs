@@ -11,7 +11,11 @@ use std::sync::{Mutex, OnceLock};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).expect("host/testutil is two levels down").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("host/testutil is two levels down")
+        .to_path_buf()
 }
 
 /// Build the guest package `package` (e.g. `hello`, `keel-plugin-fs`) and return the component path.
@@ -28,7 +32,16 @@ pub fn guest(package: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(cargo)
         .current_dir(&root)
-        .args(["build", "--quiet", "--target", "wasm32-wasip2", "--profile", "guest", "-p", package])
+        .args([
+            "build",
+            "--quiet",
+            "--target",
+            "wasm32-wasip2",
+            "--profile",
+            "guest",
+            "-p",
+            package,
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         // Don't inherit the host build's flags (coverage, sanitizers) into the guest build.
@@ -41,8 +54,15 @@ pub fn guest(package: &str) -> PathBuf {
         "building guest `{package}` failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let path = target_dir.join("wasm32-wasip2").join("guest").join(format!("{}.wasm", package.replace('-', "_")));
-    assert!(path.exists(), "guest `{package}` built but {} is missing", path.display());
+    let path = target_dir
+        .join("wasm32-wasip2")
+        .join("guest")
+        .join(format!("{}.wasm", package.replace('-', "_")));
+    assert!(
+        path.exists(),
+        "guest `{package}` built but {} is missing",
+        path.display()
+    );
     built.insert(package.to_string(), path.clone());
     path
 }

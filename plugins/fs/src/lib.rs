@@ -92,13 +92,7 @@ impl Roots {
         roots.sort_by(|a, b| a.guest.cmp(&b.guest));
         roots
             .iter()
-            .map(|r| {
-                format!(
-                    "{} ({})",
-                    r.guest,
-                    if r.writable { "read-write" } else { "read" }
-                )
-            })
+            .map(|r| format!("{} ({})", r.guest, if r.writable { "read-write" } else { "read" }))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -107,10 +101,7 @@ impl Roots {
         ToolError::denied(
             "filesystem",
             path,
-            format!(
-                "`{path}` is outside the granted directories: {}",
-                self.describe()
-            ),
+            format!("`{path}` is outside the granted directories: {}", self.describe()),
         )
     }
 
@@ -120,9 +111,7 @@ impl Roots {
             return Err(ToolError::invalid_input("`path` must not be empty"));
         }
         if path.contains('\0') {
-            return Err(ToolError::invalid_input(
-                "`path` must not contain NUL bytes",
-            ));
+            return Err(ToolError::invalid_input("`path` must not contain NUL bytes"));
         }
         let absolute = path.starts_with('/');
         let Some(components) = normalize(path) else {
@@ -142,9 +131,7 @@ impl Roots {
             };
         }
         for root in &self.0 {
-            if components.len() >= root.components.len()
-                && components[..root.components.len()] == root.components[..]
-            {
+            if components.len() >= root.components.len() && components[..root.components.len()] == root.components[..] {
                 return Ok(Resolved {
                     root,
                     rel: components[root.components.len()..].join("/"),
@@ -166,23 +153,13 @@ impl Roots {
                     self.describe()
                 ),
             ),
-            ErrorCode::NoEntry => {
-                ToolError::failed(format!("cannot {op} `{path}`: no such file or directory"))
+            ErrorCode::NoEntry => ToolError::failed(format!("cannot {op} `{path}`: no such file or directory")),
+            ErrorCode::Exist => ToolError::failed(format!("cannot {op} `{path}`: it already exists")),
+            ErrorCode::IsDirectory => ToolError::failed(format!("cannot {op} `{path}`: it is a directory")),
+            ErrorCode::NotDirectory => {
+                ToolError::failed(format!("cannot {op} `{path}`: a path component is not a directory"))
             }
-            ErrorCode::Exist => {
-                ToolError::failed(format!("cannot {op} `{path}`: it already exists"))
-            }
-            ErrorCode::IsDirectory => {
-                ToolError::failed(format!("cannot {op} `{path}`: it is a directory"))
-            }
-            ErrorCode::NotDirectory => ToolError::failed(format!(
-                "cannot {op} `{path}`: a path component is not a directory"
-            )),
-            other => ToolError::failed(format!(
-                "cannot {op} `{path}`: {} ({})",
-                other.message(),
-                other.name()
-            )),
+            other => ToolError::failed(format!("cannot {op} `{path}`: {} ({})", other.message(), other.name())),
         }
     }
 }
@@ -197,11 +174,7 @@ fn type_name(t: DescriptorType) -> &'static str {
 }
 
 /// Open `resolved` (or re-open its root when the relative path is empty).
-fn open(
-    resolved: &Resolved<'_>,
-    open_flags: OpenFlags,
-    flags: DescriptorFlags,
-) -> Result<Descriptor, ErrorCode> {
+fn open(resolved: &Resolved<'_>, open_flags: OpenFlags, flags: DescriptorFlags) -> Result<Descriptor, ErrorCode> {
     let rel = if resolved.rel.is_empty() {
         "."
     } else {
@@ -269,11 +242,9 @@ fn read(_ctx: &Context, input: ReadInput) -> Result<ReadOutput, ToolError> {
             "`length` must be at most {MAX_READ_BYTES} bytes"
         )));
     }
-    let file = open(&resolved, OpenFlags::empty(), DescriptorFlags::READ)
-        .map_err(|e| roots.error("read", &input.path, e))?;
-    let stat = file
-        .stat()
-        .map_err(|e| roots.error("read", &input.path, e))?;
+    let file =
+        open(&resolved, OpenFlags::empty(), DescriptorFlags::READ).map_err(|e| roots.error("read", &input.path, e))?;
+    let stat = file.stat().map_err(|e| roots.error("read", &input.path, e))?;
     if stat.type_ == DescriptorType::Directory {
         return Err(roots.error("read", &input.path, ErrorCode::IsDirectory));
     }
@@ -378,18 +349,10 @@ fn write(_ctx: &Context, input: WriteInput) -> Result<WriteOutput, ToolError> {
         WriteMode::Overwrite => OpenFlags::CREATE | OpenFlags::TRUNCATE,
         WriteMode::Append => OpenFlags::CREATE,
     };
-    let file = open(
-        &resolved,
-        open_flags,
-        DescriptorFlags::WRITE | DescriptorFlags::READ,
-    )
-    .map_err(|e| roots.error("write", &input.path, e))?;
+    let file = open(&resolved, open_flags, DescriptorFlags::WRITE | DescriptorFlags::READ)
+        .map_err(|e| roots.error("write", &input.path, e))?;
     let start = match input.mode {
-        WriteMode::Append => {
-            file.stat()
-                .map_err(|e| roots.error("write", &input.path, e))?
-                .size
-        }
+        WriteMode::Append => file.stat().map_err(|e| roots.error("write", &input.path, e))?.size,
         _ => 0,
     };
     let data = input.content.as_bytes();
@@ -399,17 +362,11 @@ fn write(_ctx: &Context, input: WriteInput) -> Result<WriteOutput, ToolError> {
             .write(&data[written..], start + written as u64)
             .map_err(|e| roots.error("write", &input.path, e))?;
         if n == 0 {
-            return Err(ToolError::failed(format!(
-                "writing `{}` made no progress",
-                input.path
-            )));
+            return Err(ToolError::failed(format!("writing `{}` made no progress", input.path)));
         }
         written += n as usize;
     }
-    let size = file
-        .stat()
-        .map(|s| s.size)
-        .unwrap_or(start + written as u64);
+    let size = file.stat().map(|s| s.size).unwrap_or(start + written as u64);
     Ok(WriteOutput {
         path: input.path,
         bytes_written: written as u64,
@@ -461,9 +418,7 @@ fn list(_ctx: &Context, input: ListInput) -> Result<ListOutput, ToolError> {
             .map_err(|e| roots.error("list", &input.path, e))?;
         &opened
     };
-    let stream = dir
-        .read_directory()
-        .map_err(|e| roots.error("list", &input.path, e))?;
+    let stream = dir.read_directory().map_err(|e| roots.error("list", &input.path, e))?;
     let mut entries = Vec::new();
     let mut truncated = false;
     while let Some(entry) = stream
@@ -475,10 +430,7 @@ fn list(_ctx: &Context, input: ListInput) -> Result<ListOutput, ToolError> {
             break;
         }
         let size = match entry.type_ {
-            DescriptorType::RegularFile => dir
-                .stat_at(PathFlags::empty(), &entry.name)
-                .ok()
-                .map(|s| s.size),
+            DescriptorType::RegularFile => dir.stat_at(PathFlags::empty(), &entry.name).ok().map(|s| s.size),
             _ => None,
         };
         entries.push(Entry {
@@ -533,8 +485,7 @@ struct StatOutput {
 fn stat(_ctx: &Context, input: StatInput) -> Result<StatOutput, ToolError> {
     let roots = Roots::discover();
     let resolved = roots.resolve(&input.path)?;
-    let st = stat_of(&resolved, input.follow_symlinks)
-        .map_err(|e| roots.error("stat", &input.path, e))?;
+    let st = stat_of(&resolved, input.follow_symlinks).map_err(|e| roots.error("stat", &input.path, e))?;
     Ok(StatOutput {
         path: input.path,
         kind: type_name(st.type_).into(),

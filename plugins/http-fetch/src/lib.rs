@@ -46,9 +46,7 @@ impl Url {
             "http" => false,
             "https" => true,
             other => {
-                return Err(format!(
-                    "scheme `{other}` is not supported (use http or https)"
-                ));
+                return Err(format!("scheme `{other}` is not supported (use http or https)"));
             }
         };
         let rest = rest.split('#').next().unwrap_or_default();
@@ -58,10 +56,7 @@ impl Url {
             return Err(format!("`{text}` has no host"));
         }
         if authority.contains('@') {
-            return Err(
-                "credentials in URLs are not supported; send an Authorization header instead"
-                    .into(),
-            );
+            return Err("credentials in URLs are not supported; send an Authorization header instead".into());
         }
         let host = if let Some(v6) = authority.strip_prefix('[') {
             let close = v6
@@ -90,11 +85,9 @@ impl Url {
     /// Resolve a `Location` header against this URL.
     fn join(&self, location: &str) -> Result<Url, String> {
         let location = location.trim();
-        let has_scheme = location.split_once(':').is_some_and(|(s, _)| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-        });
+        let has_scheme = location
+            .split_once(':')
+            .is_some_and(|(s, _)| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)));
         if has_scheme {
             return Url::parse(location);
         }
@@ -160,27 +153,18 @@ fn network_error(url: &Url, code: ErrorCode) -> ToolError {
                 url.authority
             ),
         ),
-        ErrorCode::HttpRequestUriInvalid => {
-            ToolError::invalid_input(format!("`{}` is not a valid URL", url.to_text()))
+        ErrorCode::HttpRequestUriInvalid => ToolError::invalid_input(format!("`{}` is not a valid URL", url.to_text())),
+        ErrorCode::ConnectionTimeout | ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout => {
+            ToolError::TimedOut(format!("request to `{}` timed out ({code:?})", url.to_text()))
         }
-        ErrorCode::ConnectionTimeout
-        | ErrorCode::ConnectionReadTimeout
-        | ErrorCode::HttpResponseTimeout => ToolError::TimedOut(format!(
-            "request to `{}` timed out ({code:?})",
-            url.to_text()
-        )),
         other => ToolError::failed(format!("request to `{}` failed: {other:?}", url.to_text())),
     }
 }
 
 fn header_error(e: HeaderError) -> ToolError {
     match e {
-        HeaderError::InvalidSyntax => {
-            ToolError::invalid_input("a header name or value is not valid")
-        }
-        HeaderError::Forbidden => {
-            ToolError::invalid_input("a header is forbidden (e.g. Host or Connection)")
-        }
+        HeaderError::InvalidSyntax => ToolError::invalid_input("a header name or value is not valid"),
+        HeaderError::Forbidden => ToolError::invalid_input("a header is forbidden (e.g. Host or Connection)"),
         HeaderError::Immutable => ToolError::failed("headers are immutable"),
     }
 }
@@ -208,26 +192,19 @@ fn send(
         .set_method(&method)
         .map_err(|()| ToolError::invalid_input("invalid HTTP method"))?;
     request
-        .set_scheme(Some(&if url.https {
-            Scheme::Https
-        } else {
-            Scheme::Http
-        }))
+        .set_scheme(Some(&if url.https { Scheme::Https } else { Scheme::Http }))
         .map_err(|()| ToolError::invalid_input("invalid URL scheme"))?;
-    request.set_authority(Some(&url.authority)).map_err(|()| {
-        ToolError::invalid_input(format!("`{}` is not a valid host", url.authority))
-    })?;
+    request
+        .set_authority(Some(&url.authority))
+        .map_err(|()| ToolError::invalid_input(format!("`{}` is not a valid host", url.authority)))?;
     request
         .set_path_with_query(Some(&url.path_with_query))
-        .map_err(|()| {
-            ToolError::invalid_input(format!("`{}` is not a valid path", url.path_with_query))
-        })?;
+        .map_err(|()| ToolError::invalid_input(format!("`{}` is not a valid path", url.path_with_query)))?;
     let outgoing_body = request
         .body()
         .map_err(|()| ToolError::failed("request body already taken"))?;
 
-    let future =
-        outgoing_handler::handle(request, None).map_err(|code| network_error(url, code))?;
+    let future = outgoing_handler::handle(request, None).map_err(|code| network_error(url, code))?;
 
     {
         let stream = outgoing_body
@@ -235,10 +212,7 @@ fn send(
             .map_err(|()| ToolError::failed("request body stream already taken"))?;
         for chunk in body.unwrap_or_default().chunks(WRITE_CHUNK) {
             stream.blocking_write_and_flush(chunk).map_err(|e| {
-                ToolError::failed(format!(
-                    "sending the request body to `{}` failed: {e:?}",
-                    url.to_text()
-                ))
+                ToolError::failed(format!("sending the request body to `{}` failed: {e:?}", url.to_text()))
             })?;
         }
     }
@@ -250,9 +224,7 @@ fn send(
         Some(Ok(Err(code))) => return Err(network_error(url, code)),
         Some(Err(())) => return Err(ToolError::failed("the response was already taken")),
         None => {
-            return Err(ToolError::failed(
-                "the response was not ready after waiting for it",
-            ));
+            return Err(ToolError::failed("the response was not ready after waiting for it"));
         }
     };
     let status = response.status();
@@ -267,9 +239,7 @@ fn send(
             .stream()
             .map_err(|()| ToolError::failed("response body stream already taken"))?;
         loop {
-            let want = (max_bytes + 1)
-                .saturating_sub(data.len() as u64)
-                .clamp(1, 64 * 1024);
+            let want = (max_bytes + 1).saturating_sub(data.len() as u64).clamp(1, 64 * 1024);
             match stream.blocking_read(want) {
                 Ok(chunk) => {
                     data.extend_from_slice(&chunk);
@@ -380,21 +350,16 @@ fn fetch(
                 ))
             })?;
             // 303 always, and 301/302 after a POST, become a GET without body (as browsers do).
-            if response.status == 303
-                || (matches!(response.status, 301 | 302) && matches!(method, Method::Post))
-            {
+            if response.status == 303 || (matches!(response.status, 301 | 302) && matches!(method, Method::Post)) {
                 method = Method::Get;
                 body = None;
                 headers.retain(|(k, _)| {
-                    !k.eq_ignore_ascii_case("content-type")
-                        && !k.eq_ignore_ascii_case("content-length")
+                    !k.eq_ignore_ascii_case("content-type") && !k.eq_ignore_ascii_case("content-length")
                 });
             }
             // Never carry credentials to another origin.
             if next.authority != url.authority || next.https != url.https {
-                headers.retain(|(k, _)| {
-                    !k.eq_ignore_ascii_case("authorization") && !k.eq_ignore_ascii_case("cookie")
-                });
+                headers.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization") && !k.eq_ignore_ascii_case("cookie"));
             }
             redirects.push(next.to_text());
             url = next;
@@ -481,15 +446,10 @@ struct PostInput {
 
 fn post(_ctx: &Context, input: PostInput) -> Result<FetchOutput, ToolError> {
     let mut headers = input.headers;
-    if !headers
-        .keys()
-        .any(|k| k.eq_ignore_ascii_case("content-type"))
-    {
+    if !headers.keys().any(|k| k.eq_ignore_ascii_case("content-type")) {
         headers.insert(
             "content-type".into(),
-            input
-                .content_type
-                .unwrap_or_else(|| "text/plain; charset=utf-8".into()),
+            input.content_type.unwrap_or_else(|| "text/plain; charset=utf-8".into()),
         );
     }
     fetch(
@@ -547,10 +507,7 @@ mod tests {
         assert_eq!(u.path_with_query, "/a/b?x=1");
         assert_eq!(u.join("c").unwrap().to_text(), "http://localhost:8080/a/c");
         assert_eq!(u.join("/d").unwrap().to_text(), "http://localhost:8080/d");
-        assert_eq!(
-            u.join("?y").unwrap().to_text(),
-            "http://localhost:8080/a/b?y"
-        );
+        assert_eq!(u.join("?y").unwrap().to_text(), "http://localhost:8080/a/b?y");
         assert_eq!(u.join("//other/x").unwrap().to_text(), "http://other/x");
         assert_eq!(u.join("http://127.0.0.1:9/").unwrap().host, "127.0.0.1");
         let v6 = Url::parse("http://[::ffff:127.0.0.1]:81").unwrap();

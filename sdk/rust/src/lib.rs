@@ -93,7 +93,11 @@ impl ToolError {
 
     /// A missing capability.
     pub fn denied(capability: &str, target: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Denied { capability: capability.into(), target: target.into(), message: message.into() }
+        Self::Denied {
+            capability: capability.into(),
+            target: target.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -114,9 +118,15 @@ impl From<ToolError> for wit::ToolError {
     fn from(error: ToolError) -> Self {
         match error {
             ToolError::InvalidInput(m) => wit::ToolError::InvalidInput(m),
-            ToolError::Denied { capability, target, message } => {
-                wit::ToolError::Denied(wit::DeniedAccess { capability, target, message })
-            }
+            ToolError::Denied {
+                capability,
+                target,
+                message,
+            } => wit::ToolError::Denied(wit::DeniedAccess {
+                capability,
+                target,
+                message,
+            }),
             ToolError::Failed(m) => wit::ToolError::Failed(m),
             ToolError::TimedOut(m) => wit::ToolError::TimedOut(m),
         }
@@ -176,7 +186,11 @@ pub struct PluginMeta {
 impl PluginMeta {
     /// Describe a plugin. `name` must be `[a-z0-9_-]+`.
     pub fn new(name: &str, version: &str, description: &str) -> Self {
-        Self { name: name.into(), version: version.into(), description: description.into() }
+        Self {
+            name: name.into(),
+            version: version.into(),
+            description: description.into(),
+        }
     }
 }
 
@@ -219,7 +233,11 @@ impl Tool {
             }),
             input_schema: schema_of::<I>,
             output_schema: schema_of::<O>,
-            capabilities: wit::Capabilities { filesystem: vec![], network: vec![], environment: vec![] },
+            capabilities: wit::Capabilities {
+                filesystem: vec![],
+                network: vec![],
+                environment: vec![],
+            },
             idempotent: false,
         }
     }
@@ -232,13 +250,19 @@ impl Tool {
 
     /// Request read access to `path`.
     pub fn reads(mut self, path: &str) -> Self {
-        self.capabilities.filesystem.push(wit::FsRequest { path: path.into(), mode: wit::FsMode::Read });
+        self.capabilities.filesystem.push(wit::FsRequest {
+            path: path.into(),
+            mode: wit::FsMode::Read,
+        });
         self
     }
 
     /// Request read-write access to `path`.
     pub fn writes(mut self, path: &str) -> Self {
-        self.capabilities.filesystem.push(wit::FsRequest { path: path.into(), mode: wit::FsMode::ReadWrite });
+        self.capabilities.filesystem.push(wit::FsRequest {
+            path: path.into(),
+            mode: wit::FsMode::ReadWrite,
+        });
         self
     }
 
@@ -295,7 +319,9 @@ impl<P: Plugin> Guest for Exported<P> {
             return Err(wit::ToolError::UnknownTool(tool));
         };
         let ctx = Context::from(ctx);
-        (found.handler)(&ctx, &arguments).map(|json| wit::ToolOutput { json }).map_err(Into::into)
+        (found.handler)(&ctx, &arguments)
+            .map(|json| wit::ToolOutput { json })
+            .map_err(Into::into)
     }
 }
 

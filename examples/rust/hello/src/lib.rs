@@ -20,7 +20,9 @@ fn greet(_ctx: &Context, input: GreetInput) -> Result<GreetOutput, ToolError> {
     if input.name.trim().is_empty() {
         return Err(ToolError::invalid_input("`name` must not be empty"));
     }
-    Ok(GreetOutput { greeting: format!("Hello, {}!", input.name) })
+    Ok(GreetOutput {
+        greeting: format!("Hello, {}!", input.name),
+    })
 }
 
 struct Hello;

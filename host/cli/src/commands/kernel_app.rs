@@ -47,9 +47,7 @@ impl From<KernelError> for CliError {
             | E::Invalid(_) => CliError::user(error.to_string()),
             // A budget refusal is a policy failure, like a denied tool call.
             E::BudgetExceeded(_) => CliError::plugin(error.to_string()),
-            E::Contention(_) | E::EventsClosed | E::Store(_) => {
-                CliError::internal(error.to_string())
-            }
+            E::Contention(_) | E::EventsClosed | E::Store(_) => CliError::internal(error.to_string()),
         }
     }
 }

@@ -35,15 +35,27 @@ pub struct GrantArgs {
 
 impl GrantArgs {
     fn is_empty(&self) -> bool {
-        self.read.is_empty() && self.write.is_empty() && self.net.is_empty() && self.env.is_empty() && !self.allow_private_network
+        self.read.is_empty()
+            && self.write.is_empty()
+            && self.net.is_empty()
+            && self.env.is_empty()
+            && !self.allow_private_network
     }
 
     /// Add these grants to `grants` (validated; duplicates collapse, a write grant upgrades a read one).
     fn apply(&self, grants: &mut Grants) -> Result<(), CliError> {
-        let specs = self.read.iter().map(|s| (s, FsMode::Read)).chain(self.write.iter().map(|s| (s, FsMode::ReadWrite)));
+        let specs = self
+            .read
+            .iter()
+            .map(|s| (s, FsMode::Read))
+            .chain(self.write.iter().map(|s| (s, FsMode::ReadWrite)));
         for (spec, mode) in specs {
             let grant = FsGrant::parse(spec, mode)?;
-            match grants.fs.iter_mut().find(|g| g.host == grant.host && g.guest == grant.guest) {
+            match grants
+                .fs
+                .iter_mut()
+                .find(|g| g.host == grant.host && g.guest == grant.guest)
+            {
                 Some(existing) => existing.mode = existing.mode.max(mode),
                 None => grants.fs.push(grant),
             }
@@ -101,7 +113,9 @@ impl LimitArgs {
     }
 
     fn apply(&self, limits: &Limits) -> Result<Limits, CliError> {
-        limits.overridden_by(&Value::Object(self.overrides())).map_err(|e| CliError::user(format!("invalid limit: {e}")))
+        limits
+            .overridden_by(&Value::Object(self.overrides()))
+            .map_err(|e| CliError::user(format!("invalid limit: {e}")))
     }
 }
 
@@ -226,7 +240,9 @@ pub struct ExecArgs {
 fn read_input(file: &str) -> Result<Vec<u8>, CliError> {
     if file == "-" {
         let mut bytes = Vec::new();
-        std::io::stdin().read_to_end(&mut bytes).map_err(|e| CliError::user(format!("cannot read stdin: {e}")))?;
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .map_err(|e| CliError::user(format!("cannot read stdin: {e}")))?;
         return Ok(bytes);
     }
     std::fs::read(file).map_err(|e| CliError::user(format!("cannot read {file}: {e}")))
@@ -267,9 +283,15 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         Some(old) if args.limits.overrides().is_empty() => old.limits.clone(),
         _ => Value::Object(args.limits.overrides()),
     };
-    app.config.limits.overridden_by(&limits).map_err(|e| CliError::user(format!("invalid limit: {e}")))?;
+    app.config
+        .limits
+        .overridden_by(&limits)
+        .map_err(|e| CliError::user(format!("invalid limit: {e}")))?;
 
-    let stored = app.components.put(&bytes).map_err(|e| CliError::internal(format!("cannot store component: {e}")))?;
+    let stored = app
+        .components
+        .put(&bytes)
+        .map_err(|e| CliError::internal(format!("cannot store component: {e}")))?;
     debug_assert_eq!(stored, plugin.sha256);
     let record = PluginRecord {
         name: name.clone(),
@@ -292,7 +314,10 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
     notes.extend(reach_warnings(&plugin.info, &plugin.imports, &grants));
 
     if args.json {
-        let mut value = record_json(&app.db.get_plugin(&name).await?.expect("just stored"), &app.config.limits);
+        let mut value = record_json(
+            &app.db.get_plugin(&name).await?.expect("just stored"),
+            &app.config.limits,
+        );
         value["compiled"] = json!(plugin.cache == keel_sandbox::CacheOutcome::Compiled);
         value["load_ms"] = json!(plugin.load_time.as_secs_f64() * 1e3);
         value["notes"] = json!(notes);
@@ -342,7 +367,11 @@ fn describe_grants(grants: &Grants) -> String {
         .iter()
         .map(|g| {
             let host = g.host.display().to_string();
-            let place = if host == g.guest { host } else { format!("{host} as {}", g.guest) };
+            let place = if host == g.guest {
+                host
+            } else {
+                format!("{host} as {}", g.guest)
+            };
             format!("{place} ({})", g.mode)
         })
         .collect();
@@ -351,14 +380,22 @@ fn describe_grants(grants: &Grants) -> String {
     if grants.allow_private_network {
         parts.push("private networks".into());
     }
-    if parts.is_empty() { "nothing".into() } else { parts.join(", ") }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn describe_capabilities(caps: &keel_sandbox::Capabilities) -> String {
     if caps.is_empty() {
         return "nothing".into();
     }
-    let mut parts: Vec<String> = caps.filesystem.iter().map(|f| format!("{} ({})", f.path, f.mode)).collect();
+    let mut parts: Vec<String> = caps
+        .filesystem
+        .iter()
+        .map(|f| format!("{} ({})", f.path, f.mode))
+        .collect();
     parts.extend(caps.network.iter().map(|h| format!("net {h}")));
     parts.extend(caps.environment.iter().map(|v| format!("env {v}")));
     parts.join(", ")
@@ -412,7 +449,12 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
         PluginsCommand::List { json } => {
             let records = app.db.list_plugins().await?;
             if json {
-                print_json(&records.iter().map(|r| record_json(r, &app.config.limits)).collect::<Vec<_>>());
+                print_json(
+                    &records
+                        .iter()
+                        .map(|r| record_json(r, &app.config.limits))
+                        .collect::<Vec<_>>(),
+                );
             } else if records.is_empty() {
                 println!("no plugins installed (use `keel install FILE.wasm`)");
             } else {
@@ -448,16 +490,30 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
                 );
             }
         }
-        PluginsCommand::Grant { name, grants: args, json } => {
+        PluginsCommand::Grant {
+            name,
+            grants: args,
+            json,
+        } => {
             let record = app.record(&name).await?;
             if args.is_empty() {
-                return Err(CliError::user("nothing to grant: pass --allow-read, --allow-write, --allow-net or --allow-env"));
+                return Err(CliError::user(
+                    "nothing to grant: pass --allow-read, --allow-write, --allow-net or --allow-env",
+                ));
             }
             let mut grants = grants_of(&record)?;
             args.apply(&mut grants)?;
             save_grants(&app, &record, &grants, json).await?;
         }
-        PluginsCommand::Revoke { name, dirs, net, env, private_network, all, json } => {
+        PluginsCommand::Revoke {
+            name,
+            dirs,
+            net,
+            env,
+            private_network,
+            all,
+            json,
+        } => {
             let record = app.record(&name).await?;
             let mut grants = grants_of(&record)?;
             if all {
@@ -466,7 +522,9 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
             for dir in &dirs {
                 let canonical = std::fs::canonicalize(dir).ok();
                 let before = grants.fs.len();
-                grants.fs.retain(|g| g.guest != *dir && Some(&g.host) != canonical.as_ref() && g.host != Path::new(dir));
+                grants
+                    .fs
+                    .retain(|g| g.guest != *dir && Some(&g.host) != canonical.as_ref() && g.host != Path::new(dir));
                 if grants.fs.len() == before {
                     return Err(CliError::user(format!("`{name}` has no grant for directory {dir}")));
                 }
@@ -482,7 +540,9 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
                 let before = grants.env.len();
                 grants.env.retain(|v| v != var);
                 if grants.env.len() == before {
-                    return Err(CliError::user(format!("`{name}` has no grant for environment variable {var}")));
+                    return Err(CliError::user(format!(
+                        "`{name}` has no grant for environment variable {var}"
+                    )));
                 }
             }
             if private_network {
@@ -490,9 +550,18 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
             }
             save_grants(&app, &record, &grants, json).await?;
         }
-        PluginsCommand::Limits { name, limits, reset, json } => {
+        PluginsCommand::Limits {
+            name,
+            limits,
+            reset,
+            json,
+        } => {
             let mut record = app.record(&name).await?;
-            let mut overrides = if reset { serde_json::Map::new() } else { record.limits.as_object().cloned().unwrap_or_default() };
+            let mut overrides = if reset {
+                serde_json::Map::new()
+            } else {
+                record.limits.as_object().cloned().unwrap_or_default()
+            };
             overrides.extend(limits.overrides());
             record.limits = Value::Object(overrides);
             let effective = app
@@ -530,7 +599,9 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
 }
 
 async fn save_grants(app: &App, record: &PluginRecord, grants: &Grants, json: bool) -> Result<(), CliError> {
-    app.db.set_plugin_grants(&record.name, &serde_json::to_value(grants).expect("grants serialize")).await?;
+    app.db
+        .set_plugin_grants(&record.name, &serde_json::to_value(grants).expect("grants serialize"))
+        .await?;
     if json {
         print_json(grants);
     } else {
@@ -554,7 +625,9 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     };
     let text = match args.arguments.as_deref() {
         None => "{}".to_string(),
-        Some("-") => String::from_utf8(read_input("-")?).map_err(|_| CliError::user("arguments on stdin are not UTF-8"))?,
+        Some("-") => {
+            String::from_utf8(read_input("-")?).map_err(|_| CliError::user("arguments on stdin are not UTF-8"))?
+        }
         Some(text) => text.to_string(),
     };
     let arguments: Value =
@@ -564,18 +637,27 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     let (plugin, grants, limits) = app.load(&record).await?;
     if plugin.info.tool(tool).is_none() {
         let tools: Vec<&str> = plugin.info.tools.iter().map(|t| t.name.as_str()).collect();
-        return Err(CliError::user(format!("plugin `{plugin_name}` has no tool `{tool}` (tools: {})", tools.join(", "))));
+        return Err(CliError::user(format!(
+            "plugin `{plugin_name}` has no tool `{tool}` (tools: {})",
+            tools.join(", ")
+        )));
     }
     let limits = args.limits.apply(&limits)?;
     let report = run_call(&app, &plugin, &grants, &limits, tool, &arguments).await;
     if args.json {
         let (ok, body) = match &report.result {
-            Ok(out) => (true, json!({"output": out.output, "duration_ms": out.duration.as_secs_f64() * 1e3})),
+            Ok(out) => (
+                true,
+                json!({"output": out.output, "duration_ms": out.duration.as_secs_f64() * 1e3}),
+            ),
             Err(e) => (false, json!({"error": e, "message": e.to_string()})),
         };
         let mut value = json!({"ok": ok, "tool": args.tool, "logs": report.logs, "logs_truncated": report.logs_truncated,
             "denials": report.denials, "stderr": String::from_utf8_lossy(&report.stderr)});
-        value.as_object_mut().expect("object").extend(body.as_object().expect("object").clone());
+        value
+            .as_object_mut()
+            .expect("object")
+            .extend(body.as_object().expect("object").clone());
         print_json(&value);
         return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
@@ -616,13 +698,19 @@ async fn run_call(
 
 fn tool_error(plugin: &str, error: ToolError) -> CliError {
     let message = match &error {
-        ToolError::Denied { capability, target, message } => {
+        ToolError::Denied {
+            capability,
+            target,
+            message,
+        } => {
             let flag = match capability.as_str() {
                 "network" => "--allow-net HOST",
                 "environment" => "--allow-env VAR",
                 _ => "--allow-read DIR / --allow-write DIR",
             };
-            format!("{message} (missing {capability} capability for `{target}`; grant with `keel plugins grant {plugin} {flag}`)")
+            format!(
+                "{message} (missing {capability} capability for `{target}`; grant with `keel plugins grant {plugin} {flag}`)"
+            )
         }
         other => other.to_string(),
     };
@@ -643,7 +731,10 @@ pub async fn exec(home: &Path, args: ExecArgs) -> CliResult {
     // A command's output is its product: capture far more than a tool's diagnostics.
     limits.max_stdio_bytes = limits.max_stdio_bytes.max(16 << 20);
     let limits = args.limits.apply(&limits)?;
-    let program = Path::new(&args.file).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let program = Path::new(&args.file)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let argv: Vec<String> = std::iter::once(program).chain(args.args).collect();
     let report = app.sandbox.exec(&bytes, &grants, &limits, &argv).await?;
     use std::io::Write;

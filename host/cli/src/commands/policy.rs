@@ -13,8 +13,7 @@ use std::str::FromStr;
 
 use clap::{ArgGroup, Subcommand};
 use keel_kernel::policy::{
-    Decimal, Policy, PolicyDecision, PolicyError, PolicyRequest, PolicySummary,
-    SessionApprovalStore, SessionApprovals,
+    Decimal, Policy, PolicyDecision, PolicyError, PolicyRequest, PolicySummary, SessionApprovalStore, SessionApprovals,
 };
 use serde_json::{Value, json};
 
@@ -122,9 +121,8 @@ pub fn run(home: &Path, command: PolicyCommand) -> CliResult {
                     )
                 }
                 (None, Some(model)) => {
-                    let estimated_cost = Decimal::from_str(cost.trim()).map_err(|_| {
-                        CliError::user(format!("--cost `{cost}` is not a decimal amount"))
-                    })?;
+                    let estimated_cost = Decimal::from_str(cost.trim())
+                        .map_err(|_| CliError::user(format!("--cost `{cost}` is not a decimal amount")))?;
                     policy.evaluate(&PolicyRequest::Model {
                         model,
                         scope: &scope,
@@ -171,12 +169,10 @@ fn check(file: &Path, json: bool) -> CliResult {
 
 fn load(file: &Path) -> Result<Policy, CliError> {
     Policy::load(file).map_err(|e| match e {
-        PolicyError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            CliError::user(format!(
-                "no policy file at {}; pass --file or create it (see examples/policies/default.toml)",
-                file.display()
-            ))
-        }
+        PolicyError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => CliError::user(format!(
+            "no policy file at {}; pass --file or create it (see examples/policies/default.toml)",
+            file.display()
+        )),
         other => CliError::user(other.to_string()),
     })
 }
@@ -194,10 +190,7 @@ fn decision_exit_code(decision: &PolicyDecision) -> ExitCode {
 fn error_json(file: &Path, error: &PolicyError) -> Value {
     match error {
         PolicyError::Invalid {
-            line,
-            column,
-            message,
-            ..
+            line, column, message, ..
         } => json!({
             "valid": false,
             "file": file.display().to_string(),
@@ -234,12 +227,7 @@ fn render_summary(file: &Path, summary: &PolicySummary) -> String {
         count("model"),
         count("constraint"),
     );
-    let width = summary
-        .rules
-        .iter()
-        .map(|r| r.name.len())
-        .max()
-        .unwrap_or(0);
+    let width = summary.rules.iter().map(|r| r.name.len()).max().unwrap_or(0);
     for rule in &summary.rules {
         let _ = writeln!(
             out,
@@ -320,11 +308,7 @@ max_tokens = 100
         let bad = write("[[tool]]\nname = \"a\"\ntoool = 1\n");
         let err = check(bad.path(), false).unwrap_err();
         assert_eq!(err.exit_code(), 2);
-        assert!(
-            err.message.contains(":3:1: unknown field `toool`"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains(":3:1: unknown field `toool`"), "{}", err.message);
         assert_eq!(check(bad.path(), true).unwrap(), ExitCode::from(2));
     }
 
@@ -339,29 +323,16 @@ max_tokens = 100
     #[test]
     fn eval_exit_codes() {
         let good = write(POLICY);
-        assert_eq!(
-            eval(good.path(), Some("fs/read"), None, 0).unwrap(),
-            ExitCode::SUCCESS
-        );
-        assert_eq!(
-            eval(good.path(), Some("fs/write"), None, 0).unwrap(),
-            ExitCode::from(1)
-        );
-        assert_eq!(
-            eval(good.path(), None, Some("local/x"), 50).unwrap(),
-            ExitCode::SUCCESS
-        );
+        assert_eq!(eval(good.path(), Some("fs/read"), None, 0).unwrap(), ExitCode::SUCCESS);
+        assert_eq!(eval(good.path(), Some("fs/write"), None, 0).unwrap(), ExitCode::from(1));
+        assert_eq!(eval(good.path(), None, Some("local/x"), 50).unwrap(), ExitCode::SUCCESS);
         assert_eq!(
             eval(good.path(), None, Some("local/x"), 500).unwrap(),
             ExitCode::from(1)
         );
         let missing = eval(Path::new("/nonexistent/p.toml"), Some("fs/read"), None, 0).unwrap_err();
         assert_eq!(missing.exit_code(), 2);
-        assert!(
-            missing.message.contains("no policy file at"),
-            "{}",
-            missing.message
-        );
+        assert!(missing.message.contains("no policy file at"), "{}", missing.message);
     }
 
     #[test]
@@ -369,9 +340,7 @@ max_tokens = 100
         let policy = Policy::from_toml_str(POLICY, "p.toml").unwrap();
         let text = render_summary(Path::new("p.toml"), &policy.summary());
         assert!(
-            text.starts_with(
-                "p.toml: valid policy (default deny; 1 tool rules, 1 model rules, 0 constraints)"
-            ),
+            text.starts_with("p.toml: valid policy (default deny; 1 tool rules, 1 model rules, 0 constraints)"),
             "{text}"
         );
         assert!(text.contains("line 5    tool       reads  ALLOW"), "{text}");

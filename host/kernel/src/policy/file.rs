@@ -14,9 +14,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::rules::{
-    ArgPath, Condition, ConstraintRule, ModelRule, Pattern, Patterns, RuleMeta, ToolRule,
-};
+use super::rules::{ArgPath, Condition, ConstraintRule, ModelRule, Pattern, Patterns, RuleMeta, ToolRule};
 use super::{DefaultMode, Outcome, Policy};
 
 /// Names the engine itself puts in `applied_rules`; a rule may not take them.
@@ -265,36 +263,23 @@ fn compile(file: PolicyFile, cx: &Cx<'_>) -> Result<Policy, PolicyError> {
     {
         return Err(cx.err(
             v.span(),
-            format!(
-                "unsupported policy version {}; this Keel reads version 1",
-                v.get_ref()
-            ),
+            format!("unsupported policy version {}; this Keel reads version 1", v.get_ref()),
         ));
     }
     let mut names = HashSet::new();
     let mut tool_rules = Vec::with_capacity(file.tool.len());
     for rule in file.tool {
         let rule = rule.into_inner();
-        let meta = meta(
-            cx,
-            &mut names,
-            rule.name,
-            rule.scopes,
-            rule.principals,
-            rule.reason,
-        )?;
+        let meta = meta(cx, &mut names, rule.name, rule.scopes, rule.principals, rule.reason)?;
         let tools = patterns(cx, rule.tools, "tools", false)?;
         let mut when = Vec::with_capacity(rule.when.len());
         for (key, cond) in rule.when {
             when.push(condition(cx, &meta.name, key, cond)?);
         }
-        let reason = meta.reason.clone().unwrap_or_else(|| {
-            format!(
-                "tool rule `{}`: {}",
-                meta.name,
-                Outcome::from(rule.decision).verb()
-            )
-        });
+        let reason = meta
+            .reason
+            .clone()
+            .unwrap_or_else(|| format!("tool rule `{}`: {}", meta.name, Outcome::from(rule.decision).verb()));
         tool_rules.push(ToolRule {
             meta,
             tools,
@@ -306,22 +291,12 @@ fn compile(file: PolicyFile, cx: &Cx<'_>) -> Result<Policy, PolicyError> {
     let mut model_rules = Vec::with_capacity(file.model.len());
     for rule in file.model {
         let rule = rule.into_inner();
-        let meta = meta(
-            cx,
-            &mut names,
-            rule.name,
-            rule.scopes,
-            rule.principals,
-            rule.reason,
-        )?;
+        let meta = meta(cx, &mut names, rule.name, rule.scopes, rule.principals, rule.reason)?;
         let models = patterns(cx, rule.models, "models", false)?;
-        let reason = meta.reason.clone().unwrap_or_else(|| {
-            format!(
-                "model rule `{}`: {}",
-                meta.name,
-                Outcome::from(rule.decision).verb()
-            )
-        });
+        let reason = meta
+            .reason
+            .clone()
+            .unwrap_or_else(|| format!("model rule `{}`: {}", meta.name, Outcome::from(rule.decision).verb()));
         model_rules.push(ModelRule {
             meta,
             models,
@@ -334,14 +309,7 @@ fn compile(file: PolicyFile, cx: &Cx<'_>) -> Result<Policy, PolicyError> {
     for rule in file.constraint {
         let span = rule.span();
         let rule = rule.into_inner();
-        let meta = meta(
-            cx,
-            &mut names,
-            rule.name,
-            rule.scopes,
-            rule.principals,
-            rule.reason,
-        )?;
+        let meta = meta(cx, &mut names, rule.name, rule.scopes, rule.principals, rule.reason)?;
         if rule.max_tokens_per_request.is_none()
             && rule.max_cost_per_request.is_none()
             && rule.max_tool_calls_per_turn.is_none()
@@ -412,12 +380,8 @@ fn meta(
     if !names.insert(name.clone()) {
         return Err(cx.err(span, format!("duplicate rule name `{name}`")));
     }
-    let scopes = scopes
-        .map(|s| patterns(cx, s, "scopes", false))
-        .transpose()?;
-    let principals = principals
-        .map(|p| patterns(cx, p, "principals", false))
-        .transpose()?;
+    let scopes = scopes.map(|s| patterns(cx, s, "scopes", false)).transpose()?;
+    let principals = principals.map(|p| patterns(cx, p, "principals", false)).transpose()?;
     Ok(RuleMeta {
         name,
         line: line_col(cx.text, span.start).0,
@@ -448,20 +412,11 @@ fn pattern(cx: &Cx<'_>, p: Spanned<String>, paths: bool) -> Result<Pattern, Poli
     if p.get_ref().is_empty() {
         return Err(cx.err(p.span(), "empty pattern"));
     }
-    Pattern::compile(p.get_ref(), paths).map_err(|e| {
-        cx.err(
-            p.span(),
-            format!("invalid pattern `{}`: {}", p.get_ref(), e.kind()),
-        )
-    })
+    Pattern::compile(p.get_ref(), paths)
+        .map_err(|e| cx.err(p.span(), format!("invalid pattern `{}`: {}", p.get_ref(), e.kind())))
 }
 
-fn condition(
-    cx: &Cx<'_>,
-    rule: &str,
-    key: String,
-    cond: Spanned<ConditionFile>,
-) -> Result<Condition, PolicyError> {
+fn condition(cx: &Cx<'_>, rule: &str, key: String, cond: Spanned<ConditionFile>) -> Result<Condition, PolicyError> {
     let span = cond.span();
     let c = cond.into_inner();
     if c.glob.is_none()
@@ -482,10 +437,7 @@ fn condition(
     let path = if key.starts_with('/') {
         ArgPath::Pointer(key)
     } else if key.is_empty() {
-        return Err(cx.err(
-            span,
-            format!("rule `{rule}`: empty argument name in `when`"),
-        ));
+        return Err(cx.err(span, format!("rule `{rule}`: empty argument name in `when`")));
     } else {
         ArgPath::Key(key)
     };

@@ -222,11 +222,7 @@ impl Policy {
             .tool_rules
             .iter()
             .map(|r| row("tool", &r.meta, r.decision))
-            .chain(
-                self.model_rules
-                    .iter()
-                    .map(|r| row("model", &r.meta, r.decision)),
-            )
+            .chain(self.model_rules.iter().map(|r| row("model", &r.meta, r.decision)))
             .chain(
                 self.constraints
                     .iter()
@@ -246,11 +242,7 @@ impl Policy {
 
     /// Decide `request`, letting session approvals in `approvals` turn a tool rule's
     /// REQUIRE_APPROVAL into ALLOW.
-    pub fn evaluate_with(
-        &self,
-        request: &PolicyRequest<'_>,
-        approvals: &dyn SessionApprovalStore,
-    ) -> PolicyDecision {
+    pub fn evaluate_with(&self, request: &PolicyRequest<'_>, approvals: &dyn SessionApprovalStore) -> PolicyDecision {
         self.evaluate_inner(request, Some(approvals))
     }
 
@@ -304,11 +296,7 @@ impl Policy {
                 turn,
                 ..
             } => {
-                match self
-                    .model_rules
-                    .iter()
-                    .find(|r| r.matches(model, scope, principal))
-                {
+                match self.model_rules.iter().find(|r| r.matches(model, scope, principal)) {
                     Some(rule) => {
                         acc.applied.push(rule.meta.name.clone());
                         acc.rule(&rule.meta.name, rule.decision, || rule.reason.clone());
@@ -365,8 +353,7 @@ fn check_constraint(c: &ConstraintRule, request: &PolicyRequest<'_>, turn: u32, 
     }
     match *request {
         PolicyRequest::Tool {
-            tool_calls_this_turn,
-            ..
+            tool_calls_this_turn, ..
         } => {
             if let Some(max) = c.max_tool_calls_per_turn {
                 relevant = true;
@@ -386,9 +373,7 @@ fn check_constraint(c: &ConstraintRule, request: &PolicyRequest<'_>, turn: u32, 
             if let Some(max) = c.max_tokens_per_request {
                 relevant = true;
                 if max_tokens > max {
-                    violations.push(format!(
-                        "max_tokens {max_tokens} exceeds max_tokens_per_request {max}"
-                    ));
+                    violations.push(format!("max_tokens {max_tokens} exceeds max_tokens_per_request {max}"));
                 }
             }
             if let Some(max) = c.max_cost_per_request {

@@ -199,9 +199,7 @@ pub(crate) struct ToolRule {
 impl ToolRule {
     #[inline]
     pub(crate) fn matches(&self, tool: &str, scope: &str, principal: &str, args: &Value) -> bool {
-        self.tools.matches(tool)
-            && self.meta.in_scope(scope, principal)
-            && self.when.iter().all(|c| c.holds(args))
+        self.tools.matches(tool) && self.meta.in_scope(scope, principal) && self.when.iter().all(|c| c.holds(args))
     }
 }
 

@@ -59,10 +59,7 @@ impl SessionApprovals {
     /// Number of approved calls across all sessions.
     pub fn len(&self) -> usize {
         let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        map.values()
-            .flat_map(|t| t.values())
-            .map(HashSet::len)
-            .sum()
+        map.values().flat_map(|t| t.values()).map(HashSet::len).sum()
     }
 
     /// Whether no call is approved.
@@ -83,8 +80,7 @@ impl SessionApprovalStore for SessionApprovals {
 
     fn may_have_approvals(&self, session: &str, tool: &str) -> bool {
         let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        map.get(session)
-            .is_some_and(|tools| tools.contains_key(tool))
+        map.get(session).is_some_and(|tools| tools.contains_key(tool))
     }
 
     fn approve(&self, session: &str, tool: &str, digest: &str) {

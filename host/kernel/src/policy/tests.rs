@@ -113,14 +113,8 @@ fn tool_rules_first_match_wins_in_order() {
 
     // Prefix pattern and exact pattern in one list.
     let d = p.evaluate(&tool("fs/read_many", &json!({})));
-    assert_eq!(
-        (d.outcome, d.applied_rules[0].as_str()),
-        (Outcome::Allow, "reads")
-    );
-    assert_eq!(
-        p.evaluate(&tool("fs/stat", &json!({}))).outcome,
-        Outcome::Allow
-    );
+    assert_eq!((d.outcome, d.applied_rules[0].as_str()), (Outcome::Allow, "reads"));
+    assert_eq!(p.evaluate(&tool("fs/stat", &json!({}))).outcome, Outcome::Allow);
 }
 
 #[test]
@@ -173,11 +167,7 @@ fn default_deny_and_default_allow() {
     assert_eq!(d.outcome, Outcome::Deny);
     assert_eq!(d.applied_rules, [DEFAULT_RULE]);
     assert_eq!(d.violated_rules, [DEFAULT_RULE]);
-    assert!(
-        d.reason.contains("no tool rule matches `shell/exec`"),
-        "{}",
-        d.reason
-    );
+    assert!(d.reason.contains("no tool rule matches `shell/exec`"), "{}", d.reason);
 
     // No `default` key at all: deny.
     let p = policy("");
@@ -217,35 +207,17 @@ query = { max_len = 5 }
 "#,
     );
     let d = |args: Value| p.evaluate(&tool("t/x", &args)).outcome;
-    assert_eq!(
-        d(json!({"mode": "read", "opts": {"depth": 2}})),
-        Outcome::Allow
-    );
-    assert_eq!(
-        d(json!({"mode": "read", "opts": {"depth": 3.0}})),
-        Outcome::Allow
-    );
-    assert_eq!(
-        d(json!({"mode": "read", "opts": {"depth": 4}})),
-        Outcome::Deny
-    );
-    assert_eq!(
-        d(json!({"mode": "read", "opts": {"depth": 0}})),
-        Outcome::Deny
-    );
-    assert_eq!(
-        d(json!({"mode": "write", "opts": {"depth": 2}})),
-        Outcome::Deny
-    );
+    assert_eq!(d(json!({"mode": "read", "opts": {"depth": 2}})), Outcome::Allow);
+    assert_eq!(d(json!({"mode": "read", "opts": {"depth": 3.0}})), Outcome::Allow);
+    assert_eq!(d(json!({"mode": "read", "opts": {"depth": 4}})), Outcome::Deny);
+    assert_eq!(d(json!({"mode": "read", "opts": {"depth": 0}})), Outcome::Deny);
+    assert_eq!(d(json!({"mode": "write", "opts": {"depth": 2}})), Outcome::Deny);
     // A missing argument never matches.
     assert_eq!(d(json!({"mode": "read"})), Outcome::Deny);
     assert_eq!(d(json!({"region": "eu", "query": "abcde"})), Outcome::Warn);
     assert_eq!(d(json!({"region": "eu", "query": "abcdéf"})), Outcome::Deny);
     assert_eq!(d(json!({"region": "asia", "query": "a"})), Outcome::Deny);
-    assert_eq!(
-        d(json!({"region": "us", "query": ["a", "b"]})),
-        Outcome::Warn
-    );
+    assert_eq!(d(json!({"region": "us", "query": ["a", "b"]})), Outcome::Warn);
 }
 
 #[test]
@@ -259,10 +231,7 @@ decision = "allow"
 when = { path = { glob = "/tmp/*" } }
 "#,
     );
-    let d = |path: &str| {
-        p.evaluate(&tool("fs/write", &json!({"path": path})))
-            .outcome
-    };
+    let d = |path: &str| p.evaluate(&tool("fs/write", &json!({"path": path}))).outcome;
     assert_eq!(d("/tmp/a"), Outcome::Allow);
     assert_eq!(d("/tmp/a/b"), Outcome::Deny);
     // Non-string values never match a glob.
@@ -283,8 +252,7 @@ fn model_rules_and_max_tokens() {
     assert_eq!(d.outcome, Outcome::Deny);
     assert_eq!(d.violated_rules, ["small-models"]);
     assert!(
-        d.reason
-            .contains("max_tokens 8000 exceeds the limit of 4096"),
+        d.reason.contains("max_tokens 8000 exceeds the limit of 4096"),
         "{}",
         d.reason
     );
@@ -347,18 +315,11 @@ fn constraints_all_apply_and_most_severe_wins() {
     let d = p.evaluate(&model("m", 1000, "0.75"));
     assert_eq!(d.outcome, Outcome::Deny);
     assert_eq!(d.violated_rules, ["request-size", "soft-cost"]);
-    assert!(
-        d.reason.starts_with("constraint `request-size`"),
-        "{}",
-        d.reason
-    );
+    assert!(d.reason.starts_with("constraint `request-size`"), "{}", d.reason);
 
     let d = p.evaluate(&model("m", 9000, "0.01"));
     assert_eq!(d.outcome, Outcome::Deny);
-    assert!(
-        d.reason
-            .contains("max_tokens 9000 exceeds max_tokens_per_request 8000")
-    );
+    assert!(d.reason.contains("max_tokens 9000 exceeds max_tokens_per_request 8000"));
 }
 
 #[test]
@@ -399,17 +360,12 @@ fn session_approvals_turn_require_approval_into_allow() {
     let approvals = SessionApprovals::new();
     let args = json!({"path": "/home/alice/notes", "content": "hi"});
     assert_eq!(
-        p.evaluate_with(&tool("fs/write", &args), &approvals)
-            .outcome,
+        p.evaluate_with(&tool("fs/write", &args), &approvals).outcome,
         Outcome::RequireApproval
     );
 
     // Same call, keys in another order: approved.
-    approvals.approve_call(
-        "s1",
-        "fs/write",
-        &json!({"content": "hi", "path": "/home/alice/notes"}),
-    );
+    approvals.approve_call("s1", "fs/write", &json!({"content": "hi", "path": "/home/alice/notes"}));
     let d = p.evaluate_with(&tool("fs/write", &args), &approvals);
     assert_eq!(d.outcome, Outcome::Allow);
     assert_eq!(d.applied_rules, ["other-writes", SESSION_APPROVAL_RULE]);
@@ -419,8 +375,7 @@ fn session_approvals_turn_require_approval_into_allow() {
     // Different arguments, different session, or no session: still needs approval.
     let other = json!({"path": "/home/alice/other", "content": "hi"});
     assert_eq!(
-        p.evaluate_with(&tool("fs/write", &other), &approvals)
-            .outcome,
+        p.evaluate_with(&tool("fs/write", &other), &approvals).outcome,
         Outcome::RequireApproval
     );
     let other_session = PolicyRequest::Tool {
@@ -450,16 +405,12 @@ fn session_approvals_turn_require_approval_into_allow() {
         Outcome::RequireApproval
     );
     // Without a store, approvals are not consulted.
-    assert_eq!(
-        p.evaluate(&tool("fs/write", &args)).outcome,
-        Outcome::RequireApproval
-    );
+    assert_eq!(p.evaluate(&tool("fs/write", &args)).outcome, Outcome::RequireApproval);
 
     approvals.revoke_session("s1");
     assert!(approvals.is_empty());
     assert_eq!(
-        p.evaluate_with(&tool("fs/write", &args), &approvals)
-            .outcome,
+        p.evaluate_with(&tool("fs/write", &args), &approvals).outcome,
         Outcome::RequireApproval
     );
 }
@@ -482,10 +433,7 @@ fn session_approval_does_not_lift_constraints_or_deny() {
     };
     let d = p.evaluate_with(&req, &approvals);
     assert_eq!(d.outcome, Outcome::Deny);
-    assert_eq!(
-        d.applied_rules,
-        ["other-writes", SESSION_APPROVAL_RULE, "calls"]
-    );
+    assert_eq!(d.applied_rules, ["other-writes", SESSION_APPROVAL_RULE, "calls"]);
     assert_eq!(d.violated_rules, ["calls"]);
 
     // Approving a denied call changes nothing.
@@ -544,10 +492,7 @@ fn summary_lists_rules_with_lines() {
 
 #[test]
 fn example_policy_loads() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/policies/default.toml"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/policies/default.toml");
     let p = Policy::load(path).unwrap_or_else(|e| panic!("{e}"));
     assert!(!p.summary().rules.is_empty());
 }
@@ -556,9 +501,7 @@ fn example_policy_loads() {
 
 #[test]
 fn unknown_field_is_rejected_with_line() {
-    let (line, msg) = load_err(
-        "default = \"deny\"\n\n[[tool]]\nname = \"a\"\ntoool = [\"x\"]\ndecision = \"allow\"\n",
-    );
+    let (line, msg) = load_err("default = \"deny\"\n\n[[tool]]\nname = \"a\"\ntoool = [\"x\"]\ndecision = \"allow\"\n");
     assert_eq!(line, 5, "{msg}");
     assert!(
         msg.starts_with("policy.toml:5:1: unknown field `toool`, expected one of"),
@@ -577,9 +520,7 @@ fn bad_decision_and_default_values() {
     let (line, msg) = load_err("[[tool]]\nname = \"a\"\ntools = [\"x\"]\ndecision = \"maybe\"\n");
     assert_eq!(line, 4, "{msg}");
     assert!(
-        msg.contains(
-            "unknown variant `maybe`, expected one of `allow`, `warn`, `require_approval`, `deny`"
-        ),
+        msg.contains("unknown variant `maybe`, expected one of `allow`, `warn`, `require_approval`, `deny`"),
         "{msg}"
     );
     let (line, msg) = load_err("\ndefault = \"sometimes\"\n");
@@ -595,9 +536,8 @@ fn missing_required_field() {
 
 #[test]
 fn bad_glob_points_at_pattern() {
-    let (line, msg) = load_err(
-        "[[tool]]\nname = \"a\"\ndecision = \"allow\"\ntools = [\n  \"fs/*\",\n  \"fs/[oops\",\n]\n",
-    );
+    let (line, msg) =
+        load_err("[[tool]]\nname = \"a\"\ndecision = \"allow\"\ntools = [\n  \"fs/*\",\n  \"fs/[oops\",\n]\n");
     assert_eq!(line, 6, "{msg}");
     assert!(msg.contains("invalid pattern `fs/[oops`"), "{msg}");
     assert!(msg.starts_with("policy.toml:6:3:"), "{msg}");
@@ -623,8 +563,7 @@ fn empty_and_duplicate_and_reserved_names() {
     assert_eq!(line, 7, "{msg}");
     assert!(msg.contains("duplicate rule name `a`"), "{msg}");
 
-    let (line, msg) =
-        load_err("[[tool]]\nname = \"default\"\ntools = [\"x\"]\ndecision = \"allow\"\n");
+    let (line, msg) = load_err("[[tool]]\nname = \"default\"\ntools = [\"x\"]\ndecision = \"allow\"\n");
     assert_eq!(line, 2, "{msg}");
     assert!(msg.contains("reserved"), "{msg}");
 }
@@ -633,14 +572,10 @@ fn empty_and_duplicate_and_reserved_names() {
 fn empty_pattern_lists_and_conditions() {
     let (line, msg) = load_err("[[tool]]\nname = \"a\"\ntools = []\ndecision = \"allow\"\n");
     assert_eq!(line, 3, "{msg}");
-    assert!(
-        msg.contains("`tools` must list at least one pattern"),
-        "{msg}"
-    );
+    assert!(msg.contains("`tools` must list at least one pattern"), "{msg}");
 
-    let (line, msg) = load_err(
-        "[[tool]]\nname = \"a\"\ntools = [\"x\"]\ndecision = \"allow\"\n[tool.when]\npath = {}\n",
-    );
+    let (line, msg) =
+        load_err("[[tool]]\nname = \"a\"\ntools = [\"x\"]\ndecision = \"allow\"\n[tool.when]\npath = {}\n");
     assert_eq!(line, 6, "{msg}");
     assert!(msg.contains("has no test"), "{msg}");
 
@@ -657,8 +592,7 @@ fn bad_constraints() {
     assert!(msg.contains("sets no limit"), "{msg}");
     assert!((2..=3).contains(&line), "{msg}");
 
-    let (line, msg) =
-        load_err("[[constraint]]\nname = \"c\"\nmax_turns = 3\non_violation = \"allow\"\n");
+    let (line, msg) = load_err("[[constraint]]\nname = \"c\"\nmax_turns = 3\non_violation = \"allow\"\n");
     assert_eq!(line, 4, "{msg}");
 
     let (line, msg) = load_err("[[constraint]]\nname = \"c\"\nmax_cost_per_request = \"cheap\"\n");
@@ -727,11 +661,7 @@ fn fast_pattern_shapes_agree_with_globset() {
             .unwrap()
             .compile_matcher();
         for name in names {
-            assert_eq!(
-                fast.matches(name),
-                glob.is_match(name),
-                "pattern {src:?} on {name:?}"
-            );
+            assert_eq!(fast.matches(name), glob.is_match(name), "pattern {src:?} on {name:?}");
         }
     }
 }

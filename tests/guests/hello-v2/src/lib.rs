@@ -21,7 +21,11 @@ impl Plugin for HelloV2 {
     }
 
     fn tools() -> Vec<Tool> {
-        vec![Tool::new("greet", "Greet someone by name.", greet).env("GREETING").connects("greetings.example.com")]
+        vec![
+            Tool::new("greet", "Greet someone by name.", greet)
+                .env("GREETING")
+                .connects("greetings.example.com"),
+        ]
     }
 }
 

@@ -85,10 +85,7 @@ impl Attempt {
                 Some(v)
             }
             Err(code) => {
-                if matches!(
-                    code,
-                    ErrorCode::Access | ErrorCode::NotPermitted | ErrorCode::ReadOnly
-                ) {
+                if matches!(code, ErrorCode::Access | ErrorCode::NotPermitted | ErrorCode::ReadOnly) {
                     self.refused = true;
                 }
                 self.steps.push(format!("{what}: {}", code.name()));
@@ -173,12 +170,7 @@ fn absolute_read(_: &Context, i: DirPath) -> Result<Value, ToolError> {
 fn traverse_create(_: &Context, i: DirPath) -> Result<Value, ToolError> {
     let d = preopen(&i.dir)?;
     let mut a = Attempt::default();
-    let opened = d.open_at(
-        PathFlags::empty(),
-        &i.path,
-        OpenFlags::CREATE,
-        DescriptorFlags::WRITE,
-    );
+    let opened = d.open_at(PathFlags::empty(), &i.path, OpenFlags::CREATE, DescriptorFlags::WRITE);
     if let Some(f) = a.step(&format!("open_at({}, create+write)", i.path), true, opened) {
         a.step("write", true, f.write(PWNED, 0));
     }
@@ -226,12 +218,7 @@ fn symlink_escape(_: &Context, i: SymlinkInput) -> Result<Value, ToolError> {
     if let Some(f) = a.step("open_at(link, follow, read)", false, opened) {
         a.content = a.step("read through link", true, read_all(&f));
     }
-    let opened = d.open_at(
-        PathFlags::empty(),
-        &i.link,
-        OpenFlags::empty(),
-        DescriptorFlags::READ,
-    );
+    let opened = d.open_at(PathFlags::empty(), &i.link, OpenFlags::empty(), DescriptorFlags::READ);
     // Reading the *link itself* is fine; reading the target's bytes is an escape.
     if let Some(f) = a.step("open_at(link, nofollow, read)", false, opened)
         && let Some(c) = a.step("read through nofollow link", false, read_all(&f))
@@ -279,17 +266,9 @@ fn symlink_trailing_slash(_: &Context, i: SymlinkInput) -> Result<Value, ToolErr
         return a.finish(&i.target);
     }
     let slash = format!("{}/", i.link);
-    let opened = d.open_at(
-        PathFlags::empty(),
-        &slash,
-        OpenFlags::DIRECTORY,
-        DescriptorFlags::READ,
-    );
-    if let Some(sub) = a.step(
-        &format!("open_at({slash}, nofollow, directory)"),
-        true,
-        opened,
-    ) && let Some(stream) = a.step("read_directory", true, sub.read_directory())
+    let opened = d.open_at(PathFlags::empty(), &slash, OpenFlags::DIRECTORY, DescriptorFlags::READ);
+    if let Some(sub) = a.step(&format!("open_at({slash}, nofollow, directory)"), true, opened)
+        && let Some(stream) = a.step("read_directory", true, sub.read_directory())
     {
         let mut names = Vec::new();
         while let Ok(Some(e)) = stream.read_directory_entry() {
@@ -299,17 +278,9 @@ fn symlink_trailing_slash(_: &Context, i: SymlinkInput) -> Result<Value, ToolErr
     }
     // `stat` of the link itself is fine (type symlink); a directory type means the host followed it.
     for probe in [slash.clone(), format!("{}/.", i.link)] {
-        for (flags, name) in [
-            (PathFlags::empty(), "nofollow"),
-            (PathFlags::SYMLINK_FOLLOW, "follow"),
-        ] {
-            if let Some(st) = a.step(
-                &format!("stat_at({probe}, {name})"),
-                false,
-                d.stat_at(flags, &probe),
-            ) {
-                a.steps
-                    .push(format!("stat_at({probe}, {name}) type: {:?}", st.type_));
+        for (flags, name) in [(PathFlags::empty(), "nofollow"), (PathFlags::SYMLINK_FOLLOW, "follow")] {
+            if let Some(st) = a.step(&format!("stat_at({probe}, {name})"), false, d.stat_at(flags, &probe)) {
+                a.steps.push(format!("stat_at({probe}, {name}) type: {:?}", st.type_));
                 if st.type_ != DescriptorType::SymbolicLink {
                     a.escaped = true;
                 }
@@ -317,12 +288,7 @@ fn symlink_trailing_slash(_: &Context, i: SymlinkInput) -> Result<Value, ToolErr
         }
     }
     let inner = format!("{}/pwned.txt", i.link);
-    let opened = d.open_at(
-        PathFlags::empty(),
-        &inner,
-        OpenFlags::CREATE,
-        DescriptorFlags::WRITE,
-    );
+    let opened = d.open_at(PathFlags::empty(), &inner, OpenFlags::CREATE, DescriptorFlags::WRITE);
     if let Some(f) = a.step(&format!("open_at({inner}, create)"), true, opened) {
         a.step("write", true, f.write(PWNED, 0));
     }
@@ -352,10 +318,7 @@ fn hardlink_escape(_: &Context, i: TwoDirs) -> Result<Value, ToolError> {
     let to = preopen(&i.to_dir)?;
     let mut a = Attempt::default();
     a.step(
-        &format!(
-            "link_at({}:{} -> {}:{})",
-            i.from_dir, i.from_path, i.to_dir, i.to_path
-        ),
+        &format!("link_at({}:{} -> {}:{})", i.from_dir, i.from_path, i.to_dir, i.to_path),
         true,
         from.link_at(PathFlags::empty(), &i.from_path, &to, &i.to_path),
     );
@@ -393,20 +356,10 @@ fn truncate_readonly(_: &Context, i: DirPath) -> Result<Value, ToolError> {
     a.step(
         "open_at(truncate, read)",
         true,
-        d.open_at(
-            PathFlags::empty(),
-            p,
-            OpenFlags::TRUNCATE,
-            DescriptorFlags::READ,
-        )
-        .map(|_| ()),
+        d.open_at(PathFlags::empty(), p, OpenFlags::TRUNCATE, DescriptorFlags::READ)
+            .map(|_| ()),
     );
-    let opened = d.open_at(
-        PathFlags::empty(),
-        p,
-        OpenFlags::TRUNCATE,
-        DescriptorFlags::WRITE,
-    );
+    let opened = d.open_at(PathFlags::empty(), p, OpenFlags::TRUNCATE, DescriptorFlags::WRITE);
     if let Some(f) = a.step("open_at(truncate, write)", true, opened) {
         a.step("write", true, f.write(PWNED, 0));
     }
@@ -416,17 +369,8 @@ fn truncate_readonly(_: &Context, i: DirPath) -> Result<Value, ToolError> {
         OpenFlags::CREATE | OpenFlags::TRUNCATE,
         DescriptorFlags::READ | DescriptorFlags::WRITE,
     );
-    a.step(
-        "open_at(create+truncate, read+write)",
-        true,
-        opened.map(|_| ()),
-    );
-    let opened = d.open_at(
-        PathFlags::empty(),
-        p,
-        OpenFlags::empty(),
-        DescriptorFlags::READ,
-    );
+    a.step("open_at(create+truncate, read+write)", true, opened.map(|_| ()));
+    let opened = d.open_at(PathFlags::empty(), p, OpenFlags::empty(), DescriptorFlags::READ);
     if let Some(f) = a.step("open_at(read)", false, opened) {
         a.step("set_size(0) on read-only descriptor", true, f.set_size(0));
     }
@@ -446,28 +390,14 @@ fn write_readonly(_: &Context, i: WriteInput) -> Result<Value, ToolError> {
     let d = preopen(&i.dir)?;
     let mut a = Attempt::default();
     let p = i.path.as_str();
-    let opened = d.open_at(
-        PathFlags::empty(),
-        p,
-        OpenFlags::empty(),
-        DescriptorFlags::WRITE,
-    );
+    let opened = d.open_at(PathFlags::empty(), p, OpenFlags::empty(), DescriptorFlags::WRITE);
     if let Some(f) = a.step("open_at(write)", true, opened) {
         a.step("write", true, f.write(PWNED, 0));
     }
-    let opened = d.open_at(
-        PathFlags::empty(),
-        p,
-        OpenFlags::empty(),
-        DescriptorFlags::READ,
-    );
+    let opened = d.open_at(PathFlags::empty(), p, OpenFlags::empty(), DescriptorFlags::READ);
     if let Some(f) = a.step("open_at(read)", false, opened) {
         a.step("write on read-only descriptor", true, f.write(PWNED, 0));
-        if let Some(stream) = a.step(
-            "write_via_stream on read-only descriptor",
-            false,
-            f.write_via_stream(0),
-        ) {
+        if let Some(stream) = a.step("write_via_stream on read-only descriptor", false, f.write_via_stream(0)) {
             let r = stream.blocking_write_and_flush(PWNED);
             if r.is_ok() {
                 a.steps.push("stream write: ok".into());
@@ -506,12 +436,7 @@ fn create_in_readonly(_: &Context, i: DirPath) -> Result<Value, ToolError> {
     let d = preopen(&i.dir)?;
     let mut a = Attempt::default();
     let p = i.path.as_str();
-    let opened = d.open_at(
-        PathFlags::empty(),
-        p,
-        OpenFlags::CREATE,
-        DescriptorFlags::WRITE,
-    );
+    let opened = d.open_at(PathFlags::empty(), p, OpenFlags::CREATE, DescriptorFlags::WRITE);
     if let Some(f) = a.step(&format!("open_at({p}, create+write)"), true, opened) {
         a.step("write", true, f.write(PWNED, 0));
     }
@@ -521,11 +446,7 @@ fn create_in_readonly(_: &Context, i: DirPath) -> Result<Value, ToolError> {
         OpenFlags::CREATE,
         DescriptorFlags::READ,
     );
-    a.step(
-        &format!("open_at({p}.r, create, read-only)"),
-        true,
-        opened.map(|_| ()),
-    );
+    a.step(&format!("open_at({p}.r, create, read-only)"), true, opened.map(|_| ()));
     a.step(
         &format!("create_directory_at({p}.d)"),
         true,
@@ -554,22 +475,14 @@ struct DeleteInput {
 fn delete_in_readonly(_: &Context, i: DeleteInput) -> Result<Value, ToolError> {
     let d = preopen(&i.dir)?;
     let mut a = Attempt::default();
-    a.step(
-        &format!("unlink_file_at({})", i.file),
-        true,
-        d.unlink_file_at(&i.file),
-    );
+    a.step(&format!("unlink_file_at({})", i.file), true, d.unlink_file_at(&i.file));
     a.step(
         &format!("rename_at({0} -> {0}.moved)", i.file),
         true,
         d.rename_at(&i.file, &d, &format!("{}.moved", i.file)),
     );
     if let Some(sub) = &i.subdir {
-        a.step(
-            &format!("remove_directory_at({sub})"),
-            true,
-            d.remove_directory_at(sub),
-        );
+        a.step(&format!("remove_directory_at({sub})"), true, d.remove_directory_at(sub));
     }
     a.finish(&i.file)
 }
@@ -618,11 +531,7 @@ mod net {
 
     fn host_of(authority: &str) -> String {
         if authority.starts_with('[') {
-            authority
-                .split(']')
-                .next()
-                .map(|h| format!("{h}]"))
-                .unwrap_or_default()
+            authority.split(']').next().map(|h| format!("{h}]")).unwrap_or_default()
         } else {
             authority.split(':').next().unwrap_or_default().to_string()
         }
@@ -635,28 +544,21 @@ mod net {
                 host_of(authority),
                 format!("the host refused the request to {authority} ({where_}): {code:?}"),
             ),
-            other => ToolError::failed(format!(
-                "request to {authority} failed ({where_}): {other:?}"
-            )),
+            other => ToolError::failed(format!("request to {authority} failed ({where_}): {other:?}")),
         }
     }
 
     /// One GET; returns (status, location, body).
-    fn get_once(
-        url: &str,
-        headers: &[(String, String)],
-    ) -> Result<(u16, Option<String>, String), ToolError> {
+    fn get_once(url: &str, headers: &[(String, String)]) -> Result<(u16, Option<String>, String), ToolError> {
         let (https, authority, path) = split(url)?;
         let entries: Vec<(String, Vec<u8>)> = headers
             .iter()
             .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
             .collect();
-        let fields = Fields::from_list(&entries).map_err(|e| {
-            ToolError::invalid_input(format!("the host refused the headers: {e:?}"))
-        })?;
+        let fields = Fields::from_list(&entries)
+            .map_err(|e| ToolError::invalid_input(format!("the host refused the headers: {e:?}")))?;
         let req = OutgoingRequest::new(fields);
-        req.set_method(&Method::Get)
-            .map_err(|()| ToolError::failed("method"))?;
+        req.set_method(&Method::Get).map_err(|()| ToolError::failed("method"))?;
         req.set_scheme(Some(&if https { Scheme::Https } else { Scheme::Http }))
             .map_err(|()| ToolError::failed("scheme"))?;
         req.set_authority(Some(&authority))
@@ -664,8 +566,7 @@ mod net {
         req.set_path_with_query(Some(&path))
             .map_err(|()| ToolError::invalid_input(format!("path {path}")))?;
         let body = req.body().map_err(|()| ToolError::failed("body"))?;
-        let fut =
-            outgoing_handler::handle(req, None).map_err(|c| refused(&authority, "handle", c))?;
+        let fut = outgoing_handler::handle(req, None).map_err(|c| refused(&authority, "handle", c))?;
         OutgoingBody::finish(body, None).map_err(|c| refused(&authority, "finish", c))?;
         fut.subscribe().block();
         let resp = match fut.get() {
@@ -683,9 +584,7 @@ mod net {
         let incoming = resp.consume().map_err(|()| ToolError::failed("consume"))?;
         let mut data = Vec::new();
         {
-            let stream = incoming
-                .stream()
-                .map_err(|()| ToolError::failed("stream"))?;
+            let stream = incoming.stream().map_err(|()| ToolError::failed("stream"))?;
             loop {
                 match stream.blocking_read(65536) {
                     Ok(chunk) => data.extend_from_slice(&chunk),
@@ -700,11 +599,7 @@ mod net {
             }
         }
         drop(incoming);
-        Ok((
-            status,
-            location,
-            String::from_utf8_lossy(&data).into_owned(),
-        ))
+        Ok((status, location, String::from_utf8_lossy(&data).into_owned()))
     }
 
     /// Arguments of `http_get`.
@@ -735,10 +630,7 @@ mod net {
                         next
                     } else {
                         let (https, authority, _) = split(&url)?;
-                        format!(
-                            "{}://{authority}{next}",
-                            if https { "https" } else { "http" }
-                        )
+                        format!("{}://{authority}{next}", if https { "https" } else { "http" })
                     };
                     hops.push(url.clone());
                 }
@@ -904,21 +796,13 @@ impl Plugin for Hostile {
         vec![
             Tool::new("ok", "Return {\"ok\": true}.", ok),
             Tool::new("preopens", "List preopened directories.", preopens),
-            Tool::new(
-                "traverse_read",
-                "Read through a raw `..` path.",
-                traverse_read,
-            ),
+            Tool::new("traverse_read", "Read through a raw `..` path.", traverse_read),
             Tool::new(
                 "traverse_create",
                 "Create a file through a raw `..` path.",
                 traverse_create,
             ),
-            Tool::new(
-                "absolute_read",
-                "Read an absolute path from a preopen.",
-                absolute_read,
-            ),
+            Tool::new("absolute_read", "Read an absolute path from a preopen.", absolute_read),
             Tool::new(
                 "symlink_escape",
                 "Create a symlink pointing outside and use it.",
@@ -934,11 +818,7 @@ impl Plugin for Hostile {
                 "Hard-link a file across preopens and write through it.",
                 hardlink_escape,
             ),
-            Tool::new(
-                "rename_escape",
-                "Rename a file across preopens.",
-                rename_escape,
-            ),
+            Tool::new("rename_escape", "Rename a file across preopens.", rename_escape),
             Tool::new(
                 "truncate_readonly",
                 "Truncate a file in a read-only preopen.",
@@ -968,11 +848,7 @@ impl Plugin for Hostile {
             Tool::new("memory_bomb", "Allocate memory forever.", memory_bomb),
             Tool::new("deep_recursion", "Overflow the stack.", deep_recursion),
             Tool::new("huge_output", "Return a huge JSON string.", huge_output),
-            Tool::new(
-                "stdout_flood",
-                "Write megabytes to stdout and stderr.",
-                stdout_flood,
-            ),
+            Tool::new("stdout_flood", "Write megabytes to stdout and stderr.", stdout_flood),
             Tool::new(
                 "huge_host_arg",
                 "Pass an out-of-bounds string to the host's log import.",

@@ -10,7 +10,12 @@ struct Future;
 
 impl Guest for Future {
     fn describe() -> PluginInfo {
-        PluginInfo { name: "future".into(), version: "9.0.0".into(), description: "From the future.".into(), tools: vec![] }
+        PluginInfo {
+            name: "future".into(),
+            version: "9.0.0".into(),
+            description: "From the future.".into(),
+            tools: vec![],
+        }
     }
 
     fn call(_ctx: CallContext, tool: String, _arguments: String) -> Result<ToolOutput, ToolError> {

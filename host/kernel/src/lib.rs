@@ -14,6 +14,7 @@ pub mod event;
 pub mod job;
 pub mod ledger;
 pub mod memory;
+pub mod model;
 pub mod policy;
 pub mod services;
 pub mod store;

@@ -6,7 +6,9 @@
 //! - `kernel/job_create_complete`: create (with an idempotency key) -> start -> complete, i.e.
 //!   3 kernel transactions (each a job row + its event).
 //! - `kernel/reserve_settle`: reserve against a total budget (sums usage + live holds in the
-//!   transaction) -> settle, i.e. 2 transactions.
+//!   transaction) -> settle, i.e. 2 transactions. The ledger grows by 3 rows per iteration and
+//!   the budget check sums the whole window, so this one slows down as the ledger grows.
+//! - `kernel/reserve_settle_unbudgeted`: the same for a tenant without budgets (no usage sums).
 //! - `sqlite/bare_commit`: `BEGIN IMMEDIATE; INSERT one row; COMMIT` on the same pool: the floor
 //!   every kernel transaction pays (dominated by the WAL fsync with `synchronous = FULL`).
 
@@ -30,9 +32,7 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = rt
-        .block_on(Database::open(&dir.path().join("bench.db")))
-        .unwrap();
+    let db = rt.block_on(Database::open(&dir.path().join("bench.db"))).unwrap();
     let kernel = Kernel::new(Arc::new(db.kernel_store()));
     let counter = AtomicU64::new(0);
 
@@ -49,6 +49,9 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    group.bench_function("reserve_settle_unbudgeted", |b| {
+        b.to_async(&rt).iter(|| reserve_settle(&kernel, "free"))
+    });
     rt.block_on(async {
         let mut budget = Budget::new("bench", "bench total", BudgetWindow::Total);
         budget.limits = BudgetLimits {
@@ -58,45 +61,16 @@ fn bench(c: &mut Criterion) {
         kernel.ledger().put_budget(budget).await.unwrap();
     });
     group.bench_function("reserve_settle", |b| {
-        b.to_async(&rt).iter(|| async {
-            let amount = Usage {
-                tokens: 1000,
-                cost: Decimal::new(12, 3),
-                requests: 1,
-                tool_calls: 0,
-            };
-            let request = HoldRequest {
-                tenant: "bench".into(),
-                principal: Some("p".into()),
-                session: None,
-                job_id: None,
-                amount: amount.clone(),
-                ttl: None,
-            };
-            let held = kernel.ledger().reserve(request).await.unwrap();
-            let settled = kernel
-                .ledger()
-                .settle(
-                    held.reservation.id,
-                    LedgerKind::ModelUsage,
-                    amount,
-                    SettleDetails::default(),
-                )
-                .await
-                .unwrap();
-            black_box(settled);
-        })
+        b.to_async(&rt).iter(|| reserve_settle(&kernel, "bench"))
     });
     group.finish();
 
     let pool = db.pool().clone();
     rt.block_on(async {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS bench_commit (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
+        sqlx::query("CREATE TABLE IF NOT EXISTS bench_commit (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
     });
     let mut group = c.benchmark_group("sqlite");
     group.throughput(Throughput::Elements(1));
@@ -113,6 +87,36 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// Hold 1000 tokens for `tenant`, then settle the same amount.
+async fn reserve_settle(kernel: &Kernel, tenant: &str) {
+    let amount = Usage {
+        tokens: 1000,
+        cost: Decimal::new(12, 3),
+        requests: 1,
+        tool_calls: 0,
+    };
+    let request = HoldRequest {
+        tenant: tenant.into(),
+        principal: Some("p".into()),
+        session: None,
+        job_id: None,
+        amount: amount.clone(),
+        ttl: None,
+    };
+    let held = kernel.ledger().reserve(request).await.unwrap();
+    let settled = kernel
+        .ledger()
+        .settle(
+            held.reservation.id,
+            LedgerKind::ModelUsage,
+            amount,
+            SettleDetails::default(),
+        )
+        .await
+        .unwrap();
+    black_box(settled);
 }
 
 criterion::criterion_group!(benches, bench);

@@ -518,6 +518,16 @@ fn budgets_and_ledger_usage() {
         keel.error(&["ledger", "usage", "--since", &today, "--until", &yesterday], 2)
             .contains("must be before")
     );
+    let alice_id = alice["id"].as_str().unwrap();
+    assert!(
+        keel.error(&["budgets", "remove", alice_id], 2)
+            .contains("not found in scope default")
+    );
+    let removed = keel.json(&["budgets", "remove", alice_id, "--scope", "acme", "--json"]);
+    assert_eq!(removed["principal"], "alice");
+    let left = keel.json(&["budgets", "show", "--scope", "acme", "--json"]);
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(left[0]["budget"]["id"], first["id"]);
     let text = keel.expect(&["ledger", "usage", "--scope", "acme", "--principal", "bob"], 0);
     assert!(
         text.contains("tokens      100") && text.contains("cost        0.05"),

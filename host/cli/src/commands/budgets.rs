@@ -8,7 +8,7 @@ use clap::Subcommand;
 use keel_kernel::ledger::{Budget, BudgetLimits, BudgetStatus, BudgetWindow, ExceedStrategy};
 use rust_decimal::Decimal;
 
-use crate::commands::kernel_app::{DEFAULT_SCOPE, open_kernel};
+use crate::commands::kernel_app::{DEFAULT_SCOPE, open_kernel, parse_id};
 use crate::output::{CliError, CliResult, print_json};
 
 /// `keel budgets ...`.
@@ -50,6 +50,17 @@ pub enum BudgetsCommand {
         #[arg(long)]
         name: Option<String>,
         /// Print the budget as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a budget (by the id `budgets show` prints).
+    Remove {
+        /// Budget id.
+        id: String,
+        /// Scope (tenant).
+        #[arg(long, default_value = DEFAULT_SCOPE)]
+        scope: String,
+        /// Print the removed budget as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -125,9 +136,7 @@ pub async fn run(home: &Path, cmd: BudgetsCommand) -> CliResult {
                 ));
             }
             if warn_at.is_zero() || warn_at > Decimal::ONE {
-                return Err(CliError::user(format!(
-                    "--warn-at {warn_at} must be in (0, 1]"
-                )));
+                return Err(CliError::user(format!("--warn-at {warn_at} must be in (0, 1]")));
             }
             if scope.trim().is_empty() {
                 return Err(CliError::user("--scope must not be empty"));
@@ -140,8 +149,7 @@ pub async fn run(home: &Path, cmd: BudgetsCommand) -> CliResult {
                 .await?
                 .into_iter()
                 .find(|b| b.principal == principal && b.session == session && b.window == window);
-            let mut budget =
-                existing.unwrap_or_else(|| Budget::new(scope.clone(), String::new(), window));
+            let mut budget = existing.unwrap_or_else(|| Budget::new(scope.clone(), String::new(), window));
             budget.name = name.unwrap_or_else(|| {
                 let subject = match (&principal, &session) {
                     (Some(p), Some(s)) => format!("{p}@{s}"),
@@ -166,6 +174,24 @@ pub async fn run(home: &Path, cmd: BudgetsCommand) -> CliResult {
                     describe_limits(&budget.limits),
                     budget.strategy
                 );
+            }
+        }
+        BudgetsCommand::Remove { id, scope, json } => {
+            let id = parse_id("budget", &id)?;
+            let kernel = open_kernel(home).await?;
+            // The store deletes by bare id: check the scope first so scopes stay isolated.
+            let budget = kernel
+                .ledger()
+                .budgets(&scope)
+                .await?
+                .into_iter()
+                .find(|b| b.id == id)
+                .ok_or_else(|| CliError::user(format!("budget {id} not found in scope {scope}")))?;
+            kernel.ledger().delete_budget(id).await?;
+            if json {
+                print_json(&budget);
+            } else {
+                println!("removed budget {} [{id}]", budget.name);
             }
         }
         BudgetsCommand::Show { scope, json } => {

@@ -2,15 +2,15 @@
 //! `fs` (plugins/fs) on a temporary directory tree, `http-fetch` (plugins/http-fetch) against an
 //! HTTP server the test runs on 127.0.0.1.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use keel_kernel::tool::{ToolCallContext, ToolError};
 use keel_sandbox::{CallReport, FsGrant, FsMode, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig};
 use serde_json::{Value, json};
+
+mod common;
+use common::{Response, Server};
 
 fn cache_dir() -> PathBuf {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
@@ -405,126 +405,13 @@ async fn fs_relative_paths_use_the_only_grant() {
 // =================================================================================================
 // http-fetch
 
-#[derive(Debug, Clone)]
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-type Response = (u16, Vec<(String, String)>, Vec<u8>);
-
-struct Server {
-    port: u16,
-    hits: Arc<AtomicUsize>,
-}
-
-impl Server {
-    fn start(handler: impl Fn(&Request) -> Response + Send + Sync + 'static) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
-        let port = listener.local_addr().unwrap().port();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let handler = Arc::new(handler);
-        let counter = hits.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let (handler, counter) = (handler.clone(), counter.clone());
-                std::thread::spawn(move || {
-                    if let Some(request) = read_request(&stream) {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        let (status, headers, body) = handler(&request);
-                        let _ = write_response(&stream, status, &headers, &body);
-                    }
-                });
-            }
-        });
-        Server { port, hits }
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-}
-
-fn read_request(stream: &TcpStream) -> Option<Request> {
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    let mut parts = line.split_whitespace();
-    let method = parts.next()?.to_string();
-    let path = parts.next()?.to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h).ok()?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let (k, v) = h.split_once(':')?;
-        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-    }
-    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let mut body = Vec::new();
-    if let Some(len) = header("content-length") {
-        body.resize(len.parse().ok()?, 0);
-        reader.read_exact(&mut body).ok()?;
-    } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size).ok()?;
-            let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
-            if size == 0 {
-                loop {
-                    let mut t = String::new();
-                    reader.read_line(&mut t).ok()?;
-                    if t.trim_end().is_empty() {
-                        break;
-                    }
-                }
-                break;
-            }
-            let mut chunk = vec![0; size + 2];
-            reader.read_exact(&mut chunk).ok()?;
-            body.extend_from_slice(&chunk[..size]);
-        }
-    }
-    Some(Request {
-        method,
-        path,
-        headers,
-        body,
-    })
-}
-
-fn write_response(
-    mut stream: &TcpStream,
-    status: u16,
-    headers: &[(String, String)],
-    body: &[u8],
-) -> std::io::Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {status} Status\r\ncontent-length: {}\r\nconnection: close\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    stream.flush()
-}
-
 fn redirect(status: u16, location: &str) -> Response {
     (status, vec![("location".into(), location.into())], Vec::new())
 }
 
 /// A server with the routes the http-fetch tests use. `elsewhere` is a port that is never granted.
 fn app(elsewhere: u16) -> Server {
-    Server::start(move |req| {
+    Server::start(move |req, _port| {
         let path = req.path.as_str();
         if path == "/hello" {
             return (
@@ -587,7 +474,7 @@ struct Http {
 }
 
 async fn http_setup() -> Http {
-    let elsewhere = Server::start(|_| (200, vec![], b"must not be reached".to_vec()));
+    let elsewhere = Server::start(|_, _| (200, vec![], b"must not be reached".to_vec()));
     let server = app(elsewhere.port);
     let (sandbox, plugin) = sandbox_with("keel-plugin-http-fetch").await;
     let grants = Grants {

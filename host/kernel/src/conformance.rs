@@ -25,7 +25,7 @@ use crate::ledger::{
     Usage, UsageQuery,
 };
 use crate::services::{HoldRequest, Kernel, KernelConfig, SettleDetails};
-use crate::store::{Batch, JobWrite, KernelStore, StoreError};
+use crate::store::{Batch, ClaimRequest, JobWrite, KernelStore, LeaseGuard, NewJournalEntry, StoreError};
 
 /// A start instant for the manual clock (mid-month, mid-day, so windows are unambiguous).
 pub fn epoch() -> DateTime<Utc> {
@@ -87,6 +87,8 @@ where
     concurrent_idempotency(make().await).await;
     concurrent_token_resolution(make().await).await;
     concurrent_job_writers(make().await).await;
+    journal_atomicity(make().await).await;
+    lease_claiming(make().await).await;
 }
 
 /// Expand to one `#[tokio::test]` per conformance check, so a failure names the check.
@@ -101,7 +103,7 @@ macro_rules! conformance_tests {
             cancel_cascades, deadline_sweep, approvals_and_tokens, action_expiry, wait_for_resolution,
             events, ledger_and_budgets, budget_windows_and_subjects, reservation_expiry,
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
-            concurrent_job_writers);
+            concurrent_job_writers, journal_atomicity, lease_claiming);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(
@@ -296,6 +298,7 @@ pub async fn optimistic_concurrency(store: Arc<dyn KernelStore>) {
         }],
         actions: vec![],
         events: vec![event(0.25)],
+        ..Batch::default()
     };
     let second = Batch {
         jobs: vec![JobWrite {
@@ -304,6 +307,7 @@ pub async fn optimistic_concurrency(store: Arc<dyn KernelStore>) {
         }],
         actions: vec![],
         events: vec![event(0.75)],
+        ..Batch::default()
     };
     store.commit(first).await.expect("first writer wins");
     let err = store
@@ -1291,4 +1295,256 @@ pub async fn concurrent_job_writers(store: Arc<dyn KernelStore>) {
     let j = k.jobs().get("t1", job).await.expect("get");
     assert_eq!((j.turns, j.tool_calls), (16, 32));
     assert_eq!(j.version, 2 + 16);
+}
+
+fn journal_entry(job_id: Uuid, key: &str) -> NewJournalEntry {
+    NewJournalEntry {
+        job_id,
+        key: key.into(),
+        kind: "tool_result".into(),
+        payload: json!({ "content": key }),
+        at: epoch(),
+    }
+}
+
+/// A batch carrying a job write, a journal entry, a settlement and an event applies all or
+/// nothing: a stale job version, a duplicate journal key or a wrong lease owner leaves the
+/// journal, the reservation and the event log untouched.
+pub async fn journal_atomicity(store: Arc<dyn KernelStore>) {
+    let (k, _clock) = kernel_with_clock(store.clone());
+    let id = running_job(&k, "t1").await;
+    let held = k
+        .ledger()
+        .reserve(HoldRequest {
+            job_id: Some(id),
+            ..HoldRequest::from_context(
+                &crate::context::ExecutionContext::new("t1"),
+                Usage {
+                    tool_calls: 1,
+                    ..Usage::zero()
+                },
+            )
+        })
+        .await
+        .expect("reserve");
+    let rid = held.reservation.id;
+    let job = k.jobs().get("t1", id).await.expect("get");
+    let step = |expected: u64, key: &str| {
+        let mut next = job.clone();
+        next.version = expected + 1;
+        next.tool_calls += 1;
+        Batch {
+            jobs: vec![JobWrite {
+                job: next,
+                expected_version: Some(expected),
+            }],
+            events: vec![crate::event::NewEvent {
+                job_id: id,
+                tenant: "t1".into(),
+                event_type: EventType::ToolEnd,
+                data: json!({ "key": key }),
+                at: epoch(),
+            }],
+            journal: vec![journal_entry(id, key)],
+            settlements: vec![crate::ledger::SettleRequest {
+                reservation_id: rid,
+                kind: LedgerKind::ToolUsage,
+                actual: Usage {
+                    tool_calls: 1,
+                    ..Usage::zero()
+                },
+                duration_ms: Some(5),
+                model: None,
+                tool: Some("fs/read".into()),
+                data: json!(null),
+                now: epoch(),
+            }],
+            ..Batch::default()
+        }
+    };
+    let tool_ends = || async {
+        k.read_events(&EventQuery {
+            filter: EventFilter::job(id).with_types([EventType::ToolEnd]),
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .len()
+    };
+    // Stale version: nothing applied.
+    let err = store
+        .commit(step(job.version - 1, "t1/c0/result"))
+        .await
+        .expect_err("stale");
+    assert!(matches!(err, StoreError::Conflict { entity: "job", .. }), "{err}");
+    assert!(store.read_journal(id).await.expect("journal").is_empty());
+    assert_eq!(
+        k.ledger().reservation(rid).await.expect("r").state,
+        ReservationState::Held
+    );
+    assert_eq!(tool_ends().await, 0);
+    // A lease guard naming another owner: nothing applied.
+    let mut guarded = step(job.version, "t1/c0/result");
+    guarded.leases.push(LeaseGuard {
+        job_id: id,
+        owner: "someone-else".into(),
+    });
+    let err = store.commit(guarded).await.expect_err("not the lease owner");
+    assert!(matches!(err, StoreError::Conflict { entity: "lease", .. }), "{err}");
+    assert!(store.read_journal(id).await.expect("journal").is_empty());
+    // Right version: everything applied together.
+    store.commit(step(job.version, "t1/c0/result")).await.expect("commit");
+    let journal = store.read_journal(id).await.expect("journal");
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].seq, 1);
+    assert_eq!(journal[0].entry.key, "t1/c0/result");
+    assert_eq!(journal[0].entry.payload, json!({ "content": "t1/c0/result" }));
+    assert_eq!(
+        k.ledger().reservation(rid).await.expect("r").state,
+        ReservationState::Settled
+    );
+    assert_eq!(tool_ends().await, 1);
+    let used = k
+        .ledger()
+        .usage(&UsageQuery {
+            tenant: "t1".into(),
+            job_id: Some(id),
+            ..Default::default()
+        })
+        .await
+        .expect("usage");
+    assert_eq!(used.tool_calls, 1);
+    // The same step again (even with a fresh version and a settled reservation): refused.
+    let mut again = step(job.version + 1, "t1/c0/result");
+    again.settlements.clear();
+    let err = store.commit(again).await.expect_err("a step is journaled once");
+    assert!(matches!(err, StoreError::Conflict { entity: "journal", .. }), "{err}");
+    // A settled reservation cannot be settled again inside a batch either.
+    let err = store
+        .commit(step(job.version + 1, "t1/c1/result"))
+        .await
+        .expect_err("double settle");
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                entity: "reservation",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(store.read_journal(id).await.expect("journal").len(), 1);
+    assert_eq!(tool_ends().await, 1);
+    // Next step: seq 2.
+    let mut next = step(job.version + 1, "t1/c1/result");
+    next.settlements.clear();
+    store.commit(next).await.expect("second step");
+    let journal = store.read_journal(id).await.expect("journal");
+    assert_eq!(journal.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+}
+
+/// Leases: of two concurrent claimants exactly one wins a job; claiming bumps the version
+/// (fencing the previous owner); only the owner renews or releases; an expired lease is
+/// claimable again; terminal and WAITING_ACTION jobs are never claimed.
+pub async fn lease_claiming(store: Arc<dyn KernelStore>) {
+    let (k, _clock) = kernel_with_clock(store.clone());
+    let queued = k.jobs().create(NewJob::new("t1", "agent")).await.expect("create").job;
+    let other_kind = k.jobs().create(NewJob::new("t1", "report")).await.expect("create").job;
+    let now = epoch();
+    let claim = |owner: &str, at: DateTime<Utc>| ClaimRequest {
+        owner: owner.into(),
+        now: at,
+        until: at + Duration::seconds(30),
+        kinds: vec!["agent".into()],
+        job_id: None,
+        limit: 10,
+    };
+    let (a, b) = tokio::join!(store.claim_jobs(claim("a", now)), store.claim_jobs(claim("b", now)));
+    let (a, b) = (a.expect("claim a"), b.expect("claim b"));
+    assert_eq!(a.len() + b.len(), 1, "exactly one claimant wins: {a:?} {b:?}");
+    let (winner, loser, claimed) = if a.is_empty() {
+        ("b", "a", &b[0])
+    } else {
+        ("a", "b", &a[0])
+    };
+    assert_eq!(claimed.id, queued.id);
+    assert_ne!(claimed.id, other_kind.id);
+    assert_eq!(claimed.version, queued.version + 1, "claiming bumps the version");
+    let stored = store.get_job(queued.id).await.expect("get").expect("job");
+    assert_eq!(stored.version, claimed.version);
+    let lease = store.get_lease(queued.id).await.expect("lease").expect("leased");
+    assert_eq!(lease.owner, winner);
+    assert_eq!(lease.until, now + Duration::seconds(30));
+    // Live lease: nobody else gets it.
+    assert!(
+        store
+            .claim_jobs(claim(loser, now + Duration::seconds(29)))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert!(
+        !store
+            .renew_lease(queued.id, loser, now + Duration::seconds(99))
+            .await
+            .expect("renew")
+    );
+    assert!(
+        store
+            .renew_lease(queued.id, winner, now + Duration::seconds(60))
+            .await
+            .expect("renew")
+    );
+    assert!(
+        store
+            .claim_jobs(claim(loser, now + Duration::seconds(45)))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    // Expired: the other claimant takes over; the old owner can no longer renew or write.
+    let taken = store
+        .claim_jobs(claim(loser, now + Duration::seconds(61)))
+        .await
+        .expect("claim");
+    assert_eq!(taken.len(), 1);
+    assert!(
+        !store
+            .renew_lease(queued.id, winner, now + Duration::seconds(99))
+            .await
+            .expect("renew")
+    );
+    let err = store
+        .commit(Batch {
+            journal: vec![journal_entry(queued.id, "x")],
+            leases: vec![LeaseGuard {
+                job_id: queued.id,
+                owner: winner.into(),
+            }],
+            ..Batch::default()
+        })
+        .await
+        .expect_err("fenced");
+    assert!(matches!(err, StoreError::Conflict { entity: "lease", .. }), "{err}");
+    assert!(!store.release_lease(queued.id, winner).await.expect("release"));
+    assert!(store.release_lease(queued.id, loser).await.expect("release"));
+    assert_eq!(store.get_lease(queued.id).await.expect("lease"), None);
+    // Released: claimable at once; a specific job can be claimed by id.
+    let mut one = claim("c", now + Duration::seconds(62));
+    one.job_id = Some(queued.id);
+    assert_eq!(store.claim_jobs(one).await.expect("claim").len(), 1);
+    // WAITING_ACTION and terminal jobs are not claimable.
+    let waiting = running_job(&k, "t1").await;
+    k.actions()
+        .create(approval(waiting, "fs/write", json!({}), Duration::hours(1)))
+        .await
+        .expect("action");
+    let done = running_job(&k, "t1").await;
+    k.jobs().complete(done, None).await.expect("complete");
+    let later = store
+        .claim_jobs(claim("d", now + Duration::hours(2)))
+        .await
+        .expect("claim");
+    assert_eq!(later.iter().map(|j| j.id).collect::<Vec<_>>(), vec![queued.id]);
 }

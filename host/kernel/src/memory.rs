@@ -10,12 +10,13 @@ use uuid::Uuid;
 
 use crate::action::{Action, ActionFilter, ActionState};
 use crate::event::{EventQuery, RuntimeEvent};
+use crate::job::JobState;
 use crate::job::{Job, JobFilter};
 use crate::ledger::{
     Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
     ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
-use crate::store::{Batch, BudgetEvaluator, KernelStore, StoreError, StoreResult};
+use crate::store::{Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, StoreError, StoreResult};
 
 #[derive(Debug, Default)]
 struct State {
@@ -28,6 +29,8 @@ struct State {
     ledger: Vec<LedgerEvent>,
     budgets: BTreeMap<Uuid, Budget>,
     reservations: HashMap<Uuid, Reservation>,
+    journal: HashMap<Uuid, Vec<JournalEntry>>,
+    leases: HashMap<Uuid, Lease>,
 }
 
 impl State {
@@ -138,7 +141,59 @@ impl MemoryStore {
                 });
             }
         }
+        for g in &batch.leases {
+            if st.leases.get(&g.job_id).is_none_or(|l| l.owner != g.owner) {
+                return Err(conflict("lease", g.job_id));
+            }
+        }
+        let mut staged_journal: Vec<(String, Uuid)> = Vec::new();
+        for j in &batch.journal {
+            if !staged_jobs.contains_key(&j.job_id) && !st.jobs.contains_key(&j.job_id) {
+                return Err(StoreError::NotFound {
+                    entity: "job",
+                    id: j.job_id.to_string(),
+                });
+            }
+            let dup = st
+                .journal
+                .get(&j.job_id)
+                .is_some_and(|entries| entries.iter().any(|e| e.entry.key == j.key));
+            let k = (j.key.clone(), j.job_id);
+            if dup || staged_journal.contains(&k) {
+                return Err(conflict("journal", format!("{}/{}", j.job_id, j.key)));
+            }
+            staged_journal.push(k);
+        }
+        for (i, r) in batch.settlements.iter().enumerate() {
+            match st.reservations.get(&r.reservation_id) {
+                None => {
+                    return Err(StoreError::NotFound {
+                        entity: "reservation",
+                        id: r.reservation_id.to_string(),
+                    });
+                }
+                Some(res) if res.state == ReservationState::Settled => {
+                    return Err(conflict("reservation", r.reservation_id));
+                }
+                Some(_)
+                    if batch.settlements[..i]
+                        .iter()
+                        .any(|o| o.reservation_id == r.reservation_id) =>
+                {
+                    return Err(conflict("reservation", r.reservation_id));
+                }
+                Some(_) => {}
+            }
+        }
         // Apply.
+        for req in batch.settlements {
+            Self::settle_locked(&mut st, req)?;
+        }
+        for j in batch.journal {
+            let entries = st.journal.entry(j.job_id).or_default();
+            let seq = entries.len() as u64 + 1;
+            entries.push(JournalEntry { seq, entry: j });
+        }
         for k in staged_keys {
             let id = batch
                 .jobs
@@ -264,7 +319,10 @@ impl MemoryStore {
     }
 
     fn settle_sync(&self, req: SettleRequest) -> StoreResult<Reservation> {
-        let mut st = self.lock();
+        Self::settle_locked(&mut self.lock(), req)
+    }
+
+    fn settle_locked(st: &mut State, req: SettleRequest) -> StoreResult<Reservation> {
         let r = st
             .reservations
             .get(&req.reservation_id)
@@ -492,5 +550,75 @@ impl KernelStore for MemoryStore {
             }
         }
         Box::pin(async move { Ok(out) })
+    }
+
+    fn read_journal(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Vec<JournalEntry>>> {
+        let r = self.lock().journal.get(&job_id).cloned().unwrap_or_default();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn claim_jobs(&self, req: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let mut st = self.lock();
+        let mut candidates: Vec<Job> = st
+            .jobs
+            .values()
+            .filter(|j| {
+                matches!(j.state, JobState::Queued | JobState::Running)
+                    && req.kinds.contains(&j.kind)
+                    && req.job_id.is_none_or(|id| id == j.id)
+                    && st.leases.get(&j.id).is_none_or(|l| l.until <= req.now)
+            })
+            .cloned()
+            .collect();
+        candidates.sort_by_key(|j| (j.created_at, j.id));
+        candidates.truncate(req.limit as usize);
+        let mut out = Vec::with_capacity(candidates.len());
+        for mut job in candidates {
+            job.version += 1;
+            job.updated_at = req.now;
+            st.leases.insert(
+                job.id,
+                Lease {
+                    owner: req.owner.clone(),
+                    until: req.until,
+                },
+            );
+            st.jobs.insert(job.id, job.clone());
+            out.push(job);
+        }
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn renew_lease<'a>(
+        &'a self,
+        job_id: Uuid,
+        owner: &'a str,
+        until: DateTime<Utc>,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        let mut st = self.lock();
+        let r = match st.leases.get_mut(&job_id) {
+            Some(l) if l.owner == owner => {
+                l.until = until;
+                true
+            }
+            _ => false,
+        };
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn release_lease<'a>(&'a self, job_id: Uuid, owner: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        let mut st = self.lock();
+        let r = if st.leases.get(&job_id).is_some_and(|l| l.owner == owner) {
+            st.leases.remove(&job_id);
+            true
+        } else {
+            false
+        };
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
+        let r = self.lock().leases.get(&job_id).cloned();
+        Box::pin(async move { Ok(r) })
     }
 }

@@ -198,6 +198,7 @@ impl Core {
                 }],
                 actions: vec![],
                 events,
+                ..Batch::default()
             };
             match self.commit(batch).await {
                 Ok(_) => return Ok(next),
@@ -350,6 +351,7 @@ impl Core {
                             action: a.clone(),
                             expected_version: Some(action.version),
                         }],
+                        ..Batch::default()
                     };
                     match self.commit(batch).await {
                         Ok(_) => return Ok(a),
@@ -393,6 +395,7 @@ impl Core {
                     action: a.clone(),
                     expected_version: Some(action.version),
                 }],
+                ..Batch::default()
             };
             let others_pending = self.pending_actions(&job).await?.iter().any(|p| p.id != action.id);
             if job.state == JobState::WaitingAction && !others_pending {
@@ -489,6 +492,7 @@ impl JobManager {
             }],
             actions: vec![],
             events: vec![event],
+            ..Batch::default()
         };
         match self.core.commit(batch).await {
             Ok(_) => Ok(CreatedJob { job, created: true }),

@@ -9,6 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::action::{Action, ActionFilter};
@@ -86,13 +87,88 @@ pub struct Batch {
     pub actions: Vec<ActionWrite>,
     /// Events to append; each gets the next sequence number of its job.
     pub events: Vec<NewEvent>,
+    /// Journal entries to append (after jobs and actions). A `(job_id, key)` that is already
+    /// journaled fails the whole batch with `Conflict { entity: "journal" }`.
+    pub journal: Vec<NewJournalEntry>,
+    /// Reservations to settle in the same transaction (same rules as [`KernelStore::settle`]).
+    pub settlements: Vec<SettleRequest>,
+    /// Fencing: the batch applies only if each named job's lease is held by the named owner
+    /// (else `Conflict { entity: "lease" }`). A host that lost its lease can no longer write.
+    pub leases: Vec<LeaseGuard>,
 }
 
 impl Batch {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty() && self.actions.is_empty() && self.events.is_empty()
+        self.jobs.is_empty()
+            && self.actions.is_empty()
+            && self.events.is_empty()
+            && self.journal.is_empty()
+            && self.settlements.is_empty()
     }
+}
+
+/// One journal entry to append: a non-deterministic input that entered a job (a model response,
+/// a tool result, an approval resolution, ...). Recovery and replay read the journal instead of
+/// re-executing the step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewJournalEntry {
+    /// Job.
+    pub job_id: Uuid,
+    /// The step this entry records, unique per job (e.g. `t2/c0/result`): a step is journaled once.
+    pub key: String,
+    /// What it is: `model_response`, `tool_started`, `tool_result`, `approval_requested`,
+    /// `approval`, `tools`, `final`, ...
+    pub kind: String,
+    /// The recorded value.
+    pub payload: serde_json::Value,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+/// A stored journal entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Per-job sequence number: 1, 2, 3, ... in commit order.
+    pub seq: u64,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: NewJournalEntry,
+}
+
+/// "Apply this batch only while `owner` holds the lease of `job_id`."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGuard {
+    /// Job.
+    pub job_id: Uuid,
+    /// Expected lease owner.
+    pub owner: String,
+}
+
+/// A job's lease: which host is running it, until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Owner (a host/worker id).
+    pub owner: String,
+    /// The lease is free after this instant.
+    pub until: DateTime<Utc>,
+}
+
+/// A request to claim jobs for running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    /// New lease owner.
+    pub owner: String,
+    /// Now: leases with `until <= now` are expired.
+    pub now: DateTime<Utc>,
+    /// The claimed lease runs until this instant.
+    pub until: DateTime<Utc>,
+    /// Only jobs of these kinds.
+    pub kinds: Vec<String>,
+    /// Only this job (claiming one specific job), else any.
+    pub job_id: Option<Uuid>,
+    /// At most this many.
+    pub limit: u32,
 }
 
 /// A pure budget verdict function, run by the store inside its reservation transaction.
@@ -165,4 +241,25 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>>;
     /// Release every HELD reservation with `expires_at <= now` (recovery sweep); returns them.
     fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>>;
+
+    // ---- journal and leases (the agent loop's durability) ----
+
+    /// The journal of a job, in `seq` order.
+    fn read_journal(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Vec<JournalEntry>>>;
+    /// Atomically claim QUEUED or RUNNING jobs of `request.kinds` whose lease is absent or expired:
+    /// set the lease and bump each job's `version` (compare-and-set), so of two concurrent
+    /// claimants exactly one wins each job, and the previous owner's next versioned write fails.
+    /// Returns the claimed jobs (new versions), oldest first.
+    fn claim_jobs(&self, request: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
+    /// Extend the lease of `job_id` to `until` if `owner` still holds it; whether it did.
+    fn renew_lease<'a>(
+        &'a self,
+        job_id: Uuid,
+        owner: &'a str,
+        until: DateTime<Utc>,
+    ) -> BoxFuture<'a, StoreResult<bool>>;
+    /// Drop the lease of `job_id` if `owner` holds it; whether it did.
+    fn release_lease<'a>(&'a self, job_id: Uuid, owner: &'a str) -> BoxFuture<'a, StoreResult<bool>>;
+    /// The current lease of a job, if any.
+    fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>>;
 }

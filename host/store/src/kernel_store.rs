@@ -16,7 +16,9 @@ use keel_kernel::ledger::{
     Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
     ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery, cost_from_nanos, cost_to_nanos,
 };
-use keel_kernel::store::{Batch, BudgetEvaluator, KernelStore, StoreError, StoreResult};
+use keel_kernel::store::{
+    Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, NewJournalEntry, StoreError, StoreResult,
+};
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
@@ -509,6 +511,64 @@ async fn release_in(
     })
 }
 
+async fn settle_in(conn: &mut SqliteConnection, req: SettleRequest) -> StoreResult<Reservation> {
+    let r = load_reservation(conn, req.reservation_id).await?;
+    if r.state == ReservationState::Settled {
+        return Err(StoreError::Conflict {
+            entity: "reservation",
+            id: r.id.to_string(),
+        });
+    }
+    close_reservation(conn, &r, ReservationState::Settled, Some(&req.actual), req.now).await?;
+    let mut usage = reservation_entry(&r, req.kind, req.actual.clone(), req.now);
+    usage.duration_ms = req.duration_ms;
+    usage.model = req.model;
+    usage.tool = req.tool;
+    usage.data = req.data;
+    insert_ledger(conn, &usage).await?;
+    insert_ledger(
+        conn,
+        &reservation_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now),
+    )
+    .await?;
+    Ok(Reservation {
+        state: ReservationState::Settled,
+        actual: Some(req.actual),
+        closed_at: Some(req.now),
+        ..r
+    })
+}
+
+async fn insert_journal(conn: &mut SqliteConnection, j: &NewJournalEntry) -> StoreResult<()> {
+    // Safe under BEGIN IMMEDIATE, like event sequence numbers.
+    let res = sqlx::query(
+        "INSERT INTO journal (job_id, seq, key, kind, payload_json, at) \
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM journal WHERE job_id = ?1), ?2, ?3, ?4, ?5) \
+         ON CONFLICT (job_id, key) DO NOTHING",
+    )
+    .bind(j.job_id.to_string())
+    .bind(j.key.clone())
+    .bind(j.kind.clone())
+    .bind(to_json(&j.payload)?)
+    .bind(micros(j.at))
+    .execute(&mut *conn)
+    .await
+    .map_err(|err| match &err {
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound {
+            entity: "job",
+            id: j.job_id.to_string(),
+        },
+        _ => be(err),
+    })?;
+    if res.rows_affected() == 0 {
+        return Err(StoreError::Conflict {
+            entity: "journal",
+            id: format!("{}/{}", j.job_id, j.key),
+        });
+    }
+    Ok(())
+}
+
 impl SqliteKernelStore {
     async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(be)
@@ -527,6 +587,25 @@ impl SqliteKernelStore {
                 None => insert_action(&mut tx, &w.action).await?,
                 Some(v) => update_action(&mut tx, &w.action, v).await?,
             }
+        }
+        for g in &batch.leases {
+            let owner: Option<Option<String>> = sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE id = ?")
+                .bind(g.job_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(be)?;
+            if owner.flatten().as_deref() != Some(g.owner.as_str()) {
+                return Err(StoreError::Conflict {
+                    entity: "lease",
+                    id: g.job_id.to_string(),
+                });
+            }
+        }
+        for j in &batch.journal {
+            insert_journal(&mut tx, j).await?;
+        }
+        for req in batch.settlements {
+            settle_in(&mut tx, req).await?;
         }
         let mut out = Vec::with_capacity(batch.events.len());
         for e in batch.events {
@@ -656,32 +735,9 @@ impl SqliteKernelStore {
 
     async fn settle_tx(&self, req: SettleRequest) -> StoreResult<Reservation> {
         let mut tx = self.begin().await?;
-        let r = load_reservation(&mut tx, req.reservation_id).await?;
-        if r.state == ReservationState::Settled {
-            return Err(StoreError::Conflict {
-                entity: "reservation",
-                id: r.id.to_string(),
-            });
-        }
-        close_reservation(&mut tx, &r, ReservationState::Settled, Some(&req.actual), req.now).await?;
-        let mut usage = reservation_entry(&r, req.kind, req.actual.clone(), req.now);
-        usage.duration_ms = req.duration_ms;
-        usage.model = req.model;
-        usage.tool = req.tool;
-        usage.data = req.data;
-        insert_ledger(&mut tx, &usage).await?;
-        insert_ledger(
-            &mut tx,
-            &reservation_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now),
-        )
-        .await?;
+        let r = settle_in(&mut tx, req).await?;
         tx.commit().await.map_err(be)?;
-        Ok(Reservation {
-            state: ReservationState::Settled,
-            actual: Some(req.actual),
-            closed_at: Some(req.now),
-            ..r
-        })
+        Ok(r)
     }
 
     async fn release_tx(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> StoreResult<Reservation> {
@@ -705,6 +761,51 @@ impl SqliteKernelStore {
         for row in rows {
             let id = uuid(&get::<String>(&row, "id")?)?;
             out.push(release_in(&mut tx, id, now, "expired").await?);
+        }
+        tx.commit().await.map_err(be)?;
+        Ok(out)
+    }
+
+    async fn claim_tx(&self, req: ClaimRequest) -> StoreResult<Vec<Job>> {
+        if req.kinds.is_empty() || req.limit == 0 {
+            return Ok(vec![]);
+        }
+        let mut tx = self.begin().await?;
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT * FROM jobs WHERE state IN ('QUEUED', 'RUNNING') AND (lease_until IS NULL OR lease_until <= ",
+        );
+        qb.push_bind(micros(req.now)).push(") AND kind IN (");
+        let mut sep = qb.separated(", ");
+        for k in &req.kinds {
+            sep.push_bind(k.clone());
+        }
+        qb.push(")");
+        if let Some(id) = req.job_id {
+            qb.push(" AND id = ").push_bind(id.to_string());
+        }
+        qb.push(" ORDER BY created_at, id LIMIT ")
+            .push_bind(i64::from(req.limit));
+        let rows = qb.build().fetch_all(&mut *tx).await.map_err(be)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut job = job_from_row(row)?;
+            let res = sqlx::query(
+                "UPDATE jobs SET lease_owner = ?, lease_until = ?, version = version + 1, updated_at = ? \
+                 WHERE id = ? AND version = ?",
+            )
+            .bind(req.owner.clone())
+            .bind(micros(req.until))
+            .bind(micros(req.now))
+            .bind(job.id.to_string())
+            .bind(i64_of(job.version)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(be)?;
+            if res.rows_affected() == 1 {
+                job.version += 1;
+                job.updated_at = req.now;
+                out.push(job);
+            }
         }
         tx.commit().await.map_err(be)?;
         Ok(out)
@@ -989,6 +1090,86 @@ impl KernelStore for SqliteKernelStore {
 
     fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
         Box::pin(self.release_expired_tx(now, limit))
+    }
+
+    fn read_journal(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Vec<JournalEntry>>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT * FROM journal WHERE job_id = ? ORDER BY seq")
+                .bind(job_id.to_string())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(be)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(JournalEntry {
+                        seq: u64_of(get(r, "seq")?)?,
+                        entry: NewJournalEntry {
+                            job_id,
+                            key: get(r, "key")?,
+                            kind: get(r, "kind")?,
+                            payload: from_json(&get::<String>(r, "payload_json")?)?,
+                            at: from_micros(get(r, "at")?)?,
+                        },
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn claim_jobs(&self, request: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        Box::pin(self.claim_tx(request))
+    }
+
+    fn renew_lease<'a>(
+        &'a self,
+        job_id: Uuid,
+        owner: &'a str,
+        until: DateTime<Utc>,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(async move {
+            let res = sqlx::query("UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_owner = ?")
+                .bind(micros(until))
+                .bind(job_id.to_string())
+                .bind(owner.to_string())
+                .execute(&self.pool)
+                .await
+                .map_err(be)?;
+            Ok(res.rows_affected() == 1)
+        })
+    }
+
+    fn release_lease<'a>(&'a self, job_id: Uuid, owner: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(async move {
+            let res =
+                sqlx::query("UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ?")
+                    .bind(job_id.to_string())
+                    .bind(owner.to_string())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(be)?;
+            Ok(res.rows_affected() == 1)
+        })
+    }
+
+    fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT lease_owner, lease_until FROM jobs WHERE id = ?")
+                .bind(job_id.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(be)?;
+            let Some(row) = row else { return Ok(None) };
+            match (
+                get::<Option<String>>(&row, "lease_owner")?,
+                get::<Option<i64>>(&row, "lease_until")?,
+            ) {
+                (Some(owner), Some(until)) => Ok(Some(Lease {
+                    owner,
+                    until: from_micros(until)?,
+                })),
+                _ => Ok(None),
+            }
+        })
     }
 }
 

@@ -83,19 +83,25 @@ impl ModelRouter {
                     _ => {}
                 }
             }
-            let built: Arc<dyn ModelProvider> = match provider.kind {
-                ProviderKind::Openai => Arc::new(OpenAiProvider::with_env(&provider, prices.clone(), env)?),
-                ProviderKind::Anthropic => Arc::new(AnthropicProvider::with_env(&provider, prices.clone(), env)?),
-                ProviderKind::Scripted => Arc::new(ScriptedProvider::from_config(&provider, prices.clone()).map_err(
-                    |e| match e {
-                        ConfigError::Invalid { message, .. } => ConfigError::Invalid {
-                            provider: name.clone(),
-                            message,
-                        },
-                        other => other,
-                    },
-                )?),
+            let built: Result<Arc<dyn ModelProvider>, ConfigError> = match provider.kind {
+                ProviderKind::Openai => {
+                    OpenAiProvider::with_env(&provider, prices.clone(), env).map(|p| Arc::new(p) as Arc<_>)
+                }
+                ProviderKind::Anthropic => {
+                    AnthropicProvider::with_env(&provider, prices.clone(), env).map(|p| Arc::new(p) as Arc<_>)
+                }
+                ProviderKind::Scripted => {
+                    ScriptedProvider::from_config(&provider, prices.clone()).map(|p| Arc::new(p) as Arc<_>)
+                }
             };
+            // Providers name themselves by kind; the error should name the config entry.
+            let built = built.map_err(|e| match e {
+                ConfigError::Invalid { message, .. } => ConfigError::Invalid {
+                    provider: name.clone(),
+                    message,
+                },
+                other => other,
+            })?;
             router.insert(name, built);
         }
         Ok(router)

@@ -43,8 +43,16 @@ async fn text_thinking_and_tool_use_not_streamed_with_request_mapping() {
     })
     .await;
     let p = provider(&server.base_url, false);
-    let call = ToolCall { id: "toolu_0".into(), name: "fs__list".into(), arguments: json!({"dir": "."}) };
-    let call2 = ToolCall { id: "toolu_9".into(), name: "fs__list".into(), arguments: json!({"dir": "b"}) };
+    let call = ToolCall {
+        id: "toolu_0".into(),
+        name: "fs__list".into(),
+        arguments: json!({"dir": "."}),
+    };
+    let call2 = ToolCall {
+        id: "toolu_9".into(),
+        name: "fs__list".into(),
+        arguments: json!({"dir": "b"}),
+    };
     let mut req = request(
         "claude-sonnet-4-5",
         vec![
@@ -66,7 +74,11 @@ async fn text_thinking_and_tool_use_not_streamed_with_request_mapping() {
     assert_eq!(response.finish_reason, FinishReason::ToolCalls);
     assert_eq!(
         response.message.tool_calls,
-        vec![ToolCall { id: "toolu_1".into(), name: "fs__read".into(), arguments: json!({"path": "a.txt"}) }]
+        vec![ToolCall {
+            id: "toolu_1".into(),
+            name: "fs__read".into(),
+            arguments: json!({"path": "a.txt"})
+        }]
     );
     // 1M × $3 + 0.1M × $15
     assert_eq!(response.usage.cost, "4.5".parse::<Decimal>().unwrap());
@@ -81,7 +93,10 @@ async fn text_thinking_and_tool_use_not_streamed_with_request_mapping() {
     let body = seen.body;
     assert_eq!(body["system"], "Be careful.");
     assert_eq!(body["max_tokens"], 4096);
-    assert_eq!(body["tools"], json!([{"name": "fs__read", "description": "Read", "input_schema": {"type": "object"}}]));
+    assert_eq!(
+        body["tools"],
+        json!([{"name": "fs__read", "description": "Read", "input_schema": {"type": "object"}}])
+    );
     assert_eq!(
         body["messages"],
         json!([
@@ -138,7 +153,10 @@ async fn text_and_thinking_streamed() {
     assert_eq!(response.message.content, "Hello world");
     assert_eq!(response.finish_reason, FinishReason::Stop);
     assert_eq!(response.model, "claude-haiku-4-5-20251001");
-    assert_eq!((response.usage.input_tokens, response.usage.output_tokens), (1_000_000, 1_000_000));
+    assert_eq!(
+        (response.usage.input_tokens, response.usage.output_tokens),
+        (1_000_000, 1_000_000)
+    );
     // $1 + $5
     assert_eq!(response.usage.cost, Decimal::from(6));
     assert_eq!(server.request(0).body["stream"], true);
@@ -185,10 +203,19 @@ async fn parallel_tool_use_streamed_in_fragments() {
     let response = result.unwrap();
     assert_eq!(response.finish_reason, FinishReason::ToolCalls);
     assert_eq!(response.message.content, "Both.");
-    let calls: Vec<_> = response.message.tool_calls.iter().map(|c| (c.id.as_str(), c.arguments.clone())).collect();
+    let calls: Vec<_> = response
+        .message
+        .tool_calls
+        .iter()
+        .map(|c| (c.id.as_str(), c.arguments.clone()))
+        .collect();
     assert_eq!(
         calls,
-        vec![("toolu_a", json!({"path": "a.txt"})), ("toolu_b", json!({"path": "b.txt"})), ("toolu_c", json!({}))]
+        vec![
+            ("toolu_a", json!({"path": "a.txt"})),
+            ("toolu_b", json!({"path": "b.txt"})),
+            ("toolu_c", json!({}))
+        ]
     );
     assert_eq!((response.usage.input_tokens, response.usage.output_tokens), (10, 40));
 }
@@ -201,7 +228,11 @@ async fn overloaded_then_success_honours_retry_after_seconds() {
             json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}),
             vec![("retry-after", "1".into())],
         ),
-        1 => Reply::Json(529, json!({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}), vec![]),
+        1 => Reply::Json(
+            529,
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}),
+            vec![],
+        ),
         _ => Reply::Sse(
             anthropic_sse(&[
                 start(5),
@@ -227,7 +258,11 @@ async fn overloaded_then_success_honours_retry_after_seconds() {
 #[tokio::test]
 async fn overloaded_to_the_end_is_unavailable() {
     let server = serve(|_, _| {
-        Reply::Json(529, json!({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}), vec![])
+        Reply::Json(
+            529,
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}),
+            vec![],
+        )
     })
     .await;
     let p = provider(&server.base_url, false);
@@ -254,18 +289,25 @@ async fn auth_and_unknown_model() {
     })
     .await;
     let bad = AnthropicProvider::new(
-        &ProviderConfig::new(ProviderKind::Anthropic).with_base_url(&server.base_url).with_api_key("wrong-key"),
+        &ProviderConfig::new(ProviderKind::Anthropic)
+            .with_base_url(&server.base_url)
+            .with_api_key("wrong-key"),
         PriceTable::empty(),
     )
     .unwrap();
     let (result, _) = complete(&bad, &request("claude-nope", vec![Message::user("Hi")])).await;
     let err = result.unwrap_err();
-    assert!(matches!(err, ModelError::Auth { .. }) && err.to_string().contains("invalid x-api-key"), "{err:?}");
+    assert!(
+        matches!(err, ModelError::Auth { .. }) && err.to_string().contains("invalid x-api-key"),
+        "{err:?}"
+    );
     assert!(!format!("{bad:?}").contains("wrong-key"));
 
     let p = provider(&server.base_url, true);
     let (result, _) = complete(&p, &request("claude-nope", vec![Message::user("Hi")])).await;
-    let Err(ModelError::UnknownModel { model, .. }) = result else { panic!("{result:?}") };
+    let Err(ModelError::UnknownModel { model, .. }) = result else {
+        panic!("{result:?}")
+    };
     assert_eq!(model, "claude-nope");
     assert_eq!(server.hits(), 2);
 }
@@ -279,14 +321,19 @@ async fn no_key_at_all_is_auth() {
     )
     .unwrap();
     let (result, _) = complete(&p, &request("claude-haiku-4-5", vec![Message::user("Hi")])).await;
-    let Err(ModelError::Auth { message }) = result else { panic!("{result:?}") };
+    let Err(ModelError::Auth { message }) = result else {
+        panic!("{result:?}")
+    };
     assert!(message.contains("ANTHROPIC_API_KEY"), "{message}");
 }
 
 #[tokio::test]
 async fn malformed_and_truncated_streams_and_stream_errors() {
     let server = serve(|n, _| match n {
-        0 => Reply::Sse(vec!["event: message_start\ndata: {\"type\": \"message_start\", \"mess\n\n".into()], Duration::ZERO),
+        0 => Reply::Sse(
+            vec!["event: message_start\ndata: {\"type\": \"message_start\", \"mess\n\n".into()],
+            Duration::ZERO,
+        ),
         1 => Reply::Sse(anthropic_sse(&[start(3)]), Duration::ZERO),
         _ => Reply::Sse(
             anthropic_sse(&[
@@ -301,10 +348,14 @@ async fn malformed_and_truncated_streams_and_stream_errors() {
     let (result, _) = complete(&p, &request("m", vec![Message::user("Hi")])).await;
     assert!(matches!(result, Err(ModelError::InvalidResponse { .. })), "{result:?}");
     let (result, _) = complete(&p, &request("m", vec![Message::user("Hi")])).await;
-    let Err(ModelError::InvalidResponse { message }) = result else { panic!("{result:?}") };
+    let Err(ModelError::InvalidResponse { message }) = result else {
+        panic!("{result:?}")
+    };
     assert!(message.contains("message_stop"), "{message}");
     let (result, _) = complete(&p, &request("m", vec![Message::user("Hi")])).await;
-    let Err(ModelError::Unavailable { message }) = result else { panic!("{result:?}") };
+    let Err(ModelError::Unavailable { message }) = result else {
+        panic!("{result:?}")
+    };
     assert!(message.contains("Overloaded"), "{message}");
 }
 

@@ -65,7 +65,10 @@ async fn text_answer_not_streamed() {
     assert_eq!(seen.path, "/chat/completions");
     assert_eq!(seen.headers["authorization"], format!("Bearer {KEY}"));
     assert_eq!(seen.body["model"], "gpt-4o-mini");
-    assert_eq!(seen.body["messages"][0], json!({"role": "system", "content": "Be brief."}));
+    assert_eq!(
+        seen.body["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
     assert_eq!(seen.body["messages"][1], json!({"role": "user", "content": "Hi"}));
     assert_eq!(seen.body["max_tokens"], 100);
     assert_eq!(seen.body["temperature"], 0.5);
@@ -143,8 +146,16 @@ async fn streamed_parallel_tool_calls_in_fragments() {
     assert_eq!(
         response.message.tool_calls,
         vec![
-            ToolCall { id: "call_a".into(), name: "fs__read".into(), arguments: json!({"path": "a.txt"}) },
-            ToolCall { id: "call_b".into(), name: "fs__read".into(), arguments: json!({"path": "b.txt"}) },
+            ToolCall {
+                id: "call_a".into(),
+                name: "fs__read".into(),
+                arguments: json!({"path": "a.txt"})
+            },
+            ToolCall {
+                id: "call_b".into(),
+                name: "fs__read".into(),
+                arguments: json!({"path": "b.txt"})
+            },
         ]
     );
     let body = server.request(0).body;
@@ -177,8 +188,16 @@ async fn tool_calls_not_streamed_and_conversation_mapping() {
     })
     .await;
     let p = provider(&server.base_url, false);
-    let earlier = ToolCall { id: "c0".into(), name: "fs__list".into(), arguments: json!({"dir": "."}) };
-    let bad = ToolCall { id: "c9".into(), name: "fs__list".into(), arguments: json!("{not json") };
+    let earlier = ToolCall {
+        id: "c0".into(),
+        name: "fs__list".into(),
+        arguments: json!({"dir": "."}),
+    };
+    let bad = ToolCall {
+        id: "c9".into(),
+        name: "fs__list".into(),
+        arguments: json!("{not json"),
+    };
     let req = request(
         "local",
         vec![
@@ -206,8 +225,14 @@ async fn tool_calls_not_streamed_and_conversation_mapping() {
             {"id": "c9", "type": "function", "function": {"name": "fs__list", "arguments": "{not json"}},
         ]})
     );
-    assert_eq!(messages[2], json!({"role": "tool", "tool_call_id": "c0", "content": "a.txt"}));
-    assert_eq!(messages[3], json!({"role": "tool", "tool_call_id": "c9", "content": "invalid input"}));
+    assert_eq!(
+        messages[2],
+        json!({"role": "tool", "tool_call_id": "c0", "content": "a.txt"})
+    );
+    assert_eq!(
+        messages[3],
+        json!({"role": "tool", "tool_call_id": "c9", "content": "invalid input"})
+    );
 }
 
 #[tokio::test]
@@ -226,7 +251,11 @@ async fn rate_limited_then_success_honours_retry_after() {
     let (result, _) = complete(&p, &request("gpt-4o", vec![Message::user("Hi")])).await;
     assert_eq!(result.unwrap().message.content, "ok");
     assert_eq!(server.hits(), 2);
-    assert!(started.elapsed() >= Duration::from_millis(300), "Retry-After not honoured: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "Retry-After not honoured: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -243,15 +272,24 @@ async fn server_errors_exhaust_retries() {
     let server = serve(|_, _| Reply::Raw(500, "text/plain", "boom".into())).await;
     let p = provider(&server.base_url, false);
     let (result, _) = complete(&p, &request("gpt-4o", vec![Message::user("Hi")])).await;
-    let Err(ModelError::Unavailable { message }) = result else { panic!("{result:?}") };
-    assert!(message.contains("boom") && message.contains("after 4 attempts"), "{message}");
+    let Err(ModelError::Unavailable { message }) = result else {
+        panic!("{result:?}")
+    };
+    assert!(
+        message.contains("boom") && message.contains("after 4 attempts"),
+        "{message}"
+    );
     assert_eq!(server.hits(), 4, "1 attempt + max_retries (3)");
 }
 
 #[tokio::test]
 async fn bad_key_is_auth_and_never_retried_or_leaked() {
     let server = serve(|_, _| {
-        Reply::Json(401, json!({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}), vec![])
+        Reply::Json(
+            401,
+            json!({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}),
+            vec![],
+        )
     })
     .await;
     let p = provider(&server.base_url, true);
@@ -277,7 +315,9 @@ async fn unknown_model_and_invalid_request() {
     .await;
     let p = provider(&server.base_url, false);
     let (result, _) = complete(&p, &request("nope", vec![Message::user("Hi")])).await;
-    let Err(ModelError::UnknownModel { model, message }) = result else { panic!("{result:?}") };
+    let Err(ModelError::UnknownModel { model, message }) = result else {
+        panic!("{result:?}")
+    };
     assert_eq!(model, "nope");
     assert!(message.contains("does not exist"), "{message}");
     let (result, _) = complete(&p, &request("gpt-4o", vec![])).await;
@@ -321,10 +361,16 @@ async fn a_stream_that_stalls_times_out() {
 #[tokio::test]
 async fn malformed_streams_are_invalid_responses() {
     let server = serve(|n, _| match n {
-        0 => Reply::Sse(vec!["data: {\"choices\": [{\"delta\": {\"content\": \"a\"}}\n\n".into()], Duration::ZERO),
+        0 => Reply::Sse(
+            vec!["data: {\"choices\": [{\"delta\": {\"content\": \"a\"}}\n\n".into()],
+            Duration::ZERO,
+        ),
         // Ends without [DONE] or a finish_reason.
         _ => Reply::Sse(
-            vec![format!("data: {}\n\n", json!({"choices": [{"index": 0, "delta": {"content": "a"}}]}))],
+            vec![format!(
+                "data: {}\n\n",
+                json!({"choices": [{"index": 0, "delta": {"content": "a"}}]})
+            )],
             Duration::ZERO,
         ),
     })
@@ -345,7 +391,9 @@ async fn missing_key_variable_fails_before_any_request() {
         .with_api_key_env("KEEL_TEST_UNSET_KEY");
     let p = OpenAiProvider::with_env(&config, PriceTable::empty(), &|_| None).unwrap();
     let (result, _) = complete(&p, &request("m", vec![Message::user("Hi")])).await;
-    let Err(ModelError::Auth { message }) = result else { panic!("{result:?}") };
+    let Err(ModelError::Auth { message }) = result else {
+        panic!("{result:?}")
+    };
     assert!(message.contains("KEEL_TEST_UNSET_KEY"));
     assert_eq!(server.hits(), 0);
 }
@@ -357,4 +405,35 @@ async fn a_server_ignoring_stream_true_still_works() {
     let (result, deltas) = complete(&p, &request("gpt-4o", vec![Message::user("Hi")])).await;
     assert_eq!(result.unwrap().message.content, "plain json");
     assert_eq!(tokens(&deltas), vec!["plain json"]);
+}
+
+#[tokio::test]
+async fn a_retry_after_longer_than_we_wait_ends_retries_at_once() {
+    let server = serve(|_, _| {
+        Reply::Json(
+            429,
+            json!({"error": {"message": "quota"}}),
+            vec![("retry-after", "3600".into())],
+        )
+    })
+    .await;
+    let p = provider(&server.base_url, false);
+    let started = Instant::now();
+    let (result, _) = complete(&p, &request("gpt-4o", vec![Message::user("Hi")])).await;
+    assert!(matches!(result, Err(ModelError::RateLimited { .. })), "{result:?}");
+    assert_eq!(server.hits(), 1);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn connection_refused_is_unavailable_after_retries() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let p = provider(&format!("http://{addr}"), true);
+    let (result, _) = complete(&p, &request("gpt-4o", vec![Message::user("Hi")])).await;
+    let Err(ModelError::Unavailable { message }) = result else {
+        panic!("{result:?}")
+    };
+    assert!(message.contains("after 4 attempts"), "{message}");
 }

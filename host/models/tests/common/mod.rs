@@ -72,7 +72,10 @@ pub async fn serve(reply: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    FakeServer { base_url: format!("http://{addr}"), seen }
+    FakeServer {
+        base_url: format!("http://{addr}"),
+        seen,
+    }
 }
 
 async fn respond(reply: Reply) -> Response {
@@ -80,9 +83,13 @@ async fn respond(reply: Reply) -> Response {
         Reply::Json(status, body, headers) => {
             let mut response = Response::new(Body::from(body.to_string()));
             *response.status_mut() = StatusCode::from_u16(status).unwrap();
-            response.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+            response
+                .headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
             for (name, value) in headers {
-                response.headers_mut().insert(name, HeaderValue::from_str(&value).unwrap());
+                response
+                    .headers_mut()
+                    .insert(name, HeaderValue::from_str(&value).unwrap());
             }
             response
         }
@@ -92,13 +99,17 @@ async fn respond(reply: Reply) -> Response {
                 Ok::<_, std::convert::Infallible>(Bytes::from(chunk))
             });
             let mut response = Response::new(Body::from_stream(stream));
-            response.headers_mut().insert("content-type", HeaderValue::from_static("text/event-stream"));
+            response
+                .headers_mut()
+                .insert("content-type", HeaderValue::from_static("text/event-stream"));
             response
         }
         Reply::Raw(status, content_type, body) => {
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = StatusCode::from_u16(status).unwrap();
-            response.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
+            response
+                .headers_mut()
+                .insert("content-type", HeaderValue::from_static(content_type));
             response
         }
         Reply::Hang => {
@@ -117,7 +128,10 @@ pub fn openai_sse(chunks: &[Value]) -> Vec<String> {
 
 /// `event: TYPE\ndata: {json}\n\n` for each value (Anthropic style).
 pub fn anthropic_sse(events: &[Value]) -> Vec<String> {
-    events.iter().map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap())).collect()
+    events
+        .iter()
+        .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+        .collect()
 }
 
 /// Runs a completion, collecting the deltas.
@@ -152,5 +166,11 @@ pub fn reasoning(deltas: &[ModelDelta]) -> String {
 }
 
 pub fn request(model: &str, messages: Vec<keel_models::Message>) -> ModelRequest {
-    ModelRequest { model: model.into(), messages, tools: vec![], max_tokens: None, temperature: None }
+    ModelRequest {
+        model: model.into(),
+        messages,
+        tools: vec![],
+        max_tokens: None,
+        temperature: None,
+    }
 }

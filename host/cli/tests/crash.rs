@@ -27,10 +27,7 @@ const SCOPE: &str = "churn";
 
 fn keel(home: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
-    command
-        .args(args)
-        .env("KEEL_HOME", home)
-        .env_remove("KEEL_LOG");
+    command.args(args).env("KEEL_HOME", home).env_remove("KEEL_LOG");
     command
 }
 
@@ -91,16 +88,9 @@ fn recorded_tokens(home: &Path) -> Vec<(String, String)> {
 }
 
 fn check_store(home: &Path, reported: &HashMap<String, String>) -> Value {
-    let out = run(
-        home,
-        &["debug", "check", "--scope", SCOPE, "--recovered", "--json"],
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "check printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let out = run(home, &["debug", "check", "--scope", SCOPE, "--recovered", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("check printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(
         report["violations"],
         serde_json::json!([]),
@@ -109,10 +99,7 @@ fn check_store(home: &Path, reported: &HashMap<String, String>) -> Value {
     assert_eq!(out.status.code(), Some(0), "{report:#}");
 
     // Every reported job is there, under its key, in a legal state.
-    let jobs = json(
-        home,
-        &["jobs", "list", "--scope", SCOPE, "--limit", "0", "--json"],
-    );
+    let jobs = json(home, &["jobs", "list", "--scope", SCOPE, "--limit", "0", "--json"]);
     let jobs = jobs.as_array().expect("job list");
     let by_key: HashMap<&str, &Value> = jobs
         .iter()
@@ -122,11 +109,7 @@ fn check_store(home: &Path, reported: &HashMap<String, String>) -> Value {
         let job = by_key
             .get(key.as_str())
             .unwrap_or_else(|| panic!("job {key} ({id}) was reported created but is lost"));
-        assert_eq!(
-            job["id"].as_str(),
-            Some(id.as_str()),
-            "key {key} names another job"
-        );
+        assert_eq!(job["id"].as_str(), Some(id.as_str()), "key {key} names another job");
     }
     for job in jobs {
         let state = job["state"].as_str().unwrap();
@@ -157,9 +140,7 @@ fn exercise_tokens(home: &Path, rng: &mut Rng) -> (usize, usize) {
         .map(|a| a["id"].as_str().unwrap())
         .collect();
     let tokens = recorded_tokens(home);
-    let (mut open, mut closed): (Vec<_>, Vec<_>) = tokens
-        .iter()
-        .partition(|(a, _)| pending.contains(&a.as_str()));
+    let (mut open, mut closed): (Vec<_>, Vec<_>) = tokens.iter().partition(|(a, _)| pending.contains(&a.as_str()));
     let mut resolved = 0;
     let mut refused = 0;
     for _ in 0..3 {
@@ -181,10 +162,7 @@ fn exercise_tokens(home: &Path, rng: &mut Rng) -> (usize, usize) {
         assert_eq!(first["state"], "RESOLVED");
         let again = expect(home, &args, 2);
         let err = String::from_utf8_lossy(&again.stderr);
-        assert!(
-            err.contains("RESOLVED, not PENDING"),
-            "second use of a token: {err}"
-        );
+        assert!(err.contains("RESOLVED, not PENDING"), "second use of a token: {err}");
         resolved += 1;
     }
     for _ in 0..2 {
@@ -192,11 +170,7 @@ fn exercise_tokens(home: &Path, rng: &mut Rng) -> (usize, usize) {
             break;
         }
         let (action, token) = closed.swap_remove(rng.below(closed.len() as u64) as usize);
-        let out = expect(
-            home,
-            &["actions", "resolve", token.as_str(), "--approve"],
-            2,
-        );
+        let out = expect(home, &["actions", "resolve", token.as_str(), "--approve"], 2);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains(&format!("action {action} is ")) && err.contains("not PENDING"),
@@ -255,12 +229,7 @@ fn sigkill_at_random_points_loses_nothing() {
         std::thread::sleep(Duration::from_millis(50 + rng.below(351)));
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
             panic!("round {round}: churn ended on its own ({status}): {err}");
         }
         child.kill().expect("SIGKILL churn");
@@ -268,16 +237,10 @@ fn sigkill_at_random_points_loses_nothing() {
         kills += 1;
         let text = reader.join().unwrap();
         for (key, id) in created_lines(&text) {
-            assert!(
-                reported.insert(key.clone(), id).is_none(),
-                "key {key} reported twice"
-            );
+            assert!(reported.insert(key.clone(), id).is_none(), "key {key} reported twice");
         }
 
-        let recovery = json(
-            home,
-            &["debug", "recover", "--advance-secs", "120", "--json"],
-        );
+        let recovery = json(home, &["debug", "recover", "--advance-secs", "120", "--json"]);
         assert!(recovery["report"].is_object(), "{recovery}");
         let report = check_store(home, &reported);
         let (r, f) = exercise_tokens(home, &mut rng);
@@ -295,16 +258,7 @@ fn sigkill_at_random_points_loses_nothing() {
     // After all the crashes, a churn that is left alone finishes cleanly on the same file.
     let out = expect(
         home,
-        &[
-            "debug",
-            "churn",
-            "--seed",
-            "999999999",
-            "--ops",
-            "40",
-            "--workers",
-            "2",
-        ],
+        &["debug", "churn", "--seed", "999999999", "--ops", "40", "--workers", "2"],
         0,
     );
     for (key, id) in created_lines(&String::from_utf8_lossy(&out.stdout)) {

@@ -82,23 +82,19 @@ pub struct DecideArgs {
 }
 
 fn parse_action_state(s: &str) -> Result<ActionState, String> {
-    s.trim()
-        .to_ascii_uppercase()
-        .parse::<ActionState>()
-        .map_err(|_| {
-            let all: Vec<String> = ActionState::ALL
-                .iter()
-                .map(|st| st.as_str().to_ascii_lowercase())
-                .collect();
-            format!("unknown action state {s:?} (one of {})", all.join(", "))
-        })
+    s.trim().to_ascii_uppercase().parse::<ActionState>().map_err(|_| {
+        let all: Vec<String> = ActionState::ALL
+            .iter()
+            .map(|st| st.as_str().to_ascii_lowercase())
+            .collect();
+        format!("unknown action state {s:?} (one of {})", all.join(", "))
+    })
 }
 
 fn parse_value(value: Option<&str>) -> Result<Value, CliError> {
     match value {
         None => Ok(Value::Null),
-        Some(text) => serde_json::from_str(text)
-            .map_err(|e| CliError::user(format!("--value is not valid JSON: {e}"))),
+        Some(text) => serde_json::from_str(text).map_err(|e| CliError::user(format!("--value is not valid JSON: {e}"))),
     }
 }
 
@@ -165,9 +161,9 @@ pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
         } => {
             let token = if token == "-" {
                 let mut text = String::new();
-                std::io::stdin().read_to_string(&mut text).map_err(|e| {
-                    CliError::user(format!("cannot read the token from stdin: {e}"))
-                })?;
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .map_err(|e| CliError::user(format!("cannot read the token from stdin: {e}")))?;
                 text.trim().to_string()
             } else {
                 token.trim().to_string()
@@ -182,10 +178,7 @@ pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
                 call_digest: None,
             };
             let kernel = open_kernel(home).await?;
-            let action = kernel
-                .actions()
-                .resolve_by_token(&token, resolution)
-                .await?;
+            let action = kernel.actions().resolve_by_token(&token, resolution).await?;
             report(&action, json);
         }
     }
@@ -201,10 +194,7 @@ async fn decide(home: &Path, args: DecideArgs, approved: bool) -> CliResult {
         call_digest: None,
     };
     let kernel = open_kernel(home).await?;
-    let action = kernel
-        .actions()
-        .resolve(&args.scope, id, resolution)
-        .await?;
+    let action = kernel.actions().resolve(&args.scope, id, resolution).await?;
     report(&action, args.json);
     Ok(ExitCode::SUCCESS)
 }

@@ -18,14 +18,11 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Duration;
 use clap::Subcommand;
-use keel_kernel::action::{
-    ActionFilter, ActionState, ActionType, NewAction, Resolution, ToolCallRef, hash_token,
-};
+use keel_kernel::action::{ActionFilter, ActionState, ActionType, NewAction, Resolution, ToolCallRef, hash_token};
 use keel_kernel::event::{EventFilter, EventQuery, EventType};
 use keel_kernel::job::{JobError, JobFilter, JobState, NewJob};
 use keel_kernel::ledger::{
-    Budget, BudgetLimits, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, ReservationState,
-    Usage, UsageQuery,
+    Budget, BudgetLimits, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, ReservationState, Usage, UsageQuery,
 };
 use keel_kernel::services::{HoldRequest, SettleDetails};
 use keel_kernel::{Kernel, KernelError};
@@ -118,11 +115,7 @@ pub async fn run(home: &Path, cmd: DebugCommand) -> CliResult {
             }
             Ok(ExitCode::SUCCESS)
         }
-        DebugCommand::Check {
-            scope,
-            recovered,
-            json,
-        } => {
+        DebugCommand::Check { scope, recovered, json } => {
             let report = check(&kernel, home, &scope, recovered).await?;
             if json {
                 print_json(&report);
@@ -232,14 +225,7 @@ async fn ensure_budgets(kernel: &Kernel, scope: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn churn(
-    kernel: &Kernel,
-    home: &Path,
-    scope: &str,
-    seed: u64,
-    ops: u64,
-    workers: u32,
-) -> CliResult {
+async fn churn(kernel: &Kernel, home: &Path, scope: &str, seed: u64, ops: u64, workers: u32) -> CliResult {
     ensure_budgets(kernel, scope).await?;
     let path = home.join(TOKENS_FILE);
     // A previous run killed mid-line left a torn line: end it, so our first line stays whole.
@@ -255,12 +241,7 @@ async fn churn(
         .create(true)
         .append(true)
         .open(home.join(TOKENS_FILE))
-        .map_err(|e| {
-            CliError::internal(format!(
-                "cannot open {}: {e}",
-                home.join(TOKENS_FILE).display()
-            ))
-        })?;
+        .map_err(|e| CliError::internal(format!("cannot open {}: {e}", home.join(TOKENS_FILE).display())))?;
     let reporter = Arc::new(Reporter {
         tokens: Mutex::new(tokens),
         stdout: Mutex::new(std::io::stdout()),
@@ -472,8 +453,7 @@ impl Worker {
                         .token(created.action.id, &created.token)
                         .map_err(|e| KernelError::Invalid(e.message))?;
                     stats.actions_created += 1;
-                    self.waiting
-                        .push((job, created.action.id, created.token, approval));
+                    self.waiting.push((job, created.action.id, created.token, approval));
                 }
             }
             78..86 => {
@@ -627,12 +607,7 @@ pub fn read_tokens(path: &PathBuf) -> (Vec<RecordedToken>, usize) {
     (tokens, torn)
 }
 
-async fn check(
-    kernel: &Kernel,
-    home: &Path,
-    scope: &str,
-    recovered: bool,
-) -> Result<CheckReport, CliError> {
+async fn check(kernel: &Kernel, home: &Path, scope: &str, recovered: bool) -> Result<CheckReport, CliError> {
     let mut r = CheckReport::default();
     let now = kernel.clock().now();
     let store = kernel.store();
@@ -659,10 +634,8 @@ async fn check(
         if let Some(key) = &job.idempotency_key
             && let Some(other) = keys.insert(key, job.id)
         {
-            r.violations.push(format!(
-                "idempotency key {key} is held by jobs {other} and {}",
-                job.id
-            ));
+            r.violations
+                .push(format!("idempotency key {key} is held by jobs {other} and {}", job.id));
         }
         if job.state.is_terminal() != job.finished_at.is_some() {
             r.violations.push(format!(
@@ -706,25 +679,18 @@ async fn check(
             }
         }
         let first_ok = events.first().is_some_and(|e| {
-            e.event_type == EventType::JobStatusChanged
-                && e.data.get("to").and_then(|v| v.as_str()) == Some("QUEUED")
+            e.event_type == EventType::JobStatusChanged && e.data.get("to").and_then(|v| v.as_str()) == Some("QUEUED")
         });
         if !first_ok {
-            r.violations.push(format!(
-                "job {} does not start with its QUEUED event",
-                job.id
-            ));
+            r.violations
+                .push(format!("job {} does not start with its QUEUED event", job.id));
         }
         let last_to = events.iter().rev().find_map(|e| match e.event_type {
             EventType::JobStarted
             | EventType::JobStatusChanged
             | EventType::JobCompleted
             | EventType::JobFailed
-            | EventType::JobCancelled => e
-                .data
-                .get("to")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+            | EventType::JobCancelled => e.data.get("to").and_then(|v| v.as_str()).map(str::to_string),
             _ => None,
         });
         if last_to.as_deref() != Some(job.state.as_str()) {
@@ -749,10 +715,8 @@ async fn check(
             }
             ActionState::Expired => {
                 if !job.is_some_and(|j| j.state.is_terminal()) {
-                    r.violations.push(format!(
-                        "action {} expired but its job is not finished",
-                        a.id
-                    ));
+                    r.violations
+                        .push(format!("action {} expired but its job is not finished", a.id));
                 }
             }
             ActionState::Resolved => {
@@ -775,16 +739,13 @@ async fn check(
             .map_err(KernelError::from)?
         {
             Some(a) if a.id == t.action => *r.tokens.entry(a.state.to_string()).or_default() += 1,
-            Some(a) => r.violations.push(format!(
-                "token of action {} finds action {}",
-                t.action, a.id
-            )),
+            Some(a) => r
+                .violations
+                .push(format!("token of action {} finds action {}", t.action, a.id)),
             None => {
                 *r.tokens.entry("unknown".into()).or_default() += 1;
-                r.violations.push(format!(
-                    "the token of action {} finds no action (lost)",
-                    t.action
-                ));
+                r.violations
+                    .push(format!("the token of action {} finds no action (lost)", t.action));
             }
         }
     }
@@ -824,26 +785,16 @@ async fn check(
     for id in ids {
         let rows = &per_reservation[id];
         let count = |k: LedgerKind| rows.iter().filter(|e| e.entry.kind == k).count();
-        let usage_rows: Vec<_> = rows
-            .iter()
-            .filter(|e| e.entry.kind.counts_as_usage())
-            .collect();
-        let Some(res) = store
-            .get_reservation(*id)
-            .await
-            .map_err(KernelError::from)?
-        else {
-            r.violations.push(format!(
-                "ledger entries name reservation {id}, which does not exist"
-            ));
+        let usage_rows: Vec<_> = rows.iter().filter(|e| e.entry.kind.counts_as_usage()).collect();
+        let Some(res) = store.get_reservation(*id).await.map_err(KernelError::from)? else {
+            r.violations
+                .push(format!("ledger entries name reservation {id}, which does not exist"));
             continue;
         };
         *r.reservations.entry(res.state.to_string()).or_default() += 1;
         if count(LedgerKind::Hold) != 1 {
-            r.violations.push(format!(
-                "reservation {id} has {} hold entries",
-                count(LedgerKind::Hold)
-            ));
+            r.violations
+                .push(format!("reservation {id} has {} hold entries", count(LedgerKind::Hold)));
         }
         match res.state {
             ReservationState::Held => {
@@ -861,10 +812,7 @@ async fn check(
             ReservationState::Settled => {
                 let actual = res.actual.clone().unwrap_or_default();
                 r.settled_usage += actual.clone();
-                if count(LedgerKind::Settle) != 1
-                    || usage_rows.len() != 1
-                    || usage_rows[0].entry.usage != actual
-                {
+                if count(LedgerKind::Settle) != 1 || usage_rows.len() != 1 || usage_rows[0].entry.usage != actual {
                     r.violations.push(format!(
                         "reservation {id} is SETTLED with {} settle and {} usage entries",
                         count(LedgerKind::Settle),
@@ -874,9 +822,8 @@ async fn check(
             }
             ReservationState::Released => {
                 if count(LedgerKind::Release) < 1 || !usage_rows.is_empty() {
-                    r.violations.push(format!(
-                        "reservation {id} is RELEASED without exactly a release entry"
-                    ));
+                    r.violations
+                        .push(format!("reservation {id} is RELEASED without exactly a release entry"));
                 }
             }
         }
@@ -892,9 +839,7 @@ async fn check(
             && b.window == BudgetWindow::Total
             && b.principal.is_none()
             && b.session.is_none()
-            && b.limits
-                .max_tokens
-                .is_some_and(|max| r.ledger_usage.tokens > max)
+            && b.limits.max_tokens.is_some_and(|max| r.ledger_usage.tokens > max)
         {
             r.violations.push(format!(
                 "deny budget {} overspent: {} tokens",

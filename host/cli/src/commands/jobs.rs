@@ -95,10 +95,7 @@ pub async fn run(home: &Path, cmd: JobsCommand) -> CliResult {
             } else if jobs.is_empty() {
                 println!("no jobs in scope {scope}");
             } else {
-                println!(
-                    "{:<36}  {:<14}  {:<16}  {:>5}  CREATED",
-                    "ID", "STATE", "KIND", "PROG"
-                );
+                println!("{:<36}  {:<14}  {:<16}  {:>5}  CREATED", "ID", "STATE", "KIND", "PROG");
                 for job in &jobs {
                     println!(
                         "{:<36}  {:<14}  {:<16}  {:>4.0}%  {}",
@@ -140,10 +137,7 @@ pub async fn run(home: &Path, cmd: JobsCommand) -> CliResult {
             // Tenant check first: mutating manager calls take bare ids.
             let job = kernel.jobs().get(&scope, id).await?;
             if job.state.is_terminal() {
-                return Err(CliError::user(format!(
-                    "job {id} already finished ({})",
-                    job.state
-                )));
+                return Err(CliError::user(format!("job {id} already finished ({})", job.state)));
             }
             let job = kernel.jobs().cancel(id, &reason).await?;
             if json {

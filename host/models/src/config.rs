@@ -283,3 +283,31 @@ pub enum ConfigError {
     #[error("model provider HTTP client: {0}")]
     Client(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_redacted_everywhere() {
+        let config = ProviderConfig::openai().with_api_key("sk-very-secret");
+        assert!(!format!("{config:?}").contains("sk-very-secret"));
+        let mut models = ModelsConfig::default();
+        models.providers.insert("openai".into(), config.clone());
+        assert!(!toml::to_string(&models).unwrap().contains("sk-very-secret"));
+        assert!(!serde_json::to_string(&models).unwrap().contains("sk-very-secret"));
+        assert!(matches!(config.resolve_key(&|_| None), KeySource::Key(k) if k.expose() == "sk-very-secret"));
+    }
+
+    #[test]
+    fn key_from_env() {
+        let config = ProviderConfig::openai();
+        let env = |v: &str| (v == "OPENAI_API_KEY").then(|| " sk-env \n".to_string());
+        assert!(matches!(config.resolve_key(&env), KeySource::Key(k) if k.expose() == "sk-env"));
+        assert!(matches!(config.resolve_key(&|_| None), KeySource::MissingEnv(v) if v == "OPENAI_API_KEY"));
+        assert!(matches!(
+            ProviderConfig::new(ProviderKind::Openai).resolve_key(&|_| None),
+            KeySource::None
+        ));
+    }
+}

@@ -80,6 +80,7 @@ impl HttpCore {
         body: &serde_json::Value,
         model: &str,
     ) -> Result<reqwest::Response, ModelError> {
+        tracing::debug!(provider = self.label, model, url, "model call");
         let attempts = AtomicU32::new(0);
         let attempt = || async {
             attempts.fetch_add(1, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 //! world (keel-sandbox, keel-store, keel-models) implement the traits defined here.
 
 pub mod action;
+pub mod agent;
 pub mod canonical;
 pub mod clock;
 #[cfg(feature = "conformance")]
@@ -20,5 +21,6 @@ pub mod services;
 pub mod store;
 pub mod tool;
 
+pub use agent::{AgentConfig, ExecutionHandle, ExecutionRequest, ExecutionResult, RuntimeKernel};
 pub use error::{KernelError, KernelResult};
 pub use services::{Kernel, KernelConfig};

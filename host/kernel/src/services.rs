@@ -83,7 +83,7 @@ fn is_conflict(e: &StoreError) -> bool {
     matches!(e, StoreError::Conflict { .. })
 }
 
-fn job_event(job: &Job, event_type: EventType, data: serde_json::Value, at: DateTime<Utc>) -> NewEvent {
+pub(crate) fn job_event(job: &Job, event_type: EventType, data: serde_json::Value, at: DateTime<Utc>) -> NewEvent {
     NewEvent {
         job_id: job.id,
         tenant: job.tenant.clone(),
@@ -114,7 +114,7 @@ fn action_event(a: &Action, event_type: EventType, at: DateTime<Utc>) -> NewEven
 }
 
 /// The new row for `job` moved to `to` at `now`, or `IllegalTransition`.
-fn transition(job: &Job, to: JobState, now: DateTime<Utc>) -> KernelResult<Job> {
+pub(crate) fn transition(job: &Job, to: JobState, now: DateTime<Utc>) -> KernelResult<Job> {
     if !job.state.can_transition_to(to) {
         return Err(KernelError::IllegalTransition {
             job_id: job.id,
@@ -136,7 +136,7 @@ fn transition(job: &Job, to: JobState, now: DateTime<Utc>) -> KernelResult<Job> 
 }
 
 /// The event announcing `from -> next`.
-fn status_event(from: JobState, next: &Job, extra: serde_json::Value, now: DateTime<Utc>) -> NewEvent {
+pub(crate) fn status_event(from: JobState, next: &Job, extra: serde_json::Value, now: DateTime<Utc>) -> NewEvent {
     let event_type = match (from, next.state) {
         (JobState::Queued, JobState::Running) => EventType::JobStarted,
         (_, JobState::Succeeded) => EventType::JobCompleted,
@@ -219,6 +219,7 @@ impl Core {
         error: Option<JobError>,
         reason: &str,
         expired_action: Option<Uuid>,
+        extra: &Batch,
     ) -> KernelResult<Job> {
         for _ in 0..self.config.max_write_attempts {
             let now = self.now();
@@ -284,6 +285,11 @@ impl Core {
                     expected_version: Some(job.version),
                 });
             }
+            // Extra rows written with the transition (the agent loop's final event and journal entry).
+            batch.events.extend(extra.events.iter().cloned());
+            batch.journal.extend(extra.journal.iter().cloned());
+            batch.settlements.extend(extra.settlements.iter().cloned());
+            batch.leases.extend(extra.leases.iter().cloned());
             let ids: Vec<Uuid> = batch.jobs.iter().map(|w| w.job.id).collect();
             match self.commit(batch).await {
                 Ok(_) => {
@@ -370,6 +376,7 @@ impl Core {
                         Some(error),
                         "action expired",
                         Some(action.id),
+                        &Batch::default(),
                     )
                     .await
                 {
@@ -564,7 +571,7 @@ impl JobManager {
     pub async fn fail(&self, id: Uuid, error: JobError) -> KernelResult<Job> {
         let reason = format!("{}: {}", error.code, error.message);
         self.core
-            .terminate(id, JobState::Failed, Some(error), &reason, None)
+            .terminate(id, JobState::Failed, Some(error), &reason, None, &Batch::default())
             .await
     }
 
@@ -576,7 +583,7 @@ impl JobManager {
             message: reason.to_string(),
         };
         self.core
-            .terminate(id, JobState::Cancelled, Some(error), reason, None)
+            .terminate(id, JobState::Cancelled, Some(error), reason, None, &Batch::default())
             .await
     }
 
@@ -587,7 +594,7 @@ impl JobManager {
             message: reason.to_string(),
         };
         self.core
-            .terminate(id, JobState::TimedOut, Some(error), reason, None)
+            .terminate(id, JobState::TimedOut, Some(error), reason, None, &Batch::default())
             .await
     }
 
@@ -695,6 +702,24 @@ impl JobManager {
             .clone()
     }
 
+    /// Move the job to the terminal state `to` like [`fail`](Self::fail) (cascading to children and
+    /// pending actions), writing `extra` (events, journal, lease guards) in the same transaction.
+    pub(crate) async fn terminate_with(
+        &self,
+        id: Uuid,
+        to: JobState,
+        error: JobError,
+        extra: &Batch,
+    ) -> KernelResult<Job> {
+        let reason = format!("{}: {}", error.code, error.message);
+        self.core.terminate(id, to, Some(error), &reason, None, extra).await
+    }
+
+    /// Drop the in-process cancellation token of a finished job.
+    pub(crate) fn forget_token(&self, id: Uuid) {
+        self.core.forget_token(id);
+    }
+
     /// Attach the job's cancellation token to `ctx` (and set its job id).
     pub fn bind_context(&self, ctx: ExecutionContext, id: Uuid) -> ExecutionContext {
         let token = self.cancellation_token(id);
@@ -714,6 +739,15 @@ impl ActionManager {
     /// Create a PENDING action and move its job RUNNING -> WAITING_ACTION in the same
     /// transaction. Returns the resume token, which is never stored.
     pub async fn create(&self, new: NewAction) -> KernelResult<CreatedAction> {
+        self.create_journaled(new, |_, _| Batch::default()).await
+    }
+
+    /// [`create`](Self::create), also writing `extra(action_id, now)` (journal entries, lease
+    /// guards, events) in the same transaction.
+    pub(crate) async fn create_journaled<F>(&self, new: NewAction, extra: F) -> KernelResult<CreatedAction>
+    where
+        F: Fn(Uuid, DateTime<Utc>) -> Batch,
+    {
         let digest = match (&new.call, new.action_type) {
             (Some(call), _) => Some(call_digest(&call.tool, &call.arguments)),
             (None, ActionType::Approval) => {
@@ -777,6 +811,10 @@ impl ActionManager {
                 action: action.clone(),
                 expected_version: None,
             });
+            let extra = extra(action_id, now);
+            batch.events.extend(extra.events);
+            batch.journal.extend(extra.journal);
+            batch.leases.extend(extra.leases);
             match self.core.commit(batch).await {
                 Ok(_) => return Ok(CreatedAction { action, token }),
                 Err(e) if is_conflict(&e) => continue,
@@ -1217,6 +1255,16 @@ impl Kernel {
     /// Read persisted events (catch-up / SSE resume).
     pub async fn read_events(&self, query: &EventQuery) -> KernelResult<Vec<RuntimeEvent>> {
         Ok(self.core.store.read_events(query).await?)
+    }
+
+    /// Commit a batch and publish its events (for the agent loop's step writes).
+    pub(crate) async fn commit(&self, batch: Batch) -> Result<Vec<RuntimeEvent>, StoreError> {
+        self.core.commit(batch).await
+    }
+
+    /// The kernel's configuration.
+    pub fn config(&self) -> &KernelConfig {
+        &self.core.config
     }
 
     /// The store.

@@ -1,0 +1,490 @@
+//! The agent loop: [`RuntimeKernel::execute`] runs a prompt through model turns and tool calls
+//! under policy, budgets, approvals and the journal, as a durable job.
+//!
+//! - One job per execution (kind [`AGENT_JOB_KIND`]); the [`ExecutionRequest`] is its input.
+//! - The host running a job holds a lease on it (renewed while it runs). A host that dies stops
+//!   renewing; [`RuntimeKernel::resume_orphans`] (run by [`RuntimeKernel::run_worker`]) claims
+//!   QUEUED/RUNNING agent jobs whose lease expired and resumes them from their journal.
+//! - A job WAITING_ACTION is never claimed; resolving its action (from any process) moves it back
+//!   to RUNNING, and the owner's loop (or, if that host is gone, the next worker pass) continues.
+
+mod request;
+mod run;
+pub mod schema;
+#[cfg(feature = "conformance")]
+pub mod testing;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use uuid::Uuid;
+
+pub use request::{AgentConfig, AgentError, ExecutionRequest, ExecutionResult, ExecutionUsage};
+pub use run::model_tool_name;
+
+use crate::action::{Action, Resolution};
+use crate::context::{CancellationToken, ExecutionContext};
+use crate::event::{EventFilter, EventQuery, EventType, RuntimeEvent, Subscription, SubscriptionError};
+use crate::job::{Job, JobState, NewJob};
+use crate::model::ModelProvider;
+use crate::policy::{Policy, SessionApprovalStore};
+use crate::services::Kernel;
+use crate::store::ClaimRequest;
+use crate::tool::ToolHost;
+
+/// The job kind of agent executions (what `resume_orphans` claims).
+pub const AGENT_JOB_KIND: &str = "agent";
+
+pub(crate) struct Inner {
+    pub(crate) kernel: Kernel,
+    pub(crate) models: Arc<dyn ModelProvider>,
+    pub(crate) tools: Arc<dyn ToolHost>,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) approvals: Arc<dyn SessionApprovalStore>,
+    pub(crate) config: AgentConfig,
+    pub(crate) owner: String,
+    tasks: Mutex<HashMap<Uuid, tokio::task::JoinHandle<()>>>,
+}
+
+/// The agent runtime of one host: the kernel plus a model provider, a tool host, a policy and
+/// the session-approval store. Cheap to clone.
+#[derive(Clone)]
+pub struct RuntimeKernel {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RuntimeKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeKernel")
+            .field("owner", &self.inner.owner)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeKernel {
+    /// An agent runtime over `kernel`.
+    pub fn new(
+        kernel: Kernel,
+        models: Arc<dyn ModelProvider>,
+        tools: Arc<dyn ToolHost>,
+        policy: Arc<Policy>,
+        approvals: Arc<dyn SessionApprovalStore>,
+        config: AgentConfig,
+    ) -> Self {
+        let owner = config
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| format!("host-{}", Uuid::now_v7().simple()));
+        Self {
+            inner: Arc::new(Inner {
+                kernel,
+                models,
+                tools,
+                policy,
+                approvals,
+                config,
+                owner,
+                tasks: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The kernel underneath.
+    pub fn kernel(&self) -> &Kernel {
+        &self.inner.kernel
+    }
+
+    /// This host's lease-owner id.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    fn lease_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now + chrono::Duration::milliseconds(self.inner.config.lease_ttl_ms as i64)
+    }
+
+    /// Start an execution as a job and run it on this host. With an idempotency key already used
+    /// in the scope, attaches to that job instead (and resumes it here if nobody holds it).
+    pub async fn execute(&self, request: ExecutionRequest) -> Result<ExecutionHandle, AgentError> {
+        if request.scope.is_empty() {
+            return Err(AgentError::Invalid("a request needs a scope".into()));
+        }
+        if request.model.is_empty() {
+            return Err(AgentError::Invalid("a request needs a model".into()));
+        }
+        if request.prompt.is_none() && request.messages.is_empty() {
+            return Err(AgentError::Invalid("a request needs a prompt or messages".into()));
+        }
+        let mut ctx = ExecutionContext::new(request.scope.clone());
+        ctx.principal = request.principal.clone();
+        ctx.session = request.session.clone();
+        ctx.budget = request.budget.clone();
+        ctx.policy = request.policy.clone();
+        ctx.versions.model = Some(request.model.clone());
+        ctx.metadata = request.metadata.clone();
+        let mut new = NewJob::from_context(&ctx, AGENT_JOB_KIND);
+        new.idempotency_key = request.idempotency_key.clone();
+        new.input = serde_json::to_value(&request).map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let now = self.kernel().clock().now();
+        new.deadline = request
+            .runtime_limit()
+            .map(|d| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+        let created = self.kernel().jobs().create(new).await?;
+        self.claim_and_spawn(Some(created.job.id), now).await?;
+        Ok(self.handle(created.job))
+    }
+
+    /// Re-attach to an existing job of `tenant` (e.g. for `keel jobs watch`).
+    pub async fn attach(&self, tenant: &str, job_id: Uuid) -> Result<ExecutionHandle, AgentError> {
+        let job = self.kernel().jobs().get(tenant, job_id).await?;
+        Ok(self.handle(job))
+    }
+
+    fn handle(&self, job: Job) -> ExecutionHandle {
+        ExecutionHandle {
+            rt: self.clone(),
+            job_id: job.id,
+            tenant: job.tenant,
+        }
+    }
+
+    async fn claim_and_spawn(&self, job_id: Option<Uuid>, now: DateTime<Utc>) -> Result<Vec<Uuid>, AgentError> {
+        let claimed = self
+            .kernel()
+            .store()
+            .claim_jobs(ClaimRequest {
+                owner: self.inner.owner.clone(),
+                now,
+                until: self.lease_until(now),
+                kinds: vec![AGENT_JOB_KIND.to_string()],
+                job_id,
+                limit: if job_id.is_some() {
+                    1
+                } else {
+                    self.inner.config.claim_batch.max(1)
+                },
+            })
+            .await?;
+        let ids = claimed.iter().map(|j| j.id).collect();
+        for job in claimed {
+            self.spawn(job);
+        }
+        Ok(ids)
+    }
+
+    fn spawn(&self, job: Job) {
+        let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|_, h| !h.is_finished());
+        if tasks.contains_key(&job.id) {
+            // Already running here (our lease was re-claimed by ourselves): keep the one task.
+            return;
+        }
+        let handle = tokio::spawn(run_job(self.inner.clone(), job.clone()));
+        tasks.insert(job.id, handle);
+    }
+
+    /// Claim agent jobs whose lease expired at `now` (their host died or released them) and
+    /// resume them on this host from their journal. Returns the claimed job ids.
+    pub async fn resume_orphans(&self, now: DateTime<Utc>) -> Result<Vec<Uuid>, AgentError> {
+        self.claim_and_spawn(None, now).await
+    }
+
+    /// The host worker: until `stop` fires, periodically (every `poll_ms`, and at once when an
+    /// action is resolved in this process) run the kernel's recovery sweep (deadlines, expired
+    /// actions and holds) and [`resume_orphans`](Self::resume_orphans) — which also picks up
+    /// WAITING_ACTION jobs of dead hosts once another process resolved their action.
+    pub async fn run_worker(&self, stop: CancellationToken) -> Result<(), AgentError> {
+        let every = Duration::from_millis(self.inner.config.poll_ms.max(1));
+        let mut sub = self
+            .kernel()
+            .subscribe(EventFilter::default().with_types([EventType::ActionResolved, EventType::ActionCancelled]));
+        loop {
+            let now = self.kernel().clock().now();
+            // Errors are retried on the next pass; a worker must outlive a busy database.
+            let _ = self.kernel().recover_and_sweep(now).await;
+            let _ = self.resume_orphans(now).await;
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(every) => {}
+                _ = sub.recv() => {}
+            }
+        }
+    }
+
+    /// [`run_worker`](Self::run_worker) on a background task.
+    pub fn spawn_worker(&self, stop: CancellationToken) -> tokio::task::JoinHandle<Result<(), AgentError>> {
+        let rt = self.clone();
+        tokio::spawn(async move { rt.run_worker(stop).await })
+    }
+
+    /// Jobs whose loop runs on this host right now.
+    pub fn running_jobs(&self) -> Vec<Uuid> {
+        let tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks
+            .iter()
+            .filter(|(_, h)| !h.is_finished())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Abort every loop task at once, without any cleanup — leases are kept until they expire,
+    /// holds until the sweeper releases them. This is what a crash looks like to the other
+    /// hosts; tests use it to simulate one, and a host may use it on a hard shutdown.
+    pub fn abort_all(&self) {
+        let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, h) in tasks.drain() {
+            h.abort();
+        }
+    }
+}
+
+async fn run_job(inner: Arc<Inner>, job: Job) {
+    let job_id = job.id;
+    let runner = match run::Runner::load(inner.clone(), &job).await {
+        Ok(r) => r,
+        Err(run::Stop::Fail(e)) => {
+            let _ = inner.kernel.jobs().fail(job_id, e).await;
+            let _ = inner.kernel.store().release_lease(job_id, &inner.owner).await;
+            return;
+        }
+        Err(_) => {
+            let _ = inner.kernel.store().release_lease(job_id, &inner.owner).await;
+            return;
+        }
+    };
+    let cancel = inner.kernel.jobs().cancellation_token(job_id);
+    let lost = CancellationToken::new();
+    let heartbeat = tokio::spawn(run::heartbeat(inner.clone(), job_id, lost.clone()));
+    let clock = inner.kernel.clock().clone();
+    let poll = Duration::from_millis(inner.config.poll_ms.max(1));
+    let deadline = async {
+        let Some(d) = job.deadline else {
+            return std::future::pending().await;
+        };
+        // Re-read the clock in steps so a test clock (or clock adjustments) is honoured.
+        loop {
+            match (d - clock.now()).to_std() {
+                Ok(left) if !left.is_zero() => tokio::time::sleep(left.min(poll)).await,
+                _ => return,
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        r = runner.drive() => r,
+        _ = cancel.cancelled() => Err(run::Stop::Ended),
+        _ = lost.cancelled() => Err(run::Stop::Lost),
+        _ = deadline => Err(run::Stop::TimedOut),
+    };
+    heartbeat.abort();
+    if let Err(stop) = &outcome {
+        runner.conclude(stop).await;
+    }
+    if let Err(run::Stop::Error(e)) = &outcome {
+        // Left RUNNING with its lease released: the next worker pass resumes it from the journal.
+        let message = format!("the loop stopped on a store error and will be resumed: {e}");
+        let _ = inner
+            .kernel
+            .jobs()
+            .emit(job_id, EventType::Progress, serde_json::json!({ "message": message }))
+            .await;
+    }
+    runner.release_all().await;
+    let _ = inner.kernel.store().release_lease(job_id, &inner.owner).await;
+    if !matches!(outcome, Err(run::Stop::Error(_)) | Err(run::Stop::Lost)) {
+        inner.kernel.jobs().forget_token(job_id);
+    }
+}
+
+/// A running (or finished) execution: its events, its result, its pending actions.
+#[derive(Debug, Clone)]
+pub struct ExecutionHandle {
+    rt: RuntimeKernel,
+    job_id: Uuid,
+    tenant: String,
+}
+
+fn ends_stream(e: &RuntimeEvent) -> bool {
+    match e.event_type {
+        EventType::FinalResult
+        | EventType::FinalError
+        | EventType::JobCompleted
+        | EventType::JobFailed
+        | EventType::JobCancelled => true,
+        EventType::JobStatusChanged => e
+            .data
+            .get("to")
+            .and_then(|v| serde_json::from_value::<JobState>(v.clone()).ok())
+            .is_some_and(JobState::is_terminal),
+        _ => false,
+    }
+}
+
+struct EventCursor {
+    kernel: Kernel,
+    job_id: Uuid,
+    sub: Subscription,
+    last_seq: u64,
+    buf: VecDeque<RuntimeEvent>,
+    catch_up: bool,
+    ending: bool,
+    done: bool,
+}
+
+impl EventCursor {
+    async fn read_store(&mut self) -> bool {
+        let q = EventQuery {
+            filter: EventFilter::job(self.job_id),
+            after_seq: self.last_seq,
+            ..Default::default()
+        };
+        match self.kernel.read_events(&q).await {
+            Ok(events) => {
+                self.buf.extend(events);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn next(&mut self) -> Option<RuntimeEvent> {
+        loop {
+            if let Some(e) = self.buf.pop_front() {
+                if e.seq <= self.last_seq {
+                    continue;
+                }
+                self.last_seq = e.seq;
+                if ends_stream(&e) {
+                    self.ending = true;
+                }
+                return Some(e);
+            }
+            if self.done {
+                return None;
+            }
+            if self.ending {
+                // Drain what was committed together with the terminal event, then stop.
+                self.done = true;
+                self.read_store().await;
+                continue;
+            }
+            if self.catch_up {
+                self.catch_up = false;
+                if !self.read_store().await {
+                    return None;
+                }
+                continue;
+            }
+            match self.sub.recv().await {
+                Ok(e) if e.seq == self.last_seq + 1 => self.buf.push_back(e),
+                Ok(e) if e.seq <= self.last_seq => {}
+                // A gap (lag, or events committed by another process): re-read the store.
+                Ok(_) | Err(SubscriptionError::Lagged(_)) => self.catch_up = true,
+                Err(SubscriptionError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl ExecutionHandle {
+    /// The job id.
+    pub fn job_id(&self) -> Uuid {
+        self.job_id
+    }
+
+    /// The tenant (scope).
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// Every event of the job from the beginning (persisted ones first, then live), ending after
+    /// the job's terminal event. In-process live delivery; events committed by another process
+    /// are picked up from the store when a gap is noticed.
+    pub fn events(&self) -> BoxStream<'static, RuntimeEvent> {
+        let kernel = self.rt.kernel().clone();
+        let cursor = EventCursor {
+            sub: kernel.subscribe(EventFilter::job(self.job_id)),
+            kernel,
+            job_id: self.job_id,
+            last_seq: 0,
+            buf: VecDeque::new(),
+            catch_up: true,
+            ending: false,
+            done: false,
+        };
+        Box::pin(futures::stream::unfold(cursor, |mut c| async move {
+            let e = c.next().await?;
+            Some((e, c))
+        }))
+    }
+
+    /// The job as stored now.
+    pub async fn job(&self) -> Result<Job, AgentError> {
+        Ok(self.rt.kernel().jobs().get(&self.tenant, self.job_id).await?)
+    }
+
+    /// Wait for the job to end and return its result.
+    pub async fn result(&self) -> Result<ExecutionResult, AgentError> {
+        let every = Duration::from_millis(self.rt.inner.config.poll_ms.max(1));
+        loop {
+            let mut sub = self.rt.kernel().subscribe(EventFilter::job(self.job_id));
+            let job = self.job().await?;
+            if job.state.is_terminal() {
+                return Ok(run::build_result(&self.rt.inner, &job).await?);
+            }
+            let wait = async {
+                loop {
+                    match sub.recv().await {
+                        Ok(e) if ends_stream(&e) => return,
+                        Ok(_) => continue,
+                        Err(_) => return,
+                    }
+                }
+            };
+            tokio::select! {
+                _ = wait => {}
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// The current result without waiting (status may still be running).
+    pub async fn snapshot(&self) -> Result<ExecutionResult, AgentError> {
+        let job = self.job().await?;
+        Ok(run::build_result(&self.rt.inner, &job).await?)
+    }
+
+    /// Cancel the job (and its children and pending actions); its loop stops promptly.
+    pub async fn cancel(&self, reason: &str) -> Result<Job, AgentError> {
+        Ok(self.rt.kernel().jobs().cancel(self.job_id, reason).await?)
+    }
+
+    /// Actions the job is waiting on.
+    pub async fn pending_actions(&self) -> Result<Vec<Action>, AgentError> {
+        Ok(self
+            .rt
+            .kernel()
+            .actions()
+            .list_pending(&self.tenant, Some(self.job_id))
+            .await?)
+    }
+
+    /// Resolve one of the job's actions (trusted caller). For approvals, `approved` decides;
+    /// `value: "session"` (or `{"scope": "session"}`) also approves the same call for the rest
+    /// of the session.
+    pub async fn resolve_action(&self, action_id: Uuid, resolution: Resolution) -> Result<Action, AgentError> {
+        let action = self.rt.kernel().actions().get(&self.tenant, action_id).await?;
+        if action.job_id != self.job_id {
+            return Err(AgentError::Kernel(crate::error::KernelError::ActionNotFound(action_id)));
+        }
+        Ok(self
+            .rt
+            .kernel()
+            .actions()
+            .resolve(&self.tenant, action_id, resolution)
+            .await?)
+    }
+}

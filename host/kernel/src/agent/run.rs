@@ -1,0 +1,1037 @@
+//! The run loop of one job on this host: model -> tool calls -> policy -> (approval) -> budget
+//! hold -> tool call -> settle + journal + events -> next turn.
+//!
+//! Durability: every step's result is journaled in the same transaction as its ledger settlement,
+//! its events and the job-row update (guarded by this host's lease). The loop is written as a
+//! replay: each step first looks for its journal entry and reuses it, so resuming a job after a
+//! crash is just running the loop again over the journal. A tool call journaled as started but
+//! not finished is re-run only if the tool is idempotent; otherwise a human is asked.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::request::{ExecutionRequest, ExecutionResult, ExecutionUsage};
+use super::{Inner, schema};
+use crate::action::{Action, ActionState, ActionType, NewAction, Resolution, ToolCallRef};
+use crate::context::CancellationToken;
+use crate::error::KernelError;
+use crate::event::{EventType, NewEvent};
+use crate::job::{Job, JobError, JobState};
+use crate::ledger::{LedgerKind, SettleRequest, Usage};
+use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
+use crate::policy::{Outcome, PolicyRequest};
+use crate::services::{HoldRequest, job_event, status_event, transition};
+use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError};
+use crate::tool::{ToolCallContext, ToolDescriptor, ToolError};
+
+/// Journal kinds.
+pub(crate) mod kind {
+    pub const TOOLS: &str = "tools";
+    pub const MODEL_RESPONSE: &str = "model_response";
+    pub const TOOL_STARTED: &str = "tool_started";
+    pub const TOOL_RESULT: &str = "tool_result";
+    pub const APPROVAL_REQUESTED: &str = "approval_requested";
+    pub const APPROVAL: &str = "approval";
+    pub const FINAL: &str = "final";
+}
+
+/// Why the loop stopped without finishing the job itself.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    /// End the job FAILED with this error.
+    Fail(JobError),
+    /// The job's deadline passed: end it TIMED_OUT.
+    TimedOut,
+    /// The job was ended elsewhere (cancelled, timed out, failed): nothing more to write.
+    Ended,
+    /// Another host owns the job now (lease lost, step already journaled).
+    Lost,
+    /// The store failed; the job is left for recovery.
+    Error(KernelError),
+}
+
+fn job_error(code: &str, message: impl Into<String>) -> JobError {
+    JobError {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+impl From<KernelError> for Stop {
+    fn from(e: KernelError) -> Self {
+        match e {
+            KernelError::IllegalTransition { .. } => Stop::Ended,
+            KernelError::Store(StoreError::Conflict {
+                entity: "lease" | "journal",
+                ..
+            }) => Stop::Lost,
+            e => Stop::Error(e),
+        }
+    }
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Stop::from(KernelError::from(e))
+    }
+}
+
+/// What one step writes besides the job row.
+pub(crate) struct Step {
+    next: Job,
+    events: Vec<NewEvent>,
+    journal: Vec<(String, &'static str, Value)>,
+    settlements: Vec<SettleRequest>,
+}
+
+fn bump(job: &Job, now: DateTime<Utc>) -> Job {
+    let mut next = job.clone();
+    next.version += 1;
+    next.updated_at = now;
+    next
+}
+
+/// Costs are stored in nano-units; round a provider's finer cost up rather than refuse it.
+pub(crate) fn round_cost(c: Decimal) -> Decimal {
+    c.round_dp_with_strategy(crate::ledger::COST_SCALE, RoundingStrategy::AwayFromZero)
+        .normalize()
+}
+
+/// The model-facing name of `plugin/tool`: `plugin__tool`, restricted to `[a-zA-Z0-9_-]{1,64}`.
+pub fn model_tool_name(qualified: &str) -> String {
+    let name: String = qualified
+        .replace('/', "__")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.chars().take(64).collect()
+}
+
+/// A crude, provider-independent token estimate (~4 bytes per token) used only to size holds.
+fn estimate_tokens(messages: &[Message], tools: &[ToolSpec]) -> u64 {
+    let bytes: usize = messages
+        .iter()
+        .map(|m| {
+            m.content.len()
+                + m.tool_calls
+                    .iter()
+                    .map(|c| c.arguments.to_string().len() + 16)
+                    .sum::<usize>()
+                + 8
+        })
+        .sum::<usize>()
+        + tools
+            .iter()
+            .map(|t| t.name.len() + t.description.len() + t.parameters.to_string().len())
+            .sum::<usize>();
+    (bytes as u64).div_ceil(4) + 1
+}
+
+fn resolution_is_session_scoped(r: &Resolution) -> bool {
+    r.value.as_str() == Some("session") || r.value.get("scope").and_then(Value::as_str) == Some("session")
+}
+
+fn output_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// One job being driven by this host.
+pub(crate) struct Runner {
+    rt: Arc<Inner>,
+    job_id: Uuid,
+    tenant: String,
+    principal: Option<String>,
+    session: Option<String>,
+    trace_id: Option<String>,
+    req: ExecutionRequest,
+    /// key -> (kind, payload): the journal read at start plus what this run appended.
+    journal: Mutex<HashMap<String, (String, Value)>>,
+    /// Reservations held by in-flight steps, released if the loop stops early.
+    held: Mutex<HashSet<Uuid>>,
+    /// Tool calls started so far (for `budget.max_tool_calls`).
+    started: AtomicU64,
+}
+
+impl Runner {
+    pub(crate) async fn load(rt: Arc<Inner>, job: &Job) -> Result<Self, Stop> {
+        let req: ExecutionRequest = serde_json::from_value(job.input.clone()).map_err(|e| {
+            Stop::Fail(job_error(
+                "invalid_request",
+                format!("the job input is not a request: {e}"),
+            ))
+        })?;
+        let entries = rt.kernel.store().read_journal(job.id).await?;
+        let started = entries.iter().filter(|e| e.entry.kind == kind::TOOL_STARTED).count() as u64;
+        let journal = entries
+            .into_iter()
+            .map(|e| (e.entry.key, (e.entry.kind, e.entry.payload)))
+            .collect();
+        Ok(Self {
+            job_id: job.id,
+            tenant: job.tenant.clone(),
+            principal: job.principal.clone(),
+            session: job.session.clone(),
+            trace_id: job.context().map(|c| c.trace_id),
+            req,
+            journal: Mutex::new(journal),
+            held: Mutex::new(HashSet::new()),
+            started: AtomicU64::new(started),
+            rt,
+        })
+    }
+
+    fn journaled(&self, key: &str) -> Option<Value> {
+        let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        j.get(key).map(|(_, v)| v.clone())
+    }
+
+    fn lease(&self) -> LeaseGuard {
+        LeaseGuard {
+            job_id: self.job_id,
+            owner: self.rt.owner.clone(),
+        }
+    }
+
+    fn event(&self, event_type: EventType, data: Value, at: DateTime<Utc>) -> NewEvent {
+        NewEvent {
+            job_id: self.job_id,
+            tenant: self.tenant.clone(),
+            event_type,
+            data,
+            at,
+        }
+    }
+
+    fn entry(&self, key: String, kind: &str, payload: Value, at: DateTime<Utc>) -> NewJournalEntry {
+        NewJournalEntry {
+            job_id: self.job_id,
+            key,
+            kind: kind.to_string(),
+            payload,
+            at,
+        }
+    }
+
+    /// Commit one step: the job row (compare-and-set on its version, retried on conflict), the
+    /// step's journal entries, settlements and events, under this host's lease. One transaction.
+    async fn commit_step<F>(&self, build: F) -> Result<Job, Stop>
+    where
+        F: Fn(&Job, DateTime<Utc>) -> Result<Step, Stop>,
+    {
+        let kernel = &self.rt.kernel;
+        for _ in 0..kernel.config().max_write_attempts {
+            let job = kernel
+                .store()
+                .get_job(self.job_id)
+                .await?
+                .ok_or(Stop::Error(KernelError::JobNotFound(self.job_id)))?;
+            if job.state.is_terminal() {
+                return Err(Stop::Ended);
+            }
+            let now = kernel.clock().now();
+            let step = build(&job, now)?;
+            let journal: Vec<NewJournalEntry> = step
+                .journal
+                .iter()
+                .map(|(k, kind, v)| self.entry(k.clone(), kind, v.clone(), now))
+                .collect();
+            let batch = Batch {
+                jobs: vec![JobWrite {
+                    job: step.next.clone(),
+                    expected_version: Some(job.version),
+                }],
+                actions: vec![],
+                events: step.events,
+                journal,
+                settlements: step.settlements,
+                leases: vec![self.lease()],
+            };
+            match kernel.commit(batch).await {
+                Ok(_) => {
+                    let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+                    for (k, kind, v) in step.journal {
+                        j.insert(k, (kind.to_string(), v));
+                    }
+                    return Ok(step.next);
+                }
+                Err(StoreError::Conflict { entity: "job", .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Stop::Error(KernelError::Contention(format!("job {}", self.job_id))))
+    }
+
+    /// Drive the job to its end (or until it must wait/stop).
+    pub(crate) async fn drive(&self) -> Result<(), Stop> {
+        let job = self
+            .rt
+            .kernel
+            .store()
+            .get_job(self.job_id)
+            .await?
+            .ok_or(Stop::Error(KernelError::JobNotFound(self.job_id)))?;
+        if job.state.is_terminal() {
+            return Err(Stop::Ended);
+        }
+        if job.state == JobState::Queued {
+            self.commit_step(|job, now| {
+                let next = transition(job, JobState::Running, now)?;
+                let event = status_event(job.state, &next, json!({ "owner": self.rt.owner }), now);
+                Ok(Step {
+                    next,
+                    events: vec![event],
+                    journal: vec![],
+                    settlements: vec![],
+                })
+            })
+            .await?;
+        }
+        let tools = self.tools().await?;
+        let specs: Vec<ToolSpec> = tools
+            .iter()
+            .map(|t| ToolSpec {
+                name: model_tool_name(&t.qualified_name()),
+                description: t.description.clone(),
+                parameters: t.input_schema.clone(),
+            })
+            .collect();
+        let by_name: HashMap<String, &ToolDescriptor> = tools
+            .iter()
+            .map(|t| (model_tool_name(&t.qualified_name()), t))
+            .collect();
+        let mut messages = self.req.initial_messages();
+        let max_turns = self.req.turn_limit(&self.rt.config);
+        for turn in 1u32.. {
+            let response = match self.journaled(&format!("t{turn}/model")) {
+                Some(v) => serde_json::from_value::<ModelResponse>(v)
+                    .map_err(|e| Stop::Error(KernelError::Store(StoreError::Corrupt(e.to_string()))))?,
+                None => {
+                    if turn > max_turns {
+                        return Err(Stop::Fail(job_error(
+                            "max_turns",
+                            format!("the model did not finish within {max_turns} turns"),
+                        )));
+                    }
+                    self.model_step(turn, &messages, &specs).await?
+                }
+            };
+            messages.push(response.message.clone());
+            let calls = response.message.tool_calls.clone();
+            if calls.is_empty() {
+                return self.complete(response.message.content).await;
+            }
+            let results = futures::future::join_all(
+                calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| self.call_step(turn, i, c, by_name.get(&c.name).copied())),
+            )
+            .await;
+            for (call, result) in calls.iter().zip(results) {
+                messages.push(Message::tool(call.id.clone(), result?));
+            }
+        }
+        Ok(())
+    }
+
+    async fn tools(&self) -> Result<Vec<ToolDescriptor>, Stop> {
+        if let Some(v) = self.journaled("tools") {
+            return serde_json::from_value(v["tools"].clone())
+                .map_err(|e| Stop::Error(KernelError::Store(StoreError::Corrupt(e.to_string()))));
+        }
+        let mut builder = globset::GlobSetBuilder::new();
+        for p in &self.req.tools {
+            let glob = globset::Glob::new(p)
+                .map_err(|e| Stop::Fail(job_error("invalid_request", format!("tool pattern {p:?}: {e}"))))?;
+            builder.add(glob);
+        }
+        let set = builder
+            .build()
+            .map_err(|e| Stop::Fail(job_error("invalid_request", e.to_string())))?;
+        let chosen: Vec<ToolDescriptor> =
+            if self.req.tools.is_empty() {
+                vec![]
+            } else {
+                let all =
+                    self.rt.tools.list_tools().await.map_err(|e| {
+                        Stop::Fail(job_error("tools_unavailable", format!("listing tools failed: {e}")))
+                    })?;
+                all.into_iter().filter(|t| set.is_match(t.qualified_name())).collect()
+            };
+        let payload = json!({ "tools": chosen });
+        self.commit_step(|job, now| {
+            Ok(Step {
+                next: bump(job, now),
+                events: vec![],
+                journal: vec![("tools".into(), kind::TOOLS, payload.clone())],
+                settlements: vec![],
+            })
+        })
+        .await?;
+        Ok(chosen)
+    }
+
+    /// Usage journaled so far (model calls).
+    fn usage_so_far(&self) -> ExecutionUsage {
+        let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        usage_of(j.values().map(|(k, v)| (k.as_str(), v)))
+    }
+
+    async fn model_step(&self, turn: u32, messages: &[Message], specs: &[ToolSpec]) -> Result<ModelResponse, Stop> {
+        let rt = &self.rt;
+        let model = self.req.model.clone();
+        let est_in = estimate_tokens(messages, specs);
+        let mut max_tokens = u64::from(self.req.max_tokens.unwrap_or(rt.config.default_max_tokens));
+        let used = self.usage_so_far();
+        let price = rt.models.price(&model);
+        let exceeded = |what: String| Stop::Fail(job_error("budget_exceeded", what));
+        // Per-job limits: shrink this call's output cap to what is left, never overspend.
+        if let Some(limit) = self.req.budget.max_tokens {
+            let left = limit.saturating_sub(used.input_tokens + used.output_tokens + est_in);
+            if left == 0 {
+                return Err(exceeded(format!("the job's token budget ({limit}) is used up")));
+            }
+            max_tokens = max_tokens.min(left);
+        }
+        if let (Some(limit), Some(p)) = (self.req.budget.max_cost, price) {
+            let left = limit - used.cost - p.cost(est_in, 0);
+            if left <= Decimal::ZERO {
+                return Err(exceeded(format!("the job's cost budget ({limit}) is used up")));
+            }
+            if !p.output_per_mtok.is_zero() {
+                let affordable = (left * Decimal::from(1_000_000u64) / p.output_per_mtok).floor();
+                let affordable = u64::try_from(affordable).unwrap_or(u64::MAX);
+                if affordable == 0 {
+                    return Err(exceeded(format!("the job's cost budget ({limit}) is used up")));
+                }
+                max_tokens = max_tokens.min(affordable);
+            }
+        }
+        let worst = round_cost(price.map_or(Decimal::ZERO, |p| p.cost(est_in, max_tokens)));
+        let decision = rt.policy.evaluate_with(
+            &PolicyRequest::Model {
+                model: &model,
+                scope: &self.tenant,
+                principal: self.principal.as_deref().unwrap_or(""),
+                max_tokens,
+                estimated_cost: worst,
+                turn,
+            },
+            rt.approvals.as_ref(),
+        );
+        if !decision.outcome.is_permitted() {
+            return Err(Stop::Fail(job_error(
+                "policy_denied",
+                format!("model `{model}` {}: {}", decision.outcome, decision.reason),
+            )));
+        }
+        let hold = self
+            .reserve(Usage {
+                tokens: est_in + max_tokens,
+                cost: worst,
+                requests: 1,
+                tool_calls: 0,
+            })
+            .await?;
+        let request = ModelRequest {
+            model: model.clone(),
+            messages: messages.to_vec(),
+            tools: specs.to_vec(),
+            max_tokens: Some(u32::try_from(max_tokens).unwrap_or(u32::MAX)),
+            temperature: self.req.temperature,
+        };
+        // Streamed deltas become model.token / model.reasoning events, coalesced per wake-up.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ModelDelta>();
+        let forwarder = {
+            let kernel = rt.kernel.clone();
+            let (job_id, tenant) = (self.job_id, self.tenant.clone());
+            tokio::spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    let mut deltas = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        deltas.push(more);
+                    }
+                    let mut events: Vec<NewEvent> = Vec::new();
+                    let now = kernel.clock().now();
+                    for d in deltas {
+                        let (event_type, text) = match d {
+                            ModelDelta::Token(t) => (EventType::ModelToken, t),
+                            ModelDelta::Reasoning(t) => (EventType::ModelReasoning, t),
+                        };
+                        match events.last_mut() {
+                            Some(last) if last.event_type == event_type => {
+                                let joined = format!("{}{text}", last.data["text"].as_str().unwrap_or(""));
+                                last.data["text"] = json!(joined);
+                            }
+                            _ => events.push(NewEvent {
+                                job_id,
+                                tenant: tenant.clone(),
+                                event_type,
+                                data: json!({ "turn": turn, "text": text }),
+                                at: now,
+                            }),
+                        }
+                    }
+                    // Streaming is best-effort: the full answer is journaled with model.done.
+                    let _ = kernel
+                        .commit(Batch {
+                            events,
+                            ..Batch::default()
+                        })
+                        .await;
+                }
+            })
+        };
+        let started = Instant::now();
+        let result = {
+            let on_delta = move |d: ModelDelta| {
+                let _ = tx.send(d);
+            };
+            rt.models.complete(&request, &on_delta).await
+        };
+        let _ = forwarder.await;
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.release(hold, "model call failed").await;
+                return Err(Stop::Fail(job_error("model_error", e.to_string())));
+            }
+        };
+        let actual = Usage {
+            tokens: response.usage.input_tokens + response.usage.output_tokens,
+            cost: round_cost(response.usage.cost),
+            requests: 1,
+            tool_calls: 0,
+        };
+        let mut journaled = response.clone();
+        journaled.usage.cost = actual.cost;
+        let payload = serde_json::to_value(&journaled).map_err(|e| Stop::Error(KernelError::Invalid(e.to_string())))?;
+        let names: Vec<&str> = response.message.tool_calls.iter().map(|c| c.name.as_str()).collect();
+        let done = json!({
+            "turn": turn,
+            "model": response.model,
+            "finish_reason": response.finish_reason,
+            "usage": journaled.usage,
+            "tool_calls": names,
+        });
+        let duration_ms = started.elapsed().as_millis() as u64;
+        self.commit_step(|job, now| {
+            let mut next = bump(job, now);
+            next.turns += 1;
+            Ok(Step {
+                events: vec![job_event(&next, EventType::ModelDone, done.clone(), now)],
+                next,
+                journal: vec![(format!("t{turn}/model"), kind::MODEL_RESPONSE, payload.clone())],
+                settlements: vec![SettleRequest {
+                    reservation_id: hold,
+                    kind: LedgerKind::ModelUsage,
+                    actual: actual.clone(),
+                    duration_ms: Some(duration_ms),
+                    model: Some(model.clone()),
+                    tool: None,
+                    data: json!({ "turn": turn }),
+                    now,
+                }],
+            })
+        })
+        .await?;
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
+        Ok(journaled)
+    }
+
+    async fn reserve(&self, amount: Usage) -> Result<Uuid, Stop> {
+        let request = HoldRequest {
+            tenant: self.tenant.clone(),
+            principal: self.principal.clone(),
+            session: self.session.clone(),
+            job_id: Some(self.job_id),
+            amount,
+            ttl: None,
+        };
+        match self.rt.kernel.ledger().reserve(request).await {
+            Ok(r) => {
+                self.held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(r.reservation.id);
+                Ok(r.reservation.id)
+            }
+            Err(KernelError::BudgetExceeded(d)) => Err(Stop::Fail(job_error("budget_exceeded", d.to_string()))),
+            Err(e) => Err(Stop::Error(e)),
+        }
+    }
+
+    async fn release(&self, id: Uuid, reason: &str) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        // Already settled/released (e.g. by the expiry sweep) is fine.
+        let _ = self.rt.kernel.ledger().release(id, reason).await;
+    }
+
+    /// Release every hold of steps that did not finish (the loop is stopping).
+    pub(crate) async fn release_all(&self) {
+        let ids: Vec<Uuid> = self.held.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        for id in ids {
+            let _ = self.rt.kernel.ledger().release(id, "job stopped").await;
+        }
+    }
+
+    /// Journal a call's outcome as the tool message the model will see (no tool ran).
+    async fn refuse(
+        &self,
+        base: &str,
+        call: &ToolCall,
+        tool: &str,
+        code: &str,
+        message: String,
+    ) -> Result<String, Stop> {
+        let payload = json!({ "content": message, "is_error": true, "code": code, "ran": false, "tool": tool });
+        let data = json!({ "call_id": call.id, "tool": tool, "code": code, "message": message });
+        self.commit_step(|job, now| {
+            Ok(Step {
+                next: bump(job, now),
+                events: vec![self.event(EventType::ToolError, data.clone(), now)],
+                journal: vec![(format!("{base}/result"), kind::TOOL_RESULT, payload.clone())],
+                settlements: vec![],
+            })
+        })
+        .await?;
+        Ok(message)
+    }
+
+    async fn call_step(
+        &self,
+        turn: u32,
+        idx: usize,
+        call: &ToolCall,
+        desc: Option<&ToolDescriptor>,
+    ) -> Result<String, Stop> {
+        let base = format!("t{turn}/c{idx}");
+        if let Some(v) = self.journaled(&format!("{base}/result")) {
+            return Ok(v["content"].as_str().unwrap_or_default().to_string());
+        }
+        let Some(desc) = desc else {
+            let msg = format!("error: there is no tool named `{}`", call.name);
+            return self.refuse(&base, call, &call.name, "unknown_tool", msg).await;
+        };
+        let tool = desc.qualified_name();
+        let args = &call.arguments;
+        if let Some(started) = self.journaled(&format!("{base}/started")) {
+            // The host stopped while this call ran: its outcome is unknown.
+            let hold = started["reservation_id"]
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .ok_or(Stop::Error(KernelError::Store(StoreError::Corrupt(format!(
+                    "journal {base}/started has no reservation"
+                )))))?;
+            if !desc.idempotent {
+                let title = format!("The host stopped during `{tool}`; re-run it?");
+                let approved = self
+                    .approval(
+                        &format!("{base}/rerun"),
+                        call,
+                        &tool,
+                        title,
+                        "the call was interrupted by a host restart",
+                    )
+                    .await?;
+                if !approved {
+                    self.release(hold, "interrupted call not re-run").await;
+                    let msg = format!(
+                        "error: the host stopped while `{tool}` was running and a human chose not to re-run it; its effect is unknown"
+                    );
+                    return self.refuse(&base, call, &tool, "interrupted", msg).await;
+                }
+            }
+            return self.execute(turn, &base, call, desc, hold).await;
+        }
+        if let Err(errors) = schema::validate(&desc.input_schema, args) {
+            let msg = format!("error: invalid input for `{tool}`: {}", errors.join("; "));
+            return self.refuse(&base, call, &tool, "invalid_input", msg).await;
+        }
+        let decision = self.rt.policy.evaluate_with(
+            &PolicyRequest::Tool {
+                tool: &tool,
+                arguments: args,
+                scope: &self.tenant,
+                principal: self.principal.as_deref().unwrap_or(""),
+                session: self.session.as_deref(),
+                tool_calls_this_turn: idx as u32,
+                turn,
+            },
+            self.rt.approvals.as_ref(),
+        );
+        match decision.outcome {
+            Outcome::Allow | Outcome::Warn => {}
+            Outcome::Deny => {
+                let msg = format!("error: the call to `{tool}` was denied by policy: {}", decision.reason);
+                return self.refuse(&base, call, &tool, "policy_denied", msg).await;
+            }
+            Outcome::RequireApproval => {
+                let title = format!("Allow `{tool}`?");
+                if !self
+                    .approval(&format!("{base}/approval"), call, &tool, title, &decision.reason)
+                    .await?
+                {
+                    let msg = format!("error: the call to `{tool}` was denied by a human reviewer");
+                    return self.refuse(&base, call, &tool, "approval_denied", msg).await;
+                }
+            }
+        }
+        if let Some(limit) = self.req.budget.max_tool_calls
+            && self.started.fetch_add(1, Ordering::SeqCst) >= limit
+        {
+            return Err(Stop::Fail(job_error(
+                "budget_exceeded",
+                format!("the job's tool-call budget ({limit}) is used up"),
+            )));
+        }
+        let hold = self
+            .reserve(Usage {
+                tool_calls: 1,
+                ..Usage::zero()
+            })
+            .await?;
+        let payload = json!({ "reservation_id": hold, "tool": tool, "call_id": call.id });
+        let data = json!({ "turn": turn, "call_id": call.id, "tool": tool });
+        self.commit_step(|job, now| {
+            Ok(Step {
+                next: bump(job, now),
+                events: vec![self.event(EventType::ToolStart, data.clone(), now)],
+                journal: vec![(format!("{base}/started"), kind::TOOL_STARTED, payload.clone())],
+                settlements: vec![],
+            })
+        })
+        .await?;
+        self.execute(turn, &base, call, desc, hold).await
+    }
+
+    /// Run the tool under its own timeout, then journal the result + settle + events at once.
+    async fn execute(
+        &self,
+        turn: u32,
+        base: &str,
+        call: &ToolCall,
+        desc: &ToolDescriptor,
+        hold: Uuid,
+    ) -> Result<String, Stop> {
+        let tool = desc.qualified_name();
+        let timeout = Duration::from_millis(self.rt.config.tool_timeout_ms);
+        let ctx = ToolCallContext {
+            call_id: call.id.clone(),
+            job_id: Some(self.job_id.to_string()),
+            scope: self.tenant.clone(),
+            principal: self.principal.clone(),
+            trace_id: self.trace_id.clone(),
+            timeout: Some(timeout),
+        };
+        let started = Instant::now();
+        let result = match tokio::time::timeout(timeout, self.rt.tools.call_tool(&ctx, &tool, &call.arguments)).await {
+            Ok(r) => r,
+            Err(_) => Err(ToolError::TimedOut {
+                message: format!("no result within {} ms", timeout.as_millis()),
+            }),
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let (content, event_type, data, payload) = match &result {
+            Ok(out) => {
+                let content = output_text(&out.output);
+                (
+                    content.clone(),
+                    EventType::ToolEnd,
+                    json!({ "turn": turn, "call_id": call.id, "tool": tool, "duration_ms": duration_ms }),
+                    json!({ "content": content, "is_error": false, "ran": true, "tool": tool }),
+                )
+            }
+            Err(e) => {
+                let content = format!("error ({}): {e}", e.code());
+                (
+                    content.clone(),
+                    EventType::ToolError,
+                    json!({ "turn": turn, "call_id": call.id, "tool": tool, "code": e.code(), "message": e.to_string(), "duration_ms": duration_ms }),
+                    json!({ "content": content, "is_error": true, "code": e.code(), "ran": true, "tool": tool }),
+                )
+            }
+        };
+        self.commit_step(|job, now| {
+            let mut next = bump(job, now);
+            next.tool_calls += 1;
+            Ok(Step {
+                events: vec![job_event(&next, event_type, data.clone(), now)],
+                next,
+                journal: vec![(format!("{base}/result"), kind::TOOL_RESULT, payload.clone())],
+                settlements: vec![SettleRequest {
+                    reservation_id: hold,
+                    kind: LedgerKind::ToolUsage,
+                    actual: Usage {
+                        tool_calls: 1,
+                        ..Usage::zero()
+                    },
+                    duration_ms: Some(duration_ms),
+                    model: None,
+                    tool: Some(tool.clone()),
+                    data: json!({ "turn": turn, "call_id": call.id }),
+                    now,
+                }],
+            })
+        })
+        .await?;
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
+        Ok(content)
+    }
+
+    /// Ask a human to approve `tool(call.arguments)`: create (once, journaled with the action)
+    /// an approval bound to the exact call, wait, journal the answer. `true` = approved.
+    async fn approval(
+        &self,
+        key: &str,
+        call: &ToolCall,
+        tool: &str,
+        title: String,
+        reason: &str,
+    ) -> Result<bool, Stop> {
+        let resolved_key = format!("{key}/resolved");
+        if let Some(v) = self.journaled(&resolved_key) {
+            return Ok(v["approved"].as_bool() == Some(true));
+        }
+        let action_id = match self.journaled(key) {
+            Some(v) => v["action_id"]
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .ok_or(Stop::Error(KernelError::Store(StoreError::Corrupt(format!(
+                    "journal {key}"
+                )))))?,
+            None => {
+                let new = NewAction {
+                    job_id: self.job_id,
+                    action_type: ActionType::Approval,
+                    title,
+                    request: json!({
+                        "tool": tool,
+                        "arguments": call.arguments,
+                        "call_id": call.id,
+                        "reason": reason,
+                        "step": key,
+                    }),
+                    call: Some(ToolCallRef {
+                        tool: tool.to_string(),
+                        arguments: call.arguments.clone(),
+                    }),
+                    ttl: chrono::Duration::seconds(self.rt.config.approval_ttl_secs),
+                };
+                self.create_approval(key, new).await?
+            }
+        };
+        let action = self.wait_action(action_id).await?;
+        let approved = match action.state {
+            ActionState::Resolved => {
+                let ok = action.authorizes(tool, &call.arguments);
+                if ok
+                    && let (Some(session), Some(res)) = (&self.session, &action.resolution)
+                    && resolution_is_session_scoped(res)
+                {
+                    self.rt.approvals.approve_call(session, tool, &call.arguments);
+                }
+                ok
+            }
+            // Withdrawn without an answer: treat as a refusal.
+            ActionState::Cancelled => false,
+            // Expiry times the job out (done by whoever expired it).
+            ActionState::Expired | ActionState::Pending => return Err(Stop::Ended),
+        };
+        let payload = json!({
+            "action_id": action.id,
+            "approved": approved,
+            "session": action.resolution.as_ref().is_some_and(resolution_is_session_scoped),
+            "resolved_by": action.resolution.as_ref().and_then(|r| r.resolved_by.clone()),
+        });
+        self.commit_step(|job, now| {
+            Ok(Step {
+                next: bump(job, now),
+                events: vec![],
+                journal: vec![(resolved_key.clone(), kind::APPROVAL, payload.clone())],
+                settlements: vec![],
+            })
+        })
+        .await?;
+        Ok(approved)
+    }
+
+    async fn create_approval(&self, key: &str, new: NewAction) -> Result<Uuid, Stop> {
+        let actions = self.rt.kernel.actions();
+        let created = actions
+            .create_journaled(new, |action_id, now| Batch {
+                journal: vec![self.entry(
+                    key.to_string(),
+                    kind::APPROVAL_REQUESTED,
+                    json!({ "action_id": action_id }),
+                    now,
+                )],
+                leases: vec![self.lease()],
+                ..Batch::default()
+            })
+            .await?;
+        let id = created.action.id;
+        self.journal.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            key.to_string(),
+            (kind::APPROVAL_REQUESTED.into(), json!({ "action_id": id })),
+        );
+        Ok(id)
+    }
+
+    /// Wait for the action to leave PENDING: live wake-up in this process, plus a periodic
+    /// re-read for resolutions made by another process.
+    async fn wait_action(&self, id: Uuid) -> Result<Action, Stop> {
+        let actions = self.rt.kernel.actions();
+        let wait = actions.wait_for_resolution(id);
+        tokio::pin!(wait);
+        let every = Duration::from_millis(self.rt.config.poll_ms.max(1));
+        loop {
+            tokio::select! {
+                r = &mut wait => return r.map_err(Stop::from),
+                _ = tokio::time::sleep(every) => {
+                    let a = actions.get(&self.tenant, id).await?;
+                    if a.state != ActionState::Pending {
+                        return Ok(a);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn complete(&self, content: String) -> Result<(), Stop> {
+        let usage = self.usage_so_far();
+        let payload = json!({ "status": JobState::Succeeded, "content": content });
+        self.commit_step(|job, now| {
+            let mut next = transition(job, JobState::Succeeded, now)?;
+            next.result_ref = Some("journal:final".into());
+            next.progress = 1.0;
+            let status = status_event(job.state, &next, json!({ "result_ref": next.result_ref }), now);
+            let fin = job_event(
+                &next,
+                EventType::FinalResult,
+                json!({ "content": content, "usage": usage, "turns": next.turns }),
+                now,
+            );
+            Ok(Step {
+                next,
+                events: vec![status, fin],
+                journal: vec![("final".into(), kind::FINAL, payload.clone())],
+                settlements: vec![],
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// End the job after the loop stopped with `stop` (FAILED / TIMED_OUT), writing the final
+    /// error event and journal entry in the same transaction.
+    pub(crate) async fn conclude(&self, stop: &Stop) {
+        let (to, error) = match stop {
+            Stop::Fail(e) => (JobState::Failed, e.clone()),
+            Stop::TimedOut => (
+                JobState::TimedOut,
+                job_error("deadline_exceeded", "the job ran past its deadline"),
+            ),
+            Stop::Ended | Stop::Lost | Stop::Error(_) => return,
+        };
+        let now = self.rt.kernel.clock().now();
+        let extra = Batch {
+            events: vec![self.event(
+                EventType::FinalError,
+                json!({ "code": error.code, "message": error.message }),
+                now,
+            )],
+            journal: vec![self.entry(
+                "final".into(),
+                kind::FINAL,
+                json!({ "status": to, "error": error }),
+                now,
+            )],
+            leases: vec![self.lease()],
+            ..Batch::default()
+        };
+        // Already terminal (cancelled/timed out concurrently) or lease lost: nothing to do.
+        let _ = self
+            .rt
+            .kernel
+            .jobs()
+            .terminate_with(self.job_id, to, error, &extra)
+            .await;
+    }
+}
+
+/// Usage summed over journal entries `(kind, payload)`.
+pub(crate) fn usage_of<'a>(entries: impl Iterator<Item = (&'a str, &'a Value)>) -> ExecutionUsage {
+    let mut u = ExecutionUsage::default();
+    for (k, v) in entries {
+        match k {
+            kind::MODEL_RESPONSE => {
+                u.model_calls += 1;
+                u.input_tokens += v["usage"]["input_tokens"].as_u64().unwrap_or(0);
+                u.output_tokens += v["usage"]["output_tokens"].as_u64().unwrap_or(0);
+                if let Ok(c) = serde_json::from_value::<Decimal>(v["usage"]["cost"].clone()) {
+                    u.cost += c;
+                }
+            }
+            kind::TOOL_RESULT if v["ran"].as_bool() == Some(true) => u.tool_calls += 1,
+            _ => {}
+        }
+    }
+    u
+}
+
+/// The result of a finished (or still running) job, rebuilt from its row and journal.
+pub(crate) async fn build_result(rt: &Inner, job: &Job) -> Result<ExecutionResult, KernelError> {
+    let journal = rt.kernel.store().read_journal(job.id).await?;
+    let usage = usage_of(journal.iter().map(|e| (e.entry.kind.as_str(), &e.entry.payload)));
+    let content = journal
+        .iter()
+        .find(|e| e.entry.kind == kind::FINAL)
+        .and_then(|e| e.entry.payload["content"].as_str().map(str::to_string));
+    Ok(ExecutionResult {
+        job_id: job.id,
+        status: job.state,
+        content,
+        usage,
+        turns: job.turns,
+        artifacts: vec![],
+        error: job.error.clone(),
+    })
+}
+
+/// Keep renewing this host's lease on `job_id` while the loop runs; fire `lost` if it lapses
+/// to another host.
+pub(crate) async fn heartbeat(rt: Arc<Inner>, job_id: Uuid, lost: CancellationToken) {
+    let ttl = rt.config.lease_ttl_ms.max(3);
+    let mut tick = tokio::time::interval(Duration::from_millis(ttl / 3));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let until = rt.kernel.clock().now() + chrono::Duration::milliseconds(ttl as i64);
+        match rt.kernel.store().renew_lease(job_id, &rt.owner, until).await {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.cancel();
+                return;
+            }
+            // A transient store error: try again next tick; the lease has slack.
+            Err(_) => {}
+        }
+    }
+}

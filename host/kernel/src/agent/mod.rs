@@ -257,8 +257,6 @@ async fn run_job(inner: Arc<Inner>, job: Job) {
         }
     };
     let cancel = inner.kernel.jobs().cancellation_token(job_id);
-    let lost = CancellationToken::new();
-    let heartbeat = tokio::spawn(run::heartbeat(inner.clone(), job_id, lost.clone()));
     let clock = inner.kernel.clock().clone();
     let poll = Duration::from_millis(inner.config.poll_ms.max(1));
     let deadline = async {
@@ -276,10 +274,10 @@ async fn run_job(inner: Arc<Inner>, job: Job) {
     let outcome = tokio::select! {
         r = runner.drive() => r,
         _ = cancel.cancelled() => Err(run::Stop::Ended),
-        _ = lost.cancelled() => Err(run::Stop::Lost),
+        // Part of this task (not spawned), so aborting the task also stops renewing the lease.
+        _ = run::heartbeat(inner.clone(), job_id) => Err(run::Stop::Lost),
         _ = deadline => Err(run::Stop::TimedOut),
     };
-    heartbeat.abort();
     if let Err(stop) = &outcome {
         runner.conclude(stop).await;
     }

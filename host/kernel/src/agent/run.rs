@@ -20,7 +20,6 @@ use uuid::Uuid;
 use super::request::{ExecutionRequest, ExecutionResult, ExecutionUsage};
 use super::{Inner, schema};
 use crate::action::{Action, ActionState, ActionType, NewAction, Resolution, ToolCallRef};
-use crate::context::CancellationToken;
 use crate::error::KernelError;
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobError, JobState};
@@ -1015,9 +1014,9 @@ pub(crate) async fn build_result(rt: &Inner, job: &Job) -> Result<ExecutionResul
     })
 }
 
-/// Keep renewing this host's lease on `job_id` while the loop runs; fire `lost` if it lapses
-/// to another host.
-pub(crate) async fn heartbeat(rt: Arc<Inner>, job_id: Uuid, lost: CancellationToken) {
+/// Keep renewing this host's lease on `job_id` while the loop runs; returns once the lease
+/// went to another host.
+pub(crate) async fn heartbeat(rt: Arc<Inner>, job_id: Uuid) {
     let ttl = rt.config.lease_ttl_ms.max(3);
     let mut tick = tokio::time::interval(Duration::from_millis(ttl / 3));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1026,10 +1025,7 @@ pub(crate) async fn heartbeat(rt: Arc<Inner>, job_id: Uuid, lost: CancellationTo
         let until = rt.kernel.clock().now() + chrono::Duration::milliseconds(ttl as i64);
         match rt.kernel.store().renew_lease(job_id, &rt.owner, until).await {
             Ok(true) => {}
-            Ok(false) => {
-                lost.cancel();
-                return;
-            }
+            Ok(false) => return,
             // A transient store error: try again next tick; the lease has slack.
             Err(_) => {}
         }

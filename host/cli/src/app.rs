@@ -29,6 +29,11 @@ pub struct KeelConfig {
     pub limits: Limits,
     /// Engine settings.
     pub sandbox: SandboxSettings,
+    /// Model providers and prices (`[models]`, see keel-models); a relative `script` path of a scripted
+    /// provider is resolved against the Keel home.
+    pub models: keel_models::ModelsConfig,
+    /// Agent-loop tunables (`[agent]`: `lease_ttl_ms`, `approval_ttl_secs`, `poll_ms`, ...).
+    pub agent: keel_kernel::AgentConfig,
 }
 
 /// Engine settings from `[sandbox]`.
@@ -59,9 +64,22 @@ impl KeelConfig {
     pub fn load(home: &Path) -> Result<Self, CliError> {
         let path = home.join("config.toml");
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| {
-                CliError::user(format!("{}: {}", path.display(), e.to_string().lines().collect::<Vec<_>>().join(" ")))
-            }),
+            Ok(text) => {
+                let mut config: Self = toml::from_str(&text).map_err(|e| {
+                    CliError::user(format!(
+                        "{}: {}",
+                        path.display(),
+                        e.to_string().lines().collect::<Vec<_>>().join(" ")
+                    ))
+                })?;
+                // Relative to the config file, not to wherever `keel` happens to be started.
+                for provider in config.models.providers.values_mut() {
+                    if let Some(script) = provider.script.as_mut().filter(|s| s.is_relative()) {
+                        *script = home.join(&*script);
+                    }
+                }
+                Ok(config)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(CliError::internal(format!("cannot read {}: {e}", path.display()))),
         }
@@ -93,7 +111,12 @@ impl App {
         sandbox_config.max_memory_bytes = config.sandbox.max_memory_bytes;
         sandbox_config.pool_instances = config.sandbox.pool_instances;
         let sandbox = Sandbox::new(sandbox_config)?;
-        Ok(Self { db, sandbox, components: ComponentStore::new(home.join("components")), config })
+        Ok(Self {
+            db,
+            sandbox,
+            components: ComponentStore::new(home.join("components")),
+            config,
+        })
     }
 
     /// The record of installed plugin `name`, or a user error listing what is installed.
@@ -114,9 +137,10 @@ impl App {
 
     /// Prepare an installed plugin for calls, with its grants and effective limits.
     pub async fn load(&self, record: &PluginRecord) -> Result<(Arc<PreparedPlugin>, Grants, Limits), CliError> {
-        let bytes = self.components.get(&record.sha256).map_err(|e| {
-            CliError::internal(format!("cannot read the stored component of `{}`: {e}", record.name))
-        })?;
+        let bytes = self
+            .components
+            .get(&record.sha256)
+            .map_err(|e| CliError::internal(format!("cannot read the stored component of `{}`: {e}", record.name)))?;
         let plugin = self.sandbox.prepare(&bytes).await?;
         let grants = grants_of(record)?;
         let limits = self

@@ -38,7 +38,13 @@ enum Command {
     /// Validate a policy file or dry-run a policy decision.
     #[command(subcommand)]
     Policy(commands::policy::PolicyCommand),
-    /// List, inspect and cancel durable jobs.
+    /// Run an agent job: the model calls installed tools under policy, budgets and approvals.
+    Run(commands::run::RunArgs),
+    /// Run a complete offline agent job (scripted model, example plugins, fresh temporary home).
+    Demo(commands::demo::DemoArgs),
+    /// Run queued (`keel run --detach`) and orphaned agent jobs of this Keel home until stopped.
+    Worker(commands::worker::WorkerArgs),
+    /// List, inspect, watch (follow and resume) and cancel durable jobs.
     #[command(subcommand)]
     Jobs(commands::jobs::JobsCommand),
     /// List and answer human-in-the-loop actions (approve/deny by id, or resolve a resume token).
@@ -58,9 +64,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -75,6 +79,9 @@ fn main() -> ExitCode {
             Command::Call(args) => commands::plugins::call(&home, args).await,
             Command::Exec(args) => commands::plugins::exec(&home, args).await,
             Command::Policy(cmd) => commands::policy::run(&home, cmd),
+            Command::Run(args) => commands::run::run(&home, args).await,
+            Command::Demo(args) => commands::demo::demo(args).await,
+            Command::Worker(args) => commands::worker::worker(&home, args).await,
             Command::Jobs(cmd) => commands::jobs::run(&home, cmd).await,
             Command::Actions(cmd) => commands::actions::run(&home, cmd).await,
             Command::Ledger(cmd) => commands::ledger::run(&home, cmd).await,

@@ -44,6 +44,9 @@ pub enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Follow an agent job's events (from the start or `--from SEQ`), resuming it in this process
+    /// when no live host runs it.
+    Watch(crate::commands::watch::WatchArgs),
     /// Cancel a job, its unfinished child jobs and their pending actions.
     Cancel {
         /// Job id.
@@ -76,6 +79,7 @@ pub fn parse_state(s: &str) -> Result<JobState, String> {
 pub async fn run(home: &Path, cmd: JobsCommand) -> CliResult {
     let kernel = open_kernel(home).await?;
     match cmd {
+        JobsCommand::Watch(args) => return crate::commands::watch::watch(home, args).await,
         JobsCommand::List {
             scope,
             states,

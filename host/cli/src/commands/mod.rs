@@ -3,8 +3,12 @@
 pub mod actions;
 pub mod budgets;
 pub mod debug;
+pub mod demo;
 pub mod jobs;
 pub mod kernel_app;
 pub mod ledger;
 pub mod plugins;
 pub mod policy;
+pub mod run;
+pub mod watch;
+pub mod worker;

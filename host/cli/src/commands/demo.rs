@@ -1,0 +1,145 @@
+//! `keel demo`: a complete agent job with no API key and no network.
+//!
+//! A fresh temporary Keel home gets the example plugins (`hello`, `fs` with one read-only and one
+//! read-write directory), a scripted model (`examples/demo/script.json`, embedded), the demo policy
+//! (`examples/policies/demo.toml`, embedded: writes need approval) and its SQLite database; then the
+//! job runs exactly as `keel run --auto-approve` would.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+use crate::commands::plugins::InstallArgs;
+use crate::commands::run::{AgentArgs, RunArgs};
+use crate::output::{CliError, CliResult};
+
+const SCRIPT: &str = include_str!("../../../../examples/demo/script.json");
+const POLICY: &str = include_str!("../../../../examples/policies/demo.toml");
+const PROMPT: &str = "Greet Ada, read /data/notes.txt and save a one-line summary to /out/summary.txt.";
+const NOTES: &str = "Keel keeps its notes in SQLite; plugins see only what they were granted.\n";
+const CONFIG: &str = r#"# Written by `keel demo`.
+[models.providers.scripted]
+kind = "scripted"
+script = "demo-script.json"
+
+# Prices are made up, so the ledger has something to show.
+[models.providers.scripted.prices.demo]
+input_per_mtok = "0.15"
+output_per_mtok = "0.60"
+"#;
+
+/// `keel demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Directory holding the built plugins (`hello.wasm`, `keel_plugin_fs.wasm` or `fs.wasm`).
+    #[arg(long, value_name = "DIR", default_value = "target/wasm/wasm32-wasip2/guest")]
+    plugins: PathBuf,
+    /// Print events as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `keel install` arguments, so the demo installs exactly as a user would.
+#[derive(Debug, Parser)]
+struct Install {
+    #[command(flatten)]
+    args: InstallArgs,
+}
+
+fn find(dir: &Path, names: &[&str]) -> Result<PathBuf, CliError> {
+    names.iter().map(|n| dir.join(n)).find(|p| p.is_file()).ok_or_else(|| {
+        CliError::user(format!(
+            "{} not found in {}: build the example plugins with `scripts/build-guests` (or pass --plugins DIR)",
+            names.join(" or "),
+            dir.display()
+        ))
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<(), CliError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| CliError::internal(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    std::fs::write(path, text).map_err(|e| CliError::internal(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Run `keel demo`.
+pub async fn demo(args: DemoArgs) -> CliResult {
+    let hello = find(&args.plugins, &["hello.wasm"])?;
+    let fs = find(&args.plugins, &["keel_plugin_fs.wasm", "fs.wasm"])?;
+    let home = std::env::temp_dir().join(format!("keel-demo-{}", uuid::Uuid::now_v7().simple()));
+    let work = home.join("work");
+    write(&work.join("data/notes.txt"), NOTES)?;
+    std::fs::create_dir_all(work.join("out")).map_err(|e| CliError::internal(e.to_string()))?;
+    write(&home.join("config.toml"), CONFIG)?;
+    write(&home.join("demo-script.json"), SCRIPT)?;
+    write(&home.join("policy.toml"), POLICY)?;
+    eprintln!("Keel home: {} (fresh; SQLite database keel.db)", home.display());
+
+    let data = format!("{}::/data", work.join("data").display());
+    let out = format!("{}::/out", work.join("out").display());
+    let installs: [Vec<String>; 2] = [
+        vec![hello.display().to_string()],
+        vec![
+            fs.display().to_string(),
+            "--allow-read".into(),
+            data,
+            "--allow-write".into(),
+            out,
+        ],
+    ];
+    for argv in installs {
+        println!("\n$ keel install {}", argv.join(" "));
+        let parsed = Install::try_parse_from(std::iter::once("install".to_string()).chain(argv))
+            .map_err(|e| CliError::internal(format!("demo install arguments: {e}")))?;
+        crate::commands::plugins::install(&home, parsed.args).await?;
+    }
+
+    println!(
+        "\n$ keel run {PROMPT:?} --tools hello,fs --model scripted:demo --auto-approve   (policy: writes need approval)\n"
+    );
+    let run = RunArgs {
+        prompt: PROMPT.into(),
+        tools: vec!["hello".into(), "fs".into()],
+        model: "scripted:demo".into(),
+        max_turns: Some(10),
+        timeout: None,
+        max_cost: None,
+        max_tool_calls: None,
+        idempotency_key: None,
+        session: None,
+        principal: Some("demo".into()),
+        detach: false,
+        common: AgentArgs {
+            scope: crate::commands::kernel_app::DEFAULT_SCOPE.into(),
+            policy: None,
+            auto_approve: true,
+            json: args.json,
+        },
+    };
+    let code = crate::commands::run::run(&home, run).await?;
+    if !args.json {
+        let summary = std::fs::read_to_string(work.join("out/summary.txt")).unwrap_or_default();
+        println!(
+            "\n{}/out/summary.txt (written inside the sandbox):\n  {}",
+            work.display(),
+            summary.trim_end()
+        );
+        println!(
+            "\nLook around: KEEL_HOME={} keel jobs list | keel ledger ...",
+            home.display()
+        );
+    }
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn embedded_script_and_policy_parse() {
+        let script: keel_models::Script = serde_json::from_str(super::SCRIPT).expect("script");
+        assert_eq!(script.turns.len(), 3);
+        keel_kernel::policy::Policy::from_toml_str(super::POLICY, "demo.toml").expect("policy");
+    }
+}

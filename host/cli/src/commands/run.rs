@@ -1,0 +1,782 @@
+//! `keel run "PROMPT"`: run an agent job (model → tools → policy → approvals → ledger) and follow it.
+//!
+//! The job is durable (SQLite, `$KEEL_HOME/keel.db`): this process holds a lease on it while it runs
+//! here. If the process dies (or `--detach` is used), the job is picked up by the next `keel` process
+//! running a worker: `keel jobs watch ID` (which also follows it) or `keel worker`.
+//!
+//! Also home of what `keel jobs watch`, `keel worker` and `keel demo` share: [`AgentHost`] (kernel +
+//! models + sandboxed tools + policy over one Keel home) and [`follow`] (render events, answer approvals).
+
+use std::io::{IsTerminal, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use keel_kernel::action::{ActionState, Resolution};
+use keel_kernel::agent::AGENT_JOB_KIND;
+use keel_kernel::clock::SystemClock;
+use keel_kernel::context::{CancellationToken, ExecutionContext, PolicyRef};
+use keel_kernel::event::{EventFilter, EventQuery, EventType, RuntimeEvent};
+use keel_kernel::job::{JobState, NewJob};
+use keel_kernel::model::{ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
+use keel_kernel::policy::{Policy, SessionApprovals};
+use keel_kernel::{ExecutionRequest, ExecutionResult, Kernel, KernelConfig, RuntimeKernel};
+use keel_models::ModelRouter;
+use keel_sandbox::{InstalledTool, SandboxToolHost};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::commands::kernel_app::DEFAULT_SCOPE;
+use crate::commands::policy::DEFAULT_POLICY_FILE;
+use crate::output::{CliError, CliResult};
+
+/// `PolicyRef::name` of a job run without a policy file.
+pub const ALLOW_ALL: &str = "allow-all";
+
+/// Test hook: when set (milliseconds), every model call of this process waits that long first, so
+/// tests can stop a host deterministically in the middle of a turn. Not for production use.
+pub const MODEL_DELAY_ENV: &str = "KEEL_DEBUG_MODEL_DELAY_MS";
+
+/// `keel run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// What to ask the agent.
+    pub prompt: String,
+    /// Tools the model may use, comma-separated: a plugin name (all its tools), `plugin/tool`, or a
+    /// glob (`fs/*`, `*`).
+    #[arg(long, value_delimiter = ',', value_name = "TOOLS")]
+    pub tools: Vec<String>,
+    /// Model as `provider:model` (providers come from `[models]` in `$KEEL_HOME/config.toml`).
+    #[arg(long, default_value = "openai:gpt-4o-mini")]
+    pub model: String,
+    /// Maximum model turns.
+    #[arg(long)]
+    pub max_turns: Option<u32>,
+    /// Wall-clock limit of the whole job (`90s`, `5m`, `1h`, `500ms`; a bare number is seconds).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Maximum model cost of the job, in the ledger currency (USD), e.g. `0.05`.
+    #[arg(long)]
+    pub max_cost: Option<Decimal>,
+    /// Maximum tool calls of the job.
+    #[arg(long)]
+    pub max_tool_calls: Option<u64>,
+    /// Running again with the same key in the scope attaches to the first job instead of starting another.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Session id ("approve for this session" is remembered per session); default: a new one.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Principal (user or service) the job runs for.
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// Queue the job, print its id and exit; `keel jobs watch ID` or `keel worker` runs it.
+    #[arg(long, conflicts_with = "auto_approve")]
+    pub detach: bool,
+    #[command(flatten)]
+    pub common: AgentArgs,
+}
+
+/// Flags shared by `keel run`, `keel jobs watch` and `keel worker`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AgentArgs {
+    /// Scope (tenant).
+    #[arg(long, default_value = DEFAULT_SCOPE)]
+    pub scope: String,
+    /// Policy file [default: `$KEEL_HOME/policy.toml` if present, else allow everything].
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Approve every approval request at once, with a visible note (for demos and tests).
+    #[arg(long)]
+    pub auto_approve: bool,
+    /// Print events as JSON lines (the last line is `{"type":"result",...}`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parse `90s`, `5m`, `1h`, `250ms`, or bare seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n = f64::from_str(num).map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 5m, 500ms)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} in {s:?} (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
+}
+
+/// The policy a job runs under and how to find it again on resume.
+pub struct PolicyChoice {
+    /// The compiled policy.
+    pub policy: Policy,
+    /// Recorded with the job: the absolute file path (or [`ALLOW_ALL`]) and the file's sha256.
+    pub reference: PolicyRef,
+    /// Said to the user once (e.g. "no policy: allowing everything").
+    pub note: Option<String>,
+}
+
+impl PolicyChoice {
+    /// `--policy FILE`, else `$KEEL_HOME/policy.toml` if present, else allow-all (with a note).
+    pub fn resolve(home: &Path, flag: Option<&Path>) -> Result<Self, CliError> {
+        if let Some(path) = flag {
+            return Self::file(path);
+        }
+        let default = home.join(DEFAULT_POLICY_FILE);
+        if default.exists() {
+            return Self::file(&default);
+        }
+        Ok(Self {
+            policy: Policy::allow_all(),
+            reference: PolicyRef {
+                name: ALLOW_ALL.into(),
+                ..PolicyRef::default()
+            },
+            note: Some(format!(
+                "no policy file ({} missing, no --policy): every tool and model call is allowed",
+                default.display()
+            )),
+        })
+    }
+
+    /// The policy a job recorded (`--policy` overrides it).
+    pub fn of_job(home: &Path, recorded: &PolicyRef, flag: Option<&Path>) -> Result<Self, CliError> {
+        if flag.is_some() || recorded.name.is_empty() {
+            return Self::resolve(home, flag);
+        }
+        if recorded.name == ALLOW_ALL {
+            return Ok(Self {
+                policy: Policy::allow_all(),
+                reference: recorded.clone(),
+                note: None,
+            });
+        }
+        let path = PathBuf::from(&recorded.name);
+        if !path.exists() {
+            return Err(CliError::user(format!(
+                "the job's policy file {} no longer exists; pass --policy FILE to resume it under another policy",
+                path.display()
+            )));
+        }
+        let mut choice = Self::file(&path)?;
+        if recorded.version.is_some() && choice.reference.version != recorded.version {
+            choice.note = Some(format!(
+                "{} changed since the job started; resuming under its current rules",
+                path.display()
+            ));
+        }
+        Ok(choice)
+    }
+
+    fn file(path: &Path) -> Result<Self, CliError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CliError::user(format!("cannot read policy file {}: {e}", path.display())))?;
+        let policy = Policy::from_toml_str(&text, &path.display().to_string())
+            .map_err(|e| CliError::user(format!("invalid policy: {e}")))?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok(Self {
+            policy,
+            reference: PolicyRef {
+                name: absolute.display().to_string(),
+                version: Some(hex::encode(Sha256::digest(text.as_bytes()))),
+                ..PolicyRef::default()
+            },
+            note: None,
+        })
+    }
+}
+
+/// Expand `--tools` entries into the loop's patterns: a bare plugin name means all its tools.
+pub fn tool_patterns(specs: &[String]) -> Vec<String> {
+    specs
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s.contains('/') || s.contains(['*', '?', '[', '{']) {
+                s.to_string()
+            } else {
+                format!("{s}/*")
+            }
+        })
+        .collect()
+}
+
+/// A [`ModelProvider`] that waits before every call (the [`MODEL_DELAY_ENV`] test hook).
+struct Delayed {
+    inner: Arc<dyn ModelProvider>,
+    delay: Duration,
+}
+
+impl ModelProvider for Delayed {
+    fn complete<'a>(
+        &'a self,
+        request: &'a ModelRequest,
+        on_delta: &'a (dyn Fn(ModelDelta) + Send + Sync),
+    ) -> BoxFuture<'a, Result<ModelResponse, ModelError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.complete(request, on_delta).await
+        })
+    }
+
+    fn price(&self, model: &str) -> Option<ModelPrice> {
+        self.inner.price(model)
+    }
+}
+
+/// One Keel home opened for agent work: kernel over SQLite, model router, sandboxed tools, policy.
+pub struct AgentHost {
+    /// The agent runtime (owner id unique to this process).
+    pub rt: RuntimeKernel,
+    /// The kernel underneath.
+    pub kernel: Kernel,
+    /// How often to re-read the store (from `[agent] poll_ms`).
+    pub poll: Duration,
+    /// The policy choice (recorded with new jobs).
+    pub policy: PolicyRef,
+}
+
+impl AgentHost {
+    /// Open `home` with the plugins the tool `patterns` can reach (all installed plugins when `None`).
+    pub async fn open(home: &Path, patterns: Option<&[String]>, policy: PolicyChoice) -> Result<Self, CliError> {
+        let app = App::open(home).await?;
+        let agent = app.config.agent.clone();
+        let poll = Duration::from_millis(agent.poll_ms.max(1));
+        let config = KernelConfig {
+            // Actions are resolved from other `keel` processes on the same database.
+            action_recheck_ms: Some(agent.poll_ms.max(1)),
+            ..KernelConfig::default()
+        };
+        let kernel = Kernel::with_clock(Arc::new(app.db.kernel_store()), Arc::new(SystemClock), config);
+        let router = ModelRouter::from_config(&app.config.models)
+            .map_err(|e| CliError::user(format!("[models] in config.toml: {e}")))?;
+        let mut models: Arc<dyn ModelProvider> = Arc::new(router);
+        if let Some(ms) = std::env::var(MODEL_DELAY_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+            models = Arc::new(Delayed {
+                inner: models,
+                delay: Duration::from_millis(ms),
+            });
+        }
+        let tools = load_tools(&app, patterns).await?;
+        let tools = SandboxToolHost::new(app.sandbox.clone(), tools);
+        let rt = RuntimeKernel::new(
+            kernel.clone(),
+            models,
+            Arc::new(tools),
+            Arc::new(policy.policy),
+            Arc::new(SessionApprovals::new()),
+            agent,
+        );
+        Ok(Self {
+            rt,
+            kernel,
+            poll,
+            policy: policy.reference,
+        })
+    }
+}
+
+/// Load the installed plugins that `patterns` (`plugin/tool` globs) can match.
+async fn load_tools(app: &App, patterns: Option<&[String]>) -> Result<Vec<InstalledTool>, CliError> {
+    let installed = app.db.list_plugins().await?;
+    let wanted: Vec<&keel_store::plugins::PluginRecord> = match patterns {
+        None => installed.iter().collect(),
+        Some(patterns) => {
+            let mut wanted = Vec::new();
+            for p in patterns {
+                let plugin = p.split('/').next().unwrap_or(p);
+                let glob = globset::Glob::new(plugin)
+                    .map_err(|e| CliError::user(format!("bad tool pattern {p:?}: {e}")))?
+                    .compile_matcher();
+                let matched: Vec<_> = installed.iter().filter(|r| glob.is_match(&r.name)).collect();
+                if matched.is_empty() && !plugin.contains(['*', '?', '[', '{']) {
+                    // Same message as `keel call` for an unknown plugin.
+                    app.record(plugin).await?;
+                }
+                for r in matched {
+                    if !wanted
+                        .iter()
+                        .any(|w: &&keel_store::plugins::PluginRecord| w.name == r.name)
+                    {
+                        wanted.push(r);
+                    }
+                }
+            }
+            wanted
+        }
+    };
+    let mut tools = Vec::new();
+    for record in wanted {
+        let (plugin, grants, limits) = app.load(record).await?;
+        tools.push(InstalledTool { plugin, grants, limits });
+    }
+    Ok(tools)
+}
+
+/// Create `request` as a QUEUED agent job without running it here (`--detach`): the next worker
+/// claims it at once, since no lease is held.
+pub async fn enqueue(kernel: &Kernel, request: &ExecutionRequest) -> Result<(Uuid, bool), CliError> {
+    // Mirrors `RuntimeKernel::execute`, minus claiming the job.
+    let mut ctx = ExecutionContext::new(request.scope.clone());
+    ctx.principal = request.principal.clone();
+    ctx.session = request.session.clone();
+    ctx.budget = request.budget.clone();
+    ctx.policy = request.policy.clone();
+    ctx.versions.model = Some(request.model.clone());
+    ctx.metadata = request.metadata.clone();
+    let mut new = NewJob::from_context(&ctx, AGENT_JOB_KIND);
+    new.idempotency_key = request.idempotency_key.clone();
+    new.input = serde_json::to_value(request).map_err(|e| CliError::internal(e.to_string()))?;
+    let now = kernel.clock().now();
+    new.deadline = request
+        .runtime_limit()
+        .map(|d| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+    let created = kernel.jobs().create(new).await?;
+    Ok((created.job.id, created.created))
+}
+
+/// Run `keel run`.
+pub async fn run(home: &Path, args: RunArgs) -> CliResult {
+    let patterns = tool_patterns(&args.tools);
+    let choice = PolicyChoice::resolve(home, args.common.policy.as_deref())?;
+    if let Some(note) = &choice.note {
+        eprintln!("note: {note}");
+    }
+    let host = AgentHost::open(home, Some(&patterns), choice).await?;
+    let mut request = ExecutionRequest::new(args.common.scope.clone(), args.model.clone(), args.prompt.clone())
+        .with_tools(patterns.clone());
+    request.principal = args.principal.clone();
+    request.session = Some(
+        args.session
+            .clone()
+            .unwrap_or_else(|| format!("cli-{}", Uuid::now_v7().simple())),
+    );
+    request.max_turns = args.max_turns;
+    request.timeout = args.timeout;
+    request.budget.max_cost = args.max_cost;
+    request.budget.max_tool_calls = args.max_tool_calls;
+    request.policy = host.policy.clone();
+    // Every CLI job gets a key: `keel jobs watch` re-attaches through it and resumes exactly that job.
+    request.idempotency_key = Some(
+        args.idempotency_key
+            .clone()
+            .unwrap_or_else(|| format!("cli-{}", Uuid::now_v7().simple())),
+    );
+    if args.detach {
+        let (id, created) = enqueue(&host.kernel, &request).await?;
+        if args.common.json {
+            println!("{}", json!({ "job_id": id, "created": created }));
+        } else {
+            if !created {
+                eprintln!("note: a job with this idempotency key already exists");
+            }
+            println!("{id}");
+            eprintln!("queued; run it and follow it with `keel jobs watch {id}` (or let `keel worker` run it)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stop = CancellationToken::new();
+    let _sweeper = host.kernel.spawn_sweeper(host.poll, stop.clone());
+    let handle = host.rt.execute(request).await.map_err(agent_error)?;
+    let job_id = handle.job_id();
+    let opts = FollowOptions::from_args(&args.common, 0);
+    if !opts.json {
+        eprintln!("job {job_id}");
+    }
+    let code = tokio::select! {
+        r = follow(&host, &args.common.scope, job_id, &opts) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\ninterrupted: job {job_id} was left as it is; `keel jobs watch {job_id}` resumes it");
+            ExitCode::from(130)
+        }
+    };
+    stop.cancel();
+    Ok(code)
+}
+
+/// Map an agent API error to the CLI's.
+pub fn agent_error(e: keel_kernel::agent::AgentError) -> CliError {
+    match e {
+        keel_kernel::agent::AgentError::Invalid(m) => CliError::user(m),
+        keel_kernel::agent::AgentError::Kernel(k) => k.into(),
+    }
+}
+
+/// How [`follow`] renders and answers.
+#[derive(Debug, Clone)]
+pub struct FollowOptions {
+    /// JSON lines instead of text.
+    pub json: bool,
+    /// Approve every approval (with a note).
+    pub auto_approve: bool,
+    /// Ask on the terminal (stdin and stdout are terminals).
+    pub interactive: bool,
+    /// Draw a status line on stderr (stderr is a terminal, not JSON).
+    pub status_line: bool,
+    /// Start after this event sequence number.
+    pub from_seq: u64,
+}
+
+impl FollowOptions {
+    /// From the shared flags, detecting terminals.
+    pub fn from_args(args: &AgentArgs, from_seq: u64) -> Self {
+        let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+        Self {
+            json: args.json,
+            auto_approve: args.auto_approve,
+            interactive: tty && !args.json,
+            status_line: !args.json && std::io::stderr().is_terminal(),
+            from_seq,
+        }
+    }
+}
+
+fn ends(e: &RuntimeEvent) -> bool {
+    match e.event_type {
+        EventType::FinalResult
+        | EventType::FinalError
+        | EventType::JobCompleted
+        | EventType::JobFailed
+        | EventType::JobCancelled => true,
+        EventType::JobStatusChanged => e
+            .data
+            .get("to")
+            .and_then(|v| serde_json::from_value::<JobState>(v.clone()).ok())
+            .is_some_and(JobState::is_terminal),
+        _ => false,
+    }
+}
+
+/// The terminal renderer: event lines on stdout, a status line on stderr.
+struct Screen {
+    opts: FollowOptions,
+    mid_line: bool,
+    status_shown: bool,
+    turn: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    cost: Decimal,
+    state: String,
+}
+
+impl Screen {
+    fn clear_status(&mut self) {
+        if self.status_shown {
+            eprint!("\r\x1b[2K");
+            self.status_shown = false;
+        }
+    }
+
+    fn line(&mut self, text: &str) {
+        self.clear_status();
+        if self.mid_line {
+            println!();
+            self.mid_line = false;
+        }
+        println!("{text}");
+    }
+
+    fn note(&mut self, text: &str) {
+        self.clear_status();
+        if self.mid_line {
+            println!();
+            self.mid_line = false;
+        }
+        eprintln!("{text}");
+    }
+
+    fn draw_status(&mut self, job_id: Uuid) {
+        if !self.opts.status_line || self.mid_line {
+            return;
+        }
+        eprint!(
+            "\r\x1b[2K[{}] {} · turn {} · {} in / {} out tokens · ${}",
+            &job_id.simple().to_string()[..8],
+            self.state,
+            self.turn,
+            self.input_tokens,
+            self.output_tokens,
+            self.cost.normalize()
+        );
+        let _ = std::io::stderr().flush();
+        self.status_shown = true;
+    }
+
+    fn render(&mut self, e: &RuntimeEvent) {
+        let d = &e.data;
+        let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        match e.event_type {
+            EventType::JobStatusChanged | EventType::JobStarted => {
+                if let Some(to) = d.get("to").and_then(Value::as_str) {
+                    self.state = to.to_ascii_lowercase();
+                    if to == JobState::WaitingAction.as_str() {
+                        self.line("… waiting for approval");
+                    }
+                }
+            }
+            EventType::ModelToken => {
+                self.clear_status();
+                print!("{}", s("text"));
+                let _ = std::io::stdout().flush();
+                self.mid_line = true;
+            }
+            EventType::ModelReasoning => {}
+            EventType::ModelDone => {
+                self.turn = d["turn"].as_u64().unwrap_or(self.turn);
+                self.input_tokens += d["usage"]["input_tokens"].as_u64().unwrap_or(0);
+                self.output_tokens += d["usage"]["output_tokens"].as_u64().unwrap_or(0);
+                if let Ok(c) = serde_json::from_value::<Decimal>(d["usage"]["cost"].clone()) {
+                    self.cost += c;
+                }
+                let calls: Vec<&str> = d["tool_calls"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                if !calls.is_empty() {
+                    self.line(&format!("· turn {}: the model calls {}", self.turn, calls.join(", ")));
+                } else if self.mid_line {
+                    println!();
+                    self.mid_line = false;
+                }
+            }
+            EventType::ToolStart => self.line(&format!("· {} …", s("tool"))),
+            EventType::ToolEnd => self.line(&format!(
+                "✓ {} ({} ms)",
+                s("tool"),
+                d["duration_ms"].as_u64().unwrap_or(0)
+            )),
+            EventType::ToolError => self.line(&format!("✗ {}: {}", s("tool"), s("message"))),
+            EventType::ActionRequired => {
+                let req = &d["request"];
+                self.line(&format!(
+                    "? approval required: {} {} ({})",
+                    s("title"),
+                    req["arguments"],
+                    req["reason"].as_str().unwrap_or("")
+                ));
+            }
+            EventType::ActionResolved => {
+                let approved = d["resolution"]["approved"].as_bool();
+                let by = d["resolution"]["resolved_by"].as_str().unwrap_or("someone");
+                let verdict = match approved {
+                    Some(true) => "approved",
+                    Some(false) => "denied",
+                    None => "answered",
+                };
+                self.line(&format!("· action {verdict} by {by}"));
+            }
+            EventType::ActionExpired => self.line("✗ the approval request expired"),
+            EventType::ActionCancelled => self.line("· the approval request was withdrawn"),
+            EventType::Progress => {
+                if let Some(m) = d.get("message").and_then(Value::as_str) {
+                    self.line(&format!("· {m}"));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Follow job `job_id` of `scope` until it ends: print its events (or JSON lines), answer its
+/// approvals as `opts` says, then print the result and usage. Reads the store, so events written by
+/// any process are seen. The exit code is 0 when the job succeeded, 1 otherwise.
+pub async fn follow(host: &AgentHost, scope: &str, job_id: Uuid, opts: &FollowOptions) -> CliResult {
+    let kernel = &host.kernel;
+    let mut sub = kernel.subscribe(EventFilter::job(job_id));
+    let mut screen = Screen {
+        opts: opts.clone(),
+        mid_line: false,
+        status_shown: false,
+        turn: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        cost: Decimal::ZERO,
+        state: "queued".into(),
+    };
+    let mut last = opts.from_seq;
+    let mut ending = false;
+    loop {
+        let events = kernel
+            .read_events(&EventQuery {
+                filter: EventFilter::job(job_id),
+                after_seq: last,
+                ..EventQuery::default()
+            })
+            .await?;
+        let got_any = !events.is_empty();
+        for e in &events {
+            last = e.seq;
+            if opts.json {
+                println!("{}", json!({ "type": "event", "event": e }));
+            } else {
+                screen.render(e);
+            }
+            if e.event_type == EventType::ActionRequired {
+                answer(host, scope, e, opts, &mut screen).await?;
+            }
+            ending |= ends(e);
+        }
+        if ending && !got_any {
+            break;
+        }
+        if !ending && !got_any && kernel.jobs().get(scope, job_id).await?.state.is_terminal() {
+            // Ended without a terminal event we recognise: drain once more, then stop.
+            ending = true;
+            continue;
+        }
+        if ending {
+            continue;
+        }
+        screen.draw_status(job_id);
+        tokio::select! {
+            _ = sub.recv() => {}
+            _ = tokio::time::sleep(host.poll) => {}
+        }
+    }
+    screen.clear_status();
+    if screen.mid_line {
+        println!();
+    }
+    let result = host
+        .rt
+        .attach(scope, job_id)
+        .await
+        .map_err(agent_error)?
+        .snapshot()
+        .await
+        .map_err(agent_error)?;
+    print_result(&result, opts.json);
+    Ok(if result.status == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Print a job's outcome (text, or one JSON line).
+pub fn print_result(result: &ExecutionResult, json_lines: bool) {
+    if json_lines {
+        println!("{}", json!({ "type": "result", "result": result }));
+        return;
+    }
+    let u = &result.usage;
+    match (&result.status, &result.content, &result.error) {
+        (JobState::Succeeded, content, _) => println!("\nresult: {}", content.as_deref().unwrap_or("")),
+        (status, _, Some(e)) => println!("\n{status}: {} ({})", e.message, e.code),
+        (status, _, None) => println!("\n{status}"),
+    }
+    println!(
+        "usage: {} turns, {} model calls, {} input + {} output tokens, ${} cost, {} tool calls",
+        result.turns,
+        u.model_calls,
+        u.input_tokens,
+        u.output_tokens,
+        u.cost.normalize(),
+        u.tool_calls
+    );
+}
+
+/// Answer (or explain how to answer) the approval announced by `e`, if it is still pending.
+async fn answer(
+    host: &AgentHost,
+    scope: &str,
+    e: &RuntimeEvent,
+    opts: &FollowOptions,
+    screen: &mut Screen,
+) -> Result<(), CliError> {
+    let Some(id) = e.data["action_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()) else {
+        return Ok(());
+    };
+    let action = host.kernel.actions().get(scope, id).await?;
+    if action.state != ActionState::Pending {
+        return Ok(());
+    }
+    let tool = action.request["tool"].as_str().unwrap_or("?").to_string();
+    let resolution = if opts.auto_approve {
+        let say = if opts.json { Screen::note } else { Screen::line };
+        say(
+            screen,
+            &format!(
+                "note: auto-approving `{tool}` {} (--auto-approve)",
+                action.request["arguments"]
+            ),
+        );
+        Some(Resolution {
+            resolved_by: Some("keel --auto-approve".into()),
+            ..Resolution::approve(true)
+        })
+    } else if opts.interactive {
+        screen.clear_status();
+        prompt(&tool, &action.request).await
+    } else {
+        screen.note(&format!(
+            "approval required for `{tool}` (action {id}, expires {}).\n  approve from another shell: keel actions approve {id}{s}\n  deny:                       keel actions deny {id}{s}\n  this process keeps waiting.",
+            action.expires_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            s = if scope == DEFAULT_SCOPE { String::new() } else { format!(" --scope {scope}") },
+        ));
+        None
+    };
+    if let Some(resolution) = resolution {
+        match host.kernel.actions().resolve(scope, id, resolution).await {
+            Ok(_) => {}
+            // Someone else answered first (another shell, or it expired): the events tell which.
+            Err(e) => screen.note(&format!("note: could not answer action {id}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// Ask on the terminal: approve / deny / approve for the session.
+async fn prompt(tool: &str, request: &Value) -> Option<Resolution> {
+    let question = format!(
+        "Allow `{tool}` with {}? [y]es / [n]o / [s]ession (approve this call for the session): ",
+        request["arguments"]
+    );
+    tokio::task::spawn_blocking(move || {
+        loop {
+            eprint!("{question}");
+            let _ = std::io::stderr().flush();
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            let by = Some("terminal".to_string());
+            match line.trim().to_ascii_lowercase().as_str() {
+                "y" | "yes" => {
+                    return Some(Resolution {
+                        resolved_by: by,
+                        ..Resolution::approve(true)
+                    });
+                }
+                "n" | "no" => {
+                    return Some(Resolution {
+                        resolved_by: by,
+                        ..Resolution::approve(false)
+                    });
+                }
+                "s" | "session" => {
+                    return Some(Resolution {
+                        resolved_by: by,
+                        value: json!("session"),
+                        ..Resolution::approve(true)
+                    });
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}

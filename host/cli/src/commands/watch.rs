@@ -1,0 +1,103 @@
+//! `keel jobs watch ID`: re-attach to an agent job, follow its events, and resume it in this process
+//! when no live host holds its lease (the host that ran it died, or it was started with `--detach`).
+//!
+//! Resuming goes through the job's idempotency key (`keel run` always sets one), so this process
+//! claims exactly that job and no other orphan. The job's recorded policy file is reloaded.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use keel_kernel::ExecutionRequest;
+use keel_kernel::agent::AGENT_JOB_KIND;
+use keel_kernel::context::CancellationToken;
+
+use crate::commands::kernel_app::parse_id;
+use crate::commands::run::{AgentArgs, AgentHost, FollowOptions, PolicyChoice, agent_error, follow};
+use crate::output::{CliError, CliResult};
+
+/// `keel jobs watch`.
+#[derive(Debug, clap::Args)]
+pub struct WatchArgs {
+    /// Job id.
+    id: String,
+    /// Print events after this sequence number only (default: from the first).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    from: u64,
+    /// Only follow: never resume the job in this process.
+    #[arg(long)]
+    no_resume: bool,
+    #[command(flatten)]
+    common: AgentArgs,
+}
+
+/// Run `keel jobs watch`.
+pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
+    let id = parse_id("job", &args.id)?;
+    let scope = args.common.scope.clone();
+    let kernel = crate::commands::kernel_app::open_kernel(home).await?;
+    let job = kernel.jobs().get(&scope, id).await?;
+    drop(kernel);
+    let request: Option<ExecutionRequest> = (job.kind == AGENT_JOB_KIND)
+        .then(|| serde_json::from_value(job.input.clone()).ok())
+        .flatten();
+    let resume = !args.no_resume && !job.state.is_terminal() && request.is_some();
+    let choice = match &request {
+        Some(r) if resume => PolicyChoice::of_job(home, &r.policy, args.common.policy.as_deref())?,
+        _ => PolicyChoice::resolve(home, args.common.policy.as_deref())?,
+    };
+    if resume && let Some(note) = &choice.note {
+        eprintln!("note: {note}");
+    }
+    // Only the plugins the job may call are loaded (all of them for a non-agent job).
+    let patterns = request.as_ref().map(|r| r.tools.clone());
+    let host = AgentHost::open(home, if resume { patterns.as_deref() } else { Some(&[]) }, choice).await?;
+    let stop = CancellationToken::new();
+    if resume {
+        let _sweeper = host.kernel.spawn_sweeper(host.poll, stop.clone());
+        let request = request.clone().expect("resume implies a request");
+        let (rt, poll, stop2) = (host.rt.clone(), host.poll, stop.clone());
+        // Keep trying to claim the job: its lease frees up when the dead host's lapses, and a job
+        // waiting for approval becomes claimable once someone answers.
+        tokio::spawn(async move {
+            let mut said = false;
+            loop {
+                if !rt.running_jobs().contains(&id) {
+                    let job = rt.kernel().jobs().get(&request.scope, id).await;
+                    match job {
+                        Ok(j) if j.state.is_terminal() => return,
+                        Ok(_) => {
+                            let r = match request.idempotency_key {
+                                Some(_) => rt.execute(request.clone()).await.map(|_| ()),
+                                None => rt.resume_orphans(rt.kernel().clock().now()).await.map(|_| ()),
+                            };
+                            if let Err(e) = r {
+                                eprintln!("note: cannot resume job {id} yet: {}", agent_error(e).message);
+                            } else if rt.running_jobs().contains(&id) && !said {
+                                eprintln!("note: resumed job {id} in this process");
+                                said = true;
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                }
+                tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        });
+    }
+    let opts = FollowOptions::from_args(&args.common, args.from);
+    if !opts.json {
+        eprintln!("job {id} ({})", job.state);
+    }
+    let code = tokio::select! {
+        r = follow(&host, &scope, id, &opts) => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\nstopped watching job {id}");
+            Ok(ExitCode::from(130))
+        }
+    };
+    stop.cancel();
+    code.map_err(|e: CliError| e)
+}

@@ -12,7 +12,8 @@
 //! - every recorded resume token still names its action: a pending one resolves exactly once
 //!   (through `keel actions resolve`), anything else is refused as not pending, never unknown.
 //!
-//! Set `KEEL_CRASH_SEED` to replay a run's kill schedule.
+//! Odd rounds kill two churning processes sharing the file. Set `KEEL_CRASH_SEED` to replay a
+//! run's kill schedule.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -202,10 +203,12 @@ fn sigkill_at_random_points_loses_nothing() {
     let (mut resolved, mut refused, mut kills) = (0, 0, 0);
 
     for round in 0..ROUNDS {
-        let seed_arg = (seed.wrapping_add(round) % 1_000_000).to_string();
-        let mut child = keel(
-            home,
-            &[
+        // Odd rounds run two churning processes on the same file (two hosts sharing a database).
+        let processes = 1 + round % 2;
+        let mut children = Vec::new();
+        for p in 0..processes {
+            let seed_arg = (seed.wrapping_add(round * 2 + p) % 1_000_000).to_string();
+            let args = [
                 "debug",
                 "churn",
                 "--seed",
@@ -214,30 +217,34 @@ fn sigkill_at_random_points_loses_nothing() {
                 "1000000",
                 "--workers",
                 "2",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn churn");
-        let mut stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut text = String::new();
-            stdout.read_to_string(&mut text).unwrap();
-            text
-        });
-        std::thread::sleep(Duration::from_millis(50 + rng.below(351)));
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-            panic!("round {round}: churn ended on its own ({status}): {err}");
+            ];
+            let mut child = keel(home, &args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn churn");
+            let mut stdout = child.stdout.take().unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut text = String::new();
+                stdout.read_to_string(&mut text).unwrap();
+                text
+            });
+            children.push((child, reader));
         }
-        child.kill().expect("SIGKILL churn");
-        child.wait().unwrap();
-        kills += 1;
-        let text = reader.join().unwrap();
-        for (key, id) in created_lines(&text) {
-            assert!(reported.insert(key.clone(), id).is_none(), "key {key} reported twice");
+        std::thread::sleep(Duration::from_millis(50 + rng.below(351)));
+        for (mut child, reader) in children {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("round {round}: churn ended on its own ({status}): {err}");
+            }
+            child.kill().expect("SIGKILL churn");
+            child.wait().unwrap();
+            kills += 1;
+            let text = reader.join().unwrap();
+            for (key, id) in created_lines(&text) {
+                assert!(reported.insert(key.clone(), id).is_none(), "key {key} reported twice");
+            }
         }
 
         let recovery = json(home, &["debug", "recover", "--advance-secs", "120", "--json"]);
@@ -267,7 +274,7 @@ fn sigkill_at_random_points_loses_nothing() {
     expect(home, &["debug", "recover", "--advance-secs", "120"], 0);
     let report = check_store(home, &reported);
 
-    assert_eq!(kills, ROUNDS);
+    assert_eq!(kills, ROUNDS + ROUNDS / 2);
     assert!(!reported.is_empty(), "churn never got to create a job");
     assert!(report["jobs"].as_u64().unwrap() >= reported.len() as u64);
     eprintln!(

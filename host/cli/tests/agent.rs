@@ -1,0 +1,553 @@
+//! End-to-end agent jobs through the real `keel` binary: a scripted model file, real guest
+//! components (hello + fs), SQLite, several `keel` processes on one Keel home (approvals from a
+//! second process, cancel, SIGKILL + restart).
+//!
+//! Every wait is a poll of the CLI/database for a state, bounded by a timeout; no sleep is an assertion.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const MODEL: &str = "scripted:test";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A fresh Keel home with hello and fs installed (fs: `/data` read-only, `/out` read-write).
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    /// `script`: the scripted model's turns; `policy`: `policy.toml` (none = allow-all);
+    /// `agent`: extra `[agent]` keys.
+    fn new(script: Value, policy: Option<&str>, agent: &str) -> Self {
+        let home = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let p = home.path();
+        std::fs::create_dir_all(p.join("data")).unwrap();
+        std::fs::create_dir_all(p.join("out")).unwrap();
+        std::fs::write(p.join("data/notes.txt"), "Keel keeps notes in SQLite.\n").unwrap();
+        std::fs::write(p.join("script.json"), json!({ "turns": script }).to_string()).unwrap();
+        // Output tokens cost 0.001 each, input tokens are free: a turn's cost is exactly predictable.
+        let config = format!(
+            "[agent]\nlease_ttl_ms = 1000\npoll_ms = 50\n{agent}\n\n\
+             [models.providers.scripted]\nkind = \"scripted\"\nscript = \"script.json\"\n\n\
+             [models.providers.scripted.prices.test]\ninput_per_mtok = \"0\"\noutput_per_mtok = \"1000\"\n"
+        );
+        std::fs::write(p.join("config.toml"), config).unwrap();
+        if let Some(policy) = policy {
+            std::fs::write(p.join("policy.toml"), policy).unwrap();
+        }
+        home.expect(&["install", &guest("hello")], 0);
+        let data = format!("{}::/data", p.join("data").display());
+        let out = format!("{}::/out", p.join("out").display());
+        home.expect(
+            &[
+                "install",
+                &guest("keel-plugin-fs"),
+                "--allow-read",
+                &data,
+                "--allow-write",
+                &out,
+            ],
+            0,
+        );
+        home
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
+        c.args(args)
+            .env("KEEL_HOME", self.path())
+            .env_remove("KEEL_LOG")
+            .env_remove("KEEL_DEBUG_MODEL_DELAY_MS")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run keel")
+    }
+
+    /// Run, expect exit `code`, return stdout.
+    fn expect(&self, args: &[&str], code: i32) -> String {
+        let out = self.output(args);
+        assert_eq!(out.status.code(), Some(code), "keel {args:?}\n{}", show(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.expect(args, 0)).expect("JSON output")
+    }
+
+    /// `keel run PROMPT --json ...` in the background (optionally with a model delay).
+    fn spawn_run(&self, extra: &[&str], model_delay_ms: Option<u64>) -> Child {
+        let mut args = vec!["run", "do the thing", "--model", MODEL, "--json"];
+        args.extend_from_slice(extra);
+        let mut c = self.command(&args);
+        if let Some(ms) = model_delay_ms {
+            c.env("KEEL_DEBUG_MODEL_DELAY_MS", ms.to_string());
+        }
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keel run")
+    }
+
+    /// The only job of this home (every test runs one), once it exists.
+    fn the_job(&self) -> String {
+        poll("a job", || {
+            let jobs = self.json(&["jobs", "list", "--json"]);
+            jobs.as_array()?.first()?["id"].as_str().map(str::to_string)
+        })
+    }
+
+    fn job(&self, id: &str) -> Value {
+        self.json(&["jobs", "show", id, "--json"])
+    }
+
+    /// Wait until the job has an event matching `f`.
+    fn wait_event(&self, id: &str, what: &str, f: impl Fn(&Value) -> bool) {
+        poll(what, || {
+            let shown = self.job(id);
+            shown["events"].as_array()?.iter().any(&f).then_some(())
+        })
+    }
+
+    /// Wait for the job's pending action; returns its id.
+    fn pending_action(&self) -> String {
+        poll("a pending action", || {
+            let actions = self.json(&["actions", "list", "--json"]);
+            actions.as_array()?.first()?["id"].as_str().map(str::to_string)
+        })
+    }
+
+    fn ledger(&self, job: &str) -> Value {
+        self.json(&["ledger", "usage", "--job", job, "--json"])["usage"].clone()
+    }
+
+    fn effects(&self) -> String {
+        std::fs::read_to_string(self.path().join("out/effects.txt")).unwrap_or_default()
+    }
+}
+
+fn guest(name: &str) -> String {
+    keel_testutil::guest(name).to_string_lossy().into_owned()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Poll `f` until it returns `Some`, for at most [`WAIT`].
+fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait for a child to exit (bounded), returning its output.
+fn finish(child: Child) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(out) => out.expect("wait for keel"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("keel (pid {pid}) did not finish within {WAIT:?}");
+        }
+    }
+}
+
+/// The JSON lines of `keel run/watch --json`: (events, result).
+fn lines(out: &Output) -> (Vec<Value>, Value) {
+    let mut events = Vec::new();
+    let mut result = Value::Null;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{}", show(out)));
+        match v["type"].as_str() {
+            Some("event") => events.push(v["event"].clone()),
+            Some("result") => result = v["result"].clone(),
+            _ => panic!("unexpected line {line}"),
+        }
+    }
+    assert!(!result.is_null(), "no result line\n{}", show(out));
+    (events, result)
+}
+
+fn has(events: &[Value], event_type: &str, tool: &str) -> bool {
+    events
+        .iter()
+        .any(|e| e["event_type"] == event_type && e["data"]["tool"] == tool)
+}
+
+fn call(name: &str, arguments: Value) -> Value {
+    json!({ "name": name, "arguments": arguments })
+}
+
+fn turn(calls: Vec<Value>, output_tokens: u64) -> Value {
+    json!({ "tool_calls": calls, "usage": { "input_tokens": 10, "output_tokens": output_tokens } })
+}
+
+fn text(t: &str) -> Value {
+    json!({ "text": t, "usage": { "input_tokens": 10, "output_tokens": 5 } })
+}
+
+fn append_line() -> Value {
+    call(
+        "fs__write",
+        json!({ "path": "/out/effects.txt", "content": "line\n", "mode": "append" }),
+    )
+}
+
+const ASK_WRITES: &str = r#"
+version = 1
+default = "allow"
+
+[[tool]]
+name = "ask-before-writing"
+tools = ["fs/write"]
+decision = "require_approval"
+reason = "writes need a human"
+"#;
+
+#[test]
+fn multi_turn_job_with_two_tools() {
+    let home = Home::new(
+        json!([
+            turn(
+                vec![
+                    call("hello__greet", json!({ "name": "Ada" })),
+                    call("fs__read", json!({ "path": "/data/notes.txt" }))
+                ],
+                5
+            ),
+            turn(vec![append_line()], 5),
+            text("All done."),
+        ]),
+        None,
+        "",
+    );
+    let out = home.output(&[
+        "run",
+        "greet, read, write",
+        "--tools",
+        "hello,fs",
+        "--model",
+        MODEL,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("every tool and model call is allowed"),
+        "no-policy note missing\n{}",
+        show(&out)
+    );
+    let (events, result) = lines(&out);
+    assert_eq!(result["status"], "SUCCEEDED");
+    assert_eq!(result["content"], "All done.");
+    assert_eq!(result["usage"]["model_calls"], 3);
+    assert_eq!(result["usage"]["tool_calls"], 3);
+    for tool in ["hello/greet", "fs/read", "fs/write"] {
+        assert!(has(&events, "tool.end", tool), "{tool} did not run\n{}", show(&out));
+    }
+    assert_eq!(home.effects(), "line\n");
+    let job = result["job_id"].as_str().unwrap();
+    let usage = home.ledger(job);
+    assert_eq!(usage["requests"], 3, "{usage}");
+    assert_eq!(usage["tool_calls"], 3, "{usage}");
+
+    // Human output of the same kind of job: streamed text, tool lines, result and usage.
+    let human = home.expect(&["run", "again", "--tools", "hello,fs", "--model", MODEL], 0);
+    assert!(human.contains("✓ hello/greet"), "{human}");
+    assert!(human.contains("result: All done."), "{human}");
+    assert!(human.contains("usage: 3 turns"), "{human}");
+}
+
+#[test]
+fn denied_tool_is_reported_to_the_model_and_the_job_finishes() {
+    let policy = r#"
+version = 1
+default = "allow"
+
+[[tool]]
+name = "no-writes"
+tools = ["fs/write"]
+decision = "deny"
+reason = "read-only agent"
+"#;
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Could not write.")]),
+        Some(policy),
+        "",
+    );
+    let out = home.output(&["run", "write it", "--tools", "fs", "--model", MODEL, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (events, result) = lines(&out);
+    assert_eq!(result["status"], "SUCCEEDED");
+    assert_eq!(result["usage"]["tool_calls"], 0);
+    let denied = events
+        .iter()
+        .find(|e| e["event_type"] == "tool.error")
+        .unwrap_or_else(|| panic!("no tool.error\n{}", show(&out)));
+    assert_eq!(denied["data"]["code"], "policy_denied");
+    assert!(
+        denied["data"]["message"].as_str().unwrap().contains("denied by policy"),
+        "{denied}"
+    );
+    assert_eq!(home.effects(), "");
+}
+
+#[test]
+fn approval_from_a_second_process() {
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Written.")]),
+        Some(ASK_WRITES),
+        "",
+    );
+    let run = home.spawn_run(&["--tools", "fs"], None);
+    let action = home.pending_action();
+    assert_eq!(home.effects(), "", "nothing runs before the approval");
+    home.expect(&["actions", "approve", &action], 0);
+    let out = finish(run);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("keel actions approve {action}")),
+        "the waiting process says how to approve\n{stderr}"
+    );
+    let (events, result) = lines(&out);
+    assert_eq!(result["status"], "SUCCEEDED");
+    assert!(has(&events, "tool.end", "fs/write"));
+    assert_eq!(home.effects(), "line\n");
+}
+
+#[test]
+fn approval_denied_from_a_second_process() {
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Not written.")]),
+        Some(ASK_WRITES),
+        "",
+    );
+    let run = home.spawn_run(&["--tools", "fs"], None);
+    let action = home.pending_action();
+    home.expect(&["actions", "deny", &action], 0);
+    let out = finish(run);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (events, result) = lines(&out);
+    assert_eq!(result["status"], "SUCCEEDED");
+    assert_eq!(result["content"], "Not written.");
+    let refused = events
+        .iter()
+        .find(|e| e["event_type"] == "tool.error")
+        .expect("tool.error");
+    assert_eq!(refused["data"]["code"], "approval_denied");
+    assert_eq!(home.effects(), "");
+}
+
+#[test]
+fn unanswered_approval_expires_and_times_the_job_out() {
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Written.")]),
+        Some(ASK_WRITES),
+        "approval_ttl_secs = 1",
+    );
+    let out = finish(home.spawn_run(&["--tools", "fs"], None));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let (events, result) = lines(&out);
+    assert_eq!(result["status"], "TIMED_OUT", "{}", show(&out));
+    assert!(events.iter().any(|e| e["event_type"] == "action.expired"));
+    assert_eq!(home.effects(), "");
+}
+
+#[test]
+fn budget_runs_out_mid_job() {
+    // Each turn costs exactly 0.5 (500 output tokens at 0.001): the second turn is refused.
+    let home = Home::new(
+        json!([
+            turn(vec![call("hello__greet", json!({ "name": "Ada" }))], 500),
+            turn(vec![call("hello__greet", json!({ "name": "Bob" }))], 500),
+            text("Greeted both."),
+        ]),
+        None,
+        "",
+    );
+    let out = home.output(&[
+        "run",
+        "greet",
+        "--tools",
+        "hello",
+        "--model",
+        MODEL,
+        "--max-cost",
+        "0.5",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let (_, result) = lines(&out);
+    assert_eq!(result["status"], "FAILED");
+    assert_eq!(result["error"]["code"], "budget_exceeded", "{result}");
+    assert_eq!(result["usage"]["model_calls"], 1);
+    assert_eq!(result["usage"]["tool_calls"], 1);
+    let usage = home.ledger(result["job_id"].as_str().unwrap());
+    assert_eq!(usage["requests"], 1, "{usage}");
+    assert_eq!(usage["cost"], "0.5", "never more than --max-cost: {usage}");
+}
+
+#[test]
+fn cancel_from_another_process_mid_job() {
+    let home = Home::new(
+        json!([
+            turn(vec![call("hello__greet", json!({ "name": "Ada" }))], 5),
+            turn(vec![call("hello__greet", json!({ "name": "Bob" }))], 5),
+            text("Greeted both."),
+        ]),
+        None,
+        "",
+    );
+    // Each model call takes 2 s in the running process: the cancel lands during turn 2.
+    let run = home.spawn_run(&["--tools", "hello"], Some(2000));
+    let job = home.the_job();
+    home.wait_event(&job, "the first tool call", |e| e["event_type"] == "tool.end");
+    home.expect(&["jobs", "cancel", &job], 0);
+    let out = finish(run);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let (_, result) = lines(&out);
+    assert_eq!(result["status"], "CANCELLED");
+    assert_eq!(home.job(&job)["job"]["state"], "CANCELLED");
+    let usage = home.ledger(&job);
+    assert_eq!(usage["requests"], 1, "the interrupted turn is not charged: {usage}");
+    assert_eq!(usage["tool_calls"], 1, "{usage}");
+}
+
+#[test]
+fn sigkill_mid_turn_then_watch_resumes_without_rerunning_or_recharging() {
+    let home = Home::new(json!([turn(vec![append_line()], 5), text("Written once.")]), None, "");
+    // Slow model calls: the host is killed while turn 2's model call is in flight.
+    let mut run = home.spawn_run(&["--tools", "fs"], Some(1500));
+    let job = home.the_job();
+    home.wait_event(&job, "fs/write to finish", |e| {
+        e["event_type"] == "tool.end" && e["data"]["tool"] == "fs/write"
+    });
+    run.kill().expect("SIGKILL keel run");
+    run.wait().unwrap();
+    assert_eq!(home.job(&job)["job"]["state"], "RUNNING");
+
+    let out = finish(
+        home.command(&["jobs", "watch", &job, "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (_, result) = lines(&out);
+    assert_eq!(result["status"], "SUCCEEDED");
+    assert_eq!(result["content"], "Written once.");
+    assert_eq!(home.effects(), "line\n", "the completed write is not re-run");
+    let usage = home.ledger(&job);
+    assert_eq!(usage["requests"], 2, "each turn charged once: {usage}");
+    assert_eq!(usage["tool_calls"], 1, "{usage}");
+    assert_eq!(usage["cost"], "0.01", "{usage}");
+}
+
+#[test]
+fn sigkill_mid_approval_then_approve_and_a_worker_finishes() {
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Written once.")]),
+        Some(ASK_WRITES),
+        "",
+    );
+    let mut run = home.spawn_run(&["--tools", "fs"], None);
+    let action = home.pending_action();
+    let job = home.the_job();
+    run.kill().expect("SIGKILL keel run");
+    run.wait().unwrap();
+    assert_eq!(home.job(&job)["job"]["state"], "WAITING_ACTION");
+    home.expect(&["actions", "approve", &action], 0);
+
+    let worker = home
+        .command(&["worker", "--until-idle"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = finish(worker);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let shown = home.job(&job);
+    assert_eq!(shown["job"]["state"], "SUCCEEDED", "{shown}");
+    assert_eq!(home.effects(), "line\n", "the approved write ran exactly once");
+    let usage = home.ledger(&job);
+    assert_eq!(usage["requests"], 2, "{usage}");
+    assert_eq!(usage["tool_calls"], 1, "{usage}");
+}
+
+#[test]
+fn detached_job_runs_when_watched() {
+    let home = Home::new(
+        json!([
+            turn(vec![call("hello__greet", json!({ "name": "Ada" }))], 5),
+            text("Hi.")
+        ]),
+        None,
+        "",
+    );
+    let out = home.expect(&["run", "greet", "--tools", "hello", "--model", MODEL, "--detach"], 0);
+    let job = out.trim().to_string();
+    assert_eq!(home.job(&job)["job"]["state"], "QUEUED");
+    let out = home.output(&["jobs", "watch", &job, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (events, result) = lines(&out);
+    assert_eq!(result["status"], "SUCCEEDED");
+    assert_eq!(events.first().unwrap()["seq"], 1, "watch replays from the first event");
+    // Watching a finished job from a sequence number replays only the rest.
+    let again = home.output(&["jobs", "watch", &job, "--from", "3", "--json"]);
+    let (later, _) = lines(&again);
+    assert!(later.iter().all(|e| e["seq"].as_u64().unwrap() > 3));
+    assert_eq!(later.len() + 3, events.len());
+}
+
+#[test]
+fn demo_runs_offline() {
+    let dir: PathBuf = keel_testutil::guest("hello").parent().unwrap().to_path_buf();
+    keel_testutil::guest("keel-plugin-fs");
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["demo", "--plugins"])
+        .arg(&dir)
+        .env("KEEL_HOME", home.path())
+        .env("TMPDIR", home.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("auto-approving `fs/write`"), "{stdout}");
+    assert!(stdout.contains("result: Done"), "{stdout}");
+    assert!(stdout.contains("Hello, Ada! Summary"), "{stdout}");
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["demo", "--plugins", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("scripts/build-guests"));
+}

@@ -57,7 +57,7 @@ impl Database {
     fn tune(options: SqliteConnectOptions) -> SqliteConnectOptions {
         options
             .journal_mode(SqliteJournalMode::Wal)
-            // NORMAL is durable under WAL against process crashes (SIGKILL); FULL adds power-loss safety.
+            // FULL: a commit survives power loss, not only a process crash (NORMAL under WAL would).
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)

@@ -165,6 +165,10 @@ pub(crate) struct Runner {
     held: Mutex<HashSet<Uuid>>,
     /// Tool calls started so far (for `budget.max_tool_calls`).
     started: AtomicU64,
+    /// Serializes this job's writes (step commits, holds): they all write the job row or take
+    /// the database's write lock, so concurrent tool calls would otherwise burn retries (job
+    /// version conflicts) and SQLite busy-handler sleeps against each other.
+    commit_lock: tokio::sync::Mutex<()>,
 }
 
 impl Runner {
@@ -191,6 +195,7 @@ impl Runner {
             journal: Mutex::new(journal),
             held: Mutex::new(HashSet::new()),
             started: AtomicU64::new(started),
+            commit_lock: tokio::sync::Mutex::new(()),
             rt,
         })
     }
@@ -234,6 +239,7 @@ impl Runner {
         F: Fn(&Job, DateTime<Utc>) -> Result<Step, Stop>,
     {
         let kernel = &self.rt.kernel;
+        let _serial = self.commit_lock.lock().await;
         for _ in 0..kernel.config().max_write_attempts {
             let job = kernel
                 .store()
@@ -563,7 +569,10 @@ impl Runner {
             amount,
             ttl: None,
         };
-        match self.rt.kernel.ledger().reserve(request).await {
+        let serial = self.commit_lock.lock().await;
+        let reserved = self.rt.kernel.ledger().reserve(request).await;
+        drop(serial);
+        match reserved {
             Ok(r) => {
                 self.held
                     .lock()
@@ -1015,13 +1024,19 @@ pub(crate) async fn build_result(rt: &Inner, job: &Job) -> Result<ExecutionResul
 }
 
 /// Keep renewing this host's lease on `job_id` while the loop runs; returns once the lease
-/// went to another host.
+/// went to another host, or the job was ended by another process (e.g. `keel jobs cancel`),
+/// so a loop stuck in a long call stops within a third of the lease.
 pub(crate) async fn heartbeat(rt: Arc<Inner>, job_id: Uuid) {
     let ttl = rt.config.lease_ttl_ms.max(3);
     let mut tick = tokio::time::interval(Duration::from_millis(ttl / 3));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if let Ok(Some(job)) = rt.kernel.store().get_job(job_id).await
+            && job.state.is_terminal()
+        {
+            return;
+        }
         let until = rt.kernel.clock().now() + chrono::Duration::milliseconds(ttl as i64);
         match rt.kernel.store().renew_lease(job_id, &rt.owner, until).await {
             Ok(true) => {}

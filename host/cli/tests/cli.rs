@@ -6,6 +6,9 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::{Value, json};
 
+mod common;
+use common::one_clear_line;
+
 struct Keel {
     home: tempfile::TempDir,
 }
@@ -18,61 +21,30 @@ impl Keel {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
-        command
-            .args(args)
-            .env("KEEL_HOME", self.home.path())
-            .env_remove("KEEL_LOG");
-        command
+        common::keel(self.home.path(), args)
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run keel")
+        common::run(self.home.path(), args)
     }
 
     /// Run, expect exit code `code`, return stdout.
     fn expect(&self, args: &[&str], code: i32) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "keel {args:?}\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        String::from_utf8(common::expect(self.home.path(), args, code).stdout).unwrap()
     }
 
     /// Run, expect exit code `code`, return stderr.
     fn stderr(&self, args: &[&str], code: i32) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "keel {args:?}\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stderr).unwrap()
+        String::from_utf8(common::expect(self.home.path(), args, code).stderr).unwrap()
     }
 
     fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.expect(args, 0)).expect("JSON output")
+        common::json(self.home.path(), args)
     }
 }
 
 fn guest(name: &str) -> String {
     keel_testutil::guest(name).to_string_lossy().into_owned()
-}
-
-fn one_clear_line(stderr: &str) {
-    let lines: Vec<_> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("backtrace"),
-        "{stderr}"
-    );
 }
 
 fn canonical(path: &Path) -> String {

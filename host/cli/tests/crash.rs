@@ -18,40 +18,16 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{expect, json, keel, run};
+
 const ROUNDS: u64 = 12;
 const SCOPE: &str = "churn";
-
-fn keel(home: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
-    command.args(args).env("KEEL_HOME", home).env_remove("KEEL_LOG");
-    command
-}
-
-fn run(home: &Path, args: &[&str]) -> Output {
-    keel(home, args).output().expect("run keel")
-}
-
-fn expect(home: &Path, args: &[&str], code: i32) -> Output {
-    let out = run(home, args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "keel {args:?}\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn json(home: &Path, args: &[&str]) -> Value {
-    let out = expect(home, args, 0);
-    serde_json::from_slice(&out.stdout).expect("JSON output")
-}
 
 /// xorshift64*: the kill schedule, reproducible from the printed seed.
 struct Rng(u64);

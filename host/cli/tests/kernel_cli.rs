@@ -17,6 +17,8 @@ use keel_kernel::services::{HoldRequest, SettleDetails};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
+mod common;
+
 struct Keel {
     home: tempfile::TempDir,
     rt: tokio::runtime::Runtime,
@@ -42,38 +44,22 @@ impl Keel {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
-        command.args(args).env("KEEL_HOME", self.home()).env_remove("KEEL_LOG");
-        command
+        common::keel(self.home(), args)
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run keel")
+        common::run(self.home(), args)
     }
 
     /// Run, expect exit code `code`, return stdout.
     fn expect(&self, args: &[&str], code: i32) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "keel {args:?}\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        String::from_utf8(common::expect(self.home(), args, code).stdout).unwrap()
     }
 
     /// Run, expect exit code `code` with exactly one `error: ...` line on stderr; return it.
     fn error(&self, args: &[&str], code: i32) -> String {
-        let out = self.run(args);
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(out.status.code(), Some(code), "keel {args:?}: {stderr}");
-        let lines: Vec<_> = stderr.lines().collect();
-        assert!(
-            lines.len() == 1 && lines[0].starts_with("error: "),
-            "one clear line expected: {stderr}"
-        );
+        let stderr = String::from_utf8(common::expect(self.home(), args, code).stderr).unwrap();
+        common::one_clear_line(&stderr);
         stderr
     }
 

@@ -30,7 +30,7 @@ pub fn guest(package: &str) -> PathBuf {
     let root = workspace_root();
     let target_dir = root.join("target").join("wasm");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
+    let output = Command::new(&cargo)
         .current_dir(&root)
         .args([
             "build",
@@ -48,7 +48,7 @@ pub fn guest(package: &str) -> PathBuf {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .output()
-        .expect("failed to run cargo to build a guest component");
+        .unwrap_or_else(|e| panic!("failed to run `{cargo}` in {} to build guest `{package}`: {e}", root.display()));
     assert!(
         output.status.success(),
         "building guest `{package}` failed:\n{}",

@@ -1,0 +1,50 @@
+//! Shared harness for the black-box tests: run the real `keel` binary against a Keel home.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// `keel ARGS` with `KEEL_HOME=home` and no inherited log filter.
+pub fn keel(home: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+    command.args(args).env("KEEL_HOME", home).env_remove("KEEL_LOG");
+    command
+}
+
+/// Run `keel ARGS` to completion.
+pub fn run(home: &Path, args: &[&str]) -> Output {
+    keel(home, args).output().expect("run keel")
+}
+
+/// Run and assert the exit code, showing both streams when it differs.
+pub fn expect(home: &Path, args: &[&str], code: i32) -> Output {
+    let out = run(home, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "keel {args:?}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run, expect success, parse stdout as JSON.
+pub fn json(home: &Path, args: &[&str]) -> Value {
+    serde_json::from_slice(&expect(home, args, 0).stdout).expect("JSON output")
+}
+
+/// Assert `stderr` is exactly one `error: ...` sentence: no panic, no backtrace.
+pub fn one_clear_line(stderr: &str) {
+    let lines: Vec<_> = stderr.lines().collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("error: "),
+        "one clear line expected: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+}

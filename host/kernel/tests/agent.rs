@@ -514,3 +514,103 @@ async fn tool_calls_of_one_turn_run_concurrently() {
     assert_eq!(r.usage.tool_calls, 3);
     assert_eq!(tool_messages(&s.model), vec!["ok", "ok", "ok"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kernel_cancel_stops_the_loop() {
+    let tools = FakeTools::new();
+    tools.add("slow/wait", json!({}), true, |_| async {
+        futures::future::pending::<()>().await;
+        Ok(json!(null))
+    });
+    let s = setup(vec![calls(0, &[("slow__wait", json!({}))])], tools, ASK_WRITES);
+    let h = s.rt.execute(request("wait")).await.expect("execute");
+    let mut events = h.events();
+    while let Some(e) = events.next().await {
+        if e.event_type == EventType::ToolStart {
+            break;
+        }
+    }
+    s.rt.kernel()
+        .jobs()
+        .cancel(h.job_id(), "operator")
+        .await
+        .expect("cancel");
+    assert_eq!(result(&h).await.status, JobState::Cancelled);
+    // The stream ends after the terminal event.
+    let rest: Vec<_> = tokio::time::timeout(Duration::from_secs(5), events.collect::<Vec<_>>())
+        .await
+        .expect("stream ends");
+    assert_eq!(rest.last().map(|e| e.event_type), Some(EventType::JobCancelled));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_that_lost_its_lease_stops_and_the_new_owner_finishes() {
+    let store: Arc<dyn keel_kernel::store::KernelStore> = Arc::new(MemoryStore::new());
+    let script = vec![
+        calls(0, &[("net__fetch", json!({}))]),
+        Message::assistant("fetched", vec![]),
+    ];
+    // Host A: the call hangs; its lease is short.
+    let tools_a = FakeTools::new();
+    tools_a.add("net/fetch", json!({}), true, |_| async {
+        futures::future::pending::<()>().await;
+        Ok(json!(null))
+    });
+    let model = Arc::new(ScriptedModel::new(script.clone()));
+    let approvals = Arc::new(SessionApprovals::new());
+    let policy = Arc::new(Policy::allow_all());
+    let a = RuntimeKernel::new(
+        Kernel::new(store.clone()),
+        model.clone(),
+        Arc::new(tools_a.clone()),
+        policy.clone(),
+        approvals.clone(),
+        AgentConfig {
+            lease_ttl_ms: 300,
+            poll_ms: 20,
+            ..AgentConfig::default()
+        },
+    );
+    let h = a.execute(request("fetch")).await.expect("execute");
+    let mut events = h.events();
+    while let Some(e) = events.next().await {
+        if e.event_type == EventType::ToolStart {
+            break;
+        }
+    }
+    // Host B (another process on the same store) claims it as if A's lease had lapsed.
+    let tools_b = FakeTools::new();
+    tools_b.add("net/fetch", json!({}), true, |_| async { Ok(json!("page")) });
+    let b = RuntimeKernel::new(
+        Kernel::new(store.clone()),
+        model,
+        Arc::new(tools_b.clone()),
+        policy,
+        approvals,
+        config(),
+    );
+    let later = b.kernel().clock().now() + chrono::Duration::hours(1);
+    assert_eq!(b.resume_orphans(later).await.expect("claim"), vec![h.job_id()]);
+    let r = result(&b.attach("acme", h.job_id()).await.expect("attach")).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert_eq!((tools_a.count("net/fetch"), tools_b.count("net/fetch")), (1, 1));
+    // A notices at its next heartbeat and stops without writing anything.
+    for _ in 0..100 {
+        if a.running_jobs().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.running_jobs().is_empty(), "host A's loop stopped");
+    let usage = b
+        .kernel()
+        .ledger()
+        .usage(&UsageQuery {
+            tenant: "acme".into(),
+            job_id: Some(h.job_id()),
+            ..Default::default()
+        })
+        .await
+        .expect("usage");
+    assert_eq!(usage.tool_calls, 1, "one charge for the call");
+}

@@ -290,7 +290,10 @@ async fn run_job(inner: Arc<Inner>, job: Job) {
             .emit(job_id, EventType::Progress, serde_json::json!({ "message": message }))
             .await;
     }
-    runner.release_all().await;
+    if !matches!(outcome, Err(run::Stop::Lost)) {
+        // A host that lost the job leaves its holds to the new owner (a re-run settles them).
+        runner.release_all().await;
+    }
     let _ = inner.kernel.store().release_lease(job_id, &inner.owner).await;
     if !matches!(outcome, Err(run::Stop::Error(_)) | Err(run::Stop::Lost)) {
         inner.kernel.jobs().forget_token(job_id);

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod common;
+
 const MODEL: &str = "scripted:test";
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -62,12 +64,8 @@ impl Home {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
-        c.args(args)
-            .env("KEEL_HOME", self.path())
-            .env_remove("KEEL_LOG")
-            .env_remove("KEEL_DEBUG_MODEL_DELAY_MS")
-            .stdin(Stdio::null());
+        let mut c = common::keel(self.path(), args);
+        c.env_remove("KEEL_DEBUG_MODEL_DELAY_MS").stdin(Stdio::null());
         c
     }
 

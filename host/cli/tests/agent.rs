@@ -549,3 +549,96 @@ fn demo_runs_offline() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("scripts/build-guests"));
 }
+
+#[test]
+fn run_refuses_bad_requests_with_one_clear_line() {
+    let home = Home::new(json!([text("unused")]), None, "");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["run", "x", "--tools", "nope", "--model", MODEL],
+            "no plugin named `nope`",
+        ),
+        (
+            &["run", "x", "--tools", "hello", "--model", "nowhere:m"],
+            "configured provider",
+        ),
+        (
+            &[
+                "run",
+                "x",
+                "--tools",
+                "hello",
+                "--model",
+                MODEL,
+                "--timeout",
+                "5 parsecs",
+            ],
+            "duration",
+        ),
+        (
+            &[
+                "run",
+                "x",
+                "--tools",
+                "hello",
+                "--model",
+                MODEL,
+                "--policy",
+                "/nonexistent.toml",
+            ],
+            "policy",
+        ),
+    ];
+    for (args, says) in cases {
+        let out = home.output(args);
+        assert_eq!(out.status.code(), Some(2), "keel {args:?}\n{}", show(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "keel {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let jobs = home.json(&["jobs", "list", "--json"]);
+    assert_eq!(jobs.as_array().unwrap().len(), 0, "no job was created: {jobs}");
+}
+
+/// On a terminal, `keel run` asks; "s" approves this exact call for the rest of the session, so the
+/// identical second call is not asked again. Needs util-linux `script` for a pseudo-terminal.
+#[test]
+fn terminal_prompt_approves_for_the_session() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` command for a pseudo-terminal");
+        return;
+    }
+    let home = Home::new(
+        json!([
+            turn(vec![append_line()], 5),
+            turn(vec![append_line()], 5),
+            text("Twice.")
+        ]),
+        Some(ASK_WRITES),
+        "",
+    );
+    let keel = env!("CARGO_BIN_EXE_keel");
+    let cmd = format!("{keel} run 'append twice' --tools fs --model {MODEL} --session s1");
+    let mut child = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .env("KEEL_HOME", home.path())
+        .env_remove("KEEL_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Typed ahead: the terminal holds the line until the prompt reads it. Kept open until exit.
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"s\n").unwrap();
+    let out = finish(child);
+    drop(stdin);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("[s]ession"), "{stdout}");
+    assert!(stdout.contains("action approved by terminal"), "{stdout}");
+    assert!(stdout.contains("result: Twice."), "{stdout}");
+    assert_eq!(home.effects(), "line\nline\n");
+    let actions = home.json(&["actions", "list", "--all", "--json"]);
+    assert_eq!(actions.as_array().unwrap().len(), 1, "asked once: {actions}");
+}

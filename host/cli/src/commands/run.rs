@@ -245,6 +245,8 @@ pub struct AgentHost {
     pub poll: Duration,
     /// The policy choice (recorded with new jobs).
     pub policy: PolicyRef,
+    /// Model providers configured (`provider` of `provider:model`).
+    pub providers: Vec<String>,
 }
 
 impl AgentHost {
@@ -261,6 +263,7 @@ impl AgentHost {
         let kernel = Kernel::with_clock(Arc::new(app.db.kernel_store()), Arc::new(SystemClock), config);
         let router = ModelRouter::from_config(&app.config.models)
             .map_err(|e| CliError::user(format!("[models] in config.toml: {e}")))?;
+        let providers = router.provider_names().into_iter().map(str::to_string).collect();
         let mut models: Arc<dyn ModelProvider> = Arc::new(router);
         if let Some(ms) = std::env::var(MODEL_DELAY_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
             models = Arc::new(Delayed {
@@ -283,6 +286,7 @@ impl AgentHost {
             kernel,
             poll,
             policy: policy.reference,
+            providers,
         })
     }
 }
@@ -354,6 +358,17 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
         eprintln!("note: {note}");
     }
     let host = AgentHost::open(home, Some(&patterns), choice).await?;
+    // Refuse a model no provider serves before a job exists, rather than failing the job.
+    match args.model.split_once(':') {
+        Some((provider, model)) if !model.is_empty() && host.providers.iter().any(|p| p == provider) => {}
+        _ => {
+            return Err(CliError::user(format!(
+                "--model {:?} is not `provider:model` with a configured provider ({}; add others under [models.providers] in config.toml)",
+                args.model,
+                host.providers.join(", ")
+            )));
+        }
+    }
     let mut request = ExecutionRequest::new(args.common.scope.clone(), args.model.clone(), args.prompt.clone())
         .with_tools(patterns.clone());
     request.principal = args.principal.clone();

@@ -127,7 +127,7 @@ pub async fn demo(args: DemoArgs) -> CliResult {
             summary.trim_end()
         );
         println!(
-            "\nLook around: KEEL_HOME={} keel jobs list | keel ledger ...",
+            "\nLook around: export KEEL_HOME={}; keel jobs list; keel jobs show JOB; keel ledger usage",
             home.display()
         );
     }

@@ -43,8 +43,8 @@ fn script(n_calls: usize) -> Vec<Message> {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // Single-threaded: measures the work, not cross-thread wake-ups on a shared machine.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");

@@ -559,9 +559,12 @@ impl KernelStore for MemoryStore {
 
     fn claim_jobs(&self, req: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         let mut st = self.lock();
-        let mut candidates: Vec<Job> = st
-            .jobs
-            .values()
+        // Claiming one job by id is a lookup, not a scan.
+        let pool: Box<dyn Iterator<Item = &Job>> = match req.job_id {
+            Some(id) => Box::new(st.jobs.get(&id).into_iter()),
+            None => Box::new(st.jobs.values()),
+        };
+        let mut candidates: Vec<Job> = pool
             .filter(|j| {
                 matches!(j.state, JobState::Queued | JobState::Running)
                     && req.kinds.contains(&j.kind)

@@ -82,7 +82,13 @@ impl std::fmt::Debug for Core {
 /// A lost optimistic-concurrency race on a job or action row: re-read and retry. (A `lease` or
 /// `journal` conflict from an agent-loop batch is final: retrying cannot succeed.)
 fn is_conflict(e: &StoreError) -> bool {
-    matches!(e, StoreError::Conflict { entity: "job" | "action", .. })
+    matches!(
+        e,
+        StoreError::Conflict {
+            entity: "job" | "action",
+            ..
+        }
+    )
 }
 
 pub(crate) fn job_event(job: &Job, event_type: EventType, data: serde_json::Value, at: DateTime<Utc>) -> NewEvent {

@@ -48,7 +48,12 @@ pub fn guest(package: &str) -> PathBuf {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .output()
-        .unwrap_or_else(|e| panic!("failed to run `{cargo}` in {} to build guest `{package}`: {e}", root.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "failed to run `{cargo}` in {} to build guest `{package}`: {e}",
+                root.display()
+            )
+        });
     assert!(
         output.status.success(),
         "building guest `{package}` failed:\n{}",

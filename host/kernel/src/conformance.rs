@@ -75,6 +75,7 @@ where
     optimistic_concurrency(make().await).await;
     list_count_and_tenant_isolation(make().await).await;
     cancel_cascades(make().await).await;
+    children_race_parent_cancel(make().await).await;
     deadline_sweep(make().await).await;
     approvals_and_tokens(make().await).await;
     action_expiry(make().await).await;
@@ -100,7 +101,7 @@ macro_rules! conformance_tests {
     ($make:expr) => {
         $crate::conformance_tests!(@each $make;
             job_lifecycle, idempotency, optimistic_concurrency, list_count_and_tenant_isolation,
-            cancel_cascades, deadline_sweep, approvals_and_tokens, action_expiry, wait_for_resolution,
+            cancel_cascades, children_race_parent_cancel, deadline_sweep, approvals_and_tokens, action_expiry, wait_for_resolution,
             events, ledger_and_budgets, budget_windows_and_subjects, reservation_expiry,
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
             concurrent_job_writers, journal_atomicity, lease_claiming);
@@ -466,6 +467,42 @@ pub async fn cancel_cascades(store: Arc<dyn KernelStore>) {
         ..JobFilter::tenant("t1")
     };
     assert_eq!(k.jobs().count(&children).await.expect("count"), 2);
+}
+
+/// A finished parent gets no children, and children created while the parent is being cancelled
+/// either fail or end up cancelled with it: never an orphan left QUEUED under a cancelled parent.
+pub async fn children_race_parent_cancel(store: Arc<dyn KernelStore>) {
+    let (k, _) = kernel_with_clock(store);
+    let parent = running_job(&k, "t1").await;
+    let creators: Vec<_> = (0..24)
+        .map(|i| {
+            let k = k.clone();
+            tokio::spawn(async move {
+                let mut child = NewJob::new("t1", "child");
+                child.parent_id = Some(parent);
+                child.idempotency_key = Some(format!("child-{i}"));
+                k.jobs().create(child).await.map(|created| created.job.id)
+            })
+        })
+        .collect();
+    let canceller = {
+        let k = k.clone();
+        tokio::spawn(async move { k.jobs().cancel(parent, "racing children").await })
+    };
+    let mut created = Vec::new();
+    for creator in creators {
+        if let Ok(id) = creator.await.expect("join") {
+            created.push(id);
+        }
+    }
+    canceller.await.expect("join").expect("cancel wins eventually");
+    for id in created {
+        let state = k.jobs().get("t1", id).await.expect("get").state;
+        assert_eq!(state, JobState::Cancelled, "child {id} of a cancelled parent must be cancelled");
+    }
+    let mut late = NewJob::new("t1", "late-child");
+    late.parent_id = Some(parent);
+    assert!(k.jobs().create(late).await.is_err(), "a finished parent gets no children");
 }
 
 /// The sweeper times out past-deadline jobs (not just on read).

@@ -461,12 +461,6 @@ impl JobManager {
         {
             return Ok(CreatedJob { job, created: false });
         }
-        if let Some(parent) = new.parent_id {
-            let p = self.core.load_job(parent).await?;
-            if p.tenant != new.tenant {
-                return Err(KernelError::JobNotFound(parent));
-            }
-        }
         let now = self.core.now();
         let job = Job {
             id: Uuid::now_v7(),
@@ -500,27 +494,54 @@ impl JobManager {
             json!({ "from": null, "to": JobState::Queued }),
             now,
         );
-        let batch = Batch {
-            jobs: vec![JobWrite {
+        for _ in 0..self.core.config.max_write_attempts {
+            let mut jobs = vec![JobWrite {
                 job: job.clone(),
                 expected_version: None,
-            }],
-            actions: vec![],
-            events: vec![event],
-            ..Batch::default()
-        };
-        match self.core.commit(batch).await {
-            Ok(_) => Ok(CreatedJob { job, created: true }),
-            Err(StoreError::DuplicateIdempotencyKey { tenant, key }) => {
-                let job = self.core.store.get_job_by_key(&tenant, &key).await?.ok_or_else(|| {
-                    KernelError::Store(StoreError::Corrupt(format!(
-                        "idempotency key {key:?} conflicts but no job holds it"
-                    )))
-                })?;
-                Ok(CreatedJob { job, created: false })
+            }];
+            if let Some(parent_id) = job.parent_id {
+                let parent = self.core.load_job(parent_id).await?;
+                if parent.tenant != job.tenant {
+                    return Err(KernelError::JobNotFound(parent_id));
+                }
+                if parent.state.is_terminal() {
+                    return Err(KernelError::Invalid(format!(
+                        "parent job {parent_id} is {:?}: a finished job cannot get children",
+                        parent.state
+                    )));
+                }
+                // Bump the parent's version in the same transaction: a cancel of the parent that
+                // read its children before this insert then conflicts and re-reads them, so a
+                // child can never slip in under a parent that is being (or has been) cancelled.
+                let mut guard = parent.clone();
+                guard.version += 1;
+                guard.updated_at = now;
+                jobs.push(JobWrite {
+                    job: guard,
+                    expected_version: Some(parent.version),
+                });
             }
-            Err(e) => Err(e.into()),
+            let batch = Batch {
+                jobs,
+                actions: vec![],
+                events: vec![event.clone()],
+                ..Batch::default()
+            };
+            match self.core.commit(batch).await {
+                Ok(_) => return Ok(CreatedJob { job, created: true }),
+                Err(StoreError::DuplicateIdempotencyKey { tenant, key }) => {
+                    let job = self.core.store.get_job_by_key(&tenant, &key).await?.ok_or_else(|| {
+                        KernelError::Store(StoreError::Corrupt(format!(
+                            "idempotency key {key:?} conflicts but no job holds it"
+                        )))
+                    })?;
+                    return Ok(CreatedJob { job, created: false });
+                }
+                Err(e) if is_conflict(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(KernelError::Contention(format!("creating a child of {:?}", job.parent_id)))
     }
 
     async fn move_to(

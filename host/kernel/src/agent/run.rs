@@ -119,7 +119,10 @@ pub fn model_tool_name(qualified: &str) -> String {
     name.chars().take(64).collect()
 }
 
-/// A crude, provider-independent token estimate (~4 bytes per token) used only to size holds.
+/// An upper bound on the prompt's tokens, used only to size holds: every token of a BPE tokenizer
+/// covers at least one byte, so bytes (plus a per-message allowance for role/format tokens) can only
+/// over-reserve. An estimate that could be low (e.g. ~4 bytes per token) would let concurrent calls
+/// overspend a budget when the actual usage is settled.
 fn estimate_tokens(messages: &[Message], tools: &[ToolSpec]) -> u64 {
     let bytes: usize = messages
         .iter()
@@ -129,14 +132,14 @@ fn estimate_tokens(messages: &[Message], tools: &[ToolSpec]) -> u64 {
                     .iter()
                     .map(|c| c.arguments.to_string().len() + 16)
                     .sum::<usize>()
-                + 8
+                + 16
         })
         .sum::<usize>()
         + tools
             .iter()
             .map(|t| t.name.len() + t.description.len() + t.parameters.to_string().len())
             .sum::<usize>();
-    (bytes as u64).div_ceil(4) + 1
+    bytes as u64 + 16
 }
 
 fn resolution_is_session_scoped(r: &Resolution) -> bool {

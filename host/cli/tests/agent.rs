@@ -340,6 +340,42 @@ fn approval_from_a_second_process() {
 }
 
 #[test]
+fn approval_by_resume_token_from_a_second_process() {
+    use std::io::BufRead;
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Written.")]),
+        Some(ASK_WRITES),
+        "",
+    );
+    let mut run = home.spawn_run(&["--tools", "fs"], None);
+    // The waiting process prints the one-time token (only it ever sees the token: the kernel
+    // stores a hash); read it from its stderr while it waits.
+    let stderr = run.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("keel actions resolve ").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let token = rx
+        .recv_timeout(WAIT)
+        .expect("the waiting process prints a resume token");
+    assert_eq!(token.len(), 64, "256-bit hex token: {token}");
+    assert_eq!(home.effects(), "", "nothing runs before the approval");
+    home.expect(&["actions", "resolve", &token, "--approve"], 0);
+    let again = home.output(&["actions", "resolve", &token, "--approve"]);
+    assert_ne!(again.status.code(), Some(0), "a token is single-use");
+    let out = finish(run);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (events, result) = lines(&out);
+    assert_eq!(result["status"], "SUCCEEDED");
+    assert!(has(&events, "tool.end", "fs/write"));
+    assert_eq!(home.effects(), "line\n");
+}
+
+#[test]
 fn approval_denied_from_a_second_process() {
     let home = Home::new(
         json!([turn(vec![append_line()], 5), text("Not written.")]),

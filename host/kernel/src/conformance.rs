@@ -498,11 +498,18 @@ pub async fn children_race_parent_cancel(store: Arc<dyn KernelStore>) {
     canceller.await.expect("join").expect("cancel wins eventually");
     for id in created {
         let state = k.jobs().get("t1", id).await.expect("get").state;
-        assert_eq!(state, JobState::Cancelled, "child {id} of a cancelled parent must be cancelled");
+        assert_eq!(
+            state,
+            JobState::Cancelled,
+            "child {id} of a cancelled parent must be cancelled"
+        );
     }
     let mut late = NewJob::new("t1", "late-child");
     late.parent_id = Some(parent);
-    assert!(k.jobs().create(late).await.is_err(), "a finished parent gets no children");
+    assert!(
+        k.jobs().create(late).await.is_err(),
+        "a finished parent gets no children"
+    );
 }
 
 /// The sweeper times out past-deadline jobs (not just on read).

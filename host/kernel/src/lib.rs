@@ -21,6 +21,6 @@ pub mod services;
 pub mod store;
 pub mod tool;
 
-pub use agent::{AgentConfig, ExecutionHandle, ExecutionRequest, ExecutionResult, RuntimeKernel};
+pub use agent::{AgentConfig, ExecutionHandle, ExecutionRequest, ExecutionResult, IssuedToken, RuntimeKernel};
 pub use error::{KernelError, KernelResult};
 pub use services::{Kernel, KernelConfig};

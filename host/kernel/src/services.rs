@@ -541,7 +541,10 @@ impl JobManager {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(KernelError::Contention(format!("creating a child of {:?}", job.parent_id)))
+        Err(KernelError::Contention(format!(
+            "creating a child of {:?}",
+            job.parent_id
+        )))
     }
 
     async fn move_to(

@@ -329,6 +329,47 @@ async fn approval_approved_runs_the_exact_call_and_session_approval_sticks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_issued_resume_token_resolves_the_approval_once() {
+    let tools = FakeTools::new();
+    tools.add_echo("fs/write", false);
+    let args = json!({"path": "/tmp/t", "data": "by token"});
+    let s = setup(
+        vec![
+            calls(0, &[("fs__write", args.clone())]),
+            Message::assistant("done", vec![]),
+        ],
+        tools,
+        ASK_WRITES,
+    );
+    let mut tokens = s.rt.issued_tokens();
+    let h = s.rt.execute(request("write")).await.expect("execute");
+    let issued = tokio::time::timeout(Duration::from_secs(10), tokens.recv())
+        .await
+        .expect("a token is issued for the approval")
+        .expect("channel open");
+    assert_eq!(issued.job_id, h.job_id());
+    assert!(
+        !format!("{issued:?}").contains(&issued.token),
+        "Debug never shows the token"
+    );
+    let actions = s.rt.kernel().actions();
+    actions
+        .resolve_by_token(&issued.token, Resolution::approve(true))
+        .await
+        .expect("the token resolves");
+    assert!(
+        actions
+            .resolve_by_token(&issued.token, Resolution::approve(true))
+            .await
+            .is_err(),
+        "single use"
+    );
+    let r = result(&h).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert_eq!(s.tools.count("fs/write"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn approval_denied_tells_the_model() {
     let tools = FakeTools::new();
     tools.add_echo("fs/write", false);

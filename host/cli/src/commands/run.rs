@@ -403,6 +403,8 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
     }
     let stop = CancellationToken::new();
     let _sweeper = host.kernel.spawn_sweeper(host.poll, stop.clone());
+    // Subscribe before starting: the first approval can be created before `follow` runs.
+    let tokens = host.rt.issued_tokens();
     let handle = host.rt.execute(request).await.map_err(agent_error)?;
     let job_id = handle.job_id();
     let opts = FollowOptions::from_args(&args.common, 0);
@@ -410,7 +412,7 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
         eprintln!("job {job_id}");
     }
     let code = tokio::select! {
-        r = follow(&host, &args.common.scope, job_id, &opts) => r?,
+        r = follow(&host, &args.common.scope, job_id, &opts, tokens) => r?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("\ninterrupted: job {job_id} was left as it is; `keel jobs watch {job_id}` resumes it");
             ExitCode::from(130)
@@ -606,8 +608,18 @@ impl Screen {
 /// Follow job `job_id` of `scope` until it ends: print its events (or JSON lines), answer its
 /// approvals as `opts` says, then print the result and usage. Reads the store, so events written by
 /// any process are seen. The exit code is 0 when the job succeeded, 1 otherwise.
-pub async fn follow(host: &AgentHost, scope: &str, job_id: Uuid, opts: &FollowOptions) -> CliResult {
+/// `tokens` delivers the resume tokens of approvals this process's loops create, so a human can
+/// resolve them from anywhere (`keel actions resolve TOKEN`); approvals created elsewhere are
+/// answered by id.
+pub async fn follow(
+    host: &AgentHost,
+    scope: &str,
+    job_id: Uuid,
+    opts: &FollowOptions,
+    mut tokens: tokio::sync::broadcast::Receiver<keel_kernel::IssuedToken>,
+) -> CliResult {
     let kernel = &host.kernel;
+    let mut issued: std::collections::HashMap<Uuid, String> = std::collections::HashMap::new();
     let mut sub = kernel.subscribe(EventFilter::job(job_id));
     let mut screen = Screen {
         opts: opts.clone(),
@@ -638,7 +650,12 @@ pub async fn follow(host: &AgentHost, scope: &str, job_id: Uuid, opts: &FollowOp
                 screen.render(e);
             }
             if e.event_type == EventType::ActionRequired {
-                answer(host, scope, e, opts, &mut screen).await?;
+                while let Ok(t) = tokens.try_recv() {
+                    if t.job_id == job_id {
+                        issued.insert(t.action_id, t.token);
+                    }
+                }
+                answer(host, scope, e, opts, &mut screen, &issued).await?;
             }
             ending |= ends(e);
         }
@@ -709,6 +726,7 @@ async fn answer(
     e: &RuntimeEvent,
     opts: &FollowOptions,
     screen: &mut Screen,
+    issued: &std::collections::HashMap<Uuid, String>,
 ) -> Result<(), CliError> {
     let Some(id) = e.data["action_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()) else {
         return Ok(());
@@ -735,8 +753,14 @@ async fn answer(
         screen.clear_status();
         prompt(&tool, &action.request).await
     } else {
+        let by_token = match issued.get(&id) {
+            Some(token) => {
+                format!("\n  or with its one-time resume token: keel actions resolve {token} --approve|--deny")
+            }
+            None => String::new(),
+        };
         screen.note(&format!(
-            "approval required for `{tool}` (action {id}, expires {}).\n  approve from another shell: keel actions approve {id}{s}\n  deny:                       keel actions deny {id}{s}\n  this process keeps waiting.",
+            "approval required for `{tool}` (action {id}, expires {}).\n  approve from another shell: keel actions approve {id}{s}\n  deny:                       keel actions deny {id}{s}{by_token}\n  this process keeps waiting.",
             action.expires_at.format("%Y-%m-%d %H:%M:%S UTC"),
             s = if scope == DEFAULT_SCOPE { String::new() } else { format!(" --scope {scope}") },
         ));

@@ -51,6 +51,7 @@ pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
     // Only the plugins the job may call are loaded (all of them for a non-agent job).
     let patterns = request.as_ref().map(|r| r.tools.clone());
     let host = AgentHost::open(home, if resume { patterns.as_deref() } else { Some(&[]) }, choice).await?;
+    let tokens = host.rt.issued_tokens();
     let stop = CancellationToken::new();
     if resume {
         let _sweeper = host.kernel.spawn_sweeper(host.poll, stop.clone());
@@ -92,7 +93,7 @@ pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
         eprintln!("job {id} ({})", job.state);
     }
     let code = tokio::select! {
-        r = follow(&host, &scope, id, &opts) => r,
+        r = follow(&host, &scope, id, &opts, tokens) => r,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("\nstopped watching job {id}");
             Ok(ExitCode::from(130))

@@ -47,6 +47,31 @@ pub(crate) struct Inner {
     pub(crate) config: AgentConfig,
     pub(crate) owner: String,
     tasks: Mutex<HashMap<Uuid, tokio::task::JoinHandle<()>>>,
+    /// Resume tokens of approvals this host created, for in-process listeners only.
+    pub(crate) issued_tokens: tokio::sync::broadcast::Sender<IssuedToken>,
+}
+
+/// The resume token of an approval the agent loop created. The kernel stores only its hash, so
+/// this in-process notice is the one chance to hand the token to a human (print it, send it);
+/// it is never persisted, logged or put in an event.
+#[derive(Clone)]
+pub struct IssuedToken {
+    /// The job waiting for the approval.
+    pub job_id: Uuid,
+    /// The approval action.
+    pub action_id: Uuid,
+    /// The secret token (64 hex chars); resolve with `ActionManager::resolve_by_token`.
+    pub token: String,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("job_id", &self.job_id)
+            .field("action_id", &self.action_id)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// The agent runtime of one host: the kernel plus a model provider, a tool host, a policy and
@@ -89,6 +114,7 @@ impl RuntimeKernel {
                 config,
                 owner,
                 tasks: Mutex::new(HashMap::new()),
+                issued_tokens: tokio::sync::broadcast::channel(64).0,
             }),
         }
     }
@@ -96,6 +122,11 @@ impl RuntimeKernel {
     /// The kernel underneath.
     pub fn kernel(&self) -> &Kernel {
         &self.inner.kernel
+    }
+
+    /// Resume tokens of approvals created by this host's loops from now on (see [`IssuedToken`]).
+    pub fn issued_tokens(&self) -> tokio::sync::broadcast::Receiver<IssuedToken> {
+        self.inner.issued_tokens.subscribe()
     }
 
     /// This host's lease-owner id.

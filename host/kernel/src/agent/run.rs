@@ -898,6 +898,12 @@ impl Runner {
             })
             .await?;
         let id = created.action.id;
+        // No listener is fine: the approval can still be resolved by id by an operator.
+        let _ = self.rt.issued_tokens.send(super::IssuedToken {
+            job_id: self.job_id,
+            action_id: id,
+            token: created.token,
+        });
         self.journal.lock().unwrap_or_else(|e| e.into_inner()).insert(
             key.to_string(),
             (kind::APPROVAL_REQUESTED.into(), json!({ "action_id": id })),

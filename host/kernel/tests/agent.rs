@@ -655,3 +655,66 @@ async fn a_host_that_lost_its_lease_stops_and_the_new_owner_finishes() {
         .expect("usage");
     assert_eq!(usage.tool_calls, 1, "one charge for the call");
 }
+
+const ASK_FOR_MODEL: &str = r#"
+default = "allow"
+
+[[model]]
+name = "ask-before-test-model"
+models = ["test-*"]
+decision = "require_approval"
+reason = "this model is expensive"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn model_calls_can_require_approval_and_a_session_approval_covers_later_turns() {
+    let tools = FakeTools::new();
+    tools.add_echo("fs/read", true);
+    let s = setup(
+        vec![
+            calls(0, &[("fs__read", json!({"path": "/a"}))]),
+            Message::assistant("done", vec![]),
+        ],
+        tools,
+        ASK_FOR_MODEL,
+    );
+    let h = s.rt.execute(request("read")).await.expect("execute");
+    let action = wait_pending(&h).await;
+    assert_eq!(action.request["tool"], "model:test-model");
+    assert_eq!(s.model.calls(), 0, "the model is not called before the approval");
+    let mut res = Resolution::approve(true);
+    res.value = json!("session");
+    h.resolve_action(action.id, res).await.expect("resolve");
+    let r = result(&h).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert_eq!(s.model.calls(), 2);
+    let all =
+        s.rt.kernel()
+            .actions()
+            .list(&keel_kernel::action::ActionFilter {
+                tenant: "acme".into(),
+                job_id: Some(h.job_id()),
+                ..Default::default()
+            })
+            .await
+            .expect("actions");
+    assert_eq!(all.len(), 1, "the session approval covered the second turn");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_declined_model_call_fails_the_job_without_calling_the_model() {
+    let s = setup(
+        vec![Message::assistant("never", vec![])],
+        FakeTools::new(),
+        ASK_FOR_MODEL,
+    );
+    let h = s.rt.execute(request("hi")).await.expect("execute");
+    let action = wait_pending(&h).await;
+    h.resolve_action(action.id, Resolution::approve(false))
+        .await
+        .expect("resolve");
+    let r = result(&h).await;
+    assert_eq!(r.status, JobState::Failed, "{r:?}");
+    assert_eq!(r.error.expect("error").code, "approval_denied");
+    assert_eq!(s.model.calls(), 0);
+}

@@ -443,11 +443,38 @@ impl Runner {
             },
             rt.approvals.as_ref(),
         );
-        if !decision.outcome.is_permitted() {
-            return Err(Stop::Fail(job_error(
-                "policy_denied",
-                format!("model `{model}` {}: {}", decision.outcome, decision.reason),
-            )));
+        match decision.outcome {
+            Outcome::Allow | Outcome::Warn => {}
+            Outcome::Deny => {
+                return Err(Stop::Fail(job_error(
+                    "policy_denied",
+                    format!("model `{model}` {}: {}", decision.outcome, decision.reason),
+                )));
+            }
+            Outcome::RequireApproval => {
+                // Bound to the model (not the per-turn token count), so "approve for this
+                // session" covers later turns; journaled per turn, so a resume never re-asks.
+                let subject = format!("model:{model}");
+                let call = ToolCall {
+                    id: format!("t{turn}-model"),
+                    name: model.clone(),
+                    arguments: json!({ "model": model }),
+                };
+                let session_approved = self
+                    .session
+                    .as_deref()
+                    .is_some_and(|s| rt.approvals.is_call_approved(s, &subject, &call.arguments));
+                if !session_approved {
+                    let title = format!("Allow a call to model `{model}` (up to {max_tokens} output tokens)?");
+                    let key = format!("t{turn}/model/approval");
+                    if !self.approval(&key, &call, &subject, title, &decision.reason).await? {
+                        return Err(Stop::Fail(job_error(
+                            "approval_denied",
+                            format!("a human declined the call to model `{model}`"),
+                        )));
+                    }
+                }
+            }
         }
         let hold = self
             .reserve(Usage {

@@ -95,6 +95,26 @@ pub struct RuntimeEvent {
     pub at: DateTime<Utc>,
 }
 
+impl RuntimeEvent {
+    /// Whether this event marks the end of its job (a final result/error, a terminal job event,
+    /// or a status change into a terminal state): a follower can stop after it.
+    pub fn ends_job(&self) -> bool {
+        match self.event_type {
+            EventType::FinalResult
+            | EventType::FinalError
+            | EventType::JobCompleted
+            | EventType::JobFailed
+            | EventType::JobCancelled => true,
+            EventType::JobStatusChanged => self
+                .data
+                .get("to")
+                .and_then(|v| serde_json::from_value::<crate::job::JobState>(v.clone()).ok())
+                .is_some_and(crate::job::JobState::is_terminal),
+            _ => false,
+        }
+    }
+}
+
 /// Which events a subscriber or reader wants.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EventFilter {

@@ -459,22 +459,6 @@ impl FollowOptions {
     }
 }
 
-fn ends(e: &RuntimeEvent) -> bool {
-    match e.event_type {
-        EventType::FinalResult
-        | EventType::FinalError
-        | EventType::JobCompleted
-        | EventType::JobFailed
-        | EventType::JobCancelled => true,
-        EventType::JobStatusChanged => e
-            .data
-            .get("to")
-            .and_then(|v| serde_json::from_value::<JobState>(v.clone()).ok())
-            .is_some_and(JobState::is_terminal),
-        _ => false,
-    }
-}
-
 /// The terminal renderer: event lines on stdout, a status line on stderr.
 struct Screen {
     opts: FollowOptions,
@@ -657,7 +641,7 @@ pub async fn follow(
                 }
                 answer(host, scope, e, opts, &mut screen, &issued).await?;
             }
-            ending |= ends(e);
+            ending |= e.ends_job();
         }
         if ending && !got_any {
             break;

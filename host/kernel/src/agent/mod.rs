@@ -28,7 +28,7 @@ pub use run::model_tool_name;
 use crate::action::{Action, Resolution};
 use crate::context::{CancellationToken, ExecutionContext};
 use crate::event::{EventFilter, EventQuery, EventType, RuntimeEvent, Subscription, SubscriptionError};
-use crate::job::{Job, JobState, NewJob};
+use crate::job::{Job, NewJob};
 use crate::model::ModelProvider;
 use crate::policy::{Policy, SessionApprovalStore};
 use crate::services::Kernel;
@@ -339,22 +339,6 @@ pub struct ExecutionHandle {
     tenant: String,
 }
 
-fn ends_stream(e: &RuntimeEvent) -> bool {
-    match e.event_type {
-        EventType::FinalResult
-        | EventType::FinalError
-        | EventType::JobCompleted
-        | EventType::JobFailed
-        | EventType::JobCancelled => true,
-        EventType::JobStatusChanged => e
-            .data
-            .get("to")
-            .and_then(|v| serde_json::from_value::<JobState>(v.clone()).ok())
-            .is_some_and(JobState::is_terminal),
-        _ => false,
-    }
-}
-
 struct EventCursor {
     kernel: Kernel,
     job_id: Uuid,
@@ -389,7 +373,7 @@ impl EventCursor {
                     continue;
                 }
                 self.last_seq = e.seq;
-                if ends_stream(&e) {
+                if e.ends_job() {
                     self.ending = true;
                 }
                 return Some(e);
@@ -470,7 +454,7 @@ impl ExecutionHandle {
             let wait = async {
                 loop {
                     match sub.recv().await {
-                        Ok(e) if ends_stream(&e) => return,
+                        Ok(e) if e.ends_job() => return,
                         Ok(_) => continue,
                         Err(_) => return,
                     }

@@ -541,6 +541,23 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// A new HELD reservation for `req` (what every store inserts once the budget check passed).
+    pub fn held(req: &ReserveRequest) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            tenant: req.tenant.clone(),
+            principal: req.principal.clone(),
+            session: req.session.clone(),
+            job_id: req.job_id,
+            amount: req.amount.clone(),
+            state: ReservationState::Held,
+            actual: None,
+            created_at: req.now,
+            expires_at: req.expires_at,
+            closed_at: None,
+        }
+    }
+
     /// Whether it still holds budget at `now`.
     pub fn is_live(&self, now: DateTime<Utc>) -> bool {
         self.state == ReservationState::Held && self.expires_at > now

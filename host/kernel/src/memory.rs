@@ -279,19 +279,7 @@ impl MemoryStore {
                 reservation: None,
             });
         }
-        let reservation = Reservation {
-            id: Uuid::now_v7(),
-            tenant: req.tenant.clone(),
-            principal: req.principal.clone(),
-            session: req.session.clone(),
-            job_id: req.job_id,
-            amount: req.amount.clone(),
-            state: ReservationState::Held,
-            actual: None,
-            created_at: req.now,
-            expires_at: req.expires_at,
-            closed_at: None,
-        };
+        let reservation = Reservation::held(&req);
         let e = entry(LedgerKind::Hold, Some(reservation.id), serde_json::Value::Null);
         st.append_ledger(e);
         st.reservations.insert(reservation.id, reservation.clone());

@@ -692,19 +692,7 @@ impl SqliteKernelStore {
                 reservation: None,
             });
         }
-        let r = Reservation {
-            id: Uuid::now_v7(),
-            tenant: req.tenant.clone(),
-            principal: req.principal.clone(),
-            session: req.session.clone(),
-            job_id: req.job_id,
-            amount: req.amount.clone(),
-            state: ReservationState::Held,
-            actual: None,
-            created_at: req.now,
-            expires_at: req.expires_at,
-            closed_at: None,
-        };
+        let r = Reservation::held(&req);
         sqlx::query(
             "INSERT INTO reservations (id, tenant, principal, session, job_id, tokens, cost_nanos, requests, \
              tool_calls, state, actual_json, created_at, expires_at, closed_at) \

@@ -53,6 +53,17 @@ fn be(e: sqlx::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// A write that references job `job_id`: a foreign-key violation means the job does not exist.
+fn job_ref_error(e: sqlx::Error, job_id: Uuid) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound {
+            entity: "job",
+            id: job_id.to_string(),
+        },
+        _ => be(e),
+    }
+}
+
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
@@ -347,11 +358,7 @@ async fn insert_action(conn: &mut SqliteConnection, a: &Action) -> StoreResult<(
                 entity: "action",
                 id: a.id.to_string(),
             },
-            sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound {
-                entity: "job",
-                id: a.job_id.to_string(),
-            },
-            _ => be(e),
+            _ => job_ref_error(e, a.job_id),
         })?;
     Ok(())
 }
@@ -553,13 +560,7 @@ async fn insert_journal(conn: &mut SqliteConnection, j: &NewJournalEntry) -> Sto
     .bind(micros(j.at))
     .execute(&mut *conn)
     .await
-    .map_err(|err| match &err {
-        sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound {
-            entity: "job",
-            id: j.job_id.to_string(),
-        },
-        _ => be(err),
-    })?;
+    .map_err(|err| job_ref_error(err, j.job_id))?;
     if res.rows_affected() == 0 {
         return Err(StoreError::Conflict {
             entity: "journal",
@@ -622,13 +623,7 @@ impl SqliteKernelStore {
             .bind(micros(e.at))
             .fetch_one(&mut *tx)
             .await
-            .map_err(|err| match &err {
-                sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound {
-                    entity: "job",
-                    id: e.job_id.to_string(),
-                },
-                _ => be(err),
-            })?;
+            .map_err(|err| job_ref_error(err, e.job_id))?;
             out.push(RuntimeEvent {
                 id: get(&row, "id")?,
                 seq: u64_of(get(&row, "seq")?)?,

@@ -718,3 +718,46 @@ async fn a_declined_model_call_fails_the_job_without_calling_the_model() {
     assert_eq!(r.error.expect("error").code, "approval_denied");
     assert_eq!(s.model.calls(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_degrade_budget_switches_to_the_degrade_model() {
+    let tools = FakeTools::new();
+    tools.add_echo("fs/read", true);
+    let s = setup(
+        vec![
+            calls(0, &[("fs__read", json!({}))]),
+            Message::assistant("done cheaply", vec![]),
+        ],
+        tools,
+        ASK_WRITES,
+    );
+    // One model request fits; the second exceeds it, and the strategy is to degrade, not deny.
+    let mut budget = Budget::new("acme", "one big request", BudgetWindow::Total);
+    budget.limits.max_requests = Some(1);
+    budget.strategy = ExceedStrategy::Degrade;
+    s.rt.kernel().ledger().put_budget(budget).await.expect("budget");
+    let mut req = request("read");
+    req.degrade_model = Some("cheap-model".into());
+    let h = s.rt.execute(req).await.expect("execute");
+    let r = result(&h).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert_eq!(r.content.as_deref(), Some("done cheaply"));
+    assert_eq!(s.model.calls(), 2);
+    assert_eq!(
+        s.model.last_request().expect("request").model,
+        "cheap-model",
+        "turn 2 ran on the degrade model"
+    );
+    let query = keel_kernel::event::EventQuery {
+        filter: keel_kernel::event::EventFilter::job(h.job_id()),
+        ..Default::default()
+    };
+    let switched =
+        s.rt.kernel()
+            .read_events(&query)
+            .await
+            .expect("events")
+            .into_iter()
+            .any(|e| e.event_type == EventType::Progress && e.data["degraded_to"] == "cheap-model");
+    assert!(switched, "the switch is visible in the job's events");
+}

@@ -67,6 +67,9 @@ pub struct RunArgs {
     /// Maximum tool calls of the job.
     #[arg(long)]
     pub max_tool_calls: Option<u64>,
+    /// Model to switch to when a budget with the `degrade` strategy is exceeded (`provider:model`).
+    #[arg(long)]
+    pub degrade_model: Option<String>,
     /// Running again with the same key in the scope attaches to the first job instead of starting another.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -381,6 +384,7 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
     request.timeout = args.timeout;
     request.budget.max_cost = args.max_cost;
     request.budget.max_tool_calls = args.max_tool_calls;
+    request.degrade_model = args.degrade_model.clone();
     request.policy = host.policy.clone();
     // Every CLI job gets a key: `keel jobs watch` re-attaches through it and resumes exactly that job.
     request.idempotency_key = Some(

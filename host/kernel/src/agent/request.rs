@@ -39,6 +39,9 @@ pub struct ExecutionRequest {
     pub max_tokens: Option<u32>,
     /// Sampling temperature.
     pub temperature: Option<f32>,
+    /// Cheaper model to switch to when a budget with the `degrade` strategy is exceeded (without it,
+    /// a degrade verdict only records a warning in the ledger).
+    pub degrade_model: Option<String>,
     /// Wall-clock limit of the whole job; past it the job is TIMED_OUT (`budget.max_runtime_ms` also applies).
     pub timeout: Option<Duration>,
     /// Idempotency key: executing again with the same key in the scope attaches to the first job.

@@ -23,7 +23,7 @@ use crate::action::{Action, ActionState, ActionType, NewAction, Resolution, Tool
 use crate::error::KernelError;
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobError, JobState};
-use crate::ledger::{LedgerKind, SettleRequest, Usage};
+use crate::ledger::{BudgetOutcome, LedgerKind, SettleRequest, Usage};
 use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
 use crate::policy::{Outcome, PolicyRequest};
 use crate::services::{HoldRequest, job_event, status_event, transition};
@@ -172,6 +172,8 @@ pub(crate) struct Runner {
     /// the database's write lock, so concurrent tool calls would otherwise burn retries (job
     /// version conflicts) and SQLite busy-handler sleeps against each other.
     commit_lock: tokio::sync::Mutex<()>,
+    /// Set once a `degrade` budget verdict switched this run to `req.degrade_model`.
+    degraded: std::sync::atomic::AtomicBool,
 }
 
 impl Runner {
@@ -199,6 +201,7 @@ impl Runner {
             held: Mutex::new(HashSet::new()),
             started: AtomicU64::new(started),
             commit_lock: tokio::sync::Mutex::new(()),
+            degraded: std::sync::atomic::AtomicBool::new(false),
             rt,
         })
     }
@@ -401,9 +404,35 @@ impl Runner {
         usage_of(j.values().map(|(k, v)| (k.as_str(), v)))
     }
 
+    /// The model this run uses now: the requested one, or the degrade model after a `degrade` verdict.
+    fn current_model(&self) -> String {
+        match &self.req.degrade_model {
+            Some(fallback) if self.degraded.load(Ordering::SeqCst) => fallback.clone(),
+            _ => self.req.model.clone(),
+        }
+    }
+
     async fn model_step(&self, turn: u32, messages: &[Message], specs: &[ToolSpec]) -> Result<ModelResponse, Stop> {
+        loop {
+            let model = self.current_model();
+            match self.model_call(turn, messages, specs, model).await? {
+                Some(response) => return Ok(response),
+                // Switched to the degrade model: plan the call again under its price and policy.
+                None => continue,
+            }
+        }
+    }
+
+    /// One model call with `model`; `Ok(None)` when a `degrade` budget verdict switched the run to its
+    /// degrade model instead (the hold was released; the caller retries with the new model).
+    async fn model_call(
+        &self,
+        turn: u32,
+        messages: &[Message],
+        specs: &[ToolSpec],
+        model: String,
+    ) -> Result<Option<ModelResponse>, Stop> {
         let rt = &self.rt;
-        let model = self.req.model.clone();
         let est_in = estimate_tokens(messages, specs);
         let mut max_tokens = u64::from(self.req.max_tokens.unwrap_or(rt.config.default_max_tokens));
         let used = self.usage_so_far();
@@ -476,14 +505,32 @@ impl Runner {
                 }
             }
         }
-        let hold = self
-            .reserve(Usage {
+        let (hold, verdict) = self
+            .reserve_verdict(Usage {
                 tokens: est_in + max_tokens,
                 cost: worst,
                 requests: 1,
                 tool_calls: 0,
             })
             .await?;
+        if verdict == BudgetOutcome::Degrade
+            && let Some(fallback) = &self.req.degrade_model
+            && *fallback != model
+            && !self.degraded.swap(true, Ordering::SeqCst)
+        {
+            self.release(hold, "budget degrade: switching model").await;
+            let message = format!("a budget is exceeded (degrade): switching from `{model}` to `{fallback}`");
+            let _ = rt
+                .kernel
+                .jobs()
+                .emit(
+                    self.job_id,
+                    EventType::Progress,
+                    json!({ "message": message, "degraded_to": fallback }),
+                )
+                .await;
+            return Ok(None);
+        }
         let request = ModelRequest {
             model: model.clone(),
             messages: messages.to_vec(),
@@ -587,10 +634,15 @@ impl Runner {
         })
         .await?;
         self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
-        Ok(journaled)
+        Ok(Some(journaled))
     }
 
     async fn reserve(&self, amount: Usage) -> Result<Uuid, Stop> {
+        self.reserve_verdict(amount).await.map(|(id, _)| id)
+    }
+
+    /// Hold `amount` against the budgets; also returns the verdict (allow, warn or degrade).
+    async fn reserve_verdict(&self, amount: Usage) -> Result<(Uuid, BudgetOutcome), Stop> {
         let request = HoldRequest {
             tenant: self.tenant.clone(),
             principal: self.principal.clone(),
@@ -608,7 +660,7 @@ impl Runner {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(r.reservation.id);
-                Ok(r.reservation.id)
+                Ok((r.reservation.id, r.decision.outcome))
             }
             Err(KernelError::BudgetExceeded(d)) => Err(Stop::Fail(job_error("budget_exceeded", d.to_string()))),
             Err(e) => Err(Stop::Error(e)),

@@ -107,6 +107,7 @@ pub async fn demo(args: DemoArgs) -> CliResult {
         timeout: None,
         max_cost: None,
         max_tool_calls: None,
+        degrade_model: None,
         idempotency_key: None,
         session: None,
         principal: Some("demo".into()),

@@ -632,6 +632,18 @@ fn run_refuses_bad_requests_with_one_clear_line() {
         assert!(stderr.contains(says), "keel {args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // A configured provider without its API key is refused up front too.
+    let out = home
+        .command(&["run", "x", "--tools", "hello", "--model", "openai:gpt-4o-mini"])
+        .env_remove("OPENAI_API_KEY")
+        .output()
+        .expect("run keel");
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("OPENAI_API_KEY"),
+        "{}",
+        show(&out)
+    );
     let jobs = home.json(&["jobs", "list", "--json"]);
     assert_eq!(jobs.as_array().unwrap().len(), 0, "no job was created: {jobs}");
 }

@@ -248,4 +248,11 @@ pub trait ModelProvider: Send + Sync {
 
     /// The price of `model`, used to reserve the worst-case cost before a call. `None` = unpriced.
     fn price(&self, model: &str) -> Option<ModelPrice>;
+
+    /// Whether `model` can be called at all (it routes to a provider, which has its credentials),
+    /// without calling it: lets a front end refuse a job up front instead of failing it later.
+    fn check(&self, model: &str) -> Result<(), ModelError> {
+        let _ = model;
+        Ok(())
+    }
 }

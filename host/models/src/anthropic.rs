@@ -237,6 +237,10 @@ impl ModelProvider for AnthropicProvider {
         Box::pin(self.run(request, on_delta))
     }
 
+    fn check(&self, _model: &str) -> Result<(), ModelError> {
+        self.headers().map(drop)
+    }
+
     fn price(&self, model: &str) -> Option<ModelPrice> {
         self.prices.price(model)
     }

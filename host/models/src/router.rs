@@ -148,4 +148,9 @@ impl ModelProvider for ModelRouter {
         let (provider, name) = self.route(model).ok()?;
         provider.price(name)
     }
+
+    fn check(&self, model: &str) -> Result<(), ModelError> {
+        let (provider, name) = self.route(model)?;
+        provider.check(name)
+    }
 }

@@ -213,6 +213,21 @@ async fn router_errors_name_the_configured_providers() {
         panic!("{result:?}")
     };
     assert!(message.contains("OPENAI_API_KEY"), "{message}");
+    // The same verdicts without calling anything, for front ends that refuse a job up front.
+    assert!(matches!(router.check("openai:gpt-4o"), Err(ModelError::Auth { .. })));
+    assert!(matches!(
+        router.check("anthropic:claude-sonnet-4-5"),
+        Err(ModelError::Auth { .. })
+    ));
+    assert!(matches!(
+        router.check("mystery:model"),
+        Err(ModelError::UnknownModel { .. })
+    ));
+    let keyed = ModelRouter::from_config_with_env(&ModelsConfig::default(), &|var| {
+        (var == "OPENAI_API_KEY").then(|| "sk-test".to_string())
+    })
+    .unwrap();
+    assert!(keyed.check("openai:gpt-4o").is_ok());
 }
 
 #[tokio::test]

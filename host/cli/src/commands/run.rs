@@ -233,6 +233,10 @@ impl ModelProvider for Delayed {
         })
     }
 
+    fn check(&self, model: &str) -> Result<(), ModelError> {
+        self.inner.check(model)
+    }
+
     fn price(&self, model: &str) -> Option<ModelPrice> {
         self.inner.price(model)
     }
@@ -250,6 +254,8 @@ pub struct AgentHost {
     pub policy: PolicyRef,
     /// Model providers configured (`provider` of `provider:model`).
     pub providers: Vec<String>,
+    /// The model router (for up-front checks).
+    pub models: Arc<dyn ModelProvider>,
 }
 
 impl AgentHost {
@@ -278,7 +284,7 @@ impl AgentHost {
         let tools = SandboxToolHost::new(app.sandbox.clone(), tools);
         let rt = RuntimeKernel::new(
             kernel.clone(),
-            models,
+            models.clone(),
             Arc::new(tools),
             Arc::new(policy.policy),
             Arc::new(SessionApprovals::new()),
@@ -290,6 +296,7 @@ impl AgentHost {
             poll,
             policy: policy.reference,
             providers,
+            models,
         })
     }
 }
@@ -371,6 +378,12 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
                 host.providers.join(", ")
             )));
         }
+    }
+    // ... or one whose provider cannot be called (e.g. no API key).
+    for model in std::iter::once(&args.model).chain(&args.degrade_model) {
+        host.models
+            .check(model)
+            .map_err(|e| CliError::user(format!("--model {model:?}: {e}")))?;
     }
     let mut request = ExecutionRequest::new(args.common.scope.clone(), args.model.clone(), args.prompt.clone())
         .with_tools(patterns.clone());

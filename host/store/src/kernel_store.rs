@@ -405,6 +405,20 @@ async fn insert_ledger(conn: &mut SqliteConnection, e: &NewLedgerEvent) -> Store
 }
 
 /// `AND principal = ? AND session = ?` restrictions of a budget or query, appended to `qb`.
+/// ` AND column IN (?, ?, ...)` for a non-empty `values`; nothing when empty (no filter).
+fn push_in(qb: &mut QueryBuilder<Sqlite>, column: &'static str, values: impl IntoIterator<Item = String>) {
+    let mut values = values.into_iter().peekable();
+    if values.peek().is_none() {
+        return;
+    }
+    qb.push(" AND ").push(column).push(" IN (");
+    let mut sep = qb.separated(", ");
+    for value in values {
+        sep.push_bind(value);
+    }
+    qb.push(")");
+}
+
 fn push_subject(qb: &mut QueryBuilder<Sqlite>, principal: Option<&str>, session: Option<&str>) {
     if let Some(p) = principal {
         qb.push(" AND principal = ").push_bind(p.to_string());
@@ -757,12 +771,8 @@ impl SqliteKernelStore {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "SELECT * FROM jobs WHERE state IN ('QUEUED', 'RUNNING') AND (lease_until IS NULL OR lease_until <= ",
         );
-        qb.push_bind(micros(req.now)).push(") AND kind IN (");
-        let mut sep = qb.separated(", ");
-        for k in &req.kinds {
-            sep.push_bind(k.clone());
-        }
-        qb.push(")");
+        qb.push_bind(micros(req.now)).push(")");
+        push_in(&mut qb, "kind", req.kinds.iter().cloned());
         if let Some(id) = req.job_id {
             qb.push(" AND id = ").push_bind(id.to_string());
         }
@@ -807,14 +817,7 @@ impl SqliteKernelStore {
 
 fn push_job_filter(qb: &mut QueryBuilder<Sqlite>, f: &JobFilter) {
     qb.push(" WHERE tenant = ").push_bind(f.tenant.clone());
-    if !f.states.is_empty() {
-        qb.push(" AND state IN (");
-        let mut sep = qb.separated(", ");
-        for s in &f.states {
-            sep.push_bind(s.as_str());
-        }
-        qb.push(")");
-    }
+    push_in(qb, "state", f.states.iter().map(|v| v.as_str().to_string()));
     push_subject(qb, f.principal.as_deref(), f.session.as_deref());
     if let Some(p) = f.parent_id {
         qb.push(" AND parent_id = ").push_bind(p.to_string());
@@ -923,14 +926,7 @@ impl KernelStore for SqliteKernelStore {
             if let Some(j) = filter.job_id {
                 qb.push(" AND job_id = ").push_bind(j.to_string());
             }
-            if !filter.states.is_empty() {
-                qb.push(" AND state IN (");
-                let mut sep = qb.separated(", ");
-                for s in &filter.states {
-                    sep.push_bind(s.as_str());
-                }
-                qb.push(")");
-            }
+            push_in(&mut qb, "state", filter.states.iter().map(|v| v.as_str().to_string()));
             qb.push(" ORDER BY created_at, id");
             push_limit(&mut qb, filter.limit);
             self.fetch_actions(&mut qb).await
@@ -958,14 +954,11 @@ impl KernelStore for SqliteKernelStore {
             if let Some(j) = query.filter.job_id {
                 qb.push(" AND job_id = ").push_bind(j.to_string());
             }
-            if !query.filter.types.is_empty() {
-                qb.push(" AND event_type IN (");
-                let mut sep = qb.separated(", ");
-                for t in &query.filter.types {
-                    sep.push_bind(t.as_str());
-                }
-                qb.push(")");
-            }
+            push_in(
+                &mut qb,
+                "event_type",
+                query.filter.types.iter().map(|v| v.as_str().to_string()),
+            );
             qb.push(" ORDER BY id");
             push_limit(&mut qb, query.limit);
             let rows = qb.build().fetch_all(&self.pool).await.map_err(be)?;
@@ -1159,14 +1152,7 @@ impl KernelStore for SqliteKernelStore {
 /// Binds the tenant (the builder ends in `tenant = `) and the rest of a ledger query.
 fn push_ledger_filter(qb: &mut QueryBuilder<Sqlite>, q: &LedgerQuery) -> StoreResult<()> {
     qb.push_bind(q.tenant.clone());
-    if !q.kinds.is_empty() {
-        qb.push(" AND kind IN (");
-        let mut sep = qb.separated(", ");
-        for k in &q.kinds {
-            sep.push_bind(k.as_str());
-        }
-        qb.push(")");
-    }
+    push_in(qb, "kind", q.kinds.iter().map(|v| v.as_str().to_string()));
     push_subject(qb, q.principal.as_deref(), q.session.as_deref());
     if let Some(j) = q.job_id {
         qb.push(" AND job_id = ").push_bind(j.to_string());

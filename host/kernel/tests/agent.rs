@@ -100,6 +100,26 @@ fn tool_messages(model: &ScriptedModel) -> Vec<String> {
         .collect()
 }
 
+/// Every action of `h`'s job, in any state.
+async fn actions_of(s: &Setup, h: &ExecutionHandle) -> Vec<keel_kernel::action::Action> {
+    s.rt.kernel()
+        .actions()
+        .list(&keel_kernel::action::ActionFilter {
+            tenant: "acme".into(),
+            job_id: Some(h.job_id()),
+            ..Default::default()
+        })
+        .await
+        .expect("actions")
+}
+
+/// Approve `action` "for this session".
+async fn approve_for_session(h: &ExecutionHandle, action: uuid::Uuid) {
+    let mut res = Resolution::approve(true);
+    res.value = json!("session");
+    h.resolve_action(action, res).await.expect("resolve");
+}
+
 async fn wait_pending(h: &ExecutionHandle) -> keel_kernel::action::Action {
     for _ in 0..500 {
         if let Some(a) = h.pending_actions().await.expect("pending").into_iter().next() {
@@ -308,23 +328,12 @@ async fn approval_approved_runs_the_exact_call_and_session_approval_sticks() {
     assert_eq!(action.request["tool"], "fs/write");
     assert_eq!(action.request["arguments"], args);
     assert_eq!(s.tools.count("fs/write"), 0, "nothing runs before the approval");
-    let mut res = Resolution::approve(true);
-    res.value = json!("session");
-    h.resolve_action(action.id, res).await.expect("resolve");
+    approve_for_session(&h, action.id).await;
     let r = result(&h).await;
     assert_eq!(r.status, JobState::Succeeded, "{r:?}");
     assert_eq!(s.tools.count("fs/write"), 2);
     assert!(s.approvals.is_call_approved("s1", "fs/write", &args));
-    let all =
-        s.rt.kernel()
-            .actions()
-            .list(&keel_kernel::action::ActionFilter {
-                tenant: "acme".into(),
-                job_id: Some(h.job_id()),
-                ..Default::default()
-            })
-            .await
-            .expect("actions");
+    let all = actions_of(&s, &h).await;
     assert_eq!(all.len(), 1, "the second identical call was approved for the session");
 }
 
@@ -682,22 +691,11 @@ async fn model_calls_can_require_approval_and_a_session_approval_covers_later_tu
     let action = wait_pending(&h).await;
     assert_eq!(action.request["tool"], "model:test-model");
     assert_eq!(s.model.calls(), 0, "the model is not called before the approval");
-    let mut res = Resolution::approve(true);
-    res.value = json!("session");
-    h.resolve_action(action.id, res).await.expect("resolve");
+    approve_for_session(&h, action.id).await;
     let r = result(&h).await;
     assert_eq!(r.status, JobState::Succeeded, "{r:?}");
     assert_eq!(s.model.calls(), 2);
-    let all =
-        s.rt.kernel()
-            .actions()
-            .list(&keel_kernel::action::ActionFilter {
-                tenant: "acme".into(),
-                job_id: Some(h.job_id()),
-                ..Default::default()
-            })
-            .await
-            .expect("actions");
+    let all = actions_of(&s, &h).await;
     assert_eq!(all.len(), 1, "the session approval covered the second turn");
 }
 

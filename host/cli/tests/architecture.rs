@@ -4,47 +4,33 @@
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 
-use serde_json::Value;
+/// Workspace packages whose dependencies the test checks.
+const CHECKED: [&str; 4] = ["keel-kernel", "keel-sandbox", "keel-store", "keel-sdk"];
 
-/// Resolved (normal, non-dev) dependency names of every workspace package, transitively.
+/// Resolved (normal, non-dev) dependency names of each checked package, transitively, for the host
+/// platform only. `cargo tree` needs just the crates a host build downloads (`cargo metadata` would
+/// want every platform's crates, which a fresh machine never fetched).
 fn transitive_deps() -> HashMap<String, BTreeSet<String>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
-        .current_dir(keel_testutil::workspace_root())
-        .output()
-        .expect("cargo metadata");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let metadata: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let names: HashMap<&str, &str> = metadata["packages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap()))
-        .collect();
-    let mut direct: HashMap<&str, Vec<&str>> = HashMap::new();
-    for node in metadata["resolve"]["nodes"].as_array().unwrap() {
-        let deps = node["deps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|d| d["dep_kinds"].as_array().unwrap().iter().any(|k| k["kind"].is_null()))
-            .map(|d| d["pkg"].as_str().unwrap())
-            .collect();
-        direct.insert(node["id"].as_str().unwrap(), deps);
-    }
     let mut result = HashMap::new();
-    for member in metadata["workspace_members"].as_array().unwrap() {
-        let mut seen = BTreeSet::new();
-        let mut stack = vec![member.as_str().unwrap()];
-        while let Some(id) = stack.pop() {
-            for dep in direct.get(id).into_iter().flatten() {
-                if seen.insert(names[dep].to_string()) {
-                    stack.push(dep);
-                }
-            }
-        }
-        result.insert(names[member.as_str().unwrap()].to_string(), seen);
+    for package in CHECKED {
+        let output = Command::new(&cargo)
+            .args(["tree", "-p", package, "-e", "normal", "--prefix", "none", "--format", "{p}"])
+            .current_dir(keel_testutil::workspace_root())
+            .output()
+            .expect("run cargo tree");
+        assert!(
+            output.status.success(),
+            "cargo tree -p {package}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let deps = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .skip(1) // the package itself
+            .filter_map(|line| line.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        result.insert(package.to_string(), deps);
     }
     result
 }

@@ -90,6 +90,8 @@ where
     concurrent_job_writers(make().await).await;
     journal_atomicity(make().await).await;
     lease_claiming(make().await).await;
+    concurrent_resolves(make().await).await;
+    settle_is_bounded_by_the_hold(make().await).await;
 }
 
 /// Expand to one `#[tokio::test]` per conformance check, so a failure names the check.
@@ -104,7 +106,8 @@ macro_rules! conformance_tests {
             cancel_cascades, children_race_parent_cancel, deadline_sweep, approvals_and_tokens, action_expiry, wait_for_resolution,
             events, ledger_and_budgets, budget_windows_and_subjects, reservation_expiry,
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
-            concurrent_job_writers, journal_atomicity, lease_claiming);
+            concurrent_job_writers, journal_atomicity, lease_claiming, concurrent_resolves,
+            settle_is_bounded_by_the_hold);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(
@@ -1591,4 +1594,139 @@ pub async fn lease_claiming(store: Arc<dyn KernelStore>) {
         .await
         .expect("claim");
     assert_eq!(later.iter().map(|j| j.id).collect::<Vec<_>>(), vec![queued.id]);
+}
+
+/// Two pending approvals of one job resolved at the same moment, many times over: whatever the
+/// interleaving, the job ends RUNNING with nothing pending (the "others pending?" read is part of
+/// the write: every resolve writes the job row, so two racing resolves conflict and re-check).
+pub async fn concurrent_resolves(store: Arc<dyn KernelStore>) {
+    let (k, _) = kernel_with_clock(store);
+    for round in 0..60 {
+        let job = running_job(&k, "t1").await;
+        let mut tokens = Vec::new();
+        for tool in ["x/a", "x/b"] {
+            let created = k
+                .actions()
+                .create(approval(job, tool, json!({ "round": round }), Duration::hours(1)))
+                .await
+                .expect("create");
+            tokens.push(created.token);
+        }
+        let start = Arc::new(tokio::sync::Barrier::new(tokens.len()));
+        let tasks: Vec<_> = tokens
+            .into_iter()
+            .map(|token| {
+                let (k, start) = (k.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    k.actions().resolve_by_token(&token, Resolution::approve(true)).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("join").expect("resolve");
+        }
+        let j = k.jobs().get("t1", job).await.expect("get");
+        assert_eq!(j.state, JobState::Running, "round {round}: the job is stuck");
+        let pending = k.actions().list_pending("t1", Some(job)).await.expect("pending");
+        assert!(pending.is_empty(), "round {round}: {pending:?}");
+    }
+}
+
+/// Settlement is bounded by the hold: what the hold covered is the usage entry, the excess an
+/// `overage` entry (both count); a hold that lapsed covers nothing, so a late settle is all overage.
+pub async fn settle_is_bounded_by_the_hold(store: Arc<dyn KernelStore>) {
+    let (k, clock) = kernel_with_clock(store);
+    let hold = |amount: Usage| HoldRequest {
+        tenant: "t1".into(),
+        principal: Some("p".into()),
+        session: None,
+        job_id: None,
+        amount,
+        ttl: Some(Duration::seconds(60)),
+    };
+    let entries_of = |k: Kernel, id: Uuid| async move {
+        let all = k
+            .ledger()
+            .entries(&LedgerQuery {
+                tenant: "t1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("entries");
+        all.into_iter()
+            .filter(|e| e.entry.reservation_id == Some(id))
+            .map(|e| (e.entry.kind, e.entry.usage))
+            .collect::<Vec<_>>()
+    };
+    let held = Usage {
+        tokens: 100,
+        cost: dec("0.5"),
+        requests: 1,
+        tool_calls: 0,
+    };
+    let r = k.ledger().reserve(hold(held.clone())).await.expect("reserve").reservation;
+    let actual = Usage {
+        tokens: 180,
+        cost: dec("0.9"),
+        requests: 1,
+        tool_calls: 0,
+    };
+    let settled = k
+        .ledger()
+        .settle(r.id, LedgerKind::ModelUsage, actual.clone(), SettleDetails::default())
+        .await
+        .expect("settle");
+    assert_eq!(settled.state, ReservationState::Settled);
+    assert_eq!(settled.actual, Some(actual));
+    let entries = entries_of(k.clone(), r.id).await;
+    let of = |kind: LedgerKind| entries.iter().find(|(k, _)| *k == kind).map(|(_, u)| u.clone());
+    assert_eq!(of(LedgerKind::ModelUsage), Some(held), "{entries:?}");
+    let over = Usage {
+        tokens: 80,
+        cost: dec("0.4"),
+        requests: 0,
+        tool_calls: 0,
+    };
+    assert_eq!(of(LedgerKind::Overage), Some(over), "{entries:?}");
+    let total = k
+        .ledger()
+        .usage(&UsageQuery {
+            tenant: "t1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("usage");
+    assert_eq!((total.tokens, total.cost), (180, dec("0.9")), "the ledger holds what was spent");
+
+    // Within the hold: one usage entry, no overage.
+    let r = k
+        .ledger()
+        .reserve(hold(Usage::cost(dec("0.5"))))
+        .await
+        .expect("reserve")
+        .reservation;
+    k.ledger()
+        .settle(r.id, LedgerKind::ModelUsage, Usage::cost(dec("0.2")), SettleDetails::default())
+        .await
+        .expect("settle");
+    let entries = entries_of(k.clone(), r.id).await;
+    assert!(!entries.iter().any(|(k, _)| *k == LedgerKind::Overage), "{entries:?}");
+
+    // A lapsed hold (released by the sweep) covers nothing.
+    let one_call = Usage {
+        tool_calls: 1,
+        ..Usage::zero()
+    };
+    let r = k.ledger().reserve(hold(one_call.clone())).await.expect("reserve").reservation;
+    clock.advance(Duration::hours(1));
+    k.recover_and_sweep(clock.now()).await.expect("sweep");
+    k.ledger()
+        .settle(r.id, LedgerKind::ToolUsage, one_call.clone(), SettleDetails::default())
+        .await
+        .expect("a late settle still records what was spent");
+    let entries = entries_of(k.clone(), r.id).await;
+    let of = |kind: LedgerKind| entries.iter().find(|(k, _)| *k == kind).map(|(_, u)| u.clone());
+    assert_eq!(of(LedgerKind::ToolUsage), Some(Usage::zero()), "{entries:?}");
+    assert_eq!(of(LedgerKind::Overage), Some(one_call), "{entries:?}");
 }

@@ -39,6 +39,10 @@ pub struct PolicyRef {
     /// Per-run overrides, interpreted by the policy engine.
     #[serde(default)]
     pub overrides: BTreeMap<String, serde_json::Value>,
+    /// The policy's full text (TOML), recorded with the job so every host that runs it applies
+    /// the same rules, whatever policy that host loaded; `version` is its sha256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Versions pinned for a run, so a replay can tell what it ran against.

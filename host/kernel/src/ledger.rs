@@ -125,6 +125,9 @@ string_enum! {
         Settle => "settle",
         /// A reservation was released.
         Release => "release",
+        /// Usage beyond what its hold covered (a provider reporting more than the estimate, or a
+        /// call settled after its hold lapsed). Counts against budgets: it was really spent.
+        Overage => "overage",
     }
 }
 
@@ -132,7 +135,7 @@ impl LedgerKind {
     /// Whether entries of this kind count as consumption. Holds are counted from the
     /// reservation table instead, so nothing is counted twice.
     pub fn counts_as_usage(self) -> bool {
-        matches!(self, LedgerKind::ModelUsage | LedgerKind::ToolUsage)
+        matches!(self, LedgerKind::ModelUsage | LedgerKind::ToolUsage | LedgerKind::Overage)
     }
 }
 
@@ -616,7 +619,7 @@ impl UsageQuery {
     pub fn as_ledger_query(&self) -> LedgerQuery {
         LedgerQuery {
             tenant: self.tenant.clone(),
-            kinds: vec![LedgerKind::ModelUsage, LedgerKind::ToolUsage],
+            kinds: vec![LedgerKind::ModelUsage, LedgerKind::ToolUsage, LedgerKind::Overage],
             principal: self.principal.clone(),
             session: self.session.clone(),
             job_id: self.job_id,

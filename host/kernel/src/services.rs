@@ -1121,7 +1121,7 @@ impl Ledger {
         actual: Usage,
         details: SettleDetails,
     ) -> KernelResult<Reservation> {
-        if !kind.counts_as_usage() {
+        if !matches!(kind, LedgerKind::ModelUsage | LedgerKind::ToolUsage) {
             return Err(KernelError::Invalid(format!("settle needs a usage kind, not {kind}")));
         }
         actual.validate().map_err(invalid_cost)?;

@@ -432,7 +432,7 @@ async fn budget_usage(conn: &mut SqliteConnection, budget: &Budget, now: DateTim
     let sums = "COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(cost_nanos), 0) AS cost_nanos, \
                 COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(tool_calls), 0) AS tool_calls";
     let mut qb = QueryBuilder::<Sqlite>::new(format!(
-        "SELECT {sums} FROM ledger_events WHERE kind IN ('model_usage', 'tool_usage') AND tenant = "
+        "SELECT {sums} FROM ledger_events WHERE kind IN ('model_usage', 'tool_usage', 'overage') AND tenant = "
     ));
     qb.push_bind(budget.tenant.clone());
     push_subject(&mut qb, budget.principal.as_deref(), budget.session.as_deref());

@@ -1,0 +1,400 @@
+//! Governance of the agent loop (issue 8): the job's own policy applies on any host, a job is
+//! created already claimed, every re-run of an interrupted call needs its own approval and a fresh
+//! budget hold, settlement is bounded by the hold, and an idempotency key is bound to its request.
+#![cfg(feature = "conformance")]
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use keel_kernel::action::Resolution;
+use keel_kernel::agent::testing::{FakeTools, ScriptedModel, calls};
+use keel_kernel::clock::{Clock, ManualClock};
+use keel_kernel::context::PolicyRef;
+use keel_kernel::event::EventType;
+use keel_kernel::job::JobState;
+use keel_kernel::ledger::{Budget, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, UsageQuery};
+use keel_kernel::memory::MemoryStore;
+use keel_kernel::model::{Message, ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
+use keel_kernel::policy::{Policy, SessionApprovals};
+use keel_kernel::store::{ClaimRequest, KernelStore};
+use keel_kernel::{AgentConfig, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
+use rust_decimal::Decimal;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn config() -> AgentConfig {
+    AgentConfig {
+        poll_ms: 20,
+        lease_ttl_ms: 3_000,
+        ..AgentConfig::default()
+    }
+}
+
+fn host(kernel: Kernel, model: Arc<dyn ModelProvider>, tools: &FakeTools, policy: Policy) -> RuntimeKernel {
+    RuntimeKernel::new(
+        kernel,
+        model,
+        Arc::new(tools.clone()),
+        Arc::new(policy),
+        Arc::new(SessionApprovals::new()),
+        config(),
+    )
+}
+
+fn request(prompt: &str) -> ExecutionRequest {
+    let mut r = ExecutionRequest::new("acme", "test-model", prompt).with_tools(["*"]);
+    r.principal = Some("alice".into());
+    r.session = Some("s1".into());
+    r
+}
+
+async fn result(h: &ExecutionHandle) -> keel_kernel::ExecutionResult {
+    tokio::time::timeout(Duration::from_secs(10), h.result())
+        .await
+        .expect("the job ends in time")
+        .expect("result")
+}
+
+async fn wait_tool_start(h: &ExecutionHandle, n: usize) {
+    let mut events = h.events();
+    let mut seen = 0;
+    let wait = async {
+        while let Some(e) = events.next().await {
+            if e.event_type == EventType::ToolStart {
+                seen += 1;
+                if seen == n {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the tool call starts");
+}
+
+async fn wait_pending(h: &ExecutionHandle) -> keel_kernel::action::Action {
+    for _ in 0..500 {
+        if let Some(a) = h.pending_actions().await.expect("pending").into_iter().next() {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no pending action");
+}
+
+const DENY_WRITES: &str = r#"
+default = "allow"
+
+[[tool]]
+name = "no-writes"
+tools = ["fs/write"]
+decision = "deny"
+reason = "this job may not write"
+"#;
+
+/// A host whose own policy allows everything runs a job under the policy recorded with the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_runs_under_its_own_recorded_policy_on_any_host() {
+    let tools = FakeTools::new();
+    tools.add_echo("fs/write", false);
+    let model = Arc::new(ScriptedModel::new(vec![
+        calls(0, &[("fs__write", json!({"path": "x"}))]),
+        Message::assistant("done", vec![]),
+    ]));
+    let rt = host(
+        Kernel::new(Arc::new(MemoryStore::new())),
+        model.clone(),
+        &tools,
+        Policy::allow_all(),
+    );
+    let mut req = request("write");
+    req.policy = PolicyRef {
+        name: "strict.toml".into(),
+        version: Some(hex::encode(Sha256::digest(DENY_WRITES.as_bytes()))),
+        source: Some(DENY_WRITES.into()),
+        ..PolicyRef::default()
+    };
+    let r = result(&rt.execute(req).await.expect("execute")).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert_eq!(tools.count("fs/write"), 0, "the job's policy denies fs/write");
+
+    // A recorded policy whose text does not match its hash is refused, not applied.
+    let mut req = request("write");
+    req.policy = PolicyRef {
+        name: "strict.toml".into(),
+        version: Some("0".repeat(64)),
+        source: Some(DENY_WRITES.into()),
+        ..PolicyRef::default()
+    };
+    let r = result(&rt.execute(req).await.expect("execute")).await;
+    assert_eq!(r.status, JobState::Failed, "{r:?}");
+    assert_eq!(r.error.expect("error").code, "policy_unavailable");
+    assert_eq!(tools.count("fs/write"), 0);
+}
+
+/// `execute` creates its job already leased: a worker polling at the same time never gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_polling_worker_never_claims_a_job_that_execute_just_created() {
+    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::new());
+    let tools = FakeTools::new();
+    let model = Arc::new(ScriptedModel::new(vec![Message::assistant("hi", vec![])]));
+    let rt = host(Kernel::new(store.clone()), model, &tools, Policy::allow_all());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut stolen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let now = chrono::Utc::now();
+                let claimed = store
+                    .claim_jobs(ClaimRequest {
+                        owner: "poller".into(),
+                        now,
+                        until: now + chrono::Duration::hours(1),
+                        kinds: vec!["agent".into()],
+                        job_id: None,
+                        limit: 10,
+                    })
+                    .await
+                    .expect("claim");
+                stolen.extend(claimed.into_iter().map(|j| j.id));
+                tokio::task::yield_now().await;
+            }
+            stolen
+        })
+    };
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        handles.push(rt.execute(request(&format!("hello {i}"))).await.expect("execute"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let stolen = poller.await.expect("poller");
+    assert!(stolen.is_empty(), "a polling worker claimed {} of 200 jobs", stolen.len());
+    for h in &handles {
+        assert_eq!(result(h).await.status, JobState::Succeeded);
+    }
+}
+
+/// Kill the host during a non-idempotent call, approve the re-run, kill it again during the
+/// re-run: the third host asks again (a "yes" covers one attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_rerun_of_an_interrupted_call_needs_its_own_approval() {
+    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::new());
+    let script = vec![
+        calls(0, &[("net__post", json!({"body": "pay"}))]),
+        Message::assistant("posted", vec![]),
+    ];
+    let model = Arc::new(ScriptedModel::new(script));
+    let hanging = || {
+        let t = FakeTools::new();
+        t.add("net/post", json!({}), false, |_| async {
+            futures::future::pending::<()>().await;
+            Ok(json!(null))
+        });
+        t
+    };
+    // Host A starts the POST and dies.
+    let tools_a = hanging();
+    let a = host(Kernel::new(store.clone()), model.clone(), &tools_a, Policy::allow_all());
+    let h = a.execute(request("post")).await.expect("execute");
+    wait_tool_start(&h, 1).await;
+    a.abort_all();
+
+    // Host B asks, gets a yes, re-runs, and dies during the re-run.
+    let tools_b = hanging();
+    let b = host(Kernel::new(store.clone()), model.clone(), &tools_b, Policy::allow_all());
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    assert_eq!(b.resume_orphans(later).await.expect("claim"), vec![h.job_id()]);
+    let hb = b.attach("acme", h.job_id()).await.expect("attach");
+    let question = wait_pending(&hb).await;
+    assert!(question.title.contains("re-run"), "{}", question.title);
+    hb.resolve_action(question.id, Resolution::approve(true))
+        .await
+        .expect("approve");
+    wait_tool_start(&hb, 2).await;
+    assert_eq!(tools_b.count("net/post"), 1);
+    b.abort_all();
+
+    // Host C must ask again before a third POST.
+    let tools_c = FakeTools::new();
+    tools_c.add("net/post", json!({}), false, |_| async { Ok(json!("ok")) });
+    let c = host(Kernel::new(store.clone()), model, &tools_c, Policy::allow_all());
+    let later = chrono::Utc::now() + chrono::Duration::hours(2);
+    assert_eq!(c.resume_orphans(later).await.expect("claim"), vec![h.job_id()]);
+    let hc = c.attach("acme", h.job_id()).await.expect("attach");
+    let mut second = None;
+    for _ in 0..300 {
+        if let Some(a) = hc.pending_actions().await.expect("pending").into_iter().next() {
+            second = Some(a);
+            break;
+        }
+        if tools_c.count("net/post") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(tools_c.count("net/post"), 0, "the second re-run ran without a question");
+    let second = second.expect("a second re-run question");
+    assert_ne!(second.id, question.id);
+    hc.resolve_action(second.id, Resolution::approve(true))
+        .await
+        .expect("approve");
+    let r = result(&hc).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert_eq!(tools_c.count("net/post"), 1);
+}
+
+/// An interrupted call whose hold lapsed is re-run only under a fresh hold: with a deny budget
+/// of one tool call, the interrupted attempt used it, so the re-run is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rerun_needs_a_fresh_budget_hold() {
+    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let kernel = || Kernel::with_clock(store.clone(), clock.clone(), KernelConfig::default());
+    let model = Arc::new(ScriptedModel::new(vec![
+        calls(0, &[("fs__read", json!({}))]),
+        Message::assistant("read", vec![]),
+    ]));
+    let mut budget = Budget::new("acme", "one tool call", BudgetWindow::Total);
+    budget.limits.max_tool_calls = Some(1);
+    budget.strategy = ExceedStrategy::Deny;
+    kernel().ledger().put_budget(budget).await.expect("budget");
+
+    let tools_a = FakeTools::new();
+    tools_a.add("fs/read", json!({}), true, |_| async {
+        futures::future::pending::<()>().await;
+        Ok(json!(null))
+    });
+    let a = host(kernel(), model.clone(), &tools_a, Policy::allow_all());
+    let h = a.execute(request("read")).await.expect("execute");
+    wait_tool_start(&h, 1).await;
+    a.abort_all();
+
+    // The hold lapses and the sweeper releases it.
+    clock.advance(chrono::Duration::hours(1));
+    let swept = kernel().recover_and_sweep(clock.now()).await.expect("sweep");
+    assert_eq!(swept.reservations_released, 1);
+
+    let tools_b = FakeTools::new();
+    tools_b.add_echo("fs/read", true);
+    let b = host(kernel(), model, &tools_b, Policy::allow_all());
+    assert_eq!(b.resume_orphans(clock.now()).await.expect("claim"), vec![h.job_id()]);
+    let r = result(&b.attach("acme", h.job_id()).await.expect("attach")).await;
+    assert_eq!(tools_b.count("fs/read"), 0, "the re-run ran past the budget");
+    assert_eq!(r.status, JobState::Failed, "{r:?}");
+    assert_eq!(r.error.expect("error").code, "budget_exceeded");
+    let usage = b
+        .kernel()
+        .ledger()
+        .usage(&UsageQuery {
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("usage");
+    assert_eq!(usage.tool_calls, 1, "the interrupted attempt is charged, nothing more");
+}
+
+/// A provider that reports `cost` for every call, whatever the request (more than any hold).
+struct Overcharging {
+    inner: ScriptedModel,
+    cost: Decimal,
+}
+
+impl ModelProvider for Overcharging {
+    fn complete<'a>(
+        &'a self,
+        request: &'a ModelRequest,
+        on_delta: &'a (dyn Fn(ModelDelta) + Send + Sync),
+    ) -> BoxFuture<'a, Result<ModelResponse, ModelError>> {
+        Box::pin(async move {
+            let mut r = self.inner.complete(request, on_delta).await?;
+            r.usage.cost = self.cost;
+            Ok(r)
+        })
+    }
+
+    fn price(&self, model: &str) -> Option<ModelPrice> {
+        self.inner.price(model)
+    }
+}
+
+/// A model call that reports more than its hold is charged up to the hold, the excess is an
+/// overage entry, and the job stops once a deny budget is crossed (the tool is never called).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_beyond_the_hold_is_recorded_as_overage_and_stops_the_job() {
+    let dec = |s: &str| Decimal::from_str(s).expect("decimal");
+    let tools = FakeTools::new();
+    tools.add_echo("fs/read", true);
+    let model = Arc::new(Overcharging {
+        // Worst case of a call: 1000 output tokens at 100 per million = 0.1.
+        inner: ScriptedModel::new(vec![
+            calls(0, &[("fs__read", json!({}))]),
+            Message::assistant("never", vec![]),
+        ])
+        .with_price(Decimal::ZERO, Decimal::from(100)),
+        cost: dec("0.90"),
+    });
+    let rt = host(Kernel::new(Arc::new(MemoryStore::new())), model, &tools, Policy::allow_all());
+    let mut budget = Budget::new("acme", "half a dollar", BudgetWindow::Total);
+    budget.limits.max_cost = Some(dec("0.50"));
+    budget.strategy = ExceedStrategy::Deny;
+    rt.kernel().ledger().put_budget(budget).await.expect("budget");
+    let mut req = request("read");
+    req.max_tokens = Some(1000);
+    let h = rt.execute(req).await.expect("execute");
+    let r = result(&h).await;
+    assert_eq!(r.status, JobState::Failed, "{r:?}");
+    assert_eq!(r.error.expect("error").code, "budget_exceeded");
+    assert_eq!(tools.count("fs/read"), 0, "no call after the budget was crossed");
+    let entries = rt
+        .kernel()
+        .ledger()
+        .entries(&LedgerQuery {
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ledger");
+    let cost_of = |kind: LedgerKind| -> Decimal {
+        entries
+            .iter()
+            .filter(|e| e.entry.kind == kind)
+            .map(|e| e.entry.usage.cost)
+            .sum()
+    };
+    assert!(cost_of(LedgerKind::ModelUsage) <= dec("0.1"), "{entries:#?}");
+    assert_eq!(cost_of(LedgerKind::ModelUsage) + cost_of(LedgerKind::Overage), dec("0.90"));
+}
+
+/// The same idempotency key with a different request is an error; with the same request it
+/// attaches to the first job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotency_key_is_bound_to_its_request() {
+    let tools = FakeTools::new();
+    let model = Arc::new(ScriptedModel::new(vec![Message::assistant("hi", vec![])]));
+    let rt = host(Kernel::new(Arc::new(MemoryStore::new())), model, &tools, Policy::allow_all());
+    let mut first = request("hello");
+    first.idempotency_key = Some("k1".into());
+    let h1 = rt.execute(first.clone()).await.expect("execute");
+    result(&h1).await;
+
+    let mut other_prompt = first.clone();
+    other_prompt.prompt = Some("transfer everything".into());
+    let mut other_principal = first.clone();
+    other_principal.principal = Some("mallory".into());
+    for other in [other_prompt, other_principal] {
+        match rt.execute(other).await {
+            Err(e) => assert!(e.to_string().contains("different request"), "{e}"),
+            Ok(h) => panic!("attached to job {} of another request", h.job_id()),
+        }
+    }
+    // Same request (a retry from a new session of the same client): the first job.
+    let mut again = first.clone();
+    again.session = Some("s2".into());
+    assert_eq!(rt.execute(again).await.expect("execute").job_id(), h1.job_id());
+}

@@ -690,3 +690,37 @@ fn terminal_prompt_approves_for_the_session() {
     let actions = home.json(&["actions", "list", "--all", "--json"]);
     assert_eq!(actions.as_array().unwrap().len(), 1, "asked once: {actions}");
 }
+
+/// `keel run --detach --policy strict.toml` then `keel worker` (allow-all here): the worker runs
+/// the job under the policy recorded with it, so the write is denied.
+#[test]
+fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Could not write.")]),
+        None,
+        "",
+    );
+    let strict = home.path().join("strict.toml");
+    std::fs::write(
+        &strict,
+        "version = 1\ndefault = \"allow\"\n\n[[tool]]\nname = \"no-writes\"\ntools = [\"fs/write\"]\ndecision = \"deny\"\nreason = \"read-only job\"\n",
+    )
+    .unwrap();
+    let strict = strict.display().to_string();
+    let out = home.expect(
+        &["run", "write it", "--tools", "fs", "--model", MODEL, "--detach", "--policy", &strict],
+        0,
+    );
+    let job = out.trim().to_string();
+    let worker = home.output(&["worker", "--until-idle"]);
+    assert_eq!(worker.status.code(), Some(0), "{}", show(&worker));
+    let shown = home.job(&job);
+    assert_eq!(shown["job"]["state"], "SUCCEEDED", "{shown}");
+    assert_eq!(home.effects(), "", "the worker ran a write the job's policy denies");
+    let denied = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["event_type"] == "tool.error" && e["data"]["code"] == "policy_denied");
+    assert!(denied, "{shown}");
+}

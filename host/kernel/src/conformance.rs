@@ -92,6 +92,8 @@ where
     lease_claiming(make().await).await;
     concurrent_resolves(make().await).await;
     settle_is_bounded_by_the_hold(make().await).await;
+    create_leased(make().await).await;
+    idempotency_request_hash(make().await).await;
 }
 
 /// Expand to one `#[tokio::test]` per conformance check, so a failure names the check.
@@ -107,7 +109,7 @@ macro_rules! conformance_tests {
             events, ledger_and_budgets, budget_windows_and_subjects, reservation_expiry,
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
             concurrent_job_writers, journal_atomicity, lease_claiming, concurrent_resolves,
-            settle_is_bounded_by_the_hold);
+            settle_is_bounded_by_the_hold, create_leased, idempotency_request_hash);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(
@@ -1729,4 +1731,78 @@ pub async fn settle_is_bounded_by_the_hold(store: Arc<dyn KernelStore>) {
     let of = |kind: LedgerKind| entries.iter().find(|(k, _)| *k == kind).map(|(_, u)| u.clone());
     assert_eq!(of(LedgerKind::ToolUsage), Some(Usage::zero()), "{entries:?}");
     assert_eq!(of(LedgerKind::Overage), Some(one_call), "{entries:?}");
+}
+
+/// A job created together with its lease (one transaction) is never claimable by another owner
+/// until that lease lapses; a lease claim on a job someone else holds fails the whole batch.
+pub async fn create_leased(store: Arc<dyn KernelStore>) {
+    let (k, clock) = kernel_with_clock(store.clone());
+    let created = k
+        .jobs()
+        .create_leased(NewJob::new("t1", "agent"), Some(("host-a".into(), Duration::seconds(30))))
+        .await
+        .expect("create");
+    assert!(created.created);
+    let id = created.job.id;
+    let lease = store.get_lease(id).await.expect("lease").expect("leased at creation");
+    assert_eq!(lease.owner, "host-a");
+    let claim = |owner: &str, now: DateTime<Utc>| ClaimRequest {
+        owner: owner.into(),
+        now,
+        until: now + Duration::seconds(30),
+        kinds: vec!["agent".into()],
+        job_id: None,
+        limit: 10,
+    };
+    assert!(store.claim_jobs(claim("poller", clock.now())).await.expect("claim").is_empty());
+    let later = clock.now() + Duration::seconds(31);
+    let claimed = store.claim_jobs(claim("poller", later)).await.expect("claim");
+    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id], "claimable once it lapsed");
+    let refused = store
+        .commit(Batch {
+            claims: vec![crate::store::LeaseClaim {
+                job_id: id,
+                owner: "host-b".into(),
+                now: later,
+                until: later + Duration::seconds(30),
+            }],
+            ..Batch::default()
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict { entity: "lease", .. })),
+        "{refused:?}"
+    );
+    assert_eq!(store.get_lease(id).await.expect("lease").expect("lease").owner, "poller");
+}
+
+/// An idempotency key is bound to the hash of its first request, stored with the job: the same
+/// request gets the first job, a different one (input or principal) an error naming it.
+pub async fn idempotency_request_hash(store: Arc<dyn KernelStore>) {
+    let (k, _) = kernel_with_clock(store);
+    let mut a = NewJob::new("t1", "agent");
+    a.idempotency_key = Some("k".into());
+    a.principal = Some("alice".into());
+    a.input = json!({ "prompt": "a" });
+    let first = k.jobs().create(a.clone()).await.expect("create").job;
+    assert!(first.request_hash.is_some());
+    let stored = k.jobs().get("t1", first.id).await.expect("get");
+    assert_eq!(stored.request_hash, first.request_hash, "the hash is stored");
+    let again = k.jobs().create(a.clone()).await.expect("same request");
+    assert!(!again.created);
+    assert_eq!(again.job.id, first.id);
+    let mut other_input = a.clone();
+    other_input.input = json!({ "prompt": "b" });
+    let mut other_principal = a.clone();
+    other_principal.principal = Some("mallory".into());
+    for other in [other_input, other_principal] {
+        match k.jobs().create(other).await {
+            Err(e @ KernelError::IdempotencyKeyReused { .. }) => {
+                assert!(e.to_string().contains("different request"), "{e}");
+                assert!(e.to_string().contains(&first.id.to_string()), "{e}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(k.jobs().count(&JobFilter::tenant("t1")).await.expect("count"), 1);
 }

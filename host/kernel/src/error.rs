@@ -67,6 +67,18 @@ pub enum KernelError {
         /// Its state.
         state: ReservationState,
     },
+    /// An idempotency key was reused for a different request.
+    #[error(
+        "idempotency key {key:?} was already used in scope {tenant:?} for a different request (job {job_id}); use a new key or repeat the same request"
+    )]
+    IdempotencyKeyReused {
+        /// Tenant.
+        tenant: String,
+        /// Key.
+        key: String,
+        /// The job created with it.
+        job_id: Uuid,
+    },
     /// A request was malformed.
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -125,6 +125,10 @@ pub struct Job {
     pub version: u64,
     /// Idempotency key, unique per tenant.
     pub idempotency_key: Option<String>,
+    /// sha256 of the canonical request the idempotency key was first used with: the key attaches
+    /// only a request with the same hash (`None` on jobs stored before it was recorded).
+    #[serde(default)]
+    pub request_hash: Option<String>,
     /// Input of the job.
     pub input: serde_json::Value,
     /// Progress in `[0, 1]`.
@@ -180,8 +184,13 @@ pub struct NewJob {
     pub parent_id: Option<Uuid>,
     /// Kind of work.
     pub kind: String,
-    /// Idempotency key: creating twice with the same key returns the first job.
+    /// Idempotency key: creating twice with the same key returns the first job (if the request
+    /// is the same; a different request with a used key is an error).
     pub idempotency_key: Option<String>,
+    /// What identifies the request behind the key (hashed and stored with the job); default:
+    /// kind, principal, parent and input. Callers whose input carries per-attempt noise (a fresh
+    /// session id) set their own.
+    pub request_fingerprint: Option<serde_json::Value>,
     /// Input.
     pub input: serde_json::Value,
     /// Deadline.

@@ -89,6 +89,11 @@ impl Usage {
     pub fn validate(&self) -> Result<(), CostError> {
         cost_to_nanos(self.cost).map(|_| ())
     }
+
+    /// Whether every metric is zero.
+    pub fn is_zero(&self) -> bool {
+        self.tokens == 0 && self.cost.is_zero() && self.requests == 0 && self.tool_calls == 0
+    }
 }
 
 impl Add for Usage {
@@ -565,6 +570,64 @@ impl Reservation {
     pub fn is_live(&self, now: DateTime<Utc>) -> bool {
         self.state == ReservationState::Held && self.expires_at > now
     }
+
+    /// How settling it with `actual` at `now` splits. A live hold covers its amount; a hold that
+    /// lapsed (expired, or released by the sweep) covers nothing, since other calls may have
+    /// been granted that room since. The one place both stores take the arithmetic from.
+    pub fn settle_plan(&self, actual: &Usage, now: DateTime<Utc>) -> SettlePlan {
+        let covered = if self.is_live(now) {
+            self.amount.clone()
+        } else {
+            Usage::zero()
+        };
+        let charged = Usage {
+            tokens: actual.tokens.min(covered.tokens),
+            cost: actual.cost.min(covered.cost).max(Decimal::ZERO),
+            requests: actual.requests.min(covered.requests),
+            tool_calls: actual.tool_calls.min(covered.tool_calls),
+        };
+        let overage = Usage {
+            tokens: actual.tokens - charged.tokens,
+            cost: (actual.cost - charged.cost).max(Decimal::ZERO),
+            requests: actual.requests - charged.requests,
+            tool_calls: actual.tool_calls - charged.tool_calls,
+        };
+        let data = serde_json::json!({
+            "held": covered,
+            "actual": actual,
+            "lapsed": !self.is_live(now),
+        });
+        SettlePlan { charged, overage, data }
+    }
+}
+
+impl Reservation {
+    /// For a settled reservation: the usage recorded beyond its hold (as [`settle_plan`](Self::settle_plan)
+    /// split it when it was settled); zero otherwise.
+    pub fn overage(&self) -> Usage {
+        match (&self.actual, self.closed_at) {
+            (Some(actual), Some(at)) if self.state == ReservationState::Settled => {
+                let held = Reservation {
+                    state: ReservationState::Held,
+                    ..self.clone()
+                };
+                held.settle_plan(actual, at).overage
+            }
+            _ => Usage::zero(),
+        }
+    }
+}
+
+/// How a settlement is recorded (see [`Reservation::settle_plan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettlePlan {
+    /// The usage entry: the part of the actual usage the hold covered.
+    pub charged: Usage,
+    /// Usage beyond the hold: an [`LedgerKind::Overage`] entry when not zero. It counts against
+    /// budgets like any usage (it was spent); the caller stops spending if a budget is crossed.
+    pub overage: Usage,
+    /// The overage entry's data: what was held, what was reported, whether the hold had lapsed.
+    pub data: serde_json::Value,
 }
 
 /// What a store's reserve returns.

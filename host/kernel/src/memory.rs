@@ -146,6 +146,17 @@ impl MemoryStore {
                 return Err(conflict("lease", g.job_id));
             }
         }
+        for c in &batch.claims {
+            if !staged_jobs.contains_key(&c.job_id) && !st.jobs.contains_key(&c.job_id) {
+                return Err(StoreError::NotFound {
+                    entity: "job",
+                    id: c.job_id.to_string(),
+                });
+            }
+            if st.leases.get(&c.job_id).is_some_and(|l| l.until > c.now) {
+                return Err(conflict("lease", c.job_id));
+            }
+        }
         let mut staged_journal: Vec<(String, Uuid)> = Vec::new();
         for j in &batch.journal {
             if !staged_jobs.contains_key(&j.job_id) && !st.jobs.contains_key(&j.job_id) {
@@ -205,6 +216,15 @@ impl MemoryStore {
             }
         }
         st.jobs.extend(staged_jobs);
+        for c in batch.claims {
+            st.leases.insert(
+                c.job_id,
+                Lease {
+                    owner: c.owner,
+                    until: c.until,
+                },
+            );
+        }
         for (id, a) in staged_actions {
             st.token_hashes.insert(a.token_hash.clone(), id);
             st.actions.insert(id, a);
@@ -322,12 +342,22 @@ impl MemoryStore {
         if r.state == ReservationState::Settled {
             return Err(conflict("reservation", r.id));
         }
-        let mut usage = Self::close_entry(&r, req.kind, req.actual.clone(), req.now);
+        let plan = r.settle_plan(&req.actual, req.now);
+        let mut usage = Self::close_entry(&r, req.kind, plan.charged.clone(), req.now);
         usage.duration_ms = req.duration_ms;
         usage.model = req.model;
         usage.tool = req.tool;
         usage.data = req.data;
+        let overage = (!plan.overage.is_zero()).then(|| NewLedgerEvent {
+            kind: LedgerKind::Overage,
+            usage: plan.overage,
+            data: plan.data,
+            ..usage.clone()
+        });
         st.append_ledger(usage);
+        if let Some(overage) = overage {
+            st.append_ledger(overage);
+        }
         st.append_ledger(Self::close_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now));
         let r = Reservation {
             state: ReservationState::Settled,

@@ -12,13 +12,14 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::action::{
     Action, ActionFilter, ActionState, ActionType, CreatedAction, NewAction, Resolution, ct_eq_str, generate_token,
     hash_token,
 };
-use crate::canonical::call_digest;
+use crate::canonical::{call_digest, canonical_json};
 use crate::clock::{Clock, SystemClock};
 use crate::context::{CancellationToken, ExecutionContext};
 use crate::error::{KernelError, KernelResult};
@@ -30,7 +31,7 @@ use crate::ledger::{
     Budget, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation, ReserveRequest, SettleRequest, Usage,
     UsageQuery, evaluate_budgets,
 };
-use crate::store::{ActionWrite, Batch, JobWrite, KernelStore, StoreError};
+use crate::store::{ActionWrite, Batch, JobWrite, KernelStore, LeaseClaim, StoreError};
 
 /// Tunables of the kernel core. Names match the `[kernel]` config section and CLI flags.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -412,12 +413,25 @@ impl Core {
                 }],
                 ..Batch::default()
             };
+            // Decided inside the write: every resolve (and every action creation) writes the job
+            // row, so if another action was resolved or created after `job` was read, this commit
+            // conflicts and the next pass re-reads what is pending. Without it, two concurrent
+            // resolves could each see the other still pending and leave the job WAITING_ACTION
+            // with nothing left to resolve.
             let others_pending = self.pending_actions(&job).await?.iter().any(|p| p.id != action.id);
-            if job.state == JobState::WaitingAction && !others_pending {
-                let next = transition(&job, JobState::Running, now)?;
-                batch
-                    .events
-                    .push(status_event(job.state, &next, json!({ "action_id": action.id }), now));
+            if !job.state.is_terminal() {
+                let next = if job.state == JobState::WaitingAction && !others_pending {
+                    let next = transition(&job, JobState::Running, now)?;
+                    batch
+                        .events
+                        .push(status_event(job.state, &next, json!({ "action_id": action.id }), now));
+                    next
+                } else {
+                    let mut same = job.clone();
+                    same.version += 1;
+                    same.updated_at = now;
+                    same
+                };
                 batch.jobs.push(JobWrite {
                     job: next,
                     expected_version: Some(job.version),
@@ -450,16 +464,44 @@ pub struct JobManager {
 }
 
 impl JobManager {
-    /// Create a QUEUED job. With an idempotency key already used in the tenant, returns the
-    /// existing job (`created: false`); the store's unique constraint makes this race-free.
+    /// Create a QUEUED job. With an idempotency key already used in the tenant for the same
+    /// request, returns the existing job (`created: false`); the store's unique constraint makes
+    /// this race-free. The same key with a different request is `IdempotencyKeyReused`.
     pub async fn create(&self, new: NewJob) -> KernelResult<CreatedJob> {
+        self.create_leased(new, None).await
+    }
+
+    /// [`create`](Self::create), and if `lease` is `(owner, ttl)` give `owner` the new job's lease
+    /// in the same transaction, so no worker polling for unleased jobs can claim it in between.
+    /// (An existing job found by idempotency key is returned as it is, unclaimed.)
+    pub async fn create_leased(
+        &self,
+        new: NewJob,
+        lease: Option<(String, chrono::Duration)>,
+    ) -> KernelResult<CreatedJob> {
         if new.tenant.is_empty() || new.kind.is_empty() {
             return Err(KernelError::Invalid("a job needs a tenant and a kind".into()));
         }
+        let request_hash = new.idempotency_key.as_ref().map(|_| {
+            let fingerprint = new.request_fingerprint.clone().unwrap_or_else(|| {
+                json!({ "kind": new.kind, "principal": new.principal, "input": new.input })
+            });
+            hex::encode(Sha256::digest(canonical_json(&fingerprint).as_bytes()))
+        });
+        let same_request = |job: Job| -> KernelResult<CreatedJob> {
+            match (&job.request_hash, &request_hash) {
+                (Some(first), Some(now)) if first != now => Err(KernelError::IdempotencyKeyReused {
+                    tenant: job.tenant.clone(),
+                    key: job.idempotency_key.clone().unwrap_or_default(),
+                    job_id: job.id,
+                }),
+                _ => Ok(CreatedJob { job, created: false }),
+            }
+        };
         if let Some(key) = &new.idempotency_key
             && let Some(job) = self.core.store.get_job_by_key(&new.tenant, key).await?
         {
-            return Ok(CreatedJob { job, created: false });
+            return same_request(job);
         }
         let now = self.core.now();
         let job = Job {
@@ -473,6 +515,7 @@ impl JobManager {
             state: JobState::Queued,
             version: 1,
             idempotency_key: new.idempotency_key,
+            request_hash: request_hash.clone(),
             input: new.input,
             progress: 0.0,
             progress_message: None,
@@ -521,10 +564,20 @@ impl JobManager {
                     expected_version: Some(parent.version),
                 });
             }
+            let claims = lease
+                .iter()
+                .map(|(owner, ttl)| LeaseClaim {
+                    job_id: job.id,
+                    owner: owner.clone(),
+                    now,
+                    until: now + *ttl,
+                })
+                .collect();
             let batch = Batch {
                 jobs,
                 actions: vec![],
                 events: vec![event.clone()],
+                claims,
                 ..Batch::default()
             };
             match self.core.commit(batch).await {
@@ -535,7 +588,7 @@ impl JobManager {
                             "idempotency key {key:?} conflicts but no job holds it"
                         )))
                     })?;
-                    return Ok(CreatedJob { job, created: false });
+                    return same_request(job);
                 }
                 Err(e) if is_conflict(&e) => continue,
                 Err(e) => return Err(e.into()),

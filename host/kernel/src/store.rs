@@ -95,6 +95,10 @@ pub struct Batch {
     /// Fencing: the batch applies only if each named job's lease is held by the named owner
     /// (else `Conflict { entity: "lease" }`). A host that lost its lease can no longer write.
     pub leases: Vec<LeaseGuard>,
+    /// Leases taken in the same transaction (after jobs are written): a job created already
+    /// claimed, so no polling worker can claim it in between. `Conflict { entity: "lease" }` if
+    /// the job's lease is held by anyone at `now`.
+    pub claims: Vec<LeaseClaim>,
 }
 
 impl Batch {
@@ -105,6 +109,7 @@ impl Batch {
             && self.events.is_empty()
             && self.journal.is_empty()
             && self.settlements.is_empty()
+            && self.claims.is_empty()
     }
 }
 
@@ -143,6 +148,19 @@ pub struct LeaseGuard {
     pub job_id: Uuid,
     /// Expected lease owner.
     pub owner: String,
+}
+
+/// "Give `owner` the lease of `job_id` until `until`" (see [`Batch::claims`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseClaim {
+    /// Job.
+    pub job_id: Uuid,
+    /// New lease owner.
+    pub owner: String,
+    /// Now: a lease with `until <= now` is free.
+    pub now: DateTime<Utc>,
+    /// The lease runs until this instant.
+    pub until: DateTime<Utc>,
 }
 
 /// A job's lease: which host is running it, until when.
@@ -234,8 +252,10 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     /// A reservation by id.
     fn get_reservation(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Reservation>>>;
     /// Atomically: mark the reservation SETTLED (from HELD, or from RELEASED: a late settle after
-    /// an expiry sweep still records usage that really happened), append the actual usage entry and a `settle` entry. `Conflict` if it
-    /// was already settled; `NotFound` if absent.
+    /// an expiry sweep still records usage that really happened) with the actual usage, and append
+    /// the usage entry bounded by the hold, an `overage` entry for the rest (per
+    /// [`Reservation::settle_plan`]: a lapsed hold covers nothing) and a `settle` entry.
+    /// `Conflict` if it was already settled; `NotFound` if absent.
     fn settle(&self, request: SettleRequest) -> BoxFuture<'_, StoreResult<Reservation>>;
     /// Atomically: HELD -> RELEASED plus a `release` entry. `Conflict` if not HELD.
     fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>>;

@@ -19,7 +19,16 @@ use keel_kernel::ledger::{Budget, BudgetWindow, ExceedStrategy, LedgerKind, Ledg
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::{Message, ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
 use keel_kernel::policy::{Policy, SessionApprovals};
-use keel_kernel::store::{ClaimRequest, KernelStore};
+use chrono::{DateTime, Utc};
+use keel_kernel::action::{Action, ActionFilter};
+use keel_kernel::event::{EventQuery, RuntimeEvent};
+use keel_kernel::job::{Job, JobFilter};
+use keel_kernel::ledger::{
+    LedgerEvent, NewLedgerEvent, Reservation, ReserveOutcome, ReserveRequest, SettleRequest, Usage,
+};
+use keel_kernel::store::{
+    Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, StoreResult,
+};
 use keel_kernel::{AgentConfig, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -134,49 +143,6 @@ async fn a_job_runs_under_its_own_recorded_policy_on_any_host() {
     assert_eq!(r.status, JobState::Failed, "{r:?}");
     assert_eq!(r.error.expect("error").code, "policy_unavailable");
     assert_eq!(tools.count("fs/write"), 0);
-}
-
-/// `execute` creates its job already leased: a worker polling at the same time never gets it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_polling_worker_never_claims_a_job_that_execute_just_created() {
-    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::new());
-    let tools = FakeTools::new();
-    let model = Arc::new(ScriptedModel::new(vec![Message::assistant("hi", vec![])]));
-    let rt = host(Kernel::new(store.clone()), model, &tools, Policy::allow_all());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let poller = {
-        let (store, stop) = (store.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut stolen = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let now = chrono::Utc::now();
-                let claimed = store
-                    .claim_jobs(ClaimRequest {
-                        owner: "poller".into(),
-                        now,
-                        until: now + chrono::Duration::hours(1),
-                        kinds: vec!["agent".into()],
-                        job_id: None,
-                        limit: 10,
-                    })
-                    .await
-                    .expect("claim");
-                stolen.extend(claimed.into_iter().map(|j| j.id));
-                tokio::task::yield_now().await;
-            }
-            stolen
-        })
-    };
-    let mut handles = Vec::new();
-    for i in 0..200 {
-        handles.push(rt.execute(request(&format!("hello {i}"))).await.expect("execute"));
-    }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let stolen = poller.await.expect("poller");
-    assert!(stolen.is_empty(), "a polling worker claimed {} of 200 jobs", stolen.len());
-    for h in &handles {
-        assert_eq!(result(h).await.status, JobState::Succeeded);
-    }
 }
 
 /// Kill the host during a non-idempotent call, approve the re-run, kill it again during the
@@ -397,4 +363,157 @@ async fn an_idempotency_key_is_bound_to_its_request() {
     let mut again = first.clone();
     again.session = Some("s2".into());
     assert_eq!(rt.execute(again).await.expect("execute").job_id(), h1.job_id());
+}
+
+/// A worker with `max_concurrent_jobs` claims no more orphans than it has room for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_runs_at_most_its_max_concurrent_jobs() {
+    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::new());
+    let kernel = Kernel::new(store.clone());
+    for i in 0..3 {
+        let new = keel_kernel::agent::new_job(&request(&format!("job {i}")), kernel.clock().now()).expect("job");
+        kernel.jobs().create(new).await.expect("queue");
+    }
+    let model = Arc::new(ScriptedModel::new(vec![]).with_delay(Duration::from_secs(30)));
+    let rt = host(kernel, model, &FakeTools::new(), Policy::allow_all());
+    rt.set_max_concurrent_jobs(1);
+    let now = rt.kernel().clock().now();
+    assert_eq!(rt.resume_orphans(now).await.expect("claim").len(), 1);
+    assert!(rt.resume_orphans(now).await.expect("claim").is_empty(), "no room left");
+    rt.set_max_concurrent_jobs(2);
+    assert_eq!(rt.resume_orphans(now).await.expect("claim").len(), 1);
+    rt.abort_all();
+}
+
+/// A store whose every job insert is followed at once by a worker's poll for unleased jobs (what
+/// a `keel worker` polling at that moment does), so the gap between "create" and "claim" is hit
+/// every time instead of by luck.
+#[derive(Debug)]
+struct PolledRightAfterInsert {
+    inner: Arc<dyn KernelStore>,
+    stolen: std::sync::Mutex<Vec<uuid::Uuid>>,
+}
+
+impl KernelStore for PolledRightAfterInsert {
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, StoreResult<Vec<RuntimeEvent>>> {
+        Box::pin(async move {
+            let inserted: Vec<_> = batch
+                .jobs
+                .iter()
+                .filter(|w| w.expected_version.is_none())
+                .map(|w| w.job.id)
+                .collect();
+            let events = self.inner.commit(batch).await?;
+            for id in inserted {
+                let now = chrono::Utc::now();
+                let claimed = self
+                    .inner
+                    .claim_jobs(ClaimRequest {
+                        owner: "poller".into(),
+                        now,
+                        until: now + chrono::Duration::hours(1),
+                        kinds: vec!["agent".into()],
+                        job_id: Some(id),
+                        limit: 1,
+                    })
+                    .await?;
+                let mut stolen = self.stolen.lock().unwrap_or_else(|e| e.into_inner());
+                stolen.extend(claimed.into_iter().map(|j| j.id));
+            }
+            Ok(events)
+        })
+    }
+    fn get_job(&self, id: uuid::Uuid) -> BoxFuture<'_, StoreResult<Option<Job>>> {
+        self.inner.get_job(id)
+    }
+    fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>> {
+        self.inner.get_job_by_key(tenant, key)
+    }
+    fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<Job>>> {
+        self.inner.list_jobs(filter)
+    }
+    fn count_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<u64>> {
+        self.inner.count_jobs(filter)
+    }
+    fn overdue_jobs(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        self.inner.overdue_jobs(now, limit)
+    }
+    fn get_action(&self, id: uuid::Uuid) -> BoxFuture<'_, StoreResult<Option<Action>>> {
+        self.inner.get_action(id)
+    }
+    fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>> {
+        self.inner.get_action_by_token_hash(token_hash)
+    }
+    fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
+        self.inner.list_actions(filter)
+    }
+    fn expired_actions(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
+        self.inner.expired_actions(now, limit)
+    }
+    fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
+        self.inner.read_events(query)
+    }
+    fn append_ledger(&self, entry: NewLedgerEvent) -> BoxFuture<'_, StoreResult<LedgerEvent>> {
+        self.inner.append_ledger(entry)
+    }
+    fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
+        self.inner.list_ledger(query)
+    }
+    fn usage<'a>(&'a self, query: &'a UsageQuery) -> BoxFuture<'a, StoreResult<Usage>> {
+        self.inner.usage(query)
+    }
+    fn put_budget(&self, budget: Budget) -> BoxFuture<'_, StoreResult<()>> {
+        self.inner.put_budget(budget)
+    }
+    fn list_budgets<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, StoreResult<Vec<Budget>>> {
+        self.inner.list_budgets(tenant)
+    }
+    fn delete_budget(&self, id: uuid::Uuid) -> BoxFuture<'_, StoreResult<bool>> {
+        self.inner.delete_budget(id)
+    }
+    fn reserve(&self, request: ReserveRequest, evaluate: BudgetEvaluator) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
+        self.inner.reserve(request, evaluate)
+    }
+    fn get_reservation(&self, id: uuid::Uuid) -> BoxFuture<'_, StoreResult<Option<Reservation>>> {
+        self.inner.get_reservation(id)
+    }
+    fn settle(&self, request: SettleRequest) -> BoxFuture<'_, StoreResult<Reservation>> {
+        self.inner.settle(request)
+    }
+    fn release(&self, id: uuid::Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>> {
+        self.inner.release(id, now, reason)
+    }
+    fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
+        self.inner.release_expired(now, limit)
+    }
+    fn read_journal(&self, job_id: uuid::Uuid) -> BoxFuture<'_, StoreResult<Vec<JournalEntry>>> {
+        self.inner.read_journal(job_id)
+    }
+    fn claim_jobs(&self, request: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        self.inner.claim_jobs(request)
+    }
+    fn renew_lease<'a>(&'a self, job_id: uuid::Uuid, owner: &'a str, until: DateTime<Utc>) -> BoxFuture<'a, StoreResult<bool>> {
+        self.inner.renew_lease(job_id, owner, until)
+    }
+    fn release_lease<'a>(&'a self, job_id: uuid::Uuid, owner: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        self.inner.release_lease(job_id, owner)
+    }
+    fn get_lease(&self, job_id: uuid::Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
+        self.inner.get_lease(job_id)
+    }
+}
+
+/// `execute` creates its job already leased: a worker polling right after the insert never gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_polling_right_after_the_insert_never_claims_an_executed_job() {
+    let store = Arc::new(PolledRightAfterInsert {
+        inner: Arc::new(MemoryStore::new()),
+        stolen: std::sync::Mutex::new(Vec::new()),
+    });
+    let model = Arc::new(ScriptedModel::new(vec![Message::assistant("hi", vec![])]));
+    let rt = host(Kernel::new(store.clone()), model, &FakeTools::new(), Policy::allow_all());
+    let h = rt.execute(request("hello")).await.expect("execute");
+    let stolen = store.stolen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(stolen.is_empty(), "a polling worker claimed the job between create and claim");
+    assert_eq!(result(&h).await.status, JobState::Succeeded);
 }

@@ -141,6 +141,7 @@ fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
         state: parse::<JobState>(&get::<String>(r, "state")?)?,
         version: u64_of(get(r, "version")?)?,
         idempotency_key: get(r, "idempotency_key")?,
+        request_hash: get(r, "request_hash")?,
         input: from_json(&get::<String>(r, "input_json")?)?,
         progress: get(r, "progress")?,
         progress_message: get(r, "progress_message")?,
@@ -244,10 +245,12 @@ const JOB_COLUMNS: &str = "id, tenant, principal, session, run_id, parent_id, ki
 
 async fn insert_job(conn: &mut SqliteConnection, job: &Job) -> StoreResult<()> {
     let sql = format!(
-        "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+        "INSERT INTO jobs ({JOB_COLUMNS}, request_hash) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
     );
-    let q = bind_job(sqlx::query(sqlx::AssertSqlSafe(sql)), job)?;
+    // The request hash is written once, here: it never changes (updates leave it alone).
+    let q = bind_job(sqlx::query(sqlx::AssertSqlSafe(sql)), job)?.bind(job.request_hash.clone());
     let res = q.execute(&mut *conn).await.map_err(|e| match &e {
         sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict {
             entity: "job",
@@ -540,13 +543,24 @@ async fn settle_in(conn: &mut SqliteConnection, req: SettleRequest) -> StoreResu
             id: r.id.to_string(),
         });
     }
+    // Bounded by the hold (a lapsed hold covers nothing): the excess is an `overage` entry.
+    let plan = r.settle_plan(&req.actual, req.now);
     close_reservation(conn, &r, ReservationState::Settled, Some(&req.actual), req.now).await?;
-    let mut usage = reservation_entry(&r, req.kind, req.actual.clone(), req.now);
+    let mut usage = reservation_entry(&r, req.kind, plan.charged.clone(), req.now);
     usage.duration_ms = req.duration_ms;
     usage.model = req.model;
     usage.tool = req.tool;
     usage.data = req.data;
     insert_ledger(conn, &usage).await?;
+    if !plan.overage.is_zero() {
+        let overage = NewLedgerEvent {
+            kind: LedgerKind::Overage,
+            usage: plan.overage,
+            data: plan.data,
+            ..usage
+        };
+        insert_ledger(conn, &overage).await?;
+    }
     insert_ledger(
         conn,
         &reservation_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now),
@@ -601,6 +615,22 @@ impl SqliteKernelStore {
             match w.expected_version {
                 None => insert_action(&mut tx, &w.action).await?,
                 Some(v) => update_action(&mut tx, &w.action, v).await?,
+            }
+        }
+        for c in &batch.claims {
+            let res = sqlx::query(
+                "UPDATE jobs SET lease_owner = ?, lease_until = ? \
+                 WHERE id = ? AND (lease_until IS NULL OR lease_until <= ?)",
+            )
+            .bind(c.owner.clone())
+            .bind(micros(c.until))
+            .bind(c.job_id.to_string())
+            .bind(micros(c.now))
+            .execute(&mut *tx)
+            .await
+            .map_err(be)?;
+            if res.rows_affected() == 0 {
+                return Err(missing_or_conflict(&mut tx, "jobs", "lease", c.job_id).await);
             }
         }
         for g in &batch.leases {

@@ -510,6 +510,9 @@ impl Worker {
                 .jobs()
                 .create(NewJob {
                     idempotency_key: Some(key.clone()),
+                    // The same request as the first time (a different one with this key is refused).
+                    principal: Some(self.prefix.clone()),
+                    input: json!({ "key": key }),
                     ..NewJob::new(&self.scope, "churn")
                 })
                 .await?;

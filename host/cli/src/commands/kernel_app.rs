@@ -44,6 +44,7 @@ impl From<KernelError> for CliError {
             | E::CallDigestMismatch(_)
             | E::ReservationNotFound(_)
             | E::ReservationState { .. }
+            | E::IdempotencyKeyReused { .. }
             | E::Invalid(_) => CliError::user(error.to_string()),
             // A budget refusal is a policy failure, like a denied tool call.
             E::BudgetExceeded(_) => CliError::plugin(error.to_string()),

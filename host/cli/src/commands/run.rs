@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use keel_kernel::action::{ActionState, Resolution};
-use keel_kernel::agent::AGENT_JOB_KIND;
+use keel_kernel::agent::new_job;
 use keel_kernel::clock::SystemClock;
-use keel_kernel::context::{CancellationToken, ExecutionContext, PolicyRef};
+use keel_kernel::context::{CancellationToken, PolicyRef};
 use keel_kernel::event::{EventFilter, EventQuery, EventType, RuntimeEvent};
-use keel_kernel::job::{JobState, NewJob};
+use keel_kernel::job::JobState;
 use keel_kernel::model::{ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
 use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::{ExecutionRequest, ExecutionResult, Kernel, KernelConfig, RuntimeKernel};
@@ -141,10 +141,7 @@ impl PolicyChoice {
         }
         Ok(Self {
             policy: Policy::allow_all(),
-            reference: PolicyRef {
-                name: ALLOW_ALL.into(),
-                ..PolicyRef::default()
-            },
+            reference: allow_all_reference(),
             note: Some(format!(
                 "no policy file ({} missing, no --policy): every tool and model call is allowed",
                 default.display()
@@ -157,7 +154,8 @@ impl PolicyChoice {
         if flag.is_some() || recorded.name.is_empty() {
             return Self::resolve(home, flag);
         }
-        if recorded.name == ALLOW_ALL {
+        if recorded.name == ALLOW_ALL || recorded.source.is_some() {
+            // The kernel applies the recorded text itself; this is only this host's default.
             return Ok(Self {
                 policy: Policy::allow_all(),
                 reference: recorded.clone(),
@@ -189,14 +187,52 @@ impl PolicyChoice {
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         Ok(Self {
             policy,
+            // The text itself is recorded with the job: every host that runs it (a worker, a
+            // `jobs watch`) applies exactly these rules, even if the file changes or is gone.
             reference: PolicyRef {
                 name: absolute.display().to_string(),
                 version: Some(hex::encode(Sha256::digest(text.as_bytes()))),
+                source: Some(text),
                 ..PolicyRef::default()
             },
             note: None,
         })
     }
+}
+
+/// The policy of "allow everything", recorded as text like any other.
+const ALLOW_ALL_TOML: &str = "default = \"allow\"\n";
+
+fn allow_all_reference() -> PolicyRef {
+    PolicyRef {
+        name: ALLOW_ALL.into(),
+        version: Some(hex::encode(Sha256::digest(ALLOW_ALL_TOML.as_bytes()))),
+        source: Some(ALLOW_ALL_TOML.into()),
+        ..PolicyRef::default()
+    }
+}
+
+/// Load a job's policy recorded by reference only (by a Keel before the text was recorded):
+/// re-read the file and refuse it if it is gone or its sha256 changed.
+fn load_recorded_policy(recorded: &PolicyRef) -> Result<Policy, String> {
+    if recorded.name == ALLOW_ALL {
+        return Ok(Policy::allow_all());
+    }
+    let override_hint = "`keel worker --override-policy` runs it under the worker's policy instead";
+    let text = std::fs::read_to_string(&recorded.name).map_err(|e| {
+        format!(
+            "the job's policy file {} cannot be read ({e}); {override_hint}",
+            recorded.name
+        )
+    })?;
+    let now = hex::encode(Sha256::digest(text.as_bytes()));
+    if recorded.version.as_deref() != Some(now.as_str()) {
+        return Err(format!(
+            "the job's policy file {} changed since the job was submitted; {override_hint}",
+            recorded.name
+        ));
+    }
+    Policy::from_toml_str(&text, &recorded.name).map_err(|e| e.to_string())
 }
 
 /// Expand `--tools` entries into the loop's patterns: a bare plugin name means all its tools.
@@ -290,6 +326,7 @@ impl AgentHost {
             Arc::new(SessionApprovals::new()),
             agent,
         );
+        rt.set_policy_loader(Arc::new(load_recorded_policy));
         Ok(Self {
             rt,
             kernel,
@@ -341,21 +378,8 @@ async fn load_tools(app: &App, patterns: Option<&[String]>) -> Result<Vec<Instal
 /// Create `request` as a QUEUED agent job without running it here (`--detach`): the next worker
 /// claims it at once, since no lease is held.
 pub async fn enqueue(kernel: &Kernel, request: &ExecutionRequest) -> Result<(Uuid, bool), CliError> {
-    // Mirrors `RuntimeKernel::execute`, minus claiming the job.
-    let mut ctx = ExecutionContext::new(request.scope.clone());
-    ctx.principal = request.principal.clone();
-    ctx.session = request.session.clone();
-    ctx.budget = request.budget.clone();
-    ctx.policy = request.policy.clone();
-    ctx.versions.model = Some(request.model.clone());
-    ctx.metadata = request.metadata.clone();
-    let mut new = NewJob::from_context(&ctx, AGENT_JOB_KIND);
-    new.idempotency_key = request.idempotency_key.clone();
-    new.input = serde_json::to_value(request).map_err(|e| CliError::internal(e.to_string()))?;
-    let now = kernel.clock().now();
-    new.deadline = request
-        .runtime_limit()
-        .map(|d| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+    // The same job `RuntimeKernel::execute` creates, minus claiming it.
+    let new = new_job(request, kernel.clock().now()).map_err(agent_error)?;
     let created = kernel.jobs().create(new).await?;
     Ok((created.job.id, created.created))
 }

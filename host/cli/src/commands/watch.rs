@@ -51,6 +51,8 @@ pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
     // Only the plugins the job may call are loaded (all of them for a non-agent job).
     let patterns = request.as_ref().map(|r| r.tools.clone());
     let host = AgentHost::open(home, if resume { patterns.as_deref() } else { Some(&[]) }, choice).await?;
+    // `--policy` replaces the job's recorded policy (otherwise the kernel applies the recorded one).
+    host.rt.override_job_policies(args.common.policy.is_some());
     let tokens = host.rt.issued_tokens();
     let stop = CancellationToken::new();
     if resume {

@@ -26,7 +26,7 @@ pub use request::{AgentConfig, AgentError, ExecutionRequest, ExecutionResult, Ex
 pub use run::model_tool_name;
 
 use crate::action::{Action, Resolution};
-use crate::context::{CancellationToken, ExecutionContext};
+use crate::context::{CancellationToken, ExecutionContext, PolicyRef};
 use crate::event::{EventFilter, EventQuery, EventType, RuntimeEvent, Subscription, SubscriptionError};
 use crate::job::{Job, NewJob};
 use crate::model::ModelProvider;
@@ -37,6 +37,42 @@ use crate::tool::ToolHost;
 
 /// The job kind of agent executions (what `resume_orphans` claims).
 pub const AGENT_JOB_KIND: &str = "agent";
+
+/// Loads a job's recorded policy given only by reference (see [`RuntimeKernel::set_policy_loader`]):
+/// the policy, or one sentence saying why it cannot be applied.
+pub type PolicyLoader = Arc<dyn Fn(&PolicyRef) -> Result<Policy, String> + Send + Sync>;
+
+/// The job an execution of `request` is stored as (QUEUED, its input the request), for
+/// [`RuntimeKernel::execute`] and for front ends that queue a job without running it.
+pub fn new_job(request: &ExecutionRequest, now: DateTime<Utc>) -> Result<NewJob, AgentError> {
+    let mut ctx = ExecutionContext::new(request.scope.clone());
+    ctx.principal = request.principal.clone();
+    ctx.session = request.session.clone();
+    ctx.budget = request.budget.clone();
+    // The policy's text is in the input (the request); the context keeps the reference only.
+    ctx.policy = PolicyRef {
+        source: None,
+        ..request.policy.clone()
+    };
+    ctx.versions.model = Some(request.model.clone());
+    ctx.metadata = request.metadata.clone();
+    let mut new = NewJob::from_context(&ctx, AGENT_JOB_KIND);
+    new.idempotency_key = request.idempotency_key.clone();
+    new.input = serde_json::to_value(request).map_err(|e| AgentError::Invalid(e.to_string()))?;
+    // The idempotency key is bound to the request minus what differs between two attempts of the
+    // same request (the session a front end makes up per process, the key itself, metadata).
+    let mut fingerprint = new.input.clone();
+    if let Some(obj) = fingerprint.as_object_mut() {
+        for noise in ["session", "idempotency_key", "metadata"] {
+            obj.remove(noise);
+        }
+    }
+    new.request_fingerprint = Some(fingerprint);
+    new.deadline = request
+        .runtime_limit()
+        .map(|d| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+    Ok(new)
+}
 
 pub(crate) struct Inner {
     pub(crate) kernel: Kernel,
@@ -49,6 +85,12 @@ pub(crate) struct Inner {
     tasks: Mutex<HashMap<Uuid, tokio::task::JoinHandle<()>>>,
     /// Resume tokens of approvals this host created, for in-process listeners only.
     pub(crate) issued_tokens: tokio::sync::broadcast::Sender<IssuedToken>,
+    /// Loads recorded policies given by reference only.
+    pub(crate) policy_loader: std::sync::OnceLock<PolicyLoader>,
+    /// Operator override: `policy` for every job.
+    pub(crate) policy_override: std::sync::atomic::AtomicBool,
+    /// `config.max_concurrent_jobs`, adjustable (0: no limit).
+    max_jobs: std::sync::atomic::AtomicU32,
 }
 
 /// The resume token of an approval the agent loop created. The kernel stores only its hash, so
@@ -104,6 +146,7 @@ impl RuntimeKernel {
             .worker_id
             .clone()
             .unwrap_or_else(|| format!("host-{}", Uuid::now_v7().simple()));
+        let max_jobs = config.max_concurrent_jobs;
         Self {
             inner: Arc::new(Inner {
                 kernel,
@@ -115,6 +158,9 @@ impl RuntimeKernel {
                 owner,
                 tasks: Mutex::new(HashMap::new()),
                 issued_tokens: tokio::sync::broadcast::channel(64).0,
+                policy_loader: std::sync::OnceLock::new(),
+                policy_override: std::sync::atomic::AtomicBool::new(false),
+                max_jobs: std::sync::atomic::AtomicU32::new(max_jobs),
             }),
         }
     }
@@ -150,23 +196,43 @@ impl RuntimeKernel {
         if request.prompt.is_none() && request.messages.is_empty() {
             return Err(AgentError::Invalid("a request needs a prompt or messages".into()));
         }
-        let mut ctx = ExecutionContext::new(request.scope.clone());
-        ctx.principal = request.principal.clone();
-        ctx.session = request.session.clone();
-        ctx.budget = request.budget.clone();
-        ctx.policy = request.policy.clone();
-        ctx.versions.model = Some(request.model.clone());
-        ctx.metadata = request.metadata.clone();
-        let mut new = NewJob::from_context(&ctx, AGENT_JOB_KIND);
-        new.idempotency_key = request.idempotency_key.clone();
-        new.input = serde_json::to_value(&request).map_err(|e| AgentError::Invalid(e.to_string()))?;
         let now = self.kernel().clock().now();
-        new.deadline = request
-            .runtime_limit()
-            .map(|d| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
-        let created = self.kernel().jobs().create(new).await?;
-        self.claim_and_spawn(Some(created.job.id), now).await?;
+        let new = new_job(&request, now)?;
+        // Created already leased to this host (one transaction): a worker polling for unleased
+        // jobs cannot take it in between and run it under its own configuration.
+        let ttl = chrono::Duration::milliseconds(self.inner.config.lease_ttl_ms as i64);
+        let created = self
+            .kernel()
+            .jobs()
+            .create_leased(new, Some((self.inner.owner.clone(), ttl)))
+            .await?;
+        if created.created {
+            self.spawn(created.job.clone());
+        } else {
+            // An existing job (same idempotency key): resume it here if nobody holds it.
+            self.claim_and_spawn(Some(created.job.id), now).await?;
+        }
         Ok(self.handle(created.job))
+    }
+
+    /// Run at most `n` jobs on this host at once (0: no limit); overrides
+    /// `AgentConfig::max_concurrent_jobs`. Orphans beyond it are left for other workers.
+    pub fn set_max_concurrent_jobs(&self, n: u32) {
+        self.inner.max_jobs.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Run every job under this host's policy instead of the policy recorded with the job: an
+    /// operator's explicit override (e.g. `keel worker --override-policy`). Each job so run gets a
+    /// progress event saying so.
+    pub fn override_job_policies(&self, on: bool) {
+        self.inner.policy_override.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How this host loads a job's recorded policy that carries only a reference (a name and
+    /// sha256, no text), e.g. by re-reading the file and checking its hash. Without a loader such
+    /// a job is refused (failed with `policy_unavailable`). Set once; later calls are ignored.
+    pub fn set_policy_loader(&self, loader: PolicyLoader) {
+        let _ = self.inner.policy_loader.set(loader);
     }
 
     /// Re-attach to an existing job of `tenant` (e.g. for `keel jobs watch`).
@@ -184,6 +250,20 @@ impl RuntimeKernel {
     }
 
     async fn claim_and_spawn(&self, job_id: Option<Uuid>, now: DateTime<Utc>) -> Result<Vec<Uuid>, AgentError> {
+        let limit = match job_id {
+            Some(_) => 1,
+            None => {
+                let cap = self.inner.max_jobs.load(std::sync::atomic::Ordering::SeqCst);
+                let room = match cap {
+                    0 => u32::MAX,
+                    cap => cap.saturating_sub(self.running_jobs().len() as u32),
+                };
+                self.inner.config.claim_batch.max(1).min(room)
+            }
+        };
+        if limit == 0 {
+            return Ok(vec![]);
+        }
         let claimed = self
             .kernel()
             .store()
@@ -193,11 +273,7 @@ impl RuntimeKernel {
                 until: self.lease_until(now),
                 kinds: vec![AGENT_JOB_KIND.to_string()],
                 job_id,
-                limit: if job_id.is_some() {
-                    1
-                } else {
-                    self.inner.config.claim_batch.max(1)
-                },
+                limit,
             })
             .await?;
         let ids = claimed.iter().map(|j| j.id).collect();

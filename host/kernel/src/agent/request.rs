@@ -156,6 +156,9 @@ pub struct AgentConfig {
     pub poll_ms: u64,
     /// Jobs claimed per `resume_orphans` pass.
     pub claim_batch: u32,
+    /// At most this many jobs run on this host at once (0: no limit); `resume_orphans` claims
+    /// only up to it. `keel worker --max-jobs` overrides it.
+    pub max_concurrent_jobs: u32,
 }
 
 impl Default for AgentConfig {
@@ -169,6 +172,7 @@ impl Default for AgentConfig {
             approval_ttl_secs: 24 * 3600,
             poll_ms: 500,
             claim_batch: 64,
+            max_concurrent_jobs: 0,
         }
     }
 }

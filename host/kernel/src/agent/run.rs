@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::request::{ExecutionRequest, ExecutionResult, ExecutionUsage};
@@ -23,9 +24,12 @@ use crate::action::{Action, ActionState, ActionType, NewAction, Resolution, Tool
 use crate::error::KernelError;
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobError, JobState};
-use crate::ledger::{BudgetOutcome, LedgerKind, SettleRequest, Usage};
+use crate::ledger::{
+    BudgetOutcome, BudgetStatus, LedgerKind, ReservationState, SettleRequest, Usage, evaluate_budgets,
+};
 use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
-use crate::policy::{Outcome, PolicyRequest};
+use crate::context::PolicyRef;
+use crate::policy::{Outcome, Policy, PolicyRequest};
 use crate::services::{HoldRequest, job_event, status_event, transition};
 use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError};
 use crate::tool::{ToolCallContext, ToolDescriptor, ToolError};
@@ -66,7 +70,11 @@ fn job_error(code: &str, message: impl Into<String>) -> JobError {
 impl From<KernelError> for Stop {
     fn from(e: KernelError) -> Self {
         match e {
-            KernelError::IllegalTransition { .. } => Stop::Ended,
+            // From a terminal state: the job was ended elsewhere (cancelled, timed out).
+            KernelError::IllegalTransition { from, .. } if from.is_terminal() => Stop::Ended,
+            // From a live state it is a bug in the loop's bookkeeping: end the job visibly rather
+            // than leave it stuck where no worker would ever claim it.
+            e @ KernelError::IllegalTransition { .. } => Stop::Fail(job_error("illegal_transition", e.to_string())),
             KernelError::Store(StoreError::Conflict {
                 entity: "lease" | "journal",
                 ..
@@ -79,6 +87,26 @@ impl From<KernelError> for Stop {
 impl From<StoreError> for Stop {
     fn from(e: StoreError) -> Self {
         Stop::from(KernelError::from(e))
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+
+    /// `complete` from WAITING_ACTION is a bug to surface, not "ended elsewhere" to swallow.
+    #[test]
+    fn an_illegal_transition_from_a_live_state_fails_the_job() {
+        let illegal = |from| KernelError::IllegalTransition {
+            job_id: Uuid::nil(),
+            from,
+            to: JobState::Succeeded,
+        };
+        match Stop::from(illegal(JobState::WaitingAction)) {
+            Stop::Fail(e) => assert_eq!(e.code, "illegal_transition"),
+            other => panic!("swallowed: {other:?}"),
+        }
+        assert!(matches!(Stop::from(illegal(JobState::Cancelled)), Stop::Ended));
     }
 }
 
@@ -142,6 +170,16 @@ fn estimate_tokens(messages: &[Message], tools: &[ToolSpec]) -> u64 {
     bytes as u64 + 16
 }
 
+/// The journal key of attempt `attempt` of the call at `base`: `t1/c0/started` for the first,
+/// `t1/c0/retry1/started`, ... for re-runs after an interruption.
+fn started_key(base: &str, attempt: u32) -> String {
+    if attempt == 0 {
+        format!("{base}/started")
+    } else {
+        format!("{base}/retry{attempt}/started")
+    }
+}
+
 fn resolution_is_session_scoped(r: &Resolution) -> bool {
     r.value.as_str() == Some("session") || r.value.get("scope").and_then(Value::as_str) == Some("session")
 }
@@ -174,6 +212,43 @@ pub(crate) struct Runner {
     commit_lock: tokio::sync::Mutex<()>,
     /// Set once a `degrade` budget verdict switched this run to `req.degrade_model`.
     degraded: std::sync::atomic::AtomicBool,
+    /// The policy this job runs under: the one recorded with it (see [`job_policy`]).
+    policy: Arc<Policy>,
+}
+
+/// The policy a job runs under: the text recorded with the job (checked against its recorded
+/// sha256); for a job recorded by reference only (name + sha256), what the host's loader returns;
+/// for a job that recorded none, or under an operator override, the host's policy.
+fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>, Stop> {
+    let unavailable = |why: String| Stop::Fail(job_error("policy_unavailable", why));
+    if rt.policy_override.load(Ordering::SeqCst) {
+        return Ok(rt.policy.clone());
+    }
+    if let Some(text) = &recorded.source {
+        let digest = hex::encode(Sha256::digest(text.as_bytes()));
+        if let Some(pinned) = &recorded.version
+            && *pinned != digest
+        {
+            return Err(unavailable(format!(
+                "the policy recorded with the job ({}) does not match its recorded sha256 {pinned}; refusing to run it",
+                recorded.name
+            )));
+        }
+        return Policy::from_toml_str(text, &recorded.name)
+            .map(Arc::new)
+            .map_err(|e| unavailable(format!("the policy recorded with the job does not load: {e}")));
+    }
+    if recorded.version.is_none() {
+        // Nothing pinned (a label at most): the host's policy applies.
+        return Ok(rt.policy.clone());
+    }
+    match rt.policy_loader.get() {
+        Some(load) => load(recorded).map(Arc::new).map_err(unavailable),
+        None => Err(unavailable(format!(
+            "the job's policy {} was recorded without its text and this host cannot load it",
+            recorded.name
+        ))),
+    }
 }
 
 impl Runner {
@@ -184,6 +259,18 @@ impl Runner {
                 format!("the job input is not a request: {e}"),
             ))
         })?;
+        let policy = job_policy(&rt, &req.policy)?;
+        if rt.policy_override.load(Ordering::SeqCst) && req.policy != PolicyRef::default() {
+            let message = format!(
+                "running under this host's policy (operator override), not the job's recorded policy {}",
+                req.policy.name
+            );
+            let _ = rt
+                .kernel
+                .jobs()
+                .emit(job.id, EventType::Progress, json!({ "message": message }))
+                .await;
+        }
         let entries = rt.kernel.store().read_journal(job.id).await?;
         let started = entries.iter().filter(|e| e.entry.kind == kind::TOOL_STARTED).count() as u64;
         let journal = entries
@@ -202,6 +289,7 @@ impl Runner {
             started: AtomicU64::new(started),
             commit_lock: tokio::sync::Mutex::new(()),
             degraded: std::sync::atomic::AtomicBool::new(false),
+            policy,
             rt,
         })
     }
@@ -272,6 +360,7 @@ impl Runner {
                 journal,
                 settlements: step.settlements,
                 leases: vec![self.lease()],
+                ..Batch::default()
             };
             match kernel.commit(batch).await {
                 Ok(_) => {
@@ -461,7 +550,7 @@ impl Runner {
             }
         }
         let worst = round_cost(price.map_or(Decimal::ZERO, |p| p.cost(est_in, max_tokens)));
-        let decision = rt.policy.evaluate_with(
+        let decision = self.policy.evaluate_with(
             &PolicyRequest::Model {
                 model: &model,
                 scope: &self.tenant,
@@ -634,7 +723,55 @@ impl Runner {
         })
         .await?;
         self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
+        self.after_settle(hold, !journaled.message.tool_calls.is_empty())
+            .await?;
         Ok(Some(journaled))
+    }
+
+    /// After a settlement: usage beyond the hold (the store recorded it as `overage`) is shown as
+    /// an event, and if the loop would spend more (`continuing`) while a deny budget is now
+    /// crossed, the job stops here rather than at its next hold.
+    async fn after_settle(&self, hold: Uuid, continuing: bool) -> Result<(), Stop> {
+        let ledger = self.rt.kernel.ledger();
+        let overage = ledger.reservation(hold).await.map_err(Stop::Error)?.overage();
+        if overage.is_zero() {
+            return Ok(());
+        }
+        let message = format!(
+            "usage beyond its hold: {} tokens, cost {}, recorded as overage",
+            overage.tokens, overage.cost
+        );
+        let _ = self
+            .rt
+            .kernel
+            .jobs()
+            .emit(
+                self.job_id,
+                EventType::Progress,
+                json!({ "message": message, "overage": overage, "reservation_id": hold }),
+            )
+            .await;
+        if !continuing {
+            return Ok(());
+        }
+        let statuses: Vec<BudgetStatus> = ledger
+            .budget_report(&self.tenant)
+            .await
+            .map_err(Stop::Error)?
+            .into_iter()
+            .filter(|s| {
+                s.budget
+                    .applies_to(&self.tenant, self.principal.as_deref(), self.session.as_deref())
+            })
+            .collect();
+        let decision = evaluate_budgets(&Usage::zero(), &statuses);
+        if decision.outcome == BudgetOutcome::Deny {
+            return Err(Stop::Fail(job_error(
+                "budget_exceeded",
+                format!("usage beyond its hold crossed a budget: {decision}"),
+            )));
+        }
+        Ok(())
     }
 
     async fn reserve(&self, amount: Usage) -> Result<Uuid, Stop> {
@@ -721,40 +858,14 @@ impl Runner {
         };
         let tool = desc.qualified_name();
         let args = &call.arguments;
-        if let Some(started) = self.journaled(&format!("{base}/started")) {
-            // The host stopped while this call ran: its outcome is unknown.
-            let hold = started["reservation_id"]
-                .as_str()
-                .and_then(|s| Uuid::parse_str(s).ok())
-                .ok_or(Stop::Error(KernelError::Store(StoreError::Corrupt(format!(
-                    "journal {base}/started has no reservation"
-                )))))?;
-            if !desc.idempotent {
-                let title = format!("The host stopped during `{tool}`; re-run it?");
-                let approved = self
-                    .approval(
-                        &format!("{base}/rerun"),
-                        call,
-                        &tool,
-                        title,
-                        "the call was interrupted by a host restart",
-                    )
-                    .await?;
-                if !approved {
-                    self.release(hold, "interrupted call not re-run").await;
-                    let msg = format!(
-                        "error: the host stopped while `{tool}` was running and a human chose not to re-run it; its effect is unknown"
-                    );
-                    return self.refuse(&base, call, &tool, "interrupted", msg).await;
-                }
-            }
-            return self.execute(turn, &base, call, desc, hold).await;
-        }
+        // Attempts already started (journaled `started` entries); more than zero means the host
+        // stopped while the last one ran and its outcome is unknown.
+        let attempt = self.attempts_started(&base);
         if let Err(errors) = schema::validate(&desc.input_schema, args) {
             let msg = format!("error: invalid input for `{tool}`: {}", errors.join("; "));
             return self.refuse(&base, call, &tool, "invalid_input", msg).await;
         }
-        let decision = self.rt.policy.evaluate_with(
+        let decision = self.policy.evaluate_with(
             &PolicyRequest::Tool {
                 tool: &tool,
                 arguments: args,
@@ -783,6 +894,30 @@ impl Runner {
                 }
             }
         }
+        if attempt > 0 {
+            // The interrupted attempt may have run: charge it (a lapsed hold is recorded as
+            // overage), so the budget check of the re-run below counts it.
+            self.charge_interrupted(&base, attempt - 1, turn, call, &tool).await?;
+            if !desc.idempotent {
+                // Keyed by attempt: a "yes" covers one re-run, never the next interruption.
+                let title = format!("The host stopped during `{tool}`; re-run it (attempt {})?", attempt + 1);
+                let approved = self
+                    .approval(
+                        &format!("{base}/rerun{attempt}"),
+                        call,
+                        &tool,
+                        title,
+                        "the call was interrupted by a host restart",
+                    )
+                    .await?;
+                if !approved {
+                    let msg = format!(
+                        "error: the host stopped while `{tool}` was running and a human chose not to re-run it; its effect is unknown"
+                    );
+                    return self.refuse(&base, call, &tool, "interrupted", msg).await;
+                }
+            }
+        }
         if let Some(limit) = self.req.budget.max_tool_calls
             && self.started.fetch_add(1, Ordering::SeqCst) >= limit
         {
@@ -791,24 +926,86 @@ impl Runner {
                 format!("the job's tool-call budget ({limit}) is used up"),
             )));
         }
+        // Every attempt, re-runs included, runs under a fresh hold.
         let hold = self
             .reserve(Usage {
                 tool_calls: 1,
                 ..Usage::zero()
             })
             .await?;
-        let payload = json!({ "reservation_id": hold, "tool": tool, "call_id": call.id });
-        let data = json!({ "turn": turn, "call_id": call.id, "tool": tool });
+        let payload = json!({ "reservation_id": hold, "tool": tool, "call_id": call.id, "attempt": attempt });
+        let data = json!({ "turn": turn, "call_id": call.id, "tool": tool, "attempt": attempt });
+        let key = started_key(&base, attempt);
         self.commit_step(|job, now| {
             Ok(Step {
                 next: bump(job, now),
                 events: vec![self.event(EventType::ToolStart, data.clone(), now)],
-                journal: vec![(format!("{base}/started"), kind::TOOL_STARTED, payload.clone())],
+                journal: vec![(key.clone(), kind::TOOL_STARTED, payload.clone())],
                 settlements: vec![],
             })
         })
         .await?;
         self.execute(turn, &base, call, desc, hold).await
+    }
+
+    /// How many attempts of the call at `base` were started (journaled).
+    fn attempts_started(&self, base: &str) -> u32 {
+        let mut n = 0;
+        while self.journaled(&started_key(base, n)).is_some() {
+            n += 1;
+        }
+        n
+    }
+
+    /// Settle the hold of interrupted attempt `attempt` as one tool call (once: a later resume
+    /// finds it settled). A hold the sweeper released is recorded as overage by the store.
+    async fn charge_interrupted(
+        &self,
+        base: &str,
+        attempt: u32,
+        turn: u32,
+        call: &ToolCall,
+        tool: &str,
+    ) -> Result<(), Stop> {
+        let key = started_key(base, attempt);
+        let hold = self
+            .journaled(&key)
+            .and_then(|v| v["reservation_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()))
+            .ok_or(Stop::Error(KernelError::Store(StoreError::Corrupt(format!(
+                "journal {key} has no reservation"
+            )))))?;
+        let details = crate::services::SettleDetails {
+            duration_ms: None,
+            model: None,
+            tool: Some(tool.to_string()),
+            data: json!({ "turn": turn, "call_id": call.id, "attempt": attempt, "interrupted": true }),
+        };
+        let serial = self.commit_lock.lock().await;
+        let settled = self
+            .rt
+            .kernel
+            .ledger()
+            .settle(
+                hold,
+                LedgerKind::ToolUsage,
+                Usage {
+                    tool_calls: 1,
+                    ..Usage::zero()
+                },
+                details,
+            )
+            .await;
+        drop(serial);
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
+        match settled {
+            Ok(_) => Ok(()),
+            // Charged by an earlier resume (that stopped before re-running).
+            Err(KernelError::ReservationState {
+                state: ReservationState::Settled,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(Stop::Error(e)),
+        }
     }
 
     /// Run the tool under its own timeout, then journal the result + settle + events at once.

@@ -708,7 +708,9 @@ fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
     .unwrap();
     let strict = strict.display().to_string();
     let out = home.expect(
-        &["run", "write it", "--tools", "fs", "--model", MODEL, "--detach", "--policy", &strict],
+        &[
+            "run", "write it", "--tools", "fs", "--model", MODEL, "--detach", "--policy", &strict,
+        ],
         0,
     );
     let job = out.trim().to_string();

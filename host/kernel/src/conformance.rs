@@ -1667,7 +1667,12 @@ pub async fn settle_is_bounded_by_the_hold(store: Arc<dyn KernelStore>) {
         requests: 1,
         tool_calls: 0,
     };
-    let r = k.ledger().reserve(hold(held.clone())).await.expect("reserve").reservation;
+    let r = k
+        .ledger()
+        .reserve(hold(held.clone()))
+        .await
+        .expect("reserve")
+        .reservation;
     let actual = Usage {
         tokens: 180,
         cost: dec("0.9"),
@@ -1699,7 +1704,11 @@ pub async fn settle_is_bounded_by_the_hold(store: Arc<dyn KernelStore>) {
         })
         .await
         .expect("usage");
-    assert_eq!((total.tokens, total.cost), (180, dec("0.9")), "the ledger holds what was spent");
+    assert_eq!(
+        (total.tokens, total.cost),
+        (180, dec("0.9")),
+        "the ledger holds what was spent"
+    );
 
     // Within the hold: one usage entry, no overage.
     let r = k
@@ -1709,7 +1718,12 @@ pub async fn settle_is_bounded_by_the_hold(store: Arc<dyn KernelStore>) {
         .expect("reserve")
         .reservation;
     k.ledger()
-        .settle(r.id, LedgerKind::ModelUsage, Usage::cost(dec("0.2")), SettleDetails::default())
+        .settle(
+            r.id,
+            LedgerKind::ModelUsage,
+            Usage::cost(dec("0.2")),
+            SettleDetails::default(),
+        )
         .await
         .expect("settle");
     let entries = entries_of(k.clone(), r.id).await;
@@ -1720,7 +1734,12 @@ pub async fn settle_is_bounded_by_the_hold(store: Arc<dyn KernelStore>) {
         tool_calls: 1,
         ..Usage::zero()
     };
-    let r = k.ledger().reserve(hold(one_call.clone())).await.expect("reserve").reservation;
+    let r = k
+        .ledger()
+        .reserve(hold(one_call.clone()))
+        .await
+        .expect("reserve")
+        .reservation;
     clock.advance(Duration::hours(1));
     k.recover_and_sweep(clock.now()).await.expect("sweep");
     k.ledger()
@@ -1739,7 +1758,10 @@ pub async fn create_leased(store: Arc<dyn KernelStore>) {
     let (k, clock) = kernel_with_clock(store.clone());
     let created = k
         .jobs()
-        .create_leased(NewJob::new("t1", "agent"), Some(("host-a".into(), Duration::seconds(30))))
+        .create_leased(
+            NewJob::new("t1", "agent"),
+            Some(("host-a".into(), Duration::seconds(30))),
+        )
         .await
         .expect("create");
     assert!(created.created);
@@ -1754,10 +1776,20 @@ pub async fn create_leased(store: Arc<dyn KernelStore>) {
         job_id: None,
         limit: 10,
     };
-    assert!(store.claim_jobs(claim("poller", clock.now())).await.expect("claim").is_empty());
+    assert!(
+        store
+            .claim_jobs(claim("poller", clock.now()))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
     let later = clock.now() + Duration::seconds(31);
     let claimed = store.claim_jobs(claim("poller", later)).await.expect("claim");
-    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id], "claimable once it lapsed");
+    assert_eq!(
+        claimed.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![id],
+        "claimable once it lapsed"
+    );
     let refused = store
         .commit(Batch {
             claims: vec![crate::store::LeaseClaim {
@@ -1773,7 +1805,10 @@ pub async fn create_leased(store: Arc<dyn KernelStore>) {
         matches!(refused, Err(StoreError::Conflict { entity: "lease", .. })),
         "{refused:?}"
     );
-    assert_eq!(store.get_lease(id).await.expect("lease").expect("lease").owner, "poller");
+    assert_eq!(
+        store.get_lease(id).await.expect("lease").expect("lease").owner,
+        "poller"
+    );
 }
 
 /// An idempotency key is bound to the hash of its first request, stored with the job: the same

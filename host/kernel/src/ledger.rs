@@ -140,7 +140,10 @@ impl LedgerKind {
     /// Whether entries of this kind count as consumption. Holds are counted from the
     /// reservation table instead, so nothing is counted twice.
     pub fn counts_as_usage(self) -> bool {
-        matches!(self, LedgerKind::ModelUsage | LedgerKind::ToolUsage | LedgerKind::Overage)
+        matches!(
+            self,
+            LedgerKind::ModelUsage | LedgerKind::ToolUsage | LedgerKind::Overage
+        )
     }
 }
 

@@ -483,9 +483,10 @@ impl JobManager {
             return Err(KernelError::Invalid("a job needs a tenant and a kind".into()));
         }
         let request_hash = new.idempotency_key.as_ref().map(|_| {
-            let fingerprint = new.request_fingerprint.clone().unwrap_or_else(|| {
-                json!({ "kind": new.kind, "principal": new.principal, "input": new.input })
-            });
+            let fingerprint = new
+                .request_fingerprint
+                .clone()
+                .unwrap_or_else(|| json!({ "kind": new.kind, "principal": new.principal, "input": new.input }));
             hex::encode(Sha256::digest(canonical_json(&fingerprint).as_bytes()))
         });
         let same_request = |job: Job| -> KernelResult<CreatedJob> {

@@ -7,28 +7,26 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use keel_kernel::action::Resolution;
+use keel_kernel::action::{Action, ActionFilter};
 use keel_kernel::agent::testing::{FakeTools, ScriptedModel, calls};
 use keel_kernel::clock::{Clock, ManualClock};
 use keel_kernel::context::PolicyRef;
 use keel_kernel::event::EventType;
-use keel_kernel::job::JobState;
-use keel_kernel::ledger::{Budget, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, UsageQuery};
-use keel_kernel::memory::MemoryStore;
-use keel_kernel::model::{Message, ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
-use keel_kernel::policy::{Policy, SessionApprovals};
-use chrono::{DateTime, Utc};
-use keel_kernel::action::{Action, ActionFilter};
 use keel_kernel::event::{EventQuery, RuntimeEvent};
+use keel_kernel::job::JobState;
 use keel_kernel::job::{Job, JobFilter};
+use keel_kernel::ledger::{Budget, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, UsageQuery};
 use keel_kernel::ledger::{
     LedgerEvent, NewLedgerEvent, Reservation, ReserveOutcome, ReserveRequest, SettleRequest, Usage,
 };
-use keel_kernel::store::{
-    Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, StoreResult,
-};
+use keel_kernel::memory::MemoryStore;
+use keel_kernel::model::{Message, ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
+use keel_kernel::policy::{Policy, SessionApprovals};
+use keel_kernel::store::{Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, StoreResult};
 use keel_kernel::{AgentConfig, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -305,7 +303,12 @@ async fn usage_beyond_the_hold_is_recorded_as_overage_and_stops_the_job() {
         .with_price(Decimal::ZERO, Decimal::from(100)),
         cost: dec("0.90"),
     });
-    let rt = host(Kernel::new(Arc::new(MemoryStore::new())), model, &tools, Policy::allow_all());
+    let rt = host(
+        Kernel::new(Arc::new(MemoryStore::new())),
+        model,
+        &tools,
+        Policy::allow_all(),
+    );
     let mut budget = Budget::new("acme", "half a dollar", BudgetWindow::Total);
     budget.limits.max_cost = Some(dec("0.50"));
     budget.strategy = ExceedStrategy::Deny;
@@ -334,7 +337,10 @@ async fn usage_beyond_the_hold_is_recorded_as_overage_and_stops_the_job() {
             .sum()
     };
     assert!(cost_of(LedgerKind::ModelUsage) <= dec("0.1"), "{entries:#?}");
-    assert_eq!(cost_of(LedgerKind::ModelUsage) + cost_of(LedgerKind::Overage), dec("0.90"));
+    assert_eq!(
+        cost_of(LedgerKind::ModelUsage) + cost_of(LedgerKind::Overage),
+        dec("0.90")
+    );
 }
 
 /// The same idempotency key with a different request is an error; with the same request it
@@ -343,7 +349,12 @@ async fn usage_beyond_the_hold_is_recorded_as_overage_and_stops_the_job() {
 async fn an_idempotency_key_is_bound_to_its_request() {
     let tools = FakeTools::new();
     let model = Arc::new(ScriptedModel::new(vec![Message::assistant("hi", vec![])]));
-    let rt = host(Kernel::new(Arc::new(MemoryStore::new())), model, &tools, Policy::allow_all());
+    let rt = host(
+        Kernel::new(Arc::new(MemoryStore::new())),
+        model,
+        &tools,
+        Policy::allow_all(),
+    );
     let mut first = request("hello");
     first.idempotency_key = Some("k1".into());
     let h1 = rt.execute(first.clone()).await.expect("execute");
@@ -471,7 +482,11 @@ impl KernelStore for PolledRightAfterInsert {
     fn delete_budget(&self, id: uuid::Uuid) -> BoxFuture<'_, StoreResult<bool>> {
         self.inner.delete_budget(id)
     }
-    fn reserve(&self, request: ReserveRequest, evaluate: BudgetEvaluator) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
+    fn reserve(
+        &self,
+        request: ReserveRequest,
+        evaluate: BudgetEvaluator,
+    ) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
         self.inner.reserve(request, evaluate)
     }
     fn get_reservation(&self, id: uuid::Uuid) -> BoxFuture<'_, StoreResult<Option<Reservation>>> {
@@ -492,7 +507,12 @@ impl KernelStore for PolledRightAfterInsert {
     fn claim_jobs(&self, request: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         self.inner.claim_jobs(request)
     }
-    fn renew_lease<'a>(&'a self, job_id: uuid::Uuid, owner: &'a str, until: DateTime<Utc>) -> BoxFuture<'a, StoreResult<bool>> {
+    fn renew_lease<'a>(
+        &'a self,
+        job_id: uuid::Uuid,
+        owner: &'a str,
+        until: DateTime<Utc>,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
         self.inner.renew_lease(job_id, owner, until)
     }
     fn release_lease<'a>(&'a self, job_id: uuid::Uuid, owner: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
@@ -511,9 +531,17 @@ async fn a_worker_polling_right_after_the_insert_never_claims_an_executed_job() 
         stolen: std::sync::Mutex::new(Vec::new()),
     });
     let model = Arc::new(ScriptedModel::new(vec![Message::assistant("hi", vec![])]));
-    let rt = host(Kernel::new(store.clone()), model, &FakeTools::new(), Policy::allow_all());
+    let rt = host(
+        Kernel::new(store.clone()),
+        model,
+        &FakeTools::new(),
+        Policy::allow_all(),
+    );
     let h = rt.execute(request("hello")).await.expect("execute");
     let stolen = store.stolen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    assert!(stolen.is_empty(), "a polling worker claimed the job between create and claim");
+    assert!(
+        stolen.is_empty(),
+        "a polling worker claimed the job between create and claim"
+    );
     assert_eq!(result(&h).await.status, JobState::Succeeded);
 }

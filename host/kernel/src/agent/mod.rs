@@ -225,7 +225,9 @@ impl RuntimeKernel {
     /// operator's explicit override (e.g. `keel worker --override-policy`). Each job so run gets a
     /// progress event saying so.
     pub fn override_job_policies(&self, on: bool) {
-        self.inner.policy_override.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .policy_override
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// How this host loads a job's recorded policy that carries only a reference (a name and

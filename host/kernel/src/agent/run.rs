@@ -21,6 +21,7 @@ use uuid::Uuid;
 use super::request::{ExecutionRequest, ExecutionResult, ExecutionUsage};
 use super::{Inner, schema};
 use crate::action::{Action, ActionState, ActionType, NewAction, Resolution, ToolCallRef};
+use crate::context::PolicyRef;
 use crate::error::KernelError;
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobError, JobState};
@@ -28,7 +29,6 @@ use crate::ledger::{
     BudgetOutcome, BudgetStatus, LedgerKind, ReservationState, SettleRequest, Usage, evaluate_budgets,
 };
 use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
-use crate::context::PolicyRef;
 use crate::policy::{Outcome, Policy, PolicyRequest};
 use crate::services::{HoldRequest, job_event, status_event, transition};
 use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError};

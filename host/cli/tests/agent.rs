@@ -691,56 +691,6 @@ fn terminal_prompt_approves_for_the_session() {
     assert_eq!(actions.as_array().unwrap().len(), 1, "asked once: {actions}");
 }
 
-/// Hold SQLite's write lock on the home's database from another connection (another process's
-/// long transaction) for `hold`; returns once the lock is taken.
-fn lock_database(home: &Path, hold: Duration) -> std::thread::JoinHandle<()> {
-    let path = home.join("keel.db");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            use sqlx::Connection;
-            let options = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&path)
-                .busy_timeout(Duration::from_secs(10));
-            let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
-            sqlx::query("BEGIN EXCLUSIVE").execute(&mut conn).await.unwrap();
-            tx.send(()).unwrap();
-            tokio::time::sleep(hold).await;
-            sqlx::query("COMMIT").execute(&mut conn).await.unwrap();
-        });
-    });
-    rx.recv().expect("lock taken");
-    holder
-}
-
-/// Issue 8 item 6: another process holds the database past the busy timeout (10 s) while a
-/// completed model call is being journaled: the commit is retried, `keel run` finishes the job,
-/// and the model call is made and charged once.
-#[test]
-fn a_database_locked_past_the_busy_timeout_mid_step_is_retried() {
-    let home = Home::new(json!([text("Done.")]), None, "");
-    let run = home.spawn_run(&[], Some(1500));
-    let job = home.the_job();
-    home.wait_event(&job, "the job to run", |e| {
-        e["event_type"] == "job.status_changed" && e["data"]["to"] == "RUNNING"
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    // From mid model call until well past the step commit's first busy timeout.
-    let holder = lock_database(home.path(), Duration::from_millis(12_500));
-    holder.join().unwrap();
-    let out = finish(run);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    let (_, result) = lines(&out);
-    assert_eq!(result["status"], "SUCCEEDED");
-    assert_eq!(result["usage"]["model_calls"], 1, "{result}");
-    let usage = home.ledger(&job);
-    assert_eq!(usage["requests"], 1, "the call is charged once: {usage}");
-}
-
 /// Issue 8 item 7: a job cancelled by another process releases its holds at once: with a budget of
 /// two model requests, the cancelled job used one and held one; the next job is admitted.
 #[test]

@@ -49,10 +49,13 @@ pub(crate) struct Inner {
     pub(crate) approvals: Arc<dyn SessionApprovalStore>,
     pub(crate) config: AgentConfig,
     pub(crate) owner: String,
-    tasks: Mutex<HashMap<Uuid, (tokio::task::JoinHandle<()>, Arc<run::LeaseState>)>>,
+    tasks: Mutex<HashMap<Uuid, LoopTask>>,
     /// Resume tokens of approvals this host created, for in-process listeners only.
     pub(crate) issued_tokens: tokio::sync::broadcast::Sender<IssuedToken>,
 }
+
+/// A job's loop on this host and the lease it runs under.
+type LoopTask = (tokio::task::JoinHandle<()>, Arc<run::LeaseState>);
 
 /// The resume token of an approval the agent loop created. The kernel stores only its hash, so
 /// this in-process notice is the one chance to hand the token to a human (print it, send it);

@@ -726,3 +726,87 @@ fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
         .any(|e| e["event_type"] == "tool.error" && e["data"]["code"] == "policy_denied");
     assert!(denied, "{shown}");
 }
+
+/// Issue 8 item 7: a job cancelled by another process releases its holds at once: with a budget of
+/// two model requests, the cancelled job used one and held one; the next job is admitted.
+#[test]
+fn a_cancel_from_another_process_frees_the_budget_for_the_next_job() {
+    let home = Home::new(
+        json!([
+            turn(vec![call("hello__greet", json!({ "name": "Ada" }))], 5),
+            text("Greeted."),
+        ]),
+        None,
+        "",
+    );
+    home.expect(
+        &[
+            "budgets",
+            "set",
+            "--scope",
+            "default",
+            "--window",
+            "total",
+            "--max-requests",
+            "2",
+        ],
+        0,
+    );
+    // Each model call takes 2 s: the cancel lands during turn 2, whose request is held.
+    let run = home.spawn_run(&["--tools", "hello"], Some(2000));
+    let job = home.the_job();
+    home.wait_event(&job, "the first tool call", |e| e["event_type"] == "tool.end");
+    home.expect(&["jobs", "cancel", &job], 0);
+    let out = finish(run);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(home.ledger(&job)["requests"], 1);
+    // The next job's first model call fits (1 used + 1 asked <= 2) unless the cancelled job's hold leaked.
+    let out = home.output(&["run", "again", "--model", MODEL, "--json", "--tools", "hello"]);
+    let (events, result) = lines(&out);
+    let next = result["job_id"].as_str().expect("job id").to_string();
+    assert_eq!(
+        home.ledger(&next)["requests"],
+        1,
+        "the next job was refused its first call: {result}\n{events:#?}"
+    );
+}
+
+/// Issue 8 item 1: a guest computing for three lease lifetimes inside one call (a CPU-bound tool,
+/// stopped by its 3 s deadline) does not lose its host the job: a `keel worker` polling the same
+/// database meanwhile never takes it over, the call runs once and no "re-run it?" question is asked.
+#[test]
+fn a_cpu_bound_call_longer_than_the_lease_is_not_taken_over_by_a_worker() {
+    let home = Home::new(
+        json!([
+            turn(vec![call("hostile__infinite_loop", json!({}))], 5),
+            text("Gave up on the loop."),
+        ]),
+        None,
+        "",
+    );
+    home.expect(&["install", &guest("keel-test-hostile"), "--timeout-ms", "3000"], 0);
+    let run = home.spawn_run(&["--tools", "hostile"], None);
+    let job = home.the_job();
+    home.wait_event(&job, "the call to start", |e| e["event_type"] == "tool.start");
+    let mut worker = home
+        .command(&["worker"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn worker");
+    let out = finish(run);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (_, result) = lines(&out);
+    assert_eq!(result["status"], "SUCCEEDED", "{result}");
+    let events = home.job(&job)["events"].as_array().cloned().unwrap_or_default();
+    let starts = events.iter().filter(|e| e["event_type"] == "tool.start").count();
+    assert_eq!(starts, 1, "the call ran once: {events:#?}");
+    let actions = home.json(&["actions", "list", "--all", "--json"]);
+    assert_eq!(
+        actions.as_array().map(Vec::len),
+        Some(0),
+        "no re-run question: {actions}"
+    );
+}

@@ -15,7 +15,9 @@ fn transitive_deps() -> HashMap<String, BTreeSet<String>> {
     let mut result = HashMap::new();
     for package in CHECKED {
         let output = Command::new(&cargo)
-            .args(["tree", "-p", package, "-e", "normal", "--prefix", "none", "--format", "{p}"])
+            .args([
+                "tree", "-p", package, "-e", "normal", "--prefix", "none", "--format", "{p}",
+            ])
             .current_dir(keel_testutil::workspace_root())
             .output()
             .expect("run cargo tree");

@@ -94,6 +94,7 @@ where
     settle_is_bounded_by_the_hold(make().await).await;
     create_leased(make().await).await;
     idempotency_request_hash(make().await).await;
+    hold_extension(make().await).await;
 }
 
 /// Expand to one `#[tokio::test]` per conformance check, so a failure names the check.
@@ -109,7 +110,7 @@ macro_rules! conformance_tests {
             events, ledger_and_budgets, budget_windows_and_subjects, reservation_expiry,
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
             concurrent_job_writers, journal_atomicity, lease_claiming, concurrent_resolves,
-            settle_is_bounded_by_the_hold, create_leased, idempotency_request_hash);
+            settle_is_bounded_by_the_hold, create_leased, idempotency_request_hash, hold_extension);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(
@@ -1437,6 +1438,7 @@ pub async fn journal_atomicity(store: Arc<dyn KernelStore>) {
     guarded.leases.push(LeaseGuard {
         job_id: id,
         owner: "someone-else".into(),
+        epoch: 1,
     });
     let err = store.commit(guarded).await.expect_err("not the lease owner");
     assert!(matches!(err, StoreError::Conflict { entity: "lease", .. }), "{err}");
@@ -1493,23 +1495,39 @@ pub async fn journal_atomicity(store: Arc<dyn KernelStore>) {
     assert_eq!(journal.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
 }
 
-/// Leases: of two concurrent claimants exactly one wins a job; claiming bumps the version
-/// (fencing the previous owner); only the owner renews or releases; an expired lease is
-/// claimable again; terminal and WAITING_ACTION jobs are never claimed.
+/// Leases: of two concurrent claimants exactly one wins a job; claiming bumps the version and
+/// the lease epoch (fencing the previous owner, even under the same owner id); expiry is judged on
+/// the store's own clock, never the claimant's; only the current owner+epoch renews (never
+/// shortening the lease) or releases; an expired lease is claimable again; a guard on an ended job
+/// fails; terminal and WAITING_ACTION jobs are never claimed. Uses real time (short leases).
 pub async fn lease_claiming(store: Arc<dyn KernelStore>) {
     let (k, _clock) = kernel_with_clock(store.clone());
     let queued = k.jobs().create(NewJob::new("t1", "agent")).await.expect("create").job;
     let other_kind = k.jobs().create(NewJob::new("t1", "report")).await.expect("create").job;
-    let now = epoch();
-    let claim = |owner: &str, at: DateTime<Utc>| ClaimRequest {
+    // The claimant's clock reads `epoch()` (months away from the store's): it must not matter.
+    let claim = |owner: &str, at: DateTime<Utc>, ttl_ms: u64| ClaimRequest {
         owner: owner.into(),
         now: at,
-        until: at + Duration::seconds(30),
+        ttl_ms,
         kinds: vec!["agent".into()],
         job_id: None,
         limit: 10,
     };
-    let (a, b) = tokio::join!(store.claim_jobs(claim("a", now)), store.claim_jobs(claim("b", now)));
+    let guard = |owner: &str, epoch: u64| LeaseGuard {
+        job_id: queued.id,
+        owner: owner.into(),
+        epoch,
+    };
+    let fenced = |g: LeaseGuard| Batch {
+        journal: vec![journal_entry(g.job_id, &format!("x-{}-{}", g.owner, g.epoch))],
+        leases: vec![g],
+        ..Batch::default()
+    };
+    let before = Utc::now();
+    let (a, b) = tokio::join!(
+        store.claim_jobs(claim("a", epoch(), 30_000)),
+        store.claim_jobs(claim("b", epoch(), 30_000))
+    );
     let (a, b) = (a.expect("claim a"), b.expect("claim b"));
     assert_eq!(a.len() + b.len(), 1, "exactly one claimant wins: {a:?} {b:?}");
     let (winner, loser, claimed) = if a.is_empty() {
@@ -1524,65 +1542,65 @@ pub async fn lease_claiming(store: Arc<dyn KernelStore>) {
     assert_eq!(stored.version, claimed.version);
     let lease = store.get_lease(queued.id).await.expect("lease").expect("leased");
     assert_eq!(lease.owner, winner);
-    assert_eq!(lease.until, now + Duration::seconds(30));
-    // Live lease: nobody else gets it.
+    let e1 = lease.epoch;
+    assert!(e1 >= 1, "a claim sets an epoch: {lease:?}");
+    assert!(
+        lease.until >= before + Duration::seconds(29) && lease.until <= Utc::now() + Duration::seconds(31),
+        "the lease runs 30 s from the store's now, not the claimant's: {lease:?}"
+    );
+    // Live lease: nobody else gets it, even a claimant whose clock runs an hour ahead.
     assert!(
         store
-            .claim_jobs(claim(loser, now + Duration::seconds(29)))
+            .claim_jobs(claim(loser, Utc::now() + Duration::hours(1), 30_000))
             .await
             .expect("claim")
-            .is_empty()
+            .is_empty(),
+        "a skewed clock took a live lease"
     );
-    assert!(
-        !store
-            .renew_lease(queued.id, loser, now + Duration::seconds(99))
-            .await
-            .expect("renew")
+    // Only the owner under its epoch renews; a renewal never shortens the lease.
+    assert!(!store.renew_lease(&guard(loser, e1), 60_000).await.expect("renew"));
+    assert!(!store.renew_lease(&guard(winner, e1 + 1), 60_000).await.expect("renew"));
+    assert!(store.renew_lease(&guard(winner, e1), 60_000).await.expect("renew"));
+    let renewed = store.get_lease(queued.id).await.expect("lease").expect("leased");
+    assert!(renewed.until >= lease.until + Duration::seconds(29), "{renewed:?}");
+    assert!(store.renew_lease(&guard(winner, e1), 1).await.expect("renew"));
+    assert_eq!(
+        store.get_lease(queued.id).await.expect("lease").expect("leased").until,
+        renewed.until,
+        "a shorter renewal keeps the longer lease"
     );
-    assert!(
-        store
-            .renew_lease(queued.id, winner, now + Duration::seconds(60))
-            .await
-            .expect("renew")
-    );
-    assert!(
-        store
-            .claim_jobs(claim(loser, now + Duration::seconds(45)))
-            .await
-            .expect("claim")
-            .is_empty()
-    );
-    // Expired: the other claimant takes over; the old owner can no longer renew or write.
-    let taken = store
-        .claim_jobs(claim(loser, now + Duration::seconds(61)))
-        .await
-        .expect("claim");
-    assert_eq!(taken.len(), 1);
-    assert!(
-        !store
-            .renew_lease(queued.id, winner, now + Duration::seconds(99))
-            .await
-            .expect("renew")
-    );
-    let err = store
-        .commit(Batch {
-            journal: vec![journal_entry(queued.id, "x")],
-            leases: vec![LeaseGuard {
-                job_id: queued.id,
-                owner: winner.into(),
-            }],
-            ..Batch::default()
-        })
-        .await
-        .expect_err("fenced");
-    assert!(matches!(err, StoreError::Conflict { entity: "lease", .. }), "{err}");
-    assert!(!store.release_lease(queued.id, winner).await.expect("release"));
-    assert!(store.release_lease(queued.id, loser).await.expect("release"));
+    store.commit(fenced(guard(winner, e1))).await.expect("the owner writes");
+    // Released by its owner: claimable at once, under a new epoch, even by the same owner id;
+    // the old epoch can no longer write, renew or release.
+    assert!(!store.release_lease(&guard(loser, e1)).await.expect("release"));
+    assert!(store.release_lease(&guard(winner, e1)).await.expect("release"));
     assert_eq!(store.get_lease(queued.id).await.expect("lease"), None);
-    // Released: claimable at once; a specific job can be claimed by id.
-    let mut one = claim("c", now + Duration::seconds(62));
+    let mut one = claim(winner, epoch(), 200);
     one.job_id = Some(queued.id);
     assert_eq!(store.claim_jobs(one).await.expect("claim").len(), 1);
+    let e2 = store.get_lease(queued.id).await.expect("lease").expect("leased").epoch;
+    assert!(e2 > e1, "{e2} > {e1}");
+    let err = store.commit(fenced(guard(winner, e1))).await.expect_err("stale epoch");
+    assert!(matches!(err, StoreError::Conflict { entity: "lease", .. }), "{err}");
+    assert!(!store.renew_lease(&guard(winner, e1), 200).await.expect("renew"));
+    assert!(!store.release_lease(&guard(winner, e1)).await.expect("release"));
+    // Expired (200 ms on the store's clock): the other claimant takes over and fences the owner.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let taken = store.claim_jobs(claim(loser, epoch(), 30_000)).await.expect("claim");
+    assert_eq!(taken.len(), 1);
+    let e3 = store.get_lease(queued.id).await.expect("lease").expect("leased").epoch;
+    assert!(e3 > e2);
+    assert!(!store.renew_lease(&guard(winner, e2), 30_000).await.expect("renew"));
+    let err = store.commit(fenced(guard(winner, e2))).await.expect_err("fenced");
+    assert!(matches!(err, StoreError::Conflict { entity: "lease", .. }), "{err}");
+    store
+        .commit(fenced(guard(loser, e3)))
+        .await
+        .expect("the new owner writes");
+    // A job that ended is no one's to write to, whoever still holds its lease.
+    k.jobs().cancel(queued.id, "test").await.expect("cancel");
+    let err = store.commit(fenced(guard(loser, e3))).await.expect_err("ended");
+    assert!(matches!(err, StoreError::Conflict { entity: "lease", .. }), "{err}");
     // WAITING_ACTION and terminal jobs are not claimable.
     let waiting = running_job(&k, "t1").await;
     k.actions()
@@ -1591,11 +1609,48 @@ pub async fn lease_claiming(store: Arc<dyn KernelStore>) {
         .expect("action");
     let done = running_job(&k, "t1").await;
     k.jobs().complete(done, None).await.expect("complete");
-    let later = store
-        .claim_jobs(claim("d", now + Duration::hours(2)))
+    let fresh = running_job(&k, "t1").await;
+    let later = store.claim_jobs(claim("d", epoch(), 30_000)).await.expect("claim");
+    assert_eq!(later.iter().map(|j| j.id).collect::<Vec<_>>(), vec![fresh]);
+}
+
+/// Extending holds (the heartbeat keeps a running call's hold alive): only HELD reservations
+/// move, and never earlier; an extended hold is not swept at its old expiry.
+pub async fn hold_extension(store: Arc<dyn KernelStore>) {
+    let (k, clock) = kernel_with_clock(store.clone());
+    let hold = |ttl: i64| HoldRequest {
+        tenant: "t1".into(),
+        principal: None,
+        session: None,
+        job_id: None,
+        amount: Usage::cost(dec("0.1")),
+        ttl: Some(Duration::seconds(ttl)),
+    };
+    let live = k.ledger().reserve(hold(30)).await.expect("reserve").reservation;
+    let done = k.ledger().reserve(hold(30)).await.expect("reserve").reservation;
+    k.ledger().release(done.id, "test").await.expect("release");
+    let n = store
+        .extend_holds(&[live.id, done.id, Uuid::now_v7()], clock.now() + Duration::seconds(90))
         .await
-        .expect("claim");
-    assert_eq!(later.iter().map(|j| j.id).collect::<Vec<_>>(), vec![queued.id]);
+        .expect("extend");
+    assert_eq!(n, 1, "only the HELD reservation is extended");
+    assert_eq!(
+        k.ledger().reservation(live.id).await.expect("get").expires_at,
+        clock.now() + Duration::seconds(90)
+    );
+    store
+        .extend_holds(&[live.id], clock.now() + Duration::seconds(10))
+        .await
+        .expect("extend");
+    assert_eq!(
+        k.ledger().reservation(live.id).await.expect("get").expires_at,
+        clock.now() + Duration::seconds(90),
+        "never shortened"
+    );
+    clock.advance(Duration::seconds(60));
+    let report = k.recover_and_sweep(clock.now()).await.expect("sweep");
+    assert_eq!(report.reservations_released, 0);
+    assert_eq!(store.extend_holds(&[], clock.now()).await.expect("extend"), 0);
 }
 
 /// Two pending approvals of one job resolved at the same moment, many times over: whatever the
@@ -1755,12 +1810,12 @@ pub async fn settle_is_bounded_by_the_hold(store: Arc<dyn KernelStore>) {
 /// A job created together with its lease (one transaction) is never claimable by another owner
 /// until that lease lapses; a lease claim on a job someone else holds fails the whole batch.
 pub async fn create_leased(store: Arc<dyn KernelStore>) {
-    let (k, clock) = kernel_with_clock(store.clone());
+    let (k, _clock) = kernel_with_clock(store.clone());
     let created = k
         .jobs()
         .create_leased(
             NewJob::new("t1", "agent"),
-            Some(("host-a".into(), Duration::seconds(30))),
+            Some(("host-a".into(), Duration::milliseconds(200))),
         )
         .await
         .expect("create");
@@ -1768,35 +1823,32 @@ pub async fn create_leased(store: Arc<dyn KernelStore>) {
     let id = created.job.id;
     let lease = store.get_lease(id).await.expect("lease").expect("leased at creation");
     assert_eq!(lease.owner, "host-a");
-    let claim = |owner: &str, now: DateTime<Utc>| ClaimRequest {
+    assert!(lease.epoch >= 1, "the creating claim sets an epoch: {lease:?}");
+    // The claimant's clock (hours ahead) does not matter: expiry is on the store's clock.
+    let claim = |owner: &str| ClaimRequest {
         owner: owner.into(),
-        now,
-        until: now + Duration::seconds(30),
+        now: Utc::now() + Duration::hours(1),
+        ttl_ms: 30_000,
         kinds: vec!["agent".into()],
         job_id: None,
         limit: 10,
     };
-    assert!(
-        store
-            .claim_jobs(claim("poller", clock.now()))
-            .await
-            .expect("claim")
-            .is_empty()
-    );
-    let later = clock.now() + Duration::seconds(31);
-    let claimed = store.claim_jobs(claim("poller", later)).await.expect("claim");
+    assert!(store.claim_jobs(claim("poller")).await.expect("claim").is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let claimed = store.claim_jobs(claim("poller")).await.expect("claim");
     assert_eq!(
         claimed.iter().map(|j| j.id).collect::<Vec<_>>(),
         vec![id],
         "claimable once it lapsed"
     );
+    let taken = store.get_lease(id).await.expect("lease").expect("lease");
+    assert!(taken.epoch > lease.epoch, "{taken:?} after {lease:?}");
     let refused = store
         .commit(Batch {
             claims: vec![crate::store::LeaseClaim {
                 job_id: id,
                 owner: "host-b".into(),
-                now: later,
-                until: later + Duration::seconds(30),
+                ttl_ms: 30_000,
             }],
             ..Batch::default()
         })

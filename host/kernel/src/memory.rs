@@ -2,13 +2,14 @@
 //! embedding without persistence; it passes the same conformance suite as the SQLite store.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
 use crate::action::{Action, ActionFilter, ActionState};
+use crate::clock::{Clock, SystemClock};
 use crate::event::{EventQuery, RuntimeEvent};
 use crate::job::JobState;
 use crate::job::{Job, JobFilter};
@@ -16,7 +17,9 @@ use crate::ledger::{
     Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
     ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
-use crate::store::{Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, StoreError, StoreResult};
+use crate::store::{
+    Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreError, StoreResult,
+};
 
 #[derive(Debug, Default)]
 struct State {
@@ -31,6 +34,8 @@ struct State {
     reservations: HashMap<Uuid, Reservation>,
     journal: HashMap<Uuid, Vec<JournalEntry>>,
     leases: HashMap<Uuid, Lease>,
+    /// Last lease epoch per job (kept when a lease is released).
+    epochs: HashMap<Uuid, u64>,
 }
 
 impl State {
@@ -45,15 +50,31 @@ impl State {
 }
 
 /// The in-memory store.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// The store's own time ("database time"): lease expiry is judged on it, never on a caller's.
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store on the system clock.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store whose own time (lease expiry) is `clock`.
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            clock,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -68,12 +89,26 @@ fn conflict(entity: &'static str, id: impl ToString) -> StoreError {
     }
 }
 
+fn ttl(ms: u64) -> chrono::Duration {
+    chrono::Duration::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX / 1_000_000))
+}
+
 fn limit<T>(items: impl Iterator<Item = T>, limit: Option<u32>) -> Vec<T> {
     items.take(limit.map_or(usize::MAX, |l| l as usize)).collect()
 }
 
 impl MemoryStore {
+    /// Whether `g` holds its job's lease: same owner and epoch, and the job not ended.
+    fn holds(st: &State, g: &LeaseGuard) -> bool {
+        st.jobs.get(&g.job_id).is_some_and(|j| !j.state.is_terminal())
+            && st
+                .leases
+                .get(&g.job_id)
+                .is_some_and(|l| l.owner == g.owner && l.epoch == g.epoch)
+    }
+
     fn commit_sync(&self, batch: Batch) -> StoreResult<Vec<RuntimeEvent>> {
+        let store_now = self.clock.now();
         let mut st = self.lock();
         // Validate everything against a staged view first so a failure applies nothing.
         let mut staged_jobs: HashMap<Uuid, Job> = HashMap::new();
@@ -142,7 +177,7 @@ impl MemoryStore {
             }
         }
         for g in &batch.leases {
-            if st.leases.get(&g.job_id).is_none_or(|l| l.owner != g.owner) {
+            if !Self::holds(&st, g) {
                 return Err(conflict("lease", g.job_id));
             }
         }
@@ -153,7 +188,7 @@ impl MemoryStore {
                     id: c.job_id.to_string(),
                 });
             }
-            if st.leases.get(&c.job_id).is_some_and(|l| l.until > c.now) {
+            if st.leases.get(&c.job_id).is_some_and(|l| l.until > store_now) {
                 return Err(conflict("lease", c.job_id));
             }
         }
@@ -217,11 +252,15 @@ impl MemoryStore {
         }
         st.jobs.extend(staged_jobs);
         for c in batch.claims {
+            let epoch = st.epochs.entry(c.job_id).or_default();
+            *epoch += 1;
+            let epoch = *epoch;
             st.leases.insert(
                 c.job_id,
                 Lease {
                     owner: c.owner,
-                    until: c.until,
+                    until: store_now + ttl(c.ttl_ms),
+                    epoch,
                 },
             );
         }
@@ -570,12 +609,27 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(out) })
     }
 
+    fn extend_holds<'a>(&'a self, ids: &'a [Uuid], until: DateTime<Utc>) -> BoxFuture<'a, StoreResult<u64>> {
+        let mut st = self.lock();
+        let mut n = 0;
+        for id in ids {
+            if let Some(r) = st.reservations.get_mut(id)
+                && r.state == ReservationState::Held
+            {
+                r.expires_at = r.expires_at.max(until);
+                n += 1;
+            }
+        }
+        Box::pin(async move { Ok(n) })
+    }
+
     fn read_journal(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Vec<JournalEntry>>> {
         let r = self.lock().journal.get(&job_id).cloned().unwrap_or_default();
         Box::pin(async move { Ok(r) })
     }
 
     fn claim_jobs(&self, req: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let store_now = self.clock.now();
         let mut st = self.lock();
         // Claiming one job by id is a lookup, not a scan.
         let pool: Box<dyn Iterator<Item = &Job>> = match req.job_id {
@@ -587,7 +641,7 @@ impl KernelStore for MemoryStore {
                 matches!(j.state, JobState::Queued | JobState::Running)
                     && req.kinds.contains(&j.kind)
                     && req.job_id.is_none_or(|id| id == j.id)
-                    && st.leases.get(&j.id).is_none_or(|l| l.until <= req.now)
+                    && st.leases.get(&j.id).is_none_or(|l| l.until <= store_now)
             })
             .cloned()
             .collect();
@@ -597,11 +651,15 @@ impl KernelStore for MemoryStore {
         for mut job in candidates {
             job.version += 1;
             job.updated_at = req.now;
+            let epoch = st.epochs.entry(job.id).or_default();
+            *epoch += 1;
+            let epoch = *epoch;
             st.leases.insert(
                 job.id,
                 Lease {
                     owner: req.owner.clone(),
-                    until: req.until,
+                    until: store_now + ttl(req.ttl_ms),
+                    epoch,
                 },
             );
             st.jobs.insert(job.id, job.clone());
@@ -610,16 +668,12 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(out) })
     }
 
-    fn renew_lease<'a>(
-        &'a self,
-        job_id: Uuid,
-        owner: &'a str,
-        until: DateTime<Utc>,
-    ) -> BoxFuture<'a, StoreResult<bool>> {
+    fn renew_lease<'a>(&'a self, guard: &'a LeaseGuard, ttl_ms: u64) -> BoxFuture<'a, StoreResult<bool>> {
+        let until = self.clock.now() + ttl(ttl_ms);
         let mut st = self.lock();
-        let r = match st.leases.get_mut(&job_id) {
-            Some(l) if l.owner == owner => {
-                l.until = until;
+        let r = match st.leases.get_mut(&guard.job_id) {
+            Some(l) if l.owner == guard.owner && l.epoch == guard.epoch => {
+                l.until = l.until.max(until);
                 true
             }
             _ => false,
@@ -627,10 +681,14 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { Ok(r) })
     }
 
-    fn release_lease<'a>(&'a self, job_id: Uuid, owner: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+    fn release_lease<'a>(&'a self, guard: &'a LeaseGuard) -> BoxFuture<'a, StoreResult<bool>> {
         let mut st = self.lock();
-        let r = if st.leases.get(&job_id).is_some_and(|l| l.owner == owner) {
-            st.leases.remove(&job_id);
+        let r = if st
+            .leases
+            .get(&guard.job_id)
+            .is_some_and(|l| l.owner == guard.owner && l.epoch == guard.epoch)
+        {
+            st.leases.remove(&guard.job_id);
             true
         } else {
             false

@@ -570,8 +570,7 @@ impl JobManager {
                 .map(|(owner, ttl)| LeaseClaim {
                     job_id: job.id,
                     owner: owner.clone(),
-                    now,
-                    until: now + *ttl,
+                    ttl_ms: u64::try_from(ttl.num_milliseconds()).unwrap_or(0),
                 })
                 .collect();
             let batch = Batch {

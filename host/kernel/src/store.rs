@@ -54,6 +54,17 @@ pub enum StoreError {
     /// The backend failed (I/O, connection, ...).
     #[error("store backend error: {0}")]
     Backend(String),
+    /// The database was busy (locked by another writer past the busy timeout). Transient:
+    /// nothing was applied and the same write may be retried.
+    #[error("the database is busy (locked by another writer): {0}")]
+    Busy(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same call may succeed (the database was only busy).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Busy(_))
+    }
 }
 
 /// Result alias for store calls.
@@ -92,8 +103,10 @@ pub struct Batch {
     pub journal: Vec<NewJournalEntry>,
     /// Reservations to settle in the same transaction (same rules as [`KernelStore::settle`]).
     pub settlements: Vec<SettleRequest>,
-    /// Fencing: the batch applies only if each named job's lease is held by the named owner
-    /// (else `Conflict { entity: "lease" }`). A host that lost its lease can no longer write.
+    /// Fencing: the batch applies only if each named job is not terminal (as it was before the
+    /// batch) and its lease is held by the named owner under the named epoch (else
+    /// `Conflict { entity: "lease" }`). A host that lost its lease can no longer write, even if
+    /// the same owner id claimed the job again since.
     pub leases: Vec<LeaseGuard>,
     /// Leases taken in the same transaction (after jobs are written): a job created already
     /// claimed, so no polling worker can claim it in between. `Conflict { entity: "lease" }` if
@@ -141,46 +154,54 @@ pub struct JournalEntry {
     pub entry: NewJournalEntry,
 }
 
-/// "Apply this batch only while `owner` holds the lease of `job_id`."
+/// "Apply this batch only while `owner` holds the lease of `job_id` under `epoch`."
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseGuard {
     /// Job.
     pub job_id: Uuid,
     /// Expected lease owner.
     pub owner: String,
+    /// Expected lease epoch (the fencing counter the claim set, see [`Lease::epoch`]).
+    pub epoch: u64,
 }
 
-/// "Give `owner` the lease of `job_id` until `until`" (see [`Batch::claims`]).
+/// "Give `owner` the lease of `job_id` for `ttl_ms` from now, on the store's clock, if it is free"
+/// (see [`Batch::claims`]). Like a claim, it bumps the job's lease epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseClaim {
     /// Job.
     pub job_id: Uuid,
     /// New lease owner.
     pub owner: String,
-    /// Now: a lease with `until <= now` is free.
-    pub now: DateTime<Utc>,
-    /// The lease runs until this instant.
-    pub until: DateTime<Utc>,
+    /// How long the lease runs, from the store's now.
+    pub ttl_ms: u64,
 }
 
-/// A job's lease: which host is running it, until when.
+/// A job's lease: which host is running it, until when, under which epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// Owner (a host/worker id).
     pub owner: String,
-    /// The lease is free after this instant.
+    /// The lease is free after this instant, on the store's clock.
     pub until: DateTime<Utc>,
+    /// Fencing counter: incremented by every claim of the job, never reused, so a write guarded
+    /// by an older claim fails even if the same owner id holds the job again.
+    pub epoch: u64,
 }
 
 /// A request to claim jobs for running.
+///
+/// Expiry is judged on the store's own clock ("database time": SQLite's, PostgreSQL's
+/// `now()`, the memory store's [`crate::clock::Clock`]), never on the claimant's, so a host
+/// whose clock runs ahead cannot take a job whose owner is alive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimRequest {
     /// New lease owner.
     pub owner: String,
-    /// Now: leases with `until <= now` are expired.
+    /// The claimant's time, recorded as the job's `updated_at` (not used for expiry).
     pub now: DateTime<Utc>,
-    /// The claimed lease runs until this instant.
-    pub until: DateTime<Utc>,
+    /// The claimed lease runs this many milliseconds from the store's now.
+    pub ttl_ms: u64,
     /// Only jobs of these kinds.
     pub kinds: Vec<String>,
     /// Only this job (claiming one specific job), else any.
@@ -261,25 +282,26 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>>;
     /// Release every HELD reservation with `expires_at <= now` (recovery sweep); returns them.
     fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>>;
+    /// Keep live holds from lapsing while their calls run (the agent loop's heartbeat): every HELD
+    /// reservation among `ids` gets `expires_at = max(expires_at, until)`; returns how many.
+    fn extend_holds<'a>(&'a self, ids: &'a [Uuid], until: DateTime<Utc>) -> BoxFuture<'a, StoreResult<u64>>;
 
     // ---- journal and leases (the agent loop's durability) ----
 
     /// The journal of a job, in `seq` order.
     fn read_journal(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Vec<JournalEntry>>>;
-    /// Atomically claim QUEUED or RUNNING jobs of `request.kinds` whose lease is absent or expired:
-    /// set the lease and bump each job's `version` (compare-and-set), so of two concurrent
-    /// claimants exactly one wins each job, and the previous owner's next versioned write fails.
+    /// Atomically claim QUEUED or RUNNING jobs of `request.kinds` whose lease is absent or expired
+    /// (on the store's clock): set the lease (owner, store now + `ttl_ms`, epoch + 1) and bump each
+    /// job's `version` (compare-and-set), so of two concurrent claimants exactly one wins each
+    /// job, and the previous owner's next versioned or lease-guarded write fails.
     /// Returns the claimed jobs (new versions), oldest first.
     fn claim_jobs(&self, request: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
-    /// Extend the lease of `job_id` to `until` if `owner` still holds it; whether it did.
-    fn renew_lease<'a>(
-        &'a self,
-        job_id: Uuid,
-        owner: &'a str,
-        until: DateTime<Utc>,
-    ) -> BoxFuture<'a, StoreResult<bool>>;
-    /// Drop the lease of `job_id` if `owner` holds it; whether it did.
-    fn release_lease<'a>(&'a self, job_id: Uuid, owner: &'a str) -> BoxFuture<'a, StoreResult<bool>>;
+    /// If `guard` (owner and epoch) still holds the lease, extend it to at least store now +
+    /// `ttl_ms` (never shortening it); whether it did.
+    fn renew_lease<'a>(&'a self, guard: &'a LeaseGuard, ttl_ms: u64) -> BoxFuture<'a, StoreResult<bool>>;
+    /// Drop the lease if `guard` (owner and epoch) holds it; whether it did. The epoch counter is
+    /// kept, so the next claim gets a higher one.
+    fn release_lease<'a>(&'a self, guard: &'a LeaseGuard) -> BoxFuture<'a, StoreResult<bool>>;
     /// The current lease of a job, if any.
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>>;
 }

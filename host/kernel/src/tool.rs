@@ -34,7 +34,9 @@ impl ToolDescriptor {
 /// Who is calling a tool and under which deadline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCallContext {
-    /// Unique id of this call.
+    /// Id of this call, and its idempotency key: in a job it is `<job id>/<step>`, the same for
+    /// every (re-)run of one logical call (see the WIT `call-context.call-id`); outside a job it
+    /// is unique per call.
     pub call_id: String,
     /// Job the call belongs to, if any.
     pub job_id: Option<String>,

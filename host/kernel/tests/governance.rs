@@ -26,7 +26,9 @@ use keel_kernel::ledger::{
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::{Message, ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
 use keel_kernel::policy::{Policy, SessionApprovals};
-use keel_kernel::store::{Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, StoreResult};
+use keel_kernel::store::{
+    Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreResult,
+};
 use keel_kernel::{AgentConfig, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -422,7 +424,7 @@ impl KernelStore for PolledRightAfterInsert {
                     .claim_jobs(ClaimRequest {
                         owner: "poller".into(),
                         now,
-                        until: now + chrono::Duration::hours(1),
+                        ttl_ms: 3_600_000,
                         kinds: vec!["agent".into()],
                         job_id: Some(id),
                         limit: 1,
@@ -507,16 +509,14 @@ impl KernelStore for PolledRightAfterInsert {
     fn claim_jobs(&self, request: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         self.inner.claim_jobs(request)
     }
-    fn renew_lease<'a>(
-        &'a self,
-        job_id: uuid::Uuid,
-        owner: &'a str,
-        until: DateTime<Utc>,
-    ) -> BoxFuture<'a, StoreResult<bool>> {
-        self.inner.renew_lease(job_id, owner, until)
+    fn renew_lease<'a>(&'a self, guard: &'a LeaseGuard, ttl_ms: u64) -> BoxFuture<'a, StoreResult<bool>> {
+        self.inner.renew_lease(guard, ttl_ms)
     }
-    fn release_lease<'a>(&'a self, job_id: uuid::Uuid, owner: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
-        self.inner.release_lease(job_id, owner)
+    fn release_lease<'a>(&'a self, guard: &'a LeaseGuard) -> BoxFuture<'a, StoreResult<bool>> {
+        self.inner.release_lease(guard)
+    }
+    fn extend_holds<'a>(&'a self, ids: &'a [uuid::Uuid], until: DateTime<Utc>) -> BoxFuture<'a, StoreResult<u64>> {
+        self.inner.extend_holds(ids, until)
     }
     fn get_lease(&self, job_id: uuid::Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
         self.inner.get_lease(job_id)

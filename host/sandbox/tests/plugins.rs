@@ -437,6 +437,7 @@ fn app(elsewhere: u16) -> Server {
                 "content_type": header("content-type"),
                 "x_custom": header("x-custom"),
                 "authorization": header("authorization"),
+                "idempotency_key": header("idempotency-key"),
             });
             return (
                 200,
@@ -660,4 +661,29 @@ async fn http_fetch_rejects_bad_urls_clearly() {
             report.result
         );
     }
+}
+
+/// `post` passes the call's stable `call_id` on as `Idempotency-Key` (unless the caller set one);
+/// `get` (idempotent) sends none.
+#[tokio::test]
+async fn http_fetch_post_sends_the_call_id_as_idempotency_key() {
+    let h = http_setup().await;
+    let mut ctx = ToolCallContext::ad_hoc("test");
+    ctx.call_id = "job-1/t1/c0".into();
+    let post = |args: Value| {
+        let ctx = ctx.clone();
+        let h = &h;
+        async move {
+            h.sandbox
+                .call(&h.plugin, &h.grants, &Limits::default(), &ctx, "post", &args)
+                .await
+        }
+    };
+    let echoed = |out: Value| -> Value { serde_json::from_str(out["body"].as_str().unwrap()).unwrap() };
+    let out = output(post(json!({"url": h.url("/echo"), "body": "x"})).await);
+    assert_eq!(echoed(out)["idempotency_key"], "job-1/t1/c0");
+    let out = output(post(json!({"url": h.url("/echo"), "headers": {"Idempotency-Key": "mine"}})).await);
+    assert_eq!(echoed(out)["idempotency_key"], "mine");
+    let out = output(h.call("get", json!({"url": h.url("/echo")})).await);
+    assert_eq!(echoed(out)["idempotency_key"], "");
 }

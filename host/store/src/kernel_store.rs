@@ -17,7 +17,8 @@ use keel_kernel::ledger::{
     ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery, cost_from_nanos, cost_to_nanos,
 };
 use keel_kernel::store::{
-    Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, NewJournalEntry, StoreError, StoreResult,
+    Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, NewJournalEntry, StoreError,
+    StoreResult,
 };
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
@@ -50,7 +51,36 @@ impl Database {
 // ---- conversions ----
 
 fn be(e: sqlx::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    if is_busy(&e) {
+        StoreError::Busy(e.to_string())
+    } else {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// SQLITE_BUSY / SQLITE_LOCKED (any extended code) after the busy timeout, or no free
+/// connection in time: another writer holds the database; the same write may be retried.
+fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .and_then(|c| c.parse::<i64>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
+        sqlx::Error::PoolTimedOut => true,
+        _ => false,
+    }
+}
+
+/// The database's own time in microseconds since the epoch (SQL): lease expiry is judged on it,
+/// never on a caller's clock. (`julianday` has millisecond precision on every SQLite version.)
+macro_rules! db_now_micros {
+    () => {
+        "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)"
+    };
+}
+
+fn ttl_micros(ttl_ms: u64) -> i64 {
+    i64::try_from(ttl_ms.saturating_mul(1000)).unwrap_or(i64::MAX / 2)
 }
 
 /// A write that references job `job_id`: a foreign-key violation means the job does not exist.
@@ -598,6 +628,33 @@ async fn insert_journal(conn: &mut SqliteConnection, j: &NewJournalEntry) -> Sto
     Ok(())
 }
 
+/// `Conflict { entity: "lease" }` unless `g` holds its job's lease (owner and epoch) and the job
+/// has not ended.
+async fn check_lease(conn: &mut SqliteConnection, g: &LeaseGuard) -> StoreResult<()> {
+    let row = sqlx::query("SELECT lease_owner, lease_epoch, state FROM jobs WHERE id = ?")
+        .bind(g.job_id.to_string())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(be)?;
+    let holds = match row {
+        Some(row) => {
+            let state: JobState = parse(&get::<String>(&row, "state")?)?;
+            get::<Option<String>>(&row, "lease_owner")?.as_deref() == Some(g.owner.as_str())
+                && u64_of(get::<i64>(&row, "lease_epoch")?)? == g.epoch
+                && !state.is_terminal()
+        }
+        None => false,
+    };
+    if holds {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict {
+            entity: "lease",
+            id: g.job_id.to_string(),
+        })
+    }
+}
+
 impl SqliteKernelStore {
     async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(be)
@@ -605,6 +662,10 @@ impl SqliteKernelStore {
 
     async fn commit_batch(&self, batch: Batch) -> StoreResult<Vec<RuntimeEvent>> {
         let mut tx = self.begin().await?;
+        // Fencing first, against the rows as they were before this batch.
+        for g in &batch.leases {
+            check_lease(&mut tx, g).await?;
+        }
         for w in &batch.jobs {
             match w.expected_version {
                 None => insert_job(&mut tx, &w.job).await?,
@@ -618,32 +679,21 @@ impl SqliteKernelStore {
             }
         }
         for c in &batch.claims {
-            let res = sqlx::query(
-                "UPDATE jobs SET lease_owner = ?, lease_until = ? \
-                 WHERE id = ? AND (lease_until IS NULL OR lease_until <= ?)",
-            )
+            let res = sqlx::query(concat!(
+                "UPDATE jobs SET lease_owner = ?, lease_until = ",
+                db_now_micros!(),
+                " + ?, lease_epoch = lease_epoch + 1 WHERE id = ? AND (lease_until IS NULL OR lease_until <= ",
+                db_now_micros!(),
+                ")"
+            ))
             .bind(c.owner.clone())
-            .bind(micros(c.until))
+            .bind(ttl_micros(c.ttl_ms))
             .bind(c.job_id.to_string())
-            .bind(micros(c.now))
             .execute(&mut *tx)
             .await
             .map_err(be)?;
             if res.rows_affected() == 0 {
                 return Err(missing_or_conflict(&mut tx, "jobs", "lease", c.job_id).await);
-            }
-        }
-        for g in &batch.leases {
-            let owner: Option<Option<String>> = sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE id = ?")
-                .bind(g.job_id.to_string())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(be)?;
-            if owner.flatten().as_deref() != Some(g.owner.as_str()) {
-                return Err(StoreError::Conflict {
-                    entity: "lease",
-                    id: g.job_id.to_string(),
-                });
             }
         }
         for j in &batch.journal {
@@ -798,10 +848,11 @@ impl SqliteKernelStore {
             return Ok(vec![]);
         }
         let mut tx = self.begin().await?;
-        let mut qb = QueryBuilder::<Sqlite>::new(
+        let mut qb = QueryBuilder::<Sqlite>::new(concat!(
             "SELECT * FROM jobs WHERE state IN ('QUEUED', 'RUNNING') AND (lease_until IS NULL OR lease_until <= ",
-        );
-        qb.push_bind(micros(req.now)).push(")");
+            db_now_micros!(),
+            ")"
+        ));
         push_in(&mut qb, "kind", req.kinds.iter().cloned());
         if let Some(id) = req.job_id {
             qb.push(" AND id = ").push_bind(id.to_string());
@@ -812,12 +863,13 @@ impl SqliteKernelStore {
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut job = job_from_row(row)?;
-            let res = sqlx::query(
-                "UPDATE jobs SET lease_owner = ?, lease_until = ?, version = version + 1, updated_at = ? \
-                 WHERE id = ? AND version = ?",
-            )
+            let res = sqlx::query(concat!(
+                "UPDATE jobs SET lease_owner = ?, lease_until = ",
+                db_now_micros!(),
+                " + ?, lease_epoch = lease_epoch + 1, version = version + 1, updated_at = ? WHERE id = ? AND version = ?"
+            ))
             .bind(req.owner.clone())
-            .bind(micros(req.until))
+            .bind(ttl_micros(req.ttl_ms))
             .bind(micros(req.now))
             .bind(job.id.to_string())
             .bind(i64_of(job.version)?)
@@ -1122,44 +1174,60 @@ impl KernelStore for SqliteKernelStore {
         })
     }
 
+    fn extend_holds<'a>(&'a self, ids: &'a [Uuid], until: DateTime<Utc>) -> BoxFuture<'a, StoreResult<u64>> {
+        Box::pin(async move {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let mut qb = QueryBuilder::<Sqlite>::new("UPDATE reservations SET expires_at = MAX(expires_at, ");
+            qb.push_bind(micros(until)).push(") WHERE state = 'HELD'");
+            push_in(&mut qb, "id", ids.iter().map(Uuid::to_string));
+            let res = qb.build().execute(&self.pool).await.map_err(be)?;
+            Ok(res.rows_affected())
+        })
+    }
+
     fn claim_jobs(&self, request: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         Box::pin(self.claim_tx(request))
     }
 
-    fn renew_lease<'a>(
-        &'a self,
-        job_id: Uuid,
-        owner: &'a str,
-        until: DateTime<Utc>,
-    ) -> BoxFuture<'a, StoreResult<bool>> {
+    fn renew_lease<'a>(&'a self, guard: &'a LeaseGuard, ttl_ms: u64) -> BoxFuture<'a, StoreResult<bool>> {
         Box::pin(async move {
-            let res = sqlx::query("UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_owner = ?")
-                .bind(micros(until))
-                .bind(job_id.to_string())
-                .bind(owner.to_string())
-                .execute(&self.pool)
-                .await
-                .map_err(be)?;
+            let res = sqlx::query(concat!(
+                "UPDATE jobs SET lease_until = MAX(COALESCE(lease_until, 0), ",
+                db_now_micros!(),
+                " + ?) WHERE id = ? AND lease_owner = ? AND lease_epoch = ?"
+            ))
+            .bind(ttl_micros(ttl_ms))
+            .bind(guard.job_id.to_string())
+            .bind(guard.owner.clone())
+            .bind(i64_of(guard.epoch)?)
+            .execute(&self.pool)
+            .await
+            .map_err(be)?;
             Ok(res.rows_affected() == 1)
         })
     }
 
-    fn release_lease<'a>(&'a self, job_id: Uuid, owner: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+    fn release_lease<'a>(&'a self, guard: &'a LeaseGuard) -> BoxFuture<'a, StoreResult<bool>> {
         Box::pin(async move {
-            let res =
-                sqlx::query("UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ?")
-                    .bind(job_id.to_string())
-                    .bind(owner.to_string())
-                    .execute(&self.pool)
-                    .await
-                    .map_err(be)?;
+            let res = sqlx::query(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL \
+                 WHERE id = ? AND lease_owner = ? AND lease_epoch = ?",
+            )
+            .bind(guard.job_id.to_string())
+            .bind(guard.owner.clone())
+            .bind(i64_of(guard.epoch)?)
+            .execute(&self.pool)
+            .await
+            .map_err(be)?;
             Ok(res.rows_affected() == 1)
         })
     }
 
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
         Box::pin(async move {
-            let row = sqlx::query("SELECT lease_owner, lease_until FROM jobs WHERE id = ?")
+            let row = sqlx::query("SELECT lease_owner, lease_until, lease_epoch FROM jobs WHERE id = ?")
                 .bind(job_id.to_string())
                 .fetch_optional(&self.pool)
                 .await
@@ -1172,6 +1240,7 @@ impl KernelStore for SqliteKernelStore {
                 (Some(owner), Some(until)) => Ok(Some(Lease {
                     owner,
                     until: from_micros(until)?,
+                    epoch: u64_of(get::<i64>(&row, "lease_epoch")?)?,
                 })),
                 _ => Ok(None),
             }

@@ -27,6 +27,8 @@ decision = "require_approval"
 "#;
 
 const LEASE_MS: u64 = 300;
+/// Tool-call deadline: short, so a lease extended for a call lapses soon after a crash.
+const TOOL_MS: u64 = 1_000;
 
 /// One "process": its own connection pool, kernel, runtime, model and tools.
 struct Host {
@@ -47,6 +49,7 @@ async fn host(path: &std::path::Path, script: Vec<Message>, tools: FakeTools, po
         Arc::new(SessionApprovals::new()),
         AgentConfig {
             lease_ttl_ms: LEASE_MS,
+            tool_timeout_ms: TOOL_MS,
             poll_ms: 20,
             ..AgentConfig::default()
         },
@@ -80,10 +83,18 @@ async fn wait_tool_start(h: &ExecutionHandle, tool: &str) {
     assert!(found, "{tool} never started");
 }
 
-/// Let a dead host's lease lapse, then resume its jobs on `h`.
+/// Let a dead host's lease lapse, then resume its jobs on `h`. A lease taken for a tool call
+/// covers the call's deadline (`TOOL_MS`) plus a margin, so keep trying for that long.
 async fn take_over(h: &Host) -> Vec<uuid::Uuid> {
     tokio::time::sleep(Duration::from_millis(LEASE_MS + 100)).await;
-    h.rt.resume_orphans(h.rt.kernel().clock().now()).await.expect("resume")
+    let until = std::time::Instant::now() + Duration::from_millis(TOOL_MS + 1_500);
+    loop {
+        let got = h.rt.resume_orphans(h.rt.kernel().clock().now()).await.expect("resume");
+        if !got.is_empty() || std::time::Instant::now() > until {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn ledger_kinds(k: &Kernel, job: uuid::Uuid) -> Vec<(LedgerKind, Option<uuid::Uuid>)> {
@@ -268,7 +279,9 @@ async fn waiting_action_survives_restarts_and_resumes_when_resolved_elsewhere() 
     // Several restarts while nobody answers: the job stays WAITING_ACTION, nobody claims it.
     for _ in 0..3 {
         let h = host(&path, script.clone(), make_tools(), ASK_WRITES).await;
-        assert!(take_over(&h).await.is_empty());
+        tokio::time::sleep(Duration::from_millis(LEASE_MS + 100)).await;
+        let claimed = h.rt.resume_orphans(h.rt.kernel().clock().now()).await.expect("resume");
+        assert!(claimed.is_empty());
         let job = h.rt.kernel().jobs().get("acme", job_id).await.expect("job");
         assert_eq!(job.state, JobState::WaitingAction);
         h.rt.abort_all();

@@ -5,6 +5,10 @@
 //! request that the host checks against the plugin's network grant. A host refusal becomes a
 //! `denied` error for the `network` capability naming the host. Responses carry the status, the
 //! headers and the body as text, capped at `max_bytes` (default 1 MiB) with a `truncated` flag.
+//!
+//! `post` (not idempotent) sends the call's `call-id` as an `Idempotency-Key` header unless the
+//! caller set one: Keel keeps that id the same when it re-runs an interrupted call, so a server
+//! that honours the header applies the request once.
 
 use std::collections::BTreeMap;
 
@@ -444,8 +448,11 @@ struct PostInput {
     follow_redirects: bool,
 }
 
-fn post(_ctx: &Context, input: PostInput) -> Result<FetchOutput, ToolError> {
+fn post(ctx: &Context, input: PostInput) -> Result<FetchOutput, ToolError> {
     let mut headers = input.headers;
+    if !headers.keys().any(|k| k.eq_ignore_ascii_case("idempotency-key")) {
+        headers.insert("idempotency-key".into(), ctx.call_id.clone());
+    }
     if !headers.keys().any(|k| k.eq_ignore_ascii_case("content-type")) {
         headers.insert(
             "content-type".into(),
@@ -486,7 +493,8 @@ impl Plugin for HttpFetch {
             Tool::new(
                 "post",
                 "HTTP POST a text body to a URL on a granted host. Returns status, headers and body text \
-                 (cut at `max_bytes`, default 1 MiB, with `truncated` set).",
+                 (cut at `max_bytes`, default 1 MiB, with `truncated` set). Sends an `Idempotency-Key` header \
+                 (stable across re-runs of the same call) unless one is given.",
                 post,
             ),
         ]

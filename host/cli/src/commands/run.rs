@@ -448,6 +448,30 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
     let tokens = host.rt.issued_tokens();
     let handle = host.rt.execute(request).await.map_err(agent_error)?;
     let job_id = handle.job_id();
+    // If this process's loop stops on a store error (e.g. the database stayed locked), the job is
+    // left RUNNING for recovery; nobody else may be running a worker, so resume it here.
+    let _keeper = {
+        let (rt, poll, stop, scope) = (host.rt.clone(), host.poll, stop.clone(), args.common.scope.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+                if rt.running_jobs().contains(&job_id) {
+                    continue;
+                }
+                match rt.kernel().jobs().get(&scope, job_id).await {
+                    Ok(job) if job.state.is_terminal() => return,
+                    // Claimed only if its lease is free; a busy database is retried next time.
+                    Ok(_) => {
+                        let _ = rt.resume_job(job_id).await;
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    };
     let opts = FollowOptions::from_args(&args.common, 0);
     if !opts.json {
         eprintln!("job {job_id}");
@@ -460,6 +484,15 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
         }
     };
     stop.cancel();
+    if code != ExitCode::from(130) {
+        // The job ended (maybe by another process): let this process's loop release its holds
+        // before exiting, or they would stay held until they expire (it notices within a third
+        // of its lease).
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while host.rt.running_jobs().contains(&job_id) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     Ok(code)
 }
 

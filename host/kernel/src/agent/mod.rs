@@ -2,8 +2,11 @@
 //! under policy, budgets, approvals and the journal, as a durable job.
 //!
 //! - One job per execution (kind [`AGENT_JOB_KIND`]); the [`ExecutionRequest`] is its input.
-//! - The host running a job holds a lease on it (renewed while it runs). A host that dies stops
-//!   renewing; [`RuntimeKernel::resume_orphans`] (run by [`RuntimeKernel::run_worker`]) claims
+//! - The host running a job holds a lease on it, renewed by a heartbeat on its own task (so a
+//!   busy loop cannot starve it) and extended before every tool call to cover the call's
+//!   deadline. Expiry is judged on the store's clock, and every claim bumps the lease's epoch,
+//!   which every write of the loop is fenced by. A host that dies stops renewing;
+//!   [`RuntimeKernel::resume_orphans`] (run by [`RuntimeKernel::run_worker`]) claims
 //!   QUEUED/RUNNING agent jobs whose lease expired and resumes them from their journal.
 //! - A job WAITING_ACTION is never claimed; resolving its action (from any process) moves it back
 //!   to RUNNING, and the owner's loop (or, if that host is gone, the next worker pass) continues.
@@ -82,7 +85,7 @@ pub(crate) struct Inner {
     pub(crate) approvals: Arc<dyn SessionApprovalStore>,
     pub(crate) config: AgentConfig,
     pub(crate) owner: String,
-    tasks: Mutex<HashMap<Uuid, tokio::task::JoinHandle<()>>>,
+    tasks: Mutex<HashMap<Uuid, LoopTask>>,
     /// Resume tokens of approvals this host created, for in-process listeners only.
     pub(crate) issued_tokens: tokio::sync::broadcast::Sender<IssuedToken>,
     /// Loads recorded policies given by reference only.
@@ -92,6 +95,9 @@ pub(crate) struct Inner {
     /// `config.max_concurrent_jobs`, adjustable (0: no limit).
     max_jobs: std::sync::atomic::AtomicU32,
 }
+
+/// A job's loop on this host and the lease it runs under.
+type LoopTask = (tokio::task::JoinHandle<()>, Arc<run::LeaseState>);
 
 /// The resume token of an approval the agent loop created. The kernel stores only its hash, so
 /// this in-process notice is the one chance to hand the token to a human (print it, send it);
@@ -180,10 +186,6 @@ impl RuntimeKernel {
         &self.inner.owner
     }
 
-    fn lease_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        now + chrono::Duration::milliseconds(self.inner.config.lease_ttl_ms as i64)
-    }
-
     /// Start an execution as a job and run it on this host. With an idempotency key already used
     /// in the scope, attaches to that job instead (and resumes it here if nobody holds it).
     pub async fn execute(&self, request: ExecutionRequest) -> Result<ExecutionHandle, AgentError> {
@@ -201,13 +203,19 @@ impl RuntimeKernel {
         // Created already leased to this host (one transaction): a worker polling for unleased
         // jobs cannot take it in between and run it under its own configuration.
         let ttl = chrono::Duration::milliseconds(self.inner.config.lease_ttl_ms as i64);
+        let claimed_at = std::time::Instant::now();
         let created = self
             .kernel()
             .jobs()
             .create_leased(new, Some((self.inner.owner.clone(), ttl)))
             .await?;
         if created.created {
-            self.spawn(created.job.clone());
+            // The epoch the creating claim set (the job row does not carry it).
+            match self.kernel().store().get_lease(created.job.id).await? {
+                Some(l) if l.owner == self.inner.owner => self.spawn(created.job.clone(), l.epoch, claimed_at),
+                // Cannot happen unless the lease already lapsed and another host took the job.
+                _ => {}
+            }
         } else {
             // An existing job (same idempotency key): resume it here if nobody holds it.
             self.claim_and_spawn(Some(created.job.id), now).await?;
@@ -266,37 +274,68 @@ impl RuntimeKernel {
         if limit == 0 {
             return Ok(vec![]);
         }
+        let claimed_at = std::time::Instant::now();
         let claimed = self
             .kernel()
             .store()
             .claim_jobs(ClaimRequest {
                 owner: self.inner.owner.clone(),
                 now,
-                until: self.lease_until(now),
+                ttl_ms: self.inner.config.lease_ttl_ms,
                 kinds: vec![AGENT_JOB_KIND.to_string()],
                 job_id,
                 limit,
             })
             .await?;
-        let ids = claimed.iter().map(|j| j.id).collect();
+        let mut ids = Vec::with_capacity(claimed.len());
         for job in claimed {
-            self.spawn(job);
+            // The claim's fencing epoch (the claim itself returns only the job row).
+            match self.kernel().store().get_lease(job.id).await? {
+                Some(l) if l.owner == self.inner.owner => {
+                    ids.push(job.id);
+                    self.spawn(job, l.epoch, claimed_at);
+                }
+                // Lapsed and taken by another host already: not ours.
+                _ => {}
+            }
         }
         Ok(ids)
     }
 
-    fn spawn(&self, job: Job) {
+    fn spawn(&self, job: Job, epoch: u64, claimed_at: std::time::Instant) {
+        let ttl = self.inner.config.lease_ttl_ms;
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.retain(|_, h| !h.is_finished());
-        if tasks.contains_key(&job.id) {
-            // Already running here (our lease was re-claimed by ourselves): keep the one task.
-            return;
+        tasks.retain(|_, (h, _)| !h.is_finished());
+        if let Some((handle, lease)) = tasks.get(&job.id) {
+            if epoch == lease.epoch() + 1 {
+                // Our own lease lapsed and we claimed it back with nobody in between: the running
+                // loop carries on under the new epoch.
+                lease.reclaimed(epoch, claimed_at, ttl);
+                return;
+            }
+            // Someone else ran the job meanwhile: the old loop's view is stale.
+            handle.abort();
         }
-        let handle = tokio::spawn(run_job(self.inner.clone(), job.clone()));
-        tasks.insert(job.id, handle);
+        let lease = Arc::new(run::LeaseState::new(
+            job.id,
+            self.inner.owner.clone(),
+            epoch,
+            claimed_at,
+            ttl,
+        ));
+        let handle = tokio::spawn(run_job(self.inner.clone(), job.clone(), lease.clone()));
+        tasks.insert(job.id, (handle, lease));
     }
 
-    /// Claim agent jobs whose lease expired at `now` (their host died or released them) and
+    /// Resume job `job_id` on this host if nobody holds its lease (e.g. this host's own loop stopped
+    /// on a store error and left it for recovery); whether it now runs here.
+    pub async fn resume_job(&self, job_id: Uuid) -> Result<bool, AgentError> {
+        let now = self.kernel().clock().now();
+        Ok(!self.claim_and_spawn(Some(job_id), now).await?.is_empty())
+    }
+
+    /// Claim agent jobs whose lease expired (their host died or released them; judged on the
+    /// store's clock, `now` only stamps the claim) and
     /// resume them on this host from their journal. Returns the claimed job ids.
     pub async fn resume_orphans(&self, now: DateTime<Utc>) -> Result<Vec<Uuid>, AgentError> {
         self.claim_and_spawn(None, now).await
@@ -335,7 +374,7 @@ impl RuntimeKernel {
         let tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
         tasks
             .iter()
-            .filter(|(_, h)| !h.is_finished())
+            .filter(|(_, (h, _))| !h.is_finished())
             .map(|(id, _)| *id)
             .collect()
     }
@@ -345,23 +384,41 @@ impl RuntimeKernel {
     /// hosts; tests use it to simulate one, and a host may use it on a hard shutdown.
     pub fn abort_all(&self) {
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, h) in tasks.drain() {
+        for (_, (h, _)) in tasks.drain() {
             h.abort();
         }
     }
 }
 
-async fn run_job(inner: Arc<Inner>, job: Job) {
+/// Aborts a task when dropped: the heartbeat dies with its loop (also when the loop's own task is
+/// aborted, as on a simulated crash), so a dead loop never keeps its lease alive.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn run_job(inner: Arc<Inner>, job: Job, lease: Arc<run::LeaseState>) {
     let job_id = job.id;
-    let runner = match run::Runner::load(inner.clone(), &job).await {
+    let (beat_tx, beat_rx) = tokio::sync::oneshot::channel();
+    let held = run::Held::default();
+    let heartbeat = AbortOnDrop(tokio::spawn(run::heartbeat(
+        inner.clone(),
+        lease.clone(),
+        held.clone(),
+        beat_tx,
+    )));
+    let runner = match run::Runner::load(inner.clone(), &job, lease.clone(), held).await {
         Ok(r) => r,
         Err(run::Stop::Fail(e)) => {
             let _ = inner.kernel.jobs().fail(job_id, e).await;
-            let _ = inner.kernel.store().release_lease(job_id, &inner.owner).await;
+            let _ = inner.kernel.store().release_lease(&lease.guard()).await;
             return;
         }
         Err(_) => {
-            let _ = inner.kernel.store().release_lease(job_id, &inner.owner).await;
+            let _ = inner.kernel.store().release_lease(&lease.guard()).await;
             return;
         }
     };
@@ -383,15 +440,20 @@ async fn run_job(inner: Arc<Inner>, job: Job) {
     let outcome = tokio::select! {
         r = runner.drive() => r,
         _ = cancel.cancelled() => Err(run::Stop::Ended),
-        // Part of this task (not spawned), so aborting the task also stops renewing the lease.
-        _ = run::heartbeat(inner.clone(), job_id) => Err(run::Stop::Lost),
+        // Ended elsewhere (holds are released below) vs taken by another host (they are its).
+        beat = beat_rx => Err(match beat {
+            Ok(run::Beat::Ended) => run::Stop::Ended,
+            Ok(run::Beat::Lost) | Err(_) => run::Stop::Lost,
+        }),
         _ = deadline => Err(run::Stop::TimedOut),
     };
+    drop(heartbeat);
     if let Err(stop) = &outcome {
         runner.conclude(stop).await;
     }
     if let Err(run::Stop::Error(e)) = &outcome {
-        // Left RUNNING with its lease released: the next worker pass resumes it from the journal.
+        // Left RUNNING with its lease released: the next worker pass (or `keel run` itself)
+        // resumes it from the journal.
         let message = format!("the loop stopped on a store error and will be resumed: {e}");
         let _ = inner
             .kernel
@@ -399,11 +461,9 @@ async fn run_job(inner: Arc<Inner>, job: Job) {
             .emit(job_id, EventType::Progress, serde_json::json!({ "message": message }))
             .await;
     }
-    if !matches!(outcome, Err(run::Stop::Lost)) {
-        // A host that lost the job leaves its holds to the new owner (a re-run settles them).
-        runner.release_all().await;
-    }
-    let _ = inner.kernel.store().release_lease(job_id, &inner.owner).await;
+    // A host that lost the job leaves the holds of started tool calls to the new owner.
+    runner.release_all(matches!(outcome, Err(run::Stop::Lost))).await;
+    let _ = inner.kernel.store().release_lease(&lease.guard()).await;
     if !matches!(outcome, Err(run::Stop::Error(_)) | Err(run::Stop::Lost)) {
         inner.kernel.jobs().forget_token(job_id);
     }

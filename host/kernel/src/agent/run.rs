@@ -30,8 +30,8 @@ use crate::ledger::{
 };
 use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
 use crate::policy::{Outcome, Policy, PolicyRequest};
-use crate::services::{HoldRequest, job_event, status_event, transition};
-use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError};
+use crate::services::{HoldRequest, SettleDetails, job_event, status_event, transition};
+use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError, StoreResult};
 use crate::tool::{ToolCallContext, ToolDescriptor, ToolError};
 
 /// Journal kinds.
@@ -109,6 +109,95 @@ mod stop_tests {
         assert!(matches!(Stop::from(illegal(JobState::Cancelled)), Stop::Ended));
     }
 }
+
+/// Attempts at a write that failed only because the database was busy (another process held its
+/// lock past the busy timeout), with exponential backoff from [`BUSY_BACKOFF`] between them.
+const BUSY_ATTEMPTS: u32 = 6;
+const BUSY_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Run `write` until it succeeds or fails with a non-transient error, at most [`BUSY_ATTEMPTS`] times.
+async fn retry_busy<T, F, Fut>(mut write: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut wait = BUSY_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match write().await {
+            Err(e) if e.is_transient() && attempt < BUSY_ATTEMPTS => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// This host's claim on one job: the fencing guard (owner + epoch) and how long the lease is
+/// known to be ours, on this host's monotonic clock (never compared with another machine's).
+#[derive(Debug)]
+pub(crate) struct LeaseState {
+    job_id: Uuid,
+    owner: String,
+    epoch: AtomicU64,
+    /// The lease is ours at least until this instant: a successful renewal's send time + its TTL.
+    valid_until: Mutex<Instant>,
+}
+
+impl LeaseState {
+    /// A lease just claimed under `epoch` for `ttl_ms`.
+    pub(crate) fn new(job_id: Uuid, owner: String, epoch: u64, claimed_at: Instant, ttl_ms: u64) -> Self {
+        Self {
+            job_id,
+            owner,
+            epoch: AtomicU64::new(epoch),
+            valid_until: Mutex::new(claimed_at + Duration::from_millis(ttl_ms)),
+        }
+    }
+
+    /// The guard every write of this job carries.
+    pub(crate) fn guard(&self) -> LeaseGuard {
+        LeaseGuard {
+            job_id: self.job_id,
+            owner: self.owner.clone(),
+            epoch: self.epoch.load(Ordering::SeqCst),
+        }
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// This host claimed the job again (its lease had lapsed, nobody else took it meanwhile).
+    pub(crate) fn reclaimed(&self, epoch: u64, claimed_at: Instant, ttl_ms: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+        let mut v = self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+        *v = claimed_at + Duration::from_millis(ttl_ms);
+    }
+
+    /// Extend the lease to at least `ttl_ms` from now (store time); whether it is still ours.
+    async fn renew(&self, rt: &Inner, ttl_ms: u64) -> StoreResult<bool> {
+        let sent = Instant::now();
+        let guard = self.guard();
+        let ok = rt.kernel.store().renew_lease(&guard, ttl_ms).await?;
+        if ok {
+            let mut v = self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+            *v = (*v).max(sent + Duration::from_millis(ttl_ms));
+        }
+        Ok(ok)
+    }
+
+    /// How long the lease is known to remain ours.
+    fn remaining(&self) -> Duration {
+        let v = *self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+        v.saturating_duration_since(Instant::now())
+    }
+}
+
+/// The holds of a job's in-flight steps.
+pub(crate) type Held = Arc<Mutex<HashSet<Uuid>>>;
 
 /// What one step writes besides the job row.
 pub(crate) struct Step {
@@ -202,8 +291,11 @@ pub(crate) struct Runner {
     req: ExecutionRequest,
     /// key -> (kind, payload): the journal read at start plus what this run appended.
     journal: Mutex<HashMap<String, (String, Value)>>,
-    /// Reservations held by in-flight steps, released if the loop stops early.
-    held: Mutex<HashSet<Uuid>>,
+    /// Reservations held by in-flight steps, released if the loop stops early (shared with the
+    /// heartbeat, which keeps them from expiring while their calls run).
+    held: Held,
+    /// This host's lease on the job (shared with its heartbeat task).
+    lease: Arc<LeaseState>,
     /// Tool calls started so far (for `budget.max_tool_calls`).
     started: AtomicU64,
     /// Serializes this job's writes (step commits, holds): they all write the job row or take
@@ -252,7 +344,7 @@ fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>, Stop> {
 }
 
 impl Runner {
-    pub(crate) async fn load(rt: Arc<Inner>, job: &Job) -> Result<Self, Stop> {
+    pub(crate) async fn load(rt: Arc<Inner>, job: &Job, lease: Arc<LeaseState>, held: Held) -> Result<Self, Stop> {
         let req: ExecutionRequest = serde_json::from_value(job.input.clone()).map_err(|e| {
             Stop::Fail(job_error(
                 "invalid_request",
@@ -285,7 +377,8 @@ impl Runner {
             trace_id: job.context().map(|c| c.trace_id),
             req,
             journal: Mutex::new(journal),
-            held: Mutex::new(HashSet::new()),
+            held,
+            lease,
             started: AtomicU64::new(started),
             commit_lock: tokio::sync::Mutex::new(()),
             degraded: std::sync::atomic::AtomicBool::new(false),
@@ -300,9 +393,57 @@ impl Runner {
     }
 
     fn lease(&self) -> LeaseGuard {
-        LeaseGuard {
-            job_id: self.job_id,
-            owner: self.rt.owner.clone(),
+        self.lease.guard()
+    }
+
+    /// Before a side effect that may run for `deadline`: make sure no other host can take the job
+    /// until it is over, whatever happens to the heartbeat meanwhile (a guest computing inside one
+    /// poll can starve every task on its thread). Extends the lease to cover the call's deadline
+    /// plus a margin; refuses (`Lost`) if the lease is no longer ours.
+    async fn ensure_lease(&self, deadline: Duration) -> Result<(), Stop> {
+        let ttl = self.rt.config.lease_ttl_ms.max(3);
+        let margin = Duration::from_millis(ttl / 3).max(Duration::from_secs(1));
+        let need = deadline + margin;
+        if self.lease.remaining() >= need {
+            return Ok(());
+        }
+        let want = u64::try_from(need.as_millis()).unwrap_or(u64::MAX).max(ttl);
+        match retry_busy(|| self.lease.renew(&self.rt, want)).await {
+            Ok(true) if self.lease.remaining() >= deadline => Ok(()),
+            // Renewed, but too slowly to be sure of the whole call: do not start it.
+            Ok(true) => Err(Stop::Error(KernelError::Contention(format!(
+                "the lease of job {} could not be extended in time for a tool call",
+                self.job_id
+            )))),
+            Ok(false) => Err(self.lost_or_ended().await),
+            Err(e) => Err(Stop::Error(e.into())),
+        }
+    }
+
+    /// After a lease-guarded write was refused: the job ended elsewhere, or another host has it.
+    async fn lost_or_ended(&self) -> Stop {
+        match self.rt.kernel.store().get_job(self.job_id).await {
+            Ok(Some(job)) if job.state.is_terminal() => Stop::Ended,
+            _ => Stop::Lost,
+        }
+    }
+
+    /// Charge a completed call whose step could not be journaled (the store failed, the job ended
+    /// elsewhere or another host took it): the usage happened, so it is settled, never released
+    /// as unused. Best effort with busy retries; a hold that still cannot be settled is left to
+    /// expire rather than released.
+    async fn charge_unjournaled(&self, hold: Uuid, kind: LedgerKind, actual: Usage, details: SettleDetails) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
+        let ledger = self.rt.kernel.ledger();
+        let mut wait = BUSY_BACKOFF;
+        for attempt in 1..=BUSY_ATTEMPTS {
+            match ledger.settle(hold, kind, actual.clone(), details.clone()).await {
+                Err(KernelError::Store(e)) if e.is_transient() && attempt < BUSY_ATTEMPTS => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                _ => return,
+            }
         }
     }
 
@@ -362,7 +503,7 @@ impl Runner {
                 leases: vec![self.lease()],
                 ..Batch::default()
             };
-            match kernel.commit(batch).await {
+            match retry_busy(|| kernel.commit(batch.clone())).await {
                 Ok(_) => {
                     let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
                     for (k, kind, v) in step.journal {
@@ -371,6 +512,7 @@ impl Runner {
                     return Ok(step.next);
                 }
                 Err(StoreError::Conflict { entity: "job", .. }) => continue,
+                Err(StoreError::Conflict { entity: "lease", .. }) => return Err(self.lost_or_ended().await),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -631,6 +773,7 @@ impl Runner {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ModelDelta>();
         let forwarder = {
             let kernel = rt.kernel.clone();
+            let lease = self.lease.clone();
             let (job_id, tenant) = (self.job_id, self.tenant.clone());
             tokio::spawn(async move {
                 while let Some(first) = rx.recv().await {
@@ -659,10 +802,12 @@ impl Runner {
                             }),
                         }
                     }
-                    // Streaming is best-effort: the full answer is journaled with model.done.
+                    // Streaming is best-effort: the full answer is journaled with model.done. Guarded
+                    // like a step: a host that lost the job, or a job that ended, gets no more events.
                     let _ = kernel
                         .commit(Batch {
                             events,
+                            leases: vec![lease.guard()],
                             ..Batch::default()
                         })
                         .await;
@@ -702,26 +847,39 @@ impl Runner {
             "tool_calls": names,
         });
         let duration_ms = started.elapsed().as_millis() as u64;
-        self.commit_step(|job, now| {
-            let mut next = bump(job, now);
-            next.turns += 1;
-            Ok(Step {
-                events: vec![job_event(&next, EventType::ModelDone, done.clone(), now)],
-                next,
-                journal: vec![(format!("t{turn}/model"), kind::MODEL_RESPONSE, payload.clone())],
-                settlements: vec![SettleRequest {
-                    reservation_id: hold,
-                    kind: LedgerKind::ModelUsage,
-                    actual: actual.clone(),
-                    duration_ms: Some(duration_ms),
-                    model: Some(model.clone()),
-                    tool: None,
-                    data: json!({ "turn": turn }),
-                    now,
-                }],
+        let committed = self
+            .commit_step(|job, now| {
+                let mut next = bump(job, now);
+                next.turns += 1;
+                Ok(Step {
+                    events: vec![job_event(&next, EventType::ModelDone, done.clone(), now)],
+                    next,
+                    journal: vec![(format!("t{turn}/model"), kind::MODEL_RESPONSE, payload.clone())],
+                    settlements: vec![SettleRequest {
+                        reservation_id: hold,
+                        kind: LedgerKind::ModelUsage,
+                        actual: actual.clone(),
+                        duration_ms: Some(duration_ms),
+                        model: Some(model.clone()),
+                        tool: None,
+                        data: json!({ "turn": turn }),
+                        now,
+                    }],
+                })
             })
-        })
-        .await?;
+            .await;
+        if let Err(stop) = committed {
+            // The model was called and its provider will bill it: record that, journaled or not.
+            let details = SettleDetails {
+                duration_ms: Some(duration_ms),
+                model: Some(model.clone()),
+                tool: None,
+                data: json!({ "turn": turn, "journaled": false }),
+            };
+            self.charge_unjournaled(hold, LedgerKind::ModelUsage, actual, details)
+                .await;
+            return Err(stop);
+        }
         self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
         self.after_settle(hold, !journaled.message.tool_calls.is_empty())
             .await?;
@@ -810,10 +968,24 @@ impl Runner {
         let _ = self.rt.kernel.ledger().release(id, reason).await;
     }
 
-    /// Release every hold of steps that did not finish (the loop is stopping).
-    pub(crate) async fn release_all(&self) {
+    /// Release every hold of steps that did not finish (the loop is stopping). With `lost` (another
+    /// host owns the job now), holds journaled with a started tool call are left to the new
+    /// owner, which resumes that call; this host's private holds (a model call) are released.
+    pub(crate) async fn release_all(&self, lost: bool) {
         let ids: Vec<Uuid> = self.held.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        let journaled: HashSet<String> = if lost {
+            let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            j.values()
+                .filter(|(k, _)| k == kind::TOOL_STARTED)
+                .filter_map(|(_, v)| v["reservation_id"].as_str().map(str::to_string))
+                .collect()
+        } else {
+            HashSet::new()
+        };
         for id in ids {
+            if journaled.contains(&id.to_string()) {
+                continue;
+            }
             let _ = self.rt.kernel.ledger().release(id, "job stopped").await;
         }
     }
@@ -1020,13 +1192,14 @@ impl Runner {
         let tool = desc.qualified_name();
         let timeout = Duration::from_millis(self.rt.config.tool_timeout_ms);
         let ctx = ToolCallContext {
-            call_id: call.id.clone(),
+            call_id: call_key(self.job_id, base),
             job_id: Some(self.job_id.to_string()),
             scope: self.tenant.clone(),
             principal: self.principal.clone(),
             trace_id: self.trace_id.clone(),
             timeout: Some(timeout),
         };
+        self.ensure_lease(timeout).await?;
         let started = Instant::now();
         let result = match tokio::time::timeout(timeout, self.rt.tools.call_tool(&ctx, &tool, &call.arguments)).await {
             Ok(r) => r,
@@ -1308,25 +1481,71 @@ pub(crate) async fn build_result(rt: &Inner, job: &Job) -> Result<ExecutionResul
     })
 }
 
-/// Keep renewing this host's lease on `job_id` while the loop runs; returns once the lease
-/// went to another host, or the job was ended by another process (e.g. `keel jobs cancel`),
-/// so a loop stuck in a long call stops within a third of the lease.
-pub(crate) async fn heartbeat(rt: Arc<Inner>, job_id: Uuid) {
+/// The tool-call context's `call_id`: `<job id>/<step>` (e.g. `…/t2/c0`), the same for every
+/// (re-)run of one logical call and unique to the job, so a tool can pass it on as an idempotency
+/// key (`http-fetch` sends it as `Idempotency-Key`).
+pub(crate) fn call_key(job_id: Uuid, base: &str) -> String {
+    format!("{job_id}/{base}")
+}
+
+/// Why the heartbeat stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Beat {
+    /// The job was ended by another process (cancel, timeout, ...): this host releases its holds.
+    Ended,
+    /// Another host holds the lease now: this host leaves the job to it.
+    Lost,
+}
+
+/// Keep renewing this host's lease on the job while its loop runs; run it on its own task, so a
+/// loop busy inside one poll (a guest computing) does not starve it. Reports once the job was
+/// ended by another process ([`Beat::Ended`], e.g. `keel jobs cancel`) or the lease went to
+/// another host ([`Beat::Lost`]), so a loop stuck in a long call stops within a third of the
+/// lease. A store error is retried at the next tick (the lease has slack, and a tool call never
+/// starts without a lease that covers it, see `ensure_lease`).
+///
+/// It also keeps the job's live holds from expiring under a call that outlasts their TTL: every
+/// half hold-TTL it extends them by a full one (the sweeper would otherwise release a hold whose
+/// call is still running, and its budget would no longer be reserved).
+pub(crate) async fn heartbeat(
+    rt: Arc<Inner>,
+    lease: Arc<LeaseState>,
+    held: Held,
+    report: tokio::sync::oneshot::Sender<Beat>,
+) {
     let ttl = rt.config.lease_ttl_ms.max(3);
     let mut tick = tokio::time::interval(Duration::from_millis(ttl / 3));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let hold_ttl = chrono::Duration::seconds(rt.kernel.config().hold_ttl_secs.max(1));
+    let extend_every = hold_ttl.to_std().unwrap_or(Duration::from_secs(1)) / 2;
+    let mut extended = Instant::now();
     loop {
         tick.tick().await;
-        if let Ok(Some(job)) = rt.kernel.store().get_job(job_id).await
+        if let Ok(Some(job)) = rt.kernel.store().get_job(lease.job_id).await
             && job.state.is_terminal()
         {
+            let _ = report.send(Beat::Ended);
             return;
         }
-        let until = rt.kernel.clock().now() + chrono::Duration::milliseconds(ttl as i64);
-        match rt.kernel.store().renew_lease(job_id, &rt.owner, until).await {
-            Ok(true) => {}
-            Ok(false) => return,
-            // A transient store error: try again next tick; the lease has slack.
+        match lease.renew(&rt, ttl).await {
+            Ok(true) => {
+                if extended.elapsed() >= extend_every {
+                    let ids: Vec<Uuid> = held.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
+                    let until = rt.kernel.clock().now() + hold_ttl;
+                    if ids.is_empty() || rt.kernel.store().extend_holds(&ids, until).await.is_ok() {
+                        extended = Instant::now();
+                    }
+                }
+            }
+            Ok(false) => {
+                // Refused: the job may have ended between the two reads.
+                let beat = match rt.kernel.store().get_job(lease.job_id).await {
+                    Ok(Some(job)) if job.state.is_terminal() => Beat::Ended,
+                    _ => Beat::Lost,
+                };
+                let _ = report.send(beat);
+                return;
+            }
             Err(_) => {}
         }
     }

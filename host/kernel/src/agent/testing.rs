@@ -143,6 +143,7 @@ pub struct FakeTools {
     tools: Arc<Mutex<Vec<(ToolDescriptor, ToolFn)>>>,
     counts: Arc<Mutex<HashMap<String, usize>>>,
     total: Arc<AtomicUsize>,
+    call_ids: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeTools {
@@ -192,6 +193,11 @@ impl FakeTools {
     pub fn total(&self) -> usize {
         self.total.load(Ordering::SeqCst)
     }
+
+    /// The `call_id` (idempotency key) of every call so far, in call order.
+    pub fn call_ids(&self) -> Vec<String> {
+        self.call_ids.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl ToolHost for FakeTools {
@@ -208,7 +214,7 @@ impl ToolHost for FakeTools {
 
     fn call_tool<'a>(
         &'a self,
-        _ctx: &'a ToolCallContext,
+        ctx: &'a ToolCallContext,
         tool: &'a str,
         arguments: &'a Value,
     ) -> BoxFuture<'a, Result<ToolOutput, ToolError>> {
@@ -226,6 +232,10 @@ impl ToolHost for FakeTools {
             .entry(tool.to_string())
             .or_default() += 1;
         self.total.fetch_add(1, Ordering::SeqCst);
+        self.call_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ctx.call_id.clone());
         let args = arguments.clone();
         Box::pin(async move {
             let Some(f) = f else {

@@ -149,7 +149,9 @@ async fn a_job_runs_under_its_own_recorded_policy_on_any_host() {
 /// re-run: the third host asks again (a "yes" covers one attempt).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_rerun_of_an_interrupted_call_needs_its_own_approval() {
-    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::new());
+    // Leases expire on the store's clock: the test moves it past each dead host's lease.
+    let store_clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::with_clock(store_clock.clone()));
     let script = vec![
         calls(0, &[("net__post", json!({"body": "pay"}))]),
         Message::assistant("posted", vec![]),
@@ -173,8 +175,11 @@ async fn each_rerun_of_an_interrupted_call_needs_its_own_approval() {
     // Host B asks, gets a yes, re-runs, and dies during the re-run.
     let tools_b = hanging();
     let b = host(Kernel::new(store.clone()), model.clone(), &tools_b, Policy::allow_all());
-    let later = chrono::Utc::now() + chrono::Duration::hours(1);
-    assert_eq!(b.resume_orphans(later).await.expect("claim"), vec![h.job_id()]);
+    store_clock.advance(chrono::Duration::hours(1));
+    assert_eq!(
+        b.resume_orphans(chrono::Utc::now()).await.expect("claim"),
+        vec![h.job_id()]
+    );
     let hb = b.attach("acme", h.job_id()).await.expect("attach");
     let question = wait_pending(&hb).await;
     assert!(question.title.contains("re-run"), "{}", question.title);
@@ -189,8 +194,11 @@ async fn each_rerun_of_an_interrupted_call_needs_its_own_approval() {
     let tools_c = FakeTools::new();
     tools_c.add("net/post", json!({}), false, |_| async { Ok(json!("ok")) });
     let c = host(Kernel::new(store.clone()), model, &tools_c, Policy::allow_all());
-    let later = chrono::Utc::now() + chrono::Duration::hours(2);
-    assert_eq!(c.resume_orphans(later).await.expect("claim"), vec![h.job_id()]);
+    store_clock.advance(chrono::Duration::hours(1));
+    assert_eq!(
+        c.resume_orphans(chrono::Utc::now()).await.expect("claim"),
+        vec![h.job_id()]
+    );
     let hc = c.attach("acme", h.job_id()).await.expect("attach");
     let mut second = None;
     for _ in 0..300 {
@@ -218,8 +226,8 @@ async fn each_rerun_of_an_interrupted_call_needs_its_own_approval() {
 /// of one tool call, the interrupted attempt used it, so the re-run is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rerun_needs_a_fresh_budget_hold() {
-    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::with_clock(clock.clone()));
     let kernel = || Kernel::with_clock(store.clone(), clock.clone(), KernelConfig::default());
     let model = Arc::new(ScriptedModel::new(vec![
         calls(0, &[("fs__read", json!({}))]),
@@ -238,7 +246,12 @@ async fn a_rerun_needs_a_fresh_budget_hold() {
     let a = host(kernel(), model.clone(), &tools_a, Policy::allow_all());
     let h = a.execute(request("read")).await.expect("execute");
     wait_tool_start(&h, 1).await;
+    // The call is running (its lease was extended for it before it started): now A dies.
+    while tools_a.count("fs/read") == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     a.abort_all();
+    tokio::time::sleep(Duration::from_millis(50)).await;
 
     // The hold lapses and the sweeper releases it.
     clock.advance(chrono::Duration::hours(1));

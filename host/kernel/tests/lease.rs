@@ -493,7 +493,8 @@ async fn a_partitioned_host_loses_the_job_and_the_new_owner_finishes() {
         })
         .await
         .expect("usage");
-    assert_eq!(usage.tool_calls, 1, "one charge for the call");
+    // One charge per attempt: A's call may have run before the partition.
+    assert_eq!(usage.tool_calls, 2, "one charge per attempt");
 }
 
 /// Item 7: a cancel from another process (another kernel on the same store) ends the loop and

@@ -89,8 +89,12 @@ fn main() -> ExitCode {
             Command::Debug(cmd) => commands::debug::run(&home, cmd).await,
         }
     });
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(error) => error.report(),
-    }
+    };
+    // Dropping a runtime waits for every blocking-pool thread, and a thread stuck in a system call
+    // (a plugin's file I/O past its deadline) never returns: exit after a bounded wait instead.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
 }

@@ -31,6 +31,10 @@ pub struct Limits {
     pub max_tables: u64,
     /// Maximum linear memories.
     pub max_memories: u64,
+    /// Maximum handles one call may hold at once: entries of its WASI resource table (each open
+    /// file or directory, stream, HTTP request or response), and separately its component-model
+    /// handles and its open outgoing HTTP requests. Bounds the host descriptors one call can take.
+    pub max_handles: u64,
 }
 
 impl Default for Limits {
@@ -46,6 +50,7 @@ impl Default for Limits {
             max_instances: 32,
             max_tables: 32,
             max_memories: 4,
+            max_handles: 512,
         }
     }
 }

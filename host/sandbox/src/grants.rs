@@ -2,7 +2,7 @@
 //! no filesystem, no network and no environment.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,22 @@ pub struct FsGrant {
     pub guest: String,
     /// Read-only or read-write.
     pub mode: FsMode,
+    /// Device and inode of `host` when it was granted. Every call opens `host` without following
+    /// any symbolic link and refuses it when this no longer matches. Records made before
+    /// identities were kept have none; they still get the no-symlink open, and re-granting the
+    /// directory records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<FileIdentity>,
+}
+
+/// Which directory a grant named: device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIdentity {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
 }
 
 /// A grant specification the user typed was malformed.
@@ -60,6 +76,17 @@ pub enum GrantError {
     /// An environment variable name is malformed.
     #[error("invalid environment variable name `{0}`")]
     BadEnvName(String),
+    /// A granted directory cannot be opened as granted at call time (it vanished, a component
+    /// became a symbolic link, or it was replaced by another directory).
+    #[error("cannot open the directory granted as `{guest}` ({host}): {reason}")]
+    Unavailable {
+        /// Where the guest sees it.
+        guest: String,
+        /// The host path as granted.
+        host: String,
+        /// What is wrong, one clause.
+        reason: String,
+    },
 }
 
 impl FsGrant {
@@ -78,6 +105,10 @@ impl FsGrant {
         if !canonical.is_dir() {
             return Err(bad("not a directory".into()));
         }
+        // Record what was granted, opened the same way every call will open it.
+        let identity = crate::preopen::open_root(&canonical)
+            .and_then(|fd| crate::preopen::identity(&fd))
+            .map_err(|e| bad(e.to_string()))?;
         let guest = match guest {
             Some(guest) if !guest.starts_with('/') => return Err(GrantError::RelativeGuestPath(guest.into())),
             Some(guest) => normalize_guest(guest),
@@ -87,6 +118,7 @@ impl FsGrant {
             host: canonical,
             guest,
             mode,
+            identity: Some(identity),
         })
     }
 }
@@ -261,35 +293,22 @@ impl Grants {
     /// for any of its tools, each tool gets only the part of the plugin's grants that it declared for
     /// that kind; where no tool declares that kind, the plugin-wide grant applies (generic tools such
     /// as a filesystem plugin cannot know their paths in advance).
+    ///
+    /// A directory narrowed to a sub-directory of a grant is shown here as `host` joined with the
+    /// sub-path; calls never open that path by name: see [`Grants::preopens_for`].
     pub fn narrow_for(&self, tool: &ToolInfo, all_tools: &[ToolInfo]) -> Grants {
         let declares = |kind: fn(&ToolInfo) -> bool| all_tools.iter().any(kind);
         let requested = &tool.capabilities;
-        let fs = if declares(|t| !t.capabilities.filesystem.is_empty()) {
-            let mut narrowed = Vec::new();
-            for request in &requested.filesystem {
-                let wanted = normalize_guest(&request.path);
-                for grant in &self.fs {
-                    let mode = grant.mode.min(request.mode);
-                    if guest_within(&grant.guest, &wanted) {
-                        narrowed.push(FsGrant { mode, ..grant.clone() });
-                    } else if guest_within(&wanted, &grant.guest) {
-                        // The tool needs only a subdirectory of the grant: preopen just that.
-                        let relative = wanted[grant.guest.len()..].trim_start_matches('/');
-                        let host = grant.host.join(relative);
-                        if is_dir_within(&host, &grant.host) {
-                            narrowed.push(FsGrant {
-                                host,
-                                guest: wanted.clone(),
-                                mode,
-                            });
-                        }
-                    }
-                }
-            }
-            narrowed
-        } else {
-            self.fs.clone()
-        };
+        let fs = self
+            .preopens_for(tool, all_tools)
+            .into_iter()
+            .map(|p| FsGrant {
+                host: p.grant.host.join(&p.beneath),
+                guest: p.guest,
+                mode: p.mode,
+                identity: if p.beneath.is_empty() { p.grant.identity } else { None },
+            })
+            .collect();
         let net = if declares(|t| !t.capabilities.network.is_empty()) {
             self.net
                 .iter()
@@ -314,6 +333,43 @@ impl Grants {
             env,
             allow_private_network: self.allow_private_network,
         }
+    }
+
+    /// The directories one call of `tool` gets (see [`Grants::narrow_for`]): each is a granted root
+    /// and, for a tool narrowed to part of it, the relative sub-path opened beneath that root at
+    /// call time, never by name.
+    pub fn preopens_for(&self, tool: &ToolInfo, all_tools: &[ToolInfo]) -> Vec<Preopen> {
+        if !all_tools.iter().any(|t| !t.capabilities.filesystem.is_empty()) {
+            return self.fs.iter().cloned().map(Preopen::whole).collect();
+        }
+        let mut preopens: Vec<Preopen> = Vec::new();
+        for request in &tool.capabilities.filesystem {
+            let wanted = normalize_guest(&request.path);
+            for grant in &self.fs {
+                let mode = grant.mode.min(request.mode);
+                let preopen = if guest_within(&grant.guest, &wanted) {
+                    Preopen {
+                        mode,
+                        ..Preopen::whole(grant.clone())
+                    }
+                } else if let Some(rest) = guest_below(&wanted, &grant.guest) {
+                    // The tool needs only a sub-directory of the grant: preopen just that.
+                    Preopen {
+                        grant: grant.clone(),
+                        beneath: rest.to_string(),
+                        guest: wanted.clone(),
+                        mode,
+                    }
+                } else {
+                    continue;
+                };
+                // A path declared twice is preopened once.
+                if !preopens.contains(&preopen) {
+                    preopens.push(preopen);
+                }
+            }
+        }
+        preopens
     }
 
     /// What `requested` asks for beyond these grants, as human-readable lines (for re-install diffs
@@ -343,11 +399,40 @@ impl Grants {
     }
 }
 
-/// True when `dir` resolves (following symlinks) to a directory inside `root`.
-fn is_dir_within(dir: &Path, root: &Path) -> bool {
-    match (std::fs::canonicalize(dir), std::fs::canonicalize(root)) {
-        (Ok(dir), Ok(root)) => dir.is_dir() && dir.starts_with(root),
-        _ => false,
+/// The part of guest path `inner` below `outer` (no leading `/`), when `inner` is strictly below.
+fn guest_below<'a>(inner: &'a str, outer: &str) -> Option<&'a str> {
+    let rest = if outer == "/" {
+        inner.strip_prefix('/')?
+    } else {
+        inner.strip_prefix(outer)?.strip_prefix('/')?
+    };
+    let rest = rest.trim_matches('/');
+    (!rest.is_empty()).then_some(rest)
+}
+
+/// One directory preopened for a call: a granted root, and for a tool narrowed to part of it, the
+/// sub-directory beneath it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    /// The grant, as stored (host path and identity of its root).
+    pub grant: FsGrant,
+    /// `/`-separated path below `grant.host`; empty for the root itself.
+    pub beneath: String,
+    /// Where the guest sees it.
+    pub guest: String,
+    /// Read-only or read-write.
+    pub mode: FsMode,
+}
+
+impl Preopen {
+    /// The whole of `grant`.
+    pub fn whole(grant: FsGrant) -> Self {
+        Self {
+            beneath: String::new(),
+            guest: grant.guest.clone(),
+            mode: grant.mode,
+            grant,
+        }
     }
 }
 
@@ -455,6 +540,7 @@ mod tests {
                 host: dir.path().into(),
                 guest: "/data".into(),
                 mode: FsMode::ReadWrite,
+                identity: None,
             }],
             net: vec!["a.com".into(), "b.com".into()],
             env: vec!["A".into(), "B".into()],

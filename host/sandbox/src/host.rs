@@ -89,8 +89,10 @@ pub struct CallJournal {
 /// `memory.grow` is reported as a memory limit rather than a generic crash.
 #[derive(Debug)]
 pub struct Limiter {
-    /// Memory cap in bytes.
+    /// Memory cap in bytes, for all the call's linear memories together.
     pub memory_bytes: usize,
+    /// Bytes of all linear memories of the call so far (a store holds one call).
+    pub memory_used: usize,
     /// Table elements cap.
     pub table_elements: usize,
     /// Core instances cap.
@@ -104,9 +106,14 @@ pub struct Limiter {
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        let ok = desired <= self.memory_bytes;
-        if !ok {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // Called per memory (with `current` 0 when one is created): keep the sum across them. A
+        // growth that fails after this approved it stays counted, which only errs towards less.
+        let total = self.memory_used.saturating_sub(current).saturating_add(desired);
+        let ok = total <= self.memory_bytes;
+        if ok {
+            self.memory_used = total;
+        } else {
             self.hit = Some("memory");
         }
         Ok(ok)
@@ -227,6 +234,57 @@ pub fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
 pub struct NetHooks {
     pub(crate) policy: Arc<NetPolicy>,
     pub(crate) journal: Arc<Mutex<CallJournal>>,
+    pub(crate) connections: ConnectionBudget,
+}
+
+/// Outgoing HTTP requests of one call still open (each holds a connection until its response is
+/// done), capped by [`crate::Limits::max_handles`].
+#[derive(Debug, Clone)]
+pub struct ConnectionBudget {
+    live: Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+}
+
+/// One open request; gives its place back when dropped.
+struct ConnectionPermit(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ConnectionBudget {
+    /// Allow at most `max` requests open at once.
+    pub fn new(max: usize) -> Self {
+        Self {
+            live: Arc::default(),
+            max,
+        }
+    }
+
+    fn acquire(&self) -> Option<ConnectionPermit> {
+        use std::sync::atomic::Ordering;
+        self.live
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max).then_some(n + 1))
+            .ok()
+            .map(|_| ConnectionPermit(self.live.clone()))
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Hold `permit` until the request fails or its connection is done.
+fn holding(permit: ConnectionPermit, send: SendFuture) -> SendFuture {
+    Box::new(async move {
+        let (response, io) = Box::into_pin(send).await?;
+        let io = async move {
+            let _permit = permit;
+            Box::into_pin(io).await
+        };
+        Ok((
+            response,
+            Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+        ))
+    })
 }
 
 type SendFuture = Box<
@@ -245,9 +303,20 @@ impl WasiHttpHooks for NetHooks {
         options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> SendFuture {
+        let Some(permit) = self.connections.acquire() else {
+            self.journal.lock().expect("journal lock").denials.push(Denial {
+                capability: "network".into(),
+                target: request.uri().authority().map(|a| a.to_string()).unwrap_or_default(),
+                reason: format!(
+                    "the call already has {} HTTP requests open (limit max_handles)",
+                    self.connections.max
+                ),
+            });
+            return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
+        };
         let policy = self.policy.clone();
         let journal = self.journal.clone();
-        Box::new(async move {
+        let send: SendFuture = Box::new(async move {
             use http_body_util::BodyExt;
             let deny = |target: String, reason: String| {
                 tracing::info!(%target, %reason, "outbound HTTP refused");
@@ -303,6 +372,7 @@ impl WasiHttpHooks for NetHooks {
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
             ))
-        })
+        });
+        holding(permit, send)
     }
 }

@@ -14,12 +14,14 @@ pub mod config;
 pub mod grants;
 pub mod host;
 pub mod info;
+mod open_at;
+mod preopen;
 mod sandbox;
 mod toolhost;
 
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
 pub use config::{Limits, SandboxConfig};
-pub use grants::{FsGrant, GrantError, Grants};
+pub use grants::{FileIdentity, FsGrant, GrantError, Grants, Preopen};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
 pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};
 pub use sandbox::{CallReport, ExecReport, PreparedPlugin, Sandbox, SandboxError, WIT_PACKAGE, WIT_VERSION};

@@ -14,9 +14,9 @@ use wasmtime_wasi_http::WasiHttpCtx;
 
 use crate::cache::{ArtifactCache, CacheOutcome, sha256_hex};
 use crate::config::{Limits, SandboxConfig};
-use crate::grants::{Grants, NetPolicy};
+use crate::grants::{Grants, NetPolicy, Preopen};
 use crate::host::bindings::{ToolPre, keel::plugin::types as wit};
-use crate::host::{CallJournal, Denial, Limiter, LogRecord, NetHooks, ProgressRecord, State};
+use crate::host::{CallJournal, ConnectionBudget, Denial, Limiter, LogRecord, NetHooks, ProgressRecord, State};
 use crate::info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo, valid_name};
 
 /// The WIT package this host implements.
@@ -191,6 +191,8 @@ impl Sandbox {
         let engine = Engine::new(&engine_config(&config)).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         crate::host::add_to_linker(&mut linker).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
+        crate::open_at::add_to_linker(&mut linker).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
+        raise_open_file_limit();
         let cache = ArtifactCache::open(&config.cache_dir, &engine)
             .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
@@ -319,7 +321,7 @@ impl Sandbox {
             stderr,
             ..
         } = self
-            .new_store(&Grants::default(), &limits, None)
+            .new_store(&Grants::default(), &[], &limits, None)
             .map_err(|e| SandboxError::Host(e.to_string()))?;
         let run = async {
             let tool = pre.instantiate_async(&mut store).await?;
@@ -338,8 +340,15 @@ impl Sandbox {
         convert_info(raw)
     }
 
-    /// Build a fresh store holding only `grants`, under `limits`.
-    fn new_store(&self, grants: &Grants, limits: &Limits, args: Option<&[String]>) -> Result<CallStore, SandboxError> {
+    /// Build a fresh store holding only `preopens` and the network and environment of `grants`,
+    /// under `limits`.
+    fn new_store(
+        &self,
+        grants: &Grants,
+        preopens: &[Preopen],
+        limits: &Limits,
+        args: Option<&[String]>,
+    ) -> Result<CallStore, SandboxError> {
         let stdout = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
         let stderr = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
         let mut wasi = WasiCtxBuilder::new();
@@ -347,13 +356,17 @@ impl Sandbox {
         if let Some(args) = args {
             wasi.args(args);
         }
-        for grant in &grants.fs {
-            let perms = match grant.mode {
+        for preopen in preopens {
+            let perms = match preopen.mode {
                 FsMode::Read => FsPerms::ReadOnly,
                 FsMode::ReadWrite => FsPerms::ReadWrite,
             };
-            wasi.preopened_dir(&grant.host, &grant.guest, perms)
-                .map_err(|e| SandboxError::Grant(format!("{}: {e}", grant.host.display())))?;
+            // Opened by handle and verified; wasmtime-wasi gets exactly that inode.
+            let Some(dir) = crate::preopen::open(preopen).map_err(|e| SandboxError::Grant(e.to_string()))? else {
+                continue;
+            };
+            wasi.preopened_dir(crate::preopen::fd_path(&dir), &preopen.guest, perms)
+                .map_err(|e| SandboxError::Grant(format!("{}: {e}", preopen.guest)))?;
         }
         for name in &grants.env {
             if let Ok(value) = std::env::var(name) {
@@ -361,16 +374,22 @@ impl Sandbox {
             }
         }
         let journal = Arc::new(Mutex::new(CallJournal::default()));
+        // Every open file, directory, stream and HTTP request is a table entry: this caps them.
+        let handles = usize::try_from(limits.max_handles).unwrap_or(usize::MAX);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(handles);
         let state = State {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks: NetHooks {
                 policy: Arc::new(NetPolicy::new(grants)),
                 journal: journal.clone(),
+                connections: ConnectionBudget::new(handles),
             },
-            table: ResourceTable::new(),
+            table,
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes.min(self.inner.config.max_memory_bytes) as usize,
+                memory_used: 0,
                 table_elements: limits.max_table_elements as usize,
                 instances: limits.max_instances as usize,
                 tables: limits.max_tables as usize,
@@ -382,6 +401,8 @@ impl Sandbox {
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
+        // The guest's own handle tables hold one handle per host resource it keeps, plus lends.
+        store.set_max_component_handles(handles.saturating_mul(2));
         let tick = self.inner.config.epoch_tick.as_millis().max(1) as u64;
         // A new store's deadline is 0 (trap at once): always set it.
         store.set_epoch_deadline(limits.timeout_ms.div_ceil(tick) + 1);
@@ -428,13 +449,14 @@ impl Sandbox {
         if let Some(timeout) = ctx.timeout {
             limits.timeout_ms = limits.timeout_ms.min(timeout.as_millis() as u64);
         }
+        let preopens = grants.preopens_for(tool_info, &plugin.info.tools);
         let grants = grants.narrow_for(tool_info, &plugin.info.tools);
         let CallStore {
             mut store,
             journal,
             stdout,
             stderr,
-        } = match self.new_store(&grants, &limits, None) {
+        } = match self.new_store(&grants, &preopens, &limits, None) {
             Ok(parts) => parts,
             Err(e) => return empty(ToolError::Host { message: e.to_string() }),
         };
@@ -533,7 +555,12 @@ impl Sandbox {
             stdout,
             stderr,
             ..
-        } = self.new_store(grants, limits, Some(args))?;
+        } = self.new_store(
+            grants,
+            &grants.fs.iter().cloned().map(Preopen::whole).collect::<Vec<_>>(),
+            limits,
+            Some(args),
+        )?;
         let run = async {
             let command = pre.instantiate_async(&mut store).await?;
             command.wasi_cli_run().call_run(&mut store).await
@@ -567,6 +594,30 @@ pub struct ExecReport {
     pub stdout: Vec<u8>,
     /// Captured stderr (capped).
     pub stderr: Vec<u8>,
+}
+
+/// Raise the soft limit on open files to the hard limit, once per process: calls are capped by
+/// `Limits::max_handles`, and the process as a whole should not run out first.
+fn raise_open_file_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        // Some hard limits are "unlimited" or ~2^30: a million descriptors is plenty.
+        let wanted = limit.maximum.unwrap_or(u64::MAX).min(1 << 20);
+        if let Some(current) = limit.current
+            && current < wanted
+            && let Err(e) = setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(wanted),
+                    maximum: limit.maximum,
+                },
+            )
+        {
+            tracing::debug!("cannot raise the open-file limit from {current} to {wanted}: {e}");
+        }
+    });
 }
 
 /// Reject non-wasm and core modules with a precise message before handing bytes to the compiler.
@@ -651,6 +702,15 @@ fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &MemoryO
         };
     }
     let text = format!("{error:#}");
+    if text.contains("resource table has no free keys") || text.contains("handle limit exceeded") {
+        return ToolError::LimitExceeded {
+            limit: "handles".into(),
+            message: format!(
+                "the plugin held more than {} handles at once (open files and directories, streams, HTTP requests); the limit is max_handles",
+                store.data().table.max_capacity()
+            ),
+        };
+    }
     if text.contains("maximum concurrent") || text.contains("pooling allocator") {
         return ToolError::LimitExceeded {
             limit: "instances".into(),

@@ -67,11 +67,13 @@ async fn setup() -> Env {
                 host: base.join("ro"),
                 guest: "/ro".into(),
                 mode: FsMode::Read,
+                identity: None,
             },
             FsGrant {
                 host: base.join("rw"),
                 guest: "/rw".into(),
                 mode: FsMode::ReadWrite,
+                identity: None,
             },
         ],
         ..Grants::default()

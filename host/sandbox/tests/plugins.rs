@@ -90,11 +90,13 @@ async fn fs_setup() -> Fs {
                 host: base.join("data"),
                 guest: "/data".into(),
                 mode: FsMode::Read,
+                identity: None,
             },
             FsGrant {
                 host: base.join("out"),
                 guest: "/out".into(),
                 mode: FsMode::ReadWrite,
+                identity: None,
             },
         ],
         ..Grants::default()
@@ -377,6 +379,7 @@ async fn fs_relative_paths_use_the_only_grant() {
             host: fs.base.join("data"),
             guest: "/data".into(),
             mode: FsMode::Read,
+            identity: None,
         }],
         ..Grants::default()
     };

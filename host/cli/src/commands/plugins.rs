@@ -56,7 +56,11 @@ impl GrantArgs {
                 .iter_mut()
                 .find(|g| g.host == grant.host && g.guest == grant.guest)
             {
-                Some(existing) => existing.mode = existing.mode.max(mode),
+                Some(existing) => {
+                    existing.mode = existing.mode.max(mode);
+                    // Granting it again accepts the directory there now.
+                    existing.identity = grant.identity;
+                }
                 None => grants.fs.push(grant),
             }
         }

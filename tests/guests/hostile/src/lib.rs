@@ -38,8 +38,11 @@
 //! - `panic` — panics (a guest trap).
 //! - `counter` — increments a static and returns it: `1` on every call unless state leaks between calls.
 //! - `read_env` — returns the value of an environment variable (or the error) and the names visible.
+//! - `open_many`, `open_path`, `list`, `replace_with_symlink` — see `fs.rs`.
 
 use std::hint::black_box;
+
+mod fs;
 
 use keel_sdk::prelude::*;
 use wasip2::filesystem::preopens::get_directories;
@@ -862,6 +865,14 @@ impl Plugin for Hostile {
                 counter,
             ),
             Tool::new("read_env", "Read an environment variable.", read_env),
+            Tool::new("open_many", "Open one file many times and hold it.", fs::open_many),
+            Tool::new("open_path", "Open a path for reading and read it.", fs::open_path),
+            Tool::new("list", "List a preopen.", fs::list),
+            Tool::new(
+                "replace_with_symlink",
+                "Swap a directory for a symlink.",
+                fs::replace_with_symlink,
+            ),
         ]
     }
 }

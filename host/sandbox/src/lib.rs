@@ -11,6 +11,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod egress;
 pub mod grants;
 pub mod host;
 pub mod info;
@@ -19,6 +20,7 @@ mod toolhost;
 
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
 pub use config::{Limits, SandboxConfig};
+pub use egress::{Resolver, SystemResolver};
 pub use grants::{FsGrant, GrantError, Grants};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
 pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};

@@ -120,6 +120,7 @@ struct Inner {
     linker: Linker<State>,
     cache: ArtifactCache,
     config: SandboxConfig,
+    egress: Arc<crate::egress::Egress>,
     prepared: Mutex<HashMap<String, Arc<PreparedPlugin>>>,
     _ticker: EpochTicker,
 }
@@ -193,6 +194,7 @@ impl Sandbox {
         crate::host::add_to_linker(&mut linker).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
         let cache = ArtifactCache::open(&config.cache_dir, &engine)
             .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
+        let egress = Arc::new(crate::egress::Egress::new(&config).map_err(SandboxError::Host)?);
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -200,6 +202,7 @@ impl Sandbox {
                 linker,
                 cache,
                 config,
+                egress,
                 prepared: Mutex::default(),
                 _ticker: ticker,
             }),
@@ -367,6 +370,7 @@ impl Sandbox {
             hooks: NetHooks {
                 policy: Arc::new(NetPolicy::new(grants)),
                 journal: journal.clone(),
+                egress: self.inner.egress.clone(),
             },
             table: ResourceTable::new(),
             limiter: Limiter {

@@ -300,7 +300,10 @@ async fn https_connects_to_the_checked_address_not_a_fresh_lookup() {
     let env = setup(Some(resolver.clone()), &[root]).await;
     let p = server.port;
     let report = env
-        .get(&net(&format!("localhost:{p}"), true), &format!("https://localhost:{p}/pinned"))
+        .get(
+            &net(&format!("localhost:{p}"), true),
+            &format!("https://localhost:{p}/pinned"),
+        )
         .await;
     trap.assert_untouched();
     assert_eq!(ok_body(&report), (200, "served on the checked address".into()));
@@ -314,7 +317,10 @@ async fn https_to_a_trusted_local_server_succeeds_with_the_original_name_for_sni
     let env = setup(Some(FixedResolver::with("localhost", &[SYSTEM])), &[root]).await;
     let p = server.port;
     let report = env
-        .get(&net(&format!("localhost:{p}"), true), &format!("https://localhost:{p}/"))
+        .get(
+            &net(&format!("localhost:{p}"), true),
+            &format!("https://localhost:{p}/"),
+        )
         .await;
     assert_eq!(ok_body(&report), (200, "hello over TLS".into()));
     let seen = server.seen();
@@ -331,7 +337,10 @@ async fn https_refuses_a_certificate_for_another_name_or_from_an_untrusted_issue
     let env = setup(Some(FixedResolver::with("localhost", &[SYSTEM])), &[root]).await;
     let p = server.port;
     let report = env
-        .get(&net(&format!("localhost:{p}"), true), &format!("https://localhost:{p}/"))
+        .get(
+            &net(&format!("localhost:{p}"), true),
+            &format!("https://localhost:{p}/"),
+        )
         .await;
     let message = failure(&report);
     assert!(message.contains("TlsCertificateError"), "{message}");
@@ -343,7 +352,10 @@ async fn https_refuses_a_certificate_for_another_name_or_from_an_untrusted_issue
     let env = setup(Some(FixedResolver::with("localhost", &[SYSTEM])), &[]).await;
     let p = server.port;
     let report = env
-        .get(&net(&format!("localhost:{p}"), true), &format!("https://localhost:{p}/"))
+        .get(
+            &net(&format!("localhost:{p}"), true),
+            &format!("https://localhost:{p}/"),
+        )
         .await;
     let message = failure(&report);
     assert!(message.contains("TlsCertificateError"), "{message}");
@@ -374,7 +386,10 @@ async fn every_checked_address_may_be_tried_but_no_other() {
     let trap = Trap::start(system);
     let server = Server::start(checked, None, "second answer");
     let env = setup(
-        Some(FixedResolver::with("localhost", &[Ipv4Addr::new(127, 0, 0, 3), CHECKED])),
+        Some(FixedResolver::with(
+            "localhost",
+            &[Ipv4Addr::new(127, 0, 0, 3), CHECKED],
+        )),
         &[],
     )
     .await;
@@ -400,7 +415,10 @@ async fn a_name_with_any_private_answer_is_refused_before_connecting() {
     let p = server.port;
     for scheme in ["http", "https"] {
         let report = env
-            .get(&net(&format!("localhost:{p}"), false), &format!("{scheme}://localhost:{p}/"))
+            .get(
+                &net(&format!("localhost:{p}"), false),
+                &format!("{scheme}://localhost:{p}/"),
+            )
             .await;
         match &report.result {
             Err(ToolError::Denied { capability, .. }) => assert_eq!(capability, "network"),

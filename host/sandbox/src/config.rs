@@ -1,6 +1,7 @@
 //! Configuration: engine-wide settings and per-call limits. Every limit and default lives here.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -100,6 +101,14 @@ pub struct SandboxConfig {
     pub epoch_tick: Duration,
     /// Maximum guest stack, in bytes (deep recursion traps cleanly past it).
     pub max_wasm_stack: usize,
+    /// Resolves the host names of plugins' outgoing HTTP requests. The addresses it returns are
+    /// the ones checked against the private-network rule *and* the ones connected to (with the
+    /// request's port). Default: the system resolver ([`SystemResolver`](crate::egress::SystemResolver)).
+    /// An embedding or test seam, not a TOML/CLI setting.
+    pub resolver: Arc<dyn crate::egress::Resolver>,
+    /// Extra trusted root certificates (DER) for plugins' HTTPS requests, added to the built-in
+    /// Mozilla roots (`webpki-roots`). Default: none. For tests and private CAs.
+    pub extra_tls_roots: Vec<Vec<u8>>,
 }
 
 impl SandboxConfig {
@@ -113,6 +122,8 @@ impl SandboxConfig {
             fuel_metering: false,
             epoch_tick: Duration::from_millis(5),
             max_wasm_stack: 1 << 20,
+            resolver: Arc::new(crate::egress::SystemResolver),
+            extra_tls_roots: Vec::new(),
         }
     }
 }

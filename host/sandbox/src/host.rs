@@ -8,7 +8,7 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::grants::{NetPolicy, is_non_public};
+use crate::grants::NetPolicy;
 
 /// Generated bindings for `keel:plugin/tool`.
 #[allow(missing_docs)]
@@ -229,12 +229,12 @@ pub fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
 
 /// `wasi:http` hooks: every outgoing request (including each redirect hop, which the guest sends
 /// as a new request) must match the allowlist, and every address its host resolves to must be
-/// public unless private networks were granted. Plain-HTTP requests are then sent to the checked
-/// address itself, so DNS cannot be re-bound between check and connect.
+/// public unless private networks were granted (see [`crate::egress`]).
 pub struct NetHooks {
     pub(crate) policy: Arc<NetPolicy>,
     pub(crate) journal: Arc<Mutex<CallJournal>>,
     pub(crate) connections: ConnectionBudget,
+    pub(crate) egress: Arc<crate::egress::Egress>,
 }
 
 /// Outgoing HTTP requests of one call still open (each holds a connection until its response is
@@ -287,19 +287,12 @@ fn holding(permit: ConnectionPermit, send: SendFuture) -> SendFuture {
     })
 }
 
-type SendFuture = Box<
-    dyn Future<
-            Output = wasmtime_wasi_http::Result<(
-                http::Response<wasmtime_wasi_http::WasiBody>,
-                Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-            )>,
-        > + Send,
->;
+type SendFuture = Box<dyn Future<Output = wasmtime_wasi_http::Result<crate::egress::Sent>> + Send>;
 
 impl WasiHttpHooks for NetHooks {
     fn send_request(
         &mut self,
-        mut request: http::Request<wasmtime_wasi_http::WasiBody>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
         options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> SendFuture {
@@ -314,65 +307,13 @@ impl WasiHttpHooks for NetHooks {
             });
             return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
         };
-        let policy = self.policy.clone();
-        let journal = self.journal.clone();
-        let send: SendFuture = Box::new(async move {
-            use http_body_util::BodyExt;
-            let deny = |target: String, reason: String| {
-                tracing::info!(%target, %reason, "outbound HTTP refused");
-                journal.lock().expect("journal lock").denials.push(Denial {
-                    capability: "network".into(),
-                    target,
-                    reason,
-                });
-                wasmtime_wasi_http::Error::HttpRequestDenied
-            };
-            let uri = request.uri().clone();
-            let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-            let default_port = if https { 443 } else { 80 };
-            let Some(authority) = uri.authority() else {
-                return Err(deny(uri.to_string(), "request has no host".into()));
-            };
-            let host = authority.host().to_string();
-            let port = authority.port_u16().unwrap_or(default_port);
-            let target = format!("{host}:{port}");
-            if !policy.allows(&host, port, default_port) {
-                return Err(deny(target, "host is not on the plugin's network allowlist".into()));
-            }
-            let bare = host.trim_start_matches('[').trim_end_matches(']').to_string();
-            let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((bare.as_str(), port)).await {
-                Ok(addrs) => addrs.collect(),
-                Err(_) => {
-                    return Err(wasmtime_wasi_http::Error::DnsError {
-                        rcode: None,
-                        info_code: None,
-                    });
-                }
-            };
-            if !policy.allow_private_network
-                && let Some(bad) = addrs.iter().find(|a| is_non_public(a.ip()))
-            {
-                return Err(deny(
-                    target,
-                    format!("{} is a private, loopback, link-local or metadata address", bad.ip()),
-                ));
-            }
-            let Some(pinned) = addrs.first().copied() else {
-                return Err(wasmtime_wasi_http::Error::DestinationNotFound);
-            };
-            if !https {
-                // Connect to the address that was checked; the Host header keeps the original name.
-                let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                *request.uri_mut() = format!("http://{pinned}{path}")
-                    .parse()
-                    .map_err(|_| wasmtime_wasi_http::Error::HttpRequestUriInvalid)?;
-            }
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-            ))
-        });
+        let send: SendFuture = Box::new(crate::egress::send(
+            self.egress.clone(),
+            self.policy.clone(),
+            self.journal.clone(),
+            request,
+            options,
+        ));
         holding(permit, send)
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod egress;
 pub mod grants;
 pub mod host;
 pub mod info;
@@ -21,6 +22,7 @@ mod toolhost;
 
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
 pub use config::{Limits, SandboxConfig};
+pub use egress::{Resolver, SystemResolver};
 pub use grants::{FileIdentity, FsGrant, GrantError, Grants, Preopen};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
 pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};

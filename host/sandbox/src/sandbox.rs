@@ -120,6 +120,7 @@ struct Inner {
     linker: Linker<State>,
     cache: ArtifactCache,
     config: SandboxConfig,
+    egress: Arc<crate::egress::Egress>,
     prepared: Mutex<HashMap<String, Arc<PreparedPlugin>>>,
     _ticker: EpochTicker,
 }
@@ -195,6 +196,7 @@ impl Sandbox {
         raise_open_file_limit();
         let cache = ArtifactCache::open(&config.cache_dir, &engine)
             .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
+        let egress = Arc::new(crate::egress::Egress::new(&config).map_err(SandboxError::Host)?);
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -202,6 +204,7 @@ impl Sandbox {
                 linker,
                 cache,
                 config,
+                egress,
                 prepared: Mutex::default(),
                 _ticker: ticker,
             }),
@@ -385,6 +388,7 @@ impl Sandbox {
                 policy: Arc::new(NetPolicy::new(grants)),
                 journal: journal.clone(),
                 connections: ConnectionBudget::new(handles),
+                egress: self.inner.egress.clone(),
             },
             table,
             limiter: Limiter {

@@ -152,3 +152,19 @@ pub fn valid_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["fs", "http-fetch", "get_json", "a", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        // `__` separates plugin and tool in model-facing names (`fs__read`), so no name may hold it.
+        for bad in ["", "Fs", "a b", "a/b", "a__b", "__", "a___b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

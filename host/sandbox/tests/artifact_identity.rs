@@ -32,13 +32,13 @@ async fn an_artifact_renamed_over_another_plugins_is_recompiled() {
     drop(first);
 
     // Someone with write access to the cache puts the other plugin's valid artifact in hello's place.
-    let [victim_artifact] = artifacts(&dir, &victim.sha256)[..] else {
+    let [victim_artifact] = &artifacts(&dir, &victim.sha256)[..] else {
         panic!("one artifact for hello")
     };
-    let [attacker_artifact] = artifacts(&dir, &attacker.sha256)[..] else {
+    let [attacker_artifact] = &artifacts(&dir, &attacker.sha256)[..] else {
         panic!("one artifact for hello-v2")
     };
-    std::fs::copy(&attacker_artifact, &victim_artifact).unwrap();
+    std::fs::copy(attacker_artifact, victim_artifact).unwrap();
 
     let fresh = sandbox(&dir);
     let loaded = fresh.prepare(&hello).await.unwrap();

@@ -165,9 +165,8 @@ impl App {
         record: &PluginRecord,
         plugin: &Arc<PreparedPlugin>,
     ) -> Result<(Arc<PreparedPlugin>, Grants, Limits), CliError> {
-        let recorded: PluginInfo = serde_json::from_value(record.info.clone()).map_err(|e| {
-            CliError::internal(format!("stored description of `{}` is invalid: {e}", record.name))
-        })?;
+        let recorded: PluginInfo = serde_json::from_value(record.info.clone())
+            .map_err(|e| CliError::internal(format!("stored description of `{}` is invalid: {e}", record.name)))?;
         if plugin.sha256 != record.sha256 {
             return Err(CliError::internal(format!(
                 "the component loaded for `{}` is not the one installed",
@@ -243,7 +242,10 @@ pub fn identity_mismatch(name: &str, recorded: &PluginInfo, described: &PluginIn
             ));
         }
         if old != new {
-            return Some(format!("tool `{}` now describes itself differently than at install", old.name));
+            return Some(format!(
+                "tool `{}` now describes itself differently than at install",
+                old.name
+            ));
         }
     }
     None

@@ -40,15 +40,18 @@ impl RegistryToolHost {
                 let mut set = globset::GlobSetBuilder::new();
                 for p in patterns {
                     let plugin = p.split('/').next().unwrap_or(p);
-                    let glob =
-                        globset::Glob::new(plugin).map_err(|e| CliError::user(format!("bad tool pattern {p:?}: {e}")))?;
+                    let glob = globset::Glob::new(plugin)
+                        .map_err(|e| CliError::user(format!("bad tool pattern {p:?}: {e}")))?;
                     if !plugin.contains(['*', '?', '[', '{']) {
                         // Same message as `keel call` for an unknown plugin.
                         app.record(plugin).await?;
                     }
                     set.add(glob);
                 }
-                Some(set.build().map_err(|e| CliError::user(format!("bad tool patterns: {e}")))?)
+                Some(
+                    set.build()
+                        .map_err(|e| CliError::user(format!("bad tool patterns: {e}")))?,
+                )
             }
         };
         Ok(Self {
@@ -76,7 +79,12 @@ impl RegistryToolHost {
     /// The plugin of `record`, verified against it, with its grants and limits; on failure the
     /// reason, reported on stderr once.
     async fn load(&self, record: &PluginRecord) -> Result<(Arc<PreparedPlugin>, Grants, Limits), String> {
-        let cached = self.prepared.lock().expect("prepared lock").get(&record.sha256).cloned();
+        let cached = self
+            .prepared
+            .lock()
+            .expect("prepared lock")
+            .get(&record.sha256)
+            .cloned();
         let loaded = match cached {
             Some(plugin) => self.app.verify(record, &plugin),
             None => match self.app.prepare_record(record).await {
@@ -152,7 +160,13 @@ impl ToolHost for RegistryToolHost {
             if !self.in_scope(plugin) {
                 return Err(unknown());
             }
-            let record = self.app.db.get_plugin(plugin).await.map_err(host_error)?.ok_or_else(unknown)?;
+            let record = self
+                .app
+                .db
+                .get_plugin(plugin)
+                .await
+                .map_err(host_error)?
+                .ok_or_else(unknown)?;
             let known = record.info["tools"]
                 .as_array()
                 .is_some_and(|tools| tools.iter().any(|t| t["name"] == name));

@@ -81,7 +81,10 @@ impl Home {
     /// describes itself as `of`: exactly a plugin whose `describe()` answer changed after install.
     fn plant_impostor(&self, name: &str, of: &str, grants: Value) {
         let db_path = self.path().join("keel.db");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let db = keel_store::Database::open(&db_path).await.unwrap();
             let mut record = db.get_plugin(of).await.unwrap().expect("installed");
@@ -180,7 +183,11 @@ fn a_plugin_whose_describe_changes_never_takes_over_another() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_eq!(home.job(&id)["job"]["state"], "SUCCEEDED");
     assert_eq!(home.file("out/effects.txt"), "line\nline\n", "{}", show(&out));
-    assert_eq!(home.file("evil/effects.txt"), "", "the impostor took over fs/write in the worker");
+    assert_eq!(
+        home.file("evil/effects.txt"),
+        "",
+        "the impostor took over fs/write in the worker"
+    );
 }
 
 /// Item 8: a plugin whose component cannot be loaded is reported and skipped; `keel worker` and
@@ -263,7 +270,10 @@ fn replacing_a_plugin_needs_replace_and_keeps_grants_only_within_old_requests() 
     let err = String::from_utf8_lossy(&out.stderr);
     common::one_clear_line(&err);
     assert!(err.contains("env GREETING"), "{err}");
-    assert_eq!(common::json(k, &["plugins", "show", "hello", "--json"])["version"], "0.1.0");
+    assert_eq!(
+        common::json(k, &["plugins", "show", "hello", "--json"])["version"],
+        "0.1.0"
+    );
 
     // --replace: done, both hashes printed, grants not carried over.
     let out = String::from_utf8(common::expect(k, &["install", &guest("keel-test-hello-v2"), "--replace"], 0).stdout)
@@ -298,10 +308,33 @@ fn grants_that_reach_the_keel_home_are_refused() {
     let components = home_dir.join("components");
     let mapped = format!("{}::/data", parent_dir.display());
     let cases: Vec<Vec<String>> = vec![
-        vec!["plugins".into(), "grant".into(), "hello".into(), "--allow-write".into(), home_dir.display().to_string()],
-        vec!["plugins".into(), "grant".into(), "hello".into(), "--allow-read".into(), mapped.clone()],
-        vec!["plugins".into(), "grant".into(), "hello".into(), "--allow-write".into(), components.display().to_string()],
-        vec!["install".into(), guest("hello"), "--allow-write".into(), parent_dir.display().to_string()],
+        vec![
+            "plugins".into(),
+            "grant".into(),
+            "hello".into(),
+            "--allow-write".into(),
+            home_dir.display().to_string(),
+        ],
+        vec![
+            "plugins".into(),
+            "grant".into(),
+            "hello".into(),
+            "--allow-read".into(),
+            mapped.clone(),
+        ],
+        vec![
+            "plugins".into(),
+            "grant".into(),
+            "hello".into(),
+            "--allow-write".into(),
+            components.display().to_string(),
+        ],
+        vec![
+            "install".into(),
+            guest("hello"),
+            "--allow-write".into(),
+            parent_dir.display().to_string(),
+        ],
         vec!["exec".into(), guest("keel-test-cmd"), "--allow-write".into(), mapped],
     ];
     for args in &cases {
@@ -317,5 +350,9 @@ fn grants_that_reach_the_keel_home_are_refused() {
     // A directory beside the home (or inside it but not Keel's own) is fine.
     let beside = parent_dir.join("data");
     std::fs::create_dir_all(&beside).unwrap();
-    common::expect(&home, &["plugins", "grant", "hello", "--allow-read", beside.to_str().unwrap()], 0);
+    common::expect(
+        &home,
+        &["plugins", "grant", "hello", "--allow-read", beside.to_str().unwrap()],
+        0,
+    );
 }

@@ -406,7 +406,11 @@ fn requests_beyond(new: &keel_sandbox::Capabilities, old: &keel_sandbox::Capabil
     let mut beyond: Vec<String> = new
         .filesystem
         .iter()
-        .filter(|f| !old.filesystem.iter().any(|o| o.mode >= f.mode && within(&f.path, &o.path)))
+        .filter(|f| {
+            !old.filesystem
+                .iter()
+                .any(|o| o.mode >= f.mode && within(&f.path, &o.path))
+        })
         .map(|f| format!("{} ({})", f.path, f.mode))
         .collect();
     beyond.extend(

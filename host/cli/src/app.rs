@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use keel_sandbox::{ComponentStore, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig};
+use keel_sandbox::{ComponentStore, Grants, Limits, PluginInfo, PreparedPlugin, Sandbox, SandboxConfig};
 use keel_store::Database;
 use keel_store::plugins::PluginRecord;
 use serde::Deserialize;
@@ -88,6 +88,8 @@ impl KeelConfig {
 
 /// Everything a plugin command needs.
 pub struct App {
+    /// The Keel home (canonical).
+    pub home: PathBuf,
     /// The database.
     pub db: Database,
     /// The sandbox.
@@ -103,6 +105,8 @@ impl App {
     pub async fn open(home: &Path) -> Result<Self, CliError> {
         std::fs::create_dir_all(home)
             .map_err(|e| CliError::user(format!("cannot create Keel home {}: {e}", home.display())))?;
+        let home = &std::fs::canonicalize(home)
+            .map_err(|e| CliError::user(format!("cannot open Keel home {}: {e}", home.display())))?;
         let config = KeelConfig::load(home)?;
         let db = Database::open(&home.join("keel.db")).await?;
         let mut sandbox_config = SandboxConfig::new(home.join("cache"));
@@ -112,6 +116,7 @@ impl App {
         sandbox_config.pool_instances = config.sandbox.pool_instances;
         let sandbox = Sandbox::new(sandbox_config)?;
         Ok(Self {
+            home: home.clone(),
             db,
             sandbox,
             components: ComponentStore::new(home.join("components")),
@@ -135,21 +140,115 @@ impl App {
         }
     }
 
-    /// Prepare an installed plugin for calls, with its grants and effective limits.
+    /// Prepare an installed plugin for calls, with its grants and effective limits. Refused when
+    /// the component no longer describes itself as the registry recorded it at install time, or
+    /// when its grants reach the Keel home.
     pub async fn load(&self, record: &PluginRecord) -> Result<(Arc<PreparedPlugin>, Grants, Limits), CliError> {
+        let plugin = self.prepare_record(record).await?;
+        self.verify(record, &plugin)
+    }
+
+    /// Read, check against its hash and prepare the stored component of `record`. Its identity is
+    /// not checked yet: see [`App::verify`].
+    pub async fn prepare_record(&self, record: &PluginRecord) -> Result<Arc<PreparedPlugin>, CliError> {
         let bytes = self
             .components
             .get(&record.sha256)
             .map_err(|e| CliError::internal(format!("cannot read the stored component of `{}`: {e}", record.name)))?;
-        let plugin = self.sandbox.prepare(&bytes).await?;
+        Ok(self.sandbox.prepare(&bytes).await?)
+    }
+
+    /// Check a prepared component against its registry record (the record is the plugin's
+    /// identity; `describe()` may answer differently now), and return its grants and limits.
+    pub fn verify(
+        &self,
+        record: &PluginRecord,
+        plugin: &Arc<PreparedPlugin>,
+    ) -> Result<(Arc<PreparedPlugin>, Grants, Limits), CliError> {
+        let recorded: PluginInfo = serde_json::from_value(record.info.clone())
+            .map_err(|e| CliError::internal(format!("stored description of `{}` is invalid: {e}", record.name)))?;
+        if plugin.sha256 != record.sha256 {
+            return Err(CliError::internal(format!(
+                "the component loaded for `{}` is not the one installed",
+                record.name
+            )));
+        }
+        identity_mismatch(&record.name, &recorded, &plugin.info).map_or(Ok(()), |why| {
+            Err(CliError::user(format!(
+                "plugin `{}` is refused: {why}; reinstall it (`keel install FILE --replace`) if you trust it",
+                record.name
+            )))
+        })?;
         let grants = grants_of(record)?;
+        self.check_grants(&grants)
+            .map_err(|e| CliError::user(format!("plugin `{}` is refused: {e}", record.name)))?;
         let limits = self
             .config
             .limits
             .overridden_by(&record.limits)
             .map_err(|e| CliError::internal(format!("stored limits of `{}` are invalid: {e}", record.name)))?;
-        Ok((plugin, grants, limits))
+        Ok((plugin.clone(), grants, limits))
     }
+
+    /// Refuse any directory grant that contains the Keel home, or lies in its `components` or
+    /// `cache` directory: a plugin with it could read the cache key or rewrite the database,
+    /// components and precompiled code of every plugin.
+    pub fn check_grants(&self, grants: &Grants) -> Result<(), String> {
+        for grant in &grants.fs {
+            let dir = &grant.host;
+            if self.home.starts_with(dir) {
+                return Err(format!(
+                    "the directory {} contains the Keel home {} (its database, components and cache); grant a directory that does not",
+                    dir.display(),
+                    self.home.display()
+                ));
+            }
+            for own in ["components", "cache"] {
+                if dir.starts_with(self.home.join(own)) {
+                    return Err(format!(
+                        "the directory {} is inside the Keel home's `{own}` directory, which only Keel may touch",
+                        dir.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why `described` (what the component's `describe()` answers now) is not the plugin the registry
+/// recorded as `name` at install time, or `None` when it is. Name and tools (names, schemas,
+/// descriptions, capability requests) must be identical.
+pub fn identity_mismatch(name: &str, recorded: &PluginInfo, described: &PluginInfo) -> Option<String> {
+    if described.name != name {
+        return Some(format!(
+            "its component now describes itself as `{}`, but it was installed as `{name}`",
+            described.name
+        ));
+    }
+    let names = |info: &PluginInfo| info.tools.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+    if names(recorded) != names(described) {
+        return Some(format!(
+            "its component now offers the tools [{}], but it was installed with [{}]",
+            names(described).join(", "),
+            names(recorded).join(", ")
+        ));
+    }
+    for (old, new) in recorded.tools.iter().zip(&described.tools) {
+        if old.capabilities != new.capabilities {
+            return Some(format!(
+                "tool `{}` now requests other capabilities than it did at install",
+                old.name
+            ));
+        }
+        if old != new {
+            return Some(format!(
+                "tool `{}` now describes itself differently than at install",
+                old.name
+            ));
+        }
+    }
+    None
 }
 
 /// Decode a record's stored grants.

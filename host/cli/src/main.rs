@@ -6,6 +6,7 @@
 mod app;
 mod commands;
 mod output;
+mod tools;
 
 use std::process::ExitCode;
 

@@ -255,7 +255,7 @@ fn reinstalling_a_newer_version_shows_new_requests_and_does_not_carry_grants() {
         ],
         0,
     );
-    let out = keel.expect(&["install", &guest("keel-test-hello-v2")], 0);
+    let out = keel.expect(&["install", &guest("keel-test-hello-v2"), "--replace"], 0);
     assert!(out.contains("installed hello 0.2.0"), "{out}");
     assert!(out.contains("requests more than 0.1.0 was granted"), "{out}");
     assert!(
@@ -288,7 +288,7 @@ fn reinstalling_a_newer_version_shows_new_requests_and_does_not_carry_grants() {
     );
 
     // --keep-grants carries them over explicitly.
-    let out = keel.expect(&["install", &guest("hello"), "--keep-grants"], 0);
+    let out = keel.expect(&["install", &guest("hello"), "--replace", "--keep-grants"], 0);
     assert!(out.contains("env GREETING"), "{out}");
 }
 

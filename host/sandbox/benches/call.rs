@@ -159,7 +159,7 @@ fn benches(c: &mut Criterion) {
     let cache = ArtifactCache::open(&dir.path().join("cache"), &sandbox_engine).unwrap();
     let sha = plugin.sha256.clone();
     group.bench_function("load_cached", |b| {
-        b.iter(|| cache.load(&sandbox_engine, &sha).expect("cached"))
+        b.iter(|| cache.load(&sandbox_engine, &sha, wasm.len()).expect("cached"))
     });
     group.bench_function("first_call_from_cache", |b| {
         b.iter(|| {

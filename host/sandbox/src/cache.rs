@@ -136,46 +136,71 @@ impl ArtifactCache {
         self.dir.join(format!("{sha256}-{}.cwasm", self.engine_tag))
     }
 
-    fn tag(&self, artifact: &[u8]) -> HmacSha256 {
+    /// The artifact's tag binds the engine, the component it was compiled from (sha256 and
+    /// length) and the artifact bytes: a valid artifact of one plugin renamed over another's
+    /// fails verification instead of running with the other plugin's grants.
+    fn tag(&self, sha256: &str, wasm_len: usize, artifact: &[u8]) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
-        mac.update(self.engine_tag.as_bytes());
+        for part in [self.engine_tag.as_bytes(), sha256.as_bytes()] {
+            mac.update(&(part.len() as u64).to_le_bytes());
+            mac.update(part);
+        }
+        mac.update(&(wasm_len as u64).to_le_bytes());
         mac.update(artifact);
         mac
     }
 
     /// Load the verified artifact for `sha256`, or compile `wasm` and cache the result.
-    /// `wasm` must be the bytes whose hash is `sha256`.
+    /// `wasm` must be the bytes whose hash is `sha256`. Callers that must check a component before
+    /// caching it use [`ArtifactCache::load`], `Component::new` and [`ArtifactCache::store`].
     pub fn load_or_compile(
         &self,
         engine: &Engine,
         sha256: &str,
         wasm: &[u8],
     ) -> wasmtime::Result<(Component, CacheOutcome)> {
-        if let Some(component) = self.load(engine, sha256) {
+        if let Some(component) = self.load(engine, sha256, wasm.len()) {
             return Ok((component, CacheOutcome::Hit));
         }
         let component = Component::new(engine, wasm)?;
-        let artifact = component.serialize()?;
-        let mut file = self.tag(&artifact).finalize().into_bytes().to_vec();
-        file.extend_from_slice(&artifact);
-        if let Err(e) = write_atomic(&self.path(sha256), &file) {
-            // A cache we cannot write only costs time.
-            tracing::warn!(error = %e, "could not write precompiled artifact");
-        }
+        self.store(sha256, wasm.len(), &component);
         Ok((component, CacheOutcome::Compiled))
     }
 
-    /// Load a cached artifact if present and its tag verifies.
-    pub fn load(&self, engine: &Engine, sha256: &str) -> Option<Component> {
+    /// Cache the compiled `component` of the `wasm_len` bytes whose hash is `sha256`. A cache that
+    /// cannot be written only costs time, so failures are logged, not returned.
+    pub fn store(&self, sha256: &str, wasm_len: usize, component: &Component) {
+        let written = component
+            .serialize()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            .and_then(|artifact| {
+                let mut file = self.tag(sha256, wasm_len, &artifact).finalize().into_bytes().to_vec();
+                file.extend_from_slice(&artifact);
+                write_atomic(&self.path(sha256), &file)
+            });
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not write precompiled artifact");
+        }
+    }
+
+    /// Load a cached artifact of the `wasm_len` bytes whose hash is `sha256`, if present and its
+    /// tag verifies.
+    pub fn load(&self, engine: &Engine, sha256: &str, wasm_len: usize) -> Option<Component> {
         let path = self.path(sha256);
         let file = std::fs::read(&path).ok()?;
-        if file.len() <= TAG_LEN || self.tag(&file[TAG_LEN..]).verify_slice(&file[..TAG_LEN]).is_err() {
+        if file.len() <= TAG_LEN
+            || self
+                .tag(sha256, wasm_len, &file[TAG_LEN..])
+                .verify_slice(&file[..TAG_LEN])
+                .is_err()
+        {
             tracing::warn!(path = %path.display(), "precompiled artifact failed verification; recompiling");
             let _ = std::fs::remove_file(&path);
             return None;
         }
-        // SAFETY: the bytes were written by `load_or_compile` in this cache (the HMAC under this
-        // home's secret key proves it) for an engine with the same version and configuration.
+        // SAFETY: the bytes were written by `store` in this cache (the HMAC under this home's
+        // secret key proves it) for this very component, for an engine with the same version and
+        // configuration.
         match unsafe { Component::deserialize(engine, &file[TAG_LEN..]) } {
             Ok(component) => Some(component),
             Err(e) => {

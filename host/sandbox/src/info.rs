@@ -145,10 +145,31 @@ impl ImportSummary {
     }
 }
 
-/// Validate a plugin or tool name: `[a-z0-9_-]{1,64}`.
+/// The rule [`valid_name`] checks, for error messages.
+pub const NAME_RULE: &str = "[a-z0-9_-]{1,64} without `__`";
+
+/// Validate a plugin or tool name: `[a-z0-9_-]{1,64}` without `__`, which separates plugin and
+/// tool in model-facing names (`fs__read`): allowing it would let `a__b/c` and `a/b__c` collide.
 pub fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
+        && !name.contains("__")
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["fs", "http-fetch", "get_json", "a", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        // `__` separates plugin and tool in model-facing names (`fs__read`), so no name may hold it.
+        for bad in ["", "Fs", "a b", "a/b", "a__b", "__", "a___b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
 }

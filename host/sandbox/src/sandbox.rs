@@ -17,7 +17,7 @@ use crate::config::{Limits, SandboxConfig};
 use crate::grants::{Grants, NetPolicy, Preopen};
 use crate::host::bindings::{ToolPre, keel::plugin::types as wit};
 use crate::host::{CallJournal, ConnectionBudget, Denial, Limiter, LogRecord, NetHooks, ProgressRecord, State};
-use crate::info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo, valid_name};
+use crate::info::{Capabilities, FsMode, FsRequest, ImportSummary, NAME_RULE, PluginInfo, ToolInfo, valid_name};
 
 /// The WIT package this host implements.
 pub const WIT_PACKAGE: &str = "keel:plugin";
@@ -230,20 +230,14 @@ impl Sandbox {
             return Ok(found.clone());
         }
         let started = Instant::now();
-        let (component, cache) = {
-            let inner = self.inner.clone();
-            let sha = sha256.clone();
-            let bytes = wasm.to_vec();
-            tokio::task::spawn_blocking(move || inner.cache.load_or_compile(&inner.engine, &sha, &bytes))
-                .await
-                .map_err(|e| SandboxError::Host(e.to_string()))?
-                .map_err(|e| SandboxError::Invalid(first_line(&format!("{e:#}"))))?
-        };
+        let (component, cache) = self.load_or_compile(&sha256, wasm).await?;
         let load_time = started.elapsed();
         let imports = self.check_world(&component)?;
         let instance_pre = self.instantiate_pre(&component)?;
         let pre = ToolPre::new(instance_pre).map_err(|e| SandboxError::WrongWorld(format!("{e:#}")))?;
         let info = self.describe(&pre).await?;
+        // Only a component that passed every check is cached.
+        self.store_artifact(cache, &sha256, wasm.len(), &component).await;
         let prepared = Arc::new(PreparedPlugin {
             sha256: sha256.clone(),
             info,
@@ -258,6 +252,29 @@ impl Sandbox {
             .expect("prepared lock")
             .insert(sha256, prepared.clone());
         Ok(prepared)
+    }
+
+    /// The verified cached artifact of `wasm`, or `wasm` compiled (not yet cached: see
+    /// [`Sandbox::store_artifact`]).
+    async fn load_or_compile(&self, sha256: &str, wasm: &[u8]) -> Result<(Component, CacheOutcome), SandboxError> {
+        let inner = self.inner.clone();
+        let sha = sha256.to_string();
+        let bytes = wasm.to_vec();
+        tokio::task::spawn_blocking(move || match inner.cache.load(&inner.engine, &sha, bytes.len()) {
+            Some(component) => Ok((component, CacheOutcome::Hit)),
+            None => Component::new(&inner.engine, &bytes).map(|c| (c, CacheOutcome::Compiled)),
+        })
+        .await
+        .map_err(|e| SandboxError::Host(e.to_string()))?
+        .map_err(|e| SandboxError::Invalid(first_line(&format!("{e:#}"))))
+    }
+
+    /// Cache a freshly compiled component once it passed its checks.
+    async fn store_artifact(&self, outcome: CacheOutcome, sha256: &str, wasm_len: usize, component: &Component) {
+        if outcome == CacheOutcome::Compiled {
+            let (inner, sha, component) = (self.inner.clone(), sha256.to_string(), component.clone());
+            let _ = tokio::task::spawn_blocking(move || inner.cache.store(&sha, wasm_len, &component)).await;
+        }
     }
 
     fn instantiate_pre(&self, component: &Component) -> Result<InstancePre<State>, SandboxError> {
@@ -542,18 +559,13 @@ impl Sandbox {
     ) -> Result<ExecReport, SandboxError> {
         check_header(wasm)?;
         let sha256 = sha256_hex(wasm);
-        let (component, _) = {
-            let inner = self.inner.clone();
-            let bytes = wasm.to_vec();
-            tokio::task::spawn_blocking(move || inner.cache.load_or_compile(&inner.engine, &sha256, &bytes))
-                .await
-                .map_err(|e| SandboxError::Host(e.to_string()))?
-                .map_err(|e| SandboxError::Invalid(first_line(&format!("{e:#}"))))?
-        };
+        let (component, cache) = self.load_or_compile(&sha256, wasm).await?;
         let pre = self.instantiate_pre(&component)?;
         let pre = wasmtime_wasi::p2::bindings::CommandPre::new(pre).map_err(|_| {
             SandboxError::WrongWorld("`keel exec` runs WASI commands (components exporting wasi:cli/run)".into())
         })?;
+        // Only a component that is a command Keel can link is cached.
+        self.store_artifact(cache, &sha256, wasm.len(), &component).await;
         let CallStore {
             mut store,
             stdout,
@@ -769,12 +781,12 @@ fn convert_tool_error(error: wit::ToolError) -> ToolError {
 fn convert_info(raw: wit::PluginInfo) -> Result<PluginInfo, SandboxError> {
     let bad = |m: String| SandboxError::Describe(m);
     if !valid_name(&raw.name) {
-        return Err(bad(format!("plugin name `{}` must match [a-z0-9_-]{{1,64}}", raw.name)));
+        return Err(bad(format!("plugin name `{}` must match {NAME_RULE}", raw.name)));
     }
     let mut tools: Vec<ToolInfo> = Vec::with_capacity(raw.tools.len());
     for tool in raw.tools {
         if !valid_name(&tool.name) {
-            return Err(bad(format!("tool name `{}` must match [a-z0-9_-]{{1,64}}", tool.name)));
+            return Err(bad(format!("tool name `{}` must match {NAME_RULE}", tool.name)));
         }
         if tools.iter().any(|t| t.name == tool.name) {
             return Err(bad(format!("tool `{}` is declared twice", tool.name)));

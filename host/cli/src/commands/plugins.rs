@@ -43,7 +43,8 @@ impl GrantArgs {
     }
 
     /// Add these grants to `grants` (validated; duplicates collapse, a write grant upgrades a read one).
-    fn apply(&self, grants: &mut Grants) -> Result<(), CliError> {
+    /// No directory grant may reach the Keel home of `app` (see [`App::check_grants`]).
+    fn apply(&self, app: &App, grants: &mut Grants) -> Result<(), CliError> {
         let specs = self
             .read
             .iter()
@@ -77,7 +78,8 @@ impl GrantArgs {
             }
         }
         grants.allow_private_network |= self.allow_private_network;
-        Ok(())
+        app.check_grants(grants)
+            .map_err(|e| CliError::user(format!("refused grant: {e}")))
     }
 }
 
@@ -132,7 +134,12 @@ pub struct InstallArgs {
     grants: GrantArgs,
     #[command(flatten)]
     limits: LimitArgs,
-    /// When replacing an installed plugin of the same name, keep its previous grants.
+    /// Replace an installed plugin of the same name that came from another component (without it,
+    /// `install` asks on a terminal and refuses otherwise).
+    #[arg(long)]
+    replace: bool,
+    /// When replacing an installed plugin of the same name, keep its previous grants (only if the
+    /// new component requests nothing the old one did not).
     #[arg(long)]
     keep_grants: bool,
     /// Print the result as JSON.
@@ -260,11 +267,31 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
     let name = plugin.info.name.clone();
     let previous = app.db.get_plugin(&name).await?;
 
+    let replacing = previous.as_ref().filter(|old| old.sha256 != plugin.sha256);
+    if let Some(old) = replacing
+        && !args.replace
+    {
+        confirm_replace(old, &plugin, args.json)?;
+    }
+
     let mut grants = Grants::default();
     let mut notes = Vec::new();
     if let Some(old) = &previous {
         let old_grants = grants_of(old)?;
         if args.keep_grants {
+            if let Some(old) = replacing {
+                let old_info: PluginInfo = serde_json::from_value(old.info.clone())
+                    .map_err(|e| CliError::internal(format!("stored description of `{name}` is invalid: {e}")))?;
+                let beyond = requests_beyond(&plugin.info.requested(), &old_info.requested());
+                if !beyond.is_empty() {
+                    return Err(CliError::user(format!(
+                        "--keep-grants refused: {name} {} requests more than the installed {} did ({}); install it without --keep-grants and grant again",
+                        plugin.info.version,
+                        old.version,
+                        beyond.join(", ")
+                    )));
+                }
+            }
             grants = old_grants.clone();
         } else if old_grants != Grants::default() {
             notes.push(format!(
@@ -282,7 +309,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
             ));
         }
     }
-    args.grants.apply(&mut grants)?;
+    args.grants.apply(&app, &mut grants)?;
     let limits = match &previous {
         Some(old) if args.limits.overrides().is_empty() => old.limits.clone(),
         _ => Value::Object(args.limits.overrides()),
@@ -310,7 +337,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         updated_at: String::new(),
     };
     app.db.upsert_plugin(&record).await?;
-    if let Some(old) = previous.filter(|old| old.sha256 != plugin.sha256)
+    if let Some(old) = replacing
         && !app.db.component_in_use(&old.sha256).await?
     {
         let _ = app.components.remove(&old.sha256);
@@ -325,6 +352,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         value["compiled"] = json!(plugin.cache == keel_sandbox::CacheOutcome::Compiled);
         value["load_ms"] = json!(plugin.load_time.as_secs_f64() * 1e3);
         value["notes"] = json!(notes);
+        value["replaced"] = json!(replacing.map(|old| json!({"version": old.version, "sha256": old.sha256})));
         print_json(&value);
     } else {
         let how = match plugin.cache {
@@ -337,12 +365,71 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
             plugin.load_time.as_secs_f64() * 1e3,
             &plugin.sha256[..12]
         );
+        if let Some(old) = replacing {
+            println!(
+                "  replaced {name} {} (sha256 {}) with {} (sha256 {})",
+                old.version, old.sha256, plugin.info.version, plugin.sha256
+            );
+        }
         print_plugin(&plugin.info, &plugin.imports, &grants);
         for note in notes {
             println!("note: {note}");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Installing another component under a taken name replaces that plugin: only with `--replace`,
+/// or a yes on a terminal. Both hashes are shown so the user can tell what replaces what.
+fn confirm_replace(old: &PluginRecord, new: &PreparedPlugin, json: bool) -> Result<(), CliError> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let name = &old.name;
+    let what = format!(
+        "`{name}` is already installed from another component ({} sha256 {}); this one is {} sha256 {}",
+        old.version, old.sha256, new.info.version, new.sha256
+    );
+    if json || !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+        return Err(CliError::user(format!("{what}; pass --replace to replace it")));
+    }
+    eprint!("{what}.\nReplace it? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(()),
+        _ => Err(CliError::user(format!("`{name}` was not replaced"))),
+    }
+}
+
+/// What `new` requests that `old` did not: a directory not at or below an old request with at
+/// least its mode, a host or an environment variable not requested before.
+fn requests_beyond(new: &keel_sandbox::Capabilities, old: &keel_sandbox::Capabilities) -> Vec<String> {
+    let within = |path: &str, base: &str| {
+        base == "/" || path == base || path.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'))
+    };
+    let mut beyond: Vec<String> = new
+        .filesystem
+        .iter()
+        .filter(|f| {
+            !old.filesystem
+                .iter()
+                .any(|o| o.mode >= f.mode && within(&f.path, &o.path))
+        })
+        .map(|f| format!("{} ({})", f.path, f.mode))
+        .collect();
+    beyond.extend(
+        new.network
+            .iter()
+            .filter(|h| !old.network.iter().any(|o| o.eq_ignore_ascii_case(h)))
+            .map(|h| format!("net {h}")),
+    );
+    beyond.extend(
+        new.environment
+            .iter()
+            .filter(|v| !old.environment.contains(v))
+            .map(|v| format!("env {v}")),
+    );
+    beyond
 }
 
 /// Warnings about requests not granted and grants that cannot take effect.
@@ -506,7 +593,7 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
                 ));
             }
             let mut grants = grants_of(&record)?;
-            args.apply(&mut grants)?;
+            args.apply(&app, &mut grants)?;
             save_grants(&app, &record, &grants, json).await?;
         }
         PluginsCommand::Revoke {
@@ -730,7 +817,7 @@ pub async fn exec(home: &Path, args: ExecArgs) -> CliResult {
     let bytes = read_input(&args.file)?;
     let app = App::open(home).await?;
     let mut grants = Grants::default();
-    args.grants.apply(&mut grants)?;
+    args.grants.apply(&app, &mut grants)?;
     let mut limits = app.config.limits.clone();
     // A command's output is its product: capture far more than a tool's diagnostics.
     limits.max_stdio_bytes = limits.max_stdio_bytes.max(16 << 20);

@@ -25,7 +25,6 @@ use keel_kernel::model::{ModelDelta, ModelError, ModelPrice, ModelProvider, Mode
 use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::{ExecutionRequest, ExecutionResult, Kernel, KernelConfig, RuntimeKernel};
 use keel_models::ModelRouter;
-use keel_sandbox::{InstalledTool, SandboxToolHost};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -35,6 +34,7 @@ use crate::app::App;
 use crate::commands::kernel_app::DEFAULT_SCOPE;
 use crate::commands::policy::DEFAULT_POLICY_FILE;
 use crate::output::{CliError, CliResult};
+use crate::tools::RegistryToolHost;
 
 /// `PolicyRef::name` of a job run without a policy file.
 pub const ALLOW_ALL: &str = "allow-all";
@@ -316,8 +316,7 @@ impl AgentHost {
                 delay: Duration::from_millis(ms),
             });
         }
-        let tools = load_tools(&app, patterns).await?;
-        let tools = SandboxToolHost::new(app.sandbox.clone(), tools);
+        let tools = load_tools(app, patterns).await?;
         let rt = RuntimeKernel::new(
             kernel.clone(),
             models.clone(),
@@ -338,41 +337,16 @@ impl AgentHost {
     }
 }
 
-/// Load the installed plugins that `patterns` (`plugin/tool` globs) can match.
-async fn load_tools(app: &App, patterns: Option<&[String]>) -> Result<Vec<InstalledTool>, CliError> {
-    let installed = app.db.list_plugins().await?;
-    let wanted: Vec<&keel_store::plugins::PluginRecord> = match patterns {
-        None => installed.iter().collect(),
-        Some(patterns) => {
-            let mut wanted = Vec::new();
-            for p in patterns {
-                let plugin = p.split('/').next().unwrap_or(p);
-                let glob = globset::Glob::new(plugin)
-                    .map_err(|e| CliError::user(format!("bad tool pattern {p:?}: {e}")))?
-                    .compile_matcher();
-                let matched: Vec<_> = installed.iter().filter(|r| glob.is_match(&r.name)).collect();
-                if matched.is_empty() && !plugin.contains(['*', '?', '[', '{']) {
-                    // Same message as `keel call` for an unknown plugin.
-                    app.record(plugin).await?;
-                }
-                for r in matched {
-                    if !wanted
-                        .iter()
-                        .any(|w: &&keel_store::plugins::PluginRecord| w.name == r.name)
-                    {
-                        wanted.push(r);
-                    }
-                }
-            }
-            wanted
-        }
-    };
-    let mut tools = Vec::new();
-    for record in wanted {
-        let (plugin, grants, limits) = app.load(record).await?;
-        tools.push(InstalledTool { plugin, grants, limits });
+/// The tool host for the installed plugins that `patterns` (`plugin/tool` globs) can match (all
+/// when `None`). Plugins are keyed by their registry name and loaded when first called; one that
+/// cannot be loaded is reported and skipped, never fatal. Named patterns are loaded up front, so
+/// `keel run` reports a broken plugin before the job starts.
+async fn load_tools(app: App, patterns: Option<&[String]>) -> Result<RegistryToolHost, CliError> {
+    let host = RegistryToolHost::new(Arc::new(app), patterns).await?;
+    if patterns.is_some() {
+        host.warm().await?;
     }
-    Ok(tools)
+    Ok(host)
 }
 
 /// Create `request` as a QUEUED agent job without running it here (`--detach`): the next worker

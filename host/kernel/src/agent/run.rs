@@ -220,20 +220,49 @@ pub(crate) fn round_cost(c: Decimal) -> Decimal {
         .normalize()
 }
 
-/// The model-facing name of `plugin/tool`: `plugin__tool`, restricted to `[a-zA-Z0-9_-]{1,64}`.
+/// The model-facing name of `plugin/tool`, within `[a-zA-Z0-9_-]{1,64}` and injective: distinct tools
+/// never share a name, so no plugin can shadow another's tool.
+///
+/// A well-formed name keeps the readable form `plugin__tool`: plugin and tool are non-empty, in the
+/// model alphabet, free of `__` (install refuses `__` in names), the plugin does not end in `_`, and
+/// the whole fits in 64 characters. Such a name decodes back uniquely (split at the first `__`).
+/// Anything else (other characters, truncation, no or several `/`) becomes a sanitised prefix plus
+/// `__` and 16 hex digits of the sha256 of the qualified name; a readable name never has that shape
+/// (one that would is hashed too), so the two forms cannot meet.
 pub fn model_tool_name(qualified: &str) -> String {
-    let name: String = qualified
+    const MAX: usize = 64;
+    const HASH_HEX: usize = 16;
+    let part = |s: &str| {
+        !s.is_empty() && !s.contains("__") && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    let looks_hashed = |name: &str| {
+        name.len() > HASH_HEX + 2
+            && name[..name.len() - HASH_HEX].ends_with("__")
+            && name[name.len() - HASH_HEX..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if let Some((plugin, tool)) = qualified.split_once('/')
+        && part(plugin)
+        && part(tool)
+        && !plugin.ends_with('_')
+        && plugin.len() + 2 + tool.len() <= MAX
+    {
+        let name = format!("{plugin}__{tool}");
+        if !looks_hashed(&name) {
+            return name;
+        }
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(qualified.as_bytes());
+    let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let prefix: String = qualified
         .replace('/', "__")
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .take(MAX - 2 - HASH_HEX)
         .collect();
-    name.chars().take(64).collect()
+    format!("{prefix}__{}", &hash[..HASH_HEX])
 }
 
 /// An upper bound on the prompt's tokens, used only to size holds: every token of a BPE tokenizer

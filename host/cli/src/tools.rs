@@ -1,0 +1,188 @@
+//! The kernel's [`ToolHost`] over the plugin registry of a Keel home.
+//!
+//! The registry is the record of truth: tools are listed from what each plugin described at
+//! install time, under the name it was installed as, and a plugin is loaded only when one of its
+//! tools is called. A plugin whose component cannot be loaded, or no longer describes itself as
+//! recorded, is reported once on stderr and skipped: its calls fail as tool errors, and every other
+//! plugin and job keeps running. Grants and limits are read from the registry at each call, so a
+//! revoke takes effect in a running worker.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use keel_kernel::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutput};
+use keel_sandbox::{Grants, Limits, PluginInfo, PreparedPlugin};
+use keel_store::plugins::PluginRecord;
+
+use crate::app::App;
+use crate::output::CliError;
+
+/// Serves the tools of the installed plugins whose names match a set of globs.
+pub struct RegistryToolHost {
+    app: Arc<App>,
+    /// Plugin-name globs this host serves; `None`: every installed plugin.
+    scope: Option<globset::GlobSet>,
+    /// Prepared components by sha256 (a component is read and hashed once per process).
+    prepared: Mutex<HashMap<String, Arc<PreparedPlugin>>>,
+    /// Load failures already reported (plugin, sha256, message).
+    warned: Mutex<HashSet<(String, String, String)>>,
+}
+
+impl RegistryToolHost {
+    /// A host for the plugins that `patterns` (`plugin`, `plugin/tool` or globs) can reach, or
+    /// for every installed plugin when `None`. A pattern naming a plugin that is not installed is a
+    /// user error.
+    pub async fn new(app: Arc<App>, patterns: Option<&[String]>) -> Result<Self, CliError> {
+        let scope = match patterns {
+            None => None,
+            Some(patterns) => {
+                let mut set = globset::GlobSetBuilder::new();
+                for p in patterns {
+                    let plugin = p.split('/').next().unwrap_or(p);
+                    let glob = globset::Glob::new(plugin)
+                        .map_err(|e| CliError::user(format!("bad tool pattern {p:?}: {e}")))?;
+                    if !plugin.contains(['*', '?', '[', '{']) {
+                        // Same message as `keel call` for an unknown plugin.
+                        app.record(plugin).await?;
+                    }
+                    set.add(glob);
+                }
+                Some(
+                    set.build()
+                        .map_err(|e| CliError::user(format!("bad tool patterns: {e}")))?,
+                )
+            }
+        };
+        Ok(Self {
+            app,
+            scope,
+            prepared: Mutex::default(),
+            warned: Mutex::default(),
+        })
+    }
+
+    fn in_scope(&self, plugin: &str) -> bool {
+        self.scope.as_ref().is_none_or(|set| set.is_match(plugin))
+    }
+
+    /// Load every plugin in scope now, reporting the ones that cannot be loaded (they stay skipped).
+    pub async fn warm(&self) -> Result<(), CliError> {
+        for record in self.app.db.list_plugins().await? {
+            if self.in_scope(&record.name) {
+                let _ = self.load(&record).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The plugin of `record`, verified against it, with its grants and limits; on failure the
+    /// reason, reported on stderr once.
+    async fn load(&self, record: &PluginRecord) -> Result<(Arc<PreparedPlugin>, Grants, Limits), String> {
+        let cached = self
+            .prepared
+            .lock()
+            .expect("prepared lock")
+            .get(&record.sha256)
+            .cloned();
+        let loaded = match cached {
+            Some(plugin) => self.app.verify(record, &plugin),
+            None => match self.app.prepare_record(record).await {
+                Ok(plugin) => {
+                    self.prepared
+                        .lock()
+                        .expect("prepared lock")
+                        .insert(record.sha256.clone(), plugin.clone());
+                    self.app.verify(record, &plugin)
+                }
+                Err(e) => Err(e),
+            },
+        };
+        loaded.map_err(|e| {
+            let key = (record.name.clone(), record.sha256.clone(), e.message.clone());
+            if self.warned.lock().expect("warned lock").insert(key) {
+                tracing::warn!(plugin = %record.name, error = %e.message, "plugin skipped");
+                eprintln!(
+                    "warning: plugin `{}` cannot be loaded and is skipped (its tools fail): {}",
+                    record.name, e.message
+                );
+            }
+            e.message
+        })
+    }
+}
+
+/// The tools of `info`, addressed by the registry's `plugin` name.
+fn descriptors(plugin: &str, info: &PluginInfo) -> impl Iterator<Item = ToolDescriptor> {
+    info.tools.iter().map(move |tool| ToolDescriptor {
+        plugin: plugin.to_string(),
+        name: tool.name.clone(),
+        description: tool.description.clone(),
+        input_schema: tool.input_schema.clone(),
+        output_schema: tool.output_schema.clone(),
+        idempotent: tool.idempotent,
+    })
+}
+
+fn host_error(e: impl std::fmt::Display) -> ToolError {
+    ToolError::Host { message: e.to_string() }
+}
+
+impl ToolHost for RegistryToolHost {
+    fn list_tools(&self) -> BoxFuture<'_, Result<Vec<ToolDescriptor>, ToolError>> {
+        Box::pin(async move {
+            let mut tools = Vec::new();
+            for record in self.app.db.list_plugins().await.map_err(host_error)? {
+                if !self.in_scope(&record.name) {
+                    continue;
+                }
+                match serde_json::from_value::<PluginInfo>(record.info.clone()) {
+                    Ok(info) => tools.extend(descriptors(&record.name, &info)),
+                    Err(e) => eprintln!(
+                        "warning: plugin `{}` is skipped: its stored description is invalid: {e}",
+                        record.name
+                    ),
+                }
+            }
+            Ok(tools)
+        })
+    }
+
+    fn call_tool<'a>(
+        &'a self,
+        ctx: &'a ToolCallContext,
+        tool: &'a str,
+        arguments: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<ToolOutput, ToolError>> {
+        Box::pin(async move {
+            let unknown = || ToolError::UnknownTool { tool: tool.to_string() };
+            let (plugin, name) = tool.split_once('/').ok_or_else(unknown)?;
+            if !self.in_scope(plugin) {
+                return Err(unknown());
+            }
+            let record = self
+                .app
+                .db
+                .get_plugin(plugin)
+                .await
+                .map_err(host_error)?
+                .ok_or_else(unknown)?;
+            let known = record.info["tools"]
+                .as_array()
+                .is_some_and(|tools| tools.iter().any(|t| t["name"] == name));
+            if !known {
+                return Err(unknown());
+            }
+            let (prepared, grants, limits) = self
+                .load(&record)
+                .await
+                .map_err(|why| host_error(format!("plugin `{plugin}` cannot be loaded: {why}")))?;
+            let report = self
+                .app
+                .sandbox
+                .call(&prepared, &grants, &limits, ctx, name, arguments)
+                .await;
+            report.result
+        })
+    }
+}

@@ -18,7 +18,7 @@ mod sandbox;
 mod toolhost;
 
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
-pub use config::{Limits, SandboxConfig};
+pub use config::{DescribeLimits, Limits, SandboxConfig};
 pub use grants::{FsGrant, GrantError, Grants};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
 pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};

@@ -110,7 +110,7 @@ fn plugin_text_is_escaped_in_install_show_list_and_call() {
     assert!(shown.contains("\\x1b]52;c;"), "escapes are shown visibly: {shown}");
     assert!(shown.contains("\\u{9b}31m"), "{shown}");
     assert_eq!(
-        shown.lines().filter(|l| l.contains("requests:")).count(),
+        shown.lines().filter(|l| l.trim_start().starts_with("requests:")).count(),
         1,
         "only the real `requests:` line: {shown}"
     );
@@ -145,7 +145,9 @@ fn plugin_text_is_escaped_in_install_show_list_and_call() {
         let out = home.run(&["call", &format!("hostile-describe/{tool}")]);
         assert_eq!(out.status.code(), Some(1), "{tool}: {}", text(&out));
         assert_clean(&format!("call {tool}"), &out);
-        one_clear_line(&String::from_utf8_lossy(&out.stderr));
+        // One `error:` line (the panic tool's line says, rightly, that the plugin panicked).
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.lines().count() == 1 && stderr.starts_with("error: "), "{stderr}");
     }
 }
 
@@ -157,7 +159,7 @@ fn plugin_and_model_text_is_escaped_in_run() {
     let usage = json!({ "input_tokens": 1, "output_tokens": 1 });
     let script = json!({ "turns": [
         { "tool_calls": [call("hostile-describe__echo"), call("hostile-describe__fail"), call("hostile-describe__panic")], "usage": usage },
-        { "text": "done\u{1b}]0;model-title\u{7}\u{9b}2J\r\n  requests: nothing", "usage": usage },
+        { "text": "done\u{1b}]0;model-title\u{7}\u{9b}2J\r", "usage": usage },
     ]});
     std::fs::write(p.join("script.json"), script.to_string()).unwrap();
     std::fs::write(
@@ -186,7 +188,7 @@ fn plugin_and_model_text_is_escaped_in_run() {
 fn bad_describe_answers_are_refused_with_one_clear_line() {
     let home = Home::new();
     for (mode, says) in [
-        ("version", "is not a semantic version"),
+        ("version", "the version `1.0.0\\x1b[2J"),
         ("path-e", "\"é\", which is not absolute"),
         ("path-rel", "\"relative\", which is not absolute"),
         ("path-dot", "\"/a/../b\", which is not normalised"),

@@ -203,7 +203,10 @@ mod tests {
         assert!(!json.chars().any(|c| c.is_control() && c != '\n'), "{json}");
         let back: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(back["a"], "\x1b[0m\u{9b}\u{7f}\u{202e}");
-        for s in [sanitize_line("\x00\x1b\u{7f}\u{80}\u{9f}"), sanitize("\x00\x1b\u{7f}\u{80}\u{9f}")] {
+        for s in [
+            sanitize_line("\x00\x1b\u{7f}\u{80}\u{9f}"),
+            sanitize("\x00\x1b\u{7f}\u{80}\u{9f}"),
+        ] {
             assert!(!s.chars().any(|c| c.is_control()), "{s:?}");
         }
     }

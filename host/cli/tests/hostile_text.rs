@@ -110,7 +110,10 @@ fn plugin_text_is_escaped_in_install_show_list_and_call() {
     assert!(shown.contains("\\x1b]52;c;"), "escapes are shown visibly: {shown}");
     assert!(shown.contains("\\u{9b}31m"), "{shown}");
     assert_eq!(
-        shown.lines().filter(|l| l.trim_start().starts_with("requests:")).count(),
+        shown
+            .lines()
+            .filter(|l| l.trim_start().starts_with("requests:"))
+            .count(),
         1,
         "only the real `requests:` line: {shown}"
     );
@@ -126,7 +129,11 @@ fn plugin_text_is_escaped_in_install_show_list_and_call() {
         assert_clean(&format!("{args:?}"), &out);
         if args.contains(&"--json") {
             let value: Value = serde_json::from_slice(&out.stdout).expect("still valid JSON");
-            let description = if value.is_array() { &value[0]["description"] } else { &value["description"] };
+            let description = if value.is_array() {
+                &value[0]["description"]
+            } else {
+                &value["description"]
+            };
             assert!(
                 description.as_str().unwrap().contains("\u{9b}31m"),
                 "JSON keeps the exact text, escaped: {value}"
@@ -178,7 +185,10 @@ fn plugin_and_model_text_is_escaped_in_run() {
         assert_clean(&format!("run (json {json_lines})"), &out);
         if !json_lines {
             let shown = text(&out);
-            assert!(shown.contains("failure\\x1b[2J"), "the tool error is shown escaped: {shown}");
+            assert!(
+                shown.contains("failure\\x1b[2J"),
+                "the tool error is shown escaped: {shown}"
+            );
             assert!(shown.contains("done\\x1b]0;model-title"), "{shown}");
         }
     }
@@ -313,5 +323,7 @@ fn exec_keeps_program_failure_apart_from_keel_errors() {
         assert_eq!(out.status.code(), Some(1), "a failing program is 1: {}", text(&out));
         assert!(out.stderr.is_empty(), "{}", text(&out));
     }
-    one_clear_line(&String::from_utf8_lossy(&home.expect(&["exec", "/nonexistent.wasm"], 2).stderr));
+    one_clear_line(&String::from_utf8_lossy(
+        &home.expect(&["exec", "/nonexistent.wasm"], 2).stderr,
+    ));
 }

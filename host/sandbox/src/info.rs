@@ -200,7 +200,17 @@ mod tests {
             assert_eq!(check_guest_path(ok, 64), Ok(()), "{ok}");
         }
         for bad in [
-            "", "é", "relative", "data/sub", "/a/../b", "/a/./b", "/..", "//a", "/a/", "/a//b", "/a\x1b[2J",
+            "",
+            "é",
+            "relative",
+            "data/sub",
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "//a",
+            "/a/",
+            "/a//b",
+            "/a\x1b[2J",
             "/a\nrequests: nothing",
         ] {
             assert!(check_guest_path(bad, 64).is_err(), "{bad:?}");
@@ -213,7 +223,15 @@ mod tests {
         for ok in ["0.1.0", "1.2.3-beta.1+build.5"] {
             assert_eq!(check_version(ok, 64), Ok(()), "{ok}");
         }
-        for bad in ["", "1", "1.2", "v1.2.3", "1.2.3\x1b[2J", "1.2.3\nrequests: nothing", "01.2.3"] {
+        for bad in [
+            "",
+            "1",
+            "1.2",
+            "v1.2.3",
+            "1.2.3\x1b[2J",
+            "1.2.3\nrequests: nothing",
+            "01.2.3",
+        ] {
             assert!(check_version(bad, 64).is_err(), "{bad:?}");
         }
         assert!(check_version(&format!("1.2.3-{}", "a".repeat(64)), 64).is_err());

@@ -780,19 +780,29 @@ fn convert_info(raw: wit::PluginInfo, limits: &DescribeLimits) -> Result<PluginI
             )));
         }
         for fs in &caps.filesystem {
-            check_guest_path(&fs.path, limits.max_path_bytes)
-                .map_err(|e| bad(format!("tool `{}` requests the path {:?}, which {e}", tool.name, fs.path)))?;
+            check_guest_path(&fs.path, limits.max_path_bytes).map_err(|e| {
+                bad(format!(
+                    "tool `{}` requests the path {:?}, which {e}",
+                    tool.name, fs.path
+                ))
+            })?;
         }
         for host in &caps.network {
             // Host names are ASCII (IDNs in punycode); this also keeps control characters out.
             if host.len() > 261 || !host.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(bad(format!("tool `{}` requests the network host {host:?}, which is not a host name", tool.name)));
+                return Err(bad(format!(
+                    "tool `{}` requests the network host {host:?}, which is not a host name",
+                    tool.name
+                )));
             }
             crate::grants::validate_host_pattern(host).map_err(|e| bad(format!("tool `{}`: {e}", tool.name)))?;
         }
         for var in &caps.environment {
             if var.len() > 256 {
-                return Err(bad(format!("tool `{}` requests an environment variable name longer than 256 bytes", tool.name)));
+                return Err(bad(format!(
+                    "tool `{}` requests an environment variable name longer than 256 bytes",
+                    tool.name
+                )));
             }
             crate::grants::validate_env_name(var).map_err(|e| bad(format!("tool `{}`: {e}", tool.name)))?;
         }

@@ -195,7 +195,11 @@ fn print_job(job: &Job) {
         println!("  deadline   {}", when(Some(deadline)));
     }
     if let Some(error) = &job.error {
-        println!("  error      {}: {}", sanitize_line(&error.code), sanitize_line(&error.message));
+        println!(
+            "  error      {}: {}",
+            sanitize_line(&error.code),
+            sanitize_line(&error.message)
+        );
     }
     if let Some(result) = &job.result_ref {
         println!("  result     {}", sanitize_line(result));

@@ -72,7 +72,10 @@ pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
                                 None => rt.resume_orphans(rt.kernel().clock().now()).await.map(|_| ()),
                             };
                             if let Err(e) = r {
-                                eprintln!("note: cannot resume job {id} yet: {}", sanitize_line(&agent_error(e).message));
+                                eprintln!(
+                                    "note: cannot resume job {id} yet: {}",
+                                    sanitize_line(&agent_error(e).message)
+                                );
                             } else if rt.running_jobs().contains(&id) && !said {
                                 eprintln!("note: resumed job {id} in this process");
                                 said = true;

@@ -24,7 +24,8 @@ static MODE: [u8; 35] = *b"KEEL-HOSTILE-DESCRIBE-MODE:text____";
 
 /// Escapes that would clear the screen, set the title, write the clipboard and recolour text,
 /// followed by a newline forging the line `keel plugins show` prints for capability requests.
-const EVIL: &str = "\x1b[2J\x1b]0;pwned-title\x07\x1b]52;c;cHduZWQ=\x07\u{9b}31m\u{202e}evil\x7f\r\n  requests: nothing\n";
+const EVIL: &str =
+    "\x1b[2J\x1b]0;pwned-title\x07\x1b]52;c;cHduZWQ=\x07\u{9b}31m\u{202e}evil\x7f\r\n  requests: nothing\n";
 
 fn mode() -> String {
     // Volatile: the compiler must read the (patched) bytes, not fold the initial value.

@@ -86,6 +86,41 @@ impl KeelConfig {
     }
 }
 
+/// Create the Keel home, or tighten an existing one, so only its owner can enter it: the home,
+/// `cache/` and `components/` are made owner-only (0700), whatever the umask (the database, its
+/// grants and its job history are private). Called by every command before it opens the database.
+pub fn prepare_home(home: &Path) -> Result<(), CliError> {
+    if let Some(parent) = home.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| CliError::user(format!("cannot create Keel home {}: {e}", home.display())))?;
+    }
+    for dir in [home.to_path_buf(), home.join("cache"), home.join("components")] {
+        private_dir(&dir).map_err(|e| CliError::user(format!("cannot create Keel home {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Create `dir` with mode 0700, or set an existing directory's mode to 0700 if others have any access.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    match builder.create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(e),
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700 | 0o700))?;
+        }
+    }
+    Ok(())
+}
+
 /// Everything a plugin command needs.
 pub struct App {
     /// The Keel home (canonical).
@@ -103,8 +138,7 @@ pub struct App {
 impl App {
     /// Open (creating if needed) the Keel home.
     pub async fn open(home: &Path) -> Result<Self, CliError> {
-        std::fs::create_dir_all(home)
-            .map_err(|e| CliError::user(format!("cannot create Keel home {}: {e}", home.display())))?;
+        prepare_home(home)?;
         let home = &std::fs::canonicalize(home)
             .map_err(|e| CliError::user(format!("cannot open Keel home {}: {e}", home.display())))?;
         let config = KeelConfig::load(home)?;

@@ -63,6 +63,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    output::default_sigpipe();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "warn".into()))

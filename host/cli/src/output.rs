@@ -1,5 +1,7 @@
 //! Errors and exit codes at the CLI edge: one clear sentence, no backtraces.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::process::ExitCode;
 
 /// How a command failed, which decides the exit code.
@@ -58,7 +60,7 @@ impl CliError {
 
     /// Print to stderr and return the exit code.
     pub fn report(self) -> ExitCode {
-        eprintln!("error: {}", self.message);
+        eprintln!("error: {}", sanitize_line(&self.message));
         ExitCode::from(self.exit_code())
     }
 }
@@ -89,10 +91,123 @@ impl From<keel_sandbox::GrantError> for CliError {
     }
 }
 
-/// Print `value` as pretty JSON on stdout.
+/// Print `value` as pretty JSON on stdout (terminal-safe, see [`json_text`]).
 pub fn print_json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(value).expect("CLI values serialize"));
+    println!("{}", json_text(value, true));
+}
+
+/// `value` as JSON text that is also safe on a terminal: serde_json escapes C0 controls in
+/// strings but writes DEL, C1 controls (U+009B is a one-character CSI) and bidi overrides raw;
+/// those can only occur inside strings, so they become `\uXXXX` escapes (the same JSON value).
+pub fn json_text(value: &impl serde::Serialize, pretty: bool) -> String {
+    let text = if pretty {
+        serde_json::to_string_pretty(value)
+    } else {
+        serde_json::to_string(value)
+    }
+    .expect("CLI values serialize");
+    if !text.chars().any(|c| c.is_control() || is_bidi_control(c)) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        // Pretty output's own newlines and indentation are the only C0 characters outside strings.
+        if (c.is_control() && !matches!(c, '\n' | ' ')) || is_bidi_control(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Result of a command.
 pub type CliResult = Result<ExitCode, CliError>;
+
+/// Escape terminal control characters in text a plugin (or a model) produced, so printing it cannot
+/// move the cursor, rewrite earlier lines, set the window title or write the clipboard.
+///
+/// C0 controls (U+0000–U+001F) other than `\n` and `\t`, DEL (U+007F) and C1 controls
+/// (U+0080–U+009F, e.g. the one-character CSI U+009B) are shown as `\xNN` / `\u{NN}`; a `\r` is
+/// escaped too (it would let the text overwrite its own line), and so are bidi overrides (U+202E
+/// ...). Text without any is borrowed as is.
+/// Use [`sanitize_line`] for a field printed on one line.
+pub fn sanitize(text: &str) -> Cow<'_, str> {
+    escape(text, |c| c == '\n' || c == '\t')
+}
+
+/// Like [`sanitize`], for one-line fields (a name, a version, a path, an error message): newlines
+/// and tabs are escaped too, so the text cannot forge the lines printed after it.
+pub fn sanitize_line(text: &str) -> Cow<'_, str> {
+    escape(text, |_| false)
+}
+
+fn escape(text: &str, keep: impl Fn(char) -> bool) -> Cow<'_, str> {
+    // `is_control` is exactly C0, DEL and C1; bidi overrides could reorder what the line appears to say.
+    let bad = |c: char| (c.is_control() || is_bidi_control(c)) && !keep(c);
+    if !text.chars().any(bad) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if !bad(c) {
+            out.push(c);
+            continue;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Unicode bidirectional formatting characters (the "Trojan Source" set).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Let a write to a closed pipe end the process quietly, as other command-line tools do
+/// (`keel plugins list | head -1`): Rust ignores `SIGPIPE`, so `println!` would panic instead.
+/// Called first thing in `main`; everything the command stored before is already committed.
+pub fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called once at startup before any other thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_visibly() {
+        assert!(matches!(sanitize("plain text é ✓\n\tnext"), Cow::Borrowed(_)));
+        assert_eq!(sanitize("a\x1b[2Jb"), "a\\x1b[2Jb");
+        assert_eq!(sanitize("\x1b]0;title\x07"), "\\x1b]0;title\\x07");
+        assert_eq!(sanitize("\u{9b}31m\u{7f}\r"), "\\u{9b}31m\\x7f\\r");
+        assert_eq!(sanitize("one\ntwo"), "one\ntwo");
+        assert_eq!(sanitize_line("one\ntwo\tthree\r"), "one\\ntwo\\tthree\\r");
+        assert_eq!(sanitize_line("\u{85}next line"), "\\u{85}next line");
+        assert_eq!(sanitize("x\u{202e}y"), "x\\u{202e}y");
+        let json = json_text(&serde_json::json!({"a": "\x1b[0m\u{9b}\u{7f}\u{202e}"}), true);
+        assert!(!json.chars().any(|c| c.is_control() && c != '\n'), "{json}");
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back["a"], "\x1b[0m\u{9b}\u{7f}\u{202e}");
+        for s in [
+            sanitize_line("\x00\x1b\u{7f}\u{80}\u{9f}"),
+            sanitize("\x00\x1b\u{7f}\u{80}\u{9f}"),
+        ] {
+            assert!(!s.chars().any(|c| c.is_control()), "{s:?}");
+        }
+    }
+}

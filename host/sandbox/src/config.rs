@@ -84,6 +84,42 @@ impl Limits {
     }
 }
 
+/// Bounds on what a plugin's `describe()` may declare, checked at install and at every load. They
+/// bound the host's own work on the plugin's behalf: a description is checked, stored and printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DescribeLimits {
+    /// Tools per plugin.
+    pub max_tools: usize,
+    /// Bytes of the plugin's description and of each tool's description.
+    pub max_description_bytes: usize,
+    /// Bytes of each tool's input and output JSON Schema.
+    pub max_schema_bytes: usize,
+    /// Bytes of the version string (which must be semver, e.g. `1.2.3` or `0.1.0-beta.1`).
+    pub max_version_bytes: usize,
+    /// Bytes of each requested filesystem path (absolute and normalised).
+    pub max_path_bytes: usize,
+    /// Capability requests (paths, hosts and variables together) per tool.
+    pub max_requests_per_tool: usize,
+    /// Wall-clock bound on preparing a plugin: validating, compiling (or loading the cached
+    /// artifact), pre-linking, running `describe()` and checking its answer, in milliseconds.
+    pub prepare_timeout_ms: u64,
+}
+
+impl Default for DescribeLimits {
+    fn default() -> Self {
+        Self {
+            max_tools: 1_000,
+            max_description_bytes: 4 << 10,
+            max_schema_bytes: 64 << 10,
+            max_version_bytes: 64,
+            max_path_bytes: 1_024,
+            max_requests_per_tool: 64,
+            prepare_timeout_ms: 120_000,
+        }
+    }
+}
+
 /// Engine-wide configuration.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -109,6 +145,8 @@ pub struct SandboxConfig {
     /// Extra trusted root certificates (DER) for plugins' HTTPS requests, added to the built-in
     /// Mozilla roots (`webpki-roots`). Default: none. For tests and private CAs.
     pub extra_tls_roots: Vec<Vec<u8>>,
+    /// Bounds on `describe()`'s answer and on the whole prepare step.
+    pub describe: DescribeLimits,
 }
 
 impl SandboxConfig {
@@ -124,6 +162,7 @@ impl SandboxConfig {
             max_wasm_stack: 1 << 20,
             resolver: Arc::new(crate::egress::SystemResolver),
             extra_tls_roots: Vec::new(),
+            describe: DescribeLimits::default(),
         }
     }
 }

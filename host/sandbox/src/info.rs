@@ -158,6 +158,43 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
+/// Check a filesystem path a tool requests in `describe()`: absolute, normalised (no empty, `.`
+/// or `..` components, no trailing `/` except the root itself), at most `max_bytes` bytes, and
+/// free of control characters. The reason is one phrase, e.g. "is not absolute".
+pub fn check_guest_path(path: &str, max_bytes: usize) -> Result<(), String> {
+    if path.len() > max_bytes {
+        return Err(format!("is longer than {max_bytes} bytes"));
+    }
+    if path.chars().any(char::is_control) {
+        return Err("contains control characters".into());
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err("is not absolute (it must start with `/`)".into());
+    };
+    if rest.is_empty() {
+        return Ok(());
+    }
+    for component in rest.split('/') {
+        match component {
+            "" => return Err("is not normalised (empty component or trailing `/`)".into()),
+            "." | ".." => return Err(format!("is not normalised (contains `{component}`)")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Check a plugin's version: semantic versioning (`1.2.3`, `0.1.0-beta.1+build.5`), at most
+/// `max_bytes` bytes.
+pub fn check_version(version: &str, max_bytes: usize) -> Result<(), String> {
+    if version.len() > max_bytes {
+        return Err(format!("is longer than {max_bytes} bytes"));
+    }
+    semver::Version::parse(version)
+        .map(|_| ())
+        .map_err(|e| format!("is not a semantic version such as 1.2.3 ({e})"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +208,48 @@ mod tests {
         for bad in ["", "Fs", "a b", "a/b", "a__b", "__", "a___b", &"x".repeat(65)] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn guest_paths_must_be_absolute_and_normalised() {
+        for ok in ["/", "/data", "/data/sub", "/é/ü", "/a.b/..c"] {
+            assert_eq!(check_guest_path(ok, 64), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "é",
+            "relative",
+            "data/sub",
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "//a",
+            "/a/",
+            "/a//b",
+            "/a\x1b[2J",
+            "/a\nrequests: nothing",
+        ] {
+            assert!(check_guest_path(bad, 64).is_err(), "{bad:?}");
+        }
+        assert!(check_guest_path(&format!("/{}", "a".repeat(64)), 64).is_err());
+    }
+
+    #[test]
+    fn versions_are_semver() {
+        for ok in ["0.1.0", "1.2.3-beta.1+build.5"] {
+            assert_eq!(check_version(ok, 64), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "1",
+            "1.2",
+            "v1.2.3",
+            "1.2.3\x1b[2J",
+            "1.2.3\nrequests: nothing",
+            "01.2.3",
+        ] {
+            assert!(check_version(bad, 64).is_err(), "{bad:?}");
+        }
+        assert!(check_version(&format!("1.2.3-{}", "a".repeat(64)), 64).is_err());
     }
 }

@@ -21,7 +21,7 @@ mod sandbox;
 mod toolhost;
 
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
-pub use config::{Limits, SandboxConfig};
+pub use config::{DescribeLimits, Limits, SandboxConfig};
 pub use egress::{Resolver, SystemResolver};
 pub use grants::{FileIdentity, FsGrant, GrantError, Grants, Preopen};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};

@@ -1,7 +1,7 @@
 //! The sandbox: one shared engine, prepared plugins (validated, precompiled, pre-linked), and
 //! calls that each run in a fresh store with only the granted capabilities and the call's limits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,11 +13,14 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use crate::cache::{ArtifactCache, CacheOutcome, sha256_hex};
-use crate::config::{Limits, SandboxConfig};
+use crate::config::{DescribeLimits, Limits, SandboxConfig};
 use crate::grants::{Grants, NetPolicy, Preopen};
 use crate::host::bindings::{ToolPre, keel::plugin::types as wit};
 use crate::host::{CallJournal, ConnectionBudget, Denial, Limiter, LogRecord, NetHooks, ProgressRecord, State};
-use crate::info::{Capabilities, FsMode, FsRequest, ImportSummary, NAME_RULE, PluginInfo, ToolInfo, valid_name};
+use crate::info::{
+    Capabilities, FsMode, FsRequest, ImportSummary, NAME_RULE, PluginInfo, ToolInfo, check_guest_path, check_version,
+    valid_name,
+};
 
 /// The WIT package this host implements.
 pub const WIT_PACKAGE: &str = "keel:plugin";
@@ -223,7 +226,20 @@ impl Sandbox {
 
     /// Validate, compile (or load from the verified cache), pre-link and describe a component.
     /// Prepared plugins are memoised by sha256 for the life of the sandbox.
+    /// The whole step is bounded by [`DescribeLimits::prepare_timeout_ms`].
     pub async fn prepare(&self, wasm: &[u8]) -> Result<Arc<PreparedPlugin>, SandboxError> {
+        let bound = Duration::from_millis(self.inner.config.describe.prepare_timeout_ms);
+        tokio::time::timeout(bound, self.prepare_unbounded(wasm))
+            .await
+            .unwrap_or_else(|_| {
+                Err(SandboxError::Invalid(format!(
+                    "preparing the plugin (compile and describe) took longer than {} ms",
+                    bound.as_millis()
+                )))
+            })
+    }
+
+    async fn prepare_unbounded(&self, wasm: &[u8]) -> Result<Arc<PreparedPlugin>, SandboxError> {
         check_header(wasm)?;
         let sha256 = sha256_hex(wasm);
         if let Some(found) = self.inner.prepared.lock().expect("prepared lock").get(&sha256) {
@@ -357,7 +373,7 @@ impl Sandbox {
             Err(_) => return Err(SandboxError::Describe("timed out".into())),
         };
         drop(journal);
-        convert_info(raw)
+        convert_info(raw, &self.inner.config.describe)
     }
 
     /// Build a fresh store holding only `preopens` and the network and environment of `grants`,
@@ -778,28 +794,94 @@ fn convert_tool_error(error: wit::ToolError) -> ToolError {
     }
 }
 
-fn convert_info(raw: wit::PluginInfo) -> Result<PluginInfo, SandboxError> {
+/// Check `describe()`'s answer and convert it. Every check is linear in the answer's size and the
+/// answer is bounded by `limits` before anything is parsed, so a hostile answer costs little.
+fn convert_info(raw: wit::PluginInfo, limits: &DescribeLimits) -> Result<PluginInfo, SandboxError> {
     let bad = |m: String| SandboxError::Describe(m);
     if !valid_name(&raw.name) {
         return Err(bad(format!("plugin name `{}` must match {NAME_RULE}", raw.name)));
     }
+    check_version(&raw.version, limits.max_version_bytes)
+        .map_err(|e| bad(format!("the version `{}` {e}", raw.version)))?;
+    if raw.description.len() > limits.max_description_bytes {
+        return Err(bad(format!(
+            "the plugin description is {} bytes, more than the limit of {}",
+            raw.description.len(),
+            limits.max_description_bytes
+        )));
+    }
+    if raw.tools.len() > limits.max_tools {
+        return Err(bad(format!(
+            "it declares {} tools, more than the limit of {} per plugin",
+            raw.tools.len(),
+            limits.max_tools
+        )));
+    }
+    let mut names = HashSet::with_capacity(raw.tools.len());
     let mut tools: Vec<ToolInfo> = Vec::with_capacity(raw.tools.len());
     for tool in raw.tools {
         if !valid_name(&tool.name) {
             return Err(bad(format!("tool name `{}` must match {NAME_RULE}", tool.name)));
         }
-        if tools.iter().any(|t| t.name == tool.name) {
+        if !names.insert(tool.name.clone()) {
             return Err(bad(format!("tool `{}` is declared twice", tool.name)));
         }
+        if tool.description.len() > limits.max_description_bytes {
+            return Err(bad(format!(
+                "the description of tool `{}` is {} bytes, more than the limit of {}",
+                tool.name,
+                tool.description.len(),
+                limits.max_description_bytes
+            )));
+        }
         let schema = |text: &str, what: &str| {
+            if text.len() > limits.max_schema_bytes {
+                return Err(bad(format!(
+                    "tool `{}` {what} schema is {} bytes, more than the limit of {}",
+                    tool.name,
+                    text.len(),
+                    limits.max_schema_bytes
+                )));
+            }
             serde_json::from_str::<serde_json::Value>(text)
                 .map_err(|e| bad(format!("tool `{}` {what} schema is not JSON: {e}", tool.name)))
         };
         let input_schema = schema(&tool.input_schema, "input")?;
         let output_schema = tool.output_schema.as_deref().map(|s| schema(s, "output")).transpose()?;
         let caps = tool.capabilities;
+        let requests = caps.filesystem.len() + caps.network.len() + caps.environment.len();
+        if requests > limits.max_requests_per_tool {
+            return Err(bad(format!(
+                "tool `{}` makes {requests} capability requests, more than the limit of {}",
+                tool.name, limits.max_requests_per_tool
+            )));
+        }
+        for fs in &caps.filesystem {
+            check_guest_path(&fs.path, limits.max_path_bytes).map_err(|e| {
+                bad(format!(
+                    "tool `{}` requests the path {:?}, which {e}",
+                    tool.name, fs.path
+                ))
+            })?;
+        }
         for host in &caps.network {
+            // Host names are ASCII (IDNs in punycode); this also keeps control characters out.
+            if host.len() > 261 || !host.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(bad(format!(
+                    "tool `{}` requests the network host {host:?}, which is not a host name",
+                    tool.name
+                )));
+            }
             crate::grants::validate_host_pattern(host).map_err(|e| bad(format!("tool `{}`: {e}", tool.name)))?;
+        }
+        for var in &caps.environment {
+            if var.len() > 256 {
+                return Err(bad(format!(
+                    "tool `{}` requests an environment variable name longer than 256 bytes",
+                    tool.name
+                )));
+            }
+            crate::grants::validate_env_name(var).map_err(|e| bad(format!("tool `{}`: {e}", tool.name)))?;
         }
         tools.push(ToolInfo {
             name: tool.name,

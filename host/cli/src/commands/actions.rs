@@ -12,7 +12,7 @@ use keel_kernel::action::{Action, ActionFilter, ActionState, Resolution};
 use serde_json::Value;
 
 use crate::commands::kernel_app::{DEFAULT_SCOPE, open_kernel, parse_id, when};
-use crate::output::{CliError, CliResult, print_json};
+use crate::output::{CliError, CliResult, print_json, sanitize_line};
 
 /// `keel actions ...`.
 #[derive(Debug, Subcommand)]
@@ -144,7 +144,7 @@ pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
                         a.action_type,
                         a.job_id,
                         when(Some(a.expires_at)),
-                        a.title
+                        sanitize_line(&a.title)
                     );
                 }
             }
@@ -211,6 +211,9 @@ fn report(action: &Action, json: bool) {
     };
     println!(
         "{verdict} action {} ({}: {}) of job {}",
-        action.id, action.action_type, action.title, action.job_id
+        action.id,
+        action.action_type,
+        sanitize_line(&action.title),
+        action.job_id
     );
 }

@@ -9,7 +9,7 @@ use keel_kernel::job::{Job, JobFilter, JobState};
 use serde_json::json;
 
 use crate::commands::kernel_app::{DEFAULT_SCOPE, open_kernel, parse_id, when};
-use crate::output::{CliError, CliResult, print_json};
+use crate::output::{CliError, CliResult, print_json, sanitize_line};
 
 /// `keel jobs ...`.
 #[derive(Debug, Subcommand)]
@@ -105,7 +105,7 @@ pub async fn run(home: &Path, cmd: JobsCommand) -> CliResult {
                         "{:<36}  {:<14}  {:<16}  {:>4.0}%  {}",
                         job.id,
                         job.state,
-                        truncate(&job.kind, 16),
+                        sanitize_line(&truncate(&job.kind, 16)),
                         job.progress * 100.0,
                         when(Some(job.created_at))
                     );
@@ -184,7 +184,7 @@ fn print_job(job: &Job) {
     let message = job
         .progress_message
         .as_deref()
-        .map(|m| format!(" ({m})"))
+        .map(|m| format!(" ({})", sanitize_line(m)))
         .unwrap_or_default();
     println!("  progress   {:.0}%{message}", job.progress * 100.0);
     println!("  turns      {} ({} tool calls)", job.turns, job.tool_calls);
@@ -195,10 +195,14 @@ fn print_job(job: &Job) {
         println!("  deadline   {}", when(Some(deadline)));
     }
     if let Some(error) = &job.error {
-        println!("  error      {}: {}", error.code, error.message);
+        println!(
+            "  error      {}: {}",
+            sanitize_line(&error.code),
+            sanitize_line(&error.message)
+        );
     }
     if let Some(result) = &job.result_ref {
-        println!("  result     {result}");
+        println!("  result     {}", sanitize_line(result));
     }
 }
 
@@ -215,9 +219,10 @@ fn print_event(event: &RuntimeEvent) {
         }
     };
     println!(
-        "  {:>4}  {}  {:<20}  {data}",
+        "  {:>4}  {}  {:<20}  {}",
         event.seq,
         when(Some(event.at)),
-        event.event_type
+        event.event_type,
+        sanitize_line(&data)
     );
 }

@@ -25,8 +25,7 @@ pub async fn open_kernel(home: &Path) -> Result<Kernel, CliError> {
 
 /// Open (creating if needed) `home/keel.db` without the sandbox.
 pub async fn open_db(home: &Path) -> Result<Database, CliError> {
-    std::fs::create_dir_all(home)
-        .map_err(|e| CliError::user(format!("cannot create Keel home {}: {e}", home.display())))?;
+    crate::app::prepare_home(home)?;
     Ok(Database::open(&home.join("keel.db")).await?)
 }
 

@@ -11,7 +11,7 @@ use keel_store::plugins::PluginRecord;
 use serde_json::{Value, json};
 
 use crate::app::{App, grants_of};
-use crate::output::{CliError, CliResult, print_json};
+use crate::output::{CliError, CliResult, json_text, print_json, sanitize_line};
 
 /// Capability flags shared by `install`, `plugins grant` and `exec`.
 #[derive(Debug, Clone, Default, Args)]
@@ -361,7 +361,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         };
         println!(
             "installed {name} {} ({how} in {:.0} ms, sha256 {})",
-            plugin.info.version,
+            sanitize_line(&plugin.info.version),
             plugin.load_time.as_secs_f64() * 1e3,
             &plugin.sha256[..12]
         );
@@ -373,7 +373,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         }
         print_plugin(&plugin.info, &plugin.imports, &grants);
         for note in notes {
-            println!("note: {note}");
+            println!("note: {}", sanitize_line(&note));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -485,10 +485,10 @@ fn describe_capabilities(caps: &keel_sandbox::Capabilities) -> String {
     let mut parts: Vec<String> = caps
         .filesystem
         .iter()
-        .map(|f| format!("{} ({})", f.path, f.mode))
+        .map(|f| format!("{} ({})", sanitize_line(&f.path), f.mode))
         .collect();
-    parts.extend(caps.network.iter().map(|h| format!("net {h}")));
-    parts.extend(caps.environment.iter().map(|v| format!("env {v}")));
+    parts.extend(caps.network.iter().map(|h| format!("net {}", sanitize_line(h))));
+    parts.extend(caps.environment.iter().map(|v| format!("env {}", sanitize_line(v))));
     parts.join(", ")
 }
 
@@ -497,7 +497,7 @@ fn yes_no(flag: bool) -> &'static str {
 }
 
 fn print_plugin(info: &PluginInfo, imports: &keel_sandbox::ImportSummary, grants: &Grants) {
-    println!("  {}", info.description);
+    println!("  {}", sanitize_line(&info.description));
     println!(
         "  can reach: filesystem {}, network (wasi:http) {}, sockets {}, environment {}",
         yes_no(imports.filesystem),
@@ -510,7 +510,12 @@ fn print_plugin(info: &PluginInfo, imports: &keel_sandbox::ImportSummary, grants
     println!("  tools:");
     for tool in &info.tools {
         let flags = if tool.idempotent { " [idempotent]" } else { "" };
-        println!("    {}/{}{flags} — {}", info.name, tool.name, tool.description);
+        println!(
+            "    {}/{}{flags} — {}",
+            sanitize_line(&info.name),
+            sanitize_line(&tool.name),
+            sanitize_line(&tool.description)
+        );
         if !tool.capabilities.is_empty() {
             println!("      requests: {}", describe_capabilities(&tool.capabilities));
         }
@@ -553,8 +558,8 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
                     let tools = record.info["tools"].as_array().map(Vec::len).unwrap_or(0);
                     println!(
                         "{:<20} {:<10} {:>2} tool(s)  granted: {}",
-                        record.name,
-                        record.version,
+                        sanitize_line(&record.name),
+                        sanitize_line(&record.version),
                         tools,
                         describe_grants(&grants_of(&record)?)
                     );
@@ -569,7 +574,12 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
                 let info: PluginInfo = serde_json::from_value(record.info.clone())
                     .map_err(|e| CliError::internal(format!("stored description of `{name}` is invalid: {e}")))?;
                 let imports = serde_json::from_value(record.imports.clone()).unwrap_or_default();
-                println!("{} {} (sha256 {})", record.name, record.version, record.sha256);
+                println!(
+                    "{} {} (sha256 {})",
+                    sanitize_line(&record.name),
+                    sanitize_line(&record.version),
+                    record.sha256
+                );
                 print_plugin(&info, &imports, &grants_of(&record)?);
                 let limits = app.config.limits.overridden_by(&record.limits).unwrap_or_default();
                 println!(
@@ -702,7 +712,7 @@ async fn save_grants(app: &App, record: &PluginRecord, grants: &Grants, json: bo
         if let (Ok(imports), Ok(info)) = (imports, info) {
             // Skip the "requested but not granted" note: the user is granting right now.
             for note in reach_warnings(&info, &imports, grants).into_iter().skip(1) {
-                println!("note: {note}");
+                println!("note: {}", sanitize_line(&note));
             }
         }
     }
@@ -753,7 +763,7 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
         return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     for log in &report.logs {
-        eprintln!("[{plugin_name}] {:?}: {}", log.level, log.message);
+        eprintln!("[{plugin_name}] {:?}: {}", log.level, sanitize_line(&log.message));
     }
     if report.logs_truncated {
         eprintln!("[{plugin_name}] (further log lines dropped: log limit reached)");
@@ -763,12 +773,14 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     for denial in report.denials.iter().filter(|_| !reported) {
         eprintln!(
             "denied: {} {} — {} (grant with `keel plugins grant {plugin_name} --allow-net HOST`)",
-            denial.capability, denial.target, denial.reason
+            sanitize_line(&denial.capability),
+            sanitize_line(&denial.target),
+            sanitize_line(&denial.reason)
         );
     }
     match report.result {
         Ok(out) => {
-            println!("{}", serde_json::to_string_pretty(&out.output).expect("JSON value"));
+            println!("{}", json_text(&out.output, true));
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => Err(tool_error(plugin_name, error)),

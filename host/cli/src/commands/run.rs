@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::commands::kernel_app::DEFAULT_SCOPE;
 use crate::commands::policy::DEFAULT_POLICY_FILE;
-use crate::output::{CliError, CliResult};
+use crate::output::{CliError, CliResult, json_text, sanitize, sanitize_line};
 use crate::tools::RegistryToolHost;
 
 /// `PolicyRef::name` of a job run without a policy file.
@@ -363,7 +363,7 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
     let patterns = tool_patterns(&args.tools);
     let choice = PolicyChoice::resolve(home, args.common.policy.as_deref())?;
     if let Some(note) = &choice.note {
-        eprintln!("note: {note}");
+        eprintln!("note: {}", sanitize_line(note));
     }
     let host = AgentHost::open(home, Some(&patterns), choice).await?;
     // Refuse a model no provider serves before a job exists, rather than failing the job.
@@ -533,7 +533,8 @@ impl Screen {
             println!();
             self.mid_line = false;
         }
-        println!("{text}");
+        // Event lines carry tool names, tool errors, progress and model text: one line each.
+        println!("{}", sanitize_line(text));
     }
 
     fn note(&mut self, text: &str) {
@@ -542,7 +543,7 @@ impl Screen {
             println!();
             self.mid_line = false;
         }
-        eprintln!("{text}");
+        eprintln!("{}", sanitize(text));
     }
 
     fn draw_status(&mut self, job_id: Uuid) {
@@ -576,7 +577,7 @@ impl Screen {
             }
             EventType::ModelToken => {
                 self.clear_status();
-                print!("{}", s("text"));
+                print!("{}", sanitize(&s("text")));
                 let _ = std::io::stdout().flush();
                 self.mid_line = true;
             }
@@ -677,7 +678,7 @@ pub async fn follow(
         for e in &events {
             last = e.seq;
             if opts.json {
-                println!("{}", json!({ "type": "event", "event": e }));
+                println!("{}", json_text(&json!({ "type": "event", "event": e }), false));
             } else {
                 screen.render(e);
             }
@@ -731,13 +732,13 @@ pub async fn follow(
 /// Print a job's outcome (text, or one JSON line).
 pub fn print_result(result: &ExecutionResult, json_lines: bool) {
     if json_lines {
-        println!("{}", json!({ "type": "result", "result": result }));
+        println!("{}", json_text(&json!({ "type": "result", "result": result }), false));
         return;
     }
     let u = &result.usage;
     match (&result.status, &result.content, &result.error) {
-        (JobState::Succeeded, content, _) => println!("\nresult: {}", content.as_deref().unwrap_or("")),
-        (status, _, Some(e)) => println!("\n{status}: {} ({})", e.message, e.code),
+        (JobState::Succeeded, content, _) => println!("\nresult: {}", sanitize(content.as_deref().unwrap_or(""))),
+        (status, _, Some(e)) => println!("\n{status}: {} ({})", sanitize_line(&e.message), sanitize_line(&e.code)),
         (status, _, None) => println!("\n{status}"),
     }
     println!(
@@ -816,7 +817,7 @@ async fn prompt(tool: &str, request: &Value) -> Option<Resolution> {
     );
     tokio::task::spawn_blocking(move || {
         loop {
-            eprint!("{question}");
+            eprint!("{}", sanitize_line(&question));
             let _ = std::io::stderr().flush();
             let mut line = String::new();
             if std::io::stdin().read_line(&mut line).ok()? == 0 {

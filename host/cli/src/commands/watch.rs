@@ -13,7 +13,7 @@ use keel_kernel::context::CancellationToken;
 
 use crate::commands::kernel_app::parse_id;
 use crate::commands::run::{AgentArgs, AgentHost, FollowOptions, PolicyChoice, agent_error, follow};
-use crate::output::{CliError, CliResult};
+use crate::output::{CliError, CliResult, sanitize_line};
 
 /// `keel jobs watch`.
 #[derive(Debug, clap::Args)]
@@ -46,7 +46,7 @@ pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
         _ => PolicyChoice::resolve(home, args.common.policy.as_deref())?,
     };
     if resume && let Some(note) = &choice.note {
-        eprintln!("note: {note}");
+        eprintln!("note: {}", sanitize_line(note));
     }
     // Only the plugins the job may call are loaded (all of them for a non-agent job).
     let patterns = request.as_ref().map(|r| r.tools.clone());
@@ -74,7 +74,10 @@ pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
                                 None => rt.resume_orphans(rt.kernel().clock().now()).await.map(|_| ()),
                             };
                             if let Err(e) = r {
-                                eprintln!("note: cannot resume job {id} yet: {}", agent_error(e).message);
+                                eprintln!(
+                                    "note: cannot resume job {id} yet: {}",
+                                    sanitize_line(&agent_error(e).message)
+                                );
                             } else if rt.running_jobs().contains(&id) && !said {
                                 eprintln!("note: resumed job {id} in this process");
                                 said = true;

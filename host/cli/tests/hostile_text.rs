@@ -1,0 +1,329 @@
+//! Hostile text, hostile `describe()` answers and private files, through the real `keel` binary:
+//! terminal escapes a plugin (or a model) produces never reach the terminal raw, a bad describe
+//! answer is refused with one clear line, the Keel home is owner-only, and a closed stdout pipe
+//! ends `keel` quietly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+mod common;
+use common::one_clear_line;
+
+/// The hostile-describe component with its variant marker set to `mode` (see its crate docs).
+fn hostile(dir: &Path, mode: &str) -> String {
+    const MARKER: &[u8] = b"KEEL-HOSTILE-DESCRIBE-MODE:";
+    let mut bytes = keel_testutil::guest_bytes("keel-test-hostile-describe");
+    let at: Vec<usize> = bytes
+        .windows(MARKER.len())
+        .enumerate()
+        .filter(|(_, w)| *w == MARKER)
+        .map(|(i, _)| i + MARKER.len())
+        .collect();
+    assert_eq!(at.len(), 1, "the variant marker must occur exactly once");
+    assert!(mode.len() <= 8);
+    let padded = format!("{mode:_<8}");
+    bytes[at[0]..at[0] + 8].copy_from_slice(padded.as_bytes());
+    let path = dir.join(format!("hostile-{mode}.wasm"));
+    std::fs::write(&path, bytes).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Positions of raw terminal control bytes: C0 other than `\n`, DEL, C1 (UTF-8 `C2 80`–`C2 9F`)
+/// and the bidi override U+202E (`E2 80 AE`).
+fn raw_controls(bytes: &[u8]) -> Vec<usize> {
+    let mut found = Vec::new();
+    for (i, &b) in bytes.iter().enumerate() {
+        let c1 = b == 0xc2 && matches!(bytes.get(i + 1), Some(0x80..=0x9f));
+        let bidi = bytes[i..].starts_with(&[0xe2, 0x80, 0xae]);
+        if (b < 0x20 && b != b'\n') || b == 0x7f || c1 || bidi {
+            found.push(i);
+        }
+    }
+    found
+}
+
+/// Assert neither stream of `out` holds a raw control byte, nor a forged capability line.
+fn assert_clean(what: &str, out: &Output) {
+    for (name, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        let at = raw_controls(bytes);
+        assert!(
+            at.is_empty(),
+            "{what}: raw control bytes in {name} at {at:?}:\n{}",
+            String::from_utf8_lossy(bytes).escape_debug()
+        );
+        let text = String::from_utf8_lossy(bytes);
+        let forged = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("requests: nothing"))
+            .count();
+        assert!(forged <= 1, "{what}: a forged `requests:` line in {name}:\n{text}");
+    }
+    assert_ne!(out.status.code(), Some(101), "{what}: keel panicked");
+}
+
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn keel(&self, args: &[&str]) -> Command {
+        common::keel(self.path(), args)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        common::run(self.path(), args)
+    }
+
+    fn expect(&self, args: &[&str], code: i32) -> Output {
+        common::expect(self.path(), args, code)
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn plugin_text_is_escaped_in_install_show_list_and_call() {
+    let home = Home::new();
+    let wasm = hostile(home.path(), "text");
+    let out = home.expect(&["install", &wasm], 0);
+    assert_clean("install", &out);
+    let shown = text(&out);
+    assert!(shown.contains("\\x1b]52;c;"), "escapes are shown visibly: {shown}");
+    assert!(shown.contains("\\u{9b}31m"), "{shown}");
+    assert_eq!(
+        shown
+            .lines()
+            .filter(|l| l.trim_start().starts_with("requests:"))
+            .count(),
+        1,
+        "only the real `requests:` line: {shown}"
+    );
+
+    for args in [
+        &["plugins", "show", "hostile-describe"][..],
+        &["plugins", "list"],
+        &["plugins", "show", "hostile-describe", "--json"],
+        &["plugins", "list", "--json"],
+        &["install", &wasm, "--json"],
+    ] {
+        let out = home.expect(args, 0);
+        assert_clean(&format!("{args:?}"), &out);
+        if args.contains(&"--json") {
+            let value: Value = serde_json::from_slice(&out.stdout).expect("still valid JSON");
+            let description = if value.is_array() {
+                &value[0]["description"]
+            } else {
+                &value["description"]
+            };
+            assert!(
+                description.as_str().unwrap().contains("\u{9b}31m"),
+                "JSON keeps the exact text, escaped: {value}"
+            );
+        }
+    }
+
+    let out = home.expect(&["call", "hostile-describe/echo"], 0);
+    assert_clean("call echo", &out);
+    assert!(text(&out).contains("log line\\x1b[2J"), "{}", text(&out));
+    let out = home.expect(&["call", "hostile-describe/echo", "--json"], 0);
+    assert_clean("call echo --json", &out);
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["output"]["text"], "out\u{1b}[2J\u{9b}31m\u{9b}\u{7f}");
+    for tool in ["fail", "deny", "panic"] {
+        let out = home.run(&["call", &format!("hostile-describe/{tool}")]);
+        assert_eq!(out.status.code(), Some(1), "{tool}: {}", text(&out));
+        assert_clean(&format!("call {tool}"), &out);
+        // One `error:` line (the panic tool's line says, rightly, that the plugin panicked).
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.lines().count() == 1 && stderr.starts_with("error: "), "{stderr}");
+    }
+}
+
+#[test]
+fn plugin_and_model_text_is_escaped_in_run() {
+    let home = Home::new();
+    let p = home.path();
+    let call = |name: &str| json!({ "name": name, "arguments": {} });
+    let usage = json!({ "input_tokens": 1, "output_tokens": 1 });
+    let script = json!({ "turns": [
+        { "tool_calls": [call("hostile-describe__echo"), call("hostile-describe__fail"), call("hostile-describe__panic")], "usage": usage },
+        { "text": "done\u{1b}]0;model-title\u{7}\u{9b}2J\r", "usage": usage },
+    ]});
+    std::fs::write(p.join("script.json"), script.to_string()).unwrap();
+    std::fs::write(
+        p.join("config.toml"),
+        "[agent]\npoll_ms = 50\n\n[models.providers.scripted]\nkind = \"scripted\"\nscript = \"script.json\"\n",
+    )
+    .unwrap();
+    home.expect(&["install", &hostile(p, "text")], 0);
+    for json_lines in [false, true] {
+        let mut args = vec!["run", "go", "--tools", "hostile-describe", "--model", "scripted:test"];
+        if json_lines {
+            args.push("--json");
+        }
+        let out = home.run(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_clean(&format!("run (json {json_lines})"), &out);
+        if !json_lines {
+            let shown = text(&out);
+            assert!(
+                shown.contains("failure\\x1b[2J"),
+                "the tool error is shown escaped: {shown}"
+            );
+            assert!(shown.contains("done\\x1b]0;model-title"), "{shown}");
+        }
+    }
+}
+
+#[test]
+fn bad_describe_answers_are_refused_with_one_clear_line() {
+    let home = Home::new();
+    for (mode, says) in [
+        ("version", "the version `1.0.0\\x1b[2J"),
+        ("path-e", "\"é\", which is not absolute"),
+        ("path-rel", "\"relative\", which is not absolute"),
+        ("path-dot", "\"/a/../b\", which is not normalised"),
+        ("path-esc", "contains control characters"),
+        ("host-esc", "is not a host name"),
+    ] {
+        let out = home.run(&["install", &hostile(home.path(), mode)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{mode}: {}", text(&out));
+        assert_clean(mode, &out);
+        one_clear_line(&stderr);
+        assert!(stderr.contains(says), "{mode}: {stderr}");
+    }
+    let list = home.expect(&["plugins", "list", "--json"], 0);
+    assert_eq!(serde_json::from_slice::<Value>(&list.stdout).unwrap(), json!([]));
+}
+
+#[test]
+fn a_hundred_thousand_tools_are_refused_quickly() {
+    let home = Home::new();
+    let wasm = hostile(home.path(), "many");
+    // Compile once first, so the timing below is the describe step and its checks.
+    let _ = home.run(&["install", &hostile(home.path(), "text")]);
+    let started = Instant::now();
+    let out = home.run(&["install", &wasm]);
+    let took = started.elapsed();
+    eprintln!("install of a 100,000-tool plugin refused in {took:?}");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    one_clear_line(&stderr);
+    assert!(stderr.contains("100000 tools, more than the limit of 1000"), "{stderr}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[cfg(unix)]
+fn assert_private(home: &Path) {
+    for dir in ["", "cache", "components"] {
+        let path = home.join(dir);
+        assert_eq!(mode(&path), 0o700, "{}", path.display());
+    }
+    assert_eq!(mode(&home.join("keel.db")), 0o600);
+    for file in ["keel.db-wal", "keel.db-shm"] {
+        let path = home.join(file);
+        if path.exists() {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn the_keel_home_and_database_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    let home: PathBuf = base.path().join("fresh/keel");
+    let wasm = keel_testutil::guest("hello");
+    common::expect(&home, &["install", wasm.to_str().unwrap()], 0);
+    assert_private(&home);
+
+    common::expect(&home, &["jobs", "list"], 0);
+    assert_private(&home);
+
+    // An existing home from an older Keel (0755, database 0644) is tightened on first use.
+    for (path, mode) in [("", 0o755), ("cache", 0o755), ("components", 0o755), ("keel.db", 0o644)] {
+        std::fs::set_permissions(home.join(path), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    common::expect(&home, &["plugins", "list"], 0);
+    assert_private(&home);
+    // ... also by the commands that open only the database.
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(home.join("keel.db"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    common::expect(&home, &["jobs", "list"], 0);
+    assert_private(&home);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_keel_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let home = Home::new();
+    let hello = keel_testutil::guest("hello");
+    for args in [vec!["install", hello.to_str().unwrap()], vec!["plugins", "list"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = home
+            .keel(&args)
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code().is_none() && out.status.signal() == Some(libc_sigpipe()),
+            "{args:?}: ended by SIGPIPE, not {:?}: {stderr}",
+            out.status
+        );
+        assert!(stderr.is_empty(), "{args:?}: nothing on stderr: {stderr}");
+    }
+    // The install completed before the write failed.
+    let list: Value = serde_json::from_slice(&home.expect(&["plugins", "list", "--json"], 0).stdout).unwrap();
+    assert_eq!(list[0]["name"], "hello");
+}
+
+/// SIGPIPE is 13 on every Unix Keel builds for.
+fn libc_sigpipe() -> i32 {
+    13
+}
+
+#[test]
+fn exec_keeps_program_failure_apart_from_keel_errors() {
+    let home = Home::new();
+    let cmd = keel_testutil::guest("keel-test-cmd");
+    let cmd = cmd.to_str().unwrap();
+    for code in ["1", "2", "3", "7"] {
+        let out = home.run(&["exec", cmd, "--", "exit", code]);
+        assert_eq!(out.status.code(), Some(1), "a failing program is 1: {}", text(&out));
+        assert!(out.stderr.is_empty(), "{}", text(&out));
+    }
+    one_clear_line(&String::from_utf8_lossy(
+        &home.expect(&["exec", "/nonexistent.wasm"], 2).stderr,
+    ));
+}

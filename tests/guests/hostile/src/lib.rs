@@ -38,8 +38,11 @@
 //! - `panic` — panics (a guest trap).
 //! - `counter` — increments a static and returns it: `1` on every call unless state leaks between calls.
 //! - `read_env` — returns the value of an environment variable (or the error) and the names visible.
+//! - `spin_ms` — leaves an execution marker in `dir`, then busy-computes `ms` ms (see `soak.rs`).
 
 use std::hint::black_box;
+
+mod soak;
 
 use keel_sdk::prelude::*;
 use wasip2::filesystem::preopens::get_directories;
@@ -862,6 +865,7 @@ impl Plugin for Hostile {
                 counter,
             ),
             Tool::new("read_env", "Read an environment variable.", read_env),
+            Tool::new("spin_ms", "Mark an execution, then compute for `ms` ms.", soak::spin_ms),
         ]
     }
 }

@@ -48,3 +48,28 @@ pub fn one_clear_line(stderr: &str) {
         "{stderr}"
     );
 }
+
+/// Send `signal` (a name as `kill -s` takes it: `STOP`, `CONT`, `KILL`) to process `pid`.
+pub fn signal(pid: u32, signal: &str) -> bool {
+    Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Wait at most `timeout` for `child` to exit; SIGKILL it past that (then `None`).
+pub fn wait_or_kill(child: &mut std::process::Child, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

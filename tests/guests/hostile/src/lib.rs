@@ -39,10 +39,12 @@
 //! - `counter` — increments a static and returns it: `1` on every call unless state leaks between calls.
 //! - `read_env` — returns the value of an environment variable (or the error) and the names visible.
 //! - `open_many`, `open_path`, `list`, `replace_with_symlink` — see `fs.rs`.
+//! - `spin_ms` — leaves an execution marker in `dir`, then busy-computes `ms` ms (see `soak.rs`).
 
 use std::hint::black_box;
 
 mod fs;
+mod soak;
 
 use keel_sdk::prelude::*;
 use wasip2::filesystem::preopens::get_directories;
@@ -873,6 +875,7 @@ impl Plugin for Hostile {
                 "Swap a directory for a symlink.",
                 fs::replace_with_symlink,
             ),
+            Tool::new("spin_ms", "Mark an execution, then compute for `ms` ms.", soak::spin_ms),
         ]
     }
 }

@@ -113,7 +113,11 @@ impl RegistryToolHost {
 }
 
 /// The tools of `info`, addressed by the registry's `plugin` name.
-fn descriptors(plugin: &str, info: &PluginInfo) -> impl Iterator<Item = ToolDescriptor> {
+fn descriptors(
+    plugin: &str,
+    info: &PluginInfo,
+    timeout: Option<std::time::Duration>,
+) -> impl Iterator<Item = ToolDescriptor> {
     info.tools.iter().map(move |tool| ToolDescriptor {
         plugin: plugin.to_string(),
         name: tool.name.clone(),
@@ -121,6 +125,7 @@ fn descriptors(plugin: &str, info: &PluginInfo) -> impl Iterator<Item = ToolDesc
         input_schema: tool.input_schema.clone(),
         output_schema: tool.output_schema.clone(),
         idempotent: tool.idempotent,
+        timeout,
     })
 }
 
@@ -137,7 +142,18 @@ impl ToolHost for RegistryToolHost {
                     continue;
                 }
                 match serde_json::from_value::<PluginInfo>(record.info.clone()) {
-                    Ok(info) => tools.extend(descriptors(&record.name, &info)),
+                    Ok(info) => {
+                        // The plugin's own deadline (its limits over the global ones), which the
+                        // sandbox enforces; the agent loop leases the job only for that long.
+                        let timeout = self
+                            .app
+                            .config
+                            .limits
+                            .overridden_by(&record.limits)
+                            .ok()
+                            .map(|l| l.timeout());
+                        tools.extend(descriptors(&record.name, &info, timeout))
+                    }
                     Err(e) => eprintln!(
                         "warning: plugin `{}` is skipped: its stored description is invalid: {e}",
                         record.name

@@ -22,6 +22,29 @@ pub struct ToolDescriptor {
     pub output_schema: Option<serde_json::Value>,
     /// Whether re-running an interrupted call is safe.
     pub idempotent: bool,
+    /// The tool host's own deadline for one call, when it has one shorter than the agent's
+    /// `tool_timeout_ms` (e.g. a plugin's sandbox limit). The loop bounds the call by the shorter
+    /// of the two and extends its lease only for that, so a host that dies mid-call frees the job
+    /// after the real deadline rather than the agent-wide maximum.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_millis")]
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// `Option<Duration>` as whole milliseconds.
+mod opt_millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
 }
 
 impl ToolDescriptor {

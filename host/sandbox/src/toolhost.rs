@@ -62,6 +62,7 @@ impl ToolHost for SandboxToolHost {
                         input_schema: tool.input_schema.clone(),
                         output_schema: tool.output_schema.clone(),
                         idempotent: tool.idempotent,
+                        timeout: Some(installed.limits.timeout()),
                     })
                 })
                 .collect())

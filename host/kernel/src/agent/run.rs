@@ -1219,7 +1219,8 @@ impl Runner {
         hold: Uuid,
     ) -> Result<String, Stop> {
         let tool = desc.qualified_name();
-        let timeout = Duration::from_millis(self.rt.config.tool_timeout_ms);
+        let agent_limit = Duration::from_millis(self.rt.config.tool_timeout_ms);
+        let timeout = desc.timeout.map_or(agent_limit, |own| own.min(agent_limit));
         let ctx = ToolCallContext {
             call_id: call_key(self.job_id, base),
             job_id: Some(self.job_id.to_string()),

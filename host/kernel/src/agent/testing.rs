@@ -166,6 +166,7 @@ impl FakeTools {
             input_schema: schema,
             output_schema: None,
             idempotent,
+            timeout: None,
         };
         let f: ToolFn = Arc::new(move |args| Box::pin(f(args)));
         self.tools.lock().unwrap_or_else(|e| e.into_inner()).push((desc, f));

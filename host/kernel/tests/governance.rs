@@ -145,6 +145,17 @@ async fn a_job_runs_under_its_own_recorded_policy_on_any_host() {
     assert_eq!(tools.count("fs/write"), 0);
 }
 
+/// Wait (at most 10 s) until `tool` of `tools` has been called `n` times.
+async fn wait_count(tools: &FakeTools, tool: &str, n: usize) {
+    for _ in 0..2000 {
+        if tools.count(tool) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{tool} was not called {n} times");
+}
+
 /// Kill the host during a non-idempotent call, approve the re-run, kill it again during the
 /// re-run: the third host asks again (a "yes" covers one attempt).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -170,7 +181,9 @@ async fn each_rerun_of_an_interrupted_call_needs_its_own_approval() {
     let a = host(Kernel::new(store.clone()), model.clone(), &tools_a, Policy::allow_all());
     let h = a.execute(request("post")).await.expect("execute");
     wait_tool_start(&h, 1).await;
+    wait_count(&tools_a, "net/post", 1).await;
     a.abort_all();
+    tokio::time::sleep(Duration::from_millis(50)).await;
 
     // Host B asks, gets a yes, re-runs, and dies during the re-run.
     let tools_b = hanging();
@@ -187,8 +200,11 @@ async fn each_rerun_of_an_interrupted_call_needs_its_own_approval() {
         .await
         .expect("approve");
     wait_tool_start(&hb, 2).await;
-    assert_eq!(tools_b.count("net/post"), 1);
+    // The event is journaled before the lease is extended and the call made: wait for the call.
+    wait_count(&tools_b, "net/post", 1).await;
     b.abort_all();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(tools_b.count("net/post"), 1);
 
     // Host C must ask again before a third POST.
     let tools_c = FakeTools::new();
@@ -247,9 +263,7 @@ async fn a_rerun_needs_a_fresh_budget_hold() {
     let h = a.execute(request("read")).await.expect("execute");
     wait_tool_start(&h, 1).await;
     // The call is running (its lease was extended for it before it started): now A dies.
-    while tools_a.count("fs/read") == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_count(&tools_a, "fs/read", 1).await;
     a.abort_all();
     tokio::time::sleep(Duration::from_millis(50)).await;
 

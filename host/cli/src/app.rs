@@ -217,11 +217,14 @@ impl App {
         self.check_grants(&grants)
             .map_err(|e| CliError::user(format!("plugin `{}` is refused: {e}", record.name)))?;
         let limits = self
-            .config
-            .limits
-            .overridden_by(&record.limits)
+            .limits_of(record)
             .map_err(|e| CliError::internal(format!("stored limits of `{}` are invalid: {e}", record.name)))?;
         Ok((plugin.clone(), grants, limits))
+    }
+
+    /// The limits a plugin's calls run under: the global `[limits]` with its own overrides applied.
+    pub fn limits_of(&self, record: &PluginRecord) -> Result<Limits, serde_json::Error> {
+        self.config.limits.overridden_by(&record.limits)
     }
 
     /// Refuse any directory grant that contains the Keel home, or lies in its `components` or

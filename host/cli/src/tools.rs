@@ -145,13 +145,7 @@ impl ToolHost for RegistryToolHost {
                     Ok(info) => {
                         // The plugin's own deadline (its limits over the global ones), which the
                         // sandbox enforces; the agent loop leases the job only for that long.
-                        let timeout = self
-                            .app
-                            .config
-                            .limits
-                            .overridden_by(&record.limits)
-                            .ok()
-                            .map(|l| l.timeout());
+                        let timeout = self.app.limits_of(&record).ok().map(|l| l.timeout());
                         tools.extend(descriptors(&record.name, &info, timeout))
                     }
                     Err(e) => eprintln!(

@@ -581,7 +581,7 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
                     record.sha256
                 );
                 print_plugin(&info, &imports, &grants_of(&record)?);
-                let limits = app.config.limits.overridden_by(&record.limits).unwrap_or_default();
+                let limits = app.limits_of(&record).unwrap_or_default();
                 println!(
                     "  limits:   memory {} MiB, timeout {} ms, output {} bytes{}",
                     limits.memory_bytes >> 20,

@@ -3,10 +3,8 @@
 //! Exit codes: 0 success, 1 the plugin/tool failed (or a policy denied), 2 user error (bad arguments,
 //! missing or invalid file, unknown plugin), 3 internal host error.
 
-mod app;
 mod commands;
 mod output;
-mod tools;
 
 use std::process::ExitCode;
 
@@ -71,9 +69,9 @@ fn main() -> ExitCode {
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
-        Err(e) => return CliError::internal(format!("cannot start the async runtime: {e}")).report(),
+        Err(e) => return output::report(CliError::internal(format!("cannot start the async runtime: {e}"))),
     };
-    let home = cli.home.unwrap_or_else(app::default_home);
+    let home = cli.home.unwrap_or_else(keel_app::home::default_home);
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Install(args) => commands::plugins::install(&home, args).await,
@@ -93,7 +91,7 @@ fn main() -> ExitCode {
     });
     let code = match result {
         Ok(code) => code,
-        Err(error) => error.report(),
+        Err(error) => output::report(error),
     };
     // Dropping a runtime waits for every blocking-pool thread, and a thread stuck in a system call
     // (a plugin's file I/O past its deadline) never returns: exit after a bounded wait instead.

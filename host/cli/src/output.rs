@@ -4,91 +4,12 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-/// How a command failed, which decides the exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The tool or plugin failed (exit 1).
-    Plugin,
-    /// The user asked for something impossible (exit 2).
-    User,
-    /// Keel itself failed (exit 3).
-    Internal,
-}
+pub use keel_app::AppError as CliError;
 
-/// A failed command.
-#[derive(Debug)]
-pub struct CliError {
-    /// Which kind of failure.
-    pub kind: ErrorKind,
-    /// One sentence.
-    pub message: String,
-}
-
-impl CliError {
-    /// A user error (exit 2).
-    pub fn user(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::User,
-            message: message.into(),
-        }
-    }
-
-    /// A plugin failure (exit 1).
-    pub fn plugin(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Plugin,
-            message: message.into(),
-        }
-    }
-
-    /// An internal failure (exit 3).
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Internal,
-            message: message.into(),
-        }
-    }
-
-    /// The process exit code for this error.
-    pub fn exit_code(&self) -> u8 {
-        match self.kind {
-            ErrorKind::Plugin => 1,
-            ErrorKind::User => 2,
-            ErrorKind::Internal => 3,
-        }
-    }
-
-    /// Print to stderr and return the exit code.
-    pub fn report(self) -> ExitCode {
-        eprintln!("error: {}", sanitize_line(&self.message));
-        ExitCode::from(self.exit_code())
-    }
-}
-
-impl From<keel_store::StoreError> for CliError {
-    fn from(error: keel_store::StoreError) -> Self {
-        match error {
-            keel_store::StoreError::NotFound(what) => CliError::user(format!("{what} not found")),
-            other => CliError::internal(other.to_string()),
-        }
-    }
-}
-
-impl From<keel_sandbox::SandboxError> for CliError {
-    fn from(error: keel_sandbox::SandboxError) -> Self {
-        use keel_sandbox::SandboxError as E;
-        match error {
-            E::Host(_) => CliError::internal(error.to_string()),
-            E::Describe(_) => CliError::plugin(error.to_string()),
-            _ => CliError::user(error.to_string()),
-        }
-    }
-}
-
-impl From<keel_sandbox::GrantError> for CliError {
-    fn from(error: keel_sandbox::GrantError) -> Self {
-        CliError::user(error.to_string())
-    }
+/// Print `error` on stderr (one terminal-safe line) and return its exit code.
+pub fn report(error: CliError) -> ExitCode {
+    eprintln!("error: {}", sanitize_line(&error.message));
+    ExitCode::from(error.exit_code())
 }
 
 /// Print `value` as pretty JSON on stdout (terminal-safe, see [`json_text`]).

@@ -56,7 +56,11 @@ fn bench(c: &mut Criterion) {
     let ctx = ToolCallContext::ad_hoc("bench");
     let args = json!({ "i": 1 });
     group.bench_function("bare_tool_call", |b| {
-        b.iter(|| rt.block_on(tools.call_tool(&ctx, "p/echo", &args)).expect("call"))
+        b.iter(|| {
+            rt.block_on(tools.call_tool(&ctx, "p/echo", &args))
+                .result
+                .expect("call")
+        })
     });
 
     for (name, n) in [("job_no_tools", 0), ("job_1_call", 1), ("job_10_calls", 10)] {

@@ -13,6 +13,7 @@ pub mod context;
 pub mod error;
 pub mod event;
 pub mod job;
+pub mod journal;
 pub mod ledger;
 pub mod memory;
 pub mod model;

@@ -87,15 +87,107 @@ impl ToolCallContext {
     }
 }
 
-/// What a successful call returned, plus what it cost.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ToolOutput {
-    /// The tool's JSON result.
-    pub output: serde_json::Value,
-    /// Wall-clock time of the call inside the host.
-    pub duration: Duration,
+/// What one tool call cost, measured by the tool host: the per-call receipt recorded with the
+/// call's ledger entry (`data.receipt`), shown by `keel call --json` and `keel ledger usage --json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// Wall-clock time of the call inside the tool host, in microseconds.
+    pub wall_us: u64,
     /// Fuel consumed, when fuel metering is on.
-    pub fuel_consumed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    /// Peak linear memory of the call (all its memories together), in bytes.
+    pub peak_memory_bytes: u64,
+    /// Bytes of the tool's JSON output.
+    pub output_bytes: u64,
+    /// Bytes the tool logged (kept lines).
+    pub log_bytes: u64,
+    /// Bytes written to granted HTTP connections (headers, bodies and TLS, as on the socket).
+    pub http_bytes_sent: u64,
+    /// Bytes read from granted HTTP connections.
+    pub http_bytes_received: u64,
+}
+
+/// The outcome of one tool call: its result and its receipt (a failed call has a receipt too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolOutcome {
+    /// The tool's JSON result, or why there is none.
+    pub result: Result<serde_json::Value, ToolError>,
+    /// What the call cost.
+    pub receipt: Receipt,
+    /// What the tool said on the side (logs, refused capabilities, stderr).
+    pub diagnostics: Diagnostics,
+}
+
+/// What a tool said besides its result. Plugin text: hostile when printed (escape it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diagnostics {
+    /// Lines the plugin logged (capped by its limits).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogRecord>,
+    /// True when log lines were dropped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logs_truncated: bool,
+    /// Capabilities the host refused during the call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denials: Vec<Denial>,
+    /// The guest's stderr (capped), lossily decoded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stderr: String,
+}
+
+impl Diagnostics {
+    /// Nothing was said.
+    pub fn is_empty(&self) -> bool {
+        self.logs.is_empty() && !self.logs_truncated && self.denials.is_empty() && self.stderr.is_empty()
+    }
+}
+
+/// Severity of a plugin log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Trace.
+    Trace,
+    /// Debug.
+    Debug,
+    /// Info.
+    Info,
+    /// Warn.
+    Warn,
+    /// Error.
+    Error,
+}
+
+/// One line a plugin logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Severity.
+    pub level: LogLevel,
+    /// Message (truncated to 4 KiB).
+    pub message: String,
+}
+
+/// A capability the host refused during a call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    /// `network` (filesystem refusals happen inside WASI and reach the guest as error codes).
+    pub capability: String,
+    /// The host (and port) that was refused.
+    pub target: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl ToolOutcome {
+    /// An outcome with no measured cost (the call never reached a sandbox).
+    pub fn unrun(error: ToolError) -> Self {
+        Self {
+            result: Err(error),
+            receipt: Receipt::default(),
+            diagnostics: Diagnostics::default(),
+        }
+    }
 }
 
 /// Why a tool call failed. Every variant is something the kernel can act on.
@@ -185,5 +277,5 @@ pub trait ToolHost: Send + Sync {
         ctx: &'a ToolCallContext,
         tool: &'a str,
         arguments: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<ToolOutput, ToolError>>;
+    ) -> BoxFuture<'a, ToolOutcome>;
 }

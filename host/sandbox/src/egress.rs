@@ -25,7 +25,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
 
 use crate::config::SandboxConfig;
 use crate::grants::{NetPolicy, is_non_public};
-use crate::host::{CallJournal, Denial};
+use crate::host::{CallJournal, Denial, Traffic};
 
 /// Resolves the host names of plugins' outgoing requests (see [`SandboxConfig::resolver`]).
 pub trait Resolver: Send + Sync + fmt::Debug {
@@ -141,6 +141,8 @@ pub(crate) async fn send(
         Ok(stream) => stream.map_err(Error::Connect)?,
         Err(_) => return Err(Error::ConnectionTimeout),
     };
+    let traffic = journal.lock().expect("journal lock").traffic.clone();
+    let tcp = Counted { inner: tcp, traffic };
     let stream: Box<dyn Stream> = if https {
         let name = ServerName::try_from(bare)?;
         let connector = tokio_rustls::TlsConnector::from(egress.tls.clone());
@@ -240,6 +242,45 @@ fn tls_error(err: io::Error) -> Error {
             alert_message: Some(format!("{alert:?}")),
         },
         _ => Error::Tls(err),
+    }
+}
+
+/// A connection that counts the bytes crossing it into the call's [`Traffic`] (its receipt).
+struct Counted<S> {
+    inner: S,
+    traffic: Arc<Traffic>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.traffic.add_received(buf.filled().len() - before);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.traffic.add_sent(n);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -25,30 +25,7 @@ use bindings::keel::plugin::host::LogLevel as WitLogLevel;
 /// Longest single log line kept; the rest is cut.
 const MAX_LOG_LINE: usize = 4096;
 
-/// Severity of a plugin log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    /// Trace.
-    Trace,
-    /// Debug.
-    Debug,
-    /// Info.
-    Info,
-    /// Warn.
-    Warn,
-    /// Error.
-    Error,
-}
-
-/// One line a plugin logged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogRecord {
-    /// Severity.
-    pub level: LogLevel,
-    /// Message (truncated to 4 KiB).
-    pub message: String,
-}
+pub use keel_kernel::tool::{Denial, LogLevel, LogRecord};
 
 /// A progress report from a plugin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,17 +34,6 @@ pub struct ProgressRecord {
     pub fraction: Option<f32>,
     /// Message.
     pub message: String,
-}
-
-/// A capability the host refused during a call.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Denial {
-    /// `network` (filesystem refusals happen inside WASI and reach the guest as error codes).
-    pub capability: String,
-    /// The host (and port) that was refused.
-    pub target: String,
-    /// Why.
-    pub reason: String,
 }
 
 /// What the host collected during one call, shared with the HTTP hooks (which run in their own tasks).
@@ -83,6 +49,35 @@ pub struct CallJournal {
     pub progress: Vec<ProgressRecord>,
     /// Network refusals.
     pub denials: Vec<Denial>,
+    /// Bytes over the call's HTTP connections (shared with their I/O tasks).
+    pub traffic: Arc<Traffic>,
+}
+
+/// Bytes written to and read from one call's network connections, counted on the socket.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    sent: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
+}
+
+impl Traffic {
+    /// Bytes written so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes read so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_received(&self, n: usize) {
+        self.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Resource limiter that remembers which limit stopped the guest, so a trap after a refused

@@ -26,5 +26,7 @@ pub use egress::{Resolver, SystemResolver};
 pub use grants::{FileIdentity, FsGrant, GrantError, Grants, Preopen};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
 pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};
-pub use sandbox::{CallReport, ExecReport, PreparedPlugin, Sandbox, SandboxError, WIT_PACKAGE, WIT_VERSION};
+pub use sandbox::{
+    CallReport, ExecReport, PreparedPlugin, Sandbox, SandboxError, ToolOutput, WIT_PACKAGE, WIT_VERSION,
+};
 pub use toolhost::{InstalledTool, SandboxToolHost};

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_kernel::tool::{ToolCallContext, ToolError, ToolOutput};
+use keel_kernel::tool::{Receipt, ToolCallContext, ToolError, ToolOutcome};
 use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -91,11 +91,20 @@ impl std::fmt::Debug for PreparedPlugin {
     }
 }
 
+/// A tool's successful result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolOutput {
+    /// The tool's JSON output.
+    pub output: serde_json::Value,
+}
+
 /// Everything one call produced.
 #[derive(Debug)]
 pub struct CallReport {
     /// The tool's result, or why there is none.
     pub result: Result<ToolOutput, ToolError>,
+    /// What the call cost (wall time, fuel, peak memory, bytes): recorded with its ledger entry.
+    pub receipt: Receipt,
     /// Lines the plugin logged (capped by `max_log_bytes`).
     pub logs: Vec<LogRecord>,
     /// True when log lines were dropped.
@@ -108,6 +117,22 @@ pub struct CallReport {
     pub stdout: Vec<u8>,
     /// Captured guest stderr (capped).
     pub stderr: Vec<u8>,
+}
+
+impl CallReport {
+    /// The kernel's view of the call: its result and receipt.
+    pub fn into_outcome(self) -> ToolOutcome {
+        ToolOutcome {
+            result: self.result.map(|o| o.output),
+            receipt: self.receipt,
+            diagnostics: keel_kernel::tool::Diagnostics {
+                logs: self.logs,
+                logs_truncated: self.logs_truncated,
+                denials: self.denials,
+                stderr: String::from_utf8_lossy(&self.stderr).into_owned(),
+            },
+        }
+    }
 }
 
 /// A fresh store plus the handles to what the guest produces during the call.
@@ -470,6 +495,7 @@ impl Sandbox {
     ) -> CallReport {
         let empty = |result| CallReport {
             result: Err(result),
+            receipt: Receipt::default(),
             logs: vec![],
             logs_truncated: false,
             progress: vec![],
@@ -521,6 +547,10 @@ impl Sandbox {
             (true, Ok(left)) => Some(limits.fuel.unwrap_or(u64::MAX) - left),
             _ => None,
         };
+        let outcome_bytes = match &outcome {
+            Ok(Ok(Ok(output))) => Some(output.json.len() as u64),
+            _ => None,
+        };
         let result = match outcome {
             Err(_) => Err(ToolError::TimedOut {
                 message: format!("the call did not finish within {} ms", limits.timeout_ms),
@@ -539,11 +569,7 @@ impl Sandbox {
                     })
                 } else {
                     match serde_json::from_str(&output.json) {
-                        Ok(value) => Ok(ToolOutput {
-                            output: value,
-                            duration,
-                            fuel_consumed,
-                        }),
+                        Ok(value) => Ok(ToolOutput { output: value }),
                         Err(e) => Err(ToolError::Failed {
                             message: format!("the tool returned invalid JSON: {e}"),
                         }),
@@ -551,10 +577,25 @@ impl Sandbox {
                 }
             }
         };
+        let output_bytes = match &outcome_bytes {
+            Some(n) => *n,
+            None => 0,
+        };
+        let peak_memory_bytes = store.data().limiter.memory_used as u64;
         drop(store);
         let journal = std::mem::take(&mut *journal.lock().expect("journal lock"));
+        let receipt = Receipt {
+            wall_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+            fuel: fuel_consumed,
+            peak_memory_bytes,
+            output_bytes,
+            log_bytes: journal.log_bytes,
+            http_bytes_sent: journal.traffic.sent(),
+            http_bytes_received: journal.traffic.received(),
+        };
         CallReport {
             result,
+            receipt,
             logs: journal.logs,
             logs_truncated: journal.logs_dropped > 0,
             progress: journal.progress,

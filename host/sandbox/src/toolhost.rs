@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use keel_kernel::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutput};
+use keel_kernel::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutcome};
 
 use crate::{Grants, Limits, PreparedPlugin, Sandbox};
 
@@ -74,9 +74,12 @@ impl ToolHost for SandboxToolHost {
         ctx: &'a ToolCallContext,
         tool: &'a str,
         arguments: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<ToolOutput, ToolError>> {
+    ) -> BoxFuture<'a, ToolOutcome> {
         Box::pin(async move {
-            let (installed, tool) = self.resolve(tool)?;
+            let (installed, tool) = match self.resolve(tool) {
+                Ok(found) => found,
+                Err(e) => return ToolOutcome::unrun(e),
+            };
             let report = self
                 .sandbox
                 .call(
@@ -88,7 +91,7 @@ impl ToolHost for SandboxToolHost {
                     arguments,
                 )
                 .await;
-            report.result
+            report.into_outcome()
         })
     }
 }

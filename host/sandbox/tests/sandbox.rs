@@ -169,17 +169,20 @@ async fn tool_host_lists_and_calls() {
         ["hello/greet"]
     );
     let ctx = ToolCallContext::ad_hoc("t");
-    let out = host
-        .call_tool(&ctx, "hello/greet", &json!({"name": "Lin"}))
-        .await
-        .unwrap();
-    assert_eq!(out.output["greeting"], "Hello, Lin!");
+    let out = host.call_tool(&ctx, "hello/greet", &json!({"name": "Lin"})).await;
+    assert_eq!(out.result.unwrap()["greeting"], "Hello, Lin!");
+    assert!(
+        out.receipt.wall_us > 0 && out.receipt.output_bytes > 0,
+        "{:?}",
+        out.receipt
+    );
+    assert!(out.receipt.peak_memory_bytes > 0, "{:?}", out.receipt);
     assert!(matches!(
-        host.call_tool(&ctx, "nope/greet", &json!({})).await,
+        host.call_tool(&ctx, "nope/greet", &json!({})).await.result,
         Err(ToolError::UnknownTool { .. })
     ));
     assert!(matches!(
-        host.call_tool(&ctx, "greet", &json!({})).await,
+        host.call_tool(&ctx, "greet", &json!({})).await.result,
         Err(ToolError::UnknownTool { .. })
     ));
 }

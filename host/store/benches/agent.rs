@@ -8,6 +8,13 @@
 //! - `agent_sqlite/job_1_call`: one turn with 1 tool call, then the final answer.
 //! - `agent_sqlite/job_10_calls`: one turn with 10 concurrent tool calls, then the final answer.
 //!
+//! - `agent_sqlite/governed_call`: `RuntimeKernel::call_tool` (the one governed path: schema,
+//!   policy, hold, call, settle with receipt, events, journal) of the echo tool, durable.
+//! - `agent_sqlite/bare_commit`: one `BEGIN IMMEDIATE; INSERT; COMMIT` on the same file (the floor
+//!   a durable call is compared with).
+//! - `agent_memory/governed_call` and `agent_memory/bare_tool_call`: the same path over the
+//!   in-memory store (the governance path alone, no durable write).
+//!
 //! Per-tool-call overhead ~= (job_10_calls - job_1_call) / 9 - bare_tool_call: a budget hold
 //! (1 transaction) + `tool_started` and `tool_result` journal commits (2 transactions, the second
 //! also settling the hold and appending the events).
@@ -18,6 +25,8 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput};
 use keel_kernel::agent::testing::{FakeTools, ScriptedModel, calls};
+use keel_kernel::context::ExecutionContext;
+use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::Message;
 use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::tool::{ToolCallContext, ToolHost};
@@ -50,7 +59,43 @@ fn bench(c: &mut Criterion) {
     let ctx = ToolCallContext::ad_hoc("bench");
     let args = json!({ "i": 1 });
     group.bench_function("bare_tool_call", |b| {
-        b.iter(|| rt.block_on(tools.call_tool(&ctx, "p/echo", &args)).expect("call"))
+        b.iter(|| {
+            rt.block_on(tools.call_tool(&ctx, "p/echo", &args))
+                .result
+                .expect("call")
+        })
+    });
+    let governed = RuntimeKernel::new(
+        kernel.clone(),
+        Arc::new(ScriptedModel::new(vec![])),
+        Arc::new(tools.clone()),
+        Arc::new(Policy::allow_all()),
+        Arc::new(SessionApprovals::new()),
+        AgentConfig::default(),
+    );
+    let call_ctx = ExecutionContext::new("bench");
+    group.bench_function("governed_call", |b| {
+        b.iter(|| rt.block_on(governed_call(&governed, &call_ctx)))
+    });
+    let pool = db.pool().clone();
+    rt.block_on(async {
+        sqlx::query("CREATE TABLE IF NOT EXISTS bench_commit (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+    group.bench_function("bare_commit", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
+                sqlx::query("INSERT INTO bench_commit (body) VALUES (?)")
+                    .bind("x")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            })
+        })
     });
 
     for (name, n) in [("job_no_tools", 0), ("job_1_call", 1), ("job_10_calls", 10)] {
@@ -76,6 +121,39 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    let mut group = c.benchmark_group("agent_memory");
+    group.throughput(Throughput::Elements(1));
+    let memory = Kernel::new(Arc::new(MemoryStore::new()));
+    let governed = RuntimeKernel::new(
+        memory,
+        Arc::new(ScriptedModel::new(vec![])),
+        Arc::new(tools.clone()),
+        Arc::new(Policy::allow_all()),
+        Arc::new(SessionApprovals::new()),
+        AgentConfig::default(),
+    );
+    group.bench_function("bare_tool_call", |b| {
+        b.iter(|| {
+            rt.block_on(tools.call_tool(&ctx, "p/echo", &args))
+                .result
+                .expect("call")
+        })
+    });
+    group.bench_function("governed_call", |b| {
+        b.iter(|| rt.block_on(governed_call(&governed, &call_ctx)))
+    });
+    group.finish();
+}
+
+/// One governed call of the echo tool, to its end.
+async fn governed_call(agent: &RuntimeKernel, ctx: &ExecutionContext) {
+    let h = agent
+        .call_tool(ctx, "p/echo", json!({ "i": 1 }), None)
+        .await
+        .expect("call");
+    let r = h.result().await.expect("result");
+    assert_eq!(r.status, keel_kernel::job::JobState::Succeeded, "{r:?}");
 }
 
 criterion::criterion_group!(benches, bench);

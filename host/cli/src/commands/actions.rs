@@ -11,8 +11,8 @@ use clap::{ArgGroup, Subcommand};
 use keel_kernel::action::{Action, ActionFilter, ActionState, Resolution};
 use serde_json::Value;
 
-use crate::commands::kernel_app::{DEFAULT_SCOPE, open_kernel, parse_id, when};
 use crate::output::{CliError, CliResult, print_json, sanitize_line};
+use keel_app::kernel::{DEFAULT_SCOPE, open_kernel, parse_id, when};
 
 /// `keel actions ...`.
 #[derive(Debug, Subcommand)]

@@ -8,8 +8,8 @@ use clap::Subcommand;
 use keel_kernel::ledger::{Budget, BudgetLimits, BudgetStatus, BudgetWindow, ExceedStrategy};
 use rust_decimal::Decimal;
 
-use crate::commands::kernel_app::{DEFAULT_SCOPE, open_kernel, parse_id};
 use crate::output::{CliError, CliResult, print_json};
+use keel_app::kernel::{DEFAULT_SCOPE, open_kernel, parse_id};
 
 /// `keel budgets ...`.
 #[derive(Debug, Subcommand)]

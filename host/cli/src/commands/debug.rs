@@ -31,8 +31,8 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::commands::kernel_app::open_kernel;
 use crate::output::{CliError, CliResult, print_json};
+use keel_app::kernel::open_kernel;
 
 /// Scope `churn` works in unless told otherwise.
 const CHURN_SCOPE: &str = "churn";

@@ -113,7 +113,7 @@ pub async fn demo(args: DemoArgs) -> CliResult {
         principal: Some("demo".into()),
         detach: false,
         common: AgentArgs {
-            scope: crate::commands::kernel_app::DEFAULT_SCOPE.into(),
+            scope: keel_app::kernel::DEFAULT_SCOPE.into(),
             policy: None,
             auto_approve: true,
             json: args.json,

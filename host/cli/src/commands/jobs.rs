@@ -8,8 +8,8 @@ use keel_kernel::event::{EventFilter, EventQuery, RuntimeEvent};
 use keel_kernel::job::{Job, JobFilter, JobState};
 use serde_json::json;
 
-use crate::commands::kernel_app::{DEFAULT_SCOPE, open_kernel, parse_id, when};
 use crate::output::{CliError, CliResult, print_json, sanitize_line};
+use keel_app::kernel::{DEFAULT_SCOPE, open_kernel, parse_id, when};
 
 /// `keel jobs ...`.
 #[derive(Debug, Subcommand)]

@@ -7,8 +7,8 @@ use clap::Subcommand;
 use keel_kernel::ledger::UsageQuery;
 use serde_json::json;
 
-use crate::commands::kernel_app::{DEFAULT_SCOPE, DayEdge, open_kernel, parse_id, parse_time};
 use crate::output::{CliError, CliResult, print_json};
+use keel_app::kernel::{DEFAULT_SCOPE, DayEdge, open_kernel, parse_id, parse_time};
 
 /// `keel ledger ...`.
 #[derive(Debug, Subcommand)]

@@ -5,7 +5,6 @@ pub mod budgets;
 pub mod debug;
 pub mod demo;
 pub mod jobs;
-pub mod kernel_app;
 pub mod ledger;
 pub mod plugins;
 pub mod policy;

@@ -3,14 +3,19 @@
 use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Subcommand};
-use keel_kernel::tool::{ToolCallContext, ToolError};
+use keel_kernel::tool::ToolError;
 use keel_sandbox::{FsGrant, FsMode, Grants, Limits, PluginInfo, PreparedPlugin};
 use keel_store::plugins::PluginRecord;
 use serde_json::{Value, json};
 
-use crate::app::{App, grants_of};
+use keel_app::call::{CallOutcome, CallRequest};
+use keel_app::home::{App, grants_of};
+use keel_app::runtime::{AgentHost, PolicyChoice};
+
+use crate::commands::run::{AgentArgs, FollowOptions, follow_to_end};
 use crate::output::{CliError, CliResult, json_text, print_json, sanitize_line};
 
 /// Capability flags shared by `install`, `plugins grant` and `exec`.
@@ -229,9 +234,19 @@ pub struct CallArgs {
     arguments: Option<String>,
     #[command(flatten)]
     limits: LimitArgs,
-    /// Print the whole call report (output or error, logs, denials) as JSON.
+    /// Scope, policy, approvals and JSON output (`--json` prints the outcome: output or error,
+    /// receipt, logs, denials, job id).
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Principal the call runs for.
     #[arg(long)]
-    json: bool,
+    principal: Option<String>,
+    /// Session (the key of "approve for this session"; default: a new one).
+    #[arg(long)]
+    session: Option<String>,
+    /// Calling again with the same key in the scope returns the first call's outcome.
+    #[arg(long)]
+    idempotency_key: Option<String>,
 }
 
 /// `keel exec`.
@@ -719,9 +734,10 @@ async fn save_grants(app: &App, record: &PluginRecord, grants: &Grants, json: bo
     Ok(())
 }
 
-/// `keel call`.
+/// `keel call`: one governed tool call (policy, approval, budget hold, sandbox, ledger entry
+/// with its receipt, events, journal), recorded as a job like any agent's call.
 pub async fn call(home: &Path, args: CallArgs) -> CliResult {
-    let Some((plugin_name, tool)) = args.tool.split_once('/') else {
+    let Some((plugin_name, _)) = args.tool.split_once('/') else {
         return Err(CliError::user(format!("`{}` is not `plugin/tool`", args.tool)));
     };
     let text = match args.arguments.as_deref() {
@@ -733,70 +749,101 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     };
     let arguments: Value =
         serde_json::from_str(&text).map_err(|e| CliError::user(format!("arguments are not valid JSON: {e}")))?;
-    let app = App::open(home).await?;
-    let record = app.record(plugin_name).await?;
-    let (plugin, grants, limits) = app.load(&record).await?;
-    if plugin.info.tool(tool).is_none() {
-        let tools: Vec<&str> = plugin.info.tools.iter().map(|t| t.name.as_str()).collect();
-        return Err(CliError::user(format!(
-            "plugin `{plugin_name}` has no tool `{tool}` (tools: {})",
-            tools.join(", ")
-        )));
+    // Flags are checked before anything is opened.
+    args.limits.apply(&Limits::default())?;
+    let choice = PolicyChoice::resolve(home, args.agent.policy.as_deref())?;
+    if let Some(note) = &choice.note
+        && !args.agent.json
+    {
+        eprintln!("note: {}", sanitize_line(note));
     }
-    let limits = args.limits.apply(&limits)?;
-    let report = run_call(&app, &plugin, &grants, &limits, tool, &arguments).await;
-    if args.json {
-        let (ok, body) = match &report.result {
-            Ok(out) => (
-                true,
-                json!({"output": out.output, "duration_ms": out.duration.as_secs_f64() * 1e3}),
-            ),
-            Err(e) => (false, json!({"error": e, "message": e.to_string()})),
-        };
-        let mut value = json!({"ok": ok, "tool": args.tool, "logs": report.logs, "logs_truncated": report.logs_truncated,
-            "denials": report.denials, "stderr": String::from_utf8_lossy(&report.stderr)});
-        value
-            .as_object_mut()
-            .expect("object")
-            .extend(body.as_object().expect("object").clone());
-        print_json(&value);
-        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
-    }
-    for log in &report.logs {
-        eprintln!("[{plugin_name}] {:?}: {}", log.level, sanitize_line(&log.message));
-    }
-    if report.logs_truncated {
-        eprintln!("[{plugin_name}] (further log lines dropped: log limit reached)");
-    }
-    // A denial the plugin already reported as its error is not repeated.
-    let reported = matches!(report.result, Err(ToolError::Denied { .. }));
-    for denial in report.denials.iter().filter(|_| !reported) {
-        eprintln!(
-            "denied: {} {} — {} (grant with `keel plugins grant {plugin_name} --allow-net HOST`)",
-            sanitize_line(&denial.capability),
-            sanitize_line(&denial.target),
-            sanitize_line(&denial.reason)
-        );
-    }
-    match report.result {
-        Ok(out) => {
-            println!("{}", json_text(&out.output, true));
-            Ok(ExitCode::SUCCESS)
+    let overrides = Value::Object(args.limits.overrides());
+    let limit_override: keel_app::runtime::LimitOverride = Arc::new(move |limits: &Limits| {
+        limits
+            .overridden_by(&overrides)
+            .map_err(|e| format!("invalid limit: {e}"))
+    });
+    let patterns = [args.tool.clone()];
+    let host = AgentHost::open_with(home, Some(&patterns), choice, Some(limit_override)).await?;
+    host.check_tool(&args.tool).await?;
+    let mut request = CallRequest::new(args.agent.scope.clone(), args.tool.clone(), arguments);
+    request.principal = args.principal.clone();
+    request.session = Some(
+        args.session
+            .clone()
+            .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7().simple())),
+    );
+    request.idempotency_key = args.idempotency_key.clone();
+    let stop = keel_kernel::context::CancellationToken::new();
+    let _sweeper = host.kernel.spawn_sweeper(host.poll, stop.clone());
+    let tokens = host.rt.issued_tokens();
+    let handle = host.start_call(&request).await?;
+    let mut opts = FollowOptions::from_args(&args.agent, 0);
+    opts.quiet = true;
+    let result = follow_to_end(&host, &args.agent.scope, handle.job_id(), &opts, tokens).await;
+    stop.cancel();
+    let outcome = CallOutcome::from_result(result?);
+    let tool_result = outcome.tool_result.as_ref();
+    if args.agent.json {
+        let mut value = json!({
+            "ok": outcome.succeeded(),
+            "tool": args.tool,
+            "job_id": outcome.job_id,
+            "status": outcome.status,
+        });
+        let obj = value.as_object_mut().expect("object");
+        if let Some(r) = tool_result {
+            obj.insert("output".into(), json!(r.output));
+            obj.insert("receipt".into(), json!(r.receipt));
+            obj.insert("logs".into(), json!(r.diagnostics.logs));
+            obj.insert("logs_truncated".into(), json!(r.diagnostics.logs_truncated));
+            obj.insert("denials".into(), json!(r.diagnostics.denials));
+            obj.insert("stderr".into(), json!(r.diagnostics.stderr));
+            if let Some(error) = &r.error {
+                obj.insert("error".into(), json!(error));
+            }
         }
-        Err(error) => Err(tool_error(plugin_name, error)),
+        if let Some(e) = &outcome.error {
+            obj.insert("message".into(), json!(e.message));
+            obj.insert("code".into(), json!(e.code));
+        }
+        print_json(&value);
+        return Ok(if outcome.succeeded() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
     }
-}
-
-async fn run_call(
-    app: &App,
-    plugin: &PreparedPlugin,
-    grants: &Grants,
-    limits: &Limits,
-    tool: &str,
-    arguments: &Value,
-) -> keel_sandbox::CallReport {
-    let ctx = ToolCallContext::ad_hoc("default");
-    app.sandbox.call(plugin, grants, limits, &ctx, tool, arguments).await
+    if let Some(r) = tool_result {
+        for log in &r.diagnostics.logs {
+            eprintln!("[{plugin_name}] {:?}: {}", log.level, sanitize_line(&log.message));
+        }
+        if r.diagnostics.logs_truncated {
+            eprintln!("[{plugin_name}] (further log lines dropped: log limit reached)");
+        }
+        // A denial the plugin already reported as its error is not repeated.
+        let reported = matches!(r.error, Some(ToolError::Denied { .. }));
+        for denial in r.diagnostics.denials.iter().filter(|_| !reported) {
+            eprintln!(
+                "denied: {} {} — {} (grant with `keel plugins grant {plugin_name} --allow-net HOST`)",
+                sanitize_line(&denial.capability),
+                sanitize_line(&denial.target),
+                sanitize_line(&denial.reason)
+            );
+        }
+        if let Some(output) = &r.output {
+            println!("{}", json_text(output, true));
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(error) = &r.error {
+            return Err(tool_error(plugin_name, error.clone()));
+        }
+    }
+    let error = outcome.error.map_or_else(
+        || format!("the call ended {}", outcome.status),
+        |e| format!("{} ({})", e.message.trim_start_matches("error: "), e.code),
+    );
+    Err(CliError::plugin(error))
 }
 
 fn tool_error(plugin: &str, error: ToolError) -> CliError {

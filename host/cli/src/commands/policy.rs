@@ -19,8 +19,7 @@ use serde_json::{Value, json};
 
 use crate::output::{CliError, CliResult, print_json};
 
-/// The policy file used when `--file` is not given: `$KEEL_HOME/policy.toml`.
-pub const DEFAULT_POLICY_FILE: &str = "policy.toml";
+pub use keel_app::runtime::DEFAULT_POLICY_FILE;
 
 /// `keel policy ...`
 #[derive(Debug, Subcommand)]

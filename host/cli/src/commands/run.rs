@@ -11,37 +11,20 @@ use std::io::{IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use keel_kernel::action::{ActionState, Resolution};
-use keel_kernel::agent::new_job;
-use keel_kernel::clock::SystemClock;
-use keel_kernel::context::{CancellationToken, PolicyRef};
+use keel_kernel::context::CancellationToken;
 use keel_kernel::event::{EventFilter, EventQuery, EventType, RuntimeEvent};
 use keel_kernel::job::JobState;
-use keel_kernel::model::{ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
-use keel_kernel::policy::{Policy, SessionApprovals};
-use keel_kernel::{ExecutionRequest, ExecutionResult, Kernel, KernelConfig, RuntimeKernel};
-use keel_models::ModelRouter;
+use keel_kernel::{ExecutionRequest, ExecutionResult};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::app::App;
-use crate::commands::kernel_app::DEFAULT_SCOPE;
-use crate::commands::policy::DEFAULT_POLICY_FILE;
 use crate::output::{CliError, CliResult, json_text, sanitize, sanitize_line};
-use crate::tools::RegistryToolHost;
-
-/// `PolicyRef::name` of a job run without a policy file.
-pub const ALLOW_ALL: &str = "allow-all";
-
-/// Test hook: when set (milliseconds), every model call of this process waits that long first, so
-/// tests can stop a host deterministically in the middle of a turn. Not for production use.
-pub const MODEL_DELAY_ENV: &str = "KEEL_DEBUG_MODEL_DELAY_MS";
+use keel_app::kernel::DEFAULT_SCOPE;
+pub use keel_app::runtime::{AgentHost, PolicyChoice, agent_error, enqueue, tool_patterns};
 
 /// `keel run`.
 #[derive(Debug, clap::Args)]
@@ -117,245 +100,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         other => return Err(format!("unknown duration unit {other:?} in {s:?} (ms, s, m, h)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
-}
-
-/// The policy a job runs under and how to find it again on resume.
-pub struct PolicyChoice {
-    /// The compiled policy.
-    pub policy: Policy,
-    /// Recorded with the job: the absolute file path (or [`ALLOW_ALL`]) and the file's sha256.
-    pub reference: PolicyRef,
-    /// Said to the user once (e.g. "no policy: allowing everything").
-    pub note: Option<String>,
-}
-
-impl PolicyChoice {
-    /// `--policy FILE`, else `$KEEL_HOME/policy.toml` if present, else allow-all (with a note).
-    pub fn resolve(home: &Path, flag: Option<&Path>) -> Result<Self, CliError> {
-        if let Some(path) = flag {
-            return Self::file(path);
-        }
-        let default = home.join(DEFAULT_POLICY_FILE);
-        if default.exists() {
-            return Self::file(&default);
-        }
-        Ok(Self {
-            policy: Policy::allow_all(),
-            reference: allow_all_reference(),
-            note: Some(format!(
-                "no policy file ({} missing, no --policy): every tool and model call is allowed",
-                default.display()
-            )),
-        })
-    }
-
-    /// The policy a job recorded (`--policy` overrides it).
-    pub fn of_job(home: &Path, recorded: &PolicyRef, flag: Option<&Path>) -> Result<Self, CliError> {
-        if flag.is_some() || recorded.name.is_empty() {
-            return Self::resolve(home, flag);
-        }
-        if recorded.name == ALLOW_ALL || recorded.source.is_some() {
-            // The kernel applies the recorded text itself; this is only this host's default.
-            return Ok(Self {
-                policy: Policy::allow_all(),
-                reference: recorded.clone(),
-                note: None,
-            });
-        }
-        let path = PathBuf::from(&recorded.name);
-        if !path.exists() {
-            return Err(CliError::user(format!(
-                "the job's policy file {} no longer exists; pass --policy FILE to resume it under another policy",
-                path.display()
-            )));
-        }
-        let mut choice = Self::file(&path)?;
-        if recorded.version.is_some() && choice.reference.version != recorded.version {
-            choice.note = Some(format!(
-                "{} changed since the job started; resuming under its current rules",
-                path.display()
-            ));
-        }
-        Ok(choice)
-    }
-
-    fn file(path: &Path) -> Result<Self, CliError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| CliError::user(format!("cannot read policy file {}: {e}", path.display())))?;
-        let policy = Policy::from_toml_str(&text, &path.display().to_string())
-            .map_err(|e| CliError::user(format!("invalid policy: {e}")))?;
-        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        Ok(Self {
-            policy,
-            // The text itself is recorded with the job: every host that runs it (a worker, a
-            // `jobs watch`) applies exactly these rules, even if the file changes or is gone.
-            reference: PolicyRef {
-                name: absolute.display().to_string(),
-                version: Some(hex::encode(Sha256::digest(text.as_bytes()))),
-                source: Some(text),
-                ..PolicyRef::default()
-            },
-            note: None,
-        })
-    }
-}
-
-/// The policy of "allow everything", recorded as text like any other.
-const ALLOW_ALL_TOML: &str = "default = \"allow\"\n";
-
-fn allow_all_reference() -> PolicyRef {
-    PolicyRef {
-        name: ALLOW_ALL.into(),
-        version: Some(hex::encode(Sha256::digest(ALLOW_ALL_TOML.as_bytes()))),
-        source: Some(ALLOW_ALL_TOML.into()),
-        ..PolicyRef::default()
-    }
-}
-
-/// Load a job's policy recorded by reference only (by a Keel before the text was recorded):
-/// re-read the file and refuse it if it is gone or its sha256 changed.
-fn load_recorded_policy(recorded: &PolicyRef) -> Result<Policy, String> {
-    if recorded.name == ALLOW_ALL {
-        return Ok(Policy::allow_all());
-    }
-    let override_hint = "`keel worker --override-policy` runs it under the worker's policy instead";
-    let text = std::fs::read_to_string(&recorded.name).map_err(|e| {
-        format!(
-            "the job's policy file {} cannot be read ({e}); {override_hint}",
-            recorded.name
-        )
-    })?;
-    let now = hex::encode(Sha256::digest(text.as_bytes()));
-    if recorded.version.as_deref() != Some(now.as_str()) {
-        return Err(format!(
-            "the job's policy file {} changed since the job was submitted; {override_hint}",
-            recorded.name
-        ));
-    }
-    Policy::from_toml_str(&text, &recorded.name).map_err(|e| e.to_string())
-}
-
-/// Expand `--tools` entries into the loop's patterns: a bare plugin name means all its tools.
-pub fn tool_patterns(specs: &[String]) -> Vec<String> {
-    specs
-        .iter()
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            if s.contains('/') || s.contains(['*', '?', '[', '{']) {
-                s.to_string()
-            } else {
-                format!("{s}/*")
-            }
-        })
-        .collect()
-}
-
-/// A [`ModelProvider`] that waits before every call (the [`MODEL_DELAY_ENV`] test hook).
-struct Delayed {
-    inner: Arc<dyn ModelProvider>,
-    delay: Duration,
-}
-
-impl ModelProvider for Delayed {
-    fn complete<'a>(
-        &'a self,
-        request: &'a ModelRequest,
-        on_delta: &'a (dyn Fn(ModelDelta) + Send + Sync),
-    ) -> BoxFuture<'a, Result<ModelResponse, ModelError>> {
-        Box::pin(async move {
-            tokio::time::sleep(self.delay).await;
-            self.inner.complete(request, on_delta).await
-        })
-    }
-
-    fn check(&self, model: &str) -> Result<(), ModelError> {
-        self.inner.check(model)
-    }
-
-    fn price(&self, model: &str) -> Option<ModelPrice> {
-        self.inner.price(model)
-    }
-}
-
-/// One Keel home opened for agent work: kernel over SQLite, model router, sandboxed tools, policy.
-pub struct AgentHost {
-    /// The agent runtime (owner id unique to this process).
-    pub rt: RuntimeKernel,
-    /// The kernel underneath.
-    pub kernel: Kernel,
-    /// How often to re-read the store (from `[agent] poll_ms`).
-    pub poll: Duration,
-    /// The policy choice (recorded with new jobs).
-    pub policy: PolicyRef,
-    /// Model providers configured (`provider` of `provider:model`).
-    pub providers: Vec<String>,
-    /// The model router (for up-front checks).
-    pub models: Arc<dyn ModelProvider>,
-}
-
-impl AgentHost {
-    /// Open `home` with the plugins the tool `patterns` can reach (all installed plugins when `None`).
-    pub async fn open(home: &Path, patterns: Option<&[String]>, policy: PolicyChoice) -> Result<Self, CliError> {
-        let app = App::open(home).await?;
-        let agent = app.config.agent.clone();
-        let poll = Duration::from_millis(agent.poll_ms.max(1));
-        let config = KernelConfig {
-            // Actions are resolved from other `keel` processes on the same database.
-            action_recheck_ms: Some(agent.poll_ms.max(1)),
-            ..KernelConfig::default()
-        };
-        let kernel = Kernel::with_clock(Arc::new(app.db.kernel_store()), Arc::new(SystemClock), config);
-        let router = ModelRouter::from_config(&app.config.models)
-            .map_err(|e| CliError::user(format!("[models] in config.toml: {e}")))?;
-        let providers = router.provider_names().into_iter().map(str::to_string).collect();
-        let mut models: Arc<dyn ModelProvider> = Arc::new(router);
-        if let Some(ms) = std::env::var(MODEL_DELAY_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
-            models = Arc::new(Delayed {
-                inner: models,
-                delay: Duration::from_millis(ms),
-            });
-        }
-        let tools = load_tools(app, patterns).await?;
-        let rt = RuntimeKernel::new(
-            kernel.clone(),
-            models.clone(),
-            Arc::new(tools),
-            Arc::new(policy.policy),
-            Arc::new(SessionApprovals::new()),
-            agent,
-        );
-        rt.set_policy_loader(Arc::new(load_recorded_policy));
-        Ok(Self {
-            rt,
-            kernel,
-            poll,
-            policy: policy.reference,
-            providers,
-            models,
-        })
-    }
-}
-
-/// The tool host for the installed plugins that `patterns` (`plugin/tool` globs) can match (all
-/// when `None`). Plugins are keyed by their registry name and loaded when first called; one that
-/// cannot be loaded is reported and skipped, never fatal. Named patterns are loaded up front, so
-/// `keel run` reports a broken plugin before the job starts.
-async fn load_tools(app: App, patterns: Option<&[String]>) -> Result<RegistryToolHost, CliError> {
-    let host = RegistryToolHost::new(Arc::new(app), patterns).await?;
-    if patterns.is_some() {
-        host.warm().await?;
-    }
-    Ok(host)
-}
-
-/// Create `request` as a QUEUED agent job without running it here (`--detach`): the next worker
-/// claims it at once, since no lease is held.
-pub async fn enqueue(kernel: &Kernel, request: &ExecutionRequest) -> Result<(Uuid, bool), CliError> {
-    // The same job `RuntimeKernel::execute` creates, minus claiming it.
-    let new = new_job(request, kernel.clock().now()).map_err(agent_error)?;
-    let created = kernel.jobs().create(new).await?;
-    Ok((created.job.id, created.created))
 }
 
 /// Run `keel run`.
@@ -470,14 +214,6 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
     Ok(code)
 }
 
-/// Map an agent API error to the CLI's.
-pub fn agent_error(e: keel_kernel::agent::AgentError) -> CliError {
-    match e {
-        keel_kernel::agent::AgentError::Invalid(m) => CliError::user(m),
-        keel_kernel::agent::AgentError::Kernel(k) => k.into(),
-    }
-}
-
 /// How [`follow`] renders and answers.
 #[derive(Debug, Clone)]
 pub struct FollowOptions {
@@ -491,6 +227,8 @@ pub struct FollowOptions {
     pub status_line: bool,
     /// Start after this event sequence number.
     pub from_seq: u64,
+    /// Render no events and no result (`keel call` prints its own); approvals are still asked.
+    pub quiet: bool,
 }
 
 impl FollowOptions {
@@ -503,6 +241,7 @@ impl FollowOptions {
             interactive: tty && !args.json,
             status_line: !args.json && std::io::stderr().is_terminal(),
             from_seq,
+            quiet: false,
         }
     }
 }
@@ -649,8 +388,26 @@ pub async fn follow(
     scope: &str,
     job_id: Uuid,
     opts: &FollowOptions,
-    mut tokens: tokio::sync::broadcast::Receiver<keel_kernel::IssuedToken>,
+    tokens: tokio::sync::broadcast::Receiver<keel_kernel::IssuedToken>,
 ) -> CliResult {
+    let result = follow_to_end(host, scope, job_id, opts, tokens).await?;
+    print_result(&result, opts.json);
+    Ok(if result.status == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Follow a job to its end (rendering its events unless `opts.quiet`, answering approvals as
+/// `opts` says) and return its result.
+pub async fn follow_to_end(
+    host: &AgentHost,
+    scope: &str,
+    job_id: Uuid,
+    opts: &FollowOptions,
+    mut tokens: tokio::sync::broadcast::Receiver<keel_kernel::IssuedToken>,
+) -> Result<ExecutionResult, CliError> {
     let kernel = &host.kernel;
     let mut issued: std::collections::HashMap<Uuid, String> = std::collections::HashMap::new();
     let mut sub = kernel.subscribe(EventFilter::job(job_id));
@@ -677,7 +434,8 @@ pub async fn follow(
         let got_any = !events.is_empty();
         for e in &events {
             last = e.seq;
-            if opts.json {
+            if opts.quiet {
+            } else if opts.json {
                 println!("{}", json_text(&json!({ "type": "event", "event": e }), false));
             } else {
                 screen.render(e);
@@ -703,7 +461,9 @@ pub async fn follow(
         if ending {
             continue;
         }
-        screen.draw_status(job_id);
+        if !opts.quiet {
+            screen.draw_status(job_id);
+        }
         tokio::select! {
             _ = sub.recv() => {}
             _ = tokio::time::sleep(host.poll) => {}
@@ -721,12 +481,7 @@ pub async fn follow(
         .snapshot()
         .await
         .map_err(agent_error)?;
-    print_result(&result, opts.json);
-    Ok(if result.status == JobState::Succeeded {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(result)
 }
 
 /// Print a job's outcome (text, or one JSON line).

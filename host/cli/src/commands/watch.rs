@@ -11,9 +11,9 @@ use keel_kernel::ExecutionRequest;
 use keel_kernel::agent::AGENT_JOB_KIND;
 use keel_kernel::context::CancellationToken;
 
-use crate::commands::kernel_app::parse_id;
 use crate::commands::run::{AgentArgs, AgentHost, FollowOptions, PolicyChoice, agent_error, follow};
 use crate::output::{CliError, CliResult, sanitize_line};
+use keel_app::kernel::parse_id;
 
 /// `keel jobs watch`.
 #[derive(Debug, clap::Args)]
@@ -34,7 +34,7 @@ pub struct WatchArgs {
 pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
     let id = parse_id("job", &args.id)?;
     let scope = args.common.scope.clone();
-    let kernel = crate::commands::kernel_app::open_kernel(home).await?;
+    let kernel = keel_app::kernel::open_kernel(home).await?;
     let job = kernel.jobs().get(&scope, id).await?;
     drop(kernel);
     let request: Option<ExecutionRequest> = (job.kind == AGENT_JOB_KIND)

@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use uuid::Uuid;
 
-pub use request::{AgentConfig, AgentError, ExecutionRequest, ExecutionResult, ExecutionUsage};
+pub use request::{AgentConfig, AgentError, DirectCall, ExecutionRequest, ExecutionResult, ExecutionUsage};
 pub use run::model_tool_name;
 
 use crate::action::{Action, Resolution};
@@ -192,11 +192,13 @@ impl RuntimeKernel {
         if request.scope.is_empty() {
             return Err(AgentError::Invalid("a request needs a scope".into()));
         }
-        if request.model.is_empty() {
-            return Err(AgentError::Invalid("a request needs a model".into()));
-        }
-        if request.prompt.is_none() && request.messages.is_empty() {
-            return Err(AgentError::Invalid("a request needs a prompt or messages".into()));
+        if request.call.is_none() {
+            if request.model.is_empty() {
+                return Err(AgentError::Invalid("a request needs a model".into()));
+            }
+            if request.prompt.is_none() && request.messages.is_empty() {
+                return Err(AgentError::Invalid("a request needs a prompt or messages".into()));
+            }
         }
         let now = self.kernel().clock().now();
         let new = new_job(&request, now)?;
@@ -221,6 +223,45 @@ impl RuntimeKernel {
             self.claim_and_spawn(Some(created.job.id), now).await?;
         }
         Ok(self.handle(created.job))
+    }
+
+    /// The governed tool-call path: call `tool` (`plugin/tool`) with `arguments` on behalf of
+    /// `ctx` (scope, principal, session, budget, policy, metadata), as a job whose only step is the
+    /// call. The call goes through exactly what an agent's tool call goes through — input schema
+    /// check, policy, approval (the job waits in WAITING_ACTION), budget hold, the sandboxed call,
+    /// settlement with its receipt, events and journal — and is durable like any job. Every surface
+    /// (`keel call`, MCP `tools/call`, the HTTP API, operators) calls tools through here.
+    ///
+    /// `handle.result().await` gives the outcome: [`ExecutionResult::tool_result`] carries the
+    /// output or error and the receipt; a refused or failed call ends the job FAILED with the
+    /// error's code.
+    pub async fn call_tool(
+        &self,
+        ctx: &ExecutionContext,
+        tool: &str,
+        arguments: serde_json::Value,
+        idempotency_key: Option<String>,
+    ) -> Result<ExecutionHandle, AgentError> {
+        if !tool.contains('/') {
+            return Err(AgentError::Invalid(format!(
+                "`{tool}` is not a tool name (plugin/tool)"
+            )));
+        }
+        let request = ExecutionRequest {
+            scope: ctx.tenant.clone(),
+            principal: ctx.principal.clone(),
+            session: ctx.session.clone(),
+            policy: ctx.policy.clone(),
+            budget: ctx.budget.clone(),
+            metadata: ctx.metadata.clone(),
+            idempotency_key,
+            call: Some(DirectCall {
+                tool: tool.to_string(),
+                arguments,
+            }),
+            ..ExecutionRequest::default()
+        };
+        self.execute(request).await
     }
 
     /// Run at most `n` jobs on this host at once (0: no limit); overrides

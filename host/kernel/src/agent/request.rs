@@ -48,6 +48,19 @@ pub struct ExecutionRequest {
     pub idempotency_key: Option<String>,
     /// Free-form metadata, stored with the job.
     pub metadata: BTreeMap<String, serde_json::Value>,
+    /// A direct tool call instead of a model conversation: the job's only step is this call,
+    /// governed like an agent's (see [`crate::RuntimeKernel::call_tool`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call: Option<DirectCall>,
+}
+
+/// One tool call asked for directly (not chosen by a model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DirectCall {
+    /// `plugin/tool`.
+    pub tool: String,
+    /// The arguments object.
+    pub arguments: serde_json::Value,
 }
 
 impl ExecutionRequest {
@@ -132,6 +145,9 @@ pub struct ExecutionResult {
     /// Why it did not succeed (`budget_exceeded`, `max_turns`, `policy_denied`, `model_error`,
     /// `deadline_exceeded`, `cancelled`, `action_expired`, ...).
     pub error: Option<JobError>,
+    /// For a direct tool call: its outcome (output or error, and its receipt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_result: Option<crate::journal::ToolResult>,
 }
 
 /// Tunables of the agent loop. Names match the `[agent]` config section and CLI flags.

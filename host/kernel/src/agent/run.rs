@@ -25,6 +25,7 @@ use crate::context::PolicyRef;
 use crate::error::KernelError;
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobError, JobState};
+use crate::journal::{self, Entry, key};
 use crate::ledger::{
     BudgetOutcome, BudgetStatus, LedgerKind, ReservationState, SettleRequest, Usage, evaluate_budgets,
 };
@@ -32,18 +33,7 @@ use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, T
 use crate::policy::{Outcome, Policy, PolicyRequest};
 use crate::services::{HoldRequest, SettleDetails, job_event, status_event, transition};
 use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError, StoreResult};
-use crate::tool::{ToolCallContext, ToolDescriptor, ToolError};
-
-/// Journal kinds.
-pub(crate) mod kind {
-    pub const TOOLS: &str = "tools";
-    pub const MODEL_RESPONSE: &str = "model_response";
-    pub const TOOL_STARTED: &str = "tool_started";
-    pub const TOOL_RESULT: &str = "tool_result";
-    pub const APPROVAL_REQUESTED: &str = "approval_requested";
-    pub const APPROVAL: &str = "approval";
-    pub const FINAL: &str = "final";
-}
+use crate::tool::{Receipt, ToolCallContext, ToolDescriptor, ToolError};
 
 /// Why the loop stopped without finishing the job itself.
 #[derive(Debug)]
@@ -58,6 +48,11 @@ pub(crate) enum Stop {
     Lost,
     /// The store failed; the job is left for recovery.
     Error(KernelError),
+}
+
+/// A journal entry this host cannot read: leave the job for an operator, never guess.
+fn corrupt(e: impl std::fmt::Display) -> Stop {
+    Stop::Error(KernelError::Store(StoreError::Corrupt(e.to_string())))
 }
 
 fn job_error(code: &str, message: impl Into<String>) -> JobError {
@@ -203,7 +198,7 @@ pub(crate) type Held = Arc<Mutex<HashSet<Uuid>>>;
 pub(crate) struct Step {
     next: Job,
     events: Vec<NewEvent>,
-    journal: Vec<(String, &'static str, Value)>,
+    journal: Vec<(String, Entry)>,
     settlements: Vec<SettleRequest>,
 }
 
@@ -288,16 +283,6 @@ fn estimate_tokens(messages: &[Message], tools: &[ToolSpec]) -> u64 {
     bytes as u64 + 16
 }
 
-/// The journal key of attempt `attempt` of the call at `base`: `t1/c0/started` for the first,
-/// `t1/c0/retry1/started`, ... for re-runs after an interruption.
-fn started_key(base: &str, attempt: u32) -> String {
-    if attempt == 0 {
-        format!("{base}/started")
-    } else {
-        format!("{base}/retry{attempt}/started")
-    }
-}
-
 fn resolution_is_session_scoped(r: &Resolution) -> bool {
     r.value.as_str() == Some("session") || r.value.get("scope").and_then(Value::as_str) == Some("session")
 }
@@ -318,8 +303,8 @@ pub(crate) struct Runner {
     session: Option<String>,
     trace_id: Option<String>,
     req: ExecutionRequest,
-    /// key -> (kind, payload): the journal read at start plus what this run appended.
-    journal: Mutex<HashMap<String, (String, Value)>>,
+    /// key -> entry: the journal read at start plus what this run appended.
+    journal: Mutex<HashMap<String, Entry>>,
     /// Reservations held by in-flight steps, released if the loop stops early (shared with the
     /// heartbeat, which keeps them from expiring while their calls run).
     held: Held,
@@ -393,11 +378,12 @@ impl Runner {
                 .await;
         }
         let entries = rt.kernel.store().read_journal(job.id).await?;
-        let started = entries.iter().filter(|e| e.entry.kind == kind::TOOL_STARTED).count() as u64;
-        let journal = entries
-            .into_iter()
-            .map(|e| (e.entry.key, (e.entry.kind, e.entry.payload)))
-            .collect();
+        let entries = journal::decode_all(&entries).map_err(corrupt)?;
+        let started = entries
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::ToolStarted(_)))
+            .count() as u64;
+        let journal = entries.into_iter().collect();
         Ok(Self {
             job_id: job.id,
             tenant: job.tenant.clone(),
@@ -416,9 +402,9 @@ impl Runner {
         })
     }
 
-    fn journaled(&self, key: &str) -> Option<Value> {
+    fn journaled(&self, key: &str) -> Option<Entry> {
         let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        j.get(key).map(|(_, v)| v.clone())
+        j.get(key).cloned()
     }
 
     fn lease(&self) -> LeaseGuard {
@@ -486,14 +472,8 @@ impl Runner {
         }
     }
 
-    fn entry(&self, key: String, kind: &str, payload: Value, at: DateTime<Utc>) -> NewJournalEntry {
-        NewJournalEntry {
-            job_id: self.job_id,
-            key,
-            kind: kind.to_string(),
-            payload,
-            at,
-        }
+    fn entry(&self, key: String, entry: &Entry, at: DateTime<Utc>) -> NewJournalEntry {
+        journal::encode(self.job_id, key, entry, at)
     }
 
     /// Commit one step: the job row (compare-and-set on its version, retried on conflict), the
@@ -518,7 +498,7 @@ impl Runner {
             let journal: Vec<NewJournalEntry> = step
                 .journal
                 .iter()
-                .map(|(k, kind, v)| self.entry(k.clone(), kind, v.clone(), now))
+                .map(|(k, e)| self.entry(k.clone(), e, now))
                 .collect();
             let batch = Batch {
                 jobs: vec![JobWrite {
@@ -535,8 +515,8 @@ impl Runner {
             match retry_busy(|| kernel.commit(batch.clone())).await {
                 Ok(_) => {
                     let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-                    for (k, kind, v) in step.journal {
-                        j.insert(k, (kind.to_string(), v));
+                    for (k, e) in step.journal {
+                        j.insert(k, e);
                     }
                     return Ok(step.next);
                 }
@@ -573,6 +553,9 @@ impl Runner {
             })
             .await?;
         }
+        if let Some(call) = &self.req.call {
+            return self.drive_call(call).await;
+        }
         let tools = self.tools().await?;
         let specs: Vec<ToolSpec> = tools
             .iter()
@@ -589,9 +572,9 @@ impl Runner {
         let mut messages = self.req.initial_messages();
         let max_turns = self.req.turn_limit(&self.rt.config);
         for turn in 1u32.. {
-            let response = match self.journaled(&format!("t{turn}/model")) {
-                Some(v) => serde_json::from_value::<ModelResponse>(v)
-                    .map_err(|e| Stop::Error(KernelError::Store(StoreError::Corrupt(e.to_string()))))?,
+            let response = match self.journaled(&key::model(turn)) {
+                Some(Entry::ModelResponse(r)) => r,
+                Some(other) => return Err(corrupt(format!("journal {} is a {}", key::model(turn), other.kind()))),
                 None => {
                     if turn > max_turns {
                         return Err(Stop::Fail(job_error(
@@ -615,16 +598,43 @@ impl Runner {
             )
             .await;
             for (call, result) in calls.iter().zip(results) {
-                messages.push(Message::tool(call.id.clone(), result?));
+                messages.push(Message::tool(call.id.clone(), result?.content));
             }
         }
         Ok(())
     }
 
+    /// A direct tool call (`keel call`, MCP `tools/call`, the HTTP API): the same governed step as
+    /// an agent's call (schema, policy, approval, hold, sandbox, settle with receipt, events,
+    /// journal) as the job's only step; the job succeeds with the tool's output or fails with its
+    /// error code.
+    async fn drive_call(&self, call: &super::request::DirectCall) -> Result<(), Stop> {
+        let desc = self
+            .rt
+            .tools
+            .list_tools()
+            .await
+            .map_err(|e| Stop::Fail(job_error("tools_unavailable", format!("listing tools failed: {e}"))))?
+            .into_iter()
+            .find(|t| t.qualified_name() == call.tool);
+        let model_call = ToolCall {
+            id: "c0".into(),
+            name: call.tool.clone(),
+            arguments: call.arguments.clone(),
+        };
+        let result = self.call_step(1, 0, &model_call, desc.as_ref()).await?;
+        if result.is_error {
+            let code = result.code.clone().unwrap_or_else(|| "failed".into());
+            return Err(Stop::Fail(job_error(&code, result.content)));
+        }
+        self.complete(result.content).await
+    }
+
     async fn tools(&self) -> Result<Vec<ToolDescriptor>, Stop> {
-        if let Some(v) = self.journaled("tools") {
-            return serde_json::from_value(v["tools"].clone())
-                .map_err(|e| Stop::Error(KernelError::Store(StoreError::Corrupt(e.to_string()))));
+        match self.journaled(key::TOOLS) {
+            Some(Entry::Tools(chosen)) => return Ok(chosen.tools),
+            Some(other) => return Err(corrupt(format!("journal {} is a {}", key::TOOLS, other.kind()))),
+            None => {}
         }
         let mut builder = globset::GlobSetBuilder::new();
         for p in &self.req.tools {
@@ -645,12 +655,12 @@ impl Runner {
                     })?;
                 all.into_iter().filter(|t| set.is_match(t.qualified_name())).collect()
             };
-        let payload = json!({ "tools": chosen });
+        let entry = Entry::Tools(journal::ToolsChosen { tools: chosen.clone() });
         self.commit_step(|job, now| {
             Ok(Step {
                 next: bump(job, now),
                 events: vec![],
-                journal: vec![("tools".into(), kind::TOOLS, payload.clone())],
+                journal: vec![(key::TOOLS.into(), entry.clone())],
                 settlements: vec![],
             })
         })
@@ -661,7 +671,7 @@ impl Runner {
     /// Usage journaled so far (model calls).
     fn usage_so_far(&self) -> ExecutionUsage {
         let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        usage_of(j.values().map(|(k, v)| (k.as_str(), v)))
+        usage_of(j.values())
     }
 
     /// The model this run uses now: the requested one, or the degrade model after a `degrade` verdict.
@@ -755,7 +765,7 @@ impl Runner {
                     .is_some_and(|s| rt.approvals.is_call_approved(s, &subject, &call.arguments));
                 if !session_approved {
                     let title = format!("Allow a call to model `{model}` (up to {max_tokens} output tokens)?");
-                    let key = format!("t{turn}/model/approval");
+                    let key = key::model_approval(turn);
                     if !self.approval(&key, &call, &subject, title, &decision.reason).await? {
                         return Err(Stop::Fail(job_error(
                             "approval_denied",
@@ -866,7 +876,7 @@ impl Runner {
         };
         let mut journaled = response.clone();
         journaled.usage.cost = actual.cost;
-        let payload = serde_json::to_value(&journaled).map_err(|e| Stop::Error(KernelError::Invalid(e.to_string())))?;
+        let entry = Entry::ModelResponse(journaled.clone());
         let names: Vec<&str> = response.message.tool_calls.iter().map(|c| c.name.as_str()).collect();
         let done = json!({
             "turn": turn,
@@ -883,7 +893,7 @@ impl Runner {
                 Ok(Step {
                     events: vec![job_event(&next, EventType::ModelDone, done.clone(), now)],
                     next,
-                    journal: vec![(format!("t{turn}/model"), kind::MODEL_RESPONSE, payload.clone())],
+                    journal: vec![(key::model(turn), entry.clone())],
                     settlements: vec![SettleRequest {
                         reservation_id: hold,
                         kind: LedgerKind::ModelUsage,
@@ -1002,17 +1012,19 @@ impl Runner {
     /// owner, which resumes that call; this host's private holds (a model call) are released.
     pub(crate) async fn release_all(&self, lost: bool) {
         let ids: Vec<Uuid> = self.held.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
-        let journaled: HashSet<String> = if lost {
+        let journaled: HashSet<Uuid> = if lost {
             let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
             j.values()
-                .filter(|(k, _)| k == kind::TOOL_STARTED)
-                .filter_map(|(_, v)| v["reservation_id"].as_str().map(str::to_string))
+                .filter_map(|e| match e {
+                    Entry::ToolStarted(s) => Some(s.reservation_id),
+                    _ => None,
+                })
                 .collect()
         } else {
             HashSet::new()
         };
         for id in ids {
-            if journaled.contains(&id.to_string()) {
+            if journaled.contains(&id) {
                 continue;
             }
             let _ = self.rt.kernel.ledger().release(id, "job stopped").await;
@@ -1027,19 +1039,30 @@ impl Runner {
         tool: &str,
         code: &str,
         message: String,
-    ) -> Result<String, Stop> {
-        let payload = json!({ "content": message, "is_error": true, "code": code, "ran": false, "tool": tool });
+    ) -> Result<journal::ToolResult, Stop> {
+        let result = journal::ToolResult {
+            content: message.clone(),
+            is_error: true,
+            code: Some(code.to_string()),
+            ran: false,
+            tool: tool.to_string(),
+            output: None,
+            error: None,
+            receipt: None,
+            diagnostics: Default::default(),
+        };
+        let entry = Entry::ToolResult(result.clone());
         let data = json!({ "call_id": call.id, "tool": tool, "code": code, "message": message });
         self.commit_step(|job, now| {
             Ok(Step {
                 next: bump(job, now),
                 events: vec![self.event(EventType::ToolError, data.clone(), now)],
-                journal: vec![(format!("{base}/result"), kind::TOOL_RESULT, payload.clone())],
+                journal: vec![(key::result(base), entry.clone())],
                 settlements: vec![],
             })
         })
         .await?;
-        Ok(message)
+        Ok(result)
     }
 
     async fn call_step(
@@ -1048,10 +1071,12 @@ impl Runner {
         idx: usize,
         call: &ToolCall,
         desc: Option<&ToolDescriptor>,
-    ) -> Result<String, Stop> {
-        let base = format!("t{turn}/c{idx}");
-        if let Some(v) = self.journaled(&format!("{base}/result")) {
-            return Ok(v["content"].as_str().unwrap_or_default().to_string());
+    ) -> Result<journal::ToolResult, Stop> {
+        let base = key::call(turn, idx);
+        match self.journaled(&key::result(&base)) {
+            Some(Entry::ToolResult(r)) => return Ok(r),
+            Some(other) => return Err(corrupt(format!("journal {base}/result is a {}", other.kind()))),
+            None => {}
         }
         let Some(desc) = desc else {
             let msg = format!("error: there is no tool named `{}`", call.name);
@@ -1087,7 +1112,7 @@ impl Runner {
             Outcome::RequireApproval => {
                 let title = format!("Allow `{tool}`?");
                 if !self
-                    .approval(&format!("{base}/approval"), call, &tool, title, &decision.reason)
+                    .approval(&key::approval(&base), call, &tool, title, &decision.reason)
                     .await?
                 {
                     let msg = format!("error: the call to `{tool}` was denied by a human reviewer");
@@ -1104,7 +1129,7 @@ impl Runner {
                 let title = format!("The host stopped during `{tool}`; re-run it (attempt {})?", attempt + 1);
                 let approved = self
                     .approval(
-                        &format!("{base}/rerun{attempt}"),
+                        &key::rerun(&base, attempt),
                         call,
                         &tool,
                         title,
@@ -1134,25 +1159,30 @@ impl Runner {
                 ..Usage::zero()
             })
             .await?;
-        let payload = json!({ "reservation_id": hold, "tool": tool, "call_id": call.id, "attempt": attempt });
+        let entry = Entry::ToolStarted(journal::ToolStarted {
+            reservation_id: hold,
+            tool: tool.clone(),
+            call_id: call.id.clone(),
+            attempt,
+        });
         let data = json!({ "turn": turn, "call_id": call.id, "tool": tool, "attempt": attempt });
-        let key = started_key(&base, attempt);
+        let key = key::started(&base, attempt);
         self.commit_step(|job, now| {
             Ok(Step {
                 next: bump(job, now),
                 events: vec![self.event(EventType::ToolStart, data.clone(), now)],
-                journal: vec![(key.clone(), kind::TOOL_STARTED, payload.clone())],
+                journal: vec![(key.clone(), entry.clone())],
                 settlements: vec![],
             })
         })
         .await?;
-        self.execute(turn, &base, call, desc, hold).await
+        self.run_tool(turn, &base, call, desc, hold).await
     }
 
     /// How many attempts of the call at `base` were started (journaled).
     fn attempts_started(&self, base: &str) -> u32 {
         let mut n = 0;
-        while self.journaled(&started_key(base, n)).is_some() {
+        while self.journaled(&key::started(base, n)).is_some() {
             n += 1;
         }
         n
@@ -1168,13 +1198,11 @@ impl Runner {
         call: &ToolCall,
         tool: &str,
     ) -> Result<(), Stop> {
-        let key = started_key(base, attempt);
-        let hold = self
-            .journaled(&key)
-            .and_then(|v| v["reservation_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()))
-            .ok_or(Stop::Error(KernelError::Store(StoreError::Corrupt(format!(
-                "journal {key} has no reservation"
-            )))))?;
+        let key = key::started(base, attempt);
+        let hold = match self.journaled(&key) {
+            Some(Entry::ToolStarted(s)) => s.reservation_id,
+            _ => return Err(corrupt(format!("journal {key} has no started call"))),
+        };
         let details = crate::services::SettleDetails {
             duration_ms: None,
             model: None,
@@ -1209,15 +1237,16 @@ impl Runner {
         }
     }
 
-    /// Run the tool under its own timeout, then journal the result + settle + events at once.
-    async fn execute(
+    /// Run the tool under its own timeout, then journal the result + settle (with the call's
+    /// receipt) + events at once.
+    async fn run_tool(
         &self,
         turn: u32,
         base: &str,
         call: &ToolCall,
         desc: &ToolDescriptor,
         hold: Uuid,
-    ) -> Result<String, Stop> {
+    ) -> Result<journal::ToolResult, Stop> {
         let tool = desc.qualified_name();
         let agent_limit = Duration::from_millis(self.rt.config.tool_timeout_ms);
         let timeout = desc.timeout.map_or(agent_limit, |own| own.min(agent_limit));
@@ -1231,40 +1260,62 @@ impl Runner {
         };
         self.ensure_lease(timeout).await?;
         let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, self.rt.tools.call_tool(&ctx, &tool, &call.arguments)).await {
-            Ok(r) => r,
-            Err(_) => Err(ToolError::TimedOut {
-                message: format!("no result within {} ms", timeout.as_millis()),
-            }),
+        let outcome = match tokio::time::timeout(timeout, self.rt.tools.call_tool(&ctx, &tool, &call.arguments)).await {
+            Ok(outcome) => outcome,
+            Err(_) => crate::tool::ToolOutcome {
+                result: Err(ToolError::TimedOut {
+                    message: format!("no result within {} ms", timeout.as_millis()),
+                }),
+                receipt: Receipt {
+                    wall_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    ..Receipt::default()
+                },
+                diagnostics: Default::default(),
+            },
         };
         let duration_ms = started.elapsed().as_millis() as u64;
-        let (content, event_type, data, payload) = match &result {
-            Ok(out) => {
-                let content = output_text(&out.output);
-                (
-                    content.clone(),
-                    EventType::ToolEnd,
-                    json!({ "turn": turn, "call_id": call.id, "tool": tool, "duration_ms": duration_ms }),
-                    json!({ "content": content, "is_error": false, "ran": true, "tool": tool }),
-                )
-            }
-            Err(e) => {
-                let content = format!("error ({}): {e}", e.code());
-                (
-                    content.clone(),
-                    EventType::ToolError,
-                    json!({ "turn": turn, "call_id": call.id, "tool": tool, "code": e.code(), "message": e.to_string(), "duration_ms": duration_ms }),
-                    json!({ "content": content, "is_error": true, "code": e.code(), "ran": true, "tool": tool }),
-                )
-            }
+        let receipt = outcome.receipt;
+        let diagnostics = outcome.diagnostics;
+        let (result, event_type, data) = match outcome.result {
+            Ok(output) => (
+                journal::ToolResult {
+                    content: output_text(&output),
+                    is_error: false,
+                    code: None,
+                    ran: true,
+                    tool: tool.clone(),
+                    output: Some(output),
+                    error: None,
+                    receipt: Some(receipt.clone()),
+                    diagnostics: diagnostics.clone(),
+                },
+                EventType::ToolEnd,
+                json!({ "turn": turn, "call_id": call.id, "tool": tool, "duration_ms": duration_ms, "receipt": receipt }),
+            ),
+            Err(e) => (
+                journal::ToolResult {
+                    content: format!("error ({}): {e}", e.code()),
+                    is_error: true,
+                    code: Some(e.code().to_string()),
+                    ran: true,
+                    tool: tool.clone(),
+                    output: None,
+                    error: Some(e.clone()),
+                    receipt: Some(receipt.clone()),
+                    diagnostics: diagnostics.clone(),
+                },
+                EventType::ToolError,
+                json!({ "turn": turn, "call_id": call.id, "tool": tool, "code": e.code(), "message": e.to_string(), "duration_ms": duration_ms, "receipt": receipt }),
+            ),
         };
+        let entry = Entry::ToolResult(result.clone());
         self.commit_step(|job, now| {
             let mut next = bump(job, now);
             next.tool_calls += 1;
             Ok(Step {
                 events: vec![job_event(&next, event_type, data.clone(), now)],
                 next,
-                journal: vec![(format!("{base}/result"), kind::TOOL_RESULT, payload.clone())],
+                journal: vec![(key::result(base), entry.clone())],
                 settlements: vec![SettleRequest {
                     reservation_id: hold,
                     kind: LedgerKind::ToolUsage,
@@ -1275,14 +1326,14 @@ impl Runner {
                     duration_ms: Some(duration_ms),
                     model: None,
                     tool: Some(tool.clone()),
-                    data: json!({ "turn": turn, "call_id": call.id }),
+                    data: json!({ "turn": turn, "call_id": call.id, "receipt": receipt }),
                     now,
                 }],
             })
         })
         .await?;
         self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
-        Ok(content)
+        Ok(result)
     }
 
     /// Ask a human to approve `tool(call.arguments)`: create (once, journaled with the action)
@@ -1295,17 +1346,15 @@ impl Runner {
         title: String,
         reason: &str,
     ) -> Result<bool, Stop> {
-        let resolved_key = format!("{key}/resolved");
-        if let Some(v) = self.journaled(&resolved_key) {
-            return Ok(v["approved"].as_bool() == Some(true));
+        let resolved_key = key::resolved(key);
+        match self.journaled(&resolved_key) {
+            Some(Entry::Approval(a)) => return Ok(a.approved),
+            Some(other) => return Err(corrupt(format!("journal {resolved_key} is a {}", other.kind()))),
+            None => {}
         }
         let action_id = match self.journaled(key) {
-            Some(v) => v["action_id"]
-                .as_str()
-                .and_then(|s| Uuid::parse_str(s).ok())
-                .ok_or(Stop::Error(KernelError::Store(StoreError::Corrupt(format!(
-                    "journal {key}"
-                )))))?,
+            Some(Entry::ApprovalRequested(r)) => r.action_id,
+            Some(other) => return Err(corrupt(format!("journal {key} is a {}", other.kind()))),
             None => {
                 let new = NewAction {
                     job_id: self.job_id,
@@ -1344,17 +1393,17 @@ impl Runner {
             // Expiry times the job out (done by whoever expired it).
             ActionState::Expired | ActionState::Pending => return Err(Stop::Ended),
         };
-        let payload = json!({
-            "action_id": action.id,
-            "approved": approved,
-            "session": action.resolution.as_ref().is_some_and(resolution_is_session_scoped),
-            "resolved_by": action.resolution.as_ref().and_then(|r| r.resolved_by.clone()),
+        let entry = Entry::Approval(journal::ApprovalAnswered {
+            action_id: action.id,
+            approved,
+            session: action.resolution.as_ref().is_some_and(resolution_is_session_scoped),
+            resolved_by: action.resolution.as_ref().and_then(|r| r.resolved_by.clone()),
         });
         self.commit_step(|job, now| {
             Ok(Step {
                 next: bump(job, now),
                 events: vec![],
-                journal: vec![(resolved_key.clone(), kind::APPROVAL, payload.clone())],
+                journal: vec![(resolved_key.clone(), entry.clone())],
                 settlements: vec![],
             })
         })
@@ -1368,8 +1417,7 @@ impl Runner {
             .create_journaled(new, |action_id, now| Batch {
                 journal: vec![self.entry(
                     key.to_string(),
-                    kind::APPROVAL_REQUESTED,
-                    json!({ "action_id": action_id }),
+                    &Entry::ApprovalRequested(journal::ApprovalRequested { action_id }),
                     now,
                 )],
                 leases: vec![self.lease()],
@@ -1385,7 +1433,7 @@ impl Runner {
         });
         self.journal.lock().unwrap_or_else(|e| e.into_inner()).insert(
             key.to_string(),
-            (kind::APPROVAL_REQUESTED.into(), json!({ "action_id": id })),
+            Entry::ApprovalRequested(journal::ApprovalRequested { action_id: id }),
         );
         Ok(id)
     }
@@ -1412,7 +1460,11 @@ impl Runner {
 
     async fn complete(&self, content: String) -> Result<(), Stop> {
         let usage = self.usage_so_far();
-        let payload = json!({ "status": JobState::Succeeded, "content": content });
+        let entry = Entry::Final(journal::Final {
+            status: JobState::Succeeded,
+            content: Some(content.clone()),
+            error: None,
+        });
         self.commit_step(|job, now| {
             let mut next = transition(job, JobState::Succeeded, now)?;
             next.result_ref = Some("journal:final".into());
@@ -1427,7 +1479,7 @@ impl Runner {
             Ok(Step {
                 next,
                 events: vec![status, fin],
-                journal: vec![("final".into(), kind::FINAL, payload.clone())],
+                journal: vec![(key::FINAL.into(), entry.clone())],
                 settlements: vec![],
             })
         })
@@ -1454,9 +1506,12 @@ impl Runner {
                 now,
             )],
             journal: vec![self.entry(
-                "final".into(),
-                kind::FINAL,
-                json!({ "status": to, "error": error }),
+                key::FINAL.into(),
+                &Entry::Final(journal::Final {
+                    status: to,
+                    content: None,
+                    error: Some(error.clone()),
+                }),
                 now,
             )],
             leases: vec![self.lease()],
@@ -1472,20 +1527,18 @@ impl Runner {
     }
 }
 
-/// Usage summed over journal entries `(kind, payload)`.
-pub(crate) fn usage_of<'a>(entries: impl Iterator<Item = (&'a str, &'a Value)>) -> ExecutionUsage {
+/// Usage summed over journal entries.
+pub(crate) fn usage_of<'a>(entries: impl Iterator<Item = &'a Entry>) -> ExecutionUsage {
     let mut u = ExecutionUsage::default();
-    for (k, v) in entries {
-        match k {
-            kind::MODEL_RESPONSE => {
+    for entry in entries {
+        match entry {
+            Entry::ModelResponse(r) => {
                 u.model_calls += 1;
-                u.input_tokens += v["usage"]["input_tokens"].as_u64().unwrap_or(0);
-                u.output_tokens += v["usage"]["output_tokens"].as_u64().unwrap_or(0);
-                if let Ok(c) = serde_json::from_value::<Decimal>(v["usage"]["cost"].clone()) {
-                    u.cost += c;
-                }
+                u.input_tokens += r.usage.input_tokens;
+                u.output_tokens += r.usage.output_tokens;
+                u.cost += r.usage.cost;
             }
-            kind::TOOL_RESULT if v["ran"].as_bool() == Some(true) => u.tool_calls += 1,
+            Entry::ToolResult(r) if r.ran => u.tool_calls += 1,
             _ => {}
         }
     }
@@ -1494,12 +1547,19 @@ pub(crate) fn usage_of<'a>(entries: impl Iterator<Item = (&'a str, &'a Value)>) 
 
 /// The result of a finished (or still running) job, rebuilt from its row and journal.
 pub(crate) async fn build_result(rt: &Inner, job: &Job) -> Result<ExecutionResult, KernelError> {
-    let journal = rt.kernel.store().read_journal(job.id).await?;
-    let usage = usage_of(journal.iter().map(|e| (e.entry.kind.as_str(), &e.entry.payload)));
-    let content = journal
-        .iter()
-        .find(|e| e.entry.kind == kind::FINAL)
-        .and_then(|e| e.entry.payload["content"].as_str().map(str::to_string));
+    let stored = rt.kernel.store().read_journal(job.id).await?;
+    let journal = journal::decode_all(&stored).map_err(|e| KernelError::Store(StoreError::Corrupt(e.to_string())))?;
+    let usage = usage_of(journal.iter().map(|(_, e)| e));
+    let content = journal.iter().find_map(|(_, e)| match e {
+        Entry::Final(f) => f.content.clone(),
+        _ => None,
+    });
+    // A direct tool call's outcome (its only call, `t1/c0`).
+    let direct = job.input.get("call").is_some_and(|c| !c.is_null());
+    let tool_result = journal.iter().find_map(|(k, e)| match e {
+        Entry::ToolResult(r) if direct && *k == key::result(&key::call(1, 0)) => Some(r.clone()),
+        _ => None,
+    });
     Ok(ExecutionResult {
         job_id: job.id,
         status: job.state,
@@ -1508,6 +1568,7 @@ pub(crate) async fn build_result(rt: &Inner, job: &Job) -> Result<ExecutionResul
         turns: job.turns,
         artifacts: vec![],
         error: job.error.clone(),
+        tool_result,
     })
 }
 

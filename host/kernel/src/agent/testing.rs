@@ -15,7 +15,7 @@ use crate::model::{
     FinishReason, Message, ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse, Role,
     TokenUsage, ToolCall,
 };
-use crate::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutput};
+use crate::tool::{Receipt, ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutcome};
 
 /// A model that answers by turn: the response for a request is `script[n]`, where `n` is the
 /// number of assistant messages already in the conversation. Stateless across restarts, so a
@@ -218,7 +218,7 @@ impl ToolHost for FakeTools {
         ctx: &'a ToolCallContext,
         tool: &'a str,
         arguments: &'a Value,
-    ) -> BoxFuture<'a, Result<ToolOutput, ToolError>> {
+    ) -> BoxFuture<'a, ToolOutcome> {
         let f = self
             .tools
             .lock()
@@ -240,15 +240,20 @@ impl ToolHost for FakeTools {
         let args = arguments.clone();
         Box::pin(async move {
             let Some(f) = f else {
-                return Err(ToolError::UnknownTool { tool: tool.to_string() });
+                return ToolOutcome::unrun(ToolError::UnknownTool { tool: tool.to_string() });
             };
             let started = std::time::Instant::now();
-            let output = f(args).await?;
-            Ok(ToolOutput {
-                output,
-                duration: started.elapsed(),
-                fuel_consumed: None,
-            })
+            let result = f(args).await;
+            let output_bytes = result.as_ref().map_or(0, |v| v.to_string().len() as u64);
+            ToolOutcome {
+                result,
+                receipt: Receipt {
+                    wall_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    output_bytes,
+                    ..Receipt::default()
+                },
+                diagnostics: Default::default(),
+            }
         })
     }
 }

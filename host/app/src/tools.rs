@@ -11,12 +11,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use keel_kernel::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutput};
+use keel_kernel::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutcome};
 use keel_sandbox::{Grants, Limits, PluginInfo, PreparedPlugin};
 use keel_store::plugins::PluginRecord;
 
-use crate::app::App;
-use crate::output::CliError;
+use crate::error::AppError;
+use crate::home::App;
 
 /// Serves the tools of the installed plugins whose names match a set of globs.
 pub struct RegistryToolHost {
@@ -27,13 +27,15 @@ pub struct RegistryToolHost {
     prepared: Mutex<HashMap<String, Arc<PreparedPlugin>>>,
     /// Load failures already reported (plugin, sha256, message).
     warned: Mutex<HashSet<(String, String, String)>>,
+    /// Applied to every plugin's limits (e.g. `keel call --timeout`).
+    pub limits: Option<crate::runtime::LimitOverride>,
 }
 
 impl RegistryToolHost {
     /// A host for the plugins that `patterns` (`plugin`, `plugin/tool` or globs) can reach, or
     /// for every installed plugin when `None`. A pattern naming a plugin that is not installed is a
     /// user error.
-    pub async fn new(app: Arc<App>, patterns: Option<&[String]>) -> Result<Self, CliError> {
+    pub async fn new(app: Arc<App>, patterns: Option<&[String]>) -> Result<Self, AppError> {
         let scope = match patterns {
             None => None,
             Some(patterns) => {
@@ -41,7 +43,7 @@ impl RegistryToolHost {
                 for p in patterns {
                     let plugin = p.split('/').next().unwrap_or(p);
                     let glob = globset::Glob::new(plugin)
-                        .map_err(|e| CliError::user(format!("bad tool pattern {p:?}: {e}")))?;
+                        .map_err(|e| AppError::user(format!("bad tool pattern {p:?}: {e}")))?;
                     if !plugin.contains(['*', '?', '[', '{']) {
                         // Same message as `keel call` for an unknown plugin.
                         app.record(plugin).await?;
@@ -50,7 +52,7 @@ impl RegistryToolHost {
                 }
                 Some(
                     set.build()
-                        .map_err(|e| CliError::user(format!("bad tool patterns: {e}")))?,
+                        .map_err(|e| AppError::user(format!("bad tool patterns: {e}")))?,
                 )
             }
         };
@@ -59,6 +61,7 @@ impl RegistryToolHost {
             scope,
             prepared: Mutex::default(),
             warned: Mutex::default(),
+            limits: None,
         })
     }
 
@@ -67,7 +70,7 @@ impl RegistryToolHost {
     }
 
     /// Load every plugin in scope now, reporting the ones that cannot be loaded (they stay skipped).
-    pub async fn warm(&self) -> Result<(), CliError> {
+    pub async fn warm(&self) -> Result<(), AppError> {
         for record in self.app.db.list_plugins().await? {
             if self.in_scope(&record.name) {
                 let _ = self.load(&record).await;
@@ -145,7 +148,11 @@ impl ToolHost for RegistryToolHost {
                     Ok(info) => {
                         // The plugin's own deadline (its limits over the global ones), which the
                         // sandbox enforces; the agent loop leases the job only for that long.
-                        let timeout = self.app.limits_of(&record).ok().map(|l| l.timeout());
+                        let limits = self.app.limits_of(&record).ok().and_then(|l| match &self.limits {
+                            Some(change) => change(&l).ok(),
+                            None => Some(l),
+                        });
+                        let timeout = limits.map(|l| l.timeout());
                         tools.extend(descriptors(&record.name, &info, timeout))
                     }
                     Err(e) => eprintln!(
@@ -163,36 +170,50 @@ impl ToolHost for RegistryToolHost {
         ctx: &'a ToolCallContext,
         tool: &'a str,
         arguments: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<ToolOutput, ToolError>> {
+    ) -> BoxFuture<'a, ToolOutcome> {
         Box::pin(async move {
-            let unknown = || ToolError::UnknownTool { tool: tool.to_string() };
-            let (plugin, name) = tool.split_once('/').ok_or_else(unknown)?;
-            if !self.in_scope(plugin) {
-                return Err(unknown());
+            match self.resolve(tool).await {
+                Ok((prepared, grants, limits, name)) => self
+                    .app
+                    .sandbox
+                    .call(&prepared, &grants, &limits, ctx, &name, arguments)
+                    .await
+                    .into_outcome(),
+                Err(e) => ToolOutcome::unrun(e),
             }
-            let record = self
-                .app
-                .db
-                .get_plugin(plugin)
-                .await
-                .map_err(host_error)?
-                .ok_or_else(unknown)?;
-            let known = record.info["tools"]
-                .as_array()
-                .is_some_and(|tools| tools.iter().any(|t| t["name"] == name));
-            if !known {
-                return Err(unknown());
-            }
-            let (prepared, grants, limits) = self
-                .load(&record)
-                .await
-                .map_err(|why| host_error(format!("plugin `{plugin}` cannot be loaded: {why}")))?;
-            let report = self
-                .app
-                .sandbox
-                .call(&prepared, &grants, &limits, ctx, name, arguments)
-                .await;
-            report.result
         })
+    }
+}
+
+impl RegistryToolHost {
+    /// The loaded plugin serving `tool` (`plugin/tool`), with its grants, limits and tool name.
+    async fn resolve(&self, tool: &str) -> Result<(Arc<PreparedPlugin>, Grants, Limits, String), ToolError> {
+        let unknown = || ToolError::UnknownTool { tool: tool.to_string() };
+        let (plugin, name) = tool.split_once('/').ok_or_else(unknown)?;
+        if !self.in_scope(plugin) {
+            return Err(unknown());
+        }
+        let record = self
+            .app
+            .db
+            .get_plugin(plugin)
+            .await
+            .map_err(host_error)?
+            .ok_or_else(unknown)?;
+        let known = record.info["tools"]
+            .as_array()
+            .is_some_and(|tools| tools.iter().any(|t| t["name"] == name));
+        if !known {
+            return Err(unknown());
+        }
+        let (prepared, grants, limits) = self
+            .load(&record)
+            .await
+            .map_err(|why| host_error(format!("plugin `{plugin}` cannot be loaded: {why}")))?;
+        let limits = match &self.limits {
+            Some(change) => change(&limits).map_err(|why| ToolError::InvalidInput { message: why })?,
+            None => limits,
+        };
+        Ok((prepared, grants, limits, name.to_string()))
     }
 }

@@ -8,7 +8,7 @@ use keel_store::Database;
 use keel_store::plugins::PluginRecord;
 use serde::Deserialize;
 
-use crate::output::CliError;
+use crate::error::AppError;
 
 /// `$XDG_DATA_HOME/keel`, else `~/.local/share/keel`, else `./.keel`.
 pub fn default_home() -> PathBuf {
@@ -61,12 +61,12 @@ impl Default for SandboxSettings {
 
 impl KeelConfig {
     /// Load `home/config.toml` if it exists.
-    pub fn load(home: &Path) -> Result<Self, CliError> {
+    pub fn load(home: &Path) -> Result<Self, AppError> {
         let path = home.join("config.toml");
         match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let mut config: Self = toml::from_str(&text).map_err(|e| {
-                    CliError::user(format!(
+                    AppError::user(format!(
                         "{}: {}",
                         path.display(),
                         e.to_string().lines().collect::<Vec<_>>().join(" ")
@@ -81,7 +81,7 @@ impl KeelConfig {
                 Ok(config)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(CliError::internal(format!("cannot read {}: {e}", path.display()))),
+            Err(e) => Err(AppError::internal(format!("cannot read {}: {e}", path.display()))),
         }
     }
 }
@@ -89,13 +89,13 @@ impl KeelConfig {
 /// Create the Keel home, or tighten an existing one, so only its owner can enter it: the home,
 /// `cache/` and `components/` are made owner-only (0700), whatever the umask (the database, its
 /// grants and its job history are private). Called by every command before it opens the database.
-pub fn prepare_home(home: &Path) -> Result<(), CliError> {
+pub fn prepare_home(home: &Path) -> Result<(), AppError> {
     if let Some(parent) = home.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
-            .map_err(|e| CliError::user(format!("cannot create Keel home {}: {e}", home.display())))?;
+            .map_err(|e| AppError::user(format!("cannot create Keel home {}: {e}", home.display())))?;
     }
     for dir in [home.to_path_buf(), home.join("cache"), home.join("components")] {
-        private_dir(&dir).map_err(|e| CliError::user(format!("cannot create Keel home {}: {e}", dir.display())))?;
+        private_dir(&dir).map_err(|e| AppError::user(format!("cannot create Keel home {}: {e}", dir.display())))?;
     }
     Ok(())
 }
@@ -137,10 +137,10 @@ pub struct App {
 
 impl App {
     /// Open (creating if needed) the Keel home.
-    pub async fn open(home: &Path) -> Result<Self, CliError> {
+    pub async fn open(home: &Path) -> Result<Self, AppError> {
         prepare_home(home)?;
         let home = &std::fs::canonicalize(home)
-            .map_err(|e| CliError::user(format!("cannot open Keel home {}: {e}", home.display())))?;
+            .map_err(|e| AppError::user(format!("cannot open Keel home {}: {e}", home.display())))?;
         let config = KeelConfig::load(home)?;
         let db = Database::open(&home.join("keel.db")).await?;
         let mut sandbox_config = SandboxConfig::new(home.join("cache"));
@@ -159,7 +159,7 @@ impl App {
     }
 
     /// The record of installed plugin `name`, or a user error listing what is installed.
-    pub async fn record(&self, name: &str) -> Result<PluginRecord, CliError> {
+    pub async fn record(&self, name: &str) -> Result<PluginRecord, AppError> {
         match self.db.get_plugin(name).await? {
             Some(record) => Ok(record),
             None => {
@@ -169,7 +169,7 @@ impl App {
                 } else {
                     format!("installed: {}", installed.join(", "))
                 };
-                Err(CliError::user(format!("no plugin named `{name}` ({hint})")))
+                Err(AppError::user(format!("no plugin named `{name}` ({hint})")))
             }
         }
     }
@@ -177,18 +177,18 @@ impl App {
     /// Prepare an installed plugin for calls, with its grants and effective limits. Refused when
     /// the component no longer describes itself as the registry recorded it at install time, or
     /// when its grants reach the Keel home.
-    pub async fn load(&self, record: &PluginRecord) -> Result<(Arc<PreparedPlugin>, Grants, Limits), CliError> {
+    pub async fn load(&self, record: &PluginRecord) -> Result<(Arc<PreparedPlugin>, Grants, Limits), AppError> {
         let plugin = self.prepare_record(record).await?;
         self.verify(record, &plugin)
     }
 
     /// Read, check against its hash and prepare the stored component of `record`. Its identity is
     /// not checked yet: see [`App::verify`].
-    pub async fn prepare_record(&self, record: &PluginRecord) -> Result<Arc<PreparedPlugin>, CliError> {
+    pub async fn prepare_record(&self, record: &PluginRecord) -> Result<Arc<PreparedPlugin>, AppError> {
         let bytes = self
             .components
             .get(&record.sha256)
-            .map_err(|e| CliError::internal(format!("cannot read the stored component of `{}`: {e}", record.name)))?;
+            .map_err(|e| AppError::internal(format!("cannot read the stored component of `{}`: {e}", record.name)))?;
         Ok(self.sandbox.prepare(&bytes).await?)
     }
 
@@ -198,27 +198,27 @@ impl App {
         &self,
         record: &PluginRecord,
         plugin: &Arc<PreparedPlugin>,
-    ) -> Result<(Arc<PreparedPlugin>, Grants, Limits), CliError> {
+    ) -> Result<(Arc<PreparedPlugin>, Grants, Limits), AppError> {
         let recorded: PluginInfo = serde_json::from_value(record.info.clone())
-            .map_err(|e| CliError::internal(format!("stored description of `{}` is invalid: {e}", record.name)))?;
+            .map_err(|e| AppError::internal(format!("stored description of `{}` is invalid: {e}", record.name)))?;
         if plugin.sha256 != record.sha256 {
-            return Err(CliError::internal(format!(
+            return Err(AppError::internal(format!(
                 "the component loaded for `{}` is not the one installed",
                 record.name
             )));
         }
         identity_mismatch(&record.name, &recorded, &plugin.info).map_or(Ok(()), |why| {
-            Err(CliError::user(format!(
+            Err(AppError::user(format!(
                 "plugin `{}` is refused: {why}; reinstall it (`keel install FILE --replace`) if you trust it",
                 record.name
             )))
         })?;
         let grants = grants_of(record)?;
         self.check_grants(&grants)
-            .map_err(|e| CliError::user(format!("plugin `{}` is refused: {e}", record.name)))?;
+            .map_err(|e| AppError::user(format!("plugin `{}` is refused: {e}", record.name)))?;
         let limits = self
             .limits_of(record)
-            .map_err(|e| CliError::internal(format!("stored limits of `{}` are invalid: {e}", record.name)))?;
+            .map_err(|e| AppError::internal(format!("stored limits of `{}` are invalid: {e}", record.name)))?;
         Ok((plugin.clone(), grants, limits))
     }
 
@@ -289,7 +289,7 @@ pub fn identity_mismatch(name: &str, recorded: &PluginInfo, described: &PluginIn
 }
 
 /// Decode a record's stored grants.
-pub fn grants_of(record: &PluginRecord) -> Result<Grants, CliError> {
+pub fn grants_of(record: &PluginRecord) -> Result<Grants, AppError> {
     serde_json::from_value(record.grants.clone())
-        .map_err(|e| CliError::internal(format!("stored grants of `{}` are invalid: {e}", record.name)))
+        .map_err(|e| AppError::internal(format!("stored grants of `{}` are invalid: {e}", record.name)))
 }

@@ -8,53 +8,30 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use keel_kernel::{Kernel, KernelError};
+use keel_kernel::Kernel;
 use keel_store::Database;
 use uuid::Uuid;
 
-use crate::output::CliError;
+use crate::error::AppError;
 
 /// The default scope (tenant) of every kernel command, as in `keel policy eval`.
 pub const DEFAULT_SCOPE: &str = "default";
 
 /// Open (creating if needed) the Keel home's database and the kernel over it.
-pub async fn open_kernel(home: &Path) -> Result<Kernel, CliError> {
+pub async fn open_kernel(home: &Path) -> Result<Kernel, AppError> {
     let db = open_db(home).await?;
     Ok(Kernel::new(Arc::new(db.kernel_store())))
 }
 
 /// Open (creating if needed) `home/keel.db` without the sandbox.
-pub async fn open_db(home: &Path) -> Result<Database, CliError> {
-    crate::app::prepare_home(home)?;
+pub async fn open_db(home: &Path) -> Result<Database, AppError> {
+    crate::home::prepare_home(home)?;
     Ok(Database::open(&home.join("keel.db")).await?)
 }
 
-impl From<KernelError> for CliError {
-    fn from(error: KernelError) -> Self {
-        use KernelError as E;
-        match error {
-            // The caller named something that does not exist or cannot take this step.
-            E::IllegalTransition { .. }
-            | E::JobNotFound(_)
-            | E::ActionNotFound(_)
-            | E::InvalidToken
-            | E::ActionNotPending { .. }
-            | E::ActionExpired(_)
-            | E::CallDigestMismatch(_)
-            | E::ReservationNotFound(_)
-            | E::ReservationState { .. }
-            | E::IdempotencyKeyReused { .. }
-            | E::Invalid(_) => CliError::user(error.to_string()),
-            // A budget refusal is a policy failure, like a denied tool call.
-            E::BudgetExceeded(_) => CliError::plugin(error.to_string()),
-            E::Contention(_) | E::EventsClosed | E::Store(_) => CliError::internal(error.to_string()),
-        }
-    }
-}
-
 /// Parse a job or action id.
-pub fn parse_id(what: &str, s: &str) -> Result<Uuid, CliError> {
-    Uuid::parse_str(s.trim()).map_err(|_| CliError::user(format!("{s:?} is not a valid {what} id")))
+pub fn parse_id(what: &str, s: &str) -> Result<Uuid, AppError> {
+    Uuid::parse_str(s.trim()).map_err(|_| AppError::user(format!("{s:?} is not a valid {what} id")))
 }
 
 /// Which end of a day a bare date stands for.
@@ -67,12 +44,12 @@ pub enum DayEdge {
 }
 
 /// Parse an RFC 3339 instant, or a UTC day `YYYY-MM-DD`.
-pub fn parse_time(flag: &str, s: &str, edge: DayEdge) -> Result<DateTime<Utc>, CliError> {
+pub fn parse_time(flag: &str, s: &str, edge: DayEdge) -> Result<DateTime<Utc>, AppError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
     let day = NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| {
-        CliError::user(format!(
+        AppError::user(format!(
             "{flag} {s:?} is neither an RFC 3339 time (2026-11-21T09:00:00Z) nor a day (2026-11-21)"
         ))
     })?;
@@ -80,7 +57,7 @@ pub fn parse_time(flag: &str, s: &str, edge: DayEdge) -> Result<DateTime<Utc>, C
         DayEdge::Start => day,
         DayEdge::End => day
             .succ_opt()
-            .ok_or_else(|| CliError::user(format!("{flag} {s:?} is out of range")))?,
+            .ok_or_else(|| AppError::user(format!("{flag} {s:?} is out of range")))?,
     };
     Ok(day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc())
 }

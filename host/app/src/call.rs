@@ -1,0 +1,127 @@
+//! The governed tool call: `keel call`, MCP `tools/call` and the HTTP API call a tool through
+//! here, and so through the kernel's one governed path ([`keel_kernel::RuntimeKernel::call_tool`]):
+//! schema check, policy, approval, budget hold, sandboxed call, settlement with a receipt, events
+//! and journal. No front end reaches the sandbox any other way.
+
+use keel_kernel::context::{BudgetSpec, ExecutionContext};
+use keel_kernel::job::{JobError, JobState};
+use keel_kernel::journal::ToolResult;
+use keel_kernel::{ExecutionHandle, ExecutionResult};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::AppError;
+use crate::runtime::{AgentHost, agent_error};
+
+/// One tool call asked for by a front end.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    /// `plugin/tool`.
+    pub tool: String,
+    /// The arguments object.
+    pub arguments: serde_json::Value,
+    /// Scope (tenant) charged and checked.
+    pub scope: String,
+    /// On whose behalf.
+    pub principal: Option<String>,
+    /// Session (the key of "approve for this session").
+    pub session: Option<String>,
+    /// Calling again with the same key in the scope returns the first call's job.
+    pub idempotency_key: Option<String>,
+    /// Limits of this call (cost, tool calls, runtime).
+    pub budget: BudgetSpec,
+}
+
+impl CallRequest {
+    /// A call of `tool` with `arguments` in `scope`, everything else default.
+    pub fn new(scope: impl Into<String>, tool: impl Into<String>, arguments: serde_json::Value) -> Self {
+        Self {
+            tool: tool.into(),
+            arguments,
+            scope: scope.into(),
+            principal: None,
+            session: None,
+            idempotency_key: None,
+            budget: BudgetSpec::default(),
+        }
+    }
+}
+
+/// What a governed call came to.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallOutcome {
+    /// The call's job (its events, journal and ledger entries are under this id).
+    pub job_id: Uuid,
+    /// SUCCEEDED when the tool ran and returned output; FAILED when it was refused or failed.
+    pub status: JobState,
+    /// The tool's outcome (output or error, receipt, logs), when the call got that far.
+    pub tool_result: Option<ToolResult>,
+    /// Why the call did not succeed (`policy_denied`, `approval_denied`, `invalid_input`,
+    /// `budget_exceeded`, a tool error kind such as `denied` or `timed_out`, ...).
+    pub error: Option<JobError>,
+}
+
+impl CallOutcome {
+    /// The outcome recorded in a call job's result.
+    pub fn from_result(result: ExecutionResult) -> Self {
+        Self {
+            job_id: result.job_id,
+            status: result.status,
+            tool_result: result.tool_result,
+            error: result.error,
+        }
+    }
+
+    /// True when the tool ran and returned output.
+    pub fn succeeded(&self) -> bool {
+        self.status == JobState::Succeeded
+    }
+}
+
+impl AgentHost {
+    /// Refuse, before any job exists, a call of a plugin or tool that is not installed (one
+    /// sentence naming the tools the plugin has).
+    pub async fn check_tool(&self, tool: &str) -> Result<(), AppError> {
+        let Some((plugin, name)) = tool.split_once('/') else {
+            return Err(AppError::user(format!("`{tool}` is not `plugin/tool`")));
+        };
+        let record = self.app.record(plugin).await?;
+        let info: keel_sandbox::PluginInfo = serde_json::from_value(record.info.clone())
+            .map_err(|e| AppError::internal(format!("the stored description of `{plugin}` is invalid: {e}")))?;
+        if info.tool(name).is_none() {
+            let tools: Vec<&str> = info.tools.iter().map(|t| t.name.as_str()).collect();
+            return Err(AppError::user(format!(
+                "plugin `{plugin}` has no tool `{name}` (tools: {})",
+                tools.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Start a governed call of `request.tool` under this host's policy; the front end follows
+    /// the returned job (its events, approvals) and reads [`CallOutcome`] from its result.
+    pub async fn start_call(&self, request: &CallRequest) -> Result<ExecutionHandle, AppError> {
+        let mut ctx = ExecutionContext::new(request.scope.clone());
+        ctx.principal = request.principal.clone();
+        ctx.session = request.session.clone();
+        ctx.budget = request.budget.clone();
+        ctx.policy = self.policy.clone();
+        self.rt
+            .call_tool(
+                &ctx,
+                &request.tool,
+                request.arguments.clone(),
+                request.idempotency_key.clone(),
+            )
+            .await
+            .map_err(agent_error)
+    }
+
+    /// Call and wait for the outcome (approvals are answered by someone else meanwhile: another
+    /// process, the web page, an MCP client).
+    pub async fn call(&self, request: &CallRequest) -> Result<CallOutcome, AppError> {
+        let handle = self.start_call(request).await?;
+        let result = handle.result().await.map_err(agent_error)?;
+        Ok(CallOutcome::from_result(result))
+    }
+}

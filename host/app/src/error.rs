@@ -1,0 +1,106 @@
+//! Errors of the use cases: one clear sentence and a kind that decides a front end's answer
+//! (exit code, HTTP status, MCP error).
+
+/// How a command failed, which decides the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The tool or plugin failed (exit 1).
+    Plugin,
+    /// The user asked for something impossible (exit 2).
+    User,
+    /// Keel itself failed (exit 3).
+    Internal,
+}
+
+/// A failed use case.
+#[derive(Debug)]
+pub struct AppError {
+    /// Which kind of failure.
+    pub kind: ErrorKind,
+    /// One sentence.
+    pub message: String,
+}
+
+impl AppError {
+    /// A user error (exit 2).
+    pub fn user(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::User,
+            message: message.into(),
+        }
+    }
+
+    /// A plugin failure (exit 1).
+    pub fn plugin(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Plugin,
+            message: message.into(),
+        }
+    }
+
+    /// An internal failure (exit 3).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Internal,
+            message: message.into(),
+        }
+    }
+
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self.kind {
+            ErrorKind::Plugin => 1,
+            ErrorKind::User => 2,
+            ErrorKind::Internal => 3,
+        }
+    }
+}
+
+impl From<keel_store::StoreError> for AppError {
+    fn from(error: keel_store::StoreError) -> Self {
+        match error {
+            keel_store::StoreError::NotFound(what) => AppError::user(format!("{what} not found")),
+            other => AppError::internal(other.to_string()),
+        }
+    }
+}
+
+impl From<keel_sandbox::SandboxError> for AppError {
+    fn from(error: keel_sandbox::SandboxError) -> Self {
+        use keel_sandbox::SandboxError as E;
+        match error {
+            E::Host(_) => AppError::internal(error.to_string()),
+            E::Describe(_) => AppError::plugin(error.to_string()),
+            _ => AppError::user(error.to_string()),
+        }
+    }
+}
+
+impl From<keel_sandbox::GrantError> for AppError {
+    fn from(error: keel_sandbox::GrantError) -> Self {
+        AppError::user(error.to_string())
+    }
+}
+
+impl From<keel_kernel::KernelError> for AppError {
+    fn from(error: keel_kernel::KernelError) -> Self {
+        use keel_kernel::KernelError as E;
+        match error {
+            // The caller named something that does not exist or cannot take this step.
+            E::IllegalTransition { .. }
+            | E::JobNotFound(_)
+            | E::ActionNotFound(_)
+            | E::InvalidToken
+            | E::ActionNotPending { .. }
+            | E::ActionExpired(_)
+            | E::CallDigestMismatch(_)
+            | E::ReservationNotFound(_)
+            | E::ReservationState { .. }
+            | E::IdempotencyKeyReused { .. }
+            | E::Invalid(_) => AppError::user(error.to_string()),
+            // A budget refusal is a policy failure, like a denied tool call.
+            E::BudgetExceeded(_) => AppError::plugin(error.to_string()),
+            E::Contention(_) | E::EventsClosed | E::Store(_) => AppError::internal(error.to_string()),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! keel-app: Keel's use cases over one [`App`] (home, config, store, sandbox, models).
+//!
+//! Install, grant, call, exec, run/resume/watch a job, resolve an action, usage: every front end
+//! (the `keel` CLI, the HTTP server, the MCP server) calls these functions and only parses
+//! arguments and renders results itself. Dependencies point one way:
+//! `{cli, server, mcp} -> app -> {sandbox, store, models} -> kernel`.
+
+pub mod call;
+pub mod error;
+pub mod home;
+pub mod kernel;
+pub mod runtime;
+pub mod tools;
+
+pub use error::{AppError, ErrorKind};
+pub use home::App;
+pub use runtime::AgentHost;

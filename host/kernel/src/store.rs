@@ -12,6 +12,10 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+// Defined with the kernel's other errors (a leaf of the module graph); re-exported here, where the
+// traits that return it live.
+pub use crate::error::StoreError;
+
 use crate::action::{Action, ActionFilter};
 use crate::event::{EventQuery, NewEvent, RuntimeEvent};
 use crate::job::{Job, JobFilter};
@@ -19,53 +23,6 @@ use crate::ledger::{
     Budget, BudgetDecision, BudgetStatus, LedgerEvent, LedgerQuery, NewLedgerEvent, Reservation, ReserveOutcome,
     ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
-
-/// Errors a store reports. Backends map their own errors into `Backend` / `Corrupt`.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// Optimistic concurrency: the row's version was not the one expected (or an insert found
-    /// the row already there). Nothing in the batch was applied.
-    #[error("{entity} {id} was modified concurrently")]
-    Conflict {
-        /// `job`, `action` or `reservation`.
-        entity: &'static str,
-        /// Row id.
-        id: String,
-    },
-    /// A job with this idempotency key already exists in the tenant. Nothing was applied.
-    #[error("idempotency key {key:?} is already used in tenant {tenant:?}")]
-    DuplicateIdempotencyKey {
-        /// Tenant.
-        tenant: String,
-        /// Key.
-        key: String,
-    },
-    /// A referenced row does not exist.
-    #[error("{entity} {id} not found")]
-    NotFound {
-        /// Kind of row.
-        entity: &'static str,
-        /// Row id.
-        id: String,
-    },
-    /// Stored data did not decode.
-    #[error("corrupt stored data: {0}")]
-    Corrupt(String),
-    /// The backend failed (I/O, connection, ...).
-    #[error("store backend error: {0}")]
-    Backend(String),
-    /// The database was busy (locked by another writer past the busy timeout). Transient:
-    /// nothing was applied and the same write may be retried.
-    #[error("the database is busy (locked by another writer): {0}")]
-    Busy(String),
-}
-
-impl StoreError {
-    /// Whether retrying the same call may succeed (the database was only busy).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Busy(_))
-    }
-}
 
 /// Result alias for store calls.
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -1,19 +1,23 @@
-//! The ledger, budgets and reservations (holds): append-only entries, the serialized reserve transaction, settle and release.
+//! The ledger, budgets and reservations (holds): append-only entries, the serialized reserve
+//! transaction, settle and release. What each of those writes is planned by the kernel
+//! (`keel_kernel::store::plan_*`); this module only loads and writes rows.
 
 use chrono::{DateTime, Utc};
 use keel_kernel::ledger::{
-    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
-    ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery, cost_from_nanos,
+    Budget, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation, ReservationState,
+    ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery, cost_from_nanos,
 };
-use keel_kernel::store::{BudgetEvaluator, StoreError, StoreResult};
+use keel_kernel::store::{
+    BudgetEvaluator, ClosePlan, StoreError, StoreResult, plan_release, plan_reserve, plan_settle,
+};
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
 use super::SqliteKernelStore;
 use super::rows::{
-    be, corrupt, from_json, from_micros, get, i64_of, micros, nanos, opt_from_micros, opt_uuid, parse, push_in,
-    push_limit, push_subject, to_json, u64_of, uuid,
+    be, from_json, from_micros, get, i64_of, micros, nanos, opt_from_micros, opt_uuid, parse, push_in, push_limit,
+    push_subject, to_json, u64_of, uuid,
 };
 
 pub(super) fn usage_from_row(r: &SqliteRow) -> StoreResult<Usage> {
@@ -95,10 +99,11 @@ pub(super) async fn budget_usage(
 ) -> StoreResult<Usage> {
     let sums = "COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(cost_nanos), 0) AS cost_nanos, \
                 COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(tool_calls), 0) AS tool_calls";
-    let mut qb = QueryBuilder::<Sqlite>::new(format!(
-        "SELECT {sums} FROM ledger_events WHERE kind IN ('model_usage', 'tool_usage', 'overage') AND tenant = "
-    ));
+    let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {sums} FROM ledger_events WHERE tenant = "));
     qb.push_bind(budget.tenant.clone());
+    // The kinds that count are the kernel's call (`LedgerKind::counts_as_usage`), not repeated here.
+    let counted = LedgerKind::ALL.iter().filter(|k| k.counts_as_usage());
+    push_in(&mut qb, "kind", counted.map(|k| k.as_str().to_string()));
     push_subject(&mut qb, budget.principal.as_deref(), budget.session.as_deref());
     if let Some(start) = budget.window.start(now) {
         qb.push(" AND at >= ").push_bind(micros(start));
@@ -114,23 +119,6 @@ pub(super) async fn budget_usage(
     push_subject(&mut qb, budget.principal.as_deref(), budget.session.as_deref());
     let held = usage_from_row(&qb.build().fetch_one(&mut *conn).await.map_err(be)?)?;
     Ok(settled + held)
-}
-
-pub(super) fn reservation_entry(r: &Reservation, kind: LedgerKind, usage: Usage, at: DateTime<Utc>) -> NewLedgerEvent {
-    NewLedgerEvent {
-        kind,
-        tenant: r.tenant.clone(),
-        principal: r.principal.clone(),
-        session: r.session.clone(),
-        job_id: r.job_id,
-        reservation_id: Some(r.id),
-        usage,
-        duration_ms: None,
-        model: None,
-        tool: None,
-        data: serde_json::Value::Null,
-        at,
-    }
 }
 
 pub(super) async fn load_reservation(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Reservation> {
@@ -179,60 +167,25 @@ pub(super) async fn release_in(
     reason: &str,
 ) -> StoreResult<Reservation> {
     let r = load_reservation(conn, id).await?;
-    if r.state != ReservationState::Held {
-        return Err(StoreError::Conflict {
-            entity: "reservation",
-            id: id.to_string(),
-        });
+    close_in(conn, &r, plan_release(&r, now, reason)?).await
+}
+
+/// Write a settle or release plan: compare-and-set the row from the state it was planned from,
+/// then append the plan's entries.
+async fn close_in(conn: &mut SqliteConnection, r: &Reservation, plan: ClosePlan) -> StoreResult<Reservation> {
+    let next = plan.reservation;
+    let closed_at = next.closed_at.unwrap_or_default();
+    close_reservation(conn, r, next.state, next.actual.as_ref(), closed_at).await?;
+    for e in &plan.entries {
+        insert_ledger(conn, e).await?;
     }
-    close_reservation(conn, &r, ReservationState::Released, None, now).await?;
-    let mut e = reservation_entry(&r, LedgerKind::Release, r.amount.clone(), now);
-    e.data = serde_json::json!({ "reason": reason });
-    insert_ledger(conn, &e).await?;
-    Ok(Reservation {
-        state: ReservationState::Released,
-        closed_at: Some(now),
-        ..r
-    })
+    Ok(next)
 }
 
 pub(super) async fn settle_in(conn: &mut SqliteConnection, req: SettleRequest) -> StoreResult<Reservation> {
     let r = load_reservation(conn, req.reservation_id).await?;
-    if r.state == ReservationState::Settled {
-        return Err(StoreError::Conflict {
-            entity: "reservation",
-            id: r.id.to_string(),
-        });
-    }
     // Bounded by the hold (a lapsed hold covers nothing): the excess is an `overage` entry.
-    let plan = r.settle_plan(&req.actual, req.now);
-    close_reservation(conn, &r, ReservationState::Settled, Some(&req.actual), req.now).await?;
-    let mut usage = reservation_entry(&r, req.kind, plan.charged.clone(), req.now);
-    usage.duration_ms = req.duration_ms;
-    usage.model = req.model;
-    usage.tool = req.tool;
-    usage.data = req.data;
-    insert_ledger(conn, &usage).await?;
-    if !plan.overage.is_zero() {
-        let overage = NewLedgerEvent {
-            kind: LedgerKind::Overage,
-            usage: plan.overage,
-            data: plan.data,
-            ..usage
-        };
-        insert_ledger(conn, &overage).await?;
-    }
-    insert_ledger(
-        conn,
-        &reservation_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now),
-    )
-    .await?;
-    Ok(Reservation {
-        state: ReservationState::Settled,
-        actual: Some(req.actual),
-        closed_at: Some(req.now),
-        ..r
-    })
+    close_in(conn, &r, plan_settle(&r, req)?).await
 }
 
 /// Binds the tenant (the builder ends in `tenant = `) and the rest of a ledger query.
@@ -272,67 +225,35 @@ impl SqliteKernelStore {
                 statuses.push(BudgetStatus { budget, used });
             }
         }
-        let decision = evaluate(&req.amount, &statuses);
-        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
-            kind,
-            tenant: req.tenant.clone(),
-            principal: req.principal.clone(),
-            session: req.session.clone(),
-            job_id: req.job_id,
-            reservation_id,
-            usage: req.amount.clone(),
-            duration_ms: None,
-            model: None,
-            tool: None,
-            data,
-            at: req.now,
-        };
-        if decision.outcome != BudgetOutcome::Allow {
-            insert_ledger(
-                &mut tx,
-                &entry(
-                    LedgerKind::BudgetCheck,
-                    None,
-                    serde_json::to_value(&decision).map_err(corrupt)?,
-                ),
-            )
-            .await?;
-        }
-        if !decision.outcome.is_allowed() {
-            // Commit the budget-check record; nothing is held.
-            tx.commit().await.map_err(be)?;
-            return Ok(ReserveOutcome {
-                decision,
-                reservation: None,
-            });
-        }
-        let r = Reservation::held(&req);
-        sqlx::query(
-            "INSERT INTO reservations (id, tenant, principal, session, job_id, tokens, cost_nanos, requests, \
+        let plan = plan_reserve(&req, evaluate(&req.amount, &statuses))?;
+        if let Some(r) = &plan.outcome.reservation {
+            sqlx::query(
+                "INSERT INTO reservations (id, tenant, principal, session, job_id, tokens, cost_nanos, requests, \
              tool_calls, state, actual_json, created_at, expires_at, closed_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, NULL)",
-        )
-        .bind(r.id.to_string())
-        .bind(r.tenant.clone())
-        .bind(r.principal.clone())
-        .bind(r.session.clone())
-        .bind(r.job_id.map(|u| u.to_string()))
-        .bind(i64_of(r.amount.tokens)?)
-        .bind(nanos(r.amount.cost)?)
-        .bind(i64_of(r.amount.requests)?)
-        .bind(i64_of(r.amount.tool_calls)?)
-        .bind(r.state.as_str())
-        .bind(micros(r.created_at))
-        .bind(micros(r.expires_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(be)?;
-        insert_ledger(&mut tx, &entry(LedgerKind::Hold, Some(r.id), serde_json::Value::Null)).await?;
+            )
+            .bind(r.id.to_string())
+            .bind(r.tenant.clone())
+            .bind(r.principal.clone())
+            .bind(r.session.clone())
+            .bind(r.job_id.map(|u| u.to_string()))
+            .bind(i64_of(r.amount.tokens)?)
+            .bind(nanos(r.amount.cost)?)
+            .bind(i64_of(r.amount.requests)?)
+            .bind(i64_of(r.amount.tool_calls)?)
+            .bind(r.state.as_str())
+            .bind(micros(r.created_at))
+            .bind(micros(r.expires_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(be)?;
+        }
+        // A refused reservation still records its budget check; nothing is held.
+        for e in &plan.entries {
+            insert_ledger(&mut tx, e).await?;
+        }
         tx.commit().await.map_err(be)?;
-        Ok(ReserveOutcome {
-            decision,
-            reservation: Some(r),
-        })
+        Ok(plan.outcome)
     }
 
     pub(super) async fn settle_tx(&self, req: SettleRequest) -> StoreResult<Reservation> {

@@ -17,6 +17,7 @@ use crate::ledger::{
     Budget, BudgetStatus, LedgerEvent, LedgerQuery, NewLedgerEvent, Reservation, ReservationState, ReserveOutcome,
     ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
+use crate::registry::{PluginRecord, PluginRegistry, plugin_not_found};
 use crate::store::{
     Batch, BudgetEvaluator, ClaimRequest, ClosePlan, JournalEntry, KernelStore, Lease, LeaseGuard, StoreError,
     StoreResult, hold_counts_against, plan_release, plan_reserve, plan_settle,
@@ -628,5 +629,74 @@ impl KernelStore for MemoryStore {
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
         let r = self.lock().leases.get(&job_id).cloned();
         Box::pin(async move { Ok(r) })
+    }
+}
+
+/// The in-memory [`PluginRegistry`]: for tests and for embedding without persistence; it passes
+/// the same conformance check as the SQLite registry.
+#[derive(Debug, Default)]
+pub struct MemoryRegistry {
+    plugins: Mutex<BTreeMap<String, PluginRecord>>,
+}
+
+impl MemoryRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, PluginRecord>> {
+        self.plugins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl PluginRegistry for MemoryRegistry {
+    fn upsert_plugin<'a>(&'a self, record: &'a PluginRecord) -> BoxFuture<'a, StoreResult<()>> {
+        let now = Utc::now().to_rfc3339();
+        let mut plugins = self.lock();
+        let installed_at = plugins
+            .get(&record.name)
+            .map_or_else(|| now.clone(), |p| p.installed_at.clone());
+        plugins.insert(
+            record.name.clone(),
+            PluginRecord {
+                installed_at,
+                updated_at: now,
+                ..record.clone()
+            },
+        );
+        Box::pin(async { Ok(()) })
+    }
+
+    fn get_plugin<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<PluginRecord>>> {
+        let p = self.lock().get(name).cloned();
+        Box::pin(async move { Ok(p) })
+    }
+
+    fn list_plugins(&self) -> BoxFuture<'_, StoreResult<Vec<PluginRecord>>> {
+        let all = self.lock().values().cloned().collect();
+        Box::pin(async move { Ok(all) })
+    }
+
+    fn set_plugin_grants<'a>(&'a self, name: &'a str, grants: &'a serde_json::Value) -> BoxFuture<'a, StoreResult<()>> {
+        let done = match self.lock().get_mut(name) {
+            Some(p) => {
+                p.grants = grants.clone();
+                p.updated_at = Utc::now().to_rfc3339();
+                Ok(())
+            }
+            None => Err(plugin_not_found(name)),
+        };
+        Box::pin(async move { done })
+    }
+
+    fn remove_plugin<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        let existed = self.lock().remove(name).is_some();
+        Box::pin(async move { Ok(existed) })
+    }
+
+    fn component_in_use<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        let used = self.lock().values().any(|p| p.sha256 == sha256);
+        Box::pin(async move { Ok(used) })
     }
 }

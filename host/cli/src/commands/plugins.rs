@@ -8,6 +8,8 @@ use clap::{Args, Subcommand};
 use keel_kernel::tool::{ToolCallContext, ToolError};
 use keel_sandbox::{FsGrant, FsMode, Grants, Limits, PluginInfo, PreparedPlugin};
 use keel_store::plugins::PluginRecord;
+// The registry is a kernel trait; `Database` implements it.
+use keel_kernel::registry::PluginRegistry as _;
 use serde_json::{Value, json};
 
 use crate::app::{App, grants_of};

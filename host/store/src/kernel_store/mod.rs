@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 use crate::sqlite::Database;
 
-use self::rows::be;
+pub(crate) use self::rows::be;
 
 /// The kernel store on a [`Database`]. Cheap to clone (shares the pool).
 #[derive(Debug, Clone)]

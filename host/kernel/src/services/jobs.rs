@@ -154,11 +154,13 @@ impl Core {
             batch.settlements.extend(extra.settlements.iter().cloned());
             batch.leases.extend(extra.leases.iter().cloned());
             let ids: Vec<Uuid> = batch.jobs.iter().map(|w| w.job.id).collect();
-            if on_conflict(self.commit(batch).await)? == Attempt::Retry {
-                return Ok(Attempt::Retry);
+            match on_conflict(self.commit(batch).await)? {
+                Attempt::Retry => Ok(Attempt::Retry),
+                Attempt::Done(_) => {
+                    self.fire_tokens(&ids);
+                    self.load_job(root).await.map(Attempt::Done)
+                }
             }
-            self.fire_tokens(&ids);
-            self.load_job(root).await.map(Attempt::Done)
         };
         optimistic(self.config.max_write_attempts, attempt, || {
             KernelError::Contention(format!("job {root}"))

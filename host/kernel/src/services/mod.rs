@@ -5,6 +5,10 @@
 //! with expected versions + the events they cause) -> publish the committed events. A version
 //! conflict means another writer won; the operation re-reads and re-checks, a bounded number of
 //! times, so nothing is ever silently overwritten.
+//!
+//! One file per manager: `jobs` ([`JobManager`]), `actions` ([`ActionManager`]), `ledger`
+//! ([`Ledger`], holds and budgets), `events` (the events the managers emit), `kernel` (the
+//! [`Kernel`] facade and the sweeper) and [`retry`], the one retry helper every write loop uses.
 
 mod actions;
 mod events;

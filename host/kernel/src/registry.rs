@@ -1,6 +1,6 @@
 //! The plugin registry contract: which plugins are installed, what they offer, what they were
 //! granted. keel-store implements it on SQLite, [`crate::memory::MemoryRegistry`] in memory, and
-//! [`crate::conformance::plugin_registry`] (feature `conformance`) is the behaviour both pass.
+//! `conformance::plugin_registry` (feature `conformance`) is the behaviour both pass.
 //!
 //! The record is plain data: what belongs to keel-sandbox (the `describe` result, the grants, the
 //! limits) is JSON here, so neither the kernel nor a store depends on the sandbox; the layer

@@ -65,6 +65,17 @@ impl From<keel_store::StoreError> for AppError {
     }
 }
 
+/// The kernel's store errors (the plugin registry reports these): a missing row is the user's
+/// mistake, anything else is Keel's.
+impl From<keel_kernel::store::StoreError> for AppError {
+    fn from(error: keel_kernel::store::StoreError) -> Self {
+        match error {
+            keel_kernel::store::StoreError::NotFound { .. } => AppError::user(error.to_string()),
+            other => AppError::internal(other.to_string()),
+        }
+    }
+}
+
 impl From<keel_sandbox::SandboxError> for AppError {
     fn from(error: keel_sandbox::SandboxError) -> Self {
         use keel_sandbox::SandboxError as E;

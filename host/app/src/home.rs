@@ -6,6 +6,8 @@ use std::sync::Arc;
 use keel_sandbox::{ComponentStore, Grants, Limits, PluginInfo, PreparedPlugin, Sandbox, SandboxConfig};
 use keel_store::Database;
 use keel_store::plugins::PluginRecord;
+// The registry is a kernel trait; `Database` implements it.
+use keel_kernel::registry::PluginRegistry as _;
 use serde::Deserialize;
 
 use crate::error::AppError;

@@ -14,6 +14,8 @@ use futures::future::BoxFuture;
 use keel_kernel::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutcome};
 use keel_sandbox::{Grants, Limits, PluginInfo, PreparedPlugin};
 use keel_store::plugins::PluginRecord;
+// The registry is a kernel trait; `Database` implements it.
+use keel_kernel::registry::PluginRegistry as _;
 
 use crate::error::AppError;
 use crate::home::App;

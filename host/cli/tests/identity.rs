@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use keel_kernel::registry::PluginRegistry as _;
 use serde_json::{Value, json};
 
 mod common;

@@ -14,6 +14,16 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+/// A stored string that names no known enum value.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown {kind} {value:?}")]
+pub struct ParseEnumError {
+    /// Which enum.
+    pub kind: &'static str,
+    /// The offending string.
+    pub value: String,
+}
+
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident, $err:literal { $($(#[$vmeta:meta])* $variant:ident => $s:literal),* $(,)? }) => {
         $(#[$meta])*
@@ -33,10 +43,10 @@ macro_rules! string_enum {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
         }
         impl FromStr for $name {
-            type Err = crate::error::ParseEnumError;
+            type Err = crate::action::ParseEnumError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 $name::ALL.iter().copied().find(|v| v.as_str() == s)
-                    .ok_or_else(|| crate::error::ParseEnumError { kind: $err, value: s.to_string() })
+                    .ok_or_else(|| crate::action::ParseEnumError { kind: $err, value: s.to_string() })
             }
         }
     };

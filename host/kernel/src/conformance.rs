@@ -24,6 +24,7 @@ use crate::ledger::{
     Budget, BudgetOutcome, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, NewLedgerEvent, ReservationState,
     Usage, UsageQuery,
 };
+use crate::registry::{PluginRecord, PluginRegistry};
 use crate::services::{HoldRequest, Kernel, KernelConfig, SettleDetails};
 use crate::store::{Batch, ClaimRequest, JobWrite, KernelStore, LeaseGuard, NewJournalEntry, StoreError};
 
@@ -1892,4 +1893,86 @@ pub async fn idempotency_request_hash(store: Arc<dyn KernelStore>) {
         }
     }
     assert_eq!(k.jobs().count(&JobFilter::tenant("t1")).await.expect("count"), 1);
+}
+
+/// The plugin registry: upsert keeps the install time, list is by name, grants replace, a missing
+/// plugin is `NotFound`, remove reports whether it existed, and a component is in use while any
+/// record references it. Not part of [`run_all`] (a registry is not a [`KernelStore`]): a backend
+/// calls it with its [`PluginRegistry`].
+pub async fn plugin_registry(registry: Arc<dyn PluginRegistry>) {
+    let record = |name: &str, sha: &str| PluginRecord {
+        name: name.into(),
+        version: "1.0.0".into(),
+        description: "d".into(),
+        sha256: sha.repeat(32),
+        info: json!({"name": name, "tools": [{"name": "t"}]}),
+        imports: json!(["wasi:cli/environment@0.2.6"]),
+        grants: json!({}),
+        limits: json!({"memory_mb": 64}),
+        installed_at: String::new(),
+        updated_at: String::new(),
+    };
+    assert!(registry.list_plugins().await.expect("list").is_empty());
+    registry.upsert_plugin(&record("b", "ab")).await.expect("upsert b");
+    registry.upsert_plugin(&record("a", "ab")).await.expect("upsert a");
+    let names: Vec<_> = registry
+        .list_plugins()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["a", "b"], "listed by name");
+
+    let a = registry.get_plugin("a").await.expect("get").expect("a is installed");
+    assert_eq!(a.info, record("a", "ab").info, "JSON columns round-trip");
+    assert_eq!(a.limits, json!({"memory_mb": 64}));
+    assert!(
+        !a.installed_at.is_empty() && !a.updated_at.is_empty(),
+        "the registry stamps times"
+    );
+
+    // Re-installing replaces the record but keeps the original install time.
+    let mut v2 = record("a", "cd");
+    v2.version = "2.0.0".into();
+    registry.upsert_plugin(&v2).await.expect("upsert a v2");
+    let a2 = registry.get_plugin("a").await.expect("get").expect("a");
+    assert_eq!(
+        (a2.version.as_str(), a2.sha256.as_str()),
+        ("2.0.0", "cd".repeat(32).as_str())
+    );
+    assert_eq!(a2.installed_at, a.installed_at, "install time kept");
+
+    registry
+        .set_plugin_grants("a", &json!({"env": ["HOME"]}))
+        .await
+        .expect("grant");
+    let a3 = registry.get_plugin("a").await.expect("get").expect("a");
+    assert_eq!(a3.grants, json!({"env": ["HOME"]}));
+    assert_eq!(a3.version, "2.0.0", "granting changes nothing else");
+    match registry.set_plugin_grants("zzz", &json!({})).await {
+        Err(e @ StoreError::NotFound { entity: "plugin", .. }) => {
+            assert_eq!(e.to_string(), "plugin `zzz` not found");
+        }
+        other => panic!("expected NotFound for a missing plugin, got {other:?}"),
+    }
+
+    assert!(
+        registry.component_in_use(&"ab".repeat(32)).await.expect("in use"),
+        "b uses ab"
+    );
+    assert!(
+        registry.component_in_use(&"cd".repeat(32)).await.expect("in use"),
+        "a uses cd"
+    );
+    assert!(registry.remove_plugin("b").await.expect("remove"));
+    assert!(
+        !registry.remove_plugin("b").await.expect("remove again"),
+        "already gone"
+    );
+    assert!(registry.get_plugin("b").await.expect("get").is_none());
+    assert!(
+        !registry.component_in_use(&"ab".repeat(32)).await.expect("in use"),
+        "no record uses ab"
+    );
 }

@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod memory;
 pub mod model;
 pub mod policy;
+pub mod registry;
 pub mod services;
 pub mod store;
 pub mod tool;

@@ -14,11 +14,13 @@ use crate::event::{EventQuery, RuntimeEvent};
 use crate::job::JobState;
 use crate::job::{Job, JobFilter};
 use crate::ledger::{
-    Budget, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
-    ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
+    Budget, BudgetStatus, LedgerEvent, LedgerQuery, NewLedgerEvent, Reservation, ReservationState, ReserveOutcome,
+    ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
+use crate::registry::{PluginRecord, PluginRegistry, plugin_not_found};
 use crate::store::{
-    Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreError, StoreResult,
+    Batch, BudgetEvaluator, ClaimRequest, ClosePlan, JournalEntry, KernelStore, Lease, LeaseGuard, StoreError,
+    StoreResult, hold_counts_against, plan_release, plan_reserve, plan_settle,
 };
 
 #[derive(Debug, Default)]
@@ -294,7 +296,7 @@ impl MemoryStore {
             used += e.entry.usage.clone();
         }
         for r in st.reservations.values() {
-            if r.is_live(now) && budget.applies_to(&r.tenant, r.principal.as_deref(), r.session.as_deref()) {
+            if hold_counts_against(budget, r, now) {
                 used += r.amount.clone();
             }
         }
@@ -312,57 +314,14 @@ impl MemoryStore {
                 used: Self::used_against(&st, b, req.now),
             })
             .collect();
-        let decision = evaluate(&req.amount, &statuses);
-        let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
-            kind,
-            tenant: req.tenant.clone(),
-            principal: req.principal.clone(),
-            session: req.session.clone(),
-            job_id: req.job_id,
-            reservation_id,
-            usage: req.amount.clone(),
-            duration_ms: None,
-            model: None,
-            tool: None,
-            data,
-            at: req.now,
-        };
-        if decision.outcome != BudgetOutcome::Allow {
-            let data = serde_json::to_value(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let e = entry(LedgerKind::BudgetCheck, None, data);
+        let plan = plan_reserve(&req, evaluate(&req.amount, &statuses))?;
+        if let Some(r) = &plan.outcome.reservation {
+            st.reservations.insert(r.id, r.clone());
+        }
+        for e in plan.entries {
             st.append_ledger(e);
         }
-        if !decision.outcome.is_allowed() {
-            return Ok(ReserveOutcome {
-                decision,
-                reservation: None,
-            });
-        }
-        let reservation = Reservation::held(&req);
-        let e = entry(LedgerKind::Hold, Some(reservation.id), serde_json::Value::Null);
-        st.append_ledger(e);
-        st.reservations.insert(reservation.id, reservation.clone());
-        Ok(ReserveOutcome {
-            decision,
-            reservation: Some(reservation),
-        })
-    }
-
-    fn close_entry(r: &Reservation, kind: LedgerKind, usage: Usage, at: DateTime<Utc>) -> NewLedgerEvent {
-        NewLedgerEvent {
-            kind,
-            tenant: r.tenant.clone(),
-            principal: r.principal.clone(),
-            session: r.session.clone(),
-            job_id: r.job_id,
-            reservation_id: Some(r.id),
-            usage,
-            duration_ms: None,
-            model: None,
-            tool: None,
-            data: serde_json::Value::Null,
-            at,
-        }
+        Ok(plan.outcome)
     }
 
     fn settle_sync(&self, req: SettleRequest) -> StoreResult<Reservation> {
@@ -378,32 +337,15 @@ impl MemoryStore {
                 entity: "reservation",
                 id: req.reservation_id.to_string(),
             })?;
-        if r.state == ReservationState::Settled {
-            return Err(conflict("reservation", r.id));
+        Self::close_locked(st, plan_settle(&r, req)?)
+    }
+
+    /// Apply a settle or release plan (the state was checked by the plan, under this lock).
+    fn close_locked(st: &mut State, plan: ClosePlan) -> StoreResult<Reservation> {
+        for e in plan.entries {
+            st.append_ledger(e);
         }
-        let plan = r.settle_plan(&req.actual, req.now);
-        let mut usage = Self::close_entry(&r, req.kind, plan.charged.clone(), req.now);
-        usage.duration_ms = req.duration_ms;
-        usage.model = req.model;
-        usage.tool = req.tool;
-        usage.data = req.data;
-        let overage = (!plan.overage.is_zero()).then(|| NewLedgerEvent {
-            kind: LedgerKind::Overage,
-            usage: plan.overage,
-            data: plan.data,
-            ..usage.clone()
-        });
-        st.append_ledger(usage);
-        if let Some(overage) = overage {
-            st.append_ledger(overage);
-        }
-        st.append_ledger(Self::close_entry(&r, LedgerKind::Settle, req.actual.clone(), req.now));
-        let r = Reservation {
-            state: ReservationState::Settled,
-            actual: Some(req.actual),
-            closed_at: Some(req.now),
-            ..r
-        };
+        let r = plan.reservation;
         st.reservations.insert(r.id, r.clone());
         Ok(r)
     }
@@ -413,19 +355,7 @@ impl MemoryStore {
             entity: "reservation",
             id: id.to_string(),
         })?;
-        if r.state != ReservationState::Held {
-            return Err(conflict("reservation", id));
-        }
-        let mut e = Self::close_entry(&r, LedgerKind::Release, r.amount.clone(), now);
-        e.data = serde_json::json!({ "reason": reason });
-        st.append_ledger(e);
-        let r = Reservation {
-            state: ReservationState::Released,
-            closed_at: Some(now),
-            ..r
-        };
-        st.reservations.insert(id, r.clone());
-        Ok(r)
+        Self::close_locked(st, plan_release(&r, now, reason)?)
     }
 }
 
@@ -699,5 +629,74 @@ impl KernelStore for MemoryStore {
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
         let r = self.lock().leases.get(&job_id).cloned();
         Box::pin(async move { Ok(r) })
+    }
+}
+
+/// The in-memory [`PluginRegistry`]: for tests and for embedding without persistence; it passes
+/// the same conformance check as the SQLite registry.
+#[derive(Debug, Default)]
+pub struct MemoryRegistry {
+    plugins: Mutex<BTreeMap<String, PluginRecord>>,
+}
+
+impl MemoryRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, PluginRecord>> {
+        self.plugins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl PluginRegistry for MemoryRegistry {
+    fn upsert_plugin<'a>(&'a self, record: &'a PluginRecord) -> BoxFuture<'a, StoreResult<()>> {
+        let now = Utc::now().to_rfc3339();
+        let mut plugins = self.lock();
+        let installed_at = plugins
+            .get(&record.name)
+            .map_or_else(|| now.clone(), |p| p.installed_at.clone());
+        plugins.insert(
+            record.name.clone(),
+            PluginRecord {
+                installed_at,
+                updated_at: now,
+                ..record.clone()
+            },
+        );
+        Box::pin(async { Ok(()) })
+    }
+
+    fn get_plugin<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<PluginRecord>>> {
+        let p = self.lock().get(name).cloned();
+        Box::pin(async move { Ok(p) })
+    }
+
+    fn list_plugins(&self) -> BoxFuture<'_, StoreResult<Vec<PluginRecord>>> {
+        let all = self.lock().values().cloned().collect();
+        Box::pin(async move { Ok(all) })
+    }
+
+    fn set_plugin_grants<'a>(&'a self, name: &'a str, grants: &'a serde_json::Value) -> BoxFuture<'a, StoreResult<()>> {
+        let done = match self.lock().get_mut(name) {
+            Some(p) => {
+                p.grants = grants.clone();
+                p.updated_at = Utc::now().to_rfc3339();
+                Ok(())
+            }
+            None => Err(plugin_not_found(name)),
+        };
+        Box::pin(async move { done })
+    }
+
+    fn remove_plugin<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        let existed = self.lock().remove(name).is_some();
+        Box::pin(async move { Ok(existed) })
+    }
+
+    fn component_in_use<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        let used = self.lock().values().any(|p| p.sha256 == sha256);
+        Box::pin(async move { Ok(used) })
     }
 }

@@ -12,60 +12,17 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+// Defined with the kernel's other errors (a leaf of the module graph); re-exported here, where the
+// traits that return it live.
+pub use crate::error::StoreError;
+
 use crate::action::{Action, ActionFilter};
 use crate::event::{EventQuery, NewEvent, RuntimeEvent};
 use crate::job::{Job, JobFilter};
 use crate::ledger::{
-    Budget, BudgetDecision, BudgetStatus, LedgerEvent, LedgerQuery, NewLedgerEvent, Reservation, ReserveOutcome,
-    ReserveRequest, SettleRequest, Usage, UsageQuery,
+    Budget, BudgetDecision, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent,
+    Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
-
-/// Errors a store reports. Backends map their own errors into `Backend` / `Corrupt`.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// Optimistic concurrency: the row's version was not the one expected (or an insert found
-    /// the row already there). Nothing in the batch was applied.
-    #[error("{entity} {id} was modified concurrently")]
-    Conflict {
-        /// `job`, `action` or `reservation`.
-        entity: &'static str,
-        /// Row id.
-        id: String,
-    },
-    /// A job with this idempotency key already exists in the tenant. Nothing was applied.
-    #[error("idempotency key {key:?} is already used in tenant {tenant:?}")]
-    DuplicateIdempotencyKey {
-        /// Tenant.
-        tenant: String,
-        /// Key.
-        key: String,
-    },
-    /// A referenced row does not exist.
-    #[error("{entity} {id} not found")]
-    NotFound {
-        /// Kind of row.
-        entity: &'static str,
-        /// Row id.
-        id: String,
-    },
-    /// Stored data did not decode.
-    #[error("corrupt stored data: {0}")]
-    Corrupt(String),
-    /// The backend failed (I/O, connection, ...).
-    #[error("store backend error: {0}")]
-    Backend(String),
-    /// The database was busy (locked by another writer past the busy timeout). Transient:
-    /// nothing was applied and the same write may be retried.
-    #[error("the database is busy (locked by another writer): {0}")]
-    Busy(String),
-}
-
-impl StoreError {
-    /// Whether retrying the same call may succeed (the database was only busy).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Busy(_))
-    }
-}
 
 /// Result alias for store calls.
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -304,4 +261,148 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     fn release_lease<'a>(&'a self, guard: &'a LeaseGuard) -> BoxFuture<'a, StoreResult<bool>>;
     /// The current lease of a job, if any.
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>>;
+}
+
+// ---- reservation arithmetic, shared by every backend ----
+//
+// A store owns atomicity; what a reserve, settle or release writes is decided here once, so the
+// SQLite and memory stores (and any later backend) cannot drift apart. A store loads the rows,
+// calls the plan inside its transaction and writes exactly what the plan says.
+
+/// What one reservation transaction writes once the budget verdict is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReservePlan {
+    /// Ledger entries to append, in order: a `budget_check` entry when the outcome is not plain
+    /// allow, then the `hold` entry when it is allowed.
+    pub entries: Vec<NewLedgerEvent>,
+    /// What [`KernelStore::reserve`] returns. Its `reservation`, if any, is the HELD row to insert
+    /// (before the entries: the `hold` entry references it).
+    pub outcome: ReserveOutcome,
+}
+
+/// The plan for [`KernelStore::reserve`] given the verdict of the evaluator on `request`.
+pub fn plan_reserve(request: &ReserveRequest, decision: BudgetDecision) -> StoreResult<ReservePlan> {
+    let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
+        kind,
+        tenant: request.tenant.clone(),
+        principal: request.principal.clone(),
+        session: request.session.clone(),
+        job_id: request.job_id,
+        reservation_id,
+        usage: request.amount.clone(),
+        duration_ms: None,
+        model: None,
+        tool: None,
+        data,
+        at: request.now,
+    };
+    let mut entries = Vec::new();
+    if decision.outcome != BudgetOutcome::Allow {
+        let data = serde_json::to_value(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        entries.push(entry(LedgerKind::BudgetCheck, None, data));
+    }
+    let reservation = decision.outcome.is_allowed().then(|| Reservation::held(request));
+    if let Some(r) = &reservation {
+        entries.push(entry(LedgerKind::Hold, Some(r.id), serde_json::Value::Null));
+    }
+    Ok(ReservePlan {
+        entries,
+        outcome: ReserveOutcome { decision, reservation },
+    })
+}
+
+/// Whether the live hold `r` counts against `budget` at `now` (holds count whatever the budget's
+/// window: they are about to be spent). Settled usage counts per [`Budget::counts`].
+pub fn hold_counts_against(budget: &Budget, r: &Reservation, now: DateTime<Utc>) -> bool {
+    r.is_live(now) && budget.applies_to(&r.tenant, r.principal.as_deref(), r.session.as_deref())
+}
+
+/// What closing (settling or releasing) one reservation writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosePlan {
+    /// The reservation's new row. A store updates it only if the stored state is still the one
+    /// it planned from (compare-and-set), else `Conflict { entity: "reservation" }`.
+    pub reservation: Reservation,
+    /// Ledger entries to append, in order.
+    pub entries: Vec<NewLedgerEvent>,
+}
+
+fn reservation_entry(r: &Reservation, kind: LedgerKind, usage: Usage, at: DateTime<Utc>) -> NewLedgerEvent {
+    NewLedgerEvent {
+        kind,
+        tenant: r.tenant.clone(),
+        principal: r.principal.clone(),
+        session: r.session.clone(),
+        job_id: r.job_id,
+        reservation_id: Some(r.id),
+        usage,
+        duration_ms: None,
+        model: None,
+        tool: None,
+        data: serde_json::Value::Null,
+        at,
+    }
+}
+
+fn reservation_conflict(r: &Reservation) -> StoreError {
+    StoreError::Conflict {
+        entity: "reservation",
+        id: r.id.to_string(),
+    }
+}
+
+/// The plan for [`KernelStore::settle`] of `r` (loaded in the same transaction): the usage entry
+/// bounded by the hold, an `overage` entry for the rest (per [`Reservation::settle_plan`]) and a
+/// `settle` entry. `Conflict` if it is already settled.
+pub fn plan_settle(r: &Reservation, request: SettleRequest) -> StoreResult<ClosePlan> {
+    if r.state == ReservationState::Settled {
+        return Err(reservation_conflict(r));
+    }
+    let plan = r.settle_plan(&request.actual, request.now);
+    let mut usage = reservation_entry(r, request.kind, plan.charged.clone(), request.now);
+    usage.duration_ms = request.duration_ms;
+    usage.model = request.model;
+    usage.tool = request.tool;
+    usage.data = request.data;
+    let overage = (!plan.overage.is_zero()).then(|| NewLedgerEvent {
+        kind: LedgerKind::Overage,
+        usage: plan.overage,
+        data: plan.data,
+        ..usage.clone()
+    });
+    let mut entries = vec![usage];
+    entries.extend(overage);
+    entries.push(reservation_entry(
+        r,
+        LedgerKind::Settle,
+        request.actual.clone(),
+        request.now,
+    ));
+    Ok(ClosePlan {
+        reservation: Reservation {
+            state: ReservationState::Settled,
+            actual: Some(request.actual),
+            closed_at: Some(request.now),
+            ..r.clone()
+        },
+        entries,
+    })
+}
+
+/// The plan for [`KernelStore::release`] of `r`: HELD -> RELEASED plus a `release` entry with
+/// `reason`. `Conflict` if it is not HELD.
+pub fn plan_release(r: &Reservation, now: DateTime<Utc>, reason: &str) -> StoreResult<ClosePlan> {
+    if r.state != ReservationState::Held {
+        return Err(reservation_conflict(r));
+    }
+    let mut release = reservation_entry(r, LedgerKind::Release, r.amount.clone(), now);
+    release.data = serde_json::json!({ "reason": reason });
+    Ok(ClosePlan {
+        reservation: Reservation {
+            state: ReservationState::Released,
+            closed_at: Some(now),
+            ..r.clone()
+        },
+        entries: vec![release],
+    })
 }

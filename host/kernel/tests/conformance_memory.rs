@@ -16,3 +16,8 @@ keel_kernel::conformance_tests!(memory_store);
 async fn run_all_in_sequence() {
     keel_kernel::conformance::run_all(|| memory_store("all")).await;
 }
+
+#[tokio::test]
+async fn memory_registry_passes_conformance() {
+    keel_kernel::conformance::plugin_registry(Arc::new(keel_kernel::memory::MemoryRegistry::new())).await;
+}

@@ -9,6 +9,8 @@ use clap::{Args, Subcommand};
 use keel_kernel::tool::ToolError;
 use keel_sandbox::{FsGrant, FsMode, Grants, Limits, PluginInfo, PreparedPlugin};
 use keel_store::plugins::PluginRecord;
+// The registry is a kernel trait; `Database` implements it.
+use keel_kernel::registry::PluginRegistry as _;
 use serde_json::{Value, json};
 
 use keel_app::call::{CallOutcome, CallRequest};

@@ -31,7 +31,7 @@ use crate::ledger::{
 };
 use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
 use crate::policy::{Outcome, Policy, PolicyRequest};
-use crate::services::{HoldRequest, SettleDetails, job_event, status_event, transition};
+use crate::services::{HoldRequest, SettleDetails, job_event, retry, status_event, transition};
 use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError, StoreResult};
 use crate::tool::{Receipt, ToolCallContext, ToolDescriptor, ToolError};
 
@@ -105,29 +105,13 @@ mod stop_tests {
     }
 }
 
-/// Attempts at a write that failed only because the database was busy (another process held its
-/// lock past the busy timeout), with exponential backoff from [`BUSY_BACKOFF`] between them.
-const BUSY_ATTEMPTS: u32 = 6;
-const BUSY_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Run `write` until it succeeds or fails with a non-transient error, at most [`BUSY_ATTEMPTS`] times.
-async fn retry_busy<T, F, Fut>(mut write: F) -> StoreResult<T>
+/// Busy retries (the same write again, with backoff) through the kernel's one retry helper.
+async fn retry_busy<T, F, Fut>(write: F) -> StoreResult<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = StoreResult<T>>,
 {
-    let mut wait = BUSY_BACKOFF;
-    let mut attempt = 1;
-    loop {
-        match write().await {
-            Err(e) if e.is_transient() && attempt < BUSY_ATTEMPTS => {
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-                attempt += 1;
-            }
-            r => return r,
-        }
-    }
+    retry::retry_transient(retry::BUSY, write).await
 }
 
 /// This host's claim on one job: the fencing guard (owner + epoch) and how long the lease is
@@ -450,16 +434,10 @@ impl Runner {
     async fn charge_unjournaled(&self, hold: Uuid, kind: LedgerKind, actual: Usage, details: SettleDetails) {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
         let ledger = self.rt.kernel.ledger();
-        let mut wait = BUSY_BACKOFF;
-        for attempt in 1..=BUSY_ATTEMPTS {
-            match ledger.settle(hold, kind, actual.clone(), details.clone()).await {
-                Err(KernelError::Store(e)) if e.is_transient() && attempt < BUSY_ATTEMPTS => {
-                    tokio::time::sleep(wait).await;
-                    wait *= 2;
-                }
-                _ => return,
-            }
-        }
+        let _ = retry::retry_transient(retry::BUSY, || {
+            ledger.settle(hold, kind, actual.clone(), details.clone())
+        })
+        .await;
     }
 
     fn event(&self, event_type: EventType, data: Value, at: DateTime<Utc>) -> NewEvent {

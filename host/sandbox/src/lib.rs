@@ -12,6 +12,7 @@
 pub mod cache;
 pub mod config;
 pub mod egress;
+mod exports;
 pub mod grants;
 pub mod host;
 pub mod info;
@@ -23,6 +24,7 @@ mod toolhost;
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
 pub use config::{DescribeLimits, Limits, SandboxConfig};
 pub use egress::{Resolver, SystemResolver};
+pub use exports::plugin_name_from;
 pub use grants::{FileIdentity, FsGrant, GrantError, Grants, Preopen};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
 pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};

@@ -1,6 +1,9 @@
 //! A plain component for Keel's "any component's exports as tools" tests: no `keel:plugin` world,
 //! only ordinary WIT functions (world-level and in the `shapes` interface) over every mapped type.
 
+// `ints` takes one parameter per integer type: eight, on purpose.
+#![allow(clippy::too_many_arguments)]
+
 wit_bindgen::generate!({ world: "plain", path: "wit" });
 
 use exports::test::plain::shapes::{self, Color, Perms, Point, Shape};
@@ -16,7 +19,6 @@ impl Guest for Plain {
         !b
     }
 
-    #[allow(clippy::type_complexity)]
     fn ints(a: i8, b: u8, c: i16, d: u16, e: i32, f: u32, g: i64, h: u64) -> (i8, u8, i16, u16, i32, u32, i64, u64) {
         (a, b, c, d, e, f, g, h)
     }

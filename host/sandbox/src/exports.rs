@@ -21,8 +21,11 @@ use crate::info::{Capabilities, NAME_RULE, PluginInfo, ToolInfo, check_version, 
 
 /// Deepest type nesting offered (records in lists in options ... count one level each).
 const MAX_TYPE_DEPTH: usize = 32;
-/// Schema nodes one function's input and output schemas may have together.
-const MAX_SCHEMA_NODES: usize = 4_096;
+/// Schema nodes one function's input and output schemas may have together: bounds the work per
+/// function before the byte size of its schemas can be checked.
+const MAX_SCHEMA_NODES: usize = 2_048;
+/// Functions not offered that the description lists by name (the rest are counted).
+const MAX_SKIPPED_LISTED: usize = 32;
 /// A custom section Keel reads a plugin's name or version from, longest accepted.
 const MAX_METADATA_BYTES: usize = 4_096;
 
@@ -223,10 +226,8 @@ pub(crate) fn discover(engine: &Engine, component: &Component, limits: &Describe
         let why = if found.skipped.is_empty() {
             "it exports no functions".to_string()
         } else {
-            format!(
-                "none of its exported functions can be a tool: {}",
-                found.skipped.join("; ")
-            )
+            let listed = &found.skipped[..found.skipped.len().min(MAX_SKIPPED_LISTED)];
+            format!("none of its exported functions can be a tool: {}", listed.join("; "))
         };
         return Err(cut(why, 1_000));
     }
@@ -341,7 +342,10 @@ pub(crate) fn plugin_info(
     });
     if !found.skipped.is_empty() {
         description.push_str(" Not offered: ");
-        description.push_str(&found.skipped.join("; "));
+        description.push_str(&found.skipped[..found.skipped.len().min(MAX_SKIPPED_LISTED)].join("; "));
+        if found.skipped.len() > MAX_SKIPPED_LISTED {
+            description.push_str(&format!(" and {} more", found.skipped.len() - MAX_SKIPPED_LISTED));
+        }
     }
     Ok(PluginInfo {
         name,
@@ -495,7 +499,7 @@ pub(crate) fn arguments(func: &ExportedFunc, arguments: &Value) -> Result<Vec<Va
     };
     for key in object.keys() {
         if !func.params.iter().any(|(n, _)| n == key) {
-            return Err(format!("unknown argument `{key}`"));
+            return Err(format!("unknown argument `{}`", short(key)));
         }
     }
     func.params
@@ -506,6 +510,16 @@ pub(crate) fn arguments(func: &ExportedFunc, arguments: &Value) -> Result<Vec<Va
             None => Err(format!("missing argument `{name}`")),
         })
         .collect()
+}
+
+/// A caller-supplied name cut to 64 bytes for an error message (the arguments can be large).
+fn short(name: &str) -> String {
+    let cut = cut(name.to_string(), 64);
+    if cut.len() < name.len() {
+        format!("{cut}…")
+    } else {
+        cut
+    }
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -631,7 +645,7 @@ fn to_val(ty: &Type, value: &Value, at: &str) -> Result<Val, String> {
             let object = value.as_object().ok_or_else(|| expected("an object"))?;
             for key in object.keys() {
                 if !record.fields().any(|f| f.name == key) {
-                    return Err(format!("`{at}`: unknown field `{key}`"));
+                    return Err(format!("`{at}`: unknown field `{}`", short(key)));
                 }
             }
             let mut fields = Vec::with_capacity(record.fields().len());
@@ -664,7 +678,11 @@ fn to_val(ty: &Type, value: &Value, at: &str) -> Result<Val, String> {
             let (name, payload) = single_entry(value, at, "case")?;
             let Some(case) = variant.cases().find(|c| c.name == name) else {
                 let cases: Vec<&str> = variant.cases().map(|c| c.name).collect();
-                return Err(format!("`{at}`: unknown case `{name}` (cases: {})", cases.join(", ")));
+                return Err(format!(
+                    "`{at}`: unknown case `{}` (cases: {})",
+                    short(name),
+                    cases.join(", ")
+                ));
             };
             let path = format!("{at}.{name}");
             let payload = match &case.ty {
@@ -678,7 +696,11 @@ fn to_val(ty: &Type, value: &Value, at: &str) -> Result<Val, String> {
             let name = value.as_str().ok_or_else(|| expected("a string"))?;
             if !e.names().any(|n| n == name) {
                 let names: Vec<&str> = e.names().collect();
-                return Err(format!("`{at}`: unknown case {name:?} (cases: {})", names.join(", ")));
+                return Err(format!(
+                    "`{at}`: unknown case {:?} (cases: {})",
+                    short(name),
+                    names.join(", ")
+                ));
             }
             Val::Enum(name.to_string())
         }
@@ -691,7 +713,7 @@ fn to_val(ty: &Type, value: &Value, at: &str) -> Result<Val, String> {
             let ty = match side.as_str() {
                 "ok" => result.ok(),
                 "err" => result.err(),
-                other => return Err(format!("`{at}`: expected `ok` or `err`, got `{other}`")),
+                other => return Err(format!("`{at}`: expected `ok` or `err`, got `{}`", short(other))),
             };
             let path = format!("{at}.{side}");
             let payload = match ty {
@@ -708,7 +730,11 @@ fn to_val(ty: &Type, value: &Value, at: &str) -> Result<Val, String> {
                 let name = item.as_str().ok_or_else(|| expected("an array of flag names"))?;
                 if !flags.names().any(|n| n == name) {
                     let names: Vec<&str> = flags.names().collect();
-                    return Err(format!("`{at}`: unknown flag {name:?} (flags: {})", names.join(", ")));
+                    return Err(format!(
+                        "`{at}`: unknown flag {:?} (flags: {})",
+                        short(name),
+                        names.join(", ")
+                    ));
                 }
                 if !set.iter().any(|s: &String| s == name) {
                     set.push(name.to_string());

@@ -1,10 +1,12 @@
 //! keel-sandbox: Keel's WebAssembly component host.
 //!
 //! One shared [`wasmtime::Engine`] with a pooling allocator and copy-on-write memory images;
-//! plugins are validated against the `keel:plugin/tool` world, stored by sha256, precompiled once
-//! into an HMAC-verified cache, pre-linked (`InstancePre`) once, and every call runs in a fresh
-//! `Store` holding only the capabilities granted (filesystem preopens, an HTTP allowlist, named
-//! environment variables) under per-call limits (memory, deadline, fuel, output, logs).
+//! plugins are validated against the `keel:plugin/tool` world (or, for any other component, their
+//! exported functions become tools: `exports`), stored by sha256, precompiled once into an
+//! HMAC-verified cache (mapped, not re-hashed, on later starts: `cache`), pre-linked
+//! (`InstancePre`) once, and every call runs in a fresh `Store` holding only the capabilities
+//! granted (filesystem preopens, an HTTP allowlist, named environment variables) under per-call
+//! limits (memory, deadline, fuel, output, logs).
 //!
 //! This crate knows nothing about jobs, policy or budgets: the kernel reaches it through
 //! [`keel_kernel::tool::ToolHost`], implemented by [`SandboxToolHost`].

@@ -365,9 +365,21 @@ impl Sandbox {
         let load_time = started.elapsed();
         let metadata = crate::exports::read_metadata(wasm);
         let prepared = self
-            .finish(&sha256, wasm.len(), component, cache, load_time, Some(metadata), label)
+            .finish(
+                &sha256,
+                wasm.len(),
+                component,
+                cache,
+                load_time,
+                Some(metadata.clone()),
+                label,
+            )
             .await?
             .expect("metadata was given");
+        if matches!(prepared.kind, Kind::Plain { .. }) {
+            // Kept (verified) for the starts that only map the artifact and never read the component.
+            self.inner.cache.put_note(&sha256, "meta", &metadata.encode());
+        }
         self.inner
             .prepared
             .lock()
@@ -406,7 +418,6 @@ impl Sandbox {
                     .map_err(SandboxError::WrongWorld)?;
                 let info =
                     crate::exports::plugin_info(&metadata, label, &found, limits).map_err(SandboxError::WrongWorld)?;
-                self.inner.cache.put_note(sha256, "meta", &metadata.encode());
                 (
                     info,
                     Kind::Plain {

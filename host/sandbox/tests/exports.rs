@@ -512,3 +512,24 @@ async fn an_installed_plain_component_starts_from_its_artifact_without_reading_i
         Ok(json!("green"))
     );
 }
+
+#[tokio::test]
+async fn hostile_types_are_skipped_quickly_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(&dir);
+    let started = Instant::now();
+    let plugin = plain(&sandbox).await;
+    let description = &plugin.info.description;
+    // 40 nested lists: beyond the depth Keel offers (and the host's recursion stays bounded).
+    assert!(
+        description.contains("hostile@0.1.0#deep (its types nest deeper than 32 levels)"),
+        "{description}"
+    );
+    // 12 definitions that share their parts describe 4,096 leaves: the schema budget stops it.
+    assert!(
+        description.contains("hostile@0.1.0#wide (its types have more than"),
+        "{description}"
+    );
+    assert!(plugin.info.tool("hostile-deep").is_none() && plugin.info.tool("hostile-wide").is_none());
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+}

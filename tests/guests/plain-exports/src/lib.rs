@@ -123,4 +123,12 @@ impl shapes::Guest for Plain {
     }
 }
 
+impl exports::test::plain::hostile::Guest for Plain {
+    fn deep(x: exports::test::plain::hostile::L40) -> u32 {
+        x.len() as u32
+    }
+
+    fn wide(_x: exports::test::plain::hostile::T12) {}
+}
+
 export!(Plain);

@@ -184,14 +184,15 @@ impl App {
         self.verify(record, &plugin)
     }
 
-    /// Read, check against its hash and prepare the stored component of `record`. Its identity is
-    /// not checked yet: see [`App::verify`].
+    /// Prepare the stored component of `record`: its verified precompiled artifact is mapped
+    /// without reading or re-hashing the component (the store checked it at install); without one,
+    /// the component is read, checked against its hash and compiled. Its identity is not checked
+    /// yet: see [`App::verify`].
     pub async fn prepare_record(&self, record: &PluginRecord) -> Result<Arc<PreparedPlugin>, AppError> {
-        let bytes = self
-            .components
-            .get(&record.sha256)
-            .map_err(|e| AppError::internal(format!("cannot read the stored component of `{}`: {e}", record.name)))?;
-        Ok(self.sandbox.prepare(&bytes).await?)
+        Ok(self
+            .sandbox
+            .prepare_stored(&self.components, &record.sha256, &record.name)
+            .await?)
     }
 
     /// Check a prepared component against its registry record (the record is the plugin's

@@ -1,9 +1,37 @@
 //! Content-addressed component storage and the precompiled-artifact cache.
 //!
 //! Loading a precompiled artifact runs native code produced by Cranelift, so wasmtime marks it
-//! `unsafe`: Keel only loads artifacts it wrote itself. Every artifact is stored with an HMAC-SHA256
-//! tag under a per-home secret key; a tag mismatch (tampering, truncation, a foreign file) means the
-//! artifact is deleted and the component recompiled, never executed.
+//! `unsafe`: Keel only loads artifacts it wrote itself. Every artifact has a seal (a sidecar
+//! `.seal` file) holding an HMAC-SHA256 tag under a per-home secret key over the artifact's bytes;
+//! a tag mismatch (tampering, truncation, a foreign file) means the artifact is deleted and the
+//! component recompiled, never executed.
+//!
+//! # Starting fast without trusting the file system (issue 11, item 8)
+//!
+//! Hashing a multi-megabyte artifact (and the component it came from) on every process start
+//! was most of `keel call`'s cost. Once an artifact's content tag has been verified, the seal also
+//! records a second HMAC over the artifact file's identity as `fstat` reports it on the very
+//! descriptor that is then mapped: device, inode, size, owner, mode, mtime and ctime (ns). A later
+//! start that finds the same identity maps the file (`Component::deserialize_file` through
+//! `/proc/self/fd/N`, so exactly the inode that was checked) without reading it.
+//!
+//! Why this holds against someone who can write into the `components` and `cache` directories
+//! but is not this user (the only attacker a cache can stop: one running as this user can read the
+//! key, or simply ptrace `keel`):
+//! - They cannot forge either HMAC without the key (`artifact.key`, 0600).
+//! - Replacing the artifact (rename, unlink + create, hard link) changes the inode or the ctime;
+//!   ctime is set by the kernel on every write, chmod, link or `utimes` and cannot be set back.
+//!   An inode number reused for a new file comes with a new ctime.
+//! - Writing into the existing file needs write permission on it: the file must be owned by this
+//!   user and not group/other-writable, or it is refused before anything else.
+//! - Timestamps are coarse (a jiffy): a file modified within the same tick as the check would
+//!   keep its ctime. Like git's "racy clean" entries, an identity is only recorded once the file's
+//!   ctime and mtime are at least [`SETTLE`] old, so such a change always sees a full check.
+//! - Another machine, a restored backup or a copy has another inode or ctime: one full check,
+//!   then the identity is recorded again.
+//!
+//! The mapping is `MAP_PRIVATE`: a write to the file after the check by someone who may write it
+//! (this user, root) would be visible to this process; that attacker is out of reach anyway.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
@@ -25,6 +53,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Write `bytes` to `path` atomically (temp file + rename) with owner-only permissions.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_keep(path, bytes).map(drop)
+}
+
+/// [`write_atomic`], returning the written file (still open): its `fstat` is the identity of
+/// exactly what was written, whatever the path names later.
+fn write_atomic_keep(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
     let dir = path.parent().expect("cache paths have a parent");
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".tmp-{}-{:x}", std::process::id(), rand::random::<u64>()));
@@ -36,7 +70,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let mut file = options.open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        Ok(file)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -82,6 +117,12 @@ impl ComponentStore {
         Ok(bytes)
     }
 
+    /// The size of the stored component `sha256` (its bytes are not read or verified: a cached
+    /// artifact's seal binds the length and hash it was compiled from).
+    pub fn len(&self, sha256: &str) -> std::io::Result<u64> {
+        Ok(std::fs::symlink_metadata(self.path(sha256))?.len())
+    }
+
     /// Delete the component `sha256` if stored.
     pub fn remove(&self, sha256: &str) -> std::io::Result<()> {
         match std::fs::remove_file(self.path(sha256)) {
@@ -99,6 +140,63 @@ pub enum CacheOutcome {
     /// Compiled (no artifact, or it failed verification / was for another engine).
     Compiled,
 }
+
+/// A file's identity as `fstat` reports it: changes whenever the file is replaced or written.
+struct Identity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    uid: u32,
+    mode: u32,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Identity {
+    fn of(file: &std::fs::File) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            uid: m.uid(),
+            mode: m.mode(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        for n in [self.dev, self.ino, self.size, u64::from(self.uid), u64::from(self.mode)] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        for (s, ns) in [self.mtime, self.ctime] {
+            out.extend_from_slice(&s.to_le_bytes());
+            out.extend_from_slice(&ns.to_le_bytes());
+        }
+        out
+    }
+
+    /// A regular file of this user that nobody else may write.
+    fn owned(&self) -> bool {
+        self.mode & 0o170000 == 0o100000 && self.mode & 0o022 == 0 && self.uid == rustix::process::geteuid().as_raw()
+    }
+
+    /// Old enough that a change within the same timestamp tick is no longer possible.
+    fn settled(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let newest = self.mtime.0.max(self.ctime.0);
+        now - newest >= SETTLE.as_secs() as i64
+    }
+}
+
+/// How old an artifact's timestamps must be before its identity is recorded (see the module docs).
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Precompiled native artifacts keyed by component sha256 + wasmtime version + engine config.
 #[derive(Debug, Clone)]
@@ -136,17 +234,24 @@ impl ArtifactCache {
         self.dir.join(format!("{sha256}-{}.cwasm", self.engine_tag))
     }
 
-    /// The artifact's tag binds the engine, the component it was compiled from (sha256 and
-    /// length) and the artifact bytes: a valid artifact of one plugin renamed over another's
-    /// fails verification instead of running with the other plugin's grants.
-    fn tag(&self, sha256: &str, wasm_len: usize, artifact: &[u8]) -> HmacSha256 {
+    fn seal_path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}-{}.seal", self.engine_tag))
+    }
+
+    /// An HMAC over `domain`, the engine, the component (sha256 and length) and `parts`, each
+    /// length-prefixed. Binding the component means a valid artifact of one plugin renamed over
+    /// another's fails verification instead of running with the other plugin's grants.
+    fn mac(&self, domain: &str, sha256: &str, wasm_len: u64, parts: &[&[u8]]) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
-        for part in [self.engine_tag.as_bytes(), sha256.as_bytes()] {
+        for part in [domain.as_bytes(), self.engine_tag.as_bytes(), sha256.as_bytes()] {
             mac.update(&(part.len() as u64).to_le_bytes());
             mac.update(part);
         }
-        mac.update(&(wasm_len as u64).to_le_bytes());
-        mac.update(artifact);
+        mac.update(&wasm_len.to_le_bytes());
+        for part in parts {
+            mac.update(&(part.len() as u64).to_le_bytes());
+            mac.update(part);
+        }
         mac
     }
 
@@ -174,41 +279,133 @@ impl ArtifactCache {
             .serialize()
             .map_err(|e| std::io::Error::other(format!("{e:#}")))
             .and_then(|artifact| {
-                let mut file = self.tag(sha256, wasm_len, &artifact).finalize().into_bytes().to_vec();
-                file.extend_from_slice(&artifact);
-                write_atomic(&self.path(sha256), &file)
+                let tag = self
+                    .mac("artifact-v2", sha256, wasm_len as u64, &[&artifact])
+                    .finalize()
+                    .into_bytes();
+                // The seal first: a reader that sees the new artifact with an old seal only recompiles.
+                write_atomic(&self.seal_path(sha256), &tag)?;
+                let file = write_atomic_keep(&self.path(sha256), &artifact)?;
+                // The identity of exactly the file written (this descriptor), if already settled.
+                self.record_identity(sha256, wasm_len as u64, &file, &tag);
+                Ok(())
             });
         if let Err(e) = written {
             tracing::warn!(error = %e, "could not write precompiled artifact");
         }
     }
 
-    /// Load a cached artifact of the `wasm_len` bytes whose hash is `sha256`, if present and its
-    /// tag verifies.
+    /// Rewrite the seal with the identity of `file`, whose content tag `tag` was just verified or
+    /// written, when its timestamps are settled.
+    fn record_identity(&self, sha256: &str, wasm_len: u64, file: &std::fs::File, tag: &[u8]) {
+        let Ok(identity) = Identity::of(file) else { return };
+        if !identity.settled() || !identity.owned() {
+            return;
+        }
+        let stat = self
+            .mac("identity-v1", sha256, wasm_len, &[tag, &identity.bytes()])
+            .finalize()
+            .into_bytes();
+        let mut seal = tag.to_vec();
+        seal.extend_from_slice(&stat);
+        if let Err(e) = write_atomic(&self.seal_path(sha256), &seal) {
+            tracing::debug!(error = %e, "could not record the artifact's identity");
+        }
+    }
+
+    fn discard(&self, sha256: &str, why: &str) -> Option<Component> {
+        tracing::warn!(path = %self.path(sha256).display(), "precompiled artifact {why}; recompiling");
+        let _ = std::fs::remove_file(self.path(sha256));
+        let _ = std::fs::remove_file(self.seal_path(sha256));
+        None
+    }
+
+    /// Load a cached artifact of the `wasm_len` bytes whose hash is `sha256`, if present and
+    /// verified: by its recorded identity (mapped, not read), else by its content tag (read and
+    /// hashed once, then its identity is recorded). See the module docs.
     pub fn load(&self, engine: &Engine, sha256: &str, wasm_len: usize) -> Option<Component> {
+        use rustix::fs::{Mode, OFlags};
+        let wasm_len = wasm_len as u64;
         let path = self.path(sha256);
-        let file = std::fs::read(&path).ok()?;
-        if file.len() <= TAG_LEN
-            || self
-                .tag(sha256, wasm_len, &file[TAG_LEN..])
-                .verify_slice(&file[..TAG_LEN])
-                .is_err()
+        let fd = rustix::fs::open(
+            &path,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let file = std::fs::File::from(fd);
+        let identity = match Identity::of(&file) {
+            Ok(identity) if identity.owned() => identity,
+            Ok(_) => return self.discard(sha256, "is not a file only this user may write"),
+            Err(_) => return None,
+        };
+        let seal = match std::fs::read(self.seal_path(sha256)) {
+            Ok(seal) if seal.len() == TAG_LEN || seal.len() == 2 * TAG_LEN => seal,
+            _ => return self.discard(sha256, "has no seal"),
+        };
+        let (tag, stat) = seal.split_at(TAG_LEN);
+        if !stat.is_empty()
+            && self
+                .mac("identity-v1", sha256, wasm_len, &[tag, &identity.bytes()])
+                .verify_slice(stat)
+                .is_ok()
         {
-            tracing::warn!(path = %path.display(), "precompiled artifact failed verification; recompiling");
-            let _ = std::fs::remove_file(&path);
-            return None;
+            use std::os::fd::AsRawFd;
+            // SAFETY: the seal's identity HMAC (under this home's secret key) proves this inode,
+            // unchanged since (same ctime), is the artifact `store` wrote and a full check
+            // verified for this very component, for an engine with the same version and
+            // configuration. `/proc/self/fd/N` re-opens that inode, not whatever the path names
+            // now; only this user (who may write the file) could change it while mapped.
+            let mapped = unsafe { Component::deserialize_file(engine, format!("/proc/self/fd/{}", file.as_raw_fd())) };
+            match mapped {
+                Ok(component) => return Some(component),
+                // e.g. no /proc: the full check below still works.
+                Err(e) => tracing::debug!(error = %e, "mapping the artifact failed; reading it"),
+            }
+        }
+        let mut artifact = Vec::with_capacity(identity.size as usize);
+        std::io::Read::read_to_end(&mut &file, &mut artifact).ok()?;
+        if self
+            .mac("artifact-v2", sha256, wasm_len, &[&artifact])
+            .verify_slice(tag)
+            .is_err()
+        {
+            return self.discard(sha256, "failed verification");
         }
         // SAFETY: the bytes were written by `store` in this cache (the HMAC under this home's
         // secret key proves it) for this very component, for an engine with the same version and
-        // configuration.
-        match unsafe { Component::deserialize(engine, &file[TAG_LEN..]) } {
-            Ok(component) => Some(component),
+        // configuration; they are in our own memory now, so nothing can change them.
+        match unsafe { Component::deserialize(engine, &artifact) } {
+            Ok(component) => {
+                self.record_identity(sha256, wasm_len, &file, tag);
+                Some(component)
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "precompiled artifact did not load; recompiling");
-                let _ = std::fs::remove_file(&path);
-                None
+                tracing::warn!(error = %e, "precompiled artifact did not load");
+                self.discard(sha256, "did not load")
             }
         }
+    }
+
+    /// Keep a small verified note about component `sha256` (e.g. the metadata read from its
+    /// custom sections), so a start that maps the artifact need not read the component.
+    pub(crate) fn put_note(&self, sha256: &str, kind: &str, note: &[u8]) {
+        let mut file = self.mac(kind, sha256, 0, &[note]).finalize().into_bytes().to_vec();
+        file.extend_from_slice(note);
+        if let Err(e) = write_atomic(&self.dir.join(format!("{sha256}.{kind}")), &file) {
+            tracing::debug!(error = %e, "could not write a note");
+        }
+    }
+
+    /// The note [`ArtifactCache::put_note`] kept, if its tag verifies.
+    pub(crate) fn get_note(&self, sha256: &str, kind: &str) -> Option<Vec<u8>> {
+        let file = std::fs::read(self.dir.join(format!("{sha256}.{kind}"))).ok()?;
+        if file.len() < TAG_LEN {
+            return None;
+        }
+        let (tag, note) = file.split_at(TAG_LEN);
+        self.mac(kind, sha256, 0, &[note]).verify_slice(tag).ok()?;
+        Some(note.to_vec())
     }
 }
 

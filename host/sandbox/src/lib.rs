@@ -1,10 +1,12 @@
 //! keel-sandbox: Keel's WebAssembly component host.
 //!
 //! One shared [`wasmtime::Engine`] with a pooling allocator and copy-on-write memory images;
-//! plugins are validated against the `keel:plugin/tool` world, stored by sha256, precompiled once
-//! into an HMAC-verified cache, pre-linked (`InstancePre`) once, and every call runs in a fresh
-//! `Store` holding only the capabilities granted (filesystem preopens, an HTTP allowlist, named
-//! environment variables) under per-call limits (memory, deadline, fuel, output, logs).
+//! plugins are validated against the `keel:plugin/tool` world (or, for any other component, their
+//! exported functions become tools: `exports`), stored by sha256, precompiled once into an
+//! HMAC-verified cache (mapped, not re-hashed, on later starts: `cache`), pre-linked
+//! (`InstancePre`) once, and every call runs in a fresh `Store` holding only the capabilities
+//! granted (filesystem preopens, an HTTP allowlist, named environment variables) under per-call
+//! limits (memory, deadline, fuel, output, logs).
 //!
 //! This crate knows nothing about jobs, policy or budgets: the kernel reaches it through
 //! [`keel_kernel::tool::ToolHost`], implemented by [`SandboxToolHost`].
@@ -12,6 +14,7 @@
 pub mod cache;
 pub mod config;
 pub mod egress;
+mod exports;
 pub mod grants;
 pub mod host;
 pub mod info;
@@ -23,6 +26,7 @@ mod toolhost;
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
 pub use config::{DescribeLimits, Limits, SandboxConfig};
 pub use egress::{Resolver, SystemResolver};
+pub use exports::plugin_name_from;
 pub use grants::{FileIdentity, FsGrant, GrantError, Grants, Preopen};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
 pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};

@@ -12,8 +12,9 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
 
-use crate::cache::{ArtifactCache, CacheOutcome, sha256_hex};
+use crate::cache::{ArtifactCache, CacheOutcome, ComponentStore, sha256_hex};
 use crate::config::{DescribeLimits, Limits, SandboxConfig};
+use crate::exports::ExportedFunc;
 use crate::grants::{Grants, NetPolicy, Preopen};
 use crate::host::bindings::{ToolPre, keel::plugin::types as wit};
 use crate::host::{CallJournal, ConnectionBudget, Denial, Limiter, LogRecord, NetHooks, ProgressRecord, State};
@@ -79,7 +80,25 @@ pub struct PreparedPlugin {
     pub cache: CacheOutcome,
     /// Time to compile or load.
     pub load_time: Duration,
-    pre: ToolPre<State>,
+    kind: Kind,
+}
+
+/// How a prepared plugin's tools are called.
+enum Kind {
+    /// A `keel:plugin/tool` component: `call(ctx, tool, json)`.
+    Tool(ToolPre<State>),
+    /// Any other component: each offered exported function is a tool, called with converted
+    /// values (`exports.rs`); `funcs` is in the order of `info.tools`.
+    Plain {
+        pre: InstancePre<State>,
+        funcs: Vec<ExportedFunc>,
+    },
+}
+
+/// What [`Sandbox::check_world`] found a component to be.
+enum World {
+    Tool,
+    Plain,
 }
 
 impl std::fmt::Debug for PreparedPlugin {
@@ -252,47 +271,197 @@ impl Sandbox {
     /// Validate, compile (or load from the verified cache), pre-link and describe a component.
     /// Prepared plugins are memoised by sha256 for the life of the sandbox.
     /// The whole step is bounded by [`DescribeLimits::prepare_timeout_ms`].
+    ///
+    /// A component that does not implement the `keel:plugin/tool` world but exports ordinary
+    /// functions is prepared too, each function a tool (see the README's "Plain components");
+    /// its name must then come from its `component-name` section: use [`Sandbox::prepare_as`]
+    /// to name it after the file it was installed from otherwise.
     pub async fn prepare(&self, wasm: &[u8]) -> Result<Arc<PreparedPlugin>, SandboxError> {
-        let bound = Duration::from_millis(self.inner.config.describe.prepare_timeout_ms);
-        tokio::time::timeout(bound, self.prepare_unbounded(wasm))
-            .await
-            .unwrap_or_else(|_| {
-                Err(SandboxError::Invalid(format!(
-                    "preparing the plugin (compile and describe) took longer than {} ms",
-                    bound.as_millis()
-                )))
-            })
+        self.bounded(self.prepare_bytes(wasm, None, None)).await
     }
 
-    async fn prepare_unbounded(&self, wasm: &[u8]) -> Result<Arc<PreparedPlugin>, SandboxError> {
+    /// [`Sandbox::prepare`], naming a plain component (one that does not implement the tool world
+    /// and has no `component-name` section) after `label`, e.g. the file name it is installed
+    /// from (normalised to `[a-z0-9_-]`). Tool-world plugins name themselves; `label` is unused.
+    pub async fn prepare_as(&self, wasm: &[u8], label: &str) -> Result<Arc<PreparedPlugin>, SandboxError> {
+        self.bounded(self.prepare_bytes(wasm, None, Some(label))).await
+    }
+
+    /// Prepare the component `sha256` of `store`, installed as `name`: the fast start of an
+    /// installed plugin. When the verified artifact is cached it is mapped, and the component is
+    /// neither read nor hashed (the content-addressed store verified it at install, and the
+    /// artifact's seal binds that hash); otherwise the component is read, checked against its
+    /// hash and prepared as [`Sandbox::prepare_as`] does, with `name` as the label.
+    pub async fn prepare_stored(
+        &self,
+        store: &ComponentStore,
+        sha256: &str,
+        name: &str,
+    ) -> Result<Arc<PreparedPlugin>, SandboxError> {
+        self.bounded(self.prepare_stored_unbounded(store, sha256, name)).await
+    }
+
+    async fn bounded(
+        &self,
+        work: impl Future<Output = Result<Arc<PreparedPlugin>, SandboxError>>,
+    ) -> Result<Arc<PreparedPlugin>, SandboxError> {
+        let bound = Duration::from_millis(self.inner.config.describe.prepare_timeout_ms);
+        tokio::time::timeout(bound, work).await.unwrap_or_else(|_| {
+            Err(SandboxError::Invalid(format!(
+                "preparing the plugin (compile and describe) took longer than {} ms",
+                bound.as_millis()
+            )))
+        })
+    }
+
+    fn memo_key(sha256: &str, label: Option<&str>) -> String {
+        format!("{sha256}/{}", label.unwrap_or_default())
+    }
+
+    async fn prepare_stored_unbounded(
+        &self,
+        store: &ComponentStore,
+        sha256: &str,
+        name: &str,
+    ) -> Result<Arc<PreparedPlugin>, SandboxError> {
+        let key = Self::memo_key(sha256, Some(name));
+        if let Some(found) = self.inner.prepared.lock().expect("prepared lock").get(&key) {
+            return Ok(found.clone());
+        }
+        let started = Instant::now();
+        let wasm_len = store
+            .len(sha256)
+            .map_err(|e| SandboxError::Host(format!("the stored component {sha256}: {e}")))?;
+        let inner = self.inner.clone();
+        let sha = sha256.to_string();
+        let cached = tokio::task::spawn_blocking(move || inner.cache.load(&inner.engine, &sha, wasm_len as usize))
+            .await
+            .map_err(|e| SandboxError::Host(e.to_string()))?;
+        if let Some(component) = cached {
+            let load_time = started.elapsed();
+            // A plain component's own metadata was kept, verified, when it was first prepared.
+            let metadata = self
+                .inner
+                .cache
+                .get_note(sha256, "meta")
+                .and_then(|note| crate::exports::Metadata::decode(&note));
+            if let Some(plugin) = self
+                .finish(
+                    sha256,
+                    wasm_len as usize,
+                    component,
+                    CacheOutcome::Hit,
+                    load_time,
+                    metadata,
+                    Some(name),
+                )
+                .await
+                .transpose()
+            {
+                let plugin = plugin?;
+                self.inner
+                    .prepared
+                    .lock()
+                    .expect("prepared lock")
+                    .insert(key, plugin.clone());
+                return Ok(plugin);
+            }
+        }
+        let wasm = store
+            .get(sha256)
+            .map_err(|e| SandboxError::Host(format!("cannot read the stored component {sha256}: {e}")))?;
+        self.prepare_bytes(&wasm, Some(sha256), Some(name)).await
+    }
+
+    async fn prepare_bytes(
+        &self,
+        wasm: &[u8],
+        known_sha256: Option<&str>,
+        label: Option<&str>,
+    ) -> Result<Arc<PreparedPlugin>, SandboxError> {
         check_header(wasm)?;
-        let sha256 = sha256_hex(wasm);
-        if let Some(found) = self.inner.prepared.lock().expect("prepared lock").get(&sha256) {
+        let sha256 = known_sha256.map_or_else(|| sha256_hex(wasm), str::to_string);
+        let key = Self::memo_key(&sha256, label);
+        if let Some(found) = self.inner.prepared.lock().expect("prepared lock").get(&key) {
             return Ok(found.clone());
         }
         let started = Instant::now();
         let (component, cache) = self.load_or_compile(&sha256, wasm).await?;
         let load_time = started.elapsed();
-        let imports = self.check_world(&component)?;
-        let instance_pre = self.instantiate_pre(&component)?;
-        let pre = ToolPre::new(instance_pre).map_err(|e| SandboxError::WrongWorld(format!("{e:#}")))?;
-        let info = self.describe(&pre).await?;
-        // Only a component that passed every check is cached.
-        self.store_artifact(cache, &sha256, wasm.len(), &component).await;
-        let prepared = Arc::new(PreparedPlugin {
-            sha256: sha256.clone(),
-            info,
-            imports,
-            cache,
-            load_time,
-            pre,
-        });
+        let metadata = crate::exports::read_metadata(wasm);
+        let prepared = self
+            .finish(
+                &sha256,
+                wasm.len(),
+                component,
+                cache,
+                load_time,
+                Some(metadata.clone()),
+                label,
+            )
+            .await?
+            .expect("metadata was given");
+        if matches!(prepared.kind, Kind::Plain { .. }) {
+            // Kept (verified) for the starts that only map the artifact and never read the component.
+            self.inner.cache.put_note(&sha256, "meta", &metadata.encode());
+        }
         self.inner
             .prepared
             .lock()
             .expect("prepared lock")
-            .insert(sha256, prepared.clone());
+            .insert(key, prepared.clone());
         Ok(prepared)
+    }
+
+    /// Check the world, pre-link and describe a loaded component; cache a freshly compiled one
+    /// once it passed. `None` when the component is a plain one and its `metadata` is unknown
+    /// (the caller then reads the component).
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        sha256: &str,
+        wasm_len: usize,
+        component: Component,
+        cache: CacheOutcome,
+        load_time: Duration,
+        metadata: Option<crate::exports::Metadata>,
+        label: Option<&str>,
+    ) -> Result<Option<Arc<PreparedPlugin>>, SandboxError> {
+        let (imports, world) = self.check_world(&component)?;
+        let instance_pre = self.instantiate_pre(&component)?;
+        let (info, kind) = match world {
+            World::Tool => {
+                let pre = ToolPre::new(instance_pre).map_err(|e| SandboxError::WrongWorld(format!("{e:#}")))?;
+                (self.describe(&pre).await?, Kind::Tool(pre))
+            }
+            World::Plain => {
+                let Some(metadata) = metadata else {
+                    return Ok(None);
+                };
+                let limits = &self.inner.config.describe;
+                let found = crate::exports::discover(&self.inner.engine, &component, limits)
+                    .map_err(SandboxError::WrongWorld)?;
+                let info =
+                    crate::exports::plugin_info(&metadata, label, &found, limits).map_err(SandboxError::WrongWorld)?;
+                (
+                    info,
+                    Kind::Plain {
+                        pre: instance_pre,
+                        funcs: found.funcs,
+                    },
+                )
+            }
+        };
+        // Only a component that passed every check is cached.
+        self.store_artifact(cache, sha256, wasm_len, &component).await;
+        Ok(Some(Arc::new(PreparedPlugin {
+            sha256: sha256.to_string(),
+            info,
+            imports,
+            cache,
+            load_time,
+            kind,
+        })))
     }
 
     /// The verified cached artifact of `wasm`, or `wasm` compiled (not yet cached: see
@@ -330,11 +499,14 @@ impl Sandbox {
     }
 
     /// Check exports against the tool world (naming the version on a mismatch) and list imports.
-    fn check_world(&self, component: &Component) -> Result<ImportSummary, SandboxError> {
+    /// A component that exports no `keel:plugin/tools` at all is a plain one (its functions are
+    /// the tools), unless all it exports is a WASI command.
+    fn check_world(&self, component: &Component) -> Result<(ImportSummary, World), SandboxError> {
         let engine = &self.inner.engine;
         let ty = component.component_type();
         let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
         let wanted = format!("{TOOLS_EXPORT}@{WIT_VERSION}");
+        let mut world = World::Tool;
         if !exports.contains(&wanted) {
             if let Some(other) = exports.iter().find(|e| e.starts_with(&format!("{TOOLS_EXPORT}@"))) {
                 let version = other.rsplit('@').next().unwrap_or_default();
@@ -344,17 +516,16 @@ impl Sandbox {
                     });
                 }
                 // A compatible (newer patch/minor) export name is resolved by the linker's semver rules.
-            } else if exports.iter().any(|e| e.starts_with("wasi:cli/run@")) {
+            } else if !exports.is_empty() && exports.iter().all(|e| e.starts_with("wasi:cli/run@")) {
                 return Err(SandboxError::WrongWorld(
                     "it is a WASI command (exports wasi:cli/run); run it with `keel exec`".into(),
                 ));
+            } else if exports.is_empty() {
+                return Err(SandboxError::WrongWorld(format!(
+                    "it exports nothing: neither {wanted} nor functions to offer as tools"
+                )));
             } else {
-                let listed = if exports.is_empty() {
-                    "nothing".to_string()
-                } else {
-                    exports.join(", ")
-                };
-                return Err(SandboxError::WrongWorld(format!("it exports {listed}, not {wanted}")));
+                world = World::Plain;
             }
         }
         let mut interfaces = Vec::new();
@@ -371,7 +542,7 @@ impl Sandbox {
                 interfaces.push(name.to_string());
             }
         }
-        Ok(ImportSummary::from_interfaces(interfaces))
+        Ok((ImportSummary::from_interfaces(interfaces), world))
     }
 
     async fn describe(&self, pre: &ToolPre<State>) -> Result<PluginInfo, SandboxError> {
@@ -523,52 +694,92 @@ impl Sandbox {
             Ok(parts) => parts,
             Err(e) => return empty(ToolError::Host { message: e.to_string() }),
         };
-        let wit_ctx = wit::CallContext {
-            call_id: ctx.call_id.clone(),
-            job_id: ctx.job_id.clone(),
-            scope: ctx.scope.clone(),
-            principal: ctx.principal.clone(),
-            trace_id: ctx.trace_id.clone(),
-            deadline_ms: limits.timeout_ms,
-        };
-        let arguments = arguments.to_string();
         let started = Instant::now();
-        let run = async {
-            let instance = plugin.pre.instantiate_async(&mut store).await?;
-            instance
-                .keel_plugin_tools()
-                .call_call(&mut store, &wit_ctx, tool, &arguments)
-                .await
+        let outcome = match &plugin.kind {
+            Kind::Tool(pre) => {
+                let wit_ctx = wit::CallContext {
+                    call_id: ctx.call_id.clone(),
+                    job_id: ctx.job_id.clone(),
+                    scope: ctx.scope.clone(),
+                    principal: ctx.principal.clone(),
+                    trace_id: ctx.trace_id.clone(),
+                    deadline_ms: limits.timeout_ms,
+                };
+                let arguments = arguments.to_string();
+                let run = async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    instance
+                        .keel_plugin_tools()
+                        .call_call(&mut store, &wit_ctx, tool, &arguments)
+                        .await
+                };
+                // Epoch interruption stops guest code; this timeout also stops a guest parked in a host call.
+                match tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await {
+                    Err(_) => Err(()),
+                    Ok(Err(e)) => Ok(Err(e)),
+                    Ok(Ok(Err(error))) => Ok(Ok(Err(convert_tool_error(error)))),
+                    Ok(Ok(Ok(output))) => Ok(Ok(Ok(output.json))),
+                }
+            }
+            Kind::Plain { pre, funcs } => {
+                let index = plugin
+                    .info
+                    .tools
+                    .iter()
+                    .position(|t| t.name == tool)
+                    .expect("tool found above");
+                let func = &funcs[index];
+                let params = match crate::exports::arguments(func, arguments) {
+                    Ok(params) => params,
+                    Err(message) => return empty(ToolError::InvalidInput { message }),
+                };
+                let run = async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let f = instance
+                        .get_func(&mut store, func.index)
+                        .ok_or_else(|| wasmtime::Error::msg("the exported function is missing"))?;
+                    let mut results = vec![wasmtime::component::Val::Bool(false); func.result.iter().count()];
+                    f.call_async(&mut store, &params, &mut results).await?;
+                    Ok::<_, wasmtime::Error>(results)
+                };
+                match tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await {
+                    Err(_) => Err(()),
+                    Ok(Err(e)) => Ok(Err(e)),
+                    // An `err` of a top-level `result` is the tool's failure, its value as JSON text.
+                    Ok(Ok(results)) => Ok(Ok(match crate::exports::output(func, &results) {
+                        Ok(value) => Ok(value.to_string()),
+                        Err(message) => Err(ToolError::Failed { message }),
+                    })),
+                }
+            }
         };
-        // Epoch interruption stops guest code; this timeout also stops a guest parked in a host call.
-        let outcome = tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await;
         let duration = started.elapsed();
         let fuel_consumed = match (self.inner.config.fuel_metering, store.get_fuel()) {
             (true, Ok(left)) => Some(limits.fuel.unwrap_or(u64::MAX) - left),
             _ => None,
         };
         let outcome_bytes = match &outcome {
-            Ok(Ok(Ok(output))) => Some(output.json.len() as u64),
+            Ok(Ok(Ok(json))) => Some(json.len() as u64),
             _ => None,
         };
         let result = match outcome {
-            Err(_) => Err(ToolError::TimedOut {
+            Err(()) => Err(ToolError::TimedOut {
                 message: format!("the call did not finish within {} ms", limits.timeout_ms),
             }),
             Ok(Err(e)) => Err(classify_error(e, &store, &stderr)),
-            Ok(Ok(Err(error))) => Err(convert_tool_error(error)),
-            Ok(Ok(Ok(output))) => {
-                if output.json.len() as u64 > limits.max_output_bytes {
+            Ok(Ok(Err(error))) => Err(cap_error(error, limits.max_output_bytes)),
+            Ok(Ok(Ok(json))) => {
+                if json.len() as u64 > limits.max_output_bytes {
                     Err(ToolError::LimitExceeded {
                         limit: "output".into(),
                         message: format!(
                             "the tool returned {} bytes of output; the limit is {} bytes",
-                            output.json.len(),
+                            json.len(),
                             limits.max_output_bytes
                         ),
                     })
                 } else {
-                    match serde_json::from_str(&output.json) {
+                    match serde_json::from_str(&json) {
                         Ok(value) => Ok(ToolOutput { output: value }),
                         Err(e) => Err(ToolError::Failed {
                             message: format!("the tool returned invalid JSON: {e}"),
@@ -819,6 +1030,22 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
         message.push_str(next.trim());
     }
     Some(message)
+}
+
+/// A `failed` error's message is plugin text of any size (a plain component's `err` value): it
+/// counts against the output cap like an output would.
+fn cap_error(error: ToolError, max_output_bytes: u64) -> ToolError {
+    match error {
+        ToolError::Failed { message } if message.len() as u64 > max_output_bytes => ToolError::LimitExceeded {
+            limit: "output".into(),
+            message: format!(
+                "the tool failed with a {}-byte error; the limit is {} bytes",
+                message.len(),
+                max_output_bytes
+            ),
+        },
+        other => other,
+    }
 }
 
 fn convert_tool_error(error: wit::ToolError) -> ToolError {

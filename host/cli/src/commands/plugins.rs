@@ -280,7 +280,13 @@ fn read_input(file: &str) -> Result<Vec<u8>, CliError> {
 pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
     let bytes = read_input(&args.file)?;
     let app = App::open(home).await?;
-    let plugin = app.sandbox.prepare(&bytes).await?;
+    // A plain component (exported functions, no keel:plugin world) without a name section is
+    // named after its file.
+    let label = Path::new(&args.file)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    let plugin = app.sandbox.prepare_as(&bytes, label).await?;
     let name = plugin.info.name.clone();
     let previous = app.db.get_plugin(&name).await?;
 

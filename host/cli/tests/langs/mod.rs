@@ -1,0 +1,81 @@
+//! Building tool projects in any language from source (through keel-build) for the black-box tests.
+//!
+//! Python and JavaScript components take tens of seconds to build on a small machine, so a built
+//! component is cached under `target/keel-build-cache/`, keyed by the sha256 of everything it is
+//! built from (the project's files, the SDKs, the WIT contract): a re-run of the tests rebuilds
+//! only what changed. Rust projects go through cargo every time (cargo is its own cache) in the
+//! guest target dir `target/wasm`, shared with `keel-testutil`, so the host build is never locked.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+
+use keel_build::{BuildError, Lang};
+use sha2::{Digest, Sha256};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    keel_testutil::workspace_root()
+}
+
+/// Build the project at `project` (relative to the workspace root) written in `lang`; returns the
+/// component path. Panics with the build's own message when it fails.
+pub fn build(lang: Lang, project: &str) -> PathBuf {
+    try_build(lang, project).unwrap_or_else(|e| panic!("building {project} ({lang:?}) failed: {e}"))
+}
+
+/// [`build`], returning the build error instead of panicking.
+pub fn try_build(lang: Lang, project: &str) -> Result<PathBuf, BuildError> {
+    let root = root();
+    let dir = root.join(project);
+    let cache = root.join("target").join("keel-build-cache");
+    std::fs::create_dir_all(&cache)?;
+    if lang == Lang::Rust {
+        let out = cache.join(format!("{}.wasm", project.replace('/', "_")));
+        let options = keel_build::rust::Options {
+            target_dir: Some(root.join("target").join("wasm")),
+            profile: "guest".into(),
+            ..Default::default()
+        };
+        return keel_build::rust::build_with(&dir, &out, &options);
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(format!("{lang:?}\0").as_bytes());
+    // The SDKs and the contract are compiled into keel-build, so they are inputs of every build.
+    for input in [
+        dir.clone(),
+        root.join("sdk"),
+        root.join("wit"),
+        root.join("host/build/src"),
+    ] {
+        hash_tree(&mut hasher, &root, &input)?;
+    }
+    let key = hex::encode(&hasher.finalize()[..12]);
+    let out = cache.join(format!("{}-{key}.wasm", project.replace('/', "_")));
+    if out.is_file() {
+        return Ok(out);
+    }
+    keel_build::build(lang, &dir, &out)
+}
+
+/// Feed every file under `dir` (sorted, skipping build output) into `hasher`, with its path.
+fn hash_tree(hasher: &mut Sha256, root: &Path, dir: &Path) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let name = entry.file_name();
+        if matches!(name.to_str(), Some("target" | "__pycache__" | "node_modules" | ".git")) {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            hash_tree(hasher, root, &path)?;
+        } else {
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            hasher.update(rel.to_string_lossy().as_bytes());
+            hasher.update([0]);
+            hasher.update(std::fs::read(&path)?);
+            hasher.update([0]);
+        }
+    }
+    Ok(())
+}

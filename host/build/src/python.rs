@@ -107,6 +107,10 @@ pub fn build_with(project: &Path, out: &Path, componentize_py: &Path) -> Result<
              from keel._export import Tools  # noqa: F401\n"
         ),
     )?;
+    // componentize-py imports the project to snapshot it and writes `__pycache__` next to what it
+    // imports: build from a copy, so the sources stay untouched.
+    let copy = staging.path().join("project");
+    copy_tree(project, &copy)?;
     let wit = staging.path().join("wit");
     std::fs::create_dir_all(&wit)?;
     std::fs::write(wit.join("plugin.wit"), WIT)?;
@@ -125,11 +129,11 @@ pub fn build_with(project: &Path, out: &Path, componentize_py: &Path) -> Result<
         .arg("--python-path")
         .arg(&sdk)
         .arg("--python-path")
-        .arg(project)
+        .arg(&copy)
         .arg("keel_entry")
         .arg("--output")
         .arg(&partial)
-        .current_dir(project)
+        .current_dir(&copy)
         .output()
         .map_err(|e| spawn_error(componentize_py, e))?;
     if !output.status.success() {
@@ -143,6 +147,26 @@ pub fn build_with(project: &Path, out: &Path, componentize_py: &Path) -> Result<
     }
     std::fs::rename(&partial, out)?;
     Ok(out.to_path_buf())
+}
+
+/// Copy the project's files (not caches, VCS data or build output; symlinks are not followed)
+/// from `from` to `to`.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if matches!(name.to_str(), Some("__pycache__" | ".git" | "target" | "node_modules")) {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &to.join(&name))?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), to.join(&name))?;
+        }
+    }
+    Ok(())
 }
 
 /// The project's entry module name, checked: from `keel.toml` or `app`, and present on disk.

@@ -31,27 +31,15 @@ struct Language {
 /// Every textkit. A language whose project directory does not exist yet is reported and skipped,
 /// so the JS and C examples join this test the moment they land; once present, it must pass.
 const LANGUAGES: &[Language] = &[
-    Language {
-        lang: Lang::Rust,
-        project: "examples/rust/textkit",
-        plugin: "textkit-rust",
-    },
-    Language {
-        lang: Lang::Python,
-        project: "examples/python/textkit",
-        plugin: "textkit-python",
-    },
-    Language {
-        lang: Lang::Js,
-        project: "examples/js/textkit",
-        plugin: "textkit-js",
-    },
-    Language {
-        lang: Lang::C,
-        project: "examples/c/textkit",
-        plugin: "textkit-c",
-    },
+    language(Lang::Rust, "examples/rust/textkit", "textkit-rust"),
+    language(Lang::Python, "examples/python/textkit", "textkit-python"),
+    language(Lang::Js, "examples/js/textkit", "textkit-js"),
+    language(Lang::C, "examples/c/textkit", "textkit-c"),
 ];
+
+const fn language(lang: Lang, project: &'static str, plugin: &'static str) -> Language {
+    Language { lang, project, plugin }
+}
 
 /// `keel call PLUGIN/TOOL ARGS --json`: `Ok(output)` or `Err(error object)`.
 fn call(home: &Path, plugin: &str, tool: &str, arguments: &Value) -> Result<Value, Value> {

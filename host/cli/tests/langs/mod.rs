@@ -79,3 +79,27 @@ fn hash_tree(hasher: &mut Sha256, root: &Path, dir: &Path) -> std::io::Result<()
     }
     Ok(())
 }
+
+/// A Keel home for this test binary at `target/tmp/NAME`, emptied on first use except for its
+/// precompile cache. The cache is keyed by component hash and engine config and tagged under the
+/// home's own key (which stays with it), so a re-run of the tests loads a Python component's
+/// native code instead of JIT-compiling CPython again; everything else (database, grants,
+/// components) starts fresh. One process per test binary uses it at a time, as cargo runs them.
+pub fn reusable_home(name: &str) -> PathBuf {
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if let Ok(entries) = std::fs::read_dir(&home) {
+        for entry in entries.flatten() {
+            if entry.file_name() == "cache" {
+                continue;
+            }
+            let path = entry.path();
+            let _ = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
+    std::fs::create_dir_all(&home).expect("create the test Keel home");
+    home
+}

@@ -41,34 +41,51 @@ pub fn try_build(lang: Lang, project: &str) -> Result<PathBuf, BuildError> {
     let mut hasher = Sha256::new();
     hasher.update(format!("{lang:?}\0").as_bytes());
     // The SDKs and the contract are compiled into keel-build, so they are inputs of every build.
-    for input in [
-        dir.clone(),
-        root.join("sdk"),
-        root.join("wit"),
-        root.join("host/build/src"),
+    for (input, whole) in [
+        (dir.clone(), true),
+        (root.join("sdk"), false),
+        (root.join("wit"), true),
+        (root.join("host/build/src"), true),
     ] {
-        hash_tree(&mut hasher, &root, &input)?;
+        hash_tree(&mut hasher, &root, &input, whole)?;
     }
     let key = hex::encode(&hasher.finalize()[..12]);
-    let out = cache.join(format!("{}-{key}.wasm", project.replace('/', "_")));
+    let stem = project.replace('/', "_");
+    let out = cache.join(format!("{stem}-{key}.wasm"));
     if out.is_file() {
         return Ok(out);
+    }
+    // Older builds of the same project are stale: ~20 MB each, so don't let them pile up.
+    for entry in std::fs::read_dir(&cache)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name
+            .strip_prefix(&stem)
+            .is_some_and(|rest| rest.len() == 30 && rest.starts_with('-'))
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
     keel_build::build(lang, &dir, &out)
 }
 
 /// Feed every file under `dir` (sorted, skipping build output) into `hasher`, with its path.
-fn hash_tree(hasher: &mut Sha256, root: &Path, dir: &Path) -> std::io::Result<()> {
+/// Unless `whole`, also skip what no build reads: `tests` directories and Markdown.
+fn hash_tree(hasher: &mut Sha256, root: &Path, dir: &Path, whole: bool) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let path = entry.path();
         let name = entry.file_name();
-        if matches!(name.to_str(), Some("target" | "__pycache__" | "node_modules" | ".git")) {
+        // Build output, caches, and what no build reads (an SDK's own tests and docs).
+        let skipped = matches!(
+            name.to_str(),
+            Some("target" | "__pycache__" | "node_modules" | ".git" | "tests")
+        ) || path.extension().is_some_and(|e| e == "md");
+        if skipped {
             continue;
         }
         if entry.file_type()?.is_dir() {
-            hash_tree(hasher, root, &path)?;
+            hash_tree(hasher, root, &path, whole)?;
         } else {
             let rel = path.strip_prefix(root).unwrap_or(&path);
             hasher.update(rel.to_string_lossy().as_bytes());

@@ -229,6 +229,7 @@ def run(code: str, ctx: keel.Context, stdin: str = "", files: dict[str, str] | N
         os.chdir(SCRATCH)
     out, err = CappedText(MAX_STDOUT), CappedText(MAX_STDERR)
     value, error = _execute(code, stdin, out, err)
+    ctx.log(keel.LogLevel.DEBUG, f"ran {len(code)} characters of code: {error or 'no error'}")
     produced, omitted, files_truncated = _collect(SCRATCH) if have_scratch else ({}, [], False)
     if have_scratch:
         # The working directory stays /scratch: this instance is discarded after the call anyway.

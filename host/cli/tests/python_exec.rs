@@ -64,6 +64,16 @@ impl Fixture {
     /// `keel call python-exec/run ARGS --json`: the output, or the error object. Panics unless the
     /// binary exited normally with a JSON report (no crash, no panic).
     fn run(&self, arguments: Value) -> Result<Value, Value> {
+        let report = self.report(arguments);
+        if report["ok"] == true {
+            Ok(report["output"].clone())
+        } else {
+            Err(report["error"].clone())
+        }
+    }
+
+    /// The whole `--json` report of one call (output or error, logs, ...).
+    fn report(&self, arguments: Value) -> Value {
         let out = common::run(
             &self.home,
             &["call", "python-exec/run", &arguments.to_string(), "--json"],
@@ -74,13 +84,7 @@ impl Fixture {
             "keel died on {arguments}: {:?}\n{stderr}",
             out.status
         );
-        let report: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("no JSON report for {arguments} ({e}): {stderr}"));
-        if report["ok"] == true {
-            Ok(report["output"].clone())
-        } else {
-            Err(report["error"].clone())
-        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON report for {arguments} ({e}): {stderr}"))
     }
 
     fn code(&self, code: &str) -> Result<Value, Value> {
@@ -143,6 +147,17 @@ fn runs_code_like_a_repl() {
     assert_eq!(
         out["files"],
         json!({"in/data.txt": "héllo ", "out.txt": "HÉLLO from stdin"})
+    );
+    // Files that are not UTF-8 text are named, not returned.
+    let out = keel.code("open('bin', 'wb').write(b'\\xff')").unwrap();
+    assert_eq!((&out["files"], &out["omitted_files"]), (&json!({}), &json!(["bin"])));
+
+    // The SDK's context reaches the host log.
+    let report = keel.report(json!({"code": "1/0"}));
+    assert_eq!(
+        report["logs"],
+        json!([{"level": "debug", "message": "ran 3 characters of code: ZeroDivisionError: division by zero"}]),
+        "{report}"
     );
 
     // An exception is a result (the traceback in stderr, a one-line summary in error), not a crash.

@@ -76,11 +76,9 @@ fn hash_tree(hasher: &mut Sha256, root: &Path, dir: &Path, whole: bool) -> std::
     for entry in entries {
         let path = entry.path();
         let name = entry.file_name();
-        // Build output, caches, and what no build reads (an SDK's own tests and docs).
-        let skipped = matches!(
-            name.to_str(),
-            Some("target" | "__pycache__" | "node_modules" | ".git" | "tests")
-        ) || path.extension().is_some_and(|e| e == "md");
+        let build_output = matches!(name.to_str(), Some("target" | "__pycache__" | "node_modules" | ".git"));
+        let unread = !whole && (name == "tests" || path.extension().is_some_and(|e| e == "md"));
+        let skipped = build_output || unread;
         if skipped {
             continue;
         }

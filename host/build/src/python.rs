@@ -134,6 +134,9 @@ pub fn build_with(project: &Path, out: &Path, componentize_py: &Path) -> Result<
         .arg("--output")
         .arg(&partial)
         .current_dir(&copy)
+        // Its errors are the app's Python traceback; a Rust backtrace after it only adds noise.
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
         .output()
         .map_err(|e| spawn_error(componentize_py, e))?;
     if !output.status.success() {

@@ -82,16 +82,64 @@ fn install_hint() -> String {
     format!("pip install componentize-py=={COMPONENTIZE_PY_VERSION}")
 }
 
+/// How to run componentize-py: its console script, or its module through a Python interpreter
+/// (for a `pip install --user` whose script directory is not on `PATH`).
+struct Componentize {
+    program: PathBuf,
+    args: Vec<&'static str>,
+}
+
+/// Runs componentize-py's entry point the way its console script does.
+const VIA_PYTHON: &str =
+    "import sys; from componentize_py import script; sys.argv[0] = 'componentize-py'; sys.exit(script())";
+
+impl Componentize {
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command.args(&self.args);
+        command
+    }
+}
+
 /// Build the Python project in `project` into a component at `out`; returns `out`.
+/// Uses `componentize-py` from `PATH`, or else the `componentize_py` module of `python3`.
 pub fn build(project: &Path, out: &Path) -> Result<PathBuf, BuildError> {
-    build_with(project, out, Path::new("componentize-py"))
+    let module = entry_module(project)?;
+    let script = Componentize {
+        program: "componentize-py".into(),
+        args: vec![],
+    };
+    let tool = match check_componentize_py(&script) {
+        Ok(()) => script,
+        Err(error) => {
+            let module = Componentize {
+                program: "python3".into(),
+                args: vec!["-c", VIA_PYTHON],
+            };
+            check_componentize_py(&module).map_err(|_| error)?;
+            module
+        }
+    };
+    build_using(project, out, &module, &tool)
 }
 
 /// [`build`] with an explicit componentize-py executable (a path, or a name looked up on `PATH`).
 pub fn build_with(project: &Path, out: &Path, componentize_py: &Path) -> Result<PathBuf, BuildError> {
     let module = entry_module(project)?;
-    check_componentize_py(componentize_py)?;
+    let tool = Componentize {
+        program: componentize_py.into(),
+        args: vec![],
+    };
+    check_componentize_py(&tool)?;
+    build_using(project, out, &module, &tool)
+}
 
+fn build_using(
+    project: &Path,
+    out: &Path,
+    module: &str,
+    componentize_py: &Componentize,
+) -> Result<PathBuf, BuildError> {
     let staging = tempfile::Builder::new().prefix("keel-build-python-").tempdir()?;
     let sdk = staging.path().join("sdk");
     for (path, contents) in SDK_FILES {
@@ -120,7 +168,8 @@ pub fn build_with(project: &Path, out: &Path, componentize_py: &Path) -> Result<
     }
     // Build next to `out` and rename, so a failed or interrupted build never leaves half a component.
     let partial = out.with_extension("wasm.partial");
-    let output = Command::new(componentize_py)
+    let output = componentize_py
+        .command()
         .arg("--quiet")
         .arg("--wit-path")
         .arg(&wit)
@@ -138,7 +187,7 @@ pub fn build_with(project: &Path, out: &Path, componentize_py: &Path) -> Result<
         .env("RUST_BACKTRACE", "0")
         .env("RUST_LIB_BACKTRACE", "0")
         .output()
-        .map_err(|e| spawn_error(componentize_py, e))?;
+        .map_err(|e| spawn_error(&componentize_py.program, e))?;
     if !output.status.success() {
         let _ = std::fs::remove_file(&partial);
         let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -220,11 +269,12 @@ fn entry_module(project: &Path) -> Result<String, BuildError> {
 }
 
 /// Check that componentize-py runs and is of the supported series.
-fn check_componentize_py(program: &Path) -> Result<(), BuildError> {
-    let output = Command::new(program)
+fn check_componentize_py(tool: &Componentize) -> Result<(), BuildError> {
+    let output = tool
+        .command()
         .arg("--version")
         .output()
-        .map_err(|e| spawn_error(program, e))?;
+        .map_err(|e| spawn_error(&tool.program, e))?;
     let version = String::from_utf8_lossy(&output.stdout);
     let version = version
         .lines()
@@ -236,7 +286,7 @@ fn check_componentize_py(program: &Path) -> Result<(), BuildError> {
         return Err(BuildError::MissingToolchain {
             tool: format!(
                 "componentize-py {COMPONENTIZE_PY_VERSION} ({} reports `{}`)",
-                program.display(),
+                tool.program.display(),
                 if version.is_empty() { "no version" } else { version }
             ),
             install: install_hint(),
@@ -286,6 +336,16 @@ mod tests {
             text.contains("true reports") && text.contains("pip install componentize-py==0.25.1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn componentize_py_also_runs_as_a_module_of_python3() {
+        // Needs componentize-py installed (scripts/setup/python.sh), as every Python build does.
+        let module = Componentize {
+            program: "python3".into(),
+            args: vec!["-c", VIA_PYTHON],
+        };
+        check_componentize_py(&module).unwrap();
     }
 
     #[test]

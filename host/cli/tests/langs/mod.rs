@@ -116,5 +116,24 @@ pub fn reusable_home(name: &str) -> PathBuf {
         }
     }
     std::fs::create_dir_all(&home).expect("create the test Keel home");
+    prune_artifacts(&home.join("cache"), 6);
     home
+}
+
+/// Keep only the `keep` newest precompiled artifacts (~36 MB each for CPython) in `cache`: the
+/// others belong to components the tests no longer build.
+fn prune_artifacts(cache: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    let mut artifacts: Vec<_> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    artifacts.sort();
+    let stale = artifacts.len().saturating_sub(keep);
+    for (_, path) in artifacts.into_iter().take(stale) {
+        let _ = std::fs::remove_file(path);
+    }
 }

@@ -1,0 +1,245 @@
+"""python-exec: run untrusted Python code in a fresh CPython inside the Keel sandbox.
+
+One tool, `run`: {code, stdin?, files?} -> {stdout, stderr, value?, error?, files, truncated}.
+The code runs as a script in `/scratch` (the only capability requested, read-write), with the input
+files written there first and every file left there returned. Like a REPL, when the code ends with
+an expression, `value` is its repr.
+
+Isolation comes from the host, not from this file: every call is a fresh component instance (no
+Python state survives a call), the sandbox has no network, no environment and no filesystem
+beyond the granted scratch directory, and its memory and time are bounded by the plugin's limits.
+What this file adds is hygiene: the scratch directory is emptied before (and after) each run, so
+files never leak from one run into the next, and captured output is bounded so that a flood of
+prints becomes a truncated result instead of an oversized one.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import io
+import os
+import random
+import shutil
+import sys
+import traceback
+from dataclasses import dataclass, field
+
+# Imported here, while componentize-py pre-initialises the component, so that code importing them
+# pays nothing at run time: the snapshot already holds them. (Other stdlib modules import normally.)
+import collections  # noqa: F401
+import datetime  # noqa: F401
+import decimal  # noqa: F401
+import fractions  # noqa: F401
+import functools  # noqa: F401
+import itertools  # noqa: F401
+import json  # noqa: F401
+import math  # noqa: F401
+import re  # noqa: F401
+import statistics  # noqa: F401
+import string  # noqa: F401
+import textwrap  # noqa: F401
+
+import keel
+
+keel.plugin(
+    "python-exec",
+    "0.1.0",
+    "Runs Python code (CPython 3, standard library only) in a sandbox with no network and a scratch directory.",
+)
+
+SCRATCH = "/scratch"
+# Bounds on what one run returns; together well under the host's 1 MiB default output limit.
+MAX_STDOUT = 256 * 1024
+MAX_STDERR = 64 * 1024
+MAX_VALUE = 64 * 1024
+MAX_FILES_BYTES = 512 * 1024
+MAX_FILES = 100
+
+
+class CappedText(io.TextIOBase):
+    """A text stream that keeps the first `limit` characters and counts the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[str] = []
+        self.size = 0
+        self.dropped = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        room = self.limit - self.size
+        if room > 0:
+            kept = s[:room]
+            self.parts.append(kept)
+            self.size += len(kept)
+        self.dropped += max(0, len(s) - max(room, 0))
+        return len(s)
+
+    def text(self) -> str:
+        out = "".join(self.parts)
+        if self.dropped:
+            out += f"\n[... {self.dropped} more characters not shown]"
+        return out
+
+
+@dataclass
+class RunResult:
+    """What one run produced."""
+
+    stdout: str
+    stderr: str
+    files: dict[str, str]
+    truncated: bool
+    value: str | None = None
+    error: str | None = None
+    omitted_files: list[str] = field(default_factory=list)
+
+
+def _clear(directory: str) -> None:
+    """Remove everything inside `directory` (not the directory itself); links are removed, not followed."""
+    for entry in os.scandir(directory):
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+
+
+def _check_name(name: str) -> str:
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in name:
+        raise keel.InvalidInput(f"file name {name!r} must be a relative path without `.`, `..` or empty parts")
+    return name
+
+
+def _collect(directory: str) -> tuple[dict[str, str], list[str], bool]:
+    """UTF-8 files under `directory` (relative names), names of the files left out, and whether
+    the size bound left any out."""
+    files: dict[str, str] = {}
+    omitted: list[str] = []
+    total = 0
+    truncated = False
+    for top, dirs, names in os.walk(directory, followlinks=False):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(top, name)
+            rel = os.path.relpath(path, directory)
+            if os.path.islink(path) or not os.path.isfile(path):
+                omitted.append(rel)
+                continue
+            if len(files) >= MAX_FILES or total + os.path.getsize(path) > MAX_FILES_BYTES:
+                omitted.append(rel)
+                truncated = True
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_FILES_BYTES + 1)
+                files[rel] = data.decode("utf-8")
+                total += len(data)
+            except (OSError, UnicodeDecodeError):
+                omitted.append(rel)
+    return files, omitted, truncated
+
+
+def _execute(code: str, stdin: str, out: CappedText, err: CappedText) -> tuple[str | None, str | None]:
+    """Run `code` with captured streams; returns (repr of the final expression, error summary)."""
+    filename = "<code>"
+    # Register the source so tracebacks can show the offending lines.
+    import linecache
+
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
+    saved = sys.stdin, sys.stdout, sys.stderr
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
+    value = None
+    error = None
+    try:
+        tree = ast.parse(code, filename, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, filename, "exec"), namespace)
+        if last is not None:
+            result = eval(compile(last, filename, "eval"), namespace)
+            if result is not None:
+                value = repr(result)
+                if len(value) > MAX_VALUE:
+                    value = value[:MAX_VALUE] + f"... [{len(value) - MAX_VALUE} more characters]"
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            error = f"SystemExit: {e.code}"
+    except BaseException as e:  # noqa: BLE001 - the user's code may raise anything
+        # Free what the code built (a memory bomb's data) before formatting needs memory.
+        namespace.clear()
+        # The summary is the exception line (for a SyntaxError, without the source excerpt).
+        error = traceback.format_exception_only(type(e), e)[-1].strip()
+        try:
+            if isinstance(e, SyntaxError):
+                # Where the parser stopped; the frames would only show ast.parse.
+                err.write("".join(traceback.format_exception_only(type(e), e)))
+            else:
+                tb = e.__traceback__
+                # Drop this function's own frame: the user sees only their code.
+                while tb is not None and tb.tb_frame.f_code is _execute.__code__:
+                    tb = tb.tb_next
+                traceback.print_exception(type(e), e, tb, file=err)
+        except MemoryError:
+            err.write(error + "\n")
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved
+        namespace.clear()
+    return value, error
+
+
+@keel.tool(idempotent=True, writes=SCRATCH)
+def run(code: str, ctx: keel.Context, stdin: str = "", files: dict[str, str] | None = None) -> RunResult:
+    """Run Python code (CPython 3, standard library only) and return what it printed.
+
+    The code runs as a script with `/scratch` as its working directory, holding the given files;
+    every file left there is returned. No network, no subprocesses, no state kept between runs.
+    When the code ends with an expression, `value` is its repr, as in a REPL.
+
+    Args:
+        code: Python source to run.
+        stdin: Text the code reads from standard input.
+        files: Files to create in the working directory first, by relative name.
+    """
+    files = files or {}
+    for name in files:
+        _check_name(name)
+    have_scratch = os.path.isdir(SCRATCH)
+    if files and not have_scratch:
+        raise keel.Denied("filesystem", SCRATCH, f"{SCRATCH} is not granted, so input files cannot be written")
+    # The build-time snapshot fixed the PRNG state; reseed from the host's randomness per run.
+    random.seed()
+    if have_scratch:
+        _clear(SCRATCH)
+        for name, content in files.items():
+            path = os.path.join(SCRATCH, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(content)
+        os.chdir(SCRATCH)
+    out, err = CappedText(MAX_STDOUT), CappedText(MAX_STDERR)
+    value, error = _execute(code, stdin, out, err)
+    ctx.log(keel.LogLevel.DEBUG, f"ran {len(code)} characters of code: {error or 'no error'}")
+    produced, omitted, files_truncated = _collect(SCRATCH) if have_scratch else ({}, [], False)
+    if have_scratch:
+        # The working directory stays /scratch: this instance is discarded after the call anyway.
+        _clear(SCRATCH)
+    return RunResult(
+        stdout=out.text(),
+        stderr=err.text(),
+        files=produced,
+        truncated=bool(out.dropped or err.dropped or files_truncated),
+        value=value,
+        error=error,
+        omitted_files=omitted,
+    )

@@ -80,14 +80,16 @@ impl CallOutcome {
 
 impl AgentHost {
     /// Refuse, before any job exists, a call of a plugin or tool that is not installed (one
-    /// sentence naming the tools the plugin has).
+    /// sentence naming the tools the plugin has) or of a plugin that cannot be loaded.
     pub async fn check_tool(&self, tool: &str) -> Result<(), AppError> {
         let Some((plugin, name)) = tool.split_once('/') else {
             return Err(AppError::user(format!("`{tool}` is not `plugin/tool`")));
         };
         let record = self.app.record(plugin).await?;
-        let info: keel_sandbox::PluginInfo = serde_json::from_value(record.info.clone())
-            .map_err(|e| AppError::internal(format!("the stored description of `{plugin}` is invalid: {e}")))?;
+        // Loads and verifies the component against its record: a plugin that cannot be loaded
+        // is refused here with its reason, before a job exists.
+        let (prepared, _, _) = self.app.load(&record).await?;
+        let info = &prepared.info;
         if info.tool(name).is_none() {
             let tools: Vec<&str> = info.tools.iter().map(|t| t.name.as_str()).collect();
             return Err(AppError::user(format!(

@@ -215,15 +215,17 @@ pub type LimitOverride = Arc<dyn Fn(&keel_sandbox::Limits) -> Result<keel_sandbo
 impl AgentHost {
     /// Open `home` with the plugins the tool `patterns` can reach (all installed plugins when `None`).
     pub async fn open(home: &Path, patterns: Option<&[String]>, policy: PolicyChoice) -> Result<Self, AppError> {
-        Self::open_with(home, patterns, policy, None).await
+        Self::open_with(home, patterns, policy, None, true).await
     }
 
-    /// [`AgentHost::open`], with every plugin's limits passed through `limits` first.
+    /// [`AgentHost::open`], with every plugin's limits passed through `limits` first; with
+    /// `warm`, the plugins `patterns` name are loaded now (a broken one is reported at once).
     pub async fn open_with(
         home: &Path,
         patterns: Option<&[String]>,
         policy: PolicyChoice,
         limits: Option<LimitOverride>,
+        warm: bool,
     ) -> Result<Self, AppError> {
         let app = Arc::new(App::open(home).await?);
         let agent = app.config.agent.clone();
@@ -244,7 +246,7 @@ impl AgentHost {
                 delay: Duration::from_millis(ms),
             });
         }
-        let tools = load_tools(app.clone(), patterns, limits).await?;
+        let tools = load_tools(app.clone(), patterns, limits, warm).await?;
         let rt = RuntimeKernel::new(
             kernel.clone(),
             models.clone(),
@@ -274,10 +276,11 @@ async fn load_tools(
     app: Arc<App>,
     patterns: Option<&[String]>,
     limits: Option<LimitOverride>,
+    warm: bool,
 ) -> Result<RegistryToolHost, AppError> {
     let mut host = RegistryToolHost::new(app, patterns).await?;
     host.limits = limits;
-    if patterns.is_some() {
+    if warm && patterns.is_some() {
         host.warm().await?;
     }
     Ok(host)

@@ -1,11 +1,19 @@
-//! The dependency direction in DESIGN.md, checked: `cli -> {sandbox, store} -> kernel`, and the
-//! kernel never reaches wasmtime, a database or an HTTP stack, even transitively.
+//! The dependency direction in DESIGN.md, checked: `cli -> app -> {sandbox, store, models} ->
+//! kernel`, and the kernel never reaches wasmtime, a database or an HTTP stack, even transitively.
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 
 /// Workspace packages whose dependencies the test checks.
-const CHECKED: [&str; 4] = ["keel-kernel", "keel-sandbox", "keel-store", "keel-sdk"];
+const CHECKED: [&str; 7] = [
+    "keel-kernel",
+    "keel-sandbox",
+    "keel-store",
+    "keel-models",
+    "keel-app",
+    "keel",
+    "keel-sdk",
+];
 
 /// Resolved (normal, non-dev) dependency names of each checked package, transitively, for the host
 /// platform only. `cargo tree` needs just the crates a host build downloads (`cargo metadata` would
@@ -60,4 +68,32 @@ fn dependencies_point_one_way() {
         "the store runs no WebAssembly"
     );
     assert!(!deps["keel-sdk"].contains("wasmtime"), "the guest SDK is guest-only");
+    assert_eq!(keel_crates("keel-models"), BTreeSet::from(["keel-kernel".to_string()]));
+    // The application layer sits on the backends; front ends sit on it.
+    let app: BTreeSet<String> = ["keel-kernel", "keel-sandbox", "keel-store", "keel-models"]
+        .map(String::from)
+        .into();
+    assert_eq!(keel_crates("keel-app"), app);
+    let direct = |package: &str| -> BTreeSet<String> {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let output = Command::new(&cargo)
+            .args(["tree", "-p", package, "-e", "normal", "--depth", "1", "--prefix", "none", "--format", "{p}"])
+            .current_dir(keel_testutil::workspace_root())
+            .output()
+            .expect("run cargo tree");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|d| d.starts_with("keel"))
+            .map(str::to_string)
+            .collect()
+    };
+    // The CLI is a front end over keel-app (some commands still name backend types directly:
+    // see ARCHITECTURE.md), and nothing below it depends on a front end.
+    let cli = direct("keel");
+    assert!(cli.contains("keel-app"), "{cli:?}");
+    for lower in ["keel-kernel", "keel-sandbox", "keel-store", "keel-models", "keel-app"] {
+        assert!(!deps[lower].contains("keel"), "{lower} depends on the CLI");
+    }
 }

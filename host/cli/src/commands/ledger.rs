@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use keel_kernel::ledger::UsageQuery;
+use keel_kernel::ledger::{LedgerQuery, UsageQuery};
 use serde_json::json;
 
 use crate::output::{CliError, CliResult, print_json};
@@ -78,6 +78,19 @@ pub async fn run(home: &Path, cmd: LedgerCommand) -> CliResult {
             let kernel = open_kernel(home).await?;
             let usage = kernel.ledger().usage(&query).await?;
             if json {
+                // Every entry in the range, each tool call's with its receipt (`data.receipt`).
+                let entries = kernel
+                    .ledger()
+                    .entries(&LedgerQuery {
+                        tenant: scope.clone(),
+                        principal: query.principal.clone(),
+                        session: query.session.clone(),
+                        job_id: query.job_id,
+                        from,
+                        to,
+                        ..LedgerQuery::default()
+                    })
+                    .await?;
                 print_json(&json!({
                     "scope": scope,
                     "principal": query.principal,
@@ -86,6 +99,7 @@ pub async fn run(home: &Path, cmd: LedgerCommand) -> CliResult {
                     "since": from,
                     "until": to,
                     "usage": usage,
+                    "entries": entries,
                 }));
             } else {
                 let mut subject = format!("scope {scope}");

@@ -1,6 +1,6 @@
 //! `keel install`, `keel plugins ...`, `keel call`, `keel exec`.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -760,11 +760,7 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     // Flags are checked before anything is opened.
     args.limits.apply(&Limits::default())?;
     let choice = PolicyChoice::resolve(home, args.agent.policy.as_deref())?;
-    if let Some(note) = &choice.note
-        && !args.agent.json
-    {
-        eprintln!("note: {}", sanitize_line(note));
-    }
+    let note = choice.note.clone();
     let overrides = Value::Object(args.limits.overrides());
     let limit_override: keel_app::runtime::LimitOverride = Arc::new(move |limits: &Limits| {
         limits
@@ -772,8 +768,16 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
             .map_err(|e| format!("invalid limit: {e}"))
     });
     let patterns = [args.tool.clone()];
-    let host = AgentHost::open_with(home, Some(&patterns), choice, Some(limit_override)).await?;
+    let host = AgentHost::open_with(home, Some(&patterns), choice, Some(limit_override), false).await?;
     host.check_tool(&args.tool).await?;
+    // "No policy: allowing everything" is said to a person at a terminal (and in `--json`);
+    // a script's stderr keeps its one `error:` line.
+    if let Some(note) = &note
+        && !args.agent.json
+        && std::io::stderr().is_terminal()
+    {
+        eprintln!("note: {}", sanitize_line(note));
+    }
     let mut request = CallRequest::new(args.agent.scope.clone(), args.tool.clone(), arguments);
     request.principal = args.principal.clone();
     request.session = Some(
@@ -799,6 +803,9 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
             "job_id": outcome.job_id,
             "status": outcome.status,
         });
+        if let Some(note) = &note {
+            value["note"] = json!(note);
+        }
         let obj = value.as_object_mut().expect("object");
         if let Some(r) = tool_result {
             obj.insert("output".into(), json!(r.output));
@@ -814,6 +821,10 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
         if let Some(e) = &outcome.error {
             obj.insert("message".into(), json!(e.message));
             obj.insert("code".into(), json!(e.code));
+            // Refused before the tool ran (policy, approval, schema, budget): the same shape as a
+            // tool's own error, its kind the refusal's code.
+            obj.entry("error")
+                .or_insert_with(|| json!({ "kind": e.code, "message": e.message }));
         }
         print_json(&value);
         return Ok(if outcome.succeeded() {

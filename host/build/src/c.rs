@@ -44,8 +44,7 @@ fn missing(tool: &str) -> BuildError {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// The clang to use: `$KEEL_CLANG`, else `clang` or a versioned `clang-NN` on `PATH`.
@@ -53,11 +52,13 @@ fn find_clang() -> Result<PathBuf, BuildError> {
     if let Some(clang) = std::env::var_os("KEEL_CLANG") {
         return Ok(PathBuf::from(clang));
     }
-    ["clang", "clang-19", "clang-18", "clang-17", "clang-16", "clang-15", "clang-14"]
-        .into_iter()
-        .find(|c| on_path(c))
-        .map(PathBuf::from)
-        .ok_or_else(|| missing("clang"))
+    [
+        "clang", "clang-19", "clang-18", "clang-17", "clang-16", "clang-15", "clang-14",
+    ]
+    .into_iter()
+    .find(|c| on_path(c))
+    .map(PathBuf::from)
+    .ok_or_else(|| missing("clang"))
 }
 
 /// The wasi-libc sysroot: `$KEEL_WASI_SYSROOT`, else Debian's (`/usr`) or the upstream layout.
@@ -128,18 +129,49 @@ pub fn componentize(module: &[u8]) -> Result<Vec<u8>, BuildError> {
     wit_component::ComponentEncoder::default()
         .validate(true)
         .module(module)
-        .and_then(|e| e.adapter(WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER))
+        .and_then(|e| {
+            e.adapter(
+                WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
+                WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+            )
+        })
         .and_then(|e| e.encode())
         .map_err(|e| failed("making the component (wit-component)", e))
 }
 
+/// The C toolchain a build uses.
+#[derive(Debug, Clone)]
+pub struct Toolchain {
+    /// The clang binary.
+    pub clang: PathBuf,
+    /// The wasi-libc sysroot (holds `lib/wasm32-wasi/libc.a`).
+    pub sysroot: PathBuf,
+}
+
+impl Toolchain {
+    /// Find clang, wasm-ld and wasi-libc (see [`APT_INSTALL`]); `$KEEL_CLANG` and
+    /// `$KEEL_WASI_SYSROOT` override the search.
+    pub fn find() -> Result<Self, BuildError> {
+        let clang = find_clang()?;
+        let sysroot = find_sysroot()?;
+        if !on_path("wasm-ld") && std::env::var_os("KEEL_CLANG").is_none() {
+            return Err(missing("wasm-ld (lld)"));
+        }
+        Ok(Self { clang, sysroot })
+    }
+}
+
 /// Build the project in `project` into a component at `out`.
 pub fn build(project: &Path, out: &Path) -> Result<PathBuf, BuildError> {
+    build_with(&Toolchain::find()?, project, out)
+}
+
+/// [`build`] with a given toolchain.
+pub fn build_with(toolchain: &Toolchain, project: &Path, out: &Path) -> Result<PathBuf, BuildError> {
     let sources = sources(project)?;
-    let clang = find_clang()?;
-    let sysroot = find_sysroot()?;
-    if !on_path("wasm-ld") && std::env::var_os("KEEL_CLANG").is_none() {
-        return Err(missing("wasm-ld (lld)"));
+    let Toolchain { clang, sysroot } = toolchain;
+    if !sysroot.join("lib/wasm32-wasi/libc.a").is_file() {
+        return Err(missing("wasi-libc"));
     }
 
     let work = tempfile::tempdir()?;
@@ -149,7 +181,7 @@ pub fn build(project: &Path, out: &Path) -> Result<PathBuf, BuildError> {
     std::fs::write(gen_dir.join("keel.c"), KEEL_C)?;
     let core = gen_dir.join("core.wasm");
 
-    let mut command = Command::new(&clang);
+    let mut command = Command::new(clang);
     command
         .arg("--target=wasm32-wasi")
         .arg(format!("--sysroot={}", sysroot.display()))
@@ -194,31 +226,51 @@ pub fn build(project: &Path, out: &Path) -> Result<PathBuf, BuildError> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn bindings_name_the_exports() {
+    fn bindings_name_the_exports_the_sdk_implements() {
         let dir = tempfile::tempdir().unwrap();
-        super::write_bindings(dir.path()).unwrap();
+        write_bindings(dir.path()).unwrap();
         let header = std::fs::read_to_string(dir.path().join("tool.h")).unwrap();
-        assert!(header.contains("exports_keel_plugin_tools_call"), "{header}");
-        if let Some(keep) = std::env::var_os("KEEL_DUMP_BINDINGS") {
-            for name in ["tool.h", "tool.c", "tool_component_type.o"] {
-                std::fs::copy(dir.path().join(name), std::path::Path::new(&keep).join(name)).unwrap();
+        for name in ["exports_keel_plugin_tools_call", "exports_keel_plugin_tools_describe"] {
+            assert!(header.contains(name) && KEEL_C.contains(name), "{name}");
+        }
+        assert!(dir.path().join("tool_component_type.o").is_file());
+    }
+
+    #[test]
+    fn a_missing_compiler_or_libc_names_the_apt_packages() {
+        let project = tempfile::tempdir().unwrap();
+        std::fs::write(project.path().join("tool.c"), "int x;\n").unwrap();
+        let out = project.path().join("out.wasm");
+        let no_clang = Toolchain {
+            clang: "/nonexistent/clang".into(),
+            sysroot: "/nonexistent".into(),
+        };
+        for toolchain in [
+            no_clang.clone(),
+            Toolchain {
+                sysroot: "/usr".into(),
+                ..no_clang
+            },
+        ] {
+            if !toolchain.sysroot.join("lib/wasm32-wasi/libc.a").is_file()
+                && toolchain.sysroot != Path::new("/nonexistent")
+            {
+                continue; // wasi-libc not installed here: the first case covers it
+            }
+            match build_with(&toolchain, project.path(), &out) {
+                Err(BuildError::MissingToolchain { install, .. }) => assert_eq!(install, APT_INSTALL),
+                other => panic!("{other:?}"),
             }
         }
     }
-}
 
-#[cfg(test)]
-mod scratch {
     #[test]
-    #[ignore]
-    fn scratch_build() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let lang = std::env::var("L").unwrap();
-        let r = match lang.as_str() {
-            "c" => super::build(&root.join("examples/c/textkit"), std::path::Path::new("/tmp/tk-c.wasm")),
-            _ => crate::js::build(&root.join(std::env::var("P").unwrap()), std::path::Path::new(&std::env::var("O").unwrap())),
-        };
-        if let Err(e) = r { panic!("{e}") }
+    fn a_project_without_c_files_is_refused() {
+        let project = tempfile::tempdir().unwrap();
+        let error = sources(project.path()).unwrap_err();
+        assert!(error.to_string().contains("no .c files"), "{error}");
     }
 }

@@ -6,10 +6,11 @@
 //! and its build tools (componentize-js, rolldown) live in `sdk/js/node_modules`, installed by
 //! `scripts/setup/js-c.sh` (`npm ci` there).
 //!
-//! Steps: assemble a WIT directory (Keel's `wit/plugin.wit` plus `sdk/js/wit`: the `tool` world
-//! with `wasi:filesystem`), then `node sdk/js/build.mjs`, which bundles the entry with the SDK
-//! and componentizes it. The component gets no `wasi:http` (no `fetch`) unless the project's
-//! `package.json` says `"keel": {"http": true}`.
+//! Steps (in `node sdk/js/build.mjs PROJECT OUT --plugin-wit FILE`, given the `wit/plugin.wit`
+//! compiled into this crate): bundle the entry with the SDK (rolldown), assemble the WIT (the
+//! `tool` world plus `wasi:filesystem`, `sdk/js/wit`), and componentize with componentize-js.
+//! The component gets no `wasi:http` (no `fetch`) unless the project's `package.json` says
+//! `"keel": {"http": true}`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,17 +33,21 @@ fn missing_sdk(sdk: &Path) -> BuildError {
     BuildError::MissingToolchain {
         tool: format!("componentize-js (in {})", sdk.display()),
         install: format!(
-            "run `scripts/setup/js-c.sh`, or `npm ci` in {} (needs Node.js 18+: `apt-get install nodejs npm`)",
+            "run `scripts/setup/js-c.sh`, or `npm ci` in {} (needs Node.js 20.19+ and npm)",
             sdk.display()
         ),
     }
 }
 
-/// The project's entry file and whether it asks for `fetch` (wasi:http).
-fn read_project(project: &Path) -> Result<(PathBuf, bool), BuildError> {
+/// Check the project has a `package.json` and the entry file it names.
+fn read_project(project: &Path) -> Result<(), BuildError> {
     let manifest = project.join("package.json");
-    let text = std::fs::read_to_string(&manifest)
-        .map_err(|e| BuildError::Project(format!("{}: {e} (a JS project needs a package.json)", manifest.display())))?;
+    let text = std::fs::read_to_string(&manifest).map_err(|e| {
+        BuildError::Project(format!(
+            "{}: {e} (a JS project needs a package.json)",
+            manifest.display()
+        ))
+    })?;
     let package: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| BuildError::Project(format!("{}: not JSON: {e}", manifest.display())))?;
     let main = package["main"].as_str().unwrap_or("index.js");
@@ -53,49 +58,36 @@ fn read_project(project: &Path) -> Result<(PathBuf, bool), BuildError> {
             project.display()
         )));
     }
-    Ok((entry, package["keel"]["http"] == serde_json::Value::Bool(true)))
-}
-
-/// Write the WIT directory for [`WORLD`] into `dir`: `sdk/js/wit` plus Keel's package as a dep.
-fn write_wit(sdk: &Path, dir: &Path) -> Result<(), BuildError> {
-    let deps = dir.join("deps");
-    std::fs::create_dir_all(&deps)?;
-    std::fs::copy(sdk.join("wit/keel-js.wit"), dir.join("keel-js.wit"))?;
-    for entry in std::fs::read_dir(sdk.join("wit/deps"))? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), deps.join(entry.file_name()))?;
-    }
-    std::fs::write(deps.join("keel-plugin.wit"), PLUGIN_WIT)?;
     Ok(())
 }
 
 /// Build the project in `project` into a component at `out`.
 pub fn build(project: &Path, out: &Path) -> Result<PathBuf, BuildError> {
-    let (entry, http) = read_project(project)?;
+    read_project(project)?;
     let sdk = sdk_dir();
-    if !sdk.join("node_modules/@bytecodealliance/componentize-js/package.json").is_file() {
+    if !sdk
+        .join("node_modules/@bytecodealliance/componentize-js/package.json")
+        .is_file()
+    {
         return Err(missing_sdk(&sdk));
     }
     let work = tempfile::tempdir()?;
-    let wit = work.path().join("wit");
-    write_wit(&sdk, &wit)?;
+    let plugin_wit = work.path().join("plugin.wit");
+    std::fs::write(&plugin_wit, PLUGIN_WIT)?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
     let mut command = Command::new("node");
     command
         .arg(sdk.join("build.mjs"))
-        .arg(&entry)
-        .arg(&wit)
-        .arg(WORLD)
-        .arg(out);
-    if http {
-        command.arg("--http");
-    }
+        .arg(project)
+        .arg(out)
+        .arg("--plugin-wit")
+        .arg(&plugin_wit);
     let output = command.output().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => BuildError::MissingToolchain {
             tool: "node".into(),
-            install: "apt-get install nodejs npm (Node.js 18 or newer)".into(),
+            install: "install Node.js 20.19+ and npm (Debian: apt-get install nodejs npm)".into(),
         },
         _ => BuildError::Io(e),
     })?;
@@ -107,4 +99,3 @@ pub fn build(project: &Path, out: &Path) -> Result<PathBuf, BuildError> {
     }
     Ok(out.to_path_buf())
 }
-

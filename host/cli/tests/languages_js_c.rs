@@ -109,7 +109,7 @@ fn read_file_cases() -> Vec<(Value, Expect)> {
         ),
         (
             json!({"path": "/data/escapes.txt"}),
-            Output(r#"{"bytes":21,"path":"/data/escapes.txt","text":"tab\t\"q\" \\ \u0001 é\r\n"}"#),
+            Output(r#"{"bytes":16,"path":"/data/escapes.txt","text":"tab\t\"q\" \\ \u0001 é\r\n"}"#),
         ),
         (json!({"path": "/data/missing.txt"}), Error("failed")),
         (json!({"path": "/data/sub"}), Error("failed")),

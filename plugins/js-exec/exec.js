@@ -167,6 +167,9 @@ plugin.tool(
       warn: line(stderr),
       error: line(stderr),
     });
+    // Built without wasi:http, the engine's `fetch` is a stub that traps: remove it, so a script
+    // sees plainly that there is no network.
+    delete globalThis.fetch;
     globalThis.stdin = stdin ?? '';
     globalThis.fs = scriptFs;
 

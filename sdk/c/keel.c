@@ -61,6 +61,14 @@ static void buf_vprintf(buf *b, const char *format, va_list ap) {
     b->len += (size_t)n;
 }
 
+static void buf_vprintf_s(buf *b, const char *format, ...) __attribute__((format(printf, 2, 3)));
+static void buf_vprintf_s(buf *b, const char *format, ...) {
+    va_list ap;
+    va_start(ap, format);
+    buf_vprintf(b, format, ap);
+    va_end(ap);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* JSON reader                                                                                 */
 
@@ -607,6 +615,92 @@ bool keel_read_file(keel_call *call, const char *path, char **data, size_t *len)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Checking arguments against the tool's input schema (the subset keel tools use: type,         */
+/* required, properties, additionalProperties, items, minimum/maximum, minLength/maxLength).   */
+
+static const char *type_name(const keel_json *v) {
+    static const char *names[] = {"null", "boolean", "number", "string", "array", "object"};
+    return names[v->type];
+}
+
+static bool has_type(const keel_json *v, const char *type) {
+    if (strcmp(type, "integer") == 0) return v->type == KEEL_JSON_NUMBER && v->number == floor(v->number);
+    return strcmp(type, type_name(v)) == 0;
+}
+
+static size_t utf8_chars(const char *s, size_t len) {
+    size_t n = 0;
+    for (size_t i = 0; i < len; i++) n += ((unsigned char)s[i] & 0xC0) != 0x80;
+    return n;
+}
+
+/* NULL if `v` matches `schema`; else a malloc'd sentence saying where it does not. */
+static char *check(const keel_json *schema, const keel_json *v, const char *where) {
+    buf b = {0};
+    if (!schema || schema->type == KEEL_JSON_BOOL) {
+        if (schema && !schema->boolean) buf_vprintf_s(&b, "%s is not allowed", where);
+        return b.ptr;
+    }
+    const keel_json *type = keel_json_get(schema, "type");
+    if (type) {
+        bool ok = false;
+        if (type->type == KEEL_JSON_STRING) ok = has_type(v, type->string);
+        for (size_t i = 0; type->type == KEEL_JSON_ARRAY && i < type->length; i++)
+            ok |= type->items[i].type == KEEL_JSON_STRING && has_type(v, type->items[i].string);
+        if (!ok) {
+            buf_vprintf_s(&b, "%s must be %s, not %s", where,
+                          type->type == KEEL_JSON_STRING ? type->string : "of another type", type_name(v));
+            return b.ptr;
+        }
+    }
+    if (v->type == KEEL_JSON_NUMBER) {
+        const keel_json *min = keel_json_get(schema, "minimum"), *max = keel_json_get(schema, "maximum");
+        if (min && v->number < keel_json_number(min)) buf_vprintf_s(&b, "%s is below its minimum", where);
+        else if (max && v->number > keel_json_number(max)) buf_vprintf_s(&b, "%s is above its maximum", where);
+        if (b.ptr) return b.ptr;
+    }
+    if (v->type == KEEL_JSON_STRING) {
+        size_t n = utf8_chars(v->string ? v->string : "", v->length);
+        const keel_json *min = keel_json_get(schema, "minLength"), *max = keel_json_get(schema, "maxLength");
+        if (min && (double)n < keel_json_number(min)) buf_vprintf_s(&b, "%s is too short", where);
+        else if (max && (double)n > keel_json_number(max)) buf_vprintf_s(&b, "%s is too long", where);
+        if (b.ptr) return b.ptr;
+    }
+    if (v->type == KEEL_JSON_ARRAY) {
+        const keel_json *items = keel_json_get(schema, "items");
+        for (size_t i = 0; items && i < v->length; i++) {
+            buf at = {0};
+            buf_vprintf_s(&at, "%s[%zu]", where, i);
+            char *problem = check(items, &v->items[i], at.ptr ? at.ptr : where);
+            free(at.ptr);
+            if (problem) return problem;
+        }
+    }
+    if (v->type == KEEL_JSON_OBJECT) {
+        const keel_json *required = keel_json_get(schema, "required");
+        for (size_t i = 0; i < keel_json_length(required); i++) {
+            const char *key = keel_json_string(&required->items[i], NULL);
+            if (key && !keel_json_get(v, key)) {
+                buf_vprintf_s(&b, "%s is missing `%s`", where, key);
+                return b.ptr;
+            }
+        }
+        const keel_json *properties = keel_json_get(schema, "properties");
+        const keel_json *additional = keel_json_get(schema, "additionalProperties");
+        for (size_t i = 0; i < v->length; i++) {
+            const keel_json *sub = keel_json_get(properties, v->keys[i]);
+            if (!sub) sub = additional;
+            buf at = {0};
+            buf_vprintf_s(&at, "%s.%s", where, v->keys[i]);
+            char *problem = sub ? check(sub, &v->items[i], at.ptr ? at.ptr : where) : NULL;
+            free(at.ptr);
+            if (problem) return problem;
+        }
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* The exports                                                                                 */
 
 static void list_of(tool_list_string_t *ret, const char *const *items) {
@@ -694,7 +788,15 @@ bool exports_keel_plugin_tools_call(exports_keel_plugin_tools_call_context_t *ct
     bool ok;
     if (!args) ok = keel_invalid_input(&call, "arguments are not valid JSON");
     else if (args->type != KEEL_JSON_OBJECT) ok = keel_invalid_input(&call, "arguments must be a JSON object");
-    else ok = tool->handler(&call, args);
+    else {
+        keel_json *schema = tool->input_schema ? json_parse(tool->input_schema, strlen(tool->input_schema)) : NULL;
+        char *problem = schema ? check(schema, args, "arguments") : NULL;
+        if (problem) ok = keel_invalid_input(&call, "arguments do not match the input schema: %s", problem);
+        else ok = tool->handler(&call, args);
+        free(problem);
+        json_free(schema);
+        free(schema);
+    }
     json_free(args);
     free(args);
     free(call.call_id);

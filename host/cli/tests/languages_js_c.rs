@@ -93,6 +93,7 @@ fn word_count_cases() -> Vec<(Value, Expect)> {
         (json!({}), Error("invalid_input")),
         (json!({"text": 5}), Error("invalid_input")),
         (json!({"text": null}), Error("invalid_input")),
+        (json!({"text": "a", "extra": 1}), Error("invalid_input")),
     ]
 }
 
@@ -125,6 +126,7 @@ fn read_file_cases() -> Vec<(Value, Expect)> {
         (json!({"path": "/database/x"}), Denied("/database/x")),
         (json!({}), Error("invalid_input")),
         (json!({"path": 5}), Error("invalid_input")),
+        (json!({"path": "/data/hello.txt", "mode": "w"}), Error("invalid_input")),
     ]
 }
 

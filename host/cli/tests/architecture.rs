@@ -77,7 +77,9 @@ fn dependencies_point_one_way() {
     let direct = |package: &str| -> BTreeSet<String> {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let output = Command::new(&cargo)
-            .args(["tree", "-p", package, "-e", "normal", "--depth", "1", "--prefix", "none", "--format", "{p}"])
+            .args([
+                "tree", "-p", package, "-e", "normal", "--depth", "1", "--prefix", "none", "--format", "{p}",
+            ])
             .current_dir(keel_testutil::workspace_root())
             .output()
             .expect("run cargo tree");

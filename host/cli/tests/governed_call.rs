@@ -32,6 +32,12 @@ impl Home {
         common::json(self.path(), args)
     }
 
+    /// `--json` output of a command that must exit with `code`.
+    fn json_exit(&self, args: &[&str], code: i32) -> Value {
+        let out = common::expect(self.path(), args, code);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     fn policy(&self, text: &str) -> String {
         let path = self.path().join("call-policy.toml");
         std::fs::write(&path, text).unwrap();
@@ -48,7 +54,11 @@ fn a_call_leaves_a_ledger_entry_with_its_receipt_and_a_job_with_events() {
     let receipt = &report["receipt"];
     assert!(receipt["wall_us"].as_u64().unwrap() > 0, "{receipt}");
     assert!(receipt["peak_memory_bytes"].as_u64().unwrap() > 0, "{receipt}");
-    assert_eq!(receipt["output_bytes"], json!(r#"{"greeting":"Hello, Ada!"}"#.len()), "{receipt}");
+    assert_eq!(
+        receipt["output_bytes"],
+        json!(r#"{"greeting":"Hello, Ada!"}"#.len()),
+        "{receipt}"
+    );
     assert_eq!(receipt["http_bytes_sent"], 0);
     let job_id = report["job_id"].as_str().unwrap().to_string();
 
@@ -70,7 +80,10 @@ fn a_call_leaves_a_ledger_entry_with_its_receipt_and_a_job_with_events() {
         .iter()
         .map(|e| e["event_type"].as_str().unwrap())
         .collect();
-    assert!(types.contains(&"tool.start") && types.contains(&"tool.end"), "{types:?}");
+    assert!(
+        types.contains(&"tool.start") && types.contains(&"tool.end"),
+        "{types:?}"
+    );
 }
 
 #[test]
@@ -84,14 +97,17 @@ fn a_call_the_policy_denies_never_runs_and_is_not_charged() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("denied by policy"), "{stderr}");
-    let report = home.json(&[
-        "call",
-        "hello/greet",
-        r#"{"name":"Ada"}"#,
-        "--policy",
-        &policy,
-        "--json",
-    ]);
+    let report = home.json_exit(
+        &[
+            "call",
+            "hello/greet",
+            r#"{"name":"Ada"}"#,
+            "--policy",
+            &policy,
+            "--json",
+        ],
+        1,
+    );
     assert_eq!(report["ok"], false);
     assert_eq!(report["error"]["kind"], "policy_denied", "{report}");
     let usage = home.json(&["ledger", "usage", "--json"]);
@@ -105,7 +121,7 @@ fn a_call_the_policy_denies_never_runs_and_is_not_charged() {
 #[test]
 fn invalid_arguments_are_refused_by_the_schema_before_the_tool_runs() {
     let home = Home::with_hello();
-    let report = home.json(&["call", "hello/greet", r#"{"name":5}"#, "--json"]);
+    let report = home.json_exit(&["call", "hello/greet", r#"{"name":5}"#, "--json"], 1);
     assert_eq!(report["ok"], false);
     assert_eq!(report["error"]["kind"], "invalid_input", "{report}");
     assert!(report["receipt"].is_null(), "the tool never ran: {report}");
@@ -161,6 +177,8 @@ fn a_call_over_the_scope_budget_is_refused() {
         &[
             "budgets",
             "set",
+            "--scope",
+            "default",
             "--window",
             "total",
             "--max-tool-calls",
@@ -171,7 +189,7 @@ fn a_call_over_the_scope_budget_is_refused() {
         0,
     );
     common::expect(home.path(), &["call", "hello/greet", r#"{"name":"A"}"#], 0);
-    let report = home.json(&["call", "hello/greet", r#"{"name":"B"}"#, "--json"]);
+    let report = home.json_exit(&["call", "hello/greet", r#"{"name":"B"}"#, "--json"], 1);
     assert_eq!(report["ok"], false, "{report}");
     assert_eq!(report["error"]["kind"], "budget_exceeded", "{report}");
     let usage = home.json(&["ledger", "usage", "--json"]);

@@ -858,11 +858,15 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
             return Err(tool_error(plugin_name, error.clone()));
         }
     }
-    let error = outcome.error.map_or_else(
-        || format!("the call ended {}", outcome.status),
-        |e| format!("{} ({})", e.message.trim_start_matches("error: "), e.code),
-    );
-    Err(CliError::plugin(error))
+    let Some(e) = outcome.error else {
+        return Err(CliError::plugin(format!("the call ended {}", outcome.status)));
+    };
+    let message = format!("{} ({})", e.message.trim_start_matches("error: "), e.code);
+    // Arguments the tool's schema refuses are the caller's mistake, as when the tool refuses them.
+    Err(match e.code.as_str() {
+        "invalid_input" | "unknown_tool" => CliError::user(message),
+        _ => CliError::plugin(message),
+    })
 }
 
 fn tool_error(plugin: &str, error: ToolError) -> CliError {

@@ -8,6 +8,7 @@
 pub mod call;
 pub mod error;
 pub mod home;
+pub mod install;
 pub mod kernel;
 pub mod runtime;
 pub mod tools;

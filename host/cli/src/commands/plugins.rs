@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use keel_app::call::{CallOutcome, CallRequest};
 use keel_app::home::{App, grants_of};
+use keel_app::install::{InstallRequest, Installed, describe_grants, reach_warnings};
 use keel_app::runtime::{AgentHost, PolicyChoice};
 
 use crate::commands::run::{AgentArgs, FollowOptions, follow_to_end};
@@ -286,96 +287,34 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or_default();
-    let plugin = app.sandbox.prepare_as(&bytes, label).await?;
-    let name = plugin.info.name.clone();
-    let previous = app.db.get_plugin(&name).await?;
-
-    let replacing = previous.as_ref().filter(|old| old.sha256 != plugin.sha256);
-    if let Some(old) = replacing
-        && !args.replace
-    {
-        confirm_replace(old, &plugin, args.json)?;
-    }
-
-    let mut grants = Grants::default();
-    let mut notes = Vec::new();
-    if let Some(old) = &previous {
-        let old_grants = grants_of(old)?;
-        if args.keep_grants {
-            if let Some(old) = replacing {
-                let old_info: PluginInfo = serde_json::from_value(old.info.clone())
-                    .map_err(|e| CliError::internal(format!("stored description of `{name}` is invalid: {e}")))?;
-                let beyond = requests_beyond(&plugin.info.requested(), &old_info.requested());
-                if !beyond.is_empty() {
-                    return Err(CliError::user(format!(
-                        "--keep-grants refused: {name} {} requests more than the installed {} did ({}); install it without --keep-grants and grant again",
-                        plugin.info.version,
-                        old.version,
-                        beyond.join(", ")
-                    )));
-                }
-            }
-            grants = old_grants.clone();
-        } else if old_grants != Grants::default() {
-            notes.push(format!(
-                "previous grants of `{name}` were not carried over (pass --keep-grants to keep them): {}",
-                describe_grants(&old_grants)
-            ));
-        }
-        let beyond = old_grants.missing_for(&plugin.info.requested());
-        if old.sha256 != plugin.sha256 && !beyond.is_empty() {
-            notes.push(format!(
-                "{name} {} requests more than {} was granted: {}",
-                plugin.info.version,
-                old.version,
-                beyond.join(", ")
-            ));
-        }
-    }
-    args.grants.apply(&app, &mut grants)?;
-    let limits = match &previous {
-        Some(old) if args.limits.overrides().is_empty() => old.limits.clone(),
-        _ => Value::Object(args.limits.overrides()),
+    let request = InstallRequest {
+        bytes: &bytes,
+        label,
+        replace: args.replace,
+        keep_grants: args.keep_grants,
+        limits: Value::Object(args.limits.overrides()),
     };
-    app.config
-        .limits
-        .overridden_by(&limits)
-        .map_err(|e| CliError::user(format!("invalid limit: {e}")))?;
-
-    let stored = app
-        .components
-        .put(&bytes)
-        .map_err(|e| CliError::internal(format!("cannot store component: {e}")))?;
-    debug_assert_eq!(stored, plugin.sha256);
-    let record = PluginRecord {
-        name: name.clone(),
-        version: plugin.info.version.clone(),
-        description: plugin.info.description.clone(),
-        sha256: plugin.sha256.clone(),
-        info: serde_json::to_value(&plugin.info).expect("info serializes"),
-        imports: serde_json::to_value(&plugin.imports).expect("imports serialize"),
-        grants: serde_json::to_value(&grants).expect("grants serialize"),
-        limits,
-        installed_at: String::new(),
-        updated_at: String::new(),
-    };
-    app.db.upsert_plugin(&record).await?;
-    if let Some(old) = replacing
-        && !app.db.component_in_use(&old.sha256).await?
-    {
-        let _ = app.components.remove(&old.sha256);
-    }
-    notes.extend(reach_warnings(&plugin.info, &plugin.imports, &grants));
-
+    let installed = app
+        .install(
+            request,
+            |old, new| confirm_replace(old, new, args.json),
+            |app, grants| args.grants.apply(app, grants),
+        )
+        .await?;
+    let Installed {
+        record,
+        plugin,
+        replaced,
+        notes,
+    } = installed;
+    let name = &record.name;
+    let grants = grants_of(&record)?;
     if args.json {
-        let mut value = record_json(
-            &app.db.get_plugin(&name).await?.expect("just stored"),
-            &app.config.limits,
-        );
+        let mut value = record_json(&record, &app.config.limits);
         value["compiled"] = json!(plugin.cache == keel_sandbox::CacheOutcome::Compiled);
         value["load_ms"] = json!(plugin.load_time.as_secs_f64() * 1e3);
         value["notes"] = json!(notes);
-        value["replaced"] = json!(replacing.map(|old| json!({"version": old.version, "sha256": old.sha256})));
+        value["replaced"] = json!(replaced.map(|old| json!({"version": old.version, "sha256": old.sha256})));
         print_json(&value);
     } else {
         let how = match plugin.cache {
@@ -388,7 +327,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
             plugin.load_time.as_secs_f64() * 1e3,
             &plugin.sha256[..12]
         );
-        if let Some(old) = replacing {
+        if let Some(old) = replaced {
             println!(
                 "  replaced {name} {} (sha256 {}) with {} (sha256 {})",
                 old.version, old.sha256, plugin.info.version, plugin.sha256
@@ -421,83 +360,6 @@ fn confirm_replace(old: &PluginRecord, new: &PreparedPlugin, json: bool) -> Resu
     match answer.trim().to_ascii_lowercase().as_str() {
         "y" | "yes" => Ok(()),
         _ => Err(CliError::user(format!("`{name}` was not replaced"))),
-    }
-}
-
-/// What `new` requests that `old` did not: a directory not at or below an old request with at
-/// least its mode, a host or an environment variable not requested before.
-fn requests_beyond(new: &keel_sandbox::Capabilities, old: &keel_sandbox::Capabilities) -> Vec<String> {
-    let within = |path: &str, base: &str| {
-        base == "/" || path == base || path.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'))
-    };
-    let mut beyond: Vec<String> = new
-        .filesystem
-        .iter()
-        .filter(|f| {
-            !old.filesystem
-                .iter()
-                .any(|o| o.mode >= f.mode && within(&f.path, &o.path))
-        })
-        .map(|f| format!("{} ({})", f.path, f.mode))
-        .collect();
-    beyond.extend(
-        new.network
-            .iter()
-            .filter(|h| !old.network.iter().any(|o| o.eq_ignore_ascii_case(h)))
-            .map(|h| format!("net {h}")),
-    );
-    beyond.extend(
-        new.environment
-            .iter()
-            .filter(|v| !old.environment.contains(v))
-            .map(|v| format!("env {v}")),
-    );
-    beyond
-}
-
-/// Warnings about requests not granted and grants that cannot take effect.
-fn reach_warnings(info: &PluginInfo, imports: &keel_sandbox::ImportSummary, grants: &Grants) -> Vec<String> {
-    let mut notes = Vec::new();
-    let missing = grants.missing_for(&info.requested());
-    if !missing.is_empty() {
-        notes.push(format!(
-            "requested but not granted: {} (grant with `keel plugins grant {} --allow-read/--allow-write/--allow-net/--allow-env ...`)",
-            missing.join(", "),
-            info.name
-        ));
-    }
-    if !grants.net.is_empty() && !imports.http {
-        notes.push("network grants have no effect: the component does not import wasi:http".into());
-    }
-    if !grants.fs.is_empty() && !imports.filesystem {
-        notes.push("filesystem grants have no effect: the component does not import wasi:filesystem".into());
-    }
-    notes
-}
-
-fn describe_grants(grants: &Grants) -> String {
-    let mut parts: Vec<String> = grants
-        .fs
-        .iter()
-        .map(|g| {
-            let host = g.host.display().to_string();
-            let place = if host == g.guest {
-                host
-            } else {
-                format!("{host} as {}", g.guest)
-            };
-            format!("{place} ({})", g.mode)
-        })
-        .collect();
-    parts.extend(grants.net.iter().map(|h| format!("net {h}")));
-    parts.extend(grants.env.iter().map(|v| format!("env {v}")));
-    if grants.allow_private_network {
-        parts.push("private networks".into());
-    }
-    if parts.is_empty() {
-        "nothing".into()
-    } else {
-        parts.join(", ")
     }
 }
 

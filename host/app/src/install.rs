@@ -1,0 +1,224 @@
+//! Installing a plugin: validate, store by sha256, precompile, describe, check against the record
+//! it replaces, grant, record. The front end renders the result and asks the questions (consent to
+//! replace, the grants to give).
+
+use std::sync::Arc;
+
+use keel_kernel::registry::PluginRegistry as _;
+use keel_sandbox::{Grants, PluginInfo, PreparedPlugin};
+use keel_store::plugins::PluginRecord;
+use serde_json::Value;
+
+use crate::error::AppError;
+use crate::home::{App, grants_of};
+
+/// What to install.
+#[derive(Debug, Clone)]
+pub struct InstallRequest<'a> {
+    /// The component's bytes.
+    pub bytes: &'a [u8],
+    /// The name for a plain component with no name section (e.g. the file's stem).
+    pub label: &'a str,
+    /// Replace a plugin of the same name installed from another component without asking.
+    pub replace: bool,
+    /// Keep the replaced plugin's grants (refused if the new one requests more).
+    pub keep_grants: bool,
+    /// Per-plugin limit overrides (an empty object keeps the previous record's).
+    pub limits: Value,
+}
+
+/// What was installed.
+#[derive(Debug)]
+pub struct Installed {
+    /// The registry record now stored.
+    pub record: PluginRecord,
+    /// The prepared component.
+    pub plugin: Arc<PreparedPlugin>,
+    /// The record it replaced (another component under the same name).
+    pub replaced: Option<PluginRecord>,
+    /// Things to tell the user (grants not carried over, requests not granted, ...).
+    pub notes: Vec<String>,
+}
+
+impl App {
+    /// Install `request`. `confirm` is asked before replacing another component under the same
+    /// name (unless `request.replace`); `grant` adds the grants the user gives.
+    pub async fn install(
+        &self,
+        request: InstallRequest<'_>,
+        confirm: impl FnOnce(&PluginRecord, &PreparedPlugin) -> Result<(), AppError>,
+        grant: impl FnOnce(&App, &mut Grants) -> Result<(), AppError>,
+    ) -> Result<Installed, AppError> {
+        let plugin = self.sandbox.prepare_as(request.bytes, request.label).await?;
+        let name = plugin.info.name.clone();
+        let previous = self.db.get_plugin(&name).await?;
+
+        let replacing = previous.as_ref().filter(|old| old.sha256 != plugin.sha256);
+        if let Some(old) = replacing
+            && !request.replace
+        {
+            confirm(old, &plugin)?;
+        }
+
+        let mut grants = Grants::default();
+        let mut notes = Vec::new();
+        if let Some(old) = &previous {
+            let old_grants = grants_of(old)?;
+            if request.keep_grants {
+                if let Some(old) = replacing {
+                    let old_info: PluginInfo = serde_json::from_value(old.info.clone())
+                        .map_err(|e| AppError::internal(format!("stored description of `{name}` is invalid: {e}")))?;
+                    let beyond = requests_beyond(&plugin.info.requested(), &old_info.requested());
+                    if !beyond.is_empty() {
+                        return Err(AppError::user(format!(
+                            "--keep-grants refused: {name} {} requests more than the installed {} did ({}); install it without --keep-grants and grant again",
+                            plugin.info.version,
+                            old.version,
+                            beyond.join(", ")
+                        )));
+                    }
+                }
+                grants = old_grants.clone();
+            } else if old_grants != Grants::default() {
+                notes.push(format!(
+                    "previous grants of `{name}` were not carried over (pass --keep-grants to keep them): {}",
+                    describe_grants(&old_grants)
+                ));
+            }
+            let beyond = old_grants.missing_for(&plugin.info.requested());
+            if old.sha256 != plugin.sha256 && !beyond.is_empty() {
+                notes.push(format!(
+                    "{name} {} requests more than {} was granted: {}",
+                    plugin.info.version,
+                    old.version,
+                    beyond.join(", ")
+                ));
+            }
+        }
+        grant(self, &mut grants)?;
+        let empty = request.limits.as_object().is_none_or(|o| o.is_empty());
+        let limits = match &previous {
+            Some(old) if empty => old.limits.clone(),
+            _ => request.limits.clone(),
+        };
+        self.config
+            .limits
+            .overridden_by(&limits)
+            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
+
+        let stored = self
+            .components
+            .put(request.bytes)
+            .map_err(|e| AppError::internal(format!("cannot store component: {e}")))?;
+        debug_assert_eq!(stored, plugin.sha256);
+        let record = PluginRecord {
+            name: name.clone(),
+            version: plugin.info.version.clone(),
+            description: plugin.info.description.clone(),
+            sha256: plugin.sha256.clone(),
+            info: serde_json::to_value(&plugin.info).expect("info serializes"),
+            imports: serde_json::to_value(&plugin.imports).expect("imports serialize"),
+            grants: serde_json::to_value(&grants).expect("grants serialize"),
+            limits,
+            installed_at: String::new(),
+            updated_at: String::new(),
+        };
+        self.db.upsert_plugin(&record).await?;
+        let replaced = replacing.cloned();
+        if let Some(old) = &replaced
+            && !self.db.component_in_use(&old.sha256).await?
+        {
+            let _ = self.components.remove(&old.sha256);
+        }
+        notes.extend(reach_warnings(&plugin.info, &plugin.imports, &grants));
+        let record = self
+            .db
+            .get_plugin(&name)
+            .await?
+            .ok_or_else(|| AppError::internal(format!("`{name}` was stored but cannot be read back")))?;
+        Ok(Installed {
+            record,
+            plugin,
+            replaced,
+            notes,
+        })
+    }
+}
+
+/// What `new` requests that `old` did not: a directory not at or below an old request with at
+/// least its mode, a host or an environment variable not requested before.
+pub fn requests_beyond(new: &keel_sandbox::Capabilities, old: &keel_sandbox::Capabilities) -> Vec<String> {
+    let within = |path: &str, base: &str| {
+        base == "/" || path == base || path.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'))
+    };
+    let mut beyond: Vec<String> = new
+        .filesystem
+        .iter()
+        .filter(|f| {
+            !old.filesystem
+                .iter()
+                .any(|o| o.mode >= f.mode && within(&f.path, &o.path))
+        })
+        .map(|f| format!("{} ({})", f.path, f.mode))
+        .collect();
+    beyond.extend(
+        new.network
+            .iter()
+            .filter(|h| !old.network.iter().any(|o| o.eq_ignore_ascii_case(h)))
+            .map(|h| format!("net {h}")),
+    );
+    beyond.extend(
+        new.environment
+            .iter()
+            .filter(|v| !old.environment.contains(v))
+            .map(|v| format!("env {v}")),
+    );
+    beyond
+}
+
+/// Warnings about requests not granted and grants that cannot take effect.
+pub fn reach_warnings(info: &PluginInfo, imports: &keel_sandbox::ImportSummary, grants: &Grants) -> Vec<String> {
+    let mut notes = Vec::new();
+    let missing = grants.missing_for(&info.requested());
+    if !missing.is_empty() {
+        notes.push(format!(
+            "requested but not granted: {} (grant with `keel plugins grant {} --allow-read/--allow-write/--allow-net/--allow-env ...`)",
+            missing.join(", "),
+            info.name
+        ));
+    }
+    if !grants.net.is_empty() && !imports.http {
+        notes.push("network grants have no effect: the component does not import wasi:http".into());
+    }
+    if !grants.fs.is_empty() && !imports.filesystem {
+        notes.push("filesystem grants have no effect: the component does not import wasi:filesystem".into());
+    }
+    notes
+}
+
+/// The grants, in one line for a human.
+pub fn describe_grants(grants: &Grants) -> String {
+    let mut parts: Vec<String> = grants
+        .fs
+        .iter()
+        .map(|g| {
+            let host = g.host.display().to_string();
+            let place = if host == g.guest {
+                host
+            } else {
+                format!("{host} as {}", g.guest)
+            };
+            format!("{place} ({})", g.mode)
+        })
+        .collect();
+    parts.extend(grants.net.iter().map(|h| format!("net {h}")));
+    parts.extend(grants.env.iter().map(|v| format!("env {v}")));
+    if grants.allow_private_network {
+        parts.push("private networks".into());
+    }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
+}

@@ -34,6 +34,8 @@ enum Command {
     Call(commands::plugins::CallArgs),
     /// Run a WASI command component (wasi:cli/run) under the same kind of grants and limits.
     Exec(commands::plugins::ExecArgs),
+    /// Build a tool project (Rust, Python, JavaScript or C) into a component.
+    Build(commands::build::BuildArgs),
     /// Validate a policy file or dry-run a policy decision.
     #[command(subcommand)]
     Policy(commands::policy::PolicyCommand),
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
             Command::Plugins(cmd) => commands::plugins::plugins(&home, cmd).await,
             Command::Call(args) => commands::plugins::call(&home, args).await,
             Command::Exec(args) => commands::plugins::exec(&home, args).await,
+            Command::Build(args) => commands::build::build(args),
             Command::Policy(cmd) => commands::policy::run(&home, cmd),
             Command::Run(args) => commands::run::run(&home, args).await,
             Command::Demo(args) => commands::demo::demo(args).await,

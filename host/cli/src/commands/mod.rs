@@ -2,6 +2,7 @@
 
 pub mod actions;
 pub mod budgets;
+pub mod build;
 pub mod debug;
 pub mod demo;
 pub mod jobs;

@@ -362,3 +362,43 @@ fn exec_runs_wasi_commands_under_grants() {
 
     one_clear_line(&keel.stderr(&["exec", &guest("hello")], 2));
 }
+
+#[test]
+fn config_typos_are_errors_naming_the_key() {
+    let cases = [
+        ("[agnet]\npoll_ms = 10\n", "agnet"),
+        ("[agent]\nlease_tll_ms = 10\n", "lease_tll_ms"),
+        ("[limits]\nmemroy_bytes = 10\n", "memroy_bytes"),
+        ("[sandbox]\nfuel_meter = true\n", "fuel_meter"),
+        ("[models]\nprovders = {}\n", "provders"),
+        (
+            "[models.providers.local]\nkind = \"openai\"\nbase_ulr = \"http://x\"\n",
+            "base_ulr",
+        ),
+        (
+            "[models.prices.m]\ninput_per_mtok = \"1\"\noutput_per_mtok = \"1\"\ncahced_per_mtok = \"1\"\n",
+            "cahced_per_mtok",
+        ),
+        (
+            "[models.providers.local]\nkind = \"openai\"\n[models.providers.local.prices.m]\ninput_per_mtok = \"1\"\noutput_per_mtok = \"1\"\nouptut = \"1\"\n",
+            "ouptut",
+        ),
+    ];
+    for (config, key) in cases {
+        let keel = Keel::new();
+        std::fs::write(keel.home.path().join("config.toml"), config).unwrap();
+        let err = keel.stderr(&["plugins", "list"], 2);
+        one_clear_line(&err);
+        assert!(err.contains("config.toml"), "{config}: {err}");
+        assert!(err.contains(&format!("`{key}`")), "{config}: {err}");
+    }
+    // The same keys, spelt right, are accepted.
+    let keel = Keel::new();
+    std::fs::write(
+        keel.home.path().join("config.toml"),
+        "[agent]\nlease_ttl_ms = 10\n[limits]\nmemory_bytes = 1048576\n[sandbox]\nfuel_metering = true\n\
+         [models.prices.m]\ninput_per_mtok = \"1\"\noutput_per_mtok = \"1\"\n",
+    )
+    .unwrap();
+    keel.expect(&["plugins", "list"], 0);
+}

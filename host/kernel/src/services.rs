@@ -33,9 +33,10 @@ use crate::ledger::{
 };
 use crate::store::{ActionWrite, Batch, JobWrite, KernelStore, LeaseClaim, StoreError};
 
-/// Tunables of the kernel core. Names match the `[kernel]` config section and CLI flags.
+/// Tunables of the kernel core. Names match the `[kernel]` config section and CLI flags; an unknown
+/// key is an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct KernelConfig {
     /// Live events buffered per slow subscriber before it lags (and must re-read the store).
     pub event_buffer: usize,

@@ -18,6 +18,7 @@ pub mod info;
 mod open_at;
 mod preopen;
 mod sandbox;
+mod stdio;
 mod toolhost;
 
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
@@ -27,4 +28,5 @@ pub use grants::{FileIdentity, FsGrant, GrantError, Grants, Preopen};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
 pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};
 pub use sandbox::{CallReport, ExecReport, PreparedPlugin, Sandbox, SandboxError, WIT_PACKAGE, WIT_VERSION};
+pub use stdio::{OutputWriter, STREAM_BUDGET};
 pub use toolhost::{InstalledTool, SandboxToolHost};

@@ -57,9 +57,6 @@ enum Command {
     /// Set and show budgets.
     #[command(subcommand)]
     Budgets(commands::budgets::BudgetsCommand),
-    /// Kernel stress and invariant tools for tests.
-    #[command(subcommand, hide = true)]
-    Debug(commands::debug::DebugCommand),
 }
 
 fn main() -> ExitCode {
@@ -90,7 +87,6 @@ fn main() -> ExitCode {
             Command::Actions(cmd) => commands::actions::run(&home, cmd).await,
             Command::Ledger(cmd) => commands::ledger::run(&home, cmd).await,
             Command::Budgets(cmd) => commands::budgets::run(&home, cmd).await,
-            Command::Debug(cmd) => commands::debug::run(&home, cmd).await,
         }
     });
     let code = match result {

@@ -2,7 +2,6 @@
 
 pub mod actions;
 pub mod budgets;
-pub mod debug;
 pub mod demo;
 pub mod jobs;
 pub mod kernel_app;

@@ -376,6 +376,39 @@ fn approval_by_resume_token_from_a_second_process() {
 }
 
 #[test]
+fn a_resume_token_is_never_written_to_a_file() {
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Written.")]),
+        Some(ASK_WRITES),
+        "",
+    );
+    // stderr redirected to a file (a log): the waiting process says how to answer, without the token.
+    let log = home.path().join("run.log");
+    let run = home
+        .command(&["run", "do the thing", "--model", MODEL, "--json", "--tools", "fs"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn keel run");
+    let action = home.pending_action();
+    let text = poll("the approval note in the log", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("keel actions approve").then_some(text)
+    });
+    assert!(text.contains(&action), "{text}");
+    assert!(!text.contains("keel actions resolve"), "{text}");
+    let hex_runs = text
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .filter(|run| run.len() >= 64)
+        .count();
+    assert_eq!(hex_runs, 0, "a token-like secret reached the log: {text}");
+    home.expect(&["actions", "approve", &action], 0);
+    let out = finish(run);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(home.effects(), "line\n");
+}
+
+#[test]
 fn approval_denied_from_a_second_process() {
     let home = Home::new(
         json!([turn(vec![append_line()], 5), text("Not written.")]),

@@ -1,5 +1,5 @@
 //! Opening the durable kernel over `$KEEL_HOME/keel.db`, and the argument parsing and error
-//! mapping shared by `keel jobs`, `actions`, `ledger`, `budgets` and `debug`.
+//! mapping shared by `keel jobs`, `actions`, `ledger` and `budgets`.
 //!
 //! Kernel commands never touch the sandbox: compiling the wasm engine would cost far more than
 //! the command itself, so this opens only the database.

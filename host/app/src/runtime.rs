@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use keel_kernel::agent::new_job;
 use keel_kernel::clock::SystemClock;
 use keel_kernel::context::PolicyRef;
-use keel_kernel::model::{ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
+use keel_kernel::model::ModelProvider;
 use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::{ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
 use keel_models::ModelRouter;
@@ -28,7 +27,9 @@ pub const DEFAULT_POLICY_FILE: &str = "policy.toml";
 pub const ALLOW_ALL: &str = "allow-all";
 
 /// Test hook: when set (milliseconds), every model call of this process waits that long first, so
-/// tests can stop a host deterministically in the middle of a turn. Not for production use.
+/// tests can stop a host deterministically in the middle of a turn. Only in builds with the
+/// `testing` feature (the `keel` package's tests); a release `keel` ignores the variable.
+#[cfg(feature = "testing")]
 pub const MODEL_DELAY_ENV: &str = "KEEL_DEBUG_MODEL_DELAY_MS";
 
 /// The policy a job runs under and how to find it again on resume.
@@ -164,30 +165,54 @@ pub fn tool_patterns(specs: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// A [`ModelProvider`] that waits before every call (the [`MODEL_DELAY_ENV`] test hook).
-struct Delayed {
-    inner: Arc<dyn ModelProvider>,
-    delay: Duration,
-}
+/// The [`MODEL_DELAY_ENV`] test hook, compiled only into test builds.
+#[cfg(feature = "testing")]
+mod model_delay {
+    use std::sync::Arc;
+    use std::time::Duration;
 
-impl ModelProvider for Delayed {
-    fn complete<'a>(
-        &'a self,
-        request: &'a ModelRequest,
-        on_delta: &'a (dyn Fn(ModelDelta) + Send + Sync),
-    ) -> BoxFuture<'a, Result<ModelResponse, ModelError>> {
-        Box::pin(async move {
-            tokio::time::sleep(self.delay).await;
-            self.inner.complete(request, on_delta).await
-        })
+    use futures::future::BoxFuture;
+    use keel_kernel::model::{ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
+
+    /// `models`, waiting [`super::MODEL_DELAY_ENV`] milliseconds before every call when it is set.
+    pub fn wrap(models: Arc<dyn ModelProvider>) -> Arc<dyn ModelProvider> {
+        match std::env::var(super::MODEL_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            Some(ms) => Arc::new(Delayed {
+                inner: models,
+                delay: Duration::from_millis(ms),
+            }),
+            None => models,
+        }
     }
 
-    fn check(&self, model: &str) -> Result<(), ModelError> {
-        self.inner.check(model)
+    /// A [`ModelProvider`] that waits before every call.
+    struct Delayed {
+        inner: Arc<dyn ModelProvider>,
+        delay: Duration,
     }
 
-    fn price(&self, model: &str) -> Option<ModelPrice> {
-        self.inner.price(model)
+    impl ModelProvider for Delayed {
+        fn complete<'a>(
+            &'a self,
+            request: &'a ModelRequest,
+            on_delta: &'a (dyn Fn(ModelDelta) + Send + Sync),
+        ) -> BoxFuture<'a, Result<ModelResponse, ModelError>> {
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                self.inner.complete(request, on_delta).await
+            })
+        }
+
+        fn check(&self, model: &str) -> Result<(), ModelError> {
+            self.inner.check(model)
+        }
+
+        fn price(&self, model: &str) -> Option<ModelPrice> {
+            self.inner.price(model)
+        }
     }
 }
 
@@ -239,13 +264,9 @@ impl AgentHost {
         let router = ModelRouter::from_config(&app.config.models)
             .map_err(|e| AppError::user(format!("[models] in config.toml: {e}")))?;
         let providers = router.provider_names().into_iter().map(str::to_string).collect();
-        let mut models: Arc<dyn ModelProvider> = Arc::new(router);
-        if let Some(ms) = std::env::var(MODEL_DELAY_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
-            models = Arc::new(Delayed {
-                inner: models,
-                delay: Duration::from_millis(ms),
-            });
-        }
+        let models: Arc<dyn ModelProvider> = Arc::new(router);
+        #[cfg(feature = "testing")]
+        let models = model_delay::wrap(models);
         let tools = load_tools(app.clone(), patterns, limits, warm).await?;
         let rt = RuntimeKernel::new(
             kernel.clone(),

@@ -41,7 +41,7 @@ enum Command {
     Policy(commands::policy::PolicyCommand),
     /// Run an agent job: the model calls installed tools under policy, budgets and approvals.
     Run(commands::run::RunArgs),
-    /// Run a complete offline agent job (scripted model, example plugins, fresh temporary home).
+    /// Run a complete offline agent job (scripted model, example plugins; in --home/KEEL_HOME, else a fresh temporary home).
     Demo(commands::demo::DemoArgs),
     /// Run queued (`keel run --detach`) and orphaned agent jobs of this Keel home until stopped.
     Worker(commands::worker::WorkerArgs),
@@ -57,9 +57,6 @@ enum Command {
     /// Set and show budgets.
     #[command(subcommand)]
     Budgets(commands::budgets::BudgetsCommand),
-    /// Kernel stress and invariant tools for tests.
-    #[command(subcommand, hide = true)]
-    Debug(commands::debug::DebugCommand),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +70,8 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return output::report(CliError::internal(format!("cannot start the async runtime: {e}"))),
     };
+    // `keel demo` runs in a fresh temporary home unless one was named.
+    let named_home = cli.home.clone();
     let home = cli.home.unwrap_or_else(keel_app::home::default_home);
     let result = runtime.block_on(async move {
         match cli.command {
@@ -83,13 +82,12 @@ fn main() -> ExitCode {
             Command::Build(args) => commands::build::build(args),
             Command::Policy(cmd) => commands::policy::run(&home, cmd),
             Command::Run(args) => commands::run::run(&home, args).await,
-            Command::Demo(args) => commands::demo::demo(args).await,
+            Command::Demo(args) => commands::demo::demo(named_home.as_deref(), args).await,
             Command::Worker(args) => commands::worker::worker(&home, args).await,
             Command::Jobs(cmd) => commands::jobs::run(&home, cmd).await,
             Command::Actions(cmd) => commands::actions::run(&home, cmd).await,
             Command::Ledger(cmd) => commands::ledger::run(&home, cmd).await,
             Command::Budgets(cmd) => commands::budgets::run(&home, cmd).await,
-            Command::Debug(cmd) => commands::debug::run(&home, cmd).await,
         }
     });
     let code = match result {

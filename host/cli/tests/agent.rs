@@ -376,6 +376,39 @@ fn approval_by_resume_token_from_a_second_process() {
 }
 
 #[test]
+fn a_resume_token_is_never_written_to_a_file() {
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Written.")]),
+        Some(ASK_WRITES),
+        "",
+    );
+    // stderr redirected to a file (a log): the waiting process says how to answer, without the token.
+    let log = home.path().join("run.log");
+    let run = home
+        .command(&["run", "do the thing", "--model", MODEL, "--json", "--tools", "fs"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn keel run");
+    let action = home.pending_action();
+    let text = poll("the approval note in the log", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("keel actions approve").then_some(text)
+    });
+    assert!(text.contains(&action), "{text}");
+    assert!(!text.contains("keel actions resolve"), "{text}");
+    let hex_runs = text
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .filter(|run| run.len() >= 64)
+        .count();
+    assert_eq!(hex_runs, 0, "a token-like secret reached the log: {text}");
+    home.expect(&["actions", "approve", &action], 0);
+    let out = finish(run);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(home.effects(), "line\n");
+}
+
+#[test]
 fn approval_denied_from_a_second_process() {
     let home = Home::new(
         json!([turn(vec![append_line()], 5), text("Not written.")]),
@@ -560,26 +593,105 @@ fn detached_job_runs_when_watched() {
     assert_eq!(later.len() + 3, events.len());
 }
 
-#[test]
-fn demo_runs_offline() {
+/// `keel demo` with `env` (and `args` before `--plugins`); `tmp` is its TMPDIR.
+fn demo(args: &[&str], env: Option<&Path>, tmp: &Path) -> Output {
     let dir: PathBuf = keel_testutil::guest("hello").parent().unwrap().to_path_buf();
     keel_testutil::guest("keel-plugin-fs");
-    let home = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["demo", "--plugins"])
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+    command
+        .arg("demo")
+        .args(args)
+        .arg("--plugins")
         .arg(&dir)
-        .env("KEEL_HOME", home.path())
-        .env("TMPDIR", home.path())
-        .output()
-        .unwrap();
+        .env_remove("KEEL_HOME")
+        .env_remove("KEEL_LOG")
+        .env("TMPDIR", tmp)
+        .stdin(Stdio::null());
+    if let Some(home) = env {
+        command.env("KEEL_HOME", home);
+    }
+    let out = command.output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("auto-approving `fs/write`"), "{stdout}");
     assert!(stdout.contains("result: Done"), "{stdout}");
     assert!(stdout.contains("Hello, Ada! Summary"), "{stdout}");
+    out
+}
+
+/// The demo's job, plugins and ledger are in `home`.
+fn assert_demo_lives_in(home: &Path) {
+    let jobs = common::json(home, &["jobs", "list", "--json"]);
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["state"], "SUCCEEDED", "{jobs:?}");
+    let plugins = common::json(home, &["plugins", "list", "--json"]);
+    let mut names: Vec<&str> = plugins
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["fs", "hello"]);
+    let usage = common::json(home, &["ledger", "usage", "--json"]);
+    assert!(usage["usage"]["tokens"].as_u64().unwrap() > 0, "{usage}");
+    assert!(usage["usage"]["tool_calls"].as_u64().unwrap() >= 3, "{usage}");
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn demo_runs_offline_in_the_home_it_is_given() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    // KEEL_HOME: the demo lives there, not in a temporary home.
+    let home = tempfile::tempdir().unwrap();
+    let out = demo(&[], Some(home.path()), tmp.path());
+    assert_demo_lives_in(home.path());
+    assert!(entries(tmp.path()).is_empty(), "{:?}", entries(tmp.path()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&home.path().display().to_string()), "{stderr}");
+
+    // --home DIR, a directory that does not exist yet: the same.
+    let other = tempfile::tempdir().unwrap();
+    let flagged = other.path().join("demo-home");
+    demo(&["--home", flagged.to_str().unwrap()], None, tmp.path());
+    assert_demo_lives_in(&flagged);
+    assert!(entries(tmp.path()).is_empty(), "{:?}", entries(tmp.path()));
+
+    // Neither: a fresh temporary home.
+    let out = demo(&[], None, tmp.path());
+    let made = entries(tmp.path());
+    assert!(made.len() == 1 && made[0].starts_with("keel-demo-"), "{made:?}");
+    assert_demo_lives_in(&tmp.path().join(&made[0]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("export KEEL_HOME={}", tmp.path().join(&made[0]).display()))
+    );
+
+    // A home whose own config.toml is not the demo's is refused, not overwritten.
+    let taken = tempfile::tempdir().unwrap();
+    std::fs::write(taken.path().join("config.toml"), "[agent]\npoll_ms = 10\n").unwrap();
+    let dir: PathBuf = keel_testutil::guest("hello").parent().unwrap().to_path_buf();
+    let refused = common::keel(taken.path(), &["demo", "--plugins", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", show(&refused));
+    common::one_clear_line(&String::from_utf8_lossy(&refused.stderr));
+    assert_eq!(
+        std::fs::read_to_string(taken.path().join("config.toml")).unwrap(),
+        "[agent]\npoll_ms = 10\n"
+    );
 
     let missing = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["demo", "--plugins", "/nonexistent"])
+        .env("KEEL_HOME", home.path())
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(2));

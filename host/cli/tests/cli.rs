@@ -362,3 +362,149 @@ fn exec_runs_wasi_commands_under_grants() {
 
     one_clear_line(&keel.stderr(&["exec", &guest("hello")], 2));
 }
+
+#[test]
+fn config_typos_are_errors_naming_the_key() {
+    let cases = [
+        ("[agnet]\npoll_ms = 10\n", "agnet"),
+        ("[agent]\nlease_tll_ms = 10\n", "lease_tll_ms"),
+        ("[limits]\nmemroy_bytes = 10\n", "memroy_bytes"),
+        ("[sandbox]\nfuel_meter = true\n", "fuel_meter"),
+        ("[models]\nprovders = {}\n", "provders"),
+        (
+            "[models.providers.local]\nkind = \"openai\"\nbase_ulr = \"http://x\"\n",
+            "base_ulr",
+        ),
+        (
+            "[models.prices.m]\ninput_per_mtok = \"1\"\noutput_per_mtok = \"1\"\ncahced_per_mtok = \"1\"\n",
+            "cahced_per_mtok",
+        ),
+        (
+            "[models.providers.local]\nkind = \"openai\"\n[models.providers.local.prices.m]\ninput_per_mtok = \"1\"\noutput_per_mtok = \"1\"\nouptut = \"1\"\n",
+            "ouptut",
+        ),
+    ];
+    for (config, key) in cases {
+        let keel = Keel::new();
+        std::fs::write(keel.home.path().join("config.toml"), config).unwrap();
+        let err = keel.stderr(&["plugins", "list"], 2);
+        one_clear_line(&err);
+        assert!(err.contains("config.toml"), "{config}: {err}");
+        assert!(err.contains(&format!("`{key}`")), "{config}: {err}");
+    }
+    // The same keys, spelt right, are accepted.
+    let keel = Keel::new();
+    std::fs::write(
+        keel.home.path().join("config.toml"),
+        "[agent]\nlease_ttl_ms = 10\n[limits]\nmemory_bytes = 1048576\n[sandbox]\nfuel_metering = true\n\
+         [models.prices.m]\ninput_per_mtok = \"1\"\noutput_per_mtok = \"1\"\n",
+    )
+    .unwrap();
+    keel.expect(&["plugins", "list"], 0);
+}
+
+/// Reap `child` with `wait4`: its exit code and peak resident memory in KiB.
+fn wait_with_peak_rss(child: std::process::Child) -> (Option<i32>, i64) {
+    let mut status = 0;
+    // SAFETY: an all-zero `rusage` is a valid value; `wait4` writes into both out-parameters.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `child` is our own unreaped child; the pointers are valid for the call.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4");
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (code, usage.ru_maxrss)
+}
+
+/// Count the bytes of `reader` on a thread of its own.
+fn count_bytes(mut reader: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => return total,
+                Ok(n) => total += n as u64,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    })
+}
+
+#[test]
+fn exec_streams_output_past_any_capture_cap_in_bounded_memory() {
+    let keel = Keel::new();
+    let cmd = guest("keel-test-cmd");
+    // Bytes on stdout and stderr, exit code, peak RSS (KiB) of `keel exec cmd -- spew BYTES STREAM`.
+    let spew = |bytes: u64, stream: &str| {
+        let mut child = keel
+            .command(&[
+                "exec",
+                &cmd,
+                "--timeout-ms",
+                "300000",
+                "--",
+                "spew",
+                &bytes.to_string(),
+                stream,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = count_bytes(child.stdout.take().unwrap());
+        let err = count_bytes(child.stderr.take().unwrap());
+        let (code, rss) = wait_with_peak_rss(child);
+        (out.join().unwrap(), err.join().unwrap(), code, rss)
+    };
+    let (out, err, code, small_rss) = spew(1024, "out");
+    assert_eq!((out, err, code), (1024, 0, Some(0)));
+
+    // Far more than the 16 MiB a captured run keeps, all of it, in about the memory of 1 KiB.
+    let big = 256 << 20;
+    let (out, err, code, big_rss) = spew(big, "out");
+    assert_eq!((out, err, code), (big, 0, Some(0)), "every byte arrives, exit 0");
+    assert!(
+        big_rss < small_rss + 32 * 1024,
+        "streaming {big} bytes took {big_rss} KiB peak RSS, 1 KiB took {small_rss} KiB"
+    );
+    let (out, err, code, _) = spew(32 << 20, "err");
+    assert_eq!((out, err, code), (0, 32 << 20, Some(0)), "stderr streams too");
+}
+
+#[test]
+fn exec_output_appears_while_the_program_runs() {
+    use std::io::BufRead;
+    let keel = Keel::new();
+    let cmd = guest("keel-test-cmd");
+    let started = std::time::Instant::now();
+    let mut child = keel
+        .command(&["exec", &cmd, "--", "line-sleep", "3000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let first = started.elapsed();
+    assert_eq!(line, "first line\n");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first line arrived before the program ended"
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let ended = started.elapsed();
+    assert_eq!(rest, "last line\n");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        ended - first >= std::time::Duration::from_millis(2000),
+        "first line at {first:?}, exit at {ended:?}: the program sleeps 3 s between them"
+    );
+
+    // The program's exit status is keel's (WASI 0.2 carries success or failure only).
+    assert_eq!(keel.run(&["exec", &cmd, "--", "exit", "0"]).status.code(), Some(0));
+    assert_eq!(keel.run(&["exec", &cmd, "--", "exit", "3"]).status.code(), Some(1));
+}

@@ -1,22 +1,23 @@
-//! Crash safety of the durable kernel on a real SQLite file (WAL): a real `keel debug churn`
-//! process is SIGKILLed at random points, then a fresh `keel` recovers and checks the store.
+//! Crash safety of the durable kernel on a real SQLite file (WAL): a real `keel-debug churn`
+//! process is SIGKILLed at random points, then a fresh `keel-debug` recovers and checks the store.
 //!
-//! What must hold after every kill + `keel debug recover --advance-secs 120`:
+//! What must hold after every kill + `keel-debug recover --advance-secs 120`:
 //! - every job the child reported as created (`created KEY ID`, printed after the commit) exists
 //!   with that id; keys never name two jobs;
 //! - every job is in a legal state consistent with its actions and its event stream
-//!   (`keel debug check` verifies seq numbers, last status event, WAITING_ACTION <=> a pending
+//!   (`keel-debug check` verifies seq numbers, last status event, WAITING_ACTION <=> a pending
 //!   action, finished_at, cascades);
 //! - ledger usage = sum of the usage rows = sum of settled reservations; no hold is left HELD;
 //!   no deny budget is overspent;
-//! - every recorded resume token still names its action: a pending one resolves exactly once
+//! - every resume token churn reported (on its stdout: tokens never go to a file) still names
+//!   its action: a pending one resolves exactly once
 //!   (through `keel actions resolve`), anything else is refused as not pending, never unknown.
 //!
 //! Odd rounds kill two churning processes sharing the file. Set `KEEL_CRASH_SEED` to replay a
 //! run's kill schedule.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{expect, json, keel, run};
+use common::{debug_expect, expect, json, keel_debug};
 
 const ROUNDS: u64 = 12;
 const SCOPE: &str = "churn";
@@ -41,31 +42,45 @@ impl Rng {
     }
 }
 
-/// Complete `created KEY ID` lines only: a line cut by the kill was never fully reported.
-fn created_lines(stdout: &str) -> Vec<(String, String)> {
+/// The complete lines of `stdout` starting with `prefix`, split at their first space: a line cut
+/// by the kill was never fully reported.
+fn reported_lines(stdout: &str, prefix: &str) -> Vec<(String, String)> {
     stdout
         .split_inclusive('\n')
-        .filter_map(|line| line.strip_suffix('\n')?.strip_prefix("created "))
+        .filter_map(|line| line.strip_suffix('\n')?.strip_prefix(prefix))
         .map(|rest| {
-            let (key, id) = rest.split_once(' ').expect("created KEY ID");
-            (key.to_string(), id.to_string())
+            let (a, b) = rest.split_once(' ').expect("two fields");
+            (a.to_string(), b.to_string())
         })
         .collect()
 }
 
-/// Recorded `ACTION_ID TOKEN` lines (complete ones).
-fn recorded_tokens(home: &Path) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(home.join("debug-tokens.txt")).unwrap_or_default();
-    text.split_inclusive('\n')
-        .filter_map(|line| {
-            let (action, token) = line.strip_suffix('\n')?.split_once(' ')?;
-            (token.len() == 64).then(|| (action.to_string(), token.to_string()))
-        })
-        .collect()
+/// `created KEY ID` lines.
+fn created_lines(stdout: &str) -> Vec<(String, String)> {
+    reported_lines(stdout, "created ")
 }
 
-fn check_store(home: &Path, reported: &HashMap<String, String>) -> Value {
-    let out = run(home, &["debug", "check", "--scope", SCOPE, "--recovered", "--json"]);
+/// `token ACTION_ID TOKEN` lines, as (action, token).
+fn token_lines(stdout: &str) -> Vec<(String, String)> {
+    let tokens = reported_lines(stdout, "token ");
+    assert!(tokens.iter().all(|(_, t)| t.len() == 64), "{tokens:?}");
+    tokens
+}
+
+fn check_store(home: &Path, reported: &HashMap<String, String>, tokens: &[(String, String)]) -> Value {
+    // The tokens go to `check` through a pipe, like they came.
+    let mut child = keel_debug(home, &["check", "--scope", SCOPE, "--recovered", "--tokens", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn check");
+    let mut stdin = child.stdin.take().unwrap();
+    for (action, token) in tokens {
+        writeln!(stdin, "{action} {token}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("check printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(
@@ -74,6 +89,17 @@ fn check_store(home: &Path, reported: &HashMap<String, String>) -> Value {
         "invariants broken: {report:#}"
     );
     assert_eq!(out.status.code(), Some(0), "{report:#}");
+    let checked: u64 = report["tokens"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        checked,
+        tokens.len() as u64,
+        "every reported token was checked: {report:#}"
+    );
 
     // Every reported job is there, under its key, in a legal state.
     let jobs = json(home, &["jobs", "list", "--scope", SCOPE, "--limit", "0", "--json"]);
@@ -108,7 +134,7 @@ fn check_store(home: &Path, reported: &HashMap<String, String>) -> Value {
 }
 
 /// Resolve a few recorded tokens through the CLI: pending ones exactly once, others never.
-fn exercise_tokens(home: &Path, rng: &mut Rng) -> (usize, usize) {
+fn exercise_tokens(home: &Path, tokens: &[(String, String)], rng: &mut Rng) -> (usize, usize) {
     let pending = json(home, &["actions", "list", "--scope", SCOPE, "--json"]);
     let pending: Vec<&str> = pending
         .as_array()
@@ -116,7 +142,6 @@ fn exercise_tokens(home: &Path, rng: &mut Rng) -> (usize, usize) {
         .iter()
         .map(|a| a["id"].as_str().unwrap())
         .collect();
-    let tokens = recorded_tokens(home);
     let (mut open, mut closed): (Vec<_>, Vec<_>) = tokens.iter().partition(|(a, _)| pending.contains(&a.as_str()));
     let mut resolved = 0;
     let mut refused = 0;
@@ -158,6 +183,32 @@ fn exercise_tokens(home: &Path, rng: &mut Rng) -> (usize, usize) {
     (resolved, refused)
 }
 
+/// No file under `dir` (the database included: it keeps only hashes) contains any of `tokens`.
+fn assert_no_file_holds_a_token(dir: &Path, tokens: &[(String, String)]) {
+    assert!(!tokens.is_empty(), "churn reported no token");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            assert_no_file_holds_a_token(&path, tokens);
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        // Every run of 64+ hex digits, lower-cased: where a token written as text would be.
+        let runs: Vec<String> = bytes
+            .split(|b| !b.is_ascii_hexdigit())
+            .filter(|run| run.len() >= 64)
+            .map(|run| String::from_utf8_lossy(run).to_ascii_lowercase())
+            .collect();
+        for (action, token) in tokens {
+            assert!(
+                !runs.iter().any(|run| run.contains(token.as_str())),
+                "{} holds the resume token of action {action} in plain text",
+                path.display()
+            );
+        }
+    }
+}
+
 #[test]
 fn sigkill_at_random_points_loses_nothing() {
     let started = Instant::now();
@@ -176,6 +227,7 @@ fn sigkill_at_random_points_loses_nothing() {
     let home = tempfile::tempdir().unwrap();
     let home = home.path();
     let mut reported: HashMap<String, String> = HashMap::new();
+    let mut tokens: Vec<(String, String)> = Vec::new();
     let (mut resolved, mut refused, mut kills) = (0, 0, 0);
 
     for round in 0..ROUNDS {
@@ -184,17 +236,8 @@ fn sigkill_at_random_points_loses_nothing() {
         let mut children = Vec::new();
         for p in 0..processes {
             let seed_arg = (seed.wrapping_add(round * 2 + p) % 1_000_000).to_string();
-            let args = [
-                "debug",
-                "churn",
-                "--seed",
-                &seed_arg,
-                "--ops",
-                "1000000",
-                "--workers",
-                "2",
-            ];
-            let mut child = keel(home, &args)
+            let args = ["churn", "--seed", &seed_arg, "--ops", "1000000", "--workers", "2"];
+            let mut child = keel_debug(home, &args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -221,12 +264,14 @@ fn sigkill_at_random_points_loses_nothing() {
             for (key, id) in created_lines(&text) {
                 assert!(reported.insert(key.clone(), id).is_none(), "key {key} reported twice");
             }
+            tokens.extend(token_lines(&text));
         }
 
-        let recovery = json(home, &["debug", "recover", "--advance-secs", "120", "--json"]);
+        let out = debug_expect(home, &["recover", "--advance-secs", "120", "--json"], 0);
+        let recovery: Value = serde_json::from_slice(&out.stdout).expect("recover --json");
         assert!(recovery["report"].is_object(), "{recovery}");
-        let report = check_store(home, &reported);
-        let (r, f) = exercise_tokens(home, &mut rng);
+        let report = check_store(home, &reported, &tokens);
+        let (r, f) = exercise_tokens(home, &tokens, &mut rng);
         resolved += r;
         refused += f;
         eprintln!(
@@ -239,16 +284,19 @@ fn sigkill_at_random_points_loses_nothing() {
     }
 
     // After all the crashes, a churn that is left alone finishes cleanly on the same file.
-    let out = expect(
+    let out = debug_expect(
         home,
-        &["debug", "churn", "--seed", "999999999", "--ops", "40", "--workers", "2"],
+        &["churn", "--seed", "999999999", "--ops", "40", "--workers", "2"],
         0,
     );
-    for (key, id) in created_lines(&String::from_utf8_lossy(&out.stdout)) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (key, id) in created_lines(&text) {
         reported.insert(key, id);
     }
-    expect(home, &["debug", "recover", "--advance-secs", "120"], 0);
-    let report = check_store(home, &reported);
+    tokens.extend(token_lines(&text));
+    debug_expect(home, &["recover", "--advance-secs", "120"], 0);
+    let report = check_store(home, &reported, &tokens);
+    assert_no_file_holds_a_token(home, &tokens);
 
     assert_eq!(kills, ROUNDS + ROUNDS / 2);
     assert!(!reported.is_empty(), "churn never got to create a job");

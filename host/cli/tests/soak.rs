@@ -13,7 +13,7 @@
 //!   the host that ran it before was killed or stopped in between (a live host keeps its calls);
 //! - no deny budget is overspent;
 //! - per job, the ledger equals the sum of the job's receipts (`model.done` usage, tool call
-//!   attempts started), the scope's total equals the sum over jobs, and `keel debug check` (after a sweep
+//!   attempts started), the scope's total equals the sum over jobs, and `keel-debug check` (after a sweep
 //!   as if 700 s had passed) finds no broken invariant: ledger rows = their SQL sum = settled
 //!   reservations, no hold left, WAITING_ACTION <=> a pending action, event streams well formed.
 //!
@@ -1034,22 +1034,18 @@ fn two_workers_and_runs_under_sigkill_and_sigstop_keep_every_promise() {
     }
 
     // The store's own invariants, after a sweep as if the holds' lifetime had passed.
-    keel_json(&shared, &["debug", "recover", "--advance-secs", "700", "--json"]);
-    let out = shared
-        .keel(
-            &["debug", "check", "--scope", "default", "--recovered", "--json"],
-            "test",
-        )
+    common::debug_expect(&shared.home, &["recover", "--advance-secs", "700", "--json"], 0);
+    let out = common::keel_debug(&shared.home, &["check", "--scope", "default", "--recovered", "--json"])
         .output()
         .unwrap();
     match serde_json::from_slice::<Value>(&out.stdout) {
         Ok(report) => {
             for v in report["violations"].as_array().cloned().unwrap_or_default() {
-                violations.push(format!("debug check: {}", v.as_str().unwrap_or_default()));
+                violations.push(format!("keel-debug check: {}", v.as_str().unwrap_or_default()));
             }
         }
         Err(e) => violations.push(format!(
-            "keel debug check printed no report ({e}): {}",
+            "keel-debug check printed no report ({e}): {}",
             String::from_utf8_lossy(&out.stderr)
         )),
     }

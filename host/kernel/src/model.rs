@@ -169,8 +169,10 @@ pub enum ModelDelta {
     Reasoning(String),
 }
 
-/// Price of a model per million tokens.
+/// Price of a model per million tokens (`[models.prices.MODEL]` in the config file: an unknown key
+/// is an error).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelPrice {
     /// Per million input tokens.
     pub input_per_mtok: Decimal,

@@ -290,7 +290,7 @@ async fn invalid_tool_input_goes_back_to_the_model() {
     assert_eq!(s.tools.count("fs/read"), 1, "only the valid call ran");
     let told = tool_messages(&s.model);
     assert!(
-        told[0].contains("invalid input") && told[0].contains("/path: expected string"),
+        told[0].contains("invalid input") && told[0].contains("/path: 42 is not of type \"string\""),
         "{told:?}"
     );
     assert_eq!(told[1], "contents");

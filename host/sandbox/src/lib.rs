@@ -21,6 +21,7 @@ pub mod info;
 mod open_at;
 mod preopen;
 mod sandbox;
+mod stdio;
 mod toolhost;
 
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
@@ -33,4 +34,5 @@ pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolI
 pub use sandbox::{
     CallReport, ExecReport, PreparedPlugin, Sandbox, SandboxError, ToolOutput, WIT_PACKAGE, WIT_VERSION,
 };
+pub use stdio::{OutputWriter, STREAM_BUDGET};
 pub use toolhost::{InstalledTool, SandboxToolHost};

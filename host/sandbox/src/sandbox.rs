@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use keel_kernel::tool::{Receipt, ToolCallContext, ToolError, ToolOutcome};
 use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
 
@@ -22,6 +21,10 @@ use crate::info::{
     Capabilities, FsMode, FsRequest, ImportSummary, NAME_RULE, PluginInfo, ToolInfo, check_guest_path, check_version,
     valid_name,
 };
+use crate::stdio::{GuestOutput, OutputWriter, StdioMode};
+
+/// How long the output a command wrote before its deadline may still take to reach its writers.
+const DRAIN_AFTER_DEADLINE: Duration = Duration::from_secs(1);
 
 /// The WIT package this host implements.
 pub const WIT_PACKAGE: &str = "keel:plugin";
@@ -158,8 +161,8 @@ impl CallReport {
 struct CallStore {
     store: Store<State>,
     journal: Arc<Mutex<CallJournal>>,
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
+    stdout: GuestOutput,
+    stderr: GuestOutput,
 }
 
 struct Inner {
@@ -553,7 +556,13 @@ impl Sandbox {
             stderr,
             ..
         } = self
-            .new_store(&Grants::default(), &[], &limits, None)
+            .new_store(
+                &Grants::default(),
+                &[],
+                &limits,
+                None,
+                StdioMode::Capture(limits.max_stdio_bytes as usize),
+            )
             .map_err(|e| SandboxError::Host(e.to_string()))?;
         let run = async {
             let tool = pre.instantiate_async(&mut store).await?;
@@ -563,7 +572,7 @@ impl Sandbox {
         let raw = match outcome {
             Ok(Ok(info)) => info,
             Ok(Err(e)) => {
-                let error = classify_error(e, &store, &stderr);
+                let error = classify_error(e, &store, &stderr.captured());
                 return Err(SandboxError::Describe(error.to_string()));
             }
             Err(_) => return Err(SandboxError::Describe("timed out".into())),
@@ -573,18 +582,17 @@ impl Sandbox {
     }
 
     /// Build a fresh store holding only `preopens` and the network and environment of `grants`,
-    /// under `limits`.
+    /// under `limits`, its stdout and stderr handled as `stdio` says.
     fn new_store(
         &self,
         grants: &Grants,
         preopens: &[Preopen],
         limits: &Limits,
         args: Option<&[String]>,
+        stdio: StdioMode,
     ) -> Result<CallStore, SandboxError> {
-        let stdout = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
-        let stderr = MemoryOutputPipe::new(limits.max_stdio_bytes as usize);
         let mut wasi = WasiCtxBuilder::new();
-        wasi.stdout(stdout.clone()).stderr(stderr.clone());
+        let (stdout, stderr) = stdio.attach(&mut wasi);
         if let Some(args) = args {
             wasi.args(args);
         }
@@ -690,7 +698,13 @@ impl Sandbox {
             journal,
             stdout,
             stderr,
-        } = match self.new_store(&grants, &preopens, &limits, None) {
+        } = match self.new_store(
+            &grants,
+            &preopens,
+            &limits,
+            None,
+            StdioMode::Capture(limits.max_stdio_bytes as usize),
+        ) {
             Ok(parts) => parts,
             Err(e) => return empty(ToolError::Host { message: e.to_string() }),
         };
@@ -766,7 +780,7 @@ impl Sandbox {
             Err(()) => Err(ToolError::TimedOut {
                 message: format!("the call did not finish within {} ms", limits.timeout_ms),
             }),
-            Ok(Err(e)) => Err(classify_error(e, &store, &stderr)),
+            Ok(Err(e)) => Err(classify_error(e, &store, &stderr.captured())),
             Ok(Ok(Err(error))) => Err(cap_error(error, limits.max_output_bytes)),
             Ok(Ok(Ok(json))) => {
                 if json.len() as u64 > limits.max_output_bytes {
@@ -811,13 +825,15 @@ impl Sandbox {
             logs_truncated: journal.logs_dropped > 0,
             progress: journal.progress,
             denials: journal.denials,
-            stdout: stdout.contents().to_vec(),
-            stderr: stderr.contents().to_vec(),
+            stdout: stdout.captured(),
+            stderr: stderr.captured(),
         }
     }
 
     /// Run a WASI command component (`wasi:cli/run`) under `grants` and `limits`, with `args`
-    /// (`args[0]` is the program name). Its stdout and stderr are captured (capped) and returned.
+    /// (`args[0]` is the program name), capturing its stdout and stderr: at most
+    /// `limits.max_stdio_bytes` of each. A program that writes more is not cut silently: its
+    /// status is [`ToolError::LimitExceeded`] (limit `stdout` or `stderr`), whatever it exited with.
     pub async fn exec(
         &self,
         wasm: &[u8],
@@ -825,6 +841,71 @@ impl Sandbox {
         limits: &Limits,
         args: &[String],
     ) -> Result<ExecReport, SandboxError> {
+        let cap = usize::try_from(limits.max_stdio_bytes).unwrap_or(usize::MAX);
+        // One byte past the cap tells "wrote exactly the cap" from "wrote more".
+        let (mut status, stdout, stderr) = self
+            .run_command(wasm, grants, limits, args, StdioMode::Capture(cap.saturating_add(1)))
+            .await?;
+        let (mut stdout, mut stderr) = (stdout.captured(), stderr.captured());
+        for (name, bytes) in [("stdout", &mut stdout), ("stderr", &mut stderr)] {
+            if bytes.len() > cap {
+                bytes.truncate(cap);
+                if !matches!(status, Err(ToolError::LimitExceeded { .. })) {
+                    status = Err(ToolError::LimitExceeded {
+                        limit: name.into(),
+                        message: format!(
+                            "the program wrote more than {cap} bytes to {name}; captured output is capped there"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(ExecReport { status, stdout, stderr })
+    }
+
+    /// Run a WASI command component like [`Sandbox::exec`], but stream its stdout and stderr to
+    /// `stdout` and `stderr` as it writes them, nothing kept: all of it arrives, in bounded host
+    /// memory (a writer that does not keep up makes the program wait, within its deadline). Returns
+    /// once everything written has reached the writers (and they are flushed); the report's
+    /// `stdout` and `stderr` are empty.
+    pub async fn exec_streaming(
+        &self,
+        wasm: &[u8],
+        grants: &Grants,
+        limits: &Limits,
+        args: &[String],
+        stdout: OutputWriter,
+        stderr: OutputWriter,
+    ) -> Result<ExecReport, SandboxError> {
+        let (status, mut out, mut err) = self
+            .run_command(wasm, grants, limits, args, StdioMode::Stream(stdout, stderr))
+            .await?;
+        let drain = async {
+            out.drain().await;
+            err.drain().await;
+        };
+        if matches!(status, Err(ToolError::TimedOut { .. })) {
+            // A program past its deadline gets only a moment more to have its output written.
+            let _ = tokio::time::timeout(DRAIN_AFTER_DEADLINE, drain).await;
+        } else {
+            drain.await;
+        }
+        Ok(ExecReport {
+            status,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        })
+    }
+
+    /// Instantiate and run a command; its exit status (or why it did not exit) and its outputs.
+    async fn run_command(
+        &self,
+        wasm: &[u8],
+        grants: &Grants,
+        limits: &Limits,
+        args: &[String],
+        stdio: StdioMode,
+    ) -> Result<(Result<i32, ToolError>, GuestOutput, GuestOutput), SandboxError> {
         check_header(wasm)?;
         let sha256 = sha256_hex(wasm);
         let (component, cache) = self.load_or_compile(&sha256, wasm).await?;
@@ -844,6 +925,7 @@ impl Sandbox {
             &grants.fs.iter().cloned().map(Preopen::whole).collect::<Vec<_>>(),
             limits,
             Some(args),
+            stdio,
         )?;
         let run = async {
             let command = pre.instantiate_async(&mut store).await?;
@@ -858,14 +940,11 @@ impl Sandbox {
             Ok(Ok(Err(()))) => Ok(1),
             Ok(Err(e)) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                 Some(exit) => Ok(exit.0),
-                None => Err(classify_error(e, &store, &stderr)),
+                None => Err(classify_error(e, &store, &stderr.captured())),
             },
         };
-        Ok(ExecReport {
-            status,
-            stdout: stdout.contents().to_vec(),
-            stderr: stderr.contents().to_vec(),
-        })
+        drop(store);
+        Ok((status, stdout, stderr))
     }
 }
 
@@ -874,9 +953,9 @@ impl Sandbox {
 pub struct ExecReport {
     /// Exit code, or why the program did not exit normally.
     pub status: Result<i32, ToolError>,
-    /// Captured stdout (capped).
+    /// Captured stdout (capped; empty when streamed).
     pub stdout: Vec<u8>,
-    /// Captured stderr (capped).
+    /// Captured stderr (capped; empty when streamed).
     pub stderr: Vec<u8>,
 }
 
@@ -948,7 +1027,7 @@ fn first_line(message: &str) -> String {
 }
 
 /// Turn a wasmtime error from instantiation or a call into a structured tool error.
-fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &MemoryOutputPipe) -> ToolError {
+fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &[u8]) -> ToolError {
     let limiter_hit = store.data().limiter.hit;
     if let Some(trap) = error.downcast_ref::<Trap>() {
         match trap {
@@ -1001,7 +1080,7 @@ fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &MemoryO
             message: "too many concurrent plugin calls; try again".into(),
         };
     }
-    let message = match (error.downcast_ref::<Trap>(), panic_message(&stderr.contents())) {
+    let message = match (error.downcast_ref::<Trap>(), panic_message(stderr)) {
         (_, Some(panic)) => format!("the plugin panicked: {panic}"),
         (Some(Trap::MemoryOutOfBounds), None) => format!(
             "the plugin trapped: {} (a guest stack overflow from deep recursion also ends this way)",

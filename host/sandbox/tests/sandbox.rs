@@ -186,3 +186,80 @@ async fn tool_host_lists_and_calls() {
         Err(ToolError::UnknownTool { .. })
     ));
 }
+
+fn spew(bytes: usize, stream: &str) -> Vec<String> {
+    ["cmd", "spew", &bytes.to_string(), stream].map(String::from).to_vec()
+}
+
+#[tokio::test]
+async fn exec_captures_up_to_the_cap_and_says_when_it_is_hit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(&dir);
+    let cmd = keel_testutil::guest_bytes("keel-test-cmd");
+    let limits = Limits {
+        max_stdio_bytes: 100_000,
+        ..Limits::default()
+    };
+    let exactly = sandbox
+        .exec(&cmd, &Grants::default(), &limits, &spew(100_000, "out"))
+        .await
+        .unwrap();
+    assert_eq!(exactly.status.unwrap(), 0);
+    assert_eq!(exactly.stdout.len(), 100_000);
+    for stream in ["out", "err"] {
+        let over = sandbox
+            .exec(&cmd, &Grants::default(), &limits, &spew(100_001, stream))
+            .await
+            .unwrap();
+        let captured = if stream == "out" { &over.stdout } else { &over.stderr };
+        assert_eq!(captured.len(), 100_000, "the cap is kept");
+        match over.status {
+            Err(ToolError::LimitExceeded { limit, message }) => {
+                assert_eq!(limit, format!("std{stream}"));
+                assert!(message.contains("more than 100000 bytes"), "{message}");
+            }
+            other => panic!("a cut capture must not pass as success: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn exec_streaming_delivers_everything_and_waits_for_a_slow_reader() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(&dir);
+    let cmd = keel_testutil::guest_bytes("keel-test-cmd");
+    let total = 8 << 20;
+    let (writer, mut reader) = tokio::io::duplex(4096);
+    let run = tokio::spawn(async move {
+        sandbox
+            .exec_streaming(
+                &cmd,
+                &Grants::default(),
+                &Limits::default(),
+                &spew(total, "out"),
+                Box::new(writer),
+                Box::new(tokio::io::sink()),
+            )
+            .await
+    });
+    // Nobody reads yet: the program cannot run ahead of its reader by more than a bounded buffer.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        !run.is_finished(),
+        "8 MiB went nowhere: the output was buffered without bound"
+    );
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = reader.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        received += n;
+    }
+    assert_eq!(received, total);
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.status.unwrap(), 0);
+    assert!(report.stdout.is_empty() && report.stderr.is_empty(), "nothing is kept");
+}

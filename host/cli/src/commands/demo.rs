@@ -1,6 +1,6 @@
 //! `keel demo`: a complete agent job with no API key and no network.
 //!
-//! A fresh temporary Keel home gets the example plugins (`hello`, `fs` with one read-only and one
+//! The Keel home named by `--home` / `KEEL_HOME` (else a fresh temporary one) gets the example plugins (`hello`, `fs` with one read-only and one
 //! read-write directory), a scripted model (`examples/demo/script.json`, embedded), the demo policy
 //! (`examples/policies/demo.toml`, embedded: writes need approval) and its SQLite database; then the
 //! job runs exactly as `keel run --auto-approve` would.
@@ -64,18 +64,52 @@ fn write(path: &Path, text: &str) -> Result<(), CliError> {
     std::fs::write(path, text).map_err(|e| CliError::internal(format!("cannot write {}: {e}", path.display())))
 }
 
-/// Run `keel demo`.
-pub async fn demo(args: DemoArgs) -> CliResult {
+/// Refuse a home whose `config.toml`, `policy.toml` or `demo-script.json` is not the demo's own:
+/// the demo writes them, and must not overwrite a user's configuration or policy.
+fn check_home_is_free(home: &Path) -> Result<(), CliError> {
+    for (name, text) in [
+        ("config.toml", CONFIG),
+        ("policy.toml", POLICY),
+        ("demo-script.json", SCRIPT),
+    ] {
+        let path = home.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(existing) if existing == text => {}
+            Ok(_) => {
+                return Err(CliError::user(format!(
+                    "{} exists and is not the demo's; run the demo in an empty Keel home (--home DIR) or in a temporary one (no --home and no KEEL_HOME)",
+                    path.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CliError::user(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+    Ok(())
+}
+
+/// Run `keel demo` in `home` (from `--home` / `KEEL_HOME`), or in a fresh temporary home when none
+/// was named.
+pub async fn demo(home: Option<&Path>, args: DemoArgs) -> CliResult {
     let hello = find(&args.plugins, &["hello.wasm"])?;
     let fs = find(&args.plugins, &["keel_plugin_fs.wasm", "fs.wasm"])?;
-    let home = std::env::temp_dir().join(format!("keel-demo-{}", uuid::Uuid::now_v7().simple()));
+    let home = match home {
+        Some(home) => {
+            check_home_is_free(home)?;
+            home.to_path_buf()
+        }
+        None => std::env::temp_dir().join(format!("keel-demo-{}", uuid::Uuid::now_v7().simple())),
+    };
+    keel_app::home::prepare_home(&home)?;
+    let home = std::fs::canonicalize(&home)
+        .map_err(|e| CliError::user(format!("cannot open Keel home {}: {e}", home.display())))?;
     let work = home.join("work");
     write(&work.join("data/notes.txt"), NOTES)?;
     std::fs::create_dir_all(work.join("out")).map_err(|e| CliError::internal(e.to_string()))?;
     write(&home.join("config.toml"), CONFIG)?;
     write(&home.join("demo-script.json"), SCRIPT)?;
     write(&home.join("policy.toml"), POLICY)?;
-    eprintln!("Keel home: {} (fresh; SQLite database keel.db)", home.display());
+    eprintln!("Keel home: {} (SQLite database keel.db)", home.display());
 
     let data = format!("{}::/data", work.join("data").display());
     let out = format!("{}::/out", work.join("out").display());

@@ -3,7 +3,6 @@
 pub mod actions;
 pub mod budgets;
 pub mod build;
-pub mod debug;
 pub mod demo;
 pub mod jobs;
 pub mod ledger;

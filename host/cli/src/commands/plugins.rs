@@ -762,19 +762,24 @@ pub async fn exec(home: &Path, args: ExecArgs) -> CliResult {
     let app = App::open(home).await?;
     let mut grants = Grants::default();
     args.grants.apply(&app, &mut grants)?;
-    let mut limits = app.config.limits.clone();
-    // A command's output is its product: capture far more than a tool's diagnostics.
-    limits.max_stdio_bytes = limits.max_stdio_bytes.max(16 << 20);
-    let limits = args.limits.apply(&limits)?;
+    let limits = args.limits.apply(&app.config.limits)?;
     let program = Path::new(&args.file)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let argv: Vec<String> = std::iter::once(program).chain(args.args).collect();
-    let report = app.sandbox.exec(&bytes, &grants, &limits, &argv).await?;
-    use std::io::Write;
-    let _ = std::io::stdout().write_all(&report.stdout);
-    let _ = std::io::stderr().write_all(&report.stderr);
+    // A command's output is its product: streamed as it is written, all of it, never capped.
+    let report = app
+        .sandbox
+        .exec_streaming(
+            &bytes,
+            &grants,
+            &limits,
+            &argv,
+            Box::new(tokio::io::stdout()),
+            Box::new(tokio::io::stderr()),
+        )
+        .await?;
     match report.status {
         Ok(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
         Err(error) => Err(CliError::plugin(error.to_string())),

@@ -541,7 +541,7 @@ async fn answer(
         screen.clear_status();
         prompt(&tool, &action.request).await
     } else {
-        let by_token = match issued.get(&id) {
+        let by_token = match issued.get(&id).filter(|_| !stderr_is_a_file()) {
             Some(token) => {
                 format!("\n  or with its one-time resume token: keel actions resolve {token} --approve|--deny")
             }
@@ -562,6 +562,17 @@ async fn answer(
         }
     }
     Ok(())
+}
+
+/// Whether stderr is a regular file (a log): a resume token is a secret and is never written to a
+/// file, so it is shown only on a terminal or a pipe.
+fn stderr_is_a_file() -> bool {
+    use std::os::fd::AsFd;
+    std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(|fd| std::fs::File::from(fd).metadata())
+        .is_ok_and(|m| m.file_type().is_file())
 }
 
 /// Ask on the terminal: approve / deny / approve for the session.

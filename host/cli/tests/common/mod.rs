@@ -13,6 +13,27 @@ pub fn keel(home: &Path, args: &[&str]) -> Command {
     command
 }
 
+/// `keel-debug ARGS` (the test-only kernel tools: `churn`, `recover`, `check`) with
+/// `KEEL_HOME=home`.
+pub fn keel_debug(home: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keel-debug"));
+    command.args(args).env("KEEL_HOME", home).env_remove("KEEL_LOG");
+    command
+}
+
+/// Run `keel-debug ARGS` to completion, expecting exit `code`.
+pub fn debug_expect(home: &Path, args: &[&str], code: i32) -> Output {
+    let out = keel_debug(home, args).output().expect("run keel-debug");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "keel-debug {args:?}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Run `keel ARGS` to completion.
 pub fn run(home: &Path, args: &[&str]) -> Output {
     keel(home, args).output().expect("run keel")

@@ -150,9 +150,10 @@ pub struct ExecutionResult {
     pub tool_result: Option<crate::journal::ToolResult>,
 }
 
-/// Tunables of the agent loop. Names match the `[agent]` config section and CLI flags.
+/// Tunables of the agent loop. Names match the `[agent]` config section and CLI flags; an unknown
+/// key is an error (a typo must not silently leave the default in force).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
     /// This host's lease-owner id (default: `host-<random>`). Must differ between processes.
     pub worker_id: Option<String>,
@@ -207,5 +208,31 @@ pub enum AgentError {
 impl From<crate::store::StoreError> for AgentError {
     fn from(e: crate::store::StoreError) -> Self {
         AgentError::Kernel(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentConfig;
+    use crate::KernelConfig;
+    use crate::model::ModelPrice;
+
+    /// A typo in a config section is an error naming the key, never a silently kept default.
+    #[test]
+    fn config_sections_refuse_unknown_keys() {
+        let agent = toml::from_str::<AgentConfig>("lease_tll_ms = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(agent.contains("`lease_tll_ms`"), "{agent}");
+        let kernel = toml::from_str::<KernelConfig>("hold_ttl = 5").unwrap_err().to_string();
+        assert!(kernel.contains("`hold_ttl`"), "{kernel}");
+        let price = toml::from_str::<ModelPrice>("input_per_mtok = \"1\"\noutput_per_mtok = \"1\"\ncached = \"1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(price.contains("`cached`"), "{price}");
+        let agent: AgentConfig = toml::from_str("lease_ttl_ms = 5").unwrap();
+        assert_eq!(agent.lease_ttl_ms, 5);
+        let kernel: KernelConfig = toml::from_str("hold_ttl_secs = 5").unwrap();
+        assert_eq!(kernel.hold_ttl_secs, 5);
     }
 }

@@ -40,9 +40,10 @@ use crate::event::{EventBus, RuntimeEvent};
 use crate::job::Job;
 use crate::store::{Batch, KernelStore, StoreError};
 
-/// Tunables of the kernel core. Names match the `[kernel]` config section and CLI flags.
+/// Tunables of the kernel core. Names match the `[kernel]` config section and CLI flags; an unknown
+/// key is an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct KernelConfig {
     /// Live events buffered per slow subscriber before it lags (and must re-read the store).
     pub event_buffer: usize,

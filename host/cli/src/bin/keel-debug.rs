@@ -1,23 +1,29 @@
-//! `keel debug churn|recover|check` (hidden): drive the durable kernel hard, recover it, and
-//! check its invariants. The crash-safety test (`tests/crash.rs`) SIGKILLs `churn` at random
-//! points and then runs `recover` and `check` on the same SQLite file.
+//! `keel-debug churn|recover|check`: drive the durable kernel hard, recover it, and check its
+//! invariants. The crash-safety test (`tests/crash.rs`) SIGKILLs `churn` at random points and then
+//! runs `recover` and `check` on the same SQLite file; the soak test checks with it too.
 //!
-//! `churn` reports what it committed, strictly after the commit returned:
-//! - stdout, one line per new job: `created KEY JOB_ID` (flushed);
-//! - `$KEEL_HOME/debug-tokens.txt`, one line per new action: `ACTION_ID TOKEN`.
+//! Test machinery, not part of Keel: this binary is built only with the `testing` feature, which
+//! the package's own tests enable (a dev-dependency of `keel` on itself) and release builds do not.
+//! The shipped `keel` has no such command.
+//!
+//! `churn` reports what it committed on stdout, strictly after the commit returned, one flushed
+//! line each:
+//! - `created KEY JOB_ID` per new job;
+//! - `token ACTION_ID TOKEN` per new action. Resume tokens are secrets: they go to the test
+//!   reading the pipe, never to a file. `check --tokens` reads `ACTION_ID TOKEN` lines back on
+//!   stdin and verifies that each still names its action.
 //!
 //! A line that was printed names state that must survive; a commit whose line was never printed
 //! may or may not be there.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use chrono::Duration;
-use clap::Subcommand;
+use clap::{Parser, Subcommand};
 use keel_kernel::action::{ActionFilter, ActionState, ActionType, NewAction, Resolution, ToolCallRef, hash_token};
 use keel_kernel::event::{EventFilter, EventQuery, EventType};
 use keel_kernel::job::{JobError, JobFilter, JobState, NewJob};
@@ -31,13 +37,76 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::output::{CliError, CliResult, print_json};
-use keel_app::kernel::open_kernel;
+/// A failed command: one sentence on stderr, exit 3.
+#[derive(Debug)]
+struct CliError {
+    message: String,
+}
+
+impl CliError {
+    fn internal(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+impl From<KernelError> for CliError {
+    fn from(error: KernelError) -> Self {
+        Self::internal(error.to_string())
+    }
+}
+
+impl From<keel_store::StoreError> for CliError {
+    fn from(error: keel_store::StoreError) -> Self {
+        Self::internal(error.to_string())
+    }
+}
+
+type CliResult = Result<ExitCode, CliError>;
+
+fn print_json(value: &impl Serialize) {
+    println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
+}
+
+/// `keel-debug`: kernel stress and invariant tools for Keel's tests.
+#[derive(Debug, Parser)]
+#[command(name = "keel-debug")]
+struct Cli {
+    /// Keel home directory (its `keel.db` is used).
+    #[arg(long, env = "KEEL_HOME")]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: DebugCommand,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match runtime.block_on(run(&cli.home, cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {}", error.message);
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// Open (creating if needed) `home/keel.db` and the kernel over it.
+async fn open_kernel(home: &Path) -> Result<Kernel, CliError> {
+    std::fs::create_dir_all(home).map_err(|e| CliError::internal(format!("cannot create {}: {e}", home.display())))?;
+    let db = keel_store::Database::open(&home.join("keel.db")).await?;
+    Ok(Kernel::new(Arc::new(db.kernel_store())))
+}
 
 /// Scope `churn` works in unless told otherwise.
 const CHURN_SCOPE: &str = "churn";
-/// File (in the Keel home) where `churn` appends the resume tokens it was handed.
-pub const TOKENS_FILE: &str = "debug-tokens.txt";
 /// Name of the total-window budget `churn` reserves against.
 const TOTAL_BUDGET: &str = "churn total";
 /// Name of the per-request budget `churn` reserves against (denies the largest requests).
@@ -50,9 +119,9 @@ const LONG_ACTION_TTL_SECS: i64 = 3600;
 /// Deadline of the jobs `churn` gives one (timed out by `recover --advance-secs 60`).
 const JOB_DEADLINE_SECS: i64 = 30;
 
-/// `keel debug ...` (hidden; for tests and benchmarks).
+/// `keel-debug ...`.
 #[derive(Debug, Subcommand)]
-pub enum DebugCommand {
+enum DebugCommand {
     /// Loop random job / ledger / action operations against the kernel.
     Churn {
         /// Scope (tenant).
@@ -86,14 +155,18 @@ pub enum DebugCommand {
         /// pending action or unfinished job may be past its expiry or deadline.
         #[arg(long)]
         recovered: bool,
+        /// Read `ACTION_ID TOKEN` lines (tokens `churn` printed) from stdin and check that each
+        /// token still names its action.
+        #[arg(long)]
+        tokens: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
 }
 
-/// Run a `keel debug` command.
-pub async fn run(home: &Path, cmd: DebugCommand) -> CliResult {
+/// Run a `keel-debug` command.
+async fn run(home: &Path, cmd: DebugCommand) -> CliResult {
     let kernel = open_kernel(home).await?;
     match cmd {
         DebugCommand::Churn {
@@ -101,7 +174,7 @@ pub async fn run(home: &Path, cmd: DebugCommand) -> CliResult {
             seed,
             ops,
             workers,
-        } => churn(&kernel, home, &scope, seed, ops, workers).await,
+        } => churn(&kernel, &scope, seed, ops, workers).await,
         DebugCommand::Recover { advance_secs, json } => {
             let now = kernel.clock().now() + Duration::seconds(advance_secs);
             let report = kernel.recover_and_sweep(now).await?;
@@ -115,8 +188,18 @@ pub async fn run(home: &Path, cmd: DebugCommand) -> CliResult {
             }
             Ok(ExitCode::SUCCESS)
         }
-        DebugCommand::Check { scope, recovered, json } => {
-            let report = check(&kernel, home, &scope, recovered).await?;
+        DebugCommand::Check {
+            scope,
+            recovered,
+            tokens,
+            json,
+        } => {
+            let tokens = if tokens {
+                read_tokens(std::io::stdin().lock())?
+            } else {
+                Vec::new()
+            };
+            let report = check(&kernel, &scope, recovered, &tokens).await?;
             if json {
                 print_json(&report);
             } else {
@@ -179,26 +262,26 @@ impl Rng {
     }
 }
 
-/// Where `churn` reports committed state.
+/// Where `churn` reports committed state: stdout, one flushed line per fact.
 struct Reporter {
-    tokens: Mutex<File>,
     stdout: Mutex<std::io::Stdout>,
 }
 
 impl Reporter {
-    fn job(&self, key: &str, id: Uuid) -> Result<(), CliError> {
+    fn line(&self, line: String) -> Result<(), CliError> {
         let mut out = self.stdout.lock().unwrap_or_else(|e| e.into_inner());
-        writeln!(out, "created {key} {id}")
+        // One write call per line: a kill leaves at most a torn last line, which readers drop.
+        out.write_all(format!("{line}\n").as_bytes())
             .and_then(|()| out.flush())
             .map_err(|e| CliError::internal(format!("cannot write to stdout: {e}")))
     }
 
+    fn job(&self, key: &str, id: Uuid) -> Result<(), CliError> {
+        self.line(format!("created {key} {id}"))
+    }
+
     fn token(&self, action: Uuid, token: &str) -> Result<(), CliError> {
-        // One write call per line: a kill leaves at most a torn last line.
-        let line = format!("{action} {token}\n");
-        let mut file = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(line.as_bytes())
-            .map_err(|e| CliError::internal(format!("cannot record a token: {e}")))
+        self.line(format!("token {action} {token}"))
     }
 }
 
@@ -225,25 +308,9 @@ async fn ensure_budgets(kernel: &Kernel, scope: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn churn(kernel: &Kernel, home: &Path, scope: &str, seed: u64, ops: u64, workers: u32) -> CliResult {
+async fn churn(kernel: &Kernel, scope: &str, seed: u64, ops: u64, workers: u32) -> CliResult {
     ensure_budgets(kernel, scope).await?;
-    let path = home.join(TOKENS_FILE);
-    // A previous run killed mid-line left a torn line: end it, so our first line stays whole.
-    if std::fs::read(&path).is_ok_and(|b| b.last().is_some_and(|c| *c != b'\n')) {
-        let mut f = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| CliError::internal(format!("cannot open {}: {e}", path.display())))?;
-        f.write_all(b"\n")
-            .map_err(|e| CliError::internal(format!("cannot write {}: {e}", path.display())))?;
-    }
-    let tokens = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(home.join(TOKENS_FILE))
-        .map_err(|e| CliError::internal(format!("cannot open {}: {e}", home.join(TOKENS_FILE).display())))?;
     let reporter = Arc::new(Reporter {
-        tokens: Mutex::new(tokens),
         stdout: Mutex::new(std::io::stdout()),
     });
     let mut tasks = Vec::new();
@@ -561,9 +628,9 @@ impl Worker {
 
 // ---- check ----
 
-/// What `keel debug check` found.
+/// What `keel-debug check` found.
 #[derive(Debug, Default, Serialize)]
-pub struct CheckReport {
+struct CheckReport {
     /// Jobs in the scope.
     pub jobs: usize,
     /// Jobs by state.
@@ -572,10 +639,8 @@ pub struct CheckReport {
     pub actions: usize,
     /// Reservations by state.
     pub reservations: BTreeMap<String, usize>,
-    /// Recorded tokens by the state of their action (`unknown`: no action has that token).
+    /// Tokens given on stdin, by the state of their action (`unknown`: no action has that token).
     pub tokens: BTreeMap<String, usize>,
-    /// Torn lines at the end of the tokens file (a kill mid-write).
-    pub torn_token_lines: usize,
     /// Summed usage entries of the ledger, as read row by row.
     pub ledger_usage: Usage,
     /// The same sum computed by the store.
@@ -586,40 +651,39 @@ pub struct CheckReport {
     pub violations: Vec<String>,
 }
 
-/// One recorded token: the action it was issued for and the token.
+/// One token `churn` reported: the action it was issued for and the token.
 #[derive(Debug, Clone)]
-pub struct RecordedToken {
-    /// Action id.
-    pub action: Uuid,
-    /// Token.
-    pub token: String,
+struct RecordedToken {
+    action: Uuid,
+    token: String,
 }
 
-/// Read the tokens file: complete lines, and the count of torn ones.
-pub fn read_tokens(path: &PathBuf) -> (Vec<RecordedToken>, usize) {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// Read `ACTION_ID TOKEN` lines; anything else is an error (the caller passes whole lines only).
+fn read_tokens(input: impl BufRead) -> Result<Vec<RecordedToken>, CliError> {
     let mut tokens = Vec::new();
-    let mut torn = 0;
-    for line in text.split_inclusive('\n') {
-        let parsed = line
-            .strip_suffix('\n')
-            .and_then(|l| l.split_once(' '))
-            .and_then(|(a, t)| {
-                let action = Uuid::parse_str(a).ok()?;
-                (t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit())).then(|| RecordedToken {
-                    action,
-                    token: t.to_string(),
-                })
-            });
-        match parsed {
-            Some(t) => tokens.push(t),
-            None => torn += 1,
+    for line in input.lines() {
+        let line = line.map_err(|e| CliError::internal(format!("cannot read stdin: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
         }
+        let parsed = line.split_once(' ').and_then(|(a, t)| {
+            let action = Uuid::parse_str(a).ok()?;
+            (t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit())).then(|| RecordedToken {
+                action,
+                token: t.to_string(),
+            })
+        });
+        tokens.push(parsed.ok_or_else(|| CliError::internal("stdin: expected `ACTION_ID TOKEN` lines"))?);
     }
-    (tokens, torn)
+    Ok(tokens)
 }
 
-async fn check(kernel: &Kernel, home: &Path, scope: &str, recovered: bool) -> Result<CheckReport, CliError> {
+async fn check(
+    kernel: &Kernel,
+    scope: &str,
+    recovered: bool,
+    recorded: &[RecordedToken],
+) -> Result<CheckReport, CliError> {
     let mut r = CheckReport::default();
     let now = kernel.clock().now();
     let store = kernel.store();
@@ -741,10 +805,8 @@ async fn check(kernel: &Kernel, home: &Path, scope: &str, recovered: bool) -> Re
         }
     }
 
-    // Tokens: every token handed out (and recorded) still names its action.
-    let (recorded, torn) = read_tokens(&home.join(TOKENS_FILE));
-    r.torn_token_lines = torn;
-    for t in &recorded {
+    // Tokens: every token handed out (and reported) still names its action.
+    for t in recorded {
         match store
             .get_action_by_token_hash(&hash_token(&t.token))
             .await

@@ -1,5 +1,5 @@
 //! The governed tool call: `keel call`, MCP `tools/call` and the HTTP API call a tool through
-//! here, and so through the kernel's one governed path ([`keel_kernel::RuntimeKernel::call_tool`]):
+//! here, and so through the kernel's one governed path ([`keel_kernel::AgentRuntime::call_tool`]):
 //! schema check, policy, approval, budget hold, sandboxed call, settlement with a receipt, events
 //! and journal. No front end reaches the sandbox any other way.
 

@@ -11,7 +11,7 @@ use keel_kernel::clock::SystemClock;
 use keel_kernel::context::PolicyRef;
 use keel_kernel::model::ModelProvider;
 use keel_kernel::policy::{Policy, SessionApprovals};
-use keel_kernel::{ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
+use keel_kernel::{AgentRuntime, ExecutionRequest, Kernel, KernelConfig};
 use keel_models::ModelRouter;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -219,7 +219,7 @@ mod model_delay {
 /// One Keel home opened for agent work: kernel over SQLite, model router, sandboxed tools, policy.
 pub struct AgentHost {
     /// The agent runtime (owner id unique to this process).
-    pub rt: RuntimeKernel,
+    pub rt: AgentRuntime,
     /// The kernel underneath.
     pub kernel: Kernel,
     /// How often to re-read the store (from `[agent] poll_ms`).
@@ -268,7 +268,7 @@ impl AgentHost {
         #[cfg(feature = "testing")]
         let models = model_delay::wrap(models);
         let tools = load_tools(app.clone(), patterns, limits, warm).await?;
-        let rt = RuntimeKernel::new(
+        let rt = AgentRuntime::new(
             kernel.clone(),
             models.clone(),
             Arc::new(tools),
@@ -310,7 +310,7 @@ async fn load_tools(
 /// Create `request` as a QUEUED agent job without running it here (`--detach`): the next worker
 /// claims it at once, since no lease is held.
 pub async fn enqueue(kernel: &Kernel, request: &ExecutionRequest) -> Result<(Uuid, bool), AppError> {
-    // The same job `RuntimeKernel::execute` creates, minus claiming it.
+    // The same job `AgentRuntime::execute` creates, minus claiming it.
     let new = new_job(request, kernel.clock().now()).map_err(agent_error)?;
     let created = kernel.jobs().create(new).await?;
     Ok((created.job.id, created.created))

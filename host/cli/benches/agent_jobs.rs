@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use keel_kernel::clock::SystemClock;
 use keel_kernel::job::JobState;
 use keel_kernel::policy::{Policy, SessionApprovals};
-use keel_kernel::{AgentConfig, ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
+use keel_kernel::{AgentConfig, AgentRuntime, ExecutionRequest, Kernel, KernelConfig};
 use keel_models::{ScriptedProvider, ScriptedTurn};
 use keel_sandbox::{Grants, InstalledTool, Sandbox, SandboxConfig, SandboxToolHost};
 use keel_store::Database;
 use serde_json::json;
 
-async fn runtime(dir: &std::path::Path, name: &str, turns: Vec<ScriptedTurn>) -> RuntimeKernel {
+async fn runtime(dir: &std::path::Path, name: &str, turns: Vec<ScriptedTurn>) -> AgentRuntime {
     let db = Database::open(&dir.join(format!("{name}.db")))
         .await
         .expect("open SQLite");
@@ -42,7 +42,7 @@ async fn runtime(dir: &std::path::Path, name: &str, turns: Vec<ScriptedTurn>) ->
             limits,
         }],
     );
-    RuntimeKernel::new(
+    AgentRuntime::new(
         kernel,
         Arc::new(ScriptedProvider::new(turns)),
         Arc::new(tools),
@@ -55,14 +55,14 @@ async fn runtime(dir: &std::path::Path, name: &str, turns: Vec<ScriptedTurn>) ->
     )
 }
 
-async fn one_job(rt: &RuntimeKernel) {
+async fn one_job(rt: &AgentRuntime) {
     let request = ExecutionRequest::new("bench", "scripted:bench", "greet Ada").with_tools(["hello/*"]);
     let handle = rt.execute(request).await.expect("execute");
     let result = handle.result().await.expect("result");
     assert_eq!(result.status, JobState::Succeeded, "{result:?}");
 }
 
-async fn measure(rt: &RuntimeKernel, jobs: usize, concurrency: usize) -> Duration {
+async fn measure(rt: &AgentRuntime, jobs: usize, concurrency: usize) -> Duration {
     let start = Instant::now();
     let per_worker = jobs.div_ceil(concurrency);
     let workers: Vec<_> = (0..concurrency)

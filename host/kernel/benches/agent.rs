@@ -20,11 +20,11 @@ use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::Message;
 use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::tool::{ToolCallContext, ToolHost};
-use keel_kernel::{AgentConfig, ExecutionRequest, Kernel, RuntimeKernel};
+use keel_kernel::{AgentConfig, AgentRuntime, ExecutionRequest, Kernel};
 use serde_json::json;
 
-fn runtime(script: Vec<Message>, tools: &FakeTools) -> RuntimeKernel {
-    RuntimeKernel::new(
+fn runtime(script: Vec<Message>, tools: &FakeTools) -> AgentRuntime {
+    AgentRuntime::new(
         Kernel::new(Arc::new(MemoryStore::new())),
         Arc::new(ScriptedModel::new(script)),
         Arc::new(tools.clone()),

@@ -23,6 +23,6 @@ pub mod services;
 pub mod store;
 pub mod tool;
 
-pub use agent::{AgentConfig, ExecutionHandle, ExecutionRequest, ExecutionResult, IssuedToken, RuntimeKernel};
+pub use agent::{AgentConfig, AgentRuntime, ExecutionHandle, ExecutionRequest, ExecutionResult, IssuedToken};
 pub use error::{KernelError, KernelResult};
 pub use services::{Kernel, KernelConfig};

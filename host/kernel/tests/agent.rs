@@ -16,7 +16,7 @@ use keel_kernel::ledger::{Budget, BudgetWindow, ExceedStrategy, LedgerKind, Ledg
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::{Message, Role};
 use keel_kernel::policy::{Policy, SessionApprovalStore, SessionApprovals};
-use keel_kernel::{AgentConfig, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
+use keel_kernel::{AgentConfig, AgentRuntime, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig};
 use rust_decimal::Decimal;
 use serde_json::json;
 
@@ -37,7 +37,7 @@ reason = "no shell access"
 "#;
 
 struct Setup {
-    rt: RuntimeKernel,
+    rt: AgentRuntime,
     model: Arc<ScriptedModel>,
     tools: FakeTools,
     approvals: Arc<SessionApprovals>,
@@ -54,7 +54,7 @@ fn setup_with(kernel: Kernel, script: Vec<Message>, tools: FakeTools, policy: &s
     let model = Arc::new(ScriptedModel::new(script).with_price(Decimal::from(1), Decimal::from(2)));
     let approvals = Arc::new(SessionApprovals::new());
     let policy = Arc::new(Policy::from_toml_str(policy, "test.toml").expect("policy"));
-    let rt = RuntimeKernel::new(
+    let rt = AgentRuntime::new(
         kernel,
         model.clone(),
         Arc::new(tools.clone()),

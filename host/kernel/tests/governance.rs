@@ -29,7 +29,7 @@ use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::store::{
     Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreResult,
 };
-use keel_kernel::{AgentConfig, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
+use keel_kernel::{AgentConfig, AgentRuntime, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig};
 use rust_decimal::Decimal;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -42,8 +42,8 @@ fn config() -> AgentConfig {
     }
 }
 
-fn host(kernel: Kernel, model: Arc<dyn ModelProvider>, tools: &FakeTools, policy: Policy) -> RuntimeKernel {
-    RuntimeKernel::new(
+fn host(kernel: Kernel, model: Arc<dyn ModelProvider>, tools: &FakeTools, policy: Policy) -> AgentRuntime {
+    AgentRuntime::new(
         kernel,
         model,
         Arc::new(tools.clone()),

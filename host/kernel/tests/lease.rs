@@ -28,7 +28,7 @@ use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::store::{
     Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreError, StoreResult,
 };
-use keel_kernel::{AgentConfig, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig, RuntimeKernel};
+use keel_kernel::{AgentConfig, AgentRuntime, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig};
 use rust_decimal::Decimal;
 use serde_json::json;
 use uuid::Uuid;
@@ -201,8 +201,8 @@ fn config() -> AgentConfig {
     }
 }
 
-fn host(kernel: Kernel, model: Arc<dyn ModelProvider>, tools: &FakeTools) -> RuntimeKernel {
-    RuntimeKernel::new(
+fn host(kernel: Kernel, model: Arc<dyn ModelProvider>, tools: &FakeTools) -> AgentRuntime {
+    AgentRuntime::new(
         kernel,
         model,
         Arc::new(tools.clone()),
@@ -254,7 +254,7 @@ async fn ledger(k: &Kernel, job: Uuid) -> Vec<LedgerEvent> {
 
 /// Claim orphans on `h` until one is free: a lease extended for a tool call covers the call's
 /// deadline (`tool_timeout_ms`) plus a margin.
-async fn claim_when_free(h: &RuntimeKernel) -> Vec<Uuid> {
+async fn claim_when_free(h: &AgentRuntime) -> Vec<Uuid> {
     let until = std::time::Instant::now() + Duration::from_millis(config().tool_timeout_ms + 2_000);
     loop {
         let got = h.resume_orphans(h.kernel().clock().now()).await.expect("claim");
@@ -703,7 +703,7 @@ async fn a_call_longer_than_its_holds_ttl_keeps_its_hold() {
         tokio::time::sleep(Duration::from_millis(2_500)).await;
         Ok(json!("ok"))
     });
-    let a = RuntimeKernel::new(
+    let a = AgentRuntime::new(
         kernel.clone(),
         scripted(vec![
             calls(0, &[("net__post", json!({}))]),

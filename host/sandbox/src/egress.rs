@@ -25,7 +25,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
 
 use crate::config::SandboxConfig;
 use crate::grants::{NetPolicy, is_non_public};
-use crate::host::{CallJournal, Denial, Traffic};
+use crate::host::{CallDiagnostics, Denial, Traffic};
 
 /// Resolves the host names of plugins' outgoing requests (see [`SandboxConfig::resolver`]).
 pub trait Resolver: Send + Sync + fmt::Debug {
@@ -88,7 +88,7 @@ pub(crate) type Sent = (
 pub(crate) async fn send(
     egress: Arc<Egress>,
     policy: Arc<NetPolicy>,
-    journal: Arc<Mutex<CallJournal>>,
+    journal: Arc<Mutex<CallDiagnostics>>,
     mut request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
 ) -> wasmtime_wasi_http::Result<Sent> {

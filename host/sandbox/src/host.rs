@@ -38,7 +38,7 @@ pub struct ProgressRecord {
 
 /// What the host collected during one call, shared with the HTTP hooks (which run in their own tasks).
 #[derive(Debug, Default)]
-pub struct CallJournal {
+pub struct CallDiagnostics {
     /// Logged lines kept.
     pub logs: Vec<LogRecord>,
     /// Bytes of log messages kept so far.
@@ -142,7 +142,7 @@ pub struct State {
     pub(crate) hooks: NetHooks,
     pub(crate) table: ResourceTable,
     pub(crate) limiter: Limiter,
-    pub(crate) journal: Arc<Mutex<CallJournal>>,
+    pub(crate) journal: Arc<Mutex<CallDiagnostics>>,
     pub(crate) max_log_bytes: u64,
 }
 
@@ -227,7 +227,7 @@ pub fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
 /// public unless private networks were granted (see [`crate::egress`]).
 pub struct NetHooks {
     pub(crate) policy: Arc<NetPolicy>,
-    pub(crate) journal: Arc<Mutex<CallJournal>>,
+    pub(crate) journal: Arc<Mutex<CallDiagnostics>>,
     pub(crate) connections: ConnectionBudget,
     pub(crate) egress: Arc<crate::egress::Egress>,
 }

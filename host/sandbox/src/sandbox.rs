@@ -16,7 +16,7 @@ use crate::config::{DescribeLimits, Limits, SandboxConfig};
 use crate::exports::ExportedFunc;
 use crate::grants::{Grants, NetPolicy, Preopen};
 use crate::host::bindings::{ToolPre, keel::plugin::types as wit};
-use crate::host::{CallJournal, ConnectionBudget, Denial, Limiter, LogRecord, NetHooks, ProgressRecord, State};
+use crate::host::{CallDiagnostics, ConnectionBudget, Denial, Limiter, LogRecord, NetHooks, ProgressRecord, State};
 use crate::info::{
     Capabilities, FsMode, FsRequest, ImportSummary, NAME_RULE, PluginInfo, ToolInfo, check_guest_path, check_version,
     valid_name,
@@ -160,7 +160,7 @@ impl CallReport {
 /// A fresh store plus the handles to what the guest produces during the call.
 struct CallStore {
     store: Store<State>,
-    journal: Arc<Mutex<CallJournal>>,
+    journal: Arc<Mutex<CallDiagnostics>>,
     stdout: GuestOutput,
     stderr: GuestOutput,
 }
@@ -613,7 +613,7 @@ impl Sandbox {
                 wasi.env(name, value);
             }
         }
-        let journal = Arc::new(Mutex::new(CallJournal::default()));
+        let journal = Arc::new(Mutex::new(CallDiagnostics::default()));
         // Every open file, directory, stream and HTTP request is a table entry: this caps them.
         let handles = usize::try_from(limits.max_handles).unwrap_or(usize::MAX);
         let mut table = ResourceTable::new();

@@ -8,7 +8,7 @@
 //! - `agent_sqlite/job_1_call`: one turn with 1 tool call, then the final answer.
 //! - `agent_sqlite/job_10_calls`: one turn with 10 concurrent tool calls, then the final answer.
 //!
-//! - `agent_sqlite/governed_call`: `RuntimeKernel::call_tool` (the one governed path: schema,
+//! - `agent_sqlite/governed_call`: `AgentRuntime::call_tool` (the one governed path: schema,
 //!   policy, hold, call, settle with receipt, events, journal) of the echo tool, durable.
 //! - `agent_sqlite/bare_commit`: one `BEGIN IMMEDIATE; INSERT; COMMIT` on the same file (the floor
 //!   a durable call is compared with).
@@ -30,7 +30,7 @@ use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::Message;
 use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::tool::{ToolCallContext, ToolHost};
-use keel_kernel::{AgentConfig, ExecutionRequest, Kernel, RuntimeKernel};
+use keel_kernel::{AgentConfig, AgentRuntime, ExecutionRequest, Kernel};
 use keel_store::Database;
 use serde_json::json;
 
@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
                 .expect("call")
         })
     });
-    let governed = RuntimeKernel::new(
+    let governed = AgentRuntime::new(
         kernel.clone(),
         Arc::new(ScriptedModel::new(vec![])),
         Arc::new(tools.clone()),
@@ -99,7 +99,7 @@ fn bench(c: &mut Criterion) {
     });
 
     for (name, n) in [("job_no_tools", 0), ("job_1_call", 1), ("job_10_calls", 10)] {
-        let agent = RuntimeKernel::new(
+        let agent = AgentRuntime::new(
             kernel.clone(),
             Arc::new(ScriptedModel::new(script(n))),
             Arc::new(tools.clone()),
@@ -125,7 +125,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("agent_memory");
     group.throughput(Throughput::Elements(1));
     let memory = Kernel::new(Arc::new(MemoryStore::new()));
-    let governed = RuntimeKernel::new(
+    let governed = AgentRuntime::new(
         memory,
         Arc::new(ScriptedModel::new(vec![])),
         Arc::new(tools.clone()),
@@ -147,7 +147,7 @@ fn bench(c: &mut Criterion) {
 }
 
 /// One governed call of the echo tool, to its end.
-async fn governed_call(agent: &RuntimeKernel, ctx: &ExecutionContext) {
+async fn governed_call(agent: &AgentRuntime, ctx: &ExecutionContext) {
     let h = agent
         .call_tool(ctx, "p/echo", json!({ "i": 1 }), None)
         .await

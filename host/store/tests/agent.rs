@@ -12,7 +12,7 @@ use keel_kernel::job::JobState;
 use keel_kernel::ledger::{LedgerKind, LedgerQuery, ReservationState};
 use keel_kernel::model::Message;
 use keel_kernel::policy::{Policy, SessionApprovals};
-use keel_kernel::{AgentConfig, ExecutionHandle, ExecutionRequest, Kernel, RuntimeKernel};
+use keel_kernel::{AgentConfig, AgentRuntime, ExecutionHandle, ExecutionRequest, Kernel};
 use keel_store::Database;
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -32,7 +32,7 @@ const TOOL_MS: u64 = 1_000;
 
 /// One "process": its own connection pool, kernel, runtime, model and tools.
 struct Host {
-    rt: RuntimeKernel,
+    rt: AgentRuntime,
     model: Arc<ScriptedModel>,
     tools: FakeTools,
 }
@@ -41,7 +41,7 @@ async fn host(path: &std::path::Path, script: Vec<Message>, tools: FakeTools, po
     let db = Database::open(path).await.expect("open");
     let kernel = Kernel::new(Arc::new(db.kernel_store()));
     let model = Arc::new(ScriptedModel::new(script).with_price(Decimal::from(1), Decimal::from(2)));
-    let rt = RuntimeKernel::new(
+    let rt = AgentRuntime::new(
         kernel,
         model.clone(),
         Arc::new(tools.clone()),

@@ -1,4 +1,4 @@
-//! The agent loop: [`RuntimeKernel::execute`] runs a prompt through model turns and tool calls
+//! The agent loop: [`AgentRuntime::execute`] runs a prompt through model turns and tool calls
 //! under policy, budgets, approvals and the journal, as a durable job.
 //!
 //! - One job per execution (kind [`AGENT_JOB_KIND`]); the [`ExecutionRequest`] is its input.
@@ -6,7 +6,7 @@
 //!   busy loop cannot starve it) and extended before every tool call to cover the call's
 //!   deadline. Expiry is judged on the store's clock, and every claim bumps the lease's epoch,
 //!   which every write of the loop is fenced by. A host that dies stops renewing;
-//!   [`RuntimeKernel::resume_orphans`] (run by [`RuntimeKernel::run_worker`]) claims
+//!   [`AgentRuntime::resume_orphans`] (run by [`AgentRuntime::run_worker`]) claims
 //!   QUEUED/RUNNING agent jobs whose lease expired and resumes them from their journal.
 //! - A job WAITING_ACTION is never claimed; resolving its action (from any process) moves it back
 //!   to RUNNING, and the owner's loop (or, if that host is gone, the next worker pass) continues.
@@ -41,12 +41,12 @@ use crate::tool::ToolHost;
 /// The job kind of agent executions (what `resume_orphans` claims).
 pub const AGENT_JOB_KIND: &str = "agent";
 
-/// Loads a job's recorded policy given only by reference (see [`RuntimeKernel::set_policy_loader`]):
+/// Loads a job's recorded policy given only by reference (see [`AgentRuntime::set_policy_loader`]):
 /// the policy, or one sentence saying why it cannot be applied.
 pub type PolicyLoader = Arc<dyn Fn(&PolicyRef) -> Result<Policy, String> + Send + Sync>;
 
 /// The job an execution of `request` is stored as (QUEUED, its input the request), for
-/// [`RuntimeKernel::execute`] and for front ends that queue a job without running it.
+/// [`AgentRuntime::execute`] and for front ends that queue a job without running it.
 pub fn new_job(request: &ExecutionRequest, now: DateTime<Utc>) -> Result<NewJob, AgentError> {
     let mut ctx = ExecutionContext::new(request.scope.clone());
     ctx.principal = request.principal.clone();
@@ -125,20 +125,20 @@ impl std::fmt::Debug for IssuedToken {
 /// The agent runtime of one host: the kernel plus a model provider, a tool host, a policy and
 /// the session-approval store. Cheap to clone.
 #[derive(Clone)]
-pub struct RuntimeKernel {
+pub struct AgentRuntime {
     inner: Arc<Inner>,
 }
 
-impl std::fmt::Debug for RuntimeKernel {
+impl std::fmt::Debug for AgentRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RuntimeKernel")
+        f.debug_struct("AgentRuntime")
             .field("owner", &self.inner.owner)
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
 }
 
-impl RuntimeKernel {
+impl AgentRuntime {
     /// An agent runtime over `kernel`.
     pub fn new(
         kernel: Kernel,
@@ -513,7 +513,7 @@ async fn run_job(inner: Arc<Inner>, job: Job, lease: Arc<run::LeaseState>) {
 /// A running (or finished) execution: its events, its result, its pending actions.
 #[derive(Debug, Clone)]
 pub struct ExecutionHandle {
-    rt: RuntimeKernel,
+    rt: AgentRuntime,
     job_id: Uuid,
     tenant: String,
 }

@@ -49,7 +49,7 @@ pub struct ExecutionRequest {
     /// Free-form metadata, stored with the job.
     pub metadata: BTreeMap<String, serde_json::Value>,
     /// A direct tool call instead of a model conversation: the job's only step is this call,
-    /// governed like an agent's (see [`crate::RuntimeKernel::call_tool`]).
+    /// governed like an agent's (see [`crate::AgentRuntime::call_tool`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub call: Option<DirectCall>,
 }

@@ -14,7 +14,7 @@ use keel_build::Lang;
 use serde_json::{Value, json};
 
 mod common;
-mod lang;
+mod langs;
 
 const TIMEOUT_MS: u64 = 2000;
 
@@ -74,7 +74,7 @@ fn assert_error(report: &Value, status: i32, kind: &str, needle: &str) {
 
 #[test]
 fn js_exec_runs_scripts_and_survives_hostile_ones() {
-    let wasm = lang::build(Lang::Js, "plugins/js-exec");
+    let wasm = langs::build(Lang::Js, "plugins/js-exec");
     let home = tempfile::tempdir().unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();

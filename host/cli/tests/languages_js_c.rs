@@ -11,7 +11,7 @@ use keel_build::Lang;
 use serde_json::{Value, json};
 
 mod common;
-mod lang;
+mod langs;
 
 /// What a call must give: the compact output JSON, or an error kind (and, for `denied`, the
 /// capability and target).
@@ -133,8 +133,8 @@ fn read_file_cases() -> Vec<(Value, Expect)> {
 #[test]
 fn textkit_in_js_and_c_gives_the_same_results() {
     let built: Vec<(&str, std::path::PathBuf)> = vec![
-        ("c", lang::build(Lang::C, "examples/c/textkit")),
-        ("js", lang::build(Lang::Js, "examples/js/textkit")),
+        ("c", langs::build(Lang::C, "examples/c/textkit")),
+        ("js", langs::build(Lang::Js, "examples/js/textkit")),
     ];
     // One home for the whole binary: the JS component is compiled to native code once.
     let home = tempfile::tempdir().unwrap();

@@ -21,6 +21,8 @@
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented pub fn.
 
+mod common;
+
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput};
@@ -78,25 +80,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| rt.block_on(governed_call(&governed, &call_ctx)))
     });
     let pool = db.pool().clone();
-    rt.block_on(async {
-        sqlx::query("CREATE TABLE IF NOT EXISTS bench_commit (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-            .execute(&pool)
-            .await
-            .unwrap();
-    });
-    group.bench_function("bare_commit", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
-                sqlx::query("INSERT INTO bench_commit (body) VALUES (?)")
-                    .bind("x")
-                    .execute(&mut *tx)
-                    .await
-                    .unwrap();
-                tx.commit().await.unwrap();
-            })
-        })
-    });
+    rt.block_on(common::create_bare_commit_table(&pool));
+    group.bench_function("bare_commit", |b| b.iter(|| rt.block_on(common::bare_commit(&pool))));
 
     for (name, n) in [("job_no_tools", 0), ("job_1_call", 1), ("job_10_calls", 10)] {
         let agent = AgentRuntime::new(

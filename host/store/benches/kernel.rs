@@ -14,6 +14,8 @@
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented pub fn.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,26 +68,10 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     let pool = db.pool().clone();
-    rt.block_on(async {
-        sqlx::query("CREATE TABLE IF NOT EXISTS bench_commit (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-            .execute(&pool)
-            .await
-            .unwrap();
-    });
+    rt.block_on(common::create_bare_commit_table(&pool));
     let mut group = c.benchmark_group("sqlite");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("bare_commit", |b| {
-        b.to_async(&rt).iter(|| async {
-            // Same shape as a kernel write: BEGIN IMMEDIATE on a pooled connection, one row, COMMIT.
-            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
-            sqlx::query("INSERT INTO bench_commit (body) VALUES (?)")
-                .bind("x")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
-        })
-    });
+    group.bench_function("bare_commit", |b| b.to_async(&rt).iter(|| common::bare_commit(&pool)));
     group.finish();
 }
 

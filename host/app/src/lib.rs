@@ -6,6 +6,7 @@
 //! `{cli, server, mcp} -> app -> {sandbox, store, models} -> kernel`.
 
 pub mod call;
+pub mod caller;
 pub mod error;
 pub mod home;
 pub mod install;
@@ -13,6 +14,7 @@ pub mod kernel;
 pub mod runtime;
 pub mod tools;
 
+pub use caller::{Caller, Role};
 pub use error::{AppError, ErrorKind};
 pub use home::App;
 pub use runtime::AgentHost;

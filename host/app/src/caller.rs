@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::AppError;
+
 /// What a caller may do within its scope. Ordered: each role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -41,6 +43,31 @@ impl Caller {
             scope: scope.into(),
             principal: None,
             role: Role::Admin,
+        }
+    }
+
+    /// Refuse a use case that needs more than this caller's role (deny by default: every use
+    /// case names the role it needs).
+    pub fn require(&self, needed: Role) -> Result<(), AppError> {
+        if self.role.allows(needed) {
+            Ok(())
+        } else {
+            Err(AppError::forbidden(format!(
+                "this needs the {} role; the caller has {}",
+                needed.name(),
+                self.role.name()
+            )))
+        }
+    }
+}
+
+impl Role {
+    /// The role's name as written in keys and configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Write => "write",
+            Role::Admin => "admin",
         }
     }
 }

@@ -10,6 +10,11 @@ pub enum ErrorKind {
     User,
     /// Keel itself failed (exit 3).
     Internal,
+    /// The thing asked for does not exist in the caller's scope (exit 2; HTTP 404). Another
+    /// scope's job or action is reported exactly like a missing one.
+    NotFound,
+    /// The caller's role does not allow this use case (exit 2; HTTP 403).
+    Forbidden,
 }
 
 /// A failed use case.
@@ -46,11 +51,27 @@ impl AppError {
         }
     }
 
+    /// Nothing by that name or id in the caller's scope.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::NotFound,
+            message: message.into(),
+        }
+    }
+
+    /// The caller's role is not enough.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Forbidden,
+            message: message.into(),
+        }
+    }
+
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self.kind {
             ErrorKind::Plugin => 1,
-            ErrorKind::User => 2,
+            ErrorKind::User | ErrorKind::NotFound | ErrorKind::Forbidden => 2,
             ErrorKind::Internal => 3,
         }
     }
@@ -59,7 +80,7 @@ impl AppError {
 impl From<keel_store::StoreError> for AppError {
     fn from(error: keel_store::StoreError) -> Self {
         match error {
-            keel_store::StoreError::NotFound(what) => AppError::user(format!("{what} not found")),
+            keel_store::StoreError::NotFound(what) => AppError::not_found(format!("{what} not found")),
             other => AppError::internal(other.to_string()),
         }
     }
@@ -70,7 +91,7 @@ impl From<keel_store::StoreError> for AppError {
 impl From<keel_kernel::store::StoreError> for AppError {
     fn from(error: keel_kernel::store::StoreError) -> Self {
         match error {
-            keel_kernel::store::StoreError::NotFound { .. } => AppError::user(error.to_string()),
+            keel_kernel::store::StoreError::NotFound { .. } => AppError::not_found(error.to_string()),
             other => AppError::internal(other.to_string()),
         }
     }
@@ -97,11 +118,10 @@ impl From<keel_kernel::KernelError> for AppError {
     fn from(error: keel_kernel::KernelError) -> Self {
         use keel_kernel::KernelError as E;
         match error {
-            // The caller named something that does not exist or cannot take this step.
+            // Not in the caller's scope (or nowhere): the same answer either way.
+            E::JobNotFound(_) | E::ActionNotFound(_) | E::InvalidToken => AppError::not_found(error.to_string()),
+            // The caller named something that cannot take this step.
             E::IllegalTransition { .. }
-            | E::JobNotFound(_)
-            | E::ActionNotFound(_)
-            | E::InvalidToken
             | E::ActionNotPending { .. }
             | E::ActionExpired(_)
             | E::CallDigestMismatch(_)

@@ -5,12 +5,18 @@
 //! arguments and renders results itself. Dependencies point one way:
 //! `{cli, server, mcp} -> app -> {sandbox, store, models} -> kernel`.
 
+pub mod actions;
 pub mod call;
 pub mod caller;
 pub mod error;
+pub mod events;
 pub mod home;
 pub mod install;
+pub mod jobs;
 pub mod kernel;
+pub mod ledger;
+pub mod plugins;
+pub mod policy;
 pub mod runtime;
 pub mod tools;
 

@@ -57,12 +57,6 @@ impl From<KernelError> for CliError {
     }
 }
 
-impl From<keel_store::StoreError> for CliError {
-    fn from(error: keel_store::StoreError) -> Self {
-        Self::internal(error.to_string())
-    }
-}
-
 type CliResult = Result<ExitCode, CliError>;
 
 fn print_json(value: &impl Serialize) {
@@ -100,9 +94,9 @@ fn main() -> ExitCode {
 
 /// Open (creating if needed) `home/keel.db` and the kernel over it.
 async fn open_kernel(home: &Path) -> Result<Kernel, CliError> {
-    std::fs::create_dir_all(home).map_err(|e| CliError::internal(format!("cannot create {}: {e}", home.display())))?;
-    let db = keel_store::Database::open(&home.join("keel.db")).await?;
-    Ok(Kernel::new(Arc::new(db.kernel_store())))
+    keel_app::kernel::open_kernel(home)
+        .await
+        .map_err(|e| CliError::internal(e.message))
 }
 
 /// Scope `churn` works in unless told otherwise.

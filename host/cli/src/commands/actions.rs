@@ -8,11 +8,13 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Subcommand};
-use keel_kernel::action::{Action, ActionFilter, ActionState, Resolution};
+use keel_app::Caller;
+use keel_app::actions::{ActionQuery, Decision, TokenAnswer, decide as decide_action, list_actions, resolve_by_token};
+use keel_app::kernel::{DEFAULT_SCOPE, open_kernel, parse_id, when};
+use keel_kernel::action::{Action, ActionState};
 use serde_json::Value;
 
 use crate::output::{CliError, CliResult, print_json, sanitize_line};
-use keel_app::kernel::{DEFAULT_SCOPE, open_kernel, parse_id, when};
 
 /// `keel actions ...`.
 #[derive(Debug, Subcommand)]
@@ -76,6 +78,9 @@ pub struct DecideArgs {
     /// Who decides (recorded with the resolution).
     #[arg(long, default_value = "operator")]
     by: String,
+    /// Also approve the same call for the rest of the job's session (approve only).
+    #[arg(long)]
+    for_session: bool,
     /// Print the resolved action as JSON.
     #[arg(long)]
     json: bool,
@@ -110,23 +115,16 @@ pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
         } => {
             let job_id = job.as_deref().map(|j| parse_id("job", j)).transpose()?;
             let kernel = open_kernel(home).await?;
-            if let Some(id) = job_id {
-                kernel.jobs().get(&scope, id).await?;
-            }
-            let states = match (all, states.is_empty()) {
-                (true, _) => vec![],
-                (false, true) => vec![ActionState::Pending],
-                (false, false) => states,
+            let query = ActionQuery {
+                job_id,
+                states: match (all, states.is_empty()) {
+                    (true, _) => vec![],
+                    (false, true) => vec![ActionState::Pending],
+                    (false, false) => states,
+                },
+                limit: None,
             };
-            let actions = kernel
-                .actions()
-                .list(&ActionFilter {
-                    tenant: scope.clone(),
-                    job_id,
-                    states,
-                    limit: None,
-                })
-                .await?;
+            let actions = list_actions(&kernel, &Caller::local_admin(&scope), &query).await?;
             if json {
                 print_json(&actions);
             } else if actions.is_empty() {
@@ -164,21 +162,21 @@ pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
                 std::io::stdin()
                     .read_to_string(&mut text)
                     .map_err(|e| CliError::user(format!("cannot read the token from stdin: {e}")))?;
-                text.trim().to_string()
+                text
             } else {
-                token.trim().to_string()
+                token
             };
-            if token.is_empty() {
+            if token.trim().is_empty() {
                 return Err(CliError::user("the resume token is empty"));
             }
-            let resolution = Resolution {
+            let answer = TokenAnswer {
                 approved: (approve || deny).then_some(approve),
                 value: parse_value(value.as_deref())?,
-                resolved_by: by,
-                call_digest: None,
+                by,
             };
             let kernel = open_kernel(home).await?;
-            let action = kernel.actions().resolve_by_token(&token, resolution).await?;
+            // Whoever holds the token may answer, in any scope of this home.
+            let action = resolve_by_token(&kernel, None, &token, answer).await?;
             report(&action, json);
         }
     }
@@ -187,14 +185,14 @@ pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
 
 async fn decide(home: &Path, args: DecideArgs, approved: bool) -> CliResult {
     let id = parse_id("action", &args.id)?;
-    let resolution = Resolution {
-        approved: Some(approved),
+    let decision = Decision {
+        approved,
+        for_session: args.for_session,
         value: parse_value(args.value.as_deref())?,
-        resolved_by: Some(args.by),
-        call_digest: None,
+        by: Some(args.by),
     };
     let kernel = open_kernel(home).await?;
-    let action = kernel.actions().resolve(&args.scope, id, resolution).await?;
+    let action = decide_action(&kernel, &Caller::local_admin(args.scope), id, decision).await?;
     report(&action, args.json);
     Ok(ExitCode::SUCCESS)
 }

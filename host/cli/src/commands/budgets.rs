@@ -5,11 +5,13 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use clap::Subcommand;
-use keel_kernel::ledger::{Budget, BudgetLimits, BudgetStatus, BudgetWindow, ExceedStrategy};
+use keel_app::Caller;
+use keel_app::kernel::{DEFAULT_SCOPE, open_kernel, parse_id};
+use keel_app::ledger::{BudgetRequest, budget_report, delete_budget, set_budget, window_name};
+use keel_kernel::ledger::{BudgetLimits, BudgetStatus, BudgetWindow, ExceedStrategy};
 use rust_decimal::Decimal;
 
-use crate::output::{CliError, CliResult, print_json};
-use keel_app::kernel::{DEFAULT_SCOPE, open_kernel, parse_id};
+use crate::output::{CliResult, print_json};
 
 /// `keel budgets ...`.
 #[derive(Debug, Subcommand)]
@@ -100,13 +102,6 @@ fn parse_decimal(s: &str) -> Result<Decimal, String> {
     Ok(d)
 }
 
-fn window_name(w: BudgetWindow) -> &'static str {
-    match w {
-        BudgetWindow::PerRequest => "request",
-        other => other.as_str(),
-    }
-}
-
 /// Run a `keel budgets` command.
 pub async fn run(home: &Path, cmd: BudgetsCommand) -> CliResult {
     match cmd {
@@ -124,47 +119,22 @@ pub async fn run(home: &Path, cmd: BudgetsCommand) -> CliResult {
             name,
             json,
         } => {
-            let limits = BudgetLimits {
-                max_tokens,
-                max_cost,
-                max_requests,
-                max_tool_calls,
+            let request = BudgetRequest {
+                principal,
+                session,
+                window,
+                limits: BudgetLimits {
+                    max_tokens,
+                    max_cost,
+                    max_requests,
+                    max_tool_calls,
+                },
+                warn_at,
+                on_exceed,
+                name,
             };
-            if limits == BudgetLimits::default() {
-                return Err(CliError::user(
-                    "a budget needs at least one of --max-tokens, --max-cost, --max-requests, --max-tool-calls",
-                ));
-            }
-            if warn_at.is_zero() || warn_at > Decimal::ONE {
-                return Err(CliError::user(format!("--warn-at {warn_at} must be in (0, 1]")));
-            }
-            if scope.trim().is_empty() {
-                return Err(CliError::user("--scope must not be empty"));
-            }
             let kernel = open_kernel(home).await?;
-            // "set" is idempotent per subject and window: replace rather than stack budgets.
-            let existing = kernel
-                .ledger()
-                .budgets(&scope)
-                .await?
-                .into_iter()
-                .find(|b| b.principal == principal && b.session == session && b.window == window);
-            let mut budget = existing.unwrap_or_else(|| Budget::new(scope.clone(), String::new(), window));
-            budget.name = name.unwrap_or_else(|| {
-                let subject = match (&principal, &session) {
-                    (Some(p), Some(s)) => format!("{p}@{s}"),
-                    (Some(p), None) => p.clone(),
-                    (None, Some(s)) => format!("session {s}"),
-                    (None, None) => scope.clone(),
-                };
-                format!("{subject} {}", window_name(window))
-            });
-            budget.principal = principal;
-            budget.session = session;
-            budget.limits = limits;
-            budget.warn_ratio = warn_at;
-            budget.strategy = on_exceed;
-            kernel.ledger().put_budget(budget.clone()).await?;
+            let budget = set_budget(&kernel, &Caller::local_admin(scope), request).await?;
             if json {
                 print_json(&budget);
             } else {
@@ -179,15 +149,7 @@ pub async fn run(home: &Path, cmd: BudgetsCommand) -> CliResult {
         BudgetsCommand::Remove { id, scope, json } => {
             let id = parse_id("budget", &id)?;
             let kernel = open_kernel(home).await?;
-            // The store deletes by bare id: check the scope first so scopes stay isolated.
-            let budget = kernel
-                .ledger()
-                .budgets(&scope)
-                .await?
-                .into_iter()
-                .find(|b| b.id == id)
-                .ok_or_else(|| CliError::user(format!("budget {id} not found in scope {scope}")))?;
-            kernel.ledger().delete_budget(id).await?;
+            let budget = delete_budget(&kernel, &Caller::local_admin(scope), id).await?;
             if json {
                 print_json(&budget);
             } else {
@@ -196,7 +158,7 @@ pub async fn run(home: &Path, cmd: BudgetsCommand) -> CliResult {
         }
         BudgetsCommand::Show { scope, json } => {
             let kernel = open_kernel(home).await?;
-            let report = kernel.ledger().budget_report(&scope).await?;
+            let report = budget_report(&kernel, &Caller::local_admin(&scope)).await?;
             if json {
                 print_json(&report);
             } else if report.is_empty() {

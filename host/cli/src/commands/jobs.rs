@@ -4,12 +4,13 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use keel_kernel::event::{EventFilter, EventQuery, RuntimeEvent};
-use keel_kernel::job::{Job, JobFilter, JobState};
-use serde_json::json;
-
-use crate::output::{CliError, CliResult, print_json, sanitize_line};
+use keel_app::Caller;
+use keel_app::jobs::{JobQuery, cancel_job, list_jobs, show_job};
 use keel_app::kernel::{DEFAULT_SCOPE, open_kernel, parse_id, when};
+use keel_kernel::event::RuntimeEvent;
+use keel_kernel::job::{Job, JobState};
+
+use crate::output::{CliResult, print_json, sanitize_line};
 
 /// `keel jobs ...`.
 #[derive(Debug, Subcommand)]
@@ -87,13 +88,13 @@ pub async fn run(home: &Path, cmd: JobsCommand) -> CliResult {
             limit,
             json,
         } => {
-            let filter = JobFilter {
+            let query = JobQuery {
                 states,
                 principal,
                 limit: (limit > 0).then_some(limit),
-                ..JobFilter::tenant(scope.clone())
+                ..JobQuery::default()
             };
-            let jobs = kernel.jobs().list(&filter).await?;
+            let jobs = list_jobs(&kernel, &Caller::local_admin(&scope), &query).await?.jobs;
             if json {
                 print_json(&jobs);
             } else if jobs.is_empty() {
@@ -114,19 +115,13 @@ pub async fn run(home: &Path, cmd: JobsCommand) -> CliResult {
         }
         JobsCommand::Show { id, scope, json } => {
             let id = parse_id("job", &id)?;
-            let job = kernel.jobs().get(&scope, id).await?;
-            let events = kernel
-                .read_events(&EventQuery {
-                    filter: EventFilter::job(id),
-                    ..EventQuery::default()
-                })
-                .await?;
+            let view = show_job(&kernel, &Caller::local_admin(scope), id).await?;
             if json {
-                print_json(&json!({ "job": job, "events": events }));
+                print_json(&serde_json::to_value(&view).expect("job view serializes"));
             } else {
-                print_job(&job);
-                println!("events ({}):", events.len());
-                for event in &events {
+                print_job(&view.job);
+                println!("events ({}):", view.events.len());
+                for event in &view.events {
                     print_event(event);
                 }
             }
@@ -138,12 +133,7 @@ pub async fn run(home: &Path, cmd: JobsCommand) -> CliResult {
             json,
         } => {
             let id = parse_id("job", &id)?;
-            // Tenant check first: mutating manager calls take bare ids.
-            let job = kernel.jobs().get(&scope, id).await?;
-            if job.state.is_terminal() {
-                return Err(CliError::user(format!("job {id} already finished ({})", job.state)));
-            }
-            let job = kernel.jobs().cancel(id, &reason).await?;
+            let job = cancel_job(&kernel, &Caller::local_admin(scope), id, &reason).await?;
             if json {
                 print_json(&job);
             } else {

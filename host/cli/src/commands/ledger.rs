@@ -4,10 +4,10 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use keel_kernel::ledger::{LedgerQuery, UsageQuery};
-use serde_json::json;
+use keel_app::Caller;
+use keel_app::ledger::{UsageRequest, usage};
 
-use crate::output::{CliError, CliResult, print_json};
+use crate::output::{CliResult, print_json};
 use keel_app::kernel::{DEFAULT_SCOPE, DayEdge, open_kernel, parse_id, parse_time};
 
 /// `keel ledger ...`.
@@ -59,48 +59,21 @@ pub async fn run(home: &Path, cmd: LedgerCommand) -> CliResult {
                 .as_deref()
                 .map(|s| parse_time("--until", s, DayEdge::End))
                 .transpose()?;
-            if let (Some(from), Some(to)) = (from, to)
-                && from >= to
-            {
-                return Err(CliError::user(format!(
-                    "--since ({from}) must be before --until ({to})"
-                )));
-            }
             let job_id = job.as_deref().map(|j| parse_id("job", j)).transpose()?;
-            let query = UsageQuery {
-                tenant: scope.clone(),
+            let request = UsageRequest {
                 principal,
                 session,
                 job_id,
-                from,
-                to,
+                since: from,
+                until: to,
+                // Every entry in the range, each tool call's with its receipt (`data.receipt`).
+                entries: json,
             };
             let kernel = open_kernel(home).await?;
-            let usage = kernel.ledger().usage(&query).await?;
+            let report = usage(&kernel, &Caller::local_admin(&scope), &request).await?;
+            let (usage, query) = (&report.usage, &report);
             if json {
-                // Every entry in the range, each tool call's with its receipt (`data.receipt`).
-                let entries = kernel
-                    .ledger()
-                    .entries(&LedgerQuery {
-                        tenant: scope.clone(),
-                        principal: query.principal.clone(),
-                        session: query.session.clone(),
-                        job_id: query.job_id,
-                        from,
-                        to,
-                        ..LedgerQuery::default()
-                    })
-                    .await?;
-                print_json(&json!({
-                    "scope": scope,
-                    "principal": query.principal,
-                    "session": query.session,
-                    "job_id": query.job_id,
-                    "since": from,
-                    "until": to,
-                    "usage": usage,
-                    "entries": entries,
-                }));
+                print_json(&serde_json::to_value(&report).expect("usage report serializes"));
             } else {
                 let mut subject = format!("scope {scope}");
                 if let Some(p) = &query.principal {
@@ -112,7 +85,7 @@ pub async fn run(home: &Path, cmd: LedgerCommand) -> CliResult {
                 if let Some(j) = &query.job_id {
                     subject.push_str(&format!(", job {j}"));
                 }
-                let range = match (from, to) {
+                let range = match (report.since, report.until) {
                     (None, None) => "all time".to_string(),
                     (Some(f), None) => format!("since {}", f.to_rfc3339()),
                     (None, Some(t)) => format!("before {}", t.to_rfc3339()),

@@ -7,15 +7,15 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use keel_kernel::tool::ToolError;
-use keel_sandbox::{FsGrant, FsMode, Grants, Limits, PluginInfo, PreparedPlugin};
-use keel_store::plugins::PluginRecord;
-// The registry is a kernel trait; `Database` implements it.
-use keel_kernel::registry::PluginRegistry as _;
+use keel_sandbox::{Grants, Limits, PluginInfo, PreparedPlugin};
 use serde_json::{Value, json};
 
+use keel_app::Caller;
 use keel_app::call::{CallOutcome, CallRequest};
 use keel_app::home::{App, grants_of};
-use keel_app::install::{InstallRequest, Installed, describe_grants, reach_warnings};
+use keel_app::install::{InstallRequest, Installed, describe_grants};
+use keel_app::kernel::DEFAULT_SCOPE;
+use keel_app::plugins::{GrantRequest, GrantsChanged, LimitOverrides, PluginRecord, PluginView, RevokeRequest};
 use keel_app::runtime::{AgentHost, PolicyChoice};
 
 use crate::commands::run::{AgentArgs, FollowOptions, follow_to_end};
@@ -42,52 +42,20 @@ pub struct GrantArgs {
 }
 
 impl GrantArgs {
-    fn is_empty(&self) -> bool {
-        self.read.is_empty()
-            && self.write.is_empty()
-            && self.net.is_empty()
-            && self.env.is_empty()
-            && !self.allow_private_network
+    /// The grants these flags ask for.
+    fn request(&self) -> GrantRequest {
+        GrantRequest {
+            read: self.read.clone(),
+            write: self.write.clone(),
+            net: self.net.clone(),
+            env: self.env.clone(),
+            allow_private_network: self.allow_private_network,
+        }
     }
 
-    /// Add these grants to `grants` (validated; duplicates collapse, a write grant upgrades a read one).
-    /// No directory grant may reach the Keel home of `app` (see [`App::check_grants`]).
+    /// Add these grants to `grants` (see [`GrantRequest::apply`]).
     fn apply(&self, app: &App, grants: &mut Grants) -> Result<(), CliError> {
-        let specs = self
-            .read
-            .iter()
-            .map(|s| (s, FsMode::Read))
-            .chain(self.write.iter().map(|s| (s, FsMode::ReadWrite)));
-        for (spec, mode) in specs {
-            let grant = FsGrant::parse(spec, mode)?;
-            match grants
-                .fs
-                .iter_mut()
-                .find(|g| g.host == grant.host && g.guest == grant.guest)
-            {
-                Some(existing) => {
-                    existing.mode = existing.mode.max(mode);
-                    // Granting it again accepts the directory there now.
-                    existing.identity = grant.identity;
-                }
-                None => grants.fs.push(grant),
-            }
-        }
-        for host in &self.net {
-            keel_sandbox::grants::validate_host_pattern(host)?;
-            if !grants.net.iter().any(|h| h.eq_ignore_ascii_case(host)) {
-                grants.net.push(host.to_ascii_lowercase());
-            }
-        }
-        for var in &self.env {
-            keel_sandbox::grants::validate_env_name(var)?;
-            if !grants.env.contains(var) {
-                grants.env.push(var.clone());
-            }
-        }
-        grants.allow_private_network |= self.allow_private_network;
-        app.check_grants(grants)
-            .map_err(|e| CliError::user(format!("refused grant: {e}")))
+        self.request().apply(app, grants)
     }
 }
 
@@ -109,27 +77,22 @@ pub struct LimitArgs {
 }
 
 impl LimitArgs {
+    /// The overrides these flags ask for.
+    fn request(&self) -> LimitOverrides {
+        LimitOverrides {
+            memory_mb: self.memory_mb,
+            timeout_ms: self.timeout_ms,
+            fuel: self.fuel,
+            max_output_bytes: self.max_output_bytes,
+        }
+    }
+
     fn overrides(&self) -> serde_json::Map<String, Value> {
-        let mut map = serde_json::Map::new();
-        if let Some(mb) = self.memory_mb {
-            map.insert("memory_bytes".into(), json!(mb << 20));
-        }
-        if let Some(ms) = self.timeout_ms {
-            map.insert("timeout_ms".into(), json!(ms));
-        }
-        if let Some(fuel) = self.fuel {
-            map.insert("fuel".into(), json!(fuel));
-        }
-        if let Some(bytes) = self.max_output_bytes {
-            map.insert("max_output_bytes".into(), json!(bytes));
-        }
-        map
+        self.request().to_map()
     }
 
     fn apply(&self, limits: &Limits) -> Result<Limits, CliError> {
-        limits
-            .overridden_by(&Value::Object(self.overrides()))
-            .map_err(|e| CliError::user(format!("invalid limit: {e}")))
+        self.request().apply(limits)
     }
 }
 
@@ -310,7 +273,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
     let name = &record.name;
     let grants = grants_of(&record)?;
     if args.json {
-        let mut value = record_json(&record, &app.config.limits);
+        let mut value = plugin_json(&PluginView::of(&record, &app.config.limits));
         value["compiled"] = json!(plugin.cache == keel_sandbox::CacheOutcome::Compiled);
         value["load_ms"] = json!(plugin.load_time.as_secs_f64() * 1e3);
         value["notes"] = json!(notes);
@@ -407,66 +370,49 @@ fn print_plugin(info: &PluginInfo, imports: &keel_sandbox::ImportSummary, grants
     }
 }
 
-fn record_json(record: &PluginRecord, global: &Limits) -> Value {
-    json!({
-        "name": record.name,
-        "version": record.version,
-        "description": record.description,
-        "sha256": record.sha256,
-        "tools": record.info["tools"],
-        "imports": record.imports,
-        "grants": record.grants,
-        "limit_overrides": record.limits,
-        "limits": global.overridden_by(&record.limits).ok(),
-        "installed_at": record.installed_at,
-        "updated_at": record.updated_at,
-    })
+/// A plugin as JSON (keys in order, as the JSON object of every other command).
+fn plugin_json(view: &PluginView) -> Value {
+    serde_json::to_value(view).expect("plugin view serializes")
 }
 
 /// `keel plugins ...`.
 pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
     let app = App::open(home).await?;
+    // The registry is the home's, not a scope's: the local user administers it.
+    let caller = Caller::local_admin(DEFAULT_SCOPE);
     match command {
         PluginsCommand::List { json } => {
-            let records = app.db.list_plugins().await?;
+            let plugins = app.list_plugins(&caller).await?;
             if json {
-                print_json(
-                    &records
-                        .iter()
-                        .map(|r| record_json(r, &app.config.limits))
-                        .collect::<Vec<_>>(),
-                );
-            } else if records.is_empty() {
+                print_json(&plugins.iter().map(plugin_json).collect::<Vec<_>>());
+            } else if plugins.is_empty() {
                 println!("no plugins installed (use `keel install FILE.wasm`)");
             } else {
-                for record in records {
-                    let tools = record.info["tools"].as_array().map(Vec::len).unwrap_or(0);
+                for plugin in plugins {
                     println!(
                         "{:<20} {:<10} {:>2} tool(s)  granted: {}",
-                        sanitize_line(&record.name),
-                        sanitize_line(&record.version),
-                        tools,
-                        describe_grants(&grants_of(&record)?)
+                        sanitize_line(&plugin.name),
+                        sanitize_line(&plugin.version),
+                        plugin.tool_count(),
+                        describe_grants(&plugin.granted()?)
                     );
                 }
             }
         }
         PluginsCommand::Show { name, json } => {
-            let record = app.record(&name).await?;
+            let plugin = app.show_plugin(&caller, &name).await?;
             if json {
-                print_json(&record_json(&record, &app.config.limits));
+                print_json(&plugin_json(&plugin));
             } else {
-                let info: PluginInfo = serde_json::from_value(record.info.clone())
-                    .map_err(|e| CliError::internal(format!("stored description of `{name}` is invalid: {e}")))?;
-                let imports = serde_json::from_value(record.imports.clone()).unwrap_or_default();
+                let info = plugin.info()?;
                 println!(
                     "{} {} (sha256 {})",
-                    sanitize_line(&record.name),
-                    sanitize_line(&record.version),
-                    record.sha256
+                    sanitize_line(&plugin.name),
+                    sanitize_line(&plugin.version),
+                    plugin.sha256
                 );
-                print_plugin(&info, &imports, &grants_of(&record)?);
-                let limits = app.limits_of(&record).unwrap_or_default();
+                print_plugin(&info, &plugin.import_summary(), &plugin.granted()?);
+                let limits = plugin.limits.clone().unwrap_or_default();
                 println!(
                     "  limits:   memory {} MiB, timeout {} ms, output {} bytes{}",
                     limits.memory_bytes >> 20,
@@ -481,15 +427,8 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
             grants: args,
             json,
         } => {
-            let record = app.record(&name).await?;
-            if args.is_empty() {
-                return Err(CliError::user(
-                    "nothing to grant: pass --allow-read, --allow-write, --allow-net or --allow-env",
-                ));
-            }
-            let mut grants = grants_of(&record)?;
-            args.apply(&app, &mut grants)?;
-            save_grants(&app, &record, &grants, json).await?;
+            let changed = app.grant(&caller, &name, &args.request()).await?;
+            print_grants(&changed, json);
         }
         PluginsCommand::Revoke {
             name,
@@ -500,41 +439,15 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
             all,
             json,
         } => {
-            let record = app.record(&name).await?;
-            let mut grants = grants_of(&record)?;
-            if all {
-                grants = Grants::default();
-            }
-            for dir in &dirs {
-                let canonical = std::fs::canonicalize(dir).ok();
-                let before = grants.fs.len();
-                grants
-                    .fs
-                    .retain(|g| g.guest != *dir && Some(&g.host) != canonical.as_ref() && g.host != Path::new(dir));
-                if grants.fs.len() == before {
-                    return Err(CliError::user(format!("`{name}` has no grant for directory {dir}")));
-                }
-            }
-            for host in &net {
-                let before = grants.net.len();
-                grants.net.retain(|h| !h.eq_ignore_ascii_case(host));
-                if grants.net.len() == before {
-                    return Err(CliError::user(format!("`{name}` has no network grant for {host}")));
-                }
-            }
-            for var in &env {
-                let before = grants.env.len();
-                grants.env.retain(|v| v != var);
-                if grants.env.len() == before {
-                    return Err(CliError::user(format!(
-                        "`{name}` has no grant for environment variable {var}"
-                    )));
-                }
-            }
-            if private_network {
-                grants.allow_private_network = false;
-            }
-            save_grants(&app, &record, &grants, json).await?;
+            let request = RevokeRequest {
+                dirs,
+                net,
+                env,
+                private_network,
+                all,
+            };
+            let changed = app.revoke(&caller, &name, &request).await?;
+            print_grants(&changed, json);
         }
         PluginsCommand::Limits {
             name,
@@ -542,22 +455,10 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
             reset,
             json,
         } => {
-            let mut record = app.record(&name).await?;
-            let mut overrides = if reset {
-                serde_json::Map::new()
-            } else {
-                record.limits.as_object().cloned().unwrap_or_default()
-            };
-            overrides.extend(limits.overrides());
-            record.limits = Value::Object(overrides);
-            let effective = app
-                .config
-                .limits
-                .overridden_by(&record.limits)
-                .map_err(|e| CliError::user(format!("invalid limit: {e}")))?;
-            app.db.upsert_plugin(&record).await?;
+            let changed = app.set_limits(&caller, &name, &limits.request(), reset).await?;
+            let effective = &changed.limits;
             if json {
-                print_json(&effective);
+                print_json(effective);
             } else {
                 println!(
                     "{name}: memory {} MiB, timeout {} ms, output {} bytes{}",
@@ -569,39 +470,26 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
             }
         }
         PluginsCommand::Remove { name, json } => {
-            let record = app.record(&name).await?;
-            app.db.remove_plugin(&name).await?;
-            if !app.db.component_in_use(&record.sha256).await? {
-                let _ = app.components.remove(&record.sha256);
-            }
+            let removed = app.remove_plugin(&caller, &name).await?;
             if json {
-                print_json(&json!({"removed": name}));
+                print_json(&removed);
             } else {
-                println!("removed {name}");
+                println!("removed {}", removed.removed);
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn save_grants(app: &App, record: &PluginRecord, grants: &Grants, json: bool) -> Result<(), CliError> {
-    app.db
-        .set_plugin_grants(&record.name, &serde_json::to_value(grants).expect("grants serialize"))
-        .await?;
+fn print_grants(changed: &GrantsChanged, json: bool) {
     if json {
-        print_json(grants);
+        print_json(&changed.grants);
     } else {
-        println!("{} granted: {}", record.name, describe_grants(grants));
-        let imports = serde_json::from_value::<keel_sandbox::ImportSummary>(record.imports.clone());
-        let info = serde_json::from_value::<PluginInfo>(record.info.clone());
-        if let (Ok(imports), Ok(info)) = (imports, info) {
-            // Skip the "requested but not granted" note: the user is granting right now.
-            for note in reach_warnings(&info, &imports, grants).into_iter().skip(1) {
-                println!("note: {}", sanitize_line(&note));
-            }
+        println!("{} granted: {}", changed.name, describe_grants(&changed.grants));
+        for note in &changed.notes {
+            println!("note: {}", sanitize_line(note));
         }
     }
-    Ok(())
 }
 
 /// `keel call`: one governed tool call (policy, approval, budget hold, sandbox, ledger entry

@@ -12,10 +12,9 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use clap::{ArgGroup, Subcommand};
-use keel_kernel::policy::{
-    Decimal, Policy, PolicyDecision, PolicyError, PolicyRequest, PolicySummary, SessionApprovalStore, SessionApprovals,
-};
-use serde_json::{Value, json};
+use keel_app::policy::{DryRunRequest, DryRunTarget, PolicyCheck, check_policy, dry_run, load_policy};
+use keel_kernel::policy::{Decimal, PolicyDecision, PolicySummary};
+use serde_json::Value;
 
 use crate::output::{CliError, CliResult, print_json};
 
@@ -97,120 +96,61 @@ pub fn run(home: &Path, command: PolicyCommand) -> CliResult {
             json,
         } => {
             let file = file.unwrap_or_else(|| home.join(DEFAULT_POLICY_FILE));
-            let policy = load(&file)?;
-            let approvals = SessionApprovals::new();
-            let decision = match (tool.as_deref(), model.as_deref()) {
-                (Some(tool), _) => {
-                    let arguments: Value = serde_json::from_str(&args)
-                        .map_err(|e| CliError::user(format!("--args is not valid JSON: {e}")))?;
-                    if session_approved && let Some(session) = &session {
-                        approvals.approve_call(session, tool, &arguments);
-                    }
-                    policy.evaluate_with(
-                        &PolicyRequest::Tool {
-                            tool,
-                            arguments: &arguments,
-                            scope: &scope,
-                            principal: &principal,
-                            session: session.as_deref(),
-                            tool_calls_this_turn,
-                            turn,
-                        },
-                        &approvals,
-                    )
-                }
-                (None, Some(model)) => {
-                    let estimated_cost = Decimal::from_str(cost.trim())
-                        .map_err(|_| CliError::user(format!("--cost `{cost}` is not a decimal amount")))?;
-                    policy.evaluate(&PolicyRequest::Model {
-                        model,
-                        scope: &scope,
-                        principal: &principal,
-                        max_tokens,
-                        estimated_cost,
-                        turn,
-                    })
-                }
+            // The file is read first: a missing policy is the first thing to say.
+            load_policy(&file)?;
+            let target = match (tool, model) {
+                (Some(tool), _) => DryRunTarget::Tool {
+                    arguments: serde_json::from_str::<Value>(&args)
+                        .map_err(|e| CliError::user(format!("--args is not valid JSON: {e}")))?,
+                    tool,
+                    session_approved,
+                },
+                (None, Some(model)) => DryRunTarget::Model {
+                    model,
+                    max_tokens,
+                    cost: Decimal::from_str(cost.trim())
+                        .map_err(|_| CliError::user(format!("--cost `{cost}` is not a decimal amount")))?,
+                },
                 (None, None) => return Err(CliError::user("pass --tool or --model")),
             };
-            let target = tool.or(model).unwrap_or_default();
+            let request = DryRunRequest {
+                target,
+                scope,
+                principal,
+                session,
+                tool_calls_this_turn,
+                turn,
+            };
+            let outcome = dry_run(&file, &request)?;
             if json {
-                print_json(&decision_json(&file, &target, &decision));
+                print_json(&outcome.to_json());
             } else {
-                print!("{}", render_decision(&target, &decision));
+                print!("{}", render_decision(&outcome.target, &outcome.decision));
             }
-            Ok(decision_exit_code(&decision))
+            Ok(if outcome.permitted() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }
 
 fn check(file: &Path, json: bool) -> CliResult {
-    match Policy::load(file) {
-        Ok(policy) => {
-            let summary = policy.summary();
-            if json {
-                let mut value = serde_json::to_value(&summary).expect("summary serializes");
-                value["valid"] = json!(true);
-                value["file"] = json!(file.display().to_string());
-                print_json(&value);
-            } else {
-                print!("{}", render_summary(file, &summary));
-            }
+    match check_policy(file) {
+        PolicyCheck::Valid { summary, .. } if !json => {
+            print!("{}", render_summary(file, &summary));
             Ok(ExitCode::SUCCESS)
         }
-        Err(error) if json => {
-            print_json(&error_json(file, &error));
-            Ok(ExitCode::from(2))
+        PolicyCheck::Invalid { error, .. } if !json => Err(CliError::user(error.to_string())),
+        check => {
+            print_json(&check.to_json());
+            Ok(match check {
+                PolicyCheck::Valid { .. } => ExitCode::SUCCESS,
+                PolicyCheck::Invalid { .. } => ExitCode::from(2),
+            })
         }
-        Err(error) => Err(CliError::user(error.to_string())),
     }
-}
-
-fn load(file: &Path) -> Result<Policy, CliError> {
-    Policy::load(file).map_err(|e| match e {
-        PolicyError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => CliError::user(format!(
-            "no policy file at {}; pass --file or create it (see examples/policies/default.toml)",
-            file.display()
-        )),
-        other => CliError::user(other.to_string()),
-    })
-}
-
-/// 0 when the call may proceed on its own (ALLOW, WARN), else 1.
-fn decision_exit_code(decision: &PolicyDecision) -> ExitCode {
-    if decision.outcome.is_permitted() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
-}
-
-/// `{"valid": false, "file", "line", "column", "message"}` for `check --json`.
-fn error_json(file: &Path, error: &PolicyError) -> Value {
-    match error {
-        PolicyError::Invalid {
-            line, column, message, ..
-        } => json!({
-            "valid": false,
-            "file": file.display().to_string(),
-            "line": line,
-            "column": column,
-            "message": message,
-            "error": error.to_string(),
-        }),
-        PolicyError::Io { .. } => json!({
-            "valid": false,
-            "file": file.display().to_string(),
-            "error": error.to_string(),
-        }),
-    }
-}
-
-fn decision_json(file: &Path, target: &str, decision: &PolicyDecision) -> Value {
-    let mut value = serde_json::to_value(decision).expect("decision serializes");
-    value["target"] = json!(target);
-    value["file"] = json!(file.display().to_string());
-    value
 }
 
 fn render_summary(file: &Path, summary: &PolicySummary) -> String {
@@ -257,6 +197,8 @@ fn render_decision(target: &str, decision: &PolicyDecision) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_kernel::policy::{Policy, PolicyRequest};
+    use serde_json::json;
 
     const POLICY: &str = r#"
 default = "deny"
@@ -309,14 +251,6 @@ max_tokens = 100
         assert_eq!(err.exit_code(), 2);
         assert!(err.message.contains(":3:1: unknown field `toool`"), "{}", err.message);
         assert_eq!(check(bad.path(), true).unwrap(), ExitCode::from(2));
-    }
-
-    #[test]
-    fn error_json_has_line() {
-        let err = Policy::from_toml_str("x = 1\n", "p.toml").unwrap_err();
-        let v = error_json(Path::new("p.toml"), &err);
-        assert_eq!(v["valid"], false);
-        assert_eq!(v["line"], 1);
     }
 
     #[test]

@@ -13,18 +13,23 @@ use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Duration;
 
-use keel_kernel::action::{ActionState, Resolution};
+use futures::{FutureExt as _, StreamExt as _};
+use keel_app::Caller;
+use keel_app::actions::{Decision, decide};
+use keel_app::events::{JobStreamItem, StreamOptions, job_events};
+use keel_app::jobs::RunRequest;
+use keel_app::kernel::DEFAULT_SCOPE;
+use keel_kernel::ExecutionResult;
+use keel_kernel::action::Action;
 use keel_kernel::context::CancellationToken;
-use keel_kernel::event::{EventFilter, EventQuery, EventType, RuntimeEvent};
+use keel_kernel::event::{EventType, RuntimeEvent};
 use keel_kernel::job::JobState;
-use keel_kernel::{ExecutionRequest, ExecutionResult};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::output::{CliError, CliResult, json_text, sanitize, sanitize_line};
-use keel_app::kernel::DEFAULT_SCOPE;
-pub use keel_app::runtime::{AgentHost, PolicyChoice, agent_error, enqueue, tool_patterns};
+pub use keel_app::runtime::{AgentHost, PolicyChoice, agent_error, tool_patterns};
 
 /// `keel run`.
 #[derive(Debug, clap::Args)]
@@ -110,49 +115,39 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
         eprintln!("note: {}", sanitize_line(note));
     }
     let host = AgentHost::open(home, Some(&patterns), choice).await?;
-    // Refuse a model no provider serves before a job exists, rather than failing the job.
-    match args.model.split_once(':') {
-        Some((provider, model)) if !model.is_empty() && host.providers.iter().any(|p| p == provider) => {}
-        _ => {
-            return Err(CliError::user(format!(
-                "--model {:?} is not `provider:model` with a configured provider ({}; add others under [models.providers] in config.toml)",
-                args.model,
-                host.providers.join(", ")
-            )));
-        }
-    }
-    // ... or one whose provider cannot be called (e.g. no API key).
-    for model in std::iter::once(&args.model).chain(&args.degrade_model) {
-        host.models
-            .check(model)
-            .map_err(|e| CliError::user(format!("--model {model:?}: {e}")))?;
-    }
-    let mut request = ExecutionRequest::new(args.common.scope.clone(), args.model.clone(), args.prompt.clone())
-        .with_tools(patterns.clone());
-    request.principal = args.principal.clone();
-    request.session = Some(
-        args.session
-            .clone()
-            .unwrap_or_else(|| format!("cli-{}", Uuid::now_v7().simple())),
-    );
-    request.max_turns = args.max_turns;
-    request.timeout = args.timeout;
-    request.budget.max_cost = args.max_cost;
-    request.budget.max_tool_calls = args.max_tool_calls;
-    request.degrade_model = args.degrade_model.clone();
-    request.policy = host.policy.clone();
-    // Every CLI job gets a key: `keel jobs watch` re-attaches through it and resumes exactly that job.
-    request.idempotency_key = Some(
-        args.idempotency_key
-            .clone()
-            .unwrap_or_else(|| format!("cli-{}", Uuid::now_v7().simple())),
-    );
+    let caller = Caller {
+        principal: args.principal.clone(),
+        ..Caller::local_admin(&args.common.scope)
+    };
+    let run = RunRequest {
+        prompt: args.prompt.clone(),
+        tools: args.tools.clone(),
+        model: args.model.clone(),
+        max_turns: args.max_turns,
+        timeout: args.timeout,
+        max_cost: args.max_cost,
+        max_tool_calls: args.max_tool_calls,
+        degrade_model: args.degrade_model.clone(),
+        idempotency_key: Some(
+            args.idempotency_key
+                .clone()
+                .unwrap_or_else(|| format!("cli-{}", Uuid::now_v7().simple())),
+        ),
+        session: Some(
+            args.session
+                .clone()
+                .unwrap_or_else(|| format!("cli-{}", Uuid::now_v7().simple())),
+        ),
+    };
+    // Refuses a model no provider serves (or cannot call) before a job exists.
+    let request = host.run_request(&caller, &run)?;
     if args.detach {
-        let (id, created) = enqueue(&host.kernel, &request).await?;
+        let queued = host.enqueue(&request).await?;
+        let id = queued.job_id;
         if args.common.json {
-            println!("{}", json!({ "job_id": id, "created": created }));
+            println!("{}", json!({ "job_id": id, "created": queued.created }));
         } else {
-            if !created {
+            if !queued.created {
                 eprintln!("note: a job with this idempotency key already exists");
             }
             println!("{id}");
@@ -164,32 +159,11 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
     let _sweeper = host.kernel.spawn_sweeper(host.poll, stop.clone());
     // Subscribe before starting: the first approval can be created before `follow` runs.
     let tokens = host.rt.issued_tokens();
-    let handle = host.rt.execute(request).await.map_err(agent_error)?;
+    let handle = host.start(request).await?;
     let job_id = handle.job_id();
     // If this process's loop stops on a store error (e.g. the database stayed locked), the job is
     // left RUNNING for recovery; nobody else may be running a worker, so resume it here.
-    let _keeper = {
-        let (rt, poll, stop, scope) = (host.rt.clone(), host.poll, stop.clone(), args.common.scope.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(poll) => {}
-                }
-                if rt.running_jobs().contains(&job_id) {
-                    continue;
-                }
-                match rt.kernel().jobs().get(&scope, job_id).await {
-                    Ok(job) if job.state.is_terminal() => return,
-                    // Claimed only if its lease is free; a busy database is retried next time.
-                    Ok(_) => {
-                        let _ = rt.resume_job(job_id).await;
-                    }
-                    Err(_) => {}
-                }
-            }
-        })
-    };
+    let _keeper = host.keep_running(&args.common.scope, job_id, stop.clone());
     let opts = FollowOptions::from_args(&args.common, 0);
     if !opts.json {
         eprintln!("job {job_id}");
@@ -206,10 +180,7 @@ pub async fn run(home: &Path, args: RunArgs) -> CliResult {
         // The job ended (maybe by another process): let this process's loop release its holds
         // before exiting, or they would stay held until they expire (it notices within a third
         // of its lease).
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        while host.rt.running_jobs().contains(&job_id) && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        host.wait_released(job_id, Duration::from_secs(10)).await;
     }
     Ok(code)
 }
@@ -400,17 +371,20 @@ pub async fn follow(
 }
 
 /// Follow a job to its end (rendering its events unless `opts.quiet`, answering approvals as
-/// `opts` says) and return its result.
+/// `opts` says) and return its result. The events come from keel-app's job stream
+/// ([`job_events`]: stored, then live, no gap, no duplicate); this renders them.
 pub async fn follow_to_end(
     host: &AgentHost,
     scope: &str,
     job_id: Uuid,
     opts: &FollowOptions,
-    mut tokens: tokio::sync::broadcast::Receiver<keel_kernel::IssuedToken>,
+    tokens: tokio::sync::broadcast::Receiver<keel_kernel::IssuedToken>,
 ) -> Result<ExecutionResult, CliError> {
-    let kernel = &host.kernel;
-    let mut issued: std::collections::HashMap<Uuid, String> = std::collections::HashMap::new();
-    let mut sub = kernel.subscribe(EventFilter::job(job_id));
+    let options = StreamOptions {
+        tokens: Some(tokens),
+        ..StreamOptions::after(opts.from_seq, host.poll)
+    };
+    let mut stream = job_events(&host.kernel, &Caller::local_admin(scope), job_id, options).await?;
     let mut screen = Screen {
         opts: opts.clone(),
         mid_line: false,
@@ -421,52 +395,31 @@ pub async fn follow_to_end(
         cost: Decimal::ZERO,
         state: "queued".into(),
     };
-    let mut last = opts.from_seq;
-    let mut ending = false;
     loop {
-        let events = kernel
-            .read_events(&EventQuery {
-                filter: EventFilter::job(job_id),
-                after_seq: last,
-                ..EventQuery::default()
-            })
-            .await?;
-        let got_any = !events.is_empty();
-        for e in &events {
-            last = e.seq;
-            if opts.quiet {
-            } else if opts.json {
-                println!("{}", json_text(&json!({ "type": "event", "event": e }), false));
-            } else {
-                screen.render(e);
-            }
-            if e.event_type == EventType::ActionRequired {
-                while let Ok(t) = tokens.try_recv() {
-                    if t.job_id == job_id {
-                        issued.insert(t.action_id, t.token);
-                    }
+        // The status line is drawn whenever the stream has nothing ready.
+        let item = match stream.next().now_or_never() {
+            Some(item) => item,
+            None => {
+                if !opts.quiet {
+                    screen.draw_status(job_id);
                 }
-                answer(host, scope, e, opts, &mut screen, &issued).await?;
+                stream.next().await
             }
-            ending |= e.ends_job();
-        }
-        if ending && !got_any {
-            break;
-        }
-        if !ending && !got_any && kernel.jobs().get(scope, job_id).await?.state.is_terminal() {
-            // Ended without a terminal event we recognise: drain once more, then stop.
-            ending = true;
-            continue;
-        }
-        if ending {
-            continue;
-        }
-        if !opts.quiet {
-            screen.draw_status(job_id);
-        }
-        tokio::select! {
-            _ = sub.recv() => {}
-            _ = tokio::time::sleep(host.poll) => {}
+        };
+        match item {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(JobStreamItem::Event { event })) => {
+                if opts.quiet {
+                } else if opts.json {
+                    println!("{}", json_text(&json!({ "type": "event", "event": event }), false));
+                } else {
+                    screen.render(&event);
+                }
+            }
+            Some(Ok(JobStreamItem::Waiting { action, token })) => {
+                answer(host, scope, &action, token.as_deref(), opts, &mut screen).await;
+            }
         }
     }
     screen.clear_status();
@@ -507,22 +460,17 @@ pub fn print_result(result: &ExecutionResult, json_lines: bool) {
     );
 }
 
-/// Answer (or explain how to answer) the approval announced by `e`, if it is still pending.
+/// Answer (or explain how to answer) `action`, which the job waits for. `token` is its resume
+/// token when this process issued it.
 async fn answer(
     host: &AgentHost,
     scope: &str,
-    e: &RuntimeEvent,
+    action: &Action,
+    token: Option<&str>,
     opts: &FollowOptions,
     screen: &mut Screen,
-    issued: &std::collections::HashMap<Uuid, String>,
-) -> Result<(), CliError> {
-    let Some(id) = e.data["action_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()) else {
-        return Ok(());
-    };
-    let action = host.kernel.actions().get(scope, id).await?;
-    if action.state != ActionState::Pending {
-        return Ok(());
-    }
+) {
+    let id = action.id;
     let tool = action.request["tool"].as_str().unwrap_or("?").to_string();
     let resolution = if opts.auto_approve {
         let say = if opts.json { Screen::note } else { Screen::line };
@@ -533,15 +481,17 @@ async fn answer(
                 action.request["arguments"]
             ),
         );
-        Some(Resolution {
-            resolved_by: Some("keel --auto-approve".into()),
-            ..Resolution::approve(true)
+        Some(Decision {
+            approved: true,
+            for_session: false,
+            value: Value::Null,
+            by: Some("keel --auto-approve".into()),
         })
     } else if opts.interactive {
         screen.clear_status();
         prompt(&tool, &action.request).await
     } else {
-        let by_token = match issued.get(&id).filter(|_| !stderr_is_a_file()) {
+        let by_token = match token.filter(|_| !stderr_is_a_file()) {
             Some(token) => {
                 format!("\n  or with its one-time resume token: keel actions resolve {token} --approve|--deny")
             }
@@ -554,14 +504,13 @@ async fn answer(
         ));
         None
     };
-    if let Some(resolution) = resolution {
-        match host.kernel.actions().resolve(scope, id, resolution).await {
+    if let Some(decision) = resolution {
+        match decide(&host.kernel, &Caller::local_admin(scope), id, decision).await {
             Ok(_) => {}
             // Someone else answered first (another shell, or it expired): the events tell which.
-            Err(e) => screen.note(&format!("note: could not answer action {id}: {e}")),
+            Err(e) => screen.note(&format!("note: could not answer action {id}: {}", e.message)),
         }
     }
-    Ok(())
 }
 
 /// Whether stderr is a regular file (a log): a resume token is a secret and is never written to a
@@ -576,7 +525,7 @@ fn stderr_is_a_file() -> bool {
 }
 
 /// Ask on the terminal: approve / deny / approve for the session.
-async fn prompt(tool: &str, request: &Value) -> Option<Resolution> {
+async fn prompt(tool: &str, request: &Value) -> Option<Decision> {
     let question = format!(
         "Allow `{tool}` with {}? [y]es / [n]o / [s]ession (approve this call for the session): ",
         request["arguments"]
@@ -589,29 +538,18 @@ async fn prompt(tool: &str, request: &Value) -> Option<Resolution> {
             if std::io::stdin().read_line(&mut line).ok()? == 0 {
                 return None;
             }
-            let by = Some("terminal".to_string());
-            match line.trim().to_ascii_lowercase().as_str() {
-                "y" | "yes" => {
-                    return Some(Resolution {
-                        resolved_by: by,
-                        ..Resolution::approve(true)
-                    });
-                }
-                "n" | "no" => {
-                    return Some(Resolution {
-                        resolved_by: by,
-                        ..Resolution::approve(false)
-                    });
-                }
-                "s" | "session" => {
-                    return Some(Resolution {
-                        resolved_by: by,
-                        value: json!("session"),
-                        ..Resolution::approve(true)
-                    });
-                }
-                _ => {}
-            }
+            let (approved, for_session) = match line.trim().to_ascii_lowercase().as_str() {
+                "y" | "yes" => (true, false),
+                "n" | "no" => (false, false),
+                "s" | "session" => (true, true),
+                _ => continue,
+            };
+            return Some(Decision {
+                approved,
+                for_session,
+                value: Value::Null,
+                by: Some("terminal".to_string()),
+            });
         }
     })
     .await

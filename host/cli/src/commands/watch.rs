@@ -7,13 +7,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use keel_kernel::ExecutionRequest;
-use keel_kernel::agent::AGENT_JOB_KIND;
+use keel_app::Caller;
+use keel_app::jobs::{ResumeNote, get_job, recorded_request};
+use keel_app::kernel::parse_id;
 use keel_kernel::context::CancellationToken;
 
-use crate::commands::run::{AgentArgs, AgentHost, FollowOptions, PolicyChoice, agent_error, follow};
+use crate::commands::run::{AgentArgs, AgentHost, FollowOptions, PolicyChoice, follow};
 use crate::output::{CliError, CliResult, sanitize_line};
-use keel_app::kernel::parse_id;
 
 /// `keel jobs watch`.
 #[derive(Debug, clap::Args)]
@@ -35,11 +35,9 @@ pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
     let id = parse_id("job", &args.id)?;
     let scope = args.common.scope.clone();
     let kernel = keel_app::kernel::open_kernel(home).await?;
-    let job = kernel.jobs().get(&scope, id).await?;
+    let job = get_job(&kernel, &Caller::local_admin(&scope), id).await?;
     drop(kernel);
-    let request: Option<ExecutionRequest> = (job.kind == AGENT_JOB_KIND)
-        .then(|| serde_json::from_value(job.input.clone()).ok())
-        .flatten();
+    let request = recorded_request(&job);
     let resume = !args.no_resume && !job.state.is_terminal() && request.is_some();
     let choice = match &request {
         Some(r) if resume => PolicyChoice::of_job(home, &r.policy, args.common.policy.as_deref())?,
@@ -58,39 +56,11 @@ pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
     if resume {
         let _sweeper = host.kernel.spawn_sweeper(host.poll, stop.clone());
         let request = request.clone().expect("resume implies a request");
-        let (rt, poll, stop2) = (host.rt.clone(), host.poll, stop.clone());
         // Keep trying to claim the job: its lease frees up when the dead host's lapses, and a job
         // waiting for approval becomes claimable once someone answers.
-        tokio::spawn(async move {
-            let mut said = false;
-            loop {
-                if !rt.running_jobs().contains(&id) {
-                    let job = rt.kernel().jobs().get(&request.scope, id).await;
-                    match job {
-                        Ok(j) if j.state.is_terminal() => return,
-                        Ok(_) => {
-                            let r = match request.idempotency_key {
-                                Some(_) => rt.execute(request.clone()).await.map(|_| ()),
-                                None => rt.resume_orphans(rt.kernel().clock().now()).await.map(|_| ()),
-                            };
-                            if let Err(e) = r {
-                                eprintln!(
-                                    "note: cannot resume job {id} yet: {}",
-                                    sanitize_line(&agent_error(e).message)
-                                );
-                            } else if rt.running_jobs().contains(&id) && !said {
-                                eprintln!("note: resumed job {id} in this process");
-                                said = true;
-                            }
-                        }
-                        Err(_) => {}
-                    }
-                }
-                tokio::select! {
-                    _ = stop2.cancelled() => return,
-                    _ = tokio::time::sleep(poll) => {}
-                }
-            }
+        host.resume_when_free(id, request, stop.clone(), move |note| match note {
+            ResumeNote::NotYet(why) => eprintln!("note: cannot resume job {id} yet: {}", sanitize_line(&why)),
+            ResumeNote::Resumed => eprintln!("note: resumed job {id} in this process"),
         });
     }
     let opts = FollowOptions::from_args(&args.common, args.from);

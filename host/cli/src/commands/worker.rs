@@ -13,7 +13,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use keel_kernel::context::CancellationToken;
-use keel_kernel::job::{JobFilter, JobState};
 
 use crate::commands::run::{AgentArgs, AgentHost, PolicyChoice, agent_error};
 use crate::output::CliResult;
@@ -57,16 +56,7 @@ pub async fn worker(home: &Path, args: WorkerArgs) -> CliResult {
         if !args.until_idle {
             return std::future::pending().await;
         }
-        let filter = JobFilter {
-            states: vec![JobState::Queued, JobState::Running, JobState::WaitingAction],
-            ..JobFilter::tenant(args.common.scope.clone())
-        };
-        loop {
-            tokio::time::sleep(host.poll).await;
-            if matches!(host.kernel.jobs().count(&filter).await, Ok(0)) && host.rt.running_jobs().is_empty() {
-                return;
-            }
-        }
+        host.wait_idle(&args.common.scope).await
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => eprintln!("\nstopping; jobs still running here are resumed by the next worker"),

@@ -32,7 +32,7 @@ pub struct JobQuery {
     pub session: Option<String>,
     /// Only jobs of this kind (`agent`, ...).
     pub kind: Option<String>,
-    /// At most this many (all when `None`).
+    /// At most this many, at least 1 (all when `None`).
     pub limit: Option<u32>,
     /// Continue after the page that returned this cursor ([`JobPage::next_cursor`]).
     pub cursor: Option<String>,
@@ -78,6 +78,9 @@ pub struct JobView {
 /// List the caller's jobs matching `query`.
 pub async fn list_jobs(kernel: &Kernel, caller: &Caller, query: &JobQuery) -> Result<JobPage, AppError> {
     caller.require(Role::Read)?;
+    if query.limit == Some(0) {
+        return Err(AppError::user("a page holds at least one job (limit 0)"));
+    }
     let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let mut filter = JobFilter {
         states: query.states.clone(),

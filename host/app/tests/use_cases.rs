@@ -196,6 +196,22 @@ async fn jobs_page_by_cursor_newest_first() {
     assert_eq!(pages, 3);
     ids.reverse();
     assert_eq!(seen, ids, "every job of the scope once, newest first");
+    let empty_page = JobQuery {
+        limit: Some(0),
+        ..JobQuery::default()
+    };
+    assert_eq!(
+        list_jobs(&kernel, &a, &empty_page).await.unwrap_err().kind,
+        ErrorKind::User
+    );
+    let bad_cursor = JobQuery {
+        cursor: Some("not-a-cursor".into()),
+        ..JobQuery::default()
+    };
+    assert_eq!(
+        list_jobs(&kernel, &a, &bad_cursor).await.unwrap_err().kind,
+        ErrorKind::User
+    );
     let all = list_jobs(&kernel, &a, &JobQuery::default()).await.unwrap();
     assert_eq!(all.jobs.len(), 5);
     assert!(all.next_cursor.is_none());

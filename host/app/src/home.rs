@@ -36,6 +36,17 @@ pub struct KeelConfig {
     pub models: keel_models::ModelsConfig,
     /// Agent-loop tunables (`[agent]`: `lease_ttl_ms`, `approval_ttl_secs`, `poll_ms`, ...).
     pub agent: keel_kernel::AgentConfig,
+    /// The database (`[store]`: `durability`).
+    pub store: StoreSettings,
+}
+
+/// Database settings from `[store]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `"full"` (default: a commit survives a power loss) or `"normal"` (a commit survives the
+    /// process being killed, not a power loss; no fsync per commit). See `keel_store::Durability`.
+    pub durability: keel_store::Durability,
 }
 
 /// Engine settings from `[sandbox]`.
@@ -144,7 +155,7 @@ impl App {
         let home = &std::fs::canonicalize(home)
             .map_err(|e| AppError::user(format!("cannot open Keel home {}: {e}", home.display())))?;
         let config = KeelConfig::load(home)?;
-        let db = Database::open(&home.join("keel.db")).await?;
+        let db = Database::open_with(&home.join("keel.db"), config.store.durability).await?;
         let mut sandbox_config = SandboxConfig::new(home.join("cache"));
         sandbox_config.default_limits = config.limits.clone();
         sandbox_config.fuel_metering = config.sandbox.fuel_metering;

@@ -19,14 +19,16 @@ use crate::action::{ActionState, ActionType, NewAction, Resolution, ToolCallRef,
 use crate::clock::{Clock, ManualClock};
 use crate::error::KernelError;
 use crate::event::{EventFilter, EventQuery, EventType};
-use crate::job::{JobError, JobFilter, JobState, NewJob};
+use crate::job::{Job, JobError, JobFilter, JobState, NewJob};
 use crate::ledger::{
     Budget, BudgetOutcome, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, NewLedgerEvent, ReservationState,
-    Usage, UsageQuery,
+    ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
 use crate::registry::{PluginRecord, PluginRegistry};
 use crate::services::{HoldRequest, Kernel, KernelConfig, SettleDetails};
-use crate::store::{Batch, ClaimRequest, JobWrite, KernelStore, LeaseGuard, NewJournalEntry, StoreError};
+use crate::store::{
+    Batch, ClaimRequest, HoldWrite, JobWrite, KernelStore, LeaseClaim, LeaseGuard, NewJournalEntry, StoreError,
+};
 
 /// A start instant for the manual clock (mid-month, mid-day, so windows are unambiguous).
 pub fn epoch() -> DateTime<Utc> {
@@ -96,6 +98,7 @@ where
     create_leased(make().await).await;
     idempotency_request_hash(make().await).await;
     hold_extension(make().await).await;
+    batch_holds_and_leases(make().await).await;
 }
 
 /// Expand to one `#[tokio::test]` per conformance check, so a failure names the check.
@@ -111,7 +114,8 @@ macro_rules! conformance_tests {
             events, ledger_and_budgets, budget_windows_and_subjects, reservation_expiry,
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
             concurrent_job_writers, journal_atomicity, lease_claiming, concurrent_resolves,
-            settle_is_bounded_by_the_hold, create_leased, idempotency_request_hash, hold_extension);
+            settle_is_bounded_by_the_hold, create_leased, idempotency_request_hash, hold_extension,
+            batch_holds_and_leases);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(
@@ -1975,4 +1979,232 @@ pub async fn plugin_registry(registry: Arc<dyn PluginRegistry>) {
         !registry.component_in_use(&"ab".repeat(32)).await.expect("in use"),
         "no record uses ab"
     );
+}
+
+/// The governed call path's two commits: "before the side effect" (a job inserted RUNNING with its
+/// lease, a budget hold, a `started` journal entry, an event) and "after" (the job's last write,
+/// the hold settled, a result entry, an event, the lease released) each apply all or nothing. A
+/// job claimed by the batch that inserts it gets epoch 1; a hold a deny budget refuses fails the
+/// whole batch with `Conflict { entity: "budget" }` (no job, no entry, no event); a stale lease
+/// epoch fails the "after" batch; a hold and its settlement may share one batch; an unchecked
+/// hold is recorded whatever the budgets say.
+pub async fn batch_holds_and_leases(store: Arc<dyn KernelStore>) {
+    let (k, clock) = kernel_with_clock(store.clone());
+    let mut budget = Budget::new("t1", "two calls", BudgetWindow::Total);
+    budget.limits.max_tool_calls = Some(2);
+    budget.strategy = ExceedStrategy::Deny;
+    k.ledger().put_budget(budget).await.expect("budget");
+    let one_call = Usage {
+        tool_calls: 1,
+        ..Usage::zero()
+    };
+    let now = clock.now();
+    let hold = |job_id: Uuid, check_budgets: bool| HoldWrite {
+        id: Uuid::now_v7(),
+        request: ReserveRequest {
+            tenant: "t1".into(),
+            principal: None,
+            session: None,
+            job_id: Some(job_id),
+            amount: one_call.clone(),
+            now,
+            expires_at: now + Duration::minutes(10),
+        },
+        check_budgets,
+    };
+    let before = |hold: HoldWrite| {
+        let mut job = Job::queued(NewJob::new("t1", "agent"), None, now);
+        job.id = hold.request.job_id.expect("job id");
+        job.state = JobState::Running;
+        job.started_at = Some(now);
+        let id = job.id;
+        Batch {
+            jobs: vec![JobWrite {
+                job,
+                expected_version: None,
+            }],
+            claims: vec![LeaseClaim {
+                job_id: id,
+                owner: "host-a".into(),
+                ttl_ms: 60_000,
+            }],
+            journal: vec![journal_entry(id, "t1/c0/started/0")],
+            events: vec![crate::event::NewEvent {
+                job_id: id,
+                tenant: "t1".into(),
+                event_type: EventType::ToolStart,
+                data: json!({}),
+                at: now,
+            }],
+            holds: vec![hold],
+            ..Batch::default()
+        }
+    };
+    let settle = |rid: Uuid| SettleRequest {
+        reservation_id: rid,
+        kind: LedgerKind::ToolUsage,
+        actual: one_call.clone(),
+        duration_ms: Some(1),
+        model: None,
+        tool: Some("p/t".into()),
+        data: json!({ "receipt": { "wall_us": 7 } }),
+        now,
+    };
+    let after = |job: &Job, rid: Uuid, epoch: u64| {
+        let mut next = job.clone();
+        next.version += 1;
+        next.state = JobState::Succeeded;
+        next.finished_at = Some(now);
+        let guard = LeaseGuard {
+            job_id: job.id,
+            owner: "host-a".into(),
+            epoch,
+        };
+        Batch {
+            jobs: vec![JobWrite {
+                job: next,
+                expected_version: Some(job.version),
+            }],
+            journal: vec![journal_entry(job.id, "t1/c0/result")],
+            settlements: vec![settle(rid)],
+            events: vec![crate::event::NewEvent {
+                job_id: job.id,
+                tenant: "t1".into(),
+                event_type: EventType::ToolEnd,
+                data: json!({}),
+                at: now,
+            }],
+            leases: vec![guard.clone()],
+            lease_releases: vec![guard],
+            ..Batch::default()
+        }
+    };
+    let tool_calls_used = || async {
+        k.ledger()
+            .usage(&UsageQuery {
+                tenant: "t1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("usage")
+            .tool_calls
+    };
+
+    // "Before": everything at once, claimed under epoch 1, the hold live.
+    let first = hold(Uuid::now_v7(), true);
+    let (job1, rid1) = (first.request.job_id.expect("job"), first.id);
+    let events = store.commit(before(first)).await.expect("before");
+    assert_eq!(events.len(), 1);
+    let lease = store.get_lease(job1).await.expect("lease").expect("leased");
+    assert_eq!((lease.owner.as_str(), lease.epoch), ("host-a", 1), "{lease:?}");
+    let r = k
+        .ledger()
+        .reservation(rid1)
+        .await
+        .expect("the hold has the caller's id");
+    assert_eq!((r.state, r.job_id), (ReservationState::Held, Some(job1)));
+    assert_eq!(store.read_journal(job1).await.expect("journal").len(), 1);
+
+    // A stale epoch fails "after" as a whole.
+    let job = store.get_job(job1).await.expect("get").expect("job");
+    let err = store.commit(after(&job, rid1, 0)).await.expect_err("stale epoch");
+    assert!(matches!(err, StoreError::Conflict { entity: "lease", .. }), "{err}");
+    assert_eq!(
+        store.get_job(job1).await.expect("get").expect("job").state,
+        JobState::Running
+    );
+    assert_eq!(
+        k.ledger().reservation(rid1).await.expect("r").state,
+        ReservationState::Held
+    );
+    assert_eq!(store.read_journal(job1).await.expect("journal").len(), 1);
+    assert!(store.get_lease(job1).await.expect("lease").is_some());
+
+    // The right epoch: settled, journaled, ended and unleased together.
+    store.commit(after(&job, rid1, 1)).await.expect("after");
+    assert_eq!(
+        store.get_job(job1).await.expect("get").expect("job").state,
+        JobState::Succeeded
+    );
+    let r = k.ledger().reservation(rid1).await.expect("r");
+    assert_eq!(r.state, ReservationState::Settled);
+    assert_eq!(store.read_journal(job1).await.expect("journal").len(), 2);
+    assert_eq!(
+        store.get_lease(job1).await.expect("lease"),
+        None,
+        "released with the last write"
+    );
+    assert_eq!(tool_calls_used().await, 1);
+    let usage_entries = k
+        .ledger()
+        .entries(&LedgerQuery {
+            tenant: "t1".into(),
+            kinds: vec![LedgerKind::ToolUsage],
+            ..Default::default()
+        })
+        .await
+        .expect("entries");
+    assert_eq!(usage_entries.len(), 1);
+    assert_eq!(
+        usage_entries[0].entry.data["receipt"]["wall_us"], 7,
+        "the receipt is in the entry"
+    );
+
+    // Second call: allowed (1 used + 1 held = 2); a third hold while it is live is refused and
+    // the whole "before" batch with it.
+    let second = hold(Uuid::now_v7(), true);
+    let (job2, rid2) = (second.request.job_id.expect("job"), second.id);
+    store.commit(before(second)).await.expect("second before");
+    let third = hold(Uuid::now_v7(), true);
+    let (job3, rid3) = (third.request.job_id.expect("job"), third.id);
+    let err = store.commit(before(third)).await.expect_err("over budget");
+    assert!(matches!(err, StoreError::Conflict { entity: "budget", .. }), "{err}");
+    assert!(store.get_job(job3).await.expect("get").is_none(), "no job");
+    assert!(store.get_reservation(rid3).await.expect("get").is_none(), "no hold");
+    assert!(store.read_journal(job3).await.expect("journal").is_empty());
+    assert!(store.get_lease(job3).await.expect("lease").is_none());
+    let refused_entries = k
+        .ledger()
+        .entries(&LedgerQuery {
+            tenant: "t1".into(),
+            job_id: Some(job3),
+            ..Default::default()
+        })
+        .await
+        .expect("entries");
+    assert!(
+        refused_entries.is_empty(),
+        "nothing of the refused batch: {refused_entries:?}"
+    );
+
+    // A hold and its settlement in one batch (an idempotent call that commits once), unchecked:
+    // recorded although the budget is used up.
+    let job = store.get_job(job2).await.expect("get").expect("job");
+    store.commit(after(&job, rid2, 1)).await.expect("second after");
+    let once = hold(Uuid::now_v7(), false);
+    let (job4, rid4) = (once.request.job_id.expect("job"), once.id);
+    let mut batch = before(once);
+    batch.claims.clear();
+    batch.jobs[0].job.state = JobState::Succeeded;
+    batch.settlements.push(settle(rid4));
+    store.commit(batch).await.expect("hold and settle at once");
+    assert_eq!(
+        k.ledger().reservation(rid4).await.expect("r").state,
+        ReservationState::Settled
+    );
+    assert_eq!(
+        store.get_job(job4).await.expect("get").expect("job").state,
+        JobState::Succeeded
+    );
+    assert_eq!(tool_calls_used().await, 3);
+    // Checked, the same batch is refused by the budget.
+    let checked = hold(Uuid::now_v7(), true);
+    let rid5 = checked.id;
+    let mut batch = before(checked);
+    batch.claims.clear();
+    batch.settlements.push(settle(rid5));
+    let err = store.commit(batch).await.expect_err("checked");
+    assert!(matches!(err, StoreError::Conflict { entity: "budget", .. }), "{err}");
+    assert!(store.get_reservation(rid5).await.expect("get").is_none());
+    assert_eq!(tool_calls_used().await, 3);
 }

@@ -160,6 +160,38 @@ pub struct Job {
 }
 
 impl Job {
+    /// The row of a new QUEUED job (version 1, a fresh id) for `new`; `request_hash` is the hash
+    /// of the request behind its idempotency key, if it has one.
+    pub fn queued(new: NewJob, request_hash: Option<String>, now: DateTime<Utc>) -> Job {
+        Job {
+            id: Uuid::now_v7(),
+            tenant: new.tenant,
+            principal: new.principal,
+            session: new.session,
+            run_id: new.run_id,
+            parent_id: new.parent_id,
+            kind: new.kind,
+            state: JobState::Queued,
+            version: 1,
+            idempotency_key: new.idempotency_key,
+            request_hash,
+            input: new.input,
+            progress: 0.0,
+            progress_message: None,
+            turns: 0,
+            tool_calls: 0,
+            deadline: new.deadline,
+            error: None,
+            result_ref: None,
+            tags: new.tags,
+            metadata: new.metadata,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
     /// The execution context checkpointed by [`NewJob::from_context`], bound to this job (with
     /// a fresh cancellation token), if there is one.
     pub fn context(&self) -> Option<crate::context::ExecutionContext> {

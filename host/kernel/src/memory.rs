@@ -20,7 +20,7 @@ use crate::ledger::{
 use crate::registry::{PluginRecord, PluginRegistry, plugin_not_found};
 use crate::store::{
     Batch, BudgetEvaluator, ClaimRequest, ClosePlan, JournalEntry, KernelStore, Lease, LeaseGuard, StoreError,
-    StoreResult, hold_counts_against, plan_release, plan_reserve, plan_settle,
+    StoreResult, hold_counts_against, plan_hold, plan_release, plan_reserve, plan_settle,
 };
 
 #[derive(Debug, Default)]
@@ -212,8 +212,39 @@ impl MemoryStore {
             }
             staged_journal.push(k);
         }
+        // Holds are planned against the rows as they are plus the holds staged before them.
+        let mut hold_plans = Vec::with_capacity(batch.holds.len());
+        let mut staged_holds: Vec<Reservation> = Vec::new();
+        for h in &batch.holds {
+            if st.reservations.contains_key(&h.id) || staged_holds.iter().any(|r| r.id == h.id) {
+                return Err(conflict("reservation", h.id));
+            }
+            let statuses: Vec<BudgetStatus> = if h.check_budgets {
+                let req = &h.request;
+                st.budgets
+                    .values()
+                    .filter(|b| b.applies_to(&req.tenant, req.principal.as_deref(), req.session.as_deref()))
+                    .map(|b| {
+                        let mut used = Self::used_against(&st, b, req.now);
+                        for r in staged_holds.iter().filter(|r| hold_counts_against(b, r, req.now)) {
+                            used += r.amount.clone();
+                        }
+                        BudgetStatus {
+                            budget: b.clone(),
+                            used,
+                        }
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let plan = plan_hold(h, &statuses)?;
+            staged_holds.extend(plan.outcome.reservation.clone());
+            hold_plans.push(plan);
+        }
         for (i, r) in batch.settlements.iter().enumerate() {
-            match st.reservations.get(&r.reservation_id) {
+            let staged = staged_holds.iter().find(|h| h.id == r.reservation_id);
+            match staged.or_else(|| st.reservations.get(&r.reservation_id)) {
                 None => {
                     return Err(StoreError::NotFound {
                         entity: "reservation",
@@ -234,6 +265,14 @@ impl MemoryStore {
             }
         }
         // Apply.
+        for plan in hold_plans {
+            if let Some(r) = plan.outcome.reservation {
+                st.reservations.insert(r.id, r);
+            }
+            for e in plan.entries {
+                st.append_ledger(e);
+            }
+        }
         for req in batch.settlements {
             Self::settle_locked(&mut st, req)?;
         }
@@ -269,6 +308,15 @@ impl MemoryStore {
         for (id, a) in staged_actions {
             st.token_hashes.insert(a.token_hash.clone(), id);
             st.actions.insert(id, a);
+        }
+        for g in &batch.lease_releases {
+            if st
+                .leases
+                .get(&g.job_id)
+                .is_some_and(|l| l.owner == g.owner && l.epoch == g.epoch)
+            {
+                st.leases.remove(&g.job_id);
+            }
         }
         let mut out = Vec::with_capacity(batch.events.len());
         for e in batch.events {

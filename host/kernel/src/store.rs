@@ -67,8 +67,37 @@ pub struct Batch {
     pub leases: Vec<LeaseGuard>,
     /// Leases taken in the same transaction (after jobs are written): a job created already
     /// claimed, so no polling worker can claim it in between. `Conflict { entity: "lease" }` if
-    /// the job's lease is held by anyone at `now`.
+    /// the job's lease is held by anyone at `now`. A job inserted by the same batch starts at
+    /// epoch 0, so its claim here gets epoch 1 (the caller can fence its next writes without
+    /// reading the lease back).
     pub claims: Vec<LeaseClaim>,
+    /// Budget holds taken in the same transaction, after jobs and claims and before journal
+    /// entries and settlements (which may name them: a hold and its settlement can share one
+    /// batch). Each is planned by [`plan_hold`]; a hold whose budgets deny it fails the whole
+    /// batch with `Conflict { entity: "budget" }`, with nothing applied (not even the
+    /// `budget_check` entry a standalone [`KernelStore::reserve`] would record).
+    pub holds: Vec<HoldWrite>,
+    /// Leases dropped at the end of the same transaction (the job's last write also frees it),
+    /// each only if owner and epoch still match (else nothing, like
+    /// [`KernelStore::release_lease`]). The epoch counter is kept.
+    pub lease_releases: Vec<LeaseGuard>,
+}
+
+/// A budget hold taken inside a [`Batch`] (see [`Batch::holds`]): the governed call path writes
+/// its hold with the call's job, its lease and its `started` journal entry in one transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldWrite {
+    /// The reservation's id, chosen by the caller so that rows of the same batch (a journal
+    /// entry, a settlement) can name it.
+    pub id: Uuid,
+    /// What to hold, for whom, until when.
+    pub request: ReserveRequest,
+    /// Check the budgets that apply (usage in their windows plus live holds, judged by
+    /// [`crate::ledger::evaluate_budgets`] inside the transaction) and refuse the batch if the
+    /// verdict is deny. `false` records the hold unchecked: only for a call whose caller found no
+    /// budget applying just before (an idempotent call that commits once, after it ran, and
+    /// whose usage is recorded whatever a budget created meanwhile would say).
+    pub check_budgets: bool,
 }
 
 impl Batch {
@@ -80,6 +109,8 @@ impl Batch {
             && self.journal.is_empty()
             && self.settlements.is_empty()
             && self.claims.is_empty()
+            && self.holds.is_empty()
+            && self.lease_releases.is_empty()
     }
 }
 
@@ -309,6 +340,32 @@ pub fn plan_reserve(request: &ReserveRequest, decision: BudgetDecision) -> Store
         entries,
         outcome: ReserveOutcome { decision, reservation },
     })
+}
+
+/// The plan for one [`Batch::holds`] entry given the budgets that apply to it with their usage
+/// (`statuses`, loaded inside the transaction; ignored unless `hold.check_budgets`): the
+/// reservation gets the caller's id. `Conflict { entity: "budget" }` when the verdict is deny.
+pub fn plan_hold(hold: &HoldWrite, statuses: &[BudgetStatus]) -> StoreResult<ReservePlan> {
+    let decision = if hold.check_budgets {
+        crate::ledger::evaluate_budgets(&hold.request.amount, statuses)
+    } else {
+        crate::ledger::evaluate_budgets(&hold.request.amount, &[])
+    };
+    let mut plan = plan_reserve(&hold.request, decision)?;
+    let Some(r) = plan.outcome.reservation.as_mut() else {
+        return Err(StoreError::Conflict {
+            entity: "budget",
+            id: hold.id.to_string(),
+        });
+    };
+    let planned = r.id;
+    r.id = hold.id;
+    for e in &mut plan.entries {
+        if e.reservation_id == Some(planned) {
+            e.reservation_id = Some(hold.id);
+        }
+    }
+    Ok(plan)
 }
 
 /// Whether the live hold `r` counts against `budget` at `now` (holds count whatever the budget's

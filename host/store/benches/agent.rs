@@ -1,29 +1,30 @@
-//! Agent-loop throughput on a file-backed SQLite database (WAL, production pragmas), with a
-//! scripted model and in-memory tools: what the journal, ledger and events cost per step.
+//! The governed tool call next to its floors, on file-backed SQLite databases (WAL, production
+//! pragmas) and in memory, with a scripted model and in-memory tools (issue 9.11).
 //!
-//! `cargo bench -p keel-store --bench agent -- --warm-up-time 1 --measurement-time 5`
+//! `cargo bench --profile dev --bench agent -- --warm-up-time 1 --measurement-time 5 'agent_'`
+//! (from the workspace root; keel-kernel's `agent` bench runs too unless filtered, e.g.
+//! `'agent_(sqlite|normal|memory)/'`).
 //!
-//! - `agent_sqlite/bare_tool_call`: `ToolHost::call_tool` on the echo tool (the floor).
-//! - `agent_sqlite/job_no_tools`: execute -> one model turn -> final answer -> result (jobs/s).
-//! - `agent_sqlite/job_1_call`: one turn with 1 tool call, then the final answer.
-//! - `agent_sqlite/job_10_calls`: one turn with 10 concurrent tool calls, then the final answer.
+//! One run prints, per durability level (`agent_sqlite`: `synchronous = FULL`, the default;
+//! `agent_normal`: `synchronous = NORMAL`), each on its own file:
+//! - `bare_commit`: one `BEGIN IMMEDIATE; INSERT; COMMIT` on the same file (the floor);
+//! - `governed_call`: `AgentRuntime::call_tool` of a non-idempotent echo tool to its result:
+//!   schema, policy, hold, call, settle with receipt, events, journal — two commits (the durable
+//!   "started" commit before the side effect, the result after);
+//! - `governed_call_idempotent`: the same with an idempotent tool and no budget: one commit;
+//! - `governed_call_runner` (FULL only): the same call on the runner path (taken because the call
+//!   carries an idempotency key), i.e. how every call ran before the direct path.
 //!
-//! - `agent_sqlite/governed_call`: `AgentRuntime::call_tool` (the one governed path: schema,
-//!   policy, hold, call, settle with receipt, events, journal) of the echo tool, durable.
-//! - `agent_sqlite/bare_commit`: one `BEGIN IMMEDIATE; INSERT; COMMIT` on the same file (the floor
-//!   a durable call is compared with).
-//! - `agent_memory/governed_call` and `agent_memory/bare_tool_call`: the same path over the
-//!   in-memory store (the governance path alone, no durable write).
-//!
-//! Per-tool-call overhead ~= (job_10_calls - job_1_call) / 9 - bare_tool_call: a budget hold
-//! (1 transaction) + `tool_started` and `tool_result` journal commits (2 transactions, the second
-//! also settling the hold and appending the events).
+//! Plus `agent_sqlite/bare_tool_call` and the agent-loop jobs (`job_no_tools`, `job_1_call`,
+//! `job_10_calls`), and in memory (`agent_memory`) `bare_tool_call` next to `governed_call` and
+//! `governed_call_idempotent`: the governance path alone, no durable write.
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented pub fn.
 
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, Throughput};
 use keel_kernel::agent::testing::{FakeTools, ScriptedModel, calls};
@@ -33,7 +34,7 @@ use keel_kernel::model::Message;
 use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::tool::{ToolCallContext, ToolHost};
 use keel_kernel::{AgentConfig, AgentRuntime, ExecutionRequest, Kernel};
-use keel_store::Database;
+use keel_store::{Database, Durability};
 use serde_json::json;
 
 fn script(n_calls: usize) -> Vec<Message> {
@@ -44,6 +45,17 @@ fn script(n_calls: usize) -> Vec<Message> {
     vec![calls(0, &list), Message::assistant("done", vec![])]
 }
 
+fn runtime(kernel: Kernel, tools: &FakeTools, script: Vec<Message>) -> AgentRuntime {
+    AgentRuntime::new(
+        kernel,
+        Arc::new(ScriptedModel::new(script)),
+        Arc::new(tools.clone()),
+        Arc::new(Policy::allow_all()),
+        Arc::new(SessionApprovals::new()),
+        AgentConfig::default(),
+    )
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -51,73 +63,70 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = rt.block_on(Database::open(&dir.path().join("agent.db"))).expect("open");
-    let kernel = Kernel::new(Arc::new(db.kernel_store()));
     let tools = FakeTools::new();
-    tools.add_echo("p/echo", true);
-    let mut group = c.benchmark_group("agent_sqlite");
-    group.throughput(Throughput::Elements(1));
-
+    tools.add_echo("p/echo", false);
+    tools.add_echo("p/idem", true);
+    let call_ctx = ExecutionContext::new("bench");
     let ctx = ToolCallContext::ad_hoc("bench");
     let args = json!({ "i": 1 });
-    group.bench_function("bare_tool_call", |b| {
-        b.iter(|| {
-            rt.block_on(tools.call_tool(&ctx, "p/echo", &args))
-                .result
-                .expect("call")
-        })
-    });
-    let governed = AgentRuntime::new(
-        kernel.clone(),
-        Arc::new(ScriptedModel::new(vec![])),
-        Arc::new(tools.clone()),
-        Arc::new(Policy::allow_all()),
-        Arc::new(SessionApprovals::new()),
-        AgentConfig::default(),
-    );
-    let call_ctx = ExecutionContext::new("bench");
-    group.bench_function("governed_call", |b| {
-        b.iter(|| rt.block_on(governed_call(&governed, &call_ctx)))
-    });
-    let pool = db.pool().clone();
-    rt.block_on(common::create_bare_commit_table(&pool));
-    group.bench_function("bare_commit", |b| b.iter(|| rt.block_on(common::bare_commit(&pool))));
+    let keys = AtomicU64::new(0);
 
-    for (name, n) in [("job_no_tools", 0), ("job_1_call", 1), ("job_10_calls", 10)] {
-        let agent = AgentRuntime::new(
-            kernel.clone(),
-            Arc::new(ScriptedModel::new(script(n))),
-            Arc::new(tools.clone()),
-            Arc::new(Policy::allow_all()),
-            Arc::new(SessionApprovals::new()),
-            AgentConfig::default(),
-        );
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                rt.block_on(async {
-                    let h = agent
-                        .execute(ExecutionRequest::new("bench", "scripted", "go").with_tools(["p/*"]))
-                        .await
-                        .expect("execute");
-                    let r = h.result().await.expect("result");
-                    assert_eq!(r.status, keel_kernel::job::JobState::Succeeded);
-                })
-            })
+    for (group_name, durability) in [("agent_sqlite", Durability::Full), ("agent_normal", Durability::Normal)] {
+        let db = rt
+            .block_on(Database::open_with(
+                &dir.path().join(format!("{group_name}.db")),
+                durability,
+            ))
+            .expect("open");
+        let kernel = Kernel::new(Arc::new(db.kernel_store()));
+        let mut group = c.benchmark_group(group_name);
+        group.throughput(Throughput::Elements(1));
+        let pool = db.pool().clone();
+        rt.block_on(common::create_bare_commit_table(&pool));
+        group.bench_function("bare_commit", |b| b.iter(|| rt.block_on(common::bare_commit(&pool))));
+        let governed = runtime(kernel.clone(), &tools, vec![]);
+        group.bench_function("governed_call", |b| {
+            b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/echo", None)))
         });
+        group.bench_function("governed_call_idempotent", |b| {
+            b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/idem", None)))
+        });
+        if durability == Durability::Full {
+            group.bench_function("governed_call_runner", |b| {
+                b.iter(|| {
+                    let key = format!("k{}", keys.fetch_add(1, Ordering::Relaxed));
+                    rt.block_on(governed_call(&governed, &call_ctx, "p/echo", Some(key)))
+                })
+            });
+            group.bench_function("bare_tool_call", |b| {
+                b.iter(|| {
+                    rt.block_on(tools.call_tool(&ctx, "p/echo", &args))
+                        .result
+                        .expect("call")
+                })
+            });
+            for (name, n) in [("job_no_tools", 0), ("job_1_call", 1), ("job_10_calls", 10)] {
+                let agent = runtime(kernel.clone(), &tools, script(n));
+                group.bench_function(name, |b| {
+                    b.iter(|| {
+                        rt.block_on(async {
+                            let h = agent
+                                .execute(ExecutionRequest::new("bench", "scripted", "go").with_tools(["p/*"]))
+                                .await
+                                .expect("execute");
+                            let r = h.result().await.expect("result");
+                            assert_eq!(r.status, keel_kernel::job::JobState::Succeeded);
+                        })
+                    })
+                });
+            }
+        }
+        group.finish();
     }
-    group.finish();
 
     let mut group = c.benchmark_group("agent_memory");
     group.throughput(Throughput::Elements(1));
-    let memory = Kernel::new(Arc::new(MemoryStore::new()));
-    let governed = AgentRuntime::new(
-        memory,
-        Arc::new(ScriptedModel::new(vec![])),
-        Arc::new(tools.clone()),
-        Arc::new(Policy::allow_all()),
-        Arc::new(SessionApprovals::new()),
-        AgentConfig::default(),
-    );
+    let governed = runtime(Kernel::new(Arc::new(MemoryStore::new())), &tools, vec![]);
     group.bench_function("bare_tool_call", |b| {
         b.iter(|| {
             rt.block_on(tools.call_tool(&ctx, "p/echo", &args))
@@ -126,17 +135,17 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.bench_function("governed_call", |b| {
-        b.iter(|| rt.block_on(governed_call(&governed, &call_ctx)))
+        b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/echo", None)))
+    });
+    group.bench_function("governed_call_idempotent", |b| {
+        b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/idem", None)))
     });
     group.finish();
 }
 
-/// One governed call of the echo tool, to its end.
-async fn governed_call(agent: &AgentRuntime, ctx: &ExecutionContext) {
-    let h = agent
-        .call_tool(ctx, "p/echo", json!({ "i": 1 }), None)
-        .await
-        .expect("call");
+/// One governed call of `tool` (an echo tool), to its end.
+async fn governed_call(agent: &AgentRuntime, ctx: &ExecutionContext, tool: &str, key: Option<String>) {
+    let h = agent.call_tool(ctx, tool, json!({ "i": 1 }), key).await.expect("call");
     let r = h.result().await.expect("result");
     assert_eq!(r.status, keel_kernel::job::JobState::Succeeded, "{r:?}");
 }

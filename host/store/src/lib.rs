@@ -8,4 +8,4 @@ pub mod plugins;
 pub mod sqlite;
 
 pub use kernel_store::SqliteKernelStore;
-pub use sqlite::{Database, StoreError};
+pub use sqlite::{Database, Durability, StoreError};

@@ -309,7 +309,7 @@ pub(crate) struct Runner {
 /// The policy a job runs under: the text recorded with the job (checked against its recorded
 /// sha256); for a job recorded by reference only (name + sha256), what the host's loader returns;
 /// for a job that recorded none, or under an operator override, the host's policy.
-fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>, Stop> {
+pub(crate) fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>, Stop> {
     let unavailable = |why: String| Stop::Fail(job_error("policy_unavailable", why));
     if rt.policy_override.load(Ordering::SeqCst) {
         return Ok(rt.policy.clone());
@@ -1240,52 +1240,11 @@ impl Runner {
         let started = Instant::now();
         let outcome = match tokio::time::timeout(timeout, self.rt.tools.call_tool(&ctx, &tool, &call.arguments)).await {
             Ok(outcome) => outcome,
-            Err(_) => crate::tool::ToolOutcome {
-                result: Err(ToolError::TimedOut {
-                    message: format!("no result within {} ms", timeout.as_millis()),
-                }),
-                receipt: Receipt {
-                    wall_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                    ..Receipt::default()
-                },
-                diagnostics: Default::default(),
-            },
+            Err(_) => timed_out(timeout, started),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
-        let receipt = outcome.receipt;
-        let diagnostics = outcome.diagnostics;
-        let (result, event_type, data) = match outcome.result {
-            Ok(output) => (
-                journal::ToolResult {
-                    content: output_text(&output),
-                    is_error: false,
-                    code: None,
-                    ran: true,
-                    tool: tool.clone(),
-                    output: Some(output),
-                    error: None,
-                    receipt: Some(receipt.clone()),
-                    diagnostics: diagnostics.clone(),
-                },
-                EventType::ToolEnd,
-                json!({ "turn": turn, "call_id": call.id, "tool": tool, "duration_ms": duration_ms, "receipt": receipt }),
-            ),
-            Err(e) => (
-                journal::ToolResult {
-                    content: format!("error ({}): {e}", e.code()),
-                    is_error: true,
-                    code: Some(e.code().to_string()),
-                    ran: true,
-                    tool: tool.clone(),
-                    output: None,
-                    error: Some(e.clone()),
-                    receipt: Some(receipt.clone()),
-                    diagnostics: diagnostics.clone(),
-                },
-                EventType::ToolError,
-                json!({ "turn": turn, "call_id": call.id, "tool": tool, "code": e.code(), "message": e.to_string(), "duration_ms": duration_ms, "receipt": receipt }),
-            ),
-        };
+        let (result, event_type, data) = tool_result(outcome, &tool, turn, &call.id, duration_ms);
+        let receipt = result.receipt.clone();
         let entry = Entry::ToolResult(result.clone());
         self.commit_step(|job, now| {
             let mut next = bump(job, now);
@@ -1502,6 +1461,65 @@ impl Runner {
             .jobs()
             .terminate_with(self.job_id, to, error, &extra)
             .await;
+    }
+}
+
+/// The outcome of a call that ran past `timeout` (started at `started`).
+pub(crate) fn timed_out(timeout: Duration, started: Instant) -> crate::tool::ToolOutcome {
+    crate::tool::ToolOutcome {
+        result: Err(ToolError::TimedOut {
+            message: format!("no result within {} ms", timeout.as_millis()),
+        }),
+        receipt: Receipt {
+            wall_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            ..Receipt::default()
+        },
+        diagnostics: Default::default(),
+    }
+}
+
+/// A call's outcome as journaled (`result` entry) and announced (`tool.end` or `tool.error` with
+/// its data): the one shape both the runner and the direct call path write.
+pub(crate) fn tool_result(
+    outcome: crate::tool::ToolOutcome,
+    tool: &str,
+    turn: u32,
+    call_id: &str,
+    duration_ms: u64,
+) -> (journal::ToolResult, EventType, Value) {
+    let receipt = outcome.receipt;
+    let diagnostics = outcome.diagnostics;
+    match outcome.result {
+        Ok(output) => (
+            journal::ToolResult {
+                content: output_text(&output),
+                is_error: false,
+                code: None,
+                ran: true,
+                tool: tool.to_string(),
+                output: Some(output),
+                error: None,
+                receipt: Some(receipt.clone()),
+                diagnostics,
+            },
+            EventType::ToolEnd,
+            json!({ "turn": turn, "call_id": call_id, "tool": tool, "duration_ms": duration_ms, "receipt": receipt }),
+        ),
+        Err(e) => (
+            journal::ToolResult {
+                content: format!("error ({}): {e}", e.code()),
+                is_error: true,
+                code: Some(e.code().to_string()),
+                ran: true,
+                tool: tool.to_string(),
+                output: None,
+                error: Some(e.clone()),
+                receipt: Some(receipt.clone()),
+                diagnostics,
+            },
+            EventType::ToolError,
+            json!({ "turn": turn, "call_id": call_id, "tool": tool, "code": e.code(), "message": e.to_string(), "duration_ms": duration_ms, "receipt": receipt }),
+        ),
     }
 }
 

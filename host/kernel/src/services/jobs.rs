@@ -226,33 +226,7 @@ impl JobManager {
             return same_request(job);
         }
         let now = self.core.now();
-        let job = Job {
-            id: Uuid::now_v7(),
-            tenant: new.tenant,
-            principal: new.principal,
-            session: new.session,
-            run_id: new.run_id,
-            parent_id: new.parent_id,
-            kind: new.kind,
-            state: JobState::Queued,
-            version: 1,
-            idempotency_key: new.idempotency_key,
-            request_hash: request_hash.clone(),
-            input: new.input,
-            progress: 0.0,
-            progress_message: None,
-            turns: 0,
-            tool_calls: 0,
-            deadline: new.deadline,
-            error: None,
-            result_ref: None,
-            tags: new.tags,
-            metadata: new.metadata,
-            created_at: now,
-            updated_at: now,
-            started_at: None,
-            finished_at: None,
-        };
+        let job = Job::queued(new, request_hash.clone(), now);
         let event = job_event(
             &job,
             EventType::JobStatusChanged,

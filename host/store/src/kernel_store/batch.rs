@@ -7,8 +7,8 @@ use super::SqliteKernelStore;
 use super::actions::{insert_action, update_action};
 use super::jobs::{insert_job, update_job};
 use super::journal::insert_journal;
-use super::leases::check_lease;
-use super::ledger::settle_in;
+use super::leases::{check_lease, release_lease_in};
+use super::ledger::{hold_in, settle_in};
 use super::rows::{be, db_now_micros, get, job_ref_error, micros, missing_or_conflict, to_json, ttl_micros, u64_of};
 
 impl SqliteKernelStore {
@@ -48,6 +48,9 @@ impl SqliteKernelStore {
                 return Err(missing_or_conflict(&mut tx, "jobs", "lease", c.job_id).await);
             }
         }
+        for h in &batch.holds {
+            hold_in(&mut tx, h).await?;
+        }
         for j in &batch.journal {
             insert_journal(&mut tx, j).await?;
         }
@@ -79,6 +82,9 @@ impl SqliteKernelStore {
                 data: e.data,
                 at: e.at,
             });
+        }
+        for g in &batch.lease_releases {
+            release_lease_in(&mut tx, g).await?;
         }
         tx.commit().await.map_err(be)?;
         Ok(out)

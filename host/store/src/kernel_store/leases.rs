@@ -37,6 +37,20 @@ pub(super) async fn check_lease(conn: &mut SqliteConnection, g: &LeaseGuard) -> 
     }
 }
 
+/// Drop the lease if `g` (owner and epoch) holds it; whether it did. Keeps the epoch counter.
+pub(super) async fn release_lease_in(conn: &mut SqliteConnection, g: &LeaseGuard) -> StoreResult<bool> {
+    let res = sqlx::query(
+        "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ? AND lease_epoch = ?",
+    )
+    .bind(g.job_id.to_string())
+    .bind(g.owner.clone())
+    .bind(i64_of(g.epoch)?)
+    .execute(&mut *conn)
+    .await
+    .map_err(be)?;
+    Ok(res.rows_affected() == 1)
+}
+
 impl SqliteKernelStore {
     pub(super) async fn claim_tx(&self, req: ClaimRequest) -> StoreResult<Vec<Job>> {
         if req.kinds.is_empty() || req.limit == 0 {
@@ -100,17 +114,8 @@ impl SqliteKernelStore {
 
     /// [`KernelStore::release_lease`].
     pub(super) async fn sql_release_lease(&self, guard: &LeaseGuard) -> StoreResult<bool> {
-        let res = sqlx::query(
-            "UPDATE jobs SET lease_owner = NULL, lease_until = NULL \
-             WHERE id = ? AND lease_owner = ? AND lease_epoch = ?",
-        )
-        .bind(guard.job_id.to_string())
-        .bind(guard.owner.clone())
-        .bind(i64_of(guard.epoch)?)
-        .execute(&self.pool)
-        .await
-        .map_err(be)?;
-        Ok(res.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await.map_err(be)?;
+        release_lease_in(&mut conn, guard).await
     }
 
     /// [`KernelStore::get_lease`].

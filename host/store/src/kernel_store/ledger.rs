@@ -8,7 +8,8 @@ use keel_kernel::ledger::{
     ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery, cost_from_nanos,
 };
 use keel_kernel::store::{
-    BudgetEvaluator, ClosePlan, StoreError, StoreResult, plan_release, plan_reserve, plan_settle,
+    BudgetEvaluator, ClosePlan, HoldWrite, ReservePlan, StoreError, StoreResult, plan_hold, plan_release, plan_reserve,
+    plan_settle,
 };
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Sqlite};
@@ -121,6 +122,74 @@ pub(super) async fn budget_usage(
     Ok(settled + held)
 }
 
+/// The budgets that apply to `req`, each with its usage (settled in its window plus live holds),
+/// read inside the caller's transaction.
+pub(super) async fn budget_statuses(
+    conn: &mut SqliteConnection,
+    req: &ReserveRequest,
+) -> StoreResult<Vec<BudgetStatus>> {
+    let rows = sqlx::query("SELECT budget_json FROM budgets WHERE tenant = ? ORDER BY id")
+        .bind(req.tenant.clone())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(be)?;
+    let mut statuses = Vec::new();
+    for row in rows {
+        let budget: Budget = from_json(&get::<String>(&row, "budget_json")?)?;
+        if budget.applies_to(&req.tenant, req.principal.as_deref(), req.session.as_deref()) {
+            let used = budget_usage(conn, &budget, req.now).await?;
+            statuses.push(BudgetStatus { budget, used });
+        }
+    }
+    Ok(statuses)
+}
+
+/// Write what a reserve plan says: the HELD row (if allowed), then its ledger entries.
+pub(super) async fn write_reserve_plan(conn: &mut SqliteConnection, plan: &ReservePlan) -> StoreResult<()> {
+    if let Some(r) = &plan.outcome.reservation {
+        sqlx::query(
+            "INSERT INTO reservations (id, tenant, principal, session, job_id, tokens, cost_nanos, requests, \
+             tool_calls, state, actual_json, created_at, expires_at, closed_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, NULL)",
+        )
+        .bind(r.id.to_string())
+        .bind(r.tenant.clone())
+        .bind(r.principal.clone())
+        .bind(r.session.clone())
+        .bind(r.job_id.map(|u| u.to_string()))
+        .bind(i64_of(r.amount.tokens)?)
+        .bind(nanos(r.amount.cost)?)
+        .bind(i64_of(r.amount.requests)?)
+        .bind(i64_of(r.amount.tool_calls)?)
+        .bind(r.state.as_str())
+        .bind(micros(r.created_at))
+        .bind(micros(r.expires_at))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict {
+                entity: "reservation",
+                id: r.id.to_string(),
+            },
+            _ => be(e),
+        })?;
+    }
+    for e in &plan.entries {
+        insert_ledger(conn, e).await?;
+    }
+    Ok(())
+}
+
+/// One [`keel_kernel::store::Batch::holds`] entry inside the batch's transaction.
+pub(super) async fn hold_in(conn: &mut SqliteConnection, hold: &HoldWrite) -> StoreResult<()> {
+    let statuses = if hold.check_budgets {
+        budget_statuses(conn, &hold.request).await?
+    } else {
+        Vec::new()
+    };
+    write_reserve_plan(conn, &plan_hold(hold, &statuses)?).await
+}
+
 pub(super) async fn load_reservation(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Reservation> {
     let row = sqlx::query("SELECT * FROM reservations WHERE id = ?")
         .bind(id.to_string())
@@ -212,46 +281,10 @@ impl SqliteKernelStore {
         evaluate: BudgetEvaluator,
     ) -> StoreResult<ReserveOutcome> {
         let mut tx = self.begin().await?;
-        let rows = sqlx::query("SELECT budget_json FROM budgets WHERE tenant = ? ORDER BY id")
-            .bind(req.tenant.clone())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(be)?;
-        let mut statuses = Vec::new();
-        for row in rows {
-            let budget: Budget = from_json(&get::<String>(&row, "budget_json")?)?;
-            if budget.applies_to(&req.tenant, req.principal.as_deref(), req.session.as_deref()) {
-                let used = budget_usage(&mut tx, &budget, req.now).await?;
-                statuses.push(BudgetStatus { budget, used });
-            }
-        }
+        let statuses = budget_statuses(&mut tx, &req).await?;
         let plan = plan_reserve(&req, evaluate(&req.amount, &statuses))?;
-        if let Some(r) = &plan.outcome.reservation {
-            sqlx::query(
-                "INSERT INTO reservations (id, tenant, principal, session, job_id, tokens, cost_nanos, requests, \
-             tool_calls, state, actual_json, created_at, expires_at, closed_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, NULL)",
-            )
-            .bind(r.id.to_string())
-            .bind(r.tenant.clone())
-            .bind(r.principal.clone())
-            .bind(r.session.clone())
-            .bind(r.job_id.map(|u| u.to_string()))
-            .bind(i64_of(r.amount.tokens)?)
-            .bind(nanos(r.amount.cost)?)
-            .bind(i64_of(r.amount.requests)?)
-            .bind(i64_of(r.amount.tool_calls)?)
-            .bind(r.state.as_str())
-            .bind(micros(r.created_at))
-            .bind(micros(r.expires_at))
-            .execute(&mut *tx)
-            .await
-            .map_err(be)?;
-        }
         // A refused reservation still records its budget check; nothing is held.
-        for e in &plan.entries {
-            insert_ledger(&mut tx, e).await?;
-        }
+        write_reserve_plan(&mut tx, &plan).await?;
         tx.commit().await.map_err(be)?;
         Ok(plan.outcome)
     }

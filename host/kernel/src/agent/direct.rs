@@ -1,0 +1,450 @@
+//! The direct governed call, driven by the caller's own task in at most two commits.
+//!
+//! [`AgentRuntime::call_tool`] first tries this path. It writes exactly the rows the runner
+//! (`run.rs`, `drive_call` → `call_step`) would write for the same call — the same job input, the
+//! same journal keys and entries, the same events and ledger entries — but merges them:
+//!
+//! 1. **before the side effect**, one transaction: the job inserted RUNNING and leased to this host
+//!    (for the whole call: no heartbeat, no renewal), the budget hold (checked against the budgets
+//!    inside the transaction), the `started` journal entry and the `tool.start` event;
+//! 2. the sandboxed call, on the caller's task (no spawned loop, no polling);
+//! 3. **after**, one transaction, fenced by the lease epoch: the settlement with the receipt, the
+//!    `tool.end` / `tool.error` event, the `result` and `final` journal entries, the job
+//!    SUCCEEDED or FAILED and the lease released.
+//!
+//! An idempotent tool may skip (1) when no budget applies to the caller: the call runs first and
+//! everything, the hold included, is committed once after it (a crash mid-call leaves nothing;
+//! the caller may simply call again, which is what idempotent means).
+//!
+//! Anything else — an approval to wait for, a refusal (unknown tool, invalid input, policy deny,
+//! budget deny), an idempotency key, a runtime limit, a policy recorded by reference — is left to
+//! the runner, which handles every case; this path only makes the common one cheap. If the host
+//! dies between (1) and (3), the job is RUNNING with a journaled `started` entry and a lease that
+//! lapses after the call's deadline: a worker resumes it like any interrupted call (charge the
+//! attempt, ask before re-running a non-idempotent tool).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::request::{ExecutionRequest, ExecutionResult, ExecutionUsage};
+use super::run::{self, call_key, job_policy};
+use super::{AgentError, AgentRuntime, ExecutionHandle, Inner, new_job, schema};
+use crate::event::{EventType, NewEvent};
+use crate::job::{Job, JobError, JobState};
+use crate::journal::{self, Entry, key};
+use crate::ledger::{LedgerKind, ReserveRequest, SettleRequest, Usage};
+use crate::policy::{Outcome, PolicyRequest};
+use crate::services::{SettleDetails, job_event, retry, status_event};
+use crate::store::{Batch, HoldWrite, JobWrite, LeaseClaim, LeaseGuard, NewJournalEntry, StoreError};
+use crate::tool::{ToolCallContext, ToolDescriptor};
+
+/// The step key of a direct call (its only call: turn 1, call 0), as the runner names it.
+fn base() -> String {
+    key::call(1, 0)
+}
+
+/// The model-facing id of a direct call, as the runner names it.
+const CALL_ID: &str = "c0";
+
+impl AgentRuntime {
+    /// Run `request` (a direct call) on this path if it qualifies (see the module docs); `None`
+    /// when the runner must take it.
+    pub(super) async fn direct_call(&self, request: &ExecutionRequest) -> Result<Option<ExecutionHandle>, AgentError> {
+        let inner = &self.inner;
+        let Some(call) = &request.call else { return Ok(None) };
+        if request.idempotency_key.is_some()
+            || request.runtime_limit().is_some()
+            || request.budget.max_tool_calls == Some(0)
+        {
+            return Ok(None);
+        }
+        let Ok(policy) = job_policy(inner, &request.policy) else {
+            return Ok(None);
+        };
+        if inner.policy_override.load(std::sync::atomic::Ordering::SeqCst) && request.policy != Default::default() {
+            // The runner announces the override with a progress event.
+            return Ok(None);
+        }
+        let Ok(tools) = inner.tools.list_tools().await else {
+            return Ok(None);
+        };
+        let Some(desc) = tools.into_iter().find(|t| t.qualified_name() == call.tool) else {
+            return Ok(None);
+        };
+        if schema::validate(&desc.input_schema, &call.arguments).is_err() {
+            return Ok(None);
+        }
+        let decision = policy.evaluate_with(
+            &PolicyRequest::Tool {
+                tool: &call.tool,
+                arguments: &call.arguments,
+                scope: &request.scope,
+                principal: request.principal.as_deref().unwrap_or(""),
+                session: request.session.as_deref(),
+                tool_calls_this_turn: 0,
+                turn: 1,
+            },
+            inner.approvals.as_ref(),
+        );
+        if !matches!(decision.outcome, Outcome::Allow | Outcome::Warn) {
+            return Ok(None);
+        }
+        // One commit for an idempotent tool when no budget could refuse it; else two.
+        let once = desc.idempotent && !self.budgets_apply(request).await?;
+        let call = DirectCall::new(inner, request, &desc)?;
+        if !once {
+            match call.commit_started(inner).await {
+                Ok(()) => {}
+                // A budget refused the hold (nothing was written): the runner records the verdict
+                // and fails the job the usual way.
+                Err(StoreError::Conflict { entity: "budget", .. }) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let result = call.run(inner, &call.arguments_of(request)).await;
+        let finished = call.commit_result(inner, result, once).await?;
+        Ok(Some(ExecutionHandle {
+            rt: self.clone(),
+            job_id: call.job.id,
+            tenant: call.job.tenant.clone(),
+            finished: finished.map(Arc::new),
+        }))
+    }
+
+    /// Whether any budget of the request's tenant applies to its principal and session.
+    async fn budgets_apply(&self, request: &ExecutionRequest) -> Result<bool, AgentError> {
+        let budgets = self.kernel().store().list_budgets(&request.scope).await?;
+        Ok(budgets
+            .iter()
+            .any(|b| b.applies_to(&request.scope, request.principal.as_deref(), request.session.as_deref())))
+    }
+}
+
+/// One direct call in flight.
+struct DirectCall {
+    /// The job as inserted (RUNNING, version 1).
+    job: Job,
+    tool: String,
+    hold: HoldWrite,
+    /// The call's own deadline (the tool's, bounded by the agent's).
+    timeout: Duration,
+    /// How long the lease is taken for: the whole call plus a margin.
+    lease_ms: u64,
+    owner: String,
+}
+
+impl DirectCall {
+    fn new(inner: &Inner, request: &ExecutionRequest, desc: &ToolDescriptor) -> Result<Self, AgentError> {
+        let now = inner.kernel.clock().now();
+        let mut job = Job::queued(new_job(request, now)?, None, now);
+        job.state = JobState::Running;
+        job.started_at = Some(now);
+        let agent_limit = Duration::from_millis(inner.config.tool_timeout_ms);
+        let timeout = desc.timeout.map_or(agent_limit, |own| own.min(agent_limit));
+        // As `ensure_lease` would extend it before the call: the deadline plus a margin.
+        let ttl = inner.config.lease_ttl_ms.max(3);
+        let margin = Duration::from_millis(ttl / 3).max(Duration::from_secs(1));
+        let lease_ms = u64::try_from((timeout + margin).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(ttl);
+        let hold_ttl = chrono::Duration::seconds(inner.kernel.config().hold_ttl_secs).max(
+            chrono::Duration::milliseconds(i64::try_from(lease_ms).unwrap_or(i64::MAX)),
+        );
+        let hold = HoldWrite {
+            id: Uuid::now_v7(),
+            request: ReserveRequest {
+                tenant: job.tenant.clone(),
+                principal: job.principal.clone(),
+                session: job.session.clone(),
+                job_id: Some(job.id),
+                amount: Usage {
+                    tool_calls: 1,
+                    ..Usage::zero()
+                },
+                now,
+                expires_at: now + hold_ttl,
+            },
+            check_budgets: true,
+        };
+        Ok(Self {
+            tool: desc.qualified_name(),
+            job,
+            hold,
+            timeout,
+            lease_ms,
+            owner: inner.owner.clone(),
+        })
+    }
+
+    fn arguments_of(&self, request: &ExecutionRequest) -> serde_json::Value {
+        request.call.as_ref().map(|c| c.arguments.clone()).unwrap_or_default()
+    }
+
+    /// The guard of the lease the first commit took: a job claimed by the batch that inserts it
+    /// gets epoch 1 (see `Batch::claims`).
+    fn guard(&self) -> LeaseGuard {
+        LeaseGuard {
+            job_id: self.job.id,
+            owner: self.owner.clone(),
+            epoch: 1,
+        }
+    }
+
+    fn entry(&self, key: String, entry: &Entry, at: DateTime<Utc>) -> NewJournalEntry {
+        journal::encode(self.job.id, key, entry, at)
+    }
+
+    fn event(&self, event_type: EventType, data: serde_json::Value, at: DateTime<Utc>) -> NewEvent {
+        job_event(&self.job, event_type, data, at)
+    }
+
+    /// What the first commit writes (the job is created, started and its call started).
+    fn started_rows(&self, owner: &str) -> Batch {
+        let now = self.job.created_at;
+        let queued = self.event(
+            EventType::JobStatusChanged,
+            json!({ "from": null, "to": JobState::Queued }),
+            now,
+        );
+        let started = status_event(JobState::Queued, &self.job, json!({ "owner": owner }), now);
+        let tool_start = self.event(
+            EventType::ToolStart,
+            json!({ "turn": 1, "call_id": CALL_ID, "tool": self.tool, "attempt": 0 }),
+            now,
+        );
+        let entry = Entry::ToolStarted(journal::ToolStarted {
+            reservation_id: self.hold.id,
+            tool: self.tool.clone(),
+            call_id: CALL_ID.into(),
+            attempt: 0,
+        });
+        Batch {
+            jobs: vec![JobWrite {
+                job: self.job.clone(),
+                expected_version: None,
+            }],
+            events: vec![queued, started, tool_start],
+            journal: vec![self.entry(key::started(&base(), 0), &entry, now)],
+            holds: vec![self.hold.clone()],
+            ..Batch::default()
+        }
+    }
+
+    /// Commit (1): the job RUNNING and leased for the whole call, the hold, `started`, `tool.start`.
+    async fn commit_started(&self, inner: &Inner) -> Result<(), StoreError> {
+        let mut batch = self.started_rows(&self.owner);
+        batch.claims.push(LeaseClaim {
+            job_id: self.job.id,
+            owner: self.owner.clone(),
+            ttl_ms: self.lease_ms,
+        });
+        retry::retry_transient(retry::BUSY, || inner.kernel.commit(batch.clone())).await?;
+        Ok(())
+    }
+
+    /// The sandboxed call, under its deadline and the job's in-process cancellation.
+    async fn run(&self, inner: &Inner, arguments: &serde_json::Value) -> Ran {
+        let ctx = ToolCallContext {
+            call_id: call_key(self.job.id, &base()),
+            job_id: Some(self.job.id.to_string()),
+            scope: self.job.tenant.clone(),
+            principal: self.job.principal.clone(),
+            trace_id: self.job.context().map(|c| c.trace_id),
+            timeout: Some(self.timeout),
+        };
+        let cancel = inner.kernel.jobs().cancellation_token(self.job.id);
+        let started = Instant::now();
+        let call = tokio::time::timeout(self.timeout, inner.tools.call_tool(&ctx, &self.tool, arguments));
+        let outcome = tokio::select! {
+            r = call => Some(match r {
+                Ok(outcome) => outcome,
+                Err(_) => run::timed_out(self.timeout, started),
+            }),
+            _ = cancel.cancelled() => None,
+        };
+        inner.kernel.jobs().forget_token(self.job.id);
+        Ran {
+            outcome,
+            duration_ms: started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Commit (3) — or, with `once`, (1) and (3) together. Returns the job's result when this
+    /// host wrote it; `None` when the job was ended elsewhere (cancelled) or taken by another
+    /// host meanwhile (its usage is charged all the same).
+    async fn commit_result(&self, inner: &Inner, ran: Ran, once: bool) -> Result<Option<ExecutionResult>, AgentError> {
+        let duration_ms = ran.duration_ms;
+        let Some(outcome) = ran.outcome else {
+            // Cancelled while it ran: the cancel already ended the job; charge the attempt.
+            self.charge_unjournaled(inner, duration_ms).await;
+            return Ok(None);
+        };
+        let (result, event_type, data) = run::tool_result(outcome, &self.tool, 1, CALL_ID, duration_ms);
+        let now = inner.kernel.clock().now();
+        let settle = SettleRequest {
+            reservation_id: self.hold.id,
+            kind: LedgerKind::ToolUsage,
+            actual: Usage {
+                tool_calls: 1,
+                ..Usage::zero()
+            },
+            duration_ms: Some(duration_ms),
+            model: None,
+            tool: Some(self.tool.clone()),
+            data: json!({ "turn": 1, "call_id": CALL_ID, "receipt": result.receipt }),
+            now,
+        };
+        let mut next = self.job.clone();
+        next.version += 1;
+        next.updated_at = now;
+        next.finished_at = Some(now);
+        next.tool_calls += 1;
+        let (end_events, fin) = if result.is_error {
+            let error = JobError {
+                code: result.code.clone().unwrap_or_else(|| "failed".into()),
+                message: result.content.clone(),
+            };
+            next.state = JobState::Failed;
+            next.error = Some(error.clone());
+            let reason = format!("{}: {}", error.code, error.message);
+            let status = status_event(JobState::Running, &next, json!({ "reason": reason }), now);
+            let fin = self.event(
+                EventType::FinalError,
+                json!({ "code": error.code, "message": error.message }),
+                now,
+            );
+            let entry = journal::Final {
+                status: JobState::Failed,
+                content: None,
+                error: Some(error),
+            };
+            (vec![status, fin], entry)
+        } else {
+            next.state = JobState::Succeeded;
+            next.result_ref = Some("journal:final".into());
+            next.progress = 1.0;
+            let status = status_event(JobState::Running, &next, json!({ "result_ref": next.result_ref }), now);
+            let usage = ExecutionUsage {
+                tool_calls: 1,
+                ..ExecutionUsage::default()
+            };
+            let fin = self.event(
+                EventType::FinalResult,
+                json!({ "content": result.content, "usage": usage, "turns": 0 }),
+                now,
+            );
+            let entry = journal::Final {
+                status: JobState::Succeeded,
+                content: Some(result.content.clone()),
+                error: None,
+            };
+            (vec![status, fin], entry)
+        };
+        let tool_event = self.event(event_type, data, now);
+        let journal = vec![
+            self.entry(key::result(&base()), &Entry::ToolResult(result.clone()), now),
+            self.entry(key::FINAL.into(), &Entry::Final(fin.clone()), now),
+        ];
+        let finished = if once {
+            // The job is inserted in its final state: nobody can claim it, so no lease is taken.
+            let mut batch = self.started_rows(&self.owner);
+            batch.holds[0].check_budgets = false;
+            batch.jobs[0].job = next.clone();
+            batch.events.push(tool_event);
+            batch.events.extend(end_events);
+            batch.journal.extend(journal);
+            batch.settlements.push(settle);
+            retry::retry_transient(retry::BUSY, || inner.kernel.commit(batch.clone())).await?;
+            next
+        } else {
+            let guard = self.guard();
+            let mut batch = Batch {
+                jobs: vec![JobWrite {
+                    job: next,
+                    expected_version: Some(self.job.version),
+                }],
+                events: [vec![tool_event], end_events].concat(),
+                journal,
+                settlements: vec![settle],
+                leases: vec![guard.clone()],
+                lease_releases: vec![guard],
+                ..Batch::default()
+            };
+            let mut attempts = inner.kernel.config().max_write_attempts;
+            loop {
+                match retry::retry_transient(retry::BUSY, || inner.kernel.commit(batch.clone())).await {
+                    Ok(_) => break batch.jobs.swap_remove(0).job,
+                    // Another writer bumped the row (nothing of ours does while we hold the
+                    // lease, but the contract allows it): write over its version, once re-read.
+                    Err(StoreError::Conflict { entity: "job", .. }) if attempts > 1 => {
+                        attempts -= 1;
+                        match inner.kernel.store().get_job(self.job.id).await? {
+                            Some(current) if !current.state.is_terminal() => {
+                                let w = &mut batch.jobs[0];
+                                w.expected_version = Some(current.version);
+                                w.job.version = current.version + 1;
+                            }
+                            _ => {
+                                self.charge_unjournaled(inner, duration_ms).await;
+                                return Ok(None);
+                            }
+                        }
+                    }
+                    // The job was ended elsewhere (cancelled) or another host took it after the
+                    // lease lapsed: the call ran, so it is charged; the job's outcome is whatever
+                    // its row says.
+                    Err(StoreError::Conflict { entity: "lease", .. }) => {
+                        self.charge_unjournaled(inner, duration_ms).await;
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        self.charge_unjournaled(inner, duration_ms).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        Ok(Some(ExecutionResult {
+            job_id: finished.id,
+            status: finished.state,
+            content: fin.content,
+            usage: ExecutionUsage {
+                tool_calls: u64::from(result.ran),
+                ..ExecutionUsage::default()
+            },
+            turns: finished.turns,
+            artifacts: vec![],
+            error: finished.error,
+            tool_result: Some(result),
+        }))
+    }
+
+    /// Settle the hold of a call whose result could not be journaled: the usage happened.
+    async fn charge_unjournaled(&self, inner: &Inner, duration_ms: u64) {
+        let details = SettleDetails {
+            duration_ms: Some(duration_ms),
+            model: None,
+            tool: Some(self.tool.clone()),
+            data: json!({ "turn": 1, "call_id": CALL_ID, "journaled": false }),
+        };
+        let ledger = inner.kernel.ledger();
+        let actual = Usage {
+            tool_calls: 1,
+            ..Usage::zero()
+        };
+        let _ = retry::retry_transient(retry::BUSY, || {
+            ledger.settle(self.hold.id, LedgerKind::ToolUsage, actual.clone(), details.clone())
+        })
+        .await;
+    }
+}
+
+/// What the sandboxed call came to: its outcome (`None`: cancelled while it ran) and how long it took.
+struct Ran {
+    outcome: Option<crate::tool::ToolOutcome>,
+    duration_ms: u64,
+}

@@ -1,0 +1,415 @@
+//! The governed direct call (`AgentRuntime::call_tool`) on a SQLite file: how many write
+//! transactions one call costs, that the merged commits write what the runner writes, and that a
+//! call whose host dies between its two commits is resumed like any interrupted call (never
+//! re-run without a human's yes).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use keel_kernel::action::{Action, ActionFilter};
+use keel_kernel::agent::testing::{FakeTools, ScriptedModel};
+use keel_kernel::context::ExecutionContext;
+use keel_kernel::event::{EventFilter, EventQuery, RuntimeEvent};
+use keel_kernel::job::{Job, JobFilter, JobState};
+use keel_kernel::ledger::{
+    Budget, BudgetWindow, ExceedStrategy, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
+    ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
+};
+use keel_kernel::policy::{Policy, SessionApprovals};
+use keel_kernel::store::{
+    Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreResult,
+};
+use keel_kernel::{AgentConfig, AgentRuntime, ExecutionResult, Kernel};
+use keel_store::{Database, SqliteKernelStore};
+use serde_json::json;
+use uuid::Uuid;
+
+/// The SQLite store, counting its write transactions (every method that writes is one).
+#[derive(Debug)]
+struct Counting {
+    inner: SqliteKernelStore,
+    writes: AtomicUsize,
+}
+
+impl Counting {
+    fn write(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl KernelStore for Counting {
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, StoreResult<Vec<RuntimeEvent>>> {
+        self.write();
+        self.inner.commit(batch)
+    }
+    fn get_job(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Job>>> {
+        self.inner.get_job(id)
+    }
+    fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>> {
+        self.inner.get_job_by_key(tenant, key)
+    }
+    fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<Job>>> {
+        self.inner.list_jobs(filter)
+    }
+    fn count_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<u64>> {
+        self.inner.count_jobs(filter)
+    }
+    fn overdue_jobs(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        self.inner.overdue_jobs(now, limit)
+    }
+    fn get_action(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Action>>> {
+        self.inner.get_action(id)
+    }
+    fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>> {
+        self.inner.get_action_by_token_hash(token_hash)
+    }
+    fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
+        self.inner.list_actions(filter)
+    }
+    fn expired_actions(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
+        self.inner.expired_actions(now, limit)
+    }
+    fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
+        self.inner.read_events(query)
+    }
+    fn append_ledger(&self, entry: NewLedgerEvent) -> BoxFuture<'_, StoreResult<LedgerEvent>> {
+        self.write();
+        self.inner.append_ledger(entry)
+    }
+    fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
+        self.inner.list_ledger(query)
+    }
+    fn usage<'a>(&'a self, query: &'a UsageQuery) -> BoxFuture<'a, StoreResult<Usage>> {
+        self.inner.usage(query)
+    }
+    fn put_budget(&self, budget: Budget) -> BoxFuture<'_, StoreResult<()>> {
+        self.write();
+        self.inner.put_budget(budget)
+    }
+    fn list_budgets<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, StoreResult<Vec<Budget>>> {
+        self.inner.list_budgets(tenant)
+    }
+    fn delete_budget(&self, id: Uuid) -> BoxFuture<'_, StoreResult<bool>> {
+        self.write();
+        self.inner.delete_budget(id)
+    }
+    fn reserve(
+        &self,
+        request: ReserveRequest,
+        evaluate: BudgetEvaluator,
+    ) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
+        self.write();
+        self.inner.reserve(request, evaluate)
+    }
+    fn get_reservation(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Reservation>>> {
+        self.inner.get_reservation(id)
+    }
+    fn settle(&self, request: SettleRequest) -> BoxFuture<'_, StoreResult<Reservation>> {
+        self.write();
+        self.inner.settle(request)
+    }
+    fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>> {
+        self.write();
+        self.inner.release(id, now, reason)
+    }
+    fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
+        self.write();
+        self.inner.release_expired(now, limit)
+    }
+    fn extend_holds<'a>(&'a self, ids: &'a [Uuid], until: DateTime<Utc>) -> BoxFuture<'a, StoreResult<u64>> {
+        self.write();
+        self.inner.extend_holds(ids, until)
+    }
+    fn read_journal(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Vec<JournalEntry>>> {
+        self.inner.read_journal(job_id)
+    }
+    fn claim_jobs(&self, request: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        self.write();
+        self.inner.claim_jobs(request)
+    }
+    fn renew_lease<'a>(&'a self, guard: &'a LeaseGuard, ttl_ms: u64) -> BoxFuture<'a, StoreResult<bool>> {
+        self.write();
+        self.inner.renew_lease(guard, ttl_ms)
+    }
+    fn release_lease<'a>(&'a self, guard: &'a LeaseGuard) -> BoxFuture<'a, StoreResult<bool>> {
+        self.write();
+        self.inner.release_lease(guard)
+    }
+    fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
+        self.inner.get_lease(job_id)
+    }
+}
+
+fn runtime(kernel: Kernel, tools: &FakeTools, config: AgentConfig) -> AgentRuntime {
+    AgentRuntime::new(
+        kernel,
+        Arc::new(ScriptedModel::new(vec![])),
+        Arc::new(tools.clone()),
+        Arc::new(Policy::allow_all()),
+        Arc::new(SessionApprovals::new()),
+        config,
+    )
+}
+
+fn tools() -> FakeTools {
+    let tools = FakeTools::new();
+    tools.add_echo("p/once", true);
+    tools.add_echo("p/twice", false);
+    tools
+}
+
+/// One call to its end, and the writes it cost.
+async fn counted_call(rt: &AgentRuntime, store: &Counting, tool: &str, key: Option<&str>) -> (ExecutionResult, usize) {
+    let before = store.writes.load(Ordering::SeqCst);
+    let h = rt
+        .call_tool(
+            &ExecutionContext::new("t"),
+            tool,
+            json!({ "n": 1 }),
+            key.map(String::from),
+        )
+        .await
+        .expect("call");
+    let r = h.result().await.expect("result");
+    // The runner releases its lease after the job ended: let its last write land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (r, store.writes.load(Ordering::SeqCst) - before)
+}
+
+async fn event_types(kernel: &Kernel, job: Uuid) -> Vec<String> {
+    kernel
+        .read_events(&EventQuery {
+            filter: EventFilter::job(job),
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.event_type.as_str().to_string())
+        .collect()
+}
+
+async fn journal_keys(kernel: &Kernel, job: Uuid) -> Vec<(String, String)> {
+    kernel
+        .store()
+        .read_journal(job)
+        .await
+        .expect("journal")
+        .into_iter()
+        .map(|e| (e.entry.key, e.entry.kind))
+        .collect()
+}
+
+async fn ledger_kinds(kernel: &Kernel, job: Uuid) -> Vec<LedgerKind> {
+    kernel
+        .ledger()
+        .entries(&LedgerQuery {
+            tenant: "t".into(),
+            job_id: Some(job),
+            ..Default::default()
+        })
+        .await
+        .expect("ledger")
+        .into_iter()
+        .map(|e| e.entry.kind)
+        .collect()
+}
+
+/// Issue 9.11: a non-idempotent call costs two write transactions (the durable "started" commit
+/// before the side effect, the result after), an idempotent one a single one. The runner path
+/// (taken here with an idempotency key) writes the same rows in more transactions; its count is
+/// printed (`--nocapture`) for the record. Either way the job, journal, events and ledger agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_call_commits_twice_and_an_idempotent_one_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Database::open(&dir.path().join("k.db")).await.expect("open");
+    let store = Arc::new(Counting {
+        inner: db.kernel_store(),
+        writes: AtomicUsize::new(0),
+    });
+    let kernel = Kernel::new(store.clone());
+    let tools = tools();
+    let rt = runtime(kernel.clone(), &tools, AgentConfig::default());
+
+    let (twice, writes) = counted_call(&rt, &store, "p/twice", None).await;
+    assert_eq!(twice.status, JobState::Succeeded, "{twice:?}");
+    assert_eq!(writes, 2, "non-idempotent: started + result");
+    let (once, writes) = counted_call(&rt, &store, "p/once", None).await;
+    assert_eq!(once.status, JobState::Succeeded, "{once:?}");
+    assert_eq!(writes, 1, "idempotent: one commit after the call");
+    let (runner, runner_writes) = counted_call(&rt, &store, "p/twice", Some("k1")).await;
+    assert_eq!(runner.status, JobState::Succeeded, "{runner:?}");
+    println!("write transactions per governed call: runner path {runner_writes}, direct 2, idempotent direct 1");
+    assert!(runner_writes > 2, "the runner path: {runner_writes}");
+    assert_eq!(tools.count("p/twice"), 2);
+    assert_eq!(tools.count("p/once"), 1);
+
+    // The same records whichever path wrote them.
+    let output = json!({ "echo": { "n": 1 } });
+    for r in [&twice, &once, &runner] {
+        let stored = rt
+            .attach("t", r.job_id)
+            .await
+            .expect("attach")
+            .snapshot()
+            .await
+            .expect("snapshot");
+        assert_eq!(&stored, r, "the handle's result is the stored one");
+        let tool = r.tool_result.as_ref().expect("tool result");
+        assert_eq!(tool.output.as_ref(), Some(&output));
+        assert!(tool.receipt.is_some(), "a receipt");
+        assert_eq!(r.usage.tool_calls, 1);
+        let job = kernel.jobs().get("t", r.job_id).await.expect("job");
+        assert_eq!((job.state, job.tool_calls), (JobState::Succeeded, 1));
+        assert_eq!(
+            kernel.store().get_lease(r.job_id).await.expect("lease"),
+            None,
+            "lease released"
+        );
+    }
+    for job in [twice.job_id, once.job_id] {
+        assert_eq!(
+            event_types(&kernel, job).await,
+            event_types(&kernel, runner.job_id).await
+        );
+        assert_eq!(
+            journal_keys(&kernel, job).await,
+            journal_keys(&kernel, runner.job_id).await
+        );
+        assert_eq!(
+            ledger_kinds(&kernel, job).await,
+            ledger_kinds(&kernel, runner.job_id).await
+        );
+    }
+    let usage = kernel
+        .ledger()
+        .entries(&LedgerQuery {
+            tenant: "t".into(),
+            job_id: Some(twice.job_id),
+            kinds: vec![LedgerKind::ToolUsage],
+            ..Default::default()
+        })
+        .await
+        .expect("ledger");
+    assert_eq!(usage.len(), 1);
+    assert!(
+        usage[0].entry.data["receipt"]["wall_us"].is_u64(),
+        "{:?}",
+        usage[0].entry.data
+    );
+    let hold = kernel
+        .ledger()
+        .reservation(usage[0].entry.reservation_id.expect("reservation"))
+        .await
+        .expect("hold");
+    assert_eq!(hold.state, ReservationState::Settled);
+}
+
+/// A budget that refuses the call: nothing runs, and the refusal is recorded (a `budget_check`
+/// entry, the job FAILED `budget_exceeded`) as on the runner path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_a_budget_refuses_never_runs_and_is_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Database::open(&dir.path().join("k.db")).await.expect("open");
+    let kernel = Kernel::new(Arc::new(db.kernel_store()));
+    let mut budget = Budget::new("t", "one call", BudgetWindow::Total);
+    budget.limits.max_tool_calls = Some(1);
+    budget.strategy = ExceedStrategy::Deny;
+    kernel.ledger().put_budget(budget).await.expect("budget");
+    let tools = tools();
+    let rt = runtime(kernel.clone(), &tools, AgentConfig::default());
+    let call = |tool: &'static str| {
+        let rt = rt.clone();
+        async move {
+            rt.call_tool(&ExecutionContext::new("t"), tool, json!({}), None)
+                .await
+                .expect("call")
+                .result()
+                .await
+                .expect("result")
+        }
+    };
+    // Idempotent, but a budget applies: the hold is checked before the call.
+    assert_eq!(call("p/once").await.status, JobState::Succeeded);
+    let refused = call("p/once").await;
+    assert_eq!(refused.status, JobState::Failed);
+    assert_eq!(refused.error.as_ref().map(|e| e.code.as_str()), Some("budget_exceeded"));
+    assert_eq!(tools.count("p/once"), 1, "the refused call never ran");
+    assert!(
+        ledger_kinds(&kernel, refused.job_id)
+            .await
+            .contains(&LedgerKind::BudgetCheck)
+    );
+    let refused = call("p/twice").await;
+    assert_eq!(refused.status, JobState::Failed);
+    assert_eq!(tools.count("p/twice"), 0);
+}
+
+/// The host dies between the two commits of a non-idempotent call: the job stays RUNNING with its
+/// `started` entry, its lease lapses after the call's deadline, and another host resumes it by
+/// asking a human before re-running it; the interrupted attempt is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_whose_host_dies_mid_call_is_not_rerun_without_approval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("k.db");
+    let config = AgentConfig {
+        lease_ttl_ms: 300,
+        tool_timeout_ms: 500,
+        poll_ms: 20,
+        ..AgentConfig::default()
+    };
+    let stuck = FakeTools::new();
+    stuck.add("p/charge", json!({ "type": "object" }), false, |_| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(json!("never"))
+    });
+    let first = Kernel::new(Arc::new(Database::open(&path).await.expect("open").kernel_store()));
+    let dying = runtime(first.clone(), &stuck, config.clone());
+    let call = tokio::spawn(async move {
+        dying
+            .call_tool(&ExecutionContext::new("t"), "p/charge", json!({}), None)
+            .await
+    });
+    while stuck.count("p/charge") == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    call.abort();
+    let jobs = first.jobs().list(&JobFilter::tenant("t")).await.expect("jobs");
+    assert_eq!(jobs.len(), 1);
+    let job = &jobs[0];
+    assert_eq!(job.state, JobState::Running, "started durably before the side effect");
+
+    let second_tools = FakeTools::new();
+    second_tools.add_echo("p/charge", false);
+    let second = Kernel::new(Arc::new(Database::open(&path).await.expect("open").kernel_store()));
+    let rt = runtime(second.clone(), &second_tools, config);
+    let stop = keel_kernel::context::CancellationToken::new();
+    let worker = rt.spawn_worker(stop.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = second.jobs().get("t", job.id).await.expect("job");
+        if j.state == JobState::WaitingAction {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never asked: {j:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let _ = worker.await;
+    rt.abort_all();
+    assert_eq!(second_tools.count("p/charge"), 0, "not re-run without a yes");
+    let charged = second
+        .ledger()
+        .entries(&LedgerQuery {
+            tenant: "t".into(),
+            job_id: Some(job.id),
+            kinds: vec![LedgerKind::ToolUsage],
+            ..Default::default()
+        })
+        .await
+        .expect("ledger");
+    assert_eq!(charged.len(), 1, "the interrupted attempt is charged once");
+}

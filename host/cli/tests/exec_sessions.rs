@@ -283,3 +283,102 @@ async fn state_from_one_run_is_invisible_to_the_next() {
         assert_eq!(out["value"], "(False, False, False, [])", "{out}");
     }
 }
+
+mod common;
+
+/// An agent gets `python/run` (an alias of `python-exec/run`) as a tool like any other: a policy
+/// rule names it, the call runs through the governed path, and the job's events and the ledger
+/// show it with its receipt.
+#[test]
+fn an_agent_calls_python_through_the_governed_path() {
+    let component = langs::build(Lang::Python, "plugins/python-exec");
+    let home = langs::reusable_home("exec-agent-home");
+    let script = json!({ "turns": [
+        { "tool_calls": [{ "name": "python__run", "arguments": { "code": "print(6*7)" } }],
+          "usage": { "input_tokens": 10, "output_tokens": 5 } },
+        { "text": "It is 42.", "usage": { "input_tokens": 10, "output_tokens": 5 } },
+    ]});
+    std::fs::write(home.join("script.json"), script.to_string()).unwrap();
+    std::fs::write(
+        home.join("config.toml"),
+        "[agent]\nlease_ttl_ms = 5000\npoll_ms = 50\n\n\
+         [models.providers.scripted]\nkind = \"scripted\"\nscript = \"script.json\"\n",
+    )
+    .unwrap();
+    // Only the alias is allowed: the rule names `python/run`, not the plugin behind it.
+    std::fs::write(
+        home.join("policy.toml"),
+        "version = 1\ndefault = \"deny\"\n\n[[tool]]\nname = \"code\"\ntools = [\"python/run\"]\ndecision = \"allow\"\n\n\
+         [[model]]\nname = \"m\"\nmodels = [\"*\"]\ndecision = \"allow\"\n",
+    )
+    .unwrap();
+    // No grant: the tool gets a fresh scratch directory per call.
+    common::expect(&home, &["install", &component.to_string_lossy()], 0);
+    let out = common::run(
+        &home,
+        &[
+            "run",
+            "what is 6*7?",
+            "--model",
+            "scripted:test",
+            "--tools",
+            "python",
+            "--json",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let result = lines.iter().find(|l| l["type"] == "result").expect("a result line")["result"].clone();
+    assert_eq!(result["status"], "SUCCEEDED", "{stdout}");
+    assert_eq!(result["usage"]["tool_calls"], 1, "{stdout}");
+    let job = result["job_id"].as_str().unwrap();
+
+    // The job's events: the alias ran, and printed 42.
+    let shown = common::json(&home, &["jobs", "show", job, "--json"]);
+    let end = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event_type"] == "tool.end" && e["data"]["tool"] == "python/run")
+        .unwrap_or_else(|| panic!("no tool.end for python/run: {shown}"));
+    assert!(end["data"]["receipt"]["wall_us"].as_u64().unwrap() > 0, "{end}");
+
+    // The journal: the call and its result, what the model was shown (42 printed).
+    let journal = std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                use keel_kernel::store::KernelStore as _;
+                let db = keel_store::Database::open(&home.join("keel.db")).await.unwrap();
+                let id = job.parse().unwrap();
+                db.kernel_store().read_journal(id).await.unwrap()
+            })
+        })
+        .join()
+        .unwrap()
+    });
+    let journal = serde_json::to_string(&journal).unwrap();
+    assert!(
+        journal.contains("python/run") && journal.contains(r#"42\\n"#),
+        "{journal}"
+    );
+
+    // The ledger: one tool entry for the alias, with its receipt.
+    let usage = common::json(&home, &["ledger", "usage", "--job", job, "--json"]);
+    let entries: Vec<&Value> = usage["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["tool"] == "python/run")
+        .collect();
+    assert_eq!(entries.len(), 1, "{usage}");
+    let receipt = &entries[0]["data"]["receipt"];
+    assert!(receipt["wall_us"].as_u64().unwrap() > 0, "{receipt}");
+    assert!(receipt["peak_memory_bytes"].as_u64().unwrap() > 0, "{receipt}");
+}

@@ -101,12 +101,36 @@ impl Host {
         self.run(json!({ "code": code, "session_id": id })).await
     }
 
-    /// Scratch directories still on the host.
-    fn left(&self) -> Vec<String> {
-        std::fs::read_dir(self.scratch_parent.path())
+    /// Scratch directories on the host: (all, the ones not empty).
+    fn dirs(&self) -> (usize, usize) {
+        let all: Vec<_> = std::fs::read_dir(self.scratch_parent.path())
             .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let used = all
+            .iter()
+            .filter(|d| std::fs::read_dir(d).unwrap().next().is_some())
+            .count();
+        (all.len(), used)
+    }
+
+    /// Once the finished calls' directories are removed (in the background, after the result):
+    /// the scratch directories still on the host are the ready instances' (empty) and the live
+    /// sessions'. Returns how many are not empty.
+    async fn left(&self) -> usize {
+        for _ in 0..100 {
+            let (all, used) = self.dirs();
+            if all == self.sandbox.ready_instances() + self.sandbox.live_sessions() {
+                return used;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        panic!(
+            "scratch directories: {:?}, ready instances {}, sessions {}",
+            self.dirs(),
+            self.sandbox.ready_instances(),
+            self.sandbox.live_sessions()
+        )
     }
 }
 
@@ -128,7 +152,7 @@ async fn concurrent_calls_get_their_own_scratch_and_nothing_remains() {
     assert_eq!(b["stdout"], "[] second\n", "{b}");
     // The files came back with each result, and the directories are gone.
     assert_eq!(a["files"], json!({"x": "first"}));
-    assert!(host.left().is_empty(), "left behind: {:?}", host.left());
+    assert_eq!(host.left().await, 0, "a finished call left files behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,7 +180,7 @@ async fn writing_past_the_scratch_cap_fails_clearly() {
         }
         other => panic!("expected the scratch limit, got {other:?}"),
     }
-    assert!(host.left().is_empty(), "left behind: {:?}", host.left());
+    assert_eq!(host.left().await, 0, "a finished call left files behind");
     // Under the cap is fine, and the host goes on.
     let out = host.code("open('/scratch/small', 'w').write('y' * 1000)").await;
     assert_eq!(out["value"], "1000");
@@ -187,8 +211,8 @@ async fn a_session_keeps_state_for_its_owner_only() {
     }
     // The owner's session is still intact.
     assert_eq!(host.session("s1", "x").await["value"], "41");
-    // One directory per live session; none for the one-off runs.
-    assert_eq!(host.left().len(), host.sandbox.live_sessions());
+    // Files remain only in the live sessions' directories (s1's; the others wrote nothing).
+    assert_eq!(host.left().await, 1);
 
     // A bad id is refused before anything runs.
     let bad = host
@@ -236,7 +260,7 @@ async fn an_idle_session_expires_and_the_oldest_is_evicted() {
         "{out}"
     );
     // The expired sessions' scratch directories are gone with them.
-    assert_eq!(host.left().len(), host.sandbox.live_sessions());
+    assert_eq!(host.left().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,6 +156,12 @@ pub struct SandboxConfig {
     pub scratch: ScratchConfig,
     /// Sessions: instances kept alive between calls that name the same `session_id`.
     pub sessions: SessionConfig,
+    /// Ready instances kept per plugin tool (and grants and limits) once it has been called:
+    /// instantiated in the background, each taken by one call and discarded after it (never
+    /// reused), so a call starts without instantiating. 0 turns the pool off.
+    pub ready_instances: usize,
+    /// Ready instances kept in all, across plugins.
+    pub max_ready_instances: usize,
 }
 
 /// Fresh scratch directories: a tool that requests the guest path [`SCRATCH_GUEST`] read-write,
@@ -223,6 +229,8 @@ impl SandboxConfig {
             describe: DescribeLimits::default(),
             scratch: ScratchConfig::default(),
             sessions: SessionConfig::default(),
+            ready_instances: 2,
+            max_ready_instances: 16,
         }
     }
 }

@@ -214,8 +214,27 @@ struct Inner {
     egress: Arc<crate::egress::Egress>,
     prepared: Mutex<HashMap<String, Arc<PreparedPlugin>>>,
     sessions: Mutex<Sessions<Live>>,
+    ready: Mutex<Ready>,
     _ticker: EpochTicker,
 }
+
+/// Pre-instantiated stores, by plugin and what the store is built from (see [`Sandbox::call`]).
+#[derive(Default)]
+struct Ready {
+    by_key: HashMap<String, ReadyQueue>,
+    total: usize,
+}
+
+#[derive(Default)]
+struct ReadyQueue {
+    lives: Vec<(Instant, Live)>,
+    /// Refills under way.
+    filling: usize,
+}
+
+/// A ready instance older than this is dropped rather than used: it was built from grants as
+/// they were then (a grant's directory is re-checked whenever a store is built).
+const READY_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// The component host. Cheap to clone; share one per process.
 #[derive(Clone)]
@@ -300,6 +319,7 @@ impl Sandbox {
                 egress,
                 prepared: Mutex::default(),
                 sessions,
+                ready: Mutex::default(),
                 _ticker: ticker,
             }),
         })
@@ -749,11 +769,21 @@ impl Sandbox {
             if self.inner.sessions.lock().expect("sessions lock").len() > 0 {
                 self.inner.sessions.lock().expect("sessions lock").expire(now);
             }
-            let mut live = match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint) {
-                Ok(live) => live,
-                Err(e) => return CallReport::unrun(ToolError::Host { message: e.to_string() }),
+            let ready_key = format!("{}/{tool}/{fingerprint}", plugin.sha256);
+            let taken = self.take_ready(&ready_key);
+            self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
+            let mut live = match taken {
+                Some(live) => live,
+                None => match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint) {
+                    Ok(live) => live,
+                    Err(e) => return CallReport::unrun(ToolError::Host { message: e.to_string() }),
+                },
             };
-            return self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
+            let report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
+            // Freeing a big instance (resetting its memory) and removing its scratch directory
+            // need not delay the result.
+            tokio::task::spawn_blocking(move || drop(live));
+            return report;
         };
         let slot = match self.inner.sessions.lock().expect("sessions lock").slot(&key, now) {
             Ok(slot) => slot,
@@ -793,6 +823,84 @@ impl Sandbox {
             drop(live);
         }
         report
+    }
+
+    /// A ready instance for `key`, if one is kept.
+    fn take_ready(&self, key: &str) -> Option<Live> {
+        let mut ready = self.inner.ready.lock().expect("ready lock");
+        let queue = ready.by_key.get_mut(key)?;
+        let mut found = None;
+        while let Some((made, live)) = queue.lives.pop() {
+            if made.elapsed() < READY_MAX_AGE {
+                found = Some(live);
+                break;
+            }
+        }
+        let left = queue.lives.len();
+        ready.total = ready.by_key.values().map(|q| q.lives.len()).sum();
+        tracing::trace!(key, left, hit = found.is_some(), "ready instance");
+        found
+    }
+
+    /// Start building ready instances for `key` in the background, up to
+    /// [`SandboxConfig::ready_instances`] (and the total cap). Only tool-world plugins.
+    #[allow(clippy::too_many_arguments)]
+    fn refill(
+        &self,
+        plugin: &PreparedPlugin,
+        tool: &ToolInfo,
+        grants: &Grants,
+        preopens: &[Preopen],
+        limits: &Limits,
+        fingerprint: &str,
+        key: &str,
+    ) {
+        let config = &self.inner.config;
+        let Kind::Tool(pre) = &plugin.kind else { return };
+        let wanted = {
+            let mut ready = self.inner.ready.lock().expect("ready lock");
+            let total = ready.total;
+            let queue = ready.by_key.entry(key.to_string()).or_default();
+            let have = queue.lives.len() + queue.filling;
+            let room = config.max_ready_instances.saturating_sub(total + queue.filling);
+            let wanted = config.ready_instances.saturating_sub(have).min(room);
+            queue.filling += wanted;
+            wanted
+        };
+        if wanted == 0 {
+            return;
+        }
+        let this = self.clone();
+        let pre = pre.clone();
+        let (tool, grants, preopens) = (tool.clone(), grants.clone(), preopens.to_vec());
+        let (limits, fingerprint, key) = (limits.clone(), fingerprint.to_string(), key.to_string());
+        let sha256 = plugin.sha256.clone();
+        tokio::spawn(async move {
+            for _ in 0..wanted {
+                let made = async {
+                    let mut live = this
+                        .live_for(&sha256, &tool, &grants, &preopens, &limits, fingerprint.clone())
+                        .ok()?;
+                    let instance = pre.instantiate_async(&mut live.call.store).await.ok()?;
+                    live.instance = Some(LiveInstance::Tool(instance));
+                    Some(live)
+                };
+                let made = tokio::time::timeout(limits.timeout(), made).await.ok().flatten();
+                let mut ready = this.inner.ready.lock().expect("ready lock");
+                let queue = ready.by_key.entry(key.clone()).or_default();
+                queue.filling = queue.filling.saturating_sub(1);
+                if let Some(live) = made {
+                    queue.lives.push((Instant::now(), live));
+                    ready.total += 1;
+                }
+            }
+        });
+    }
+
+    /// How many ready instances are kept (for tests and metrics).
+    pub fn ready_instances(&self) -> usize {
+        let ready = self.inner.ready.lock().expect("ready lock");
+        ready.by_key.values().map(|q| q.lives.len()).sum()
     }
 
     /// How many sessions are live (for tests and metrics).
@@ -845,6 +953,19 @@ impl Sandbox {
         limits: &Limits,
         fingerprint: String,
     ) -> Result<Live, SandboxError> {
+        self.live_for(&plugin.sha256, tool, grants, preopens, limits, fingerprint)
+    }
+
+    /// [`Sandbox::live`] for the plugin `sha256`.
+    fn live_for(
+        &self,
+        sha256: &str,
+        tool: &ToolInfo,
+        grants: &Grants,
+        preopens: &[Preopen],
+        limits: &Limits,
+        fingerprint: String,
+    ) -> Result<Live, SandboxError> {
         let config = &self.inner.config.scratch;
         let wants_scratch = config.enabled
             && tool
@@ -877,7 +998,7 @@ impl Sandbox {
             scratch,
             stdout_seen: 0,
             stderr_seen: 0,
-            sha256: plugin.sha256.clone(),
+            sha256: sha256.to_string(),
             fingerprint,
         })
     }

@@ -182,7 +182,7 @@ impl ToolHost for RegistryToolHost {
                     Ok(info) => {
                         // The plugin's own deadline (its limits over the global ones), which the
                         // sandbox enforces; the agent loop leases the job only for that long.
-                        let limits = self.app.limits_of(&record).ok().and_then(|l| match &self.limits {
+                        let limits = self.app.limits_of(record).ok().and_then(|l| match &self.limits {
                             Some(change) => change(&l).ok(),
                             None => Some(l),
                         });

@@ -37,6 +37,24 @@ fn component() -> &'static [u8] {
     })
 }
 
+/// The js-exec component, built and compiled once like [`component`].
+fn js_component() -> &'static [u8] {
+    static WASM: OnceLock<Vec<u8>> = OnceLock::new();
+    WASM.get_or_init(|| {
+        let wasm = std::fs::read(langs::build(Lang::Js, "plugins/js-exec")).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                rt.block_on(async {
+                    let sandbox = Sandbox::new(SandboxConfig::new(cache_dir())).unwrap();
+                    sandbox.prepare(&wasm).await.unwrap();
+                });
+            });
+        });
+        wasm
+    })
+}
+
 fn cache_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("exec-sessions-cache")
 }
@@ -50,7 +68,10 @@ struct Host {
 }
 
 async fn host(sessions: SessionConfig, limits: Limits) -> Host {
-    let wasm = component();
+    host_of(component(), sessions, limits).await
+}
+
+async fn host_of(wasm: &[u8], sessions: SessionConfig, limits: Limits) -> Host {
     let scratch_parent = tempfile::tempdir().unwrap();
     let mut config = SandboxConfig::new(cache_dir());
     config.scratch = ScratchConfig {
@@ -306,6 +327,29 @@ async fn state_from_one_run_is_invisible_to_the_next() {
             .await;
         assert_eq!(out["value"], "(False, False, False, [])", "{out}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_runs_start_clean_and_sessions_keep_globals() {
+    let host = host_of(js_component(), SessionConfig::default(), limits()).await;
+    // Outside a session (ready instances on): nothing of one run reaches the next.
+    for _ in 0..3 {
+        let out = host
+            .code(
+                "const seen = [typeof leak, typeof globalThis.marker, fs.readdirSync().length];\n\
+                 var leak = 1; globalThis.marker = 2; fs.writeFileSync('f', 'x');\n\
+                 seen",
+            )
+            .await;
+        assert_eq!(out["value"], json!(["undefined", "undefined", 0]), "{out}");
+    }
+    // In a session, globals and files carry over; another session sees neither.
+    host.session("j", "var x = 41; fs.writeFileSync('kept', 'k')").await;
+    let out = host.session("j", "x + 1").await;
+    assert_eq!(out["value"], 42, "{out}");
+    assert_eq!(out["files"]["/scratch/kept"], "k", "{out}");
+    let other = host.session("k", "typeof x").await;
+    assert_eq!(other["value"], "undefined", "{other}");
 }
 
 mod common;

@@ -1,7 +1,9 @@
 // js-exec: run a JavaScript snippet in a fresh engine and return what it printed and its value.
 //
-// Each call runs in a new instance of the component (the host never reuses one), so globals never
-// survive a call; /scratch, the only directory it asks for, is emptied before every run.
+// Each call runs in a new instance of the component, so globals never survive a call, unless the
+// call names a `session_id`: the host then keeps this instance (and its scratch directory) for the
+// next call of that session of the same caller, and globals and files carry over. /scratch, the
+// only directory it asks for, is emptied before every run outside a session.
 import { Denied, Failed, InvalidInput, Plugin, ToolError, fs, schema } from '@keel/sdk';
 
 const SCRATCH = '/scratch';
@@ -133,15 +135,19 @@ plugin.tool(
         code: schema.string('The script (evaluated as a classic script; its last expression is the value).'),
         stdin: schema.string('Text the script reads as the global `stdin`.'),
         files: schema.map(schema.string(), 'Files to create in /scratch first: relative path → text.'),
+        session_id: schema.string(
+          'Keep globals and /scratch for the next run with the same id (idle sessions expire; `var` and ' +
+            'undeclared globals carry over, top-level `let`/`const` do not).',
+        ),
       },
-      { optional: ['stdin', 'files'] },
+      { optional: ['stdin', 'files', 'session_id'] },
     ),
     writes: [SCRATCH],
     idempotent: false,
   },
-  ({ code, stdin, files }) => {
+  ({ code, stdin, files, session_id }) => {
     const scratch = scratchAvailable();
-    if (scratch) {
+    if (scratch && session_id === undefined) {
       for (const entry of fs.list(SCRATCH)) fs.remove(`${SCRATCH}/${entry.name}`);
     }
     for (const [name, text] of Object.entries(files ?? {})) {

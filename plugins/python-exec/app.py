@@ -6,8 +6,11 @@ files written there first and every file left there returned. Like a REPL, when 
 an expression, `value` is its repr.
 
 Isolation comes from the host, not from this file: every call is a fresh component instance (no
-Python state survives a call), the sandbox has no network, no environment and no filesystem
-beyond the granted scratch directory, and its memory and time are bounded by the plugin's limits.
+Python state survives a call) unless the call names a `session_id` (then the host keeps this
+instance, and its scratch directory, for the next call of that session of the same caller), the
+sandbox has no network, no environment and no filesystem beyond its scratch directory (a fresh
+private one per call or session unless a directory was granted at `/scratch`), and its memory and
+time are bounded by the plugin's limits.
 What this file adds is hygiene: the scratch directory is emptied before (and after) each run, so
 files never leak from one run into the next, and captured output is bounded so that a flood of
 prints becomes a truncated result instead of an oversized one.
@@ -55,6 +58,10 @@ MAX_STDERR = 64 * 1024
 MAX_VALUE = 64 * 1024
 MAX_FILES_BYTES = 512 * 1024
 MAX_FILES = 100
+
+# The globals of a session's code, kept from run to run. The host keeps this instance alive only
+# for the calls of one session (scope, principal and session id), so one namespace is enough.
+_session_namespace: dict | None = None
 
 
 class CappedText(io.TextIOBase):
@@ -148,14 +155,19 @@ def _collect(directory: str) -> tuple[dict[str, str], list[str], bool]:
     return files, omitted, truncated
 
 
-def _execute(code: str, stdin: str, out: CappedText, err: CappedText) -> tuple[str | None, str | None]:
-    """Run `code` with captured streams; returns (repr of the final expression, error summary)."""
+def _execute(
+    code: str, stdin: str, out: CappedText, err: CappedText, namespace: dict | None = None
+) -> tuple[str | None, str | None]:
+    """Run `code` with captured streams; returns (repr of the final expression, error summary).
+    `namespace`, when given, is a session's globals: kept (not cleared) after the run."""
     filename = "<code>"
     # Register the source so tracebacks can show the offending lines.
     import linecache
 
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-    namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
+    keep = namespace is not None
+    if namespace is None:
+        namespace = {"__name__": "__main__", "__builtins__": builtins}
     saved = sys.stdin, sys.stdout, sys.stderr
     sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
     value = None
@@ -176,8 +188,10 @@ def _execute(code: str, stdin: str, out: CappedText, err: CappedText) -> tuple[s
         if e.code not in (None, 0):
             error = f"SystemExit: {e.code}"
     except BaseException as e:  # noqa: BLE001 - the user's code may raise anything
-        # Free what the code built (a memory bomb's data) before formatting needs memory.
-        namespace.clear()
+        # Free what the code built (a memory bomb's data) before formatting needs memory; a
+        # session keeps its globals, so only a one-off run can do this.
+        if not keep:
+            namespace.clear()
         # The summary is the exception line (for a SyntaxError, without the source excerpt).
         error = traceback.format_exception_only(type(e), e)[-1].strip()
         try:
@@ -194,23 +208,33 @@ def _execute(code: str, stdin: str, out: CappedText, err: CappedText) -> tuple[s
             err.write(error + "\n")
     finally:
         sys.stdin, sys.stdout, sys.stderr = saved
-        namespace.clear()
+        if not keep:
+            namespace.clear()
     return value, error
 
 
 @keel.tool(idempotent=True, writes=SCRATCH)
-def run(code: str, ctx: keel.Context, stdin: str = "", files: dict[str, str] | None = None) -> RunResult:
+def run(
+    code: str,
+    ctx: keel.Context,
+    stdin: str = "",
+    files: dict[str, str] | None = None,
+    session_id: str | None = None,
+) -> RunResult:
     """Run Python code (CPython 3, standard library only) and return what it printed.
 
     The code runs as a script with `/scratch` as its working directory, holding the given files;
-    every file left there is returned. No network, no subprocesses, no state kept between runs.
-    When the code ends with an expression, `value` is its repr, as in a REPL.
+    every file left there is returned. No network, no subprocesses, no state kept between runs
+    unless they name the same `session_id`. When the code ends with an expression, `value` is its
+    repr, as in a REPL.
 
     Args:
         code: Python source to run.
         stdin: Text the code reads from standard input.
         files: Files to create in the working directory first, by relative name.
+        session_id: Keep globals and files for the next run with the same id (idle sessions expire).
     """
+    global _session_namespace
     files = files or {}
     for name in files:
         _check_name(name)
@@ -219,8 +243,12 @@ def run(code: str, ctx: keel.Context, stdin: str = "", files: dict[str, str] | N
         raise keel.Denied("filesystem", SCRATCH, f"{SCRATCH} is not granted, so input files cannot be written")
     # The build-time snapshot fixed the PRNG state; reseed from the host's randomness per run.
     random.seed()
+    if session_id is not None and _session_namespace is None:
+        _session_namespace = {"__name__": "__main__", "__builtins__": builtins}
+    in_session = session_id is not None
     if have_scratch:
-        _clear(SCRATCH)
+        if not in_session:
+            _clear(SCRATCH)
         for name, content in files.items():
             path = os.path.join(SCRATCH, name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -228,10 +256,10 @@ def run(code: str, ctx: keel.Context, stdin: str = "", files: dict[str, str] | N
                 f.write(content)
         os.chdir(SCRATCH)
     out, err = CappedText(MAX_STDOUT), CappedText(MAX_STDERR)
-    value, error = _execute(code, stdin, out, err)
+    value, error = _execute(code, stdin, out, err, _session_namespace if in_session else None)
     ctx.log(keel.LogLevel.DEBUG, f"ran {len(code)} characters of code: {error or 'no error'}")
     produced, omitted, files_truncated = _collect(SCRATCH) if have_scratch else ({}, [], False)
-    if have_scratch:
+    if have_scratch and not in_session:
         # The working directory stays /scratch: this instance is discarded after the call anyway.
         _clear(SCRATCH)
     return RunResult(

@@ -6,6 +6,12 @@
 //! recorded, is reported once on stderr and skipped: its calls fail as tool errors, and every other
 //! plugin and job keeps running. Grants and limits are read from the registry at each call, so a
 //! revoke takes effect in a running worker.
+//!
+//! Agents also get the code-execution tools under short names ([`ALIASES`]): `python/run` is
+//! `python-exec/run` and `javascript/run` is `js-exec/run` when those plugins are installed (and no
+//! plugin is installed under the short name itself). An alias is a tool like any other for the
+//! kernel: policy rules name it (`python/run`, `python/*`), and it is called through the same
+//! governed path (schema, policy, approvals, budget hold, receipt, journal).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -19,6 +25,18 @@ use keel_kernel::registry::PluginRegistry as _;
 
 use crate::error::AppError;
 use crate::home::App;
+
+/// Short names for the code-execution plugins' tools: (alias plugin, installed plugin, tool). The
+/// alias offers that one tool as `alias/tool`.
+pub const ALIASES: &[(&str, &str, &str)] = &[("python", "python-exec", "run"), ("javascript", "js-exec", "run")];
+
+/// The installed plugin and tool an alias `plugin/tool` stands for.
+fn alias_target(plugin: &str, tool: &str) -> Option<(&'static str, &'static str)> {
+    ALIASES
+        .iter()
+        .find(|(alias, _, aliased_tool)| *alias == plugin && *aliased_tool == tool)
+        .map(|(_, target, tool)| (*target, *tool))
+}
 
 /// Serves the tools of the installed plugins whose names match a set of globs.
 pub struct RegistryToolHost {
@@ -46,7 +64,13 @@ impl RegistryToolHost {
                     let plugin = p.split('/').next().unwrap_or(p);
                     let glob = globset::Glob::new(plugin)
                         .map_err(|e| AppError::user(format!("bad tool pattern {p:?}: {e}")))?;
-                    if !plugin.contains(['*', '?', '[', '{']) {
+                    let alias = ALIASES.iter().find(|(alias, _, _)| *alias == plugin);
+                    if let Some((_, target, _)) = alias
+                        && app.db.get_plugin(plugin).await?.is_none()
+                    {
+                        // An alias is known when the plugin it stands for is installed.
+                        app.record(target).await?;
+                    } else if !plugin.contains(['*', '?', '[', '{']) {
                         // Same message as `keel call` for an unknown plugin.
                         app.record(plugin).await?;
                     }
@@ -142,20 +166,38 @@ impl ToolHost for RegistryToolHost {
     fn list_tools(&self) -> BoxFuture<'_, Result<Vec<ToolDescriptor>, ToolError>> {
         Box::pin(async move {
             let mut tools = Vec::new();
-            for record in self.app.db.list_plugins().await.map_err(host_error)? {
-                if !self.in_scope(&record.name) {
+            let records = self.app.db.list_plugins().await.map_err(host_error)?;
+            let installed: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+            for record in &records {
+                let aliases = ALIASES
+                    .iter()
+                    .filter(|(alias, target, _)| {
+                        *target == record.name && !installed.contains(alias) && self.in_scope(alias)
+                    })
+                    .collect::<Vec<_>>();
+                if !self.in_scope(&record.name) && aliases.is_empty() {
                     continue;
                 }
                 match serde_json::from_value::<PluginInfo>(record.info.clone()) {
                     Ok(info) => {
                         // The plugin's own deadline (its limits over the global ones), which the
                         // sandbox enforces; the agent loop leases the job only for that long.
-                        let limits = self.app.limits_of(&record).ok().and_then(|l| match &self.limits {
+                        let limits = self.app.limits_of(record).ok().and_then(|l| match &self.limits {
                             Some(change) => change(&l).ok(),
                             None => Some(l),
                         });
                         let timeout = limits.map(|l| l.timeout());
-                        tools.extend(descriptors(&record.name, &info, timeout))
+                        if self.in_scope(&record.name) {
+                            tools.extend(descriptors(&record.name, &info, timeout));
+                        }
+                        for (alias, _, tool) in aliases {
+                            tools.extend(descriptors(alias, &info, timeout).filter(|d| d.name == *tool).map(
+                                |mut d| {
+                                    d.description = format!("{} (alias of {}/{tool})", d.description, record.name);
+                                    d
+                                },
+                            ));
+                        }
                     }
                     Err(e) => eprintln!(
                         "warning: plugin `{}` is skipped: its stored description is invalid: {e}",
@@ -195,13 +237,20 @@ impl RegistryToolHost {
         if !self.in_scope(plugin) {
             return Err(unknown());
         }
-        let record = self
-            .app
-            .db
-            .get_plugin(plugin)
-            .await
-            .map_err(host_error)?
-            .ok_or_else(unknown)?;
+        let record = match self.app.db.get_plugin(plugin).await.map_err(host_error)? {
+            Some(record) => record,
+            // An alias: the plugin it stands for, whatever the scope says of that plugin's own name.
+            None => {
+                let (target, _) = alias_target(plugin, name).ok_or_else(unknown)?;
+                self.app
+                    .db
+                    .get_plugin(target)
+                    .await
+                    .map_err(host_error)?
+                    .ok_or_else(unknown)?
+            }
+        };
+        let plugin = record.name.as_str();
         let known = record.info["tools"]
             .as_array()
             .is_some_and(|tools| tools.iter().any(|t| t["name"] == name));

@@ -36,6 +36,10 @@ pub struct Limits {
     /// file or directory, stream, HTTP request or response), and separately its component-model
     /// handles and its open outgoing HTTP requests. Bounds the host descriptors one call can take.
     pub max_handles: u64,
+    /// Bytes a call may leave in its fresh scratch directory (see [`ScratchConfig`]): files'
+    /// sizes (or allocated blocks, if larger) plus 512 bytes per entry, checked while the call
+    /// runs and once more when it ends. Past it the call fails with limit `scratch`.
+    pub max_scratch_bytes: u64,
 }
 
 impl Default for Limits {
@@ -52,6 +56,7 @@ impl Default for Limits {
             max_tables: 32,
             max_memories: 4,
             max_handles: 512,
+            max_scratch_bytes: 64 << 20,
         }
     }
 }
@@ -147,6 +152,65 @@ pub struct SandboxConfig {
     pub extra_tls_roots: Vec<Vec<u8>>,
     /// Bounds on `describe()`'s answer and on the whole prepare step.
     pub describe: DescribeLimits,
+    /// Fresh per-call scratch directories.
+    pub scratch: ScratchConfig,
+    /// Sessions: instances kept alive between calls that name the same `session_id`.
+    pub sessions: SessionConfig,
+    /// Ready instances kept per plugin tool (and grants and limits) once it has been called:
+    /// instantiated in the background, each taken by one call and discarded after it (never
+    /// reused), so a call starts without instantiating. 0 turns the pool off.
+    pub ready_instances: usize,
+    /// Ready instances kept in all, across plugins.
+    pub max_ready_instances: usize,
+}
+
+/// Fresh scratch directories: a tool that requests the guest path [`SCRATCH_GUEST`] read-write,
+/// and was granted no directory there, gets a new, private (0700), empty host directory mounted at
+/// that path for each call (or for each session), removed when the call (or session) ends, and
+/// capped by [`Limits::max_scratch_bytes`]. Concurrent calls never share it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScratchConfig {
+    /// Give scratch directories by default. Off: a tool gets `/scratch` only from an explicit
+    /// filesystem grant.
+    pub enabled: bool,
+    /// Where scratch directories are created; `None`: the system temporary directory.
+    pub dir: Option<PathBuf>,
+}
+
+/// The guest path that gets a fresh scratch directory (see [`ScratchConfig`]).
+pub const SCRATCH_GUEST: &str = "/scratch";
+
+impl Default for ScratchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+        }
+    }
+}
+
+/// Sessions (see the README's "Sessions"): a call whose tool's input schema has a `session_id`
+/// property and whose arguments give one as a string runs in the instance (and scratch
+/// directory) kept for that id, within the caller's scope and principal. The instance's memory
+/// stays capped by the call limits' `memory_bytes` for its whole life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Idle time after which a session is dropped.
+    pub ttl: Duration,
+    /// Live sessions kept at most; past it the least recently used idle one is dropped.
+    pub max_live: usize,
+    /// Longest `session_id` accepted, in bytes.
+    pub max_id_bytes: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(600),
+            max_live: 16,
+            max_id_bytes: 128,
+        }
+    }
 }
 
 impl SandboxConfig {
@@ -163,6 +227,10 @@ impl SandboxConfig {
             resolver: Arc::new(crate::egress::SystemResolver),
             extra_tls_roots: Vec::new(),
             describe: DescribeLimits::default(),
+            scratch: ScratchConfig::default(),
+            sessions: SessionConfig::default(),
+            ready_instances: 2,
+            max_ready_instances: 16,
         }
     }
 }

@@ -21,18 +21,20 @@ pub mod info;
 mod open_at;
 mod preopen;
 mod sandbox;
+mod scratch;
+mod session;
 mod stdio;
 mod toolhost;
 
 pub use cache::{ArtifactCache, CacheOutcome, ComponentStore};
-pub use config::{DescribeLimits, Limits, SandboxConfig};
+pub use config::{DescribeLimits, Limits, SCRATCH_GUEST, SandboxConfig, ScratchConfig, SessionConfig};
 pub use egress::{Resolver, SystemResolver};
 pub use exports::plugin_name_from;
 pub use grants::{FileIdentity, FsGrant, GrantError, Grants, Preopen};
 pub use host::{Denial, LogLevel, LogRecord, ProgressRecord};
 pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolInfo};
 pub use sandbox::{
-    CallReport, ExecReport, PreparedPlugin, Sandbox, SandboxError, ToolOutput, WIT_PACKAGE, WIT_VERSION,
+    CallReport, ExecReport, PreparedPlugin, SESSION_FIELD, Sandbox, SandboxError, ToolOutput, WIT_PACKAGE, WIT_VERSION,
 };
 pub use stdio::{OutputWriter, STREAM_BUDGET};
 pub use toolhost::{InstalledTool, SandboxToolHost};

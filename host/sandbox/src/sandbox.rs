@@ -12,7 +12,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use crate::cache::{ArtifactCache, CacheOutcome, ComponentStore, sha256_hex};
-use crate::config::{DescribeLimits, Limits, SandboxConfig};
+use crate::config::{DescribeLimits, Limits, SCRATCH_GUEST, SandboxConfig};
 use crate::exports::ExportedFunc;
 use crate::grants::{Grants, NetPolicy, Preopen};
 use crate::host::bindings::{ToolPre, keel::plugin::types as wit};
@@ -21,6 +21,8 @@ use crate::info::{
     Capabilities, FsMode, FsRequest, ImportSummary, NAME_RULE, PluginInfo, ToolInfo, check_guest_path, check_version,
     valid_name,
 };
+use crate::scratch::Scratch;
+use crate::session::{SessionKey, Sessions};
 use crate::stdio::{GuestOutput, OutputWriter, StdioMode};
 
 /// How long the output a command wrote before its deadline may still take to reach its writers.
@@ -31,6 +33,10 @@ pub const WIT_PACKAGE: &str = "keel:plugin";
 /// Its version.
 pub const WIT_VERSION: &str = "0.1.0";
 const TOOLS_EXPORT: &str = "keel:plugin/tools";
+/// The input field that names a session (see [`crate::config::SessionConfig`]).
+pub const SESSION_FIELD: &str = "session_id";
+/// How often a running call's scratch directory is measured against its cap.
+const SCRATCH_WATCH: Duration = Duration::from_millis(20);
 
 /// Why a component could not be prepared or run. Each is one clear sentence.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +148,20 @@ pub struct CallReport {
 }
 
 impl CallReport {
+    /// A call that never ran, failed with `error`.
+    fn unrun(error: ToolError) -> Self {
+        Self {
+            result: Err(error),
+            receipt: Receipt::default(),
+            logs: vec![],
+            logs_truncated: false,
+            progress: vec![],
+            denials: vec![],
+            stdout: vec![],
+            stderr: vec![],
+        }
+    }
+
     /// The kernel's view of the call: its result and receipt.
     pub fn into_outcome(self) -> ToolOutcome {
         ToolOutcome {
@@ -165,6 +185,27 @@ struct CallStore {
     stderr: GuestOutput,
 }
 
+/// A store that runs calls: one call's, or a session's for its life. Fields drop in order: the
+/// store (and the descriptors it holds) before the scratch directory is removed.
+struct Live {
+    call: CallStore,
+    /// Made by the first call (so instantiation counts against that call's deadline).
+    instance: Option<LiveInstance>,
+    scratch: Option<Scratch>,
+    /// Bytes of stdout and stderr already reported (a session's pipes keep everything).
+    stdout_seen: usize,
+    stderr_seen: usize,
+    /// The plugin and what the store was built from (see [`Sandbox::call`]).
+    sha256: String,
+    fingerprint: String,
+}
+
+/// The instance a [`Live`] store holds.
+enum LiveInstance {
+    Tool(crate::host::bindings::Tool),
+    Plain(wasmtime::component::Instance),
+}
+
 struct Inner {
     engine: Engine,
     linker: Linker<State>,
@@ -172,8 +213,28 @@ struct Inner {
     config: SandboxConfig,
     egress: Arc<crate::egress::Egress>,
     prepared: Mutex<HashMap<String, Arc<PreparedPlugin>>>,
+    sessions: Mutex<Sessions<Live>>,
+    ready: Mutex<Ready>,
     _ticker: EpochTicker,
 }
+
+/// Pre-instantiated stores, by plugin and what the store is built from (see [`Sandbox::call`]).
+#[derive(Default)]
+struct Ready {
+    by_key: HashMap<String, ReadyQueue>,
+    total: usize,
+}
+
+#[derive(Default)]
+struct ReadyQueue {
+    lives: Vec<(Instant, Live)>,
+    /// Refills under way.
+    filling: usize,
+}
+
+/// A ready instance older than this is dropped rather than used: it was built from grants as
+/// they were then (a grant's directory is re-checked whenever a store is built).
+const READY_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// The component host. Cheap to clone; share one per process.
 #[derive(Clone)]
@@ -248,6 +309,7 @@ impl Sandbox {
             .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
         let egress = Arc::new(crate::egress::Egress::new(&config).map_err(SandboxError::Host)?);
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        let sessions = Mutex::new(Sessions::new(config.sessions.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
@@ -256,6 +318,8 @@ impl Sandbox {
                 config,
                 egress,
                 prepared: Mutex::default(),
+                sessions,
+                ready: Mutex::default(),
                 _ticker: ticker,
             }),
         })
@@ -562,6 +626,7 @@ impl Sandbox {
                 &limits,
                 None,
                 StdioMode::Capture(limits.max_stdio_bytes as usize),
+                None,
             )
             .map_err(|e| SandboxError::Host(e.to_string()))?;
         let run = async {
@@ -590,6 +655,7 @@ impl Sandbox {
         limits: &Limits,
         args: Option<&[String]>,
         stdio: StdioMode,
+        scratch: Option<&Scratch>,
     ) -> Result<CallStore, SandboxError> {
         let mut wasi = WasiCtxBuilder::new();
         let (stdout, stderr) = stdio.attach(&mut wasi);
@@ -607,6 +673,10 @@ impl Sandbox {
             };
             wasi.preopened_dir(crate::preopen::fd_path(&dir), &preopen.guest, perms)
                 .map_err(|e| SandboxError::Grant(format!("{}: {e}", preopen.guest)))?;
+        }
+        if let Some(scratch) = scratch {
+            wasi.preopened_dir(crate::preopen::fd_path(scratch.fd()), SCRATCH_GUEST, FsPerms::ReadWrite)
+                .map_err(|e| SandboxError::Grant(format!("{SCRATCH_GUEST}: {e}")))?;
         }
         for name in &grants.env {
             if let Ok(value) = std::env::var(name) {
@@ -644,15 +714,7 @@ impl Sandbox {
         store.limiter(|state| &mut state.limiter);
         // The guest's own handle tables hold one handle per host resource it keeps, plus lends.
         store.set_max_component_handles(handles.saturating_mul(2));
-        let tick = self.inner.config.epoch_tick.as_millis().max(1) as u64;
-        // A new store's deadline is 0 (trap at once): always set it.
-        store.set_epoch_deadline(limits.timeout_ms.div_ceil(tick) + 1);
-        store.epoch_deadline_trap();
-        if self.inner.config.fuel_metering {
-            store
-                .set_fuel(limits.fuel.unwrap_or(u64::MAX))
-                .map_err(|e| SandboxError::Host(e.to_string()))?;
-        }
+        self.arm(&mut store, limits)?;
         Ok(CallStore {
             store,
             journal,
@@ -663,6 +725,12 @@ impl Sandbox {
 
     /// Run `tool` of `plugin` with JSON `arguments` in a fresh store holding only `grants`
     /// (narrowed to what the tool declares), under `limits`.
+    ///
+    /// A tool that requests `/scratch` read-write and was granted no directory there gets a fresh
+    /// private scratch directory for the call ([`crate::config::ScratchConfig`]). When the tool's
+    /// input schema has a `session_id` property and `arguments` give one, the call runs in the
+    /// instance kept for that session of the caller's scope and principal
+    /// ([`crate::config::SessionConfig`]), created on first use.
     pub async fn call(
         &self,
         plugin: &PreparedPlugin,
@@ -672,18 +740,8 @@ impl Sandbox {
         tool: &str,
         arguments: &serde_json::Value,
     ) -> CallReport {
-        let empty = |result| CallReport {
-            result: Err(result),
-            receipt: Receipt::default(),
-            logs: vec![],
-            logs_truncated: false,
-            progress: vec![],
-            denials: vec![],
-            stdout: vec![],
-            stderr: vec![],
-        };
         let Some(tool_info) = plugin.info.tool(tool) else {
-            return empty(ToolError::UnknownTool {
+            return CallReport::unrun(ToolError::UnknownTool {
                 tool: format!("{}/{tool}", plugin.info.name),
             });
         };
@@ -693,22 +751,295 @@ impl Sandbox {
         }
         let preopens = grants.preopens_for(tool_info, &plugin.info.tools);
         let grants = grants.narrow_for(tool_info, &plugin.info.tools);
-        let CallStore {
-            mut store,
-            journal,
-            stdout,
-            stderr,
-        } = match self.new_store(
-            &grants,
-            &preopens,
-            &limits,
+        // What the store is built from: a session's store is reused only while these are unchanged
+        // (a revoke or a new limit takes effect at the next call).
+        let fingerprint = format!(
+            "{preopens:?}{grants:?}{:?}",
+            Limits {
+                timeout_ms: 0,
+                ..limits.clone()
+            }
+        );
+        let session = match self.session_key(plugin, tool_info, ctx, arguments) {
+            Ok(session) => session,
+            Err(e) => return CallReport::unrun(e),
+        };
+        let now = Instant::now();
+        let Some(key) = session else {
+            if self.inner.sessions.lock().expect("sessions lock").len() > 0 {
+                self.inner.sessions.lock().expect("sessions lock").expire(now);
+            }
+            let ready_key = format!("{}/{tool}/{fingerprint}", plugin.sha256);
+            let taken = self.take_ready(&ready_key);
+            self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
+            let mut live = match taken {
+                Some(live) => live,
+                None => match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint) {
+                    Ok(live) => live,
+                    Err(e) => return CallReport::unrun(ToolError::Host { message: e.to_string() }),
+                },
+            };
+            let report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
+            // Freeing a big instance (resetting its memory) and removing its scratch directory
+            // need not delay the result.
+            tokio::task::spawn_blocking(move || drop(live));
+            return report;
+        };
+        let slot = match self.inner.sessions.lock().expect("sessions lock").slot(&key, now) {
+            Ok(slot) => slot,
+            Err(message) => {
+                return CallReport::unrun(ToolError::LimitExceeded {
+                    limit: "sessions".into(),
+                    message,
+                });
+            }
+        };
+        let mut held = slot.lock().await;
+        let mut live = match held.take() {
+            Some(live) if live.fingerprint == fingerprint && live.sha256 == plugin.sha256 => live,
+            _ => match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint) {
+                Ok(live) => live,
+                Err(e) => {
+                    drop(held);
+                    self.inner.sessions.lock().expect("sessions lock").remove(&key, &slot);
+                    return CallReport::unrun(ToolError::Host { message: e.to_string() });
+                }
+            },
+        };
+        let (report, usable) = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await;
+        if usable {
+            *held = Some(live);
+            drop(held);
+            self.inner
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .touch(&key, Instant::now());
+        } else {
+            // A trap, a timeout or a full scratch directory leaves the instance unusable: the
+            // session ends, and the next call with its id starts a new one.
+            drop(held);
+            self.inner.sessions.lock().expect("sessions lock").remove(&key, &slot);
+            drop(live);
+        }
+        report
+    }
+
+    /// A ready instance for `key`, if one is kept.
+    fn take_ready(&self, key: &str) -> Option<Live> {
+        let mut ready = self.inner.ready.lock().expect("ready lock");
+        let queue = ready.by_key.get_mut(key)?;
+        let mut found = None;
+        while let Some((made, live)) = queue.lives.pop() {
+            if made.elapsed() < READY_MAX_AGE {
+                found = Some(live);
+                break;
+            }
+        }
+        let left = queue.lives.len();
+        ready.total = ready.by_key.values().map(|q| q.lives.len()).sum();
+        tracing::trace!(key, left, hit = found.is_some(), "ready instance");
+        found
+    }
+
+    /// Start building ready instances for `key` in the background, up to
+    /// [`SandboxConfig::ready_instances`] (and the total cap). Only tool-world plugins.
+    #[allow(clippy::too_many_arguments)]
+    fn refill(
+        &self,
+        plugin: &PreparedPlugin,
+        tool: &ToolInfo,
+        grants: &Grants,
+        preopens: &[Preopen],
+        limits: &Limits,
+        fingerprint: &str,
+        key: &str,
+    ) {
+        let config = &self.inner.config;
+        let Kind::Tool(pre) = &plugin.kind else { return };
+        let wanted = {
+            let mut ready = self.inner.ready.lock().expect("ready lock");
+            let total = ready.total;
+            let queue = ready.by_key.entry(key.to_string()).or_default();
+            let have = queue.lives.len() + queue.filling;
+            let room = config.max_ready_instances.saturating_sub(total + queue.filling);
+            let wanted = config.ready_instances.saturating_sub(have).min(room);
+            queue.filling += wanted;
+            wanted
+        };
+        if wanted == 0 {
+            return;
+        }
+        let this = self.clone();
+        let pre = pre.clone();
+        let (tool, grants, preopens) = (tool.clone(), grants.clone(), preopens.to_vec());
+        let (limits, fingerprint, key) = (limits.clone(), fingerprint.to_string(), key.to_string());
+        let sha256 = plugin.sha256.clone();
+        tokio::spawn(async move {
+            for _ in 0..wanted {
+                let made = async {
+                    let mut live = this
+                        .live_for(&sha256, &tool, &grants, &preopens, &limits, fingerprint.clone())
+                        .ok()?;
+                    let instance = pre.instantiate_async(&mut live.call.store).await.ok()?;
+                    live.instance = Some(LiveInstance::Tool(instance));
+                    Some(live)
+                };
+                let made = tokio::time::timeout(limits.timeout(), made).await.ok().flatten();
+                let mut ready = this.inner.ready.lock().expect("ready lock");
+                let queue = ready.by_key.entry(key.clone()).or_default();
+                queue.filling = queue.filling.saturating_sub(1);
+                if let Some(live) = made {
+                    queue.lives.push((Instant::now(), live));
+                    ready.total += 1;
+                }
+            }
+        });
+    }
+
+    /// How many ready instances are kept (for tests and metrics).
+    pub fn ready_instances(&self) -> usize {
+        let ready = self.inner.ready.lock().expect("ready lock");
+        ready.by_key.values().map(|q| q.lives.len()).sum()
+    }
+
+    /// How many sessions are live (for tests and metrics).
+    pub fn live_sessions(&self) -> usize {
+        self.inner.sessions.lock().expect("sessions lock").len()
+    }
+
+    /// The session a call asks for: `Some` when the tool's input schema has a `session_id`
+    /// property and the arguments give a string for it.
+    fn session_key(
+        &self,
+        plugin: &PreparedPlugin,
+        tool: &ToolInfo,
+        ctx: &ToolCallContext,
+        arguments: &serde_json::Value,
+    ) -> Result<Option<SessionKey>, ToolError> {
+        if tool.input_schema["properties"].get(SESSION_FIELD).is_none() {
+            return Ok(None);
+        }
+        let id = match arguments.get(SESSION_FIELD) {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::String(id)) => id,
+            Some(_) => {
+                return Err(ToolError::InvalidInput {
+                    message: format!("`{SESSION_FIELD}` must be a string"),
+                });
+            }
+        };
+        let max = self.inner.config.sessions.max_id_bytes;
+        if id.is_empty() || id.len() > max || id.chars().any(char::is_control) {
+            return Err(ToolError::InvalidInput {
+                message: format!("`{SESSION_FIELD}` must be 1 to {max} bytes without control characters"),
+            });
+        }
+        Ok(Some(SessionKey {
+            plugin: format!("{}/{}", plugin.sha256, plugin.info.name),
+            scope: ctx.scope.clone(),
+            principal: ctx.principal.clone(),
+            id: id.clone(),
+        }))
+    }
+
+    /// A new store for calls of `tool`, with a fresh scratch directory when the tool gets one.
+    fn live(
+        &self,
+        plugin: &PreparedPlugin,
+        tool: &ToolInfo,
+        grants: &Grants,
+        preopens: &[Preopen],
+        limits: &Limits,
+        fingerprint: String,
+    ) -> Result<Live, SandboxError> {
+        self.live_for(&plugin.sha256, tool, grants, preopens, limits, fingerprint)
+    }
+
+    /// [`Sandbox::live`] for the plugin `sha256`.
+    fn live_for(
+        &self,
+        sha256: &str,
+        tool: &ToolInfo,
+        grants: &Grants,
+        preopens: &[Preopen],
+        limits: &Limits,
+        fingerprint: String,
+    ) -> Result<Live, SandboxError> {
+        let config = &self.inner.config.scratch;
+        let wants_scratch = config.enabled
+            && tool
+                .capabilities
+                .filesystem
+                .iter()
+                .any(|r| r.mode == FsMode::ReadWrite && r.path.trim_end_matches('/') == SCRATCH_GUEST);
+        let granted = preopens
+            .iter()
+            .any(|p| p.guest == "/" || p.guest == SCRATCH_GUEST || SCRATCH_GUEST.starts_with(&format!("{}/", p.guest)));
+        let scratch = if wants_scratch && !granted {
+            Some(
+                Scratch::create(config.dir.as_deref())
+                    .map_err(|e| SandboxError::Host(format!("cannot create a scratch directory: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let call = self.new_store(
+            grants,
+            preopens,
+            limits,
             None,
             StdioMode::Capture(limits.max_stdio_bytes as usize),
-        ) {
-            Ok(parts) => parts,
-            Err(e) => return empty(ToolError::Host { message: e.to_string() }),
-        };
+            scratch.as_ref(),
+        )?;
+        Ok(Live {
+            call,
+            instance: None,
+            scratch,
+            stdout_seen: 0,
+            stderr_seen: 0,
+            sha256: sha256.to_string(),
+            fingerprint,
+        })
+    }
+
+    /// Run one call in `live` (instantiating it on its first call) under `limits`. Returns the
+    /// report and whether the instance can take another call (no trap, no timeout, scratch within
+    /// its cap).
+    async fn run_in(
+        &self,
+        live: &mut Live,
+        plugin: &PreparedPlugin,
+        limits: &Limits,
+        ctx: &ToolCallContext,
+        tool: &str,
+        arguments: &serde_json::Value,
+    ) -> (CallReport, bool) {
+        if let Err(e) = self.arm(&mut live.call.store, limits) {
+            return (CallReport::unrun(ToolError::Host { message: e.to_string() }), false);
+        }
+        let Live {
+            call,
+            instance,
+            scratch,
+            ..
+        } = live;
+        let store = &mut call.store;
         let started = Instant::now();
+        // A scratch directory over its cap ends the call: watched while it runs (every write is
+        // a host call, so the watcher gets its turn), checked once more at the end.
+        let cap = limits.max_scratch_bytes;
+        let watch = async {
+            match scratch.as_ref() {
+                None => std::future::pending::<()>().await,
+                Some(dir) => loop {
+                    tokio::time::sleep(SCRATCH_WATCH).await;
+                    if dir.usage() > cap {
+                        break;
+                    }
+                },
+            }
+        };
         let outcome = match &plugin.kind {
             Kind::Tool(pre) => {
                 let wit_ctx = wit::CallContext {
@@ -721,18 +1052,27 @@ impl Sandbox {
                 };
                 let arguments = arguments.to_string();
                 let run = async {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    instance
+                    if instance.is_none() {
+                        *instance = Some(LiveInstance::Tool(pre.instantiate_async(&mut *store).await?));
+                    }
+                    let Some(LiveInstance::Tool(tool_instance)) = instance.as_ref() else {
+                        return Err(wasmtime::Error::msg("the kept instance is not a tool instance"));
+                    };
+                    tool_instance
                         .keel_plugin_tools()
-                        .call_call(&mut store, &wit_ctx, tool, &arguments)
+                        .call_call(&mut *store, &wit_ctx, tool, &arguments)
                         .await
                 };
                 // Epoch interruption stops guest code; this timeout also stops a guest parked in a host call.
-                match tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await {
-                    Err(_) => Err(()),
-                    Ok(Err(e)) => Ok(Err(e)),
-                    Ok(Ok(Err(error))) => Ok(Ok(Err(convert_tool_error(error)))),
-                    Ok(Ok(Ok(output))) => Ok(Ok(Ok(output.json))),
+                let run = tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run);
+                tokio::select! {
+                    done = run => Some(match done {
+                        Err(_) => Err(()),
+                        Ok(Err(e)) => Ok(Err(e)),
+                        Ok(Ok(Err(error))) => Ok(Ok(Err(convert_tool_error(error)))),
+                        Ok(Ok(Ok(output))) => Ok(Ok(Ok(output.json))),
+                    }),
+                    () = watch => None,
                 }
             }
             Kind::Plain { pre, funcs } => {
@@ -741,48 +1081,67 @@ impl Sandbox {
                     .tools
                     .iter()
                     .position(|t| t.name == tool)
-                    .expect("tool found above");
+                    .expect("tool found by the caller");
                 let func = &funcs[index];
                 let params = match crate::exports::arguments(func, arguments) {
                     Ok(params) => params,
-                    Err(message) => return empty(ToolError::InvalidInput { message }),
+                    Err(message) => return (CallReport::unrun(ToolError::InvalidInput { message }), true),
                 };
                 let run = async {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    let f = instance
-                        .get_func(&mut store, func.index)
+                    if instance.is_none() {
+                        *instance = Some(LiveInstance::Plain(pre.instantiate_async(&mut *store).await?));
+                    }
+                    let Some(LiveInstance::Plain(plain)) = instance.as_ref() else {
+                        return Err(wasmtime::Error::msg("the kept instance is not a plain instance"));
+                    };
+                    let f = plain
+                        .get_func(&mut *store, func.index)
                         .ok_or_else(|| wasmtime::Error::msg("the exported function is missing"))?;
                     let mut results = vec![wasmtime::component::Val::Bool(false); func.result.iter().count()];
-                    f.call_async(&mut store, &params, &mut results).await?;
+                    f.call_async(&mut *store, &params, &mut results).await?;
                     Ok::<_, wasmtime::Error>(results)
                 };
-                match tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await {
-                    Err(_) => Err(()),
-                    Ok(Err(e)) => Ok(Err(e)),
-                    // An `err` of a top-level `result` is the tool's failure, its value as JSON text.
-                    Ok(Ok(results)) => Ok(Ok(match crate::exports::output(func, &results) {
-                        Ok(value) => Ok(value.to_string()),
-                        Err(message) => Err(ToolError::Failed { message }),
-                    })),
+                let run = tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run);
+                tokio::select! {
+                    done = run => Some(match done {
+                        Err(_) => Err(()),
+                        Ok(Err(e)) => Ok(Err(e)),
+                        // An `err` of a top-level `result` is the tool's failure, its value as JSON text.
+                        Ok(Ok(results)) => Ok(Ok(match crate::exports::output(func, &results) {
+                            Ok(value) => Ok(value.to_string()),
+                            Err(message) => Err(ToolError::Failed { message }),
+                        })),
+                    }),
+                    () = watch => None,
                 }
             }
         };
         let duration = started.elapsed();
+        let store = &mut call.store;
         let fuel_consumed = match (self.inner.config.fuel_metering, store.get_fuel()) {
             (true, Ok(left)) => Some(limits.fuel.unwrap_or(u64::MAX) - left),
             _ => None,
         };
+        let scratch_used = scratch.as_ref().map_or(0, Scratch::usage);
+        let outcome = if scratch_used > cap { None } else { outcome };
+        let usable = matches!(outcome, Some(Ok(Ok(_))));
         let outcome_bytes = match &outcome {
-            Ok(Ok(Ok(json))) => Some(json.len() as u64),
+            Some(Ok(Ok(Ok(json)))) => Some(json.len() as u64),
             _ => None,
         };
         let result = match outcome {
-            Err(()) => Err(ToolError::TimedOut {
+            None => Err(ToolError::LimitExceeded {
+                limit: "scratch".into(),
+                message: format!(
+                    "the code wrote more than {cap} bytes to {SCRATCH_GUEST} (the limit is max_scratch_bytes)"
+                ),
+            }),
+            Some(Err(())) => Err(ToolError::TimedOut {
                 message: format!("the call did not finish within {} ms", limits.timeout_ms),
             }),
-            Ok(Err(e)) => Err(classify_error(e, &store, &stderr.captured())),
-            Ok(Ok(Err(error))) => Err(cap_error(error, limits.max_output_bytes)),
-            Ok(Ok(Ok(json))) => {
+            Some(Ok(Err(e))) => Err(classify_error(e, store, &call.stderr.captured())),
+            Some(Ok(Ok(Err(error)))) => Err(cap_error(error, limits.max_output_bytes)),
+            Some(Ok(Ok(Ok(json)))) => {
                 if json.len() as u64 > limits.max_output_bytes {
                     Err(ToolError::LimitExceeded {
                         limit: "output".into(),
@@ -802,13 +1161,9 @@ impl Sandbox {
                 }
             }
         };
-        let output_bytes = match &outcome_bytes {
-            Some(n) => *n,
-            None => 0,
-        };
+        let output_bytes = outcome_bytes.unwrap_or(0);
         let peak_memory_bytes = store.data().limiter.memory_used as u64;
-        drop(store);
-        let journal = std::mem::take(&mut *journal.lock().expect("journal lock"));
+        let journal = std::mem::take(&mut *call.journal.lock().expect("journal lock"));
         let receipt = Receipt {
             wall_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
             fuel: fuel_consumed,
@@ -818,16 +1173,37 @@ impl Sandbox {
             http_bytes_sent: journal.traffic.sent(),
             http_bytes_received: journal.traffic.received(),
         };
-        CallReport {
+        // A session's pipes hold everything it printed: report only this call's part.
+        let (stdout, stderr) = (call.stdout.captured(), call.stderr.captured());
+        let report = CallReport {
             result,
             receipt,
             logs: journal.logs,
             logs_truncated: journal.logs_dropped > 0,
             progress: journal.progress,
             denials: journal.denials,
-            stdout: stdout.captured(),
-            stderr: stderr.captured(),
+            stdout: stdout.get(live.stdout_seen..).unwrap_or_default().to_vec(),
+            stderr: stderr.get(live.stderr_seen..).unwrap_or_default().to_vec(),
+        };
+        live.stdout_seen = stdout.len();
+        live.stderr_seen = stderr.len();
+        (report, usable)
+    }
+
+    /// Set a store's per-call state: the deadline, the fuel, and a clear limiter verdict (a kept
+    /// store's memory use stays counted: a session's memory is capped for its whole life).
+    fn arm(&self, store: &mut Store<State>, limits: &Limits) -> Result<(), SandboxError> {
+        store.data_mut().limiter.hit = None;
+        let tick = self.inner.config.epoch_tick.as_millis().max(1) as u64;
+        // A new store's deadline is 0 (trap at once): always set it.
+        store.set_epoch_deadline(limits.timeout_ms.div_ceil(tick) + 1);
+        store.epoch_deadline_trap();
+        if self.inner.config.fuel_metering {
+            store
+                .set_fuel(limits.fuel.unwrap_or(u64::MAX))
+                .map_err(|e| SandboxError::Host(e.to_string()))?;
         }
+        Ok(())
     }
 
     /// Run a WASI command component (`wasi:cli/run`) under `grants` and `limits`, with `args`
@@ -926,6 +1302,7 @@ impl Sandbox {
             limits,
             Some(args),
             stdio,
+            None,
         )?;
         let run = async {
             let command = pre.instantiate_async(&mut store).await?;

@@ -38,6 +38,8 @@ pub struct KeelConfig {
     pub agent: keel_kernel::AgentConfig,
     /// The database (`[store]`: `durability`).
     pub store: StoreSettings,
+    /// What the MCP server (`keel mcp`, `/mcp` of `keel serve`) offers (`[mcp]`, see keel-mcp).
+    pub mcp: McpSettings,
 }
 
 /// Database settings from `[store]`.
@@ -47,6 +49,36 @@ pub struct StoreSettings {
     /// `"full"` (default: a commit survives a power loss) or `"normal"` (a commit survives the
     /// process being killed, not a power loss; no fsync per commit). See `keel_store::Durability`.
     pub durability: keel_store::Durability,
+}
+
+/// `[mcp]`: which installed tools MCP clients see, and how long a call waits for an approval.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct McpSettings {
+    /// `plugin/tool` globs offered to MCP clients (a bare `plugin` means all its tools); empty:
+    /// every installed tool.
+    pub tools: Vec<String>,
+    /// `plugin/tool` globs never offered, even when `tools` matches them.
+    pub exclude: Vec<String>,
+    /// How long a `tools/call` waiting for an approval that the client cannot give (no
+    /// elicitation) keeps the request open before it answers `approval_pending`; the job
+    /// itself goes on and finishes when someone approves.
+    pub approval_wait_secs: u64,
+    /// How often the server checks the plugin registry for installs, upgrades and removals
+    /// (`notifications/tools/list_changed`), in milliseconds.
+    pub watch_ms: u64,
+}
+
+impl Default for McpSettings {
+    fn default() -> Self {
+        Self {
+            tools: Vec::new(),
+            exclude: Vec::new(),
+            // Under the 60 s request timeout of common MCP clients.
+            approval_wait_secs: 50,
+            watch_ms: 500,
+        }
+    }
 }
 
 /// Engine settings from `[sandbox]`.

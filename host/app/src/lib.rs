@@ -23,4 +23,7 @@ pub mod tools;
 pub use caller::{Caller, Role};
 pub use error::{AppError, ErrorKind};
 pub use home::App;
+/// The domain types (jobs, actions, events, tool errors) the use cases take and return, for front
+/// ends that depend on `keel-app` alone (`keel-mcp`).
+pub use keel_kernel;
 pub use runtime::AgentHost;

@@ -57,6 +57,8 @@ enum Command {
     /// Set and show budgets.
     #[command(subcommand)]
     Budgets(commands::budgets::BudgetsCommand),
+    /// Serve the installed tools to an MCP client over stdio, under policy, budgets and approvals.
+    Mcp(commands::mcp::McpArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
             Command::Actions(cmd) => commands::actions::run(&home, cmd).await,
             Command::Ledger(cmd) => commands::ledger::run(&home, cmd).await,
             Command::Budgets(cmd) => commands::budgets::run(&home, cmd).await,
+            Command::Mcp(args) => commands::mcp::mcp(&home, args).await,
         }
     });
     let code = match result {

@@ -5,12 +5,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 
 /// Workspace packages whose dependencies the test checks.
-const CHECKED: [&str; 7] = [
+const CHECKED: [&str; 8] = [
     "keel-kernel",
     "keel-sandbox",
     "keel-store",
     "keel-models",
     "keel-app",
+    "keel-mcp",
     "keel",
     "keel-sdk",
 ];
@@ -104,5 +105,16 @@ fn dependencies_point_one_way() {
     // assert!(!cli.contains("keel-sandbox"), "the CLI reaches the sandbox only through keel-app: {cli:?}");
     for lower in ["keel-kernel", "keel-sandbox", "keel-store", "keel-models", "keel-app"] {
         assert!(!deps[lower].contains("keel"), "{lower} depends on the CLI");
+        assert!(
+            !deps[lower].contains("keel-mcp"),
+            "{lower} depends on the MCP front end"
+        );
     }
+    // The MCP server is a front end over keel-app alone: it reaches the store, the sandbox and
+    // the models only through the use cases.
+    assert_eq!(direct("keel-mcp"), BTreeSet::from(["keel-app".to_string()]));
+    assert!(
+        !deps["keel-mcp"].contains("keel"),
+        "the MCP server does not depend on the CLI"
+    );
 }

@@ -6,6 +6,7 @@ pub mod build;
 pub mod demo;
 pub mod jobs;
 pub mod ledger;
+pub mod mcp;
 pub mod plugins;
 pub mod policy;
 pub mod run;

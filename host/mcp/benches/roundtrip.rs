@@ -1,0 +1,325 @@
+//! MCP `tools/call` round trips: Keel (`hello/greet`, governed: policy, budget check, job, events,
+//! ledger receipt in SQLite, sandboxed WebAssembly call) next to a do-nothing rmcp server (one
+//! tool returning a constant: the pipe floor), measured by the same client in the same run, over
+//! stdio (a child process each, the rmcp client) and over Streamable HTTP (an axum server each on
+//! 127.0.0.1, one hand-written HTTP/1.1 client), plus the governed call alone
+//! (`AgentHost::call`, no MCP).
+//!
+//! `cargo bench --bench roundtrip [-- CALLS]` (default 2000 per scenario, after 200 warm-up calls;
+//! `cargo test --benches` runs 20 after 5, as a smoke test).
+//!
+//! The same binary is the servers: with `KEEL_MCP_BENCH_ROLE=floor|keel` it serves MCP on stdio.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_app::AgentHost;
+use keel_app::call::CallRequest;
+use keel_app::runtime::PolicyChoice;
+use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, ListToolsResult, ServerCapabilities};
+use rmcp::model::{InitializeResult, PaginatedRequestParams, ServerConfig, Tool};
+use rmcp::service::RequestContext;
+use rmcp::transport::{ConfigureCommandExt as _, TokioChildProcess};
+use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt as _};
+use serde_json::{Value, json};
+
+const ROLE: &str = "KEEL_MCP_BENCH_ROLE";
+
+/// The pipe floor: one tool, a constant answer.
+#[derive(Clone)]
+struct Floor;
+
+impl ServerHandler for Floor {
+    fn get_info(&self) -> ServerConfig {
+        InitializeResult::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let schema = json!({"type": "object"}).as_object().cloned().unwrap_or_default();
+        Ok(ListToolsResult::with_all_items(vec![Tool::new(
+            "noop__greet",
+            "Answers a constant.",
+            Arc::new(schema),
+        )]))
+    }
+
+    async fn call_tool(
+        &self,
+        _request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, ErrorData> {
+        let output = json!({"greeting": "Hello, Ada!"});
+        let mut result = CallToolResult::success(vec![ContentBlock::text(output.to_string())]);
+        result.structured_content = Some(output);
+        Ok(result.into())
+    }
+}
+
+async fn keel_host(home: &std::path::Path) -> Arc<AgentHost> {
+    let choice = PolicyChoice::resolve(home, None).expect("policy");
+    Arc::new(
+        AgentHost::open_with(home, None, choice, None, false)
+            .await
+            .expect("open the Keel home"),
+    )
+}
+
+/// Serve as a child process: the floor, or Keel over `KEEL_HOME`.
+async fn serve_role(role: &str) {
+    match role {
+        "floor" => {
+            let running = Floor.serve(rmcp::transport::stdio()).await.expect("serve");
+            let _ = running.waiting().await;
+        }
+        _ => {
+            let home = std::env::var_os("KEEL_HOME").expect("KEEL_HOME");
+            let host = keel_host(std::path::Path::new(&home)).await;
+            let server = keel_mcp::McpServer::new(host).await.expect("server");
+            server.serve_stdio("bench".into()).await.expect("serve");
+        }
+    }
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Stats {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+fn line(name: &str, s: &Stats) {
+    println!(
+        "{name:<40} p50 {:>8.1} µs   p99 {:>8.1} µs",
+        s.p50.as_secs_f64() * 1e6,
+        s.p99.as_secs_f64() * 1e6
+    );
+}
+
+/// Round trips of `tool` over stdio against this binary serving as `role`.
+async fn stdio_rounds(role: &str, home: &std::path::Path, tool: &'static str, (warmup, calls): (usize, usize)) -> Stats {
+    let exe = std::env::current_exe().expect("current exe");
+    let command = tokio::process::Command::new(exe).configure(|c| {
+        c.env(ROLE, role).env("KEEL_HOME", home).env_remove("KEEL_LOG");
+    });
+    let transport = TokioChildProcess::new(command).expect("spawn the server");
+    let client = ().serve(transport).await.expect("initialize");
+    let args = json!({"name": "Ada"}).as_object().cloned().unwrap_or_default();
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..warmup + calls {
+        let params = CallToolRequestParams::new(tool).with_arguments(args.clone());
+        let started = Instant::now();
+        let result = client.call_tool(params).await.expect("tools/call");
+        let took = started.elapsed();
+        assert_eq!(result.is_error, Some(false), "{result:?}");
+        if i >= warmup {
+            samples.push(took);
+        }
+    }
+    let _ = client.cancel().await;
+    stats(samples)
+}
+
+/// A minimal Streamable HTTP client: one keep-alive HTTP/1.1 connection, one session.
+struct HttpClient {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    session: Option<String>,
+    addr: std::net::SocketAddr,
+    next_id: u64,
+}
+
+impl HttpClient {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        let mut client = Self {
+            sender,
+            session: None,
+            addr,
+            next_id: 0,
+        };
+        let init = client
+            .request(json!({
+                "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}
+            }))
+            .await;
+        assert!(init.get("result").is_some(), "{init}");
+        client
+            .notify(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        client
+    }
+
+    fn post(&self, body: &Value) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+        let mut request = http::Request::post(format!("http://{}/mcp", self.addr))
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-06-18");
+        if let Some(session) = &self.session {
+            request = request.header("mcp-session-id", session);
+        }
+        request
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+            .expect("request")
+    }
+
+    async fn notify(&mut self, body: Value) {
+        use http_body_util::BodyExt as _;
+        let response = self.sender.send_request(self.post(&body)).await.expect("send");
+        let _ = response.into_body().collect().await;
+    }
+
+    /// Send one request and return its JSON-RPC response (from JSON or from the SSE stream).
+    async fn request(&mut self, mut body: Value) -> Value {
+        use http_body_util::BodyExt as _;
+        self.next_id += 1;
+        body["jsonrpc"] = json!("2.0");
+        body["id"] = json!(self.next_id);
+        let response = self.sender.send_request(self.post(&body)).await.expect("send");
+        if let Some(session) = response.headers().get("mcp-session-id") {
+            self.session = Some(session.to_str().expect("session id").to_string());
+        }
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .chain(std::iter::once(text.as_ref()))
+            .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
+            .find(|v| v.get("id") == Some(&json!(self.next_id)))
+            .unwrap_or_else(|| panic!("no response in {text}"))
+    }
+}
+
+async fn http_rounds(addr: std::net::SocketAddr, tool: &str, (warmup, calls): (usize, usize)) -> Stats {
+    let mut client = HttpClient::connect(addr).await;
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..warmup + calls {
+        let started = Instant::now();
+        let response = client
+            .request(json!({"method": "tools/call", "params": {"name": tool, "arguments": {"name": "Ada"}}}))
+            .await;
+        let took = started.elapsed();
+        assert_eq!(response["result"]["isError"], false, "{response}");
+        if i >= warmup {
+            samples.push(took);
+        }
+    }
+    stats(samples)
+}
+
+async fn serve_http(router: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    addr
+}
+
+async fn driver((warmup, calls): (usize, usize)) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path();
+    {
+        let app = keel_app::App::open(home).await.expect("open home");
+        let bytes = keel_testutil::guest_bytes("hello");
+        app.install(
+            keel_app::install::InstallRequest {
+                bytes: &bytes,
+                label: "hello",
+                replace: false,
+                keep_grants: false,
+                limits: json!({}),
+            },
+            |_, _| Ok(()),
+            |_, _| Ok(()),
+        )
+        .await
+        .expect("install hello");
+    }
+    println!("tools/call round trips, {calls} calls each after {warmup} warm-up calls");
+
+    let floor = stdio_rounds("floor", home, "noop__greet", (warmup, calls)).await;
+    let keel = stdio_rounds("keel", home, "hello__greet", (warmup, calls)).await;
+    line("stdio  floor (rmcp, constant tool)", &floor);
+    line("stdio  keel  (hello/greet, governed)", &keel);
+
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    let floor_router = axum::Router::new().nest_service(
+        "/mcp",
+        rmcp::transport::StreamableHttpService::new(
+            || Ok(Floor),
+            Arc::new(LocalSessionManager::default()),
+            Default::default(),
+        ),
+    );
+    let host = keel_host(home).await;
+    let server = keel_mcp::McpServer::new(host.clone()).await.expect("server");
+    let caller = keel_app::Caller::local_admin("bench");
+    let keel_router = axum::Router::new()
+        .nest_service("/mcp", keel_mcp::http_service(server))
+        .layer(axum::middleware::from_fn(
+            move |mut request: axum::extract::Request, next: axum::middleware::Next| {
+                request.extensions_mut().insert(caller.clone());
+                next.run(request)
+            },
+        ));
+    let floor_http = http_rounds(serve_http(floor_router).await, "noop__greet", (warmup, calls)).await;
+    let keel_http = http_rounds(serve_http(keel_router).await, "hello__greet", (warmup, calls)).await;
+    line("http   floor (rmcp, constant tool)", &floor_http);
+    line("http   keel  (hello/greet, governed)", &keel_http);
+
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..warmup + calls {
+        let request = CallRequest::new("bench", "hello/greet", json!({"name": "Ada"}));
+        let started = Instant::now();
+        let outcome = host.call(&request).await.expect("call");
+        let took = started.elapsed();
+        assert!(outcome.succeeded(), "{outcome:?}");
+        if i >= warmup {
+            samples.push(took);
+        }
+    }
+    let governed = stats(samples);
+    line("in-process AgentHost::call (no MCP)", &governed);
+    let over = |keel: &Stats, floor: &Stats| (keel.p50.as_secs_f64() - floor.p50.as_secs_f64()) * 1e6;
+    println!(
+        "keel over the floor, p50: stdio {:.1} µs, http {:.1} µs (of which the governed call itself: {:.1} µs)",
+        over(&keel, &floor),
+        over(&keel_http, &floor_http),
+        governed.p50.as_secs_f64() * 1e6
+    );
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Ok(role) = std::env::var(ROLE) {
+        runtime.block_on(serve_role(&role));
+        return;
+    }
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs this once, quickly.
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let calls = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(if smoke { 20 } else { 2000 });
+    let warmup = if smoke { 5 } else { 200 };
+    runtime.block_on(driver((warmup, calls)));
+}

@@ -1,0 +1,328 @@
+//! keel-mcp: Keel's installed tools for any MCP client, still under Keel's policy, budgets,
+//! approvals and ledger.
+//!
+//! - [`McpServer`]: one server over one [`AgentHost`] (the kernel runs in this process: the jobs
+//!   its calls start are driven here), shared by every MCP session.
+//! - [`McpServer::serve_stdio`]: `keel mcp` (stdout carries only JSON-RPC).
+//! - [`http_service`]: Streamable HTTP (`/mcp` of `keel serve`), callers authenticated by the
+//!   server's own layer, which puts a [`Caller`] in the request's extensions.
+//! - `tools/list` ([`catalog`]): installed tools as `plugin__tool` ([`names`]), filtered by `[mcp]`.
+//! - `tools/call` ([`call`]): the governed path (`AgentHost::start_call`); every failure is an
+//!   `isError` result carrying the error kind, never a protocol error; approvals by elicitation
+//!   or by `keel actions approve`.
+//!
+//! Depends on `keel-app` only (plus rmcp and axum for the protocol): no store, sandbox or kernel
+//! service is reached except through it.
+
+pub mod call;
+pub mod catalog;
+pub mod names;
+
+use std::borrow::Cow;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use keel_app::tools::RegistryToolHost;
+use keel_app::{AgentHost, AppError, Caller};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams, InitializeResult,
+    ListToolsResult, PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::{NotificationContext, RequestContext};
+use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt};
+use tokio::sync::watch;
+
+use crate::catalog::{Catalog, ToolFilter};
+
+/// One MCP server over one Keel home. Cheap to clone; every session (the stdio one, each HTTP
+/// session) shares it.
+#[derive(Clone)]
+pub struct McpServer {
+    shared: Arc<Shared>,
+}
+
+/// What every session shares.
+pub(crate) struct Shared {
+    pub(crate) host: Arc<AgentHost>,
+    tools: RegistryToolHost,
+    filter: ToolFilter,
+    /// How long a call waits for an approval the client cannot give before answering
+    /// `approval_pending`.
+    pub(crate) approval_wait: Duration,
+    /// Bumped whenever the offered tool list changes.
+    generation: watch::Sender<u64>,
+}
+
+impl McpServer {
+    /// A server over `host`, configured by the home's `[mcp]` section. Starts the registry watch
+    /// (`notifications/tools/list_changed`) on the current tokio runtime; it stops when the last
+    /// clone of the server is dropped.
+    pub async fn new(host: Arc<AgentHost>) -> Result<Self, AppError> {
+        let settings = host.app.config.mcp.clone();
+        let filter = ToolFilter::new(&settings)?;
+        let tools = RegistryToolHost::new(host.app.clone(), None).await?;
+        let shared = Arc::new(Shared {
+            host,
+            tools,
+            filter,
+            approval_wait: Duration::from_secs(settings.approval_wait_secs),
+            generation: watch::channel(0).0,
+        });
+        let first = shared.catalog().await?.fingerprint();
+        tokio::spawn(watch_registry(
+            Arc::downgrade(&shared),
+            first,
+            Duration::from_millis(settings.watch_ms.max(50)),
+        ));
+        Ok(Self { shared })
+    }
+
+    /// The host the server calls through.
+    pub fn host(&self) -> &Arc<AgentHost> {
+        &self.shared.host
+    }
+
+    /// The tools offered now.
+    pub async fn catalog(&self) -> Result<Catalog, AppError> {
+        self.shared.catalog().await
+    }
+
+    /// The handler of one session whose callers are `identity`.
+    pub fn session(&self, identity: Identity) -> KeelMcp {
+        KeelMcp {
+            shared: self.shared.clone(),
+            identity,
+        }
+    }
+
+    /// Serve one MCP session on stdin/stdout until the client closes it. Every call is made in
+    /// `scope`, on behalf of the client's name from `initialize`, in one Keel session per
+    /// connection. Nothing but JSON-RPC is written to stdout.
+    pub async fn serve_stdio(&self, scope: String) -> Result<(), AppError> {
+        let handler = self.session(Identity::Fixed {
+            scope,
+            session: format!("mcp-{}", uuid::Uuid::now_v7().simple()),
+        });
+        let running = handler
+            .serve(rmcp::transport::stdio())
+            .await
+            .map_err(|e| AppError::internal(format!("MCP session failed to start: {e}")))?;
+        running
+            .waiting()
+            .await
+            .map_err(|e| AppError::internal(format!("MCP session failed: {e}")))?;
+        Ok(())
+    }
+}
+
+impl Shared {
+    async fn catalog(&self) -> Result<Catalog, AppError> {
+        Catalog::load(&self.tools, &self.filter).await
+    }
+}
+
+/// Poll the registry every `every`; bump the generation when the offered list changes. Cheap:
+/// one read of the plugins table, no component is loaded.
+async fn watch_registry(shared: Weak<Shared>, mut last: String, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(shared) = shared.upgrade() else { return };
+        match shared.catalog().await {
+            Ok(catalog) => {
+                let now = catalog.fingerprint();
+                if now != last {
+                    last = now;
+                    shared.generation.send_modify(|g| *g += 1);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e.message, "cannot read the plugin registry"),
+        }
+    }
+}
+
+/// Who the callers of a session are.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// One local client (stdio): this scope, this Keel session; the principal is the client's
+    /// name from `initialize`.
+    Fixed {
+        /// Scope (tenant) of every call.
+        scope: String,
+        /// Keel session of every call ("approve for this session" covers it).
+        session: String,
+    },
+    /// Each HTTP request carries its [`Caller`] (put there by the server's auth layer); the Keel
+    /// session is the MCP session (`Mcp-Session-Id`).
+    PerRequest,
+}
+
+/// The identity one call is made under.
+#[derive(Debug, Clone)]
+pub(crate) struct CallIdentity {
+    pub(crate) scope: String,
+    pub(crate) principal: Option<String>,
+    pub(crate) session: Option<String>,
+}
+
+/// The MCP handler of one session.
+#[derive(Clone)]
+pub struct KeelMcp {
+    shared: Arc<Shared>,
+    identity: Identity,
+}
+
+impl KeelMcp {
+    fn identity(&self, ctx: &RequestContext<RoleServer>) -> Result<CallIdentity, ErrorData> {
+        match &self.identity {
+            Identity::Fixed { scope, session } => Ok(CallIdentity {
+                scope: scope.clone(),
+                principal: ctx.peer.peer_info().map(|info| info.client_info.name.clone()),
+                session: Some(session.clone()),
+            }),
+            Identity::PerRequest => {
+                let parts = ctx.extensions.get::<http::request::Parts>();
+                let caller = parts.and_then(|p| p.extensions.get::<Caller>()).ok_or_else(|| {
+                    // The HTTP layer refuses such requests first; this is a second line.
+                    ErrorData::invalid_request("no authenticated caller", None)
+                })?;
+                if !caller.role.allows(keel_app::Role::Write) {
+                    return Err(ErrorData::invalid_request(
+                        "this key may only read: calling tools needs the write role",
+                        None,
+                    ));
+                }
+                let session = parts
+                    .and_then(|p| p.headers.get("mcp-session-id"))
+                    .and_then(|v| v.to_str().ok())
+                    .map(|s| format!("mcp-{s}"));
+                Ok(CallIdentity {
+                    scope: caller.scope.clone(),
+                    principal: caller.principal.clone(),
+                    session,
+                })
+            }
+        }
+    }
+}
+
+impl ServerHandler for KeelMcp {
+    fn get_info(&self) -> ServerConfig {
+        #[allow(deprecated)] // logging carries the "how to approve" notice to clients without elicitation
+        let capabilities = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_tool_list_changed()
+            .enable_logging()
+            .build();
+        let mut info = InitializeResult::new(capabilities);
+        info.server_info = Implementation::new("keel", env!("CARGO_PKG_VERSION"));
+        info.instructions = Some(
+            "Keel's installed WebAssembly tools, named plugin__tool. Every call is checked against \
+             Keel's policy and budgets and recorded in its ledger; a call that needs approval asks \
+             for it (elicitation) or waits until someone runs `keel actions approve ID`."
+                .into(),
+        );
+        info
+    }
+
+    /// The classic lifecycle (initialize, server-to-client requests for elicitation,
+    /// unsolicited notifications) that every client in use speaks.
+    fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
+        Cow::Owned(
+            ProtocolVersion::KNOWN_VERSIONS
+                .iter()
+                .filter(|v| v.as_str() <= ProtocolVersion::LATEST_WITH_INITIALIZE.as_str())
+                .cloned()
+                .collect(),
+        )
+    }
+
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        context.peer.set_peer_info(request.clone());
+        self.negotiate_initialize(&request)
+    }
+
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        // Tell this client when the offered tools change, for as long as it is connected.
+        let mut changes = self.shared.generation.subscribe();
+        let peer = context.peer;
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                if peer.notify_tool_list_changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let catalog = self
+            .shared
+            .catalog()
+            .await
+            .map_err(|e| ErrorData::internal_error(e.message, None))?;
+        Ok(ListToolsResult::with_all_items(
+            catalog.entries.into_iter().map(|e| e.tool).collect(),
+        ))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let identity = self.identity(&context)?;
+        let catalog = self
+            .shared
+            .catalog()
+            .await
+            .map_err(|e| ErrorData::internal_error(e.message, None))?;
+        // An unknown tool is a protocol error (MCP: invalid params), not a tool result.
+        let Some(entry) = catalog.get(&request.name) else {
+            return Err(ErrorData::invalid_params(format!("Unknown tool: {}", request.name), None));
+        };
+        let arguments = serde_json::Value::Object(request.arguments.clone().unwrap_or_default());
+        let result = call::governed(&self.shared, &identity, &entry.keel, arguments, &context).await;
+        Ok(result.into())
+    }
+}
+
+/// The Streamable HTTP MCP endpoint over `server`, to mount (e.g. at `/mcp`) behind an auth layer
+/// that inserts the request's [`Caller`] into its extensions: a request without one is refused
+/// with 401. Sessions are kept in memory (rmcp's local session manager); only loopback `Host`
+/// headers are accepted (DNS rebinding), as in [`http_service_with`] with the default config.
+pub fn http_service(server: McpServer) -> axum::Router {
+    http_service_with(server, rmcp::transport::StreamableHttpServerConfig::default())
+}
+
+/// [`http_service`] with rmcp's transport settings (allowed hosts and origins, keep-alive, ...).
+pub fn http_service_with(server: McpServer, config: rmcp::transport::StreamableHttpServerConfig) -> axum::Router {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    let service = rmcp::transport::StreamableHttpService::new(
+        move || Ok(server.session(Identity::PerRequest)),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    axum::Router::new()
+        .fallback_service(service)
+        .layer(axum::middleware::from_fn(require_caller))
+}
+
+/// 401 for a request the auth layer did not identify.
+async fn require_caller(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    if request.extensions().get::<Caller>().is_none() {
+        return axum::response::IntoResponse::into_response((
+            http::StatusCode::UNAUTHORIZED,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            r#"{"code":"unauthorized","message":"an API key is required"}"#,
+        ));
+    }
+    next.run(request).await
+}

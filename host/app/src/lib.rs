@@ -11,6 +11,7 @@ pub mod error;
 pub mod home;
 pub mod install;
 pub mod kernel;
+pub mod keys;
 pub mod runtime;
 pub mod tools;
 

@@ -57,6 +57,11 @@ enum Command {
     /// Set and show budgets.
     #[command(subcommand)]
     Budgets(commands::budgets::BudgetsCommand),
+    /// Serve the HTTP API, SSE event streams and the approvals page (runs a worker too).
+    Serve(commands::serve::ServeArgs),
+    /// Create, list and revoke API keys for `keel serve`.
+    #[command(subcommand)]
+    Keys(commands::keys::KeysCommand),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +93,8 @@ fn main() -> ExitCode {
             Command::Actions(cmd) => commands::actions::run(&home, cmd).await,
             Command::Ledger(cmd) => commands::ledger::run(&home, cmd).await,
             Command::Budgets(cmd) => commands::budgets::run(&home, cmd).await,
+            Command::Serve(args) => commands::serve::serve(&home, args).await,
+            Command::Keys(cmd) => commands::keys::run(&home, cmd).await,
         }
     });
     let code = match result {

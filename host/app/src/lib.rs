@@ -17,6 +17,7 @@ pub mod kernel;
 pub mod ledger;
 pub mod plugins;
 pub mod policy;
+pub mod keys;
 pub mod runtime;
 pub mod tools;
 

@@ -59,6 +59,11 @@ enum Command {
     Budgets(commands::budgets::BudgetsCommand),
     /// Serve the installed tools to an MCP client over stdio, under policy, budgets and approvals.
     Mcp(commands::mcp::McpArgs),
+    /// Serve the HTTP API, SSE event streams and the approvals page (runs a worker too).
+    Serve(commands::serve::ServeArgs),
+    /// Create, list and revoke API keys for `keel serve`.
+    #[command(subcommand)]
+    Keys(commands::keys::KeysCommand),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +96,8 @@ fn main() -> ExitCode {
             Command::Ledger(cmd) => commands::ledger::run(&home, cmd).await,
             Command::Budgets(cmd) => commands::budgets::run(&home, cmd).await,
             Command::Mcp(args) => commands::mcp::mcp(&home, args).await,
+            Command::Serve(args) => commands::serve::serve(&home, args).await,
+            Command::Keys(cmd) => commands::keys::run(&home, cmd).await,
         }
     });
     let code = match result {

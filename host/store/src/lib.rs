@@ -3,6 +3,7 @@
 //! Opens the database with WAL, a busy timeout and embedded migrations, and implements the
 //! plugin registry plus the kernel's store traits.
 
+pub mod api_keys;
 pub mod kernel_store;
 pub mod plugins;
 pub mod sqlite;

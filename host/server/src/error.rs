@@ -1,0 +1,119 @@
+//! The API's one error shape: `{"error": {"code": "...", "message": "..."}}` with a stable code.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use keel_app::{AppError, ErrorKind};
+use keel_kernel::KernelError;
+use serde_json::json;
+
+/// A failed request: HTTP status, stable machine code, one sentence.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable code (`not_found`, `forbidden`, `invalid_request`, ...).
+    pub code: &'static str,
+    /// One sentence for humans.
+    pub message: String,
+    /// Seconds to wait (429 only), sent as `Retry-After`.
+    pub retry_after: Option<u64>,
+}
+
+/// Handlers' result.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// An error with `status` and `code`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 400 `invalid_request`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 404 `not_found`: also what a caller gets for another scope's resources.
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{} not found", what.into()))
+    }
+
+    /// 403 `forbidden`: the caller's role is too low within its own scope.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 409 with `code`.
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// 500 `internal`.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(code = self.code, message = %self.message, "request failed");
+        }
+        let mut response = (
+            self.status,
+            Json(json!({ "error": { "code": self.code, "message": self.message } })),
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after
+            && let Ok(value) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+impl From<KernelError> for ApiError {
+    fn from(e: KernelError) -> Self {
+        use KernelError as E;
+        let message = e.to_string();
+        match e {
+            // A resume token that matches nothing is "not found" like any other id.
+            E::JobNotFound(_) | E::ActionNotFound(_) | E::InvalidToken | E::ReservationNotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            E::IdempotencyKeyReused { .. } => Self::conflict("idempotency_key_reused", message),
+            E::ActionNotPending { .. } => Self::conflict("action_not_pending", message),
+            E::ActionExpired(_) => Self::conflict("action_expired", message),
+            E::IllegalTransition { .. } | E::ReservationState { .. } => Self::conflict("illegal_transition", message),
+            E::CallDigestMismatch(_) | E::Invalid(_) => Self::invalid(message),
+            E::BudgetExceeded(_) => Self::new(StatusCode::PAYMENT_REQUIRED, "budget_exceeded", message),
+            E::Contention(_) | E::EventsClosed | E::Store(_) => Self::internal(message),
+        }
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        match e.kind {
+            ErrorKind::User => Self::invalid(e.message),
+            ErrorKind::Plugin => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "plugin_failed", e.message),
+            ErrorKind::Internal => Self::internal(e.message),
+        }
+    }
+}
+
+impl From<keel_kernel::agent::AgentError> for ApiError {
+    fn from(e: keel_kernel::agent::AgentError) -> Self {
+        match e {
+            keel_kernel::agent::AgentError::Invalid(m) => Self::invalid(m),
+            keel_kernel::agent::AgentError::Kernel(k) => k.into(),
+        }
+    }
+}

@@ -303,6 +303,8 @@ fn refused(e: &AppError, job_id: Option<Uuid>) -> CallToolResult {
         ErrorKind::User => "invalid_input",
         ErrorKind::Plugin => "failed",
         ErrorKind::Internal => "internal",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::Forbidden => "forbidden",
     };
     error_result(json!({ "kind": kind, "message": e.message }), job_id)
 }

@@ -790,15 +790,16 @@ impl Sandbox {
             let taken = self
                 .take_ready(&ready_key)
                 .filter(|live| opened_now(&preopens).is_ok_and(|now| now == live.opened));
-            self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
             let mut live = match taken {
                 Some(live) => live,
-                None => match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint) {
+                None => match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint.clone()) {
                     Ok(live) => live,
                     Err(e) => return CallReport::unrun(ToolError::Host { message: e.to_string() }),
                 },
             };
             let report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
+            // Refilled after the call, so building the next instances never competes with it.
+            self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
             // Freeing a big instance (resetting its memory) and removing its scratch directory
             // need not delay the result.
             tokio::task::spawn_blocking(move || drop(live));

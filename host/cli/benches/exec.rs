@@ -118,9 +118,10 @@ fn main() {
 
     // Inside a running host: fresh instance per call (pool off), then pooled.
     let mut results = Vec::new();
-    for pool in [0usize, 2] {
+    for (pool, resident_mb) in [(0usize, 0usize), (2, 0), (2, 32)] {
         let mut config = SandboxConfig::new(&cache);
         config.ready_instances = pool;
+        config.memory_keep_resident_bytes = resident_mb << 20;
         let sandbox = Sandbox::new(config).unwrap();
         rt.block_on(async {
             for (name, wasm, code, out) in [
@@ -137,12 +138,12 @@ fn main() {
                 time_calls(&sandbox, &plugin, "run", &arguments, 3, check).await;
                 let samples = time_calls(&sandbox, &plugin, "run", &arguments, rounds, check).await;
                 println!(
-                    "in-host {name:28} pool={pool}: {}   (prepare {:.0} ms, {})",
+                    "in-host {name:28} pool={pool} resident={resident_mb}M: {}   (prepare {:.0} ms, {} bytes)",
                     summary(samples.clone()),
                     prepared.as_secs_f64() * 1e3,
                     bytes.len()
                 );
-                results.push((name, pool, median_ms(samples)));
+                results.push((name, pool, resident_mb, median_ms(samples)));
             }
         });
     }
@@ -155,10 +156,10 @@ fn main() {
         summary(native_node.clone())
     );
     let (npy, nnode) = (median_ms(native_py), median_ms(native_node));
-    for (name, pool, ms) in &results {
+    for (name, pool, resident_mb, ms) in &results {
         let native = if name.starts_with("python") { npy } else { nnode };
         println!(
-            "ratio   {name:28} pool={pool}: {:.3} of the native process",
+            "ratio   {name:28} pool={pool} resident={resident_mb}M: {:.3} of the native process",
             ms / native
         );
     }
@@ -170,11 +171,14 @@ fn main() {
             .args(["install", &wasm.to_string_lossy(), "--replace"])
             .output()
             .unwrap();
-        assert!(
-            installed.status.success(),
-            "{}",
-            String::from_utf8_lossy(&installed.stderr)
-        );
+        if !installed.status.success() {
+            // e.g. the JIT compile of a big component exceeding the prepare bound on a loaded machine.
+            println!(
+                "process keel call {name}/run: not measured, install failed: {}",
+                String::from_utf8_lossy(&installed.stderr).trim()
+            );
+            continue;
+        }
         let args = json!({ "code": code }).to_string();
         let tool = format!("{name}/run");
         let samples = time_process(rounds.min(20), || {

@@ -162,6 +162,11 @@ pub struct SandboxConfig {
     pub ready_instances: usize,
     /// Ready instances kept in all, across plugins.
     pub max_ready_instances: usize,
+    /// Bytes of each linear memory the pooling allocator keeps resident when an instance ends,
+    /// reset in place rather than unmapped, so the next instance in that slot (the allocator
+    /// prefers a slot the same component used) starts without page faults. Costs up to this much
+    /// resident memory per used slot. 0 (the default): unmapped as usual.
+    pub memory_keep_resident_bytes: usize,
 }
 
 /// Fresh scratch directories: a tool that requests the guest path [`SCRATCH_GUEST`] read-write,
@@ -231,6 +236,7 @@ impl SandboxConfig {
             sessions: SessionConfig::default(),
             ready_instances: 2,
             max_ready_instances: 16,
+            memory_keep_resident_bytes: 0,
         }
     }
 }

@@ -14,7 +14,7 @@ use wasmtime_wasi_http::WasiHttpCtx;
 use crate::cache::{ArtifactCache, CacheOutcome, ComponentStore, sha256_hex};
 use crate::config::{DescribeLimits, Limits, SCRATCH_GUEST, SandboxConfig};
 use crate::exports::ExportedFunc;
-use crate::grants::{Grants, NetPolicy, Preopen};
+use crate::grants::{FileIdentity, Grants, NetPolicy, Preopen};
 use crate::host::bindings::{ToolPre, keel::plugin::types as wit};
 use crate::host::{CallDiagnostics, ConnectionBudget, Denial, Limiter, LogRecord, NetHooks, ProgressRecord, State};
 use crate::info::{
@@ -198,6 +198,22 @@ struct Live {
     /// The plugin and what the store was built from (see [`Sandbox::call`]).
     sha256: String,
     fingerprint: String,
+    /// The directories its preopens were when it was built: a ready store is used only while
+    /// every grant still opens to the same directory (else a fresh store re-checks and refuses).
+    opened: Vec<Option<FileIdentity>>,
+}
+
+/// What each preopen opens to now (`None` for a narrowed sub-directory that does not exist), or
+/// `Err` when one cannot be opened as granted.
+fn opened_now(preopens: &[Preopen]) -> Result<Vec<Option<FileIdentity>>, ()> {
+    preopens
+        .iter()
+        .map(|p| match crate::preopen::open(p) {
+            Ok(Some(fd)) => crate::preopen::identity(&fd).map(Some).map_err(|_| ()),
+            Ok(None) => Ok(None),
+            Err(_) => Err(()),
+        })
+        .collect()
 }
 
 /// The instance a [`Live`] store holds.
@@ -292,7 +308,8 @@ fn engine_config(config: &SandboxConfig) -> Config {
         .table_elements(100_000)
         .max_memory_size(config.max_memory_bytes as usize)
         .max_component_instance_size(4 << 20)
-        .max_core_instance_size(4 << 20);
+        .max_core_instance_size(4 << 20)
+        .linear_memory_keep_resident(config.memory_keep_resident_bytes);
     wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     wasm
 }
@@ -770,16 +787,19 @@ impl Sandbox {
                 self.inner.sessions.lock().expect("sessions lock").expire(now);
             }
             let ready_key = format!("{}/{tool}/{fingerprint}", plugin.sha256);
-            let taken = self.take_ready(&ready_key);
-            self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
+            let taken = self
+                .take_ready(&ready_key)
+                .filter(|live| opened_now(&preopens).is_ok_and(|now| now == live.opened));
             let mut live = match taken {
                 Some(live) => live,
-                None => match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint) {
+                None => match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint.clone()) {
                     Ok(live) => live,
                     Err(e) => return CallReport::unrun(ToolError::Host { message: e.to_string() }),
                 },
             };
             let report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
+            // Refilled after the call, so building the next instances never competes with it.
+            self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
             // Freeing a big instance (resetting its memory) and removing its scratch directory
             // need not delay the result.
             tokio::task::spawn_blocking(move || drop(live));
@@ -796,7 +816,13 @@ impl Sandbox {
         };
         let mut held = slot.lock().await;
         let mut live = match held.take() {
-            Some(live) if live.fingerprint == fingerprint && live.sha256 == plugin.sha256 => live,
+            Some(live)
+                if live.fingerprint == fingerprint
+                    && live.sha256 == plugin.sha256
+                    && opened_now(&preopens).is_ok_and(|now| now == live.opened) =>
+            {
+                live
+            }
             _ => match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint) {
                 Ok(live) => live,
                 Err(e) => {
@@ -984,6 +1010,7 @@ impl Sandbox {
         } else {
             None
         };
+        let opened = opened_now(preopens).unwrap_or_default();
         let call = self.new_store(
             grants,
             preopens,
@@ -1000,6 +1027,7 @@ impl Sandbox {
             stderr_seen: 0,
             sha256: sha256.to_string(),
             fingerprint,
+            opened,
         })
     }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 
 /// Workspace packages whose dependencies the test checks.
-const CHECKED: [&str; 7] = [
+const CHECKED: [&str; 8] = [
     "keel-kernel",
     "keel-sandbox",
     "keel-store",
@@ -13,6 +13,7 @@ const CHECKED: [&str; 7] = [
     "keel-app",
     "keel",
     "keel-sdk",
+    "keel-server",
 ];
 
 /// Resolved (normal, non-dev) dependency names of each checked package, transitively, for the host
@@ -97,5 +98,19 @@ fn dependencies_point_one_way() {
     assert!(cli.contains("keel-app"), "{cli:?}");
     for lower in ["keel-kernel", "keel-sandbox", "keel-store", "keel-models", "keel-app"] {
         assert!(!deps[lower].contains("keel"), "{lower} depends on the CLI");
+        assert!(
+            !deps[lower].contains("keel-server"),
+            "{lower} depends on the HTTP server"
+        );
+    }
+    // The HTTP server is a front end over keel-app too: kernel types yes, never the store or
+    // the sandbox directly.
+    let server = direct("keel-server");
+    assert!(server.contains("keel-app"), "{server:?}");
+    for backend in ["keel-store", "keel-sandbox", "keel-models", "keel"] {
+        assert!(
+            !server.contains(backend),
+            "keel-server depends on {backend} directly: {server:?}"
+        );
     }
 }

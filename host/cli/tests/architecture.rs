@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 
 /// Workspace packages whose dependencies the test checks.
-const CHECKED: [&str; 8] = [
+const CHECKED: [&str; 9] = [
     "keel-kernel",
     "keel-sandbox",
     "keel-store",
@@ -14,6 +14,7 @@ const CHECKED: [&str; 8] = [
     "keel-mcp",
     "keel",
     "keel-sdk",
+    "keel-server",
 ];
 
 /// Resolved (normal, non-dev) dependency names of each checked package, transitively, for the host
@@ -108,6 +109,20 @@ fn dependencies_point_one_way() {
         assert!(
             !deps[lower].contains("keel-mcp"),
             "{lower} depends on the MCP front end"
+        );
+        assert!(
+            !deps[lower].contains("keel-server"),
+            "{lower} depends on the HTTP server"
+        );
+    }
+    // The HTTP server is a front end over keel-app too: kernel types yes, never the store or
+    // the sandbox directly.
+    let server = direct("keel-server");
+    assert!(server.contains("keel-app"), "{server:?}");
+    for backend in ["keel-store", "keel-sandbox", "keel-models", "keel"] {
+        assert!(
+            !server.contains(backend),
+            "keel-server depends on {backend} directly: {server:?}"
         );
     }
     // The MCP server is a front end over keel-app alone: it reaches the store, the sandbox and

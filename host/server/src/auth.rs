@@ -81,7 +81,7 @@ impl Auth {
 
     fn host_allowed(&self, host: &str) -> bool {
         let host = host.trim().to_ascii_lowercase();
-        self.allowed_hosts.iter().any(|h| *h == host)
+        self.allowed_hosts.contains(&host)
     }
 
     /// Open a browser session for key `key_id`; returns the cookie value.

@@ -117,3 +117,34 @@ impl From<keel_kernel::agent::AgentError> for ApiError {
         }
     }
 }
+
+/// Give axum's own rejections (a body that is not JSON, a missing field, a wrong method, a body
+/// too large: plain text) the API's error shape, so every error a client sees is
+/// `{"error": {"code", "message"}}`.
+pub(crate) async fn json_rejections(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "invalid_request",
+    };
+    let body = axum::body::to_bytes(response.into_body(), 64 << 10)
+        .await
+        .unwrap_or_default();
+    let message = String::from_utf8_lossy(&body).trim().to_string();
+    let message = if message.is_empty() {
+        status.canonical_reason().unwrap_or("bad request").to_string()
+    } else {
+        message
+    };
+    ApiError::new(status, code, message).into_response()
+}

@@ -147,6 +147,7 @@ impl Server {
             .merge(web::router())
             .merge(protected)
             .fallback(routes::no_route)
+            .layer(axum::middleware::map_response(error::json_rejections))
             .layer(axum::extract::DefaultBodyLimit::max(self.state.config.max_body_bytes))
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),

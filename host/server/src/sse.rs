@@ -65,6 +65,7 @@ pub(crate) fn job_stream(state: AppState, scope: String, job_id: Uuid, after: u6
         let mut sub = kernel.subscribe(EventFilter::job(job_id));
         let mut last = after;
         let mut read_store = true;
+        let mut ended_live = false;
         loop {
             if read_store {
                 let events = match kernel
@@ -83,6 +84,7 @@ pub(crate) fn job_stream(state: AppState, scope: String, job_id: Uuid, after: u6
                     }
                 };
                 let full = events.len() as u32 == PAGE;
+                let finishing = ended_live;
                 let mut ended = false;
                 for e in events {
                     if e.seq <= last {
@@ -94,11 +96,12 @@ pub(crate) fn job_stream(state: AppState, scope: String, job_id: Uuid, after: u6
                         return;
                     }
                 }
-                if ended {
-                    return;
-                }
                 if full {
                     continue;
+                }
+                // A read after the job's ending event has the whole final batch: done.
+                if ended || finishing {
+                    return;
                 }
                 read_store = false;
                 // Nothing more to come for a job that already ended (e.g. a resume after its end).
@@ -127,8 +130,14 @@ pub(crate) fn job_stream(state: AppState, scope: String, job_id: Uuid, after: u6
                 got = sub.recv() => match got {
                     Ok(e) if e.seq == last + 1 => {
                         last = e.seq;
-                        if tx.send(sse_event(&e, e.seq.to_string())).await.is_err() || e.ends_job() {
+                        if tx.send(sse_event(&e, e.seq.to_string())).await.is_err() {
                             return;
+                        }
+                        // The job's last events are committed together: read the rest of that
+                        // batch from the store (the read ends the stream).
+                        if e.ends_job() {
+                            ended_live = true;
+                            read_store = true;
                         }
                     }
                     // Already sent (replayed, or a duplicate delivery).

@@ -227,7 +227,7 @@ pub(crate) async fn list_jobs(
     // Newest first by (created_at, id); the cursor is the last id of the previous page. The
     // kernel's filter has no "before" bound yet, so the page is cut here.
     let mut jobs = state.host.kernel.jobs().list(&filter).await?;
-    jobs.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+    jobs.sort_by_key(|j| std::cmp::Reverse((j.created_at, j.id)));
     let start = match cursor {
         Some(c) => jobs.iter().position(|j| j.id == c).map(|i| i + 1).unwrap_or(jobs.len()),
         None => 0,

@@ -8,6 +8,7 @@
 pub mod call;
 pub mod caller;
 pub mod error;
+pub mod exec;
 pub mod home;
 pub mod install;
 pub mod kernel;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 pub mod c;
 pub mod js;
+pub mod new;
 pub mod python;
 pub mod rust;
 

@@ -672,6 +672,43 @@ impl Sandbox {
         tool: &str,
         arguments: &serde_json::Value,
     ) -> CallReport {
+        let stdio = StdioMode::Capture(limits.max_stdio_bytes as usize);
+        self.call_with(plugin, grants, limits, ctx, tool, arguments, stdio)
+            .await
+    }
+
+    /// [`Sandbox::call`], with the guest's stdout and stderr streamed to `stdout` and `stderr` as
+    /// it writes them (at most [`crate::STREAM_BUDGET`] bytes in flight per stream: a writer that
+    /// does not keep up makes the guest wait, within its deadline) instead of captured. Returns
+    /// once everything written has reached the writers; the report's `stdout`/`stderr` are empty.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call_streaming(
+        &self,
+        plugin: &PreparedPlugin,
+        grants: &Grants,
+        limits: &Limits,
+        ctx: &ToolCallContext,
+        tool: &str,
+        arguments: &serde_json::Value,
+        stdout: OutputWriter,
+        stderr: OutputWriter,
+    ) -> CallReport {
+        let stdio = StdioMode::Stream(stdout, stderr);
+        self.call_with(plugin, grants, limits, ctx, tool, arguments, stdio)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call_with(
+        &self,
+        plugin: &PreparedPlugin,
+        grants: &Grants,
+        limits: &Limits,
+        ctx: &ToolCallContext,
+        tool: &str,
+        arguments: &serde_json::Value,
+        stdio: StdioMode,
+    ) -> CallReport {
         let empty = |result| CallReport {
             result: Err(result),
             receipt: Receipt::default(),
@@ -696,15 +733,9 @@ impl Sandbox {
         let CallStore {
             mut store,
             journal,
-            stdout,
-            stderr,
-        } = match self.new_store(
-            &grants,
-            &preopens,
-            &limits,
-            None,
-            StdioMode::Capture(limits.max_stdio_bytes as usize),
-        ) {
+            mut stdout,
+            mut stderr,
+        } = match self.new_store(&grants, &preopens, &limits, None, stdio) {
             Ok(parts) => parts,
             Err(e) => return empty(ToolError::Host { message: e.to_string() }),
         };
@@ -808,6 +839,17 @@ impl Sandbox {
         };
         let peak_memory_bytes = store.data().limiter.memory_used as u64;
         drop(store);
+        // Streamed output: wait until it has all reached the writers (a call past its deadline
+        // gets only a moment more). Captured output needs nothing.
+        let drain = async {
+            stdout.drain().await;
+            stderr.drain().await;
+        };
+        if matches!(result, Err(ToolError::TimedOut { .. })) {
+            let _ = tokio::time::timeout(DRAIN_AFTER_DEADLINE, drain).await;
+        } else {
+            drain.await;
+        }
         let journal = std::mem::take(&mut *journal.lock().expect("journal lock"));
         let receipt = Receipt {
             wall_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),

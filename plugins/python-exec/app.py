@@ -67,11 +67,14 @@ _session_namespace: dict | None = None
 class CappedText(io.TextIOBase):
     """A text stream that keeps the first `limit` characters and counts the rest."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, echo=None) -> None:
         self.limit = limit
         self.parts: list[str] = []
         self.size = 0
         self.dropped = 0
+        # With `echo`, every write also goes to this stream (the component's own stdout/stderr,
+        # which the host may stream to a terminal as it is written); dropped at its first error.
+        self.echo = echo
 
     def writable(self) -> bool:
         return True
@@ -79,6 +82,12 @@ class CappedText(io.TextIOBase):
     def write(self, s: str) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if self.echo is not None:
+            try:
+                self.echo.write(s)
+                self.echo.flush()
+            except (OSError, ValueError):
+                self.echo = None
         room = self.limit - self.size
         if room > 0:
             kept = s[:room]
@@ -104,6 +113,9 @@ class RunResult:
     truncated: bool
     value: str | None = None
     error: str | None = None
+    # The code's exit status, as a `python3` process would report it: 0, `sys.exit(n)`'s n, 1 for
+    # an uncaught exception.
+    exit_code: int = 0
     omitted_files: list[str] = field(default_factory=list)
 
 
@@ -157,8 +169,9 @@ def _collect(directory: str) -> tuple[dict[str, str], list[str], bool]:
 
 def _execute(
     code: str, stdin: str, out: CappedText, err: CappedText, namespace: dict | None = None
-) -> tuple[str | None, str | None]:
-    """Run `code` with captured streams; returns (repr of the final expression, error summary).
+) -> tuple[str | None, str | None, int]:
+    """Run `code` with captured streams; returns (repr of the final expression, error summary,
+    exit status).
     `namespace`, when given, is a session's globals: kept (not cleared) after the run."""
     filename = "<code>"
     # Register the source so tracebacks can show the offending lines.
@@ -172,6 +185,7 @@ def _execute(
     sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
     value = None
     error = None
+    status = 0
     try:
         tree = ast.parse(code, filename, "exec")
         last = None
@@ -187,7 +201,14 @@ def _execute(
     except SystemExit as e:
         if e.code not in (None, 0):
             error = f"SystemExit: {e.code}"
+            if isinstance(e.code, int):
+                status = e.code
+            else:
+                # As CPython does: a non-integer code is printed and the status is 1.
+                err.write(f"{e.code}\n")
+                status = 1
     except BaseException as e:  # noqa: BLE001 - the user's code may raise anything
+        status = 1
         # Free what the code built (a memory bomb's data) before formatting needs memory; a
         # session keeps its globals, so only a one-off run can do this.
         if not keep:
@@ -210,7 +231,7 @@ def _execute(
         sys.stdin, sys.stdout, sys.stderr = saved
         if not keep:
             namespace.clear()
-    return value, error
+    return value, error, status
 
 
 @keel.tool(idempotent=True, writes=SCRATCH)
@@ -220,6 +241,7 @@ def run(
     stdin: str = "",
     files: dict[str, str] | None = None,
     session_id: str | None = None,
+    echo: bool = False,
 ) -> RunResult:
     """Run Python code (CPython 3, standard library only) and return what it printed.
 
@@ -233,6 +255,8 @@ def run(
         stdin: Text the code reads from standard input.
         files: Files to create in the working directory first, by relative name.
         session_id: Keep globals and files for the next run with the same id (idle sessions expire).
+        echo: Also write the output to this component's own stdout/stderr as it is printed
+            (`keel exec --lang` streams them to the terminal).
     """
     global _session_namespace
     files = files or {}
@@ -255,8 +279,9 @@ def run(
             with open(path, "w", encoding="utf-8") as f:
                 f.write(content)
         os.chdir(SCRATCH)
-    out, err = CappedText(MAX_STDOUT), CappedText(MAX_STDERR)
-    value, error = _execute(code, stdin, out, err, _session_namespace if in_session else None)
+    out = CappedText(MAX_STDOUT, sys.__stdout__ if echo else None)
+    err = CappedText(MAX_STDERR, sys.__stderr__ if echo else None)
+    value, error, status = _execute(code, stdin, out, err, _session_namespace if in_session else None)
     ctx.log(keel.LogLevel.DEBUG, f"ran {len(code)} characters of code: {error or 'no error'}")
     produced, omitted, files_truncated = _collect(SCRATCH) if have_scratch else ({}, [], False)
     if have_scratch and not in_session:
@@ -269,5 +294,6 @@ def run(
         truncated=bool(out.dropped or err.dropped or files_truncated),
         value=value,
         error=error,
+        exit_code=status,
         omitted_files=omitted,
     )

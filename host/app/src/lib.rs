@@ -10,6 +10,7 @@ pub mod call;
 pub mod caller;
 pub mod error;
 pub mod events;
+pub mod exec;
 pub mod home;
 pub mod install;
 pub mod jobs;

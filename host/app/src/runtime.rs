@@ -252,6 +252,18 @@ impl AgentHost {
         limits: Option<LimitOverride>,
         warm: bool,
     ) -> Result<Self, AppError> {
+        Self::open_with_stdio(home, patterns, policy, limits, warm, None).await
+    }
+
+    /// [`AgentHost::open_with`], with the tool calls' guest output streamed where `stdio` says.
+    pub async fn open_with_stdio(
+        home: &Path,
+        patterns: Option<&[String]>,
+        policy: PolicyChoice,
+        limits: Option<LimitOverride>,
+        warm: bool,
+        stdio: Option<crate::tools::StdioSinks>,
+    ) -> Result<Self, AppError> {
         let app = Arc::new(App::open(home).await?);
         let agent = app.config.agent.clone();
         let poll = Duration::from_millis(agent.poll_ms.max(1));
@@ -267,7 +279,8 @@ impl AgentHost {
         let models: Arc<dyn ModelProvider> = Arc::new(router);
         #[cfg(feature = "testing")]
         let models = model_delay::wrap(models);
-        let tools = load_tools(app.clone(), patterns, limits, warm).await?;
+        let mut tools = load_tools(app.clone(), patterns, limits, warm).await?;
+        tools.stdio = stdio;
         let rt = AgentRuntime::new(
             kernel.clone(),
             models.clone(),

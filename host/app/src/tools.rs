@@ -49,7 +49,16 @@ pub struct RegistryToolHost {
     warned: Mutex<HashSet<(String, String, String)>>,
     /// Applied to every plugin's limits (e.g. `keel call --timeout`).
     pub limits: Option<crate::runtime::LimitOverride>,
+    /// Where a call's guest stdout/stderr are streamed (e.g. `keel exec --lang`); asked once per
+    /// call, `None` (or no sinks) keeps them captured.
+    pub stdio: Option<StdioSinks>,
 }
+
+/// Chooses, per call (its context and `plugin/tool`), the writers its guest stdout and stderr are
+/// streamed to, or `None` to capture them as usual.
+pub type StdioSinks = Arc<
+    dyn Fn(&ToolCallContext, &str) -> Option<(keel_sandbox::OutputWriter, keel_sandbox::OutputWriter)> + Send + Sync,
+>;
 
 impl RegistryToolHost {
     /// A host for the plugins that `patterns` (`plugin`, `plugin/tool` or globs) can reach, or
@@ -88,6 +97,7 @@ impl RegistryToolHost {
             prepared: Mutex::default(),
             warned: Mutex::default(),
             limits: None,
+            stdio: None,
         })
     }
 
@@ -217,12 +227,18 @@ impl ToolHost for RegistryToolHost {
     ) -> BoxFuture<'a, ToolOutcome> {
         Box::pin(async move {
             match self.resolve(tool).await {
-                Ok((prepared, grants, limits, name)) => self
-                    .app
-                    .sandbox
-                    .call(&prepared, &grants, &limits, ctx, &name, arguments)
-                    .await
-                    .into_outcome(),
+                Ok((prepared, grants, limits, name)) => {
+                    let sandbox = &self.app.sandbox;
+                    match self.stdio.as_ref().and_then(|sinks| sinks(ctx, tool)) {
+                        Some((out, err)) => {
+                            sandbox
+                                .call_streaming(&prepared, &grants, &limits, ctx, &name, arguments, out, err)
+                                .await
+                        }
+                        None => sandbox.call(&prepared, &grants, &limits, ctx, &name, arguments).await,
+                    }
+                    .into_outcome()
+                }
                 Err(e) => ToolOutcome::unrun(e),
             }
         })

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 pub mod c;
 pub mod js;
+pub mod new;
 pub mod python;
 pub mod rust;
 
@@ -54,7 +55,11 @@ pub enum BuildError {
 }
 
 /// Build the project in `project` (written in `lang`) into a component at `out`; returns `out`.
+/// Relative paths are resolved against the current directory first: some builders run their
+/// tools in another directory (componentize-py runs in a copy of the project).
 pub fn build(lang: Lang, project: &Path, out: &Path) -> Result<PathBuf, BuildError> {
+    let project = &std::path::absolute(project)?;
+    let out = &std::path::absolute(out)?;
     match lang {
         Lang::Rust => rust::build(project, out),
         Lang::Python => python::build(project, out),

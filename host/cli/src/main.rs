@@ -32,10 +32,15 @@ enum Command {
     Plugins(commands::plugins::PluginsCommand),
     /// Call a tool (`plugin/tool`) with JSON arguments in a fresh sandbox and print its output.
     Call(commands::plugins::CallArgs),
-    /// Run a WASI command component (wasi:cli/run) under the same kind of grants and limits.
-    Exec(commands::plugins::ExecArgs),
+    /// Run a WASI command component (wasi:cli/run) under the same kind of grants and limits, or
+    /// (`--lang python|js`) a code step through the installed python-exec / js-exec plugin.
+    Exec(commands::exec::ExecArgs),
     /// Build a tool project (Rust, Python, JavaScript or C) into a component.
     Build(commands::build::BuildArgs),
+    /// Create a tool project (Rust, Python, JavaScript or C) with one example tool, a README and a test.
+    New(commands::new::NewArgs),
+    /// Build and install a tool project, then rebuild and reinstall it on every change (Ctrl-C stops).
+    Dev(commands::dev::DevArgs),
     /// Validate a policy file or dry-run a policy decision.
     #[command(subcommand)]
     Policy(commands::policy::PolicyCommand),
@@ -85,8 +90,10 @@ fn main() -> ExitCode {
             Command::Install(args) => commands::plugins::install(&home, args).await,
             Command::Plugins(cmd) => commands::plugins::plugins(&home, cmd).await,
             Command::Call(args) => commands::plugins::call(&home, args).await,
-            Command::Exec(args) => commands::plugins::exec(&home, args).await,
+            Command::Exec(args) => commands::exec::exec(&home, args).await,
             Command::Build(args) => commands::build::build(args),
+            Command::New(args) => commands::new::new(args),
+            Command::Dev(args) => commands::dev::dev(&home, args).await,
             Command::Policy(cmd) => commands::policy::run(&home, cmd),
             Command::Run(args) => commands::run::run(&home, args).await,
             Command::Demo(args) => commands::demo::demo(named_home.as_deref(), args).await,

@@ -1,6 +1,7 @@
-//! The textkit example, built from source in every language, installed and called through the real
-//! `keel` binary: identical inputs must give identical outputs and identical error kinds, equal to
-//! the expected JSON written here.
+//! The textkit example, built from source in all four languages (Rust, Python, JavaScript, C),
+//! installed and called through the real `keel` binary: one table of calls, run against every
+//! language; identical inputs must give identical outputs and identical error kinds, equal to the
+//! expected JSON written here. Needs every guest toolchain (`scripts/setup/{python,js-c}.sh`).
 //!
 //! The textkit spec (every `examples/<lang>/textkit`):
 //! - `word-count` {text} -> {"chars","lines","words"}: chars = Unicode scalar values; words = maximal
@@ -28,8 +29,7 @@ struct Language {
     plugin: &'static str,
 }
 
-/// Every textkit. A language whose project directory does not exist yet is reported and skipped,
-/// so the JS and C examples join this test the moment they land; once present, it must pass.
+/// Every textkit.
 const LANGUAGES: &[Language] = &[
     language(Lang::Rust, "examples/rust/textkit", "textkit-rust"),
     language(Lang::Python, "examples/python/textkit", "textkit-python"),
@@ -94,6 +94,9 @@ fn word_count_cases() -> Vec<(Value, Expect)> {
         (json!({"text": "\n"}), counts(1, 1, 0)),
         (json!({"text": "one line\n"}), counts(9, 1, 2)),
         (json!({"text": "two\nlines"}), counts(9, 2, 2)),
+        (json!({"text": "hello world\n"}), counts(12, 1, 2)),
+        (json!({"text": "a\n\nb"}), counts(4, 3, 2)),
+        (json!({"text": " \t\r\u{b}\u{c}x  y\t"}), counts(10, 1, 2)),
         (json!({"text": "ends\n\n"}), counts(6, 2, 1)),
         // Every ASCII whitespace separates words, \x0b included; nothing else does.
         (json!({"text": "\t a \u{b} b\u{c}\r\n\n"}), counts(11, 2, 2)),
@@ -120,6 +123,8 @@ fn read_file_cases() -> Vec<(Value, Expect)> {
         file("/data/hello.txt", 13, "héllo\nworld\n"),
         file("/data/sub/nested.txt", 6, "nested"),
         file("/data/empty.txt", 0, ""),
+        // JSON string escapes: control characters, quotes, backslash, CRLF.
+        file("/data/escapes.txt", 16, "tab\t\"q\" \\ \u{1} é\r\n"),
         (json!({"path": "/data/missing.txt"}), Expect::Error("failed")),
         (json!({"path": "/data/latin1.txt"}), Expect::Error("failed")),
         (json!({"path": "/data/sub"}), Expect::Error("failed")),
@@ -132,6 +137,10 @@ fn read_file_cases() -> Vec<(Value, Expect)> {
         denied("/database/x"),
         (json!({}), Expect::Error("invalid_input")),
         (json!({"path": 5}), Expect::Error("invalid_input")),
+        (
+            json!({"path": "/data/hello.txt", "mode": "w"}),
+            Expect::Error("invalid_input"),
+        ),
     ]
 }
 
@@ -143,6 +152,7 @@ fn textkit_is_identical_in_every_language() {
     std::fs::write(data.path().join("hello.txt"), "héllo\nworld\n").unwrap();
     std::fs::write(data.path().join("empty.txt"), "").unwrap();
     std::fs::write(data.path().join("latin1.txt"), b"caf\xe9\n").unwrap();
+    std::fs::write(data.path().join("escapes.txt"), "tab\t\"q\" \\ \u{1} é\r\n").unwrap();
     std::fs::create_dir(data.path().join("sub")).unwrap();
     std::fs::write(data.path().join("sub/nested.txt"), "nested").unwrap();
     let data_dir = std::fs::canonicalize(data.path())
@@ -152,29 +162,33 @@ fn textkit_is_identical_in_every_language() {
 
     let mut present = Vec::new();
     for language in LANGUAGES {
-        if !langs::root().join(language.project).is_dir() {
-            eprintln!(
-                "note: {} does not exist yet; {:?} is not checked",
-                language.project, language.lang
-            );
-            continue;
-        }
         let component = langs::build(language.lang, language.project);
-        let component = component.to_string_lossy();
+        let started = std::time::Instant::now();
         let installed = common::json(
             home,
             &[
                 "install",
-                &component,
+                &component.to_string_lossy(),
                 "--allow-read",
                 &format!("{data_dir}::/data"),
                 "--json",
             ],
         );
+        eprintln!(
+            "{}: {} bytes, keel install {:.0} ms",
+            language.plugin,
+            std::fs::metadata(&component).unwrap().len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         assert_eq!(installed["name"], language.plugin, "{installed}");
+        // None of them imports wasi:http; the JS and C ones not even wasi:sockets (Rust's std
+        // and CPython import it, and get no socket unless granted).
+        assert_eq!(installed["imports"]["http"], false, "{installed}");
+        if matches!(language.lang, Lang::Js | Lang::C) {
+            assert_eq!(installed["imports"]["sockets"], false, "{installed}");
+        }
         present.push(language);
     }
-    assert!(present.len() >= 2, "the Rust and Python textkits are always checked");
 
     // Same self-description: tools, flags, requests, and the input schema's meaning.
     let mut described = Vec::new();
@@ -270,4 +284,18 @@ fn textkit_is_identical_in_every_language() {
         calls += 2;
     }
     eprintln!("{calls} calls across {} languages agreed", present.len());
+}
+
+#[test]
+fn a_c_project_without_a_plugin_fails_with_the_linker_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tool.c"), "int unused;\n").unwrap();
+    match keel_build::c::build(dir.path(), &dir.path().join("out.wasm")) {
+        Err(keel_build::BuildError::Failed { step, output }) => {
+            assert_eq!(step, "clang");
+            assert!(output.contains("keel_plugin_definition"), "{output}");
+        }
+        other => panic!("expected a link failure naming keel_plugin_definition, got {other:?}"),
+    }
+    assert!(!dir.path().join("out.wasm").exists());
 }

@@ -757,6 +757,43 @@ impl Sandbox {
         tool: &str,
         arguments: &serde_json::Value,
     ) -> CallReport {
+        self.call_with(plugin, grants, limits, ctx, tool, arguments, None)
+            .await
+    }
+
+    /// [`Sandbox::call`], with the guest's stdout and stderr streamed to `stdout` and `stderr` as
+    /// it writes them (at most [`crate::STREAM_BUDGET`] bytes in flight per stream: a writer that
+    /// does not keep up makes the guest wait, within its deadline) instead of captured. Returns
+    /// once everything written has reached the writers; the report's `stdout`/`stderr` are empty.
+    /// A streamed call always runs in a fresh instance (never a ready one, never a session's):
+    /// its pipes are wired when the store is built.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call_streaming(
+        &self,
+        plugin: &PreparedPlugin,
+        grants: &Grants,
+        limits: &Limits,
+        ctx: &ToolCallContext,
+        tool: &str,
+        arguments: &serde_json::Value,
+        stdout: OutputWriter,
+        stderr: OutputWriter,
+    ) -> CallReport {
+        self.call_with(plugin, grants, limits, ctx, tool, arguments, Some((stdout, stderr)))
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call_with(
+        &self,
+        plugin: &PreparedPlugin,
+        grants: &Grants,
+        limits: &Limits,
+        ctx: &ToolCallContext,
+        tool: &str,
+        arguments: &serde_json::Value,
+        streams: Option<(OutputWriter, OutputWriter)>,
+    ) -> CallReport {
         let Some(tool_info) = plugin.info.tool(tool) else {
             return CallReport::unrun(ToolError::UnknownTool {
                 tool: format!("{}/{tool}", plugin.info.name),
@@ -777,6 +814,27 @@ impl Sandbox {
                 ..limits.clone()
             }
         );
+        if let Some((stdout, stderr)) = streams {
+            let stdio = StdioMode::Stream(stdout, stderr);
+            let mut live = match self.live_for(&plugin.sha256, tool_info, &grants, &preopens, &limits, fingerprint, stdio) {
+                Ok(live) => live,
+                Err(e) => return CallReport::unrun(ToolError::Host { message: e.to_string() }),
+            };
+            let report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
+            // Streamed output: wait until it has all reached the writers (a call past its
+            // deadline gets only a moment more).
+            let drain = async {
+                live.call.stdout.drain().await;
+                live.call.stderr.drain().await;
+            };
+            if matches!(report.result, Err(ToolError::TimedOut { .. })) {
+                let _ = tokio::time::timeout(DRAIN_AFTER_DEADLINE, drain).await;
+            } else {
+                drain.await;
+            }
+            tokio::task::spawn_blocking(move || drop(live));
+            return report;
+        }
         let session = match self.session_key(plugin, tool_info, ctx, arguments) {
             Ok(session) => session,
             Err(e) => return CallReport::unrun(e),
@@ -905,7 +963,15 @@ impl Sandbox {
             for _ in 0..wanted {
                 let made = async {
                     let mut live = this
-                        .live_for(&sha256, &tool, &grants, &preopens, &limits, fingerprint.clone())
+                        .live_for(
+                            &sha256,
+                            &tool,
+                            &grants,
+                            &preopens,
+                            &limits,
+                            fingerprint.clone(),
+                            StdioMode::Capture(limits.max_stdio_bytes as usize),
+                        )
                         .ok()?;
                     let instance = pre.instantiate_async(&mut live.call.store).await.ok()?;
                     live.instance = Some(LiveInstance::Tool(instance));
@@ -979,10 +1045,12 @@ impl Sandbox {
         limits: &Limits,
         fingerprint: String,
     ) -> Result<Live, SandboxError> {
-        self.live_for(&plugin.sha256, tool, grants, preopens, limits, fingerprint)
+        let stdio = StdioMode::Capture(limits.max_stdio_bytes as usize);
+        self.live_for(&plugin.sha256, tool, grants, preopens, limits, fingerprint, stdio)
     }
 
-    /// [`Sandbox::live`] for the plugin `sha256`.
+    /// [`Sandbox::live`] for the plugin `sha256`, its stdout and stderr handled as `stdio` says.
+    #[allow(clippy::too_many_arguments)]
     fn live_for(
         &self,
         sha256: &str,
@@ -991,6 +1059,7 @@ impl Sandbox {
         preopens: &[Preopen],
         limits: &Limits,
         fingerprint: String,
+        stdio: StdioMode,
     ) -> Result<Live, SandboxError> {
         let config = &self.inner.config.scratch;
         let wants_scratch = config.enabled
@@ -1016,7 +1085,7 @@ impl Sandbox {
             preopens,
             limits,
             None,
-            StdioMode::Capture(limits.max_stdio_bytes as usize),
+            stdio,
             scratch.as_ref(),
         )?;
         Ok(Live {

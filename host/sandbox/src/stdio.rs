@@ -1,6 +1,7 @@
 //! Where a guest's stdout and stderr go: captured in memory up to a cap (tool calls, `describe`,
 //! [`crate::Sandbox::exec`]), or streamed to host writers as the guest writes them
-//! ([`crate::Sandbox::exec_streaming`], used by `keel exec`).
+//! ([`crate::Sandbox::exec_streaming`], used by `keel exec`; [`crate::Sandbox::call_streaming`], used
+//! by `keel exec --lang` to show a code step's output as it is printed).
 //!
 //! Streaming uses wasmtime-wasi's [`AsyncStdoutStream`]: the guest may have at most
 //! [`STREAM_BUDGET`] bytes in flight per stream; past that its writes wait (inside an async host

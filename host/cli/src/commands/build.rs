@@ -27,7 +27,7 @@ pub struct BuildArgs {
     json: bool,
 }
 
-fn parse_lang(s: &str) -> Result<Lang, String> {
+pub(crate) fn parse_lang(s: &str) -> Result<Lang, String> {
     match s {
         "rust" => Ok(Lang::Rust),
         "python" | "py" => Ok(Lang::Python),
@@ -38,7 +38,7 @@ fn parse_lang(s: &str) -> Result<Lang, String> {
 }
 
 /// The language of the project in `dir`, from its files.
-fn detect(dir: &Path) -> Option<Lang> {
+pub(crate) fn detect(dir: &Path) -> Option<Lang> {
     if dir.join("Cargo.toml").is_file() {
         return Some(Lang::Rust);
     }

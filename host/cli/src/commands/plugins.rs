@@ -1,4 +1,4 @@
-//! `keel install`, `keel plugins ...`, `keel call`, `keel exec`.
+//! `keel install`, `keel plugins ...`, `keel call`.
 
 use std::io::{IsTerminal, Read};
 use std::path::Path;
@@ -53,8 +53,17 @@ impl GrantArgs {
         }
     }
 
+    /// True when no grant flag was given.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.read.is_empty()
+            && self.write.is_empty()
+            && self.net.is_empty()
+            && self.env.is_empty()
+            && !self.allow_private_network
+    }
+
     /// Add these grants to `grants` (see [`GrantRequest::apply`]).
-    fn apply(&self, app: &App, grants: &mut Grants) -> Result<(), CliError> {
+    pub(crate) fn apply(&self, app: &App, grants: &mut Grants) -> Result<(), CliError> {
         self.request().apply(app, grants)
     }
 }
@@ -87,11 +96,11 @@ impl LimitArgs {
         }
     }
 
-    fn overrides(&self) -> serde_json::Map<String, Value> {
+    pub(crate) fn overrides(&self) -> serde_json::Map<String, Value> {
         self.request().to_map()
     }
 
-    fn apply(&self, limits: &Limits) -> Result<Limits, CliError> {
+    pub(crate) fn apply(&self, limits: &Limits) -> Result<Limits, CliError> {
         self.request().apply(limits)
     }
 }
@@ -215,21 +224,7 @@ pub struct CallArgs {
     idempotency_key: Option<String>,
 }
 
-/// `keel exec`.
-#[derive(Debug, Args)]
-pub struct ExecArgs {
-    /// WASI command component to run.
-    file: String,
-    #[command(flatten)]
-    grants: GrantArgs,
-    #[command(flatten)]
-    limits: LimitArgs,
-    /// Arguments passed to the program (after `--`).
-    #[arg(last = true)]
-    args: Vec<String>,
-}
-
-fn read_input(file: &str) -> Result<Vec<u8>, CliError> {
+pub(crate) fn read_input(file: &str) -> Result<Vec<u8>, CliError> {
     if file == "-" {
         let mut bytes = Vec::new();
         std::io::stdin()
@@ -641,35 +636,5 @@ fn tool_error(plugin: &str, error: ToolError) -> CliError {
         ToolError::UnknownTool { .. } | ToolError::InvalidInput { .. } => CliError::user(message),
         ToolError::Host { .. } => CliError::internal(message),
         _ => CliError::plugin(message),
-    }
-}
-
-/// `keel exec`.
-pub async fn exec(home: &Path, args: ExecArgs) -> CliResult {
-    let bytes = read_input(&args.file)?;
-    let app = App::open(home).await?;
-    let mut grants = Grants::default();
-    args.grants.apply(&app, &mut grants)?;
-    let limits = args.limits.apply(&app.config.limits)?;
-    let program = Path::new(&args.file)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let argv: Vec<String> = std::iter::once(program).chain(args.args).collect();
-    // A command's output is its product: streamed as it is written, all of it, never capped.
-    let report = app
-        .sandbox
-        .exec_streaming(
-            &bytes,
-            &grants,
-            &limits,
-            &argv,
-            Box::new(tokio::io::stdout()),
-            Box::new(tokio::io::stderr()),
-        )
-        .await?;
-    match report.status {
-        Ok(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
-        Err(error) => Err(CliError::plugin(error.to_string())),
     }
 }

@@ -1,0 +1,140 @@
+//! `keel exec --lang python`: a code step through the installed python-exec plugin, as a
+//! governed call (it leaves a job and a ledger entry), its output streamed while the code runs,
+//! exiting with the code's status. Needs componentize-py (`scripts/setup/python.sh`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use keel_build::Lang;
+
+mod common;
+mod langs;
+
+/// One Keel home with python-exec installed (built once, ~50 s; scratch granted).
+fn home() -> &'static (PathBuf, tempfile::TempDir) {
+    static HOME: OnceLock<(PathBuf, tempfile::TempDir)> = OnceLock::new();
+    HOME.get_or_init(|| {
+        let component = langs::build(Lang::Python, "plugins/python-exec");
+        let home = langs::reusable_home("exec-lang-home");
+        let scratch = tempfile::tempdir().unwrap();
+        let grant = format!("{}::/scratch", scratch.path().display());
+        common::expect(
+            &home,
+            &["install", component.to_str().unwrap(), "--allow-write", &grant],
+            0,
+        );
+        (home, scratch)
+    })
+}
+
+/// `keel exec --lang python ARGS` with `stdin`; (exit code, stdout, stderr).
+fn exec(home: &Path, args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut full = vec!["exec", "--lang", "python"];
+    full.extend_from_slice(args);
+    let mut child = common::keel(home, &full)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn code_runs_from_c_or_a_file_with_stdin_and_exits_with_its_status() {
+    let (home, _) = home();
+    let (code, out, err) = exec(home, &["-c", "print('hello', 6 * 7)"], "");
+    assert_eq!((code, out.as_str()), (0, "hello 42\n"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("step.py");
+    std::fs::write(
+        &file,
+        "import sys\ntext = sys.stdin.read()\nprint(text.upper(), end='')\n",
+    )
+    .unwrap();
+    let (code, out, err) = exec(home, &[file.to_str().unwrap(), "--stdin"], "from stdin\n");
+    assert_eq!((code, out.as_str()), (0, "FROM STDIN\n"), "{err}");
+
+    let (code, _, err) = exec(
+        home,
+        &["-c", "import sys\nprint('bye', file=sys.stderr)\nsys.exit(3)"],
+        "",
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("bye"), "{err}");
+
+    let (code, _, err) = exec(home, &["-c", "raise ValueError('no good')"], "");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("ValueError: no good") && err.contains("Traceback"),
+        "{err}"
+    );
+
+    // Only /scratch exists for the code: the host's files are not there to read.
+    let (code, _, err) = exec(home, &["-c", "print(open('/etc/passwd').read())"], "");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("Error") && err.contains("/etc/passwd"), "{err}");
+    assert!(!err.contains("root:"), "{err}");
+
+    // Every step is a governed call: a job of its own, charged in the ledger.
+    let jobs = common::json(home, &["jobs", "list", "--json", "--limit", "0"]);
+    assert!(jobs.as_array().unwrap().len() >= 5, "{jobs}");
+    let usage = common::json(home, &["ledger", "usage", "--json"]);
+    assert!(usage["usage"]["tool_calls"].as_u64().unwrap() >= 5, "{usage}");
+
+    // Not installed: the exact command to install it.
+    let empty = tempfile::tempdir().unwrap();
+    let (code, _, err) = exec(empty.path(), &["-c", "print(1)"], "");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("keel build plugins/python-exec"), "{err}");
+}
+
+#[test]
+fn output_streams_while_the_code_runs() {
+    let (home, _) = home();
+    let started = Instant::now();
+    let mut child = common::keel(
+        home,
+        &[
+            "exec",
+            "--lang",
+            "python",
+            "--timeout-ms",
+            "60000",
+            "-c",
+            "import time\nprint('first', flush=True)\nend = time.monotonic() + 4\nwhile time.monotonic() < end:\n    pass\nprint('last')",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "first");
+    // The first line arrived while the code was still running.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "keel exited before its first line was read"
+    );
+    let first_at = started.elapsed();
+    let last = lines.next().unwrap().unwrap();
+    assert_eq!(last, "last");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() >= first_at + Duration::from_secs(2),
+        "the first line came {first_at:?} in, the end {:?}",
+        started.elapsed()
+    );
+}

@@ -107,7 +107,12 @@ fn line(name: &str, s: &Stats) {
 }
 
 /// Round trips of `tool` over stdio against this binary serving as `role`.
-async fn stdio_rounds(role: &str, home: &std::path::Path, tool: &'static str, (warmup, calls): (usize, usize)) -> Stats {
+async fn stdio_rounds(
+    role: &str,
+    home: &std::path::Path,
+    tool: &'static str,
+    (warmup, calls): (usize, usize),
+) -> Stats {
     let exe = std::env::current_exe().expect("current exe");
     let command = tokio::process::Command::new(exe).configure(|c| {
         c.env(ROLE, role).env("KEEL_HOME", home).env_remove("KEEL_LOG");

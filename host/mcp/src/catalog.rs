@@ -24,7 +24,15 @@ impl ToolFilter {
     pub fn new(settings: &McpSettings) -> Result<Self, AppError> {
         let build = |patterns: &[String], key: &str| -> Result<GlobSet, AppError> {
             let mut set = GlobSetBuilder::new();
-            for p in keel_app::runtime::tool_patterns(patterns) {
+            // A pattern without `/` names plugins: all their tools (`*` alone: every tool).
+            let expanded = patterns.iter().map(|p| p.trim()).filter(|p| !p.is_empty()).map(|p| {
+                if p.contains('/') {
+                    p.to_string()
+                } else {
+                    format!("{p}/*")
+                }
+            });
+            for p in expanded {
                 // `*` stays within one path segment: `hello/*` never reaches another plugin.
                 let glob = globset::GlobBuilder::new(&p)
                     .literal_separator(true)

@@ -107,7 +107,12 @@ fn line(name: &str, s: &Stats) {
 }
 
 /// Round trips of `tool` over stdio against this binary serving as `role`.
-async fn stdio_rounds(role: &str, home: &std::path::Path, tool: &'static str, (warmup, calls): (usize, usize)) -> Stats {
+async fn stdio_rounds(
+    role: &str,
+    home: &std::path::Path,
+    tool: &'static str,
+    (warmup, calls): (usize, usize),
+) -> Stats {
     let exe = std::env::current_exe().expect("current exe");
     let command = tokio::process::Command::new(exe).configure(|c| {
         c.env(ROLE, role).env("KEEL_HOME", home).env_remove("KEEL_LOG");
@@ -181,6 +186,7 @@ impl HttpClient {
 
     async fn notify(&mut self, body: Value) {
         use http_body_util::BodyExt as _;
+        self.sender.ready().await.expect("connection ready");
         let response = self.sender.send_request(self.post(&body)).await.expect("send");
         let _ = response.into_body().collect().await;
     }
@@ -191,6 +197,7 @@ impl HttpClient {
         self.next_id += 1;
         body["jsonrpc"] = json!("2.0");
         body["id"] = json!(self.next_id);
+        self.sender.ready().await.expect("connection ready");
         let response = self.sender.send_request(self.post(&body)).await.expect("send");
         if let Some(session) = response.headers().get("mcp-session-id") {
             self.session = Some(session.to_str().expect("session id").to_string());
@@ -226,6 +233,11 @@ async fn http_rounds(addr: std::net::SocketAddr, tool: &str, (warmup, calls): (u
 async fn serve_http(router: axum::Router) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    // Without TCP_NODELAY the SSE response waits for the client's delayed ACK (~40 ms).
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
     addr
 }

@@ -50,7 +50,10 @@ pub(crate) async fn governed(
         Err(e) => return refused(&e, None),
     };
     let job_id = handle.job_id();
-    let elicits = ctx.peer.supported_elicitation_modes().contains(&rmcp::service::ElicitationMode::Form);
+    let elicits = ctx
+        .peer
+        .supported_elicitation_modes()
+        .contains(&rmcp::service::ElicitationMode::Form);
     let progress = ctx.meta.get_progress_token();
     let mut events = handle.events();
     let mut seen: HashSet<Uuid> = HashSet::new();
@@ -216,12 +219,7 @@ fn how(scope: &str, action: &Action) -> String {
 
 /// Tell the client (a log message, and progress if it asked for it) that the call waits for an
 /// approval and how to give it.
-async fn announce(
-    peer: &Peer<RoleServer>,
-    progress: Option<rmcp::model::ProgressToken>,
-    scope: &str,
-    action: &Action,
-) {
+async fn announce(peer: &Peer<RoleServer>, progress: Option<rmcp::model::ProgressToken>, scope: &str, action: &Action) {
     let tool = action.request["tool"].as_str().unwrap_or("?");
     let how = how(scope, action);
     let text = format!(
@@ -329,7 +327,10 @@ mod tests {
     #[test]
     fn the_approval_form_is_a_valid_elicitation_schema() {
         let schema = serde_json::to_value(approval_schema().expect("valid")).unwrap();
-        assert_eq!(schema["properties"]["decision"]["enum"], json!([APPROVE, APPROVE_SESSION, DENY]));
+        assert_eq!(
+            schema["properties"]["decision"]["enum"],
+            json!([APPROVE, APPROVE_SESSION, DENY])
+        );
     }
 
     #[test]

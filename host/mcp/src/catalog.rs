@@ -8,7 +8,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use keel_app::keel_kernel::tool::{ToolDescriptor, ToolHost as _};
 use keel_app::tools::RegistryToolHost;
 use keel_app::{AppError, home::McpSettings};
-use rmcp::model::{JsonObject, Tool, ToolAnnotations};
+use rmcp::model::{JsonObject, MetaObject, Tool, ToolAnnotations};
 
 use crate::names::mcp_name;
 
@@ -24,7 +24,15 @@ impl ToolFilter {
     pub fn new(settings: &McpSettings) -> Result<Self, AppError> {
         let build = |patterns: &[String], key: &str| -> Result<GlobSet, AppError> {
             let mut set = GlobSetBuilder::new();
-            for p in keel_app::runtime::tool_patterns(patterns) {
+            // A pattern without `/` names plugins: all their tools (`*` alone: every tool).
+            let expanded = patterns.iter().map(|p| p.trim()).filter(|p| !p.is_empty()).map(|p| {
+                if p.contains('/') {
+                    p.to_string()
+                } else {
+                    format!("{p}/*")
+                }
+            });
+            for p in expanded {
                 // `*` stays within one path segment: `hello/*` never reaches another plugin.
                 let glob = globset::GlobBuilder::new(&p)
                     .literal_separator(true)
@@ -33,8 +41,7 @@ impl ToolFilter {
                     .map_err(|e| AppError::user(format!("[mcp] {key}: bad pattern {p:?}: {e}")))?;
                 set.add(glob);
             }
-            set.build()
-                .map_err(|e| AppError::user(format!("[mcp] {key}: {e}")))
+            set.build().map_err(|e| AppError::user(format!("[mcp] {key}: {e}")))
         };
         Ok(Self {
             include: (!settings.tools.is_empty())
@@ -70,7 +77,10 @@ pub struct Catalog {
 impl Catalog {
     /// Read the registry now.
     pub async fn load(tools: &RegistryToolHost, filter: &ToolFilter) -> Result<Self, AppError> {
-        let described = tools.list_tools().await.map_err(|e| AppError::internal(e.to_string()))?;
+        let described = tools
+            .list_tools()
+            .await
+            .map_err(|e| AppError::internal(e.to_string()))?;
         let mut catalog = Catalog::default();
         for d in described {
             let keel = format!("{}/{}", d.plugin, d.name);
@@ -111,11 +121,14 @@ fn mcp_tool(d: &ToolDescriptor) -> Tool {
     };
     let mut tool = Tool::new(mcp_name(&d.plugin, &d.name), d.description.clone(), Arc::new(input))
         .with_title(format!("{}/{}", d.plugin, d.name));
-    // Structured output is validated by clients against this: only object schemas are allowed.
-    if let Some(serde_json::Value::Object(out)) = &d.output_schema
-        && out.get("type").is_some_and(|t| t == "object")
-    {
-        tool = tool.with_raw_output_schema(Arc::new(out.clone()));
+    // The output schema is published under `_meta` (`keel/outputSchema`), not as `outputSchema`:
+    // every failed call answers structured content `{error, job_id}`, which clients (the
+    // TypeScript SDK) validate against `outputSchema` even in `isError` results.
+    if let Some(schema) = &d.output_schema {
+        tool = tool.with_meta(MetaObject(JsonObject::from_iter([(
+            "keel/outputSchema".to_string(),
+            schema.clone(),
+        )])));
     }
     let mut annotations = ToolAnnotations::with_title(format!("{}/{}", d.plugin, d.name));
     if d.idempotent {
@@ -164,6 +177,9 @@ mod tests {
         assert_eq!(tool["name"], "hello__greet");
         assert_eq!(tool["inputSchema"]["properties"]["name"]["type"], "string");
         assert_eq!(tool["annotations"]["idempotentHint"], true);
-        assert!(tool.get("outputSchema").is_none(), "non-object output schemas are not offered");
+        assert!(
+            tool.get("outputSchema").is_none(),
+            "non-object output schemas are not offered"
+        );
     }
 }

@@ -286,7 +286,10 @@ impl ServerHandler for KeelMcp {
             .map_err(|e| ErrorData::internal_error(e.message, None))?;
         // An unknown tool is a protocol error (MCP: invalid params), not a tool result.
         let Some(entry) = catalog.get(&request.name) else {
-            return Err(ErrorData::invalid_params(format!("Unknown tool: {}", request.name), None));
+            return Err(ErrorData::invalid_params(
+                format!("Unknown tool: {}", request.name),
+                None,
+            ));
         };
         let arguments = serde_json::Value::Object(request.arguments.clone().unwrap_or_default());
         let result = call::governed(&self.shared, &identity, &entry.keel, arguments, &context).await;

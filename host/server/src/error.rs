@@ -105,6 +105,8 @@ impl From<AppError> for ApiError {
             ErrorKind::User => Self::invalid(e.message),
             ErrorKind::Plugin => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "plugin_failed", e.message),
             ErrorKind::Internal => Self::internal(e.message),
+            ErrorKind::NotFound => Self::new(StatusCode::NOT_FOUND, "not_found", e.message),
+            ErrorKind::Forbidden => Self::forbidden(e.message),
         }
     }
 }

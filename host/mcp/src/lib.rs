@@ -305,6 +305,15 @@ pub fn http_service(server: McpServer) -> axum::Router {
     http_service_with(server, rmcp::transport::StreamableHttpServerConfig::default())
 }
 
+/// [`http_service`] that also accepts the `Host` names `hosts` (beyond loopback), e.g. the
+/// address `keel serve` listens on and its `--allow-host` names; the front end in front of it
+/// checks `Host` and `Origin` too.
+pub fn http_service_allowing(server: McpServer, hosts: &[String]) -> axum::Router {
+    let mut config = rmcp::transport::StreamableHttpServerConfig::default();
+    config.allowed_hosts.extend(hosts.iter().cloned());
+    http_service_with(server, config)
+}
+
 /// [`http_service`] with rmcp's transport settings (allowed hosts and origins, keep-alive, ...).
 pub fn http_service_with(server: McpServer, config: rmcp::transport::StreamableHttpServerConfig) -> axum::Router {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;

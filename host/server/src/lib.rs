@@ -75,7 +75,7 @@ impl Default for ServerConfig {
 /// What every handler shares.
 pub(crate) struct Shared {
     /// The Keel home opened for agent work (kernel, tools, models, policy, the `App`).
-    pub host: AgentHost,
+    pub host: Arc<AgentHost>,
     /// The compiled policy new jobs and calls run under (for dry runs).
     pub policy: Policy,
     pub config: ServerConfig,
@@ -105,7 +105,7 @@ impl Server {
                 .map_err(|e| keel_app::AppError::user(format!("invalid policy: {e}")))?,
             None => Policy::allow_all(),
         };
-        let host = AgentHost::open(home, None, choice).await?;
+        let host = Arc::new(AgentHost::open(home, None, choice).await?);
         let auth = auth::Auth::new(&config);
         Ok(Self {
             state: Arc::new(Shared {
@@ -129,7 +129,7 @@ impl Server {
     }
 
     /// The agent host the server runs on (e.g. for a nested router that needs it).
-    pub fn host(&self) -> &AgentHost {
+    pub fn host(&self) -> &Arc<AgentHost> {
         &self.state.host
     }
 
@@ -137,7 +137,7 @@ impl Server {
     pub fn router(&self) -> Router {
         let mut protected = routes::api_router().with_state(self.state.clone());
         for (path, router) in &self.protected {
-            protected = protected.nest(path, router.clone());
+            protected = protected.nest_service(path, router.clone());
         }
         let protected = protected.layer(axum::middleware::from_fn_with_state(
             self.state.clone(),
@@ -170,6 +170,12 @@ impl Server {
             shutdown.await;
             stopping.cancel();
         };
+        // No Nagle delay: a small response (an SSE frame, a JSON-RPC answer) would otherwise wait
+        // ~40 ms for the client's delayed ACK.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown)
             .await;

@@ -31,15 +31,23 @@ pub struct ServeArgs {
 
 /// Run `keel serve` until Ctrl-C.
 pub async fn serve(home: &Path, args: ServeArgs) -> CliResult {
+    let allow_hosts = args.allow_hosts.clone();
     let config = ServerConfig {
         listen: args.listen,
-        allowed_hosts: args.allow_hosts,
+        allowed_hosts: allow_hosts.clone(),
         rate_per_second: args.rate_limit,
         rate_burst: args.rate_burst,
         policy: args.policy,
         ..ServerConfig::default()
     };
     let server = Server::open(home, config).await?;
+    // MCP over Streamable HTTP at `/mcp`, behind the same Host/Origin check, API keys and rate
+    // limit as `/v1`, on the same agent host (its calls are governed like every other).
+    let mut mcp_hosts = allow_hosts;
+    mcp_hosts.push(args.listen.ip().to_string());
+    mcp_hosts.push(args.listen.to_string());
+    let mcp = keel_mcp::McpServer::new(server.host().clone()).await?;
+    let server = server.with_protected_routes("/mcp", keel_mcp::http_service_allowing(mcp, &mcp_hosts));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| CliError::user(format!("cannot listen on {}: {e}", args.listen)))?;

@@ -134,6 +134,9 @@ impl Database {
     async fn connect(options: SqliteConnectOptions, durability: Durability) -> Result<Self, StoreError> {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // An in-process SQLite connection does not go stale: pinging it before every
+            // transaction would only add a round trip to the database thread.
+            .test_before_acquire(false)
             .connect_with(Self::tune(options, durability))
             .await?;
         MIGRATOR.run(&pool).await?;

@@ -353,6 +353,8 @@ impl DirectCall {
             // The job is inserted in its final state: nobody can claim it, so no lease is taken.
             let mut batch = self.started_rows(&self.owner);
             batch.holds[0].check_budgets = false;
+            // Inserted, so at version 1 (an insert's version), in its final state.
+            next.version = 1;
             batch.jobs[0].job = next.clone();
             batch.events.push(tool_event);
             batch.events.extend(end_events);

@@ -2,15 +2,16 @@
 
 use chrono::{DateTime, Utc};
 use keel_kernel::job::{Job, JobError, JobFilter, JobState};
-use keel_kernel::store::{StoreError, StoreResult};
+use keel_kernel::store::{LeaseGuard, StoreError, StoreResult};
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
 use super::SqliteKernelStore;
+use super::leases::check_lease;
 use super::rows::{
-    SqliteQuery, be, corrupt, from_json, from_micros, get, i64_of, micros, missing_or_conflict, opt_from_micros,
-    opt_uuid, parse, push_in, push_limit, push_subject, to_json, u64_of, uuid,
+    SqliteQuery, be, corrupt, db_now_micros, from_json, from_micros, get, i64_of, micros, missing_or_conflict,
+    opt_from_micros, opt_uuid, parse, push_in, push_limit, push_subject, to_json, ttl_micros, u64_of, uuid,
 };
 
 pub(super) fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
@@ -57,14 +58,31 @@ pub(super) const JOB_COLUMNS: &str = "id, tenant, principal, session, run_id, pa
      input_json, progress, progress_message, turns, tool_calls, deadline, error_code, error_message, result_ref, \
      tags_json, metadata_json, created_at, updated_at, started_at, finished_at";
 
-pub(super) async fn insert_job(conn: &mut SqliteConnection, job: &Job) -> StoreResult<()> {
-    let sql = format!(
-        "INSERT INTO jobs ({JOB_COLUMNS}, request_hash) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-    );
+/// Insert `job`, and with `lease = Some((owner, ttl_ms))` give it its first lease (epoch 1,
+/// until the database's now + ttl) in the same statement: a job created already claimed.
+pub(super) async fn insert_job_leased(
+    conn: &mut SqliteConnection,
+    job: &Job,
+    lease: Option<(&str, u64)>,
+) -> StoreResult<()> {
+    let sql = match lease {
+        None => format!(
+            "INSERT INTO jobs ({JOB_COLUMNS}, request_hash) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+        ),
+        Some(_) => format!(
+            "INSERT INTO jobs ({JOB_COLUMNS}, request_hash, lease_owner, lease_until, lease_epoch) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {} + ?, 1) \
+             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+            db_now_micros!()
+        ),
+    };
     // The request hash is written once, here: it never changes (updates leave it alone).
-    let q = bind_job(sqlx::query(sqlx::AssertSqlSafe(sql)), job)?.bind(job.request_hash.clone());
+    let mut q = bind_job(sqlx::query(sqlx::AssertSqlSafe(sql)), job)?.bind(job.request_hash.clone());
+    if let Some((owner, ttl_ms)) = lease {
+        q = q.bind(owner.to_string()).bind(ttl_micros(ttl_ms));
+    }
     let res = q.execute(&mut *conn).await.map_err(|e| match &e {
         sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict {
             entity: "job",
@@ -110,16 +128,43 @@ pub(super) fn bind_job<'q>(q: SqliteQuery<'q>, job: &Job) -> StoreResult<SqliteQ
         .bind(job.finished_at.map(micros)))
 }
 
-pub(super) async fn update_job(conn: &mut SqliteConnection, job: &Job, expected: u64) -> StoreResult<()> {
+/// Compare-and-set the whole row of `job` from version `expected`; with `fence = Some((guard, release))` only while `guard` holds the job's
+/// lease and the job has not ended (else `Conflict { entity: "lease" }`, as a separate
+/// `check_lease` would say), dropping the lease in the same statement if `release`. One statement
+/// instead of three for the usual "last write of a step" batch.
+pub(super) async fn update_job_fenced(
+    conn: &mut SqliteConnection,
+    job: &Job,
+    expected: u64,
+    fence: Option<(&LeaseGuard, bool)>,
+) -> StoreResult<()> {
     // Every column is rewritten; the WHERE on version makes it a compare-and-set.
-    let sql = "UPDATE jobs SET id = ?1, tenant = ?2, principal = ?3, session = ?4, run_id = ?5, parent_id = ?6, \
+    const SET: &str = "UPDATE jobs SET id = ?1, tenant = ?2, principal = ?3, session = ?4, run_id = ?5, parent_id = ?6, \
          kind = ?7, state = ?8, version = ?9, idempotency_key = ?10, input_json = ?11, progress = ?12, \
          progress_message = ?13, turns = ?14, tool_calls = ?15, deadline = ?16, error_code = ?17, \
          error_message = ?18, result_ref = ?19, tags_json = ?20, metadata_json = ?21, created_at = ?22, \
-         updated_at = ?23, started_at = ?24, finished_at = ?25 WHERE id = ?1 AND version = ?26";
-    let q = bind_job(sqlx::query(sql), job)?.bind(i64_of(expected)?);
+         updated_at = ?23, started_at = ?24, finished_at = ?25";
+    let sql = match fence {
+        None => format!("{SET} WHERE id = ?1 AND version = ?26"),
+        Some((_, release)) => format!(
+            "{SET}{} WHERE id = ?1 AND version = ?26 AND lease_owner = ?27 AND lease_epoch = ?28 \
+             AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT')",
+            if release {
+                ", lease_owner = NULL, lease_until = NULL"
+            } else {
+                ""
+            }
+        ),
+    };
+    let mut q = bind_job(sqlx::query(sqlx::AssertSqlSafe(sql)), job)?.bind(i64_of(expected)?);
+    if let Some((guard, _)) = fence {
+        q = q.bind(guard.owner.clone()).bind(i64_of(guard.epoch)?);
+    }
     let res = q.execute(&mut *conn).await.map_err(be)?;
     if res.rows_affected() == 0 {
+        if let Some((guard, _)) = fence {
+            check_lease(conn, guard).await?;
+        }
         return Err(missing_or_conflict(conn, "jobs", "job", job.id).await);
     }
     Ok(())

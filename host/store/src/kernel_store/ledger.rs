@@ -93,6 +93,54 @@ pub(super) async fn insert_ledger(conn: &mut SqliteConnection, e: &NewLedgerEven
     get(&row, "id")
 }
 
+/// Append `entries` in one statement (one round trip to the database thread, whatever their
+/// number), in order.
+pub(super) async fn insert_ledger_many(conn: &mut SqliteConnection, entries: &[NewLedgerEvent]) -> StoreResult<()> {
+    match entries {
+        [] => return Ok(()),
+        [one] => return insert_ledger(conn, one).await.map(|_| ()),
+        _ => {}
+    }
+    let mut qb = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO ledger_events (kind, tenant, principal, session, job_id, reservation_id, tokens, \
+         cost_nanos, requests, tool_calls, duration_ms, model, tool, data_json, at) ",
+    );
+    let mut rows = Vec::with_capacity(entries.len());
+    for e in entries {
+        rows.push((
+            e,
+            i64_of(e.usage.tokens)?,
+            nanos(e.usage.cost)?,
+            i64_of(e.usage.requests)?,
+            i64_of(e.usage.tool_calls)?,
+            e.duration_ms.map(i64_of).transpose()?,
+            to_json(&e.data)?,
+        ));
+    }
+    qb.push_values(
+        rows,
+        |mut b, (e, tokens, cost, requests, tool_calls, duration, data)| {
+            b.push_bind(e.kind.as_str())
+                .push_bind(e.tenant.clone())
+                .push_bind(e.principal.clone())
+                .push_bind(e.session.clone())
+                .push_bind(e.job_id.map(|u| u.to_string()))
+                .push_bind(e.reservation_id.map(|u| u.to_string()))
+                .push_bind(tokens)
+                .push_bind(cost)
+                .push_bind(requests)
+                .push_bind(tool_calls)
+                .push_bind(duration)
+                .push_bind(e.model.clone())
+                .push_bind(e.tool.clone())
+                .push_bind(data)
+                .push_bind(micros(e.at));
+        },
+    );
+    qb.build().execute(&mut *conn).await.map_err(be)?;
+    Ok(())
+}
+
 pub(super) async fn budget_usage(
     conn: &mut SqliteConnection,
     budget: &Budget,
@@ -174,10 +222,7 @@ pub(super) async fn write_reserve_plan(conn: &mut SqliteConnection, plan: &Reser
             _ => be(e),
         })?;
     }
-    for e in &plan.entries {
-        insert_ledger(conn, e).await?;
-    }
-    Ok(())
+    insert_ledger_many(conn, &plan.entries).await
 }
 
 /// One [`keel_kernel::store::Batch::holds`] entry inside the batch's transaction.
@@ -245,9 +290,7 @@ async fn close_in(conn: &mut SqliteConnection, r: &Reservation, plan: ClosePlan)
     let next = plan.reservation;
     let closed_at = next.closed_at.unwrap_or_default();
     close_reservation(conn, r, next.state, next.actual.as_ref(), closed_at).await?;
-    for e in &plan.entries {
-        insert_ledger(conn, e).await?;
-    }
+    insert_ledger_many(conn, &plan.entries).await?;
     Ok(next)
 }
 

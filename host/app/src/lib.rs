@@ -15,10 +15,10 @@ pub mod home;
 pub mod install;
 pub mod jobs;
 pub mod kernel;
+pub mod keys;
 pub mod ledger;
 pub mod plugins;
 pub mod policy;
-pub mod keys;
 pub mod runtime;
 pub mod tools;
 

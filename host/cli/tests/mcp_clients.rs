@@ -287,3 +287,81 @@ async fn the_mcp_section_chooses_the_tools_offered() {
     let some = names(open(home.path().to_path_buf()).await.catalog().await.unwrap());
     assert_eq!(some, ["hello__greet", "textkit-rust__word-count"]);
 }
+
+/// The real `keel serve` process: `/mcp` sits behind its API keys, Host/Origin check and rate limit,
+/// and the Python SDK client gets the same governed behaviour as over stdio, as the key's scope and
+/// principal.
+#[test]
+fn python_sdk_over_keel_serve_with_an_api_key() {
+    let home = home("[mcp]\napproval_wait_secs = 2\n");
+    common::expect(home.path(), &["install", textkit().to_str().unwrap()], 0);
+    let created = common::json(
+        home.path(),
+        &[
+            "keys", "create", "--scope", "default", "--role", "write", "--name", "mcp-test", "--json",
+        ],
+    );
+    let key = created["key"].as_str().expect("the created key").to_string();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["serve", "--listen", &listen])
+        .env("KEEL_HOME", home.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _stop = KillOnDrop(&mut serve);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keel serve did not listen on {listen}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Without the key: refused before MCP sees the request.
+    let refused = python()
+        .args(["http", "--keel", env!("CARGO_BIN_EXE_keel"), "--home"])
+        .arg(home.path())
+        .arg("--url")
+        .arg(format!("http://{listen}/mcp"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "an MCP client without a key was served");
+    let out = python()
+        .args(["http", "--keel", env!("CARGO_BIN_EXE_keel"), "--home"])
+        .arg(home.path())
+        .arg("--url")
+        .arg(format!("http://{listen}/mcp"))
+        .arg("--bearer")
+        .arg(&key)
+        .env_remove("KEEL_LOG")
+        .output()
+        .unwrap();
+    let steps = steps("the Python client over keel serve", &out);
+    assert_eq!(step(&steps, "called")["output"]["greeting"], "Hello, Ada!");
+    assert_eq!(step(&steps, "denied")["error"]["kind"], "policy_denied");
+    let pending = step(&steps, "pending_then_approved");
+    assert!(
+        pending["action_id"].is_string() && pending["job_id"].is_string(),
+        "{pending}"
+    );
+    assert_eq!(step(&steps, "elicitation_approve")["output"]["words"], 4);
+    step(&steps, "done");
+    let jobs = common::json(home.path(), &["jobs", "list", "--json"]);
+    assert!(jobs.to_string().contains("key:mcp-test"), "{jobs}");
+}
+
+/// Kills the child process when the test ends, pass or fail.
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -757,8 +757,7 @@ impl Sandbox {
         tool: &str,
         arguments: &serde_json::Value,
     ) -> CallReport {
-        self.call_with(plugin, grants, limits, ctx, tool, arguments, None)
-            .await
+        self.call_with(plugin, grants, limits, ctx, tool, arguments, None).await
     }
 
     /// [`Sandbox::call`], with the guest's stdout and stderr streamed to `stdout` and `stderr` as
@@ -816,7 +815,15 @@ impl Sandbox {
         );
         if let Some((stdout, stderr)) = streams {
             let stdio = StdioMode::Stream(stdout, stderr);
-            let mut live = match self.live_for(&plugin.sha256, tool_info, &grants, &preopens, &limits, fingerprint, stdio) {
+            let mut live = match self.live_for(
+                &plugin.sha256,
+                tool_info,
+                &grants,
+                &preopens,
+                &limits,
+                fingerprint,
+                stdio,
+            ) {
                 Ok(live) => live,
                 Err(e) => return CallReport::unrun(ToolError::Host { message: e.to_string() }),
             };
@@ -1080,14 +1087,7 @@ impl Sandbox {
             None
         };
         let opened = opened_now(preopens).unwrap_or_default();
-        let call = self.new_store(
-            grants,
-            preopens,
-            limits,
-            None,
-            stdio,
-            scratch.as_ref(),
-        )?;
+        let call = self.new_store(grants, preopens, limits, None, stdio, scratch.as_ref())?;
         Ok(Live {
             call,
             instance: None,

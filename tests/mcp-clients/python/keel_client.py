@@ -191,15 +191,25 @@ async def stdio(args) -> None:
     await by_elicitation(lambda: stdio_client(params), "deny")
 
 
+def http_client(args):
+    """The Streamable HTTP transport, with the API key (`keel serve`) when one is given."""
+    if not args.bearer:
+        return streamable_http_client(args.url)
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    client = create_mcp_http_client(headers={"Authorization": f"Bearer {args.bearer}"})
+    return streamable_http_client(args.url, http_client=client)
+
+
 async def http(args) -> None:
-    async with streamable_http_client(args.url) as (read, write):
+    async with http_client(args) as (read, write):
         async with ClientSession(read, write) as session:
             init = await session.initialize()
             check(init.server_info.name == "keel", f"server name: {init.server_info}")
             await list_and_greet(session)
             await denied(session)
             await approval_pending_then_cli(args, session)
-    await by_elicitation(lambda: streamable_http_client(args.url), "approve")
+    await by_elicitation(lambda: http_client(args), "approve")
 
 
 def main() -> None:
@@ -209,6 +219,7 @@ def main() -> None:
     parser.add_argument("--home", required=True)
     parser.add_argument("--install", help="component to install while connected (stdio)")
     parser.add_argument("--url", help="Streamable HTTP endpoint (http)")
+    parser.add_argument("--bearer", help="API key sent as `Authorization: Bearer` (http, keel serve)")
     args = parser.parse_args()
     run = stdio if args.transport == "stdio" else http
     anyio.run(run, args)

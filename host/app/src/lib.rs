@@ -28,4 +28,10 @@ pub use home::App;
 /// The domain types (jobs, actions, events, tool errors) the use cases take and return, for front
 /// ends that depend on `keel-app` alone (`keel-mcp`).
 pub use keel_kernel;
+
+/// The sandbox's descriptions of plugins and grants, which front ends render. Front ends never
+/// call the sandbox: they see these types only through the use cases.
+pub mod plugin_types {
+    pub use keel_sandbox::{CacheOutcome, Capabilities, Grants, ImportSummary, Limits, PluginInfo, PreparedPlugin};
+}
 pub use runtime::AgentHost;

@@ -101,9 +101,10 @@ fn dependencies_point_one_way() {
         !cli.contains("keel-store"),
         "the CLI reaches the store only through keel-app: {cli:?}"
     );
-    // TODO(exec): `keel exec` still runs a command component on the sandbox itself; once it moves
-    // into keel-app, the CLI must not depend on keel-sandbox either:
-    // assert!(!cli.contains("keel-sandbox"), "the CLI reaches the sandbox only through keel-app: {cli:?}");
+    assert!(
+        !cli.contains("keel-sandbox"),
+        "the CLI reaches the sandbox only through keel-app: {cli:?}"
+    );
     for lower in ["keel-kernel", "keel-sandbox", "keel-store", "keel-models", "keel-app"] {
         assert!(!deps[lower].contains("keel"), "{lower} depends on the CLI");
         assert!(

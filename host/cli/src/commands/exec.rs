@@ -11,8 +11,8 @@ use clap::Args;
 use keel_app::exec::{CodeLang, CodeRequest};
 use keel_app::home::App;
 use keel_app::kernel::DEFAULT_SCOPE;
+use keel_app::plugin_types::{Grants, Limits};
 use keel_app::runtime::{LimitOverride, PolicyChoice};
-use keel_sandbox::{Grants, Limits};
 use serde_json::Value;
 
 use crate::commands::plugins::{GrantArgs, LimitArgs, read_input};

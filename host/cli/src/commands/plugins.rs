@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
+use keel_app::plugin_types::{Grants, Limits, PluginInfo, PreparedPlugin};
 use keel_kernel::tool::ToolError;
-use keel_sandbox::{Grants, Limits, PluginInfo, PreparedPlugin};
 use serde_json::{Value, json};
 
 use keel_app::Caller;
@@ -269,15 +269,15 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
     let grants = grants_of(&record)?;
     if args.json {
         let mut value = plugin_json(&PluginView::of(&record, &app.config.limits));
-        value["compiled"] = json!(plugin.cache == keel_sandbox::CacheOutcome::Compiled);
+        value["compiled"] = json!(plugin.cache == keel_app::plugin_types::CacheOutcome::Compiled);
         value["load_ms"] = json!(plugin.load_time.as_secs_f64() * 1e3);
         value["notes"] = json!(notes);
         value["replaced"] = json!(replaced.map(|old| json!({"version": old.version, "sha256": old.sha256})));
         print_json(&value);
     } else {
         let how = match plugin.cache {
-            keel_sandbox::CacheOutcome::Compiled => "compiled",
-            keel_sandbox::CacheOutcome::Hit => "loaded from cache",
+            keel_app::plugin_types::CacheOutcome::Compiled => "compiled",
+            keel_app::plugin_types::CacheOutcome::Hit => "loaded from cache",
         };
         println!(
             "installed {name} {} ({how} in {:.0} ms, sha256 {})",
@@ -321,7 +321,7 @@ fn confirm_replace(old: &PluginRecord, new: &PreparedPlugin, json: bool) -> Resu
     }
 }
 
-fn describe_capabilities(caps: &keel_sandbox::Capabilities) -> String {
+fn describe_capabilities(caps: &keel_app::plugin_types::Capabilities) -> String {
     if caps.is_empty() {
         return "nothing".into();
     }
@@ -339,7 +339,7 @@ fn yes_no(flag: bool) -> &'static str {
     if flag { "yes" } else { "no" }
 }
 
-fn print_plugin(info: &PluginInfo, imports: &keel_sandbox::ImportSummary, grants: &Grants) {
+fn print_plugin(info: &PluginInfo, imports: &keel_app::plugin_types::ImportSummary, grants: &Grants) {
     println!("  {}", sanitize_line(&info.description));
     println!(
         "  can reach: filesystem {}, network (wasi:http) {}, sockets {}, environment {}",

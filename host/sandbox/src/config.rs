@@ -160,7 +160,8 @@ pub struct SandboxConfig {
     /// instantiated in the background, each taken by one call and discarded after it (never
     /// reused), so a call starts without instantiating. 0 turns the pool off.
     pub ready_instances: usize,
-    /// Ready instances kept in all, across plugins.
+    /// Ready instances kept in all, across plugins (and never more than a quarter of
+    /// [`SandboxConfig::pool_instances`]: they hold pool slots that calls need).
     pub max_ready_instances: usize,
     /// Bytes of each linear memory the pooling allocator keeps resident when an instance ends,
     /// reset in place rather than unmapped, so the next instance in that slot (the allocator

@@ -953,7 +953,10 @@ impl Sandbox {
             let total = ready.total;
             let queue = ready.by_key.entry(key.to_string()).or_default();
             let have = queue.lives.len() + queue.filling;
-            let room = config.max_ready_instances.saturating_sub(total + queue.filling);
+            // Ready instances hold pool slots: they never take more than a quarter of the pool,
+            // so calls always find a slot (a small pool keeps few or none).
+            let cap = config.max_ready_instances.min(config.pool_instances as usize / 4);
+            let room = cap.saturating_sub(total + queue.filling);
             let wanted = config.ready_instances.saturating_sub(have).min(room);
             queue.filling += wanted;
             wanted

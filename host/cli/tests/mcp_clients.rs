@@ -206,19 +206,7 @@ async fn python_sdk_over_streamable_http() {
     let out = tokio::task::spawn_blocking(move || client.output().unwrap())
         .await
         .unwrap();
-    let steps = steps("the Python client over Streamable HTTP", &out);
-    assert_eq!(step(&steps, "called")["output"]["greeting"], "Hello, Ada!");
-    assert_eq!(step(&steps, "denied")["error"]["kind"], "policy_denied");
-    let pending = step(&steps, "pending_then_approved");
-    assert!(
-        pending["action_id"].is_string() && pending["job_id"].is_string(),
-        "{pending}"
-    );
-    assert_eq!(step(&steps, "elicitation_approve")["output"]["words"], 4);
-    step(&steps, "done");
-    // The caller's principal is recorded on the jobs.
-    let jobs = common::json(home.path(), &["jobs", "list", "--json"]);
-    assert!(jobs.to_string().contains("key:test"), "{jobs}");
+    assert_http_session("the Python client over Streamable HTTP", &out, home.path(), "key:test");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,7 +330,13 @@ fn python_sdk_over_keel_serve_with_an_api_key() {
         .env_remove("KEEL_LOG")
         .output()
         .unwrap();
-    let steps = steps("the Python client over keel serve", &out);
+    assert_http_session("the Python client over keel serve", &out, home.path(), "key:mcp-test");
+}
+
+/// What the Python client's `http` run must have reported: a call, a policy denial, an approval
+/// left pending then given from the CLI, an elicited approval; and `principal` on the jobs.
+fn assert_http_session(what: &str, out: &Output, home: &Path, principal: &str) {
+    let steps = steps("the Python client over Streamable HTTP", out);
     assert_eq!(step(&steps, "called")["output"]["greeting"], "Hello, Ada!");
     assert_eq!(step(&steps, "denied")["error"]["kind"], "policy_denied");
     let pending = step(&steps, "pending_then_approved");
@@ -352,8 +346,8 @@ fn python_sdk_over_keel_serve_with_an_api_key() {
     );
     assert_eq!(step(&steps, "elicitation_approve")["output"]["words"], 4);
     step(&steps, "done");
-    let jobs = common::json(home.path(), &["jobs", "list", "--json"]);
-    assert!(jobs.to_string().contains("key:mcp-test"), "{jobs}");
+    let jobs = common::json(home, &["jobs", "list", "--json"]);
+    assert!(jobs.to_string().contains(principal), "{jobs}");
 }
 
 /// Kills the child process when the test ends, pass or fail.

@@ -336,7 +336,7 @@ fn python_sdk_over_keel_serve_with_an_api_key() {
 /// What the Python client's `http` run must have reported: a call, a policy denial, an approval
 /// left pending then given from the CLI, an elicited approval; and `principal` on the jobs.
 fn assert_http_session(what: &str, out: &Output, home: &Path, principal: &str) {
-    let steps = steps("the Python client over Streamable HTTP", out);
+    let steps = steps(what, out);
     assert_eq!(step(&steps, "called")["output"]["greeting"], "Hello, Ada!");
     assert_eq!(step(&steps, "denied")["error"]["kind"], "policy_denied");
     let pending = step(&steps, "pending_then_approved");

@@ -23,10 +23,12 @@ pub async fn open_kernel(home: &Path) -> Result<Kernel, AppError> {
     Ok(Kernel::new(Arc::new(db.kernel_store())))
 }
 
-/// Open (creating if needed) `home/keel.db` without the sandbox.
+/// Open (creating if needed) `home/keel.db` without the sandbox, with the home's `[store]`
+/// settings (a kernel command commits as durably as `keel run` does).
 pub async fn open_db(home: &Path) -> Result<Database, AppError> {
     crate::home::prepare_home(home)?;
-    Ok(Database::open(&home.join("keel.db")).await?)
+    let config = crate::home::KeelConfig::load(home)?;
+    Ok(Database::open_with(&home.join("keel.db"), config.store.durability).await?)
 }
 
 /// Parse a job or action id.
@@ -71,6 +73,18 @@ pub fn when(t: Option<DateTime<Utc>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn kernel_commands_read_the_store_section() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(home.path().join("config.toml"), "[store]\ndurability = \"sometimes\"\n").unwrap();
+        let err = open_db(home.path())
+            .await
+            .expect_err("an invalid durability must not be ignored");
+        assert!(err.message.contains("durability"), "{}", err.message);
+        std::fs::write(home.path().join("config.toml"), "[store]\ndurability = \"normal\"\n").unwrap();
+        open_db(home.path()).await.expect("a valid [store] section opens");
+    }
 
     #[test]
     fn days_and_instants() {

@@ -7,7 +7,8 @@
 //!
 //! One run prints, per durability level (`agent_sqlite`: `synchronous = FULL`, the default;
 //! `agent_normal`: `synchronous = NORMAL`), each on its own file:
-//! - `bare_commit`: one `BEGIN IMMEDIATE; INSERT; COMMIT` on the same file (the floor);
+//! - `bare_commit`: one `BEGIN IMMEDIATE; INSERT; COMMIT` on the same file, on a plain SQLite
+//!   connection on the calling thread (the floor);
 //! - `governed_call`: `AgentRuntime::call_tool` of a non-idempotent echo tool to its result:
 //!   schema, policy, hold, call, settle with receipt, events, journal — two commits (the durable
 //!   "started" commit before the side effect, the result after);
@@ -72,18 +73,18 @@ fn bench(c: &mut Criterion) {
     let keys = AtomicU64::new(0);
 
     for (group_name, durability) in [("agent_sqlite", Durability::Full), ("agent_normal", Durability::Normal)] {
-        let db = rt
-            .block_on(Database::open_with(
-                &dir.path().join(format!("{group_name}.db")),
-                durability,
-            ))
-            .expect("open");
+        let path = dir.path().join(format!("{group_name}.db"));
+        let db = rt.block_on(Database::open_with(&path, durability)).expect("open");
         let kernel = Kernel::new(Arc::new(db.kernel_store()));
         let mut group = c.benchmark_group(group_name);
         group.throughput(Throughput::Elements(1));
-        let pool = db.pool().clone();
-        rt.block_on(common::create_bare_commit_table(&pool));
-        group.bench_function("bare_commit", |b| b.iter(|| rt.block_on(common::bare_commit(&pool))));
+        let synchronous = if durability == Durability::Full {
+            "FULL"
+        } else {
+            "NORMAL"
+        };
+        let mut bare = common::BareCommit::open(&path, synchronous);
+        group.bench_function("bare_commit", |b| b.iter(|| bare.commit()));
         let governed = runtime(kernel.clone(), &tools, vec![]);
         group.bench_function("governed_call", |b| {
             b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/echo", None)))

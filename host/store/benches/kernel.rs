@@ -9,7 +9,7 @@
 //!   transaction) -> settle, i.e. 2 transactions. The ledger grows by 3 rows per iteration and
 //!   the budget check sums the whole window, so this one slows down as the ledger grows.
 //! - `kernel/reserve_settle_unbudgeted`: the same for a tenant without budgets (no usage sums).
-//! - `sqlite/bare_commit`: `BEGIN IMMEDIATE; INSERT one row; COMMIT` on the same pool: the floor
+//! - `sqlite/bare_commit`: `BEGIN IMMEDIATE; INSERT one row; COMMIT` on the same file: the floor
 //!   every kernel transaction pays (dominated by the WAL fsync with `synchronous = FULL`).
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented pub fn.
@@ -67,11 +67,10 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
-    let pool = db.pool().clone();
-    rt.block_on(common::create_bare_commit_table(&pool));
+    let mut bare = common::BareCommit::open(&dir.path().join("bench.db"), "FULL");
     let mut group = c.benchmark_group("sqlite");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("bare_commit", |b| b.to_async(&rt).iter(|| common::bare_commit(&pool)));
+    group.bench_function("bare_commit", |b| b.iter(|| bare.commit()));
     group.finish();
 }
 

@@ -8,6 +8,7 @@ use chrono::Utc;
 use futures::future::BoxFuture;
 use keel_kernel::registry::{PluginRegistry, plugin_not_found};
 use keel_kernel::store::{StoreError, StoreResult};
+use rusqlite::Connection;
 use serde_json::Value;
 
 use crate::Database;
@@ -16,39 +17,7 @@ use crate::kernel_store::be;
 /// The record type, defined with the trait in the kernel; re-exported at its old path.
 pub use keel_kernel::registry::PluginRecord;
 
-type Row = (
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-);
-
-fn decode(row: Row) -> StoreResult<PluginRecord> {
-    let (name, version, description, sha256, info, imports, grants, limits, installed_at, updated_at) = row;
-    let parse = |column: &str, text: &str| {
-        serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("plugin `{name}` column {column}: {e}")))
-    };
-    Ok(PluginRecord {
-        info: parse("info_json", &info)?,
-        imports: parse("imports_json", &imports)?,
-        grants: parse("grants_json", &grants)?,
-        limits: parse("limits_json", &limits)?,
-        name,
-        version,
-        description,
-        sha256,
-        installed_at,
-        updated_at,
-    })
-}
-
-/// `SELECT <all columns> FROM plugins <tail>` as a static string (sqlx only takes audited SQL).
+/// `SELECT <all columns> FROM plugins <tail>`.
 macro_rules! select_plugins {
     ($tail:literal) => {
         concat!(
@@ -59,90 +28,128 @@ macro_rules! select_plugins {
     };
 }
 
+fn decode(row: &rusqlite::Row<'_>) -> StoreResult<PluginRecord> {
+    let col = |i: usize| row.get::<_, String>(i).map_err(be);
+    let name = col(0)?;
+    let parse = |i: usize, column: &str| -> StoreResult<Value> {
+        serde_json::from_str(&col(i)?).map_err(|e| StoreError::Corrupt(format!("plugin `{name}` column {column}: {e}")))
+    };
+    Ok(PluginRecord {
+        info: parse(4, "info_json")?,
+        imports: parse(5, "imports_json")?,
+        grants: parse(6, "grants_json")?,
+        limits: parse(7, "limits_json")?,
+        version: col(1)?,
+        description: col(2)?,
+        sha256: col(3)?,
+        installed_at: col(8)?,
+        updated_at: col(9)?,
+        name,
+    })
+}
+
+fn query(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> StoreResult<Vec<PluginRecord>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(be)?;
+    let mut rows = stmt.query(params).map_err(be)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(be)? {
+        out.push(decode(row)?);
+    }
+    Ok(out)
+}
+
+/// On the kernel store's connections (one transaction per write, as a closure on the calling
+/// thread): listing the plugins is on every tool call's path.
 impl PluginRegistry for Database {
     fn upsert_plugin<'a>(&'a self, record: &'a PluginRecord) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move {
             let now = Utc::now().to_rfc3339();
-            sqlx::query(
-                "INSERT INTO plugins (name, version, description, sha256, info_json, imports_json, grants_json, \
-             limits_json, installed_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT(name) DO UPDATE SET version = excluded.version, description = excluded.description, \
-             sha256 = excluded.sha256, info_json = excluded.info_json, imports_json = excluded.imports_json, \
-             grants_json = excluded.grants_json, limits_json = excluded.limits_json, updated_at = excluded.updated_at",
-            )
-            .bind(&record.name)
-            .bind(&record.version)
-            .bind(&record.description)
-            .bind(&record.sha256)
-            .bind(record.info.to_string())
-            .bind(record.imports.to_string())
-            .bind(record.grants.to_string())
-            .bind(record.limits.to_string())
-            .bind(&now)
-            .bind(&now)
-            .execute(self.pool())
-            .await
-            .map_err(be)?;
-            Ok(())
+            self.kernel_connections()
+                .write(|c| {
+                    c.prepare_cached(
+                        "INSERT INTO plugins (name, version, description, sha256, info_json, imports_json, \
+                     grants_json, limits_json, installed_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT(name) DO UPDATE SET version = excluded.version, \
+                     description = excluded.description, sha256 = excluded.sha256, info_json = excluded.info_json, \
+                     imports_json = excluded.imports_json, grants_json = excluded.grants_json, \
+                     limits_json = excluded.limits_json, updated_at = excluded.updated_at",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(rusqlite::params![
+                            record.name,
+                            record.version,
+                            record.description,
+                            record.sha256,
+                            record.info.to_string(),
+                            record.imports.to_string(),
+                            record.grants.to_string(),
+                            record.limits.to_string(),
+                            now,
+                            now,
+                        ])
+                    })
+                    .map_err(be)?;
+                    Ok(())
+                })
+                .await
         })
     }
 
     fn get_plugin<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<PluginRecord>>> {
         Box::pin(async move {
-            let row: Option<Row> = sqlx::query_as(select_plugins!("WHERE name = ?"))
-                .bind(name)
-                .fetch_optional(self.pool())
-                .await
-                .map_err(be)?;
-            row.map(decode).transpose()
+            self.kernel_connections()
+                .read(|c| Ok(query(c, select_plugins!("WHERE name = ?"), [name])?.pop()))
         })
     }
 
     fn list_plugins(&self) -> BoxFuture<'_, StoreResult<Vec<PluginRecord>>> {
         Box::pin(async move {
-            let rows: Vec<Row> = sqlx::query_as(select_plugins!("ORDER BY name"))
-                .fetch_all(self.pool())
-                .await
-                .map_err(be)?;
-            rows.into_iter().map(decode).collect()
+            self.kernel_connections()
+                .read(|c| query(c, select_plugins!("ORDER BY name"), []))
         })
     }
 
     fn set_plugin_grants<'a>(&'a self, name: &'a str, grants: &'a Value) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move {
-            let done = sqlx::query("UPDATE plugins SET grants_json = ?, updated_at = ? WHERE name = ?")
-                .bind(grants.to_string())
-                .bind(Utc::now().to_rfc3339())
-                .bind(name)
-                .execute(self.pool())
+            self.kernel_connections()
+                .write(|c| {
+                    let done = c
+                        .prepare_cached("UPDATE plugins SET grants_json = ?, updated_at = ? WHERE name = ?")
+                        .and_then(|mut s| {
+                            s.execute(rusqlite::params![grants.to_string(), Utc::now().to_rfc3339(), name])
+                        })
+                        .map_err(be)?;
+                    if done == 0 {
+                        return Err(plugin_not_found(name));
+                    }
+                    Ok(())
+                })
                 .await
-                .map_err(be)?;
-            if done.rows_affected() == 0 {
-                return Err(plugin_not_found(name));
-            }
-            Ok(())
         })
     }
 
     fn remove_plugin<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
         Box::pin(async move {
-            let done = sqlx::query("DELETE FROM plugins WHERE name = ?")
-                .bind(name)
-                .execute(self.pool())
+            self.kernel_connections()
+                .write(|c| {
+                    let done = c
+                        .prepare_cached("DELETE FROM plugins WHERE name = ?")
+                        .and_then(|mut s| s.execute([name]))
+                        .map_err(be)?;
+                    Ok(done > 0)
+                })
                 .await
-                .map_err(be)?;
-            Ok(done.rows_affected() > 0)
         })
     }
 
     fn component_in_use<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
         Box::pin(async move {
-            let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM plugins WHERE sha256 = ?")
-                .bind(sha256)
-                .fetch_one(self.pool())
-                .await
-                .map_err(be)?;
-            Ok(count > 0)
+            self.kernel_connections().read(|c| {
+                c.prepare_cached("SELECT COUNT(*) FROM plugins WHERE sha256 = ?")
+                    .and_then(|mut s| s.query_row([sha256], |r| r.get::<_, i64>(0)))
+                    .map(|n| n > 0)
+                    .map_err(be)
+            })
         })
     }
 }

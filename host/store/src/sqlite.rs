@@ -1,9 +1,10 @@
 //! Opening the SQLite database: WAL, busy timeout, foreign keys, embedded migrations.
 
 use std::path::Path;
-use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::kernel_store::conn::Connections;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 /// Errors from the store layer.
@@ -21,6 +22,9 @@ pub enum StoreError {
     /// The row that was asked for does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// The kernel store's connections could not be opened.
+    #[error("database error: {0}")]
+    Kernel(String),
 }
 
 /// Embedded SQLite migrations (`migrations/sqlite`).
@@ -85,12 +89,25 @@ impl Durability {
             Durability::Full => SqliteSynchronous::Full,
         }
     }
+
+    /// The `PRAGMA synchronous` value.
+    pub(crate) fn pragma(self) -> &'static str {
+        match self {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        }
+    }
 }
 
 /// A handle on Keel's SQLite database. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: SqlitePool,
+    /// The kernel store's own connections (see [`crate::kernel_store`]).
+    kernel: Arc<Connections>,
+    /// The private directory of an [`in_memory`](Self::in_memory) database, removed with the
+    /// last handle.
+    _scratch: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Database {
@@ -108,19 +125,23 @@ impl Database {
         }
         owner_only(path).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         let options = SqliteConnectOptions::new().filename(path).create_if_missing(true);
-        Self::connect(options, durability).await
+        let pool = Self::connect(options, durability).await?;
+        let kernel = Connections::open(path, durability).map_err(|e| StoreError::Kernel(e.to_string()))?;
+        Ok(Self {
+            pool,
+            kernel: Arc::new(kernel),
+            _scratch: None,
+        })
     }
 
-    /// Open a private in-memory database (tests).
+    /// Open a private, throwaway database (tests): a file in a new temporary directory, removed
+    /// when the last handle is dropped. (A file, not `:memory:`, because the kernel store's
+    /// connections must reach the same database as the pool's.)
     pub async fn in_memory() -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
-        // One connection: every in-memory connection would otherwise be a separate database.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(Self::tune(options, Durability::Full))
-            .await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        let mut db = Self::open_with(&dir.path().join("keel.db"), Durability::Normal).await?;
+        db._scratch = Some(Arc::new(dir));
+        Ok(db)
     }
 
     fn tune(options: SqliteConnectOptions, durability: Durability) -> SqliteConnectOptions {
@@ -131,7 +152,7 @@ impl Database {
             .foreign_keys(true)
     }
 
-    async fn connect(options: SqliteConnectOptions, durability: Durability) -> Result<Self, StoreError> {
+    async fn connect(options: SqliteConnectOptions, durability: Durability) -> Result<SqlitePool, StoreError> {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             // An in-process SQLite connection does not go stale: pinging it before every
@@ -140,7 +161,12 @@ impl Database {
             .connect_with(Self::tune(options, durability))
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(pool)
+    }
+
+    /// The kernel store's connections.
+    pub(crate) fn kernel_connections(&self) -> Arc<Connections> {
+        self.kernel.clone()
     }
 
     /// The underlying pool.

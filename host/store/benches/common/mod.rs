@@ -1,23 +1,40 @@
 //! What the store benches share: the bare one-row commit every durable path is compared with.
 
-use sqlx::SqlitePool;
+use std::path::Path;
 
-/// Create the table [`bare_commit`] writes to.
-pub async fn create_bare_commit_table(pool: &SqlitePool) {
-    sqlx::query("CREATE TABLE IF NOT EXISTS bench_commit (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-        .execute(pool)
-        .await
-        .unwrap();
+use rusqlite::{Connection, TransactionBehavior};
+
+/// A plain SQLite connection on the bench's database file, with the store's pragmas: the floor.
+pub struct BareCommit {
+    conn: Connection,
 }
 
-/// One row committed the way a kernel write commits: `BEGIN IMMEDIATE` on a pooled connection,
-/// one `INSERT`, `COMMIT`.
-pub async fn bare_commit(pool: &SqlitePool) {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
-    sqlx::query("INSERT INTO bench_commit (body) VALUES (?)")
-        .bind("x")
-        .execute(&mut *tx)
-        .await
+impl BareCommit {
+    /// Open `path` (already created by `Database::open_with`) with `synchronous` = `FULL` or
+    /// `NORMAL`, as the store's connections do, and create the table it writes to.
+    pub fn open(path: &Path, synchronous: &str) -> Self {
+        let conn = Connection::open(path).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        conn.pragma_update(None, "synchronous", synchronous).unwrap();
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_commit (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
+            [],
+        )
         .unwrap();
-    tx.commit().await.unwrap();
+        Self { conn }
+    }
+
+    /// One row committed the cheapest way SQLite allows, on the calling thread: `BEGIN
+    /// IMMEDIATE`, one prepared `INSERT`, `COMMIT`.
+    pub fn commit(&mut self) {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        tx.prepare_cached("INSERT INTO bench_commit (body) VALUES (?)")
+            .unwrap()
+            .execute(["x"])
+            .unwrap();
+        tx.commit().unwrap();
+    }
 }

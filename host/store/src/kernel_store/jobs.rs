@@ -3,18 +3,18 @@
 use chrono::{DateTime, Utc};
 use keel_kernel::job::{Job, JobError, JobFilter, JobState};
 use keel_kernel::store::{LeaseGuard, StoreError, StoreResult};
-use sqlx::sqlite::{SqliteConnection, SqliteRow};
-use sqlx::{QueryBuilder, Sqlite};
+use rusqlite::types::Value;
+use rusqlite::{Connection, Row};
 use uuid::Uuid;
 
-use super::SqliteKernelStore;
 use super::leases::check_lease;
 use super::rows::{
-    SqliteQuery, be, corrupt, db_now_micros, from_json, from_micros, get, i64_of, micros, missing_or_conflict,
-    opt_from_micros, opt_uuid, parse, push_in, push_limit, push_subject, to_json, ttl_micros, u64_of, uuid,
+    Query, be, corrupt, db_now_micros, execute, fetch_optional, from_json, from_micros, get, i64_of, int,
+    is_unique_violation, micros, missing_or_conflict, opt_from_micros, opt_uuid, parse, text, to_json, ttl_micros,
+    u64_of, uuid,
 };
 
-pub(super) fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
+pub(super) fn job_from_row(r: &Row<'_>) -> StoreResult<Job> {
     let error = match (
         get::<Option<String>>(r, "error_code")?,
         get::<Option<String>>(r, "error_message")?,
@@ -54,43 +54,100 @@ pub(super) fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
     })
 }
 
-pub(super) const JOB_COLUMNS: &str = "id, tenant, principal, session, run_id, parent_id, kind, state, version, idempotency_key, \
-     input_json, progress, progress_message, turns, tool_calls, deadline, error_code, error_message, result_ref, \
-     tags_json, metadata_json, created_at, updated_at, started_at, finished_at";
+/// The values of the job columns, in the order the INSERT and UPDATE below name them.
+fn job_values(job: &Job) -> StoreResult<Vec<Value>> {
+    Ok(vec![
+        Value::Text(job.id.to_string()),
+        Value::Text(job.tenant.clone()),
+        text(job.principal.as_deref()),
+        text(job.session.as_deref()),
+        text(job.run_id.map(|u| u.to_string()).as_deref()),
+        text(job.parent_id.map(|u| u.to_string()).as_deref()),
+        Value::Text(job.kind.clone()),
+        Value::Text(job.state.as_str().to_owned()),
+        Value::Integer(i64_of(job.version)?),
+        text(job.idempotency_key.as_deref()),
+        Value::Text(to_json(&job.input)?),
+        Value::Real(job.progress),
+        text(job.progress_message.as_deref()),
+        Value::Integer(i64::from(job.turns)),
+        Value::Integer(i64::from(job.tool_calls)),
+        int(job.deadline.map(micros)),
+        text(job.error.as_ref().map(|e| e.code.as_str())),
+        text(job.error.as_ref().map(|e| e.message.as_str())),
+        text(job.result_ref.as_deref()),
+        Value::Text(to_json(&job.tags)?),
+        Value::Text(to_json(&job.metadata)?),
+        Value::Integer(micros(job.created_at)),
+        Value::Integer(micros(job.updated_at)),
+        int(job.started_at.map(micros)),
+        int(job.finished_at.map(micros)),
+    ])
+}
+
+/// The job UPDATE: every column rewritten (then `$tail`: more assignments and the guard).
+macro_rules! update_job {
+    ($tail:literal) => {
+        concat!(
+            "UPDATE jobs SET id = ?1, tenant = ?2, principal = ?3, session = ?4, run_id = ?5, parent_id = ?6, \
+             kind = ?7, state = ?8, version = ?9, idempotency_key = ?10, input_json = ?11, progress = ?12, \
+             progress_message = ?13, turns = ?14, tool_calls = ?15, deadline = ?16, error_code = ?17, \
+             error_message = ?18, result_ref = ?19, tags_json = ?20, metadata_json = ?21, created_at = ?22, \
+             updated_at = ?23, started_at = ?24, finished_at = ?25",
+            $tail
+        )
+    };
+}
+
+/// The job INSERT's columns, up to the request hash (then `$tail`: more columns and the values).
+macro_rules! insert_job {
+    ($($tail:expr),+) => {
+        concat!(
+            "INSERT INTO jobs (id, tenant, principal, session, run_id, parent_id, kind, state, version, \
+             idempotency_key, input_json, progress, progress_message, turns, tool_calls, deadline, error_code, \
+             error_message, result_ref, tags_json, metadata_json, created_at, updated_at, started_at, finished_at, \
+             request_hash",
+            $($tail),+,
+            " ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+        )
+    };
+}
+
+const INSERT_JOB: &str =
+    insert_job!(") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+
+const INSERT_JOB_LEASED: &str = insert_job!(
+    ", lease_owner, lease_until, lease_epoch) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ",
+    db_now_micros!(),
+    " + ?, 1)"
+);
 
 /// Insert `job`, and with `lease = Some((owner, ttl_ms))` give it its first lease (epoch 1,
 /// until the database's now + ttl) in the same statement: a job created already claimed.
-pub(super) async fn insert_job_leased(
-    conn: &mut SqliteConnection,
-    job: &Job,
-    lease: Option<(&str, u64)>,
-) -> StoreResult<()> {
-    let sql = match lease {
-        None => format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}, request_hash) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-        ),
-        Some(_) => format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}, request_hash, lease_owner, lease_until, lease_epoch) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {} + ?, 1) \
-             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-            db_now_micros!()
-        ),
-    };
+pub(super) fn insert_job_leased(conn: &Connection, job: &Job, lease: Option<(&str, u64)>) -> StoreResult<()> {
+    let mut args = job_values(job)?;
     // The request hash is written once, here: it never changes (updates leave it alone).
-    let mut q = bind_job(sqlx::query(sqlx::AssertSqlSafe(sql)), job)?.bind(job.request_hash.clone());
-    if let Some((owner, ttl_ms)) = lease {
-        q = q.bind(owner.to_string()).bind(ttl_micros(ttl_ms));
-    }
-    let res = q.execute(&mut *conn).await.map_err(|e| match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict {
-            entity: "job",
-            id: job.id.to_string(),
-        },
-        _ => be(e),
+    args.push(text(job.request_hash.as_deref()));
+    let sql = match lease {
+        None => INSERT_JOB,
+        Some((owner, ttl_ms)) => {
+            args.push(Value::Text(owner.to_owned()));
+            args.push(Value::Integer(ttl_micros(ttl_ms)));
+            INSERT_JOB_LEASED
+        }
+    };
+    let changed = execute(conn, sql, &args).map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict {
+                entity: "job",
+                id: job.id.to_string(),
+            }
+        } else {
+            be(e)
+        }
     })?;
-    if res.rows_affected() == 0 {
+    if changed == 0 {
         // The unique index on (tenant, idempotency_key) refused it: another writer got there first.
         return Err(StoreError::DuplicateIdempotencyKey {
             tenant: job.tenant.clone(),
@@ -100,145 +157,111 @@ pub(super) async fn insert_job_leased(
     Ok(())
 }
 
-pub(super) fn bind_job<'q>(q: SqliteQuery<'q>, job: &Job) -> StoreResult<SqliteQuery<'q>> {
-    Ok(q.bind(job.id.to_string())
-        .bind(job.tenant.clone())
-        .bind(job.principal.clone())
-        .bind(job.session.clone())
-        .bind(job.run_id.map(|u| u.to_string()))
-        .bind(job.parent_id.map(|u| u.to_string()))
-        .bind(job.kind.clone())
-        .bind(job.state.as_str())
-        .bind(i64_of(job.version)?)
-        .bind(job.idempotency_key.clone())
-        .bind(to_json(&job.input)?)
-        .bind(job.progress)
-        .bind(job.progress_message.clone())
-        .bind(i64::from(job.turns))
-        .bind(i64::from(job.tool_calls))
-        .bind(job.deadline.map(micros))
-        .bind(job.error.as_ref().map(|e| e.code.clone()))
-        .bind(job.error.as_ref().map(|e| e.message.clone()))
-        .bind(job.result_ref.clone())
-        .bind(to_json(&job.tags)?)
-        .bind(to_json(&job.metadata)?)
-        .bind(micros(job.created_at))
-        .bind(micros(job.updated_at))
-        .bind(job.started_at.map(micros))
-        .bind(job.finished_at.map(micros)))
-}
+const UPDATE_JOB: &str = update_job!(" WHERE id = ?1 AND version = ?26");
 
-/// Compare-and-set the whole row of `job` from version `expected`; with `fence = Some((guard, release))` only while `guard` holds the job's
-/// lease and the job has not ended (else `Conflict { entity: "lease" }`, as a separate
-/// `check_lease` would say), dropping the lease in the same statement if `release`. One statement
-/// instead of three for the usual "last write of a step" batch.
-pub(super) async fn update_job_fenced(
-    conn: &mut SqliteConnection,
+/// Guarded by version, lease (owner and epoch) and a state that has not ended.
+const UPDATE_JOB_FENCED: &str = update_job!(
+    " WHERE id = ?1 AND version = ?26 AND lease_owner = ?27 AND lease_epoch = ?28 \
+     AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT')"
+);
+
+/// [`UPDATE_JOB_FENCED`] that also drops the lease.
+const UPDATE_JOB_FENCED_RELEASE: &str = update_job!(
+    ", lease_owner = NULL, lease_until = NULL WHERE id = ?1 AND version = ?26 AND lease_owner = ?27 \
+     AND lease_epoch = ?28 AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT')"
+);
+
+/// Compare-and-set the whole row of `job` from version `expected`; with `fence = Some((guard,
+/// release))` only while `guard` holds the job's lease and the job has not ended (else
+/// `Conflict { entity: "lease" }`, as a separate `check_lease` would say), dropping the lease in
+/// the same statement if `release`: one statement for the usual "last write of a step".
+pub(super) fn update_job_fenced(
+    conn: &Connection,
     job: &Job,
     expected: u64,
     fence: Option<(&LeaseGuard, bool)>,
 ) -> StoreResult<()> {
-    // Every column is rewritten; the WHERE on version makes it a compare-and-set.
-    const SET: &str = "UPDATE jobs SET id = ?1, tenant = ?2, principal = ?3, session = ?4, run_id = ?5, parent_id = ?6, \
-         kind = ?7, state = ?8, version = ?9, idempotency_key = ?10, input_json = ?11, progress = ?12, \
-         progress_message = ?13, turns = ?14, tool_calls = ?15, deadline = ?16, error_code = ?17, \
-         error_message = ?18, result_ref = ?19, tags_json = ?20, metadata_json = ?21, created_at = ?22, \
-         updated_at = ?23, started_at = ?24, finished_at = ?25";
     let sql = match fence {
-        None => format!("{SET} WHERE id = ?1 AND version = ?26"),
-        Some((_, release)) => format!(
-            "{SET}{} WHERE id = ?1 AND version = ?26 AND lease_owner = ?27 AND lease_epoch = ?28 \
-             AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT')",
-            if release {
-                ", lease_owner = NULL, lease_until = NULL"
-            } else {
-                ""
-            }
-        ),
+        None => UPDATE_JOB,
+        Some((_, false)) => UPDATE_JOB_FENCED,
+        Some((_, true)) => UPDATE_JOB_FENCED_RELEASE,
     };
-    let mut q = bind_job(sqlx::query(sqlx::AssertSqlSafe(sql)), job)?.bind(i64_of(expected)?);
+    let mut args = job_values(job)?;
+    args.push(Value::Integer(i64_of(expected)?));
     if let Some((guard, _)) = fence {
-        q = q.bind(guard.owner.clone()).bind(i64_of(guard.epoch)?);
+        args.push(Value::Text(guard.owner.clone()));
+        args.push(Value::Integer(i64_of(guard.epoch)?));
     }
-    let res = q.execute(&mut *conn).await.map_err(be)?;
-    if res.rows_affected() == 0 {
+    if execute(conn, sql, &args).map_err(be)? == 0 {
         if let Some((guard, _)) = fence {
-            check_lease(conn, guard).await?;
+            check_lease(conn, guard)?;
         }
-        return Err(missing_or_conflict(conn, "jobs", "job", job.id).await);
+        return Err(missing_or_conflict(conn, "jobs", "job", job.id));
     }
     Ok(())
 }
 
-pub(super) fn push_job_filter(qb: &mut QueryBuilder<Sqlite>, f: &JobFilter) {
-    qb.push(" WHERE tenant = ").push_bind(f.tenant.clone());
-    push_in(qb, "state", f.states.iter().map(|v| v.as_str().to_string()));
-    push_subject(qb, f.principal.as_deref(), f.session.as_deref());
+pub(super) fn push_job_filter(q: &mut Query, f: &JobFilter) {
+    q.push(" WHERE tenant = ").bind(f.tenant.clone());
+    q.push_in("state", f.states.iter().map(|v| v.as_str().to_string()));
+    q.push_subject(f.principal.as_deref(), f.session.as_deref());
     if let Some(p) = f.parent_id {
-        qb.push(" AND parent_id = ").push_bind(p.to_string());
+        q.push(" AND parent_id = ").bind(p.to_string());
     }
     if let Some(k) = &f.kind {
-        qb.push(" AND kind = ").push_bind(k.clone());
+        q.push(" AND kind = ").bind(k.clone());
     }
     if let Some(t) = &f.tag {
-        qb.push(" AND EXISTS (SELECT 1 FROM json_each(jobs.tags_json) WHERE json_each.value = ")
-            .push_bind(t.clone());
-        qb.push(")");
+        q.push(" AND EXISTS (SELECT 1 FROM json_each(jobs.tags_json) WHERE json_each.value = ")
+            .bind(t.clone());
+        q.push(")");
     }
 }
 
-impl SqliteKernelStore {
-    pub(super) async fn fetch_jobs(&self, qb: &mut QueryBuilder<Sqlite>) -> StoreResult<Vec<Job>> {
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(be)?;
-        rows.iter().map(job_from_row).collect()
-    }
+/// [`KernelStore::get_job`](keel_kernel::store::KernelStore::get_job).
+pub(super) fn get_job(conn: &Connection, id: Uuid) -> StoreResult<Option<Job>> {
+    fetch_optional(
+        conn,
+        "SELECT * FROM jobs WHERE id = ?",
+        &[Value::Text(id.to_string())],
+        job_from_row,
+    )
+}
 
-    /// [`KernelStore::get_job`].
-    pub(super) async fn sql_get_job(&self, id: Uuid) -> StoreResult<Option<Job>> {
-        let row = sqlx::query("SELECT * FROM jobs WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(be)?;
-        row.as_ref().map(job_from_row).transpose()
-    }
+/// [`KernelStore::get_job_by_key`](keel_kernel::store::KernelStore::get_job_by_key).
+pub(super) fn get_job_by_key(conn: &Connection, tenant: &str, key: &str) -> StoreResult<Option<Job>> {
+    fetch_optional(
+        conn,
+        "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?",
+        &[Value::Text(tenant.to_owned()), Value::Text(key.to_owned())],
+        job_from_row,
+    )
+}
 
-    /// [`KernelStore::get_job_by_key`].
-    pub(super) async fn sql_get_job_by_key(&self, tenant: &str, key: &str) -> StoreResult<Option<Job>> {
-        let row = sqlx::query("SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?")
-            .bind(tenant.to_string())
-            .bind(key.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(be)?;
-        row.as_ref().map(job_from_row).transpose()
-    }
+/// [`KernelStore::list_jobs`](keel_kernel::store::KernelStore::list_jobs).
+pub(super) fn list_jobs(conn: &Connection, filter: &JobFilter) -> StoreResult<Vec<Job>> {
+    let mut q = Query::new("SELECT * FROM jobs");
+    push_job_filter(&mut q, filter);
+    q.push(" ORDER BY created_at DESC, id DESC");
+    q.push_limit(filter.limit);
+    q.fetch(conn, job_from_row)
+}
 
-    /// [`KernelStore::list_jobs`].
-    pub(super) async fn sql_list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<Job>> {
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM jobs");
-        push_job_filter(&mut qb, filter);
-        qb.push(" ORDER BY created_at DESC, id DESC");
-        push_limit(&mut qb, filter.limit);
-        self.fetch_jobs(&mut qb).await
-    }
+/// [`KernelStore::count_jobs`](keel_kernel::store::KernelStore::count_jobs).
+pub(super) fn count_jobs(conn: &Connection, filter: &JobFilter) -> StoreResult<u64> {
+    let mut q = Query::new("SELECT COUNT(*) AS n FROM jobs");
+    push_job_filter(&mut q, filter);
+    let n = q.fetch(conn, |r| get::<i64>(r, "n"))?;
+    u64_of(n.first().copied().unwrap_or(0))
+}
 
-    /// [`KernelStore::count_jobs`].
-    pub(super) async fn sql_count_jobs(&self, filter: &JobFilter) -> StoreResult<u64> {
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT COUNT(*) AS n FROM jobs");
-        push_job_filter(&mut qb, filter);
-        let row = qb.build().fetch_one(&self.pool).await.map_err(be)?;
-        u64_of(get(&row, "n")?)
-    }
-
-    /// [`KernelStore::overdue_jobs`].
-    pub(super) async fn sql_overdue_jobs(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<Job>> {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT * FROM jobs WHERE deadline IS NOT NULL AND state IN ('QUEUED', 'RUNNING', 'WAITING_ACTION') \
-             AND deadline <= ",
-        );
-        qb.push_bind(micros(now)).push(" ORDER BY deadline, id");
-        push_limit(&mut qb, Some(limit));
-        self.fetch_jobs(&mut qb).await
-    }
+/// [`KernelStore::overdue_jobs`](keel_kernel::store::KernelStore::overdue_jobs).
+pub(super) fn overdue_jobs(conn: &Connection, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<Job>> {
+    let mut q = Query::new(
+        "SELECT * FROM jobs WHERE deadline IS NOT NULL AND state IN ('QUEUED', 'RUNNING', 'WAITING_ACTION') \
+         AND deadline <= ",
+    );
+    q.bind(micros(now)).push(" ORDER BY deadline, id");
+    q.push_limit(Some(limit));
+    q.fetch(conn, job_from_row)
 }

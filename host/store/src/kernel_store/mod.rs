@@ -4,15 +4,22 @@
 //! so read-modify-write sequences (version checks, per-job sequence numbers, budget sums) are
 //! serialized across all connections and processes instead of failing late with SQLITE_BUSY.
 //! Reads run outside transactions (WAL gives them a consistent snapshot per statement).
+//!
+//! The store runs on its own rusqlite connections, each transaction as one closure on the
+//! calling thread ([`conn`] says why); the rest of keel-store (plugins, API keys, migrations)
+//! stays on sqlx.
 
 mod actions;
 mod batch;
+pub(crate) mod conn;
 mod events;
 mod jobs;
 mod journal;
 mod leases;
 mod ledger;
 mod rows;
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -26,24 +33,24 @@ use keel_kernel::ledger::{
 use keel_kernel::store::{
     Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreResult,
 };
-use sqlx::{Sqlite, SqlitePool};
 use uuid::Uuid;
 
+use self::conn::Connections;
 use crate::sqlite::Database;
 
 pub(crate) use self::rows::be;
 
-/// The kernel store on a [`Database`]. Cheap to clone (shares the pool).
+/// The kernel store on a [`Database`]. Cheap to clone (shares the connections).
 #[derive(Debug, Clone)]
 pub struct SqliteKernelStore {
-    pool: SqlitePool,
+    db: Arc<Connections>,
 }
 
 impl SqliteKernelStore {
     /// A store on `db` (whose migrations have already created the tables).
     pub fn new(db: &Database) -> Self {
         Self {
-            pool: db.pool().clone(),
+            db: db.kernel_connections(),
         }
     }
 }
@@ -55,79 +62,93 @@ impl Database {
     }
 }
 
-impl SqliteKernelStore {
-    pub(super) async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(be)
-    }
+/// A read on a reader connection, as a store future.
+macro_rules! read {
+    ($self:ident, |$c:ident| $body:expr) => {
+        Box::pin(async move { $self.db.read(|$c| $body) })
+    };
+}
+
+/// A write in one transaction on the writer connection, as a store future.
+macro_rules! write {
+    ($self:ident, |$c:ident| $body:expr) => {
+        Box::pin(async move { $self.db.write(|$c| $body).await })
+    };
 }
 
 impl KernelStore for SqliteKernelStore {
     fn commit(&self, batch: Batch) -> BoxFuture<'_, StoreResult<Vec<RuntimeEvent>>> {
-        Box::pin(self.commit_batch(batch))
+        if batch.is_empty() {
+            return Box::pin(async { Ok(vec![]) });
+        }
+        write!(self, |c| batch::commit(c, batch))
     }
 
     fn get_job(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Job>>> {
-        Box::pin(self.sql_get_job(id))
+        read!(self, |c| jobs::get_job(c, id))
     }
 
     fn get_job_by_key<'a>(&'a self, tenant: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Job>>> {
-        Box::pin(self.sql_get_job_by_key(tenant, key))
+        read!(self, |c| jobs::get_job_by_key(c, tenant, key))
     }
 
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<Job>>> {
-        Box::pin(self.sql_list_jobs(filter))
+        read!(self, |c| jobs::list_jobs(c, filter))
     }
 
     fn count_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<u64>> {
-        Box::pin(self.sql_count_jobs(filter))
+        read!(self, |c| jobs::count_jobs(c, filter))
     }
 
     fn overdue_jobs(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        Box::pin(self.sql_overdue_jobs(now, limit))
+        read!(self, |c| jobs::overdue_jobs(c, now, limit))
     }
 
     fn get_action(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Action>>> {
-        Box::pin(self.sql_get_action(id))
+        read!(self, |c| actions::get_action(c, id))
     }
 
     fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>> {
-        Box::pin(self.sql_get_action_by_token_hash(token_hash))
+        read!(self, |c| actions::get_action_by_token_hash(c, token_hash))
     }
 
     fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
-        Box::pin(self.sql_list_actions(filter))
+        read!(self, |c| actions::list_actions(c, filter))
     }
 
     fn expired_actions(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
-        Box::pin(self.sql_expired_actions(now, limit))
+        read!(self, |c| actions::expired_actions(c, now, limit))
     }
 
     fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {
-        Box::pin(self.sql_read_events(query))
+        read!(self, |c| events::read_events(c, query))
     }
 
     fn append_ledger(&self, entry: NewLedgerEvent) -> BoxFuture<'_, StoreResult<LedgerEvent>> {
-        Box::pin(self.sql_append_ledger(entry))
+        write!(self, |c| {
+            let id = ledger::insert_ledger(c, &entry)?;
+            Ok(LedgerEvent { id, entry })
+        })
     }
 
     fn list_ledger<'a>(&'a self, query: &'a LedgerQuery) -> BoxFuture<'a, StoreResult<Vec<LedgerEvent>>> {
-        Box::pin(self.sql_list_ledger(query))
+        read!(self, |c| ledger::list_ledger(c, query))
     }
 
     fn usage<'a>(&'a self, query: &'a UsageQuery) -> BoxFuture<'a, StoreResult<Usage>> {
-        Box::pin(self.sql_usage(query))
+        read!(self, |c| ledger::usage(c, query))
     }
 
     fn put_budget(&self, budget: Budget) -> BoxFuture<'_, StoreResult<()>> {
-        Box::pin(self.sql_put_budget(budget))
+        write!(self, |c| ledger::put_budget(c, &budget))
     }
 
     fn list_budgets<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, StoreResult<Vec<Budget>>> {
-        Box::pin(self.sql_list_budgets(tenant))
+        read!(self, |c| ledger::list_budgets(c, tenant))
     }
 
     fn delete_budget(&self, id: Uuid) -> BoxFuture<'_, StoreResult<bool>> {
-        Box::pin(self.sql_delete_budget(id))
+        write!(self, |c| ledger::delete_budget(c, id))
     }
 
     fn reserve(
@@ -135,46 +156,49 @@ impl KernelStore for SqliteKernelStore {
         request: ReserveRequest,
         evaluate: BudgetEvaluator,
     ) -> BoxFuture<'_, StoreResult<ReserveOutcome>> {
-        Box::pin(self.reserve_tx(request, evaluate))
+        write!(self, |c| ledger::reserve(c, &request, evaluate))
     }
 
     fn get_reservation(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Reservation>>> {
-        Box::pin(self.sql_get_reservation(id))
+        read!(self, |c| ledger::get_reservation(c, id))
     }
 
     fn settle(&self, request: SettleRequest) -> BoxFuture<'_, StoreResult<Reservation>> {
-        Box::pin(self.settle_tx(request))
+        write!(self, |c| ledger::settle_in(c, request))
     }
 
     fn release(&self, id: Uuid, now: DateTime<Utc>, reason: String) -> BoxFuture<'_, StoreResult<Reservation>> {
-        Box::pin(self.release_tx(id, now, reason))
+        write!(self, |c| ledger::release_in(c, id, now, &reason))
     }
 
     fn release_expired(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Reservation>>> {
-        Box::pin(self.release_expired_tx(now, limit))
+        write!(self, |c| ledger::release_expired(c, now, limit))
     }
 
     fn read_journal(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Vec<JournalEntry>>> {
-        Box::pin(self.sql_read_journal(job_id))
+        read!(self, |c| journal::read_journal(c, job_id))
     }
 
     fn extend_holds<'a>(&'a self, ids: &'a [Uuid], until: DateTime<Utc>) -> BoxFuture<'a, StoreResult<u64>> {
-        Box::pin(self.sql_extend_holds(ids, until))
+        write!(self, |c| ledger::extend_holds(c, ids, until))
     }
 
     fn claim_jobs(&self, request: ClaimRequest) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        Box::pin(self.claim_tx(request))
+        if request.kinds.is_empty() || request.limit == 0 {
+            return Box::pin(async { Ok(vec![]) });
+        }
+        write!(self, |c| leases::claim(c, &request))
     }
 
     fn renew_lease<'a>(&'a self, guard: &'a LeaseGuard, ttl_ms: u64) -> BoxFuture<'a, StoreResult<bool>> {
-        Box::pin(self.sql_renew_lease(guard, ttl_ms))
+        write!(self, |c| leases::renew_lease(c, guard, ttl_ms))
     }
 
     fn release_lease<'a>(&'a self, guard: &'a LeaseGuard) -> BoxFuture<'a, StoreResult<bool>> {
-        Box::pin(self.sql_release_lease(guard))
+        write!(self, |c| leases::release_lease(c, guard))
     }
 
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
-        Box::pin(self.sql_get_lease(job_id))
+        read!(self, |c| leases::get_lease(c, job_id))
     }
 }

@@ -1,15 +1,16 @@
-//! Conversions between kernel values and SQLite columns, and the query-building helpers every concern shares.
+//! Conversions between kernel values and SQLite columns, error mapping, and the small query
+//! builder every concern's dynamic queries share.
 
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use keel_kernel::ledger::cost_to_nanos;
 use keel_kernel::store::{StoreError, StoreResult};
-use sqlx::sqlite::{SqliteConnection, SqliteRow};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use rusqlite::types::{FromSql, Value};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, ffi, params_from_iter};
 use uuid::Uuid;
 
-pub(crate) fn be(e: sqlx::Error) -> StoreError {
+pub(crate) fn be(e: rusqlite::Error) -> StoreError {
     if is_busy(&e) {
         StoreError::Busy(e.to_string())
     } else {
@@ -17,16 +18,39 @@ pub(crate) fn be(e: sqlx::Error) -> StoreError {
     }
 }
 
-/// SQLITE_BUSY / SQLITE_LOCKED (any extended code) after the busy timeout, or no free
-/// connection in time: another writer holds the database; the same write may be retried.
-pub(super) fn is_busy(e: &sqlx::Error) -> bool {
+fn extended_code(e: &rusqlite::Error) -> Option<(ErrorCode, i32)> {
     match e {
-        sqlx::Error::Database(d) => d
-            .code()
-            .and_then(|c| c.parse::<i64>().ok())
-            .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
-        sqlx::Error::PoolTimedOut => true,
-        _ => false,
+        rusqlite::Error::SqliteFailure(f, _) => Some((f.code, f.extended_code)),
+        _ => None,
+    }
+}
+
+/// SQLITE_BUSY / SQLITE_LOCKED after the busy timeout: another writer holds the database; the
+/// same write may be retried.
+pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        extended_code(e),
+        Some((ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked, _))
+    )
+}
+
+/// A UNIQUE or PRIMARY KEY constraint refused the write.
+pub(super) fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        extended_code(e),
+        Some((_, ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY))
+    )
+}
+
+/// A write that references job `job_id`: a foreign-key violation means the job does not exist.
+pub(super) fn job_ref_error(e: rusqlite::Error, job_id: Uuid) -> StoreError {
+    if matches!(extended_code(&e), Some((_, ffi::SQLITE_CONSTRAINT_FOREIGNKEY))) {
+        StoreError::NotFound {
+            entity: "job",
+            id: job_id.to_string(),
+        }
+    } else {
+        be(e)
     }
 }
 
@@ -41,17 +65,6 @@ pub(super) use db_now_micros;
 
 pub(super) fn ttl_micros(ttl_ms: u64) -> i64 {
     i64::try_from(ttl_ms.saturating_mul(1000)).unwrap_or(i64::MAX / 2)
-}
-
-/// A write that references job `job_id`: a foreign-key violation means the job does not exist.
-pub(super) fn job_ref_error(e: sqlx::Error, job_id: Uuid) -> StoreError {
-    match &e {
-        sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound {
-            entity: "job",
-            id: job_id.to_string(),
-        },
-        _ => be(e),
-    }
 }
 
 pub(super) fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -105,32 +118,70 @@ pub(super) fn nanos(cost: rust_decimal::Decimal) -> StoreResult<i64> {
     cost_to_nanos(cost).map_err(|e| StoreError::Backend(e.to_string()))
 }
 
-pub(super) fn get<'r, T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>>(
-    row: &'r SqliteRow,
-    col: &str,
-) -> StoreResult<T> {
-    row.try_get(col).map_err(be)
+/// Column `col` of `row`.
+pub(super) fn get<T: FromSql>(row: &Row<'_>, col: &str) -> StoreResult<T> {
+    row.get(col).map_err(be)
 }
 
-pub(super) type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+/// Optional text or NULL, as a column value.
+pub(super) fn text(v: Option<&str>) -> Value {
+    v.map_or(Value::Null, |s| Value::Text(s.to_owned()))
+}
 
-pub(super) async fn missing_or_conflict(
-    conn: &mut SqliteConnection,
-    table: &str,
-    entity: &'static str,
-    id: Uuid,
-) -> StoreError {
-    let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE id = ?");
-    match sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(id.to_string())
-        .fetch_one(&mut *conn)
-        .await
+/// An optional integer as a column value.
+pub(super) fn int(v: Option<i64>) -> Value {
+    v.map_or(Value::Null, Value::Integer)
+}
+
+/// Run `sql` with `args` and decode every row with `decode`.
+pub(super) fn fetch<T>(
+    conn: &Connection,
+    sql: &str,
+    args: &[Value],
+    mut decode: impl FnMut(&Row<'_>) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(be)?;
+    let mut rows = stmt.query(params_from_iter(args)).map_err(be)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(be)? {
+        out.push(decode(row)?);
+    }
+    Ok(out)
+}
+
+/// Run `sql` with `args` and decode its first row, if any.
+pub(super) fn fetch_optional<T>(
+    conn: &Connection,
+    sql: &str,
+    args: &[Value],
+    decode: impl FnOnce(&Row<'_>) -> StoreResult<T>,
+) -> StoreResult<Option<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(be)?;
+    let mut rows = stmt.query(params_from_iter(args)).map_err(be)?;
+    match rows.next().map_err(be)? {
+        Some(row) => decode(row).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Run a write statement; the number of rows it changed.
+pub(super) fn execute(conn: &Connection, sql: &str, args: &[Value]) -> Result<usize, rusqlite::Error> {
+    conn.prepare_cached(sql)?.execute(params_from_iter(args))
+}
+
+/// `NotFound` when no `table` row has `id`, else `Conflict` (the row exists but a guard refused
+/// the write).
+pub(super) fn missing_or_conflict(conn: &Connection, table: &str, entity: &'static str, id: Uuid) -> StoreError {
+    let sql = format!("SELECT 1 FROM {table} WHERE id = ?");
+    match conn
+        .prepare_cached(&sql)
+        .and_then(|mut s| s.query_row([id.to_string()], |_| Ok(())).optional())
     {
-        Ok(row) if row.try_get::<i64, _>("n").unwrap_or(0) == 0 => StoreError::NotFound {
+        Ok(None) => StoreError::NotFound {
             entity,
             id: id.to_string(),
         },
-        Ok(_) => StoreError::Conflict {
+        Ok(Some(())) => StoreError::Conflict {
             entity,
             id: id.to_string(),
         },
@@ -138,32 +189,77 @@ pub(super) async fn missing_or_conflict(
     }
 }
 
-/// `AND principal = ? AND session = ?` restrictions of a budget or query, appended to `qb`.
-/// ` AND column IN (?, ?, ...)` for a non-empty `values`; nothing when empty (no filter).
-pub(super) fn push_in(qb: &mut QueryBuilder<Sqlite>, column: &'static str, values: impl IntoIterator<Item = String>) {
-    let mut values = values.into_iter().peekable();
-    if values.peek().is_none() {
-        return;
-    }
-    qb.push(" AND ").push(column).push(" IN (");
-    let mut sep = qb.separated(", ");
-    for value in values {
-        sep.push_bind(value);
-    }
-    qb.push(")");
+/// A query assembled from fixed SQL and bound values (never values spliced into the text).
+#[derive(Debug, Default)]
+pub(super) struct Query {
+    pub(super) sql: String,
+    pub(super) args: Vec<Value>,
 }
 
-pub(super) fn push_subject(qb: &mut QueryBuilder<Sqlite>, principal: Option<&str>, session: Option<&str>) {
-    if let Some(p) = principal {
-        qb.push(" AND principal = ").push_bind(p.to_string());
+impl Query {
+    pub(super) fn new(sql: impl Into<String>) -> Self {
+        Self {
+            sql: sql.into(),
+            args: Vec::new(),
+        }
     }
-    if let Some(s) = session {
-        qb.push(" AND session = ").push_bind(s.to_string());
-    }
-}
 
-pub(super) fn push_limit(qb: &mut QueryBuilder<Sqlite>, limit: Option<u32>) {
-    if let Some(l) = limit {
-        qb.push(" LIMIT ").push_bind(i64::from(l));
+    /// Append SQL text.
+    pub(super) fn push(&mut self, sql: &str) -> &mut Self {
+        self.sql.push_str(sql);
+        self
+    }
+
+    /// Append a placeholder bound to `value`.
+    pub(super) fn bind(&mut self, value: impl Into<Value>) -> &mut Self {
+        self.sql.push('?');
+        self.args.push(value.into());
+        self
+    }
+
+    /// ` AND column IN (?, ?, ...)` for a non-empty `values`; nothing when empty (no filter).
+    pub(super) fn push_in(&mut self, column: &'static str, values: impl IntoIterator<Item = String>) {
+        let mut values = values.into_iter().peekable();
+        if values.peek().is_none() {
+            return;
+        }
+        self.push(" AND ").push(column).push(" IN (");
+        for (i, value) in values.enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.bind(value);
+        }
+        self.push(")");
+    }
+
+    /// `AND principal = ? AND session = ?` restrictions of a budget or query.
+    pub(super) fn push_subject(&mut self, principal: Option<&str>, session: Option<&str>) {
+        if let Some(p) = principal {
+            self.push(" AND principal = ").bind(p.to_owned());
+        }
+        if let Some(s) = session {
+            self.push(" AND session = ").bind(s.to_owned());
+        }
+    }
+
+    pub(super) fn push_limit(&mut self, limit: Option<u32>) {
+        if let Some(l) = limit {
+            self.push(" LIMIT ").bind(i64::from(l));
+        }
+    }
+
+    /// Run it and decode every row.
+    pub(super) fn fetch<T>(
+        &self,
+        conn: &Connection,
+        decode: impl FnMut(&Row<'_>) -> StoreResult<T>,
+    ) -> StoreResult<Vec<T>> {
+        fetch(conn, &self.sql, &self.args, decode)
+    }
+
+    /// Run it as a write; the number of rows changed.
+    pub(super) fn execute(&self, conn: &Connection) -> StoreResult<usize> {
+        execute(conn, &self.sql, &self.args).map_err(be)
     }
 }

@@ -1,0 +1,128 @@
+//! The kernel store's own SQLite connections, used inline on the calling thread.
+//!
+//! Why not sqlx here: sqlx runs each SQLite connection on a worker thread, and every statement is
+//! a round trip to it (two thread wake-ups, 50–100 µs on a loaded 2-core machine), so the dozen
+//! statements of one governed call cost more than its commits. Here a whole transaction is one
+//! closure run on the caller's thread, as embedded SQLite is meant to be used: a statement costs
+//! microseconds and a commit costs what SQLite costs (a few page writes, plus an fsync with
+//! `synchronous = FULL`).
+//!
+//! The calling task does block its thread for that long, on purpose: `block_in_place` would hand
+//! the worker's core to another thread at every commit, and a task still inside it when the
+//! runtime shuts down runs on after the timers stopped (it panics at its next sleep). What can
+//! take long is waiting for another connection's write lock, so that never blocks: the writer's
+//! busy timeout is zero and a busy `BEGIN IMMEDIATE` is retried after an async sleep.
+//!
+//! One writer connection (SQLite admits one writer at a time anyway) and a few read-only
+//! connections (WAL lets them read while the writer writes).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
+
+use keel_kernel::store::StoreResult;
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+
+use super::rows::{be, is_busy};
+use crate::sqlite::Durability;
+
+/// How many read-only connections each database keeps.
+const READERS: usize = 4;
+
+/// Prepared statements kept per connection: every statement the store runs, with room to spare.
+const STATEMENT_CACHE: usize = 96;
+
+/// How long a write waits for another connection's (or process's) write lock before it fails
+/// with `StoreError::Busy` (which the kernel may retry).
+const WRITE_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a read may wait on a lock (WAL readers only wait while a WAL index is rebuilt).
+const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The writer and the readers of one database file.
+#[derive(Debug)]
+pub(crate) struct Connections {
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+impl Connections {
+    /// Open the connections on `path`, a database that exists and is migrated (WAL mode is a
+    /// property of the file, set when it was created).
+    pub(crate) fn open(path: &Path, durability: Durability) -> rusqlite::Result<Self> {
+        let writer = open_one(path, durability, false)?;
+        let readers = (0..READERS)
+            .map(|_| open_one(path, durability, true).map(Mutex::new))
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            readers,
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    /// Run `f` in one `BEGIN IMMEDIATE` transaction and commit it; an error from `f` rolls the
+    /// whole transaction back. While another connection holds the write lock this waits
+    /// asynchronously (up to [`WRITE_LOCK_WAIT`]), never blocking the thread.
+    pub(crate) async fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
+        let deadline = Instant::now() + WRITE_LOCK_WAIT;
+        let mut pause = Duration::from_micros(250);
+        let mut f = Some(f);
+        loop {
+            {
+                let mut conn = lock(&self.writer);
+                match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+                    Ok(tx) => {
+                        let f = f.take().expect("called once: the loop returns after it");
+                        let out = f(&tx)?;
+                        tx.commit().map_err(be)?;
+                        return Ok(out);
+                    }
+                    Err(e) if is_busy(&e) && Instant::now() < deadline => {}
+                    Err(e) => return Err(be(e)),
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Run `f` on a read-only connection (each statement sees a consistent snapshot).
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let n = self.readers.len();
+        // A free reader if there is one; else wait for the next in turn.
+        let conn = (0..n)
+            .find_map(|i| match self.readers[(start + i) % n].try_lock() {
+                Ok(conn) => Some(conn),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            })
+            .unwrap_or_else(|| lock(&self.readers[start % n]));
+        f(&conn)
+    }
+}
+
+fn open_one(path: &Path, durability: Durability, read_only: bool) -> rusqlite::Result<Connection> {
+    // Each connection is used by one thread at a time (behind its mutex): no SQLite mutex needed.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
+    // The writer never waits inside SQLite (see `write`).
+    conn.busy_timeout(if read_only { READ_BUSY_TIMEOUT } else { Duration::ZERO })?;
+    if read_only {
+        // Opened read-write (a WAL reader updates the shared-memory index) but refusing writes.
+        conn.pragma_update(None, "query_only", true)?;
+    }
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.pragma_update(None, "synchronous", durability.pragma())?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// A connection's lock. A panic inside a closure rolled its transaction back (rusqlite's
+/// `Transaction` rolls back on drop), so a poisoned connection is still sound.
+fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -240,21 +240,9 @@ pub struct NetGrants {
     all: bool,
 }
 
-async fn save_grants(
-    state: &AppState,
-    record: &PluginRecord,
-    owner: &PluginOwner,
-    grants: Value,
-) -> ApiResult<Json<Value>> {
-    let db = &state.host.app.db;
-    db.set_plugin_grants(&record.name, &grants)
-        .await
-        .map_err(keel_app::AppError::from)?;
-    let record = db
-        .get_plugin(&record.name)
-        .await
-        .map_err(keel_app::AppError::from)?
-        .ok_or_else(|| ApiError::not_found(format!("plugin {}", record.name)))?;
+/// The plugin as it is stored now, after a grant change.
+async fn reread(state: &AppState, name: &str, owner: &PluginOwner) -> ApiResult<Json<Value>> {
+    let record = state.host.app.record(name).await?;
     Ok(Json(record_json(&record, owner)))
 }
 
@@ -273,20 +261,17 @@ pub(crate) async fn grant_plugin(
     if body.net.is_empty() || body.all {
         return Err(ApiError::invalid("name the hosts to grant in `net`"));
     }
-    let mut grants = keel_app::home::grants_of(&record)?;
-    for host in &body.net {
-        let host = check_host_pattern(host)?;
-        if !grants.net.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
-            grants.net.push(host);
-        }
-    }
-    save_grants(
-        &state,
-        &record,
-        &owner,
-        serde_json::to_value(&grants).unwrap_or_default(),
-    )
-    .await
+    let net = body
+        .net
+        .iter()
+        .map(|host| check_host_pattern(host))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let request = keel_app::plugins::GrantRequest {
+        net,
+        ..Default::default()
+    };
+    state.host.app.grant(&who, &record.name, &request).await?;
+    reread(&state, &record.name, &owner).await
 }
 
 /// Take network grants (or, with `all`, every grant) away from a plugin.
@@ -301,24 +286,13 @@ pub(crate) async fn revoke_plugin(
 ) -> ApiResult<Json<Value>> {
     need(&who, Role::Admin)?;
     let (record, owner) = changeable(&state, &who, &name).await?;
-    let mut grants = keel_app::home::grants_of(&record)?;
-    if body.all {
-        grants = Default::default();
-    }
-    for host in &body.net {
-        let before = grants.net.len();
-        grants.net.retain(|h| !h.eq_ignore_ascii_case(host.trim()));
-        if grants.net.len() == before {
-            return Err(ApiError::invalid(format!("{name} has no network grant for {host}")));
-        }
-    }
-    save_grants(
-        &state,
-        &record,
-        &owner,
-        serde_json::to_value(&grants).unwrap_or_default(),
-    )
-    .await
+    let request = keel_app::plugins::RevokeRequest {
+        net: body.net.iter().map(|h| h.trim().to_string()).collect(),
+        all: body.all,
+        ..Default::default()
+    };
+    state.host.app.revoke(&who, &record.name, &request).await?;
+    reread(&state, &record.name, &owner).await
 }
 
 /// Remove a plugin.
@@ -331,17 +305,8 @@ pub(crate) async fn remove_plugin(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     need(&who, Role::Admin)?;
-    let app = &state.host.app;
     let _one_at_a_time = state.plugin_lock.lock().await;
-    let (record, _) = changeable(&state, &who, &name).await?;
-    app.db.remove_plugin(&name).await.map_err(keel_app::AppError::from)?;
-    if !app
-        .db
-        .component_in_use(&record.sha256)
-        .await
-        .map_err(keel_app::AppError::from)?
-    {
-        let _ = app.components.remove(&record.sha256);
-    }
+    changeable(&state, &who, &name).await?;
+    state.host.app.remove_plugin(&who, &name).await?;
     Ok(Json(json!({ "removed": name })))
 }

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
+use super::schemas::ActionList;
 use super::{Who, need, parse_uuid};
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -34,7 +35,7 @@ pub(crate) fn action_view(action: &Action) -> Value {
 
 /// The scope's actions (pending ones by default), oldest first.
 #[utoipa::path(get, path = "/v1/actions", tag = "actions", params(ListActions),
-    responses((status = 200, description = "`{actions: [...]}`")))]
+    responses((status = 200, description = "`{actions: [...]}`", body = ActionList)))]
 pub(crate) async fn list_actions(
     State(state): State<AppState>,
     who: Who,
@@ -65,7 +66,7 @@ pub(crate) async fn list_actions(
 /// One action of the scope.
 #[utoipa::path(get, path = "/v1/actions/{id}", tag = "actions",
     params(("id" = String, Path, description = "Action id")),
-    responses((status = 200, description = "The action"), (status = 404, description = "No such action in this scope")))]
+    responses((status = 200, description = "The action", body = super::schemas::Action), (status = 404, description = "No such action in this scope")))]
 pub(crate) async fn get_action(
     State(state): State<AppState>,
     who: Who,
@@ -108,7 +109,7 @@ async fn decide(state: &AppState, who: &Who, id: &str, approved: bool, body: Dec
 /// Approve a pending action (with `for_session`, also for the rest of the session).
 #[utoipa::path(post, path = "/v1/actions/{id}/approve", tag = "actions", request_body = Option<Decide>,
     params(("id" = String, Path, description = "Action id")),
-    responses((status = 200, description = "The resolved action"), (status = 404, description = "No such action in this scope"),
+    responses((status = 200, description = "The resolved action", body = super::schemas::Action), (status = 404, description = "No such action in this scope"),
         (status = 409, description = "Not pending any more (`action_not_pending`, `action_expired`)")))]
 pub(crate) async fn approve_action(
     State(state): State<AppState>,
@@ -122,7 +123,7 @@ pub(crate) async fn approve_action(
 /// Deny a pending action.
 #[utoipa::path(post, path = "/v1/actions/{id}/deny", tag = "actions", request_body = Option<Decide>,
     params(("id" = String, Path, description = "Action id")),
-    responses((status = 200, description = "The resolved action"), (status = 404, description = "No such action in this scope"),
+    responses((status = 200, description = "The resolved action", body = super::schemas::Action), (status = 404, description = "No such action in this scope"),
         (status = 409, description = "Not pending any more")))]
 pub(crate) async fn deny_action(
     State(state): State<AppState>,
@@ -149,7 +150,7 @@ pub struct ResolveToken {
 /// Resolve the action a resume token belongs to, within the caller's scope: a token of another
 /// scope's action is "not found" like a wrong one.
 #[utoipa::path(post, path = "/v1/actions/resolve", tag = "actions", request_body = ResolveToken,
-    responses((status = 200, description = "The resolved action"), (status = 404, description = "No pending action of this scope has that token"),
+    responses((status = 200, description = "The resolved action", body = super::schemas::Action), (status = 404, description = "No pending action of this scope has that token"),
         (status = 409, description = "Already resolved or expired")))]
 pub(crate) async fn resolve_by_token(
     State(state): State<AppState>,

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::schemas::{JobCreated, JobPage, JobWithResult, RuntimeEvent};
 use super::{Who, need, parse_uuid};
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -88,8 +89,8 @@ async fn confine_tools(state: &AppState, caller: &keel_app::Caller, tools: &[Str
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = CreateJob,
     params(("Idempotency-Key" = Option<String>, Header, description = "Same as `idempotency_key`")),
     responses(
-        (status = 201, description = "Created: `{job, created: true}`"),
-        (status = 200, description = "A job with this idempotency key existed: `{job, created: false}`"),
+        (status = 201, description = "Created: `{job, created: true}`", body = JobCreated),
+        (status = 200, description = "A job with this idempotency key existed: `{job, created: false}`", body = JobCreated),
         (status = 409, description = "The idempotency key was used for a different request"),
     ))]
 pub(crate) async fn create_job(
@@ -170,7 +171,7 @@ pub struct ListJobs {
 
 /// List the scope's jobs, newest first, a page at a time.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListJobs),
-    responses((status = 200, description = "`{jobs: [...], next_cursor}`; `next_cursor` is null on the last page")))]
+    responses((status = 200, description = "`{jobs: [...], next_cursor}`; `next_cursor` is null on the last page", body = JobPage)))]
 pub(crate) async fn list_jobs(
     State(state): State<AppState>,
     who: Who,
@@ -213,7 +214,7 @@ pub(crate) async fn list_jobs(
 /// A job of the scope, with its result once it ended.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, description = "`{job, result}` (`result` once the job ended)"), (status = 404, description = "No such job in this scope")))]
+    responses((status = 200, description = "`{job, result}` (`result` once the job ended)", body = JobWithResult), (status = 404, description = "No such job in this scope")))]
 pub(crate) async fn get_job(State(state): State<AppState>, who: Who, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     need(&who, Role::Read)?;
     let id = parse_uuid("job", &id)?;
@@ -236,7 +237,7 @@ pub struct CancelJob {
 /// Cancel a job, its unfinished children and their pending actions.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", request_body = Option<CancelJob>,
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, description = "The cancelled job"), (status = 404, description = "No such job in this scope"),
+    responses((status = 200, description = "The cancelled job", body = super::schemas::Job), (status = 404, description = "No such job in this scope"),
         (status = 409, description = "The job already ended")))]
 pub(crate) async fn cancel_job(
     State(state): State<AppState>,
@@ -274,7 +275,7 @@ pub struct EventsFrom {
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
     params(("id" = String, Path, description = "Job id"), EventsFrom,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this sequence number")),
-    responses((status = 200, description = "text/event-stream of `RuntimeEvent` JSON, `event:` = its type", content_type = "text/event-stream"),
+    responses((status = 200, description = "text/event-stream of `RuntimeEvent` JSON, `event:` = its type", content_type = "text/event-stream", body = RuntimeEvent),
         (status = 404, description = "No such job in this scope")))]
 pub(crate) async fn job_events(
     State(state): State<AppState>,

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
+use super::schemas::{Budget, BudgetList, CallPending, PolicyDecision, RuntimeEvent, Usage};
 use super::{Who, need, parse_uuid};
 use crate::AppState;
 use crate::auth::{KeyId, SESSION_COOKIE, Via, cookie};
@@ -80,7 +81,7 @@ pub struct ScopeEvents {
 /// `Last-Event-ID`). The approvals page follows `action.*` events with it.
 #[utoipa::path(get, path = "/v1/events", tag = "jobs", params(ScopeEvents,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id")),
-    responses((status = 200, description = "text/event-stream of `RuntimeEvent` JSON", content_type = "text/event-stream")))]
+    responses((status = 200, description = "text/event-stream of `RuntimeEvent` JSON", content_type = "text/event-stream", body = RuntimeEvent)))]
 pub(crate) async fn scope_events(
     State(state): State<AppState>,
     who: Who,
@@ -122,7 +123,7 @@ pub struct UsageParams {
 
 /// The scope's usage from the ledger: tokens, cost, model requests, tool calls.
 #[utoipa::path(get, path = "/v1/usage", tag = "ledger", params(UsageParams),
-    responses((status = 200, description = "`{tokens, cost, requests, tool_calls}`")))]
+    responses((status = 200, description = "`{tokens, cost, requests, tool_calls}`", body = Usage)))]
 pub(crate) async fn usage(
     State(state): State<AppState>,
     who: Who,
@@ -148,7 +149,7 @@ pub(crate) async fn usage(
 
 /// The scope's budgets with their usage in the current window.
 #[utoipa::path(get, path = "/v1/budgets", tag = "ledger",
-    responses((status = 200, description = "`{budgets: [...]}` (each with its current usage)")))]
+    responses((status = 200, description = "`{budgets: [...]}` (each with its current usage)", body = BudgetList)))]
 pub(crate) async fn list_budgets(State(state): State<AppState>, who: Who) -> ApiResult<Json<Value>> {
     need(&who, Role::Read)?;
     let report = keel_app::ledger::budget_report(&state.host.kernel, &who).await?;
@@ -179,7 +180,7 @@ pub struct SetBudget {
 
 /// Create a budget, or replace the scope's budget with the same subject and window.
 #[utoipa::path(put, path = "/v1/budgets", tag = "ledger", request_body = SetBudget,
-    responses((status = 200, description = "The budget")))]
+    responses((status = 200, description = "The budget", body = Budget)))]
 pub(crate) async fn set_budget(
     State(state): State<AppState>,
     who: Who,
@@ -216,7 +217,7 @@ pub(crate) async fn set_budget(
 /// Delete a budget of the scope.
 #[utoipa::path(delete, path = "/v1/budgets/{id}", tag = "ledger",
     params(("id" = String, Path, description = "Budget id")),
-    responses((status = 200, description = "The deleted budget"), (status = 404, description = "No such budget in this scope")))]
+    responses((status = 200, description = "The deleted budget", body = Budget), (status = 404, description = "No such budget in this scope")))]
 pub(crate) async fn delete_budget(
     State(state): State<AppState>,
     who: Who,
@@ -250,7 +251,7 @@ pub struct PolicyEval {
 /// Dry-run the server's policy for a tool call by this scope: the decision and the rules that
 /// made it, without running anything.
 #[utoipa::path(post, path = "/v1/policy/eval", tag = "policy", request_body = PolicyEval,
-    responses((status = 200, description = "`{outcome, reason, applied_rules, violated_rules}`"),
+    responses((status = 200, description = "`{outcome, reason, applied_rules, violated_rules}`", body = PolicyDecision),
         (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn policy_eval(
     State(state): State<AppState>,
@@ -301,8 +302,8 @@ fn outcome_json(outcome: &CallOutcome) -> Value {
 /// server's wait answers 202 with its job, to follow with `/v1/jobs/{id}`.
 #[utoipa::path(post, path = "/v1/tools/{plugin}/{tool}/call", tag = "tools", request_body = Option<CallTool>,
     params(("plugin" = String, Path, description = "Plugin name"), ("tool" = String, Path, description = "Tool name")),
-    responses((status = 200, description = "The outcome: `{job_id, status, tool_result, error}` (a refused or failed call is `FAILED` with its error code)"),
-        (status = 202, description = "Still running (waiting for an approval): `{job_id, status}`"),
+    responses((status = 200, description = "The outcome: `{job_id, status, tool_result, error}` (a refused or failed call is `FAILED` with its error code)", body = super::schemas::CallOutcome),
+        (status = 202, description = "Still running (waiting for an approval): `{job_id, status}`", body = CallPending),
         (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn call_tool(
     State(state): State<AppState>,

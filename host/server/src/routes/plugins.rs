@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
+use super::schemas::{Plugin, PluginInstalled, PluginList, PluginRemoved};
 use super::{Who, need};
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -75,7 +76,7 @@ async fn changeable(state: &AppState, caller: &Caller, name: &str) -> ApiResult<
 
 /// The plugins this scope can see.
 #[utoipa::path(get, path = "/v1/plugins", tag = "plugins",
-    responses((status = 200, description = "`{plugins: [...]}`")))]
+    responses((status = 200, description = "`{plugins: [...]}`", body = PluginList)))]
 pub(crate) async fn list_plugins(State(state): State<AppState>, who: Who) -> ApiResult<Json<Value>> {
     need(&who, Role::Read)?;
     let mut out = Vec::new();
@@ -91,7 +92,7 @@ pub(crate) async fn list_plugins(State(state): State<AppState>, who: Who) -> Api
 /// One plugin.
 #[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins",
     params(("name" = String, Path, description = "Plugin name")),
-    responses((status = 200, description = "The plugin: tools, grants, owner"), (status = 404, description = "No such plugin visible to this scope")))]
+    responses((status = 200, description = "The plugin: tools, grants, owner", body = Plugin), (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn show_plugin(
     State(state): State<AppState>,
     who: Who,
@@ -147,7 +148,7 @@ fn net_list(net: Option<&str>) -> ApiResult<Vec<String>> {
 /// Install a component (the request body, `application/wasm`) owned by this scope.
 #[utoipa::path(post, path = "/v1/plugins", tag = "plugins", params(InstallOptions),
     request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component"),
-    responses((status = 201, description = "Installed: `{plugin, notes}`"),
+    responses((status = 201, description = "Installed: `{plugin, notes}`", body = PluginInstalled),
         (status = 409, description = "`plugin_exists` (pass replace=true) or `name_unavailable` (another scope's name)"),
         (status = 403, description = "Not an admin, or a home-wide plugin and not the default scope")))]
 pub(crate) async fn install_plugin(
@@ -249,7 +250,7 @@ async fn reread(state: &AppState, name: &str, owner: &PluginOwner) -> ApiResult<
 /// Allow a plugin outbound HTTP to more hosts.
 #[utoipa::path(post, path = "/v1/plugins/{name}/grant", tag = "plugins", request_body = NetGrants,
     params(("name" = String, Path, description = "Plugin name")),
-    responses((status = 200, description = "The plugin with its grants"), (status = 404, description = "No such plugin visible to this scope")))]
+    responses((status = 200, description = "The plugin with its grants", body = Plugin), (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn grant_plugin(
     State(state): State<AppState>,
     who: Who,
@@ -277,7 +278,7 @@ pub(crate) async fn grant_plugin(
 /// Take network grants (or, with `all`, every grant) away from a plugin.
 #[utoipa::path(post, path = "/v1/plugins/{name}/revoke", tag = "plugins", request_body = NetGrants,
     params(("name" = String, Path, description = "Plugin name")),
-    responses((status = 200, description = "The plugin with its grants"), (status = 404, description = "No such plugin visible to this scope")))]
+    responses((status = 200, description = "The plugin with its grants", body = Plugin), (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn revoke_plugin(
     State(state): State<AppState>,
     who: Who,
@@ -298,7 +299,7 @@ pub(crate) async fn revoke_plugin(
 /// Remove a plugin.
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins",
     params(("name" = String, Path, description = "Plugin name")),
-    responses((status = 200, description = "`{removed: name}`"), (status = 404, description = "No such plugin visible to this scope")))]
+    responses((status = 200, description = "`{removed: name}`", body = PluginRemoved), (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn remove_plugin(
     State(state): State<AppState>,
     who: Who,

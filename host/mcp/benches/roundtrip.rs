@@ -7,7 +7,9 @@
 //! (`AgentHost::open_in_memory`: the governance path alone, no durable write).
 //!
 //! `cargo bench --bench roundtrip [-- CALLS]` (default 2000 per scenario, after 200 warm-up calls;
-//! `cargo test --benches` runs 20 after 5, as a smoke test).
+//! `cargo test --benches` runs 20 after 5, as a smoke test). On the shared build:
+//! `cargo bench --profile dev --bench roundtrip`; with Keel's crates optimised but the dev
+//! dependency build reused: `CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo bench --profile dev --bench roundtrip`.
 //!
 //! The same binary is the servers: with `KEEL_MCP_BENCH_ROLE=floor|keel` it serves MCP on stdio.
 

@@ -24,6 +24,10 @@ pub struct AppError {
     pub kind: ErrorKind,
     /// One sentence.
     pub message: String,
+    /// A stable name of the refusal, when the kernel gave one (`action_not_pending`,
+    /// `action_expired`, `illegal_transition`, `idempotency_key_reused`, `budget_exceeded`): the
+    /// HTTP API's error `code` and status come from it.
+    pub code: Option<&'static str>,
 }
 
 impl AppError {
@@ -32,6 +36,7 @@ impl AppError {
         Self {
             kind: ErrorKind::User,
             message: message.into(),
+            code: None,
         }
     }
 
@@ -40,6 +45,7 @@ impl AppError {
         Self {
             kind: ErrorKind::Plugin,
             message: message.into(),
+            code: None,
         }
     }
 
@@ -48,6 +54,7 @@ impl AppError {
         Self {
             kind: ErrorKind::Internal,
             message: message.into(),
+            code: None,
         }
     }
 
@@ -56,6 +63,7 @@ impl AppError {
         Self {
             kind: ErrorKind::NotFound,
             message: message.into(),
+            code: None,
         }
     }
 
@@ -64,7 +72,14 @@ impl AppError {
         Self {
             kind: ErrorKind::Forbidden,
             message: message.into(),
+            code: None,
         }
+    }
+
+    /// The same error with a stable `code`.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
     }
 
     /// The process exit code for this error.
@@ -121,16 +136,15 @@ impl From<keel_kernel::KernelError> for AppError {
             // Not in the caller's scope (or nowhere): the same answer either way.
             E::JobNotFound(_) | E::ActionNotFound(_) | E::InvalidToken => AppError::not_found(error.to_string()),
             // The caller named something that cannot take this step.
-            E::IllegalTransition { .. }
-            | E::ActionNotPending { .. }
-            | E::ActionExpired(_)
-            | E::CallDigestMismatch(_)
-            | E::ReservationNotFound(_)
-            | E::ReservationState { .. }
-            | E::IdempotencyKeyReused { .. }
-            | E::Invalid(_) => AppError::user(error.to_string()),
+            E::ActionNotPending { .. } => AppError::user(error.to_string()).with_code("action_not_pending"),
+            E::ActionExpired(_) => AppError::user(error.to_string()).with_code("action_expired"),
+            E::IdempotencyKeyReused { .. } => AppError::user(error.to_string()).with_code("idempotency_key_reused"),
+            E::IllegalTransition { .. } | E::ReservationState { .. } => {
+                AppError::user(error.to_string()).with_code("illegal_transition")
+            }
+            E::CallDigestMismatch(_) | E::ReservationNotFound(_) | E::Invalid(_) => AppError::user(error.to_string()),
             // A budget refusal is a policy failure, like a denied tool call.
-            E::BudgetExceeded(_) => AppError::plugin(error.to_string()),
+            E::BudgetExceeded(_) => AppError::plugin(error.to_string()).with_code("budget_exceeded"),
             E::Contention(_) | E::EventsClosed | E::Store(_) => AppError::internal(error.to_string()),
         }
     }

@@ -260,3 +260,94 @@ impl Follower {
         }))
     }
 }
+
+/// Events read from the store at once by [`scope_events`].
+const SCOPE_PAGE: u32 = 500;
+
+/// Every event of the caller's scope (only `types`, when not empty) whose store id is above
+/// `after_id`, then the live ones, in store-id order, each once (the approvals page follows
+/// `action.*` events this way; the HTTP server serves it as SSE with `id:` = the store id).
+/// Store ids are global (other scopes' events lie between ours), so every live wake-up and
+/// every `poll` re-reads the store after the last id yielded. Ends only when the event bus
+/// closes; a read error ends it after yielding the error.
+pub async fn scope_events(
+    kernel: &Kernel,
+    caller: &Caller,
+    types: Vec<EventType>,
+    after_id: i64,
+    poll: Duration,
+) -> Result<BoxStream<'static, Result<RuntimeEvent, AppError>>, AppError> {
+    caller.require(Role::Read)?;
+    let filter = EventFilter::tenant(caller.scope.clone()).with_types(types);
+    // Subscribed before the first read: nothing committed from now on is missed.
+    let sub = kernel.subscribe(filter.clone());
+    let state = ScopeFollower {
+        kernel: kernel.clone(),
+        filter,
+        sub,
+        last: after_id,
+        poll: poll.max(Duration::from_millis(1)),
+        buf: VecDeque::new(),
+        read: true,
+        done: false,
+    };
+    Ok(Box::pin(futures::stream::unfold(state, |mut f| async move {
+        let item = f.next().await?;
+        if item.is_err() {
+            f.done = true;
+        }
+        Some((item, f))
+    })))
+}
+
+struct ScopeFollower {
+    kernel: Kernel,
+    filter: EventFilter,
+    sub: Subscription,
+    last: i64,
+    poll: Duration,
+    buf: VecDeque<RuntimeEvent>,
+    /// Read the store before waiting again.
+    read: bool,
+    done: bool,
+}
+
+impl ScopeFollower {
+    async fn next(&mut self) -> Option<Result<RuntimeEvent, AppError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(e) = self.buf.pop_front() {
+                if e.id <= self.last {
+                    continue;
+                }
+                self.last = e.id;
+                return Some(Ok(e));
+            }
+            if self.read {
+                let query = EventQuery {
+                    filter: self.filter.clone(),
+                    after_id: self.last,
+                    limit: Some(SCOPE_PAGE),
+                    ..EventQuery::default()
+                };
+                let events = match self.kernel.read_events(&query).await {
+                    Ok(events) => events,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                // A full page: more may follow at once.
+                self.read = events.len() as u32 == SCOPE_PAGE;
+                self.buf.extend(events);
+                continue;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.poll) => {}
+                got = self.sub.recv() => if let Err(SubscriptionError::Closed) = got {
+                    return None;
+                },
+            }
+            self.read = true;
+        }
+    }
+}

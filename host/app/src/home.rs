@@ -67,6 +67,10 @@ pub struct McpSettings {
     /// How often the server checks the plugin registry for installs, upgrades and removals
     /// (`notifications/tools/list_changed`), in milliseconds.
     pub watch_ms: u64,
+    /// For MCP clients that support tasks: how long a `tools/call` may run before the server
+    /// answers with a task instead of waiting (a call waiting for an approval becomes a task at
+    /// once), in milliseconds.
+    pub task_after_ms: u64,
 }
 
 impl Default for McpSettings {
@@ -77,6 +81,7 @@ impl Default for McpSettings {
             // Under the 60 s request timeout of common MCP clients.
             approval_wait_secs: 50,
             watch_ms: 500,
+            task_after_ms: 1000,
         }
     }
 }

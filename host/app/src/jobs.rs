@@ -11,7 +11,7 @@ use keel_kernel::agent::AGENT_JOB_KIND;
 use keel_kernel::context::CancellationToken;
 use keel_kernel::event::{EventFilter, EventQuery, RuntimeEvent};
 use keel_kernel::job::{Job, JobFilter, JobState};
-use keel_kernel::{ExecutionHandle, ExecutionRequest, Kernel};
+use keel_kernel::{ExecutionHandle, ExecutionRequest, ExecutionResult, Kernel};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -225,6 +225,29 @@ impl AgentHost {
     pub async fn enqueue(&self, request: &ExecutionRequest) -> Result<Enqueued, AppError> {
         let (job_id, created) = crate::runtime::enqueue(&self.kernel, request).await?;
         Ok(Enqueued { job_id, created })
+    }
+
+    /// Create `request` as a job and claim it here at once when it is free (the HTTP API's
+    /// `POST /v1/jobs`: the job runs on this server's worker). A job that already existed under
+    /// the same idempotency key is claimed only if nobody holds it (it may be running elsewhere).
+    pub async fn submit(&self, request: &ExecutionRequest) -> Result<Enqueued, AppError> {
+        let enqueued = self.enqueue(request).await?;
+        let job = self.kernel.jobs().get(&request.scope, enqueued.job_id).await?;
+        if !job.state.is_terminal() {
+            self.rt.resume_job(enqueued.job_id).await.map_err(agent_error)?;
+        }
+        Ok(enqueued)
+    }
+
+    /// The result of one of the caller's jobs once it has ended (output, tool result, usage,
+    /// error); `None` while it runs. Another scope's job is "not found".
+    pub async fn job_result(&self, caller: &Caller, id: Uuid) -> Result<Option<ExecutionResult>, AppError> {
+        let job = get_job(&self.kernel, caller, id).await?;
+        if !job.state.is_terminal() {
+            return Ok(None);
+        }
+        let handle = self.rt.attach(&caller.scope, id).await.map_err(agent_error)?;
+        Ok(Some(handle.snapshot().await.map_err(agent_error)?))
     }
 
     /// Start `request` in this process (the job is leased to it). Pair with

@@ -264,6 +264,26 @@ impl AgentHost {
         warm: bool,
         stdio: Option<crate::tools::StdioSinks>,
     ) -> Result<Self, AppError> {
+        Self::open_on(home, patterns, policy, limits, warm, stdio, false).await
+    }
+
+    /// An `AgentHost` over the home's plugins, config and policy whose jobs, events, ledger and
+    /// journal live in the kernel's in-memory store: nothing is written durably and nothing
+    /// survives the process. For measuring the governed call path alone (policy, budget check,
+    /// events, receipt, sandboxed call) without the database's commits; never for real work.
+    pub async fn open_in_memory(home: &Path, policy: PolicyChoice) -> Result<Self, AppError> {
+        Self::open_on(home, None, policy, None, false, None, true).await
+    }
+
+    async fn open_on(
+        home: &Path,
+        patterns: Option<&[String]>,
+        policy: PolicyChoice,
+        limits: Option<LimitOverride>,
+        warm: bool,
+        stdio: Option<crate::tools::StdioSinks>,
+        in_memory: bool,
+    ) -> Result<Self, AppError> {
         let app = Arc::new(App::open(home).await?);
         let agent = app.config.agent.clone();
         let poll = Duration::from_millis(agent.poll_ms.max(1));
@@ -272,7 +292,12 @@ impl AgentHost {
             action_recheck_ms: Some(agent.poll_ms.max(1)),
             ..KernelConfig::default()
         };
-        let kernel = Kernel::with_clock(Arc::new(app.db.kernel_store()), Arc::new(SystemClock), config);
+        let store: Arc<dyn keel_kernel::store::KernelStore> = if in_memory {
+            Arc::new(keel_kernel::memory::MemoryStore::new())
+        } else {
+            Arc::new(app.db.kernel_store())
+        };
+        let kernel = Kernel::with_clock(store, Arc::new(SystemClock), config);
         let router = ModelRouter::from_config(&app.config.models)
             .map_err(|e| AppError::user(format!("[models] in config.toml: {e}")))?;
         let providers = router.provider_names().into_iter().map(str::to_string).collect();

@@ -134,3 +134,62 @@ fn dependencies_point_one_way() {
         "the MCP server does not depend on the CLI"
     );
 }
+
+/// The `.rs` files under `dir`, recursively.
+fn sources(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            out.extend(sources(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The HTTP and MCP front ends call keel-app's use cases (which check the caller's role and
+/// scope), never the kernel's services: no job, action, ledger, event or store call of their
+/// own, no job created or claimed behind the use cases' back. (`AgentHost::start_call` and the
+/// handle it returns, and the server's in-process worker, are the use-case layer's.)
+#[test]
+fn front_ends_call_use_cases_not_kernel_services() {
+    let forbidden = [
+        ".jobs()",
+        ".actions()",
+        ".ledger()",
+        ".store()",
+        "kernel.subscribe(",
+        "kernel.read_events(",
+        "rt.attach(",
+        "rt.resume_job(",
+        "rt.execute(",
+        "rt.call_tool(",
+        "new_job(",
+    ];
+    let root = keel_testutil::workspace_root();
+    let mut found = Vec::new();
+    for dir in ["host/server/src", "host/mcp/src"] {
+        let files = sources(&root.join(dir));
+        assert!(!files.is_empty(), "no sources under {dir}");
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("read a source");
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                for call in forbidden.iter().filter(|c| code.contains(*c)) {
+                    found.push(format!(
+                        "{}:{}: {call}",
+                        file.strip_prefix(&root).unwrap_or(&file).display(),
+                        n + 1
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "front ends reaching kernel services directly:\n{}",
+        found.join("\n")
+    );
+}

@@ -3,10 +3,13 @@
 //! tool returning a constant: the pipe floor), measured by the same client in the same run, over
 //! stdio (a child process each, the rmcp client) and over Streamable HTTP (an axum server each on
 //! 127.0.0.1, one hand-written HTTP/1.1 client), plus the governed call alone
-//! (`AgentHost::call`, no MCP).
+//! (`AgentHost::call`, no MCP), and that call again with an in-memory kernel store
+//! (`AgentHost::open_in_memory`: the governance path alone, no durable write).
 //!
 //! `cargo bench --bench roundtrip [-- CALLS]` (default 2000 per scenario, after 200 warm-up calls;
-//! `cargo test --benches` runs 20 after 5, as a smoke test).
+//! `cargo test --benches` runs 20 after 5, as a smoke test). On the shared build:
+//! `cargo bench --profile dev --bench roundtrip`; with Keel's crates optimised but the dev
+//! dependency build reused: `CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo bench --profile dev --bench roundtrip`.
 //!
 //! The same binary is the servers: with `KEEL_MCP_BENCH_ROLE=floor|keel` it serves MCP on stdio.
 
@@ -100,7 +103,7 @@ fn stats(mut samples: Vec<Duration>) -> Stats {
 
 fn line(name: &str, s: &Stats) {
     println!(
-        "{name:<40} p50 {:>8.1} µs   p99 {:>8.1} µs",
+        "{name:<48} p50 {:>8.1} µs   p99 {:>8.1} µs",
         s.p50.as_secs_f64() * 1e6,
         s.p99.as_secs_f64() * 1e6
     );
@@ -307,12 +310,31 @@ async fn driver((warmup, calls): (usize, usize)) {
     }
     let governed = stats(samples);
     line("in-process AgentHost::call (no MCP)", &governed);
+
+    // The governance path alone: the same call with the jobs, events, ledger and journal in
+    // the kernel's in-memory store (no durable write).
+    let choice = PolicyChoice::resolve(home, None).expect("policy");
+    let memory = AgentHost::open_in_memory(home, choice).await.expect("open in memory");
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..warmup + calls {
+        let request = CallRequest::new("bench", "hello/greet", json!({"name": "Ada"}));
+        let started = Instant::now();
+        let outcome = memory.call(&request).await.expect("call");
+        let took = started.elapsed();
+        assert!(outcome.succeeded(), "{outcome:?}");
+        if i >= warmup {
+            samples.push(took);
+        }
+    }
+    let in_memory = stats(samples);
+    line("in-process, in-memory store (no durable write)", &in_memory);
     let over = |keel: &Stats, floor: &Stats| (keel.p50.as_secs_f64() - floor.p50.as_secs_f64()) * 1e6;
     println!(
-        "keel over the floor, p50: stdio {:.1} µs, http {:.1} µs (of which the governed call itself: {:.1} µs)",
+        "keel over the floor, p50: stdio {:.1} µs, http {:.1} µs (the governed call itself: {:.1} µs with SQLite, {:.1} µs in memory)",
         over(&keel, &floor),
         over(&keel_http, &floor_http),
-        governed.p50.as_secs_f64() * 1e6
+        governed.p50.as_secs_f64() * 1e6,
+        in_memory.p50.as_secs_f64() * 1e6
     );
 }
 

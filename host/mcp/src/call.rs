@@ -20,8 +20,8 @@ use keel_app::keel_kernel::action::{Action, Resolution};
 use keel_app::keel_kernel::event::EventType;
 use keel_app::{AppError, ErrorKind};
 use rmcp::model::{
-    CallToolResult, ContentBlock, ElicitRequestParams, ElicitationAction, ElicitationSchema, LoggingLevel,
-    LoggingMessageNotificationParam, ProgressNotificationParam,
+    CallToolResult, ContentBlock, ElicitRequestParams, ElicitResult, ElicitationAction, ElicitationSchema,
+    LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam,
 };
 use rmcp::service::{RequestContext, ServiceError};
 use rmcp::{Peer, RoleServer};
@@ -135,60 +135,68 @@ async fn ask(
     action: Action,
     fallback: mpsc::UnboundedSender<Action>,
 ) {
+    let Some(params) = approval_request(&action) else {
+        let _ = fallback.send(action);
+        return;
+    };
+    let answer: Result<_, ServiceError> = peer.create_elicitation(params).await;
+    let resolution = match answer {
+        Ok(result) => resolution_of(&result, &action, "mcp elicitation"),
+        Err(e) => {
+            tracing::debug!(error = %e, "elicitation failed");
+            None
+        }
+    };
+    let Some(resolution) = resolution else {
+        // Dismissed, failed, or an answer this version does not know: ask another way.
+        let _ = fallback.send(action);
+        return;
+    };
+    if let Err(e) = handle.resolve_action(action.id, resolution).await {
+        // Answered elsewhere first, or expired: the job's events tell which.
+        tracing::debug!(error = %e, "approval not resolved by elicitation");
+    }
+}
+
+/// The elicitation that asks the client's user to approve `action` (`None` only if the form
+/// were invalid, which a unit test rules out).
+pub(crate) fn approval_request(action: &Action) -> Option<ElicitRequestParams> {
     let tool = action.request["tool"].as_str().unwrap_or("?");
     let arguments = serde_json::to_string_pretty(&action.request["arguments"]).unwrap_or_default();
     let message = format!(
         "Keel: approve the call of `{tool}` with these arguments?\n{arguments}\n(action {}, job {})",
         action.id, action.job_id
     );
-    let Some(requested_schema) = approval_schema() else {
-        let _ = fallback.send(action);
-        return;
-    };
-    let params = ElicitRequestParams::FormElicitationParams {
+    Some(ElicitRequestParams::FormElicitationParams {
         meta: None,
         message,
-        requested_schema,
+        requested_schema: approval_schema()?,
+    })
+}
+
+/// The resolution of `action` a client's answer to [`approval_request`] gives: approve (once or
+/// for the session) or deny; `None` when dismissed or not understood (the action stays pending).
+pub(crate) fn resolution_of(answer: &ElicitResult, action: &Action, by: &str) -> Option<Resolution> {
+    let decision = match answer.action {
+        ElicitationAction::Accept => answer.content.as_ref().and_then(|c| c["decision"].as_str()),
+        ElicitationAction::Decline => Some(DENY),
+        _ => None,
     };
-    let answer: Result<_, ServiceError> = peer.create_elicitation(params).await;
-    let decision = match answer {
-        Ok(result) => match result.action {
-            ElicitationAction::Accept => result
-                .content
-                .as_ref()
-                .and_then(|c| c["decision"].as_str())
-                .map(str::to_string),
-            ElicitationAction::Decline => Some(DENY.to_string()),
-            // Dismissed (or an answer this version does not know): ask another way.
-            _ => None,
-        },
-        Err(e) => {
-            tracing::debug!(error = %e, "elicitation failed");
-            None
-        }
-    };
-    let resolution = match decision.as_deref() {
-        Some(APPROVE) => Resolution::approve(true),
-        Some(APPROVE_SESSION) => Resolution {
+    let resolution = match decision? {
+        APPROVE => Resolution::approve(true),
+        APPROVE_SESSION => Resolution {
             value: json!("session"),
             ..Resolution::approve(true)
         },
-        Some(DENY) => Resolution::approve(false),
-        _ => {
-            let _ = fallback.send(action);
-            return;
-        }
+        DENY => Resolution::approve(false),
+        _ => return None,
     };
-    let resolution = Resolution {
-        resolved_by: Some("mcp elicitation".into()),
+    Some(Resolution {
+        resolved_by: Some(by.into()),
         // The exact call the user saw: the kernel refuses the answer for any other.
         call_digest: action.call_digest.clone(),
         ..resolution
-    };
-    if let Err(e) = handle.resolve_action(action.id, resolution).await {
-        // Answered elsewhere first, or expired: the job's events tell which.
-        tracing::debug!(error = %e, "approval not resolved by elicitation");
-    }
+    })
 }
 
 /// The form an approval elicitation shows: one choice.
@@ -209,7 +217,7 @@ fn approval_schema() -> Option<ElicitationSchema> {
 }
 
 /// How to approve `action` from outside the MCP client.
-fn how(scope: &str, action: &Action) -> String {
+pub(crate) fn how(scope: &str, action: &Action) -> String {
     if scope == DEFAULT_SCOPE {
         format!("keel actions approve {}", action.id)
     } else {
@@ -296,7 +304,7 @@ pub fn outcome_result(outcome: CallOutcome) -> CallToolResult {
 }
 
 /// A call refused before (or outside) its job.
-fn refused(e: &AppError, job_id: Option<Uuid>) -> CallToolResult {
+pub(crate) fn refused(e: &AppError, job_id: Option<Uuid>) -> CallToolResult {
     let kind = match e.kind {
         ErrorKind::User => "invalid_input",
         ErrorKind::Plugin => "failed",

@@ -10,6 +10,8 @@
 //! - `tools/call` ([`call`]): the governed path (`AgentHost::start_call`); every failure is an
 //!   `isError` result carrying the error kind, never a protocol error; approvals by elicitation
 //!   or by `keel actions approve`.
+//! - MCP tasks ([`tasks`]): a client that declares the tasks extension gets a task for a call
+//!   that waits for an approval or runs longer than `[mcp] task_after_ms`; the task is the job.
 //!
 //! Depends on `keel-app` only (plus rmcp and axum for the protocol): no store, sandbox or kernel
 //! service is reached except through it.
@@ -17,6 +19,7 @@
 pub mod call;
 pub mod catalog;
 pub mod names;
+pub mod tasks;
 
 use std::borrow::Cow;
 use std::sync::{Arc, Weak};
@@ -25,8 +28,9 @@ use std::time::Duration;
 use keel_app::tools::RegistryToolHost;
 use keel_app::{AgentHost, AppError, Caller};
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams, InitializeResult,
-    ListToolsResult, PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig,
+    CallToolRequestParams, CallToolResponse, CancelTaskParams, GetTaskParams, GetTaskResult, Implementation,
+    InitializeRequestParams, InitializeResult, ListToolsResult, PaginatedRequestParams, ProtocolVersion,
+    ServerCapabilities, ServerConfig, UpdateTaskParams,
 };
 use rmcp::service::{NotificationContext, RequestContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt};
@@ -49,6 +53,10 @@ pub(crate) struct Shared {
     /// How long a call waits for an approval the client cannot give before answering
     /// `approval_pending`.
     pub(crate) approval_wait: Duration,
+    /// How long a call from a tasks-capable client may run before it becomes a task.
+    pub(crate) task_after: Duration,
+    /// The tasks of every session.
+    pub(crate) tasks: tasks::Tasks,
     /// Bumped whenever the offered tool list changes.
     generation: watch::Sender<u64>,
 }
@@ -66,6 +74,8 @@ impl McpServer {
             tools,
             filter,
             approval_wait: Duration::from_secs(settings.approval_wait_secs),
+            task_after: Duration::from_millis(settings.task_after_ms),
+            tasks: tasks::Tasks::default(),
             generation: watch::channel(0).0,
         });
         let first = shared.catalog().await?.fingerprint();
@@ -212,6 +222,7 @@ impl ServerHandler for KeelMcp {
             .enable_tools()
             .enable_tool_list_changed()
             .enable_logging()
+            .enable_tasks()
             .build();
         let mut info = InitializeResult::new(capabilities);
         info.server_info = Implementation::new("keel", env!("CARGO_PKG_VERSION"));
@@ -292,8 +303,43 @@ impl ServerHandler for KeelMcp {
             ));
         };
         let arguments = serde_json::Value::Object(request.arguments.clone().unwrap_or_default());
+        // The client declared the tasks extension (at initialize, or in this request's _meta).
+        if context.client_capabilities().is_some_and(|c| c.supports_tasks()) {
+            let elicits = context
+                .peer
+                .supported_elicitation_modes()
+                .contains(&rmcp::service::ElicitationMode::Form);
+            return Ok(tasks::call(&self.shared, &identity, &entry.keel, arguments, elicits).await);
+        }
         let result = call::governed(&self.shared, &identity, &entry.keel, arguments, &context).await;
         Ok(result.into())
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        let identity = self.identity(&context)?;
+        tasks::get(&self.shared, &identity, &request.task_id).await
+    }
+
+    async fn update_task(
+        &self,
+        request: UpdateTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let identity = self.identity(&context)?;
+        tasks::update(&self.shared, &identity, &request.task_id, request.input_responses).await
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let identity = self.identity(&context)?;
+        tasks::cancel(&self.shared, &identity, &request.task_id).await
     }
 }
 

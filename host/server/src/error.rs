@@ -101,6 +101,16 @@ impl From<KernelError> for ApiError {
 
 impl From<AppError> for ApiError {
     fn from(e: AppError) -> Self {
+        // The kernel's refusals keep their stable code (and so their status) through keel-app.
+        match e.code {
+            Some(code @ "budget_exceeded") => return Self::new(StatusCode::PAYMENT_REQUIRED, code, e.message),
+            Some(
+                code @ ("action_not_pending" | "action_expired" | "illegal_transition" | "idempotency_key_reused"),
+            ) => {
+                return Self::conflict(code, e.message);
+            }
+            _ => {}
+        }
         match e.kind {
             ErrorKind::User => Self::invalid(e.message),
             ErrorKind::Plugin => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "plugin_failed", e.message),

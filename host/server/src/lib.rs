@@ -12,8 +12,10 @@
 //!   another scope's jobs, actions, plugins and usage answer 404 exactly like missing ones.
 //! - `error`: the one error shape, `{"error": {"code", "message"}}`.
 //!
-//! Handlers only translate HTTP to the use cases of `keel-app` and the kernel services behind
-//! its [`AgentHost`]; dependencies point `server -> app`.
+//! Handlers only translate HTTP to the use cases of `keel-app` (`keel_app::jobs`, `actions`,
+//! `ledger`, `events`, `keys`, the `App` and [`AgentHost`] methods), which check the caller's
+//! role and scope; they never call a kernel service themselves (checked by
+//! `host/cli/tests/architecture.rs`). Dependencies point `server -> app`.
 
 mod auth;
 mod error;

@@ -540,6 +540,40 @@ async fn the_openapi_document_matches_the_routes() {
     for (path, ops) in spec["paths"].as_object().unwrap() {
         for method in ops.as_object().unwrap().keys() {
             documented.insert(format!("{} {path}", method.to_uppercase()));
+            // Every documented response has a schema (a 204 has no body); every error
+            // response is the one error shape, and the common errors are documented.
+            let responses = ops[method]["responses"].as_object().unwrap();
+            for status in ["400", "401", "403", "429", "500"] {
+                assert!(responses.contains_key(status), "{method} {path}: no {status} response");
+            }
+            for (status, response) in responses {
+                if status == "204" {
+                    assert!(response.get("content").is_none(), "{method} {path} {status}: a body");
+                    continue;
+                }
+                let content = response["content"]
+                    .as_object()
+                    .unwrap_or_else(|| panic!("{method} {path} {status}: no content"));
+                assert!(!content.is_empty(), "{method} {path} {status}: no content");
+                for (media, body) in content {
+                    let schema = &body["schema"];
+                    assert!(schema.is_object(), "{method} {path} {status} {media}: no schema");
+                    if status.starts_with('4') || status.starts_with('5') {
+                        assert_eq!(
+                            schema["$ref"], "#/components/schemas/ErrorBody",
+                            "{method} {path} {status}"
+                        );
+                    }
+                    // A named schema is defined in the document.
+                    if let Some(reference) = schema["$ref"].as_str() {
+                        let name = reference.trim_start_matches("#/components/schemas/");
+                        assert!(
+                            spec["components"]["schemas"][name].is_object(),
+                            "{method} {path} {status}: {reference} is not defined"
+                        );
+                    }
+                }
+            }
             let concrete = path
                 .replace("{id}", "00000000-0000-7000-8000-000000000000")
                 .replace("{name}", "no-such-plugin")
@@ -596,6 +630,8 @@ async fn the_openapi_document_matches_the_routes() {
     .map(String::from)
     .collect();
     assert_eq!(documented, expected);
+    let error = &spec["components"]["schemas"]["ErrorDetail"];
+    assert_eq!(error["required"], json!(["code", "message"]), "{error}");
     // And a path outside the document is not routed.
     let stray = server.get("/v1/jobs/x/y/z", &key, 404).await;
     assert_eq!(code(&stray), "no_route");

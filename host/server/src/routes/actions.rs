@@ -4,11 +4,12 @@
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use keel_app::Role;
-use keel_kernel::action::{Action, ActionFilter, ActionState, Resolution};
+use keel_kernel::action::{Action, ActionState};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
+use super::schemas::ActionList;
 use super::{Who, need, parse_uuid};
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -34,7 +35,7 @@ pub(crate) fn action_view(action: &Action) -> Value {
 
 /// The scope's actions (pending ones by default), oldest first.
 #[utoipa::path(get, path = "/v1/actions", tag = "actions", params(ListActions),
-    responses((status = 200, description = "`{actions: [...]}`")))]
+    responses((status = 200, description = "`{actions: [...]}`", body = ActionList)))]
 pub(crate) async fn list_actions(
     State(state): State<AppState>,
     who: Who,
@@ -51,20 +52,12 @@ pub(crate) async fn list_actions(
         ],
     };
     let job_id = q.job.as_deref().map(|j| parse_uuid("job", j)).transpose()?;
-    if let Some(id) = job_id {
-        state.host.kernel.jobs().get(&who.scope, id).await?;
-    }
-    let actions = state
-        .host
-        .kernel
-        .actions()
-        .list(&ActionFilter {
-            tenant: who.scope.clone(),
-            job_id,
-            states,
-            limit: None,
-        })
-        .await?;
+    let query = keel_app::actions::ActionQuery {
+        job_id,
+        states,
+        limit: None,
+    };
+    let actions = keel_app::actions::list_actions(&state.host.kernel, &who, &query).await?;
     Ok(Json(
         json!({ "actions": actions.iter().map(action_view).collect::<Vec<_>>() }),
     ))
@@ -73,7 +66,7 @@ pub(crate) async fn list_actions(
 /// One action of the scope.
 #[utoipa::path(get, path = "/v1/actions/{id}", tag = "actions",
     params(("id" = String, Path, description = "Action id")),
-    responses((status = 200, description = "The action"), (status = 404, description = "No such action in this scope")))]
+    responses((status = 200, description = "The action", body = super::schemas::Action), (status = 404, description = "No such action in this scope")))]
 pub(crate) async fn get_action(
     State(state): State<AppState>,
     who: Who,
@@ -81,7 +74,7 @@ pub(crate) async fn get_action(
 ) -> ApiResult<Json<Value>> {
     need(&who, Role::Read)?;
     let id = parse_uuid("action", &id)?;
-    let action = state.host.kernel.actions().get(&who.scope, id).await?;
+    let action = keel_app::actions::get_action(&state.host.kernel, &who, id).await?;
     Ok(Json(action_view(&action)))
 }
 
@@ -103,24 +96,20 @@ async fn decide(state: &AppState, who: &Who, id: &str, approved: bool, body: Dec
     if body.for_session && !approved {
         return Err(ApiError::invalid("for_session applies to approvals only"));
     }
-    let value = match (body.for_session, body.value) {
-        (true, _) => json!("session"),
-        (false, v) => v.unwrap_or(Value::Null),
+    let decision = keel_app::actions::Decision {
+        approved,
+        for_session: body.for_session,
+        value: body.value.unwrap_or(Value::Null),
+        by: None,
     };
-    let resolution = Resolution {
-        approved: Some(approved),
-        value,
-        resolved_by: who.principal.clone(),
-        call_digest: None,
-    };
-    let action = state.host.kernel.actions().resolve(&who.scope, id, resolution).await?;
+    let action = keel_app::actions::decide(&state.host.kernel, who, id, decision).await?;
     Ok(Json(action_view(&action)))
 }
 
 /// Approve a pending action (with `for_session`, also for the rest of the session).
 #[utoipa::path(post, path = "/v1/actions/{id}/approve", tag = "actions", request_body = Option<Decide>,
     params(("id" = String, Path, description = "Action id")),
-    responses((status = 200, description = "The resolved action"), (status = 404, description = "No such action in this scope"),
+    responses((status = 200, description = "The resolved action", body = super::schemas::Action), (status = 404, description = "No such action in this scope"),
         (status = 409, description = "Not pending any more (`action_not_pending`, `action_expired`)")))]
 pub(crate) async fn approve_action(
     State(state): State<AppState>,
@@ -134,7 +123,7 @@ pub(crate) async fn approve_action(
 /// Deny a pending action.
 #[utoipa::path(post, path = "/v1/actions/{id}/deny", tag = "actions", request_body = Option<Decide>,
     params(("id" = String, Path, description = "Action id")),
-    responses((status = 200, description = "The resolved action"), (status = 404, description = "No such action in this scope"),
+    responses((status = 200, description = "The resolved action", body = super::schemas::Action), (status = 404, description = "No such action in this scope"),
         (status = 409, description = "Not pending any more")))]
 pub(crate) async fn deny_action(
     State(state): State<AppState>,
@@ -161,7 +150,7 @@ pub struct ResolveToken {
 /// Resolve the action a resume token belongs to, within the caller's scope: a token of another
 /// scope's action is "not found" like a wrong one.
 #[utoipa::path(post, path = "/v1/actions/resolve", tag = "actions", request_body = ResolveToken,
-    responses((status = 200, description = "The resolved action"), (status = 404, description = "No pending action of this scope has that token"),
+    responses((status = 200, description = "The resolved action", body = super::schemas::Action), (status = 404, description = "No pending action of this scope has that token"),
         (status = 409, description = "Already resolved or expired")))]
 pub(crate) async fn resolve_by_token(
     State(state): State<AppState>,
@@ -169,27 +158,15 @@ pub(crate) async fn resolve_by_token(
     Json(body): Json<ResolveToken>,
 ) -> ApiResult<Json<Value>> {
     need(&who, Role::Write)?;
-    let kernel = &state.host.kernel;
-    let token = body.token.trim();
-    if token.is_empty() {
+    if body.token.trim().is_empty() {
         return Err(ApiError::invalid("the token is empty"));
     }
-    // Find the action by the token's hash (constant-time compared) and check its scope before
-    // resolving: the kernel's own resolve-by-token is not scoped.
-    let hash = keel_kernel::action::hash_token(token);
-    let action = kernel
-        .store()
-        .get_action_by_token_hash(&hash)
-        .await
-        .map_err(keel_kernel::KernelError::from)?
-        .filter(|a| keel_kernel::action::ct_eq_str(&a.token_hash, &hash) && a.tenant == who.scope)
-        .ok_or_else(|| ApiError::not_found("action for this token"))?;
-    let resolution = Resolution {
+    let answer = keel_app::actions::TokenAnswer {
         approved: body.approved,
         value: body.value.unwrap_or(Value::Null),
-        resolved_by: who.principal.clone(),
-        call_digest: None,
+        by: None,
     };
-    let action = kernel.actions().resolve(&who.scope, action.id, resolution).await?;
+    // Scoped: a token of another scope's action is "not found" like a wrong one.
+    let action = keel_app::actions::resolve_by_token(&state.host.kernel, Some(&who), &body.token, answer).await?;
     Ok(Json(action_view(&action)))
 }

@@ -8,14 +8,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keel_app::Role;
-use keel_kernel::ExecutionRequest;
-use keel_kernel::job::{Job, JobFilter, JobState};
+use keel_kernel::job::{Job, JobState};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::schemas::{JobCreated, JobPage, JobWithResult, RuntimeEvent};
 use super::{Who, need, parse_uuid};
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -89,8 +89,8 @@ async fn confine_tools(state: &AppState, caller: &keel_app::Caller, tools: &[Str
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = CreateJob,
     params(("Idempotency-Key" = Option<String>, Header, description = "Same as `idempotency_key`")),
     responses(
-        (status = 201, description = "Created: `{job, created: true}`"),
-        (status = 200, description = "A job with this idempotency key existed: `{job, created: false}`"),
+        (status = 201, description = "Created: `{job, created: true}`", body = JobCreated),
+        (status = 200, description = "A job with this idempotency key existed: `{job, created: false}`", body = JobCreated),
         (status = 409, description = "The idempotency key was used for a different request"),
     ))]
 pub(crate) async fn create_job(
@@ -103,21 +103,6 @@ pub(crate) async fn create_job(
     let host = &state.host;
     if body.prompt.trim().is_empty() {
         return Err(ApiError::invalid("prompt is empty"));
-    }
-    match body.model.split_once(':') {
-        Some((provider, model)) if !model.is_empty() && host.providers.iter().any(|p| p == provider) => {}
-        _ => {
-            return Err(ApiError::invalid(format!(
-                "model {:?} is not `provider:model` with a configured provider ({})",
-                body.model,
-                host.providers.join(", ")
-            )));
-        }
-    }
-    for model in std::iter::once(&body.model).chain(&body.degrade_model) {
-        host.models
-            .check(model)
-            .map_err(|e| ApiError::invalid(format!("model {model:?}: {e}")))?;
     }
     let header_key = headers
         .get("idempotency-key")
@@ -136,28 +121,26 @@ pub(crate) async fn create_job(
         (h, b) => h.or(b),
     };
     let tools = confine_tools(&state, &who, &body.tools).await?;
-    let mut request = ExecutionRequest::new(who.scope.clone(), body.model, body.prompt).with_tools(tools);
-    request.principal = who.principal.clone();
-    request.session = Some(
-        body.session
-            .unwrap_or_else(|| format!("api-{}", Uuid::now_v7().simple())),
-    );
-    request.max_turns = body.max_turns;
-    request.timeout = body.timeout_ms.map(Duration::from_millis);
-    request.budget.max_cost = body.max_cost;
-    request.budget.max_tool_calls = body.max_tool_calls;
-    request.degrade_model = body.degrade_model;
-    request.policy = host.policy.clone();
+    let run = keel_app::jobs::RunRequest {
+        prompt: body.prompt,
+        tools,
+        model: body.model,
+        max_turns: body.max_turns,
+        timeout: body.timeout_ms.map(Duration::from_millis),
+        max_cost: body.max_cost,
+        max_tool_calls: body.max_tool_calls,
+        degrade_model: body.degrade_model,
+        idempotency_key: key,
+        session: Some(
+            body.session
+                .unwrap_or_else(|| format!("api-{}", Uuid::now_v7().simple())),
+        ),
+    };
+    let mut request = host.run_request(&who, &run)?;
     request.metadata = body.metadata;
-    request.idempotency_key = key;
-    // Queued without a lease, then claimed here at once: the same job `keel run --detach` makes.
-    let new = keel_kernel::agent::new_job(&request, host.kernel.clock().now())?;
-    let created = host.kernel.jobs().create(new).await?;
-    if !created.job.state.is_terminal() {
-        // Claimed only if nobody holds it (an existing job may be running elsewhere).
-        host.rt.resume_job(created.job.id).await?;
-    }
-    let job = host.kernel.jobs().get(&who.scope, created.job.id).await?;
+    // Queued, then claimed here at once: the same job `keel run --detach` makes.
+    let created = host.submit(&request).await?;
+    let job = keel_app::jobs::get_job(&host.kernel, &who, created.job_id).await?;
     let status = if created.created {
         StatusCode::CREATED
     } else {
@@ -188,7 +171,7 @@ pub struct ListJobs {
 
 /// List the scope's jobs, newest first, a page at a time.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListJobs),
-    responses((status = 200, description = "`{jobs: [...], next_cursor}`; `next_cursor` is null on the last page")))]
+    responses((status = 200, description = "`{jobs: [...], next_cursor}`; `next_cursor` is null on the last page", body = JobPage)))]
 pub(crate) async fn list_jobs(
     State(state): State<AppState>,
     who: Who,
@@ -213,48 +196,32 @@ pub(crate) async fn list_jobs(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::invalid("limit must be between 1 and 500"));
     }
-    let cursor = q
-        .cursor
-        .as_deref()
-        .map(|c| Uuid::parse_str(c).map_err(|_| ApiError::invalid("invalid cursor")))
-        .transpose()?;
-    let filter = JobFilter {
+    let query = keel_app::jobs::JobQuery {
         states,
         principal: q.principal,
         session: q.session,
-        ..JobFilter::tenant(who.scope.clone())
+        kind: None,
+        limit: Some(limit),
+        cursor: q.cursor,
     };
-    // Newest first by (created_at, id); the cursor is the last id of the previous page. The
-    // kernel's filter has no "before" bound yet, so the page is cut here.
-    let mut jobs = state.host.kernel.jobs().list(&filter).await?;
-    jobs.sort_by_key(|j| std::cmp::Reverse((j.created_at, j.id)));
-    let start = match cursor {
-        Some(c) => jobs.iter().position(|j| j.id == c).map(|i| i + 1).unwrap_or(jobs.len()),
-        None => 0,
-    };
-    let page: Vec<&Job> = jobs.iter().skip(start).take(limit as usize).collect();
-    let next = (start + page.len() < jobs.len())
-        .then(|| page.last().map(|j| j.id.to_string()))
-        .flatten();
+    let page = keel_app::jobs::list_jobs(&state.host.kernel, &who, &query).await?;
     Ok(Json(json!({
-        "jobs": page.iter().map(|j| job_view(j)).collect::<Vec<_>>(),
-        "next_cursor": next,
+        "jobs": page.jobs.iter().map(job_view).collect::<Vec<_>>(),
+        "next_cursor": page.next_cursor,
     })))
 }
 
 /// A job of the scope, with its result once it ended.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, description = "`{job, result}` (`result` once the job ended)"), (status = 404, description = "No such job in this scope")))]
+    responses((status = 200, description = "`{job, result}` (`result` once the job ended)", body = JobWithResult), (status = 404, description = "No such job in this scope")))]
 pub(crate) async fn get_job(State(state): State<AppState>, who: Who, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     need(&who, Role::Read)?;
     let id = parse_uuid("job", &id)?;
-    let job = state.host.kernel.jobs().get(&who.scope, id).await?;
-    let result = if job.state.is_terminal() {
-        let snapshot = state.host.rt.attach(&who.scope, id).await?.snapshot().await?;
-        serde_json::to_value(snapshot).unwrap_or(Value::Null)
-    } else {
-        Value::Null
+    let job = keel_app::jobs::get_job(&state.host.kernel, &who, id).await?;
+    let result = match state.host.job_result(&who, id).await? {
+        Some(result) => serde_json::to_value(result).unwrap_or(Value::Null),
+        None => Value::Null,
     };
     Ok(Json(json!({ "job": job_view(&job), "result": result })))
 }
@@ -270,7 +237,7 @@ pub struct CancelJob {
 /// Cancel a job, its unfinished children and their pending actions.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", request_body = Option<CancelJob>,
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, description = "The cancelled job"), (status = 404, description = "No such job in this scope"),
+    responses((status = 200, description = "The cancelled job", body = super::schemas::Job), (status = 404, description = "No such job in this scope"),
         (status = 409, description = "The job already ended")))]
 pub(crate) async fn cancel_job(
     State(state): State<AppState>,
@@ -280,8 +247,7 @@ pub(crate) async fn cancel_job(
 ) -> ApiResult<Json<Value>> {
     need(&who, Role::Write)?;
     let id = parse_uuid("job", &id)?;
-    // Tenant check first: the kernel's mutating calls take bare ids.
-    let job = state.host.kernel.jobs().get(&who.scope, id).await?;
+    let job = keel_app::jobs::get_job(&state.host.kernel, &who, id).await?;
     if job.state.is_terminal() {
         return Err(ApiError::conflict(
             "job_finished",
@@ -291,7 +257,7 @@ pub(crate) async fn cancel_job(
     let reason = body
         .and_then(|b| b.0.reason)
         .unwrap_or_else(|| "cancelled through the API".into());
-    let job = state.host.kernel.jobs().cancel(id, &reason).await?;
+    let job = keel_app::jobs::cancel_job(&state.host.kernel, &who, id, &reason).await?;
     Ok(Json(job_view(&job)))
 }
 
@@ -309,7 +275,7 @@ pub struct EventsFrom {
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
     params(("id" = String, Path, description = "Job id"), EventsFrom,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this sequence number")),
-    responses((status = 200, description = "text/event-stream of `RuntimeEvent` JSON, `event:` = its type", content_type = "text/event-stream"),
+    responses((status = 200, description = "text/event-stream of `RuntimeEvent` JSON, `event:` = its type", content_type = "text/event-stream", body = RuntimeEvent),
         (status = 404, description = "No such job in this scope")))]
 pub(crate) async fn job_events(
     State(state): State<AppState>,
@@ -320,7 +286,7 @@ pub(crate) async fn job_events(
 ) -> ApiResult<Response> {
     need(&who, Role::Read)?;
     let id = parse_uuid("job", &id)?;
-    state.host.kernel.jobs().get(&who.scope, id).await?;
+    keel_app::jobs::get_job(&state.host.kernel, &who, id).await?;
     let after = crate::sse::last_event_id(&headers)?.or(from.after).unwrap_or(0);
-    Ok(crate::sse::job_stream(state.clone(), who.scope.clone(), id, after).into_response())
+    Ok(crate::sse::job_stream(state.clone(), who.0.clone(), id, after).into_response())
 }

@@ -11,13 +11,14 @@ use chrono::{DateTime, Utc};
 use keel_app::Role;
 use keel_app::call::{CallOutcome, CallRequest};
 use keel_kernel::event::EventType;
-use keel_kernel::ledger::{Budget, BudgetLimits, BudgetWindow, ExceedStrategy, UsageQuery};
+use keel_kernel::ledger::{BudgetLimits, BudgetWindow, ExceedStrategy};
 use keel_kernel::policy::{PolicyRequest, SessionApprovals};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
+use super::schemas::{Budget, BudgetList, CallPending, PolicyDecision, RuntimeEvent, Usage};
 use super::{Who, need, parse_uuid};
 use crate::AppState;
 use crate::auth::{KeyId, SESSION_COOKIE, Via, cookie};
@@ -80,7 +81,7 @@ pub struct ScopeEvents {
 /// `Last-Event-ID`). The approvals page follows `action.*` events with it.
 #[utoipa::path(get, path = "/v1/events", tag = "jobs", params(ScopeEvents,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id")),
-    responses((status = 200, description = "text/event-stream of `RuntimeEvent` JSON", content_type = "text/event-stream")))]
+    responses((status = 200, description = "text/event-stream of `RuntimeEvent` JSON", content_type = "text/event-stream", body = RuntimeEvent)))]
 pub(crate) async fn scope_events(
     State(state): State<AppState>,
     who: Who,
@@ -101,7 +102,7 @@ pub(crate) async fn scope_events(
         Some(id) => i64::try_from(id).map_err(|_| ApiError::invalid("Last-Event-ID is out of range"))?,
         None => q.after.unwrap_or(0),
     };
-    Ok(crate::sse::scope_stream(state.clone(), who.scope.clone(), types, after).into_response())
+    Ok(crate::sse::scope_stream(state.clone(), who.0.clone(), types, after).into_response())
 }
 
 /// Which usage.
@@ -122,7 +123,7 @@ pub struct UsageParams {
 
 /// The scope's usage from the ledger: tokens, cost, model requests, tool calls.
 #[utoipa::path(get, path = "/v1/usage", tag = "ledger", params(UsageParams),
-    responses((status = 200, description = "`{tokens, cost, requests, tool_calls}`")))]
+    responses((status = 200, description = "`{tokens, cost, requests, tool_calls}`", body = Usage)))]
 pub(crate) async fn usage(
     State(state): State<AppState>,
     who: Who,
@@ -131,30 +132,27 @@ pub(crate) async fn usage(
     need(&who, Role::Read)?;
     let job_id = q.job.as_deref().map(|j| parse_uuid("job", j)).transpose()?;
     if let Some(id) = job_id {
-        state.host.kernel.jobs().get(&who.scope, id).await?;
+        // Another scope's job is "not found", not zero usage.
+        keel_app::jobs::get_job(&state.host.kernel, &who, id).await?;
     }
-    let usage = state
-        .host
-        .kernel
-        .ledger()
-        .usage(&UsageQuery {
-            tenant: who.scope.clone(),
-            principal: q.principal,
-            session: q.session,
-            job_id,
-            from: q.from,
-            to: q.to,
-        })
-        .await?;
+    let request = keel_app::ledger::UsageRequest {
+        principal: q.principal,
+        session: q.session,
+        job_id,
+        since: q.from,
+        until: q.to,
+        entries: false,
+    };
+    let usage = keel_app::ledger::usage(&state.host.kernel, &who, &request).await?.usage;
     Ok(Json(serde_json::to_value(usage).unwrap_or_default()))
 }
 
 /// The scope's budgets with their usage in the current window.
 #[utoipa::path(get, path = "/v1/budgets", tag = "ledger",
-    responses((status = 200, description = "`{budgets: [...]}` (each with its current usage)")))]
+    responses((status = 200, description = "`{budgets: [...]}` (each with its current usage)", body = BudgetList)))]
 pub(crate) async fn list_budgets(State(state): State<AppState>, who: Who) -> ApiResult<Json<Value>> {
     need(&who, Role::Read)?;
-    let report = state.host.kernel.ledger().budget_report(&who.scope).await?;
+    let report = keel_app::ledger::budget_report(&state.host.kernel, &who).await?;
     Ok(Json(json!({ "budgets": report })))
 }
 
@@ -182,7 +180,7 @@ pub struct SetBudget {
 
 /// Create a budget, or replace the scope's budget with the same subject and window.
 #[utoipa::path(put, path = "/v1/budgets", tag = "ledger", request_body = SetBudget,
-    responses((status = 200, description = "The budget")))]
+    responses((status = 200, description = "The budget", body = Budget)))]
 pub(crate) async fn set_budget(
     State(state): State<AppState>,
     who: Who,
@@ -195,37 +193,31 @@ pub(crate) async fn set_budget(
             .parse::<BudgetWindow>()
             .map_err(|_| ApiError::invalid(format!("unknown window {other:?} (request, daily, monthly, total)")))?,
     };
-    let ledger = state.host.kernel.ledger();
-    let existing = ledger
-        .budgets(&who.scope)
-        .await?
-        .into_iter()
-        .find(|b| b.principal == body.principal && b.session == body.session && b.window == window);
-    let mut budget = existing.unwrap_or_else(|| Budget::new(who.scope.clone(), String::new(), window));
-    budget.name = body
-        .name
-        .unwrap_or_else(|| format!("{} {}", who.scope, body.window.trim()));
-    budget.principal = body.principal;
-    budget.session = body.session;
-    budget.limits = body.limits;
-    if let Some(ratio) = body.warn_ratio {
-        budget.warn_ratio = ratio;
-    }
-    if let Some(s) = body.strategy {
-        budget.strategy = s
+    let on_exceed = match body.strategy {
+        Some(s) => s
             .trim()
             .to_ascii_lowercase()
             .parse::<ExceedStrategy>()
-            .map_err(|_| ApiError::invalid(format!("unknown strategy {s:?} (warn, deny, degrade)")))?;
-    }
-    ledger.put_budget(budget.clone()).await?;
+            .map_err(|_| ApiError::invalid(format!("unknown strategy {s:?} (warn, deny, degrade)")))?,
+        None => ExceedStrategy::Deny,
+    };
+    let request = keel_app::ledger::BudgetRequest {
+        principal: body.principal,
+        session: body.session,
+        window,
+        limits: body.limits,
+        warn_at: body.warn_ratio.unwrap_or(Decimal::new(8, 1)),
+        on_exceed,
+        name: body.name,
+    };
+    let budget = keel_app::ledger::set_budget(&state.host.kernel, &who, request).await?;
     Ok(Json(serde_json::to_value(budget).unwrap_or_default()))
 }
 
 /// Delete a budget of the scope.
 #[utoipa::path(delete, path = "/v1/budgets/{id}", tag = "ledger",
     params(("id" = String, Path, description = "Budget id")),
-    responses((status = 200, description = "The deleted budget"), (status = 404, description = "No such budget in this scope")))]
+    responses((status = 200, description = "The deleted budget", body = Budget), (status = 404, description = "No such budget in this scope")))]
 pub(crate) async fn delete_budget(
     State(state): State<AppState>,
     who: Who,
@@ -233,15 +225,7 @@ pub(crate) async fn delete_budget(
 ) -> ApiResult<Json<Value>> {
     need(&who, Role::Admin)?;
     let id = parse_uuid("budget", &id)?;
-    let ledger = state.host.kernel.ledger();
-    // The store deletes by bare id: the scope is checked first.
-    let budget = ledger
-        .budgets(&who.scope)
-        .await?
-        .into_iter()
-        .find(|b| b.id == id)
-        .ok_or_else(|| ApiError::not_found(format!("budget {id}")))?;
-    ledger.delete_budget(id).await?;
+    let budget = keel_app::ledger::delete_budget(&state.host.kernel, &who, id).await?;
     Ok(Json(serde_json::to_value(budget).unwrap_or_default()))
 }
 
@@ -267,7 +251,7 @@ pub struct PolicyEval {
 /// Dry-run the server's policy for a tool call by this scope: the decision and the rules that
 /// made it, without running anything.
 #[utoipa::path(post, path = "/v1/policy/eval", tag = "policy", request_body = PolicyEval,
-    responses((status = 200, description = "`{outcome, reason, applied_rules, violated_rules}`"),
+    responses((status = 200, description = "`{outcome, reason, applied_rules, violated_rules}`", body = PolicyDecision),
         (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn policy_eval(
     State(state): State<AppState>,
@@ -318,8 +302,8 @@ fn outcome_json(outcome: &CallOutcome) -> Value {
 /// server's wait answers 202 with its job, to follow with `/v1/jobs/{id}`.
 #[utoipa::path(post, path = "/v1/tools/{plugin}/{tool}/call", tag = "tools", request_body = Option<CallTool>,
     params(("plugin" = String, Path, description = "Plugin name"), ("tool" = String, Path, description = "Tool name")),
-    responses((status = 200, description = "The outcome: `{job_id, status, tool_result, error}` (a refused or failed call is `FAILED` with its error code)"),
-        (status = 202, description = "Still running (waiting for an approval): `{job_id, status}`"),
+    responses((status = 200, description = "The outcome: `{job_id, status, tool_result, error}` (a refused or failed call is `FAILED` with its error code)", body = super::schemas::CallOutcome),
+        (status = 202, description = "Still running (waiting for an approval): `{job_id, status}`", body = CallPending),
         (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn call_tool(
     State(state): State<AppState>,
@@ -347,7 +331,7 @@ pub(crate) async fn call_tool(
     match tokio::time::timeout(state.config.call_wait, handle.result()).await {
         Ok(result) => Ok(Json(outcome_json(&CallOutcome::from_result(result?))).into_response()),
         Err(_) => {
-            let job = host.kernel.jobs().get(&who.scope, job_id).await?;
+            let job = keel_app::jobs::get_job(&host.kernel, &who, job_id).await?;
             Ok((
                 StatusCode::ACCEPTED,
                 Json(json!({ "job_id": job_id, "status": job.state })),

@@ -6,6 +6,7 @@ mod actions;
 mod jobs;
 mod misc;
 mod plugins;
+mod schemas;
 
 use std::sync::OnceLock;
 
@@ -55,13 +56,15 @@ pub(crate) fn api_router() -> Router<AppState> {
         .routes(routes!(misc::policy_eval))
         .routes(routes!(misc::call_tool))
         .split_for_parts();
+    let mut spec = spec;
+    schemas::add_error_responses(&mut spec);
     let _ = SPEC.set(serde_json::to_value(&spec).expect("the OpenAPI document serializes"));
     router
 }
 
 /// The OpenAPI document of this API.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
-    responses((status = 200, description = "The OpenAPI 3.1 document (JSON)")))]
+    responses((status = 200, description = "The OpenAPI 3.1 document (JSON)", body = schemas::OpenApiDocument)))]
 async fn openapi_json() -> Json<serde_json::Value> {
     Json(SPEC.get().cloned().unwrap_or_default())
 }

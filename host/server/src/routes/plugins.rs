@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
+use super::schemas::{Plugin, PluginInstalled, PluginList, PluginRemoved};
 use super::{Who, need};
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -75,7 +76,7 @@ async fn changeable(state: &AppState, caller: &Caller, name: &str) -> ApiResult<
 
 /// The plugins this scope can see.
 #[utoipa::path(get, path = "/v1/plugins", tag = "plugins",
-    responses((status = 200, description = "`{plugins: [...]}`")))]
+    responses((status = 200, description = "`{plugins: [...]}`", body = PluginList)))]
 pub(crate) async fn list_plugins(State(state): State<AppState>, who: Who) -> ApiResult<Json<Value>> {
     need(&who, Role::Read)?;
     let mut out = Vec::new();
@@ -91,7 +92,7 @@ pub(crate) async fn list_plugins(State(state): State<AppState>, who: Who) -> Api
 /// One plugin.
 #[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins",
     params(("name" = String, Path, description = "Plugin name")),
-    responses((status = 200, description = "The plugin: tools, grants, owner"), (status = 404, description = "No such plugin visible to this scope")))]
+    responses((status = 200, description = "The plugin: tools, grants, owner", body = Plugin), (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn show_plugin(
     State(state): State<AppState>,
     who: Who,
@@ -147,7 +148,7 @@ fn net_list(net: Option<&str>) -> ApiResult<Vec<String>> {
 /// Install a component (the request body, `application/wasm`) owned by this scope.
 #[utoipa::path(post, path = "/v1/plugins", tag = "plugins", params(InstallOptions),
     request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component"),
-    responses((status = 201, description = "Installed: `{plugin, notes}`"),
+    responses((status = 201, description = "Installed: `{plugin, notes}`", body = PluginInstalled),
         (status = 409, description = "`plugin_exists` (pass replace=true) or `name_unavailable` (another scope's name)"),
         (status = 403, description = "Not an admin, or a home-wide plugin and not the default scope")))]
 pub(crate) async fn install_plugin(
@@ -240,28 +241,16 @@ pub struct NetGrants {
     all: bool,
 }
 
-async fn save_grants(
-    state: &AppState,
-    record: &PluginRecord,
-    owner: &PluginOwner,
-    grants: Value,
-) -> ApiResult<Json<Value>> {
-    let db = &state.host.app.db;
-    db.set_plugin_grants(&record.name, &grants)
-        .await
-        .map_err(keel_app::AppError::from)?;
-    let record = db
-        .get_plugin(&record.name)
-        .await
-        .map_err(keel_app::AppError::from)?
-        .ok_or_else(|| ApiError::not_found(format!("plugin {}", record.name)))?;
+/// The plugin as it is stored now, after a grant change.
+async fn reread(state: &AppState, name: &str, owner: &PluginOwner) -> ApiResult<Json<Value>> {
+    let record = state.host.app.record(name).await?;
     Ok(Json(record_json(&record, owner)))
 }
 
 /// Allow a plugin outbound HTTP to more hosts.
 #[utoipa::path(post, path = "/v1/plugins/{name}/grant", tag = "plugins", request_body = NetGrants,
     params(("name" = String, Path, description = "Plugin name")),
-    responses((status = 200, description = "The plugin with its grants"), (status = 404, description = "No such plugin visible to this scope")))]
+    responses((status = 200, description = "The plugin with its grants", body = Plugin), (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn grant_plugin(
     State(state): State<AppState>,
     who: Who,
@@ -273,26 +262,23 @@ pub(crate) async fn grant_plugin(
     if body.net.is_empty() || body.all {
         return Err(ApiError::invalid("name the hosts to grant in `net`"));
     }
-    let mut grants = keel_app::home::grants_of(&record)?;
-    for host in &body.net {
-        let host = check_host_pattern(host)?;
-        if !grants.net.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
-            grants.net.push(host);
-        }
-    }
-    save_grants(
-        &state,
-        &record,
-        &owner,
-        serde_json::to_value(&grants).unwrap_or_default(),
-    )
-    .await
+    let net = body
+        .net
+        .iter()
+        .map(|host| check_host_pattern(host))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let request = keel_app::plugins::GrantRequest {
+        net,
+        ..Default::default()
+    };
+    state.host.app.grant(&who, &record.name, &request).await?;
+    reread(&state, &record.name, &owner).await
 }
 
 /// Take network grants (or, with `all`, every grant) away from a plugin.
 #[utoipa::path(post, path = "/v1/plugins/{name}/revoke", tag = "plugins", request_body = NetGrants,
     params(("name" = String, Path, description = "Plugin name")),
-    responses((status = 200, description = "The plugin with its grants"), (status = 404, description = "No such plugin visible to this scope")))]
+    responses((status = 200, description = "The plugin with its grants", body = Plugin), (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn revoke_plugin(
     State(state): State<AppState>,
     who: Who,
@@ -301,47 +287,27 @@ pub(crate) async fn revoke_plugin(
 ) -> ApiResult<Json<Value>> {
     need(&who, Role::Admin)?;
     let (record, owner) = changeable(&state, &who, &name).await?;
-    let mut grants = keel_app::home::grants_of(&record)?;
-    if body.all {
-        grants = Default::default();
-    }
-    for host in &body.net {
-        let before = grants.net.len();
-        grants.net.retain(|h| !h.eq_ignore_ascii_case(host.trim()));
-        if grants.net.len() == before {
-            return Err(ApiError::invalid(format!("{name} has no network grant for {host}")));
-        }
-    }
-    save_grants(
-        &state,
-        &record,
-        &owner,
-        serde_json::to_value(&grants).unwrap_or_default(),
-    )
-    .await
+    let request = keel_app::plugins::RevokeRequest {
+        net: body.net.iter().map(|h| h.trim().to_string()).collect(),
+        all: body.all,
+        ..Default::default()
+    };
+    state.host.app.revoke(&who, &record.name, &request).await?;
+    reread(&state, &record.name, &owner).await
 }
 
 /// Remove a plugin.
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins",
     params(("name" = String, Path, description = "Plugin name")),
-    responses((status = 200, description = "`{removed: name}`"), (status = 404, description = "No such plugin visible to this scope")))]
+    responses((status = 200, description = "`{removed: name}`", body = PluginRemoved), (status = 404, description = "No such plugin visible to this scope")))]
 pub(crate) async fn remove_plugin(
     State(state): State<AppState>,
     who: Who,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     need(&who, Role::Admin)?;
-    let app = &state.host.app;
     let _one_at_a_time = state.plugin_lock.lock().await;
-    let (record, _) = changeable(&state, &who, &name).await?;
-    app.db.remove_plugin(&name).await.map_err(keel_app::AppError::from)?;
-    if !app
-        .db
-        .component_in_use(&record.sha256)
-        .await
-        .map_err(keel_app::AppError::from)?
-    {
-        let _ = app.components.remove(&record.sha256);
-    }
+    changeable(&state, &who, &name).await?;
+    state.host.app.remove_plugin(&who, &name).await?;
     Ok(Json(json!({ "removed": name })))
 }

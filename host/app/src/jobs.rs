@@ -89,17 +89,10 @@ pub async fn list_jobs(kernel: &Kernel, caller: &Caller, query: &JobQuery) -> Re
         kind: query.kind.clone(),
         ..JobFilter::tenant(caller.scope.clone())
     };
-    // One more than asked tells whether another page follows. With a cursor the store cannot
-    // seek (its filter has no position), so the page is cut here.
-    // TODO(store): a `before (created_at, id)` position in `JobFilter`, so pages are read by seek.
-    filter.limit = match after {
-        None => query.limit.map(|n| n.saturating_add(1)),
-        Some(_) => None,
-    };
+    // One more than asked tells whether another page follows; the store seeks to the cursor.
+    filter.limit = query.limit.map(|n| n.saturating_add(1));
+    filter.before = after;
     let mut jobs = kernel.jobs().list(&filter).await?;
-    if let Some((at, id)) = after {
-        jobs.retain(|j| (j.created_at, j.id) < (at, id));
-    }
     let mut next_cursor = None;
     if let Some(limit) = query.limit
         && jobs.len() > limit as usize

@@ -421,6 +421,23 @@ pub async fn list_count_and_tenant_isolation(store: Arc<dyn KernelStore>) {
     };
     assert_eq!(k.jobs().list(&f).await.expect("list").len(), 2);
     assert_eq!(k.jobs().count(&f).await.expect("count"), 5, "count ignores limit");
+    // Pages by seek: after the second newest job come the three older ones, newest first.
+    let second = &all[1];
+    let f = JobFilter {
+        before: Some((second.created_at, second.id)),
+        ..JobFilter::tenant("t1")
+    };
+    assert_eq!(
+        k.jobs()
+            .list(&f)
+            .await
+            .expect("list")
+            .iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>(),
+        ids[..3].iter().rev().copied().collect::<Vec<_>>(),
+        "a page starts right after its cursor"
+    );
     assert!(
         matches!(k.jobs().get("t2", ids[0]).await, Err(KernelError::JobNotFound(_))),
         "cross-tenant get is not found"

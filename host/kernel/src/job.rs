@@ -277,6 +277,9 @@ pub struct JobFilter {
     pub tag: Option<String>,
     /// At most this many (list only; newest first).
     pub limit: Option<u32>,
+    /// Only jobs that come after this position in the newest-first order, i.e. created before
+    /// `(created_at, id)`: the seek position of a page (a cursor names the last job it showed).
+    pub before: Option<(DateTime<Utc>, Uuid)>,
 }
 
 impl JobFilter {
@@ -300,6 +303,7 @@ impl JobFilter {
             && self.parent_id.is_none_or(|p| job.parent_id == Some(p))
             && self.kind.as_ref().is_none_or(|k| &job.kind == k)
             && self.tag.as_ref().is_none_or(|t| job.tags.contains(t))
+            && self.before.is_none_or(|before| (job.created_at, job.id) < before)
     }
 }
 

@@ -211,6 +211,14 @@ pub(super) fn push_job_filter(q: &mut Query, f: &JobFilter) {
     if let Some(k) = &f.kind {
         q.push(" AND kind = ").bind(k.clone());
     }
+    if let Some((at, id)) = f.before {
+        // The row value compares like the list's ORDER BY (created_at DESC, id DESC).
+        q.push(" AND (created_at, id) < (")
+            .bind(micros(at))
+            .push(", ")
+            .bind(id.to_string())
+            .push(")");
+    }
     if let Some(t) = &f.tag {
         q.push(" AND EXISTS (SELECT 1 FROM json_each(jobs.tags_json) WHERE json_each.value = ")
             .bind(t.clone());

@@ -1072,12 +1072,7 @@ impl Sandbox {
         stdio: StdioMode,
     ) -> Result<Live, SandboxError> {
         let config = &self.inner.config.scratch;
-        let wants_scratch = config.enabled
-            && tool
-                .capabilities
-                .filesystem
-                .iter()
-                .any(|r| r.mode == FsMode::ReadWrite && r.path.trim_end_matches('/') == SCRATCH_GUEST);
+        let wants_scratch = tool.capabilities.filesystem.iter().any(|r| config.provides(r));
         let granted = preopens
             .iter()
             .any(|p| p.guest == "/" || p.guest == SCRATCH_GUEST || SCRATCH_GUEST.starts_with(&format!("{}/", p.guest)));

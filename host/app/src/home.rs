@@ -97,6 +97,14 @@ pub struct SandboxSettings {
     /// default is generous (10 minutes); compiled code is cached, so only the first prepare pays.
     /// From 1 000 (1 s) to 86 400 000 (a day).
     pub prepare_timeout_ms: u64,
+    /// Ready (pre-instantiated) instances kept per plugin tool once it has been called, so a
+    /// call starts without instantiating; 0 turns the pool off. See
+    /// `keel_sandbox::SandboxConfig::ready_instances`.
+    pub ready_instances: usize,
+    /// Bytes of each linear memory kept resident (reset in place) when an instance ends, so the
+    /// next instance of the same plugin starts on resident pages (16 MiB by default; 0: none).
+    /// See `keel_sandbox::SandboxConfig::memory_keep_resident_bytes`.
+    pub memory_keep_resident_bytes: usize,
 }
 
 /// The range [`SandboxSettings::prepare_timeout_ms`] accepts.
@@ -110,6 +118,8 @@ impl Default for SandboxSettings {
             max_memory_bytes: defaults.max_memory_bytes,
             pool_instances: defaults.pool_instances,
             prepare_timeout_ms: defaults.describe.prepare_timeout_ms,
+            ready_instances: defaults.ready_instances,
+            memory_keep_resident_bytes: defaults.memory_keep_resident_bytes,
         }
     }
 }
@@ -123,6 +133,12 @@ impl SandboxSettings {
                 self.prepare_timeout_ms,
                 PREPARE_TIMEOUT_MS.start(),
                 PREPARE_TIMEOUT_MS.end()
+            ));
+        }
+        if self.memory_keep_resident_bytes as u64 > self.max_memory_bytes {
+            return Err(format!(
+                "[sandbox] `memory_keep_resident_bytes` is {}; it must be at most `max_memory_bytes` ({})",
+                self.memory_keep_resident_bytes, self.max_memory_bytes
             ));
         }
         Ok(())
@@ -223,6 +239,8 @@ impl App {
         sandbox_config.max_memory_bytes = config.sandbox.max_memory_bytes;
         sandbox_config.pool_instances = config.sandbox.pool_instances;
         sandbox_config.describe.prepare_timeout_ms = config.sandbox.prepare_timeout_ms;
+        sandbox_config.ready_instances = config.sandbox.ready_instances;
+        sandbox_config.memory_keep_resident_bytes = config.sandbox.memory_keep_resident_bytes;
         let sandbox = Sandbox::new(sandbox_config)?;
         Ok(Self {
             home: home.clone(),

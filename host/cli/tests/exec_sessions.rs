@@ -315,17 +315,24 @@ async fn a_session_cannot_exceed_its_memory_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_from_one_run_is_invisible_to_the_next() {
+    // Ready instances and resident memory are on (the defaults): later runs start in instances
+    // built while earlier ones ran, in pool slots whose memory was reset in place.
     let host = host(SessionConfig::default(), limits()).await;
-    for _ in 0..3 {
+    assert!(host.sandbox.config().ready_instances > 0 && host.sandbox.config().memory_keep_resident_bytes > 0);
+    for _ in 0..4 {
         let out = host
             .code(
                 "import sys, builtins, os\n\
-                 seen = ('secret' in globals(), hasattr(builtins, 'leak'), hasattr(sys, 'leak'), os.listdir('/scratch'))\n\
-                 secret = 1\nbuiltins.leak = 1\nsys.leak = 1\nopen('/scratch/f', 'w').write('x')\n\
+                 seen = ('secret' in globals(), hasattr(builtins, 'leak'), hasattr(sys, 'leak'), os.listdir('/scratch'), 'leaked_mod' in sys.modules)\n\
+                 secret = 1\nbuiltins.leak = 1\nsys.leak = 1\nopen('/scratch/f', 'w').write('x')\nsys.modules['leaked_mod'] = sys\n\
+                 print('mine', end='')\n\
                  seen",
             )
             .await;
-        assert_eq!(out["value"], "(False, False, False, [])", "{out}");
+        assert_eq!(out["value"], "(False, False, False, [], False)", "{out}");
+        // Only this run's output: nothing buffered by an earlier one.
+        assert_eq!(out["stdout"], "mine", "{out}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -396,7 +396,7 @@ mod tests {
     fn load(text: &str) -> Result<KeelConfig, String> {
         let home = tempfile::tempdir().unwrap();
         std::fs::write(home.path().join("config.toml"), text).unwrap();
-        KeelConfig::load(home.path()).map_err(|e| e.to_string())
+        KeelConfig::load(home.path()).map_err(|e| e.message)
     }
 
     #[test]
@@ -426,6 +426,10 @@ mod tests {
             (
                 "[sandbox]\nprepare_timeout_ms = 100000000\n",
                 "must be from 1000 (1 s) to 86400000",
+            ),
+            (
+                "[sandbox]\nmax_memory_bytes = 1048576\nmemory_keep_resident_bytes = 2097152\n",
+                "must be at most `max_memory_bytes` (1048576)",
             ),
         ] {
             let error = load(text).err().unwrap_or_else(|| panic!("accepted: {text}"));

@@ -12,6 +12,25 @@ const MAX_PRINT = 256 * 1024;
 /** Bytes of /scratch file contents returned. */
 const MAX_FILES = 512 * 1024;
 
+/** The engine's own console, captured before any script runs: it writes to this component's
+ * stdout/stderr, which the host streams to a terminal for `keel exec --lang js` (the `echo` input). */
+const engineConsole = globalThis.console;
+
+/** Thrown by `process.exit(code)`: ends the script with that status (not an error). */
+class Exit {
+  constructor(code) {
+    this.code = code;
+  }
+}
+
+/** The exit status `process.exit(code)` gives, as Node computes it: an integer, else 0 for
+ * `undefined`, else 1. */
+function exitStatus(code) {
+  if (code === undefined || code === null) return 0;
+  const n = Number(code);
+  return Number.isInteger(n) ? n & 0xff : 1;
+}
+
 const plugin = new Plugin({
   name: 'js-exec',
   version: '0.1.0',
@@ -35,10 +54,12 @@ function show(value) {
 }
 
 class Stream {
-  constructor(name) {
+  /** `echo`: a function that also writes each line (without its final newline) as it is printed. */
+  constructor(name, echo) {
     this.name = name;
     this.parts = [];
     this.bytes = 0;
+    this.echo = echo;
   }
   write(text) {
     this.bytes += text.length; // UTF-16 units: a lower bound on bytes, checked before storing
@@ -46,6 +67,14 @@ class Stream {
       throw new Failed(`the script printed more than ${MAX_PRINT} bytes to ${this.name}`);
     }
     this.parts.push(text);
+    if (this.echo) {
+      try {
+        // Every text written ends with a newline (see `line`), which the engine's console adds back.
+        this.echo(text.endsWith('\n') ? text.slice(0, -1) : text);
+      } catch {
+        this.echo = undefined;
+      }
+    }
   }
   text() {
     return this.parts.join('');
@@ -129,7 +158,8 @@ plugin.tool(
       'Run a JavaScript script and return {stdout, stderr, value, files, error}: value is the completion value ' +
       '(JSON when it can be encoded), files the contents of /scratch afterwards, error the uncaught exception. ' +
       'Scripts get `stdin` (a string) and a small Node-like `fs` (readFileSync, writeFileSync, readdirSync, ...) ' +
-      'over /scratch; there is no network, no require and no event loop.',
+      'over /scratch; there is no network, no require and no event loop. `process.exit(n)` ends the script ' +
+      'with status n (`exit_code`; an uncaught exception is 1).',
     input: schema.object(
       {
         code: schema.string('The script (evaluated as a classic script; its last expression is the value).'),
@@ -139,13 +169,17 @@ plugin.tool(
           'Keep globals and /scratch for the next run with the same id (idle sessions expire; `var` and ' +
             'undeclared globals carry over, top-level `let`/`const` do not).',
         ),
+        echo: schema.boolean(
+          "Also write the output to this component's own stdout/stderr as it is printed " +
+            '(`keel exec --lang js` streams them to the terminal).',
+        ),
       },
-      { optional: ['stdin', 'files', 'session_id'] },
+      { optional: ['stdin', 'files', 'session_id', 'echo'] },
     ),
     writes: [SCRATCH],
     idempotent: false,
   },
-  ({ code, stdin, files, session_id }) => {
+  ({ code, stdin, files, session_id, echo }) => {
     const scratch = scratchAvailable();
     if (scratch && session_id === undefined) {
       for (const entry of fs.list(SCRATCH)) fs.remove(`${SCRATCH}/${entry.name}`);
@@ -163,8 +197,8 @@ plugin.tool(
       fs.writeFile(`${SCRATCH}/${name}`, text);
     }
 
-    const stdout = new Stream('stdout');
-    const stderr = new Stream('stderr');
+    const stdout = new Stream('stdout', echo === true ? (text) => engineConsole.log(text) : undefined);
+    const stderr = new Stream('stderr', echo === true ? (text) => engineConsole.error(text) : undefined);
     const line = (stream) => (...args) => stream.write(`${args.map(show).join(' ')}\n`);
     globalThis.console = Object.freeze({
       log: line(stdout),
@@ -178,9 +212,17 @@ plugin.tool(
     delete globalThis.fetch;
     globalThis.stdin = stdin ?? '';
     globalThis.fs = scriptFs;
+    // Only `exit` and `argv` of Node's `process`: enough for scripts that end with a status.
+    globalThis.process = Object.freeze({
+      argv: Object.freeze(['js-exec']),
+      exit(status) {
+        throw new Exit(exitStatus(status));
+      },
+    });
 
     const result = {};
     let error;
+    let status = 0;
     try {
       const value = (0, eval)(code);
       if (value !== undefined && typeof value !== 'function' && typeof value !== 'symbol') {
@@ -197,12 +239,25 @@ plugin.tool(
       }
     } catch (e) {
       // Capability denials and the output cap stop the run as tool errors; the script's own
-      // exceptions are its result.
+      // exceptions (and `process.exit`) are its result.
       if (e instanceof ToolError) throw e;
-      error = e instanceof Error ? `${e.name}: ${e.message}` : `uncaught ${show(e)}`;
+      if (e instanceof Exit) {
+        status = e.code;
+        if (status !== 0) error = `process.exit(${status})`;
+      } else {
+        status = 1;
+        const summary = e instanceof Error ? `${e.name}: ${e.message}` : show(e);
+        error = e instanceof Error ? summary : `uncaught ${summary}`;
+        // As a `node` process does: the uncaught exception is reported on stderr.
+        try {
+          stderr.write(`Uncaught ${summary}\n`);
+        } catch (full) {
+          if (!(full instanceof Failed)) throw full;
+        }
+      }
     }
 
-    const out = { stdout: stdout.text(), stderr: stderr.text(), ...result, files: {} };
+    const out = { stdout: stdout.text(), stderr: stderr.text(), ...result, files: {}, exit_code: status };
     if (scratch) {
       let total = 0;
       for (const path of walk(SCRATCH, [])) {

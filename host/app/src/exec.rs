@@ -65,9 +65,9 @@ impl CodeLang {
     }
 
     /// Whether the plugin can echo the code's output to its own stdout/stderr (the `echo`
-    /// argument), which is what makes the output stream.
+    /// argument), which is what makes the output stream. Both first-party plugins can.
     pub fn streams(self) -> bool {
-        self == CodeLang::Python
+        matches!(self, CodeLang::Python | CodeLang::Js)
     }
 
     /// The exact commands that build and install the plugin from a Keel checkout.
@@ -186,7 +186,7 @@ mod tests {
     fn the_exit_status_comes_from_the_plugin_output() {
         assert_eq!(exit_code(&json!({"exit_code": 3, "error": "SystemExit: 3"})), 3);
         assert_eq!(exit_code(&json!({"exit_code": 0})), 0);
-        // A plugin without `exit_code` (js-exec): an uncaught error is 1.
+        // A plugin without `exit_code` (an older js-exec): an uncaught error is 1.
         assert_eq!(exit_code(&json!({"error": "TypeError: x"})), 1);
         assert_eq!(exit_code(&json!({"error": null, "stdout": ""})), 0);
     }

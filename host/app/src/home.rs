@@ -96,7 +96,24 @@ pub struct SandboxSettings {
     pub max_memory_bytes: u64,
     /// Concurrent instance slots.
     pub pool_instances: u32,
+    /// Wall-clock bound on preparing a plugin (validating, compiling it to native code on first
+    /// use, pre-linking, running `describe()`), in milliseconds. Compiling a large component
+    /// (CPython is ~19 MB, a JS engine ~12 MB) takes minutes on a small, busy machine, so the
+    /// default is generous (10 minutes); compiled code is cached, so only the first prepare pays.
+    /// From 1 000 (1 s) to 86 400 000 (a day).
+    pub prepare_timeout_ms: u64,
+    /// Ready (pre-instantiated) instances kept per plugin tool once it has been called, so a
+    /// call starts without instantiating; 0 turns the pool off. See
+    /// `keel_sandbox::SandboxConfig::ready_instances`.
+    pub ready_instances: usize,
+    /// Bytes of each linear memory kept resident (reset in place) when an instance ends, so the
+    /// next instance of the same plugin starts on resident pages (16 MiB by default; 0: none).
+    /// See `keel_sandbox::SandboxConfig::memory_keep_resident_bytes`.
+    pub memory_keep_resident_bytes: usize,
 }
+
+/// The range [`SandboxSettings::prepare_timeout_ms`] accepts.
+const PREPARE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 1_000..=86_400_000;
 
 impl Default for SandboxSettings {
     fn default() -> Self {
@@ -105,7 +122,31 @@ impl Default for SandboxSettings {
             fuel_metering: defaults.fuel_metering,
             max_memory_bytes: defaults.max_memory_bytes,
             pool_instances: defaults.pool_instances,
+            prepare_timeout_ms: defaults.describe.prepare_timeout_ms,
+            ready_instances: defaults.ready_instances,
+            memory_keep_resident_bytes: defaults.memory_keep_resident_bytes,
         }
+    }
+}
+
+impl SandboxSettings {
+    /// Check values a type cannot: one clear sentence naming the key when one is out of range.
+    fn check(&self) -> Result<(), String> {
+        if !PREPARE_TIMEOUT_MS.contains(&self.prepare_timeout_ms) {
+            return Err(format!(
+                "[sandbox] `prepare_timeout_ms` is {}; it must be from {} (1 s) to {} (a day) milliseconds",
+                self.prepare_timeout_ms,
+                PREPARE_TIMEOUT_MS.start(),
+                PREPARE_TIMEOUT_MS.end()
+            ));
+        }
+        if self.memory_keep_resident_bytes as u64 > self.max_memory_bytes {
+            return Err(format!(
+                "[sandbox] `memory_keep_resident_bytes` is {}; it must be at most `max_memory_bytes` ({})",
+                self.memory_keep_resident_bytes, self.max_memory_bytes
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -122,6 +163,10 @@ impl KeelConfig {
                         e.to_string().lines().collect::<Vec<_>>().join(" ")
                     ))
                 })?;
+                config
+                    .sandbox
+                    .check()
+                    .map_err(|e| AppError::user(format!("{}: {e}", path.display())))?;
                 // Relative to the config file, not to wherever `keel` happens to be started.
                 for provider in config.models.providers.values_mut() {
                     if let Some(script) = provider.script.as_mut().filter(|s| s.is_relative()) {
@@ -198,6 +243,9 @@ impl App {
         sandbox_config.fuel_metering = config.sandbox.fuel_metering;
         sandbox_config.max_memory_bytes = config.sandbox.max_memory_bytes;
         sandbox_config.pool_instances = config.sandbox.pool_instances;
+        sandbox_config.describe.prepare_timeout_ms = config.sandbox.prepare_timeout_ms;
+        sandbox_config.ready_instances = config.sandbox.ready_instances;
+        sandbox_config.memory_keep_resident_bytes = config.sandbox.memory_keep_resident_bytes;
         let sandbox = Sandbox::new(sandbox_config)?;
         Ok(Self {
             home: home.clone(),
@@ -343,4 +391,58 @@ pub fn identity_mismatch(name: &str, recorded: &PluginInfo, described: &PluginIn
 pub fn grants_of(record: &PluginRecord) -> Result<Grants, AppError> {
     serde_json::from_value(record.grants.clone())
         .map_err(|e| AppError::internal(format!("stored grants of `{}` are invalid: {e}", record.name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `config.toml` with `text` loaded from a fresh home: the config, or the error's sentence.
+    fn load(text: &str) -> Result<KeelConfig, String> {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(home.path().join("config.toml"), text).unwrap();
+        KeelConfig::load(home.path()).map_err(|e| e.message)
+    }
+
+    #[test]
+    fn the_prepare_limit_is_a_checked_sandbox_setting() {
+        // Default: generous enough to compile CPython on a loaded machine.
+        assert_eq!(load("").unwrap().sandbox.prepare_timeout_ms, 600_000);
+        assert_eq!(
+            load("[sandbox]\nprepare_timeout_ms = 1800000\n")
+                .unwrap()
+                .sandbox
+                .prepare_timeout_ms,
+            1_800_000
+        );
+        // A misspelt key, a value of the wrong type and one out of range: one clear line each,
+        // naming the file and the key.
+        for (text, needle) in [
+            (
+                "[sandbox]\nprepare_timout_ms = 1000\n",
+                "unknown field `prepare_timout_ms`",
+            ),
+            ("[sandbox]\nprepare_timeout_ms = \"10m\"\n", "prepare_timeout_ms"),
+            ("[sandbox]\nprepare_timeout_ms = -1\n", "prepare_timeout_ms"),
+            (
+                "[sandbox]\nprepare_timeout_ms = 0\n",
+                "`prepare_timeout_ms` is 0; it must be from 1000",
+            ),
+            (
+                "[sandbox]\nprepare_timeout_ms = 100000000\n",
+                "must be from 1000 (1 s) to 86400000",
+            ),
+            (
+                "[sandbox]\nmax_memory_bytes = 1048576\nmemory_keep_resident_bytes = 2097152\n",
+                "must be at most `max_memory_bytes` (1048576)",
+            ),
+        ] {
+            let error = load(text).err().unwrap_or_else(|| panic!("accepted: {text}"));
+            assert!(
+                error.contains("config.toml") && error.contains(needle),
+                "{text}: {error}"
+            );
+            assert!(!error.contains('\n'), "one line: {error}");
+        }
+    }
 }

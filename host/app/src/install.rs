@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use keel_kernel::registry::PluginRegistry as _;
-use keel_sandbox::{Grants, PluginInfo, PreparedPlugin};
+use keel_sandbox::{Grants, PluginInfo, PreparedPlugin, ScratchConfig};
 use keel_store::plugins::PluginRecord;
 use serde_json::Value;
 
@@ -38,6 +38,9 @@ pub struct Installed {
     pub replaced: Option<PluginRecord>,
     /// Things to tell the user (grants not carried over, requests not granted, ...).
     pub notes: Vec<String>,
+    /// What the plugin gets without a grant, one sentence each (a fresh scratch directory per
+    /// call for a `/scratch` request; see [`provided_without_grant`]).
+    pub provided: Vec<String>,
 }
 
 impl App {
@@ -130,7 +133,14 @@ impl App {
         {
             let _ = self.components.remove(&old.sha256);
         }
-        notes.extend(reach_warnings(&plugin.info, &plugin.imports, &grants));
+        let scratch = &self.sandbox.config().scratch;
+        notes.extend(reach_warnings(&plugin.info, &plugin.imports, &grants, scratch));
+        let effective = self
+            .config
+            .limits
+            .overridden_by(&record.limits)
+            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
+        let provided = provided_without_grant(&plugin.info, &plugin.imports, &grants, scratch, &effective);
         let record = self
             .db
             .get_plugin(&name)
@@ -141,6 +151,7 @@ impl App {
             plugin,
             replaced,
             notes,
+            provided,
         })
     }
 }
@@ -176,10 +187,21 @@ pub fn requests_beyond(new: &keel_sandbox::Capabilities, old: &keel_sandbox::Cap
     beyond
 }
 
-/// Warnings about requests not granted and grants that cannot take effect.
-pub fn reach_warnings(info: &PluginInfo, imports: &keel_sandbox::ImportSummary, grants: &Grants) -> Vec<String> {
+/// Warnings about requests not granted and grants that cannot take effect. A request the host
+/// serves without a grant (a fresh scratch directory, see [`provided_without_grant`]) is not
+/// "not granted".
+pub fn reach_warnings(
+    info: &PluginInfo,
+    imports: &keel_sandbox::ImportSummary,
+    grants: &Grants,
+    scratch: &ScratchConfig,
+) -> Vec<String> {
     let mut notes = Vec::new();
-    let missing = grants.missing_for(&info.requested());
+    let mut requested = info.requested();
+    if imports.filesystem {
+        requested.filesystem.retain(|r| !scratch.provides(r));
+    }
+    let missing = grants.missing_for(&requested);
     if !missing.is_empty() {
         notes.push(format!(
             "requested but not granted: {} (grant with `keel plugins grant {} --allow-read/--allow-write/--allow-net/--allow-env ...`)",
@@ -187,6 +209,13 @@ pub fn reach_warnings(info: &PluginInfo, imports: &keel_sandbox::ImportSummary, 
             info.name
         ));
     }
+    notes.extend(effect_warnings(imports, grants));
+    notes
+}
+
+/// Warnings about grants that cannot take effect (the component does not import what they open).
+pub fn effect_warnings(imports: &keel_sandbox::ImportSummary, grants: &Grants) -> Vec<String> {
+    let mut notes = Vec::new();
     if !grants.net.is_empty() && !imports.http {
         notes.push("network grants have no effect: the component does not import wasi:http".into());
     }
@@ -194,6 +223,51 @@ pub fn reach_warnings(info: &PluginInfo, imports: &keel_sandbox::ImportSummary, 
         notes.push("filesystem grants have no effect: the component does not import wasi:filesystem".into());
     }
     notes
+}
+
+/// What the plugin gets from the host without a grant, one sentence each: for a read-write
+/// request of `/scratch` with no directory granted there, a fresh, private, empty directory for
+/// each call (or session), removed after it and capped by `limits.max_scratch_bytes`.
+pub fn provided_without_grant(
+    info: &PluginInfo,
+    imports: &keel_sandbox::ImportSummary,
+    grants: &Grants,
+    scratch: &ScratchConfig,
+    limits: &keel_sandbox::Limits,
+) -> Vec<String> {
+    if !imports.filesystem {
+        return Vec::new();
+    }
+    let mut provided: Vec<String> = Vec::new();
+    for request in info.requested().filesystem {
+        let granted = grants
+            .missing_for(&keel_sandbox::Capabilities {
+                filesystem: vec![request.clone()],
+                ..Default::default()
+            })
+            .is_empty();
+        if scratch.provides(&request) && !granted {
+            let text = format!(
+                "{} ({}): a fresh, private, empty directory for each call (or session), removed after it, at most {} (max_scratch_bytes)",
+                request.path,
+                request.mode,
+                human_bytes(limits.max_scratch_bytes)
+            );
+            if !provided.contains(&text) {
+                provided.push(text);
+            }
+        }
+    }
+    provided
+}
+
+/// `n` bytes as `64 MiB`, `512 KiB` or `100 bytes` (exact binary units only).
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
 }
 
 /// The grants, in one line for a human.

@@ -14,7 +14,7 @@ pub use keel_kernel::registry::PluginRecord;
 use crate::caller::{Caller, Role};
 use crate::error::AppError;
 use crate::home::{App, grants_of};
-use crate::install::reach_warnings;
+use crate::install::effect_warnings;
 
 /// Grants to add (the `--allow-*` flags of `install`, `plugins grant` and `exec`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -328,12 +328,11 @@ impl App {
         self.db
             .set_plugin_grants(&record.name, &serde_json::to_value(&grants).expect("grants serialize"))
             .await?;
-        let imports = serde_json::from_value::<ImportSummary>(record.imports.clone());
-        let info = serde_json::from_value::<PluginInfo>(record.info.clone());
-        let notes = match (imports, info) {
-            // The first warning ("requested but not granted") is left out: the user is granting now.
-            (Ok(imports), Ok(info)) => reach_warnings(&info, &imports, &grants).into_iter().skip(1).collect(),
-            _ => Vec::new(),
+        // Only grants that cannot take effect: what is still not granted is the user's choice,
+        // made now.
+        let notes = match serde_json::from_value::<ImportSummary>(record.imports.clone()) {
+            Ok(imports) => effect_warnings(&imports, &grants),
+            Err(_) => Vec::new(),
         };
         Ok(GrantsChanged {
             grants,

@@ -3,14 +3,17 @@
 //!   (`Sandbox::call`: fresh instance, call, result), with and without the pool of
 //!   pre-instantiated instances;
 //! - a native `python3 -c 'print(1)'` / `node -e 'console.log(1)'` process;
-//! - a whole `keel call python-exec/run` / `keel call js-exec/run` process (the profile this bench
-//!   was built with: `--profile dev` or release);
+//! - a whole `keel call python-exec/run` / `keel call js-exec/run` process and a whole
+//!   `keel exec --lang python|js -c ...` process (the profile this bench was built with:
+//!   `--profile dev` or release);
 //! - per language (the `textkit` examples): component size, and instantiate + call of
 //!   `word-count` inside a running host.
 //!
 //! `cargo bench -p keel --bench exec [-- ROUNDS]` (add `--profile dev` to skip the release
 //! build). The first run builds the components and JIT-compiles them (minutes); later runs load
 //! the cached artifacts. Under `cargo test` (no `--bench` argument) it only says so and exits.
+//! `EXEC_BENCH_PROFILE=python|js` (and `EXEC_BENCH_RESIDENT_MB`) runs only ready-instance calls of
+//! one plugin, for `perf record`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,6 +100,33 @@ fn main() {
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("exec-bench-cache");
     let rt = tokio::runtime::Runtime::new().unwrap();
 
+    // `EXEC_BENCH_PROFILE=python|js`: only ready-instance calls of that plugin, `rounds` of them,
+    // back to back, for `perf record` (what a ready `print(1)` spends its time on).
+    if let Ok(which) = std::env::var("EXEC_BENCH_PROFILE") {
+        let (wasm, code) = if which == "js" {
+            (&js, "console.log(1)")
+        } else {
+            (&py, "print(1)")
+        };
+        let resident_mb: usize = std::env::var("EXEC_BENCH_RESIDENT_MB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut config = SandboxConfig::new(&cache);
+        config.ready_instances = 2;
+        config.memory_keep_resident_bytes = resident_mb << 20;
+        let sandbox = Sandbox::new(config).unwrap();
+        rt.block_on(async {
+            let plugin = sandbox.prepare(&std::fs::read(wasm).unwrap()).await.unwrap();
+            let arguments = json!({ "code": code });
+            let check = |v: &Value| assert_eq!(v["stdout"], "1\n", "{v}");
+            time_calls(&sandbox, &plugin, "run", &arguments, 3, check).await;
+            let samples = time_calls(&sandbox, &plugin, "run", &arguments, rounds, check).await;
+            println!("profile {which} ready resident={resident_mb}M: {}", summary(samples));
+        });
+        return;
+    }
+
     // Native processes: the real interpreter (`python3` may be a version manager's shell shim,
     // which alone costs hundreds of ms).
     let python = Command::new("python3")
@@ -118,7 +148,9 @@ fn main() {
 
     // Inside a running host: fresh instance per call (pool off), then pooled.
     let mut results = Vec::new();
-    for (pool, resident_mb) in [(0usize, 0usize), (2, 0), (2, 32)] {
+    // Fresh instance per call, then ready instances; each without and with resident memory
+    // (the default, 16 MiB: the next instance in a pool slot starts on resident pages).
+    for (pool, resident_mb) in [(0usize, 0usize), (0, 16), (2, 0), (2, 16)] {
         let mut config = SandboxConfig::new(&cache);
         config.ready_instances = pool;
         config.memory_keep_resident_bytes = resident_mb << 20;
@@ -187,6 +219,14 @@ fn main() {
             c
         });
         println!("process keel call {tool:22}: {}", summary(samples));
+        // The same step as `keel exec --lang`: streamed output, the code's exit status.
+        let lang = if name == "python-exec" { "python" } else { "js" };
+        let samples = time_process(rounds.min(20), || {
+            let mut c = keel(&home);
+            c.args(["exec", "--lang", lang, "-c", code]);
+            c
+        });
+        println!("process keel exec --lang {lang:6} -c {code:16}: {}", summary(samples));
     }
 
     // Per language: the same tool (textkit word-count), size and instantiate + call in the host.

@@ -1,6 +1,7 @@
-//! `keel exec --lang python`: a code step through the installed python-exec plugin, as a
-//! governed call (it leaves a job and a ledger entry), its output streamed while the code runs,
-//! exiting with the code's status. Needs componentize-py (`scripts/setup/python.sh`).
+//! `keel exec --lang python|js`: a code step through the installed python-exec / js-exec plugin,
+//! as a governed call (it leaves a job and a ledger entry), its output streamed while the code
+//! runs, exiting with the code's status. Needs componentize-py (`scripts/setup/python.sh`) and the
+//! JS toolchain (`scripts/setup/js-c.sh`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -30,9 +31,31 @@ fn home() -> &'static (PathBuf, tempfile::TempDir) {
     })
 }
 
+/// One Keel home with js-exec installed (built once; scratch granted).
+fn js_home() -> &'static (PathBuf, tempfile::TempDir) {
+    static HOME: OnceLock<(PathBuf, tempfile::TempDir)> = OnceLock::new();
+    HOME.get_or_init(|| {
+        let component = langs::build(Lang::Js, "plugins/js-exec");
+        let home = langs::reusable_home("exec-lang-js-home");
+        let scratch = tempfile::tempdir().unwrap();
+        let grant = format!("{}::/scratch", scratch.path().display());
+        common::expect(
+            &home,
+            &["install", component.to_str().unwrap(), "--allow-write", &grant],
+            0,
+        );
+        (home, scratch)
+    })
+}
+
 /// `keel exec --lang python ARGS` with `stdin`; (exit code, stdout, stderr).
 fn exec(home: &Path, args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut full = vec!["exec", "--lang", "python"];
+    exec_lang(home, "python", args, stdin)
+}
+
+/// `keel exec --lang LANG ARGS` with `stdin`; (exit code, stdout, stderr).
+fn exec_lang(home: &Path, lang: &str, args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut full = vec!["exec", "--lang", lang];
     full.extend_from_slice(args);
     let mut child = common::keel(home, &full)
         .stdin(Stdio::piped())
@@ -102,23 +125,70 @@ fn code_runs_from_c_or_a_file_with_stdin_and_exits_with_its_status() {
 #[test]
 fn output_streams_while_the_code_runs() {
     let (home, _) = home();
-    let started = Instant::now();
-    let mut child = common::keel(
+    assert_streams(
         home,
+        "python",
+        "import time\nprint('first', flush=True)\nend = time.monotonic() + 4\nwhile time.monotonic() < end:\n    pass\nprint('last')",
+    );
+}
+
+#[test]
+fn js_output_streams_while_the_script_runs() {
+    let (home, _) = js_home();
+    assert_streams(
+        home,
+        "js",
+        "console.log('first'); const end = Date.now() + 4000; while (Date.now() < end) {} console.log('last')",
+    );
+}
+
+#[test]
+fn js_code_exits_with_its_status_and_prints_as_written() {
+    let (home, _) = js_home();
+    let (code, out, err) = exec_lang(
+        home,
+        "js",
         &[
-            "exec",
-            "--lang",
-            "python",
-            "--timeout-ms",
-            "60000",
             "-c",
-            "import time\nprint('first', flush=True)\nend = time.monotonic() + 4\nwhile time.monotonic() < end:\n    pass\nprint('last')",
+            "console.log('hello', 6 * 7, {a: [1]}); console.log('100%d %s'); console.error('to stderr')",
         ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+        "",
+    );
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (0, "hello 42 {\"a\":[1]}\n100%d %s\n", "to stderr\n")
+    );
+    // The code's stdin is the global `stdin`.
+    let (code, out, err) = exec_lang(home, "js", &["-i", "-c", "console.log(stdin.toUpperCase())"], "abc");
+    assert_eq!((code, out.as_str()), (0, "ABC\n"), "{err}");
+    // `process.exit(n)` is the status, with what was printed before it.
+    let (code, out, err) = exec_lang(
+        home,
+        "js",
+        &["-c", "console.log('before'); process.exit(3); console.log('after')"],
+        "",
+    );
+    assert_eq!((code, out.as_str()), (3, "before\n"), "{err}");
+    let (code, _, err) = exec_lang(home, "js", &["-c", "process.exit()"], "");
+    assert_eq!(code, 0, "{err}");
+    // An uncaught exception is 1, and reported on stderr.
+    let (code, out, err) = exec_lang(home, "js", &["-c", "console.log('x'); null.y"], "");
+    assert_eq!((code, out.as_str()), (1, "x\n"), "{err}");
+    assert!(err.contains("Uncaught TypeError"), "{err}");
+    let (code, _, err) = exec_lang(home, "js", &["-c", "throw 'plain'"], "");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("Uncaught plain"), "{err}");
+}
+
+/// Run `code` in `lang` with a long deadline: it prints `first`, runs ~4 s, prints `last`.
+/// The first line must be read while keel still runs, seconds before the end.
+fn assert_streams(home: &Path, lang: &str, code: &str) {
+    let started = Instant::now();
+    let mut child = common::keel(home, &["exec", "--lang", lang, "--timeout-ms", "60000", "-c", code])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     assert_eq!(first, "first");

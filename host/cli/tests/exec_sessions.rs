@@ -315,17 +315,24 @@ async fn a_session_cannot_exceed_its_memory_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_from_one_run_is_invisible_to_the_next() {
+    // Ready instances and resident memory are on (the defaults): later runs start in instances
+    // built while earlier ones ran, in pool slots whose memory was reset in place.
     let host = host(SessionConfig::default(), limits()).await;
-    for _ in 0..3 {
+    assert!(host.sandbox.config().ready_instances > 0 && host.sandbox.config().memory_keep_resident_bytes > 0);
+    for _ in 0..4 {
         let out = host
             .code(
                 "import sys, builtins, os\n\
-                 seen = ('secret' in globals(), hasattr(builtins, 'leak'), hasattr(sys, 'leak'), os.listdir('/scratch'))\n\
-                 secret = 1\nbuiltins.leak = 1\nsys.leak = 1\nopen('/scratch/f', 'w').write('x')\n\
+                 seen = ('secret' in globals(), hasattr(builtins, 'leak'), hasattr(sys, 'leak'), os.listdir('/scratch'), 'leaked_mod' in sys.modules)\n\
+                 secret = 1\nbuiltins.leak = 1\nsys.leak = 1\nopen('/scratch/f', 'w').write('x')\nsys.modules['leaked_mod'] = sys\n\
+                 print('mine', end='')\n\
                  seen",
             )
             .await;
-        assert_eq!(out["value"], "(False, False, False, [])", "{out}");
+        assert_eq!(out["value"], "(False, False, False, [], False)", "{out}");
+        // Only this run's output: nothing buffered by an earlier one.
+        assert_eq!(out["stdout"], "mine", "{out}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -449,4 +456,91 @@ fn an_agent_calls_python_through_the_governed_path() {
     let receipt = &entries[0]["data"]["receipt"];
     assert!(receipt["wall_us"].as_u64().unwrap() > 0, "{receipt}");
     assert!(receipt["peak_memory_bytes"].as_u64().unwrap() > 0, "{receipt}");
+}
+
+/// `keel install` of a plugin that requests `/scratch` with no grant: no "requested but not
+/// granted" warning (the host gives a fresh directory per call), and the screen says so instead.
+#[test]
+fn install_says_scratch_is_provided_instead_of_warning() {
+    let component = langs::build(Lang::Python, "plugins/python-exec");
+    let home = langs::reusable_home("exec-install-home");
+    // The cap shown is the plugin's effective one.
+    std::fs::write(home.join("config.toml"), "[limits]\nmax_scratch_bytes = 8388608\n").unwrap();
+    let out = common::expect(&home, &["install", &component.to_string_lossy()], 0);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("not granted"), "{text}");
+    assert!(
+        text.contains(
+            "provided without a grant: /scratch (read-write): a fresh, private, empty directory for each call (or session), removed after it, at most 8 MiB (max_scratch_bytes)"
+        ),
+        "{text}"
+    );
+    // The same in --json.
+    let shown = common::json(&home, &["install", &component.to_string_lossy(), "--json"]);
+    let notes = shown["notes"].to_string();
+    assert!(!notes.contains("not granted"), "{shown}");
+    assert!(
+        shown["provided"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("/scratch (read-write): a fresh"),
+        "{shown}"
+    );
+    // Granting now: a grant that cannot take effect is still named (python-exec imports no
+    // wasi:http), even though nothing else is missing.
+    let out = common::expect(
+        &home,
+        &["plugins", "grant", "python-exec", "--allow-net", "example.com"],
+        0,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("network grants have no effect"), "{text}");
+    // A directory granted at /scratch replaces the fresh one: nothing is "provided" then.
+    let dir = tempfile::tempdir().unwrap();
+    let grant = format!("{}::/scratch", dir.path().display());
+    let shown = common::json(
+        &home,
+        &[
+            "install",
+            &component.to_string_lossy(),
+            "--json",
+            "--allow-write",
+            &grant,
+        ],
+    );
+    assert_eq!(shown["provided"], serde_json::json!([]), "{shown}");
+}
+
+/// `[sandbox] prepare_timeout_ms` (the bound on compiling and describing a plugin): a
+/// misspelt key or a bad value is one clear error naming the key; a good one is accepted.
+#[test]
+fn the_prepare_limit_is_a_checked_setting() {
+    for (config, needle) in [
+        (
+            "[sandbox]\nprepare_timout_ms = 600000\n",
+            "unknown field `prepare_timout_ms`",
+        ),
+        ("[sandbox]\nprepare_timeout_ms = \"10m\"\n", "prepare_timeout_ms"),
+        (
+            "[sandbox]\nprepare_timeout_ms = 0\n",
+            "`prepare_timeout_ms` is 0; it must be from 1000",
+        ),
+    ] {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(home.path().join("config.toml"), config).unwrap();
+        let out = common::expect(home.path(), &["plugins", "list"], 2);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        common::one_clear_line(&stderr);
+        assert!(
+            stderr.contains("config.toml") && stderr.contains(needle),
+            "{config}: {stderr}"
+        );
+    }
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[sandbox]\nprepare_timeout_ms = 1800000\n",
+    )
+    .unwrap();
+    common::expect(home.path(), &["plugins", "list"], 0);
 }

@@ -58,7 +58,7 @@ fn assert_clean(home: &Path) {
     );
     assert_eq!(
         out,
-        json!({"stdout": "fresh\n", "stderr": "", "value": ["undefined", 0], "files": {}})
+        json!({"stdout": "fresh\n", "stderr": "", "value": ["undefined", 0], "files": {}, "exit_code": 0})
     );
 }
 
@@ -115,7 +115,7 @@ fn js_exec_runs_scripts_and_survives_hostile_ones() {
     );
     assert_eq!(
         out,
-        json!({"stdout": "hi 1 {\"a\":[2]}\n", "stderr": "warn\n", "value": {"sum": 3}, "files": {}})
+        json!({"stdout": "hi 1 {\"a\":[2]}\n", "stderr": "warn\n", "value": {"sum": 3}, "files": {}, "exit_code": 0})
     );
     let out = ok(
         home.path(),
@@ -125,12 +125,22 @@ fn js_exec_runs_scripts_and_survives_hostile_ones() {
     assert_eq!(
         out,
         json!({"stdout": "", "stderr": "", "value": 5,
-               "files": {"/scratch/in/data.txt": "12345", "/scratch/out.txt": "ABC"}})
+               "files": {"/scratch/in/data.txt": "12345", "/scratch/out.txt": "ABC"}, "exit_code": 0})
     );
     // A script's own exception is its result, with what it printed before.
     let out = ok(home.path(), json!({"code": "console.log('before'); null.x"}));
-    assert_eq!(out["stdout"], "before\n");
+    assert_eq!((&out["stdout"], &out["exit_code"]), (&json!("before\n"), &json!(1)));
     assert!(out["error"].as_str().unwrap().starts_with("TypeError"), "{out}");
+    assert!(
+        out["stderr"].as_str().unwrap().starts_with("Uncaught TypeError"),
+        "{out}"
+    );
+    // `process.exit(n)` ends the script with status n; what it printed stays.
+    let out = ok(
+        home.path(),
+        json!({"code": "console.log('a'); process.exit(7); console.log('b')"}),
+    );
+    assert_eq!((&out["stdout"], &out["exit_code"]), (&json!("a\n"), &json!(7)), "{out}");
     let out = ok(home.path(), json!({"code": "syntax error here"}));
     assert!(out["error"].as_str().unwrap().starts_with("SyntaxError"), "{out}");
 

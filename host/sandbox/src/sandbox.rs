@@ -295,6 +295,11 @@ fn engine_config(config: &SandboxConfig) -> Config {
         .max_wasm_stack(config.max_wasm_stack)
         .memory_init_cow(true)
         .parallel_compilation(true);
+    // Diagnostics: `KEEL_PERFMAP=1` writes /tmp/perf-PID.map, so `perf report` names guest
+    // functions (e.g. CPython's) instead of bare JIT addresses. Not part of compiled code.
+    if std::env::var_os("KEEL_PERFMAP").is_some_and(|v| v == "1") {
+        wasm.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let instances = config.pool_instances;
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(instances)
@@ -1072,12 +1077,7 @@ impl Sandbox {
         stdio: StdioMode,
     ) -> Result<Live, SandboxError> {
         let config = &self.inner.config.scratch;
-        let wants_scratch = config.enabled
-            && tool
-                .capabilities
-                .filesystem
-                .iter()
-                .any(|r| r.mode == FsMode::ReadWrite && r.path.trim_end_matches('/') == SCRATCH_GUEST);
+        let wants_scratch = tool.capabilities.filesystem.iter().any(|r| config.provides(r));
         let granted = preopens
             .iter()
             .any(|p| p.guest == "/" || p.guest == SCRATCH_GUEST || SCRATCH_GUEST.starts_with(&format!("{}/", p.guest)));

@@ -264,6 +264,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         plugin,
         replaced,
         notes,
+        provided,
     } = installed;
     let name = &record.name;
     let grants = grants_of(&record)?;
@@ -272,6 +273,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         value["compiled"] = json!(plugin.cache == keel_app::plugin_types::CacheOutcome::Compiled);
         value["load_ms"] = json!(plugin.load_time.as_secs_f64() * 1e3);
         value["notes"] = json!(notes);
+        value["provided"] = json!(provided);
         value["replaced"] = json!(replaced.map(|old| json!({"version": old.version, "sha256": old.sha256})));
         print_json(&value);
     } else {
@@ -292,6 +294,9 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
             );
         }
         print_plugin(&plugin.info, &plugin.imports, &grants);
+        for what in &provided {
+            println!("  provided without a grant: {}", sanitize_line(what));
+        }
         for note in notes {
             println!("note: {}", sanitize_line(&note));
         }

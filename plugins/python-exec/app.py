@@ -284,9 +284,8 @@ def run(
     value, error, status = _execute(code, stdin, out, err, _session_namespace if in_session else None)
     ctx.log(keel.LogLevel.DEBUG, f"ran {len(code)} characters of code: {error or 'no error'}")
     produced, omitted, files_truncated = _collect(SCRATCH) if have_scratch else ({}, [], False)
-    if have_scratch and not in_session:
-        # The working directory stays /scratch: this instance is discarded after the call anyway.
-        _clear(SCRATCH)
+    # What the code wrote stays until the host removes the call's scratch directory: the host
+    # measures it against the scratch cap after the call (a run emptying it here escaped the cap).
     return RunResult(
         stdout=out.text(),
         stderr=err.text(),

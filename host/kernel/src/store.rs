@@ -209,6 +209,17 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     /// Fails with `Conflict` / `DuplicateIdempotencyKey` without applying anything.
     fn commit(&self, batch: Batch) -> BoxFuture<'_, StoreResult<Vec<RuntimeEvent>>>;
 
+    /// [`commit`](Self::commit), handing `batch` back with the error (nothing was applied), so
+    /// a caller that repeats a busy write needs no copy made up front. The default copies the
+    /// batch before committing; a store that checks a batch before consuming it (the in-memory
+    /// one) overrides this to copy nothing.
+    fn commit_or_return(&self, batch: Batch) -> BoxFuture<'_, Result<Vec<RuntimeEvent>, (StoreError, Batch)>> {
+        Box::pin(async move {
+            let copy = batch.clone();
+            self.commit(batch).await.map_err(|e| (e, copy))
+        })
+    }
+
     // ---- jobs ----
 
     /// A job by id (any tenant; managers enforce tenant scoping).

@@ -120,18 +120,18 @@ impl MemoryStore {
     /// Apply `batch`, or hand it back with the error, nothing applied. It is checked first by
     /// reference ([`Self::check`]) and only then taken apart, so nothing is copied but the events
     /// returned.
-    fn commit_sync(&self, batch: Batch) -> Result<Vec<RuntimeEvent>, (StoreError, Batch)> {
+    fn commit_sync(&self, batch: Batch) -> crate::store::CommitOrReturn {
         let store_now = self.clock.now();
         let mut st = self.lock();
         let checked = match Self::check(&st, &batch, store_now) {
             Ok(checked) => checked,
-            Err(e) => return Err((e, batch)),
+            Err(e) => return Err((e, Box::new(batch))),
         };
         match Self::apply(&mut st, batch, checked, store_now) {
             Ok(events) => Ok(events),
             // `check` validated every settlement, so applying cannot fail; if it did, the batch
             // is partly applied and cannot be handed back.
-            Err(e) => Err((e, Batch::default())),
+            Err(e) => Err((e, Box::default())),
         }
     }
 
@@ -463,7 +463,7 @@ impl KernelStore for MemoryStore {
         Box::pin(async move { r })
     }
 
-    fn commit_or_return(&self, batch: Batch) -> BoxFuture<'_, Result<Vec<RuntimeEvent>, (StoreError, Batch)>> {
+    fn commit_or_return(&self, batch: Batch) -> BoxFuture<'_, crate::store::CommitOrReturn> {
         let r = self.commit_sync(batch);
         Box::pin(async move { r })
     }
@@ -838,7 +838,7 @@ mod tests {
         // of that batch must not be appended.
         let (e, back) = store.commit_or_return(insert(&job)).await.unwrap_err();
         assert!(matches!(e, StoreError::Conflict { entity: "job", .. }), "{e:?}");
-        assert_eq!(back, insert(&job));
+        assert_eq!(*back, insert(&job));
         let mut stale = insert(&job);
         stale.jobs[0].expected_version = Some(7);
         stale.events.push(crate::services::job_event(
@@ -849,7 +849,7 @@ mod tests {
         ));
         let (e, back) = store.commit_or_return(stale.clone()).await.unwrap_err();
         assert!(matches!(e, StoreError::Conflict { entity: "job", .. }), "{e:?}");
-        assert_eq!(back, stale);
+        assert_eq!(*back, stale);
         let events = store
             .read_events(&crate::event::EventQuery {
                 filter: crate::event::EventFilter::job(job.id),
@@ -859,7 +859,7 @@ mod tests {
             .expect("events");
         assert!(events.is_empty(), "{events:?}");
         // A fresh version applies (the handed-back batch, fixed up, is usable as it is).
-        let mut update = back;
+        let mut update = *back;
         update.jobs[0].expected_version = Some(1);
         update.jobs[0].job.version = 2;
         let events = store.commit_or_return(update).await.expect("update");

@@ -386,7 +386,7 @@ impl DirectCall {
                     // lease, but the contract allows it): write over its version, once re-read.
                     Err((StoreError::Conflict { entity: "job", .. }, back)) if attempts > 1 => {
                         attempts -= 1;
-                        batch = back;
+                        batch = *back;
                         match inner.kernel.store().get_job(self.job.id).await? {
                             Some(current) if !current.state.is_terminal() => {
                                 let w = &mut batch.jobs[0];

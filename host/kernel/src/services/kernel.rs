@@ -94,7 +94,7 @@ impl Kernel {
 
     /// Commit `batch`, repeating it while the store is busy; on failure the unapplied batch comes
     /// back with the error (see `Core::commit_busy`).
-    pub(crate) async fn commit_busy(&self, batch: Batch) -> Result<Vec<RuntimeEvent>, (StoreError, Batch)> {
+    pub(crate) async fn commit_busy(&self, batch: Batch) -> crate::store::CommitOrReturn {
         self.core.commit_busy(batch).await
     }
 

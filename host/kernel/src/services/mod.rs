@@ -102,7 +102,7 @@ impl Core {
     /// Commit `batch`, repeating it while the store is only busy (with [`retry::BUSY`]'s
     /// backoff), without copying it up front (see [`KernelStore::commit_or_return`]). On failure
     /// the batch comes back, unapplied, with the error.
-    async fn commit_busy(&self, mut batch: Batch) -> Result<Vec<RuntimeEvent>, (StoreError, Batch)> {
+    async fn commit_busy(&self, mut batch: Batch) -> crate::store::CommitOrReturn {
         let backoff = retry::BUSY;
         let mut wait = backoff.first_wait;
         let mut attempt = 1;
@@ -113,7 +113,7 @@ impl Core {
                     return Ok(events);
                 }
                 Err((e, back)) if e.is_transient() && attempt < backoff.attempts => {
-                    batch = back;
+                    batch = *back;
                     tokio::time::sleep(wait).await;
                     wait *= 2;
                     attempt += 1;

@@ -9,6 +9,13 @@
 //!
 //! Per-tool-call kernel overhead (policy + schema + hold + 2 journaled commits with events +
 //! settlement) ~= (job_10_calls - job_1_call) / 9 - bare_tool_call.
+//!
+//! And the governed tool-call path alone (issue 9.11: at most 10 µs over the bare call), as
+//! keel-store's `agent_memory` group measures it but without keel-store, on a 2-worker runtime:
+//! - `agent_memory/bare_tool_call`: the echo tool, nothing else;
+//! - `agent_memory/governed_call`: `AgentRuntime::call_tool` of a non-idempotent echo tool to its
+//!   result (schema, policy, hold, call, settlement with receipt, events, journal: two commits);
+//! - `agent_memory/governed_call_idempotent`: the same, idempotent, no budget (one commit).
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented pub fn.
 
@@ -16,6 +23,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput};
 use keel_kernel::agent::testing::{FakeTools, ScriptedModel, calls};
+use keel_kernel::context::ExecutionContext;
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::Message;
 use keel_kernel::policy::{Policy, SessionApprovals};
@@ -80,6 +88,46 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.finish();
+    governed(c);
+}
+
+/// The `agent_memory` group (see the module docs).
+fn governed(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let tools = FakeTools::new();
+    tools.add_echo("p/echo", false);
+    tools.add_echo("p/idem", true);
+    let ctx = ToolCallContext::ad_hoc("bench");
+    let args = json!({ "i": 1 });
+    let mut group = c.benchmark_group("agent_memory");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("bare_tool_call", |b| {
+        b.iter(|| {
+            rt.block_on(tools.call_tool(&ctx, "p/echo", &args))
+                .result
+                .expect("call")
+        })
+    });
+    let agent = runtime(vec![], &tools);
+    let call_ctx = ExecutionContext::new("bench");
+    group.bench_function("governed_call", |b| {
+        b.iter(|| rt.block_on(governed_call(&agent, &call_ctx, "p/echo")))
+    });
+    group.bench_function("governed_call_idempotent", |b| {
+        b.iter(|| rt.block_on(governed_call(&agent, &call_ctx, "p/idem")))
+    });
+    group.finish();
+}
+
+/// One governed call of `tool` (an echo tool), to its end.
+async fn governed_call(agent: &AgentRuntime, ctx: &ExecutionContext, tool: &str) {
+    let h = agent.call_tool(ctx, tool, json!({ "i": 1 }), None).await.expect("call");
+    let r = h.result().await.expect("result");
+    assert_eq!(r.status, keel_kernel::job::JobState::Succeeded, "{r:?}");
 }
 
 criterion::criterion_group!(benches, bench);

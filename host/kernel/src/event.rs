@@ -197,6 +197,11 @@ impl EventBus {
         }
     }
 
+    /// Whether anyone is subscribed: publishing to nobody need not copy the events.
+    pub fn has_subscribers(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
     /// Subscribe to events matching `filter`, from now on.
     pub fn subscribe(&self, filter: EventFilter) -> Subscription {
         Subscription {

@@ -40,6 +40,14 @@ struct State {
     epochs: HashMap<Uuid, u64>,
 }
 
+/// What [`MemoryStore::check`] worked out for applying a batch.
+struct Checked {
+    /// Idempotency keys of inserted jobs.
+    staged_keys: Vec<(String, String)>,
+    /// The batch's holds, planned.
+    hold_plans: Vec<crate::store::ReservePlan>,
+}
+
 impl State {
     fn append_ledger(&mut self, entry: NewLedgerEvent) -> LedgerEvent {
         let event = LedgerEvent {
@@ -109,14 +117,31 @@ impl MemoryStore {
                 .is_some_and(|l| l.owner == g.owner && l.epoch == g.epoch)
     }
 
-    fn commit_sync(&self, batch: Batch) -> StoreResult<Vec<RuntimeEvent>> {
+    /// Apply `batch`, or hand it back with the error, nothing applied. It is checked first by
+    /// reference ([`Self::check`]) and only then taken apart, so nothing is copied but the events
+    /// returned.
+    fn commit_sync(&self, batch: Batch) -> crate::store::CommitOrReturn {
         let store_now = self.clock.now();
         let mut st = self.lock();
-        // Validate everything against a staged view first so a failure applies nothing.
-        let mut staged_jobs: HashMap<Uuid, Job> = HashMap::new();
+        let checked = match Self::check(&st, &batch, store_now) {
+            Ok(checked) => checked,
+            Err(e) => return Err((e, Box::new(batch))),
+        };
+        match Self::apply(&mut st, batch, checked, store_now) {
+            Ok(events) => Ok(events),
+            // `check` validated every settlement, so applying cannot fail; if it did, the batch
+            // is partly applied and cannot be handed back.
+            Err(e) => Err((e, Box::default())),
+        }
+    }
+
+    /// Validate `batch` against the rows as they are (plus the writes staged before each one),
+    /// so a failure applies nothing.
+    fn check(st: &State, batch: &Batch, store_now: DateTime<Utc>) -> StoreResult<Checked> {
+        let mut staged_jobs: HashMap<Uuid, &Job> = HashMap::new();
         let mut staged_keys: Vec<(String, String)> = Vec::new();
         for w in &batch.jobs {
-            let current = staged_jobs.get(&w.job.id).or_else(|| st.jobs.get(&w.job.id));
+            let current = staged_jobs.get(&w.job.id).copied().or_else(|| st.jobs.get(&w.job.id));
             match (w.expected_version, current) {
                 (None, Some(_)) => return Err(conflict("job", w.job.id)),
                 (None, None) => {
@@ -137,12 +162,13 @@ impl MemoryStore {
                 (Some(v), Some(cur)) if cur.version != v => return Err(conflict("job", w.job.id)),
                 (Some(_), Some(_)) => {}
             }
-            staged_jobs.insert(w.job.id, w.job.clone());
+            staged_jobs.insert(w.job.id, &w.job);
         }
-        let mut staged_actions: HashMap<Uuid, Action> = HashMap::new();
+        let mut staged_actions: HashMap<Uuid, &Action> = HashMap::new();
         for w in &batch.actions {
             let current = staged_actions
                 .get(&w.action.id)
+                .copied()
                 .or_else(|| st.actions.get(&w.action.id));
             match (w.expected_version, current) {
                 (None, Some(_)) => return Err(conflict("action", w.action.id)),
@@ -168,7 +194,7 @@ impl MemoryStore {
                 }
                 (Some(_), Some(_)) => {}
             }
-            staged_actions.insert(w.action.id, w.action.clone());
+            staged_actions.insert(w.action.id, &w.action);
         }
         for e in &batch.events {
             if !staged_jobs.contains_key(&e.job_id) && !st.jobs.contains_key(&e.job_id) {
@@ -179,7 +205,7 @@ impl MemoryStore {
             }
         }
         for g in &batch.leases {
-            if !Self::holds(&st, g) {
+            if !Self::holds(st, g) {
                 return Err(conflict("lease", g.job_id));
             }
         }
@@ -225,7 +251,7 @@ impl MemoryStore {
                     .values()
                     .filter(|b| b.applies_to(&req.tenant, req.principal.as_deref(), req.session.as_deref()))
                     .map(|b| {
-                        let mut used = Self::used_against(&st, b, req.now);
+                        let mut used = Self::used_against(st, b, req.now);
                         for r in staged_holds.iter().filter(|r| hold_counts_against(b, r, req.now)) {
                             used += r.amount.clone();
                         }
@@ -264,7 +290,23 @@ impl MemoryStore {
                 Some(_) => {}
             }
         }
-        // Apply.
+        Ok(Checked {
+            staged_keys,
+            hold_plans,
+        })
+    }
+
+    /// Apply a batch [`Self::check`] accepted.
+    fn apply(
+        st: &mut State,
+        batch: Batch,
+        checked: Checked,
+        store_now: DateTime<Utc>,
+    ) -> StoreResult<Vec<RuntimeEvent>> {
+        let Checked {
+            staged_keys,
+            hold_plans,
+        } = checked;
         for plan in hold_plans {
             if let Some(r) = plan.outcome.reservation {
                 st.reservations.insert(r.id, r);
@@ -274,7 +316,7 @@ impl MemoryStore {
             }
         }
         for req in batch.settlements {
-            Self::settle_locked(&mut st, req)?;
+            Self::settle_locked(st, req)?;
         }
         for j in batch.journal {
             let entries = st.journal.entry(j.job_id).or_default();
@@ -291,7 +333,10 @@ impl MemoryStore {
                 st.job_keys.insert(k, id);
             }
         }
-        st.jobs.extend(staged_jobs);
+        // In batch order: a later write of the same job wins, as it did in `check`.
+        for w in batch.jobs {
+            st.jobs.insert(w.job.id, w.job);
+        }
         for c in batch.claims {
             let epoch = st.epochs.entry(c.job_id).or_default();
             *epoch += 1;
@@ -304,6 +349,11 @@ impl MemoryStore {
                     epoch,
                 },
             );
+        }
+        // The last write of each action wins, as it did in `check`.
+        let mut staged_actions: HashMap<Uuid, Action> = HashMap::new();
+        for w in batch.actions {
+            staged_actions.insert(w.action.id, w.action);
         }
         for (id, a) in staged_actions {
             st.token_hashes.insert(a.token_hash.clone(), id);
@@ -380,12 +430,12 @@ impl MemoryStore {
         let r = st
             .reservations
             .get(&req.reservation_id)
-            .cloned()
             .ok_or_else(|| StoreError::NotFound {
                 entity: "reservation",
                 id: req.reservation_id.to_string(),
             })?;
-        Self::close_locked(st, plan_settle(&r, req)?)
+        let plan = plan_settle(r, req)?;
+        Self::close_locked(st, plan)
     }
 
     /// Apply a settle or release plan (the state was checked by the plan, under this lock).
@@ -409,6 +459,11 @@ impl MemoryStore {
 
 impl KernelStore for MemoryStore {
     fn commit(&self, batch: Batch) -> BoxFuture<'_, StoreResult<Vec<RuntimeEvent>>> {
+        let r = self.commit_sync(batch).map_err(|(e, _)| e);
+        Box::pin(async move { r })
+    }
+
+    fn commit_or_return(&self, batch: Batch) -> BoxFuture<'_, crate::store::CommitOrReturn> {
         let r = self.commit_sync(batch);
         Box::pin(async move { r })
     }
@@ -746,5 +801,69 @@ impl PluginRegistry for MemoryRegistry {
     fn component_in_use<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
         let used = self.lock().values().any(|p| p.sha256 == sha256);
         Box::pin(async move { Ok(used) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::MemoryStore;
+    use crate::job::{Job, NewJob};
+    use crate::store::{Batch, JobWrite, KernelStore, StoreError};
+
+    /// A refused batch comes back whole with its error and nothing of it is applied: a caller
+    /// repeating a busy write needs no copy made up front.
+    #[tokio::test]
+    async fn a_refused_batch_is_handed_back_unapplied() {
+        let store = MemoryStore::new();
+        let job = Job::queued(
+            NewJob {
+                tenant: "t".into(),
+                kind: "k".into(),
+                ..NewJob::default()
+            },
+            None,
+            Utc::now(),
+        );
+        let insert = |job: &Job| Batch {
+            jobs: vec![JobWrite {
+                job: job.clone(),
+                expected_version: None,
+            }],
+            ..Batch::default()
+        };
+        store.commit_or_return(insert(&job)).await.expect("first insert");
+        // The same insert again conflicts; so does an update at a stale version, and an event
+        // of that batch must not be appended.
+        let (e, back) = store.commit_or_return(insert(&job)).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict { entity: "job", .. }), "{e:?}");
+        assert_eq!(*back, insert(&job));
+        let mut stale = insert(&job);
+        stale.jobs[0].expected_version = Some(7);
+        stale.events.push(crate::services::job_event(
+            &job,
+            crate::event::EventType::Progress,
+            serde_json::json!({}),
+            Utc::now(),
+        ));
+        let (e, back) = store.commit_or_return(stale.clone()).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict { entity: "job", .. }), "{e:?}");
+        assert_eq!(*back, stale);
+        let events = store
+            .read_events(&crate::event::EventQuery {
+                filter: crate::event::EventFilter::job(job.id),
+                ..Default::default()
+            })
+            .await
+            .expect("events");
+        assert!(events.is_empty(), "{events:?}");
+        // A fresh version applies (the handed-back batch, fixed up, is usable as it is).
+        let mut update = *back;
+        update.jobs[0].expected_version = Some(1);
+        update.jobs[0].job.version = 2;
+        let events = store.commit_or_return(update).await.expect("update");
+        assert_eq!(events.len(), 1);
+        assert_eq!(store.get_job(job.id).await.unwrap().unwrap().version, 2);
     }
 }

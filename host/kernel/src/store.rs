@@ -27,6 +27,10 @@ use crate::ledger::{
 /// Result alias for store calls.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// What [`KernelStore::commit_or_return`] comes to: the appended events, or the error with the
+/// batch handed back, unapplied.
+pub type CommitOrReturn = Result<Vec<RuntimeEvent>, (StoreError, Box<Batch>)>;
+
 /// One job write. `expected_version: None` inserts (the job's `version` must be 1); `Some(v)`
 /// updates only if the stored version is `v` (the job's `version` must be `v + 1`).
 #[derive(Debug, Clone, PartialEq)]
@@ -208,6 +212,17 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     /// Apply `batch` atomically and return the appended events with their `id` and `seq`.
     /// Fails with `Conflict` / `DuplicateIdempotencyKey` without applying anything.
     fn commit(&self, batch: Batch) -> BoxFuture<'_, StoreResult<Vec<RuntimeEvent>>>;
+
+    /// [`commit`](Self::commit), handing `batch` back with the error (nothing was applied), so
+    /// a caller that repeats a busy write needs no copy made up front. The default copies the
+    /// batch before committing; a store that checks a batch before consuming it (the in-memory
+    /// one) overrides this to copy nothing.
+    fn commit_or_return(&self, batch: Batch) -> BoxFuture<'_, CommitOrReturn> {
+        Box::pin(async move {
+            let copy = batch.clone();
+            self.commit(batch).await.map_err(|e| (e, Box::new(copy)))
+        })
+    }
 
     // ---- jobs ----
 

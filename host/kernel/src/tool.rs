@@ -52,6 +52,14 @@ impl ToolDescriptor {
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.plugin, self.name)
     }
+
+    /// Whether `qualified` (`plugin/tool`) names this tool (without building its qualified name).
+    pub fn is_named(&self, qualified: &str) -> bool {
+        qualified
+            .strip_prefix(self.plugin.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .is_some_and(|name| name == self.name)
+    }
 }
 
 /// Who is calling a tool and under which deadline.
@@ -271,6 +279,16 @@ pub trait ToolHost: Send + Sync {
     /// Every tool currently callable, across all installed plugins.
     fn list_tools(&self) -> BoxFuture<'_, Result<Vec<ToolDescriptor>, ToolError>>;
 
+    /// The descriptor of `tool` (`plugin/tool`), `None` if no such tool is callable. The governed
+    /// call path asks this once per call; the default lists every tool and keeps the one, so a
+    /// host that can look a tool up by name should say so here.
+    fn tool<'a>(&'a self, tool: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
+        Box::pin(async move {
+            let tools = self.list_tools().await?;
+            Ok(tools.into_iter().find(|t| t.is_named(tool)))
+        })
+    }
+
     /// Call `tool` (`plugin/tool`) with JSON `arguments` in a fresh sandbox.
     fn call_tool<'a>(
         &'a self,
@@ -278,4 +296,36 @@ pub trait ToolHost: Send + Sync {
         tool: &'a str,
         arguments: &'a serde_json::Value,
     ) -> BoxFuture<'a, ToolOutcome>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ToolDescriptor;
+
+    fn desc(plugin: &str, name: &str) -> ToolDescriptor {
+        ToolDescriptor {
+            plugin: plugin.into(),
+            name: name.into(),
+            description: String::new(),
+            input_schema: serde_json::json!({}),
+            output_schema: None,
+            idempotent: false,
+            timeout: None,
+        }
+    }
+
+    /// `is_named` agrees with comparing `qualified_name()`, which it replaces on the call path.
+    #[test]
+    fn is_named_is_qualified_name_equality() {
+        let cases = [("p", "echo"), ("a/b", "c"), ("a", "b/c"), ("", "x"), ("p", "")];
+        let names = [
+            "p/echo", "p/ech", "p/echo2", "pecho", "a/b/c", "a/b", "/x", "x", "p/", "p",
+        ];
+        for (plugin, name) in cases {
+            let d = desc(plugin, name);
+            for q in names {
+                assert_eq!(d.is_named(q), d.qualified_name() == q, "{plugin:?} {name:?} vs {q:?}");
+            }
+        }
+    }
 }

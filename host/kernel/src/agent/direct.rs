@@ -69,10 +69,7 @@ impl AgentRuntime {
             // The runner announces the override with a progress event.
             return Ok(None);
         }
-        let Ok(tools) = inner.tools.list_tools().await else {
-            return Ok(None);
-        };
-        let Some(desc) = tools.into_iter().find(|t| t.qualified_name() == call.tool) else {
+        let Ok(Some(desc)) = inner.tools.tool(&call.tool).await else {
             return Ok(None);
         };
         if schema::validate(&desc.input_schema, &call.arguments).is_err() {
@@ -93,6 +90,7 @@ impl AgentRuntime {
         if !matches!(decision.outcome, Outcome::Allow | Outcome::Warn) {
             return Ok(None);
         }
+        let arguments = &call.arguments;
         // One commit for an idempotent tool when no budget could refuse it; else two.
         let once = desc.idempotent && !self.budgets_apply(request).await?;
         let call = DirectCall::new(inner, request, &desc)?;
@@ -105,7 +103,7 @@ impl AgentRuntime {
                 Err(e) => return Err(e.into()),
             }
         }
-        let result = call.run(inner, &call.arguments_of(request)).await;
+        let result = call.run(inner, arguments).await;
         let finished = call.commit_result(inner, result, once).await?;
         Ok(Some(ExecutionHandle {
             rt: self.clone(),
@@ -180,10 +178,6 @@ impl DirectCall {
         })
     }
 
-    fn arguments_of(&self, request: &ExecutionRequest) -> serde_json::Value {
-        request.call.as_ref().map(|c| c.arguments.clone()).unwrap_or_default()
-    }
-
     /// The guard of the lease the first commit took: a job claimed by the batch that inserts it
     /// gets epoch 1 (see `Batch::claims`).
     fn guard(&self) -> LeaseGuard {
@@ -202,8 +196,9 @@ impl DirectCall {
         job_event(&self.job, event_type, data, at)
     }
 
-    /// What the first commit writes (the job is created, started and its call started).
-    fn started_rows(&self, owner: &str) -> Batch {
+    /// What the first commit writes (the job is created, started and its call started), with
+    /// `job` as the inserted row (the job as started, or with `once` as it ended).
+    fn started_rows(&self, owner: &str, job: Job) -> Batch {
         let now = self.job.created_at;
         let queued = self.event(
             EventType::JobStatusChanged,
@@ -224,7 +219,7 @@ impl DirectCall {
         });
         Batch {
             jobs: vec![JobWrite {
-                job: self.job.clone(),
+                job,
                 expected_version: None,
             }],
             events: vec![queued, started, tool_start],
@@ -236,13 +231,13 @@ impl DirectCall {
 
     /// Commit (1): the job RUNNING and leased for the whole call, the hold, `started`, `tool.start`.
     async fn commit_started(&self, inner: &Inner) -> Result<(), StoreError> {
-        let mut batch = self.started_rows(&self.owner);
+        let mut batch = self.started_rows(&self.owner, self.job.clone());
         batch.claims.push(LeaseClaim {
             job_id: self.job.id,
             owner: self.owner.clone(),
             ttl_ms: self.lease_ms,
         });
-        retry::retry_transient(retry::BUSY, || inner.kernel.commit(batch.clone())).await?;
+        inner.kernel.commit_busy(batch).await.map_err(|(e, _)| e)?;
         Ok(())
     }
 
@@ -253,7 +248,14 @@ impl DirectCall {
             job_id: Some(self.job.id.to_string()),
             scope: self.job.tenant.clone(),
             principal: self.job.principal.clone(),
-            trace_id: self.job.context().map(|c| c.trace_id),
+            // The context's trace id, read in place (`Job::context` would decode all of it).
+            trace_id: self
+                .job
+                .metadata
+                .get("context")
+                .and_then(|c| c.get("trace_id"))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
             timeout: Some(self.timeout),
         };
         let cancel = inner.kernel.jobs().cancellation_token(self.job.id);
@@ -349,19 +351,19 @@ impl DirectCall {
             self.entry(key::result(&base()), &Entry::ToolResult(result.clone()), now),
             self.entry(key::FINAL.into(), &Entry::Final(fin.clone()), now),
         ];
-        let finished = if once {
+        // What the result reports of the job as written (the write itself is moved into the batch).
+        let (state, turns, error) = (next.state, next.turns, next.error.clone());
+        if once {
             // The job is inserted in its final state: nobody can claim it, so no lease is taken.
-            let mut batch = self.started_rows(&self.owner);
-            batch.holds[0].check_budgets = false;
             // Inserted, so at version 1 (an insert's version), in its final state.
             next.version = 1;
-            batch.jobs[0].job = next.clone();
+            let mut batch = self.started_rows(&self.owner, next);
+            batch.holds[0].check_budgets = false;
             batch.events.push(tool_event);
             batch.events.extend(end_events);
             batch.journal.extend(journal);
             batch.settlements.push(settle);
-            retry::retry_transient(retry::BUSY, || inner.kernel.commit(batch.clone())).await?;
-            next
+            inner.kernel.commit_busy(batch).await.map_err(|(e, _)| e)?;
         } else {
             let guard = self.guard();
             let mut batch = Batch {
@@ -378,12 +380,13 @@ impl DirectCall {
             };
             let mut attempts = inner.kernel.config().max_write_attempts;
             loop {
-                match retry::retry_transient(retry::BUSY, || inner.kernel.commit(batch.clone())).await {
-                    Ok(_) => break batch.jobs.swap_remove(0).job,
+                match inner.kernel.commit_busy(batch).await {
+                    Ok(_) => break,
                     // Another writer bumped the row (nothing of ours does while we hold the
                     // lease, but the contract allows it): write over its version, once re-read.
-                    Err(StoreError::Conflict { entity: "job", .. }) if attempts > 1 => {
+                    Err((StoreError::Conflict { entity: "job", .. }, back)) if attempts > 1 => {
                         attempts -= 1;
+                        batch = *back;
                         match inner.kernel.store().get_job(self.job.id).await? {
                             Some(current) if !current.state.is_terminal() => {
                                 let w = &mut batch.jobs[0];
@@ -399,28 +402,28 @@ impl DirectCall {
                     // The job was ended elsewhere (cancelled) or another host took it after the
                     // lease lapsed: the call ran, so it is charged; the job's outcome is whatever
                     // its row says.
-                    Err(StoreError::Conflict { entity: "lease", .. }) => {
+                    Err((StoreError::Conflict { entity: "lease", .. }, _)) => {
                         self.charge_unjournaled(inner, duration_ms).await;
                         return Ok(None);
                     }
-                    Err(e) => {
+                    Err((e, _)) => {
                         self.charge_unjournaled(inner, duration_ms).await;
                         return Err(e.into());
                     }
                 }
             }
-        };
+        }
         Ok(Some(ExecutionResult {
-            job_id: finished.id,
-            status: finished.state,
+            job_id: self.job.id,
+            status: state,
             content: fin.content,
             usage: ExecutionUsage {
                 tool_calls: u64::from(result.ran),
                 ..ExecutionUsage::default()
             },
-            turns: finished.turns,
+            turns,
             artifacts: vec![],
-            error: finished.error,
+            error,
             tool_result: Some(result),
         }))
     }

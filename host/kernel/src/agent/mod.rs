@@ -65,13 +65,16 @@ pub fn new_job(request: &ExecutionRequest, now: DateTime<Utc>) -> Result<NewJob,
     new.input = serde_json::to_value(request).map_err(|e| AgentError::Invalid(e.to_string()))?;
     // The idempotency key is bound to the request minus what differs between two attempts of the
     // same request (the session a front end makes up per process, the key itself, metadata).
-    let mut fingerprint = new.input.clone();
-    if let Some(obj) = fingerprint.as_object_mut() {
-        for noise in ["session", "idempotency_key", "metadata"] {
-            obj.remove(noise);
+    // Without a key nothing reads it: no copy of the input is made.
+    if new.idempotency_key.is_some() {
+        let mut fingerprint = new.input.clone();
+        if let Some(obj) = fingerprint.as_object_mut() {
+            for noise in ["session", "idempotency_key", "metadata"] {
+                obj.remove(noise);
+            }
         }
+        new.request_fingerprint = Some(fingerprint);
     }
-    new.request_fingerprint = Some(fingerprint);
     new.deadline = request
         .runtime_limit()
         .map(|d| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));

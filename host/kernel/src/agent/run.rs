@@ -490,7 +490,7 @@ impl Runner {
                 leases: vec![self.lease()],
                 ..Batch::default()
             };
-            match retry_busy(|| kernel.commit(batch.clone())).await {
+            match kernel.commit_busy(batch).await.map_err(|(e, _)| e) {
                 Ok(_) => {
                     let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
                     for (k, e) in step.journal {
@@ -590,11 +590,9 @@ impl Runner {
         let desc = self
             .rt
             .tools
-            .list_tools()
+            .tool(&call.tool)
             .await
-            .map_err(|e| Stop::Fail(job_error("tools_unavailable", format!("listing tools failed: {e}"))))?
-            .into_iter()
-            .find(|t| t.qualified_name() == call.tool);
+            .map_err(|e| Stop::Fail(job_error("tools_unavailable", format!("listing tools failed: {e}"))))?;
         let model_call = ToolCall {
             id: "c0".into(),
             name: call.tool.clone(),

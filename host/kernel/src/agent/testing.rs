@@ -213,6 +213,17 @@ impl ToolHost for FakeTools {
         Box::pin(async move { Ok(list) })
     }
 
+    fn tool<'a>(&'a self, tool: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
+        let found = self
+            .tools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(d, _)| d.is_named(tool))
+            .map(|(d, _)| d.clone());
+        Box::pin(async move { Ok(found) })
+    }
+
     fn call_tool<'a>(
         &'a self,
         ctx: &'a ToolCallContext,
@@ -224,7 +235,7 @@ impl ToolHost for FakeTools {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(d, _)| d.qualified_name() == tool)
+            .find(|(d, _)| d.is_named(tool))
             .map(|(_, f)| f.clone());
         *self
             .counts

@@ -92,6 +92,12 @@ impl Kernel {
         self.core.commit(batch).await
     }
 
+    /// Commit `batch`, repeating it while the store is busy; on failure the unapplied batch comes
+    /// back with the error (see `Core::commit_busy`).
+    pub(crate) async fn commit_busy(&self, batch: Batch) -> crate::store::CommitOrReturn {
+        self.core.commit_busy(batch).await
+    }
+
     /// The kernel's configuration.
     pub fn config(&self) -> &KernelConfig {
         &self.core.config

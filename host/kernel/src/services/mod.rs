@@ -95,8 +95,39 @@ impl Core {
 
     async fn commit(&self, batch: Batch) -> Result<Vec<RuntimeEvent>, StoreError> {
         let events = self.store.commit(batch).await?;
-        self.bus.publish(events.iter().cloned());
+        self.publish(&events);
         Ok(events)
+    }
+
+    /// Commit `batch`, repeating it while the store is only busy (with [`retry::BUSY`]'s
+    /// backoff), without copying it up front (see [`KernelStore::commit_or_return`]). On failure
+    /// the batch comes back, unapplied, with the error.
+    async fn commit_busy(&self, mut batch: Batch) -> crate::store::CommitOrReturn {
+        let backoff = retry::BUSY;
+        let mut wait = backoff.first_wait;
+        let mut attempt = 1;
+        loop {
+            match self.store.commit_or_return(batch).await {
+                Ok(events) => {
+                    self.publish(&events);
+                    return Ok(events);
+                }
+                Err((e, back)) if e.is_transient() && attempt < backoff.attempts => {
+                    batch = *back;
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                Err(failed) => return Err(failed),
+            }
+        }
+    }
+
+    /// Hand committed events to in-process subscribers (copies only when there are any).
+    fn publish(&self, events: &[RuntimeEvent]) {
+        if self.bus.has_subscribers() {
+            self.bus.publish(events.iter().cloned());
+        }
     }
 
     async fn load_job(&self, id: Uuid) -> KernelResult<Job> {

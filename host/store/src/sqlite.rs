@@ -129,7 +129,7 @@ impl Database {
         let kernel = Connections::open(path, durability).map_err(|e| StoreError::Kernel(e.to_string()))?;
         Ok(Self {
             pool,
-            kernel: Arc::new(kernel),
+            kernel,
             _scratch: None,
         })
     }

@@ -248,6 +248,15 @@ async fn serve_http(router: axum::Router) -> std::net::SocketAddr {
 async fn driver((warmup, calls): (usize, usize)) {
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path();
+    // The durability the goal names: a receipt that survives `kill -9` of the host
+    // (`KEEL_BENCH_DURABILITY=full` measures the default, which also survives a power loss).
+    let durability = std::env::var("KEEL_BENCH_DURABILITY").unwrap_or_else(|_| "normal".into());
+    std::fs::create_dir_all(home).expect("home");
+    std::fs::write(
+        home.join("config.toml"),
+        format!("[store]\ndurability = \"{durability}\"\n"),
+    )
+    .expect("config");
     {
         let app = keel_app::App::open(home).await.expect("open home");
         let bytes = keel_testutil::guest_bytes("hello");
@@ -265,7 +274,7 @@ async fn driver((warmup, calls): (usize, usize)) {
         .await
         .expect("install hello");
     }
-    println!("tools/call round trips, {calls} calls each after {warmup} warm-up calls");
+    println!("tools/call round trips, {calls} calls each after {warmup} warm-up calls, durability {durability}");
 
     let floor = stdio_rounds("floor", home, "noop__greet", (warmup, calls)).await;
     let keel = stdio_rounds("keel", home, "hello__greet", (warmup, calls)).await;

@@ -238,28 +238,49 @@ impl Follower {
             .await?)
     }
 
+    /// Take in the tokens this process issued, until the one of `action` (if this process created
+    /// it). A loop sends a token right after the commit that publishes its `action.requested`
+    /// event, so this stream can see the event first: it waits a moment for the token rather than
+    /// announce the action without it. An action created by another process has no token here;
+    /// its signal comes after that moment.
+    async fn await_token(&mut self, action: Uuid) {
+        let Some(tokens) = self.tokens.as_mut() else { return };
+        let job_id = self.job_id;
+        let issued = &mut self.issued;
+        let _ = tokio::time::timeout(TOKEN_WAIT, async {
+            while !issued.contains_key(&action) {
+                match tokens.recv().await {
+                    Ok(t) if t.job_id == job_id => {
+                        issued.insert(t.action_id, t.token);
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+        .await;
+    }
+
     /// The waiting signal for the action `e` announced, if it is still pending.
     async fn waiting(&mut self, e: &RuntimeEvent) -> Result<Option<JobStreamItem>, AppError> {
         let Some(id) = e.data["action_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()) else {
             return Ok(None);
         };
-        if let Some(tokens) = self.tokens.as_mut() {
-            while let Ok(t) = tokens.try_recv() {
-                if t.job_id == self.job_id {
-                    self.issued.insert(t.action_id, t.token);
-                }
-            }
-        }
         let action = self.kernel.actions().get(&self.scope, id).await?;
         if action.state != ActionState::Pending {
             return Ok(None);
         }
+        self.await_token(id).await;
         Ok(Some(JobStreamItem::Waiting {
             token: self.issued.get(&id).cloned(),
             action: Box::new(action),
         }))
     }
 }
+
+/// How long a job stream waits for the resume token of an approval its own process created
+/// (sent just after the commit that announced it).
+const TOKEN_WAIT: Duration = Duration::from_millis(500);
 
 /// Events read from the store at once by [`scope_events`].
 const SCOPE_PAGE: u32 = 500;

@@ -14,38 +14,30 @@ use keel_build::Lang;
 mod common;
 mod langs;
 
+/// A Keel home with the exec plugin at `plugin` installed and a scratch directory granted.
+fn exec_home(lang: Lang, plugin: &str, home_name: &str) -> (PathBuf, tempfile::TempDir) {
+    let component = langs::build(lang, plugin);
+    let home = langs::reusable_home(home_name);
+    let scratch = tempfile::tempdir().unwrap();
+    let grant = format!("{}::/scratch", scratch.path().display());
+    common::expect(
+        &home,
+        &["install", component.to_str().unwrap(), "--allow-write", &grant],
+        0,
+    );
+    (home, scratch)
+}
+
 /// One Keel home with python-exec installed (built once, ~50 s; scratch granted).
 fn home() -> &'static (PathBuf, tempfile::TempDir) {
     static HOME: OnceLock<(PathBuf, tempfile::TempDir)> = OnceLock::new();
-    HOME.get_or_init(|| {
-        let component = langs::build(Lang::Python, "plugins/python-exec");
-        let home = langs::reusable_home("exec-lang-home");
-        let scratch = tempfile::tempdir().unwrap();
-        let grant = format!("{}::/scratch", scratch.path().display());
-        common::expect(
-            &home,
-            &["install", component.to_str().unwrap(), "--allow-write", &grant],
-            0,
-        );
-        (home, scratch)
-    })
+    HOME.get_or_init(|| exec_home(Lang::Python, "plugins/python-exec", "exec-lang-home"))
 }
 
 /// One Keel home with js-exec installed (built once; scratch granted).
 fn js_home() -> &'static (PathBuf, tempfile::TempDir) {
     static HOME: OnceLock<(PathBuf, tempfile::TempDir)> = OnceLock::new();
-    HOME.get_or_init(|| {
-        let component = langs::build(Lang::Js, "plugins/js-exec");
-        let home = langs::reusable_home("exec-lang-js-home");
-        let scratch = tempfile::tempdir().unwrap();
-        let grant = format!("{}::/scratch", scratch.path().display());
-        common::expect(
-            &home,
-            &["install", component.to_str().unwrap(), "--allow-write", &grant],
-            0,
-        );
-        (home, scratch)
-    })
+    HOME.get_or_init(|| exec_home(Lang::Js, "plugins/js-exec", "exec-lang-js-home"))
 }
 
 /// `keel exec --lang python ARGS` with `stdin`; (exit code, stdout, stderr).

@@ -47,6 +47,11 @@ fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap_or_else(|e| panic!("bad decimal {s}: {e}"))
 }
 
+/// The ids of the jobs `f` lists, in the store's order.
+async fn listed_ids(k: &Kernel, f: &JobFilter) -> Vec<Uuid> {
+    k.jobs().list(f).await.expect("list").iter().map(|j| j.id).collect()
+}
+
 async fn running_job(k: &Kernel, tenant: &str) -> Uuid {
     let job = k.jobs().create(NewJob::new(tenant, "agent")).await.expect("create").job;
     k.jobs().start(job.id).await.expect("start");
@@ -381,16 +386,7 @@ pub async fn list_count_and_tenant_isolation(store: Arc<dyn KernelStore>) {
         states: vec![JobState::Running],
         ..JobFilter::tenant("t1")
     };
-    assert_eq!(
-        k.jobs()
-            .list(&f)
-            .await
-            .expect("list")
-            .iter()
-            .map(|j| j.id)
-            .collect::<Vec<_>>(),
-        [ids[0]]
-    );
+    assert_eq!(listed_ids(&k, &f).await, [ids[0]]);
     let f = JobFilter {
         principal: Some("bob".into()),
         ..JobFilter::tenant("t1")
@@ -405,16 +401,7 @@ pub async fn list_count_and_tenant_isolation(store: Arc<dyn KernelStore>) {
         tag: Some("n3".into()),
         ..JobFilter::tenant("t1")
     };
-    assert_eq!(
-        k.jobs()
-            .list(&f)
-            .await
-            .expect("list")
-            .iter()
-            .map(|j| j.id)
-            .collect::<Vec<_>>(),
-        [ids[3]]
-    );
+    assert_eq!(listed_ids(&k, &f).await, [ids[3]]);
     let f = JobFilter {
         limit: Some(2),
         ..JobFilter::tenant("t1")
@@ -428,13 +415,7 @@ pub async fn list_count_and_tenant_isolation(store: Arc<dyn KernelStore>) {
         ..JobFilter::tenant("t1")
     };
     assert_eq!(
-        k.jobs()
-            .list(&f)
-            .await
-            .expect("list")
-            .iter()
-            .map(|j| j.id)
-            .collect::<Vec<_>>(),
+        listed_ids(&k, &f).await,
         ids[..3].iter().rev().copied().collect::<Vec<_>>(),
         "a page starts right after its cursor"
     );

@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
+use keel_kernel::registry::PluginStamp;
 use keel_kernel::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutcome};
 use keel_sandbox::{Grants, Limits, PluginInfo, PreparedPlugin};
 use keel_store::plugins::PluginRecord;
@@ -45,6 +46,10 @@ pub struct RegistryToolHost {
     scope: Option<globset::GlobSet>,
     /// Prepared components by sha256 (a component is read and hashed once per process).
     prepared: Mutex<HashMap<String, Arc<PreparedPlugin>>>,
+    /// What each plugin's record resolved to, by plugin name, kept while its stamp is unchanged:
+    /// a call reads the stamp (one short row) instead of reading, decoding and re-verifying the
+    /// whole record, and a grant, revoke, upgrade or removal still takes effect at the next call.
+    described: Mutex<HashMap<String, Arc<Described>>>,
     /// Load failures already reported (plugin, sha256, message).
     warned: Mutex<HashSet<(String, String, String)>>,
     /// Applied to every plugin's limits (e.g. `keel call --timeout`).
@@ -95,6 +100,7 @@ impl RegistryToolHost {
             app,
             scope,
             prepared: Mutex::default(),
+            described: Mutex::default(),
             warned: Mutex::default(),
             limits: None,
             stdio: None,
@@ -151,6 +157,23 @@ impl RegistryToolHost {
     }
 }
 
+/// One state of an installed plugin's record (its [`PluginStamp`]), decoded once.
+struct Described {
+    stamp: PluginStamp,
+    record: PluginRecord,
+    /// The description recorded at install (`None`: the stored one does not decode).
+    info: Option<PluginInfo>,
+    /// The component prepared and verified against this record, with its grants and limits
+    /// (set by the first call that loads it; a failure is not kept, so the next call retries).
+    loaded: Mutex<Option<(Arc<PreparedPlugin>, Grants, Limits)>>,
+}
+
+impl Described {
+    fn knows(&self, tool: &str) -> bool {
+        self.info.as_ref().is_some_and(|info| info.tool(tool).is_some())
+    }
+}
+
 /// The tools of `info`, addressed by the registry's `plugin` name.
 fn descriptors(
     plugin: &str,
@@ -166,6 +189,12 @@ fn descriptors(
         idempotent: tool.idempotent,
         timeout,
     })
+}
+
+/// `descriptor` offered under an alias of plugin `target`'s tool.
+fn aliased(mut descriptor: ToolDescriptor, target: &str) -> ToolDescriptor {
+    descriptor.description = format!("{} (alias of {target}/{})", descriptor.description, descriptor.name);
+    descriptor
 }
 
 fn host_error(e: impl std::fmt::Display) -> ToolError {
@@ -190,23 +219,17 @@ impl ToolHost for RegistryToolHost {
                 }
                 match serde_json::from_value::<PluginInfo>(record.info.clone()) {
                     Ok(info) => {
-                        // The plugin's own deadline (its limits over the global ones), which the
-                        // sandbox enforces; the agent loop leases the job only for that long.
-                        let limits = self.app.limits_of(record).ok().and_then(|l| match &self.limits {
-                            Some(change) => change(&l).ok(),
-                            None => Some(l),
-                        });
-                        let timeout = limits.map(|l| l.timeout());
+                        // The agent loop leases the job only for the plugin's own deadline.
+                        let timeout = self.timeout_of(record);
                         if self.in_scope(&record.name) {
                             tools.extend(descriptors(&record.name, &info, timeout));
                         }
                         for (alias, _, tool) in aliases {
-                            tools.extend(descriptors(alias, &info, timeout).filter(|d| d.name == *tool).map(
-                                |mut d| {
-                                    d.description = format!("{} (alias of {}/{tool})", d.description, record.name);
-                                    d
-                                },
-                            ));
+                            tools.extend(
+                                descriptors(alias, &info, timeout)
+                                    .filter(|d| d.name == *tool)
+                                    .map(|d| aliased(d, &record.name)),
+                            );
                         }
                     }
                     Err(e) => eprintln!(
@@ -216,6 +239,22 @@ impl ToolHost for RegistryToolHost {
                 }
             }
             Ok(tools)
+        })
+    }
+
+    fn tool<'a>(&'a self, tool: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
+        Box::pin(async move {
+            let (described, name, alias) = match self.record_of(tool).await {
+                Ok(found) => found,
+                Err(ToolError::UnknownTool { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let Some(info) = &described.info else { return Ok(None) };
+            let plugin = tool.split_once('/').map_or(tool, |(plugin, _)| plugin);
+            let timeout = self.timeout_of(&described.record);
+            Ok(descriptors(plugin, info, timeout)
+                .find(|d| d.name == name)
+                .map(|d| if alias { aliased(d, &described.record.name) } else { d }))
         })
     }
 
@@ -246,41 +285,87 @@ impl ToolHost for RegistryToolHost {
 }
 
 impl RegistryToolHost {
-    /// The loaded plugin serving `tool` (`plugin/tool`), with its grants, limits and tool name.
-    async fn resolve(&self, tool: &str) -> Result<(Arc<PreparedPlugin>, Grants, Limits, String), ToolError> {
+    /// The current record of plugin `name`, decoded (from the cache while its stamp is unchanged);
+    /// `None` if it is not installed.
+    async fn described(&self, name: &str) -> Result<Option<Arc<Described>>, ToolError> {
+        let Some(stamp) = self.app.db.plugin_stamp(name).await.map_err(host_error)? else {
+            return Ok(None);
+        };
+        if let Some(hit) = self.described.lock().expect("described lock").get(name)
+            && hit.stamp == stamp
+        {
+            return Ok(Some(hit.clone()));
+        }
+        let Some(record) = self.app.db.get_plugin(name).await.map_err(host_error)? else {
+            return Ok(None);
+        };
+        // Kept under the stamp read first: if the record changed in between, the next call sees
+        // a different stamp and decodes it again.
+        let described = Arc::new(Described {
+            stamp,
+            info: serde_json::from_value(record.info.clone()).ok(),
+            record,
+            loaded: Mutex::default(),
+        });
+        self.described
+            .lock()
+            .expect("described lock")
+            .insert(name.to_string(), described.clone());
+        Ok(Some(described))
+    }
+
+    /// The record serving `tool` (`plugin/tool`): the plugin's own, or for an alias the plugin
+    /// it stands for, with whether it is the alias; `UnknownTool` when nothing serves it here.
+    async fn record_of(&self, tool: &str) -> Result<(Arc<Described>, String, bool), ToolError> {
         let unknown = || ToolError::UnknownTool { tool: tool.to_string() };
         let (plugin, name) = tool.split_once('/').ok_or_else(unknown)?;
         if !self.in_scope(plugin) {
             return Err(unknown());
         }
-        let record = match self.app.db.get_plugin(plugin).await.map_err(host_error)? {
-            Some(record) => record,
+        let (described, alias) = match self.described(plugin).await? {
+            Some(described) => (described, false),
             // An alias: the plugin it stands for, whatever the scope says of that plugin's own name.
             None => {
                 let (target, _) = alias_target(plugin, name).ok_or_else(unknown)?;
-                self.app
-                    .db
-                    .get_plugin(target)
-                    .await
-                    .map_err(host_error)?
-                    .ok_or_else(unknown)?
+                (self.described(target).await?.ok_or_else(unknown)?, true)
             }
         };
-        let plugin = record.name.as_str();
-        let known = record.info["tools"]
-            .as_array()
-            .is_some_and(|tools| tools.iter().any(|t| t["name"] == name));
-        if !known {
+        if !described.knows(name) {
             return Err(unknown());
         }
-        let (prepared, grants, limits) = self
-            .load(&record)
-            .await
-            .map_err(|why| host_error(format!("plugin `{plugin}` cannot be loaded: {why}")))?;
+        Ok((described, name.to_string(), alias))
+    }
+
+    /// The loaded plugin serving `tool` (`plugin/tool`), with its grants, limits and tool name.
+    async fn resolve(&self, tool: &str) -> Result<(Arc<PreparedPlugin>, Grants, Limits, String), ToolError> {
+        let (described, name, _) = self.record_of(tool).await?;
+        let cached = described.loaded.lock().expect("loaded lock").clone();
+        let (prepared, grants, limits) = match cached {
+            Some(loaded) => loaded,
+            None => {
+                let plugin = &described.record.name;
+                let loaded = self
+                    .load(&described.record)
+                    .await
+                    .map_err(|why| host_error(format!("plugin `{plugin}` cannot be loaded: {why}")))?;
+                *described.loaded.lock().expect("loaded lock") = Some(loaded.clone());
+                loaded
+            }
+        };
         let limits = match &self.limits {
             Some(change) => change(&limits).map_err(|why| ToolError::InvalidInput { message: why })?,
             None => limits,
         };
-        Ok((prepared, grants, limits, name.to_string()))
+        Ok((prepared, grants, limits, name))
+    }
+
+    /// The plugin's own deadline (its limits over the global ones, then this host's override),
+    /// which the sandbox enforces; `None` when its stored limits do not decode.
+    fn timeout_of(&self, record: &PluginRecord) -> Option<std::time::Duration> {
+        let limits = self.app.limits_of(record).ok().and_then(|l| match &self.limits {
+            Some(change) => change(&l).ok(),
+            None => Some(l),
+        });
+        limits.map(|l| l.timeout())
     }
 }

@@ -24,7 +24,7 @@ use crate::ledger::{
     Budget, BudgetOutcome, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, NewLedgerEvent, ReservationState,
     ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
-use crate::registry::{PluginRecord, PluginRegistry};
+use crate::registry::{PluginRecord, PluginRegistry, PluginStamp};
 use crate::services::{HoldRequest, Kernel, KernelConfig, SettleDetails};
 use crate::store::{
     Batch, ClaimRequest, HoldWrite, JobWrite, KernelStore, LeaseClaim, LeaseGuard, NewJournalEntry, StoreError,
@@ -1944,6 +1944,21 @@ pub async fn plugin_registry(registry: Arc<dyn PluginRegistry>) {
         ("2.0.0", "cd".repeat(32).as_str())
     );
     assert_eq!(a2.installed_at, a.installed_at, "install time kept");
+    let stamp = |name: &'static str| {
+        let registry = registry.clone();
+        async move { registry.plugin_stamp(name).await.expect("stamp") }
+    };
+    let stamp_v2 = stamp("a").await.expect("a has a stamp");
+    assert_eq!(stamp_v2.sha256, "cd".repeat(32), "the stamp names the component");
+    assert_ne!(
+        stamp_v2.sha256,
+        PluginStamp::of(&a).sha256,
+        "a new component is a new stamp"
+    );
+    assert!(
+        stamp("zzz").await.is_none(),
+        "no stamp for a plugin that is not installed"
+    );
 
     registry
         .set_plugin_grants("a", &json!({"env": ["HOME"]}))
@@ -1952,6 +1967,20 @@ pub async fn plugin_registry(registry: Arc<dyn PluginRegistry>) {
     let a3 = registry.get_plugin("a").await.expect("get").expect("a");
     assert_eq!(a3.grants, json!({"env": ["HOME"]}));
     assert_eq!(a3.version, "2.0.0", "granting changes nothing else");
+    let stamp_granted = stamp("a").await.expect("a");
+    assert_ne!(stamp_granted, stamp_v2, "a grant changes the stamp");
+    registry.set_plugin_grants("a", &json!({})).await.expect("revoke");
+    let stamp_revoked = stamp("a").await.expect("a");
+    assert_ne!(stamp_revoked, stamp_granted, "a revoke changes the stamp");
+    assert_eq!(
+        stamp("a").await,
+        Some(stamp_revoked),
+        "an unchanged record keeps its stamp"
+    );
+    registry
+        .set_plugin_grants("a", &json!({"env": ["HOME"]}))
+        .await
+        .expect("grant again");
     match registry.set_plugin_grants("zzz", &json!({})).await {
         Err(e @ StoreError::NotFound { entity: "plugin", .. }) => {
             assert_eq!(e.to_string(), "plugin `zzz` not found");

@@ -37,6 +37,35 @@ pub struct PluginRecord {
     pub updated_at: String,
 }
 
+/// What identifies one state of a plugin's record: it changes whenever the record does (install,
+/// upgrade, grant, revoke, new limits), so a caller that keeps what it derived from a record can
+/// check it is current with one short read ([`PluginRegistry::plugin_stamp`]) instead of reading
+/// and decoding the whole record on every call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginStamp {
+    /// The component (a new component is a new record).
+    pub sha256: String,
+    /// The registry's time of the last change.
+    pub updated_at: String,
+    /// The grants, as stored (compared as text: a change of grants is a change of stamp even
+    /// within one clock tick).
+    pub grants: String,
+    /// The per-plugin limits, as stored.
+    pub limits: String,
+}
+
+impl PluginStamp {
+    /// The stamp of `record`.
+    pub fn of(record: &PluginRecord) -> Self {
+        Self {
+            sha256: record.sha256.clone(),
+            updated_at: record.updated_at.clone(),
+            grants: record.grants.to_string(),
+            limits: record.limits.to_string(),
+        }
+    }
+}
+
 /// Durable storage for the installed plugins.
 pub trait PluginRegistry: Send + Sync + std::fmt::Debug {
     /// Insert or replace the plugin named `record.name`, keeping its original install time
@@ -46,6 +75,12 @@ pub trait PluginRegistry: Send + Sync + std::fmt::Debug {
     fn get_plugin<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<PluginRecord>>>;
     /// All installed plugins, by name.
     fn list_plugins(&self) -> BoxFuture<'_, StoreResult<Vec<PluginRecord>>>;
+    /// The [`PluginStamp`] of plugin `name`, if installed: one short read that tells a caller
+    /// whether what it derived from the record (a prepared component, parsed grants and limits)
+    /// is still current. The default reads the whole record; a store should read only the stamp.
+    fn plugin_stamp<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<PluginStamp>>> {
+        Box::pin(async move { Ok(self.get_plugin(name).await?.as_ref().map(PluginStamp::of)) })
+    }
     /// Replace the grants of plugin `name`; `NotFound { entity: "plugin" }` if it is not installed.
     fn set_plugin_grants<'a>(&'a self, name: &'a str, grants: &'a Value) -> BoxFuture<'a, StoreResult<()>>;
     /// Remove plugin `name`; whether it existed.

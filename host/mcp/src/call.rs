@@ -50,6 +50,10 @@ pub(crate) async fn governed(
         Err(e) => return refused(&e, None),
     };
     let job_id = handle.job_id();
+    if handle.is_finished() {
+        // Ended on this task before it returned: no approval to follow, no event to read.
+        return finished(&handle).await;
+    }
     let elicits = ctx
         .peer
         .supported_elicitation_modes()
@@ -108,9 +112,14 @@ pub(crate) async fn governed(
         }
     }
     asking.iter().for_each(|t| t.abort());
+    finished(&handle).await
+}
+
+/// The result of the call of `handle`, once its job has ended.
+async fn finished(handle: &keel_app::keel_kernel::ExecutionHandle) -> CallToolResult {
     match handle.result().await {
         Ok(result) => outcome_result(CallOutcome::from_result(result)),
-        Err(e) => refused(&keel_app::runtime::agent_error(e), Some(job_id)),
+        Err(e) => refused(&keel_app::runtime::agent_error(e), Some(handle.job_id())),
     }
 }
 

@@ -25,6 +25,7 @@ use std::borrow::Cow;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use keel_app::keel_kernel::tool::ToolHost as _;
 use keel_app::tools::RegistryToolHost;
 use keel_app::{AgentHost, AppError, Caller};
 use rmcp::model::{
@@ -129,6 +130,36 @@ impl Shared {
     async fn catalog(&self) -> Result<Catalog, AppError> {
         Catalog::load(&self.tools, &self.filter).await
     }
+
+    /// The Keel tool (`plugin/tool`) offered as MCP tool `mcp`, as `tools/list` would name it;
+    /// an unknown tool is a protocol error (MCP: invalid params), not a tool result.
+    async fn offered(&self, mcp: &str) -> Result<String, ErrorData> {
+        // The usual `plugin__tool` name: one lookup of that tool, not the whole catalog.
+        if let Some(keel) = names::keel_name(mcp)
+            && let Some((plugin, tool)) = keel.split_once('/')
+            && names::mcp_name(plugin, tool) == mcp
+            && self.filter.allows(&keel)
+        {
+            match self.tools.tool(&keel).await {
+                Ok(Some(_)) => return Ok(keel),
+                Ok(None) => {}
+                Err(e) => return Err(ErrorData::internal_error(e.to_string(), None)),
+            }
+        }
+        // A long name (shortened with a hash), or one `__` splits another way, is in the catalog.
+        let catalog = self
+            .catalog()
+            .await
+            .map_err(|e| ErrorData::internal_error(e.message, None))?;
+        catalog
+            .get(mcp)
+            .map(|entry| entry.keel.clone())
+            .ok_or_else(|| unknown_tool(mcp))
+    }
+}
+
+fn unknown_tool(mcp: &str) -> ErrorData {
+    ErrorData::invalid_params(format!("Unknown tool: {mcp}"), None)
 }
 
 /// Poll the registry every `every`; bump the generation when the offered list changes. Cheap:
@@ -290,18 +321,7 @@ impl ServerHandler for KeelMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let identity = self.identity(&context)?;
-        let catalog = self
-            .shared
-            .catalog()
-            .await
-            .map_err(|e| ErrorData::internal_error(e.message, None))?;
-        // An unknown tool is a protocol error (MCP: invalid params), not a tool result.
-        let Some(entry) = catalog.get(&request.name) else {
-            return Err(ErrorData::invalid_params(
-                format!("Unknown tool: {}", request.name),
-                None,
-            ));
-        };
+        let keel = self.shared.offered(&request.name).await?;
         let arguments = serde_json::Value::Object(request.arguments.clone().unwrap_or_default());
         // The client declared the tasks extension (at initialize, or in this request's _meta).
         if context.client_capabilities().is_some_and(|c| c.supports_tasks()) {
@@ -309,9 +329,9 @@ impl ServerHandler for KeelMcp {
                 .peer
                 .supported_elicitation_modes()
                 .contains(&rmcp::service::ElicitationMode::Form);
-            return Ok(tasks::call(&self.shared, &identity, &entry.keel, arguments, elicits).await);
+            return Ok(tasks::call(&self.shared, &identity, &keel, arguments, elicits).await);
         }
-        let result = call::governed(&self.shared, &identity, &entry.keel, arguments, &context).await;
+        let result = call::governed(&self.shared, &identity, &keel, arguments, &context).await;
         Ok(result.into())
     }
 

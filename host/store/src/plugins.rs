@@ -6,7 +6,7 @@
 
 use chrono::Utc;
 use futures::future::BoxFuture;
-use keel_kernel::registry::{PluginRegistry, plugin_not_found};
+use keel_kernel::registry::{PluginRegistry, PluginStamp, plugin_not_found};
 use keel_kernel::store::{StoreError, StoreResult};
 use rusqlite::Connection;
 use serde_json::Value;
@@ -106,6 +106,27 @@ impl PluginRegistry for Database {
         Box::pin(async move {
             self.kernel_connections()
                 .read(|c| query(c, select_plugins!("ORDER BY name"), []))
+        })
+    }
+
+    fn plugin_stamp<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<PluginStamp>>> {
+        Box::pin(async move {
+            self.kernel_connections().read(|c| {
+                let mut stmt = c
+                    .prepare_cached("SELECT sha256, updated_at, grants_json, limits_json FROM plugins WHERE name = ?")
+                    .map_err(be)?;
+                let mut rows = stmt.query([name]).map_err(be)?;
+                let Some(row) = rows.next().map_err(be)? else {
+                    return Ok(None);
+                };
+                let col = |i: usize| row.get::<_, String>(i).map_err(be);
+                Ok(Some(PluginStamp {
+                    sha256: col(0)?,
+                    updated_at: col(1)?,
+                    grants: col(2)?,
+                    limits: col(3)?,
+                }))
+            })
         })
     }
 

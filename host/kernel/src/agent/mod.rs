@@ -98,6 +98,9 @@ pub(crate) struct Inner {
     pub(crate) policy_override: std::sync::atomic::AtomicBool,
     /// `config.max_concurrent_jobs`, adjustable (0: no limit).
     max_jobs: std::sync::atomic::AtomicU32,
+    /// The last policy text a job recorded, parsed: every call of a front end records the same
+    /// text, which is then checked and parsed once instead of at each call.
+    pub(crate) recorded_policy: Mutex<Option<(PolicyRef, Arc<Policy>)>>,
 }
 
 /// A job's loop on this host and the lease it runs under.
@@ -171,6 +174,7 @@ impl AgentRuntime {
                 policy_loader: std::sync::OnceLock::new(),
                 policy_override: std::sync::atomic::AtomicBool::new(false),
                 max_jobs: std::sync::atomic::AtomicU32::new(max_jobs),
+                recorded_policy: Mutex::new(None),
             }),
         }
     }
@@ -604,6 +608,12 @@ impl ExecutionHandle {
     /// The job id.
     pub fn job_id(&self) -> Uuid {
         self.job_id
+    }
+
+    /// Whether the job had already ended when the handle was returned (a direct call run on the
+    /// caller's task): it never waited for an approval, and [`result`](Self::result) is at hand.
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_some()
     }
 
     /// The tenant (scope).

@@ -315,6 +315,11 @@ pub(crate) fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>
         return Ok(rt.policy.clone());
     }
     if let Some(text) = &recorded.source {
+        if let Some((known, policy)) = &*rt.recorded_policy.lock().expect("recorded policy lock")
+            && known == recorded
+        {
+            return Ok(policy.clone());
+        }
         let digest = hex::encode(Sha256::digest(text.as_bytes()));
         if let Some(pinned) = &recorded.version
             && *pinned != digest
@@ -324,9 +329,11 @@ pub(crate) fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>
                 recorded.name
             )));
         }
-        return Policy::from_toml_str(text, &recorded.name)
+        let policy = Policy::from_toml_str(text, &recorded.name)
             .map(Arc::new)
-            .map_err(|e| unavailable(format!("the policy recorded with the job does not load: {e}")));
+            .map_err(|e| unavailable(format!("the policy recorded with the job does not load: {e}")))?;
+        *rt.recorded_policy.lock().expect("recorded policy lock") = Some((recorded.clone(), policy.clone()));
+        return Ok(policy);
     }
     if recorded.version.is_none() {
         // Nothing pinned (a label at most): the host's policy applies.

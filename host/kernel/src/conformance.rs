@@ -335,6 +335,33 @@ pub async fn optimistic_concurrency(store: Arc<dyn KernelStore>) {
     let stored = k.jobs().get("t1", id).await.expect("get");
     assert_eq!(stored.progress, 0.25);
     assert_eq!(stored.version, job.version + 1);
+    // What is fixed at insert stays as inserted, whatever an update carries.
+    let mut rewrite = stored.clone();
+    rewrite.version += 1;
+    rewrite.tenant = "t2".into();
+    rewrite.kind = "other".into();
+    rewrite.principal = Some("mallory".into());
+    rewrite.input = json!({ "rewritten": true });
+    rewrite.created_at = epoch() + chrono::Duration::days(1);
+    rewrite.progress = 0.5;
+    store
+        .commit(Batch {
+            jobs: vec![JobWrite {
+                job: rewrite,
+                expected_version: Some(stored.version),
+            }],
+            ..Batch::default()
+        })
+        .await
+        .expect("update");
+    let kept = k.jobs().get("t1", id).await.expect("still the tenant's job");
+    assert_eq!(kept.progress, 0.5, "the update applied");
+    assert_eq!(
+        (&kept.tenant, &kept.kind, &kept.principal, &kept.input, kept.created_at),
+        (&job.tenant, &job.kind, &job.principal, &job.input, job.created_at),
+        "fixed at insert"
+    );
+    let stored = kept;
     let events = k
         .read_events(&EventQuery {
             filter: EventFilter::job(id),

@@ -160,6 +160,23 @@ pub struct Job {
 }
 
 impl Job {
+    /// Take from `stored` (this job's row before an update) what an update never changes: its
+    /// tenant, principal, session, run, parent, kind, idempotency key and request hash, input and
+    /// creation time, which are fixed when the job is inserted. Stores write only the rest (its
+    /// state, progress, counters, deadline, outcome, tags, metadata and times).
+    pub fn keep_fixed_fields(&mut self, stored: Job) {
+        self.tenant = stored.tenant;
+        self.principal = stored.principal;
+        self.session = stored.session;
+        self.run_id = stored.run_id;
+        self.parent_id = stored.parent_id;
+        self.kind = stored.kind;
+        self.idempotency_key = stored.idempotency_key;
+        self.request_hash = stored.request_hash;
+        self.input = stored.input;
+        self.created_at = stored.created_at;
+    }
+
     /// The row of a new QUEUED job (version 1, a fresh id) for `new`; `request_hash` is the hash
     /// of the request behind its idempotency key, if it has one.
     pub fn queued(new: NewJob, request_hash: Option<String>, now: DateTime<Utc>) -> Job {

@@ -335,7 +335,13 @@ impl MemoryStore {
         }
         // In batch order: a later write of the same job wins, as it did in `check`.
         for w in batch.jobs {
-            st.jobs.insert(w.job.id, w.job);
+            let mut job = w.job;
+            if w.expected_version.is_some()
+                && let Some(stored) = st.jobs.remove(&job.id)
+            {
+                job.keep_fixed_fields(stored);
+            }
+            st.jobs.insert(job.id, job);
         }
         for c in batch.claims {
             let epoch = st.epochs.entry(c.job_id).or_default();

@@ -32,7 +32,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub type CommitOrReturn = Result<Vec<RuntimeEvent>, (StoreError, Box<Batch>)>;
 
 /// One job write. `expected_version: None` inserts (the job's `version` must be 1); `Some(v)`
-/// updates only if the stored version is `v` (the job's `version` must be `v + 1`).
+/// updates only if the stored version is `v` (the job's `version` must be `v + 1`). An update
+/// writes what can change; what is fixed at insert is kept ([`Job::keep_fixed_fields`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobWrite {
     /// The full new row.

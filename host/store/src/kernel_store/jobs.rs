@@ -54,7 +54,7 @@ pub(super) fn job_from_row(r: &Row<'_>) -> StoreResult<Job> {
     })
 }
 
-/// The values of the job columns, in the order the INSERT and UPDATE below name them.
+/// The values of the job columns, in the order the INSERT below names them.
 fn job_values(job: &Job) -> StoreResult<Vec<Value>> {
     Ok(vec![
         Value::Text(job.id.to_string()),
@@ -85,15 +85,39 @@ fn job_values(job: &Job) -> StoreResult<Vec<Value>> {
     ])
 }
 
-/// The job UPDATE: every column rewritten (then `$tail`: more assignments and the guard).
+/// The values a job UPDATE writes, in the order [`update_job!`] numbers them: `?1` the id (the
+/// guard), then what can change; what is fixed at insert is never rewritten
+/// ([`Job::keep_fixed_fields`]), so the primary key and the tenant, idempotency and parent indexes
+/// are left alone.
+fn job_update_values(job: &Job) -> StoreResult<Vec<Value>> {
+    Ok(vec![
+        Value::Text(job.id.to_string()),
+        Value::Text(job.state.as_str().to_owned()),
+        Value::Integer(i64_of(job.version)?),
+        Value::Real(job.progress),
+        text(job.progress_message.as_deref()),
+        Value::Integer(i64::from(job.turns)),
+        Value::Integer(i64::from(job.tool_calls)),
+        int(job.deadline.map(micros)),
+        text(job.error.as_ref().map(|e| e.code.as_str())),
+        text(job.error.as_ref().map(|e| e.message.as_str())),
+        text(job.result_ref.as_deref()),
+        Value::Text(to_json(&job.tags)?),
+        Value::Text(to_json(&job.metadata)?),
+        Value::Integer(micros(job.updated_at)),
+        int(job.started_at.map(micros)),
+        int(job.finished_at.map(micros)),
+    ])
+}
+
+/// The job UPDATE of [`job_update_values`] (then `$tail`: more assignments and the guard, whose
+/// parameters start at `?17`).
 macro_rules! update_job {
     ($tail:literal) => {
         concat!(
-            "UPDATE jobs SET id = ?1, tenant = ?2, principal = ?3, session = ?4, run_id = ?5, parent_id = ?6, \
-             kind = ?7, state = ?8, version = ?9, idempotency_key = ?10, input_json = ?11, progress = ?12, \
-             progress_message = ?13, turns = ?14, tool_calls = ?15, deadline = ?16, error_code = ?17, \
-             error_message = ?18, result_ref = ?19, tags_json = ?20, metadata_json = ?21, created_at = ?22, \
-             updated_at = ?23, started_at = ?24, finished_at = ?25",
+            "UPDATE jobs SET state = ?2, version = ?3, progress = ?4, progress_message = ?5, turns = ?6, \
+             tool_calls = ?7, deadline = ?8, error_code = ?9, error_message = ?10, result_ref = ?11, \
+             tags_json = ?12, metadata_json = ?13, updated_at = ?14, started_at = ?15, finished_at = ?16",
             $tail
         )
     };
@@ -157,18 +181,18 @@ pub(super) fn insert_job_leased(conn: &Connection, job: &Job, lease: Option<(&st
     Ok(())
 }
 
-const UPDATE_JOB: &str = update_job!(" WHERE id = ?1 AND version = ?26");
+const UPDATE_JOB: &str = update_job!(" WHERE id = ?1 AND version = ?17");
 
 /// Guarded by version, lease (owner and epoch) and a state that has not ended.
 const UPDATE_JOB_FENCED: &str = update_job!(
-    " WHERE id = ?1 AND version = ?26 AND lease_owner = ?27 AND lease_epoch = ?28 \
+    " WHERE id = ?1 AND version = ?17 AND lease_owner = ?18 AND lease_epoch = ?19 \
      AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT')"
 );
 
 /// [`UPDATE_JOB_FENCED`] that also drops the lease.
 const UPDATE_JOB_FENCED_RELEASE: &str = update_job!(
-    ", lease_owner = NULL, lease_until = NULL WHERE id = ?1 AND version = ?26 AND lease_owner = ?27 \
-     AND lease_epoch = ?28 AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT')"
+    ", lease_owner = NULL, lease_until = NULL WHERE id = ?1 AND version = ?17 AND lease_owner = ?18 \
+     AND lease_epoch = ?19 AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT')"
 );
 
 /// Compare-and-set the whole row of `job` from version `expected`; with `fence = Some((guard,
@@ -186,7 +210,7 @@ pub(super) fn update_job_fenced(
         Some((_, false)) => UPDATE_JOB_FENCED,
         Some((_, true)) => UPDATE_JOB_FENCED_RELEASE,
     };
-    let mut args = job_values(job)?;
+    let mut args = job_update_values(job)?;
     args.push(Value::Integer(i64_of(expected)?));
     if let Some((guard, _)) = fence {
         args.push(Value::Text(guard.owner.clone()));

@@ -13,7 +13,8 @@
 //! build). The first run builds the components and JIT-compiles them (minutes); later runs load
 //! the cached artifacts. Under `cargo test` (no `--bench` argument) it only says so and exits.
 //! `EXEC_BENCH_PROFILE=python|js` (and `EXEC_BENCH_RESIDENT_MB`) runs only ready-instance calls of
-//! one plugin, for `perf record`.
+//! one plugin, for `perf record`; `EXEC_BENCH_WASM=PATH` runs that component instead of the one
+//! built from `plugins/` (to compare two builds of a plugin on one machine state).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -104,10 +105,11 @@ fn main() {
     // back to back, for `perf record` (what a ready `print(1)` spends its time on).
     if let Ok(which) = std::env::var("EXEC_BENCH_PROFILE") {
         let (wasm, code) = if which == "js" {
-            (&js, "console.log(1)")
+            (js.clone(), "console.log(1)")
         } else {
-            (&py, "print(1)")
+            (py.clone(), "print(1)")
         };
+        let wasm = std::env::var_os("EXEC_BENCH_WASM").map_or(wasm, PathBuf::from);
         let resident_mb: usize = std::env::var("EXEC_BENCH_RESIDENT_MB")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -117,7 +119,7 @@ fn main() {
         config.memory_keep_resident_bytes = resident_mb << 20;
         let sandbox = Sandbox::new(config).unwrap();
         rt.block_on(async {
-            let plugin = sandbox.prepare(&std::fs::read(wasm).unwrap()).await.unwrap();
+            let plugin = sandbox.prepare(&std::fs::read(&wasm).unwrap()).await.unwrap();
             let arguments = json!({ "code": code });
             let check = |v: &Value| assert_eq!(v["stdout"], "1\n", "{v}");
             time_calls(&sandbox, &plugin, "run", &arguments, 3, check).await;

@@ -238,6 +238,169 @@ fn every_run_starts_clean() {
     keel.assert_clean("a killed run that left a file");
 }
 
+/// `sys.modules` of a `print(1)` run before python-exec warmed its interpreter up at build time
+/// (componentize-py 0.25.1, CPython 3.14): the modules the plugin itself imports. The warm-up must
+/// not add any (a run could see them); a new import in `app.py` or the SDK is a deliberate change
+/// of this list.
+const COLD_MODULES: &[&str] = &[
+    "__future__",
+    "__main__",
+    "_abc",
+    "_ast",
+    "_bisect",
+    "_codecs",
+    "_collections",
+    "_collections_abc",
+    "_colorize",
+    "_contextvars",
+    "_datetime",
+    "_decimal",
+    "_frozen_importlib",
+    "_frozen_importlib_external",
+    "_functools",
+    "_imp",
+    "_io",
+    "_json",
+    "_opcode",
+    "_opcode_metadata",
+    "_operator",
+    "_py_warnings",
+    "_random",
+    "_sitebuiltins",
+    "_sre",
+    "_stat",
+    "_statistics",
+    "_string",
+    "_thread",
+    "_tokenize",
+    "_types",
+    "_typing",
+    "_warnings",
+    "_weakref",
+    "_weakrefset",
+    "abc",
+    "annotationlib",
+    "app",
+    "ast",
+    "bisect",
+    "builtins",
+    "codecs",
+    "codeop",
+    "collections",
+    "collections.abc",
+    "componentize_py_runtime",
+    "componentize_py_types",
+    "compression",
+    "compression._common",
+    "compression._common._streams",
+    "contextlib",
+    "copy",
+    "copyreg",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "dis",
+    "encodings",
+    "encodings.aliases",
+    "encodings.utf_8",
+    "enum",
+    "errno",
+    "fnmatch",
+    "fractions",
+    "functools",
+    "genericpath",
+    "importlib",
+    "importlib._bootstrap",
+    "importlib._bootstrap_external",
+    "importlib.machinery",
+    "inspect",
+    "io",
+    "itertools",
+    "json",
+    "json.decoder",
+    "json.encoder",
+    "json.scanner",
+    "keel",
+    "keel._docstring",
+    "keel._export",
+    "keel._schema",
+    "keel_entry",
+    "keyword",
+    "linecache",
+    "marshal",
+    "math",
+    "numbers",
+    "opcode",
+    "operator",
+    "os",
+    "os.path",
+    "posix",
+    "posixpath",
+    "random",
+    "re",
+    "re._casefix",
+    "re._compiler",
+    "re._constants",
+    "re._parser",
+    "reprlib",
+    "shutil",
+    "site",
+    "stat",
+    "statistics",
+    "string",
+    "sys",
+    "textwrap",
+    "time",
+    "token",
+    "tokenize",
+    "traceback",
+    "types",
+    "typing",
+    "warnings",
+    "weakref",
+    "wit_world",
+    "wit_world.exports",
+    "wit_world.imports",
+    "wit_world.imports.host",
+    "wit_world.imports.types",
+    "zipimport",
+    "zlib",
+];
+
+#[test]
+fn the_build_time_warm_up_is_invisible_to_runs() {
+    let keel = fixture();
+    // The first thing a run sees: its own globals only, no module beyond what the plugin imports,
+    // no traceback source or exception left by the warm-up's error path, empty capture buffers
+    // and an empty scratch directory.
+    let probe = "g = sorted(globals())\n\
+                 import sys, os, linecache, json\n\
+                 state = [g, sorted(sys.modules), sorted(linecache.cache), hasattr(sys, 'last_exc'),\n\
+                 \x20   sorted(os.listdir('/scratch')), sys.stdout.text(), sys.stderr.text()]\n\
+                 print(json.dumps(state))";
+    let out = keel.code(probe).unwrap();
+    assert_eq!(out["error"], Value::Null, "{out}");
+    let state: Value = serde_json::from_str(out["stdout"].as_str().unwrap()).unwrap();
+    assert_eq!(state[0], json!(["__builtins__", "__name__"]), "a run's globals");
+    let modules: Vec<&str> = state[1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    let extra: Vec<_> = modules
+        .iter()
+        .filter(|m| !COLD_MODULES.contains(m) && !["linecache", "os", "sys"].contains(m))
+        .collect();
+    assert!(extra.is_empty(), "modules a cold interpreter did not have: {extra:?}");
+    assert!(modules.contains(&"app"), "{modules:?}");
+    assert_eq!(state[2], json!(["<code>"]), "linecache holds only this run's source");
+    assert_eq!(state[3], false, "an exception of the warm-up is left in sys.last_exc");
+    assert_eq!(state[4], json!([]), "scratch is empty");
+    assert_eq!(state[5], "", "stdout buffer at the start of a run");
+    assert_eq!(state[6], "", "stderr buffer at the start of a run");
+}
+
 /// How a hostile snippet must end.
 enum Ends {
     /// Refused by the host: the call fails with this error kind.

@@ -4,8 +4,9 @@
 //! install time, under the name it was installed as, and a plugin is loaded only when one of its
 //! tools is called. A plugin whose component cannot be loaded, or no longer describes itself as
 //! recorded, is reported once on stderr and skipped: its calls fail as tool errors, and every other
-//! plugin and job keeps running. Grants and limits are read from the registry at each call, so a
-//! revoke takes effect in a running worker.
+//! plugin and job keeps running. Each call reads the plugin's registry stamp (one short row) and
+//! re-reads the record only when it moved, so a grant, revoke, upgrade or removal takes effect at
+//! the next call in a running worker.
 //!
 //! Agents also get the code-execution tools under short names ([`ALIASES`]): `python/run` is
 //! `python-exec/run` and `javascript/run` is `js-exec/run` when those plugins are installed (and no

@@ -341,7 +341,7 @@ pub async fn optimistic_concurrency(store: Arc<dyn KernelStore>) {
     rewrite.tenant = "t2".into();
     rewrite.kind = "other".into();
     rewrite.principal = Some("mallory".into());
-    rewrite.input = json!({ "rewritten": true });
+    rewrite.input = Arc::new(json!({ "rewritten": true }));
     rewrite.created_at = epoch() + chrono::Duration::days(1);
     rewrite.progress = 0.5;
     store

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -129,8 +130,8 @@ pub struct Job {
     /// only a request with the same hash (`None` on jobs stored before it was recorded).
     #[serde(default)]
     pub request_hash: Option<String>,
-    /// Input of the job.
-    pub input: serde_json::Value,
+    /// Input of the job (fixed at insert; shared, so copies of the row do not copy it).
+    pub input: Arc<serde_json::Value>,
     /// Progress in `[0, 1]`.
     pub progress: f64,
     /// Last progress message.
@@ -147,8 +148,9 @@ pub struct Job {
     pub result_ref: Option<String>,
     /// Tags for filtering.
     pub tags: Vec<String>,
-    /// Free-form metadata (the serialized execution context lives here under `context`).
-    pub metadata: serde_json::Value,
+    /// Free-form metadata (the serialized execution context lives here under `context`; shared,
+    /// so copies of the row do not copy it).
+    pub metadata: Arc<serde_json::Value>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last write.
@@ -192,7 +194,7 @@ impl Job {
             version: 1,
             idempotency_key: new.idempotency_key,
             request_hash,
-            input: new.input,
+            input: Arc::new(new.input),
             progress: 0.0,
             progress_message: None,
             turns: 0,
@@ -201,7 +203,7 @@ impl Job {
             error: None,
             result_ref: None,
             tags: new.tags,
-            metadata: new.metadata,
+            metadata: Arc::new(new.metadata),
             created_at: now,
             updated_at: now,
             started_at: None,

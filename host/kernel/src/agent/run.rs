@@ -350,7 +350,7 @@ pub(crate) fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>
 
 impl Runner {
     pub(crate) async fn load(rt: Arc<Inner>, job: &Job, lease: Arc<LeaseState>, held: Held) -> Result<Self, Stop> {
-        let req: ExecutionRequest = serde_json::from_value(job.input.clone()).map_err(|e| {
+        let req = <ExecutionRequest as serde::Deserialize>::deserialize(job.input.as_ref()).map_err(|e| {
             Stop::Fail(job_error(
                 "invalid_request",
                 format!("the job input is not a request: {e}"),

@@ -54,9 +54,10 @@ pub(super) fn job_from_row(r: &Row<'_>) -> StoreResult<Job> {
     })
 }
 
-/// The values of the job columns, in the order the INSERT below names them.
+/// The values of the job columns, in the order the INSERT below names them: the id, what is
+/// fixed at insert, then what an update may change ([`job_update_values`] after its id).
 fn job_values(job: &Job) -> StoreResult<Vec<Value>> {
-    Ok(vec![
+    let mut values = vec![
         Value::Text(job.id.to_string()),
         Value::Text(job.tenant.clone()),
         text(job.principal.as_deref()),
@@ -64,25 +65,12 @@ fn job_values(job: &Job) -> StoreResult<Vec<Value>> {
         text(job.run_id.map(|u| u.to_string()).as_deref()),
         text(job.parent_id.map(|u| u.to_string()).as_deref()),
         Value::Text(job.kind.clone()),
-        Value::Text(job.state.as_str().to_owned()),
-        Value::Integer(i64_of(job.version)?),
         text(job.idempotency_key.as_deref()),
         Value::Text(to_json(&job.input)?),
-        Value::Real(job.progress),
-        text(job.progress_message.as_deref()),
-        Value::Integer(i64::from(job.turns)),
-        Value::Integer(i64::from(job.tool_calls)),
-        int(job.deadline.map(micros)),
-        text(job.error.as_ref().map(|e| e.code.as_str())),
-        text(job.error.as_ref().map(|e| e.message.as_str())),
-        text(job.result_ref.as_deref()),
-        Value::Text(to_json(&job.tags)?),
-        Value::Text(to_json(&job.metadata)?),
         Value::Integer(micros(job.created_at)),
-        Value::Integer(micros(job.updated_at)),
-        int(job.started_at.map(micros)),
-        int(job.finished_at.map(micros)),
-    ])
+    ];
+    values.extend(job_update_values(job)?.into_iter().skip(1));
+    Ok(values)
 }
 
 /// The values a job UPDATE writes, in the order [`update_job!`] numbers them: `?1` the id (the
@@ -127,10 +115,10 @@ macro_rules! update_job {
 macro_rules! insert_job {
     ($($tail:expr),+) => {
         concat!(
-            "INSERT INTO jobs (id, tenant, principal, session, run_id, parent_id, kind, state, version, \
-             idempotency_key, input_json, progress, progress_message, turns, tool_calls, deadline, error_code, \
-             error_message, result_ref, tags_json, metadata_json, created_at, updated_at, started_at, finished_at, \
-             request_hash",
+            "INSERT INTO jobs (id, tenant, principal, session, run_id, parent_id, kind, idempotency_key, \
+             input_json, created_at, state, version, progress, progress_message, turns, tool_calls, deadline, \
+             error_code, error_message, result_ref, tags_json, metadata_json, updated_at, started_at, \
+             finished_at, request_hash",
             $($tail),+,
             " ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
         )

@@ -110,10 +110,17 @@ reason = "this job may not write"
 async fn a_job_runs_under_its_own_recorded_policy_on_any_host() {
     let tools = FakeTools::new();
     tools.add_echo("fs/write", false);
-    let model = Arc::new(ScriptedModel::new(vec![
-        calls(0, &[("fs__write", json!({"path": "x"}))]),
-        Message::assistant("done", vec![]),
-    ]));
+    // Three jobs reach the model (the one with a bad hash does not): a write, then "done", each.
+    let model = Arc::new(ScriptedModel::new(
+        (0..3)
+            .flat_map(|_| {
+                [
+                    calls(0, &[("fs__write", json!({"path": "x"}))]),
+                    Message::assistant("done", vec![]),
+                ]
+            })
+            .collect(),
+    ));
     let rt = host(
         Kernel::new(Arc::new(MemoryStore::new())),
         model.clone(),
@@ -143,6 +150,26 @@ async fn a_job_runs_under_its_own_recorded_policy_on_any_host() {
     assert_eq!(r.status, JobState::Failed, "{r:?}");
     assert_eq!(r.error.expect("error").code, "policy_unavailable");
     assert_eq!(tools.count("fs/write"), 0);
+
+    // The runtime keeps the last recorded policy it parsed; a job recording another text gets
+    // its own rules, and the first text still denies afterwards.
+    let allow_writes = "default = \"allow\"\n";
+    let recorded = |text: &str| PolicyRef {
+        name: "recorded.toml".into(),
+        version: Some(hex::encode(Sha256::digest(text.as_bytes()))),
+        source: Some(text.into()),
+        ..PolicyRef::default()
+    };
+    let mut req = request("write");
+    req.policy = recorded(allow_writes);
+    let r = result(&rt.execute(req).await.expect("execute")).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert_eq!(tools.count("fs/write"), 1, "this job's policy allows fs/write");
+    let mut req = request("write");
+    req.policy = recorded(DENY_WRITES);
+    let r = result(&rt.execute(req).await.expect("execute")).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert_eq!(tools.count("fs/write"), 1, "denied again under the first job's text");
 }
 
 /// Wait (at most 10 s) until `tool` of `tools` has been called `n` times.

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use keel_kernel::registry::PluginStamp;
 use keel_kernel::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutcome};
-use keel_sandbox::{Grants, Limits, PluginInfo, PreparedPlugin};
+use keel_sandbox::{Grants, Limits, PluginInfo, PreparedPlugin, ToolInfo};
 use keel_store::plugins::PluginRecord;
 // The registry is a kernel trait; `Database` implements it.
 use keel_kernel::registry::PluginRegistry as _;
@@ -175,13 +175,9 @@ impl Described {
     }
 }
 
-/// The tools of `info`, addressed by the registry's `plugin` name.
-fn descriptors(
-    plugin: &str,
-    info: &PluginInfo,
-    timeout: Option<std::time::Duration>,
-) -> impl Iterator<Item = ToolDescriptor> {
-    info.tools.iter().map(move |tool| ToolDescriptor {
+/// Tool `tool`, addressed by the registry's `plugin` name.
+fn descriptor(plugin: &str, tool: &ToolInfo, timeout: Option<std::time::Duration>) -> ToolDescriptor {
+    ToolDescriptor {
         plugin: plugin.to_string(),
         name: tool.name.clone(),
         description: tool.description.clone(),
@@ -189,7 +185,7 @@ fn descriptors(
         output_schema: tool.output_schema.clone(),
         idempotent: tool.idempotent,
         timeout,
-    })
+    }
 }
 
 /// `descriptor` offered under an alias of plugin `target`'s tool.
@@ -223,13 +219,12 @@ impl ToolHost for RegistryToolHost {
                         // The agent loop leases the job only for the plugin's own deadline.
                         let timeout = self.timeout_of(record);
                         if self.in_scope(&record.name) {
-                            tools.extend(descriptors(&record.name, &info, timeout));
+                            tools.extend(info.tools.iter().map(|t| descriptor(&record.name, t, timeout)));
                         }
                         for (alias, _, tool) in aliases {
                             tools.extend(
-                                descriptors(alias, &info, timeout)
-                                    .filter(|d| d.name == *tool)
-                                    .map(|d| aliased(d, &record.name)),
+                                info.tool(tool)
+                                    .map(|t| aliased(descriptor(alias, t, timeout), &record.name)),
                             );
                         }
                     }
@@ -253,9 +248,10 @@ impl ToolHost for RegistryToolHost {
             let Some(info) = &described.info else { return Ok(None) };
             let plugin = tool.split_once('/').map_or(tool, |(plugin, _)| plugin);
             let timeout = self.timeout_of(&described.record);
-            Ok(descriptors(plugin, info, timeout)
-                .find(|d| d.name == name)
-                .map(|d| if alias { aliased(d, &described.record.name) } else { d }))
+            Ok(info.tool(&name).map(|t| {
+                let d = descriptor(plugin, t, timeout);
+                if alias { aliased(d, &described.record.name) } else { d }
+            }))
         })
     }
 

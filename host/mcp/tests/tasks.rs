@@ -9,17 +9,15 @@
 //! `keel actions approve` elsewhere), `cancelled` after `tasks/cancel`; another scope never sees
 //! the task.
 
-use std::path::Path;
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use keel_app::runtime::PolicyChoice;
-use keel_app::{AgentHost, Caller};
-use keel_mcp::{Identity, McpServer};
-use rmcp::ServiceExt as _;
+use common::{connect, server};
+use keel_app::Caller;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CancelTaskParams, ClientCapabilities, ClientConfig, DetailedTask,
-    GetTaskParams, Implementation, TaskPayload, TaskStatus, UpdateTaskParams,
+    GetTaskParams, TaskPayload, TaskStatus, UpdateTaskParams,
 };
 use rmcp::service::{RoleClient, RunningService};
 use serde_json::json;
@@ -35,52 +33,7 @@ decision = "require_approval"
 "#;
 
 async fn home() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let app = keel_app::App::open(dir.path()).await.unwrap();
-    let bytes = keel_testutil::guest_bytes("hello");
-    app.install(
-        keel_app::install::InstallRequest {
-            bytes: &bytes,
-            label: "hello",
-            replace: false,
-            keep_grants: false,
-            limits: json!({}),
-        },
-        |_, _| Ok(()),
-        |_, _| Ok(()),
-    )
-    .await
-    .unwrap();
-    std::fs::write(dir.path().join("policy.toml"), POLICY).unwrap();
-    dir
-}
-
-async fn server(home: &Path, policy: Option<&Path>) -> McpServer {
-    let choice = PolicyChoice::resolve(home, policy).unwrap();
-    let host = AgentHost::open_with(home, None, choice, None, false).await.unwrap();
-    McpServer::new(Arc::new(host)).await.unwrap()
-}
-
-/// An rmcp client (declaring `capabilities`) connected to a session of `server` in `scope`.
-async fn connect(
-    server: &McpServer,
-    scope: &str,
-    capabilities: ClientCapabilities,
-) -> RunningService<RoleClient, ClientConfig> {
-    let (ours, theirs) = tokio::io::duplex(1 << 16);
-    let session = server.session(Identity::Fixed {
-        scope: scope.into(),
-        session: format!("test-{scope}"),
-    });
-    tokio::spawn(async move {
-        if let Ok(running) = session.serve(tokio::io::split(theirs)).await {
-            let _ = running.waiting().await;
-        }
-    });
-    ClientConfig::new(capabilities, Implementation::new("tasks-test", "1"))
-        .serve(tokio::io::split(ours))
-        .await
-        .expect("initialize")
+    common::home_with_hello(POLICY, "").await
 }
 
 fn tasks_and_forms() -> ClientCapabilities {

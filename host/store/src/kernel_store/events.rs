@@ -32,8 +32,10 @@ pub(super) fn insert_events(
     events: Vec<NewEvent>,
     inserted: &[Uuid],
 ) -> StoreResult<Vec<RuntimeEvent>> {
+    // No `RETURNING id`: SQLite collects RETURNING rows in an ephemeral table opened and closed
+    // per statement, which cost more than the insert; the rowid is the connection's last one.
     const INSERT: &str = "INSERT INTO events (job_id, tenant, seq, event_type, data_json, at) \
-                          VALUES (?, ?, ?, ?, ?, ?) RETURNING id";
+                          VALUES (?, ?, ?, ?, ?, ?)";
     let mut next: HashMap<Uuid, u64> = HashMap::new();
     let mut out = Vec::with_capacity(events.len());
     for e in events {
@@ -64,10 +66,10 @@ pub(super) fn insert_events(
             Value::Text(to_json(&e.data)?),
             Value::Integer(micros(e.at)),
         ];
-        let id = conn
-            .prepare_cached(INSERT)
-            .and_then(|mut s| s.query_row(rusqlite::params_from_iter(&args), |r| r.get::<_, i64>(0)))
+        conn.prepare_cached(INSERT)
+            .and_then(|mut s| s.execute(rusqlite::params_from_iter(&args)))
             .map_err(|err| job_ref_error(err, e.job_id))?;
+        let id = conn.last_insert_rowid();
         out.push(RuntimeEvent {
             id,
             seq,

@@ -18,6 +18,7 @@ mod journal;
 mod leases;
 mod ledger;
 mod rows;
+mod wal_vfs;
 
 use std::sync::Arc;
 

@@ -22,7 +22,7 @@
 //! call's path. The writer keeps a much higher threshold only as a backstop.
 //!
 //! Every connection opens the file through the `keel-wal` VFS (`wal_vfs.rs`): the default one,
-//! except that a commit's WAL frames reach the file in one write instead of two per page.
+//! except that a commit's WAL frames reach the file in two writes instead of two per page.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -366,12 +366,15 @@ impl DirectCall {
             inner.kernel.commit_busy(batch).await.map_err(|(e, _)| e)?;
         } else {
             let guard = self.guard();
+            let mut events = Vec::with_capacity(1 + end_events.len());
+            events.push(tool_event);
+            events.extend(end_events);
             let mut batch = Batch {
                 jobs: vec![JobWrite {
                     job: next,
                     expected_version: Some(self.job.version),
                 }],
-                events: [vec![tool_event], end_events].concat(),
+                events,
                 journal,
                 settlements: vec![settle],
                 leases: vec![guard.clone()],

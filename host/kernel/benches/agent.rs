@@ -22,24 +22,17 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput};
-use keel_kernel::agent::testing::{FakeTools, ScriptedModel, calls};
+use keel_kernel::agent::testing::{FakeTools, calls, scripted_runtime};
 use keel_kernel::context::ExecutionContext;
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::Message;
-use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::tool::{ToolCallContext, ToolHost};
 use keel_kernel::{AgentConfig, AgentRuntime, ExecutionRequest, Kernel};
 use serde_json::json;
 
 fn runtime(script: Vec<Message>, tools: &FakeTools) -> AgentRuntime {
-    AgentRuntime::new(
-        Kernel::new(Arc::new(MemoryStore::new())),
-        Arc::new(ScriptedModel::new(script)),
-        Arc::new(tools.clone()),
-        Arc::new(Policy::allow_all()),
-        Arc::new(SessionApprovals::new()),
-        AgentConfig::default(),
-    )
+    let kernel = Kernel::new(Arc::new(MemoryStore::new()));
+    scripted_runtime(kernel, script, tools, AgentConfig::default())
 }
 
 fn script(n_calls: usize) -> Vec<Message> {

@@ -28,11 +28,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, Throughput};
-use keel_kernel::agent::testing::{FakeTools, ScriptedModel, calls};
+use keel_kernel::agent::testing::{FakeTools, calls, scripted_runtime};
 use keel_kernel::context::ExecutionContext;
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::Message;
-use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::tool::{ToolCallContext, ToolHost};
 use keel_kernel::{AgentConfig, AgentRuntime, ExecutionRequest, Kernel};
 use keel_store::{Database, Durability};
@@ -47,14 +46,7 @@ fn script(n_calls: usize) -> Vec<Message> {
 }
 
 fn runtime(kernel: Kernel, tools: &FakeTools, script: Vec<Message>) -> AgentRuntime {
-    AgentRuntime::new(
-        kernel,
-        Arc::new(ScriptedModel::new(script)),
-        Arc::new(tools.clone()),
-        Arc::new(Policy::allow_all()),
-        Arc::new(SessionApprovals::new()),
-        AgentConfig::default(),
-    )
+    scripted_runtime(kernel, script, tools, AgentConfig::default())
 }
 
 fn bench(c: &mut Criterion) {

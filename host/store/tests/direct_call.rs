@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use keel_kernel::action::{Action, ActionFilter};
-use keel_kernel::agent::testing::{FakeTools, ScriptedModel};
+use keel_kernel::agent::testing::{FakeTools, scripted_runtime};
 use keel_kernel::context::ExecutionContext;
 use keel_kernel::event::{EventFilter, EventQuery, RuntimeEvent};
 use keel_kernel::job::{Job, JobFilter, JobState};
@@ -18,7 +18,6 @@ use keel_kernel::ledger::{
     Budget, BudgetWindow, ExceedStrategy, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
     ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
-use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::store::{
     Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreResult,
 };
@@ -144,14 +143,7 @@ impl KernelStore for Counting {
 }
 
 fn runtime(kernel: Kernel, tools: &FakeTools, config: AgentConfig) -> AgentRuntime {
-    AgentRuntime::new(
-        kernel,
-        Arc::new(ScriptedModel::new(vec![])),
-        Arc::new(tools.clone()),
-        Arc::new(Policy::allow_all()),
-        Arc::new(SessionApprovals::new()),
-        config,
-    )
+    scripted_runtime(kernel, vec![], tools, config)
 }
 
 fn tools() -> FakeTools {

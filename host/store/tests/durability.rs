@@ -6,12 +6,11 @@
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use keel_kernel::agent::testing::{FakeTools, ScriptedModel};
+use keel_kernel::agent::testing::{FakeTools, scripted_runtime};
 use keel_kernel::context::ExecutionContext;
 use keel_kernel::job::JobState;
 use keel_kernel::ledger::{LedgerKind, LedgerQuery};
-use keel_kernel::policy::{Policy, SessionApprovals};
-use keel_kernel::{AgentConfig, AgentRuntime, Kernel};
+use keel_kernel::{AgentConfig, Kernel};
 use keel_store::{Database, Durability};
 use serde_json::json;
 
@@ -28,14 +27,8 @@ async fn durability_child() {
         .expect("open");
     let tools = FakeTools::new();
     tools.add_echo("p/charge", false);
-    let rt = AgentRuntime::new(
-        Kernel::new(Arc::new(db.kernel_store())),
-        Arc::new(ScriptedModel::new(vec![])),
-        Arc::new(tools),
-        Arc::new(Policy::allow_all()),
-        Arc::new(SessionApprovals::new()),
-        AgentConfig::default(),
-    );
+    let kernel = Kernel::new(Arc::new(db.kernel_store()));
+    let rt = scripted_runtime(kernel, vec![], &tools, AgentConfig::default());
     let h = rt
         .call_tool(&ExecutionContext::new("t"), "p/charge", json!({ "n": 7 }), None)
         .await

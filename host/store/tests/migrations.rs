@@ -8,12 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::Utc;
-use keel_kernel::agent::testing::{FakeTools, ScriptedModel};
+use keel_kernel::agent::testing::{FakeTools, scripted_runtime};
 use keel_kernel::context::ExecutionContext;
 use keel_kernel::event::{EventFilter, EventQuery};
 use keel_kernel::job::{JobFilter, JobState};
 use keel_kernel::ledger::LedgerQuery;
-use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::store::KernelStore;
 use keel_kernel::{AgentConfig, AgentRuntime, Kernel};
 use keel_store::sqlite::MIGRATOR;
@@ -65,14 +64,8 @@ async fn previous_schema(path: &Path) {
 fn runtime(db: &Database) -> AgentRuntime {
     let tools = FakeTools::new();
     tools.add_echo("p/echo", false);
-    AgentRuntime::new(
-        Kernel::new(Arc::new(db.kernel_store())),
-        Arc::new(ScriptedModel::new(vec![])),
-        Arc::new(tools),
-        Arc::new(Policy::allow_all()),
-        Arc::new(SessionApprovals::new()),
-        AgentConfig::default(),
-    )
+    let kernel = Kernel::new(Arc::new(db.kernel_store()));
+    scripted_runtime(kernel, vec![], &tools, AgentConfig::default())
 }
 
 async fn governed_call(rt: &AgentRuntime) -> uuid::Uuid {

@@ -268,3 +268,21 @@ impl ToolHost for FakeTools {
         })
     }
 }
+
+/// A runtime over `kernel` for tests and benches: a model following `script`, `tools`, the
+/// allow-all policy, fresh session approvals and `config`.
+pub fn scripted_runtime(
+    kernel: crate::Kernel,
+    script: Vec<Message>,
+    tools: &FakeTools,
+    config: crate::AgentConfig,
+) -> crate::AgentRuntime {
+    crate::AgentRuntime::new(
+        kernel,
+        Arc::new(ScriptedModel::new(script)),
+        Arc::new(tools.clone()),
+        Arc::new(crate::policy::Policy::allow_all()),
+        Arc::new(crate::policy::SessionApprovals::new()),
+        config,
+    )
+}

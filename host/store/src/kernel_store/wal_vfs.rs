@@ -200,6 +200,10 @@ fn flush(w: &mut WalFile) -> c_int {
     }
     // Written or failed, these bytes are done with: SQLite sees the failure as this write's.
     w.gathered.clear();
+    // A large transaction's buffer is not kept for the small commits after it.
+    if w.gathered.capacity() > 4 * MAX_WRITE {
+        w.gathered.shrink_to(MAX_WRITE);
+    }
     rc
 }
 

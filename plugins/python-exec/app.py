@@ -64,6 +64,25 @@ MAX_FILES = 100
 _session_namespace: dict | None = None
 
 
+# Whether the running code did something that can put a file in /scratch. A run that did not
+# returns no files without reading the directory (a host call of ~0.25 ms). Set by the audit hook
+# below on every event that opens, creates, renames or links a path, and on every other `os.`,
+# `shutil.`, `tempfile.`, `sqlite3.` and `dbm` event (a superset: a false alarm only costs the
+# directory read); reset right before the code runs, after this file's own directory work.
+_touched_files = True
+
+_FILE_EVENTS = ("open", "os.", "shutil.", "tempfile.", "sqlite3.", "dbm", "_io")
+
+
+def _audit(event: str, args: tuple) -> None:
+    global _touched_files
+    if event.startswith(_FILE_EVENTS):
+        _touched_files = True
+
+
+sys.addaudithook(_audit)
+
+
 class CappedText(io.TextIOBase):
     """A text stream that keeps the first `limit` characters and counts the rest."""
 
@@ -289,7 +308,7 @@ def run(
         echo: Also write the output to this component's own stdout/stderr as it is printed
             (`keel exec --lang` streams them to the terminal).
     """
-    global _session_namespace
+    global _session_namespace, _touched_files
     files = files or {}
     for name in files:
         _check_name(name)
@@ -313,12 +332,17 @@ def run(
         os.chdir(SCRATCH)
     out = CappedText(MAX_STDOUT, sys.__stdout__ if echo else None)
     err = CappedText(MAX_STDERR, sys.__stderr__ if echo else None)
+    # Input files (written above) count as touched; a session's earlier files too.
+    _touched_files = bool(files) or in_session
     value, error, status = _execute(code, stdin, out, err, _session_namespace if in_session else None)
     if error is not None:
         # Only a failed run is worth a log line (a host call, and a row in a job's log); its
         # result says the same.
         ctx.log(keel.LogLevel.DEBUG, f"ran {len(code)} characters of code: {error}")
-    produced, omitted, files_truncated = _collect(SCRATCH) if have_scratch else ({}, [], False)
+    if have_scratch and _touched_files:
+        produced, omitted, files_truncated = _collect(SCRATCH)
+    else:
+        produced, omitted, files_truncated = {}, [], False
     # What the code wrote stays until the host removes the call's scratch directory: the host
     # measures it against the scratch cap after the call (a run emptying it here escaped the cap).
     return RunResult(

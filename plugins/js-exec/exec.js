@@ -142,12 +142,13 @@ function walk(dir, out) {
   return out;
 }
 
-function scratchAvailable() {
+/** The entries of /scratch, or `undefined` when it was not granted: one directory read tells both
+ * (the host usually gives a fresh empty directory). */
+function scratchEntries() {
   try {
-    fs.stat(SCRATCH);
-    return true;
+    return fs.list(SCRATCH);
   } catch {
-    return false;
+    return undefined;
   }
 }
 
@@ -180,9 +181,10 @@ plugin.tool(
     idempotent: false,
   },
   ({ code, stdin, files, session_id, echo }) => {
-    const scratch = scratchAvailable();
+    const entries = scratchEntries();
+    const scratch = entries !== undefined;
     if (scratch && session_id === undefined) {
-      for (const entry of fs.list(SCRATCH)) fs.remove(`${SCRATCH}/${entry.name}`);
+      for (const entry of entries) fs.remove(`${SCRATCH}/${entry.name}`);
     }
     for (const [name, text] of Object.entries(files ?? {})) {
       if (name.startsWith('/') || name.split('/').includes('..')) {

@@ -202,6 +202,43 @@ fn asks_only_for_a_scratch_directory_and_no_network() {
     assert_eq!(tools[0]["input_schema"]["required"], json!(["code"]));
 }
 
+/// A run that touches no file skips reading `/scratch` at its end (its audit hook saw no file
+/// event); every way of making a file must still count, so each file comes back.
+#[test]
+fn files_made_any_way_come_back() {
+    let keel = fixture();
+    let out = keel
+        .code(
+            "import io, os, shutil\n\
+             fd = os.open('by_os_open', os.O_WRONLY | os.O_CREAT)\n\
+             os.write(fd, b'a')\n\
+             os.close(fd)\n\
+             with io.FileIO('by_fileio', 'w') as f:\n\
+             \x20   f.write(b'b')\n\
+             shutil.copy('by_fileio', 'by_copy')\n\
+             os.rename('by_copy', 'renamed')\n\
+             os.mkdir('d')\n\
+             with open('d/x', 'w') as f:\n\
+             \x20   f.write('c')\n\
+             os.replace('d/x', 'd/temp')",
+        )
+        .unwrap();
+    assert_eq!(out["error"], Value::Null, "{out}");
+    assert_eq!(
+        out["files"],
+        json!({"by_fileio": "b", "by_os_open": "a", "d/temp": "c", "renamed": "b"}),
+        "{out}"
+    );
+    // A link makes no file to open: it is named all the same.
+    let out = keel.code("import os\nos.symlink('nowhere', 'link')").unwrap();
+    assert_eq!(
+        (&out["files"], &out["omitted_files"]),
+        (&json!({}), &json!(["link"])),
+        "{out}"
+    );
+    keel.assert_clean("files made any way");
+}
+
 #[test]
 fn every_run_starts_clean() {
     let keel = fixture();

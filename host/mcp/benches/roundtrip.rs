@@ -6,6 +6,13 @@
 //! (`AgentHost::call`, no MCP), and that call again with an in-memory kernel store
 //! (`AgentHost::open_in_memory`: the governance path alone, no durable write).
 //!
+//! A VM's steal time comes in bursts that would land on whichever scenario runs then, so the floor
+//! and Keel are interleaved: both servers run side by side and the client alternates between them
+//! in rounds of [`ROUND`] calls (floor first in even rounds, Keel first in odd ones). Besides each
+//! scenario's p50/p99 over all its calls, it reports what Keel adds: the difference of the p50s,
+//! and, more robust, the median of the per-round differences of the two rounds' medians (a burst
+//! shifts one round pair, not the median of them all), with their interquartile range.
+//!
 //! `cargo bench --bench roundtrip [-- CALLS]` (default 2000 per scenario, after 200 warm-up calls;
 //! `cargo test --benches` runs 20 after 5, as a smoke test). On the shared build:
 //! `cargo bench --profile dev --bench roundtrip`; with Keel's crates optimised but the dev
@@ -109,33 +116,129 @@ fn line(name: &str, s: &Stats) {
     );
 }
 
-/// Round trips of `tool` over stdio against this binary serving as `role`.
-async fn stdio_rounds(
-    role: &str,
-    home: &std::path::Path,
-    tool: &'static str,
-    (warmup, calls): (usize, usize),
-) -> Stats {
-    let exe = std::env::current_exe().expect("current exe");
-    let command = tokio::process::Command::new(exe).configure(|c| {
-        c.env(ROLE, role).env("KEEL_HOME", home).env_remove("KEEL_LOG");
-    });
-    let transport = TokioChildProcess::new(command).expect("spawn the server");
-    let client = ().serve(transport).await.expect("initialize");
-    let args = json!({"name": "Ada"}).as_object().cloned().unwrap_or_default();
-    let mut samples = Vec::with_capacity(calls);
-    for i in 0..warmup + calls {
-        let params = CallToolRequestParams::new(tool).with_arguments(args.clone());
-        let started = Instant::now();
-        let result = client.call_tool(params).await.expect("tools/call");
-        let took = started.elapsed();
-        assert_eq!(result.is_error, Some(false), "{result:?}");
-        if i >= warmup {
-            samples.push(took);
+/// Calls per scenario in one round of the interleaved measurement.
+const ROUND: usize = 50;
+
+/// An MCP client of one server under test.
+enum Client {
+    /// The rmcp client of a child process serving on stdio.
+    Stdio(rmcp::service::RunningService<rmcp::RoleClient, ()>),
+    /// The hand-written Streamable HTTP client.
+    Http(HttpClient),
+}
+
+impl Client {
+    /// The rmcp client of this binary serving as `role` on stdio.
+    async fn stdio(role: &str, home: &std::path::Path) -> Self {
+        let exe = std::env::current_exe().expect("current exe");
+        let command = tokio::process::Command::new(exe).configure(|c| {
+            c.env(ROLE, role).env("KEEL_HOME", home).env_remove("KEEL_LOG");
+        });
+        let transport = TokioChildProcess::new(command).expect("spawn the server");
+        Self::Stdio(().serve(transport).await.expect("initialize"))
+    }
+
+    /// One `tools/call` of `tool` with `{"name": "Ada"}`: how long the round trip took.
+    async fn call(&mut self, tool: &str) -> Duration {
+        match self {
+            Self::Stdio(client) => {
+                let args = json!({"name": "Ada"}).as_object().cloned().unwrap_or_default();
+                let params = CallToolRequestParams::new(tool.to_string()).with_arguments(args);
+                let started = Instant::now();
+                let result = client.call_tool(params).await.expect("tools/call");
+                let took = started.elapsed();
+                assert_eq!(result.is_error, Some(false), "{result:?}");
+                took
+            }
+            Self::Http(client) => {
+                let body = json!({"method": "tools/call", "params": {"name": tool, "arguments": {"name": "Ada"}}});
+                let started = Instant::now();
+                let response = client.request(body).await;
+                let took = started.elapsed();
+                assert_eq!(response["result"]["isError"], false, "{response}");
+                took
+            }
         }
     }
-    let _ = client.cancel().await;
-    stats(samples)
+
+    async fn close(self) {
+        if let Self::Stdio(client) = self {
+            let _ = client.cancel().await;
+        }
+    }
+}
+
+/// The floor's and Keel's round trips, measured interleaved, with what Keel adds per round.
+struct Interleaved {
+    floor: Stats,
+    keel: Stats,
+    /// Keel's round median minus the floor's round median, per round, in µs, sorted.
+    round_diffs: Vec<f64>,
+}
+
+fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// `calls` round trips each of `floor_tool` on `floor` and `keel_tool` on `keel`, after `warmup`
+/// each, alternating between them in rounds of [`ROUND`] calls.
+async fn interleaved(
+    (floor, floor_tool): (&mut Client, &str),
+    (keel, keel_tool): (&mut Client, &str),
+    (warmup, calls): (usize, usize),
+) -> Interleaved {
+    for _ in 0..warmup {
+        floor.call(floor_tool).await;
+        keel.call(keel_tool).await;
+    }
+    let round = ROUND.min(calls).max(1);
+    let (mut floor_all, mut keel_all) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    let mut round_diffs = Vec::new();
+    let mut left = calls;
+    for r in 0.. {
+        if left == 0 {
+            break;
+        }
+        let n = round.min(left);
+        left -= n;
+        let (mut f, mut k) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        // Alternate which goes first, so neither always follows the other's after-effects.
+        for keel_turn in [r % 2 == 1, r % 2 == 0] {
+            for _ in 0..n {
+                if keel_turn {
+                    k.push(keel.call(keel_tool).await);
+                } else {
+                    f.push(floor.call(floor_tool).await);
+                }
+            }
+        }
+        round_diffs.push((median(&mut k).as_secs_f64() - median(&mut f).as_secs_f64()) * 1e6);
+        floor_all.extend(f);
+        keel_all.extend(k);
+    }
+    round_diffs.sort_by(f64::total_cmp);
+    Interleaved {
+        floor: stats(floor_all),
+        keel: stats(keel_all),
+        round_diffs,
+    }
+}
+
+/// Print an interleaved measurement of `transport`.
+fn report(transport: &str, m: &Interleaved) {
+    line(&format!("{transport:<6} floor (rmcp, constant tool)"), &m.floor);
+    line(&format!("{transport:<6} keel  (hello/greet, governed)"), &m.keel);
+    let d = &m.round_diffs;
+    let at = |q: f64| d[((d.len() as f64 * q) as usize).min(d.len() - 1)];
+    println!(
+        "{transport:<6} keel adds: p50 difference {:.1} µs; median of {} per-round differences {:.1} µs (IQR {:.1} to {:.1} µs)",
+        (m.keel.p50.as_secs_f64() - m.floor.p50.as_secs_f64()) * 1e6,
+        d.len(),
+        at(0.5),
+        at(0.25),
+        at(0.75),
+    );
 }
 
 /// A minimal Streamable HTTP client: one keep-alive HTTP/1.1 connection, one session.
@@ -216,23 +319,6 @@ impl HttpClient {
     }
 }
 
-async fn http_rounds(addr: std::net::SocketAddr, tool: &str, (warmup, calls): (usize, usize)) -> Stats {
-    let mut client = HttpClient::connect(addr).await;
-    let mut samples = Vec::with_capacity(calls);
-    for i in 0..warmup + calls {
-        let started = Instant::now();
-        let response = client
-            .request(json!({"method": "tools/call", "params": {"name": tool, "arguments": {"name": "Ada"}}}))
-            .await;
-        let took = started.elapsed();
-        assert_eq!(response["result"]["isError"], false, "{response}");
-        if i >= warmup {
-            samples.push(took);
-        }
-    }
-    stats(samples)
-}
-
 async fn serve_http(router: axum::Router) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -274,12 +360,20 @@ async fn driver((warmup, calls): (usize, usize)) {
         .await
         .expect("install hello");
     }
-    println!("tools/call round trips, {calls} calls each after {warmup} warm-up calls, durability {durability}");
+    println!(
+        "tools/call round trips, {calls} calls each after {warmup} warm-up calls (floor and Keel interleaved in rounds of {ROUND}), durability {durability}"
+    );
 
-    let floor = stdio_rounds("floor", home, "noop__greet", (warmup, calls)).await;
-    let keel = stdio_rounds("keel", home, "hello__greet", (warmup, calls)).await;
-    line("stdio  floor (rmcp, constant tool)", &floor);
-    line("stdio  keel  (hello/greet, governed)", &keel);
+    let (mut floor, mut keel) = (Client::stdio("floor", home).await, Client::stdio("keel", home).await);
+    let stdio = interleaved(
+        (&mut floor, "noop__greet"),
+        (&mut keel, "hello__greet"),
+        (warmup, calls),
+    )
+    .await;
+    floor.close().await;
+    keel.close().await;
+    report("stdio", &stdio);
 
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
     let floor_router = axum::Router::new().nest_service(
@@ -301,10 +395,15 @@ async fn driver((warmup, calls): (usize, usize)) {
                 next.run(request)
             },
         ));
-    let floor_http = http_rounds(serve_http(floor_router).await, "noop__greet", (warmup, calls)).await;
-    let keel_http = http_rounds(serve_http(keel_router).await, "hello__greet", (warmup, calls)).await;
-    line("http   floor (rmcp, constant tool)", &floor_http);
-    line("http   keel  (hello/greet, governed)", &keel_http);
+    let mut floor = Client::Http(HttpClient::connect(serve_http(floor_router).await).await);
+    let mut keel = Client::Http(HttpClient::connect(serve_http(keel_router).await).await);
+    let http = interleaved(
+        (&mut floor, "noop__greet"),
+        (&mut keel, "hello__greet"),
+        (warmup, calls),
+    )
+    .await;
+    report("http", &http);
 
     let mut samples = Vec::with_capacity(calls);
     for i in 0..warmup + calls {
@@ -337,11 +436,11 @@ async fn driver((warmup, calls): (usize, usize)) {
     }
     let in_memory = stats(samples);
     line("in-process, in-memory store (no durable write)", &in_memory);
-    let over = |keel: &Stats, floor: &Stats| (keel.p50.as_secs_f64() - floor.p50.as_secs_f64()) * 1e6;
+    let round_median = |m: &Interleaved| m.round_diffs[m.round_diffs.len() / 2];
     println!(
-        "keel over the floor, p50: stdio {:.1} µs, http {:.1} µs (the governed call itself: {:.1} µs with SQLite, {:.1} µs in memory)",
-        over(&keel, &floor),
-        over(&keel_http, &floor_http),
+        "keel over the floor, median of per-round p50 differences: stdio {:.1} µs, http {:.1} µs (the governed call itself: {:.1} µs with SQLite, {:.1} µs in memory)",
+        round_median(&stdio),
+        round_median(&http),
         governed.p50.as_secs_f64() * 1e6,
         in_memory.p50.as_secs_f64() * 1e6
     );

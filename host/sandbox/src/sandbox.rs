@@ -328,11 +328,11 @@ fn engine_config(config: &SandboxConfig) -> Config {
         // indirect calls) then write to resident pages instead of taking a page fault and a TLB
         // shoot-down each, which cost ~15% of a small call (perf, `warm_call/keel`).
         .table_keep_resident(TABLE_KEEP_RESIDENT)
-        // Where the kernel has PAGEMAP_SCAN (Linux 6.7+), a freed memory or table is reset by
-        // rewriting only the pages the instance dirtied, not everything up to the keep-resident
-        // size (a small guest's ~1 MiB memory was memset whole after every call). Elsewhere
-        // wasmtime falls back to the full reset: the contents are restored either way.
-        .pagemap_scan(wasmtime::Enabled::Auto);
+        // Not PAGEMAP_SCAN (resetting only the pages an instance dirtied, Linux 6.7+): it saves
+        // ~8 µs of a small call (`warm_call/keel` 48 → 40 µs) but costs ~1 ms of a python-exec
+        // run, whose instance dirties many pages (ready + resident `print(1)` median 1.7–1.9 ms
+        // without it, 2.7–3.3 ms with it; `EXEC_BENCH_PROFILE=python` of the exec bench).
+        .pagemap_scan(wasmtime::Enabled::No);
     wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     wasm
 }

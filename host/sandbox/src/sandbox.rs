@@ -255,11 +255,6 @@ const READY_MAX_AGE: Duration = Duration::from_secs(60);
 /// Bytes of each freed table kept resident (zeroed with `memset`, not `madvise`): 8 KiB entries.
 const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 
-/// A used store whose linear memories total at most this is freed by the task that refills the
-/// ready instances (resetting its few dirtied pages is quick); a bigger one, or one with a
-/// scratch directory to remove, is freed on the blocking pool.
-const FREE_INLINE_MAX_MEMORY: usize = 8 << 20;
-
 /// The component host. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Sandbox {
@@ -886,18 +881,13 @@ impl Sandbox {
                 },
             };
             let report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
-            // Refilled after the call, so building the next instances never competes with it;
-            // the used store is freed there too, off the call's path.
-            self.refill(
-                plugin,
-                tool_info,
-                &grants,
-                &preopens,
-                &limits,
-                &fingerprint,
-                &ready_key,
-                live,
-            );
+            // Refilled after the call, so building the next instances never competes with it.
+            self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
+            // Freeing a big instance (resetting its memory) and removing its scratch directory
+            // need not delay the result. Not on a runtime task: a current-thread runtime would run
+            // it only when the caller next yields, and back-to-back calls then ran out of pool
+            // slots ("too many concurrent plugin calls", `hostile.rs` barrage test).
+            tokio::task::spawn_blocking(move || drop(live));
             return report;
         };
         let slot = match self.inner.sessions.lock().expect("sessions lock").slot(&key, now) {
@@ -963,15 +953,8 @@ impl Sandbox {
         found
     }
 
-    /// Free `used` (a store that served a call) and start building ready instances for `key` in
-    /// the background, up to [`SandboxConfig::ready_instances`] (and the total cap). Only
-    /// tool-world plugins get ready instances.
-    ///
-    /// Freeing a big instance (resetting its memory) and removing its scratch directory need not
-    /// delay the result, so neither happens here: a small store without scratch directory is
-    /// freed by the refill task before it builds (one task per call, and its pool slots are free
-    /// again before new ones are taken); anything else, or when nothing is to be built, on the
-    /// blocking pool.
+    /// Start building ready instances for `key` in the background, up to
+    /// [`SandboxConfig::ready_instances`] (and the total cap). Only tool-world plugins.
     #[allow(clippy::too_many_arguments)]
     fn refill(
         &self,
@@ -982,15 +965,9 @@ impl Sandbox {
         limits: &Limits,
         fingerprint: &str,
         key: &str,
-        used: Live,
     ) {
         let config = &self.inner.config;
-        let free_inline =
-            used.scratch.is_none() && used.call.store.data().limiter.memory_used <= FREE_INLINE_MAX_MEMORY;
-        let Kind::Tool(pre) = &plugin.kind else {
-            tokio::task::spawn_blocking(move || drop(used));
-            return;
-        };
+        let Kind::Tool(pre) = &plugin.kind else { return };
         let wanted = {
             let mut ready = self.inner.ready.lock().expect("ready lock");
             let total = ready.total;
@@ -1004,12 +981,6 @@ impl Sandbox {
             queue.filling += wanted;
             wanted
         };
-        let mut used = if free_inline && wanted > 0 {
-            Some(used)
-        } else {
-            tokio::task::spawn_blocking(move || drop(used));
-            None
-        };
         if wanted == 0 {
             return;
         }
@@ -1019,7 +990,6 @@ impl Sandbox {
         let (limits, fingerprint, key) = (limits.clone(), fingerprint.to_string(), key.to_string());
         let sha256 = plugin.sha256.clone();
         tokio::spawn(async move {
-            drop(used.take());
             for _ in 0..wanted {
                 let made = async {
                     let mut live = this

@@ -37,19 +37,7 @@ fn benches(c: &mut Criterion) {
     let (app, memory) = rt.block_on(async {
         let app = Arc::new(App::open(home).await.expect("open home"));
         let bytes = keel_testutil::guest_bytes("hello");
-        app.install(
-            keel_app::install::InstallRequest {
-                bytes: &bytes,
-                label: "hello",
-                replace: false,
-                keep_grants: false,
-                limits: json!({}),
-            },
-            |_, _| Ok(()),
-            |_, _| Ok(()),
-        )
-        .await
-        .expect("install hello");
+        app.install_unattended(&bytes, "hello").await.expect("install hello");
         let choice = PolicyChoice::resolve(home, None).expect("policy");
         let memory = AgentHost::open_in_memory(home, choice).await.expect("open in memory");
         (app, memory)

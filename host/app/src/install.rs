@@ -44,6 +44,20 @@ pub struct Installed {
 }
 
 impl App {
+    /// Install `bytes` as a script (or a test's setup) would, asking nothing: no grant (the
+    /// plugin gets only what needs none), default limits, and a plugin of the same name from
+    /// another component replaced. `label` names a plain component with no name section.
+    pub async fn install_unattended(&self, bytes: &[u8], label: &str) -> Result<Installed, AppError> {
+        let request = InstallRequest {
+            bytes,
+            label,
+            replace: false,
+            keep_grants: false,
+            limits: Value::Object(Default::default()),
+        };
+        self.install(request, |_, _| Ok(()), |_, _| Ok(())).await
+    }
+
     /// Install `request`. `confirm` is asked before replacing another component under the same
     /// name (unless `request.replace`); `grant` adds the grants the user gives.
     pub async fn install(

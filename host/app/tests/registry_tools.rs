@@ -15,19 +15,7 @@ async fn home_with_fs() -> (tempfile::TempDir, Arc<App>) {
     let dir = tempfile::tempdir().unwrap();
     let app = Arc::new(App::open(dir.path()).await.unwrap());
     let bytes = keel_testutil::guest_bytes("keel-plugin-fs");
-    app.install(
-        keel_app::install::InstallRequest {
-            bytes: &bytes,
-            label: "fs",
-            replace: false,
-            keep_grants: false,
-            limits: json!({}),
-        },
-        |_, _| Ok(()),
-        |_, _| Ok(()),
-    )
-    .await
-    .unwrap();
+    app.install_unattended(&bytes, "fs").await.unwrap();
     (dir, app)
 }
 

@@ -346,19 +346,7 @@ async fn driver((warmup, calls): (usize, usize)) {
     {
         let app = keel_app::App::open(home).await.expect("open home");
         let bytes = keel_testutil::guest_bytes("hello");
-        app.install(
-            keel_app::install::InstallRequest {
-                bytes: &bytes,
-                label: "hello",
-                replace: false,
-                keep_grants: false,
-                limits: json!({}),
-            },
-            |_, _| Ok(()),
-            |_, _| Ok(()),
-        )
-        .await
-        .expect("install hello");
+        app.install_unattended(&bytes, "hello").await.expect("install hello");
     }
     println!(
         "tools/call round trips, {calls} calls each after {warmup} warm-up calls (floor and Keel interleaved in rounds of {ROUND}), durability {durability}"

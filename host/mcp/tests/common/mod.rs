@@ -10,7 +10,6 @@ use keel_mcp::{Identity, McpServer};
 use rmcp::ServiceExt as _;
 use rmcp::model::{ClientCapabilities, ClientConfig, Implementation};
 use rmcp::service::{RoleClient, RunningService};
-use serde_json::json;
 
 /// A home with `hello` installed, `policy.toml` = `policy` and `config.toml` = `config`.
 pub async fn home_with_hello(policy: &str, config: &str) -> tempfile::TempDir {
@@ -18,19 +17,7 @@ pub async fn home_with_hello(policy: &str, config: &str) -> tempfile::TempDir {
     std::fs::write(dir.path().join("config.toml"), config).unwrap();
     let app = keel_app::App::open(dir.path()).await.unwrap();
     let bytes = keel_testutil::guest_bytes("hello");
-    app.install(
-        keel_app::install::InstallRequest {
-            bytes: &bytes,
-            label: "hello",
-            replace: false,
-            keep_grants: false,
-            limits: json!({}),
-        },
-        |_, _| Ok(()),
-        |_, _| Ok(()),
-    )
-    .await
-    .unwrap();
+    app.install_unattended(&bytes, "hello").await.unwrap();
     std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
     dir
 }

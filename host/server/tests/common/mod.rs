@@ -180,19 +180,7 @@ impl TestServer {
 pub async fn install_home_wide(home: &std::path::Path, package: &str) {
     let bytes = keel_testutil::guest_bytes(package);
     let app = keel_app::App::open(home).await.unwrap();
-    app.install(
-        keel_app::install::InstallRequest {
-            bytes: &bytes,
-            label: package,
-            replace: false,
-            keep_grants: false,
-            limits: json!({}),
-        },
-        |_, _| Ok(()),
-        |_, _| Ok(()),
-    )
-    .await
-    .expect("install");
+    app.install_unattended(&bytes, package).await.expect("install");
 }
 
 /// Assert the status; return the JSON body (Null when empty).

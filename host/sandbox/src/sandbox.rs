@@ -231,7 +231,38 @@ struct Inner {
     prepared: Mutex<HashMap<String, Arc<PreparedPlugin>>>,
     sessions: Mutex<Sessions<Live>>,
     ready: Mutex<Ready>,
+    freeing: Freeing,
     _ticker: EpochTicker,
+}
+
+/// Instances of finished calls still being freed off the caller's task (see
+/// [`Sandbox::free_later`]): a call that finds the pool full meanwhile waits for them.
+#[derive(Default)]
+struct Freeing {
+    pending: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+/// How long a call waits, each time, for a pool slot being freed.
+const FREE_WAIT: Duration = Duration::from_secs(2);
+
+/// How many times a call makes room and retries instantiating on a full pool.
+const ROOM_ATTEMPTS: u32 = 16;
+
+/// `$instantiate` (an instantiation future, built anew per attempt), retried while the pool is
+/// full but room is coming (see [`Sandbox::room_for_a_call`]).
+macro_rules! instantiate_with_room {
+    ($sandbox:expr, $instantiate:expr) => {{
+        let mut attempts = 0;
+        loop {
+            match $instantiate.await {
+                Err(e) if attempts < ROOM_ATTEMPTS && pool_full(&e) && $sandbox.room_for_a_call().await => {
+                    attempts += 1;
+                }
+                done => break done,
+            }
+        }
+    }};
 }
 
 /// Pre-instantiated stores, by plugin and what the store is built from (see [`Sandbox::call`]).
@@ -355,6 +386,7 @@ impl Sandbox {
                 prepared: Mutex::default(),
                 sessions,
                 ready: Mutex::default(),
+                freeing: Freeing::default(),
                 _ticker: ticker,
             }),
         })
@@ -665,7 +697,7 @@ impl Sandbox {
             )
             .map_err(|e| SandboxError::Host(e.to_string()))?;
         let run = async {
-            let tool = pre.instantiate_async(&mut store).await?;
+            let tool = instantiate_with_room!(self, pre.instantiate_async(&mut store))?;
             tool.keel_plugin_tools().call_describe(&mut store).await
         };
         let outcome = tokio::time::timeout(limits.timeout() + Duration::from_millis(500), run).await;
@@ -857,7 +889,7 @@ impl Sandbox {
             } else {
                 drain.await;
             }
-            tokio::task::spawn_blocking(move || drop(live));
+            self.free_later(live);
             return report;
         }
         let session = match self.session_key(plugin, tool_info, ctx, arguments) {
@@ -883,11 +915,7 @@ impl Sandbox {
             let report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
             // Refilled after the call, so building the next instances never competes with it.
             self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
-            // Freeing a big instance (resetting its memory) and removing its scratch directory
-            // need not delay the result. Not on a runtime task: a current-thread runtime would run
-            // it only when the caller next yields, and back-to-back calls then ran out of pool
-            // slots ("too many concurrent plugin calls", `hostile.rs` barrage test).
-            tokio::task::spawn_blocking(move || drop(live));
+            self.free_later(live);
             return report;
         };
         let slot = match self.inner.sessions.lock().expect("sessions lock").slot(&key, now) {
@@ -934,6 +962,49 @@ impl Sandbox {
             drop(live);
         }
         report
+    }
+
+    /// Free `live` on the blocking pool: freeing a big instance (resetting its memory) and
+    /// removing its scratch directory need not delay the result. Not on a runtime task: a
+    /// current-thread runtime would run it only when the caller next yields. Until it has run, its
+    /// pool slots are taken; a call that needs them waits ([`Sandbox::room_for_a_call`]).
+    fn free_later(&self, live: Live) {
+        let inner = self.inner.clone();
+        inner.freeing.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || {
+            drop(live);
+            inner.freeing.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            inner.freeing.done.notify_waiters();
+        });
+    }
+
+    /// Instantiating failed on a full pool: make room if any can be had — drop a ready instance
+    /// (a call needs the slot more), else wait (bounded) for an earlier call's instance being
+    /// freed. `false` when neither: the pool is full of calls in flight.
+    async fn room_for_a_call(&self) -> bool {
+        let evicted = {
+            let mut ready = self.inner.ready.lock().expect("ready lock");
+            let live = ready
+                .by_key
+                .values_mut()
+                .find_map(|q| q.lives.pop())
+                .map(|(_, live)| live);
+            ready.total = ready.by_key.values().map(|q| q.lives.len()).sum();
+            live
+        };
+        if let Some(live) = evicted {
+            drop(live);
+            return true;
+        }
+        let freeing = &self.inner.freeing;
+        let done = freeing.done.notified();
+        tokio::pin!(done);
+        // Registered before the check, so a free finishing in between still wakes us.
+        done.as_mut().enable();
+        if freeing.pending.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return false;
+        }
+        tokio::time::timeout(FREE_WAIT, done).await.is_ok()
     }
 
     /// A ready instance for `key`, if one is kept.
@@ -1168,7 +1239,8 @@ impl Sandbox {
                 let arguments = arguments.to_string();
                 let run = async {
                     if instance.is_none() {
-                        *instance = Some(LiveInstance::Tool(pre.instantiate_async(&mut *store).await?));
+                        let made = instantiate_with_room!(self, pre.instantiate_async(&mut *store))?;
+                        *instance = Some(LiveInstance::Tool(made));
                     }
                     let Some(LiveInstance::Tool(tool_instance)) = instance.as_ref() else {
                         return Err(wasmtime::Error::msg("the kept instance is not a tool instance"));
@@ -1204,7 +1276,8 @@ impl Sandbox {
                 };
                 let run = async {
                     if instance.is_none() {
-                        *instance = Some(LiveInstance::Plain(pre.instantiate_async(&mut *store).await?));
+                        let made = instantiate_with_room!(self, pre.instantiate_async(&mut *store))?;
+                        *instance = Some(LiveInstance::Plain(made));
                     }
                     let Some(LiveInstance::Plain(plain)) = instance.as_ref() else {
                         return Err(wasmtime::Error::msg("the kept instance is not a plain instance"));
@@ -1420,7 +1493,7 @@ impl Sandbox {
             None,
         )?;
         let run = async {
-            let command = pre.instantiate_async(&mut store).await?;
+            let command = instantiate_with_room!(self, pre.instantiate_async(&mut store))?;
             command.wasi_cli_run().call_run(&mut store).await
         };
         let outcome = tokio::time::timeout(limits.timeout() + Duration::from_millis(250), run).await;
@@ -1519,6 +1592,15 @@ fn first_line(message: &str) -> String {
 }
 
 /// Turn a wasmtime error from instantiation or a call into a structured tool error.
+/// Whether instantiating failed because the instance pool is full.
+fn pool_full(error: &wasmtime::Error) -> bool {
+    pool_full_text(&format!("{error:#}"))
+}
+
+fn pool_full_text(text: &str) -> bool {
+    text.contains("maximum concurrent") || text.contains("pooling allocator")
+}
+
 fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &[u8]) -> ToolError {
     let limiter_hit = store.data().limiter.hit;
     if let Some(trap) = error.downcast_ref::<Trap>() {
@@ -1566,7 +1648,7 @@ fn classify_error(error: wasmtime::Error, store: &Store<State>, stderr: &[u8]) -
             ),
         };
     }
-    if text.contains("maximum concurrent") || text.contains("pooling allocator") {
+    if pool_full_text(&text) {
         return ToolError::LimitExceeded {
             limit: "instances".into(),
             message: "too many concurrent plugin calls; try again".into(),

@@ -662,6 +662,32 @@ async fn host_survives_a_barrage_of_attacks_in_a_row() {
     }
 }
 
+/// Calls one after another never run out of pool slots, however slowly the instances of earlier
+/// calls are freed (they are freed off the caller's task; under load that lags): a call waits for
+/// a slot being freed instead of failing with "too many concurrent plugin calls".
+#[test]
+fn back_to_back_calls_wait_for_slots_still_being_freed() {
+    // One blocking thread, kept busy: every instance freed meanwhile queues behind it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let env = setup().await;
+        let busy = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(1500)));
+        for i in 0..12 {
+            let report = env.call("ok", json!({})).await;
+            assert_eq!(
+                report.result.map(|r| r.output),
+                Ok(json!({"ok": true})),
+                "call {i} of 12 on a pool of 8"
+            );
+        }
+        busy.await.expect("busy task");
+    });
+}
+
 #[tokio::test]
 async fn concurrent_bombs_all_fail_cleanly() {
     let env = setup().await;

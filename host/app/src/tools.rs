@@ -164,6 +164,9 @@ struct Described {
     record: PluginRecord,
     /// The description recorded at install (`None`: the stored one does not decode).
     info: Option<PluginInfo>,
+    /// The plugin's deadline ([`RegistryToolHost::timeout_of`] of `record`), worked out once per
+    /// stamp: merging the limits goes through JSON, which cost a few µs on every call.
+    timeout: Option<std::time::Duration>,
     /// The component prepared and verified against this record, with its grants and limits
     /// (set by the first call that loads it; a failure is not kept, so the next call retries).
     loaded: Mutex<Option<(Arc<PreparedPlugin>, Grants, Limits)>>,
@@ -247,7 +250,7 @@ impl ToolHost for RegistryToolHost {
             };
             let Some(info) = &described.info else { return Ok(None) };
             let plugin = tool.split_once('/').map_or(tool, |(plugin, _)| plugin);
-            let timeout = self.timeout_of(&described.record);
+            let timeout = described.timeout;
             Ok(info.tool(&name).map(|t| {
                 let d = descriptor(plugin, t, timeout);
                 if alias { aliased(d, &described.record.name) } else { d }
@@ -301,6 +304,7 @@ impl RegistryToolHost {
         let described = Arc::new(Described {
             stamp,
             info: serde_json::from_value(record.info.clone()).ok(),
+            timeout: self.timeout_of(&record),
             record,
             loaded: Mutex::default(),
         });
@@ -309,6 +313,17 @@ impl RegistryToolHost {
             .expect("described lock")
             .insert(name.to_string(), described.clone());
         Ok(Some(described))
+    }
+
+    /// Whether `tool` (`plugin/tool`) is served here now: what [`ToolHost::tool`] answers with
+    /// `Some`, from the same fresh stamp read, without building its descriptor (MCP checks every
+    /// called name this way before the kernel looks the tool up itself).
+    pub async fn offers(&self, tool: &str) -> Result<bool, ToolError> {
+        match self.record_of(tool).await {
+            Ok(_) => Ok(true),
+            Err(ToolError::UnknownTool { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The record serving `tool` (`plugin/tool`): the plugin's own, or for an alias the plugin

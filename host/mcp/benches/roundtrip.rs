@@ -18,6 +18,9 @@
 //! `cargo bench --profile dev --bench roundtrip`; with Keel's crates optimised but the dev
 //! dependency build reused: `CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo bench --profile dev --bench roundtrip`.
 //!
+//! `KEEL_MCP_BENCH_ONLY=stdio,http,inproc` (any of them) runs only those scenarios, e.g. to profile
+//! one of them (`perf record` of the whole run then holds nothing else).
+//!
 //! The same binary is the servers: with `KEEL_MCP_BENCH_ROLE=floor|keel` it serves MCP on stdio.
 
 use std::sync::Arc;
@@ -352,17 +355,48 @@ async fn driver((warmup, calls): (usize, usize)) {
         "tools/call round trips, {calls} calls each after {warmup} warm-up calls (floor and Keel interleaved in rounds of {ROUND}), durability {durability}"
     );
 
-    let (mut floor, mut keel) = (Client::stdio("floor", home).await, Client::stdio("keel", home).await);
-    let stdio = interleaved(
-        (&mut floor, "noop__greet"),
-        (&mut keel, "hello__greet"),
-        (warmup, calls),
-    )
-    .await;
-    floor.close().await;
-    keel.close().await;
-    report("stdio", &stdio);
+    let only = std::env::var("KEEL_MCP_BENCH_ONLY").unwrap_or_default();
+    let runs = |scenario: &str| only.is_empty() || only.split(',').any(|s| s.trim() == scenario);
 
+    let mut stdio = None;
+    if runs("stdio") {
+        let (mut floor, mut keel) = (Client::stdio("floor", home).await, Client::stdio("keel", home).await);
+        let m = interleaved(
+            (&mut floor, "noop__greet"),
+            (&mut keel, "hello__greet"),
+            (warmup, calls),
+        )
+        .await;
+        floor.close().await;
+        keel.close().await;
+        report("stdio", &m);
+        stdio = Some(m);
+    }
+
+    let host = keel_host(home).await;
+    let mut http = None;
+    if runs("http") {
+        http = Some(http_scenario(&host, (warmup, calls)).await);
+    }
+    let (mut governed, mut in_memory) = (None, None);
+    if runs("inproc") {
+        let (g, m) = in_process(home, &host, (warmup, calls)).await;
+        (governed, in_memory) = (Some(g), Some(m));
+    }
+    let round_median =
+        |m: &Option<Interleaved>| m.as_ref().map_or(f64::NAN, |m| m.round_diffs[m.round_diffs.len() / 2]);
+    let p50 = |s: &Option<Stats>| s.as_ref().map_or(f64::NAN, |s| s.p50.as_secs_f64() * 1e6);
+    println!(
+        "keel over the floor, median of per-round p50 differences: stdio {:.1} µs, http {:.1} µs (the governed call itself: {:.1} µs with SQLite, {:.1} µs in memory)",
+        round_median(&stdio),
+        round_median(&http),
+        p50(&governed),
+        p50(&in_memory)
+    );
+}
+
+/// The floor and Keel over Streamable HTTP, interleaved.
+async fn http_scenario(host: &Arc<AgentHost>, (warmup, calls): (usize, usize)) -> Interleaved {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
     let floor_router = axum::Router::new().nest_service(
         "/mcp",
@@ -372,7 +406,6 @@ async fn driver((warmup, calls): (usize, usize)) {
             Default::default(),
         ),
     );
-    let host = keel_host(home).await;
     let server = keel_mcp::McpServer::new(host.clone()).await.expect("server");
     let caller = keel_app::Caller::local_admin("bench");
     let keel_router = axum::Router::new()
@@ -392,7 +425,11 @@ async fn driver((warmup, calls): (usize, usize)) {
     )
     .await;
     report("http", &http);
+    http
+}
 
+/// The governed call in this process, no MCP: on SQLite, then with the in-memory kernel store.
+async fn in_process(home: &std::path::Path, host: &Arc<AgentHost>, (warmup, calls): (usize, usize)) -> (Stats, Stats) {
     let mut samples = Vec::with_capacity(calls);
     for i in 0..warmup + calls {
         let request = CallRequest::new("bench", "hello/greet", json!({"name": "Ada"}));
@@ -424,14 +461,7 @@ async fn driver((warmup, calls): (usize, usize)) {
     }
     let in_memory = stats(samples);
     line("in-process, in-memory store (no durable write)", &in_memory);
-    let round_median = |m: &Interleaved| m.round_diffs[m.round_diffs.len() / 2];
-    println!(
-        "keel over the floor, median of per-round p50 differences: stdio {:.1} µs, http {:.1} µs (the governed call itself: {:.1} µs with SQLite, {:.1} µs in memory)",
-        round_median(&stdio),
-        round_median(&http),
-        governed.p50.as_secs_f64() * 1e6,
-        in_memory.p50.as_secs_f64() * 1e6
-    );
+    (governed, in_memory)
 }
 
 fn main() {

@@ -25,7 +25,6 @@ use std::borrow::Cow;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use keel_app::keel_kernel::tool::ToolHost as _;
 use keel_app::tools::RegistryToolHost;
 use keel_app::{AgentHost, AppError, Caller};
 use rmcp::model::{
@@ -140,9 +139,10 @@ impl Shared {
             && names::mcp_name(plugin, tool) == mcp
             && self.filter.allows(&keel)
         {
-            match self.tools.tool(&keel).await {
-                Ok(Some(_)) => return Ok(keel),
-                Ok(None) => {}
+            // Whether it is served, from a fresh stamp read, without building its descriptor.
+            match self.tools.offers(&keel).await {
+                Ok(true) => return Ok(keel),
+                Ok(false) => {}
                 Err(e) => return Err(ErrorData::internal_error(e.to_string(), None)),
             }
         }
@@ -322,7 +322,7 @@ impl ServerHandler for KeelMcp {
     ) -> Result<CallToolResponse, ErrorData> {
         let identity = self.identity(&context)?;
         let keel = self.shared.offered(&request.name).await?;
-        let arguments = serde_json::Value::Object(request.arguments.clone().unwrap_or_default());
+        let arguments = serde_json::Value::Object(request.arguments.unwrap_or_default());
         // The client declared the tasks extension (at initialize, or in this request's _meta).
         if context.client_capabilities().is_some_and(|c| c.supports_tasks()) {
             let elicits = context

@@ -126,7 +126,7 @@ pub async fn run_code(
 ) -> Result<CodeOutcome, AppError> {
     let lang = request.lang;
     let tool = lang.tool();
-    let app = Arc::new(App::open(home).await?);
+    let app = Arc::new(App::open_for_one_call(home).await?);
     if app.db.get_plugin(lang.plugin()).await?.is_none() {
         return Err(AppError::user(lang.install_hint()));
     }

@@ -126,11 +126,9 @@ pub async fn run_code(
 ) -> Result<CodeOutcome, AppError> {
     let lang = request.lang;
     let tool = lang.tool();
-    {
-        let app = App::open(home).await?;
-        if app.db.get_plugin(lang.plugin()).await?.is_none() {
-            return Err(AppError::user(lang.install_hint()));
-        }
+    let app = Arc::new(App::open_for_one_call(home).await?);
+    if app.db.get_plugin(lang.plugin()).await?.is_none() {
+        return Err(AppError::user(lang.install_hint()));
     }
     // The writers go to the first call of this host: the one call it makes.
     let writers = Arc::new(Mutex::new(Some((stdout, stderr))));
@@ -145,8 +143,8 @@ pub async fn run_code(
     };
     let streams = lang.streams();
     let patterns = [tool.clone()];
-    let host = AgentHost::open_with_stdio(
-        home,
+    let host = AgentHost::open_app_with_stdio(
+        app,
         Some(&patterns),
         request.policy,
         request.limits,

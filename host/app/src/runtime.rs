@@ -252,19 +252,22 @@ impl AgentHost {
         limits: Option<LimitOverride>,
         warm: bool,
     ) -> Result<Self, AppError> {
-        Self::open_with_stdio(home, patterns, policy, limits, warm, None).await
+        let app = Arc::new(App::open(home).await?);
+        Self::open_on(app, patterns, policy, limits, warm, None, false).await
     }
 
-    /// [`AgentHost::open_with`], with the tool calls' guest output streamed where `stdio` says.
-    pub async fn open_with_stdio(
-        home: &Path,
+    /// [`AgentHost::open_with`] on a home already opened as `app` (a one-shot command that
+    /// looked something up first opens the database and engine once, not twice), with the tool
+    /// calls' guest output streamed where `stdio` says.
+    pub async fn open_app_with_stdio(
+        app: Arc<App>,
         patterns: Option<&[String]>,
         policy: PolicyChoice,
         limits: Option<LimitOverride>,
         warm: bool,
         stdio: Option<crate::tools::StdioSinks>,
     ) -> Result<Self, AppError> {
-        Self::open_on(home, patterns, policy, limits, warm, stdio, false).await
+        Self::open_on(app, patterns, policy, limits, warm, stdio, false).await
     }
 
     /// An `AgentHost` over the home's plugins, config and policy whose jobs, events, ledger and
@@ -272,11 +275,12 @@ impl AgentHost {
     /// survives the process. For measuring the governed call path alone (policy, budget check,
     /// events, receipt, sandboxed call) without the database's commits; never for real work.
     pub async fn open_in_memory(home: &Path, policy: PolicyChoice) -> Result<Self, AppError> {
-        Self::open_on(home, None, policy, None, false, None, true).await
+        let app = Arc::new(App::open(home).await?);
+        Self::open_on(app, None, policy, None, false, None, true).await
     }
 
     async fn open_on(
-        home: &Path,
+        app: Arc<App>,
         patterns: Option<&[String]>,
         policy: PolicyChoice,
         limits: Option<LimitOverride>,
@@ -284,7 +288,6 @@ impl AgentHost {
         stdio: Option<crate::tools::StdioSinks>,
         in_memory: bool,
     ) -> Result<Self, AppError> {
-        let app = Arc::new(App::open(home).await?);
         let agent = app.config.agent.clone();
         let poll = Duration::from_millis(agent.poll_ms.max(1));
         let config = KernelConfig {

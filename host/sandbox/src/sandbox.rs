@@ -232,6 +232,8 @@ struct Inner {
     sessions: Mutex<Sessions<Live>>,
     ready: Mutex<Ready>,
     freeing: Freeing,
+    /// `describe()` calls made (see [`Sandbox::describe_calls`]).
+    describes: std::sync::atomic::AtomicU64,
     _ticker: EpochTicker,
 }
 
@@ -387,6 +389,7 @@ impl Sandbox {
                 sessions,
                 ready: Mutex::default(),
                 freeing: Freeing::default(),
+                describes: std::sync::atomic::AtomicU64::new(0),
                 _ticker: ticker,
             }),
         })
@@ -566,7 +569,20 @@ impl Sandbox {
         let (info, kind) = match world {
             World::Tool => {
                 let pre = ToolPre::new(instance_pre).map_err(|e| SandboxError::WrongWorld(format!("{e:#}")))?;
-                (self.describe(&pre).await?, Kind::Tool(pre))
+                // A verified artifact's component already answered `describe()` and passed the
+                // checks: its kept answer spares every process start a second instantiation.
+                let noted = (cache == CacheOutcome::Hit)
+                    .then(|| self.noted_description(sha256))
+                    .flatten();
+                let info = match noted {
+                    Some(info) => info,
+                    None => {
+                        let info = self.describe(&pre).await?;
+                        self.note_description(sha256, &info);
+                        info
+                    }
+                };
+                (info, Kind::Tool(pre))
             }
             World::Plain => {
                 let Some(metadata) = metadata else {
@@ -679,7 +695,28 @@ impl Sandbox {
         Ok((ImportSummary::from_interfaces(interfaces), world))
     }
 
+    /// Keep `info`, the checked answer of component `sha256`'s `describe()`, as a sealed note
+    /// (see [`DescriptionNote`]).
+    fn note_description(&self, sha256: &str, info: &PluginInfo) {
+        let note = DescriptionNote {
+            limits: DescriptionNote::checked_under(&self.inner.config.describe),
+            info: info.clone(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&note) {
+            self.inner.cache.put_note(sha256, DESCRIPTION_NOTE, &bytes);
+        }
+    }
+
+    /// The kept `describe()` answer of component `sha256`, if its seal verifies and it was
+    /// checked under the bounds in force now.
+    fn noted_description(&self, sha256: &str) -> Option<PluginInfo> {
+        let bytes = self.inner.cache.get_note(sha256, DESCRIPTION_NOTE)?;
+        let note: DescriptionNote = serde_json::from_slice(&bytes).ok()?;
+        (note.limits == DescriptionNote::checked_under(&self.inner.config.describe)).then_some(note.info)
+    }
+
     async fn describe(&self, pre: &ToolPre<State>) -> Result<PluginInfo, SandboxError> {
+        self.inner.describes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let limits = Limits::for_describe();
         let CallStore {
             mut store,
@@ -1088,6 +1125,12 @@ impl Sandbox {
                 }
             }
         });
+    }
+
+    /// How many times a component was instantiated to ask its `describe()` (for tests and
+    /// metrics: a start from a verified artifact with a kept answer asks none).
+    pub fn describe_calls(&self) -> u64 {
+        self.inner.describes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many ready instances are kept (for tests and metrics).
@@ -1712,6 +1755,33 @@ fn convert_tool_error(error: wit::ToolError) -> ToolError {
         wit::ToolError::Failed(message) => ToolError::Failed { message },
         wit::ToolError::TimedOut(message) => ToolError::TimedOut { message },
         wit::ToolError::UnknownTool(tool) => ToolError::UnknownTool { tool },
+    }
+}
+
+/// The kind (and file suffix) of the cache note holding a component's checked `describe()` answer.
+const DESCRIPTION_NOTE: &str = "describe-v1";
+
+/// What a tool-world component's `describe()` answered, after [`convert_info`] checked it, kept
+/// next to its precompiled artifact under the cache's HMAC (`ArtifactCache::put_note`, bound to
+/// the component's sha256). A start that maps the verified artifact takes the answer from here
+/// instead of instantiating the component once more only to ask it again: for python-exec that
+/// was a whole extra CPython instance in every `keel exec --lang python` process. Still checked
+/// at every load: the answer against the registry record (the plugin's identity, which is what
+/// grants and per-tool narrowing use anyway), and its bounds, since a note checked under other
+/// [`DescribeLimits`] is ignored and the component asked again.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DescriptionNote {
+    /// The bounds the answer was checked under (without the time bound, which is not about it).
+    limits: DescribeLimits,
+    info: PluginInfo,
+}
+
+impl DescriptionNote {
+    fn checked_under(limits: &DescribeLimits) -> DescribeLimits {
+        DescribeLimits {
+            prepare_timeout_ms: 0,
+            ..limits.clone()
+        }
     }
 }
 

@@ -133,6 +133,43 @@ async fn second_engine_loads_from_cache_and_tampering_forces_recompile() {
     assert!(report.result.is_ok());
 }
 
+/// A start from a verified artifact takes the component's `describe()` answer from its sealed
+/// note instead of instantiating it again; a note that does not verify is ignored and the
+/// component is asked again.
+#[tokio::test]
+async fn a_cached_plugin_is_described_from_its_sealed_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let first_sandbox = sandbox(&dir);
+    let first = hello(&first_sandbox).await;
+    assert_eq!(first.cache, CacheOutcome::Compiled);
+    assert_eq!(first_sandbox.describe_calls(), 1, "install asks the component");
+
+    let second_sandbox = sandbox(&dir);
+    let second = hello(&second_sandbox).await;
+    assert_eq!(second.cache, CacheOutcome::Hit);
+    assert_eq!(second_sandbox.describe_calls(), 0, "the kept answer is used");
+    assert_eq!(second.info, first.info);
+
+    // Rewrite the kept answer (another description) without the key: refused, asked again.
+    let mut notes = 0;
+    for entry in std::fs::read_dir(dir.path().join("cache")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "describe-v1") {
+            let text = std::fs::read(&path).unwrap();
+            let forged = String::from_utf8_lossy(&text).replace(&first.info.description, "forged");
+            assert_ne!(forged.as_bytes(), &text[..], "the note holds the description");
+            std::fs::write(&path, forged.as_bytes()).unwrap();
+            notes += 1;
+        }
+    }
+    assert_eq!(notes, 1);
+    let third_sandbox = sandbox(&dir);
+    let third = hello(&third_sandbox).await;
+    assert_eq!(third.cache, CacheOutcome::Hit);
+    assert_eq!(third_sandbox.describe_calls(), 1, "a forged note is not trusted");
+    assert_eq!(third.info, first.info);
+}
+
 #[tokio::test]
 async fn bad_files_are_refused_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

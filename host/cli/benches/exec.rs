@@ -5,7 +5,8 @@
 //! - a native `python3 -c 'print(1)'` / `node -e 'console.log(1)'` process;
 //! - a whole `keel call python-exec/run` / `keel call js-exec/run` process and a whole
 //!   `keel exec --lang python|js -c ...` process (the profile this bench was built with:
-//!   `--profile dev` or release);
+//!   `--profile dev` or release), the latter run in turn with the native interpreter, with the
+//!   per-round ratio (load on a shared machine drifts between blocks of runs, not within a round);
 //! - per language (the `textkit` examples): component size, and instantiate + call of
 //!   `word-count` inside a running host.
 //!
@@ -221,14 +222,46 @@ fn main() {
             c
         });
         println!("process keel call {tool:22}: {}", summary(samples));
-        // The same step as `keel exec --lang`: streamed output, the code's exit status.
+        // The same step as `keel exec --lang`: streamed output, the code's exit status. Run in
+        // turn with the native interpreter, so both see the same machine (load drifts on a
+        // shared machine; the per-round ratio does not).
         let lang = if name == "python-exec" { "python" } else { "js" };
-        let samples = time_process(rounds.min(20), || {
-            let mut c = keel(&home);
-            c.args(["exec", "--lang", lang, "-c", code]);
+        let native = || {
+            let mut c = if lang == "python" {
+                Command::new(&python)
+            } else {
+                Command::new("node")
+            };
+            c.args([if lang == "python" { "-c" } else { "-e" }, code]);
             c
-        });
-        println!("process keel exec --lang {lang:6} -c {code:16}: {}", summary(samples));
+        };
+        let (mut keel_samples, mut native_samples, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds.min(40) {
+            let n = time_process(1, native)[0];
+            let k = time_process(1, || {
+                let mut c = keel(&home);
+                c.args(["exec", "--lang", lang, "-c", code]);
+                c
+            })[0];
+            ratios.push(k.as_secs_f64() / n.as_secs_f64());
+            keel_samples.push(k);
+            native_samples.push(n);
+        }
+        println!(
+            "process keel exec --lang {lang:6} -c {code:16}: {}",
+            summary(keel_samples)
+        );
+        println!(
+            "  in turn with native {lang:10}           : {}",
+            summary(native_samples)
+        );
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "  ratio keel exec / native, per round: median {:.3}, p10 {:.3}, p90 {:.3}",
+            ratios[ratios.len() / 2],
+            ratios[(ratios.len() - 1) / 10],
+            ratios[(ratios.len() - 1) * 9 / 10]
+        );
     }
 
     // Per language: the same tool (textkit word-count), size and instantiate + call in the host.

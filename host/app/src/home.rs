@@ -236,7 +236,7 @@ impl App {
         Self::open_tuned(home, |_| {}).await
     }
 
-    /// [`App::open`] for a process that makes one tool call and exits (`keel exec --lang`): no
+    /// [`App::open`] for a process that makes one tool call and exits (`keel call`, `keel exec`): no
     /// ready instances (nothing would take them) and no linear memory kept resident when an
     /// instance ends (no later instance would start on it; keeping 16 MiB resident is a memset
     /// that faults in every page of it: `keel exec --lang python -c 'print(1)'` took 61.2 ms with

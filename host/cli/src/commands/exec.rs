@@ -72,7 +72,7 @@ async fn exec_command(home: &Path, args: ExecArgs) -> CliResult {
         ));
     };
     let bytes = read_input(&file)?;
-    let app = App::open(home).await?;
+    let app = App::open_for_one_call(home).await?;
     let mut grants = Grants::default();
     args.grants.apply(&app, &mut grants)?;
     let limits = args.limits.apply(&app.config.limits)?;

@@ -518,7 +518,9 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
             .map_err(|e| format!("invalid limit: {e}"))
     });
     let patterns = [args.tool.clone()];
-    let host = AgentHost::open_with(home, Some(&patterns), choice, Some(limit_override), false).await?;
+    // One call, then the process exits: no ready instances, no memory kept resident.
+    let app = Arc::new(App::open_for_one_call(home).await?);
+    let host = AgentHost::open_app_with_stdio(app, Some(&patterns), choice, Some(limit_override), false, None).await?;
     host.check_tool(&args.tool).await?;
     // "No policy: allowing everything" is said to a person at a terminal (and in `--json`);
     // a script's stderr keeps its one `error:` line.

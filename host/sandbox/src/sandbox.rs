@@ -274,6 +274,13 @@ struct Ready {
     total: usize,
 }
 
+impl Ready {
+    /// Set `total` from the queues after instances were taken out of them.
+    fn recount(&mut self) {
+        self.total = self.by_key.values().map(|q| q.lives.len()).sum();
+    }
+}
+
 #[derive(Default)]
 struct ReadyQueue {
     lives: Vec<(Instant, Live)>,
@@ -1026,7 +1033,7 @@ impl Sandbox {
                 .values_mut()
                 .find_map(|q| q.lives.pop())
                 .map(|(_, live)| live);
-            ready.total = ready.by_key.values().map(|q| q.lives.len()).sum();
+            ready.recount();
             live
         };
         if let Some(live) = evicted {
@@ -1056,7 +1063,7 @@ impl Sandbox {
             }
         }
         let left = queue.lives.len();
-        ready.total = ready.by_key.values().map(|q| q.lives.len()).sum();
+        ready.recount();
         tracing::trace!(key, left, hit = found.is_some(), "ready instance");
         found
     }

@@ -91,6 +91,7 @@ where
     events(make().await).await;
     ledger_and_budgets(make().await).await;
     budget_windows_and_subjects(make().await).await;
+    budget_counts_what_came_before_it(make().await).await;
     reservation_expiry(make().await).await;
     concurrent_reservations(make().await).await;
     concurrent_idempotency(make().await).await;
@@ -116,7 +117,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@each $make;
             job_lifecycle, idempotency, optimistic_concurrency, list_count_and_tenant_isolation,
             cancel_cascades, children_race_parent_cancel, deadline_sweep, approvals_and_tokens, action_expiry, wait_for_resolution,
-            events, ledger_and_budgets, budget_windows_and_subjects, reservation_expiry,
+            events, ledger_and_budgets, budget_windows_and_subjects, budget_counts_what_came_before_it,
+            reservation_expiry,
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
             concurrent_job_writers, journal_atomicity, lease_claiming, concurrent_resolves,
             settle_is_bounded_by_the_hold, create_leased, idempotency_request_hash, hold_extension,
@@ -1192,6 +1194,91 @@ pub async fn budget_windows_and_subjects(store: Arc<dyn KernelStore>) {
         ..Default::default()
     };
     assert_eq!(k.ledger().usage(&q).await.expect("usage").requests, 2);
+}
+
+/// A budget counts the usage already in the ledger when it is created, and recounts when its
+/// window or subject changes (a store may keep running totals, but they must always say what the
+/// ledger says); a daily window starts empty each UTC day and a monthly one each month.
+pub async fn budget_counts_what_came_before_it(store: Arc<dyn KernelStore>) {
+    let (k, clock) = kernel_with_clock(store);
+    let req = |principal: &str| HoldRequest {
+        tenant: "t1".into(),
+        principal: Some(principal.into()),
+        session: None,
+        job_id: None,
+        amount: Usage {
+            tool_calls: 1,
+            ..Usage::zero()
+        },
+        ttl: None,
+    };
+    let call = |principal: &'static str| {
+        let k = k.clone();
+        async move {
+            let held = k.ledger().reserve(req(principal)).await?;
+            k.ledger()
+                .settle(
+                    held.reservation.id,
+                    LedgerKind::ToolUsage,
+                    Usage {
+                        tool_calls: 1,
+                        ..Usage::zero()
+                    },
+                    SettleDetails::default(),
+                )
+                .await
+        }
+    };
+    let denied = |r: Result<_, KernelError>| matches!(r, Err(KernelError::BudgetExceeded(_)));
+    // Three calls by alice and one by bob before any budget exists.
+    for who in ["alice", "alice", "alice", "bob"] {
+        call(who).await.expect("no budget yet");
+    }
+    let mut budget = Budget::new("t1", "alice, all time", BudgetWindow::Total);
+    budget.principal = Some("alice".into());
+    budget.limits.max_tool_calls = Some(4);
+    budget.strategy = ExceedStrategy::Deny;
+    k.ledger().put_budget(budget.clone()).await.expect("budget");
+    call("alice").await.expect("the fourth call fits");
+    assert!(
+        denied(call("alice").await),
+        "the fifth is over: the three before the budget count"
+    );
+    call("bob").await.expect("bob is not alice");
+
+    // Replacing the limit alone keeps what was counted; widening the subject recounts.
+    budget.limits.max_tool_calls = Some(5);
+    k.ledger().put_budget(budget.clone()).await.expect("raise");
+    call("alice").await.expect("the fifth fits the raised limit");
+    assert!(denied(call("alice").await));
+    budget.principal = None;
+    budget.limits.max_tool_calls = Some(7);
+    k.ledger().put_budget(budget.clone()).await.expect("widen");
+    assert!(
+        denied(call("bob").await),
+        "5 by alice and 2 by bob: bob's calls count now"
+    );
+
+    // A daily window counts today's usage only.
+    budget.window = BudgetWindow::Daily;
+    budget.limits.max_tool_calls = Some(2);
+    k.ledger().put_budget(budget.clone()).await.expect("daily");
+    assert!(denied(call("bob").await), "today already has 7");
+    clock.advance(Duration::days(1));
+    call("bob").await.expect("a new day");
+    call("alice").await.expect("the second today");
+    assert!(denied(call("alice").await));
+
+    // A monthly window spans the days of its month (the epoch is March 15th).
+    budget.window = BudgetWindow::Monthly;
+    budget.limits.max_tool_calls = Some(10);
+    k.ledger().put_budget(budget.clone()).await.expect("monthly");
+    call("bob").await.expect("the 10th this month");
+    assert!(denied(call("bob").await), "7 + 2 + 1 this month");
+    clock.advance(Duration::days(20));
+    call("bob").await.expect("April");
+    let status = k.ledger().budget_report("t1").await.expect("report");
+    assert_eq!(status[0].used.tool_calls, 1, "April's usage only");
 }
 
 /// Expired holds stop counting and the sweep releases them; a late settle still records usage.

@@ -2,7 +2,8 @@
 //! migration (tables rebuilt without AUTOINCREMENT, the journal and reservations clustered on
 //! their keys, the jobs listing index ascending), and what the store guarantees on top of the
 //! schema still holds after it: ids keep increasing, the ledger stays append-only, an expired
-//! hold is still found by the sweep, jobs still list newest first.
+//! hold is still found by the sweep, jobs still list newest first. The `budget_totals` migration
+//! counts the usage already in the ledger into the running totals budget checks now read.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,23 +21,26 @@ use keel_store::{Database, Durability};
 use serde_json::json;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 
-/// The migration under test: everything before it is "the previous schema".
+/// The `fewer_btrees` migration.
 const VERSION: i64 = 20261202040000;
 
-/// Create `path` with every migration before [`VERSION`], and record [`VERSION`] as applied
-/// (with its real checksum) so that the current store opens it without migrating: the current
-/// store code then writes real rows into the previous schema.
-async fn previous_schema(path: &Path) {
+/// The `budget_totals` migration.
+const BUDGET_TOTALS: i64 = 20261202100000;
+
+/// Create `path` with every migration before `version`, and record `version` as applied
+/// (with its real checksum) so that the current store opens it without that migration: the
+/// current store code then writes real rows into the previous schema.
+async fn previous_schema(path: &Path, version: i64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut found = false;
     for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite")).expect("migrations") {
         let entry = entry.expect("entry");
         let name = entry.file_name().to_string_lossy().into_owned();
-        let version: i64 = name.split('_').next().and_then(|v| v.parse().ok()).expect("version");
-        if version < VERSION {
+        let this: i64 = name.split('_').next().and_then(|v| v.parse().ok()).expect("version");
+        if this < version {
             std::fs::copy(entry.path(), dir.path().join(&name)).expect("copy");
         }
-        found |= version == VERSION;
+        found |= this == version;
     }
     assert!(found, "the migration under test exists");
     let options = SqliteConnectOptions::new().filename(path).create_if_missing(true);
@@ -47,12 +51,12 @@ async fn previous_schema(path: &Path) {
         .run(&pool)
         .await
         .expect("run");
-    let migration = MIGRATOR.iter().find(|m| m.version == VERSION).expect("embedded");
+    let migration = MIGRATOR.iter().find(|m| m.version == version).expect("embedded");
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
          VALUES (?, ?, TRUE, ?, 0)",
     )
-    .bind(VERSION)
+    .bind(version)
     .bind(migration.description.as_ref())
     .bind(migration.checksum.as_ref())
     .execute(&pool)
@@ -99,7 +103,7 @@ fn ledger() -> LedgerQuery {
 async fn the_fewer_btrees_migration_keeps_every_row_and_guarantee() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("keel.db");
-    previous_schema(&path).await;
+    previous_schema(&path, VERSION).await;
 
     // Rows written by the store into the previous schema, plus a hold that has expired.
     let (jobs, events, journals, ledger_rows) = {
@@ -174,4 +178,102 @@ async fn the_fewer_btrees_migration_keeps_every_row_and_guarantee() {
     );
     let delete = conn.execute("DELETE FROM ledger_events", []);
     assert!(delete.is_err_and(|e| e.to_string().contains("append-only")));
+}
+
+/// Insert a ledger row the way the previous schema's store did (no running totals).
+fn usage_row(
+    conn: &rusqlite::Connection,
+    kind: &str,
+    tenant: &str,
+    principal: &str,
+    session: Option<&str>,
+    at: chrono::DateTime<Utc>,
+) {
+    conn.execute(
+        "INSERT INTO ledger_events (kind, tenant, principal, session, tokens, cost_nanos, requests, tool_calls, data_json, at) \
+         VALUES (?, ?, ?, ?, 0, 0, 0, 1, 'null', ?)",
+        rusqlite::params![kind, tenant, principal, session, at.timestamp_micros()],
+    )
+    .expect("ledger row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_totals_migration_counts_the_usage_already_recorded() {
+    use chrono::Duration;
+    use keel_kernel::KernelError;
+    use keel_kernel::ledger::{Budget, BudgetWindow, Usage};
+    use keel_kernel::services::HoldRequest;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keel.db");
+    previous_schema(&path, BUDGET_TOTALS).await;
+    let now = keel_kernel::conformance::epoch(); // 2026-03-15 12:00 UTC
+    let budget = |name: &str, window: BudgetWindow, principal: Option<&str>, session: Option<&str>| {
+        let mut b = Budget::new("t", name, window);
+        b.principal = principal.map(str::to_owned);
+        b.session = session.map(str::to_owned);
+        b.limits.max_tool_calls = Some(2);
+        b
+    };
+    let budgets = [
+        budget("alice, all time", BudgetWindow::Total, Some("alice"), None),
+        budget("s1, today", BudgetWindow::Daily, None, Some("s1")),
+        budget("dave, this month", BudgetWindow::Monthly, Some("dave"), None),
+    ];
+    {
+        let conn = rusqlite::Connection::open(&path).expect("raw");
+        for b in &budgets {
+            conn.execute(
+                "INSERT INTO budgets (id, tenant, budget_json) VALUES (?, 't', ?)",
+                [b.id.to_string(), serde_json::to_string(b).expect("json")],
+            )
+            .expect("budget");
+        }
+        // alice: two calls ever (one last month); a hold and another tenant's usage never count.
+        usage_row(&conn, "tool_usage", "t", "alice", None, now - Duration::days(2));
+        usage_row(&conn, "tool_usage", "t", "alice", None, now - Duration::days(30));
+        usage_row(&conn, "hold", "t", "bob", None, now - Duration::hours(1));
+        usage_row(&conn, "tool_usage", "t2", "bob", None, now - Duration::hours(1));
+        // s1: one call today, one yesterday; dave: one this month, one last month.
+        usage_row(&conn, "tool_usage", "t", "carol", Some("s1"), now - Duration::hours(1));
+        usage_row(&conn, "tool_usage", "t", "carol", Some("s1"), now - Duration::days(1));
+        usage_row(&conn, "model_usage", "t", "dave", None, now - Duration::days(10));
+        usage_row(&conn, "overage", "t", "dave", None, now - Duration::days(16));
+        conn.execute("DELETE FROM _sqlx_migrations WHERE version = ?", [BUDGET_TOTALS])
+            .expect("unmark");
+    }
+
+    // The migration runs at this open.
+    let db = Database::open_with(&path, Durability::Normal).await.expect("migrate");
+    let (k, _clock) = keel_kernel::conformance::kernel_with_clock(Arc::new(db.kernel_store()));
+    let hold = |principal: &str, session: Option<&str>| HoldRequest {
+        tenant: "t".into(),
+        principal: Some(principal.into()),
+        session: session.map(str::to_owned),
+        job_id: None,
+        amount: Usage {
+            tool_calls: 1,
+            ..Usage::zero()
+        },
+        ttl: None,
+    };
+    let denied = |r: Result<_, KernelError>| matches!(r, Err(KernelError::BudgetExceeded(_)));
+    assert!(
+        denied(k.ledger().reserve(hold("alice", None)).await),
+        "alice's two calls count"
+    );
+    k.ledger().reserve(hold("bob", None)).await.expect("bob has no budget");
+    k.ledger()
+        .reserve(hold("carol", Some("s1")))
+        .await
+        .expect("one call in s1 today");
+    assert!(
+        denied(k.ledger().reserve(hold("carol", Some("s1"))).await),
+        "with the live hold, two"
+    );
+    k.ledger()
+        .reserve(hold("dave", None))
+        .await
+        .expect("one call this month");
+    assert!(denied(k.ledger().reserve(hold("dave", None)).await));
 }

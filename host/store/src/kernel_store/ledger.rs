@@ -4,8 +4,8 @@
 
 use chrono::{DateTime, Utc};
 use keel_kernel::ledger::{
-    Budget, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation, ReservationState,
-    ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery, cost_from_nanos,
+    Budget, BudgetStatus, BudgetWindow, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
+    ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery, cost_from_nanos,
 };
 use keel_kernel::store::{
     BudgetEvaluator, ClosePlan, HoldWrite, ReservePlan, StoreError, StoreResult, plan_hold, plan_release, plan_reserve,
@@ -89,7 +89,85 @@ pub(super) fn insert_ledger(conn: &Connection, e: &NewLedgerEvent) -> StoreResul
         Value::Integer(micros(e.at)),
     ];
     execute(conn, SQL, &args).map_err(be)?;
-    Ok(conn.last_insert_rowid())
+    let id = conn.last_insert_rowid();
+    if e.kind.counts_as_usage() {
+        add_to_budget_totals(conn, e)?;
+    }
+    Ok(id)
+}
+
+/// The start (microseconds) of the window of a budget (`b.window_kind`) that an entry at `$at`
+/// falls in: the UTC day or month, 0 for a total budget. Migration `budget_totals` backfilled
+/// with the same expression.
+macro_rules! window_start_of {
+    ($at:literal) => {
+        concat!(
+            "CASE b.window_kind WHEN 'daily' THEN (",
+            $at,
+            " / 86400000000) * 86400000000 WHEN 'monthly' THEN unixepoch(strftime('%Y-%m-01', ",
+            $at,
+            " / 1000000, 'unixepoch')) * 1000000 ELSE 0 END"
+        )
+    };
+}
+
+/// Add a usage entry to the running total of every budget it counts against (same tenant,
+/// the budget's subject, in the window of its time), in the entry's transaction.
+fn add_to_budget_totals(conn: &Connection, e: &NewLedgerEvent) -> StoreResult<()> {
+    const SQL: &str = concat!(
+        "INSERT INTO budget_totals (budget_id, window_start, tokens, cost_nanos, requests, tool_calls) \
+         SELECT b.id, ",
+        window_start_of!("?1"),
+        ", ?5, ?6, ?7, ?8 FROM budgets b \
+         WHERE b.tenant = ?2 AND b.window_kind <> 'per_request' \
+         AND (b.principal IS NULL OR b.principal = ?3) AND (b.session IS NULL OR b.session = ?4) \
+         ON CONFLICT (budget_id, window_start) DO UPDATE SET tokens = tokens + excluded.tokens, \
+         cost_nanos = cost_nanos + excluded.cost_nanos, requests = requests + excluded.requests, \
+         tool_calls = tool_calls + excluded.tool_calls"
+    );
+    let args = [
+        Value::Integer(micros(e.at)),
+        Value::Text(e.tenant.clone()),
+        text(e.principal.as_deref()),
+        text(e.session.as_deref()),
+        Value::Integer(i64_of(e.usage.tokens)?),
+        Value::Integer(nanos(e.usage.cost)?),
+        Value::Integer(i64_of(e.usage.requests)?),
+        Value::Integer(i64_of(e.usage.tool_calls)?),
+    ];
+    execute(conn, SQL, &args).map_err(be)?;
+    Ok(())
+}
+
+/// Recount budget `id`'s totals from the ledger: once, when the budget is created or its
+/// tenant, subject or window changes (the only time a budget check reads the ledger).
+fn rebuild_budget_totals(conn: &Connection, id: Uuid) -> StoreResult<()> {
+    const SQL: &str = concat!(
+        "INSERT INTO budget_totals (budget_id, window_start, tokens, cost_nanos, requests, tool_calls) \
+         SELECT b.id, ",
+        window_start_of!("l.at"),
+        " AS window_start, SUM(l.tokens), SUM(l.cost_nanos), SUM(l.requests), SUM(l.tool_calls) \
+         FROM budgets b JOIN ledger_events l ON l.tenant = b.tenant \
+         WHERE b.id = ?1 AND b.window_kind <> 'per_request' \
+         AND (b.principal IS NULL OR l.principal = b.principal) AND (b.session IS NULL OR l.session = b.session) \
+         AND l.kind IN (SELECT value FROM json_each(?2)) \
+         GROUP BY b.id, window_start"
+    );
+    // The kinds that count are the kernel's call (`LedgerKind::counts_as_usage`), not repeated here.
+    let counted: Vec<&str> = LedgerKind::ALL
+        .iter()
+        .filter(|k| k.counts_as_usage())
+        .map(|k| k.as_str())
+        .collect();
+    let id = Value::Text(id.to_string());
+    execute(
+        conn,
+        "DELETE FROM budget_totals WHERE budget_id = ?",
+        std::slice::from_ref(&id),
+    )
+    .map_err(be)?;
+    execute(conn, SQL, &[id, Value::Text(to_json(&counted)?)]).map_err(be)?;
+    Ok(())
 }
 
 /// Append `entries`, in order.
@@ -109,15 +187,16 @@ fn sum_usage(conn: &Connection, q: &Query) -> StoreResult<Usage> {
 }
 
 pub(super) fn budget_usage(conn: &Connection, budget: &Budget, now: DateTime<Utc>) -> StoreResult<Usage> {
-    let mut q = Query::new(format!("SELECT {SUMS} FROM ledger_events WHERE tenant = "));
-    q.bind(budget.tenant.clone());
-    // The kinds that count are the kernel's call (`LedgerKind::counts_as_usage`), not repeated here.
-    let counted = LedgerKind::ALL.iter().filter(|k| k.counts_as_usage());
-    q.push_in("kind", counted.map(|k| k.as_str().to_string()));
-    q.push_subject(budget.principal.as_deref(), budget.session.as_deref());
-    if let Some(start) = budget.window.start(now) {
-        q.push(" AND at >= ").bind(micros(start));
+    if budget.window == BudgetWindow::PerRequest {
+        // Each request is judged alone (`evaluate_budgets`): nothing before it counts.
+        return Ok(Usage::zero());
     }
+    // The running totals of the window containing `now` (and of any later one, for entries
+    // stamped ahead of this host's clock): one or two rows, however long the ledger.
+    let mut q = Query::new(format!("SELECT {SUMS} FROM budget_totals WHERE budget_id = "));
+    q.bind(budget.id.to_string());
+    q.push(" AND window_start >= ")
+        .bind(budget.window.start(now).map_or(0, micros));
     let settled = sum_usage(conn, &q)?;
 
     // Live holds count whatever the window: they are about to be spent now.
@@ -302,19 +381,42 @@ pub(super) fn usage(conn: &Connection, query: &UsageQuery) -> StoreResult<Usage>
     sum_usage(conn, &q)
 }
 
-/// [`KernelStore::put_budget`](keel_kernel::store::KernelStore::put_budget).
+/// [`KernelStore::put_budget`](keel_kernel::store::KernelStore::put_budget): insert or replace it;
+/// its running totals are recounted when it is new or what it counts changed.
 pub(super) fn put_budget(conn: &Connection, budget: &Budget) -> StoreResult<()> {
+    let id = Value::Text(budget.id.to_string());
+    let counted = [
+        Value::Text(budget.tenant.clone()),
+        text(budget.principal.as_deref()),
+        text(budget.session.as_deref()),
+        Value::Text(budget.window.as_str().to_owned()),
+    ];
+    let before = fetch_optional(
+        conn,
+        "SELECT tenant, principal, session, window_kind FROM budgets WHERE id = ?",
+        std::slice::from_ref(&id),
+        |r| {
+            Ok([
+                Value::Text(get(r, "tenant")?),
+                text(get::<Option<String>>(r, "principal")?.as_deref()),
+                text(get::<Option<String>>(r, "session")?.as_deref()),
+                Value::Text(get(r, "window_kind")?),
+            ])
+        },
+    )?;
+    let mut args = vec![id, Value::Text(to_json(budget)?)];
+    args.extend(counted.iter().cloned());
     execute(
         conn,
-        "INSERT INTO budgets (id, tenant, budget_json) VALUES (?, ?, ?) \
-         ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, budget_json = excluded.budget_json",
-        &[
-            Value::Text(budget.id.to_string()),
-            Value::Text(budget.tenant.clone()),
-            Value::Text(to_json(budget)?),
-        ],
+        "INSERT INTO budgets (id, budget_json, tenant, principal, session, window_kind) VALUES (?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, budget_json = excluded.budget_json, \
+         principal = excluded.principal, session = excluded.session, window_kind = excluded.window_kind",
+        &args,
     )
     .map_err(be)?;
+    if before.as_ref() != Some(&counted) {
+        rebuild_budget_totals(conn, budget.id)?;
+    }
     Ok(())
 }
 
@@ -330,6 +432,7 @@ pub(super) fn list_budgets(conn: &Connection, tenant: &str) -> StoreResult<Vec<B
 
 /// [`KernelStore::delete_budget`](keel_kernel::store::KernelStore::delete_budget).
 pub(super) fn delete_budget(conn: &Connection, id: Uuid) -> StoreResult<bool> {
+    // Its totals go with it (`ON DELETE CASCADE`).
     let changed = execute(conn, "DELETE FROM budgets WHERE id = ?", &[Value::Text(id.to_string())]).map_err(be)?;
     Ok(changed > 0)
 }
@@ -343,4 +446,111 @@ pub(super) fn extend_holds(conn: &Connection, ids: &[Uuid], until: DateTime<Utc>
     q.bind(micros(until)).push(") WHERE state = 'HELD'");
     q.push_in("id", ids.iter().map(Uuid::to_string));
     Ok(q.execute(conn)? as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::{c_int, c_void};
+
+    use chrono::TimeZone;
+    use rusqlite::{Connection, TransactionBehavior};
+
+    use super::*;
+
+    /// SQLite virtual-machine operations run by `f` on `conn`: the work a statement does, which
+    /// grows with every row it reads (a scan) and not with the rows it could have skipped.
+    fn vm_ops<T>(conn: &Connection, f: impl FnOnce() -> T) -> (T, u64) {
+        unsafe extern "C" fn count(counter: *mut c_void) -> c_int {
+            // SAFETY: the pointer is the `u64` below, alive until the handler is removed.
+            unsafe { *counter.cast::<u64>() += 1 };
+            0
+        }
+        let mut ops = 0u64;
+        // SAFETY: the handler is removed before `ops` goes out of scope; `conn` is not shared.
+        unsafe {
+            rusqlite::ffi::sqlite3_progress_handler(conn.handle(), 1, Some(count), (&raw mut ops).cast());
+        }
+        let out = f();
+        unsafe { rusqlite::ffi::sqlite3_progress_handler(conn.handle(), 0, None, std::ptr::null_mut()) };
+        (out, ops)
+    }
+
+    fn usage_entry(at: DateTime<Utc>) -> NewLedgerEvent {
+        NewLedgerEvent {
+            kind: LedgerKind::ToolUsage,
+            tenant: "t1".into(),
+            principal: Some("alice".into()),
+            session: None,
+            job_id: None,
+            reservation_id: None,
+            usage: Usage {
+                tool_calls: 1,
+                ..Usage::zero()
+            },
+            duration_ms: None,
+            model: None,
+            tool: Some("p/t".into()),
+            data: serde_json::Value::Null,
+            at,
+        }
+    }
+
+    /// A budget-checked hold of one tool call for alice at `now`, rolled back: its VM operations.
+    fn hold_ops(conn: &mut Connection, now: DateTime<Utc>) -> u64 {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .expect("begin");
+        let hold = HoldWrite {
+            id: Uuid::now_v7(),
+            request: ReserveRequest {
+                tenant: "t1".into(),
+                principal: Some("alice".into()),
+                session: None,
+                job_id: None,
+                amount: Usage {
+                    tool_calls: 1,
+                    ..Usage::zero()
+                },
+                now,
+                expires_at: now + chrono::Duration::minutes(5),
+            },
+            check_budgets: true,
+        };
+        let (held, ops) = vm_ops(&tx, || hold_in(&tx, &hold));
+        held.expect("hold within the budget");
+        tx.rollback().expect("rollback");
+        ops
+    }
+
+    /// Checking a budget must not read the ledger: a hold with a budget in force did as much work
+    /// with 20,000 usage entries behind it as with 20 (it summed the window on every hold, so a
+    /// governed call got slower with every call before it).
+    #[tokio::test]
+    async fn a_budget_check_does_not_grow_with_the_ledger() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keel.db");
+        drop(crate::Database::open(&path).await.expect("create"));
+        let mut conn = Connection::open(&path).expect("open");
+        let now = Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).single().expect("now");
+        for window in [BudgetWindow::Total, BudgetWindow::Daily, BudgetWindow::Monthly] {
+            let mut budget = Budget::new("t1", format!("{window}"), window);
+            budget.limits.max_tool_calls = Some(1_000_000);
+            put_budget(&conn, &budget).expect("budget");
+        }
+        let append = |conn: &mut Connection, n: usize| {
+            let tx = conn.transaction().expect("begin");
+            for i in 0..n {
+                insert_ledger(&tx, &usage_entry(now - chrono::Duration::seconds(i as i64))).expect("entry");
+            }
+            tx.commit().expect("commit");
+        };
+        append(&mut conn, 20);
+        let few = hold_ops(&mut conn, now);
+        append(&mut conn, 20_000);
+        let many = hold_ops(&mut conn, now);
+        assert!(
+            many <= few + few / 4,
+            "a hold ran {few} VM operations with 20 ledger entries and {many} with 20,020"
+        );
+    }
 }

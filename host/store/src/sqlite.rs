@@ -146,6 +146,12 @@ impl Database {
 
     fn tune(options: SqliteConnectOptions, durability: Durability) -> SqliteConnectOptions {
         options
+            // A new database gets 2 KiB pages (an existing one keeps its own: a WAL database's
+            // page size is fixed). Every b-tree a commit touches is at least one page written to
+            // the WAL, and a governed call's commits touch ~15 each: with 2 KiB pages a call
+            // writes 85 KB instead of 143 KB and costs ~11% less CPU (`synchronous = NORMAL`,
+            // 5,000 calls); 1 KiB pages cost more CPU (deeper trees, more frames).
+            .page_size(2048)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(durability.synchronous())
             .busy_timeout(Duration::from_secs(10))

@@ -277,3 +277,34 @@ async fn the_budget_totals_migration_counts_the_usage_already_recorded() {
         .expect("one call this month");
     assert!(denied(k.ledger().reserve(hold("dave", None)).await));
 }
+
+/// A new database gets 2 KiB pages; one created with 4 KiB pages (every database before them)
+/// keeps its page size — a WAL database cannot change it — and still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_databases_get_small_pages_and_old_ones_keep_theirs() {
+    let page_size = |path: &Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .expect("raw")
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .expect("page_size")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let new = dir.path().join("new.db");
+    drop(Database::open(&new).await.expect("create"));
+    assert_eq!(page_size(&new), 2048);
+
+    let old = dir.path().join("old.db");
+    previous_schema(&old, BUDGET_TOTALS).await;
+    rusqlite::Connection::open(&old)
+        .expect("raw")
+        .execute("DELETE FROM _sqlx_migrations WHERE version = ?", [BUDGET_TOTALS])
+        .expect("unmark");
+    assert_eq!(
+        page_size(&old),
+        4096,
+        "sqlx's default when the previous schema was made"
+    );
+    let db = Database::open_with(&old, Durability::Normal).await.expect("open old");
+    assert_eq!(page_size(&old), 4096);
+    governed_call(&runtime(&db)).await;
+}

@@ -5,10 +5,11 @@
 //!
 //! - `kernel/job_create_complete`: create (with an idempotency key) -> start -> complete, i.e.
 //!   3 kernel transactions (each a job row + its event).
-//! - `kernel/reserve_settle`: reserve against a total budget (sums usage + live holds in the
-//!   transaction) -> settle, i.e. 2 transactions. The ledger grows by 3 rows per iteration and
-//!   the budget check sums the whole window, so this one slows down as the ledger grows.
-//! - `kernel/reserve_settle_unbudgeted`: the same for a tenant without budgets (no usage sums).
+//! - `kernel/reserve_settle`: reserve against a total budget (reads its running total and sums
+//!   the live holds in the transaction) -> settle, i.e. 2 transactions. The ledger grows by 3 rows
+//!   per iteration; the check does not read it, so the cost stays flat as it grows (it summed the
+//!   window until the budget totals: 4.5 ms per iteration by the end of a run, now 0.36 ms).
+//! - `kernel/reserve_settle_unbudgeted`: the same for a tenant without budgets.
 //! - `sqlite/bare_commit`: `BEGIN IMMEDIATE; INSERT one row; COMMIT` on the same file: the floor
 //!   every kernel transaction pays (dominated by the WAL fsync with `synchronous = FULL`).
 

@@ -1274,6 +1274,8 @@ pub async fn budget_counts_what_came_before_it(store: Arc<dyn KernelStore>) {
     budget.limits.max_tool_calls = Some(10);
     k.ledger().put_budget(budget.clone()).await.expect("monthly");
     call("bob").await.expect("the 10th this month");
+    let status = k.ledger().budget_report("t1").await.expect("report");
+    assert_eq!(status[0].used.tool_calls, 10, "the report counts what the check counts");
     assert!(denied(call("bob").await), "7 + 2 + 1 this month");
     clock.advance(Duration::days(20));
     call("bob").await.expect("April");

@@ -268,6 +268,26 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     fn list_budgets<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, StoreResult<Vec<Budget>>>;
     /// Delete a budget; whether it existed.
     fn delete_budget(&self, id: Uuid) -> BoxFuture<'_, StoreResult<bool>>;
+    /// The settled usage that counts against `budget` (a stored one) at `now`: its subject's
+    /// usage entries in the window containing `now` (zero for a per-request budget; live holds
+    /// not included). By default summed from the ledger; a store that keeps running totals per
+    /// budget answers from them.
+    fn budget_used<'a>(&'a self, budget: &'a Budget, now: DateTime<Utc>) -> BoxFuture<'a, StoreResult<Usage>> {
+        Box::pin(async move {
+            if budget.window == crate::ledger::BudgetWindow::PerRequest {
+                return Ok(Usage::zero());
+            }
+            let query = UsageQuery {
+                tenant: budget.tenant.clone(),
+                principal: budget.principal.clone(),
+                session: budget.session.clone(),
+                job_id: None,
+                from: budget.window.start(now),
+                to: None,
+            };
+            self.usage(&query).await
+        })
+    }
     /// In ONE serialized transaction: load the budgets applying to the request, compute each
     /// one's usage (usage entries in its window + live holds), call `evaluate`, and if allowed
     /// insert a HELD reservation plus a `hold` ledger entry (and a `budget_check` entry whenever

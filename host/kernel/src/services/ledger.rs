@@ -183,19 +183,7 @@ impl Ledger {
         let now = self.core.now();
         let mut out = Vec::new();
         for budget in self.core.store.list_budgets(tenant).await? {
-            let query = UsageQuery {
-                tenant: budget.tenant.clone(),
-                principal: budget.principal.clone(),
-                session: budget.session.clone(),
-                job_id: None,
-                from: budget.window.start(now),
-                to: None,
-            };
-            let used = if budget.window == crate::ledger::BudgetWindow::PerRequest {
-                Usage::zero()
-            } else {
-                self.core.store.usage(&query).await?
-            };
+            let used = self.core.store.budget_used(&budget, now).await?;
             out.push(crate::ledger::BudgetStatus { budget, used });
         }
         Ok(out)

@@ -191,13 +191,7 @@ pub(super) fn budget_usage(conn: &Connection, budget: &Budget, now: DateTime<Utc
         // Each request is judged alone (`evaluate_budgets`): nothing before it counts.
         return Ok(Usage::zero());
     }
-    // The running totals of the window containing `now` (and of any later one, for entries
-    // stamped ahead of this host's clock): one or two rows, however long the ledger.
-    let mut q = Query::new(format!("SELECT {SUMS} FROM budget_totals WHERE budget_id = "));
-    q.bind(budget.id.to_string());
-    q.push(" AND window_start >= ")
-        .bind(budget.window.start(now).map_or(0, micros));
-    let settled = sum_usage(conn, &q)?;
+    let settled = budget_settled(conn, budget, now)?;
 
     // Live holds count whatever the window: they are about to be spent now.
     let mut q = Query::new(format!(
@@ -208,6 +202,20 @@ pub(super) fn budget_usage(conn: &Connection, budget: &Budget, now: DateTime<Utc
     q.push_subject(budget.principal.as_deref(), budget.session.as_deref());
     let held = sum_usage(conn, &q)?;
     Ok(settled + held)
+}
+
+/// [`KernelStore::budget_used`](keel_kernel::store::KernelStore::budget_used): the running totals
+/// of the window containing `now` (and of any later one, for entries stamped ahead of this host's
+/// clock): one or two rows, however long the ledger.
+pub(super) fn budget_settled(conn: &Connection, budget: &Budget, now: DateTime<Utc>) -> StoreResult<Usage> {
+    if budget.window == BudgetWindow::PerRequest {
+        return Ok(Usage::zero());
+    }
+    let mut q = Query::new(format!("SELECT {SUMS} FROM budget_totals WHERE budget_id = "));
+    q.bind(budget.id.to_string());
+    q.push(" AND window_start >= ")
+        .bind(budget.window.start(now).map_or(0, micros));
+    sum_usage(conn, &q)
 }
 
 /// The budgets that apply to `req`, each with its usage (settled in its window plus live holds),

@@ -148,6 +148,10 @@ impl KernelStore for SqliteKernelStore {
         read!(self, |c| ledger::list_budgets(c, tenant))
     }
 
+    fn budget_used<'a>(&'a self, budget: &'a Budget, now: DateTime<Utc>) -> BoxFuture<'a, StoreResult<Usage>> {
+        read!(self, |c| ledger::budget_settled(c, budget, now))
+    }
+
     fn delete_budget(&self, id: Uuid) -> BoxFuture<'_, StoreResult<bool>> {
         write!(self, |c| ledger::delete_budget(c, id))
     }

@@ -13,6 +13,9 @@
 //!   schema, policy, hold, call, settle with receipt, events, journal — two commits (the durable
 //!   "started" commit before the side effect, the result after);
 //! - `governed_call_idempotent`: the same with an idempotent tool and no budget: one commit;
+//! - `governed_call_budgeted`: `governed_call` for a tenant with a budget in force (the hold is
+//!   checked against it in the first commit); its ledger grows with every call of the run, which
+//!   the check must not read;
 //! - `governed_call_runner` (FULL only): the same call on the runner path (taken because the call
 //!   carries an idempotency key), i.e. how every call ran before the direct path.
 //!
@@ -30,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{Criterion, Throughput};
 use keel_kernel::agent::testing::{FakeTools, calls, scripted_runtime};
 use keel_kernel::context::ExecutionContext;
+use keel_kernel::ledger::{Budget, BudgetWindow};
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::Message;
 use keel_kernel::tool::{ToolCallContext, ToolHost};
@@ -60,6 +64,7 @@ fn bench(c: &mut Criterion) {
     tools.add_echo("p/echo", false);
     tools.add_echo("p/idem", true);
     let call_ctx = ExecutionContext::new("bench");
+    let budgeted_ctx = ExecutionContext::new("budgeted");
     let ctx = ToolCallContext::ad_hoc("bench");
     let args = json!({ "i": 1 });
     let keys = AtomicU64::new(0);
@@ -83,6 +88,15 @@ fn bench(c: &mut Criterion) {
         });
         group.bench_function("governed_call_idempotent", |b| {
             b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/idem", None)))
+        });
+        // The same tenant's calls so far are its usage: the budget check must not read them.
+        rt.block_on(async {
+            let mut budget = Budget::new("budgeted", "all time", BudgetWindow::Total);
+            budget.limits.max_tool_calls = Some(u64::MAX / 4);
+            kernel.ledger().put_budget(budget).await.expect("budget");
+        });
+        group.bench_function("governed_call_budgeted", |b| {
+            b.iter(|| rt.block_on(governed_call(&governed, &budgeted_ctx, "p/echo", None)))
         });
         if durability == Durability::Full {
             group.bench_function("governed_call_runner", |b| {

@@ -321,18 +321,22 @@ impl ServerHandler for KeelMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let identity = self.identity(&context)?;
-        let keel = self.shared.offered(&request.name).await?;
-        let arguments = serde_json::Value::Object(request.arguments.unwrap_or_default());
-        // The client declared the tasks extension (at initialize, or in this request's _meta).
-        if context.client_capabilities().is_some_and(|c| c.supports_tasks()) {
-            let elicits = context
-                .peer
-                .supported_elicitation_modes()
-                .contains(&rmcp::service::ElicitationMode::Form);
-            return Ok(tasks::call(&self.shared, &identity, &keel, arguments, elicits).await);
-        }
-        let result = call::governed(&self.shared, &identity, &keel, arguments, &context).await;
-        Ok(result.into())
+        // The check that the tool is offered and the call share one registry read.
+        keel_app::tools::one_call(async {
+            let keel = self.shared.offered(&request.name).await?;
+            let arguments = serde_json::Value::Object(request.arguments.unwrap_or_default());
+            // The client declared the tasks extension (at initialize, or in this request's _meta).
+            if context.client_capabilities().is_some_and(|c| c.supports_tasks()) {
+                let elicits = context
+                    .peer
+                    .supported_elicitation_modes()
+                    .contains(&rmcp::service::ElicitationMode::Form);
+                return Ok(tasks::call(&self.shared, &identity, &keel, arguments, elicits).await);
+            }
+            let result = call::governed(&self.shared, &identity, &keel, arguments, &context).await;
+            Ok(result.into())
+        })
+        .await
     }
 
     async fn get_task(

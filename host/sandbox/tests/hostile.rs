@@ -44,6 +44,11 @@ struct Env {
 }
 
 async fn setup() -> Env {
+    setup_with(|_| {}).await
+}
+
+/// [`setup`] with the sandbox configuration changed by `configure`.
+async fn setup_with(configure: impl FnOnce(&mut SandboxConfig)) -> Env {
     let tmp = tempfile::tempdir().expect("tempdir");
     let base = tmp.path().canonicalize().expect("canonical tempdir");
     std::fs::write(base.join("secret.txt"), SECRET).unwrap();
@@ -58,6 +63,7 @@ async fn setup() -> Env {
     let mut config = SandboxConfig::new(cache_dir());
     config.pool_instances = 8;
     config.max_memory_bytes = 256 << 20;
+    configure(&mut config);
     let sandbox = Sandbox::new(config).expect("sandbox");
     let wasm = keel_testutil::guest_bytes("keel-test-hostile");
     let plugin = sandbox.prepare(&wasm).await.expect("prepare hostile guest");
@@ -674,7 +680,8 @@ fn back_to_back_calls_wait_for_slots_still_being_freed() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let env = setup().await;
+        // Every finished store freed on the blocking pool, however small.
+        let env = setup_with(|config| config.free_on_runtime_bytes = 0).await;
         let busy = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(1500)));
         for i in 0..12 {
             let report = env.call("ok", json!({})).await;
@@ -685,6 +692,32 @@ fn back_to_back_calls_wait_for_slots_still_being_freed() {
             );
         }
         busy.await.expect("busy task");
+    });
+}
+
+#[test]
+fn small_instances_are_freed_without_the_blocking_pool() {
+    // The only blocking thread is held until every call is done: the slots of the small `ok`
+    // instances (8 in the pool) come back by runtime tasks alone, on the caller's one thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let env = setup().await;
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::task::spawn_blocking(move || held.recv());
+        for i in 0..12 {
+            let report = env.call("ok", json!({})).await;
+            assert_eq!(
+                report.result.map(|r| r.output),
+                Ok(json!({"ok": true})),
+                "call {i} of 12 on a pool of 8"
+            );
+        }
+        release.send(()).expect("release the blocking thread");
+        busy.await.expect("busy task").expect("released");
     });
 }
 

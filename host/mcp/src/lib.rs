@@ -113,8 +113,12 @@ impl McpServer {
             scope,
             session: format!("mcp-{}", uuid::Uuid::now_v7().simple()),
         });
+        // Pipes (as MCP clients start servers) are read and written on the runtime's reactor,
+        // reopened so the process's own stdin/stdout stay blocking; anything else falls back to
+        // tokio's stdin/stdout, which hand every read and write to a blocking-pool thread (two
+        // thread wake-ups per message).
         let running = handler
-            .serve(rmcp::transport::stdio())
+            .serve(rmcp::transport::stdio_pipes())
             .await
             .map_err(|e| AppError::internal(format!("MCP session failed to start: {e}")))?;
         running

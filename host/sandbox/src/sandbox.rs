@@ -288,6 +288,9 @@ struct ReadyQueue {
     filling: usize,
 }
 
+/// Building ready instances, in the background (see [`Sandbox::refill`]).
+type Refill = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// A ready instance older than this is dropped rather than used: it was built from grants as
 /// they were then (a grant's directory is re-checked whenever a store is built).
 const READY_MAX_AGE: Duration = Duration::from_secs(60);
@@ -958,8 +961,8 @@ impl Sandbox {
             };
             let report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
             // Refilled after the call, so building the next instances never competes with it.
-            self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
-            self.free_later(live);
+            let refill = self.refill(plugin, tool_info, &grants, &preopens, &limits, &fingerprint, &ready_key);
+            self.free_then(live, refill);
             return report;
         };
         let slot = match self.inner.sessions.lock().expect("sessions lock").slot(&key, now) {
@@ -1017,6 +1020,13 @@ impl Sandbox {
     /// (CPython's 16+ MiB, a scratch directory) goes to the blocking pool, so it never holds up a
     /// worker (nor waits, on a current-thread runtime, until the caller next yields).
     fn free_later(&self, live: Live) {
+        self.free_then(live, None);
+    }
+
+    /// [`Sandbox::free_later`], then `refill` in the background. A store freed on the runtime
+    /// and the refill share one task (freed first, so its slot can be the new instance's): one
+    /// task spawned per call rather than two, the second of which woke a parked worker.
+    fn free_then(&self, live: Live, refill: Option<Refill>) {
         let on_runtime = self.frees_on_runtime(&live);
         let inner = self.inner.clone();
         inner.freeing.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1026,8 +1036,16 @@ impl Sandbox {
             inner.freeing.done.notify_waiters();
         };
         if on_runtime {
-            tokio::spawn(async move { free() });
+            tokio::spawn(async move {
+                free();
+                if let Some(refill) = refill {
+                    refill.await;
+                }
+            });
         } else {
+            if let Some(refill) = refill {
+                tokio::spawn(refill);
+            }
             tokio::task::spawn_blocking(free);
         }
     }
@@ -1083,8 +1101,9 @@ impl Sandbox {
         found
     }
 
-    /// Start building ready instances for `key` in the background, up to
-    /// [`SandboxConfig::ready_instances`] (and the total cap). Only tool-world plugins.
+    /// The work of building ready instances for `key`, up to [`SandboxConfig::ready_instances`]
+    /// (and the total cap), to run in the background; `None` when none are wanted. Only
+    /// tool-world plugins.
     #[allow(clippy::too_many_arguments)]
     fn refill(
         &self,
@@ -1095,9 +1114,9 @@ impl Sandbox {
         limits: &Limits,
         fingerprint: &str,
         key: &str,
-    ) {
+    ) -> Option<Refill> {
         let config = &self.inner.config;
-        let Kind::Tool(pre) = &plugin.kind else { return };
+        let Kind::Tool(pre) = &plugin.kind else { return None };
         let wanted = {
             let mut ready = self.inner.ready.lock().expect("ready lock");
             let total = ready.total;
@@ -1112,14 +1131,14 @@ impl Sandbox {
             wanted
         };
         if wanted == 0 {
-            return;
+            return None;
         }
         let this = self.clone();
         let pre = pre.clone();
         let (tool, grants, preopens) = (tool.clone(), grants.clone(), preopens.to_vec());
         let (limits, fingerprint, key) = (limits.clone(), fingerprint.to_string(), key.to_string());
         let sha256 = plugin.sha256.clone();
-        tokio::spawn(async move {
+        Some(Box::pin(async move {
             for _ in 0..wanted {
                 let made = async {
                     let mut live = this
@@ -1146,7 +1165,7 @@ impl Sandbox {
                     ready.total += 1;
                 }
             }
-        });
+        }))
     }
 
     /// How many times a component was instantiated to ask its `describe()` (for tests and

@@ -242,8 +242,15 @@ struct Inner {
 #[derive(Default)]
 struct Freeing {
     pending: std::sync::atomic::AtomicUsize,
+    /// Of `pending`, those queued as runtime tasks (see [`MAX_FREES_ON_RUNTIME`]).
+    on_runtime: std::sync::atomic::AtomicUsize,
     done: tokio::sync::Notify,
 }
+
+/// Stores queued to be freed by runtime tasks beyond which a small store goes to the blocking pool
+/// too: the runtime is not keeping up (e.g. a caller that makes call after call without yielding
+/// to the tasks queued behind it), and its stores would otherwise fill the pool until calls wait.
+const MAX_FREES_ON_RUNTIME: usize = 8;
 
 /// How long a call waits, each time, for a pool slot being freed.
 const FREE_WAIT: Duration = Duration::from_secs(2);
@@ -1018,7 +1025,8 @@ impl Sandbox {
     /// (~1 MiB of memory reset, ~50 µs): no blocking thread to wake, which cost more than the free
     /// itself (stdio MCP bench: Keel adds ~25 µs less, ~15 µs less CPU per call). A big one
     /// (CPython's 16+ MiB, a scratch directory) goes to the blocking pool, so it never holds up a
-    /// worker (nor waits, on a current-thread runtime, until the caller next yields).
+    /// worker (nor waits, on a current-thread runtime, until the caller next yields); so does a
+    /// small one while [`MAX_FREES_ON_RUNTIME`] are already queued on a runtime not keeping up.
     fn free_later(&self, live: Live) {
         self.free_then(live, None);
     }
@@ -1036,8 +1044,17 @@ impl Sandbox {
             inner.freeing.done.notify_waiters();
         };
         if on_runtime {
+            let queued = self.inner.clone();
+            queued
+                .freeing
+                .on_runtime
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
                 free();
+                queued
+                    .freeing
+                    .on_runtime
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 if let Some(refill) = refill {
                     refill.await;
                 }
@@ -1050,9 +1067,12 @@ impl Sandbox {
         }
     }
 
-    /// Whether freeing `live` is small enough for a runtime task (see [`Sandbox::free_later`]).
+    /// Whether freeing `live` is small enough for a runtime task (see [`Sandbox::free_later`]),
+    /// and the runtime is keeping up with those already queued ([`MAX_FREES_ON_RUNTIME`]).
     fn frees_on_runtime(&self, live: &Live) -> bool {
-        live.scratch.is_none() && live.call.store.data().limiter.memory_used <= self.inner.config.free_on_runtime_bytes
+        live.scratch.is_none()
+            && live.call.store.data().limiter.memory_used <= self.inner.config.free_on_runtime_bytes
+            && self.inner.freeing.on_runtime.load(std::sync::atomic::Ordering::SeqCst) < MAX_FREES_ON_RUNTIME
     }
 
     /// Instantiating failed on a full pool: make room if any can be had — drop a ready instance
@@ -1172,6 +1192,12 @@ impl Sandbox {
     /// metrics: a start from a verified artifact with a kept answer asks none).
     pub fn describe_calls(&self) -> u64 {
         self.inner.describes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many finished calls' stores are queued to be freed by runtime tasks (for tests and
+    /// metrics; at most a few, see [`Sandbox::free_later`]).
+    pub fn frees_queued_on_runtime(&self) -> usize {
+        self.inner.freeing.on_runtime.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many ready instances are kept (for tests and metrics).

@@ -721,6 +721,29 @@ fn small_instances_are_freed_without_the_blocking_pool() {
     });
 }
 
+#[test]
+fn a_caller_that_never_yields_leaves_few_stores_waiting_on_the_runtime() {
+    // On a current-thread runtime, runtime tasks run only when the caller yields: a caller that
+    // makes call after call without yielding must not leave every store it used waiting on it
+    // (they would fill the pool until its calls wait); past a few, they go to the blocking pool.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let env = setup_with(|config| config.pool_instances = 64).await;
+        let mut most = 0;
+        for _ in 0..24 {
+            let call = env.call("ok", json!({}));
+            // Polled to completion here, without yielding to the runtime's other tasks.
+            let report = futures::executor::block_on(call);
+            assert_eq!(report.result.map(|r| r.output), Ok(json!({"ok": true})));
+            most = most.max(env.sandbox.frees_queued_on_runtime());
+        }
+        assert!(most <= 8, "{most} stores waited on the runtime");
+    });
+}
+
 #[tokio::test]
 async fn concurrent_bombs_all_fail_cleanly() {
     let env = setup().await;

@@ -108,15 +108,15 @@ impl AgentHost {
         ctx.session = request.session.clone();
         ctx.budget = request.budget.clone();
         ctx.policy = self.policy.clone();
-        self.rt
-            .call_tool(
-                &ctx,
-                &request.tool,
-                request.arguments.clone(),
-                request.idempotency_key.clone(),
-            )
-            .await
-            .map_err(agent_error)
+        // One registry read for the call's lookups (`ToolHost::tool`, then `call_tool`).
+        crate::tools::one_call(self.rt.call_tool(
+            &ctx,
+            &request.tool,
+            request.arguments.clone(),
+            request.idempotency_key.clone(),
+        ))
+        .await
+        .map_err(agent_error)
     }
 
     /// Call and wait for the outcome (approvals are answered by someone else meanwhile: another

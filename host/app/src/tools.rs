@@ -6,7 +6,8 @@
 //! recorded, is reported once on stderr and skipped: its calls fail as tool errors, and every other
 //! plugin and job keeps running. Each call reads the plugin's registry stamp (one short row) and
 //! re-reads the record only when it moved, so a grant, revoke, upgrade or removal takes effect at
-//! the next call in a running worker.
+//! the next call in a running worker. Within one governed call ([`one_call`]) the stamp is read
+//! once, when the call first asks, and its later steps reuse that read.
 //!
 //! Agents also get the code-execution tools under short names ([`ALIASES`]): `python/run` is
 //! `python-exec/run` and `javascript/run` is `js-exec/run` when those plugins are installed (and no
@@ -14,6 +15,7 @@
 //! kernel: policy rules name it (`python/run`, `python/*`), and it is called through the same
 //! governed path (schema, policy, approvals, budget hold, receipt, journal).
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -38,6 +40,29 @@ fn alias_target(plugin: &str, tool: &str) -> Option<(&'static str, &'static str)
         .iter()
         .find(|(alias, _, aliased_tool)| *alias == plugin && *aliased_tool == tool)
         .map(|(_, target, tool)| (*target, *tool))
+}
+
+tokio::task_local! {
+    /// The registry stamps read so far by the one call running on this task ([`one_call`]), by
+    /// plugin name (`None`: not installed).
+    static CALL_STAMPS: RefCell<HashMap<String, Option<PluginStamp>>>;
+}
+
+/// Run `call`, one governed call from its start, with its registry reads shared: the first read
+/// of a plugin's stamp in it is kept, and its later steps (a front end's check that the tool is
+/// offered, the kernel's lookup of the tool, the sandboxed call) reuse it instead of reading the
+/// same row again, each a few µs after the last (~12 µs each after a commit, which empties the
+/// reader's page cache). Every read is made after the call started, so a grant, revoke, upgrade
+/// or removal committed before that is seen; one committed while the call runs applies from the
+/// next call, as it would if it had come a moment later. Only this task shares the reads: work
+/// the call hands to another task (a runner that takes the call after an approval) reads afresh.
+/// Inside another `one_call`, `call` shares that call's reads.
+pub async fn one_call<F: Future>(call: F) -> F::Output {
+    if CALL_STAMPS.try_with(|_| ()).is_ok() {
+        call.await
+    } else {
+        CALL_STAMPS.scope(RefCell::default(), call).await
+    }
 }
 
 /// Serves the tools of the installed plugins whose names match a set of globs.
@@ -288,7 +313,20 @@ impl RegistryToolHost {
     /// The current record of plugin `name`, decoded (from the cache while its stamp is unchanged);
     /// `None` if it is not installed.
     async fn described(&self, name: &str) -> Result<Option<Arc<Described>>, ToolError> {
-        let Some(stamp) = self.app.db.plugin_stamp(name).await.map_err(host_error)? else {
+        let kept = CALL_STAMPS
+            .try_with(|stamps| stamps.borrow().get(name).cloned())
+            .ok()
+            .flatten();
+        let stamp = match kept {
+            Some(stamp) => stamp,
+            None => {
+                let stamp = self.app.db.plugin_stamp(name).await.map_err(host_error)?;
+                // Kept for the rest of this call, if it runs in `one_call`.
+                let _ = CALL_STAMPS.try_with(|stamps| stamps.borrow_mut().insert(name.to_string(), stamp.clone()));
+                stamp
+            }
+        };
+        let Some(stamp) = stamp else {
             return Ok(None);
         };
         if let Some(hit) = self.described.lock().expect("described lock").get(name)

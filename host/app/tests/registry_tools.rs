@@ -90,3 +90,57 @@ async fn grants_revokes_and_removal_apply_to_a_running_tool_host() {
     let gone = host.call_tool(&ctx(), "fs/read", &read).await.result;
     assert!(matches!(gone, Err(ToolError::UnknownTool { .. })), "removed: {gone:?}");
 }
+
+/// One governed call ([`keel_app::tools::one_call`]) reads a plugin's registry stamp once, when it
+/// first asks, and its later steps reuse that read: a change committed while it runs applies from
+/// the next call, one committed before it starts applies to it, and work it hands to another task
+/// reads afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_reads_the_registry_once_from_its_start() {
+    let (home, app) = home_with_fs().await;
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("note.txt"), "kept").unwrap();
+    let dir = data.path().canonicalize().unwrap().display().to_string();
+    let read = json!({ "path": format!("{dir}/note.txt") });
+    let admin = Caller::local_admin("default");
+    let grant = GrantRequest {
+        read: vec![dir.clone()],
+        ..GrantRequest::default()
+    };
+    // Another process's change (a second App on the same home).
+    let other = App::open(home.path()).await.unwrap();
+    let host = Arc::new(RegistryToolHost::new(app.clone(), None).await.unwrap());
+
+    keel_app::tools::one_call(async {
+        assert!(host.offers("fs/read").await.unwrap(), "offered");
+        other.grant(&admin, "fs", &grant).await.unwrap();
+        // The call's steps see the registry as the call found it: no grant.
+        assert!(host.tool("fs/read").await.unwrap().is_some());
+        let denied = host.call_tool(&ctx(), "fs/read", &read).await.result;
+        assert!(matches!(denied, Err(ToolError::Denied { .. })), "{denied:?}");
+        // A task the call hands work to reads the registry afresh.
+        let spawned = tokio::spawn({
+            let (host, read) = (host.clone(), read.clone());
+            async move { host.call_tool(&ctx(), "fs/read", &read).await.result }
+        });
+        assert!(spawned.await.unwrap().is_ok(), "another task sees the grant");
+    })
+    .await;
+
+    // The next call starts after the grant: it sees it; and a removal before the call after it.
+    let granted = keel_app::tools::one_call(host.call_tool(&ctx(), "fs/read", &read)).await;
+    assert!(granted.result.is_ok(), "{:?}", granted.result);
+    other.remove_plugin(&admin, "fs").await.unwrap();
+    keel_app::tools::one_call(async {
+        assert!(!host.offers("fs/read").await.unwrap(), "removed before the call");
+        assert!(host.tool("fs/read").await.unwrap().is_none());
+        // Nested: shares the outer call's reads.
+        let gone = keel_app::tools::one_call(host.call_tool(&ctx(), "fs/read", &read)).await;
+        assert!(
+            matches!(gone.result, Err(ToolError::UnknownTool { .. })),
+            "{:?}",
+            gone.result
+        );
+    })
+    .await;
+}

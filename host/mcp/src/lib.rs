@@ -113,8 +113,12 @@ impl McpServer {
             scope,
             session: format!("mcp-{}", uuid::Uuid::now_v7().simple()),
         });
+        // Pipes (as MCP clients start servers) are read and written on the runtime's reactor,
+        // reopened so the process's own stdin/stdout stay blocking; anything else falls back to
+        // tokio's stdin/stdout, which hand every read and write to a blocking-pool thread (two
+        // thread wake-ups per message).
         let running = handler
-            .serve(rmcp::transport::stdio())
+            .serve(rmcp::transport::stdio_pipes())
             .await
             .map_err(|e| AppError::internal(format!("MCP session failed to start: {e}")))?;
         running
@@ -321,18 +325,22 @@ impl ServerHandler for KeelMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let identity = self.identity(&context)?;
-        let keel = self.shared.offered(&request.name).await?;
-        let arguments = serde_json::Value::Object(request.arguments.unwrap_or_default());
-        // The client declared the tasks extension (at initialize, or in this request's _meta).
-        if context.client_capabilities().is_some_and(|c| c.supports_tasks()) {
-            let elicits = context
-                .peer
-                .supported_elicitation_modes()
-                .contains(&rmcp::service::ElicitationMode::Form);
-            return Ok(tasks::call(&self.shared, &identity, &keel, arguments, elicits).await);
-        }
-        let result = call::governed(&self.shared, &identity, &keel, arguments, &context).await;
-        Ok(result.into())
+        // The check that the tool is offered and the call share one registry read.
+        keel_app::tools::one_call(async {
+            let keel = self.shared.offered(&request.name).await?;
+            let arguments = serde_json::Value::Object(request.arguments.unwrap_or_default());
+            // The client declared the tasks extension (at initialize, or in this request's _meta).
+            if context.client_capabilities().is_some_and(|c| c.supports_tasks()) {
+                let elicits = context
+                    .peer
+                    .supported_elicitation_modes()
+                    .contains(&rmcp::service::ElicitationMode::Form);
+                return Ok(tasks::call(&self.shared, &identity, &keel, arguments, elicits).await);
+            }
+            let result = call::governed(&self.shared, &identity, &keel, arguments, &context).await;
+            Ok(result.into())
+        })
+        .await
     }
 
     async fn get_task(

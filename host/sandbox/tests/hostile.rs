@@ -44,6 +44,11 @@ struct Env {
 }
 
 async fn setup() -> Env {
+    setup_with(|_| {}).await
+}
+
+/// [`setup`] with the sandbox configuration changed by `configure`.
+async fn setup_with(configure: impl FnOnce(&mut SandboxConfig)) -> Env {
     let tmp = tempfile::tempdir().expect("tempdir");
     let base = tmp.path().canonicalize().expect("canonical tempdir");
     std::fs::write(base.join("secret.txt"), SECRET).unwrap();
@@ -58,6 +63,7 @@ async fn setup() -> Env {
     let mut config = SandboxConfig::new(cache_dir());
     config.pool_instances = 8;
     config.max_memory_bytes = 256 << 20;
+    configure(&mut config);
     let sandbox = Sandbox::new(config).expect("sandbox");
     let wasm = keel_testutil::guest_bytes("keel-test-hostile");
     let plugin = sandbox.prepare(&wasm).await.expect("prepare hostile guest");
@@ -674,7 +680,8 @@ fn back_to_back_calls_wait_for_slots_still_being_freed() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let env = setup().await;
+        // Every finished store freed on the blocking pool, however small.
+        let env = setup_with(|config| config.free_on_runtime_bytes = 0).await;
         let busy = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(1500)));
         for i in 0..12 {
             let report = env.call("ok", json!({})).await;
@@ -685,6 +692,55 @@ fn back_to_back_calls_wait_for_slots_still_being_freed() {
             );
         }
         busy.await.expect("busy task");
+    });
+}
+
+#[test]
+fn small_instances_are_freed_without_the_blocking_pool() {
+    // The only blocking thread is held until every call is done: the slots of the small `ok`
+    // instances (8 in the pool) come back by runtime tasks alone, on the caller's one thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let env = setup().await;
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::task::spawn_blocking(move || held.recv());
+        for i in 0..12 {
+            let report = env.call("ok", json!({})).await;
+            assert_eq!(
+                report.result.map(|r| r.output),
+                Ok(json!({"ok": true})),
+                "call {i} of 12 on a pool of 8"
+            );
+        }
+        release.send(()).expect("release the blocking thread");
+        busy.await.expect("busy task").expect("released");
+    });
+}
+
+#[test]
+fn a_caller_that_never_yields_leaves_few_stores_waiting_on_the_runtime() {
+    // On a current-thread runtime, runtime tasks run only when the caller yields: a caller that
+    // makes call after call without yielding must not leave every store it used waiting on it
+    // (they would fill the pool until its calls wait); past a few, they go to the blocking pool.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let env = setup_with(|config| config.pool_instances = 64).await;
+        let mut most = 0;
+        for _ in 0..24 {
+            let call = env.call("ok", json!({}));
+            // Polled to completion here, without yielding to the runtime's other tasks.
+            let report = futures::executor::block_on(call);
+            assert_eq!(report.result.map(|r| r.output), Ok(json!({"ok": true})));
+            most = most.max(env.sandbox.frees_queued_on_runtime());
+        }
+        assert!(most <= 8, "{most} stores waited on the runtime");
     });
 }
 

@@ -85,7 +85,9 @@ async fn keel_host(home: &std::path::Path) -> Arc<AgentHost> {
 async fn serve_role(role: &str) {
     match role {
         "floor" => {
-            let running = Floor.serve(rmcp::transport::stdio()).await.expect("serve");
+            // The same transport as `keel mcp` (non-blocking pipes on the reactor): the difference
+            // between the two servers is then the governed call, not how stdio is read.
+            let running = Floor.serve(rmcp::transport::stdio_pipes()).await.expect("serve");
             let _ = running.waiting().await;
         }
         _ => {

@@ -111,7 +111,8 @@ impl PluginRegistry for Database {
 
     fn plugin_stamp<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<PluginStamp>>> {
         Box::pin(async move {
-            self.kernel_connections().read(|c| {
+            // Read at every tool call: on the writer's warm cache when it is free.
+            self.kernel_connections().read_point(|c| {
                 let mut stmt = c
                     .prepare_cached("SELECT sha256, updated_at, grants_json, limits_json FROM plugins WHERE name = ?")
                     .map_err(be)?;

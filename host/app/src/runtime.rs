@@ -340,8 +340,7 @@ async fn load_tools(
     limits: Option<LimitOverride>,
     warm: bool,
 ) -> Result<RegistryToolHost, AppError> {
-    let mut host = RegistryToolHost::new(app, patterns).await?;
-    host.limits = limits;
+    let host = RegistryToolHost::new(app, patterns).await?.with_limits(limits);
     if warm && patterns.is_some() {
         host.warm().await?;
     }

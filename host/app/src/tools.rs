@@ -78,8 +78,10 @@ pub struct RegistryToolHost {
     described: Mutex<HashMap<String, Arc<Described>>>,
     /// Load failures already reported (plugin, sha256, message).
     warned: Mutex<HashSet<(String, String, String)>>,
-    /// Applied to every plugin's limits (e.g. `keel call --timeout`).
-    pub limits: Option<crate::runtime::LimitOverride>,
+    /// Applied to every plugin's limits (e.g. `keel call --timeout`). Set only by
+    /// [`with_limits`](Self::with_limits), before any call: a plugin's deadline is worked out
+    /// once per registry stamp and kept.
+    limits: Option<crate::runtime::LimitOverride>,
     /// Where a call's guest stdout/stderr are streamed (e.g. `keel exec --lang`); asked once per
     /// call, `None` (or no sinks) keeps them captured.
     pub stdio: Option<StdioSinks>,
@@ -131,6 +133,13 @@ impl RegistryToolHost {
             limits: None,
             stdio: None,
         })
+    }
+
+    /// This host with `limits` applied to every plugin's limits. Taking the host by value, before
+    /// it serves a call, keeps every deadline worked out from the final limits.
+    pub fn with_limits(mut self, limits: Option<crate::runtime::LimitOverride>) -> Self {
+        self.limits = limits;
+        self
     }
 
     fn in_scope(&self, plugin: &str) -> bool {

@@ -668,54 +668,52 @@ async fn host_survives_a_barrage_of_attacks_in_a_row() {
     }
 }
 
+/// A current-thread runtime with one blocking thread.
+fn one_blocking_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime")
+}
+
+/// Twelve calls of `ok`, one after another, on the pool of 8: each must succeed.
+async fn twelve_calls_in_a_row(env: &Env) {
+    for i in 0..12 {
+        let report = env.call("ok", json!({})).await;
+        assert_eq!(
+            report.result.map(|r| r.output),
+            Ok(json!({"ok": true})),
+            "call {i} of 12 on a pool of 8"
+        );
+    }
+}
+
 /// Calls one after another never run out of pool slots, however slowly the instances of earlier
 /// calls are freed (they are freed off the caller's task; under load that lags): a call waits for
 /// a slot being freed instead of failing with "too many concurrent plugin calls".
 #[test]
 fn back_to_back_calls_wait_for_slots_still_being_freed() {
     // One blocking thread, kept busy: every instance freed meanwhile queues behind it.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(1)
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    one_blocking_thread().block_on(async {
         // Every finished store freed on the blocking pool, however small.
         let env = setup_with(|config| config.free_on_runtime_bytes = 0).await;
         let busy = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(1500)));
-        for i in 0..12 {
-            let report = env.call("ok", json!({})).await;
-            assert_eq!(
-                report.result.map(|r| r.output),
-                Ok(json!({"ok": true})),
-                "call {i} of 12 on a pool of 8"
-            );
-        }
+        twelve_calls_in_a_row(&env).await;
         busy.await.expect("busy task");
     });
 }
 
+/// A small instance is freed by a runtime task, not the blocking pool: with the only blocking
+/// thread held until every call is done, the slots of the `ok` instances (8 in the pool) come
+/// back by runtime tasks alone, on the caller's one thread.
 #[test]
 fn small_instances_are_freed_without_the_blocking_pool() {
-    // The only blocking thread is held until every call is done: the slots of the small `ok`
-    // instances (8 in the pool) come back by runtime tasks alone, on the caller's one thread.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(1)
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    one_blocking_thread().block_on(async {
         let env = setup().await;
         let (release, held) = std::sync::mpsc::channel::<()>();
         let busy = tokio::task::spawn_blocking(move || held.recv());
-        for i in 0..12 {
-            let report = env.call("ok", json!({})).await;
-            assert_eq!(
-                report.result.map(|r| r.output),
-                Ok(json!({"ok": true})),
-                "call {i} of 12 on a pool of 8"
-            );
-        }
+        twelve_calls_in_a_row(&env).await;
         release.send(()).expect("release the blocking thread");
         busy.await.expect("busy task").expect("released");
     });

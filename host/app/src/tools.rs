@@ -51,10 +51,9 @@ tokio::task_local! {
 /// Run `call`, one governed call from its start, with its registry reads shared: the first read
 /// of a plugin's stamp in it is kept, and its later steps (a front end's check that the tool is
 /// offered, the kernel's lookup of the tool, the sandboxed call) reuse it instead of reading the
-/// same row again, each a few µs after the last (~12 µs each after a commit, which empties the
-/// reader's page cache). Every read is made after the call started, so a grant, revoke, upgrade
-/// or removal committed before that is seen; one committed while the call runs applies from the
-/// next call, as it would if it had come a moment later. Only this task shares the reads: work
+/// same row again, each a few µs after the last. Every read is made after the call started, so a
+/// grant, revoke, upgrade or removal committed before that is seen; one committed while the call
+/// runs applies from the next call, as it would if it had come a moment later. Only this task shares the reads: work
 /// the call hands to another task (a runner that takes the call after an approval) reads afresh.
 /// Inside another `one_call`, `call` shares that call's reads.
 pub async fn one_call<F: Future>(call: F) -> F::Output {

@@ -19,6 +19,16 @@ async fn home_with_fs() -> (tempfile::TempDir, Arc<App>) {
     (dir, app)
 }
 
+/// A directory holding `note.txt` ("kept"), kept alive by the first value: its canonical path,
+/// and `fs/read`'s arguments for the note.
+fn note_dir() -> (tempfile::TempDir, String, serde_json::Value) {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("note.txt"), "kept").unwrap();
+    let dir = data.path().canonicalize().unwrap().display().to_string();
+    let read = json!({ "path": format!("{dir}/note.txt") });
+    (data, dir, read)
+}
+
 fn ctx() -> ToolCallContext {
     ToolCallContext {
         call_id: "c".into(),
@@ -33,10 +43,7 @@ fn ctx() -> ToolCallContext {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_revokes_and_removal_apply_to_a_running_tool_host() {
     let (_home, app) = home_with_fs().await;
-    let data = tempfile::tempdir().unwrap();
-    std::fs::write(data.path().join("note.txt"), "kept").unwrap();
-    let dir = data.path().canonicalize().unwrap().display().to_string();
-    let read = json!({ "path": format!("{dir}/note.txt") });
+    let (_data, dir, read) = note_dir();
     let admin = Caller::local_admin("default");
 
     let host = RegistryToolHost::new(app.clone(), None).await.unwrap();
@@ -98,10 +105,7 @@ async fn grants_revokes_and_removal_apply_to_a_running_tool_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_call_reads_the_registry_once_from_its_start() {
     let (home, app) = home_with_fs().await;
-    let data = tempfile::tempdir().unwrap();
-    std::fs::write(data.path().join("note.txt"), "kept").unwrap();
-    let dir = data.path().canonicalize().unwrap().display().to_string();
-    let read = json!({ "path": format!("{dir}/note.txt") });
+    let (_data, dir, read) = note_dir();
     let admin = Caller::local_admin("default");
     let grant = GrantRequest {
         read: vec![dir.clone()],

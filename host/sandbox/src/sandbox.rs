@@ -1035,26 +1035,24 @@ impl Sandbox {
     /// and the refill share one task (freed first, so its slot can be the new instance's): one
     /// task spawned per call rather than two, the second of which woke a parked worker.
     fn free_then(&self, live: Live, refill: Option<Refill>) {
+        use std::sync::atomic::Ordering::SeqCst;
         let on_runtime = self.frees_on_runtime(&live);
         let inner = self.inner.clone();
-        inner.freeing.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        inner.freeing.pending.fetch_add(1, SeqCst);
+        if on_runtime {
+            inner.freeing.on_runtime.fetch_add(1, SeqCst);
+        }
         let free = move || {
             drop(live);
-            inner.freeing.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            if on_runtime {
+                inner.freeing.on_runtime.fetch_sub(1, SeqCst);
+            }
+            inner.freeing.pending.fetch_sub(1, SeqCst);
             inner.freeing.done.notify_waiters();
         };
         if on_runtime {
-            let queued = self.inner.clone();
-            queued
-                .freeing
-                .on_runtime
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
                 free();
-                queued
-                    .freeing
-                    .on_runtime
-                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 if let Some(refill) = refill {
                     refill.await;
                 }

@@ -92,6 +92,7 @@ where
     ledger_and_budgets(make().await).await;
     budget_windows_and_subjects(make().await).await;
     budget_counts_what_came_before_it(make().await).await;
+    usage_past_what_a_counter_holds(make().await).await;
     reservation_expiry(make().await).await;
     concurrent_reservations(make().await).await;
     concurrent_idempotency(make().await).await;
@@ -118,7 +119,7 @@ macro_rules! conformance_tests {
             job_lifecycle, idempotency, optimistic_concurrency, list_count_and_tenant_isolation,
             cancel_cascades, children_race_parent_cancel, deadline_sweep, approvals_and_tokens, action_expiry, wait_for_resolution,
             events, ledger_and_budgets, budget_windows_and_subjects, budget_counts_what_came_before_it,
-            reservation_expiry,
+            usage_past_what_a_counter_holds, reservation_expiry,
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
             concurrent_job_writers, journal_atomicity, lease_claiming, concurrent_resolves,
             settle_is_bounded_by_the_hold, create_leased, idempotency_request_hash, hold_extension,
@@ -1807,6 +1808,90 @@ pub async fn concurrent_resolves(store: Arc<dyn KernelStore>) {
         let pending = k.actions().list_pending("t1", Some(job)).await.expect("pending");
         assert!(pending.is_empty(), "round {round}: {pending:?}");
     }
+}
+
+/// Usage beyond what a counter holds (a model reporting `u64::MAX` tokens, a sum of such reports)
+/// is recorded as the most a counter holds, [`Usage::MAX_COUNT`]: never refused (the ledger
+/// entry would be lost), never wrapped (a budget would be bypassed), and never left in a form
+/// the store cannot read back (every later check of the tenant's budgets would fail).
+pub async fn usage_past_what_a_counter_holds(store: Arc<dyn KernelStore>) {
+    let (k, _clock) = kernel_with_clock(store);
+    let huge = Usage {
+        tokens: u64::MAX,
+        requests: u64::MAX,
+        tool_calls: u64::MAX,
+        cost: Usage::MAX_COST,
+    };
+    let hold = |amount: Usage| HoldRequest {
+        tenant: "t1".into(),
+        principal: None,
+        session: None,
+        job_id: None,
+        amount,
+        ttl: None,
+    };
+    let charge = |amount: Usage| {
+        let k = k.clone();
+        async move {
+            let held = k.ledger().reserve(hold(amount.clone())).await?;
+            k.ledger()
+                .settle(
+                    held.reservation.id,
+                    LedgerKind::ModelUsage,
+                    amount,
+                    SettleDetails::default(),
+                )
+                .await
+        }
+    };
+    let max = Usage {
+        tokens: Usage::MAX_COUNT,
+        requests: Usage::MAX_COUNT,
+        tool_calls: Usage::MAX_COUNT,
+        cost: Usage::MAX_COST,
+    };
+    // Before any budget: recorded, twice over what a counter holds.
+    charge(huge.clone()).await.expect("a huge usage is recorded");
+    charge(huge.clone()).await.expect("and another");
+    let all = UsageQuery {
+        tenant: "t1".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        k.ledger().usage(&all).await.expect("usage"),
+        max,
+        "the sum stops at the most a counter holds"
+    );
+
+    // A budget created over that ledger counts it, and refuses the next hold.
+    let mut budget = Budget::new("t1", "all time", BudgetWindow::Total);
+    budget.limits.max_tokens = Some(1_000);
+    budget.strategy = ExceedStrategy::Deny;
+    k.ledger()
+        .put_budget(budget.clone())
+        .await
+        .expect("a budget over a huge ledger");
+    let report = k.ledger().budget_report("t1").await.expect("report");
+    assert_eq!(report[0].used, max);
+    let small = Usage {
+        tokens: 1,
+        ..Usage::zero()
+    };
+    assert!(matches!(
+        k.ledger().reserve(hold(small.clone())).await,
+        Err(KernelError::BudgetExceeded(_))
+    ));
+
+    // Usage added to the running totals past the top, under a budget that lets it through.
+    budget.strategy = ExceedStrategy::Warn;
+    k.ledger().put_budget(budget.clone()).await.expect("warn only");
+    charge(huge.clone()).await.expect("recorded past the top of the totals");
+    charge(small.clone())
+        .await
+        .expect("a small call still checks and records");
+    let report = k.ledger().budget_report("t1").await.expect("report after more");
+    assert_eq!(report[0].used, max);
+    assert_eq!(k.ledger().usage(&all).await.expect("usage"), max);
 }
 
 /// Settlement is bounded by the hold: what the hold covered is the usage entry, the excess an

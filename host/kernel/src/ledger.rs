@@ -72,6 +72,12 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The most a counter holds: every store keeps counters as signed 64-bit integers.
+    pub const MAX_COUNT: u64 = i64::MAX as u64;
+
+    /// The largest cost a store keeps: `i64::MAX` nano-units.
+    pub const MAX_COST: Decimal = Decimal::from_parts(u32::MAX, 0x7FFF_FFFF, 0, false, COST_SCALE);
+
     /// Nothing.
     pub fn zero() -> Self {
         Self::default()
@@ -90,6 +96,17 @@ impl Usage {
         cost_to_nanos(self.cost).map(|_| ())
     }
 
+    /// This usage as a store keeps it: each counter at most [`Self::MAX_COUNT`] and the cost at
+    /// most [`Self::MAX_COST`]. What a model or tool reports is recorded, however large, as "at
+    /// least the most a counter holds" rather than refused (the entry would be lost).
+    pub fn capped(mut self) -> Self {
+        self.tokens = self.tokens.min(Self::MAX_COUNT);
+        self.requests = self.requests.min(Self::MAX_COUNT);
+        self.tool_calls = self.tool_calls.min(Self::MAX_COUNT);
+        self.cost = self.cost.min(Self::MAX_COST);
+        self
+    }
+
     /// Whether every metric is zero.
     pub fn is_zero(&self) -> bool {
         self.tokens == 0 && self.cost.is_zero() && self.requests == 0 && self.tool_calls == 0
@@ -104,12 +121,18 @@ impl Add for Usage {
     }
 }
 
+/// Sums stop at the most a store keeps ([`Usage::MAX_COUNT`], [`Usage::MAX_COST`]): a sum that
+/// wrapped would let a budget through, and one a store cannot read back would fail every check.
 impl AddAssign for Usage {
     fn add_assign(&mut self, rhs: Usage) {
-        self.tokens += rhs.tokens;
-        self.cost += rhs.cost;
-        self.requests += rhs.requests;
-        self.tool_calls += rhs.tool_calls;
+        let count = |a: u64, b: u64| a.saturating_add(b).min(Self::MAX_COUNT);
+        self.tokens = count(self.tokens, rhs.tokens);
+        self.requests = count(self.requests, rhs.requests);
+        self.tool_calls = count(self.tool_calls, rhs.tool_calls);
+        self.cost = self
+            .cost
+            .checked_add(rhs.cost)
+            .map_or(Self::MAX_COST, |c| c.min(Self::MAX_COST));
     }
 }
 
@@ -714,6 +737,26 @@ mod tests {
             Err(CostError::TooPrecise(_))
         ));
         assert!(matches!(cost_to_nanos(Decimal::from(-1)), Err(CostError::Negative(_))));
+        // The largest cost a store keeps is exactly `i64::MAX` nano-units.
+        assert_eq!(cost_to_nanos(Usage::MAX_COST).unwrap(), i64::MAX);
+        assert_eq!(cost_from_nanos(i64::MAX), Usage::MAX_COST);
+    }
+
+    #[test]
+    fn sums_stop_at_what_a_store_keeps() {
+        let top = Usage {
+            tokens: u64::MAX,
+            cost: Decimal::MAX,
+            requests: Usage::MAX_COUNT,
+            tool_calls: 1,
+        };
+        let sum = top.clone() + top.clone();
+        assert_eq!(
+            (sum.tokens, sum.requests, sum.tool_calls),
+            (Usage::MAX_COUNT, Usage::MAX_COUNT, 2)
+        );
+        assert_eq!(sum.cost, Usage::MAX_COST);
+        assert_eq!(top.capped().tokens, Usage::MAX_COUNT);
     }
 
     #[test]

@@ -349,6 +349,16 @@ pub struct ReservePlan {
 
 /// The plan for [`KernelStore::reserve`] given the verdict of the evaluator on `request`.
 pub fn plan_reserve(request: &ReserveRequest, decision: BudgetDecision) -> StoreResult<ReservePlan> {
+    let capped;
+    let request = if request.amount.clone().capped() == request.amount {
+        request
+    } else {
+        capped = ReserveRequest {
+            amount: request.amount.clone().capped(),
+            ..request.clone()
+        };
+        &capped
+    };
     let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
         kind,
         tenant: request.tenant.clone(),
@@ -451,6 +461,10 @@ pub fn plan_settle(r: &Reservation, request: SettleRequest) -> StoreResult<Close
     if r.state == ReservationState::Settled {
         return Err(reservation_conflict(r));
     }
+    let request = SettleRequest {
+        actual: request.actual.capped(),
+        ..request
+    };
     let plan = r.settle_plan(&request.actual, request.now);
     let mut usage = reservation_entry(r, request.kind, plan.charged.clone(), request.now);
     usage.duration_ms = request.duration_ms;

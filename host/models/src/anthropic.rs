@@ -381,16 +381,18 @@ struct Usage {
 
 impl Usage {
     fn input_total(&self) -> u64 {
-        self.input_tokens + self.cache_creation_input_tokens.unwrap_or(0) + self.cache_read_input_tokens.unwrap_or(0)
+        // The server's numbers are not trusted to stay small: sums stop at the top.
+        self.input_tokens
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
+            .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
     }
 
     fn add(&mut self, other: &Usage) {
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.cache_creation_input_tokens =
-            Some(self.cache_creation_input_tokens.unwrap_or(0) + other.cache_creation_input_tokens.unwrap_or(0));
-        self.cache_read_input_tokens =
-            Some(self.cache_read_input_tokens.unwrap_or(0) + other.cache_read_input_tokens.unwrap_or(0));
+        let sum = |a: Option<u64>, b: Option<u64>| Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0)));
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cache_creation_input_tokens = sum(self.cache_creation_input_tokens, other.cache_creation_input_tokens);
+        self.cache_read_input_tokens = sum(self.cache_read_input_tokens, other.cache_read_input_tokens);
     }
 }
 

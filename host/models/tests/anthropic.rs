@@ -162,6 +162,41 @@ async fn text_and_thinking_streamed() {
     assert_eq!(server.request(0).body["stream"], true);
 }
 
+/// A server's usage numbers are hostile input: input counts that add up past `u64::MAX` (cached
+/// input on top of input) stop at the top instead of wrapping to a small number (a budget let
+/// through) or panicking.
+#[tokio::test]
+async fn usage_past_u64_saturates() {
+    let server = serve(|_, _| {
+        Reply::Sse(
+            anthropic_sse(&[
+                json!({"type": "message_start", "message": {
+                    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5-20251001",
+                    "content": [], "stop_reason": null,
+                    "usage": {"input_tokens": 3, "output_tokens": 1}
+                }}),
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+                json!({"type": "content_block_stop", "index": 0}),
+                json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                       "usage": {"input_tokens": u64::MAX, "output_tokens": u64::MAX,
+                                 "cache_read_input_tokens": u64::MAX, "cache_creation_input_tokens": 7}}),
+                json!({"type": "message_stop"}),
+            ]),
+            Duration::from_millis(1),
+        )
+    })
+    .await;
+    let p = provider(&server.base_url, true);
+    let (result, _) = complete(&p, &request("claude-haiku-4-5", vec![Message::user("Hi")])).await;
+    let response = result.expect("a response, whatever its usage says");
+    assert_eq!(response.message.content, "Hi");
+    assert_eq!(
+        (response.usage.input_tokens, response.usage.output_tokens),
+        (u64::MAX, u64::MAX)
+    );
+}
+
 #[tokio::test]
 async fn parallel_tool_use_streamed_in_fragments() {
     let server = serve(|_, _| {

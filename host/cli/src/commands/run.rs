@@ -294,8 +294,9 @@ impl Screen {
             EventType::ModelReasoning => {}
             EventType::ModelDone => {
                 self.turn = d["turn"].as_u64().unwrap_or(self.turn);
-                self.input_tokens += d["usage"]["input_tokens"].as_u64().unwrap_or(0);
-                self.output_tokens += d["usage"]["output_tokens"].as_u64().unwrap_or(0);
+                let tokens = |k: &str| d["usage"][k].as_u64().unwrap_or(0);
+                self.input_tokens = self.input_tokens.saturating_add(tokens("input_tokens"));
+                self.output_tokens = self.output_tokens.saturating_add(tokens("output_tokens"));
                 if let Ok(c) = serde_json::from_value::<Decimal>(d["usage"]["cost"].clone()) {
                     self.cost += c;
                 }

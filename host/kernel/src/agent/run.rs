@@ -693,7 +693,11 @@ impl Runner {
         let exceeded = |what: String| Stop::Fail(job_error("budget_exceeded", what));
         // Per-job limits: shrink this call's output cap to what is left, never overspend.
         if let Some(limit) = self.req.budget.max_tokens {
-            let left = limit.saturating_sub(used.input_tokens + used.output_tokens + est_in);
+            let left = limit.saturating_sub(
+                used.input_tokens
+                    .saturating_add(used.output_tokens)
+                    .saturating_add(est_in),
+            );
             if left == 0 {
                 return Err(exceeded(format!("the job's token budget ({limit}) is used up")));
             }
@@ -852,7 +856,7 @@ impl Runner {
             }
         };
         let actual = Usage {
-            tokens: response.usage.input_tokens + response.usage.output_tokens,
+            tokens: response.usage.input_tokens.saturating_add(response.usage.output_tokens),
             cost: round_cost(response.usage.cost),
             requests: 1,
             tool_calls: 0,
@@ -1535,8 +1539,9 @@ pub(crate) fn usage_of<'a>(entries: impl Iterator<Item = &'a Entry>) -> Executio
         match entry {
             Entry::ModelResponse(r) => {
                 u.model_calls += 1;
-                u.input_tokens += r.usage.input_tokens;
-                u.output_tokens += r.usage.output_tokens;
+                // A model's report is not trusted to stay small: sums stop at the top.
+                u.input_tokens = u.input_tokens.saturating_add(r.usage.input_tokens);
+                u.output_tokens = u.output_tokens.saturating_add(r.usage.output_tokens);
                 u.cost += r.usage.cost;
             }
             Entry::ToolResult(r) if r.ran => u.tool_calls += 1,

@@ -99,7 +99,8 @@ impl Ledger {
 
     /// Hold the worst-case usage of a call against every applicable budget, atomically. Denied
     /// -> `BudgetExceeded` and nothing held.
-    pub async fn reserve(&self, request: HoldRequest) -> KernelResult<Reserved> {
+    pub async fn reserve(&self, mut request: HoldRequest) -> KernelResult<Reserved> {
+        request.amount = request.amount.capped();
         request.amount.validate().map_err(invalid_cost)?;
         let now = self.core.now();
         let ttl = request
@@ -135,6 +136,7 @@ impl Ledger {
         if !matches!(kind, LedgerKind::ModelUsage | LedgerKind::ToolUsage) {
             return Err(KernelError::Invalid(format!("settle needs a usage kind, not {kind}")));
         }
+        let actual = actual.capped();
         actual.validate().map_err(invalid_cost)?;
         let req = SettleRequest {
             reservation_id: id,
@@ -199,7 +201,8 @@ impl Ledger {
     }
 
     /// Append an entry directly (usage outside reserve/settle, audit records).
-    pub async fn record(&self, entry: NewLedgerEvent) -> KernelResult<LedgerEvent> {
+    pub async fn record(&self, mut entry: NewLedgerEvent) -> KernelResult<LedgerEvent> {
+        entry.usage = entry.usage.capped();
         entry.usage.validate().map_err(invalid_cost)?;
         Ok(self.core.store.append_ledger(entry).await?)
     }

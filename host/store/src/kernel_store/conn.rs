@@ -177,6 +177,7 @@ fn open_one(path: &Path, durability: Durability, read_only: bool) -> rusqlite::R
     conn.pragma_update(None, "foreign_keys", true)?;
     conn.pragma_update(None, "synchronous", durability.pragma())?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    super::ledger::register_functions(&conn)?;
     Ok(conn)
 }
 

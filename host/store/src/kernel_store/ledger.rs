@@ -113,6 +113,25 @@ macro_rules! window_start_of {
 
 /// Add a usage entry to the running total of every budget it counts against (same tenant,
 /// the budget's subject, in the window of its time), in the entry's transaction.
+/// `col = col + excluded.col`, stopping at `i64::MAX` (past it SQLite would store a float, which
+/// no check could read back). Usage is never negative, so the subtraction cannot overflow.
+macro_rules! saturating_add {
+    ($col:literal) => {
+        concat!(
+            $col,
+            " = CASE WHEN ",
+            $col,
+            " > 9223372036854775807 - excluded.",
+            $col,
+            " THEN 9223372036854775807 ELSE ",
+            $col,
+            " + excluded.",
+            $col,
+            " END"
+        )
+    };
+}
+
 fn add_to_budget_totals(conn: &Connection, e: &NewLedgerEvent) -> StoreResult<()> {
     const SQL: &str = concat!(
         "INSERT INTO budget_totals (budget_id, window_start, tokens, cost_nanos, requests, tool_calls) \
@@ -121,9 +140,14 @@ fn add_to_budget_totals(conn: &Connection, e: &NewLedgerEvent) -> StoreResult<()
         ", ?5, ?6, ?7, ?8 FROM budgets b \
          WHERE b.tenant = ?2 AND b.window_kind <> 'per_request' \
          AND (b.principal IS NULL OR b.principal = ?3) AND (b.session IS NULL OR b.session = ?4) \
-         ON CONFLICT (budget_id, window_start) DO UPDATE SET tokens = tokens + excluded.tokens, \
-         cost_nanos = cost_nanos + excluded.cost_nanos, requests = requests + excluded.requests, \
-         tool_calls = tool_calls + excluded.tool_calls"
+         ON CONFLICT (budget_id, window_start) DO UPDATE SET ",
+        saturating_add!("tokens"),
+        ", ",
+        saturating_add!("cost_nanos"),
+        ", ",
+        saturating_add!("requests"),
+        ", ",
+        saturating_add!("tool_calls")
     );
     let args = [
         Value::Integer(micros(e.at)),
@@ -146,7 +170,7 @@ fn rebuild_budget_totals(conn: &Connection, id: Uuid) -> StoreResult<()> {
         "INSERT INTO budget_totals (budget_id, window_start, tokens, cost_nanos, requests, tool_calls) \
          SELECT b.id, ",
         window_start_of!("l.at"),
-        " AS window_start, SUM(l.tokens), SUM(l.cost_nanos), SUM(l.requests), SUM(l.tool_calls) \
+        " AS window_start, keel_sum(l.tokens), keel_sum(l.cost_nanos), keel_sum(l.requests), keel_sum(l.tool_calls) \
          FROM budgets b JOIN ledger_events l ON l.tenant = b.tenant \
          WHERE b.id = ?1 AND b.window_kind <> 'per_request' \
          AND (b.principal IS NULL OR l.principal = b.principal) AND (b.session IS NULL OR l.session = b.session) \
@@ -178,8 +202,48 @@ pub(super) fn insert_ledger_many(conn: &Connection, entries: &[NewLedgerEvent]) 
     Ok(())
 }
 
-const SUMS: &str = "COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(cost_nanos), 0) AS cost_nanos, \
-                    COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(tool_calls), 0) AS tool_calls";
+const SUMS: &str = "keel_sum(tokens) AS tokens, keel_sum(cost_nanos) AS cost_nanos, \
+                    keel_sum(requests) AS requests, keel_sum(tool_calls) AS tool_calls";
+
+/// `keel_sum(x)`: the sum of the integers `x`, stopping at `i64::MAX` (0 over no rows). SQLite's
+/// `SUM` fails with "integer overflow" instead, which would fail every budget check and usage
+/// report of a tenant whose recorded usage (each entry at most `i64::MAX`, see `Usage::capped`)
+/// adds up past it; the kernel's sums stop at the same place (`Usage`'s `AddAssign`).
+struct SaturatingSum;
+
+impl rusqlite::functions::Aggregate<i64, i64> for SaturatingSum {
+    fn init(&self, _: &mut rusqlite::functions::Context<'_>) -> rusqlite::Result<i64> {
+        Ok(0)
+    }
+
+    fn step(&self, ctx: &mut rusqlite::functions::Context<'_>, sum: &mut i64) -> rusqlite::Result<()> {
+        use rusqlite::types::ValueRef;
+        let add = match ctx.get_raw(0) {
+            ValueRef::Null => 0,
+            ValueRef::Integer(i) => i,
+            // A total written before sums saturated, which SQLite turned into a float.
+            ValueRef::Real(f) => f as i64,
+            _ => return Err(rusqlite::Error::UserFunctionError("keel_sum of a non-number".into())),
+        };
+        *sum = sum.saturating_add(add);
+        Ok(())
+    }
+
+    fn finalize(&self, _: &mut rusqlite::functions::Context<'_>, sum: Option<i64>) -> rusqlite::Result<i64> {
+        Ok(sum.unwrap_or(0))
+    }
+}
+
+/// Register the SQL functions the ledger's statements use on `conn`.
+pub(super) fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    conn.create_aggregate_function(
+        "keel_sum",
+        1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        SaturatingSum,
+    )
+}
 
 fn sum_usage(conn: &Connection, q: &Query) -> StoreResult<Usage> {
     let sums = q.fetch(conn, usage_from_row)?;
@@ -539,6 +603,7 @@ mod tests {
         let path = dir.path().join("keel.db");
         drop(crate::Database::open(&path).await.expect("create"));
         let mut conn = Connection::open(&path).expect("open");
+        register_functions(&conn).expect("functions");
         let now = Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).single().expect("now");
         for window in [BudgetWindow::Total, BudgetWindow::Daily, BudgetWindow::Monthly] {
             let mut budget = Budget::new("t1", format!("{window}"), window);

@@ -176,11 +176,11 @@ pub struct SandboxConfig {
     /// usual. `[sandbox] memory_keep_resident_bytes` in `config.toml`.
     pub memory_keep_resident_bytes: usize,
     /// A finished call's store whose linear memories hold at most this many bytes in all (and
-    /// that has no scratch directory) is freed by a task on the tokio runtime; a bigger one on
-    /// the blocking pool, so that resetting its memory never holds up a runtime worker. Freeing
-    /// a small store (~1 MiB reset, ~50 µs) costs less than waking a blocking thread for it.
-    /// Default 2 MiB; 0: every store on the blocking pool.
-    pub free_on_runtime_bytes: usize,
+    /// that has no scratch directory) is freed by Keel's housekeeping thread, with the refill of
+    /// ready instances; a bigger one on the blocking pool, so that resetting its memory never
+    /// holds up the small ones. Freeing a small store (~1 MiB reset, ~50 µs) costs less than
+    /// waking a blocking thread for it. Default 2 MiB; 0: every store on the blocking pool.
+    pub housekeeping_free_bytes: usize,
 }
 
 /// Fresh scratch directories: a tool that requests the guest path [`SCRATCH_GUEST`] read-write,
@@ -262,7 +262,7 @@ impl SandboxConfig {
             ready_instances: 2,
             max_ready_instances: 16,
             memory_keep_resident_bytes: 16 << 20,
-            free_on_runtime_bytes: 2 << 20,
+            housekeeping_free_bytes: 2 << 20,
         }
     }
 }

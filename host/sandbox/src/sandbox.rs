@@ -256,7 +256,7 @@ const MAX_HOUSEKEEPING_FREES: usize = 8;
 /// current-thread runtime that frees small finished stores and builds ready instances, off the
 /// runtime the calls run on. Done by a task on the caller's runtime, that work made the worker
 /// which had just answered a request busy, or woke the other one, when the next request came;
-/// here it does neither (stdio MCP bench: Keel adds ~45 µs less, 425–452 → 367–412 µs, three
+/// here it does neither (stdio MCP bench: Keel adds ~85 µs less, 472–511 → 404–411 µs, three
 /// alternating runs). `None` if the thread cannot be started: the caller's runtime does the work.
 fn housekeeper() -> Option<&'static tokio::runtime::Handle> {
     static HANDLE: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();

@@ -1815,7 +1815,7 @@ pub async fn concurrent_resolves(store: Arc<dyn KernelStore>) {
 /// entry would be lost), never wrapped (a budget would be bypassed), and never left in a form
 /// the store cannot read back (every later check of the tenant's budgets would fail).
 pub async fn usage_past_what_a_counter_holds(store: Arc<dyn KernelStore>) {
-    let (k, _clock) = kernel_with_clock(store);
+    let (k, clock) = kernel_with_clock(store.clone());
     let huge = Usage {
         tokens: u64::MAX,
         requests: u64::MAX,
@@ -1889,6 +1889,43 @@ pub async fn usage_past_what_a_counter_holds(store: Arc<dyn KernelStore>) {
     charge(small.clone())
         .await
         .expect("a small call still checks and records");
+
+    // A batch's hold and settlement (a direct call's commit) are kept the same way.
+    let hold = HoldWrite {
+        id: Uuid::now_v7(),
+        request: ReserveRequest {
+            tenant: "t1".into(),
+            principal: None,
+            session: None,
+            job_id: None,
+            amount: huge.clone(),
+            now: clock.now(),
+            expires_at: clock.now() + Duration::minutes(10),
+        },
+        check_budgets: true,
+    };
+    let settle = SettleRequest {
+        reservation_id: hold.id,
+        kind: LedgerKind::ToolUsage,
+        actual: huge.clone(),
+        duration_ms: None,
+        model: None,
+        tool: None,
+        data: json!({}),
+        now: clock.now(),
+    };
+    let id = hold.id;
+    store
+        .commit(Batch {
+            holds: vec![hold],
+            settlements: vec![settle],
+            ..Batch::default()
+        })
+        .await
+        .expect("a batch with a huge hold and settlement");
+    let r = store.get_reservation(id).await.expect("read").expect("the reservation");
+    assert_eq!((r.amount.clone(), r.actual), (max.clone(), Some(max.clone())));
+
     let report = k.ledger().budget_report("t1").await.expect("report after more");
     assert_eq!(report[0].used, max);
     assert_eq!(k.ledger().usage(&all).await.expect("usage"), max);

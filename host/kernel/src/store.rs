@@ -349,16 +349,8 @@ pub struct ReservePlan {
 
 /// The plan for [`KernelStore::reserve`] given the verdict of the evaluator on `request`.
 pub fn plan_reserve(request: &ReserveRequest, decision: BudgetDecision) -> StoreResult<ReservePlan> {
-    let capped;
-    let request = if request.amount.clone().capped() == request.amount {
-        request
-    } else {
-        capped = ReserveRequest {
-            amount: request.amount.clone().capped(),
-            ..request.clone()
-        };
-        &capped
-    };
+    // What is held and recorded is what a store keeps (a batch's hold reaches here unchecked).
+    let amount = request.amount.clone().capped();
     let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
         kind,
         tenant: request.tenant.clone(),
@@ -366,7 +358,7 @@ pub fn plan_reserve(request: &ReserveRequest, decision: BudgetDecision) -> Store
         session: request.session.clone(),
         job_id: request.job_id,
         reservation_id,
-        usage: request.amount.clone(),
+        usage: amount.clone(),
         duration_ms: None,
         model: None,
         tool: None,
@@ -378,7 +370,10 @@ pub fn plan_reserve(request: &ReserveRequest, decision: BudgetDecision) -> Store
         let data = serde_json::to_value(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         entries.push(entry(LedgerKind::BudgetCheck, None, data));
     }
-    let reservation = decision.outcome.is_allowed().then(|| Reservation::held(request));
+    let reservation = decision.outcome.is_allowed().then(|| Reservation {
+        amount: amount.clone(),
+        ..Reservation::held(request)
+    });
     if let Some(r) = &reservation {
         entries.push(entry(LedgerKind::Hold, Some(r.id), serde_json::Value::Null));
     }
@@ -461,6 +456,7 @@ pub fn plan_settle(r: &Reservation, request: SettleRequest) -> StoreResult<Close
     if r.state == ReservationState::Settled {
         return Err(reservation_conflict(r));
     }
+    // What is recorded is what a store keeps (a batch's settlement reaches here unchecked).
     let request = SettleRequest {
         actual: request.actual.capped(),
         ..request

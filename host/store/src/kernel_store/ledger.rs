@@ -111,8 +111,6 @@ macro_rules! window_start_of {
     };
 }
 
-/// Add a usage entry to the running total of every budget it counts against (same tenant,
-/// the budget's subject, in the window of its time), in the entry's transaction.
 /// `col = col + excluded.col`, stopping at `i64::MAX` (past it SQLite would store a float, which
 /// no check could read back). Usage is never negative, so the subtraction cannot overflow.
 macro_rules! saturating_add {
@@ -132,6 +130,8 @@ macro_rules! saturating_add {
     };
 }
 
+/// Add a usage entry to the running total of every budget it counts against (same tenant,
+/// the budget's subject, in the window of its time), in the entry's transaction.
 fn add_to_budget_totals(conn: &Connection, e: &NewLedgerEvent) -> StoreResult<()> {
     const SQL: &str = concat!(
         "INSERT INTO budget_totals (budget_id, window_start, tokens, cost_nanos, requests, tool_calls) \

@@ -183,6 +183,12 @@ struct CallStore {
     journal: Arc<Mutex<CallDiagnostics>>,
     stdout: GuestOutput,
     stderr: GuestOutput,
+    /// What each preopen opened to (`None` for a narrowed sub-directory that did not exist): a
+    /// ready or session store is reused only while every grant still opens to the same directory
+    /// (else a fresh store re-checks and refuses). Taken from the very handles the store holds: a
+    /// second open a moment earlier let a rename in between make the record differ from what the
+    /// guest sees.
+    opened: Vec<Option<FileIdentity>>,
 }
 
 /// A store that runs calls: one call's, or a session's for its life. Fields drop in order: the
@@ -198,9 +204,6 @@ struct Live {
     /// The plugin and what the store was built from (see [`Sandbox::call`]).
     sha256: String,
     fingerprint: String,
-    /// The directories its preopens were when it was built: a ready store is used only while
-    /// every grant still opens to the same directory (else a fresh store re-checks and refuses).
-    opened: Vec<Option<FileIdentity>>,
 }
 
 /// What each preopen opens to now (`None` for a narrowed sub-directory that does not exist), or
@@ -807,6 +810,7 @@ impl Sandbox {
         if let Some(args) = args {
             wasi.args(args);
         }
+        let mut opened = Vec::with_capacity(preopens.len());
         for preopen in preopens {
             let perms = match preopen.mode {
                 FsMode::Read => FsPerms::ReadOnly,
@@ -814,8 +818,12 @@ impl Sandbox {
             };
             // Opened by handle and verified; wasmtime-wasi gets exactly that inode.
             let Some(dir) = crate::preopen::open(preopen).map_err(|e| SandboxError::Grant(e.to_string()))? else {
+                opened.push(None);
                 continue;
             };
+            let identity =
+                crate::preopen::identity(&dir).map_err(|e| SandboxError::Grant(format!("{}: {e}", preopen.guest)))?;
+            opened.push(Some(identity));
             wasi.preopened_dir(crate::preopen::fd_path(&dir), &preopen.guest, perms)
                 .map_err(|e| SandboxError::Grant(format!("{}: {e}", preopen.guest)))?;
         }
@@ -865,6 +873,7 @@ impl Sandbox {
             journal,
             stdout,
             stderr,
+            opened,
         })
     }
 
@@ -982,7 +991,7 @@ impl Sandbox {
             let ready_key = format!("{}/{tool}/{fingerprint}", plugin.sha256);
             let taken = self
                 .take_ready(&ready_key)
-                .filter(|live| opened_now(&preopens).is_ok_and(|now| now == live.opened));
+                .filter(|live| opened_now(&preopens).is_ok_and(|now| now == live.call.opened));
             let mut live = match taken {
                 Some(live) => live,
                 None => match self.live(plugin, tool_info, &grants, &preopens, &limits, fingerprint.clone()) {
@@ -1010,7 +1019,7 @@ impl Sandbox {
             Some(live)
                 if live.fingerprint == fingerprint
                     && live.sha256 == plugin.sha256
-                    && opened_now(&preopens).is_ok_and(|now| now == live.opened) =>
+                    && opened_now(&preopens).is_ok_and(|now| now == live.call.opened) =>
             {
                 live
             }
@@ -1323,7 +1332,6 @@ impl Sandbox {
         } else {
             None
         };
-        let opened = opened_now(preopens).unwrap_or_default();
         let call = self.new_store(grants, preopens, limits, None, stdio, scratch.as_ref())?;
         Ok(Live {
             call,
@@ -1333,7 +1341,6 @@ impl Sandbox {
             stderr_seen: 0,
             sha256: sha256.to_string(),
             fingerprint,
-            opened,
         })
     }
 

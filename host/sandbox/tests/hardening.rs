@@ -132,6 +132,67 @@ async fn racing_symlink_swaps_never_widen_a_narrowed_grant() {
     assert_eq!(report.result.unwrap().output, json!({"seen": ["/data/sub:inside.txt"]}));
 }
 
+/// A ready instance is built ahead of its call and reused only while its directories are still
+/// what it recorded. The record must be of the very handles it holds: recorded from a second open
+/// a moment earlier, a rename between the two left an instance holding no `/data/sub` recorded as
+/// holding it (the next call saw nothing while `sub` was there; CI, stop 20), or holding the
+/// renamed directory recorded as none (the next call saw `sub` after it was gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_instance_holds_the_directories_it_recorded_while_they_are_renamed() {
+    let (_tmp, base) = canonical_tempdir();
+    std::fs::create_dir_all(base.join("data/sub")).unwrap();
+    std::fs::write(base.join("data/sub/inside.txt"), "inside").unwrap();
+    let sandbox = sandbox();
+    let plugin = prepare(&sandbox, "keel-test-narrowed").await;
+    let grants = Grants {
+        fs: vec![grant(&base.join("data"), Some("/data"), FsMode::ReadWrite)],
+        ..Grants::default()
+    };
+    let (sub, real) = (base.join("data/sub"), base.join("data/real"));
+    let mut mismatches = Vec::new();
+    for round in 0..150 {
+        // Rename `sub` away and back on a host thread while calls (and the refills after them)
+        // run, then stop it in whichever state it is in.
+        let stop = Arc::new(AtomicBool::new(false));
+        let renamer = {
+            let (sub, real, stop) = (sub.clone(), real.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut present = sub.exists();
+                let mut turns = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let (from, to) = if present { (&sub, &real) } else { (&real, &sub) };
+                    std::fs::rename(from, to).unwrap();
+                    present = !present;
+                    turns += 1;
+                    // States of uneven length, so each is sometimes caught mid-build.
+                    for _ in 0..(turns * 7919 % 4000) {
+                        std::hint::spin_loop();
+                    }
+                }
+                present
+            })
+        };
+        for _ in 0..8 {
+            let _ = call(&sandbox, &plugin, &grants, &Limits::default(), "peek", json!({})).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let present = renamer.join().unwrap();
+        let expected = if present {
+            json!({"seen": ["/data/sub:inside.txt"]})
+        } else {
+            json!({"seen": []})
+        };
+        for _ in 0..2 {
+            let report = call(&sandbox, &plugin, &grants, &Limits::default(), "peek", json!({})).await;
+            let seen = report.result.expect("peek").output;
+            if seen != expected {
+                mismatches.push(format!("round {round}: `sub` present: {present}, the call saw {seen}"));
+            }
+        }
+    }
+    assert!(mismatches.is_empty(), "calls saw stale directories: {mismatches:#?}");
+}
+
 // -------------------------------------------------------------------------------------------------
 // Item 2: a grant is opened by handle every call and verified against what was granted.
 

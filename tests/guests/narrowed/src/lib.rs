@@ -2,7 +2,8 @@
 //! its grants per tool (issue 7, item 1). `swap` (read-write `/data`) swaps `/data/sub` between
 //! the real directory and a symlink to `..` as fast as it can; `reader` (read `/data/sub`) lists
 //! what its preopen shows. Run concurrently, a host that checks the sub-path and then re-opens it
-//! by name hands `reader` the directory above the grant.
+//! by name hands `reader` the directory above the grant. `peek` is `reader` with `/data/sub`
+//! declared once.
 
 use keel_sdk::prelude::*;
 use wasip2::filesystem::preopens::get_directories;
@@ -69,13 +70,14 @@ impl Plugin for Narrowed {
     }
 
     fn tools() -> Vec<Tool> {
-        let mut reader = Tool::new("reader", "List what the /data/sub preopen shows.", reader);
+        let mut repeated = Tool::new("reader", "List what the /data/sub preopen shows.", reader);
         for _ in 0..REPEATS {
-            reader = reader.reads("/data/sub");
+            repeated = repeated.reads("/data/sub");
         }
         vec![
             Tool::new("swap", "Swap /data/sub with a symlink to .. and back.", swap).writes("/data"),
-            reader,
+            repeated,
+            Tool::new("peek", "List what the /data/sub preopen shows.", reader).reads("/data/sub"),
         ]
     }
 }

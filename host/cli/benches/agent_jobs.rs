@@ -20,6 +20,10 @@ use keel_sandbox::{Grants, InstalledTool, Sandbox, SandboxConfig, SandboxToolHos
 use keel_store::Database;
 use serde_json::json;
 
+/// The allocator the `keel` binary uses, so the bench measures what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 async fn runtime(dir: &std::path::Path, name: &str, turns: Vec<ScriptedTurn>) -> AgentRuntime {
     let db = Database::open(&dir.join(format!("{name}.db")))
         .await

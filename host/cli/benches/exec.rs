@@ -26,6 +26,10 @@ use keel_kernel::tool::ToolCallContext;
 use keel_sandbox::{Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig};
 use serde_json::{Value, json};
 
+/// The allocator the `keel` binary uses, so the bench measures what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/langs/mod.rs"]
 mod langs;
 

@@ -12,6 +12,12 @@ use clap::{Parser, Subcommand};
 
 use crate::output::CliError;
 
+/// mimalloc rather than glibc's malloc: a governed call allocates hundreds of small, short-lived
+/// JSON values, and glibc's free-list consolidation was about half of the in-memory governance
+/// path's time (agent bench `agent_memory/governed_call`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keel: a WebAssembly plugin host runtime for AI agents.
 #[derive(Debug, Parser)]
 #[command(name = "keel", version, about, propagate_version = true)]

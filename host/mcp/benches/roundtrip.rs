@@ -37,6 +37,10 @@ use rmcp::transport::{ConfigureCommandExt as _, TokioChildProcess};
 use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt as _};
 use serde_json::{Value, json};
 
+/// The allocator the `keel` binary uses, so the bench measures what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ROLE: &str = "KEEL_MCP_BENCH_ROLE";
 
 /// The pipe floor: one tool, a constant answer.

@@ -13,6 +13,10 @@ use keel_app::Role;
 use keel_server::{Server, ServerConfig};
 use serde_json::json;
 
+/// The allocator the `keel` binary uses, so the bench measures what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let measure = std::env::args().any(|a| a == "--bench");
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -43,6 +43,10 @@ use keel_kernel::{AgentConfig, AgentRuntime, ExecutionRequest, Kernel};
 use keel_store::{Database, Durability};
 use serde_json::json;
 
+/// The allocator the `keel` binary uses, so the bench measures what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn script(n_calls: usize) -> Vec<Message> {
     if n_calls == 0 {
         return vec![Message::assistant("done", vec![])];

@@ -29,6 +29,10 @@ use keel_kernel::services::{HoldRequest, SettleDetails};
 use keel_store::Database;
 use rust_decimal::Decimal;
 
+/// The allocator the `keel` binary uses, so the bench measures what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

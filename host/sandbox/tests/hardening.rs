@@ -66,9 +66,18 @@ fn canonical_tempdir() -> (tempfile::TempDir, PathBuf) {
 // -------------------------------------------------------------------------------------------------
 // Item 1: per-tool narrowing opens the sub-path beneath the grant's handle.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn racing_symlink_swaps_never_widen_a_narrowed_grant() {
-    let (_tmp, base) = canonical_tempdir();
+/// The `narrowed` guest granted `base/data` (read-write, as `/data`), which holds
+/// `sub/inside.txt`; the secret lies in `base`, above the grant.
+struct NarrowedData {
+    _tmp: tempfile::TempDir,
+    base: PathBuf,
+    sandbox: Sandbox,
+    plugin: Arc<PreparedPlugin>,
+    grants: Grants,
+}
+
+async fn narrowed_data() -> NarrowedData {
+    let (tmp, base) = canonical_tempdir();
     std::fs::write(base.join(SECRET), SECRET).unwrap();
     std::fs::create_dir_all(base.join("data/sub")).unwrap();
     std::fs::write(base.join("data/sub/inside.txt"), "inside").unwrap();
@@ -78,6 +87,24 @@ async fn racing_symlink_swaps_never_widen_a_narrowed_grant() {
         fs: vec![grant(&base.join("data"), Some("/data"), FsMode::ReadWrite)],
         ..Grants::default()
     };
+    NarrowedData {
+        _tmp: tmp,
+        base,
+        sandbox,
+        plugin,
+        grants,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_symlink_swaps_never_widen_a_narrowed_grant() {
+    let NarrowedData {
+        _tmp,
+        sandbox,
+        plugin,
+        grants,
+        ..
+    } = narrowed_data().await;
 
     let done = Arc::new(AtomicBool::new(false));
     let swapper = {
@@ -139,15 +166,13 @@ async fn racing_symlink_swaps_never_widen_a_narrowed_grant() {
 /// renamed directory recorded as none (the next call saw `sub` after it was gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ready_instance_holds_the_directories_it_recorded_while_they_are_renamed() {
-    let (_tmp, base) = canonical_tempdir();
-    std::fs::create_dir_all(base.join("data/sub")).unwrap();
-    std::fs::write(base.join("data/sub/inside.txt"), "inside").unwrap();
-    let sandbox = sandbox();
-    let plugin = prepare(&sandbox, "keel-test-narrowed").await;
-    let grants = Grants {
-        fs: vec![grant(&base.join("data"), Some("/data"), FsMode::ReadWrite)],
-        ..Grants::default()
-    };
+    let NarrowedData {
+        _tmp,
+        base,
+        sandbox,
+        plugin,
+        grants,
+    } = narrowed_data().await;
     let (sub, real) = (base.join("data/sub"), base.join("data/real"));
     let mut mismatches = Vec::new();
     for round in 0..150 {

@@ -355,7 +355,7 @@ pub enum ResumeNote {
 /// The agent request recorded with an agent job (`None` for other kinds, or an unreadable one).
 pub fn recorded_request(job: &Job) -> Option<ExecutionRequest> {
     (job.kind == AGENT_JOB_KIND)
-        .then(|| <ExecutionRequest as serde::Deserialize>::deserialize(job.input.as_ref()).ok())
+        .then(|| job.input.decode::<ExecutionRequest>().ok())
         .flatten()
 }
 

@@ -144,9 +144,9 @@ pub async fn job_lifecycle(store: Arc<dyn KernelStore>) {
     new.principal = Some("alice".into());
     new.session = Some("s1".into());
     new.run_id = Some(Uuid::now_v7());
-    new.input = json!({"prompt": "hi", "n": [1, 2.5, null]});
+    new.input = json!({"prompt": "hi", "n": [1, 2.5, null]}).into();
     new.tags = vec!["a".into(), "b".into()];
-    new.metadata = json!({"k": "v"});
+    new.metadata = json!({"k": "v"}).into();
     new.deadline = Some(epoch() + Duration::hours(1));
     let created = k.jobs().create(new).await.expect("create");
     assert!(created.created);
@@ -344,7 +344,7 @@ pub async fn optimistic_concurrency(store: Arc<dyn KernelStore>) {
     rewrite.tenant = "t2".into();
     rewrite.kind = "other".into();
     rewrite.principal = Some("mallory".into());
-    rewrite.input = Arc::new(json!({ "rewritten": true }));
+    rewrite.input = json!({ "rewritten": true }).into();
     rewrite.created_at = epoch() + chrono::Duration::days(1);
     rewrite.progress = 0.5;
     store
@@ -1472,7 +1472,7 @@ fn journal_entry(job_id: Uuid, key: &str) -> NewJournalEntry {
         job_id,
         key: key.into(),
         kind: "tool_result".into(),
-        payload: json!({ "content": key }),
+        payload: json!({ "content": key }).into(),
         at: epoch(),
     }
 }
@@ -2111,7 +2111,7 @@ pub async fn idempotency_request_hash(store: Arc<dyn KernelStore>) {
     let mut a = NewJob::new("t1", "agent");
     a.idempotency_key = Some("k".into());
     a.principal = Some("alice".into());
-    a.input = json!({ "prompt": "a" });
+    a.input = json!({ "prompt": "a" }).into();
     let first = k.jobs().create(a.clone()).await.expect("create").job;
     assert!(first.request_hash.is_some());
     let stored = k.jobs().get("t1", first.id).await.expect("get");
@@ -2120,7 +2120,7 @@ pub async fn idempotency_request_hash(store: Arc<dyn KernelStore>) {
     assert!(!again.created);
     assert_eq!(again.job.id, first.id);
     let mut other_input = a.clone();
-    other_input.input = json!({ "prompt": "b" });
+    other_input.input = json!({ "prompt": "b" }).into();
     let mut other_principal = a.clone();
     other_principal.principal = Some("mallory".into());
     for other in [other_input, other_principal] {

@@ -2,11 +2,12 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::json::JsonText;
 
 /// Lifecycle state of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -131,7 +132,7 @@ pub struct Job {
     #[serde(default)]
     pub request_hash: Option<String>,
     /// Input of the job (fixed at insert; shared, so copies of the row do not copy it).
-    pub input: Arc<serde_json::Value>,
+    pub input: JsonText,
     /// Progress in `[0, 1]`.
     pub progress: f64,
     /// Last progress message.
@@ -150,7 +151,7 @@ pub struct Job {
     pub tags: Vec<String>,
     /// Free-form metadata (the serialized execution context lives here under `context`; shared,
     /// so copies of the row do not copy it).
-    pub metadata: Arc<serde_json::Value>,
+    pub metadata: JsonText,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last write.
@@ -194,7 +195,7 @@ impl Job {
             version: 1,
             idempotency_key: new.idempotency_key,
             request_hash,
-            input: Arc::new(new.input),
+            input: new.input,
             progress: 0.0,
             progress_message: None,
             turns: 0,
@@ -203,7 +204,7 @@ impl Job {
             error: None,
             result_ref: None,
             tags: new.tags,
-            metadata: Arc::new(new.metadata),
+            metadata: new.metadata,
             created_at: now,
             updated_at: now,
             started_at: None,
@@ -214,8 +215,11 @@ impl Job {
     /// The execution context checkpointed by [`NewJob::from_context`], bound to this job (with
     /// a fresh cancellation token), if there is one.
     pub fn context(&self) -> Option<crate::context::ExecutionContext> {
-        let ctx: crate::context::ExecutionContext =
-            serde_json::from_value(self.metadata.get("context")?.clone()).ok()?;
+        #[derive(Deserialize)]
+        struct Checkpoint {
+            context: Option<crate::context::ExecutionContext>,
+        }
+        let ctx = self.metadata.decode::<Checkpoint>().ok()?.context?;
         Some(ctx.with_job(self.id))
     }
 }
@@ -243,13 +247,13 @@ pub struct NewJob {
     /// session id) set their own.
     pub request_fingerprint: Option<serde_json::Value>,
     /// Input.
-    pub input: serde_json::Value,
+    pub input: JsonText,
     /// Deadline.
     pub deadline: Option<DateTime<Utc>>,
     /// Tags.
     pub tags: Vec<String>,
     /// Metadata.
-    pub metadata: serde_json::Value,
+    pub metadata: JsonText,
 }
 
 impl NewJob {
@@ -271,10 +275,19 @@ impl NewJob {
             session: ctx.session.clone(),
             run_id: Some(ctx.run_id),
             kind: kind.into(),
-            metadata: serde_json::json!({ "context": ctx }),
+            metadata: context_metadata(ctx),
             ..Default::default()
         }
     }
+}
+
+/// `{"context": ctx}`: the metadata [`NewJob::from_context`] checkpoints, serialised once.
+fn context_metadata(ctx: &crate::context::ExecutionContext) -> JsonText {
+    #[derive(Serialize)]
+    struct Checkpoint<'a> {
+        context: &'a crate::context::ExecutionContext,
+    }
+    JsonText::of(&Checkpoint { context: ctx }).expect("an execution context serialises")
 }
 
 /// Filters for listing and counting jobs. The tenant is mandatory: tenants never see each other.

@@ -12,6 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::job::{JobError, JobState};
+use crate::json::JsonText;
 use crate::model::ModelResponse;
 use crate::tool::{Diagnostics, Receipt, ToolDescriptor, ToolError};
 
@@ -165,48 +166,59 @@ impl Entry {
         }
     }
 
-    /// The stored payload: the variant's fields plus `v`, the schema version.
-    pub fn payload(&self) -> Value {
-        let value = match self {
-            Entry::Tools(p) => serde_json::to_value(p),
-            Entry::ModelResponse(p) => serde_json::to_value(p),
-            Entry::ToolStarted(p) => serde_json::to_value(p),
-            Entry::ToolResult(p) => serde_json::to_value(p),
-            Entry::ApprovalRequested(p) => serde_json::to_value(p),
-            Entry::Approval(p) => serde_json::to_value(p),
-            Entry::Final(p) => serde_json::to_value(p),
-        };
-        // Plain data structs: serialising them cannot fail.
-        let mut value = value.unwrap_or(Value::Null);
-        if let Some(obj) = value.as_object_mut() {
-            obj.insert("v".into(), Value::from(SCHEMA_VERSION));
+    /// The stored payload: the variant's fields plus `v`, the schema version, serialised once.
+    pub fn payload(&self) -> JsonText {
+        fn versioned<T: Serialize>(fields: &T) -> Result<JsonText, serde_json::Error> {
+            #[derive(Serialize)]
+            struct Versioned<'a, T> {
+                #[serde(flatten)]
+                fields: &'a T,
+                v: u32,
+            }
+            JsonText::of(&Versioned {
+                fields,
+                v: SCHEMA_VERSION,
+            })
         }
-        value
+        let text = match self {
+            Entry::Tools(p) => versioned(p),
+            Entry::ModelResponse(p) => versioned(p),
+            Entry::ToolStarted(p) => versioned(p),
+            Entry::ToolResult(p) => versioned(p),
+            Entry::ApprovalRequested(p) => versioned(p),
+            Entry::Approval(p) => versioned(p),
+            Entry::Final(p) => versioned(p),
+        };
+        // Plain data structs (a unit test encodes each): serialising them cannot fail.
+        text.expect("a journal entry serialises")
     }
 
     /// Read a stored entry back.
-    pub fn decode(key: &str, kind: &str, payload: &Value) -> Result<Entry, DecodeError> {
-        let version = payload.get("v").and_then(Value::as_u64).unwrap_or(1);
-        if version > u64::from(SCHEMA_VERSION) {
-            return Err(DecodeError::Version {
-                key: key.to_string(),
-                found: version,
-            });
+    pub fn decode(key: &str, kind: &str, payload: &JsonText) -> Result<Entry, DecodeError> {
+        #[derive(Deserialize)]
+        struct Version {
+            v: Option<u64>,
         }
         let malformed = |e: serde_json::Error| DecodeError::Payload {
             key: key.to_string(),
             kind: kind.to_string(),
             message: e.to_string(),
         };
-        let p = payload.clone();
+        let version = payload.decode::<Version>().map_err(malformed)?.v.unwrap_or(1);
+        if version > u64::from(SCHEMA_VERSION) {
+            return Err(DecodeError::Version {
+                key: key.to_string(),
+                found: version,
+            });
+        }
         Ok(match kind {
-            "tools" => Entry::Tools(serde_json::from_value(p).map_err(malformed)?),
-            "model_response" => Entry::ModelResponse(serde_json::from_value(p).map_err(malformed)?),
-            "tool_started" => Entry::ToolStarted(serde_json::from_value(p).map_err(malformed)?),
-            "tool_result" => Entry::ToolResult(serde_json::from_value(p).map_err(malformed)?),
-            "approval_requested" => Entry::ApprovalRequested(serde_json::from_value(p).map_err(malformed)?),
-            "approval" => Entry::Approval(serde_json::from_value(p).map_err(malformed)?),
-            "final" => Entry::Final(serde_json::from_value(p).map_err(malformed)?),
+            "tools" => Entry::Tools(payload.decode().map_err(malformed)?),
+            "model_response" => Entry::ModelResponse(payload.decode().map_err(malformed)?),
+            "tool_started" => Entry::ToolStarted(payload.decode().map_err(malformed)?),
+            "tool_result" => Entry::ToolResult(payload.decode().map_err(malformed)?),
+            "approval_requested" => Entry::ApprovalRequested(payload.decode().map_err(malformed)?),
+            "approval" => Entry::Approval(payload.decode().map_err(malformed)?),
+            "final" => Entry::Final(payload.decode().map_err(malformed)?),
             other => {
                 return Err(DecodeError::Kind {
                     key: key.to_string(),
@@ -316,14 +328,54 @@ mod tests {
             diagnostics: Diagnostics::default(),
         });
         let payload = entry.payload();
-        assert_eq!(payload["v"], 1);
+        assert_eq!(payload.field("v"), Some(json!(1)));
         assert_eq!(Entry::decode("t1/c0/result", entry.kind(), &payload).unwrap(), entry);
+    }
+
+    /// Every kind's payload is an object its version is added to (`payload` relies on it).
+    #[test]
+    fn every_kind_encodes_and_decodes() {
+        let action_id = Uuid::now_v7();
+        let response: crate::model::ModelResponse = serde_json::from_value(json!({
+            "message": crate::model::Message::assistant("hi", vec![]),
+            "finish_reason": "stop",
+            "usage": {"input_tokens": 1, "output_tokens": 2, "cost": "0.25"},
+            "model": "m",
+        }))
+        .unwrap();
+        let entries = [
+            Entry::Tools(ToolsChosen { tools: vec![] }),
+            Entry::ModelResponse(response),
+            Entry::ToolStarted(ToolStarted {
+                reservation_id: action_id,
+                tool: "p/t".into(),
+                call_id: "c0".into(),
+                attempt: 1,
+            }),
+            Entry::ApprovalRequested(ApprovalRequested { action_id }),
+            Entry::Approval(ApprovalAnswered {
+                action_id,
+                approved: true,
+                session: false,
+                resolved_by: None,
+            }),
+            Entry::Final(Final {
+                status: JobState::Succeeded,
+                content: Some("done".into()),
+                error: None,
+            }),
+        ];
+        for entry in entries {
+            let payload = entry.payload();
+            assert_eq!(payload.field("v"), Some(json!(SCHEMA_VERSION)), "{payload}");
+            assert_eq!(Entry::decode("k", entry.kind(), &payload).unwrap(), entry);
+        }
     }
 
     #[test]
     fn entries_written_before_versions_read_as_version_one() {
         let old = json!({ "content": "hi", "is_error": false, "ran": true, "tool": "hello/greet" });
-        match Entry::decode("t1/c0/result", "tool_result", &old).unwrap() {
+        match Entry::decode("t1/c0/result", "tool_result", &old.into()).unwrap() {
             Entry::ToolResult(r) => assert_eq!((r.content.as_str(), r.output, r.receipt), ("hi", None, None)),
             other => panic!("{other:?}"),
         }
@@ -332,11 +384,11 @@ mod tests {
     #[test]
     fn newer_versions_and_unknown_kinds_are_refused_by_name() {
         let newer = json!({ "v": 2, "action_id": Uuid::nil() });
-        let err = Entry::decode("k", "approval_requested", &newer).unwrap_err();
+        let err = Entry::decode("k", "approval_requested", &newer.into()).unwrap_err();
         assert!(err.to_string().contains("schema version 2"), "{err}");
-        let err = Entry::decode("k", "telepathy", &json!({})).unwrap_err();
+        let err = Entry::decode("k", "telepathy", &json!({}).into()).unwrap_err();
         assert!(err.to_string().contains("unknown kind `telepathy`"), "{err}");
-        let err = Entry::decode("k", "tool_started", &json!({ "tool": 5 })).unwrap_err();
+        let err = Entry::decode("k", "tool_started", &json!({ "tool": 5 }).into()).unwrap_err();
         assert!(err.to_string().contains("malformed"), "{err}");
     }
 }

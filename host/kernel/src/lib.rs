@@ -14,6 +14,7 @@ pub mod error;
 pub mod event;
 pub mod job;
 pub mod journal;
+pub mod json;
 pub mod ledger;
 pub mod memory;
 pub mod model;

@@ -131,8 +131,8 @@ pub struct NewJournalEntry {
     /// What it is: `model_response`, `tool_started`, `tool_result`, `approval_requested`,
     /// `approval`, `tools`, `final`, ...
     pub kind: String,
-    /// The recorded value.
-    pub payload: serde_json::Value,
+    /// The recorded value (JSON).
+    pub payload: crate::json::JsonText,
     /// When.
     pub at: DateTime<Utc>,
 }

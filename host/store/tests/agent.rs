@@ -182,7 +182,8 @@ async fn crash_mid_turn_resumes_without_rerunning_completed_calls() {
         .iter()
         .find(|e| e.entry.key == "t2/c0/started")
         .expect("started entry");
-    let hold = uuid::Uuid::parse_str(started.entry.payload["reservation_id"].as_str().expect("id")).expect("uuid");
+    let reservation = started.entry.payload.field("reservation_id").expect("a reservation id");
+    let hold = uuid::Uuid::parse_str(reservation.as_str().expect("id")).expect("uuid");
     let settled: Vec<_> = entries
         .iter()
         .filter(|(k, r)| *k == LedgerKind::Settle && *r == Some(hold))

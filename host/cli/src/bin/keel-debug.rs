@@ -573,7 +573,7 @@ impl Worker {
                     idempotency_key: Some(key.clone()),
                     // The same request as the first time (a different one with this key is refused).
                     principal: Some(self.prefix.clone()),
-                    input: json!({ "key": key }),
+                    input: json!({ "key": key }).into(),
                     ..NewJob::new(&self.scope, "churn")
                 })
                 .await?;
@@ -591,7 +591,7 @@ impl Worker {
         let mut new = NewJob::new(&self.scope, "churn");
         new.idempotency_key = Some(key.clone());
         new.principal = Some(self.prefix.clone());
-        new.input = json!({ "key": key });
+        new.input = json!({ "key": key }).into();
         if self.rng.chance(10) {
             new.deadline = Some(k.clock().now() + Duration::seconds(JOB_DEADLINE_SECS));
         }

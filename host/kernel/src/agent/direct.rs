@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use super::request::{ExecutionRequest, ExecutionResult, ExecutionUsage};
 use super::run::{self, call_key, job_policy};
-use super::{AgentError, AgentRuntime, ExecutionHandle, Inner, new_job, schema};
+use super::{AgentError, AgentRuntime, ExecutionHandle, Inner, job_with_trace, schema};
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobError, JobState};
 use crate::journal::{self, Entry, key};
@@ -133,12 +133,15 @@ struct DirectCall {
     /// How long the lease is taken for: the whole call plus a margin.
     lease_ms: u64,
     owner: String,
+    /// The trace id of the context checkpointed in the job's metadata.
+    trace_id: String,
 }
 
 impl DirectCall {
     fn new(inner: &Inner, request: &ExecutionRequest, desc: &ToolDescriptor) -> Result<Self, AgentError> {
         let now = inner.kernel.clock().now();
-        let mut job = Job::queued(new_job(request, now)?, None, now);
+        let (new, trace_id) = job_with_trace(request, now)?;
+        let mut job = Job::queued(new, None, now);
         job.state = JobState::Running;
         job.started_at = Some(now);
         let agent_limit = Duration::from_millis(inner.config.tool_timeout_ms);
@@ -175,6 +178,7 @@ impl DirectCall {
             timeout,
             lease_ms,
             owner: inner.owner.clone(),
+            trace_id,
         })
     }
 
@@ -248,14 +252,7 @@ impl DirectCall {
             job_id: Some(self.job.id.to_string()),
             scope: self.job.tenant.clone(),
             principal: self.job.principal.clone(),
-            // The context's trace id, read in place (`Job::context` would decode all of it).
-            trace_id: self
-                .job
-                .metadata
-                .get("context")
-                .and_then(|c| c.get("trace_id"))
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_owned),
+            trace_id: Some(self.trace_id.clone()),
             timeout: Some(self.timeout),
         };
         let cancel = inner.kernel.jobs().cancellation_token(self.job.id);

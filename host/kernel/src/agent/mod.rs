@@ -33,6 +33,7 @@ use crate::action::{Action, Resolution};
 use crate::context::{CancellationToken, ExecutionContext, PolicyRef};
 use crate::event::{EventFilter, EventQuery, EventType, RuntimeEvent, Subscription, SubscriptionError};
 use crate::job::{Job, NewJob};
+use crate::json::JsonText;
 use crate::model::ModelProvider;
 use crate::policy::{Policy, SessionApprovalStore};
 use crate::services::Kernel;
@@ -49,6 +50,11 @@ pub type PolicyLoader = Arc<dyn Fn(&PolicyRef) -> Result<Policy, String> + Send 
 /// The job an execution of `request` is stored as (QUEUED, its input the request), for
 /// [`AgentRuntime::execute`] and for front ends that queue a job without running it.
 pub fn new_job(request: &ExecutionRequest, now: DateTime<Utc>) -> Result<NewJob, AgentError> {
+    job_with_trace(request, now).map(|(job, _)| job)
+}
+
+/// [`new_job`], and the trace id of the context it checkpoints.
+pub(crate) fn job_with_trace(request: &ExecutionRequest, now: DateTime<Utc>) -> Result<(NewJob, String), AgentError> {
     let mut ctx = ExecutionContext::new(request.scope.clone());
     ctx.principal = request.principal.clone();
     ctx.session = request.session.clone();
@@ -62,12 +68,12 @@ pub fn new_job(request: &ExecutionRequest, now: DateTime<Utc>) -> Result<NewJob,
     ctx.metadata = request.metadata.clone();
     let mut new = NewJob::from_context(&ctx, AGENT_JOB_KIND);
     new.idempotency_key = request.idempotency_key.clone();
-    new.input = serde_json::to_value(request).map_err(|e| AgentError::Invalid(e.to_string()))?;
+    new.input = JsonText::of(request).map_err(|e| AgentError::Invalid(e.to_string()))?;
     // The idempotency key is bound to the request minus what differs between two attempts of the
     // same request (the session a front end makes up per process, the key itself, metadata).
     // Without a key nothing reads it: no copy of the input is made.
     if new.idempotency_key.is_some() {
-        let mut fingerprint = new.input.clone();
+        let mut fingerprint = new.input.value();
         if let Some(obj) = fingerprint.as_object_mut() {
             for noise in ["session", "idempotency_key", "metadata"] {
                 obj.remove(noise);
@@ -78,7 +84,7 @@ pub fn new_job(request: &ExecutionRequest, now: DateTime<Utc>) -> Result<NewJob,
     new.deadline = request
         .runtime_limit()
         .map(|d| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
-    Ok(new)
+    Ok((new, ctx.trace_id))
 }
 
 pub(crate) struct Inner {

@@ -350,7 +350,7 @@ pub(crate) fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>
 
 impl Runner {
     pub(crate) async fn load(rt: Arc<Inner>, job: &Job, lease: Arc<LeaseState>, held: Held) -> Result<Self, Stop> {
-        let req = <ExecutionRequest as serde::Deserialize>::deserialize(job.input.as_ref()).map_err(|e| {
+        let req = job.input.decode::<ExecutionRequest>().map_err(|e| {
             Stop::Fail(job_error(
                 "invalid_request",
                 format!("the job input is not a request: {e}"),
@@ -1561,7 +1561,7 @@ pub(crate) async fn build_result(rt: &Inner, job: &Job) -> Result<ExecutionResul
         _ => None,
     });
     // A direct tool call's outcome (its only call, `t1/c0`).
-    let direct = job.input.get("call").is_some_and(|c| !c.is_null());
+    let direct = job.input.field("call").is_some_and(|c| !c.is_null());
     let tool_result = journal.iter().find_map(|(k, e)| match e {
         Entry::ToolResult(r) if direct && *k == key::result(&key::call(1, 0)) => Some(r.clone()),
         _ => None,

@@ -10,8 +10,8 @@ use uuid::Uuid;
 use super::leases::check_lease;
 use super::rows::{
     Query, be, corrupt, db_now_micros, execute, fetch_optional, from_json, from_micros, get, i64_of, int,
-    is_unique_violation, micros, missing_or_conflict, opt_from_micros, opt_uuid, parse, text, to_json, ttl_micros,
-    u64_of, uuid,
+    is_unique_violation, json_text, micros, missing_or_conflict, opt_from_micros, opt_uuid, parse, text, to_json,
+    ttl_micros, u64_of, uuid,
 };
 
 pub(super) fn job_from_row(r: &Row<'_>) -> StoreResult<Job> {
@@ -37,7 +37,7 @@ pub(super) fn job_from_row(r: &Row<'_>) -> StoreResult<Job> {
         version: u64_of(get(r, "version")?)?,
         idempotency_key: get(r, "idempotency_key")?,
         request_hash: get(r, "request_hash")?,
-        input: from_json(&get::<String>(r, "input_json")?)?,
+        input: json_text(get(r, "input_json")?)?,
         progress: get(r, "progress")?,
         progress_message: get(r, "progress_message")?,
         turns: u32::try_from(get::<i64>(r, "turns")?).map_err(corrupt)?,
@@ -46,7 +46,7 @@ pub(super) fn job_from_row(r: &Row<'_>) -> StoreResult<Job> {
         error,
         result_ref: get(r, "result_ref")?,
         tags: from_json(&get::<String>(r, "tags_json")?)?,
-        metadata: from_json(&get::<String>(r, "metadata_json")?)?,
+        metadata: json_text(get(r, "metadata_json")?)?,
         created_at: from_micros(get(r, "created_at")?)?,
         updated_at: from_micros(get(r, "updated_at")?)?,
         started_at: opt_from_micros(get(r, "started_at")?)?,
@@ -66,7 +66,7 @@ fn job_values(job: &Job) -> StoreResult<Vec<Value>> {
         text(job.parent_id.map(|u| u.to_string()).as_deref()),
         Value::Text(job.kind.clone()),
         text(job.idempotency_key.as_deref()),
-        Value::Text(to_json(&job.input)?),
+        Value::Text(job.input.as_str().to_owned()),
         Value::Integer(micros(job.created_at)),
     ];
     values.extend(job_update_values(job)?.into_iter().skip(1));
@@ -91,7 +91,7 @@ fn job_update_values(job: &Job) -> StoreResult<Vec<Value>> {
         text(job.error.as_ref().map(|e| e.message.as_str())),
         text(job.result_ref.as_deref()),
         Value::Text(to_json(&job.tags)?),
-        Value::Text(to_json(&job.metadata)?),
+        Value::Text(job.metadata.as_str().to_owned()),
         Value::Integer(micros(job.updated_at)),
         int(job.started_at.map(micros)),
         int(job.finished_at.map(micros)),

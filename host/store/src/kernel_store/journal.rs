@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use rusqlite::types::Value;
 use uuid::Uuid;
 
-use super::rows::{execute, fetch, from_json, from_micros, get, job_ref_error, micros, to_json, u64_of};
+use super::rows::{execute, fetch, from_micros, get, job_ref_error, json_text, micros, u64_of};
 
 pub(super) fn insert_journal(conn: &Connection, j: &NewJournalEntry) -> StoreResult<()> {
     // Safe under BEGIN IMMEDIATE, like event sequence numbers.
@@ -16,7 +16,7 @@ pub(super) fn insert_journal(conn: &Connection, j: &NewJournalEntry) -> StoreRes
         Value::Text(j.job_id.to_string()),
         Value::Text(j.key.clone()),
         Value::Text(j.kind.clone()),
-        Value::Text(to_json(&j.payload)?),
+        Value::Text(j.payload.as_str().to_owned()),
         Value::Integer(micros(j.at)),
     ];
     let changed = execute(conn, SQL, &args).map_err(|err| job_ref_error(err, j.job_id))?;
@@ -42,7 +42,7 @@ pub(super) fn read_journal(conn: &Connection, job_id: Uuid) -> StoreResult<Vec<J
                     job_id,
                     key: get(r, "key")?,
                     kind: get(r, "kind")?,
-                    payload: from_json(&get::<String>(r, "payload_json")?)?,
+                    payload: json_text(get(r, "payload_json")?)?,
                     at: from_micros(get(r, "at")?)?,
                 },
             })

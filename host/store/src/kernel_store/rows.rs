@@ -4,6 +4,7 @@
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
+use keel_kernel::json::JsonText;
 use keel_kernel::ledger::cost_to_nanos;
 use keel_kernel::store::{StoreError, StoreResult};
 use rusqlite::types::{FromSql, Value};
@@ -97,6 +98,11 @@ pub(super) fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
 
 pub(super) fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
     serde_json::from_str(s).map_err(corrupt)
+}
+
+/// A JSON column as stored: its text, checked to be one JSON document but not parsed into a tree.
+pub(super) fn json_text(s: String) -> StoreResult<JsonText> {
+    JsonText::from_text(s).map_err(corrupt)
 }
 
 pub(super) fn parse<T: FromStr>(s: &str) -> StoreResult<T>

@@ -263,7 +263,12 @@ impl Follower {
 
     /// The waiting signal for the action `e` announced, if it is still pending.
     async fn waiting(&mut self, e: &RuntimeEvent) -> Result<Option<JobStreamItem>, AppError> {
-        let Some(id) = e.data["action_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()) else {
+        let action_id = e.data.field("action_id");
+        let Some(id) = action_id
+            .as_ref()
+            .and_then(|v| v.as_str())
+            .and_then(|s| Uuid::parse_str(s).ok())
+        else {
             return Ok(None);
         };
         let action = self.kernel.actions().get(&self.scope, id).await?;

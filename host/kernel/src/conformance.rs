@@ -308,7 +308,7 @@ pub async fn optimistic_concurrency(store: Arc<dyn KernelStore>) {
         job_id: id,
         tenant: "t1".into(),
         event_type: EventType::Progress,
-        data: json!({ "progress": p }),
+        data: json!({ "progress": p }).into(),
         at: epoch(),
     };
     let first = Batch {
@@ -574,8 +574,11 @@ pub async fn deadline_sweep(store: Arc<dyn KernelStore>) {
     assert_eq!(k.jobs().get("t1", fine).await.expect("get").state, JobState::Queued);
     let ev = sub.recv().await.expect("live event");
     assert_eq!(
-        (ev.event_type, ev.data["to"].as_str()),
-        (EventType::JobStatusChanged, Some("TIMED_OUT"))
+        (
+            ev.event_type,
+            ev.data.field("to").and_then(|v| v.as_str().map(str::to_owned))
+        ),
+        (EventType::JobStatusChanged, Some("TIMED_OUT".to_owned()))
     );
     assert_eq!(
         k.recover_and_sweep(clock.now()).await.expect("sweep").jobs_timed_out,
@@ -863,7 +866,7 @@ pub async fn events(store: Arc<dyn KernelStore>) {
     assert!(ea.windows(2).all(|w| w[0].id < w[1].id));
     let resumed = k.read_events(&read(a, 2)).await.expect("read");
     assert_eq!(resumed.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
-    assert_eq!(resumed[0].data["text"], "a1");
+    assert_eq!(resumed[0].data.value()["text"], "a1");
     let eb = k.read_events(&read(b, 0)).await.expect("read");
     assert_eq!(
         eb.iter().map(|e| e.seq).collect::<Vec<_>>(),
@@ -902,7 +905,7 @@ pub async fn events(store: Arc<dyn KernelStore>) {
         let e = tokens_only.recv().await.expect("live");
         assert_eq!(e.event_type, EventType::ModelToken);
         assert_eq!(
-            e.data["text"],
+            e.data.value()["text"],
             if i % 2 == 0 {
                 format!("a{}", i / 2)
             } else {
@@ -1512,7 +1515,7 @@ pub async fn journal_atomicity(store: Arc<dyn KernelStore>) {
                 job_id: id,
                 tenant: "t1".into(),
                 event_type: EventType::ToolEnd,
-                data: json!({ "key": key }),
+                data: json!({ "key": key }).into(),
                 at: epoch(),
             }],
             journal: vec![journal_entry(id, key)],
@@ -2298,7 +2301,7 @@ pub async fn batch_holds_and_leases(store: Arc<dyn KernelStore>) {
                 job_id: id,
                 tenant: "t1".into(),
                 event_type: EventType::ToolStart,
-                data: json!({}),
+                data: json!({}).into(),
                 at: now,
             }],
             holds: vec![hold],
@@ -2336,7 +2339,7 @@ pub async fn batch_holds_and_leases(store: Arc<dyn KernelStore>) {
                 job_id: job.id,
                 tenant: "t1".into(),
                 event_type: EventType::ToolEnd,
-                data: json!({}),
+                data: json!({}).into(),
                 at: now,
             }],
             leases: vec![guard.clone()],

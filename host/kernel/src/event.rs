@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::action::string_enum;
+use crate::json::JsonText;
 
 string_enum! {
     /// The seed event types.
@@ -70,8 +71,8 @@ pub struct NewEvent {
     pub tenant: String,
     /// Type.
     pub event_type: EventType,
-    /// Type-specific payload.
-    pub data: serde_json::Value,
+    /// Type-specific payload (JSON).
+    pub data: JsonText,
     /// When it happened.
     pub at: DateTime<Utc>,
 }
@@ -89,8 +90,8 @@ pub struct RuntimeEvent {
     pub tenant: String,
     /// Type.
     pub event_type: EventType,
-    /// Payload.
-    pub data: serde_json::Value,
+    /// Payload (JSON).
+    pub data: JsonText,
     /// When it happened.
     pub at: DateTime<Utc>,
 }
@@ -107,8 +108,8 @@ impl RuntimeEvent {
             | EventType::JobCancelled => true,
             EventType::JobStatusChanged => self
                 .data
-                .get("to")
-                .and_then(|v| serde_json::from_value::<crate::job::JobState>(v.clone()).ok())
+                .field("to")
+                .and_then(|v| serde_json::from_value::<crate::job::JobState>(v).ok())
                 .is_some_and(crate::job::JobState::is_terminal),
             _ => false,
         }

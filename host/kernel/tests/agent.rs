@@ -684,6 +684,6 @@ async fn a_degrade_budget_switches_to_the_degrade_model() {
             .await
             .expect("events")
             .into_iter()
-            .any(|e| e.event_type == EventType::Progress && e.data["degraded_to"] == "cheap-model");
+            .any(|e| e.event_type == EventType::Progress && e.data.value()["degraded_to"] == "cheap-model");
     assert!(switched, "the switch is visible in the job's events");
 }

@@ -399,7 +399,7 @@ async fn a_commit_with_a_stale_lease_epoch_is_refused() {
                 job_id: job.id,
                 tenant: "acme".into(),
                 event_type: EventType::Progress,
-                data: json!({}),
+                data: json!({}).into(),
                 at: Utc::now(),
             }],
             leases: vec![old.clone()],

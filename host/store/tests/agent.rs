@@ -72,7 +72,7 @@ async fn wait_tool_start(h: &ExecutionHandle, tool: &str) {
     let mut events = h.events();
     let found = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(e) = events.next().await {
-            if e.event_type == EventType::ToolStart && e.data["tool"] == tool {
+            if e.event_type == EventType::ToolStart && e.data.value()["tool"] == tool {
                 return true;
             }
         }

@@ -749,7 +749,7 @@ async fn check(
             }
         }
         let first_ok = events.first().is_some_and(|e| {
-            e.event_type == EventType::JobStatusChanged && e.data.get("to").and_then(|v| v.as_str()) == Some("QUEUED")
+            e.event_type == EventType::JobStatusChanged && e.data.field("to").is_some_and(|v| v == "QUEUED")
         });
         if !first_ok {
             r.violations
@@ -760,7 +760,7 @@ async fn check(
             | EventType::JobStatusChanged
             | EventType::JobCompleted
             | EventType::JobFailed
-            | EventType::JobCancelled => e.data.get("to").and_then(|v| v.as_str()).map(str::to_string),
+            | EventType::JobCancelled => e.data.field("to").and_then(|v| v.as_str().map(str::to_string)),
             _ => None,
         });
         if last_to.as_deref() != Some(job.state.as_str()) {

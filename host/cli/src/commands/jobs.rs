@@ -197,7 +197,7 @@ fn print_job(job: &Job) {
 }
 
 fn print_event(event: &RuntimeEvent) {
-    let data = match &event.data {
+    let data = match &event.data.value() {
         serde_json::Value::Null => String::new(),
         data => {
             let mut s = data.to_string();

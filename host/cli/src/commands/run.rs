@@ -274,7 +274,7 @@ impl Screen {
     }
 
     fn render(&mut self, e: &RuntimeEvent) {
-        let d = &e.data;
+        let d = &e.data.value();
         let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         match e.event_type {
             EventType::JobStatusChanged | EventType::JobStarted => {

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -36,6 +37,7 @@ use super::{AgentError, AgentRuntime, ExecutionHandle, Inner, job_with_trace, sc
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobError, JobState};
 use crate::journal::{self, Entry, key};
+use crate::json::JsonText;
 use crate::ledger::{LedgerKind, ReserveRequest, SettleRequest, Usage};
 use crate::policy::{Outcome, PolicyRequest};
 use crate::services::{SettleDetails, job_event, retry, status_event};
@@ -196,7 +198,7 @@ impl DirectCall {
         journal::encode(self.job.id, key, entry, at)
     }
 
-    fn event(&self, event_type: EventType, data: serde_json::Value, at: DateTime<Utc>) -> NewEvent {
+    fn event(&self, event_type: EventType, data: impl Into<JsonText>, at: DateTime<Utc>) -> NewEvent {
         job_event(&self.job, event_type, data, at)
     }
 
@@ -210,11 +212,21 @@ impl DirectCall {
             now,
         );
         let started = status_event(JobState::Queued, &self.job, json!({ "owner": owner }), now);
-        let tool_start = self.event(
-            EventType::ToolStart,
-            json!({ "turn": 1, "call_id": CALL_ID, "tool": self.tool, "attempt": 0 }),
-            now,
-        );
+        #[derive(Serialize)]
+        struct ToolStart<'a> {
+            turn: u32,
+            call_id: &'a str,
+            tool: &'a str,
+            attempt: u32,
+        }
+        let tool_start = JsonText::of(&ToolStart {
+            turn: 1,
+            call_id: CALL_ID,
+            tool: &self.tool,
+            attempt: 0,
+        })
+        .expect("a tool event serialises");
+        let tool_start = self.event(EventType::ToolStart, tool_start, now);
         let entry = Entry::ToolStarted(journal::ToolStarted {
             reservation_id: self.hold.id,
             tool: self.tool.clone(),
@@ -331,11 +343,19 @@ impl DirectCall {
                 tool_calls: 1,
                 ..ExecutionUsage::default()
             };
-            let fin = self.event(
-                EventType::FinalResult,
-                json!({ "content": result.content, "usage": usage, "turns": 0 }),
-                now,
-            );
+            #[derive(Serialize)]
+            struct FinalResult<'a> {
+                content: &'a str,
+                usage: &'a ExecutionUsage,
+                turns: u32,
+            }
+            let data = JsonText::of(&FinalResult {
+                content: &result.content,
+                usage: &usage,
+                turns: 0,
+            })
+            .expect("a final event serialises");
+            let fin = self.event(EventType::FinalResult, data, now);
             let entry = journal::Final {
                 status: JobState::Succeeded,
                 content: Some(result.content.clone()),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
+use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -26,6 +27,7 @@ use crate::error::KernelError;
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobError, JobState};
 use crate::journal::{self, Entry, key};
+use crate::json::JsonText;
 use crate::ledger::{
     BudgetOutcome, BudgetStatus, LedgerKind, ReservationState, SettleRequest, Usage, evaluate_budgets,
 };
@@ -447,12 +449,12 @@ impl Runner {
         .await;
     }
 
-    fn event(&self, event_type: EventType, data: Value, at: DateTime<Utc>) -> NewEvent {
+    fn event(&self, event_type: EventType, data: impl Into<JsonText>, at: DateTime<Utc>) -> NewEvent {
         NewEvent {
             job_id: self.job_id,
             tenant: self.tenant.clone(),
             event_type,
-            data,
+            data: data.into(),
             at,
         }
     }
@@ -807,27 +809,29 @@ impl Runner {
                     while let Ok(more) = rx.try_recv() {
                         deltas.push(more);
                     }
-                    let mut events: Vec<NewEvent> = Vec::new();
-                    let now = kernel.clock().now();
+                    // Runs of the same kind joined into one event each.
+                    let mut runs: Vec<(EventType, String)> = Vec::new();
                     for d in deltas {
                         let (event_type, text) = match d {
                             ModelDelta::Token(t) => (EventType::ModelToken, t),
                             ModelDelta::Reasoning(t) => (EventType::ModelReasoning, t),
                         };
-                        match events.last_mut() {
-                            Some(last) if last.event_type == event_type => {
-                                let joined = format!("{}{text}", last.data["text"].as_str().unwrap_or(""));
-                                last.data["text"] = json!(joined);
-                            }
-                            _ => events.push(NewEvent {
-                                job_id,
-                                tenant: tenant.clone(),
-                                event_type,
-                                data: json!({ "turn": turn, "text": text }),
-                                at: now,
-                            }),
+                        match runs.last_mut() {
+                            Some((last, joined)) if *last == event_type => joined.push_str(&text),
+                            _ => runs.push((event_type, text)),
                         }
                     }
+                    let now = kernel.clock().now();
+                    let events = runs
+                        .into_iter()
+                        .map(|(event_type, text)| NewEvent {
+                            job_id,
+                            tenant: tenant.clone(),
+                            event_type,
+                            data: json!({ "turn": turn, "text": text }).into(),
+                            at: now,
+                        })
+                        .collect();
                     // Streaming is best-effort: the full answer is journaled with model.done. Guarded
                     // like a step: a host that lost the job, or a job that ended, gets no more events.
                     let _ = kernel
@@ -1495,10 +1499,23 @@ pub(crate) fn tool_result(
     turn: u32,
     call_id: &str,
     duration_ms: u64,
-) -> (journal::ToolResult, EventType, Value) {
+) -> (journal::ToolResult, EventType, JsonText) {
+    /// `tool.end` / `tool.error` data, serialised at once.
+    #[derive(Serialize)]
+    struct Ended<'a> {
+        turn: u32,
+        call_id: &'a str,
+        tool: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        code: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        duration_ms: u64,
+        receipt: &'a Receipt,
+    }
     let receipt = outcome.receipt;
     let diagnostics = outcome.diagnostics;
-    match outcome.result {
+    let (result, event_type) = match outcome.result {
         Ok(output) => (
             journal::ToolResult {
                 content: output_text(&output),
@@ -1508,11 +1525,10 @@ pub(crate) fn tool_result(
                 tool: tool.to_string(),
                 output: Some(output),
                 error: None,
-                receipt: Some(receipt.clone()),
+                receipt: None,
                 diagnostics,
             },
             EventType::ToolEnd,
-            json!({ "turn": turn, "call_id": call_id, "tool": tool, "duration_ms": duration_ms, "receipt": receipt }),
         ),
         Err(e) => (
             journal::ToolResult {
@@ -1522,14 +1538,31 @@ pub(crate) fn tool_result(
                 ran: true,
                 tool: tool.to_string(),
                 output: None,
-                error: Some(e.clone()),
-                receipt: Some(receipt.clone()),
+                error: Some(e),
+                receipt: None,
                 diagnostics,
             },
             EventType::ToolError,
-            json!({ "turn": turn, "call_id": call_id, "tool": tool, "code": e.code(), "message": e.to_string(), "duration_ms": duration_ms, "receipt": receipt }),
         ),
-    }
+    };
+    let data = JsonText::of(&Ended {
+        turn,
+        call_id,
+        tool,
+        code: result.code.as_deref(),
+        message: result.error.as_ref().map(ToString::to_string),
+        duration_ms,
+        receipt: &receipt,
+    })
+    .expect("a tool event serialises");
+    (
+        journal::ToolResult {
+            receipt: Some(receipt),
+            ..result
+        },
+        event_type,
+        data,
+    )
 }
 
 /// Usage summed over journal entries.

@@ -367,7 +367,7 @@ impl ActionManager {
                 tokio::select! {
                     _ = &mut recheck => break,
                     event = sub.recv() => match event {
-                        Ok(e) if e.data.get("action_id").and_then(|v| v.as_str()) == Some(id.to_string().as_str()) => break,
+                        Ok(e) if e.data.field("action_id").as_ref().and_then(|v| v.as_str()) == Some(id.to_string().as_str()) => break,
                         Ok(_) => continue,
                         Err(SubscriptionError::Lagged(_)) => break,
                         Err(SubscriptionError::Closed) => return Err(KernelError::EventsClosed),

@@ -1,18 +1,20 @@
 //! The events the managers emit with their writes.
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::json;
 
 use crate::action::Action;
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobState};
+use crate::json::JsonText;
 
-pub(crate) fn job_event(job: &Job, event_type: EventType, data: serde_json::Value, at: DateTime<Utc>) -> NewEvent {
+pub(crate) fn job_event(job: &Job, event_type: EventType, data: impl Into<JsonText>, at: DateTime<Utc>) -> NewEvent {
     NewEvent {
         job_id: job.id,
         tenant: job.tenant.clone(),
         event_type,
-        data,
+        data: data.into(),
         at,
     }
 }
@@ -32,7 +34,7 @@ pub(crate) fn action_event(a: &Action, event_type: EventType, at: DateTime<Utc>)
         job_id: a.job_id,
         tenant: a.tenant.clone(),
         event_type,
-        data,
+        data: data.into(),
         at,
     }
 }
@@ -46,9 +48,21 @@ pub(crate) fn status_event(from: JobState, next: &Job, extra: serde_json::Value,
         (_, JobState::Cancelled) => EventType::JobCancelled,
         _ => EventType::JobStatusChanged,
     };
-    let mut data = json!({ "from": from, "to": next.state });
-    if let (Some(obj), serde_json::Value::Object(extra)) = (data.as_object_mut(), extra) {
-        obj.extend(extra);
+    /// `{"from", "to"}` and the caller's fields, serialised at once.
+    #[derive(Serialize)]
+    struct Status<'a> {
+        from: JobState,
+        to: JobState,
+        #[serde(flatten)]
+        extra: &'a serde_json::Map<String, serde_json::Value>,
     }
+    let none = serde_json::Map::new();
+    let extra = extra.as_object().unwrap_or(&none);
+    let data = JsonText::of(&Status {
+        from,
+        to: next.state,
+        extra,
+    })
+    .expect("a status event serialises");
     job_event(next, event_type, data, now)
 }

@@ -204,7 +204,7 @@ mod tests {
         let stop = CancellationToken::new();
         let sweeper = kernel.spawn_sweeper(std::time::Duration::from_millis(10), stop.clone());
         let event = sub.recv().await.unwrap();
-        assert_eq!(event.data["to"], "TIMED_OUT");
+        assert_eq!(event.data.value()["to"], "TIMED_OUT");
         token.cancelled().await;
         stop.cancel();
         sweeper.await.unwrap();

@@ -9,7 +9,7 @@ use rusqlite::{Connection, Row};
 use uuid::Uuid;
 
 use super::rows::{
-    Query, fetch_optional, from_json, from_micros, get, i64_of, job_ref_error, micros, parse, to_json, u64_of, uuid,
+    Query, fetch_optional, from_micros, get, i64_of, job_ref_error, json_text, micros, parse, u64_of, uuid,
 };
 
 pub(super) fn event_from_row(r: &Row<'_>) -> StoreResult<RuntimeEvent> {
@@ -19,7 +19,7 @@ pub(super) fn event_from_row(r: &Row<'_>) -> StoreResult<RuntimeEvent> {
         job_id: uuid(&get::<String>(r, "job_id")?)?,
         tenant: get(r, "tenant")?,
         event_type: parse::<EventType>(&get::<String>(r, "event_type")?)?,
-        data: from_json(&get::<String>(r, "data_json")?)?,
+        data: json_text(get(r, "data_json")?)?,
         at: from_micros(get(r, "at")?)?,
     })
 }
@@ -63,7 +63,7 @@ pub(super) fn insert_events(
             Value::Text(e.tenant.clone()),
             Value::Integer(i64_of(seq)?),
             Value::Text(e.event_type.as_str().to_owned()),
-            Value::Text(to_json(&e.data)?),
+            Value::Text(e.data.as_str().to_owned()),
             Value::Integer(micros(e.at)),
         ];
         conn.prepare_cached(INSERT)

@@ -364,10 +364,16 @@ impl DirectCall {
             (vec![status, fin], entry)
         };
         let tool_event = self.event(event_type, data, now);
+        // Encoded from the entries themselves, which are then taken back (no copy of the output).
+        let result_entry = Entry::ToolResult(result);
+        let final_entry = Entry::Final(fin);
         let journal = vec![
-            self.entry(key::result(&base()), &Entry::ToolResult(result.clone()), now),
-            self.entry(key::FINAL.into(), &Entry::Final(fin.clone()), now),
+            self.entry(key::result(&base()), &result_entry, now),
+            self.entry(key::FINAL.into(), &final_entry, now),
         ];
+        let (Entry::ToolResult(result), Entry::Final(fin)) = (result_entry, final_entry) else {
+            unreachable!("built just above")
+        };
         // What the result reports of the job as written (the write itself is moved into the batch).
         let (state, turns, error) = (next.state, next.turns, next.error.clone());
         if once {

@@ -618,11 +618,16 @@ impl Reservation {
             requests: actual.requests - charged.requests,
             tool_calls: actual.tool_calls - charged.tool_calls,
         };
-        let data = serde_json::json!({
-            "held": covered,
-            "actual": actual,
-            "lapsed": !self.is_live(now),
-        });
+        // Only an overage entry carries it: the common settlement builds none.
+        let data = if overage.is_zero() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!({
+                "held": covered,
+                "actual": actual,
+                "lapsed": !self.is_live(now),
+            })
+        };
         SettlePlan { charged, overage, data }
     }
 }
@@ -652,7 +657,8 @@ pub struct SettlePlan {
     /// Usage beyond the hold: an [`LedgerKind::Overage`] entry when not zero. It counts against
     /// budgets like any usage (it was spent); the caller stops spending if a budget is crossed.
     pub overage: Usage,
-    /// The overage entry's data: what was held, what was reported, whether the hold had lapsed.
+    /// The overage entry's data: what was held, what was reported, whether the hold had lapsed
+    /// (`null` when there is no overage).
     pub data: serde_json::Value,
 }
 

@@ -1083,7 +1083,7 @@ pub async fn ledger_and_budgets(store: Arc<dyn KernelStore>) {
     assert!(entries.windows(2).all(|w| w[0].id < w[1].id));
 
     let mut audit = NewLedgerEvent::new(LedgerKind::Audit, "t1", epoch());
-    audit.data = json!({"note": "manual"});
+    audit.data = json!({"note": "manual"}).into();
     let rec = k.ledger().record(audit.clone()).await.expect("record");
     assert_eq!(rec.entry, audit);
     assert!(k.ledger().delete_budget(budget.id).await.expect("delete"));
@@ -1529,7 +1529,7 @@ pub async fn journal_atomicity(store: Arc<dyn KernelStore>) {
                 duration_ms: Some(5),
                 model: None,
                 tool: Some("fs/read".into()),
-                data: json!(null),
+                data: json!(null).into(),
                 now: epoch(),
             }],
             ..Batch::default()
@@ -1914,7 +1914,7 @@ pub async fn usage_past_what_a_counter_holds(store: Arc<dyn KernelStore>) {
         duration_ms: None,
         model: None,
         tool: None,
-        data: json!({}),
+        data: json!({}).into(),
         now: clock.now(),
     };
     let id = hold.id;
@@ -2315,7 +2315,7 @@ pub async fn batch_holds_and_leases(store: Arc<dyn KernelStore>) {
         duration_ms: Some(1),
         model: None,
         tool: Some("p/t".into()),
-        data: json!({ "receipt": { "wall_us": 7 } }),
+        data: json!({ "receipt": { "wall_us": 7 } }).into(),
         now,
     };
     let after = |job: &Job, rid: Uuid, epoch: u64| {
@@ -2414,7 +2414,8 @@ pub async fn batch_holds_and_leases(store: Arc<dyn KernelStore>) {
         .expect("entries");
     assert_eq!(usage_entries.len(), 1);
     assert_eq!(
-        usage_entries[0].entry.data["receipt"]["wall_us"], 7,
+        usage_entries[0].entry.data.value()["receipt"]["wall_us"],
+        7,
         "the receipt is in the entry"
     );
 

@@ -53,10 +53,21 @@ impl JsonText {
     }
 }
 
+impl JsonText {
+    /// `null` (shared: no allocation).
+    pub fn null() -> Self {
+        static NULL: std::sync::OnceLock<Arc<RawValue>> = std::sync::OnceLock::new();
+        Self(
+            NULL.get_or_init(|| Arc::from(RawValue::from_string("null".into()).expect("`null` is JSON")))
+                .clone(),
+        )
+    }
+}
+
 impl Default for JsonText {
     /// `null`.
     fn default() -> Self {
-        Self::from(Value::Null)
+        Self::null()
     }
 }
 

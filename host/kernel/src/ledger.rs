@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::action::string_enum;
+use crate::json::JsonText;
 
 /// Decimal places kept for costs by durable stores.
 pub const COST_SCALE: u32 = 9;
@@ -193,8 +194,8 @@ pub struct NewLedgerEvent {
     pub model: Option<String>,
     /// Tool called.
     pub tool: Option<String>,
-    /// Extra data.
-    pub data: serde_json::Value,
+    /// Extra data (JSON: a tool call's receipt, a budget verdict, ...).
+    pub data: JsonText,
     /// When.
     pub at: DateTime<Utc>,
 }
@@ -213,7 +214,7 @@ impl NewLedgerEvent {
             duration_ms: None,
             model: None,
             tool: None,
-            data: serde_json::Value::Null,
+            data: JsonText::null(),
             at,
         }
     }
@@ -620,13 +621,14 @@ impl Reservation {
         };
         // Only an overage entry carries it: the common settlement builds none.
         let data = if overage.is_zero() {
-            serde_json::Value::Null
+            JsonText::null()
         } else {
             serde_json::json!({
                 "held": covered,
                 "actual": actual,
                 "lapsed": !self.is_live(now),
             })
+            .into()
         };
         SettlePlan { charged, overage, data }
     }
@@ -659,7 +661,7 @@ pub struct SettlePlan {
     pub overage: Usage,
     /// The overage entry's data: what was held, what was reported, whether the hold had lapsed
     /// (`null` when there is no overage).
-    pub data: serde_json::Value,
+    pub data: JsonText,
 }
 
 /// What a store's reserve returns.
@@ -686,8 +688,8 @@ pub struct SettleRequest {
     pub model: Option<String>,
     /// Tool called.
     pub tool: Option<String>,
-    /// Extra data.
-    pub data: serde_json::Value,
+    /// Extra data (JSON), recorded with the usage entry.
+    pub data: JsonText,
     /// Now.
     pub now: DateTime<Utc>,
 }

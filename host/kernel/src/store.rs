@@ -19,6 +19,7 @@ pub use crate::error::StoreError;
 use crate::action::{Action, ActionFilter};
 use crate::event::{EventQuery, NewEvent, RuntimeEvent};
 use crate::job::{Job, JobFilter};
+use crate::json::JsonText;
 use crate::ledger::{
     Budget, BudgetDecision, BudgetOutcome, BudgetStatus, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent,
     Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
@@ -351,7 +352,7 @@ pub struct ReservePlan {
 pub fn plan_reserve(request: &ReserveRequest, decision: BudgetDecision) -> StoreResult<ReservePlan> {
     // What is held and recorded is what a store keeps (a batch's hold reaches here unchecked).
     let amount = request.amount.clone().capped();
-    let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: serde_json::Value| NewLedgerEvent {
+    let entry = |kind: LedgerKind, reservation_id: Option<Uuid>, data: JsonText| NewLedgerEvent {
         kind,
         tenant: request.tenant.clone(),
         principal: request.principal.clone(),
@@ -367,7 +368,7 @@ pub fn plan_reserve(request: &ReserveRequest, decision: BudgetDecision) -> Store
     };
     let mut entries = Vec::new();
     if decision.outcome != BudgetOutcome::Allow {
-        let data = serde_json::to_value(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let data = JsonText::of(&decision).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         entries.push(entry(LedgerKind::BudgetCheck, None, data));
     }
     let reservation = decision.outcome.is_allowed().then(|| Reservation {
@@ -375,7 +376,7 @@ pub fn plan_reserve(request: &ReserveRequest, decision: BudgetDecision) -> Store
         ..Reservation::held(request)
     });
     if let Some(r) = &reservation {
-        entries.push(entry(LedgerKind::Hold, Some(r.id), serde_json::Value::Null));
+        entries.push(entry(LedgerKind::Hold, Some(r.id), JsonText::null()));
     }
     Ok(ReservePlan {
         entries,
@@ -437,7 +438,7 @@ fn reservation_entry(r: &Reservation, kind: LedgerKind, usage: Usage, at: DateTi
         duration_ms: None,
         model: None,
         tool: None,
-        data: serde_json::Value::Null,
+        data: JsonText::null(),
         at,
     }
 }
@@ -499,7 +500,7 @@ pub fn plan_release(r: &Reservation, now: DateTime<Utc>, reason: &str) -> StoreR
         return Err(reservation_conflict(r));
     }
     let mut release = reservation_entry(r, LedgerKind::Release, r.amount.clone(), now);
-    release.data = serde_json::json!({ "reason": reason });
+    release.data = serde_json::json!({ "reason": reason }).into();
     Ok(ClosePlan {
         reservation: Reservation {
             state: ReservationState::Released,

@@ -288,7 +288,7 @@ async fn a_direct_call_commits_twice_and_an_idempotent_one_once() {
         .expect("ledger");
     assert_eq!(usage.len(), 1);
     assert!(
-        usage[0].entry.data["receipt"]["wall_us"].is_u64(),
+        usage[0].entry.data.value()["receipt"]["wall_us"].is_u64(),
         "{:?}",
         usage[0].entry.data
     );

@@ -89,7 +89,7 @@ fn a_receipt_committed_under_normal_survives_kill_9() {
             .await
             .expect("ledger");
         assert_eq!(usage.len(), 1, "the call's usage entry survived");
-        let receipt = &usage[0].entry.data["receipt"];
+        let receipt = &usage[0].entry.data.value()["receipt"];
         assert!(receipt["wall_us"].is_u64(), "with its receipt: {receipt}");
         assert!(receipt["output_bytes"].as_u64().is_some_and(|b| b > 0), "{receipt}");
     });

@@ -306,7 +306,12 @@ impl DirectCall {
             duration_ms: Some(duration_ms),
             model: None,
             tool: Some(self.tool.clone()),
-            data: json!({ "turn": 1, "call_id": CALL_ID, "receipt": result.receipt }),
+            data: JsonText::of(&run::UsageData {
+                turn: 1,
+                call_id: CALL_ID,
+                receipt: result.receipt.as_ref(),
+            })
+            .expect("a receipt serialises"),
             now,
         };
         let mut next = self.job.clone();
@@ -460,7 +465,7 @@ impl DirectCall {
             duration_ms: Some(duration_ms),
             model: None,
             tool: Some(self.tool.clone()),
-            data: json!({ "turn": 1, "call_id": CALL_ID, "journaled": false }),
+            data: json!({ "turn": 1, "call_id": CALL_ID, "journaled": false }).into(),
         };
         let ledger = inner.kernel.ledger();
         let actual = Usage {

@@ -892,7 +892,7 @@ impl Runner {
                         duration_ms: Some(duration_ms),
                         model: Some(model.clone()),
                         tool: None,
-                        data: json!({ "turn": turn }),
+                        data: json!({ "turn": turn }).into(),
                         now,
                     }],
                 })
@@ -904,7 +904,7 @@ impl Runner {
                 duration_ms: Some(duration_ms),
                 model: Some(model.clone()),
                 tool: None,
-                data: json!({ "turn": turn, "journaled": false }),
+                data: json!({ "turn": turn, "journaled": false }).into(),
             };
             self.charge_unjournaled(hold, LedgerKind::ModelUsage, actual, details)
                 .await;
@@ -1198,7 +1198,7 @@ impl Runner {
             duration_ms: None,
             model: None,
             tool: Some(tool.to_string()),
-            data: json!({ "turn": turn, "call_id": call.id, "attempt": attempt, "interrupted": true }),
+            data: json!({ "turn": turn, "call_id": call.id, "attempt": attempt, "interrupted": true }).into(),
         };
         let serial = self.commit_lock.lock().await;
         let settled = self
@@ -1257,7 +1257,12 @@ impl Runner {
         };
         let duration_ms = started.elapsed().as_millis() as u64;
         let (result, event_type, data) = tool_result(outcome, &tool, turn, &call.id, duration_ms);
-        let receipt = result.receipt.clone();
+        let usage_data = JsonText::of(&UsageData {
+            turn,
+            call_id: &call.id,
+            receipt: result.receipt.as_ref(),
+        })
+        .expect("a receipt serialises");
         let entry = Entry::ToolResult(result.clone());
         self.commit_step(|job, now| {
             let mut next = bump(job, now);
@@ -1276,7 +1281,7 @@ impl Runner {
                     duration_ms: Some(duration_ms),
                     model: None,
                     tool: Some(tool.clone()),
-                    data: json!({ "turn": turn, "call_id": call.id, "receipt": receipt }),
+                    data: usage_data.clone(),
                     now,
                 }],
             })
@@ -1563,6 +1568,14 @@ pub(crate) fn tool_result(
         event_type,
         data,
     )
+}
+
+/// The data of a tool call's usage entry: where in the job it was, and its receipt.
+#[derive(Serialize)]
+pub(crate) struct UsageData<'a> {
+    pub(crate) turn: u32,
+    pub(crate) call_id: &'a str,
+    pub(crate) receipt: Option<&'a crate::tool::Receipt>,
 }
 
 /// Usage summed over journal entries.

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::context::ExecutionContext;
 use crate::error::{KernelError, KernelResult};
+use crate::json::JsonText;
 use crate::ledger::{
     Budget, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation, ReserveRequest, SettleRequest, Usage,
     UsageQuery, evaluate_budgets,
@@ -64,8 +65,8 @@ pub struct SettleDetails {
     pub model: Option<String>,
     /// Tool called.
     pub tool: Option<String>,
-    /// Extra data.
-    pub data: serde_json::Value,
+    /// Extra data (JSON).
+    pub data: JsonText,
 }
 
 /// The ledger and budgets.

@@ -16,8 +16,8 @@ use rusqlite::{Connection, Row};
 use uuid::Uuid;
 
 use super::rows::{
-    Query, be, execute, fetch, fetch_optional, from_json, from_micros, get, i64_of, int, is_unique_violation, micros,
-    nanos, opt_from_micros, opt_uuid, parse, text, to_json, u64_of, uuid,
+    Query, be, execute, fetch, fetch_optional, from_json, from_micros, get, i64_of, int, is_unique_violation,
+    json_text, micros, nanos, opt_from_micros, opt_uuid, parse, text, to_json, u64_of, uuid,
 };
 
 pub(super) fn usage_from_row(r: &Row<'_>) -> StoreResult<Usage> {
@@ -43,7 +43,7 @@ pub(super) fn ledger_from_row(r: &Row<'_>) -> StoreResult<LedgerEvent> {
             duration_ms: get::<Option<i64>>(r, "duration_ms")?.map(u64_of).transpose()?,
             model: get(r, "model")?,
             tool: get(r, "tool")?,
-            data: from_json(&get::<String>(r, "data_json")?)?,
+            data: json_text(get(r, "data_json")?)?,
             at: from_micros(get(r, "at")?)?,
         },
     })
@@ -85,7 +85,7 @@ pub(super) fn insert_ledger(conn: &Connection, e: &NewLedgerEvent) -> StoreResul
         int(e.duration_ms.map(i64_of).transpose()?),
         text(e.model.as_deref()),
         text(e.tool.as_deref()),
-        Value::Text(to_json(&e.data)?),
+        Value::Text(e.data.as_str().to_owned()),
         Value::Integer(micros(e.at)),
     ];
     execute(conn, SQL, &args).map_err(be)?;
@@ -562,7 +562,7 @@ mod tests {
             duration_ms: None,
             model: None,
             tool: Some("p/t".into()),
-            data: serde_json::Value::Null,
+            data: keel_kernel::json::JsonText::null(),
             at,
         }
     }

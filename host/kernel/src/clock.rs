@@ -6,7 +6,7 @@
 
 use std::sync::Mutex;
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{DateTime, Duration, Timelike, Utc};
 
 /// A source of "now".
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -16,7 +16,10 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
 
 /// Truncate a timestamp to the microsecond precision the stores keep.
 pub fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.duration_trunc(Duration::microseconds(1)).unwrap_or(t)
+    // Only the fraction of the second changes (never negative in chrono's representation, so
+    // this is a floor, like the stores' integer microseconds); cheaper than `duration_trunc`,
+    // which divides the whole timestamp, on every `now()`.
+    t.with_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap_or(t)
 }
 
 /// The system wall clock.
@@ -58,5 +61,32 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
         *self.now.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DurationRound, TimeZone};
+
+    use super::*;
+
+    /// The same instant the stores' integer microseconds give back, before and after the epoch.
+    #[test]
+    fn truncation_keeps_whole_microseconds() {
+        let cases = [
+            Utc.timestamp_opt(1_764_000_000, 123_456_789).unwrap(),
+            Utc.timestamp_opt(0, 999).unwrap(),
+            Utc.timestamp_opt(-1, 999_999_999).unwrap(),
+            Utc.timestamp_opt(-86_400 * 400, 1_500).unwrap(),
+        ];
+        for t in cases {
+            let truncated = truncate_micros(t);
+            assert_eq!(truncated, t.duration_trunc(Duration::microseconds(1)).unwrap(), "{t}");
+            assert_eq!(
+                DateTime::from_timestamp_micros(truncated.timestamp_micros()),
+                Some(truncated),
+                "{t}"
+            );
+        }
     }
 }

@@ -95,8 +95,8 @@ pub struct ExecutionContext {
     pub cancel: CancellationToken,
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
+fn random_hex<const BYTES: usize>() -> String {
+    let mut buf = [0u8; BYTES];
     rand::rng().fill_bytes(&mut buf);
     hex::encode(buf)
 }
@@ -110,8 +110,8 @@ impl ExecutionContext {
             session: None,
             run_id: Uuid::now_v7(),
             job_id: None,
-            trace_id: random_hex(16),
-            span_id: random_hex(8),
+            trace_id: random_hex::<16>(),
+            span_id: random_hex::<8>(),
             parent_span_id: None,
             budget: BudgetSpec::default(),
             policy: PolicyRef::default(),
@@ -149,7 +149,7 @@ impl ExecutionContext {
             run_id: self.run_id,
             job_id: None,
             trace_id: self.trace_id.clone(),
-            span_id: random_hex(8),
+            span_id: random_hex::<8>(),
             parent_span_id: Some(self.span_id.clone()),
             budget: self.budget.clone(),
             policy: self.policy.clone(),

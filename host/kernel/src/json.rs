@@ -1,7 +1,7 @@
 //! [`JsonText`]: a JSON document kept as its text, serialised once.
 //!
-//! A job's input and metadata and a journal entry's payload are written by the kernel from typed
-//! values and stored as text; almost nothing reads them back as a tree. Building a
+//! A job's input and metadata, a journal entry's payload, an event's data and a ledger entry's
+//! data are written by the kernel from typed values and stored as text; almost nothing reads them back as a tree. Building a
 //! `serde_json::Value` for each (a map node and a `String` per field) and serialising that tree
 //! again at the store was the largest part of a governed call's CPU in memory. `JsonText`
 //! serialises the typed value straight to text once, shares it (`Arc`: copies of a row do not
@@ -51,9 +51,7 @@ impl JsonText {
         let fields: std::collections::HashMap<String, &RawValue> = serde_json::from_str(self.as_str()).ok()?;
         serde_json::from_str(fields.get(key)?.get()).ok()
     }
-}
 
-impl JsonText {
     /// `null` (shared: no allocation).
     pub fn null() -> Self {
         static NULL: std::sync::OnceLock<Arc<RawValue>> = std::sync::OnceLock::new();

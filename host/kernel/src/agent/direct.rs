@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -212,20 +211,12 @@ impl DirectCall {
             now,
         );
         let started = status_event(JobState::Queued, &self.job, json!({ "owner": owner }), now);
-        #[derive(Serialize)]
-        struct ToolStart<'a> {
-            turn: u32,
-            call_id: &'a str,
-            tool: &'a str,
-            attempt: u32,
-        }
-        let tool_start = JsonText::of(&ToolStart {
+        let tool_start = run::data_json(&run::ToolStartData {
             turn: 1,
             call_id: CALL_ID,
             tool: &self.tool,
             attempt: 0,
-        })
-        .expect("a tool event serialises");
+        });
         let tool_start = self.event(EventType::ToolStart, tool_start, now);
         let entry = Entry::ToolStarted(journal::ToolStarted {
             reservation_id: self.hold.id,
@@ -306,12 +297,11 @@ impl DirectCall {
             duration_ms: Some(duration_ms),
             model: None,
             tool: Some(self.tool.clone()),
-            data: JsonText::of(&run::UsageData {
+            data: run::data_json(&run::UsageData {
                 turn: 1,
                 call_id: CALL_ID,
                 receipt: result.receipt.as_ref(),
-            })
-            .expect("a receipt serialises"),
+            }),
             now,
         };
         let mut next = self.job.clone();
@@ -348,19 +338,12 @@ impl DirectCall {
                 tool_calls: 1,
                 ..ExecutionUsage::default()
             };
-            #[derive(Serialize)]
-            struct FinalResult<'a> {
-                content: &'a str,
-                usage: &'a ExecutionUsage,
-                turns: u32,
-            }
-            let data = JsonText::of(&FinalResult {
+            let data = run::FinalResultData {
                 content: &result.content,
                 usage: &usage,
                 turns: 0,
-            })
-            .expect("a final event serialises");
-            let fin = self.event(EventType::FinalResult, data, now);
+            };
+            let fin = self.event(EventType::FinalResult, run::data_json(&data), now);
             let entry = journal::Final {
                 status: JobState::Succeeded,
                 content: Some(result.content.clone()),

@@ -1156,7 +1156,12 @@ impl Runner {
             call_id: call.id.clone(),
             attempt,
         });
-        let data = json!({ "turn": turn, "call_id": call.id, "tool": tool, "attempt": attempt });
+        let data = data_json(&ToolStartData {
+            turn,
+            call_id: &call.id,
+            tool: &tool,
+            attempt,
+        });
         let key = key::started(&base, attempt);
         self.commit_step(|job, now| {
             Ok(Step {
@@ -1257,12 +1262,11 @@ impl Runner {
         };
         let duration_ms = started.elapsed().as_millis() as u64;
         let (result, event_type, data) = tool_result(outcome, &tool, turn, &call.id, duration_ms);
-        let usage_data = JsonText::of(&UsageData {
+        let usage_data = data_json(&UsageData {
             turn,
             call_id: &call.id,
             receipt: result.receipt.as_ref(),
-        })
-        .expect("a receipt serialises");
+        });
         let entry = Entry::ToolResult(result.clone());
         self.commit_step(|job, now| {
             let mut next = bump(job, now);
@@ -1425,12 +1429,12 @@ impl Runner {
             next.result_ref = Some("journal:final".into());
             next.progress = 1.0;
             let status = status_event(job.state, &next, json!({ "result_ref": next.result_ref }), now);
-            let fin = job_event(
-                &next,
-                EventType::FinalResult,
-                json!({ "content": content, "usage": usage, "turns": next.turns }),
-                now,
-            );
+            let data = FinalResultData {
+                content: &content,
+                usage: &usage,
+                turns: next.turns,
+            };
+            let fin = job_event(&next, EventType::FinalResult, data_json(&data), now);
             Ok(Step {
                 next,
                 events: vec![status, fin],
@@ -1550,7 +1554,7 @@ pub(crate) fn tool_result(
             EventType::ToolError,
         ),
     };
-    let data = JsonText::of(&Ended {
+    let data = data_json(&Ended {
         turn,
         call_id,
         tool,
@@ -1558,8 +1562,7 @@ pub(crate) fn tool_result(
         message: result.error.as_ref().map(ToString::to_string),
         duration_ms,
         receipt: &receipt,
-    })
-    .expect("a tool event serialises");
+    });
     (
         journal::ToolResult {
             receipt: Some(receipt),
@@ -1576,6 +1579,28 @@ pub(crate) struct UsageData<'a> {
     pub(crate) turn: u32,
     pub(crate) call_id: &'a str,
     pub(crate) receipt: Option<&'a crate::tool::Receipt>,
+}
+
+/// The data of a `tool.start` event (the runner's and the direct call's).
+#[derive(Serialize)]
+pub(crate) struct ToolStartData<'a> {
+    pub(crate) turn: u32,
+    pub(crate) call_id: &'a str,
+    pub(crate) tool: &'a str,
+    pub(crate) attempt: u32,
+}
+
+/// The data of a `final.result` event (the runner's and the direct call's).
+#[derive(Serialize)]
+pub(crate) struct FinalResultData<'a> {
+    pub(crate) content: &'a str,
+    pub(crate) usage: &'a ExecutionUsage,
+    pub(crate) turns: u32,
+}
+
+/// Event or ledger data (strings, numbers, plain structs: serialising cannot fail) as JSON text.
+pub(crate) fn data_json(data: &impl Serialize) -> JsonText {
+    JsonText::of(data).expect("event and ledger data serialise")
 }
 
 /// Usage summed over journal entries.

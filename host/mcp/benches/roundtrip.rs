@@ -19,7 +19,7 @@
 //! `cargo bench --profile dev --bench roundtrip`; with Keel's crates optimised but the dev
 //! dependency build reused: `CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo bench --profile dev --bench roundtrip`.
 //!
-//! `KEEL_MCP_BENCH_ONLY=stdio,http,inproc` (any of them) runs only those scenarios, e.g. to profile
+//! `KEEL_MCP_BENCH_ONLY=stdio,stdio-memory,http,inproc` (any of them) runs only those scenarios, e.g. to profile
 //! one of them (`perf record` of the whole run then holds nothing else).
 //!
 //! The same binary is the servers: with `KEEL_MCP_BENCH_ROLE=floor|keel` it serves MCP on stdio.
@@ -97,7 +97,13 @@ async fn serve_role(role: &str) {
         }
         _ => {
             let home = std::env::var_os("KEEL_HOME").expect("KEEL_HOME");
-            let host = keel_host(std::path::Path::new(&home)).await;
+            let home = std::path::Path::new(&home);
+            let host = if role == "keel-memory" {
+                let choice = PolicyChoice::resolve(home, None).expect("policy");
+                Arc::new(AgentHost::open_in_memory(home, choice).await.expect("open in memory"))
+            } else {
+                keel_host(home).await
+            };
             let server = keel_mcp::McpServer::new(host).await.expect("server");
             server.serve_stdio("bench".into()).await.expect("serve");
         }
@@ -379,6 +385,23 @@ async fn driver((warmup, calls): (usize, usize)) {
         report("stdio", &m);
         stdio = Some(m);
     }
+    let mut stdio_memory = None;
+    if runs("stdio-memory") {
+        let (mut floor, mut keel) = (
+            Client::stdio("floor", home).await,
+            Client::stdio("keel-memory", home).await,
+        );
+        let m = interleaved(
+            (&mut floor, "noop__greet"),
+            (&mut keel, "hello__greet"),
+            (warmup, calls),
+        )
+        .await;
+        floor.close().await;
+        keel.close().await;
+        report("stdio, in-memory store", &m);
+        stdio_memory = Some(m);
+    }
 
     let host = keel_host(home).await;
     let mut http = None;
@@ -394,8 +417,9 @@ async fn driver((warmup, calls): (usize, usize)) {
         |m: &Option<Interleaved>| m.as_ref().map_or(f64::NAN, |m| m.round_diffs[m.round_diffs.len() / 2]);
     let p50 = |s: &Option<Stats>| s.as_ref().map_or(f64::NAN, |s| s.p50.as_secs_f64() * 1e6);
     println!(
-        "keel over the floor, median of per-round p50 differences: stdio {:.1} µs, http {:.1} µs (the governed call itself: {:.1} µs with SQLite, {:.1} µs in memory)",
+        "keel over the floor, median of per-round p50 differences: stdio {:.1} µs (in-memory store {:.1} µs), http {:.1} µs (the governed call itself: {:.1} µs with SQLite, {:.1} µs in memory)",
         round_median(&stdio),
+        round_median(&stdio_memory),
         round_median(&http),
         p50(&governed),
         p50(&in_memory)

@@ -29,6 +29,13 @@ pub struct BudgetSpec {
     pub max_runtime_ms: Option<u64>,
 }
 
+impl BudgetSpec {
+    /// Whether no limit is set.
+    pub fn is_unlimited(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Which policy governs a run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PolicyRef {
@@ -49,46 +56,63 @@ pub struct PolicyRef {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunVersions {
     /// Keel version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keel: Option<String>,
     /// Model identifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// Prompt or agent definition version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
     /// Plugin name -> content hash.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub plugins: BTreeMap<String, String>,
 }
 
+impl RunVersions {
+    /// Whether nothing is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.keel.is_none() && self.model.is_none() && self.prompt.is_none() && self.plugins.is_empty()
+    }
+}
+
 /// Context carried by every kernel operation.
+///
+/// Serialised (a job's checkpoint) without the fields that are unset, so a call's checkpoint is
+/// short; a missing field reads back as unset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecutionContext {
     /// Tenant scope: the isolation boundary.
     pub tenant: String,
     /// Who the work is done for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
     /// Conversation or session id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
     /// One agent run (may span several jobs).
     pub run_id: Uuid,
     /// The job this context belongs to, once there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<Uuid>,
     /// W3C trace id (32 hex chars).
     pub trace_id: String,
     /// Current span id (16 hex chars).
     pub span_id: String,
     /// Parent span id, if this context was derived from another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_span_id: Option<String>,
     /// Budget limits of the run.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BudgetSpec::is_unlimited")]
     pub budget: BudgetSpec,
     /// Policy governing the run.
     #[serde(default)]
     pub policy: PolicyRef,
     /// Pinned versions.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "RunVersions::is_empty")]
     pub versions: RunVersions,
     /// Free-form metadata.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, serde_json::Value>,
     /// Cancellation; not serialized (a restored context gets a fresh token).
     #[serde(skip)]
@@ -268,11 +292,36 @@ mod tests {
 
         let child = ctx.child();
         assert_eq!(child.trace_id, ctx.trace_id);
+        assert_eq!(
+            serde_json::from_str::<ExecutionContext>(&serde_json::to_string(&child).unwrap()).unwrap(),
+            child
+        );
         assert_eq!(child.run_id, ctx.run_id);
         assert_eq!(child.parent_span_id.as_deref(), Some(ctx.span_id.as_str()));
         assert_ne!(child.span_id, ctx.span_id);
         assert_eq!(child.job_id, None);
         assert_eq!(child.budget, ctx.budget);
+    }
+
+    #[test]
+    fn unset_fields_are_left_out_and_read_back_unset() {
+        let ctx = ExecutionContext::new("acme");
+        let json = serde_json::to_value(&ctx).unwrap();
+        let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["policy", "run_id", "span_id", "tenant", "trace_id"], "{json}");
+        let back: ExecutionContext = serde_json::from_value(json).unwrap();
+        assert_eq!(back, ctx);
+        // A checkpoint written with every field (before they were left out) still reads.
+        let old = serde_json::json!({
+            "tenant": "acme", "principal": null, "session": null, "run_id": ctx.run_id, "job_id": null,
+            "trace_id": ctx.trace_id, "span_id": ctx.span_id, "parent_span_id": null,
+            "budget": {"max_tokens": null, "max_cost": null, "max_tool_calls": null, "max_turns": null, "max_runtime_ms": null},
+            "policy": {"name": "", "version": null, "overrides": {}},
+            "versions": {"keel": null, "model": null, "prompt": null, "plugins": {}},
+            "metadata": {}
+        });
+        assert_eq!(serde_json::from_value::<ExecutionContext>(old).unwrap(), ctx);
     }
 
     #[tokio::test]

@@ -23,21 +23,27 @@ use crate::store::{
     StoreResult, hold_counts_against, plan_hold, plan_release, plan_reserve, plan_settle,
 };
 
+/// A map keyed by ids the kernel generates. Hashed with foldhash (seeded per process) rather than
+/// SipHash: a governed call makes a few dozen look-ups, and SipHash of a 16-byte id was ~5% of
+/// the in-memory call (`agent_memory/governed_call`). Keys a caller chooses (idempotency keys)
+/// stay on the standard hasher.
+type IdMap<V> = HashMap<Uuid, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 struct State {
-    jobs: HashMap<Uuid, Job>,
+    jobs: IdMap<Job>,
     job_keys: HashMap<(String, String), Uuid>,
-    actions: HashMap<Uuid, Action>,
+    actions: IdMap<Action>,
     token_hashes: HashMap<String, Uuid>,
     events: Vec<RuntimeEvent>,
-    job_seq: HashMap<Uuid, u64>,
+    job_seq: IdMap<u64>,
     ledger: Vec<LedgerEvent>,
     budgets: BTreeMap<Uuid, Budget>,
-    reservations: HashMap<Uuid, Reservation>,
-    journal: HashMap<Uuid, Vec<JournalEntry>>,
-    leases: HashMap<Uuid, Lease>,
+    reservations: IdMap<Reservation>,
+    journal: IdMap<Vec<JournalEntry>>,
+    leases: IdMap<Lease>,
     /// Last lease epoch per job (kept when a lease is released).
-    epochs: HashMap<Uuid, u64>,
+    epochs: IdMap<u64>,
 }
 
 /// What [`MemoryStore::check`] worked out for applying a batch.
@@ -138,7 +144,7 @@ impl MemoryStore {
     /// Validate `batch` against the rows as they are (plus the writes staged before each one),
     /// so a failure applies nothing.
     fn check(st: &State, batch: &Batch, store_now: DateTime<Utc>) -> StoreResult<Checked> {
-        let mut staged_jobs: HashMap<Uuid, &Job> = HashMap::new();
+        let mut staged_jobs: IdMap<&Job> = IdMap::default();
         let mut staged_keys: Vec<(String, String)> = Vec::new();
         for w in &batch.jobs {
             let current = staged_jobs.get(&w.job.id).copied().or_else(|| st.jobs.get(&w.job.id));
@@ -164,7 +170,7 @@ impl MemoryStore {
             }
             staged_jobs.insert(w.job.id, &w.job);
         }
-        let mut staged_actions: HashMap<Uuid, &Action> = HashMap::new();
+        let mut staged_actions: IdMap<&Action> = IdMap::default();
         for w in &batch.actions {
             let current = staged_actions
                 .get(&w.action.id)
@@ -357,7 +363,7 @@ impl MemoryStore {
             );
         }
         // The last write of each action wins, as it did in `check`.
-        let mut staged_actions: HashMap<Uuid, Action> = HashMap::new();
+        let mut staged_actions: IdMap<Action> = IdMap::default();
         for w in batch.actions {
             staged_actions.insert(w.action.id, w.action);
         }

@@ -39,7 +39,7 @@ use crate::journal::{self, Entry, key};
 use crate::json::JsonText;
 use crate::ledger::{LedgerKind, ReserveRequest, SettleRequest, Usage};
 use crate::policy::{Outcome, PolicyRequest};
-use crate::services::{SettleDetails, job_event, retry, status_event};
+use crate::services::{SettleDetails, StatusDetail, job_event, retry, status_event};
 use crate::store::{Batch, HoldWrite, JobWrite, LeaseClaim, LeaseGuard, NewJournalEntry, StoreError};
 use crate::tool::{ToolCallContext, ToolDescriptor};
 
@@ -210,7 +210,15 @@ impl DirectCall {
             json!({ "from": null, "to": JobState::Queued }),
             now,
         );
-        let started = status_event(JobState::Queued, &self.job, json!({ "owner": owner }), now);
+        let started = status_event(
+            JobState::Queued,
+            &self.job,
+            StatusDetail {
+                owner: Some(owner),
+                ..StatusDetail::default()
+            },
+            now,
+        );
         let tool_start = run::data_json(&run::ToolStartData {
             turn: 1,
             call_id: CALL_ID,
@@ -317,7 +325,15 @@ impl DirectCall {
             next.state = JobState::Failed;
             next.error = Some(error.clone());
             let reason = format!("{}: {}", error.code, error.message);
-            let status = status_event(JobState::Running, &next, json!({ "reason": reason }), now);
+            let status = status_event(
+                JobState::Running,
+                &next,
+                StatusDetail {
+                    reason: Some(reason.as_str()),
+                    ..StatusDetail::default()
+                },
+                now,
+            );
             let fin = self.event(
                 EventType::FinalError,
                 json!({ "code": error.code, "message": error.message }),
@@ -333,7 +349,15 @@ impl DirectCall {
             next.state = JobState::Succeeded;
             next.result_ref = Some("journal:final".into());
             next.progress = 1.0;
-            let status = status_event(JobState::Running, &next, json!({ "result_ref": next.result_ref }), now);
+            let status = status_event(
+                JobState::Running,
+                &next,
+                StatusDetail {
+                    result_ref: next.result_ref.as_deref(),
+                    ..StatusDetail::default()
+                },
+                now,
+            );
             let usage = ExecutionUsage {
                 tool_calls: 1,
                 ..ExecutionUsage::default()

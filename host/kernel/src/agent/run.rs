@@ -33,7 +33,7 @@ use crate::ledger::{
 };
 use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
 use crate::policy::{Outcome, Policy, PolicyRequest};
-use crate::services::{HoldRequest, SettleDetails, job_event, retry, status_event, transition};
+use crate::services::{HoldRequest, SettleDetails, StatusDetail, job_event, retry, status_event, transition};
 use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError, StoreResult};
 use crate::tool::{Receipt, ToolCallContext, ToolDescriptor, ToolError};
 
@@ -530,7 +530,15 @@ impl Runner {
         if job.state == JobState::Queued {
             self.commit_step(|job, now| {
                 let next = transition(job, JobState::Running, now)?;
-                let event = status_event(job.state, &next, json!({ "owner": self.rt.owner }), now);
+                let event = status_event(
+                    job.state,
+                    &next,
+                    StatusDetail {
+                        owner: Some(self.rt.owner.as_str()),
+                        ..StatusDetail::default()
+                    },
+                    now,
+                );
                 Ok(Step {
                     next,
                     events: vec![event],
@@ -1428,7 +1436,15 @@ impl Runner {
             let mut next = transition(job, JobState::Succeeded, now)?;
             next.result_ref = Some("journal:final".into());
             next.progress = 1.0;
-            let status = status_event(job.state, &next, json!({ "result_ref": next.result_ref }), now);
+            let status = status_event(
+                job.state,
+                &next,
+                StatusDetail {
+                    result_ref: next.result_ref.as_deref(),
+                    ..StatusDetail::default()
+                },
+                now,
+            );
             let data = FinalResultData {
                 content: &content,
                 usage: &usage,

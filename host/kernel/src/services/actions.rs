@@ -17,7 +17,7 @@ use crate::job::{JobError, JobState};
 use crate::store::{ActionWrite, Batch, JobWrite};
 
 use super::retry::{Attempt, on_conflict, optimistic};
-use super::{Core, action_event, status_event, transition};
+use super::{Core, StatusDetail, action_event, status_event, transition};
 
 impl Core {
     /// Take `action` (PENDING) to `state`, with the job effect that implies, in one transaction.
@@ -114,9 +114,15 @@ impl Core {
             if !job.state.is_terminal() {
                 let next = if job.state == JobState::WaitingAction && !others_pending {
                     let next = transition(&job, JobState::Running, now)?;
-                    batch
-                        .events
-                        .push(status_event(job.state, &next, json!({ "action_id": action.id }), now));
+                    batch.events.push(status_event(
+                        job.state,
+                        &next,
+                        StatusDetail {
+                            action_id: Some(action.id),
+                            ..StatusDetail::default()
+                        },
+                        now,
+                    ));
                     next
                 } else {
                     let mut same = job.clone();
@@ -198,9 +204,15 @@ impl ActionManager {
                 JobState::WaitingAction => {}
                 _ => {
                     let next = transition(&job, JobState::WaitingAction, now)?;
-                    batch
-                        .events
-                        .push(status_event(job.state, &next, json!({ "action_id": action_id }), now));
+                    batch.events.push(status_event(
+                        job.state,
+                        &next,
+                        StatusDetail {
+                            action_id: Some(action_id),
+                            ..StatusDetail::default()
+                        },
+                        now,
+                    ));
                     batch.jobs.push(JobWrite {
                         job: next,
                         expected_version: Some(job.version),

@@ -39,8 +39,26 @@ pub(crate) fn action_event(a: &Action, event_type: EventType, at: DateTime<Utc>)
     }
 }
 
-/// The event announcing `from -> next`.
-pub(crate) fn status_event(from: JobState, next: &Job, extra: serde_json::Value, now: DateTime<Utc>) -> NewEvent {
+/// What a status event says besides `from` and `to`: each field that is set is written. Typed,
+/// so no detail can repeat or overwrite `from` or `to`.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub(crate) struct StatusDetail<'a> {
+    /// Why the job moved (an error, a cancellation, its parent's end).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+    /// The runner that claimed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<&'a str>,
+    /// The action it waits for or was resumed by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action_id: Option<uuid::Uuid>,
+    /// Where its result is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_ref: Option<&'a str>,
+}
+
+/// The event announcing `from -> next`, with `detail`.
+pub(crate) fn status_event(from: JobState, next: &Job, detail: StatusDetail<'_>, now: DateTime<Utc>) -> NewEvent {
     let event_type = match (from, next.state) {
         (JobState::Queued, JobState::Running) => EventType::JobStarted,
         (_, JobState::Succeeded) => EventType::JobCompleted,
@@ -48,21 +66,49 @@ pub(crate) fn status_event(from: JobState, next: &Job, extra: serde_json::Value,
         (_, JobState::Cancelled) => EventType::JobCancelled,
         _ => EventType::JobStatusChanged,
     };
-    /// `{"from", "to"}` and the caller's fields, serialised at once.
     #[derive(Serialize)]
     struct Status<'a> {
         from: JobState,
         to: JobState,
         #[serde(flatten)]
-        extra: &'a serde_json::Map<String, serde_json::Value>,
+        detail: StatusDetail<'a>,
     }
-    let none = serde_json::Map::new();
-    let extra = extra.as_object().unwrap_or(&none);
     let data = JsonText::of(&Status {
         from,
         to: next.state,
-        extra,
+        detail,
     })
     .expect("a status event serialises");
     job_event(next, event_type, data, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::NewJob;
+
+    #[test]
+    fn a_status_event_writes_its_transition_once_and_each_detail_that_is_set() {
+        let now = Utc::now();
+        let mut job = Job::queued(NewJob::new("t1", "agent"), None, now);
+        job.state = JobState::Running;
+        let action = uuid::Uuid::new_v4();
+        let detail = StatusDetail {
+            reason: Some("because"),
+            owner: Some("runner-1"),
+            action_id: Some(action),
+            result_ref: None,
+        };
+        let event = status_event(JobState::Queued, &job, detail, now);
+        assert_eq!(event.event_type, EventType::JobStarted);
+        assert_eq!(
+            event.data.value(),
+            json!({"from": "QUEUED", "to": "RUNNING", "reason": "because", "owner": "runner-1", "action_id": action})
+        );
+        for key in ["\"from\"", "\"to\"", "\"reason\""] {
+            assert_eq!(event.data.as_str().matches(key).count(), 1, "{}", event.data.as_str());
+        }
+        let bare = status_event(JobState::Running, &job, StatusDetail::default(), now);
+        assert_eq!(bare.data.value(), json!({"from": "RUNNING", "to": "RUNNING"}));
+    }
 }

@@ -17,7 +17,7 @@ use crate::job::{Job, JobError, JobFilter, JobState, NewJob};
 use crate::store::{ActionWrite, Batch, JobWrite, LeaseClaim, StoreError};
 
 use super::retry::{Attempt, on_conflict, optimistic};
-use super::{Core, action_event, job_event, status_event};
+use super::{Core, StatusDetail, action_event, job_event, status_event};
 
 /// The new row for `job` moved to `to` at `now`, or `IllegalTransition`.
 pub(crate) fn transition(job: &Job, to: JobState, now: DateTime<Utc>) -> KernelResult<Job> {
@@ -119,9 +119,15 @@ impl Core {
                         message: format!("parent job {root} ended: {reason}"),
                     });
                 }
-                batch
-                    .events
-                    .push(status_event(job.state, &next, json!({ "reason": reason }), now));
+                batch.events.push(status_event(
+                    job.state,
+                    &next,
+                    StatusDetail {
+                        reason: Some(reason),
+                        ..StatusDetail::default()
+                    },
+                    now,
+                ));
                 for action in self.pending_actions(&job).await? {
                     let state = if Some(action.id) == expired_action {
                         ActionState::Expired
@@ -303,13 +309,13 @@ impl JobManager {
         id: Uuid,
         to: JobState,
         edit: impl Fn(&mut Job) + Send,
-        extra: serde_json::Value,
+        detail: StatusDetail<'_>,
     ) -> KernelResult<Job> {
         self.core
             .mutate_job(id, |job, now| {
                 let mut next = transition(job, to, now)?;
                 edit(&mut next);
-                let event = status_event(job.state, &next, extra.clone(), now);
+                let event = status_event(job.state, &next, detail, now);
                 Ok(Some((next, vec![event])))
             })
             .await
@@ -317,17 +323,20 @@ impl JobManager {
 
     /// QUEUED -> RUNNING.
     pub async fn start(&self, id: Uuid) -> KernelResult<Job> {
-        self.move_to(id, JobState::Running, |_| {}, json!({})).await
+        self.move_to(id, JobState::Running, |_| {}, StatusDetail::default())
+            .await
     }
 
     /// RUNNING -> WAITING_ACTION (creating an action does this itself).
     pub async fn wait_for_action(&self, id: Uuid) -> KernelResult<Job> {
-        self.move_to(id, JobState::WaitingAction, |_| {}, json!({})).await
+        self.move_to(id, JobState::WaitingAction, |_| {}, StatusDetail::default())
+            .await
     }
 
     /// WAITING_ACTION -> RUNNING (resolving the last pending action does this itself).
     pub async fn resume(&self, id: Uuid) -> KernelResult<Job> {
-        self.move_to(id, JobState::Running, |_| {}, json!({})).await
+        self.move_to(id, JobState::Running, |_| {}, StatusDetail::default())
+            .await
     }
 
     /// RUNNING -> SUCCEEDED, recording where the result is.
@@ -341,7 +350,10 @@ impl JobManager {
                     j.result_ref = r.clone();
                     j.progress = 1.0;
                 },
-                json!({ "result_ref": result_ref }),
+                StatusDetail {
+                    result_ref: result_ref.as_deref(),
+                    ..StatusDetail::default()
+                },
             )
             .await?;
         self.core.forget_token(id);

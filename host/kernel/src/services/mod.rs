@@ -18,7 +18,7 @@ mod ledger;
 pub mod retry;
 
 pub use actions::ActionManager;
-pub(crate) use events::{action_event, job_event, status_event};
+pub(crate) use events::{StatusDetail, action_event, job_event, status_event};
 pub use jobs::CreatedJob;
 pub use jobs::JobManager;
 pub(crate) use jobs::transition;

@@ -1,5 +1,6 @@
-//! The sandbox: one shared engine, prepared plugins (validated, precompiled, pre-linked), and
-//! calls that each run in a fresh store with only the granted capabilities and the call's limits.
+//! The sandbox: two engines (chosen by the linear memory a component declares), prepared plugins
+//! (validated, precompiled, pre-linked), and calls that each run in a fresh store with only the
+//! granted capabilities and the call's limits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -108,6 +109,24 @@ enum Kind {
 enum World {
     Tool,
     Plain,
+}
+
+impl PreparedPlugin {
+    /// The engine that compiled it and runs its calls: [`Sandbox::engine`], unless its core
+    /// modules declare more than 4 MiB of initial linear memory (CPython, a JavaScript engine),
+    /// which run on a second engine that resets a finished instance's memory in full rather than
+    /// page by page.
+    pub fn engine(&self) -> &Engine {
+        match &self.kind {
+            Kind::Tool(pre) => pre.engine(),
+            Kind::Plain { pre, .. } => pre.engine(),
+        }
+    }
+
+    /// Its sha256 and its engine.
+    fn id(&self) -> (&str, &Engine) {
+        (&self.sha256, self.engine())
+    }
 }
 
 impl std::fmt::Debug for PreparedPlugin {
@@ -226,8 +245,10 @@ enum LiveInstance {
 }
 
 struct Inner {
-    engine: Engine,
-    linker: Linker<State>,
+    /// Runs components that declare little linear memory (see [`MemoryClass`]).
+    small: Runtime,
+    /// Runs components that declare much (CPython, a JavaScript engine).
+    large: Runtime,
     cache: ArtifactCache,
     config: SandboxConfig,
     egress: Arc<crate::egress::Egress>,
@@ -238,6 +259,59 @@ struct Inner {
     /// `describe()` calls made (see [`Sandbox::describe_calls`]).
     describes: std::sync::atomic::AtomicU64,
     _ticker: EpochTicker,
+}
+
+/// An engine and the linker of Keel's host interfaces for it.
+struct Runtime {
+    engine: Engine,
+    linker: Linker<State>,
+}
+
+/// Which of the sandbox's two engines a component runs on. They differ only in how the pooling
+/// allocator resets a finished instance's linear memory: for a small one, only the pages the
+/// instance dirtied (Linux's `PAGEMAP_SCAN`); for a large one, the first
+/// [`SandboxConfig::memory_keep_resident_bytes`] in full. The scan finds at most 32 dirty regions
+/// (wasmtime's limit) and decommits everything after them, so a CPython heap, dirtied in hundreds
+/// of places, would fault its pages back in at every call: a ready python-exec `print(1)` measured
+/// ~1 ms slower with it, while a small tool's reset (~1 MiB `memset` for a Rust guest) shrinks to
+/// its few dirty pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemoryClass {
+    Small,
+    Large,
+}
+
+/// A component whose core modules declare more initial linear memory than this, in all, runs on
+/// the large-memory engine. Measured on Keel's guests: Rust and C ~1.1 MiB; componentize-js
+/// (StarlingMonkey) ~9 MiB, componentize-py (CPython) ~13–14 MiB.
+const SMALL_MEMORY_BYTES: u64 = 4 << 20;
+
+impl MemoryClass {
+    /// The class of a component whose core modules declare `bytes` of initial linear memory.
+    fn of(bytes: u64) -> Self {
+        if bytes > SMALL_MEMORY_BYTES {
+            Self::Large
+        } else {
+            Self::Small
+        }
+    }
+}
+
+/// Bytes of initial linear memory component `wasm`'s core modules declare in their memory
+/// sections (a memory one module imports is defined, and counted, in another). Unparseable bytes
+/// declare none: the compiler rejects them anyway.
+fn declared_memory_bytes(wasm: &[u8]) -> u64 {
+    let mut declared = 0u64;
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        let Ok(payload) = payload else { break };
+        if let wasmparser::Payload::MemorySection(memories) = payload {
+            for memory in memories.into_iter().flatten() {
+                let page = 1u64 << memory.page_size_log2.unwrap_or(16).min(16);
+                declared = declared.saturating_add(memory.initial.saturating_mul(page));
+            }
+        }
+    }
+    declared
 }
 
 /// Instances of finished calls still being freed off the caller's task (see
@@ -344,7 +418,7 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: Engine, tick: Duration) -> Self {
+    fn start(engines: Vec<Engine>, tick: Duration) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         std::thread::Builder::new()
@@ -352,7 +426,9 @@ impl EpochTicker {
             .spawn(move || {
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(tick);
-                    engine.increment_epoch();
+                    for engine in &engines {
+                        engine.increment_epoch();
+                    }
                 }
             })
             .expect("spawn epoch thread");
@@ -366,8 +442,9 @@ impl Drop for EpochTicker {
     }
 }
 
-/// Build the engine configuration. Only the features Keel uses are compiled in (see Cargo.toml).
-fn engine_config(config: &SandboxConfig) -> Config {
+/// Build the configuration of the engine for `class`. Only the features Keel uses are compiled in
+/// (see Cargo.toml).
+fn engine_config(config: &SandboxConfig, class: MemoryClass) -> Config {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true)
         .epoch_interruption(true)
@@ -400,32 +477,47 @@ fn engine_config(config: &SandboxConfig) -> Config {
         // indirect calls) then write to resident pages instead of taking a page fault and a TLB
         // shoot-down each, which cost ~15% of a small call (perf, `warm_call/keel`).
         .table_keep_resident(TABLE_KEEP_RESIDENT)
-        // Not PAGEMAP_SCAN (resetting only the pages an instance dirtied, Linux 6.7+): it saves
-        // ~8 µs of a small call (`warm_call/keel` 48 → 40 µs) but costs ~1 ms of a python-exec
-        // run, whose instance dirties many pages (ready + resident `print(1)` median 1.7–1.9 ms
-        // without it, 2.7–3.3 ms with it; `EXEC_BENCH_PROFILE=python` of the exec bench).
-        .pagemap_scan(wasmtime::Enabled::No);
+        // PAGEMAP_SCAN (Linux 6.7+; elsewhere wasmtime resets as usual) for small memories only:
+        // it saves ~8 µs of a small call (`warm_call/keel` 48 → 40 µs) but costs ~1 ms of a
+        // python-exec run (ready + resident `print(1)` median 1.7–1.9 ms without it, 2.7–3.3 ms
+        // with it; `EXEC_BENCH_PROFILE=python` of the exec bench). See [`MemoryClass`].
+        .pagemap_scan(match class {
+            MemoryClass::Small => wasmtime::Enabled::Auto,
+            MemoryClass::Large => wasmtime::Enabled::No,
+        });
     wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     wasm
 }
 
-impl Sandbox {
-    /// Create the engine, linker, epoch ticker and artifact cache.
-    pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
-        let engine = Engine::new(&engine_config(&config)).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
+impl Runtime {
+    fn new(config: &SandboxConfig, class: MemoryClass) -> Result<Self, SandboxError> {
+        let engine = Engine::new(&engine_config(config, class)).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         crate::host::add_to_linker(&mut linker).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
         crate::open_at::add_to_linker(&mut linker).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
+        Ok(Self { engine, linker })
+    }
+}
+
+impl Sandbox {
+    /// Create the engines, linkers, epoch ticker and artifact cache.
+    pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
+        let small = Runtime::new(&config, MemoryClass::Small)?;
+        let large = Runtime::new(&config, MemoryClass::Large)?;
+        // One artifact cache serves both: their compiled code is the same.
+        if compatibility(&small.engine) != compatibility(&large.engine) {
+            return Err(SandboxError::Host("the two engines compile differently".into()));
+        }
         raise_open_file_limit();
-        let cache = ArtifactCache::open(&config.cache_dir, &engine)
+        let cache = ArtifactCache::open(&config.cache_dir, &small.engine)
             .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
         let egress = Arc::new(crate::egress::Egress::new(&config).map_err(SandboxError::Host)?);
-        let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        let ticker = EpochTicker::start(vec![small.engine.clone(), large.engine.clone()], config.epoch_tick);
         let sessions = Mutex::new(Sessions::new(config.sessions.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
-                engine,
-                linker,
+                small,
+                large,
                 cache,
                 config,
                 egress,
@@ -439,9 +531,43 @@ impl Sandbox {
         })
     }
 
-    /// The engine (for benchmarks and advanced embedding).
+    /// The engine of components with little linear memory (for benchmarks and advanced
+    /// embedding; a component that declares much runs on a second one).
     pub fn engine(&self) -> &Engine {
-        &self.inner.engine
+        &self.inner.small.engine
+    }
+
+    fn runtime(&self, class: MemoryClass) -> &Runtime {
+        match class {
+            MemoryClass::Small => &self.inner.small,
+            MemoryClass::Large => &self.inner.large,
+        }
+    }
+
+    /// The [`MemoryClass`] of component `sha256`, whose bytes are `wasm`: from its kept note, else
+    /// read from `wasm` (and noted, for the starts that never read the component).
+    fn class_of(&self, sha256: &str, wasm: &[u8]) -> MemoryClass {
+        if let Some(class) = self.noted_class(sha256) {
+            return class;
+        }
+        let declared = declared_memory_bytes(wasm);
+        self.inner.cache.put_note(sha256, MEMORY_NOTE, &declared.to_le_bytes());
+        MemoryClass::of(declared)
+    }
+
+    /// The [`MemoryClass`] of component `sha256` from its kept note, if there is one.
+    fn noted_class(&self, sha256: &str) -> Option<MemoryClass> {
+        let note = self.inner.cache.get_note(sha256, MEMORY_NOTE)?;
+        Some(MemoryClass::of(u64::from_le_bytes(note.try_into().ok()?)))
+    }
+
+    /// The linker for components compiled by `engine`.
+    fn linker_for(&self, engine: &Engine) -> &Linker<State> {
+        if Engine::same(engine, &self.inner.large.engine) {
+            &self.inner.large.linker
+        } else {
+            &self.inner.small.linker
+        }
     }
 
     /// The configuration.
@@ -513,11 +639,21 @@ impl Sandbox {
         let wasm_len = store
             .len(sha256)
             .map_err(|e| SandboxError::Host(format!("the stored component {sha256}: {e}")))?;
-        let inner = self.inner.clone();
-        let sha = sha256.to_string();
-        let cached = tokio::task::spawn_blocking(move || inner.cache.load(&inner.engine, &sha, wasm_len as usize))
-            .await
-            .map_err(|e| SandboxError::Host(e.to_string()))?;
+        // Which engine loads the artifact was noted when the component was first prepared;
+        // without the note, the component is read.
+        let cached = match self.noted_class(sha256) {
+            Some(class) => {
+                let (inner, engine, sha) = (
+                    self.inner.clone(),
+                    self.runtime(class).engine.clone(),
+                    sha256.to_string(),
+                );
+                tokio::task::spawn_blocking(move || inner.cache.load(&engine, &sha, wasm_len as usize))
+                    .await
+                    .map_err(|e| SandboxError::Host(e.to_string()))?
+            }
+            None => None,
+        };
         if let Some(component) = cached {
             let load_time = started.elapsed();
             // A plain component's own metadata was kept, verified, when it was first prepared.
@@ -633,7 +769,7 @@ impl Sandbox {
                     return Ok(None);
                 };
                 let limits = &self.inner.config.describe;
-                let found = crate::exports::discover(&self.inner.engine, &component, limits)
+                let found = crate::exports::discover(component.engine(), &component, limits)
                     .map_err(SandboxError::WrongWorld)?;
                 let info =
                     crate::exports::plugin_info(&metadata, label, &found, limits).map_err(SandboxError::WrongWorld)?;
@@ -661,12 +797,13 @@ impl Sandbox {
     /// The verified cached artifact of `wasm`, or `wasm` compiled (not yet cached: see
     /// [`Sandbox::store_artifact`]).
     async fn load_or_compile(&self, sha256: &str, wasm: &[u8]) -> Result<(Component, CacheOutcome), SandboxError> {
+        let engine = self.runtime(self.class_of(sha256, wasm)).engine.clone();
         let inner = self.inner.clone();
         let sha = sha256.to_string();
         let bytes = wasm.to_vec();
-        tokio::task::spawn_blocking(move || match inner.cache.load(&inner.engine, &sha, bytes.len()) {
+        tokio::task::spawn_blocking(move || match inner.cache.load(&engine, &sha, bytes.len()) {
             Some(component) => Ok((component, CacheOutcome::Hit)),
-            None => Component::new(&inner.engine, &bytes).map(|c| (c, CacheOutcome::Compiled)),
+            None => Component::new(&engine, &bytes).map(|c| (c, CacheOutcome::Compiled)),
         })
         .await
         .map_err(|e| SandboxError::Host(e.to_string()))?
@@ -682,21 +819,23 @@ impl Sandbox {
     }
 
     fn instantiate_pre(&self, component: &Component) -> Result<InstancePre<State>, SandboxError> {
-        self.inner.linker.instantiate_pre(component).map_err(|e| {
-            let message = format!("{e:#}");
-            if message.contains("matching implementation was not found") || message.contains("import") {
-                SandboxError::UnsupportedImports(first_line(&message))
-            } else {
-                SandboxError::Invalid(first_line(&message))
-            }
-        })
+        self.linker_for(component.engine())
+            .instantiate_pre(component)
+            .map_err(|e| {
+                let message = format!("{e:#}");
+                if message.contains("matching implementation was not found") || message.contains("import") {
+                    SandboxError::UnsupportedImports(first_line(&message))
+                } else {
+                    SandboxError::Invalid(first_line(&message))
+                }
+            })
     }
 
     /// Check exports against the tool world (naming the version on a mismatch) and list imports.
     /// A component that exports no `keel:plugin/tools` at all is a plain one (its functions are
     /// the tools), unless all it exports is a WASI command.
     fn check_world(&self, component: &Component) -> Result<(ImportSummary, World), SandboxError> {
-        let engine = &self.inner.engine;
+        let engine = component.engine();
         let ty = component.component_type();
         let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
         let wanted = format!("{TOOLS_EXPORT}@{WIT_VERSION}");
@@ -769,6 +908,7 @@ impl Sandbox {
             ..
         } = self
             .new_store(
+                pre.engine(),
                 &Grants::default(),
                 &[],
                 &limits,
@@ -794,10 +934,12 @@ impl Sandbox {
         convert_info(raw, &self.inner.config.describe)
     }
 
-    /// Build a fresh store holding only `preopens` and the network and environment of `grants`,
-    /// under `limits`, its stdout and stderr handled as `stdio` says.
+    /// Build a fresh store of `engine` holding only `preopens` and the network and environment of
+    /// `grants`, under `limits`, its stdout and stderr handled as `stdio` says.
+    #[allow(clippy::too_many_arguments)]
     fn new_store(
         &self,
+        engine: &Engine,
         grants: &Grants,
         preopens: &[Preopen],
         limits: &Limits,
@@ -863,7 +1005,7 @@ impl Sandbox {
             journal: journal.clone(),
             max_log_bytes: limits.max_log_bytes,
         };
-        let mut store = Store::new(&self.inner.engine, state);
+        let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         // The guest's own handle tables hold one handle per host resource it keeps, plus lends.
         store.set_max_component_handles(handles.saturating_mul(2));
@@ -952,15 +1094,8 @@ impl Sandbox {
         );
         if let Some((stdout, stderr)) = streams {
             let stdio = StdioMode::Stream(stdout, stderr);
-            let mut live = match self.live_for(
-                &plugin.sha256,
-                tool_info,
-                &grants,
-                &preopens,
-                &limits,
-                fingerprint,
-                stdio,
-            ) {
+            let mut live = match self.live_for(plugin.id(), tool_info, &grants, &preopens, &limits, fingerprint, stdio)
+            {
                 Ok(live) => live,
                 Err(e) => return CallReport::unrun(ToolError::Host { message: e.to_string() }),
             };
@@ -1207,7 +1342,7 @@ impl Sandbox {
                 let made = async {
                     let mut live = this
                         .live_for(
-                            &sha256,
+                            (&sha256, pre.engine()),
                             &tool,
                             &grants,
                             &preopens,
@@ -1304,14 +1439,15 @@ impl Sandbox {
         fingerprint: String,
     ) -> Result<Live, SandboxError> {
         let stdio = StdioMode::Capture(limits.max_stdio_bytes as usize);
-        self.live_for(&plugin.sha256, tool, grants, preopens, limits, fingerprint, stdio)
+        self.live_for(plugin.id(), tool, grants, preopens, limits, fingerprint, stdio)
     }
 
-    /// [`Sandbox::live`] for the plugin `sha256`, its stdout and stderr handled as `stdio` says.
+    /// [`Sandbox::live`] for the plugin `sha256` compiled by `engine`, its stdout and stderr
+    /// handled as `stdio` says.
     #[allow(clippy::too_many_arguments)]
     fn live_for(
         &self,
-        sha256: &str,
+        (sha256, engine): (&str, &Engine),
         tool: &ToolInfo,
         grants: &Grants,
         preopens: &[Preopen],
@@ -1332,7 +1468,7 @@ impl Sandbox {
         } else {
             None
         };
-        let call = self.new_store(grants, preopens, limits, None, stdio, scratch.as_ref())?;
+        let call = self.new_store(engine, grants, preopens, limits, None, stdio, scratch.as_ref())?;
         Ok(Live {
             call,
             instance: None,
@@ -1640,6 +1776,7 @@ impl Sandbox {
             stderr,
             ..
         } = self.new_store(
+            pre.engine(),
             grants,
             &grants.fs.iter().cloned().map(Preopen::whole).collect::<Vec<_>>(),
             limits,
@@ -1701,6 +1838,14 @@ fn raise_open_file_limit() {
             tracing::debug!("cannot raise the open-file limit from {current} to {wanted}: {e}");
         }
     });
+}
+
+/// What decides whether `engine` can run code compiled by another engine.
+fn compatibility(engine: &Engine) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Reject non-wasm and core modules with a precise message before handing bytes to the compiler.
@@ -1872,6 +2017,8 @@ fn convert_tool_error(error: wit::ToolError) -> ToolError {
 
 /// The kind (and file suffix) of the cache note holding a component's checked `describe()` answer.
 const DESCRIPTION_NOTE: &str = "describe-v1";
+/// The note of a component's declared initial memory (see [`Sandbox::class_of`]).
+const MEMORY_NOTE: &str = "memory-v1";
 
 /// What a tool-world component's `describe()` answered, after [`convert_info`] checked it, kept
 /// next to its precompiled artifact under the cache's HMAC (`ArtifactCache::put_note`, bound to

@@ -1,6 +1,7 @@
 //! Issue 7, filesystem and resource-exhaustion holes: grants are opened by handle and verified
 //! (items 1 and 2), one call cannot take every descriptor (item 6), opening a FIFO cannot block a
-//! call past its deadline (item 9), and the memory limit counts all of a call's memories (item 10).
+//! call past its deadline (item 9), and the memory limit counts all of a call's memories (item 10);
+//! and a component declaring much memory runs on the engine whose memory reset suits it.
 //!
 //! The guests are `tests/guests/hostile` (plugin-wide grants) and `tests/guests/narrowed`, whose
 //! tools declare paths, so the host narrows its grants per tool.
@@ -11,7 +12,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use keel_kernel::tool::{ToolCallContext, ToolError};
-use keel_sandbox::{CallReport, FsGrant, FsMode, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig};
+use keel_sandbox::{
+    CacheOutcome, CallReport, ComponentStore, FsGrant, FsMode, Grants, Limits, PreparedPlugin, Sandbox, SandboxConfig,
+};
 use serde_json::{Value, json};
 
 const SECRET: &str = "secret-outside-the-grant";
@@ -493,6 +496,42 @@ fn with_extra_memories(wasm: &[u8], extra: u32, pages: u64) -> Vec<u8> {
     let mut out = wasm.to_vec();
     out.extend_from_slice(&appended[8..]); // skip the second header
     out
+}
+
+/// A component whose modules declare much linear memory runs on the sandbox's second engine (its
+/// memory reset in full, not page by page: `MemoryClass` in `sandbox.rs`), a small one on the
+/// first; either way, freshly compiled and from the cached artifact, and call after call in a
+/// reused pool slot.
+#[tokio::test]
+async fn a_component_declaring_much_memory_runs_on_the_large_memory_engine() {
+    let small = keel_testutil::guest_bytes("keel-test-hostile");
+    let large = with_extra_memories(&small, 1, (16 << 20) / 65536);
+    let dir = tempfile::tempdir().unwrap();
+    let store = ComponentStore::new(dir.path().join("components"));
+    let limits = Limits {
+        memory_bytes: 64 << 20,
+        ..Limits::default()
+    };
+    for (wasm, on_first) in [(&small, true), (&large, false)] {
+        let sha = store.put(wasm).unwrap();
+        for expected in [CacheOutcome::Compiled, CacheOutcome::Hit] {
+            let mut config = SandboxConfig::new(dir.path().join("cache"));
+            config.pool_instances = 16;
+            let sandbox = Sandbox::new(config).expect("sandbox");
+            let plugin = sandbox.prepare_stored(&store, &sha, "hostile").await.unwrap();
+            assert_eq!(plugin.cache, expected);
+            assert_eq!(
+                wasmtime::Engine::same(plugin.engine(), sandbox.engine()),
+                on_first,
+                "{} bytes, {expected:?}",
+                wasm.len()
+            );
+            for _ in 0..3 {
+                let report = call(&sandbox, &plugin, &Grants::default(), &limits, "ok", json!({})).await;
+                assert!(report.result.is_ok(), "{:?}", report.result);
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -371,37 +371,16 @@ async fn driver((warmup, calls): (usize, usize)) {
     let only = std::env::var("KEEL_MCP_BENCH_ONLY").unwrap_or_default();
     let runs = |scenario: &str| only.is_empty() || only.split(',').any(|s| s.trim() == scenario);
 
-    let mut stdio = None;
-    if runs("stdio") {
-        let (mut floor, mut keel) = (Client::stdio("floor", home).await, Client::stdio("keel", home).await);
-        let m = interleaved(
-            (&mut floor, "noop__greet"),
-            (&mut keel, "hello__greet"),
-            (warmup, calls),
-        )
-        .await;
-        floor.close().await;
-        keel.close().await;
-        report("stdio", &m);
-        stdio = Some(m);
-    }
-    let mut stdio_memory = None;
-    if runs("stdio-memory") {
-        let (mut floor, mut keel) = (
-            Client::stdio("floor", home).await,
-            Client::stdio("keel-memory", home).await,
-        );
-        let m = interleaved(
-            (&mut floor, "noop__greet"),
-            (&mut keel, "hello__greet"),
-            (warmup, calls),
-        )
-        .await;
-        floor.close().await;
-        keel.close().await;
-        report("stdio, in-memory store", &m);
-        stdio_memory = Some(m);
-    }
+    let stdio = if runs("stdio") {
+        Some(stdio_scenario(home, "keel", "stdio", (warmup, calls)).await)
+    } else {
+        None
+    };
+    let stdio_memory = if runs("stdio-memory") {
+        Some(stdio_scenario(home, "keel-memory", "stdio, in-memory store", (warmup, calls)).await)
+    } else {
+        None
+    };
 
     let host = keel_host(home).await;
     let mut http = None;
@@ -427,6 +406,27 @@ async fn driver((warmup, calls): (usize, usize)) {
 }
 
 /// The floor and Keel over Streamable HTTP, interleaved.
+/// The floor and Keel's server in `role` (`keel`, or `keel-memory` for the in-memory store), both
+/// over stdio, measured in turn and reported as `label`.
+async fn stdio_scenario(
+    home: &std::path::Path,
+    role: &str,
+    label: &str,
+    (warmup, calls): (usize, usize),
+) -> Interleaved {
+    let (mut floor, mut keel) = (Client::stdio("floor", home).await, Client::stdio(role, home).await);
+    let m = interleaved(
+        (&mut floor, "noop__greet"),
+        (&mut keel, "hello__greet"),
+        (warmup, calls),
+    )
+    .await;
+    floor.close().await;
+    keel.close().await;
+    report(label, &m);
+    m
+}
+
 async fn http_scenario(host: &Arc<AgentHost>, (warmup, calls): (usize, usize)) -> Interleaved {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
     let floor_router = axum::Router::new().nest_service(

@@ -405,7 +405,6 @@ async fn driver((warmup, calls): (usize, usize)) {
     );
 }
 
-/// The floor and Keel over Streamable HTTP, interleaved.
 /// The floor and Keel's server in `role` (`keel`, or `keel-memory` for the in-memory store), both
 /// over stdio, measured in turn and reported as `label`.
 async fn stdio_scenario(
@@ -427,6 +426,7 @@ async fn stdio_scenario(
     m
 }
 
+/// The floor and Keel over Streamable HTTP, interleaved.
 async fn http_scenario(host: &Arc<AgentHost>, (warmup, calls): (usize, usize)) -> Interleaved {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
     let floor_router = axum::Router::new().nest_service(

@@ -86,6 +86,25 @@ pub struct ToolResult {
     pub diagnostics: Diagnostics,
 }
 
+/// How the model's text of a refused call begins (`content` of a refusal).
+pub(crate) const REFUSAL_PREFIX: &str = "error: ";
+
+impl ToolResult {
+    /// Why the call failed or was refused, for people and programs (a job's error, `keel call`,
+    /// MCP, the API), without the framing `content` gives it for the model (`error (kind): ` for
+    /// a tool's error, `error: ` for a refusal): the kind is [`code`](Self::code) already.
+    pub fn reason(&self) -> String {
+        match &self.error {
+            Some(e) => e.to_string(),
+            None => self
+                .content
+                .strip_prefix(REFUSAL_PREFIX)
+                .unwrap_or(&self.content)
+                .to_string(),
+        }
+    }
+}
+
 /// Payload of [`Entry::ApprovalRequested`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApprovalRequested {

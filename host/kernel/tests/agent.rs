@@ -687,3 +687,54 @@ async fn a_degrade_budget_switches_to_the_degrade_model() {
             .any(|e| e.event_type == EventType::Progress && e.data.value()["degraded_to"] == "cheap-model");
     assert!(switched, "the switch is visible in the job's events");
 }
+
+/// A direct call that fails or is refused records its error for people and programs (the job's
+/// error, `keel call`, MCP, the API) as the bare reason: the `error: ` / `error (kind): ` framing
+/// is for the model's tool message only, and the kind is the error's own field. Both paths: the
+/// direct one (no idempotency key) and the runner (with one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_direct_call_records_its_reason_without_the_model_facing_prefix() {
+    let tools = FakeTools::new();
+    tools.add(
+        "p/strict",
+        json!({"type": "object", "required": ["name"]}),
+        true,
+        |_| async { Ok(json!({})) },
+    );
+    tools.add("p/fails", json!({"type": "object"}), false, |_| async {
+        Err(keel_kernel::tool::ToolError::InvalidInput {
+            message: "`name` must not be empty".into(),
+        })
+    });
+    let s = setup(vec![], tools, ASK_WRITES);
+    let ctx = keel_kernel::context::ExecutionContext::new("acme");
+    for key in [None, Some("k1".to_string())] {
+        let h =
+            s.rt.call_tool(&ctx, "p/fails", json!({}), key.clone())
+                .await
+                .expect("call");
+        let failed = result(&h).await;
+        assert_eq!(failed.status, JobState::Failed);
+        let error = failed.error.expect("an error");
+        assert_eq!(error.code, "invalid_input");
+        assert_eq!(error.message, "invalid input: `name` must not be empty", "key {key:?}");
+        let key = key.map(|k| format!("{k}-refused"));
+        let h =
+            s.rt.call_tool(&ctx, "p/strict", json!({}), key.clone())
+                .await
+                .expect("call");
+        let refused = result(&h).await;
+        let error = refused.error.expect("an error");
+        assert_eq!(error.code, "invalid_input");
+        assert!(
+            error.message.starts_with("invalid input for `p/strict`: "),
+            "key {key:?}: {}",
+            error.message
+        );
+        let tool_result = refused.tool_result.expect("the tool result");
+        assert!(
+            tool_result.content.starts_with("error: invalid input for `p/strict`"),
+            "the model's text keeps it"
+        );
+    }
+}

@@ -176,7 +176,7 @@ async fn exec_code(home: &Path, lang: CodeLang, args: ExecArgs) -> CliResult {
     // The code did not run to an end: refused (policy, budget, schema) or stopped (deadline, memory).
     let message = match (result.and_then(|r| r.error.as_ref()), &outcome.call.error) {
         (Some(error), _) => error.to_string(),
-        (None, Some(e)) => format!("{} ({})", e.message.trim_start_matches("error: "), e.code),
+        (None, Some(e)) => format!("{} ({})", e.message, e.code),
         (None, None) => format!("the call ended {}", outcome.call.status),
     };
     Err(CliError::plugin(format!("{plugin}: {message}")))

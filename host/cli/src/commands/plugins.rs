@@ -613,7 +613,7 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     let Some(e) = outcome.error else {
         return Err(CliError::plugin(format!("the call ended {}", outcome.status)));
     };
-    let message = format!("{} ({})", e.message.trim_start_matches("error: "), e.code);
+    let message = format!("{} ({})", e.message, e.code);
     // Arguments the tool's schema refuses are the caller's mistake, as when the tool refuses them.
     Err(match e.code.as_str() {
         "invalid_input" | "unknown_tool" => CliError::user(message),

@@ -320,7 +320,7 @@ impl DirectCall {
         let (end_events, fin) = if result.is_error {
             let error = JobError {
                 code: result.code.clone().unwrap_or_else(|| "failed".into()),
-                message: result.content.clone(),
+                message: result.reason(),
             };
             next.state = JobState::Failed;
             next.error = Some(error.clone());

@@ -618,7 +618,7 @@ impl Runner {
         let result = self.call_step(1, 0, &model_call, desc.as_ref()).await?;
         if result.is_error {
             let code = result.code.clone().unwrap_or_else(|| "failed".into());
-            return Err(Stop::Fail(job_error(&code, result.content)));
+            return Err(Stop::Fail(job_error(&code, result.reason())));
         }
         self.complete(result.content).await
     }
@@ -1040,7 +1040,7 @@ impl Runner {
         message: String,
     ) -> Result<journal::ToolResult, Stop> {
         let result = journal::ToolResult {
-            content: message.clone(),
+            content: format!("{}{message}", journal::REFUSAL_PREFIX),
             is_error: true,
             code: Some(code.to_string()),
             ran: false,
@@ -1078,7 +1078,7 @@ impl Runner {
             None => {}
         }
         let Some(desc) = desc else {
-            let msg = format!("error: there is no tool named `{}`", call.name);
+            let msg = format!("there is no tool named `{}`", call.name);
             return self.refuse(&base, call, &call.name, "unknown_tool", msg).await;
         };
         let tool = desc.qualified_name();
@@ -1087,7 +1087,7 @@ impl Runner {
         // stopped while the last one ran and its outcome is unknown.
         let attempt = self.attempts_started(&base);
         if let Err(errors) = schema::validate(&desc.input_schema, args) {
-            let msg = format!("error: invalid input for `{tool}`: {}", errors.join("; "));
+            let msg = format!("invalid input for `{tool}`: {}", errors.join("; "));
             return self.refuse(&base, call, &tool, "invalid_input", msg).await;
         }
         let decision = self.policy.evaluate_with(
@@ -1105,7 +1105,7 @@ impl Runner {
         match decision.outcome {
             Outcome::Allow | Outcome::Warn => {}
             Outcome::Deny => {
-                let msg = format!("error: the call to `{tool}` was denied by policy: {}", decision.reason);
+                let msg = format!("the call to `{tool}` was denied by policy: {}", decision.reason);
                 return self.refuse(&base, call, &tool, "policy_denied", msg).await;
             }
             Outcome::RequireApproval => {
@@ -1114,7 +1114,7 @@ impl Runner {
                     .approval(&key::approval(&base), call, &tool, title, &decision.reason)
                     .await?
                 {
-                    let msg = format!("error: the call to `{tool}` was denied by a human reviewer");
+                    let msg = format!("the call to `{tool}` was denied by a human reviewer");
                     return self.refuse(&base, call, &tool, "approval_denied", msg).await;
                 }
             }
@@ -1137,7 +1137,7 @@ impl Runner {
                     .await?;
                 if !approved {
                     let msg = format!(
-                        "error: the host stopped while `{tool}` was running and a human chose not to re-run it; its effect is unknown"
+                        "the host stopped while `{tool}` was running and a human chose not to re-run it; its effect is unknown"
                     );
                     return self.refuse(&base, call, &tool, "interrupted", msg).await;
                 }

@@ -156,6 +156,48 @@ fn malformed_components_are_refused_and_nothing_is_stored() {
     assert_eq!(stored, 0, "no component bytes may be stored for a refused install");
 }
 
+/// What `keel install` and `keel exec` read is a regular file of bounded size (or stdin, bounded
+/// too): a device (`/dev/zero`) was read until memory ran out and a FIFO blocked the open forever.
+#[test]
+fn inputs_that_are_not_regular_files_or_are_too_large_are_refused_at_once() {
+    let keel = Keel::new();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("plugin.wasm");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let huge = dir.path().join("huge.wasm");
+    std::fs::File::create(&huge).unwrap().set_len(300 << 20).unwrap();
+    let cases = [
+        (vec!["install", "/dev/zero"], "not a regular file"),
+        (vec!["install", fifo.to_str().unwrap()], "not a regular file"),
+        (vec!["exec", fifo.to_str().unwrap()], "not a regular file"),
+        (vec!["install", huge.to_str().unwrap()], "larger than 256 MiB"),
+    ];
+    for (args, expected) in cases {
+        let mut child = keel.command(&args).stderr(Stdio::piped()).spawn().unwrap();
+        let status = common::wait_or_kill(&mut child, std::time::Duration::from_secs(30));
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{args:?} ends at once with a user error: {err}"
+        );
+        one_clear_line(&err);
+        assert!(err.contains(expected), "{args:?}: expected `{expected}` in {err}");
+    }
+    let mut child = keel
+        .command(&["install", "-"])
+        .stdin(std::fs::File::open(&huge).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = common::wait_or_kill(&mut child, std::time::Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{err}");
+    assert!(err.contains("larger than 256 MiB"), "{err}");
+}
+
 #[test]
 fn install_from_stdin() {
     let keel = Keel::new();

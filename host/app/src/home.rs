@@ -167,6 +167,10 @@ impl KeelConfig {
                     .sandbox
                     .check()
                     .map_err(|e| AppError::user(format!("{}: {e}", path.display())))?;
+                config
+                    .limits
+                    .check(config.sandbox.max_memory_bytes)
+                    .map_err(|e| AppError::user(format!("{}: [limits] {e}", path.display())))?;
                 // Relative to the config file, not to wherever `keel` happens to be started.
                 for provider in config.models.providers.values_mut() {
                     if let Some(script) = provider.script.as_mut().filter(|s| s.is_relative()) {
@@ -334,15 +338,26 @@ impl App {
         let grants = grants_of(record)?;
         self.check_grants(&grants)
             .map_err(|e| AppError::user(format!("plugin `{}` is refused: {e}", record.name)))?;
-        let limits = self
-            .limits_of(record)
-            .map_err(|e| AppError::internal(format!("stored limits of `{}` are invalid: {e}", record.name)))?;
+        let limits = self.limits_of(record).map_err(|e| {
+            AppError::user(format!(
+                "plugin `{}`: {}; change it with `keel plugins limits {}`",
+                record.name, e.message, record.name
+            ))
+        })?;
         Ok((plugin.clone(), grants, limits))
     }
 
-    /// The limits a plugin's calls run under: the global `[limits]` with its own overrides applied.
-    pub fn limits_of(&self, record: &PluginRecord) -> Result<Limits, serde_json::Error> {
-        self.config.limits.overridden_by(&record.limits)
+    /// The limits a plugin's calls run under: the global `[limits]` with its own overrides
+    /// applied; a user error when no call could run under them (see [`Limits::check`]).
+    pub fn limits_of(&self, record: &PluginRecord) -> Result<Limits, AppError> {
+        let invalid = |e: String| AppError::user(format!("invalid limit: {e}"));
+        let limits = self
+            .config
+            .limits
+            .overridden_by(&record.limits)
+            .map_err(|e| invalid(e.to_string()))?;
+        limits.check(self.config.sandbox.max_memory_bytes).map_err(invalid)?;
+        Ok(limits)
     }
 
     /// Refuse any directory grant that contains the Keel home, or lies in its `components` or

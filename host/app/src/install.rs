@@ -118,10 +118,13 @@ impl App {
             Some(old) if empty => old.limits.clone(),
             _ => request.limits.clone(),
         };
-        self.config
+        let invalid = |e: String| AppError::user(format!("invalid limit: {e}"));
+        let effective = self
+            .config
             .limits
             .overridden_by(&limits)
-            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
+            .map_err(|e| invalid(e.to_string()))?;
+        effective.check(self.config.sandbox.max_memory_bytes).map_err(invalid)?;
 
         let stored = self
             .components
@@ -149,11 +152,6 @@ impl App {
         }
         let scratch = &self.sandbox.config().scratch;
         notes.extend(reach_warnings(&plugin.info, &plugin.imports, &grants, scratch));
-        let effective = self
-            .config
-            .limits
-            .overridden_by(&record.limits)
-            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
         let provided = provided_without_grant(&plugin.info, &plugin.imports, &grants, scratch, &effective);
         let record = self
             .db

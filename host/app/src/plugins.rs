@@ -118,7 +118,8 @@ impl LimitOverrides {
     pub fn to_map(&self) -> serde_json::Map<String, Value> {
         let mut map = serde_json::Map::new();
         if let Some(mb) = self.memory_mb {
-            map.insert("memory_bytes".into(), json!(mb << 20));
+            // Saturating: a shift would wrap 2^44 MiB to a 0-byte cap; the ceiling check refuses this.
+            map.insert("memory_bytes".into(), json!(mb.saturating_mul(1 << 20)));
         }
         if let Some(ms) = self.timeout_ms {
             map.insert("timeout_ms".into(), json!(ms));
@@ -132,11 +133,16 @@ impl LimitOverrides {
         map
     }
 
-    /// `limits` with these overrides applied; an impossible value is the user's error.
+    /// `limits` with these overrides applied; an impossible value is the user's error (a memory
+    /// cap above the sandbox's ceiling is refused where the ceiling is known: by the [`App`]).
     pub fn apply(&self, limits: &Limits) -> Result<Limits, AppError> {
-        limits
+        let limits = limits
             .overridden_by(&Value::Object(self.to_map()))
-            .map_err(|e| AppError::user(format!("invalid limit: {e}")))
+            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
+        limits
+            .check(u64::MAX)
+            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
+        Ok(limits)
     }
 }
 
@@ -359,11 +365,7 @@ impl App {
         };
         map.extend(overrides.to_map());
         record.limits = Value::Object(map);
-        let limits = self
-            .config
-            .limits
-            .overridden_by(&record.limits)
-            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
+        let limits = self.limits_of(&record)?;
         self.db.upsert_plugin(&record).await?;
         Ok(LimitsChanged {
             limits,

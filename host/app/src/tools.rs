@@ -411,7 +411,14 @@ impl RegistryToolHost {
             }
         };
         let limits = match &self.limits {
-            Some(change) => change(&limits).map_err(|why| ToolError::InvalidInput { message: why })?,
+            Some(change) => {
+                let invalid = |why: String| ToolError::InvalidInput { message: why };
+                let changed = change(&limits).map_err(invalid)?;
+                changed
+                    .check(self.app.config.sandbox.max_memory_bytes)
+                    .map_err(|why| invalid(format!("invalid limit: {why}")))?;
+                changed
+            }
             None => limits,
         };
         Ok((prepared, grants, limits, name))

@@ -359,6 +359,45 @@ fn per_plugin_limits_apply() {
     assert_eq!(limits["timeout_ms"], 10_000);
 }
 
+/// A limit no call could run under is refused where it is given, naming it, and nothing changes:
+/// `--memory-mb 17592186044416` (2^44) wrapped to a 0-byte cap that failed every later call, and
+/// a cap above the sandbox's ceiling was shown as set but silently lowered to the ceiling.
+#[test]
+fn limits_no_call_could_run_under_are_refused_where_they_are_given() {
+    let keel = Keel::new();
+    keel.expect(&["install", &guest("hello")], 0);
+    let before = keel.json(&["plugins", "show", "hello", "--json"])["limits"].clone();
+    for (flags, expected) in [
+        (vec!["--memory-mb", "17592186044416"], "above the sandbox's ceiling of 1024 MiB"),
+        (vec!["--memory-mb", "18446744073709551615"], "above the sandbox's ceiling of 1024 MiB"),
+        (vec!["--memory-mb", "2048"], "above the sandbox's ceiling of 1024 MiB"),
+        (vec!["--memory-mb", "0"], "`memory_bytes` is 0"),
+        (vec!["--timeout-ms", "0"], "`timeout_ms` is 0"),
+    ] {
+        let mut args = vec!["plugins", "limits", "hello"];
+        args.extend(&flags);
+        let err = keel.stderr(&args, 2);
+        one_clear_line(&err);
+        assert!(err.contains(expected), "{flags:?}: expected `{expected}` in {err}");
+        let mut call = vec!["call", "hello/greet", r#"{"name":"Ada"}"#];
+        call.extend(&flags);
+        let err = keel.stderr(&call, 2);
+        assert!(err.contains(expected), "keel call {flags:?}: expected `{expected}` in {err}");
+    }
+    assert_eq!(keel.json(&["plugins", "show", "hello", "--json"])["limits"], before, "nothing was stored");
+    keel.expect(&["call", "hello/greet", r#"{"name":"Ada"}"#], 0);
+    std::fs::write(keel.home.path().join("config.toml"), "[limits]\nmemory_bytes = 0\n").unwrap();
+    let err = keel.stderr(&["plugins", "list"], 2);
+    assert!(err.contains("`memory_bytes` is 0"), "{err}");
+    std::fs::write(
+        keel.home.path().join("config.toml"),
+        "[limits]\nmemory_bytes = 2147483648\n[sandbox]\nmax_memory_bytes = 1073741824\n",
+    )
+    .unwrap();
+    let err = keel.stderr(&["plugins", "list"], 2);
+    assert!(err.contains("above the sandbox's ceiling of 1024 MiB"), "{err}");
+}
+
 #[test]
 fn exec_runs_wasi_commands_under_grants() {
     let keel = Keel::new();

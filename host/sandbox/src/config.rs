@@ -72,6 +72,26 @@ impl Limits {
         }
     }
 
+    /// Why no call could run under these limits, if none could: a memory cap or a deadline of 0
+    /// would fail every call, and a memory cap above the sandbox's `ceiling`
+    /// ([`SandboxConfig::max_memory_bytes`], the size of its memory slots) could not be given.
+    pub fn check(&self, ceiling: u64) -> Result<(), String> {
+        if self.memory_bytes == 0 {
+            return Err("`memory_bytes` is 0: no call could run (a WebAssembly page is 64 KiB)".into());
+        }
+        if self.memory_bytes > ceiling {
+            return Err(format!(
+                "`memory_bytes` is {}, above the sandbox's ceiling of {} (`[sandbox] max_memory_bytes`)",
+                size(self.memory_bytes),
+                size(ceiling)
+            ));
+        }
+        if self.timeout_ms == 0 {
+            return Err("`timeout_ms` is 0: no call could run".into());
+        }
+        Ok(())
+    }
+
     /// The wall-clock deadline as a [`Duration`].
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
@@ -86,6 +106,15 @@ impl Limits {
             }
         }
         serde_json::from_value(merged)
+    }
+}
+
+/// `bytes` in MiB when it is a whole number of them.
+fn size(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
     }
 }
 

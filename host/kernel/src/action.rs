@@ -40,7 +40,8 @@ macro_rules! string_enum {
             }
         }
         impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+            // `pad`, not `write_str`: tables give it a width (`{:<9}`).
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.pad(self.as_str()) }
         }
         impl FromStr for $name {
             type Err = crate::action::ParseEnumError;

@@ -76,7 +76,8 @@ impl JobState {
 
 impl fmt::Display for JobState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad`, not `write_str`: tables give it a width (`{:<14}`).
+        f.pad(self.as_str())
     }
 }
 
@@ -342,6 +343,17 @@ impl JobFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state is printed in tables (`keel jobs list`): `{:<14}` must pad it.
+    #[test]
+    fn a_state_honours_width_and_alignment() {
+        assert_eq!(format!("{:<10}|", JobState::Failed), "FAILED    |");
+        assert_eq!(format!("{:>10}|", JobState::Running), "   RUNNING|");
+        let action = crate::action::ActionState::Pending;
+        assert_eq!(format!("{action:<9}|"), "PENDING  |");
+        let kind = crate::action::ActionType::Approval;
+        assert_eq!(format!("{kind:<13}|").len(), 14);
+    }
 
     #[test]
     fn transition_table() {

@@ -14,7 +14,7 @@ pub enum FsMode {
 
 impl std::fmt::Display for FsMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             FsMode::Read => "read",
             FsMode::ReadWrite => "read-write",
         })

@@ -186,6 +186,21 @@ fn inputs_that_are_not_regular_files_or_are_too_large_are_refused_at_once() {
         assert!(err.contains(expected), "{args:?}: expected `{expected}` in {err}");
     }
     let mut child = keel
+        .command(&["actions", "resolve", "-"])
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = common::wait_or_kill(&mut child, std::time::Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "a token on stdin is bounded too: {err}"
+    );
+    assert!(err.contains("longer than"), "{err}");
+    let mut child = keel
         .command(&["install", "-"])
         .stdin(std::fs::File::open(&huge).unwrap())
         .stderr(Stdio::piped())
@@ -368,8 +383,14 @@ fn limits_no_call_could_run_under_are_refused_where_they_are_given() {
     keel.expect(&["install", &guest("hello")], 0);
     let before = keel.json(&["plugins", "show", "hello", "--json"])["limits"].clone();
     for (flags, expected) in [
-        (vec!["--memory-mb", "17592186044416"], "above the sandbox's ceiling of 1024 MiB"),
-        (vec!["--memory-mb", "18446744073709551615"], "above the sandbox's ceiling of 1024 MiB"),
+        (
+            vec!["--memory-mb", "17592186044416"],
+            "above the sandbox's ceiling of 1024 MiB",
+        ),
+        (
+            vec!["--memory-mb", "18446744073709551615"],
+            "above the sandbox's ceiling of 1024 MiB",
+        ),
         (vec!["--memory-mb", "2048"], "above the sandbox's ceiling of 1024 MiB"),
         (vec!["--memory-mb", "0"], "`memory_bytes` is 0"),
         (vec!["--timeout-ms", "0"], "`timeout_ms` is 0"),
@@ -382,9 +403,16 @@ fn limits_no_call_could_run_under_are_refused_where_they_are_given() {
         let mut call = vec!["call", "hello/greet", r#"{"name":"Ada"}"#];
         call.extend(&flags);
         let err = keel.stderr(&call, 2);
-        assert!(err.contains(expected), "keel call {flags:?}: expected `{expected}` in {err}");
+        assert!(
+            err.contains(expected),
+            "keel call {flags:?}: expected `{expected}` in {err}"
+        );
     }
-    assert_eq!(keel.json(&["plugins", "show", "hello", "--json"])["limits"], before, "nothing was stored");
+    assert_eq!(
+        keel.json(&["plugins", "show", "hello", "--json"])["limits"],
+        before,
+        "nothing was stored"
+    );
     keel.expect(&["call", "hello/greet", r#"{"name":"Ada"}"#], 0);
     std::fs::write(keel.home.path().join("config.toml"), "[limits]\nmemory_bytes = 0\n").unwrap();
     let err = keel.stderr(&["plugins", "list"], 2);

@@ -16,6 +16,9 @@ use serde_json::Value;
 
 use crate::output::{CliError, CliResult, print_json, sanitize_line};
 
+/// The most `keel actions resolve -` reads from stdin: a resume token is a few dozen bytes.
+const MAX_TOKEN_BYTES: u64 = 4 << 10;
+
 /// `keel actions ...`.
 #[derive(Debug, Subcommand)]
 pub enum ActionsCommand {
@@ -160,8 +163,14 @@ pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
             let token = if token == "-" {
                 let mut text = String::new();
                 std::io::stdin()
+                    .take(MAX_TOKEN_BYTES + 1)
                     .read_to_string(&mut text)
                     .map_err(|e| CliError::user(format!("cannot read the token from stdin: {e}")))?;
+                if text.len() as u64 > MAX_TOKEN_BYTES {
+                    return Err(CliError::user(format!(
+                        "the token on stdin is longer than {MAX_TOKEN_BYTES} bytes: not a resume token"
+                    )));
+                }
                 text
             } else {
                 token

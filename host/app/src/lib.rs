@@ -11,6 +11,7 @@ pub mod caller;
 pub mod error;
 pub mod events;
 pub mod exec;
+pub mod files;
 pub mod home;
 pub mod install;
 pub mod jobs;

@@ -11,9 +11,21 @@ use serde_json::{Value, json};
 
 use crate::error::AppError;
 
+/// Read and compile the policy file at `file`: a regular file of at most
+/// [`MAX_POLICY_BYTES`](crate::files::MAX_POLICY_BYTES) (a FIFO or device is refused at once).
+fn read_policy(file: &Path) -> Result<Policy, PolicyError> {
+    let origin = file.display().to_string();
+    let text =
+        crate::files::read_regular_text(file, crate::files::MAX_POLICY_BYTES).map_err(|source| PolicyError::Io {
+            origin: origin.clone(),
+            source,
+        })?;
+    Policy::from_toml_str(&text, &origin)
+}
+
 /// Load a policy file; a missing one is explained.
 pub fn load_policy(file: &Path) -> Result<Policy, AppError> {
-    Policy::load(file).map_err(|e| match e {
+    read_policy(file).map_err(|e| match e {
         PolicyError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => AppError::user(format!(
             "no policy file at {}; pass --file or create it (see examples/policies/default.toml)",
             file.display()
@@ -59,7 +71,7 @@ impl PolicyCheck {
 
 /// Check a policy file.
 pub fn check_policy(file: &Path) -> PolicyCheck {
-    match Policy::load(file) {
+    match read_policy(file) {
         Ok(policy) => PolicyCheck::Valid {
             file: file.to_path_buf(),
             summary: policy.summary(),

@@ -93,7 +93,7 @@ impl PolicyChoice {
     }
 
     fn file(path: &Path) -> Result<Self, AppError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::files::read_regular_text(path, crate::files::MAX_POLICY_BYTES)
             .map_err(|e| AppError::user(format!("cannot read policy file {}: {e}", path.display())))?;
         let policy = Policy::from_toml_str(&text, &path.display().to_string())
             .map_err(|e| AppError::user(format!("invalid policy: {e}")))?;
@@ -133,12 +133,13 @@ pub fn load_recorded_policy(recorded: &PolicyRef) -> Result<Policy, String> {
         return Ok(Policy::allow_all());
     }
     let override_hint = "`keel worker --override-policy` runs it under the worker's policy instead";
-    let text = std::fs::read_to_string(&recorded.name).map_err(|e| {
-        format!(
-            "the job's policy file {} cannot be read ({e}); {override_hint}",
-            recorded.name
-        )
-    })?;
+    let text =
+        crate::files::read_regular_text(Path::new(&recorded.name), crate::files::MAX_POLICY_BYTES).map_err(|e| {
+            format!(
+                "the job's policy file {} cannot be read ({e}); {override_hint}",
+                recorded.name
+            )
+        })?;
     let now = hex::encode(Sha256::digest(text.as_bytes()));
     if recorded.version.as_deref() != Some(now.as_str()) {
         return Err(format!(

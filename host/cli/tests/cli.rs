@@ -156,8 +156,9 @@ fn malformed_components_are_refused_and_nothing_is_stored() {
     assert_eq!(stored, 0, "no component bytes may be stored for a refused install");
 }
 
-/// What `keel install` and `keel exec` read is a regular file of bounded size (or stdin, bounded
-/// too): a device (`/dev/zero`) was read until memory ran out and a FIFO blocked the open forever.
+/// What `keel install`, `keel exec` and a policy flag read is a regular file of bounded size (or
+/// stdin, bounded too): a device (`/dev/zero`) was read until memory ran out and a FIFO blocked
+/// the open forever.
 #[test]
 fn inputs_that_are_not_regular_files_or_are_too_large_are_refused_at_once() {
     let keel = Keel::new();
@@ -171,6 +172,12 @@ fn inputs_that_are_not_regular_files_or_are_too_large_are_refused_at_once() {
         (vec!["install", fifo.to_str().unwrap()], "not a regular file"),
         (vec!["exec", fifo.to_str().unwrap()], "not a regular file"),
         (vec!["install", huge.to_str().unwrap()], "larger than 256 MiB"),
+        (vec!["policy", "check", "/dev/zero"], "not a regular file"),
+        (vec!["policy", "check", fifo.to_str().unwrap()], "not a regular file"),
+        (
+            vec!["call", "hello/greet", "{}", "--policy", fifo.to_str().unwrap()],
+            "not a regular file",
+        ),
     ];
     for (args, expected) in cases {
         let mut child = keel.command(&args).stderr(Stdio::piped()).spawn().unwrap();
@@ -199,7 +206,7 @@ fn inputs_that_are_not_regular_files_or_are_too_large_are_refused_at_once() {
         Some(2),
         "a token on stdin is bounded too: {err}"
     );
-    assert!(err.contains("longer than"), "{err}");
+    assert!(err.contains("larger than 4096 bytes"), "{err}");
     let mut child = keel
         .command(&["install", "-"])
         .stdin(std::fs::File::open(&huge).unwrap())

@@ -3,7 +3,6 @@
 //! `approve`/`deny` act as a trusted operator by action id (the kernel's tenant-checked
 //! `ActionManager::resolve`); `resolve` presents a resume token, exactly as a remote approver would.
 
-use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -161,17 +160,10 @@ pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
             json,
         } => {
             let token = if token == "-" {
-                let mut text = String::new();
-                std::io::stdin()
-                    .take(MAX_TOKEN_BYTES + 1)
-                    .read_to_string(&mut text)
-                    .map_err(|e| CliError::user(format!("cannot read the token from stdin: {e}")))?;
-                if text.len() as u64 > MAX_TOKEN_BYTES {
-                    return Err(CliError::user(format!(
-                        "the token on stdin is longer than {MAX_TOKEN_BYTES} bytes: not a resume token"
-                    )));
-                }
-                text
+                let bytes = keel_app::files::read_bounded(std::io::stdin().lock(), MAX_TOKEN_BYTES).map_err(|e| {
+                    CliError::user(format!("cannot read the token from stdin: {e}: not a resume token"))
+                })?;
+                String::from_utf8(bytes).map_err(|_| CliError::user("the token on stdin is not UTF-8 text"))?
             } else {
                 token
             };

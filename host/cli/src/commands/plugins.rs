@@ -1,6 +1,6 @@
 //! `keel install`, `keel plugins ...`, `keel call`.
 
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use keel_app::Caller;
 use keel_app::call::{CallOutcome, CallRequest};
+use keel_app::files;
 use keel_app::home::{App, grants_of};
 use keel_app::install::{InstallRequest, Installed, describe_grants};
 use keel_app::kernel::DEFAULT_SCOPE;
@@ -228,57 +229,16 @@ pub struct CallArgs {
 /// what reading a device such as `/dev/zero` would take before memory ran out.
 const MAX_INPUT_BYTES: u64 = 256 << 20;
 
-/// Read `file` (`-`: stdin) whole: a regular file of at most [`MAX_INPUT_BYTES`]. Anything else
-/// is refused without waiting on it: the file is opened non-blocking (opening a FIFO would wait
-/// for a writer) and checked after the open, on the descriptor that is then read.
+/// Read `file` (`-`: stdin) whole: a regular file (see [`files::read_regular`]) or stdin, of at
+/// most [`MAX_INPUT_BYTES`].
 pub(crate) fn read_input(file: &str) -> Result<Vec<u8>, CliError> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    if file == "-" {
-        return read_bounded(std::io::stdin().lock(), "stdin");
-    }
-    let cannot = |why: String| CliError::user(format!("cannot read {file}: {why}"));
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(file)
-        .map_err(|e| cannot(e.to_string()))?;
-    let meta = opened.metadata().map_err(|e| cannot(e.to_string()))?;
-    let kind = meta.file_type();
-    let other = if kind.is_dir() {
-        "a directory"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_char_device() || kind.is_block_device() {
-        "a device"
-    } else if kind.is_socket() {
-        "a socket"
+    let read = if file == "-" {
+        files::read_bounded(std::io::stdin().lock(), MAX_INPUT_BYTES)
     } else {
-        ""
+        files::read_regular(Path::new(file), MAX_INPUT_BYTES)
     };
-    if !other.is_empty() {
-        return Err(cannot(format!("not a regular file ({other})")));
-    }
-    if meta.len() > MAX_INPUT_BYTES {
-        return Err(too_large(file));
-    }
-    read_bounded(opened, file)
-}
-
-/// All of `reader`, unless it has more than [`MAX_INPUT_BYTES`].
-fn read_bounded(reader: impl Read, name: &str) -> Result<Vec<u8>, CliError> {
-    let mut bytes = Vec::new();
-    reader
-        .take(MAX_INPUT_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| CliError::user(format!("cannot read {name}: {e}")))?;
-    if bytes.len() as u64 > MAX_INPUT_BYTES {
-        return Err(too_large(name));
-    }
-    Ok(bytes)
-}
-
-fn too_large(name: &str) -> CliError {
-    CliError::user(format!("{name} is larger than {} MiB", MAX_INPUT_BYTES >> 20))
+    let name = if file == "-" { "stdin" } else { file };
+    read.map_err(|e| CliError::user(format!("cannot read {name}: {e}")))
 }
 
 /// `keel install`.

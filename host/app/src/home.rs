@@ -360,6 +360,16 @@ impl App {
         Ok(limits)
     }
 
+    /// The global `[limits]` with `overrides` (a one-off call's flags) applied; a user error when
+    /// no call could run under them, the sandbox's ceiling included (see [`Limits::check`]).
+    pub fn limits_with(&self, overrides: &crate::plugins::LimitOverrides) -> Result<Limits, AppError> {
+        let limits = overrides.apply(&self.config.limits)?;
+        limits
+            .check(self.config.sandbox.max_memory_bytes)
+            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
+        Ok(limits)
+    }
+
     /// Refuse any directory grant that contains the Keel home, or lies in its `components` or
     /// `cache` directory: a plugin with it could read the cache key or rewrite the database,
     /// components and precompiled code of every plugin.

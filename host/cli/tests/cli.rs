@@ -420,6 +420,17 @@ fn limits_no_call_could_run_under_are_refused_where_they_are_given() {
         before,
         "nothing was stored"
     );
+    let jobs = keel.json(&["jobs", "list", "--json"]);
+    assert_eq!(
+        jobs.as_array().map(Vec::len),
+        Some(0),
+        "no refused call became a job: {jobs}"
+    );
+    let err = keel.stderr(&["exec", &guest("keel-test-cmd"), "--memory-mb", "2048"], 2);
+    assert!(
+        err.contains("above the sandbox's ceiling of 1024 MiB"),
+        "keel exec: {err}"
+    );
     keel.expect(&["call", "hello/greet", r#"{"name":"Ada"}"#], 0);
     std::fs::write(keel.home.path().join("config.toml"), "[limits]\nmemory_bytes = 0\n").unwrap();
     let err = keel.stderr(&["plugins", "list"], 2);

@@ -88,7 +88,7 @@ pub struct LimitArgs {
 
 impl LimitArgs {
     /// The overrides these flags ask for.
-    fn request(&self) -> LimitOverrides {
+    pub(crate) fn request(&self) -> LimitOverrides {
         LimitOverrides {
             memory_mb: self.memory_mb,
             timeout_ms: self.timeout_ms,
@@ -526,6 +526,8 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     let patterns = [args.tool.clone()];
     // One call, then the process exits: no ready instances, no memory kept resident.
     let app = Arc::new(App::open_for_one_call(home).await?);
+    // The flags against this home's ceiling, before the call's job exists.
+    app.limits_with(&args.limits.request())?;
     let host = AgentHost::open_app_with_stdio(app, Some(&patterns), choice, Some(limit_override), false, None).await?;
     host.check_tool(&args.tool).await?;
     // "No policy: allowing everything" is said to a person at a terminal (and in `--json`);

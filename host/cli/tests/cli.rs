@@ -431,6 +431,14 @@ fn limits_no_call_could_run_under_are_refused_where_they_are_given() {
         err.contains("above the sandbox's ceiling of 1024 MiB"),
         "keel exec: {err}"
     );
+    let err = keel.stderr(
+        &["exec", "--lang", "python", "-c", "print(1)", "--memory-mb", "2048"],
+        2,
+    );
+    assert!(
+        err.contains("above the sandbox's ceiling of 1024 MiB"),
+        "keel exec --lang: {err}"
+    );
     keel.expect(&["call", "hello/greet", r#"{"name":"Ada"}"#], 0);
     std::fs::write(keel.home.path().join("config.toml"), "[limits]\nmemory_bytes = 0\n").unwrap();
     let err = keel.stderr(&["plugins", "list"], 2);

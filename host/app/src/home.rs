@@ -350,23 +350,25 @@ impl App {
     /// The limits a plugin's calls run under: the global `[limits]` with its own overrides
     /// applied; a user error when no call could run under them (see [`Limits::check`]).
     pub fn limits_of(&self, record: &PluginRecord) -> Result<Limits, AppError> {
-        let invalid = |e: String| AppError::user(format!("invalid limit: {e}"));
+        self.limits_over(&record.limits)
+    }
+
+    /// The global `[limits]` with `overrides` applied (a plugin's stored ones, or a call's flags
+    /// as `keel_sandbox::Limits` field names); a user error when no call could run under them.
+    pub fn limits_over(&self, overrides: &serde_json::Value) -> Result<Limits, AppError> {
         let limits = self
             .config
             .limits
-            .overridden_by(&record.limits)
-            .map_err(|e| invalid(e.to_string()))?;
-        limits.check(self.config.sandbox.max_memory_bytes).map_err(invalid)?;
-        Ok(limits)
+            .overridden_by(overrides)
+            .map_err(|e| invalid_limit(e.to_string()))?;
+        self.checked_limits(limits)
     }
 
-    /// The global `[limits]` with `overrides` (a one-off call's flags) applied; a user error when
-    /// no call could run under them, the sandbox's ceiling included (see [`Limits::check`]).
-    pub fn limits_with(&self, overrides: &crate::plugins::LimitOverrides) -> Result<Limits, AppError> {
-        let limits = overrides.apply(&self.config.limits)?;
+    /// `limits`, if a call could run under them in this home's sandbox (see [`Limits::check`]).
+    pub fn checked_limits(&self, limits: Limits) -> Result<Limits, AppError> {
         limits
             .check(self.config.sandbox.max_memory_bytes)
-            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
+            .map_err(invalid_limit)?;
         Ok(limits)
     }
 
@@ -435,6 +437,11 @@ pub fn identity_mismatch(name: &str, recorded: &PluginInfo, described: &PluginIn
 pub fn grants_of(record: &PluginRecord) -> Result<Grants, AppError> {
     serde_json::from_value(record.grants.clone())
         .map_err(|e| AppError::internal(format!("stored grants of `{}` are invalid: {e}", record.name)))
+}
+
+/// A limit no call could run under, as the user's error.
+pub(crate) fn invalid_limit(why: String) -> AppError {
+    AppError::user(format!("invalid limit: {why}"))
 }
 
 #[cfg(test)]

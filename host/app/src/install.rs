@@ -118,13 +118,7 @@ impl App {
             Some(old) if empty => old.limits.clone(),
             _ => request.limits.clone(),
         };
-        let invalid = |e: String| AppError::user(format!("invalid limit: {e}"));
-        let effective = self
-            .config
-            .limits
-            .overridden_by(&limits)
-            .map_err(|e| invalid(e.to_string()))?;
-        effective.check(self.config.sandbox.max_memory_bytes).map_err(invalid)?;
+        let effective = self.limits_over(&limits)?;
 
         let stored = self
             .components

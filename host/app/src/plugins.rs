@@ -13,7 +13,7 @@ pub use keel_kernel::registry::PluginRecord;
 
 use crate::caller::{Caller, Role};
 use crate::error::AppError;
-use crate::home::{App, grants_of};
+use crate::home::{App, grants_of, invalid_limit};
 use crate::install::effect_warnings;
 
 /// Grants to add (the `--allow-*` flags of `install`, `plugins grant` and `exec`).
@@ -138,10 +138,8 @@ impl LimitOverrides {
     pub fn apply(&self, limits: &Limits) -> Result<Limits, AppError> {
         let limits = limits
             .overridden_by(&Value::Object(self.to_map()))
-            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
-        limits
-            .check(u64::MAX)
-            .map_err(|e| AppError::user(format!("invalid limit: {e}")))?;
+            .map_err(|e| invalid_limit(e.to_string()))?;
+        limits.check(u64::MAX).map_err(invalid_limit)?;
         Ok(limits)
     }
 }

@@ -412,12 +412,9 @@ impl RegistryToolHost {
         };
         let limits = match &self.limits {
             Some(change) => {
-                let invalid = |why: String| ToolError::InvalidInput { message: why };
+                let invalid = |message: String| ToolError::InvalidInput { message };
                 let changed = change(&limits).map_err(invalid)?;
-                changed
-                    .check(self.app.config.sandbox.max_memory_bytes)
-                    .map_err(|why| invalid(format!("invalid limit: {why}")))?;
-                changed
+                self.app.checked_limits(changed).map_err(|e| invalid(e.message))?
             }
             None => limits,
         };

@@ -75,7 +75,7 @@ async fn exec_command(home: &Path, args: ExecArgs) -> CliResult {
     let app = App::open_for_one_call(home).await?;
     let mut grants = Grants::default();
     args.grants.apply(&app, &mut grants)?;
-    let limits = app.limits_with(&args.limits.request())?;
+    let limits = app.limits_over(&Value::Object(args.limits.overrides()))?;
     let program = Path::new(&file)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

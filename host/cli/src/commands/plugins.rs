@@ -88,7 +88,7 @@ pub struct LimitArgs {
 
 impl LimitArgs {
     /// The overrides these flags ask for.
-    pub(crate) fn request(&self) -> LimitOverrides {
+    fn request(&self) -> LimitOverrides {
         LimitOverrides {
             memory_mb: self.memory_mb,
             timeout_ms: self.timeout_ms,
@@ -527,7 +527,7 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     // One call, then the process exits: no ready instances, no memory kept resident.
     let app = Arc::new(App::open_for_one_call(home).await?);
     // The flags against this home's ceiling, before the call's job exists.
-    app.limits_with(&args.limits.request())?;
+    app.limits_over(&Value::Object(args.limits.overrides()))?;
     let host = AgentHost::open_app_with_stdio(app, Some(&patterns), choice, Some(limit_override), false, None).await?;
     host.check_tool(&args.tool).await?;
     // "No policy: allowing everything" is said to a person at a terminal (and in `--json`);

@@ -170,7 +170,7 @@ fn inputs_that_are_not_regular_files_or_are_too_large_are_refused_at_once() {
     let fifo = fifo.to_str().unwrap();
     let zero = Path::new("/dev/zero");
     // (arguments, what stdin reads, what the one error line says)
-    let cases: [(Vec<&str>, Option<&Path>, &str); 9] = [
+    let cases: [(Vec<&str>, Option<&Path>, &str); 11] = [
         (vec!["install", "/dev/zero"], None, "not a regular file"),
         (vec!["install", fifo], None, "not a regular file"),
         (vec!["exec", fifo], None, "not a regular file"),
@@ -184,6 +184,12 @@ fn inputs_that_are_not_regular_files_or_are_too_large_are_refused_at_once() {
             "not a regular file",
         ),
         (vec!["actions", "resolve", "-"], Some(zero), "larger than 4096 bytes"),
+        (vec!["call", "hello/greet", "-"], Some(zero), "larger than 256 MiB"),
+        (
+            vec!["exec", "--lang", "python", "-c", "print(input())", "--stdin"],
+            Some(zero),
+            "larger than 256 MiB",
+        ),
     ];
     for (args, stdin, expected) in cases {
         let mut command = keel.command(&args);

@@ -2,7 +2,7 @@
 //! installed `python-exec` / `js-exec` plugin as a governed tool call. Output is streamed as it is
 //! written; the exit status is the program's (the code's).
 
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -118,11 +118,8 @@ async fn exec_code(home: &Path, lang: CodeLang, args: ExecArgs) -> CliResult {
         return Err(CliError::user("arguments after `--` are not passed to --lang code"));
     }
     let stdin = if args.stdin {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| CliError::user(format!("cannot read stdin as UTF-8 text: {e}")))?;
-        Some(text)
+        let bytes = read_input("-")?;
+        Some(String::from_utf8(bytes).map_err(|_| CliError::user("stdin is not UTF-8 text"))?)
     } else {
         None
     };

@@ -248,4 +248,21 @@ mod tests {
         assert_eq!(v["valid"], false);
         assert_eq!(v["line"], 1);
     }
+
+    #[test]
+    fn a_missing_file_is_an_io_error_naming_it() {
+        let err = read_policy(Path::new("/nonexistent/policy.toml")).unwrap_err();
+        assert!(matches!(err, PolicyError::Io { .. }));
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/policy.toml: cannot read policy file"),
+            "{err}"
+        );
+        let err = load_policy(Path::new("/nonexistent/policy.toml")).unwrap_err();
+        assert!(
+            err.message.starts_with("no policy file at /nonexistent/policy.toml"),
+            "{}",
+            err.message
+        );
+    }
 }

@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::ops::Range;
-use std::path::Path;
 
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -23,7 +22,7 @@ const RESERVED_NAMES: &[&str] = &["default", "session-approval"];
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    /// The file could not be read.
+    /// The file could not be read (by the front end that read it: the kernel reads no files).
     #[error("{origin}: cannot read policy file: {source}")]
     Io {
         /// The path as given.
@@ -198,16 +197,6 @@ impl<'de> Deserialize<'de> for CostValue {
 }
 
 // ---- Loading -------------------------------------------------------------------------------------
-
-/// Load and compile the policy file at `path`.
-pub(crate) fn load(path: &Path) -> Result<Policy, PolicyError> {
-    let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
-        origin: origin.clone(),
-        source,
-    })?;
-    parse(&text, &origin)
-}
 
 /// Parse and compile policy TOML; `origin` labels errors (usually the file path).
 pub(crate) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {

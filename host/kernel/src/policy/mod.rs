@@ -26,7 +26,6 @@ mod session;
 mod tests;
 
 use std::fmt;
-use std::path::Path;
 
 pub use file::PolicyError;
 pub use rust_decimal::Decimal;
@@ -187,12 +186,8 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Load the TOML policy file at `path`.
-    pub fn load(path: impl AsRef<Path>) -> Result<Self, PolicyError> {
-        file::load(path.as_ref())
-    }
-
-    /// Parse policy TOML; `origin` labels error messages (a path, or e.g. `<inline>`).
+    /// Parse policy TOML; `origin` labels error messages (a path, or e.g. `<inline>`). The kernel
+    /// reads no files: a front end reads the policy file (bounded, see `keel_app::files`).
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, PolicyError> {
         file::parse(text, origin)
     }

@@ -211,6 +211,36 @@ fn inputs_that_are_not_regular_files_or_are_too_large_are_refused_at_once() {
 }
 
 #[test]
+fn a_refused_request_names_the_grant_that_would_allow_it() {
+    let keel = Keel::new();
+    keel.expect(
+        &[
+            "install",
+            &guest("keel-plugin-http-fetch"),
+            "--allow-net",
+            "localhost:9",
+        ],
+        0,
+    );
+    // The granted host resolves to loopback: granting it again would change nothing.
+    let err = keel.stderr(&["call", "http-fetch/get", r#"{"url":"http://localhost:9/"}"#], 1);
+    assert!(
+        err.contains("grant with `keel plugins grant http-fetch --allow-private-network`"),
+        "{err}"
+    );
+    assert!(!err.contains("--allow-net"), "{err}");
+    // A host that is not granted: the hint names it.
+    let err = keel.stderr(
+        &["call", "http-fetch/get", r#"{"url":"http://example.invalid:8080/"}"#],
+        1,
+    );
+    assert!(
+        err.contains("grant with `keel plugins grant http-fetch --allow-net example.invalid:8080`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn install_from_stdin() {
     let keel = Keel::new();
     let mut child = keel

@@ -185,6 +185,11 @@ pub struct Denial {
     pub target: String,
     /// Why.
     pub reason: String,
+    /// The `keel plugins grant` flag that would allow it (`--allow-net HOST:PORT`,
+    /// `--allow-private-network`), decided by the host that refused; `None` when no grant would
+    /// (a limit, a special file). Absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 impl ToolOutcome {

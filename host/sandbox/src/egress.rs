@@ -92,26 +92,41 @@ pub(crate) async fn send(
     mut request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
 ) -> wasmtime_wasi_http::Result<Sent> {
-    let deny = |target: String, reason: String| {
+    // Recorded with the grant that would allow it; the guest gets the WASI code for the refusal.
+    let deny = |target: String, reason: String, grant: Option<String>, code: Error| {
         tracing::info!(%target, %reason, "outbound HTTP refused");
         journal.lock().expect("journal lock").denials.push(Denial {
             capability: "network".into(),
             target,
             reason,
+            grant,
         });
-        Error::HttpRequestDenied
+        code
     };
     let uri = request.uri().clone();
     let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
     let default_port = if https { 443 } else { 80 };
     let Some(authority) = uri.authority() else {
-        return Err(deny(uri.to_string(), "request has no host".into()));
+        return Err(deny(
+            uri.to_string(),
+            "request has no host".into(),
+            None,
+            Error::HttpRequestDenied,
+        ));
     };
     let host = authority.host().to_string();
     let port = authority.port_u16().unwrap_or(default_port);
     let target = format!("{host}:{port}");
     if !policy.allows(&host, port, default_port) {
-        return Err(deny(target, "host is not on the plugin's network allowlist".into()));
+        // A pattern without a port allows the scheme's default one.
+        let pattern = if port == default_port { &host } else { &target };
+        let grant = Some(format!("--allow-net {pattern}"));
+        return Err(deny(
+            target,
+            "host is not on the plugin's network allowlist".into(),
+            grant,
+            Error::HttpRequestDenied,
+        ));
     }
     let bare = host.trim_start_matches('[').trim_end_matches(']').to_string();
     let ips = match bare.parse::<IpAddr>() {
@@ -124,9 +139,12 @@ pub(crate) async fn send(
     if !policy.allow_private_network
         && let Some(bad) = ips.iter().find(|ip| is_non_public(**ip))
     {
+        // Granting the host again would change nothing: say what would.
         return Err(deny(
             target,
             format!("{bad} is a private, loopback, link-local or metadata address"),
+            Some("--allow-private-network".into()),
+            Error::DestinationIpProhibited,
         ));
     }
     if ips.is_empty() {

@@ -299,6 +299,7 @@ impl WasiHttpHooks for NetHooks {
                     "the call already has {} HTTP requests open (limit max_handles)",
                     self.connections.max
                 ),
+                grant: None,
             });
             return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
         };

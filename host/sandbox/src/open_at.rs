@@ -65,6 +65,7 @@ fn host_open_at(
                     capability: "filesystem".into(),
                     target: path,
                     reason: format!("it is a {kind}; plugins may open only regular files and directories"),
+                    grant: None,
                 };
                 store.data().journal.lock().expect("journal lock").denials.push(denial);
                 return Ok((Err(ErrorCode::Access),));

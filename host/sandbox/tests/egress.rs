@@ -421,11 +421,19 @@ async fn a_name_with_any_private_answer_is_refused_before_connecting() {
             )
             .await;
         match &report.result {
-            Err(ToolError::Denied { capability, .. }) => assert_eq!(capability, "network"),
+            Err(ToolError::Denied {
+                capability, message, ..
+            }) => {
+                assert_eq!(capability, "network");
+                assert!(message.contains("DestinationIpProhibited"), "{scheme}: {message}");
+            }
             other => panic!("{scheme}: expected a network denial, got {other:?}"),
         }
         assert!(
-            report.denials.iter().any(|d| d.reason.contains("127.0.0.2")),
+            report
+                .denials
+                .iter()
+                .any(|d| d.reason.contains("127.0.0.2") && d.grant.as_deref() == Some("--allow-private-network")),
             "{:?}",
             report.denials
         );

@@ -93,8 +93,39 @@ impl Env {
         report
     }
 
-    /// `url` must be refused with a network denial naming `host`.
+    /// `url` must be refused as not on the allowlist: a network denial naming `host`, recorded
+    /// with the grant that would allow it.
     async fn assert_denied(&self, grants: &Grants, url: &str, host: &str) -> CallReport {
+        let report = self.assert_refused(grants, url, host, "HttpRequestDenied").await;
+        assert!(
+            report.denials.iter().any(|d| d
+                .grant
+                .as_deref()
+                .is_some_and(|g| g.starts_with(&format!("--allow-net {host}")))),
+            "{url}: the denial does not name the grant that would allow it: {:?}",
+            report.denials
+        );
+        report
+    }
+
+    /// `url` must be refused because it reaches a private address: the guest gets
+    /// `destination-ip-prohibited`, and the recorded grant is `--allow-private-network` (granting
+    /// the host again would change nothing).
+    async fn assert_private(&self, grants: &Grants, url: &str, host: &str) -> CallReport {
+        let report = self.assert_refused(grants, url, host, "DestinationIpProhibited").await;
+        assert!(
+            report
+                .denials
+                .iter()
+                .any(|d| d.grant.as_deref() == Some("--allow-private-network")),
+            "{url}: {:?}",
+            report.denials
+        );
+        report
+    }
+
+    /// `url` must be refused with a network denial naming `host`, the guest seeing `code`.
+    async fn assert_refused(&self, grants: &Grants, url: &str, host: &str, code: &str) -> CallReport {
         let report = self.get(grants, url).await;
         match &report.result {
             Err(ToolError::Denied {
@@ -104,7 +135,7 @@ impl Env {
             }) => {
                 assert_eq!(capability, "network", "{url}: {message}");
                 assert_eq!(target, host, "{url}: {message}");
-                assert!(message.contains("HttpRequestDenied"), "{url}: {message}");
+                assert!(message.contains(code), "{url}: {message}");
             }
             other => {
                 panic!("{url} with grants {grants:?}: expected a network denial, got {other:?}")
@@ -225,7 +256,7 @@ async fn loopback_and_private_addresses_are_refused_without_allow_private_networ
         (format!("127.0.0.2:{p}"), format!("http://127.0.0.2:{p}/"), "127.0.0.2"),
     ] {
         let grants = net(&[pattern], false);
-        let report = env.assert_denied(&grants, &url, host).await;
+        let report = env.assert_private(&grants, &url, host).await;
         let reasons: Vec<_> = report.denials.iter().map(|d| d.reason.clone()).collect();
         assert!(
             reasons.iter().any(|r| r.contains("private") || r.contains("loopback")),

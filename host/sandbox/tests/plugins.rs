@@ -623,7 +623,8 @@ async fn http_fetch_refuses_hosts_outside_the_grant() {
         ..h.grants.clone()
     };
     let report = call(&h.sandbox, &h.plugin, &grants, "get", json!({"url": h.url("/hello")})).await;
-    denied(&report, "network");
+    let (_, message) = denied(&report, "network");
+    assert!(message.contains("private networks are not granted"), "{message}");
     assert_eq!(h.elsewhere.hits(), 0);
     assert_eq!(h.server.hits(), 0);
 }

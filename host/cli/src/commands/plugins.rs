@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use keel_app::plugin_types::{Grants, Limits, PluginInfo, PreparedPlugin};
-use keel_kernel::tool::ToolError;
+use keel_kernel::tool::{Denial, ToolError};
 use serde_json::{Value, json};
 
 use keel_app::Caller;
@@ -603,8 +603,18 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
         // A denial the plugin already reported as its error is not repeated.
         let reported = matches!(r.error, Some(ToolError::Denied { .. }));
         for denial in r.diagnostics.denials.iter().filter(|_| !reported) {
+            let hint = denial
+                .grant
+                .as_deref()
+                .map(|flag| {
+                    format!(
+                        " (grant with `keel plugins grant {plugin_name} {}`)",
+                        sanitize_line(flag)
+                    )
+                })
+                .unwrap_or_default();
             eprintln!(
-                "denied: {} {} — {} (grant with `keel plugins grant {plugin_name} --allow-net HOST`)",
+                "denied: {} {} — {}{hint}",
                 sanitize_line(&denial.capability),
                 sanitize_line(&denial.target),
                 sanitize_line(&denial.reason)
@@ -615,7 +625,7 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
             return Ok(ExitCode::SUCCESS);
         }
         if let Some(error) = &r.error {
-            return Err(tool_error(plugin_name, error.clone()));
+            return Err(tool_error(plugin_name, error.clone(), &r.diagnostics.denials));
         }
     }
     let Some(e) = outcome.error else {
@@ -629,21 +639,33 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     })
 }
 
-fn tool_error(plugin: &str, error: ToolError) -> CliError {
+/// The error for a tool's own `error`. A denial's hint comes from what the host recorded refusing
+/// in the call (it knows why: a host not granted, a private address, a limit); only when the host
+/// refused nothing of that kind (a filesystem path, refused inside WASI) from the plugin's word.
+fn tool_error(plugin: &str, error: ToolError, refused: &[Denial]) -> CliError {
     let message = match &error {
         ToolError::Denied {
             capability,
             target,
             message,
         } => {
-            let flag = match capability.as_str() {
-                "network" => "--allow-net HOST",
-                "environment" => "--allow-env VAR",
-                _ => "--allow-read DIR / --allow-write DIR",
+            let recorded: Vec<&Denial> = refused.iter().filter(|d| &d.capability == capability).collect();
+            let flag = if recorded.is_empty() {
+                Some(match capability.as_str() {
+                    "network" => "--allow-net HOST".to_string(),
+                    "environment" => "--allow-env VAR".to_string(),
+                    _ => "--allow-read DIR / --allow-write DIR".to_string(),
+                })
+            } else {
+                recorded.iter().find_map(|d| d.grant.clone())
             };
-            format!(
-                "{message} (missing {capability} capability for `{target}`; grant with `keel plugins grant {plugin} {flag}`)"
-            )
+            match flag {
+                Some(flag) => format!(
+                    "{message} (missing {capability} capability for `{target}`; grant with `keel plugins grant {plugin} {}`)",
+                    sanitize_line(&flag)
+                ),
+                None => message.clone(),
+            }
         }
         other => other.to_string(),
     };

@@ -262,6 +262,11 @@ pub fn may_change(caller: &Caller, owner: &PluginOwner) -> bool {
 
 /// Names of the installed plugins `caller` may see, sorted.
 pub async fn visible_plugins(db: &Database, caller: &Caller) -> Result<Vec<String>, AppError> {
+    plugins_visible_in(db, &caller.scope).await
+}
+
+/// Names of the installed plugins visible in `scope` (the home's and its own), sorted.
+pub async fn plugins_visible_in(db: &Database, scope: &str) -> Result<Vec<String>, AppError> {
     use keel_kernel::registry::PluginRegistry as _;
     let owners: std::collections::HashMap<String, String> = db.plugin_owners().await?.into_iter().collect();
     let mut names: Vec<String> = db
@@ -269,7 +274,7 @@ pub async fn visible_plugins(db: &Database, caller: &Caller) -> Result<Vec<Strin
         .await?
         .into_iter()
         .map(|p| p.name)
-        .filter(|name| owners.get(name).is_none_or(|scope| *scope == caller.scope))
+        .filter(|name| owners.get(name).is_none_or(|owner| owner == scope))
         .collect();
     names.sort();
     Ok(names)

@@ -35,7 +35,7 @@ use crate::home::App;
 pub const ALIASES: &[(&str, &str, &str)] = &[("python", "python-exec", "run"), ("javascript", "js-exec", "run")];
 
 /// The installed plugin and tool an alias `plugin/tool` stands for.
-fn alias_target(plugin: &str, tool: &str) -> Option<(&'static str, &'static str)> {
+pub fn alias_target(plugin: &str, tool: &str) -> Option<(&'static str, &'static str)> {
     ALIASES
         .iter()
         .find(|(alias, _, aliased_tool)| *alias == plugin && *aliased_tool == tool)
@@ -209,6 +209,12 @@ impl Described {
     fn knows(&self, tool: &str) -> bool {
         self.info.as_ref().is_some_and(|info| info.tool(tool).is_some())
     }
+
+    /// Whether `scope` may see and call the plugin: the home's are every scope's, one installed
+    /// through the API is its owner's alone (as [`crate::keys::may_see`] says).
+    fn visible_to(&self, scope: &str) -> bool {
+        self.stamp.owner.as_deref().is_none_or(|owner| owner == scope)
+    }
 }
 
 /// Tool `tool`, addressed by the registry's `plugin` name.
@@ -298,7 +304,7 @@ impl ToolHost for RegistryToolHost {
         arguments: &'a serde_json::Value,
     ) -> BoxFuture<'a, ToolOutcome> {
         Box::pin(async move {
-            match self.resolve(tool).await {
+            match self.resolve(tool, &ctx.scope).await {
                 Ok((prepared, grants, limits, name)) => {
                     let sandbox = &self.app.sandbox;
                     match self.stdio.as_ref().and_then(|sinks| sinks(ctx, tool)) {
@@ -361,12 +367,13 @@ impl RegistryToolHost {
         Ok(Some(described))
     }
 
-    /// Whether `tool` (`plugin/tool`) is served here now: what [`ToolHost::tool`] answers with
-    /// `Some`, from the same fresh stamp read, without building its descriptor (MCP checks every
-    /// called name this way before the kernel looks the tool up itself).
-    pub async fn offers(&self, tool: &str) -> Result<bool, ToolError> {
+    /// Whether `tool` (`plugin/tool`) is served here now to `scope`: what [`ToolHost::tool`]
+    /// answers with `Some`, from the same fresh stamp read, without building its descriptor, for a
+    /// plugin `scope` may see (MCP checks every called name this way before the kernel looks the
+    /// tool up itself).
+    pub async fn offers(&self, tool: &str, scope: &str) -> Result<bool, ToolError> {
         match self.record_of(tool).await {
-            Ok(_) => Ok(true),
+            Ok((described, ..)) => Ok(described.visible_to(scope)),
             Err(ToolError::UnknownTool { .. }) => Ok(false),
             Err(e) => Err(e),
         }
@@ -394,9 +401,18 @@ impl RegistryToolHost {
         Ok((described, name.to_string(), alias))
     }
 
-    /// The loaded plugin serving `tool` (`plugin/tool`), with its grants, limits and tool name.
-    async fn resolve(&self, tool: &str) -> Result<(Arc<PreparedPlugin>, Grants, Limits, String), ToolError> {
+    /// The loaded plugin serving `tool` (`plugin/tool`) to `scope`, with its grants, limits and
+    /// tool name. A plugin another scope owns is an unknown tool here, whichever front end let
+    /// the call through.
+    async fn resolve(
+        &self,
+        tool: &str,
+        scope: &str,
+    ) -> Result<(Arc<PreparedPlugin>, Grants, Limits, String), ToolError> {
         let (described, name, _) = self.record_of(tool).await?;
+        if !described.visible_to(scope) {
+            return Err(ToolError::UnknownTool { tool: tool.to_string() });
+        }
         let cached = described.loaded.lock().expect("loaded lock").clone();
         let (prepared, grants, limits) = match cached {
             Some(loaded) => loaded,

@@ -116,7 +116,7 @@ async fn one_call_reads_the_registry_once_from_its_start() {
     let host = Arc::new(RegistryToolHost::new(app.clone(), None).await.unwrap());
 
     keel_app::tools::one_call(async {
-        assert!(host.offers("fs/read").await.unwrap(), "offered");
+        assert!(host.offers("fs/read", "default").await.unwrap(), "offered");
         other.grant(&admin, "fs", &grant).await.unwrap();
         // The call's steps see the registry as the call found it: no grant.
         assert!(host.tool("fs/read").await.unwrap().is_some());
@@ -136,7 +136,10 @@ async fn one_call_reads_the_registry_once_from_its_start() {
     assert!(granted.result.is_ok(), "{:?}", granted.result);
     other.remove_plugin(&admin, "fs").await.unwrap();
     keel_app::tools::one_call(async {
-        assert!(!host.offers("fs/read").await.unwrap(), "removed before the call");
+        assert!(
+            !host.offers("fs/read", "default").await.unwrap(),
+            "removed before the call"
+        );
         assert!(host.tool("fs/read").await.unwrap().is_none());
         // Nested: shares the outer call's reads.
         let gone = keel_app::tools::one_call(host.call_tool(&ctx(), "fs/read", &read)).await;

@@ -213,18 +213,103 @@ async fn python_sdk_over_streamable_http() {
 async fn streamable_http_without_a_caller_is_401() {
     let home = home("");
     let (addr, _server) = serve(home.path(), None).await;
-    let response = post(addr, "/mcp").await;
+    let response = send(addr, "", INITIALIZE).await;
     assert!(response.starts_with("HTTP/1.1 401"), "{response}");
     assert!(response.contains("unauthorized"), "{response}");
 }
 
-/// POST an `initialize` request and return the raw HTTP response.
-async fn post(addr: std::net::SocketAddr, path: &str) -> String {
+/// An MCP session over Streamable HTTP belongs to the caller that opened it: another caller (of
+/// another scope, or of the same scope with another role) presenting its id is told it does not
+/// exist, and one caller may hold only so many sessions at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_session_serves_only_the_caller_that_opened_it() {
+    let home = home("");
+    let caller = |scope: &str, role: keel_app::Role| keel_app::Caller {
+        scope: scope.into(),
+        principal: Some(format!("key:{scope}")),
+        role,
+    };
+    let callers = [
+        ("a", caller("acme", keel_app::Role::Write)),
+        ("a-reader", caller("acme", keel_app::Role::Read)),
+        ("b", caller("other", keel_app::Role::Write)),
+        ("c", caller("third", keel_app::Role::Write)),
+    ];
+    let choice = keel_app::runtime::PolicyChoice::resolve(home.path(), None).unwrap();
+    let host = keel_app::AgentHost::open_with(home.path(), None, choice, None, false)
+        .await
+        .unwrap();
+    let server = keel_mcp::McpServer::new(Arc::new(host)).await.unwrap();
+    let app = axum::Router::new()
+        .nest_service("/mcp", keel_mcp::http_service(server))
+        .layer(axum::middleware::from_fn(
+            move |mut request: axum::extract::Request, next: axum::middleware::Next| {
+                let who = request.headers().get("x-test-caller").and_then(|v| v.to_str().ok());
+                if let Some((_, caller)) = callers.iter().find(|(name, _)| Some(*name) == who) {
+                    request.extensions_mut().insert(caller.clone());
+                }
+                next.run(request)
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let opened = send(addr, "x-test-caller: a\r\n", INITIALIZE).await;
+    assert!(opened.starts_with("HTTP/1.1 200"), "{opened}");
+    let id = opened
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("mcp-session-id: ")
+                .map(str::to_string)
+        })
+        .expect("a session id");
+    let id = id.trim();
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    for other in ["b", "a-reader"] {
+        let taken = send(
+            addr,
+            &format!("x-test-caller: {other}\r\nMcp-Session-Id: {id}\r\n"),
+            list,
+        )
+        .await;
+        assert!(
+            taken.starts_with("HTTP/1.1 404"),
+            "{other} used the session of a: {taken}"
+        );
+    }
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let own = send(
+        addr,
+        &format!("x-test-caller: a\r\nMcp-Session-Id: {id}\r\n"),
+        initialized,
+    )
+    .await;
+    assert!(own.starts_with("HTTP/1.1 202"), "{own}");
+
+    for _ in 0..keel_mcp::sessions::MAX_PER_CALLER {
+        let opened = send(addr, "x-test-caller: c\r\n", INITIALIZE).await;
+        assert!(opened.starts_with("HTTP/1.1 200"), "{opened}");
+    }
+    let refused = send(addr, "x-test-caller: c\r\n", INITIALIZE).await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains("too_many_sessions"), "{refused}");
+    let others = send(addr, "x-test-caller: b\r\n", INITIALIZE).await;
+    assert!(
+        others.starts_with("HTTP/1.1 200"),
+        "another caller's limit is its own: {others}"
+    );
+}
+
+const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#;
+
+/// POST `body` to `/mcp` with `headers` (each ending in CRLF) and return the raw HTTP response.
+async fn send(addr: std::net::SocketAddr, headers: &str, body: &str) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();

@@ -52,6 +52,9 @@ pub struct PluginStamp {
     pub grants: String,
     /// The per-plugin limits, as stored.
     pub limits: String,
+    /// The scope (tenant) that owns the plugin, which alone may see and call it; `None`: the
+    /// home's, visible to every scope (and always `None` from a registry that records no owners).
+    pub owner: Option<String>,
 }
 
 impl PluginStamp {
@@ -62,6 +65,7 @@ impl PluginStamp {
             updated_at: record.updated_at.clone(),
             grants: record.grants.to_string(),
             limits: record.limits.to_string(),
+            owner: None,
         }
     }
 }

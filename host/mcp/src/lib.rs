@@ -19,6 +19,7 @@
 pub mod call;
 pub mod catalog;
 pub mod names;
+pub mod sessions;
 pub mod tasks;
 
 use std::borrow::Cow;
@@ -136,7 +137,7 @@ impl Shared {
 
     /// The Keel tool (`plugin/tool`) offered as MCP tool `mcp`, as `tools/list` would name it;
     /// an unknown tool is a protocol error (MCP: invalid params), not a tool result.
-    async fn offered(&self, mcp: &str) -> Result<String, ErrorData> {
+    async fn offered(&self, mcp: &str, scope: &str) -> Result<String, ErrorData> {
         // The usual `plugin__tool` name: one lookup of that tool, not the whole catalog.
         if let Some(keel) = names::keel_name(mcp)
             && let Some((plugin, tool)) = keel.split_once('/')
@@ -144,7 +145,7 @@ impl Shared {
             && self.filter.allows(&keel)
         {
             // Whether it is served, from a fresh stamp read, without building its descriptor.
-            match self.tools.offers(&keel).await {
+            match self.tools.offers(&keel, scope).await {
                 Ok(true) => return Ok(keel),
                 Ok(false) => {}
                 Err(e) => return Err(ErrorData::internal_error(e.to_string(), None)),
@@ -155,10 +156,37 @@ impl Shared {
             .catalog()
             .await
             .map_err(|e| ErrorData::internal_error(e.message, None))?;
-        catalog
+        let keel = catalog
             .get(mcp)
             .map(|entry| entry.keel.clone())
-            .ok_or_else(|| unknown_tool(mcp))
+            .ok_or_else(|| unknown_tool(mcp))?;
+        match self.tools.offers(&keel, scope).await {
+            Ok(true) => Ok(keel),
+            Ok(false) => Err(unknown_tool(mcp)),
+            Err(e) => Err(ErrorData::internal_error(e.to_string(), None)),
+        }
+    }
+
+    /// The tools `tools/list` offers to `scope`: the catalog less the plugins another scope owns
+    /// (an alias goes with the plugin it stands for).
+    async fn catalog_for(&self, scope: &str) -> Result<Vec<rmcp::model::Tool>, ErrorData> {
+        let internal = |message: String| ErrorData::internal_error(message, None);
+        let catalog = self.catalog().await.map_err(|e| internal(e.message))?;
+        let visible: std::collections::HashSet<String> = keel_app::keys::plugins_visible_in(&self.host.app.db, scope)
+            .await
+            .map_err(|e| internal(e.message))?
+            .into_iter()
+            .collect();
+        Ok(catalog
+            .entries
+            .into_iter()
+            .filter(|entry| {
+                let (plugin, tool) = entry.keel.split_once('/').unwrap_or((&entry.keel, ""));
+                let serving = keel_app::tools::alias_target(plugin, tool).map_or(plugin, |(target, _)| target);
+                visible.contains(serving)
+            })
+            .map(|entry| entry.tool)
+            .collect())
     }
 }
 
@@ -217,6 +245,19 @@ pub struct KeelMcp {
 }
 
 impl KeelMcp {
+    /// The scope a request is made in (any role may list what it may see).
+    fn scope(&self, ctx: &RequestContext<RoleServer>) -> Result<String, ErrorData> {
+        match &self.identity {
+            Identity::Fixed { scope, .. } => Ok(scope.clone()),
+            Identity::PerRequest => ctx
+                .extensions
+                .get::<http::request::Parts>()
+                .and_then(|p| p.extensions.get::<Caller>())
+                .map(|caller| caller.scope.clone())
+                .ok_or_else(|| ErrorData::invalid_request("no authenticated caller", None)),
+        }
+    }
+
     fn identity(&self, ctx: &RequestContext<RoleServer>) -> Result<CallIdentity, ErrorData> {
         match &self.identity {
             Identity::Fixed { scope, session } => Ok(CallIdentity {
@@ -307,16 +348,10 @@ impl ServerHandler for KeelMcp {
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let catalog = self
-            .shared
-            .catalog()
-            .await
-            .map_err(|e| ErrorData::internal_error(e.message, None))?;
-        Ok(ListToolsResult::with_all_items(
-            catalog.entries.into_iter().map(|e| e.tool).collect(),
-        ))
+        let scope = self.scope(&context)?;
+        Ok(ListToolsResult::with_all_items(self.shared.catalog_for(&scope).await?))
     }
 
     async fn call_tool(
@@ -327,7 +362,7 @@ impl ServerHandler for KeelMcp {
         let identity = self.identity(&context)?;
         // The check that the tool is offered and the call share one registry read.
         keel_app::tools::one_call(async {
-            let keel = self.shared.offered(&request.name).await?;
+            let keel = self.shared.offered(&request.name, &identity.scope).await?;
             let arguments = serde_json::Value::Object(request.arguments.unwrap_or_default());
             // The client declared the tasks extension (at initialize, or in this request's _meta).
             if context.client_capabilities().is_some_and(|c| c.supports_tasks()) {
@@ -389,26 +424,18 @@ pub fn http_service_allowing(server: McpServer, hosts: &[String]) -> axum::Route
 }
 
 /// [`http_service`] with rmcp's transport settings (allowed hosts and origins, keep-alive, ...).
+/// Every session belongs to the caller that opened it (see [`sessions`]).
 pub fn http_service_with(server: McpServer, config: rmcp::transport::StreamableHttpServerConfig) -> axum::Router {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    let manager = LocalSessionManager::default();
+    let idle = manager.session_config.keep_alive;
     let service = rmcp::transport::StreamableHttpService::new(
         move || Ok(server.session(Identity::PerRequest)),
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(manager),
         config,
     );
+    let owners = Arc::new(sessions::Owners::new(idle, sessions::MAX_PER_CALLER));
     axum::Router::new()
         .fallback_service(service)
-        .layer(axum::middleware::from_fn(require_caller))
-}
-
-/// 401 for a request the auth layer did not identify.
-async fn require_caller(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    if request.extensions().get::<Caller>().is_none() {
-        return axum::response::IntoResponse::into_response((
-            http::StatusCode::UNAUTHORIZED,
-            [(http::header::CONTENT_TYPE, "application/json")],
-            r#"{"code":"unauthorized","message":"an API key is required"}"#,
-        ));
-    }
-    next.run(request).await
+        .layer(axum::middleware::from_fn_with_state(owners, sessions::guard))
 }

@@ -111,10 +111,14 @@ impl PluginRegistry for Database {
 
     fn plugin_stamp<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<PluginStamp>>> {
         Box::pin(async move {
-            // Read at every tool call: on the writer's warm cache when it is free.
+            // Read at every tool call: on the writer's warm cache when it is free. The owner
+            // comes with it, so a call checks who may make it without another read.
             self.kernel_connections().read_point(|c| {
                 let mut stmt = c
-                    .prepare_cached("SELECT sha256, updated_at, grants_json, limits_json FROM plugins WHERE name = ?")
+                    .prepare_cached(
+                        "SELECT p.sha256, p.updated_at, p.grants_json, p.limits_json, o.scope \
+                         FROM plugins p LEFT JOIN plugin_owners o ON o.name = p.name WHERE p.name = ?",
+                    )
                     .map_err(be)?;
                 let mut rows = stmt.query([name]).map_err(be)?;
                 let Some(row) = rows.next().map_err(be)? else {
@@ -126,6 +130,7 @@ impl PluginRegistry for Database {
                     updated_at: col(1)?,
                     grants: col(2)?,
                     limits: col(3)?,
+                    owner: row.get::<_, Option<String>>(4).map_err(be)?,
                 }))
             })
         })

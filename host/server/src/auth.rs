@@ -138,6 +138,29 @@ fn host_part(authority: &str) -> &str {
     })
 }
 
+/// Whether an `Origin` of `scheme` with `authority` names the host and port of the request's
+/// `Host` (a port left out is the scheme's default, for both: a client that left it out of `Host`
+/// used the scheme it shows in `Origin`).
+fn same_authority(scheme: &str, authority: &str, host: &str) -> bool {
+    let default = if scheme == "https" { 443 } else { 80 };
+    let split = |a: &str| -> Option<(String, u16)> {
+        let a = a.trim();
+        let name = host_part(a);
+        let rest = if a.starts_with('[') {
+            a.split_once(']').map_or("", |(_, rest)| rest)
+        } else {
+            &a[name.len()..]
+        };
+        let port = match rest.strip_prefix(':') {
+            Some(port) => port.parse().ok()?,
+            None if rest.is_empty() => default,
+            None => return None,
+        };
+        Some((name.to_ascii_lowercase(), port))
+    };
+    matches!((split(authority), split(host)), (Some(a), Some(b)) if a == b)
+}
+
 /// Refuse a request whose `Host` or `Origin` names a host this server does not serve.
 pub(crate) async fn check_host(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let headers = req.headers();
@@ -146,8 +169,8 @@ pub(crate) async fn check_host(State(state): State<AppState>, req: Request, next
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    match host {
-        Some(h) if state.auth.host_allowed(host_part(&h)) => {}
+    match &host {
+        Some(h) if state.auth.host_allowed(host_part(h)) => {}
         _ => {
             return ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -158,12 +181,19 @@ pub(crate) async fn check_host(State(state): State<AppState>, req: Request, next
         }
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
+        // Same origin only: an allowed host name is not enough, as a page on another port of
+        // that host (another local service) is same-site, so the browser sends the cookie.
         let ok = origin
             .to_str()
             .ok()
             .and_then(|o| o.split_once("://"))
             .filter(|(scheme, _)| matches!(*scheme, "http" | "https"))
-            .is_some_and(|(_, authority)| state.auth.host_allowed(host_part(authority)));
+            .is_some_and(|(scheme, authority)| {
+                state.auth.host_allowed(host_part(authority))
+                    && host
+                        .as_deref()
+                        .is_some_and(|host| same_authority(scheme, authority, host))
+            });
         if !ok {
             return ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -255,6 +285,21 @@ pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_origin_is_the_same_only_with_the_same_host_and_port() {
+        assert!(same_authority("http", "127.0.0.1:7700", "127.0.0.1:7700"));
+        assert!(same_authority("http", "LOCALHOST:7700", "localhost:7700"));
+        assert!(same_authority("http", "keel.example", "keel.example:80"));
+        assert!(same_authority("https", "keel.example", "keel.example"));
+        assert!(same_authority("http", "[::1]:7700", "[::1]:7700"));
+        assert!(!same_authority("http", "localhost:9999", "localhost:7700"));
+        assert!(!same_authority("http", "127.0.0.1", "127.0.0.1:7700"));
+        assert!(!same_authority("https", "keel.example", "keel.example:80"));
+        assert!(!same_authority("http", "127.0.0.1:7700", "localhost:7700"));
+        assert!(!same_authority("http", "[::1]:7700", "[::1]:7701"));
+        assert!(!same_authority("http", "127.0.0.1:7700@evil", "127.0.0.1:7700"));
+    }
 
     #[test]
     fn host_parts() {

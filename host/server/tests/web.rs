@@ -61,6 +61,24 @@ async fn session_cookie_is_httponly_strict_and_needs_origin_to_change_state() {
         .await
         .unwrap();
     assert_eq!(code(&expect(r, 403, "foreign Origin").await), "origin_not_allowed");
+    // A page on another port of the same host is another origin (the cookie is same-site, so
+    // only the Origin check stands between it and the API).
+    let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
+    for other in [
+        format!("http://127.0.0.1:{}", port.wrapping_add(1)),
+        "http://127.0.0.1".to_string(),
+    ] {
+        let r = with_cookie(Method::POST, &approve)
+            .header("origin", &other)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            code(&expect(r, 403, &format!("Origin {other}")).await),
+            "origin_not_allowed"
+        );
+    }
     let r = with_cookie(Method::POST, &approve)
         .header("origin", &server.base)
         .json(&json!({}))

@@ -11,7 +11,7 @@ use keel_app::ledger::{BudgetRequest, budget_report, delete_budget, set_budget, 
 use keel_kernel::ledger::{BudgetLimits, BudgetStatus, BudgetWindow, ExceedStrategy};
 use rust_decimal::Decimal;
 
-use crate::output::{CliResult, print_json};
+use crate::output::{CliResult, print_json, sanitize_line};
 
 /// `keel budgets ...`.
 #[derive(Debug, Subcommand)]
@@ -192,16 +192,17 @@ fn describe_limits(l: &BudgetLimits) -> String {
 
 fn print_status(status: &BudgetStatus) {
     let b = &status.budget;
-    let mut subject = format!("scope {}", b.tenant);
+    // A budget set through the API names its subject in a tenant's words.
+    let mut subject = format!("scope {}", sanitize_line(&b.tenant));
     if let Some(p) = &b.principal {
-        subject.push_str(&format!(", principal {p}"));
+        subject.push_str(&format!(", principal {}", sanitize_line(p)));
     }
     if let Some(s) = &b.session {
-        subject.push_str(&format!(", session {s}"));
+        subject.push_str(&format!(", session {}", sanitize_line(s)));
     }
     println!(
         "{} [{}] {} window, on exceed {}, warn at {}% ({})",
-        b.name,
+        sanitize_line(&b.name),
         b.id,
         window_name(b.window),
         b.strategy,

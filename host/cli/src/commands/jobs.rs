@@ -156,20 +156,21 @@ fn truncate(s: &str, max: usize) -> String {
 
 fn print_job(job: &Job) {
     println!("job {}", job.id);
-    println!("  scope      {}", job.tenant);
+    // Scope, principal, session and key are a client's words (an API body, an MCP client's name).
+    println!("  scope      {}", sanitize_line(&job.tenant));
     println!("  kind       {}", job.kind);
     println!("  state      {}", job.state);
     if let Some(p) = &job.principal {
-        println!("  principal  {p}");
+        println!("  principal  {}", sanitize_line(p));
     }
     if let Some(s) = &job.session {
-        println!("  session    {s}");
+        println!("  session    {}", sanitize_line(s));
     }
     if let Some(parent) = job.parent_id {
         println!("  parent     {parent}");
     }
     if let Some(key) = &job.idempotency_key {
-        println!("  key        {key}");
+        println!("  key        {}", sanitize_line(key));
     }
     let message = job
         .progress_message

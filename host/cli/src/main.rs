@@ -81,6 +81,11 @@ enum Command {
 fn main() -> ExitCode {
     output::default_sigpipe();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Mcp(_) | Command::Serve(_) | Command::Worker(_)) {
+        // A server outlives its peers: a client that stops reading must end its session (its
+        // calls finished and recorded), not the process with calls in flight.
+        output::ignore_sigpipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

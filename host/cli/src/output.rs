@@ -106,6 +106,17 @@ pub fn default_sigpipe() {
     }
 }
 
+/// Undo [`default_sigpipe`] for a long-running server (`keel mcp`, `serve`, `worker`): a write to
+/// a closed pipe fails with `EPIPE`, which ends that one session. Called before any other thread
+/// exists.
+pub fn ignore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: as in `default_sigpipe`: one thread, a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -194,6 +194,56 @@ fn plugin_and_model_text_is_escaped_in_run() {
     }
 }
 
+/// A job's principal, session and idempotency key are the client's words (an MCP client's name,
+/// an API request's body): `keel jobs show` and `keel budgets show` escape them.
+#[test]
+fn client_chosen_job_and_budget_names_are_escaped() {
+    let home = Home::new();
+    home.expect(&["install", &keel_testutil::guest("hello").to_string_lossy()], 0);
+    let evil = "evil\u{1b}]0;PWNED\u{7}\u{1b}[2J";
+    let called = home.expect(
+        &[
+            "call",
+            "hello/greet",
+            r#"{"name":"Ada"}"#,
+            "--json",
+            "--principal",
+            evil,
+            "--session",
+            evil,
+            "--idempotency-key",
+            evil,
+        ],
+        0,
+    );
+    let job: serde_json::Value = serde_json::from_slice(&called.stdout).unwrap();
+    let job = job["job_id"].as_str().expect("the job id");
+    let shown = home.expect(&["jobs", "show", job], 0);
+    assert_clean("jobs show", &shown);
+    assert!(text(&shown).contains("principal  evil"), "{}", text(&shown));
+    home.expect(
+        &[
+            "budgets",
+            "set",
+            "--scope",
+            "default",
+            "--name",
+            evil,
+            "--principal",
+            evil,
+            "--window",
+            "daily",
+            "--max-tool-calls",
+            "5",
+        ],
+        0,
+    );
+    assert_clean(
+        "budgets show",
+        &home.expect(&["budgets", "show", "--scope", "default"], 0),
+    );
+}
+
 #[test]
 fn bad_describe_answers_are_refused_with_one_clear_line() {
     let home = Home::new();
@@ -306,6 +356,67 @@ fn a_closed_stdout_ends_keel_quietly() {
     // The install completed before the write failed.
     let list: Value = serde_json::from_slice(&home.expect(&["plugins", "list", "--json"], 0).stdout).unwrap();
     assert_eq!(list[0]["name"], "hello");
+}
+
+/// A server outlives its client: `keel mcp` whose client stops reading with a call in flight ends
+/// the session with that call finished and recorded, not by SIGPIPE with its job left running
+/// (and its budget hold held).
+#[test]
+fn keel_mcp_finishes_its_calls_when_the_client_stops_reading() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::os::unix::process::ExitStatusExt;
+    let home = Home::new();
+    let marks = tempfile::tempdir().unwrap();
+    let hostile = keel_testutil::guest("keel-test-hostile");
+    let grant = format!("{}::/marks", marks.path().display());
+    home.expect(&["install", hostile.to_str().unwrap(), "--allow-write", &grant], 0);
+    let mut child = home
+        .keel(&["mcp"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let send = |stdin: &mut std::process::ChildStdin, message: Value| {
+        writeln!(stdin, "{message}").and_then(|()| stdin.flush())
+    };
+    send(
+        &mut stdin,
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}),
+    )
+    .unwrap();
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.contains("\"result\""), "{line}");
+    send(
+        &mut stdin,
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .unwrap();
+    send(
+        &mut stdin,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "hostile__spin_ms", "arguments": {"dir": "/marks", "ms": 1500}}}),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(stdout);
+    let _ = send(&mut stdin, json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    // The client is gone: its end of stdin closes too.
+    drop(stdin);
+    let status = common::wait_or_kill(&mut child, Duration::from_secs(30));
+    let status = status.expect("keel mcp ends once its client is gone");
+    assert_ne!(status.signal(), Some(libc_sigpipe()), "keel mcp was killed by SIGPIPE");
+    let jobs: Value = serde_json::from_slice(&home.expect(&["jobs", "list", "--json"], 0).stdout).unwrap();
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(
+        jobs[0]["state"], "SUCCEEDED",
+        "the call in flight was finished: {jobs:?}"
+    );
 }
 
 /// SIGPIPE is 13 on every Unix Keel builds for.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use keel_kernel::policy::{
     Decimal, Policy, PolicyDecision, PolicyError, PolicyRequest, PolicySummary, SessionApprovalStore, SessionApprovals,
+    SessionKey,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -198,7 +199,7 @@ pub fn dry_run(file: &Path, request: &DryRunRequest) -> Result<DryRun, AppError>
                 arguments.clone()
             };
             if *session_approved && let Some(session) = &request.session {
-                approvals.approve_call(session, tool, &arguments);
+                approvals.approve_call(SessionKey::new(&request.scope, session), tool, &arguments);
             }
             let decision = policy.evaluate_with(
                 &PolicyRequest::Tool {

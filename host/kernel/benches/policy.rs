@@ -8,7 +8,9 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::Criterion;
-use keel_kernel::policy::{Decimal, Outcome, Policy, PolicyRequest, SessionApprovalStore, SessionApprovals};
+use keel_kernel::policy::{
+    Decimal, Outcome, Policy, PolicyRequest, SessionApprovalStore, SessionApprovals, SessionKey,
+};
 use serde_json::{Value, json};
 
 /// 14 tool rules, 3 model rules, 3 constraints.
@@ -155,7 +157,7 @@ fn cases() -> Vec<Case> {
     let shell = leak(json!({"cmd": "rm -rf /"}));
     let write = leak(json!({"path": "/home/alice/report.md", "content": "hello"}));
     let kv = leak(json!({"key": "k1", "value": 1}));
-    approvals.approve_call("session-1", "fs/write", write);
+    approvals.approve_call(SessionKey::new("dev", "session-1"), "fs/write", write);
     let cost = Decimal::new(2, 2);
     vec![
         Case {

@@ -15,7 +15,7 @@ use keel_kernel::job::JobState;
 use keel_kernel::ledger::{Budget, BudgetWindow, ExceedStrategy, LedgerKind, LedgerQuery, UsageQuery};
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::{Message, Role};
-use keel_kernel::policy::{Policy, SessionApprovalStore, SessionApprovals};
+use keel_kernel::policy::{Policy, SessionApprovalStore, SessionApprovals, SessionKey};
 use keel_kernel::{AgentConfig, AgentRuntime, ExecutionHandle, ExecutionRequest, Kernel, KernelConfig};
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -332,7 +332,10 @@ async fn approval_approved_runs_the_exact_call_and_session_approval_sticks() {
     let r = result(&h).await;
     assert_eq!(r.status, JobState::Succeeded, "{r:?}");
     assert_eq!(s.tools.count("fs/write"), 2);
-    assert!(s.approvals.is_call_approved("s1", "fs/write", &args));
+    assert!(
+        s.approvals
+            .is_call_approved(SessionKey::new("acme", "s1"), "fs/write", &args)
+    );
     let all = actions_of(&s, &h).await;
     assert_eq!(all.len(), 1, "the second identical call was approved for the session");
 }
@@ -737,4 +740,53 @@ async fn a_failed_direct_call_records_its_reason_without_the_model_facing_prefix
             "the model's text keeps it"
         );
     }
+}
+
+/// A session name is free text chosen by the client, so two tenants may both call theirs "main":
+/// an approval "for this session" in one tenant must never approve the same call in another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_approval_is_not_seen_from_another_tenant_with_the_same_session_name() {
+    let tools = FakeTools::new();
+    tools.add_echo("fs/write", false);
+    let args = json!({"path": "/tmp/a", "data": "hi"});
+    let s = setup(
+        vec![
+            calls(0, &[("fs__write", args.clone())]),
+            Message::assistant("written", vec![]),
+        ],
+        tools,
+        ASK_WRITES,
+    );
+    let in_tenant = |tenant: &str| {
+        let mut r = request("write");
+        r.scope = tenant.into();
+        r.session = Some("main".into());
+        r
+    };
+    let a = s.rt.execute(in_tenant("acme")).await.expect("execute");
+    let action = wait_pending(&a).await;
+    approve_for_session(&a, action.id).await;
+    assert_eq!(result(&a).await.status, JobState::Succeeded);
+    assert_eq!(s.tools.count("fs/write"), 1);
+
+    // Same session name, same call, another tenant: it must ask again, not run.
+    let b = s.rt.execute(in_tenant("globex")).await.expect("execute");
+    let asked = wait_pending(&b).await;
+    assert_eq!(asked.request["tool"], "fs/write");
+    assert_eq!(
+        s.tools.count("fs/write"),
+        1,
+        "globex's call did not run on acme's approval"
+    );
+    b.cancel("test").await.expect("cancel");
+    assert_eq!(result(&b).await.status, JobState::Cancelled);
+
+    // The approving tenant's session still has it.
+    let c = s.rt.execute(in_tenant("acme")).await.expect("execute");
+    assert_eq!(result(&c).await.status, JobState::Succeeded);
+    assert_eq!(s.tools.count("fs/write"), 2);
+    assert!(
+        actions_of(&s, &c).await.is_empty(),
+        "acme's second job was not asked again"
+    );
 }

@@ -32,7 +32,7 @@ use crate::ledger::{
     BudgetOutcome, BudgetStatus, LedgerKind, ReservationState, SettleRequest, Usage, evaluate_budgets,
 };
 use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
-use crate::policy::{Outcome, Policy, PolicyRequest};
+use crate::policy::{Outcome, Policy, PolicyRequest, SessionKey};
 use crate::services::{HoldRequest, SettleDetails, StatusDetail, job_event, retry, status_event, transition};
 use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError, StoreResult};
 use crate::tool::{Receipt, ToolCallContext, ToolDescriptor, ToolError};
@@ -756,10 +756,10 @@ impl Runner {
                     name: model.clone(),
                     arguments: json!({ "model": model }),
                 };
-                let session_approved = self
-                    .session
-                    .as_deref()
-                    .is_some_and(|s| rt.approvals.is_call_approved(s, &subject, &call.arguments));
+                let session_approved = self.session.as_deref().is_some_and(|s| {
+                    rt.approvals
+                        .is_call_approved(SessionKey::new(&self.tenant, s), &subject, &call.arguments)
+                });
                 if !session_approved {
                     let title = format!("Allow a call to model `{model}` (up to {max_tokens} output tokens)?");
                     let key = key::model_approval(turn);
@@ -1351,7 +1351,9 @@ impl Runner {
                     && let (Some(session), Some(res)) = (&self.session, &action.resolution)
                     && resolution_is_session_scoped(res)
                 {
-                    self.rt.approvals.approve_call(session, tool, &call.arguments);
+                    self.rt
+                        .approvals
+                        .approve_call(SessionKey::new(&self.tenant, session), tool, &call.arguments);
                 }
                 ok
             }

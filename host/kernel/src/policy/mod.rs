@@ -13,7 +13,8 @@
 //! The outcome is the most severe of the first matching rule (or the file's `default` when none
 //! matches) and every violated constraint: DENY > REQUIRE_APPROVAL > WARN > ALLOW. A
 //! REQUIRE_APPROVAL coming from a tool rule becomes ALLOW when the exact call (tool + canonical
-//! arguments) was approved for the session ([`SessionApprovalStore`]); a session approval never
+//! arguments) was approved for the session of the request's scope ([`SessionApprovalStore`],
+//! keyed by [`SessionKey`]: session names are the client's, so unique only within a scope); a session approval never
 //! lifts a constraint.
 //!
 //! Patterns are compiled at load time; a check does not compile or parse anything (p50 well under
@@ -31,7 +32,7 @@ pub use file::PolicyError;
 pub use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-pub use session::{SessionApprovalStore, SessionApprovals};
+pub use session::{SessionApprovalStore, SessionApprovals, SessionKey};
 
 use crate::canonical::call_digest;
 use rules::{ConstraintRule, ModelRule, RuleMeta, ToolRule};
@@ -115,7 +116,7 @@ pub enum PolicyRequest<'a> {
         scope: &'a str,
         /// Who is asking (user or service).
         principal: &'a str,
-        /// Session id, used for session approvals; `None` disables them.
+        /// Session id, used for session approvals (within `scope`); `None` disables them.
         session: Option<&'a str>,
         /// Tool calls already made in this turn, not counting this one.
         tool_calls_this_turn: u32,
@@ -266,8 +267,9 @@ impl Policy {
                         let approved = rule.decision == Outcome::RequireApproval
                             && session.zip(approvals).is_some_and(|(s, store)| {
                                 // Digest only when it can matter: it hashes the canonical arguments.
-                                store.may_have_approvals(s, tool)
-                                    && store.is_approved(s, tool, &call_digest(tool, arguments))
+                                let key = SessionKey::new(scope, s);
+                                store.may_have_approvals(key, tool)
+                                    && store.is_approved(key, tool, &call_digest(tool, arguments))
                             });
                         acc.applied.push(rule.meta.name.clone());
                         if approved {

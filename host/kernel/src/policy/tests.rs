@@ -30,6 +30,12 @@ fn tool<'a>(name: &'a str, args: &'a Value) -> PolicyRequest<'a> {
     }
 }
 
+/// The session [`tool`] requests run in.
+const S1: SessionKey<'static> = SessionKey {
+    tenant: "acme",
+    session: "s1",
+};
+
 fn model(name: &str, max_tokens: u64, cost: &str) -> PolicyRequest<'static> {
     // Leak is fine in tests: keeps the helper's signature simple.
     let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
@@ -365,7 +371,7 @@ fn session_approvals_turn_require_approval_into_allow() {
     );
 
     // Same call, keys in another order: approved.
-    approvals.approve_call("s1", "fs/write", &json!({"content": "hi", "path": "/home/alice/notes"}));
+    approvals.approve_call(S1, "fs/write", &json!({"content": "hi", "path": "/home/alice/notes"}));
     let d = p.evaluate_with(&tool("fs/write", &args), &approvals);
     assert_eq!(d.outcome, Outcome::Allow);
     assert_eq!(d.applied_rules, ["other-writes", SESSION_APPROVAL_RULE]);
@@ -407,7 +413,7 @@ fn session_approvals_turn_require_approval_into_allow() {
     // Without a store, approvals are not consulted.
     assert_eq!(p.evaluate(&tool("fs/write", &args)).outcome, Outcome::RequireApproval);
 
-    approvals.revoke_session("s1");
+    approvals.revoke_session(S1);
     assert!(approvals.is_empty());
     assert_eq!(
         p.evaluate_with(&tool("fs/write", &args), &approvals).outcome,
@@ -416,12 +422,50 @@ fn session_approvals_turn_require_approval_into_allow() {
 }
 
 #[test]
+fn a_session_approval_belongs_to_its_tenant() {
+    let p = policy(BASIC);
+    let approvals = SessionApprovals::new();
+    let args = json!({"path": "/home/alice/notes", "content": "hi"});
+    let in_scope = |scope| PolicyRequest::Tool {
+        tool: "fs/write",
+        arguments: &args,
+        scope,
+        principal: "alice",
+        session: Some("main"),
+        tool_calls_this_turn: 0,
+        turn: 1,
+    };
+    approvals.approve_call(SessionKey::new("tenant-a", "main"), "fs/write", &args);
+    // Another tenant's session of the same name: still asks.
+    assert_eq!(
+        p.evaluate_with(&in_scope("tenant-b"), &approvals).outcome,
+        Outcome::RequireApproval
+    );
+    assert!(!approvals.is_call_approved(SessionKey::new("tenant-b", "main"), "fs/write", &args));
+    assert!(!approvals.may_have_approvals(SessionKey::new("tenant-b", "main"), "fs/write"));
+    // The approving tenant's session: approved.
+    assert_eq!(
+        p.evaluate_with(&in_scope("tenant-a"), &approvals).outcome,
+        Outcome::Allow
+    );
+
+    // Revoking tenant-b's "main" leaves tenant-a's alone.
+    approvals.revoke_session(SessionKey::new("tenant-b", "main"));
+    assert_eq!(
+        p.evaluate_with(&in_scope("tenant-a"), &approvals).outcome,
+        Outcome::Allow
+    );
+    approvals.revoke_session(SessionKey::new("tenant-a", "main"));
+    assert!(approvals.is_empty());
+}
+
+#[test]
 fn session_approval_does_not_lift_constraints_or_deny() {
     let text = format!("{BASIC}\n[[constraint]]\nname = \"calls\"\nmax_tool_calls_per_turn = 2\n");
     let p = policy(&text);
     let approvals = SessionApprovals::new();
     let args = json!({"path": "/home/x"});
-    approvals.approve_call("s1", "fs/write", &args);
+    approvals.approve_call(S1, "fs/write", &args);
     let req = PolicyRequest::Tool {
         tool: "fs/write",
         arguments: &args,
@@ -438,7 +482,7 @@ fn session_approval_does_not_lift_constraints_or_deny() {
 
     // Approving a denied call changes nothing.
     let etc = json!({"path": "/etc/passwd"});
-    approvals.approve_call("s1", "fs/write", &etc);
+    approvals.approve_call(S1, "fs/write", &etc);
     assert_eq!(
         p.evaluate_with(&tool("fs/write", &etc), &approvals).outcome,
         Outcome::Deny
@@ -453,7 +497,7 @@ fn session_approvals_are_thread_safe() {
             let a = approvals.clone();
             std::thread::spawn(move || {
                 for j in 0..50 {
-                    a.approve_call(&format!("s{i}"), "t/x", &json!({ "n": j }));
+                    a.approve_call(SessionKey::new("acme", &format!("s{i}")), "t/x", &json!({ "n": j }));
                 }
             })
         })
@@ -462,8 +506,8 @@ fn session_approvals_are_thread_safe() {
         h.join().unwrap();
     }
     assert_eq!(approvals.len(), 200);
-    assert!(approvals.is_call_approved("s3", "t/x", &json!({"n": 49})));
-    assert!(!approvals.is_call_approved("s3", "t/y", &json!({"n": 49})));
+    assert!(approvals.is_call_approved(SessionKey::new("acme", "s3"), "t/x", &json!({"n": 49})));
+    assert!(!approvals.is_call_approved(SessionKey::new("acme", "s3"), "t/y", &json!({"n": 49})));
 }
 
 #[test]

@@ -1,7 +1,10 @@
 //! Compiled rules: what a loaded policy file becomes.
 //!
 //! Everything here is built once at load time (patterns are compiled, values converted), so the check
-//! path only compares: no glob compilation, no parsing, no allocation to match.
+//! path only compares: no glob compilation, no parsing, no allocation to match (except to
+//! rewrite an argument path spelled with `//`, `.` or `..`, see [`path_spelling`]).
+
+use std::borrow::Cow;
 
 use globset::{GlobBuilder, GlobMatcher};
 use rust_decimal::Decimal;
@@ -115,14 +118,21 @@ impl Condition {
         }
     }
 
-    pub(crate) fn holds(&self, args: &Value) -> bool {
+    /// Whether the condition holds for `args` in a rule that `permits` (ALLOW or WARN) or not
+    /// (DENY, REQUIRE_APPROVAL): a path whose `..` escapes never satisfies the glob of a
+    /// permitting rule and always satisfies the glob of any other.
+    pub(crate) fn holds(&self, args: &Value, permits: bool) -> bool {
         let Some(v) = self.lookup(args) else {
             return false;
         };
-        if let Some(g) = &self.glob
-            && !v.as_str().is_some_and(|s| g.matches(s))
-        {
-            return false;
+        if let Some(g) = &self.glob {
+            let matched = v.as_str().is_some_and(|s| match path_spelling(s) {
+                PathSpelling::Resolved(path) => g.matches(&path),
+                PathSpelling::Escapes => !permits,
+            });
+            if !matched {
+                return false;
+            }
         }
         if let Some(e) = &self.equals
             && !json_eq(v, e)
@@ -155,6 +165,66 @@ impl Condition {
         }
         true
     }
+}
+
+/// How a glob condition sees a string argument (see `docs/policy.md`, "Paths").
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PathSpelling<'a> {
+    /// The canonical spelling: `//` collapsed, `.` dropped, `..` resolved against the component
+    /// before it (borrowed when already canonical, the usual case).
+    Resolved(Cow<'a, str>),
+    /// A `..` climbs above the root (or above the start of a relative path): where it lands is
+    /// unknown, so no glob may allow it and every deny or require-approval glob catches it.
+    Escapes,
+}
+
+/// Lexically normalise `s` as a path. Lexical on purpose: the policy cannot see symlinks (the
+/// sandbox's grants are the hard boundary); what it guarantees is that two spellings of one path
+/// get one decision. URLs (`scheme://...`) are left as written: their `//` is not a separator.
+pub(crate) fn path_spelling(s: &str) -> PathSpelling<'_> {
+    let dotted = s.split('/').any(|seg| seg == "." || seg == "..");
+    if is_url(s) || (!dotted && !s.contains("//")) {
+        return PathSpelling::Resolved(Cow::Borrowed(s));
+    }
+    let absolute = s.starts_with('/');
+    let mut kept: Vec<&str> = Vec::new();
+    for seg in s.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if kept.pop().is_none() {
+                    return PathSpelling::Escapes;
+                }
+            }
+            name => kept.push(name),
+        }
+    }
+    // A path ending in `/`, `/.` or `/..` names a directory: keep the trailing `/` so a glob
+    // sees the same shape as the plain spelling `dir/`.
+    let dir = s.ends_with('/') || s.ends_with("/.") || s.ends_with("/..");
+    let mut out = String::with_capacity(s.len());
+    if absolute {
+        out.push('/');
+    }
+    out.push_str(&kept.join("/"));
+    if kept.is_empty() {
+        if !absolute {
+            out.push('.');
+        }
+    } else if dir {
+        out.push('/');
+    }
+    PathSpelling::Resolved(Cow::Owned(out))
+}
+
+/// `scheme://`, the scheme as RFC 3986 spells it.
+fn is_url(s: &str) -> bool {
+    let Some((scheme, _)) = s.split_once("://") else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 /// JSON equality where numbers compare by value (`3` equals `3.0`): TOML integers and JSON floats
@@ -199,7 +269,10 @@ pub(crate) struct ToolRule {
 impl ToolRule {
     #[inline]
     pub(crate) fn matches(&self, tool: &str, scope: &str, principal: &str, args: &Value) -> bool {
-        self.tools.matches(tool) && self.meta.in_scope(scope, principal) && self.when.iter().all(|c| c.holds(args))
+        self.tools.matches(tool) && self.meta.in_scope(scope, principal) && {
+            let permits = self.decision.is_permitted();
+            self.when.iter().all(|c| c.holds(args, permits))
+        }
     }
 }
 

@@ -247,6 +247,181 @@ when = { path = { glob = "/tmp/*" } }
     );
 }
 
+const WORKSPACE: &str = r#"
+default = "deny"
+
+[[tool]]
+name = "no-secrets"
+tools = ["fs/write"]
+decision = "deny"
+[tool.when]
+path = { glob = "/ws/secret/**" }
+
+[[tool]]
+name = "out"
+tools = ["fs/write"]
+decision = "allow"
+[tool.when]
+path = { glob = "/ws/out/**" }
+
+[[tool]]
+name = "relative-out"
+tools = ["fs/write"]
+decision = "allow"
+[tool.when]
+path = { glob = "out/**" }
+
+[[tool]]
+name = "ask"
+tools = ["fs/write"]
+decision = "require_approval"
+[tool.when]
+path = { glob = "/ws/**" }
+"#;
+
+#[test]
+fn spelling_a_path_differently_never_turns_a_deny_into_an_allow() {
+    let p = policy(WORKSPACE);
+    let d = |path: &str| p.evaluate(&tool("fs/write", &json!({ "path": path }))).outcome;
+    // Ordinary paths: unchanged.
+    assert_eq!(d("/ws/out/report.txt"), Outcome::Allow);
+    assert_eq!(d("/ws/out/a/b.txt"), Outcome::Allow);
+    assert_eq!(d("/ws/secret/key"), Outcome::Deny);
+    assert_eq!(d("/ws/other/x"), Outcome::RequireApproval);
+    assert_eq!(d("/elsewhere"), Outcome::Deny);
+    assert_eq!(d("out/x"), Outcome::Allow);
+    // `..` resolves against the component before it.
+    assert_eq!(d("/ws/out/../secret/pwned.txt"), Outcome::Deny);
+    assert_eq!(d("/ws/out/a/../../secret/pwned.txt"), Outcome::Deny);
+    assert_eq!(d("/ws/out/../other/x"), Outcome::RequireApproval);
+    assert_eq!(d("/ws/out/a/../b.txt"), Outcome::Allow, "stays inside /ws/out");
+    assert_eq!(
+        d("out/../../ws/secret/x"),
+        Outcome::Deny,
+        "climbs above a relative start"
+    );
+    // `//` and `.` are the same path.
+    assert_eq!(d("/ws//secret/pwned.txt"), Outcome::Deny);
+    assert_eq!(d("//ws/secret/pwned.txt"), Outcome::Deny);
+    assert_eq!(d("/ws/./secret/pwned.txt"), Outcome::Deny);
+    assert_eq!(d("/ws/out/./../secret/x"), Outcome::Deny);
+    assert_eq!(d("/ws//out/./x"), Outcome::Allow);
+    assert_eq!(d("./out/x"), Outcome::Allow);
+    // A `..` above the root, or leading a relative path, cannot be placed: never allowed by a
+    // glob, and caught by the first deny or require_approval glob.
+    assert_eq!(d("/../ws/out/x"), Outcome::Deny);
+    assert_eq!(d("/ws/out/../../../ws/out/x"), Outcome::Deny);
+    assert_eq!(d("../out/x"), Outcome::Deny);
+    assert_eq!(d(".."), Outcome::Deny);
+}
+
+#[test]
+fn path_spellings() {
+    use super::rules::{PathSpelling, path_spelling};
+    let resolved = |s: &str| match path_spelling(s) {
+        PathSpelling::Resolved(p) => p.into_owned(),
+        PathSpelling::Escapes => panic!("{s} escapes"),
+    };
+    for (given, canonical) in [
+        ("/ws/out/x", "/ws/out/x"),
+        ("/ws/out/../secret/x", "/ws/secret/x"),
+        ("//etc//passwd", "/etc/passwd"),
+        ("/./etc/./passwd", "/etc/passwd"),
+        ("/etc/.", "/etc/"),
+        ("/etc/x/..", "/etc/"),
+        ("/etc/", "/etc/"),
+        ("/", "/"),
+        ("/x/..", "/"),
+        ("a/./b/../c", "a/c"),
+        ("./a", "a"),
+        ("a/..", "."),
+        ("application/json", "application/json"),
+        ("https://example.com//a/../b", "https://example.com//a/../b"),
+        ("", ""),
+    ] {
+        assert_eq!(resolved(given), canonical, "{given}");
+    }
+    assert!(matches!(
+        path_spelling("/ws/out/x"),
+        PathSpelling::Resolved(std::borrow::Cow::Borrowed(_))
+    ));
+    for escaping in [
+        "/..",
+        "/../etc",
+        "/a/../..",
+        "..",
+        "../a",
+        "a/../../b",
+        "/x://../../etc",
+    ] {
+        assert_eq!(path_spelling(escaping), PathSpelling::Escapes, "{escaping}");
+    }
+}
+
+#[test]
+fn url_globs_still_match_urls_as_written() {
+    let p = policy(
+        r#"
+[[tool]]
+name = "api"
+tools = ["http-fetch/get"]
+decision = "allow"
+when = { url = { glob = "https://api.example.com/**" } }
+"#,
+    );
+    let d = |url: &str| p.evaluate(&tool("http-fetch/get", &json!({ "url": url }))).outcome;
+    assert_eq!(d("https://api.example.com/v1/x"), Outcome::Allow);
+    assert_eq!(d("https://evil.example.com/v1/x"), Outcome::Deny);
+}
+
+#[test]
+fn a_dotted_path_cannot_escape_a_require_approval() {
+    let p = policy(
+        r#"
+[[tool]]
+name = "ask-home"
+tools = ["fs/write"]
+decision = "require_approval"
+when = { path = { glob = "/home/**" } }
+
+[[tool]]
+name = "tmp"
+tools = ["fs/write"]
+decision = "allow"
+when = { path = { glob = "/tmp/**" } }
+
+[[tool]]
+name = "rest"
+tools = ["fs/write"]
+decision = "warn"
+"#,
+    );
+    let d = |path: &str| p.evaluate(&tool("fs/write", &json!({ "path": path }))).outcome;
+    assert_eq!(d("/tmp/../home/alice/x"), Outcome::RequireApproval);
+    assert_eq!(d("/tmp//..//home/alice/x"), Outcome::RequireApproval);
+    assert_eq!(d("/../tmp/x"), Outcome::RequireApproval);
+    assert_eq!(d("/tmp/x"), Outcome::Allow);
+    assert_eq!(d("/var/x"), Outcome::Warn);
+}
+
+#[test]
+fn example_policy_sees_through_dotted_paths() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/policies/default.toml");
+    let text = std::fs::read_to_string(path).expect("the example policy");
+    let p = Policy::from_toml_str(&text, path).unwrap_or_else(|e| panic!("{e}"));
+    let d = |path: &str| {
+        p.evaluate(&tool("fs/write", &json!({ "path": path, "content": "x" })))
+            .outcome
+    };
+    assert_eq!(d("/tmp/../etc/passwd"), Outcome::Deny);
+    assert_eq!(d("//etc/passwd"), Outcome::Deny);
+    assert_eq!(d("/./etc/passwd"), Outcome::Deny);
+    assert_eq!(d("/tmp/../home/alice/x"), Outcome::RequireApproval);
+    assert_eq!(d("/etc/passwd"), Outcome::Deny);
+    assert_eq!(d("/tmp/out.txt"), Outcome::Allow);
+    assert_eq!(d("/home/alice/x"), Outcome::RequireApproval);
+}
+
 #[test]
 fn model_rules_and_max_tokens() {
     let p = policy(BASIC);

@@ -500,7 +500,7 @@ async fn cancel_mid_job_stops_the_loop_promptly() {
     let r = result(&h).await;
     assert_eq!(r.status, JobState::Cancelled);
     assert!(started.elapsed() < Duration::from_secs(2));
-    // The loop is gone and its tool hold was released.
+    // The loop is gone, and the call it stopped (started, so it may have had effects) is charged.
     for _ in 0..100 {
         if s.rt.running_jobs().is_empty() {
             break;
@@ -519,8 +519,73 @@ async fn cancel_mid_job_stops_the_loop_promptly() {
             })
             .await
             .expect("ledger");
-    assert_eq!(ledger.len(), 1);
-    assert_eq!(ledger[0].entry.kind, LedgerKind::Release);
+    assert_eq!(ledger.len(), 1, "{ledger:?}");
+    assert_eq!(ledger[0].entry.kind, LedgerKind::ToolUsage);
+    assert_eq!(ledger[0].entry.usage.tool_calls, 1);
+    assert_eq!(ledger[0].entry.data.field("interrupted"), Some(json!(true)));
+}
+
+/// A tool call the job's deadline or a cancel stops has started (its effects may have happened):
+/// it counts against the budgets, so stopping jobs mid-call cannot run more calls than allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tool_call_stopped_by_the_deadline_or_a_cancel_is_charged() {
+    for stop in ["deadline", "cancel"] {
+        let tools = FakeTools::new();
+        tools.add("slow/wait", json!({}), false, |_| async {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            Ok(json!(null))
+        });
+        let s = setup(vec![calls(0, &[("slow__wait", json!({}))])], tools, ASK_WRITES);
+        let mut budget = Budget::new("acme", "one tool call", BudgetWindow::Total);
+        budget.limits.max_tool_calls = Some(1);
+        budget.strategy = ExceedStrategy::Deny;
+        s.rt.kernel().ledger().put_budget(budget).await.expect("budget");
+
+        let mut req = request("wait");
+        if stop == "deadline" {
+            req.timeout = Some(Duration::from_millis(300));
+        }
+        let h = s.rt.execute(req).await.expect("execute");
+        if stop == "cancel" {
+            let mut events = h.events();
+            while let Some(e) = events.next().await {
+                if e.event_type == EventType::ToolStart {
+                    break;
+                }
+            }
+            h.cancel("stop").await.expect("cancel");
+        }
+        let r = result(&h).await;
+        let expected = if stop == "deadline" {
+            JobState::TimedOut
+        } else {
+            JobState::Cancelled
+        };
+        assert_eq!(r.status, expected, "{stop}");
+        assert_eq!(s.tools.count("slow/wait"), 1, "{stop}");
+        for _ in 0..100 {
+            if s.rt.running_jobs().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let usage =
+            s.rt.kernel()
+                .ledger()
+                .usage(&UsageQuery {
+                    tenant: "acme".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("usage");
+        assert_eq!(usage.tool_calls, 1, "{stop}: the stopped call is charged");
+
+        // The budget is used up: the next job's call never starts.
+        let r = result(&s.rt.execute(request("again")).await.expect("execute")).await;
+        assert_eq!(r.status, JobState::Failed, "{stop}: {r:?}");
+        assert_eq!(r.error.expect("error").code, "budget_exceeded", "{stop}");
+        assert_eq!(s.tools.count("slow/wait"), 1, "{stop}: no second execution");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -29,7 +29,7 @@ use crate::job::{Job, JobError, JobState};
 use crate::journal::{self, Entry, key};
 use crate::json::JsonText;
 use crate::ledger::{
-    BudgetOutcome, BudgetStatus, LedgerKind, ReservationState, SettleRequest, Usage, evaluate_budgets,
+    BudgetOutcome, BudgetStatus, LedgerKind, Reservation, ReservationState, SettleRequest, Usage, evaluate_budgets,
 };
 use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
 use crate::policy::{Outcome, Policy, PolicyRequest, SessionKey};
@@ -1006,28 +1006,79 @@ impl Runner {
         let _ = self.rt.kernel.ledger().release(id, reason).await;
     }
 
-    /// Release every hold of steps that did not finish (the loop is stopping). With `lost` (another
-    /// host owns the job now), holds journaled with a started tool call are left to the new
-    /// owner, which resumes that call; this host's private holds (a model call) are released.
+    /// Settle every hold of steps that did not finish (the loop is stopping). A tool call whose
+    /// start is journaled may have had its effects, so it is charged as one call, like a call a
+    /// crash interrupted — else stopping jobs mid-call would run calls no budget counts; every
+    /// other hold (a model call, a call still waiting for approval) is released. With `lost`
+    /// (another host owns the job now), the started calls are left to the new owner, which
+    /// resumes and charges them.
     pub(crate) async fn release_all(&self, lost: bool) {
         let ids: Vec<Uuid> = self.held.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
-        let journaled: HashSet<Uuid> = if lost {
+        let started: HashMap<Uuid, (String, journal::ToolStarted)> = {
             let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-            j.values()
-                .filter_map(|e| match e {
-                    Entry::ToolStarted(s) => Some(s.reservation_id),
+            j.iter()
+                .filter_map(|(key, e)| match e {
+                    Entry::ToolStarted(s) if ids.contains(&s.reservation_id) => {
+                        Some((s.reservation_id, (key.clone(), s.clone())))
+                    }
                     _ => None,
                 })
                 .collect()
-        } else {
-            HashSet::new()
         };
         for id in ids {
-            if journaled.contains(&id) {
-                continue;
+            match started.get(&id) {
+                Some(_) if lost => {}
+                Some((key, s)) => {
+                    // `t{turn}/c{idx}/...` (journal::key::call).
+                    let turn = key
+                        .strip_prefix('t')
+                        .and_then(|k| k.split('/').next())
+                        .and_then(|t| t.parse::<u32>().ok());
+                    let data = json!({
+                        "turn": turn,
+                        "call_id": s.call_id,
+                        "attempt": s.attempt,
+                        "interrupted": true,
+                        "reason": "job stopped",
+                    });
+                    // Already settled (the result's commit landed as the loop stopped) is fine.
+                    let _ = self.charge_started(id, &s.tool, data).await;
+                }
+                None => {
+                    let _ = self.rt.kernel.ledger().release(id, "job stopped").await;
+                }
             }
-            let _ = self.rt.kernel.ledger().release(id, "job stopped").await;
         }
+    }
+
+    /// Settle `hold`, the hold of a tool call that started but whose result was never
+    /// journaled, as one tool call (`data` says why). A hold the sweeper released is recorded as
+    /// overage by the store.
+    async fn charge_started(&self, hold: Uuid, tool: &str, data: Value) -> Result<Reservation, KernelError> {
+        let details = SettleDetails {
+            duration_ms: None,
+            model: None,
+            tool: Some(tool.to_string()),
+            data: data.into(),
+        };
+        let serial = self.commit_lock.lock().await;
+        let settled = self
+            .rt
+            .kernel
+            .ledger()
+            .settle(
+                hold,
+                LedgerKind::ToolUsage,
+                Usage {
+                    tool_calls: 1,
+                    ..Usage::zero()
+                },
+                details,
+            )
+            .await;
+        drop(serial);
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
+        settled
     }
 
     /// Journal a call's outcome as the tool message the model will see (no tool ran).
@@ -1207,29 +1258,8 @@ impl Runner {
             Some(Entry::ToolStarted(s)) => s.reservation_id,
             _ => return Err(corrupt(format!("journal {key} has no started call"))),
         };
-        let details = crate::services::SettleDetails {
-            duration_ms: None,
-            model: None,
-            tool: Some(tool.to_string()),
-            data: json!({ "turn": turn, "call_id": call.id, "attempt": attempt, "interrupted": true }).into(),
-        };
-        let serial = self.commit_lock.lock().await;
-        let settled = self
-            .rt
-            .kernel
-            .ledger()
-            .settle(
-                hold,
-                LedgerKind::ToolUsage,
-                Usage {
-                    tool_calls: 1,
-                    ..Usage::zero()
-                },
-                details,
-            )
-            .await;
-        drop(serial);
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&hold);
+        let data = json!({ "turn": turn, "call_id": call.id, "attempt": attempt, "interrupted": true });
+        let settled = self.charge_started(hold, tool, data).await;
         match settled {
             Ok(_) => Ok(()),
             // Charged by an earlier resume (that stopped before re-running).

@@ -206,6 +206,43 @@ pub(crate) async fn check_host(State(state): State<AppState>, req: Request, next
     next.run(req).await
 }
 
+/// How often an open event stream checks that the key it was opened with is still valid.
+const REVOCATION_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// End an event stream (an SSE response: `/v1/events`, a job's events, MCP's streams) once the
+/// key that opened it is revoked: authentication runs when a request starts, and a stream lives
+/// on for as long as its client keeps it open, carrying the scope's events (tool output among
+/// them). Checked every [`REVOCATION_CHECK`]; a failed check ends the stream too (the client
+/// resumes with `Last-Event-ID`, authenticated afresh).
+pub(crate) async fn end_streams_on_revocation(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let key = req.extensions().get::<KeyId>().cloned();
+    let response = next.run(req).await;
+    let streaming = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let Some(KeyId(key_id)) = key.filter(|_| streaming) else {
+        return response;
+    };
+    let revoked = async move {
+        loop {
+            tokio::time::sleep(REVOCATION_CHECK).await;
+            match keel_app::keys::caller_of_key(&state.host.app.db, &key_id).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "cannot check an event stream's key: ending the stream");
+                    return;
+                }
+            }
+        }
+    };
+    let (parts, body) = response.into_parts();
+    let body = futures::StreamExt::take_until(body.into_data_stream(), Box::pin(revoked));
+    Response::from_parts(parts, axum::body::Body::from_stream(body))
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, key) = value.split_once(' ')?;

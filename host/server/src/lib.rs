@@ -141,10 +141,15 @@ impl Server {
         for (path, router) in &self.protected {
             protected = protected.nest_service(path, router.clone());
         }
-        let protected = protected.layer(axum::middleware::from_fn_with_state(
-            self.state.clone(),
-            auth::authenticate,
-        ));
+        let protected = protected
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                auth::end_streams_on_revocation,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                auth::authenticate,
+            ));
         Router::new()
             .merge(web::router())
             .merge(protected)

@@ -464,8 +464,15 @@ async fn roles_keys_rate_limit_and_host_checks() {
     let db = keel_app::kernel::open_db(server.home.path()).await.unwrap();
     let doomed = keel_app::keys::create_key(&db, "acme", Role::Read, None).await.unwrap();
     server.get("/v1/jobs", &doomed.key, 200).await;
+    let mut open = common::SseReader::new(server.req(Method::GET, "/v1/events", &doomed.key).send().await.unwrap());
     keel_app::keys::revoke_key(&db, &doomed.info.id).await.unwrap();
     server.get("/v1/jobs", &doomed.key, 401).await;
+    // A stream the key opened before ends too: it would go on carrying the scope's events.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while open.next().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the revoked key's open event stream went on");
 
     // Rate limit per key: the burst is spent, then 429 with Retry-After; other keys unaffected.
     let mut limited = None;

@@ -25,6 +25,9 @@ pub struct InstallRequest<'a> {
     pub keep_grants: bool,
     /// Per-plugin limit overrides (an empty object keeps the previous record's).
     pub limits: Value,
+    /// The scope that owns the plugin (installed through the API), recorded with it in one
+    /// transaction; `None` keeps the current owner (a new plugin is then home-wide).
+    pub owner: Option<&'a str>,
 }
 
 /// What was installed.
@@ -54,6 +57,7 @@ impl App {
             replace: false,
             keep_grants: false,
             limits: Value::Object(Default::default()),
+            owner: None,
         };
         self.install(request, |_, _| Ok(()), |_, _| Ok(())).await
     }
@@ -137,7 +141,10 @@ impl App {
             installed_at: String::new(),
             updated_at: String::new(),
         };
-        self.db.upsert_plugin(&record).await?;
+        match request.owner {
+            Some(scope) => self.db.upsert_owned_plugin(&record, scope).await?,
+            None => self.db.upsert_plugin(&record).await?,
+        }
         let replaced = replacing.cloned();
         if let Some(old) = &replaced
             && !self.db.component_in_use(&old.sha256).await?

@@ -228,7 +228,25 @@ async fn another_scope_cannot_see_or_touch_anything() {
         .await;
     assert_ne!(id_of(&bs), job);
 
-    // A plugin A installs by upload is A's alone.
+    // A plugin A installs by upload is A's alone, from the moment it exists: an observer reading
+    // the registry throughout the upload never sees it without its owner (home-wide).
+    let db = keel_app::kernel::open_db(server.home.path()).await.unwrap();
+    let uploading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let observer = {
+        let uploading = uploading.clone();
+        std::thread::spawn(move || {
+            use keel_app::keel_kernel::registry::PluginRegistry as _;
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                while uploading.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Some(stamp) = db.plugin_stamp("textkit-rust").await.unwrap() {
+                        return Some(stamp.owner);
+                    }
+                }
+                None
+            })
+        })
+    };
     let upload = server
         .req(Method::POST, "/v1/plugins?label=textkit", &a)
         .header("content-type", "application/wasm")
@@ -236,6 +254,12 @@ async fn another_scope_cannot_see_or_touch_anything() {
         .send()
         .await
         .unwrap();
+    uploading.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        observer.join().unwrap(),
+        Some(Some("tenant-a".to_string())),
+        "the uploaded plugin was first seen without its owner, visible to every scope"
+    );
     let installed = expect(upload, 201, "install").await;
     let name = installed["plugin"]["name"].as_str().unwrap().to_string();
     assert_eq!(installed["plugin"]["owner"]["scope"], "tenant-a");

@@ -62,37 +62,7 @@ fn query(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> StoreRe
 /// thread): listing the plugins is on every tool call's path.
 impl PluginRegistry for Database {
     fn upsert_plugin<'a>(&'a self, record: &'a PluginRecord) -> BoxFuture<'a, StoreResult<()>> {
-        Box::pin(async move {
-            let now = Utc::now().to_rfc3339();
-            self.kernel_connections()
-                .write(|c| {
-                    c.prepare_cached(
-                        "INSERT INTO plugins (name, version, description, sha256, info_json, imports_json, \
-                     grants_json, limits_json, installed_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                     ON CONFLICT(name) DO UPDATE SET version = excluded.version, \
-                     description = excluded.description, sha256 = excluded.sha256, info_json = excluded.info_json, \
-                     imports_json = excluded.imports_json, grants_json = excluded.grants_json, \
-                     limits_json = excluded.limits_json, updated_at = excluded.updated_at",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(rusqlite::params![
-                            record.name,
-                            record.version,
-                            record.description,
-                            record.sha256,
-                            record.info.to_string(),
-                            record.imports.to_string(),
-                            record.grants.to_string(),
-                            record.limits.to_string(),
-                            now,
-                            now,
-                        ])
-                    })
-                    .map_err(be)?;
-                    Ok(())
-                })
-                .await
-        })
+        Box::pin(async move { self.kernel_connections().write(|c| upsert_in(c, record)).await })
     }
 
     fn get_plugin<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<PluginRecord>>> {
@@ -178,6 +148,55 @@ impl PluginRegistry for Database {
                     .map_err(be)
             })
         })
+    }
+}
+
+/// Insert or replace `record` (keeping its install time) on `c`, inside the caller's transaction.
+fn upsert_in(c: &Connection, record: &PluginRecord) -> StoreResult<()> {
+    let now = Utc::now().to_rfc3339();
+    c.prepare_cached(
+        "INSERT INTO plugins (name, version, description, sha256, info_json, imports_json, \
+                     grants_json, limits_json, installed_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT(name) DO UPDATE SET version = excluded.version, \
+                     description = excluded.description, sha256 = excluded.sha256, info_json = excluded.info_json, \
+                     imports_json = excluded.imports_json, grants_json = excluded.grants_json, \
+                     limits_json = excluded.limits_json, updated_at = excluded.updated_at",
+    )
+    .and_then(|mut s| {
+        s.execute(rusqlite::params![
+            record.name,
+            record.version,
+            record.description,
+            record.sha256,
+            record.info.to_string(),
+            record.imports.to_string(),
+            record.grants.to_string(),
+            record.limits.to_string(),
+            now,
+            now,
+        ])
+    })
+    .map_err(be)?;
+    Ok(())
+}
+
+impl Database {
+    /// Install `record` owned by `scope` (a plugin installed through the API): the record and
+    /// its owner are written in one transaction, so no reader ever sees the plugin without its
+    /// owner, i.e. visible to every scope.
+    pub async fn upsert_owned_plugin(&self, record: &PluginRecord, scope: &str) -> StoreResult<()> {
+        self.kernel_connections()
+            .write(|c| {
+                upsert_in(c, record)?;
+                c.prepare_cached(
+                    "INSERT INTO plugin_owners (name, scope) VALUES (?, ?) \
+                     ON CONFLICT(name) DO UPDATE SET scope = excluded.scope",
+                )
+                .and_then(|mut s| s.execute(rusqlite::params![record.name, scope]))
+                .map_err(be)?;
+                Ok(())
+            })
+            .await
     }
 }
 

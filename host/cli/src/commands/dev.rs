@@ -172,6 +172,7 @@ impl DevState {
             replace: true,
             keep_grants: true,
             limits: serde_json::json!({}),
+            owner: None,
         };
         let mut result = self.app.install(request.clone(), |_, _| Ok(()), |_, _| Ok(())).await;
         if let Err(e) = &result

@@ -257,6 +257,7 @@ pub async fn install(home: &Path, args: InstallArgs) -> CliResult {
         replace: args.replace,
         keep_grants: args.keep_grants,
         limits: Value::Object(args.limits.overrides()),
+        owner: None,
     };
     let installed = app
         .install(

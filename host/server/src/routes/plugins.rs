@@ -207,6 +207,8 @@ pub(crate) async fn install_plugin(
                 replace: true,
                 keep_grants: false,
                 limits: json!({}),
+                // A new plugin is the uploader's from the moment it exists.
+                owner: owner.is_none().then_some(who.scope.as_str()),
             },
             |_, _| Ok(()),
             |_, grants| {
@@ -215,13 +217,7 @@ pub(crate) async fn install_plugin(
             },
         )
         .await?;
-    let owner = match owner {
-        Some(owner) => owner,
-        None => {
-            keys::set_plugin_owner(&app.db, &name, &who.scope).await?;
-            PluginOwner::Scope(who.scope.clone())
-        }
-    };
+    let owner = owner.unwrap_or_else(|| PluginOwner::Scope(who.scope.clone()));
     Ok((
         StatusCode::CREATED,
         Json(json!({ "plugin": record_json(&installed.record, &owner), "notes": installed.notes })),

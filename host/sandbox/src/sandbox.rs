@@ -489,6 +489,26 @@ fn engine_config(config: &SandboxConfig, class: MemoryClass) -> Config {
     wasm
 }
 
+/// Create `component`'s copy-on-write memory images now, once, rather than in its first
+/// instantiation: wasmtime seals each fresh image memfd (`F_SEAL_WRITE`), which Linux refuses with
+/// `EBUSY` while it briefly holds an extra reference to the file's pages (THP collapse, page
+/// migration), and that made a plugin's first `describe()` fail now and then. Retried a few
+/// times; any other failure is left to instantiation to report (it creates the images lazily).
+fn initialize_memory_images(component: &Component) {
+    for attempt in 0..5 {
+        match component.initialize_copy_on_write_image() {
+            Err(e)
+                if e.chain().any(|cause| {
+                    cause.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) == Some(16)
+                }) =>
+            {
+                std::thread::sleep(Duration::from_millis(1 << attempt));
+            }
+            _ => return,
+        }
+    }
+}
+
 impl Runtime {
     fn new(config: &SandboxConfig, class: MemoryClass) -> Result<Self, SandboxError> {
         let engine = Engine::new(&engine_config(config, class)).map_err(|e| SandboxError::Host(format!("{e:#}")))?;
@@ -819,6 +839,7 @@ impl Sandbox {
     }
 
     fn instantiate_pre(&self, component: &Component) -> Result<InstancePre<State>, SandboxError> {
+        initialize_memory_images(component);
         self.linker_for(component.engine())
             .instantiate_pre(component)
             .map_err(|e| {

@@ -295,6 +295,11 @@ pub mod key {
         format!("t{turn}/c{idx}")
     }
 
+    /// The turn a turn's key (`t{turn}/...`, see [`model`], [`call`]) belongs to.
+    pub fn turn_of(key: &str) -> Option<u32> {
+        key.strip_prefix('t')?.split('/').next()?.parse().ok()
+    }
+
     /// The outcome of the call at `base`.
     pub fn result(base: &str) -> String {
         format!("{base}/result")

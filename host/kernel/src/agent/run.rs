@@ -1028,12 +1028,8 @@ impl Runner {
         for id in ids {
             match started.get(&id) {
                 Some(_) if lost => {}
-                Some((key, s)) => {
-                    // `t{turn}/c{idx}/...` (journal::key::call).
-                    let turn = key
-                        .strip_prefix('t')
-                        .and_then(|k| k.split('/').next())
-                        .and_then(|t| t.parse::<u32>().ok());
+                Some((at, s)) => {
+                    let turn = key::turn_of(at);
                     let data = json!({
                         "turn": turn,
                         "call_id": s.call_id,

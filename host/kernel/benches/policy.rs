@@ -46,6 +46,8 @@ name = "http-get"
 tools = ["http-fetch/get"]
 scopes = ["dev", "research-*"]
 decision = "warn"
+[tool.when]
+url = { glob = "https://api.example.com/**" }
 
 [[tool]]
 name = "http-post"
@@ -157,6 +159,8 @@ fn cases() -> Vec<Case> {
     let shell = leak(json!({"cmd": "rm -rf /"}));
     let write = leak(json!({"path": "/home/alice/report.md", "content": "hello"}));
     let kv = leak(json!({"key": "k1", "value": 1}));
+    let url = leak(json!({"url": "https://api.example.com/v1/items?page=2"}));
+    let respelled = leak(json!({"url": "https://api.example.com/v1/x/../%69tems"}));
     approvals.approve_call(SessionKey::new("dev", "session-1"), "fs/write", write);
     let cost = Decimal::new(2, 2);
     vec![
@@ -179,6 +183,20 @@ fn cases() -> Vec<Case> {
             name: "tool_default_deny",
             expect: Outcome::Deny,
             run: Box::new(move || policy.evaluate_with(&tool("unknown/tool", read), approvals).outcome),
+        },
+        Case {
+            name: "tool_url_glob",
+            expect: Outcome::Warn,
+            run: Box::new(move || policy.evaluate_with(&tool("http-fetch/get", url), approvals).outcome),
+        },
+        Case {
+            name: "tool_url_glob_respelled",
+            expect: Outcome::Warn,
+            run: Box::new(move || {
+                policy
+                    .evaluate_with(&tool("http-fetch/get", respelled), approvals)
+                    .outcome
+            }),
         },
         Case {
             name: "tool_session_approval_hit",

@@ -2,7 +2,7 @@
 //!
 //! Everything here is built once at load time (patterns are compiled, values converted), so the check
 //! path only compares: no glob compilation, no parsing, no allocation to match (except to
-//! rewrite an argument path spelled with `//`, `.` or `..`, see [`path_spelling`]).
+//! rewrite an argument path spelled with `//`, `.` or `..`, or a URL, see [`path_spelling`]).
 
 use std::borrow::Cow;
 
@@ -128,6 +128,9 @@ impl Condition {
         if let Some(g) = &self.glob {
             let matched = v.as_str().is_some_and(|s| match path_spelling(s) {
                 PathSpelling::Resolved(path) => g.matches(&path),
+                // Both spellings must be allowed; either one is caught.
+                PathSpelling::Respelled(url) if permits => g.matches(s) && g.matches(&url),
+                PathSpelling::Respelled(url) => g.matches(s) || g.matches(&url),
                 PathSpelling::Escapes => !permits,
             });
             if !matched {
@@ -173,17 +176,25 @@ pub(crate) enum PathSpelling<'a> {
     /// The canonical spelling: `//` collapsed, `.` dropped, `..` resolved against the component
     /// before it (borrowed when already canonical, the usual case).
     Resolved(Cow<'a, str>),
-    /// A `..` climbs above the root (or above the start of a relative path): where it lands is
-    /// unknown, so no glob may allow it and every deny or require-approval glob catches it.
+    /// A URL whose WHATWG spelling (what an HTTP client sends) differs from how it was written:
+    /// a glob that allows must match both spellings, a glob that denies or asks either one.
+    /// Both, because a policy's own URLs may be spelled either way (`HTTPS://Host:443`).
+    Respelled(String),
+    /// A `..` climbs above the root (or above the start of a relative path), or a URL no parser
+    /// accepts: where it lands is unknown, so no glob may allow it and every deny or
+    /// require-approval glob catches it.
     Escapes,
 }
 
 /// Lexically normalise `s` as a path. Lexical on purpose: the policy cannot see symlinks (the
 /// sandbox's grants are the hard boundary); what it guarantees is that two spellings of one path
-/// get one decision. URLs (`scheme://...`) are left as written: their `//` is not a separator.
+/// get one decision. URLs (`scheme://...`) are spelled as a URL parser would, see [`url_spelling`].
 pub(crate) fn path_spelling(s: &str) -> PathSpelling<'_> {
+    if is_url(s) {
+        return url_spelling(s);
+    }
     let dotted = s.split('/').any(|seg| seg == "." || seg == "..");
-    if is_url(s) || (!dotted && !s.contains("//")) {
+    if !dotted && !s.contains("//") {
         return PathSpelling::Resolved(Cow::Borrowed(s));
     }
     let absolute = s.starts_with('/');
@@ -215,6 +226,56 @@ pub(crate) fn path_spelling(s: &str) -> PathSpelling<'_> {
         out.push('/');
     }
     PathSpelling::Resolved(Cow::Owned(out))
+}
+
+/// The URL `s` as a WHATWG parser (browsers, `reqwest`, most HTTP stacks) spells it: scheme and
+/// host lower-cased, a default port dropped, `\\` read as `/` in `http(s)`, `.`/`..` and their
+/// percent-encoded forms resolved (clamped at the root, as servers do), and percent-escapes of
+/// unreserved characters decoded in the path (RFC 3986 §6.2.2.2: `%61dmin` is `admin` to the
+/// server). A URL with an empty path keeps it empty (`https://host` is not `https://host/`).
+fn url_spelling(s: &str) -> PathSpelling<'_> {
+    let Ok(mut url) = url::Url::parse(s) else {
+        return PathSpelling::Escapes;
+    };
+    if url.path().contains('%') {
+        let decoded = decode_unreserved(url.path());
+        url.set_path(&decoded);
+    }
+    let mut spelled: String = url.into();
+    let authority_only = s
+        .split_once("://")
+        .is_some_and(|(_, rest)| !rest.contains(['/', '\\', '?', '#']));
+    if authority_only && spelled.ends_with('/') {
+        spelled.pop();
+    }
+    if spelled == s {
+        PathSpelling::Resolved(Cow::Borrowed(s))
+    } else {
+        PathSpelling::Respelled(spelled)
+    }
+}
+
+/// `path` with every `%XX` escape of an unreserved character (`A-Z a-z 0-9 - . _ ~`) decoded;
+/// other escapes (`%2F`, `%20`, ...) stay as written, upper-cased hex is not imposed.
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = path.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+            && (b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        {
+            out.push(char::from(b));
+            i += 3;
+            continue;
+        }
+        let c = path[i..].chars().next().expect("i is at a char boundary");
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
 }
 
 /// `scheme://`, the scheme as RFC 3986 spells it.

@@ -320,7 +320,7 @@ fn path_spellings() {
     use super::rules::{PathSpelling, path_spelling};
     let resolved = |s: &str| match path_spelling(s) {
         PathSpelling::Resolved(p) => p.into_owned(),
-        PathSpelling::Escapes => panic!("{s} escapes"),
+        other => panic!("{s}: {other:?}"),
     };
     for (given, canonical) in [
         ("/ws/out/x", "/ws/out/x"),
@@ -336,7 +336,6 @@ fn path_spellings() {
         ("./a", "a"),
         ("a/..", "."),
         ("application/json", "application/json"),
-        ("https://example.com//a/../b", "https://example.com//a/../b"),
         ("", ""),
     ] {
         assert_eq!(resolved(given), canonical, "{given}");
@@ -359,6 +358,40 @@ fn path_spellings() {
 }
 
 #[test]
+fn url_spellings() {
+    use super::rules::{PathSpelling, path_spelling};
+    for unchanged in [
+        "https://api.example.com",
+        "https://api.example.com/",
+        "https://api.example.com/v1/x?q=1#top",
+        "https://api.example.com:8443/v1/%2Fx",
+        "s3://bucket/key",
+    ] {
+        assert_eq!(
+            path_spelling(unchanged),
+            PathSpelling::Resolved(unchanged.into()),
+            "{unchanged}"
+        );
+    }
+    for (given, spelled) in [
+        ("https://example.com//a/../b", "https://example.com//b"),
+        ("HTTPS://API.example.com:443", "https://api.example.com"),
+        (
+            "https://api.example.com/v1/%2e%2E/%61dmin%2F",
+            "https://api.example.com/admin%2F",
+        ),
+        ("http://h\\a\\..\\b", "http://h/b"),
+        ("https://h/../../x", "https://h/x"),
+        ("s3://bucket/a/../b", "s3://bucket/b"),
+    ] {
+        assert_eq!(path_spelling(given), PathSpelling::Respelled(spelled.into()), "{given}");
+    }
+    for unplaceable in ["https://h:99999/", "https://a b/", "http://[::1/x"] {
+        assert_eq!(path_spelling(unplaceable), PathSpelling::Escapes, "{unplaceable}");
+    }
+}
+
+#[test]
 fn url_globs_still_match_urls_as_written() {
     let p = policy(
         r#"
@@ -372,6 +405,79 @@ when = { url = { glob = "https://api.example.com/**" } }
     let d = |url: &str| p.evaluate(&tool("http-fetch/get", &json!({ "url": url }))).outcome;
     assert_eq!(d("https://api.example.com/v1/x"), Outcome::Allow);
     assert_eq!(d("https://evil.example.com/v1/x"), Outcome::Deny);
+}
+
+const API: &str = r#"
+default = "deny"
+
+[[tool]]
+name = "no-admin"
+tools = ["http-fetch/get"]
+decision = "deny"
+when = { url = { glob = "https://api.example.com/v1/admin/**" } }
+
+[[tool]]
+name = "ask-billing"
+tools = ["http-fetch/get"]
+decision = "require_approval"
+when = { url = { glob = "https://api.example.com/v1/billing/**" } }
+
+[[tool]]
+name = "api"
+tools = ["http-fetch/get"]
+decision = "allow"
+when = { url = { glob = "https://api.example.com/v1/**" } }
+
+[[tool]]
+name = "status"
+tools = ["http-fetch/get"]
+decision = "allow"
+when = { url = { glob = "https://status.example.com" } }
+"#;
+
+#[test]
+fn spelling_a_url_differently_never_turns_a_deny_into_an_allow() {
+    let p = policy(API);
+    let d = |url: &str| p.evaluate(&tool("http-fetch/get", &json!({ "url": url }))).outcome;
+    // Ordinary URLs: unchanged.
+    assert_eq!(d("https://api.example.com/v1/public/x"), Outcome::Allow);
+    assert_eq!(d("https://api.example.com/v1/admin/users"), Outcome::Deny);
+    assert_eq!(d("https://api.example.com/v1/billing/x"), Outcome::RequireApproval);
+    assert_eq!(d("https://status.example.com"), Outcome::Allow);
+    assert_eq!(
+        d("https://status.example.com/"),
+        Outcome::Deny,
+        "the glob names no path"
+    );
+    // Every spelling a client or server reads as /v1/admin/... is denied.
+    for admin in [
+        "https://api.example.com/v1/public/../admin/users",
+        "https://api.example.com/v1/public/x/../../admin/users",
+        "https://api.example.com/v1/./admin/users",
+        "https://api.example.com/v1/%2e%2e/v1/admin/users",
+        "https://api.example.com/v1/public/%2E%2e/admin/users",
+        "https://api.example.com/v1/public/.%2e/admin/users",
+        "https://api.example.com/../v1/admin/users",
+        "https://api.example.com/v1/%61dmin/users",
+        "https://api.example.com/v1/adm%69n/users",
+        "https://api.example.com/v1\\public\\..\\admin\\users",
+        "https://API.Example.COM/v1/admin/users",
+        "HTTPS://api.example.com/v1/admin/users",
+        "https://api.example.com:443/v1/admin/users",
+        "https://api.example.com./v1/admin/users",
+    ] {
+        assert_eq!(d(admin), Outcome::Deny, "{admin}");
+    }
+    assert_eq!(
+        d("https://api.example.com/v1/public/../billing/x"),
+        Outcome::RequireApproval
+    );
+    // A respelling that stays inside the allowed tree is still allowed.
+    assert_eq!(d("https://api.example.com/v1/public/a/../b"), Outcome::Allow);
+    assert_eq!(d("https://api.example.com/v1/%70ublic/x"), Outcome::Allow);
+    // A URL no parser accepts cannot be placed: never allowed, caught by the first deny glob.
+    assert_eq!(d("https://api.example.com:99999/v1/public/x"), Outcome::Deny);
+    assert_eq!(d("https://api.exa mple.com/v1/public/x"), Outcome::Deny);
 }
 
 #[test]

@@ -98,6 +98,15 @@ impl App {
                             beyond.join(", ")
                         )));
                     }
+                    let widened = reach_beyond(&plugin.info, &old_info, &old_grants);
+                    if !widened.is_empty() {
+                        return Err(AppError::user(format!(
+                            "--keep-grants refused: with the grants of the installed {}, the tools of {name} {} would reach more than they did ({}): it declares less per tool; install it without --keep-grants and grant again",
+                            old.version,
+                            plugin.info.version,
+                            widened.join(", ")
+                        )));
+                    }
                 }
                 grants = old_grants.clone();
             } else if old_grants != Grants::default() {
@@ -197,6 +206,46 @@ pub fn requests_beyond(new: &keel_sandbox::Capabilities, old: &keel_sandbox::Cap
             .filter(|v| !old.environment.contains(v))
             .map(|v| format!("env {v}")),
     );
+    beyond
+}
+
+/// What the tools of `new` would reach with `grants` that the same tools of `old` did not, one
+/// `tool NAME: WHAT` each. Grants are narrowed per tool (see [`Grants::narrow_for`]): where no
+/// tool of a version declares a kind of capability, every tool gets the whole grant of that
+/// kind, so a version that stops declaring hands every tool what one tool was narrowed to,
+/// though it *requests* nothing beyond the old one. A tool `old` did not have is measured
+/// against what any tool of `old` reached.
+pub fn reach_beyond(new: &PluginInfo, old: &PluginInfo, grants: &Grants) -> Vec<String> {
+    let reach = |tool: &keel_sandbox::ToolInfo, of: &PluginInfo| grants.narrow_for(tool, &of.tools);
+    let any_old = || {
+        old.tools
+            .iter()
+            .map(|t| reach(t, old))
+            .fold(Grants::default(), |mut all, g| {
+                all.fs.extend(g.fs);
+                all.net.extend(g.net);
+                all.env.extend(g.env);
+                all
+            })
+    };
+    let within = |path: &std::path::Path, base: &std::path::Path| path.starts_with(base);
+    let mut beyond = Vec::new();
+    for tool in &new.tools {
+        let now = reach(tool, new);
+        let before = old.tool(&tool.name).map_or_else(any_old, |t| reach(t, old));
+        let name = &tool.name;
+        for fs in &now.fs {
+            if !before.fs.iter().any(|b| b.mode >= fs.mode && within(&fs.host, &b.host)) {
+                beyond.push(format!("tool {name}: {} ({})", fs.guest, fs.mode));
+            }
+        }
+        for host in now.net.iter().filter(|h| !before.net.contains(h)) {
+            beyond.push(format!("tool {name}: net {host}"));
+        }
+        for var in now.env.iter().filter(|v| !before.env.contains(v)) {
+            beyond.push(format!("tool {name}: env {var}"));
+        }
+    }
     beyond
 }
 
@@ -307,5 +356,132 @@ pub fn describe_grants(grants: &Grants) -> String {
         "nothing".into()
     } else {
         parts.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_sandbox::{Capabilities, FsGrant, FsMode, FsRequest, ToolInfo};
+
+    use super::*;
+
+    fn tool(name: &str, capabilities: Capabilities) -> ToolInfo {
+        ToolInfo {
+            name: name.into(),
+            description: String::new(),
+            input_schema: serde_json::json!({"type": "object"}),
+            output_schema: None,
+            capabilities,
+            idempotent: false,
+        }
+    }
+
+    fn plugin(version: &str, tools: Vec<ToolInfo>) -> PluginInfo {
+        PluginInfo {
+            name: "p".into(),
+            version: version.into(),
+            description: String::new(),
+            tools,
+        }
+    }
+
+    fn net(host: &str) -> Capabilities {
+        Capabilities {
+            network: vec![host.into()],
+            ..Default::default()
+        }
+    }
+
+    fn granted() -> Grants {
+        Grants {
+            fs: vec![FsGrant {
+                host: "/srv/data".into(),
+                guest: "/data".into(),
+                mode: FsMode::ReadWrite,
+                identity: None,
+            }],
+            net: vec!["api.example.com".into()],
+            env: vec!["TOKEN".into()],
+            allow_private_network: false,
+        }
+    }
+
+    /// 1.0 narrows its grants per tool (only `fetch` may reach the API, only `save` write /data);
+    /// 1.1 declares nothing, so every tool would get every grant.
+    fn narrowed_then_undeclared() -> (PluginInfo, PluginInfo) {
+        let writes = Capabilities {
+            filesystem: vec![FsRequest {
+                path: "/data".into(),
+                mode: FsMode::ReadWrite,
+            }],
+            environment: vec!["TOKEN".into()],
+            ..Default::default()
+        };
+        let old = plugin(
+            "1.0",
+            vec![
+                tool("fetch", net("api.example.com")),
+                tool("save", writes),
+                tool("format", Capabilities::default()),
+            ],
+        );
+        let new = plugin(
+            "1.1",
+            vec![
+                tool("fetch", Capabilities::default()),
+                tool("save", Capabilities::default()),
+                tool("format", Capabilities::default()),
+            ],
+        );
+        (old, new)
+    }
+
+    #[test]
+    fn a_version_that_stops_declaring_would_widen_every_tool() {
+        let (old, new) = narrowed_then_undeclared();
+        // It requests nothing, so nothing "beyond" what 1.0 requested...
+        assert!(requests_beyond(&new.requested(), &old.requested()).is_empty());
+        // ...but with the same grants its tools reach more than 1.0's did.
+        let beyond = reach_beyond(&new, &old, &granted());
+        assert!(
+            beyond.iter().any(|b| b == "tool format: net api.example.com"),
+            "{beyond:?}"
+        );
+        assert!(beyond.iter().any(|b| b == "tool format: env TOKEN"), "{beyond:?}");
+        assert!(
+            beyond.iter().any(|b| b == "tool format: /data (read-write)"),
+            "{beyond:?}"
+        );
+        assert!(
+            beyond.iter().any(|b| b == "tool fetch: /data (read-write)"),
+            "{beyond:?}"
+        );
+        assert!(
+            beyond.iter().any(|b| b == "tool save: net api.example.com"),
+            "{beyond:?}"
+        );
+        assert!(
+            !beyond.iter().any(|b| b == "tool fetch: net api.example.com"),
+            "{beyond:?}"
+        );
+    }
+
+    #[test]
+    fn the_same_reach_or_less_is_not_beyond() {
+        let (old, new) = narrowed_then_undeclared();
+        let grants = granted();
+        assert!(reach_beyond(&old, &old, &grants).is_empty());
+        // Going the other way narrows every tool.
+        assert!(reach_beyond(&old, &new, &grants).is_empty());
+        // A new tool reaching only what an old tool reached is within.
+        let mut more = old.clone();
+        more.tools.push(tool("fetch2", net("api.example.com")));
+        assert!(reach_beyond(&more, &old, &grants).is_empty());
+        // A tool narrowed to a sub-directory of what it had is within.
+        let mut sub = old.clone();
+        sub.tools[1].capabilities.filesystem[0].path = "/data/sub".into();
+        assert!(reach_beyond(&sub, &old, &grants).is_empty());
+        // Nothing granted: nothing to reach.
+        assert!(reach_beyond(&new, &old, &Grants::default()).is_empty());
     }
 }

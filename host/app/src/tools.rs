@@ -280,13 +280,17 @@ impl ToolHost for RegistryToolHost {
         })
     }
 
-    fn tool<'a>(&'a self, tool: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
+    fn tool<'a>(&'a self, tool: &'a str, scope: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
         Box::pin(async move {
             let (described, name, alias) = match self.record_of(tool).await {
                 Ok(found) => found,
                 Err(ToolError::UnknownTool { .. }) => return Ok(None),
                 Err(e) => return Err(e),
             };
+            // Another scope's plugin: no tool here, as in `call_tool`.
+            if !described.visible_to(scope) {
+                return Ok(None);
+            }
             let Some(info) = &described.info else { return Ok(None) };
             let plugin = tool.split_once('/').map_or(tool, |(plugin, _)| plugin);
             let timeout = described.timeout;

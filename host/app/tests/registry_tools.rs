@@ -87,13 +87,17 @@ async fn grants_revokes_and_removal_apply_to_a_running_tool_host() {
         .into_iter()
         .find(|d| d.is_named("fs/read"));
     assert!(listed.is_some());
-    assert_eq!(host.tool("fs/read").await.unwrap(), listed, "looked up as listed");
+    assert_eq!(
+        host.tool("fs/read", "default").await.unwrap(),
+        listed,
+        "looked up as listed"
+    );
     assert!(
-        host.tool("fs/nope").await.unwrap().is_none(),
+        host.tool("fs/nope", "default").await.unwrap().is_none(),
         "an unknown tool of a known plugin"
     );
     other.remove_plugin(&admin, "fs").await.unwrap();
-    assert!(host.tool("fs/read").await.unwrap().is_none(), "removed");
+    assert!(host.tool("fs/read", "default").await.unwrap().is_none(), "removed");
     let gone = host.call_tool(&ctx(), "fs/read", &read).await.result;
     assert!(matches!(gone, Err(ToolError::UnknownTool { .. })), "removed: {gone:?}");
 }
@@ -119,7 +123,7 @@ async fn one_call_reads_the_registry_once_from_its_start() {
         assert!(host.offers("fs/read", "default").await.unwrap(), "offered");
         other.grant(&admin, "fs", &grant).await.unwrap();
         // The call's steps see the registry as the call found it: no grant.
-        assert!(host.tool("fs/read").await.unwrap().is_some());
+        assert!(host.tool("fs/read", "default").await.unwrap().is_some());
         let denied = host.call_tool(&ctx(), "fs/read", &read).await.result;
         assert!(matches!(denied, Err(ToolError::Denied { .. })), "{denied:?}");
         // A task the call hands work to reads the registry afresh.
@@ -140,7 +144,7 @@ async fn one_call_reads_the_registry_once_from_its_start() {
             !host.offers("fs/read", "default").await.unwrap(),
             "removed before the call"
         );
-        assert!(host.tool("fs/read").await.unwrap().is_none());
+        assert!(host.tool("fs/read", "default").await.unwrap().is_none());
         // Nested: shares the outer call's reads.
         let gone = keel_app::tools::one_call(host.call_tool(&ctx(), "fs/read", &read)).await;
         assert!(
@@ -150,4 +154,26 @@ async fn one_call_reads_the_registry_once_from_its_start() {
         );
     })
     .await;
+}
+
+/// A plugin one scope owns is no tool at all to another: its descriptor (what the kernel
+/// validates arguments against, before policy and approvals) is not shown to that scope, as its
+/// call is refused; scopes that may see it get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_scope_gets_no_descriptor_of_an_owned_plugin() {
+    let (_home, app) = home_with_fs().await;
+    let host = RegistryToolHost::new(app.clone(), None).await.unwrap();
+    // Home-wide: every scope sees it.
+    assert!(host.tool("fs/read", "default").await.unwrap().is_some());
+    assert!(host.tool("fs/read", "team-b").await.unwrap().is_some());
+
+    app.db.set_plugin_owner("fs", "team-a").await.unwrap();
+    let seen = host.tool("fs/read", "team-a").await.unwrap();
+    assert_eq!(seen.map(|d| d.qualified_name()), Some("fs/read".to_string()));
+    assert_eq!(host.tool("fs/read", "team-b").await.unwrap(), None);
+    assert_eq!(host.tool("fs/read", "default").await.unwrap(), None);
+    let mut other = ctx();
+    other.scope = "team-b".into();
+    let refused = host.call_tool(&other, "fs/read", &json!({"path": "/x"})).await.result;
+    assert!(matches!(refused, Err(ToolError::UnknownTool { .. })), "{refused:?}");
 }

@@ -284,10 +284,13 @@ pub trait ToolHost: Send + Sync {
     /// Every tool currently callable, across all installed plugins.
     fn list_tools(&self) -> BoxFuture<'_, Result<Vec<ToolDescriptor>, ToolError>>;
 
-    /// The descriptor of `tool` (`plugin/tool`), `None` if no such tool is callable. The governed
-    /// call path asks this once per call; the default lists every tool and keeps the one, so a
-    /// host that can look a tool up by name should say so here.
-    fn tool<'a>(&'a self, tool: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
+    /// The descriptor of `tool` (`plugin/tool`) as tenant `scope` sees it, `None` if no such tool
+    /// is callable by that scope (a host whose plugins belong to scopes refuses another scope's
+    /// here, before the kernel validates arguments, checks policy or asks for an approval). The
+    /// governed call path asks this once per call; the default lists every tool and keeps the
+    /// one, so a host that can look a tool up by name should say so here.
+    fn tool<'a>(&'a self, tool: &'a str, scope: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
+        let _ = scope;
         Box::pin(async move {
             let tools = self.list_tools().await?;
             Ok(tools.into_iter().find(|t| t.is_named(tool)))

@@ -70,7 +70,7 @@ impl AgentRuntime {
             // The runner announces the override with a progress event.
             return Ok(None);
         }
-        let Ok(Some(desc)) = inner.tools.tool(&call.tool).await else {
+        let Ok(Some(desc)) = inner.tools.tool(&call.tool, &request.scope).await else {
             return Ok(None);
         };
         if schema::validate(&desc.input_schema, &call.arguments).is_err() {

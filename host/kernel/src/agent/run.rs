@@ -607,7 +607,7 @@ impl Runner {
         let desc = self
             .rt
             .tools
-            .tool(&call.tool)
+            .tool(&call.tool, &self.tenant)
             .await
             .map_err(|e| Stop::Fail(job_error("tools_unavailable", format!("listing tools failed: {e}"))))?;
         let model_call = ToolCall {

@@ -213,7 +213,7 @@ impl ToolHost for FakeTools {
         Box::pin(async move { Ok(list) })
     }
 
-    fn tool<'a>(&'a self, tool: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
+    fn tool<'a>(&'a self, tool: &'a str, _scope: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
         let found = self
             .tools
             .lock()

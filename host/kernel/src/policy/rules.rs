@@ -229,7 +229,7 @@ pub(crate) fn path_spelling(s: &str) -> PathSpelling<'_> {
 }
 
 /// The URL `s` as a WHATWG parser (browsers, `reqwest`, most HTTP stacks) spells it: scheme and
-/// host lower-cased, a default port dropped, `\\` read as `/` in `http(s)`, `.`/`..` and their
+/// host lower-cased, a default port dropped, `\` read as `/` in `http(s)`, `.`/`..` and their
 /// percent-encoded forms resolved (clamped at the root, as servers do), and percent-escapes of
 /// unreserved characters decoded in the path (RFC 3986 §6.2.2.2: `%61dmin` is `admin` to the
 /// server). A URL with an empty path keeps it empty (`https://host` is not `https://host/`).

@@ -79,7 +79,7 @@ impl McpServer {
             tasks: tasks::Tasks::default(),
             generation: watch::channel(0).0,
         });
-        let first = shared.catalog().await?.fingerprint();
+        let first = shared.registry_fingerprint().await?;
         tokio::spawn(watch_registry(
             Arc::downgrade(&shared),
             first,
@@ -135,6 +135,13 @@ impl Shared {
         Catalog::load(&self.tools, &self.filter).await
     }
 
+    /// What the registry watch compares: the whole catalog and who owns which plugin.
+    async fn registry_fingerprint(&self) -> Result<String, AppError> {
+        let catalog = self.catalog().await?.fingerprint();
+        let owners = self.host.app.db.plugin_owners().await?;
+        Ok(format!("{catalog}\n{owners:?}"))
+    }
+
     /// The Keel tool (`plugin/tool`) offered as MCP tool `mcp`, as `tools/list` would name it;
     /// an unknown tool is a protocol error (MCP: invalid params), not a tool result.
     async fn offered(&self, mcp: &str, scope: &str) -> Result<String, ErrorData> {
@@ -167,6 +174,12 @@ impl Shared {
         }
     }
 
+    /// A fingerprint of what `tools/list` answers `scope` (`None` if the registry cannot be read).
+    async fn offered_fingerprint(&self, scope: &str) -> Option<String> {
+        let tools = self.catalog_for(scope).await.ok()?;
+        serde_json::to_string(&tools).ok()
+    }
+
     /// The tools `tools/list` offers to `scope`: the catalog less the plugins another scope owns
     /// (an alias goes with the plugin it stands for).
     async fn catalog_for(&self, scope: &str) -> Result<Vec<rmcp::model::Tool>, ErrorData> {
@@ -194,15 +207,15 @@ fn unknown_tool(mcp: &str) -> ErrorData {
     ErrorData::invalid_params(format!("Unknown tool: {mcp}"), None)
 }
 
-/// Poll the registry every `every`; bump the generation when the offered list changes. Cheap:
-/// one read of the plugins table, no component is loaded.
+/// Poll the registry every `every`; bump the generation when the catalog or a plugin's owner
+/// changes (each session then works out whether its own list did). Cheap: a read of the plugins
+/// and owners tables, no component is loaded.
 async fn watch_registry(shared: Weak<Shared>, mut last: String, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let Some(shared) = shared.upgrade() else { return };
-        match shared.catalog().await {
-            Ok(catalog) => {
-                let now = catalog.fingerprint();
+        match shared.registry_fingerprint().await {
+            Ok(now) => {
                 if now != last {
                     last = now;
                     shared.generation.send_modify(|g| *g += 1);
@@ -333,11 +346,35 @@ impl ServerHandler for KeelMcp {
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
-        // Tell this client when the offered tools change, for as long as it is connected.
+        // Tell this client when the tools *it* is offered change, for as long as it is
+        // connected: another scope's installs are none of its business (not even that they
+        // happened). A session whose scope is unknown here hears of every change.
+        let scope = match &self.identity {
+            Identity::Fixed { scope, .. } => Some(scope.clone()),
+            Identity::PerRequest => context
+                .extensions
+                .get::<http::request::Parts>()
+                .and_then(|p| p.extensions.get::<Caller>())
+                .map(|caller| caller.scope.clone()),
+        };
+        let shared = Arc::downgrade(&self.shared);
         let mut changes = self.shared.generation.subscribe();
+        let mut offered = match &scope {
+            Some(scope) => self.shared.offered_fingerprint(scope).await,
+            None => None,
+        };
         let peer = context.peer;
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
+                if let Some(scope) = &scope {
+                    let Some(shared) = shared.upgrade() else { return };
+                    let now = shared.offered_fingerprint(scope).await;
+                    // Unreadable (`None`): tell, and let the client list again.
+                    if now.is_some() && now == offered {
+                        continue;
+                    }
+                    offered = now;
+                }
                 if peer.notify_tool_list_changed().await.is_err() {
                     return;
                 }

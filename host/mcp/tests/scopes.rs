@@ -43,3 +43,84 @@ async fn another_scopes_plugin_is_neither_listed_nor_called() {
     let error = outcome.error.expect("the refusal");
     assert_eq!(error.code, "unknown_tool", "{}", error.message);
 }
+
+/// Counts `notifications/tools/list_changed`.
+#[derive(Clone, Default)]
+struct Changes(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Changes {
+    fn seen(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn wait_for(&self, n: usize) {
+        for _ in 0..400 {
+            if self.seen() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("saw {} list changes, expected {n}", self.seen());
+    }
+}
+
+impl rmcp::ClientHandler for Changes {
+    async fn on_tool_list_changed(&self, _context: rmcp::service::NotificationContext<rmcp::RoleClient>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A client of `server` in `scope` that counts list changes.
+async fn watching(
+    server: &keel_mcp::McpServer,
+    scope: &str,
+) -> (rmcp::service::RunningService<rmcp::RoleClient, Changes>, Changes) {
+    use rmcp::ServiceExt as _;
+    let (ours, theirs) = tokio::io::duplex(1 << 16);
+    let session = server.session(keel_mcp::Identity::Fixed {
+        scope: scope.into(),
+        session: format!("watch-{scope}"),
+    });
+    tokio::spawn(async move {
+        if let Ok(running) = session.serve(tokio::io::split(theirs)).await {
+            let _ = running.waiting().await;
+        }
+    });
+    let changes = Changes::default();
+    let client = changes.clone().serve(tokio::io::split(ours)).await.expect("initialize");
+    (client, changes)
+}
+
+/// A scope learns nothing of another scope's plugins from `tools/list_changed`: installing a
+/// plugin one scope owns tells that scope's sessions only; a home-wide change tells everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_changes_are_told_only_to_the_scopes_that_see_them() {
+    let home = common::home_with_hello("version = 1\ndefault = \"allow\"\n", "[mcp]\nwatch_ms = 50\n").await;
+    let server = server(home.path(), None).await;
+    let (_acme, acme) = watching(&server, "acme").await;
+    let (_other, other) = watching(&server, "other").await;
+
+    let app = &server.host().app;
+    let fs = keel_testutil::guest_bytes("keel-plugin-fs");
+    let request = keel_app::install::InstallRequest {
+        bytes: &fs,
+        label: "fs",
+        replace: false,
+        keep_grants: false,
+        limits: json!({}),
+        owner: Some("acme"),
+    };
+    app.install(request, |_, _| Ok(()), |_, _| Ok(())).await.unwrap();
+    acme.wait_for(1).await;
+    // Several polls of the registry later, the other scope has heard nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(other.seen(), 0, "another scope's install was announced");
+    assert_eq!(acme.seen(), 1);
+
+    // A home-wide plugin goes: both scopes' lists change, both are told.
+    app.remove_plugin(&keel_app::Caller::local_admin("default"), "hello")
+        .await
+        .unwrap();
+    other.wait_for(1).await;
+    acme.wait_for(2).await;
+}

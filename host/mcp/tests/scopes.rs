@@ -70,35 +70,15 @@ impl rmcp::ClientHandler for Changes {
     }
 }
 
-/// A client of `server` in `scope` that counts list changes.
-async fn watching(
-    server: &keel_mcp::McpServer,
-    scope: &str,
-) -> (rmcp::service::RunningService<rmcp::RoleClient, Changes>, Changes) {
-    use rmcp::ServiceExt as _;
-    let (ours, theirs) = tokio::io::duplex(1 << 16);
-    let session = server.session(keel_mcp::Identity::Fixed {
-        scope: scope.into(),
-        session: format!("watch-{scope}"),
-    });
-    tokio::spawn(async move {
-        if let Ok(running) = session.serve(tokio::io::split(theirs)).await {
-            let _ = running.waiting().await;
-        }
-    });
-    let changes = Changes::default();
-    let client = changes.clone().serve(tokio::io::split(ours)).await.expect("initialize");
-    (client, changes)
-}
-
 /// A scope learns nothing of another scope's plugins from `tools/list_changed`: installing a
 /// plugin one scope owns tells that scope's sessions only; a home-wide change tells everyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_changes_are_told_only_to_the_scopes_that_see_them() {
     let home = common::home_with_hello("version = 1\ndefault = \"allow\"\n", "[mcp]\nwatch_ms = 50\n").await;
     let server = server(home.path(), None).await;
-    let (_acme, acme) = watching(&server, "acme").await;
-    let (_other, other) = watching(&server, "other").await;
+    let (acme, other) = (Changes::default(), Changes::default());
+    let _acme = common::connect_with(&server, "acme", acme.clone()).await;
+    let _other = common::connect_with(&server, "other", other.clone()).await;
 
     let app = &server.host().app;
     let fs = keel_testutil::guest_bytes("keel-plugin-fs");

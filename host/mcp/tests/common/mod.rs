@@ -35,6 +35,16 @@ pub async fn connect(
     scope: &str,
     capabilities: ClientCapabilities,
 ) -> RunningService<RoleClient, ClientConfig> {
+    let client = ClientConfig::new(capabilities, Implementation::new("keel-mcp-test", "1"));
+    connect_with(server, scope, client).await
+}
+
+/// `client` (an rmcp client handler) connected to a session of `server` in `scope`.
+pub async fn connect_with<C: rmcp::ClientHandler>(
+    server: &McpServer,
+    scope: &str,
+    client: C,
+) -> RunningService<RoleClient, C> {
     let (ours, theirs) = tokio::io::duplex(1 << 16);
     let session = server.session(Identity::Fixed {
         scope: scope.into(),
@@ -45,8 +55,5 @@ pub async fn connect(
             let _ = running.waiting().await;
         }
     });
-    ClientConfig::new(capabilities, Implementation::new("keel-mcp-test", "1"))
-        .serve(tokio::io::split(ours))
-        .await
-        .expect("initialize")
+    client.serve(tokio::io::split(ours)).await.expect("initialize")
 }

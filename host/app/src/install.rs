@@ -228,14 +228,17 @@ pub fn reach_beyond(new: &PluginInfo, old: &PluginInfo, grants: &Grants) -> Vec<
                 all
             })
     };
-    let within = |path: &std::path::Path, base: &std::path::Path| path.starts_with(base);
     let mut beyond = Vec::new();
     for tool in &new.tools {
         let now = reach(tool, new);
         let before = old.tool(&tool.name).map_or_else(any_old, |t| reach(t, old));
         let name = &tool.name;
         for fs in &now.fs {
-            if !before.fs.iter().any(|b| b.mode >= fs.mode && within(&fs.host, &b.host)) {
+            if !before
+                .fs
+                .iter()
+                .any(|b| b.mode >= fs.mode && fs.host.starts_with(&b.host))
+            {
                 beyond.push(format!("tool {name}: {} ({})", fs.guest, fs.mode));
             }
         }

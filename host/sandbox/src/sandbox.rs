@@ -499,7 +499,9 @@ fn initialize_memory_images(component: &Component) {
         match component.initialize_copy_on_write_image() {
             Err(e)
                 if e.chain().any(|cause| {
-                    cause.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) == Some(16)
+                    cause
+                        .downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::ResourceBusy)
                 }) =>
             {
                 std::thread::sleep(Duration::from_millis(1 << attempt));

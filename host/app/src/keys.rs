@@ -66,6 +66,11 @@ impl std::fmt::Debug for CreatedKey {
     }
 }
 
+/// The public id of the API key a request was authenticated with (an HTTP request extension):
+/// what an MCP session is bound to, and what rate limits count by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyId(pub String);
+
 /// An authenticated key: who is asking, and the key's public id (for rate limits and logs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authenticated {

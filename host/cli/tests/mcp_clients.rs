@@ -218,9 +218,10 @@ async fn streamable_http_without_a_caller_is_401() {
     assert!(response.contains("unauthorized"), "{response}");
 }
 
-/// An MCP session over Streamable HTTP belongs to the caller that opened it: another caller (of
-/// another scope, or of the same scope with another role) presenting its id is told it does not
-/// exist, and one caller may hold only so many sessions at once.
+/// An MCP session over Streamable HTTP belongs to the key that opened it: another caller (of
+/// another scope, of the same scope with another role, or another key with the same scope, role
+/// and name) presenting its id is told it does not exist, and one key may hold only so many
+/// sessions at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_session_serves_only_the_caller_that_opened_it() {
     let home = home("");
@@ -235,6 +236,13 @@ async fn an_http_session_serves_only_the_caller_that_opened_it() {
         ("b", caller("other", keel_app::Role::Write)),
         ("c", caller("third", keel_app::Role::Write)),
     ];
+    // The key each caller authenticated with: `a-twin` is another key with a's scope, role and
+    // name (key names need not be unique).
+    let callers: Vec<_> = callers
+        .into_iter()
+        .chain([("a-twin", caller("acme", keel_app::Role::Write))])
+        .map(|(name, caller)| (name, caller, keel_app::keys::KeyId(format!("{name}-key"))))
+        .collect();
     let choice = keel_app::runtime::PolicyChoice::resolve(home.path(), None).unwrap();
     let host = keel_app::AgentHost::open_with(home.path(), None, choice, None, false)
         .await
@@ -245,8 +253,9 @@ async fn an_http_session_serves_only_the_caller_that_opened_it() {
         .layer(axum::middleware::from_fn(
             move |mut request: axum::extract::Request, next: axum::middleware::Next| {
                 let who = request.headers().get("x-test-caller").and_then(|v| v.to_str().ok());
-                if let Some((_, caller)) = callers.iter().find(|(name, _)| Some(*name) == who) {
+                if let Some((_, caller, key)) = callers.iter().find(|(name, ..)| Some(*name) == who) {
                     request.extensions_mut().insert(caller.clone());
+                    request.extensions_mut().insert(key.clone());
                 }
                 next.run(request)
             },
@@ -267,7 +276,7 @@ async fn an_http_session_serves_only_the_caller_that_opened_it() {
         .expect("a session id");
     let id = id.trim();
     let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
-    for other in ["b", "a-reader"] {
+    for other in ["b", "a-reader", "a-twin"] {
         let taken = send(
             addr,
             &format!("x-test-caller: {other}\r\nMcp-Session-Id: {id}\r\n"),

@@ -1,12 +1,14 @@
-//! Streamable HTTP sessions belong to the caller that opened them.
+//! Streamable HTTP sessions belong to the key that opened them.
 //!
 //! rmcp's session manager knows a session only by its `Mcp-Session-Id`; whoever presents the id
 //! is served, including the session's server-to-client requests (an approval elicitation, with
 //! the call's arguments) and their answers. An id is not a secret (it is recorded as the Keel
 //! session of every job the session starts, which any key of the scope may list), so each session
-//! is bound here to the [`Caller`] whose `initialize` opened it: another caller presenting it gets
-//! 404, as if it did not exist. And one caller may hold only so many sessions at once (each keeps
-//! a worker and its buffers in memory until it closes or idles out).
+//! is bound here to the API key ([`KeyId`]) and [`Caller`] whose `initialize` opened it: any other
+//! key presenting it — another scope's, or one with the same scope, role and name (key names need
+//! not be unique) — gets 404, as if it did not exist. And one key may hold only so many sessions
+//! at once (each keeps a worker and its buffers in memory until it closes or idles out). A front
+//! end that authenticates without keys binds sessions to the caller alone.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,8 +19,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
 use http::{Method, StatusCode, header};
 use keel_app::Caller;
+use keel_app::keys::KeyId;
 
-/// The most sessions one caller (one API key's scope, role and name) may hold open at once.
+/// The most sessions one caller (one API key) may hold open at once.
 pub const MAX_PER_CALLER: usize = 32;
 
 /// The header that names a session.
@@ -35,8 +38,15 @@ pub struct Owners {
 
 #[derive(Debug)]
 struct Owned {
-    caller: Caller,
+    owner: Owner,
     last_used: Instant,
+}
+
+/// Who opened a session: the caller, and the key it authenticated with (if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Owner {
+    caller: Caller,
+    key: Option<KeyId>,
 }
 
 impl Owners {
@@ -50,11 +60,11 @@ impl Owners {
         }
     }
 
-    /// Whether `caller` owns session `id` (marking it used).
-    fn owns(&self, id: &str, caller: &Caller) -> bool {
+    /// Whether `owner` owns session `id` (marking it used).
+    fn owns(&self, id: &str, owner: &Owner) -> bool {
         let mut sessions = self.sessions.lock().expect("sessions lock");
         match sessions.get_mut(id) {
-            Some(owned) if owned.caller == *caller => {
+            Some(owned) if owned.owner == *owner => {
                 owned.last_used = Instant::now();
                 true
             }
@@ -62,18 +72,18 @@ impl Owners {
         }
     }
 
-    /// Whether `caller` may open another session (forgetting sessions rmcp has idled out).
-    fn may_open(&self, caller: &Caller) -> bool {
+    /// Whether `owner` may open another session (forgetting sessions rmcp has idled out).
+    fn may_open(&self, owner: &Owner) -> bool {
         let mut sessions = self.sessions.lock().expect("sessions lock");
         if let Some(idle) = self.idle {
             sessions.retain(|_, owned| owned.last_used.elapsed() < idle);
         }
-        sessions.values().filter(|owned| owned.caller == *caller).count() < self.max_per_caller
+        sessions.values().filter(|owned| owned.owner == *owner).count() < self.max_per_caller
     }
 
-    fn open(&self, id: String, caller: Caller) {
+    fn open(&self, id: String, owner: Owner) {
         let owned = Owned {
-            caller,
+            owner,
             last_used: Instant::now(),
         };
         self.sessions.lock().expect("sessions lock").insert(id, owned);
@@ -84,11 +94,15 @@ impl Owners {
     }
 }
 
-/// The layer in front of rmcp's service: 401 without a caller; 404 for a session the caller does
-/// not own; 429 for a new session past the caller's limit; records who opened each session.
+/// The layer in front of rmcp's service: 401 without a caller; 404 for a session the caller (its
+/// key) does not own; 429 for a new session past the key's limit; records who opened each session.
 pub async fn guard(State(owners): State<Arc<Owners>>, request: Request, next: Next) -> Response {
     let Some(caller) = request.extensions().get::<Caller>().cloned() else {
         return refusal(StatusCode::UNAUTHORIZED, "unauthorized", "an API key is required");
+    };
+    let owner = Owner {
+        caller,
+        key: request.extensions().get::<KeyId>().cloned(),
     };
     let session = request
         .headers()
@@ -96,7 +110,7 @@ pub async fn guard(State(owners): State<Arc<Owners>>, request: Request, next: Ne
         .map(|v| v.to_str().unwrap_or_default().to_string());
     match session {
         Some(id) => {
-            if !owners.owns(&id, &caller) {
+            if !owners.owns(&id, &owner) {
                 return refusal(StatusCode::NOT_FOUND, "not_found", "no such MCP session");
             }
             let closing = request.method() == Method::DELETE;
@@ -107,7 +121,7 @@ pub async fn guard(State(owners): State<Arc<Owners>>, request: Request, next: Ne
             response
         }
         None => {
-            if !owners.may_open(&caller) {
+            if !owners.may_open(&owner) {
                 return refusal(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_sessions",
@@ -119,7 +133,7 @@ pub async fn guard(State(owners): State<Arc<Owners>>, request: Request, next: Ne
             }
             let response = next.run(request).await;
             if let Some(id) = response.headers().get(SESSION_ID).and_then(|v| v.to_str().ok()) {
-                owners.open(id.to_string(), caller);
+                owners.open(id.to_string(), owner);
             }
             response
         }

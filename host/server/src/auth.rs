@@ -33,9 +33,7 @@ use crate::{AppState, ServerConfig};
 /// Name of the browser session cookie.
 pub const SESSION_COOKIE: &str = "keel_session";
 
-/// The public id of the key a request was authenticated with (request extension).
-#[derive(Debug, Clone)]
-pub struct KeyId(pub String);
+pub use keel_app::keys::KeyId;
 
 /// How the request was authenticated (request extension).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -123,8 +123,9 @@ impl Server {
     }
 
     /// Serve `router` under `path` behind the same Host/Origin check, authentication and rate
-    /// limit as `/v1`: its handlers find the request's [`keel_app::Caller`] in the request
-    /// extensions (`Extension<Caller>`). This is how `/mcp` (keel-mcp) is mounted.
+    /// limit as `/v1`: its handlers find the request's [`keel_app::Caller`] and the id of the key
+    /// it authenticated with ([`keel_app::keys::KeyId`]) in the request extensions. This is how
+    /// `/mcp` (keel-mcp) is mounted.
     pub fn with_protected_routes(mut self, path: impl Into<String>, router: Router) -> Self {
         self.protected.push((path.into(), router));
         self

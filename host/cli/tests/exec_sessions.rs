@@ -207,6 +207,34 @@ async fn writing_past_the_scratch_cap_fails_clearly() {
     assert_eq!(out["value"], "1000");
 }
 
+/// Bytes written below a directory whose host path is longer than `PATH_MAX` (made by
+/// directory handle, as CPython on WASI allows) count against the cap like any others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_hidden_below_a_path_longer_than_path_max_still_count() {
+    let host = host(
+        SessionConfig::default(),
+        Limits {
+            max_scratch_bytes: 1 << 20,
+            ..limits()
+        },
+    )
+    .await;
+    let code = "import os\n\
+                fd = os.open('/scratch', os.O_RDONLY | os.O_DIRECTORY)\n\
+                for _ in range(20):\n\
+                \x20   os.mkdir('d' * 250, dir_fd=fd)\n\
+                \x20   fd = os.open('d' * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)\n\
+                f = os.open('f', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)\n\
+                for _ in range(64):\n\
+                \x20   os.write(f, b'x' * 65536)";
+    let error = host.run_as("default", None, json!({ "code": code })).await.unwrap_err();
+    match &error {
+        ToolError::LimitExceeded { limit, .. } => assert_eq!(limit, "scratch", "{error:?}"),
+        other => panic!("expected the scratch limit, got {other:?}"),
+    }
+    assert_eq!(host.left().await, 0, "a finished call left files behind");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_keeps_state_for_its_owner_only() {
     let host = host(SessionConfig::default(), limits()).await;

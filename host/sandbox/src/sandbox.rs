@@ -1634,9 +1634,14 @@ impl Sandbox {
         let result = match outcome {
             None => Err(ToolError::LimitExceeded {
                 limit: "scratch".into(),
-                message: format!(
-                    "the code wrote more than {cap} bytes to {SCRATCH_GUEST} (the limit is max_scratch_bytes)"
-                ),
+                message: if scratch_used == u64::MAX {
+                    format!(
+                        "the code made a tree in {SCRATCH_GUEST} too large or too deep to measure ({})",
+                        crate::scratch::MEASURABLE
+                    )
+                } else {
+                    format!("the code wrote more than {cap} bytes to {SCRATCH_GUEST} (the limit is max_scratch_bytes)")
+                },
             }),
             Some(Err(())) => Err(ToolError::TimedOut {
                 message: format!("the call did not finish within {} ms", limits.timeout_ms),

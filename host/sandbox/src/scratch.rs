@@ -9,7 +9,6 @@
 //! inside it.
 
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 /// Bytes charged for every entry (file, directory, link) besides its contents: a flood of empty
@@ -18,6 +17,13 @@ const PER_ENTRY_BYTES: u64 = 512;
 
 /// Entries walked at most when measuring: past it the directory counts as over any cap.
 const MAX_ENTRIES: usize = 200_000;
+
+/// Directory levels walked at most when measuring (the walk holds one descriptor per level):
+/// a deeper tree counts as over any cap.
+const MAX_DEPTH: usize = 128;
+
+/// What a measurable scratch tree is, for error messages.
+pub(crate) const MEASURABLE: &str = "at most 200000 entries and 128 levels";
 
 /// One scratch directory, removed (with everything in it) when dropped.
 #[derive(Debug)]
@@ -62,30 +68,66 @@ impl Scratch {
 
     /// Bytes the directory holds, as charged against [`crate::Limits::max_scratch_bytes`]: for
     /// each entry its size or its allocated blocks, whichever is larger, plus
-    /// [`PER_ENTRY_BYTES`]. Links are not followed. `u64::MAX` when there are too many entries to
-    /// count.
+    /// [`PER_ENTRY_BYTES`]. Links are not followed. `u64::MAX` (over any cap) when the tree
+    /// cannot be measured in full: too many entries, too deep, or a directory that cannot be read.
     pub(crate) fn usage(&self) -> u64 {
-        let mut total = 0u64;
-        let mut entries = 0usize;
-        let mut stack = vec![self.path.clone()];
-        while let Some(dir) = stack.pop() {
-            let Ok(listing) = std::fs::read_dir(&dir) else { continue };
-            for entry in listing.flatten() {
-                entries += 1;
-                if entries > MAX_ENTRIES {
-                    return u64::MAX;
-                }
-                // `DirEntry::metadata` does not follow a final symbolic link.
-                let Ok(meta) = entry.metadata() else { continue };
-                let bytes = meta.len().max(meta.blocks().saturating_mul(512));
-                total = total.saturating_add(bytes).saturating_add(PER_ENTRY_BYTES);
-                if meta.is_dir() {
-                    stack.push(entry.path());
-                }
-            }
-        }
-        total
+        measure(&self.fd).unwrap_or(u64::MAX)
     }
+}
+
+/// The bytes under `root`, walked by handle (`openat`/`fstatat` relative to each directory), so a
+/// tree whose host paths are longer than `PATH_MAX` is measured like any other; `None` when any
+/// of it cannot be. An entry removed while the walk runs is skipped (the guest may delete as it
+/// goes).
+fn measure(root: &OwnedFd) -> Option<u64> {
+    use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, openat, statat};
+    use rustix::io::Errno;
+    let mut total = 0u64;
+    let mut entries = 0usize;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    // Opened afresh for reading (`root` may be an `O_PATH` handle).
+    let mut stack = vec![Dir::new(openat(root, c".", flags, Mode::empty()).ok()?).ok()?];
+    loop {
+        let depth = stack.len();
+        let Some(dir) = stack.last_mut() else { break };
+        let Some(entry) = dir.next() else {
+            stack.pop();
+            continue;
+        };
+        let entry = entry.ok()?;
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        entries += 1;
+        if entries > MAX_ENTRIES {
+            return None;
+        }
+        let at = dir.fd().ok()?;
+        let stat = match statat(at, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(Errno::NOENT) => continue,
+            Err(_) => return None,
+        };
+        let size = u64::try_from(stat.st_size).unwrap_or(0);
+        let blocks = u64::try_from(stat.st_blocks).unwrap_or(0);
+        total = total
+            .saturating_add(size.max(blocks.saturating_mul(512)))
+            .saturating_add(PER_ENTRY_BYTES);
+        if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
+            continue;
+        }
+        if depth >= MAX_DEPTH {
+            return None;
+        }
+        let sub = match openat(at, name, flags, Mode::empty()) {
+            Ok(sub) => sub,
+            Err(Errno::NOENT) => continue,
+            Err(_) => return None,
+        };
+        stack.push(Dir::new(sub).ok()?);
+    }
+    Some(total)
 }
 
 impl Drop for Scratch {
@@ -102,6 +144,7 @@ impl Drop for Scratch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
     use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
@@ -125,5 +168,58 @@ mod tests {
             std::path::Path::new("/etc/passwd").exists(),
             "the link was not followed"
         );
+    }
+
+    /// Directories `depth` levels deep (each name 250 bytes) under the scratch, made by handle as
+    /// a guest does (`mkdirat`/`openat`): the host path of the last is far past `PATH_MAX` at
+    /// depth 20. Returns the deepest directory, open.
+    fn nest(scratch: &Scratch, depth: usize) -> OwnedFd {
+        use rustix::fs::{Mode, OFlags, mkdirat, openat};
+        let name = "d".repeat(250);
+        let mut dir = rustix::io::dup(scratch.fd()).unwrap();
+        for _ in 0..depth {
+            mkdirat(&dir, name.as_str(), Mode::RWXU).unwrap();
+            dir = openat(&dir, name.as_str(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn bytes_below_a_path_longer_than_path_max_are_counted() {
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::create(Some(parent.path())).unwrap();
+        let deep = nest(&scratch, 20);
+        let file = rustix::fs::openat(
+            &deep,
+            "f",
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CREATE,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        )
+        .unwrap();
+        std::fs::File::from(file).write_all(&vec![7u8; 1 << 20]).unwrap();
+        let used = scratch.usage();
+        assert!(used >= 1 << 20, "1 MiB below a long path counted as {used} bytes");
+        drop(scratch);
+        assert_eq!(
+            std::fs::read_dir(parent.path()).unwrap().count(),
+            0,
+            "removed, deep tree and all"
+        );
+    }
+
+    #[test]
+    fn the_measurable_tree_is_described_as_counted() {
+        assert_eq!(
+            MEASURABLE,
+            format!("at most {MAX_ENTRIES} entries and {MAX_DEPTH} levels")
+        );
+    }
+
+    #[test]
+    fn a_tree_too_deep_to_measure_is_over_any_cap() {
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::create(Some(parent.path())).unwrap();
+        drop(nest(&scratch, MAX_DEPTH + 1));
+        assert_eq!(scratch.usage(), u64::MAX);
     }
 }

@@ -101,19 +101,28 @@ class CappedText(io.TextIOBase):
     def write(self, s: str) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        if self.echo is not None:
-            try:
-                self.echo.write(s)
-                self.echo.flush()
-            except (OSError, ValueError):
-                self.echo = None
         room = self.limit - self.size
-        if room > 0:
-            kept = s[:room]
+        kept = s[: max(room, 0)]
+        if kept:
             self.parts.append(kept)
             self.size += len(kept)
-        self.dropped += max(0, len(s) - max(room, 0))
+        # The echo shows what is kept, and says once where it stops: the cap bounds what the
+        # code prints to a terminal too.
+        self._echo(kept)
+        if len(kept) < len(s):
+            if not self.dropped:
+                self._echo(f"\n[... output past {self.limit} characters not shown]\n")
+            self.dropped += len(s) - len(kept)
         return len(s)
+
+    def _echo(self, s: str) -> None:
+        if self.echo is None or not s:
+            return
+        try:
+            self.echo.write(s)
+            self.echo.flush()
+        except (OSError, ValueError):
+            self.echo = None
 
     def text(self) -> str:
         out = "".join(self.parts)

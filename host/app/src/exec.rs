@@ -9,6 +9,10 @@
 //! are written (bounded in flight, see `keel_sandbox::STREAM_BUDGET`), so output appears while the
 //! code runs.
 
+/// Wait (blocking) until the scratch directories this process made are removed, for at most
+/// `within`; `false` if some remain. Call before a one-call process exits.
+pub use keel_sandbox::wait_for_scratch_removal;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 

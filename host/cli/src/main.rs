@@ -126,5 +126,10 @@ fn main() -> ExitCode {
     // Dropping a runtime waits for every blocking-pool thread, and a thread stuck in a system call
     // (a plugin's file I/O past its deadline) never returns: exit after a bounded wait instead.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    // A big scratch directory is removed on a blocking thread after its call: let that finish
+    // (an exit now would leave it on disk until the next Keel process sweeps it).
+    if !keel_app::exec::wait_for_scratch_removal(std::time::Duration::from_secs(30)) {
+        eprintln!("note: a scratch directory is still being removed; the next keel process removes what is left");
+    }
     code
 }

@@ -124,6 +124,37 @@ fn output_streams_while_the_code_runs() {
     );
 }
 
+/// What the code prints is bounded on the terminal too: `print` stops at python-exec's own
+/// 256 KiB with a line saying so, and writes past the plugin to file descriptor 1 stop at the
+/// call's output cap (`max_output_bytes`, 1 MiB by default).
+#[test]
+fn streamed_output_is_bounded_however_the_code_writes_it() {
+    let (home, _) = home();
+    let (code, out, err) = exec_lang(
+        home,
+        "python",
+        &["-c", "for _ in range(100):\n    print('x' * 10000)"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.len() < 300_000, "{} bytes printed", out.len());
+    assert!(
+        out.trim_end().ends_with("characters not shown]"),
+        "{}",
+        &out[out.len() - 100..]
+    );
+
+    let (code, out, err) = exec_lang(
+        home,
+        "python",
+        &["-c", "import os\nfor _ in range(100):\n    os.write(1, b'y' * 65536)"],
+        "",
+    );
+    assert!(out.len() <= (1 << 20) + 100, "{} bytes printed", out.len());
+    assert!(out.ends_with("(max_output_bytes)]\n"), "{}", &out[out.len() - 100..]);
+    assert_ne!(code, 0, "the code's write past the cap failed: {err}");
+}
+
 #[test]
 fn js_output_streams_while_the_script_runs() {
     let (home, _) = js_home();

@@ -36,5 +36,6 @@ pub use info::{Capabilities, FsMode, FsRequest, ImportSummary, PluginInfo, ToolI
 pub use sandbox::{
     CallReport, ExecReport, PreparedPlugin, SESSION_FIELD, Sandbox, SandboxError, ToolOutput, WIT_PACKAGE, WIT_VERSION,
 };
+pub use scratch::wait_for_scratch_removal;
 pub use stdio::{OutputWriter, STREAM_BUDGET};
 pub use toolhost::{InstalledTool, SandboxToolHost};

@@ -531,6 +531,14 @@ impl Sandbox {
             return Err(SandboxError::Host("the two engines compile differently".into()));
         }
         raise_open_file_limit();
+        if config.scratch.enabled {
+            // Leftovers of Keel processes that died (or exited) before removing their scratch
+            // directories; off the caller's thread, as the temporary directory may be large.
+            let parent = config.scratch.dir.clone().unwrap_or_else(std::env::temp_dir);
+            let _ = std::thread::Builder::new()
+                .name("keel-scratch-sweep".into())
+                .spawn(move || crate::scratch::sweep_orphans(&parent));
+        }
         let cache = ArtifactCache::open(&config.cache_dir, &small.engine)
             .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
         let egress = Arc::new(crate::egress::Egress::new(&config).map_err(SandboxError::Host)?);
@@ -1066,6 +1074,8 @@ impl Sandbox {
     /// it writes them (at most [`crate::STREAM_BUDGET`] bytes in flight per stream: a writer that
     /// does not keep up makes the guest wait, within its deadline) instead of captured. Returns
     /// once everything written has reached the writers; the report's `stdout`/`stderr` are empty.
+    /// Each stream stops at `limits.max_output_bytes` with a line saying so, and the guest's
+    /// later writes to it fail.
     /// A streamed call always runs in a fresh instance (never a ready one, never a session's):
     /// its pipes are wired when the store is built.
     #[allow(clippy::too_many_arguments)]
@@ -1116,7 +1126,12 @@ impl Sandbox {
             }
         );
         if let Some((stdout, stderr)) = streams {
-            let stdio = StdioMode::Stream(stdout, stderr);
+            // Streaming changes where a call's output goes, not how much it may print.
+            let cap = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
+            let stdio = StdioMode::Stream(
+                Box::new(crate::stdio::Capped::new(stdout, cap)),
+                Box::new(crate::stdio::Capped::new(stderr, cap)),
+            );
             let mut live = match self.live_for(plugin.id(), tool_info, &grants, &preopens, &limits, fingerprint, stdio)
             {
                 Ok(live) => live,

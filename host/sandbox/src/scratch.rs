@@ -10,6 +10,8 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Bytes charged for every entry (file, directory, link) besides its contents: a flood of empty
 /// files costs inodes and directory blocks, so it counts against the cap too.
@@ -25,6 +27,66 @@ const MAX_DEPTH: usize = 128;
 /// What a measurable scratch tree is, for error messages.
 pub(crate) const MEASURABLE: &str = "at most 200000 entries and 128 levels";
 
+/// The prefix of every scratch directory's name, followed by the creating process's id and a
+/// random part: `keel-scratch-<pid>-<16 hex digits>`.
+const PREFIX: &str = "keel-scratch-";
+
+/// Scratch directories this process has made and not yet removed.
+static LIVE: Mutex<usize> = Mutex::new(0);
+/// Signalled whenever [`LIVE`] falls.
+static REMOVED: Condvar = Condvar::new();
+
+/// Wait (blocking the thread) until every scratch directory this process made has been removed,
+/// for at most `within`; `false` if some remain. A one-call process (`keel call`, `keel exec`)
+/// calls it before it exits: a big scratch directory is removed on a blocking thread after the
+/// call, and exiting first would leave it behind (the next Keel process with scratch
+/// directories in the same place sweeps such leftovers).
+pub fn wait_for_scratch_removal(within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    while *live > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        live = REMOVED.wait_timeout(live, left).unwrap_or_else(|e| e.into_inner()).0;
+    }
+    true
+}
+
+/// Remove the scratch directories under `parent` left by processes that no longer run (one killed,
+/// or one that exited before its removal finished): the directories of this user named
+/// `keel-scratch-<pid>-<hex>` whose process is gone. Returns how many it removed.
+pub(crate) fn sweep_orphans(parent: &Path) -> usize {
+    let Ok(listing) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let me = rustix::process::geteuid().as_raw();
+    let mut removed = 0;
+    for entry in listing.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(orphan_pid) else {
+            continue;
+        };
+        let alive = rustix::process::Pid::from_raw(pid)
+            .is_none_or(|pid| rustix::process::test_kill_process(pid) != Err(rustix::io::Errno::SRCH));
+        // Not followed if a link; only this user's own directories.
+        let ours = std::fs::symlink_metadata(entry.path())
+            .is_ok_and(|meta| meta.is_dir() && std::os::unix::fs::MetadataExt::uid(&meta) == me);
+        if !alive && ours && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The process id in a scratch directory's name (`keel-scratch-<pid>-<16 hex digits>`).
+fn orphan_pid(name: &str) -> Option<i32> {
+    let (pid, random) = name.strip_prefix(PREFIX)?.split_once('-')?;
+    let hex = random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit());
+    hex.then(|| pid.parse().ok()).flatten().filter(|pid| *pid > 0)
+}
+
 /// One scratch directory, removed (with everything in it) when dropped.
 #[derive(Debug)]
 pub(crate) struct Scratch {
@@ -39,13 +101,20 @@ impl Scratch {
         let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
         std::fs::create_dir_all(&parent)?;
         for _ in 0..16 {
-            let name = format!("keel-scratch-{:016x}", rand::random::<u64>());
+            let name = format!("{PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>());
             let path = parent.join(name);
             // `mkdir` fails if anything (a link included) already has the name: no one else's
             // directory is ever used.
             match rustix::fs::mkdir(&path, rustix::fs::Mode::RWXU) {
                 Ok(()) => {
-                    let fd = crate::preopen::open_root(&path)?;
+                    let fd = match crate::preopen::open_root(&path) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            let _ = std::fs::remove_dir(&path);
+                            return Err(e);
+                        }
+                    };
+                    *LIVE.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                     return Ok(Self { path, fd });
                 }
                 Err(rustix::io::Errno::EXIST) => continue,
@@ -138,6 +207,9 @@ impl Drop for Scratch {
         {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a scratch directory");
         }
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        *live = live.saturating_sub(1);
+        REMOVED.notify_all();
     }
 }
 
@@ -205,6 +277,55 @@ mod tests {
             0,
             "removed, deep tree and all"
         );
+    }
+
+    #[test]
+    fn leftovers_of_processes_that_are_gone_are_swept_and_nothing_else() {
+        let parent = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let dir = |name: String| {
+            let path = parent.path().join(name);
+            std::fs::create_dir_all(path.join("sub")).unwrap();
+            std::fs::write(path.join("sub/f"), b"left").unwrap();
+            path
+        };
+        let orphan = dir(format!("{PREFIX}{gone}-0123456789abcdef"));
+        let mine = Scratch::create(Some(parent.path())).unwrap();
+        let kept = [
+            dir(format!("{PREFIX}{}-0123456789abcdef", std::process::id())),
+            dir(format!("{PREFIX}{gone}-not-hex")),
+            dir(format!("{PREFIX}0123456789abcdef")),
+            dir("unrelated".into()),
+        ];
+        std::os::unix::fs::symlink(&kept[3], parent.path().join(format!("{PREFIX}{gone}-fedcba9876543210"))).unwrap();
+
+        assert_eq!(sweep_orphans(parent.path()), 1);
+        assert!(!orphan.exists(), "the leftover of a process that is gone is removed");
+        assert!(mine.path().exists(), "a live scratch directory is kept");
+        for path in &kept {
+            assert!(path.join("sub/f").exists(), "{} is kept", path.display());
+        }
+    }
+
+    #[test]
+    fn a_process_can_wait_for_its_scratch_directories_to_be_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::create(Some(parent.path())).unwrap();
+        let path = scratch.path().to_path_buf();
+        let started = Instant::now();
+        let freeing = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(scratch);
+        });
+        assert!(wait_for_scratch_removal(Duration::from_secs(20)));
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "returned before the removal"
+        );
+        assert!(!path.exists());
+        freeing.join().unwrap();
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! [`STREAM_BUDGET`] bytes in flight per stream; past that its writes wait (inside an async host
 //! call, so the call's deadline still stops it) until the host writer has taken them. Host memory
 //! stays bounded whatever the guest writes, and a slow reader slows the guest down instead of
-//! growing a buffer.
+//! growing a buffer. A streamed *tool call* stops at its `max_output_bytes` per stream
+//! ([`Capped`]); a command's output (`keel exec FILE.wasm`) is its product and is never cut.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::WasiCtxBuilder;
@@ -81,5 +86,85 @@ impl GuestOutput {
             // Ready again once the queued writes, then the flush, are done (or the writer failed).
             handle.ready().await;
         }
+    }
+}
+
+/// A streamed tool call's writer, bounded: the first `cap` bytes pass through; the write that
+/// would go past it passes what fits, then one line saying the output was cut, and every later
+/// write fails (`BrokenPipe`, as a closed pipe does), so the guest learns that its output goes
+/// nowhere.
+pub(crate) struct Capped {
+    inner: OutputWriter,
+    left: usize,
+    cap: usize,
+    /// The line saying the output was cut, while part of it is still to be written.
+    note: Option<(Vec<u8>, usize)>,
+    cut: bool,
+}
+
+impl Capped {
+    pub(crate) fn new(inner: OutputWriter, cap: usize) -> Self {
+        Self {
+            inner,
+            left: cap,
+            cap,
+            note: None,
+            cut: false,
+        }
+    }
+
+    /// Write what is left of the note; ready when it has all been written.
+    fn poll_note(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((note, written)) = &mut self.note {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &note[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+            if *written == note.len() {
+                self.note = None;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Capped {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        ready!(this.poll_note(cx))?;
+        if this.cut {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("the call printed more than {} bytes (max_output_bytes)", this.cap),
+            )));
+        }
+        if buf.len() <= this.left {
+            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+            this.left -= n;
+            return Poll::Ready(Ok(n));
+        }
+        if this.left > 0 {
+            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..this.left]))?;
+            this.left -= n;
+            return Poll::Ready(Ok(n));
+        }
+        // Past the cap: say so once, then refuse. The bytes of `buf` are taken (and dropped) so
+        // the note is written whole before the error.
+        this.cut = true;
+        let note = format!("\n[keel: output cut at {} bytes (max_output_bytes)]\n", this.cap);
+        this.note = Some((note.into_bytes(), 0));
+        ready!(this.poll_note(cx))?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_note(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_note(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

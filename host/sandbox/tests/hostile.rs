@@ -586,6 +586,71 @@ async fn stdout_flood_is_capped() {
     env.assert_alive().await;
 }
 
+/// A writer that keeps what it is given (a terminal or a pipe, for the test).
+#[derive(Clone, Default)]
+struct Kept(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl tokio::io::AsyncWrite for Kept {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Streaming a tool call's stdout and stderr changes where they go, not how much a call may
+/// print: each stream stops at the call's `max_output_bytes`, with one line that says so.
+#[tokio::test]
+async fn a_streamed_stdout_flood_stops_at_the_output_cap() {
+    let env = setup().await;
+    let limits = Limits {
+        max_output_bytes: 100_000,
+        ..Limits::default()
+    };
+    let (stdout, stderr) = (Kept::default(), Kept::default());
+    let ctx = ToolCallContext::ad_hoc("test");
+    let report = env
+        .sandbox
+        .call_streaming(
+            &env.plugin,
+            &env.grants,
+            &limits,
+            &ctx,
+            "stdout_flood",
+            &json!({"mb": 8}),
+            Box::new(stdout.clone()),
+            Box::new(stderr.clone()),
+        )
+        .await;
+    for (name, kept) in [("stdout", &stdout), ("stderr", &stderr)] {
+        let kept = kept.0.lock().unwrap();
+        assert!(kept.len() <= 100_000 + 200, "{} bytes of {name} streamed", kept.len());
+        let text = String::from_utf8_lossy(&kept);
+        assert!(
+            text.ends_with("(max_output_bytes)]\n"),
+            "{name} ends {:?}",
+            &text[text.len().saturating_sub(120)..]
+        );
+    }
+    drop(report);
+    env.assert_alive().await;
+}
+
 #[tokio::test]
 async fn panic_is_a_clean_trap() {
     let env = setup().await;

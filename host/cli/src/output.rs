@@ -117,9 +117,149 @@ pub fn ignore_sigpipe() {
     }
 }
 
+/// A writer for what sandboxed code prints, bound for a terminal: the bytes are written with
+/// control characters escaped as [`sanitize`] does (newlines and tabs kept), and bytes that are
+/// not UTF-8 shown as `\xNN`, so the code cannot set the window title, write the clipboard or
+/// rewrite the screen. A character split across two writes is completed before it is judged.
+pub struct TerminalSafe<W> {
+    inner: W,
+    /// The start of a character whose remaining bytes have not been written yet.
+    carry: Vec<u8>,
+    /// Escaped text not yet taken by `inner`, from `at`.
+    pending: Vec<u8>,
+    at: usize,
+}
+
+impl<W> TerminalSafe<W> {
+    /// Escape what is written before it reaches `inner`.
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            carry: Vec::new(),
+            pending: Vec::new(),
+            at: 0,
+        }
+    }
+
+    /// Escape `bytes` (after the carried start of a character) into `pending`; at the `end`, an
+    /// unfinished character is shown as its bytes.
+    fn escape(&mut self, bytes: &[u8], end: bool) {
+        let mut all = std::mem::take(&mut self.carry);
+        all.extend_from_slice(bytes);
+        let keep = if end { 0 } else { unfinished_tail(&all) };
+        let (body, tail) = all.split_at(all.len() - keep);
+        for chunk in body.utf8_chunks() {
+            self.pending.extend_from_slice(sanitize(chunk.valid()).as_bytes());
+            for byte in chunk.invalid() {
+                self.pending.extend_from_slice(format!("\\x{byte:02x}").as_bytes());
+            }
+        }
+        self.carry = tail.to_vec();
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> TerminalSafe<W> {
+    /// Write out `pending`; ready when it is all written.
+    fn poll_pending(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{Poll, ready};
+        while self.at < self.pending.len() {
+            let n = ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.at += n;
+        }
+        self.pending.clear();
+        self.at = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// How many bytes at the end of `bytes` start a character that is not finished yet.
+fn unfinished_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let byte = bytes[bytes.len() - back];
+        if byte & 0xc0 == 0x80 {
+            continue;
+        }
+        let needs = match byte {
+            0xf0..=0xf7 => 4,
+            0xe0..=0xef => 3,
+            0xc0..=0xdf => 2,
+            _ => 1,
+        };
+        return if needs > back { back } else { 0 };
+    }
+    0
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TerminalSafe<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        std::task::ready!(this.poll_pending(cx))?;
+        this.escape(buf, false);
+        // Taken: what `inner` cannot take now is written by the next write or flush.
+        if let std::task::Poll::Ready(Err(e)) = this.poll_pending(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        std::task::ready!(this.poll_pending(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if !this.carry.is_empty() {
+            std::task::ready!(this.poll_pending(cx))?;
+            this.escape(&[], true);
+        }
+        std::task::ready!(this.poll_pending(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn printed_bytes_reach_a_terminal_escaped_even_split_across_writes() {
+        use tokio::io::AsyncWriteExt as _;
+        let mut out = TerminalSafe::new(Vec::new());
+        // "é" (c3 a9) and "✓" (e2 9c 93) split across writes; an invalid byte; controls.
+        for part in [
+            &b"a\xc3"[..],
+            b"\xa9 \xe2\x9c",
+            b"\x93\x1b]0;t\x07\xff\n\tx\r",
+            b"\xc2\x9b",
+        ] {
+            out.write_all(part).await.unwrap();
+        }
+        out.shutdown().await.unwrap();
+        assert_eq!(
+            String::from_utf8(out.inner).unwrap(),
+            "a\u{e9} \u{2713}\\x1b]0;t\\x07\\xff\n\tx\\r\\u{9b}"
+        );
+        // A character cut off by the end is shown as its bytes.
+        let mut out = TerminalSafe::new(Vec::new());
+        out.write_all(b"z\xe2\x9c").await.unwrap();
+        out.shutdown().await.unwrap();
+        assert_eq!(String::from_utf8(out.inner).unwrap(), "z\\xe2\\x9c");
+    }
 
     #[test]
     fn control_characters_are_escaped_visibly() {

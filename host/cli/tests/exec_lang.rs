@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -153,6 +153,38 @@ fn streamed_output_is_bounded_however_the_code_writes_it() {
     assert!(out.len() <= (1 << 20) + 100, "{} bytes printed", out.len());
     assert!(out.ends_with("(max_output_bytes)]\n"), "{}", &out[out.len() - 100..]);
     assert_ne!(code, 0, "the code's write past the cap failed: {err}");
+}
+
+/// On a terminal, control characters the code prints are shown escaped (they would set the
+/// window title, write the clipboard, clear the screen); redirected output stays byte for byte.
+#[test]
+fn control_characters_the_code_prints_reach_a_terminal_escaped() {
+    let (home, _) = home();
+    let code =
+        "import sys; print(chr(27) + ']0;PWNED' + chr(7) + chr(155) + '2J'); print(chr(27) + '[31m', file=sys.stderr)";
+    // `script` (util-linux) runs keel on a pseudo-terminal and copies what it shows.
+    let shown = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!(
+            "{} exec --lang python -c \"{code}\"",
+            env!("CARGO_BIN_EXE_keel")
+        ))
+        .arg("/dev/null")
+        .env("KEEL_HOME", home)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{text}");
+    assert!(
+        !text.contains('\x1b') && !text.contains('\u{9b}'),
+        "raw control characters reached the terminal: {text:?}"
+    );
+    assert!(text.contains("\\x1b]0;PWNED\\x07\\u{9b}2J"), "{text:?}");
+    assert!(text.contains("\\x1b[31m"), "stderr: {text:?}");
+    // Into a pipe: exactly what the code printed.
+    let (code_, out, err) = exec_lang(home, "python", &["-c", code], "");
+    assert_eq!((code_, out.as_str()), (0, "\x1b]0;PWNED\x07\u{9b}2J\n"), "{err}");
 }
 
 #[test]

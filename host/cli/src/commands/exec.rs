@@ -16,7 +16,7 @@ use keel_app::runtime::{LimitOverride, PolicyChoice};
 use serde_json::Value;
 
 use crate::commands::plugins::{GrantArgs, LimitArgs, read_input};
-use crate::output::{CliError, CliResult, sanitize_line};
+use crate::output::{CliError, CliResult, sanitize, sanitize_line};
 
 /// `keel exec`.
 #[derive(Debug, Args)]
@@ -88,8 +88,8 @@ async fn exec_command(home: &Path, args: ExecArgs) -> CliResult {
             &grants,
             &limits,
             &argv,
-            Box::new(tokio::io::stdout()),
-            Box::new(tokio::io::stderr()),
+            shown(tokio::io::stdout(), std::io::stdout().is_terminal()),
+            shown(tokio::io::stderr(), std::io::stderr().is_terminal()),
         )
         .await?;
     match report.status {
@@ -149,8 +149,8 @@ async fn exec_code(home: &Path, lang: CodeLang, args: ExecArgs) -> CliResult {
     let outcome = keel_app::exec::run_code(
         home,
         request,
-        Box::new(tokio::io::stdout()),
-        Box::new(tokio::io::stderr()),
+        shown(tokio::io::stdout(), std::io::stdout().is_terminal()),
+        shown(tokio::io::stderr(), std::io::stderr().is_terminal()),
     )
     .await?;
     let result = outcome.call.tool_result.as_ref();
@@ -159,8 +159,13 @@ async fn exec_code(home: &Path, lang: CodeLang, args: ExecArgs) -> CliResult {
             // The plugin cannot stream: what the code printed, at the end.
             use std::io::Write;
             let text = |key: &str| output[key].as_str().unwrap_or_default().to_string();
-            let _ = std::io::stdout().write_all(text("stdout").as_bytes());
-            let _ = std::io::stderr().write_all(text("stderr").as_bytes());
+            let on_terminal = |text: String, terminal: bool| {
+                if terminal { sanitize(&text).into_owned() } else { text }
+            };
+            let _ =
+                std::io::stdout().write_all(on_terminal(text("stdout"), std::io::stdout().is_terminal()).as_bytes());
+            let _ =
+                std::io::stderr().write_all(on_terminal(text("stderr"), std::io::stderr().is_terminal()).as_bytes());
             if status != 0
                 && let Some(error) = output["error"].as_str()
                 && !text("stderr").contains(error)
@@ -177,4 +182,17 @@ async fn exec_code(home: &Path, lang: CodeLang, args: ExecArgs) -> CliResult {
         (None, None) => format!("the call ended {}", outcome.call.status),
     };
     Err(CliError::plugin(format!("{plugin}: {message}")))
+}
+
+/// Where sandboxed code's output goes: to a terminal with control characters escaped, to
+/// anything else byte for byte.
+fn shown<W: tokio::io::AsyncWrite + Send + Sync + Unpin + 'static>(
+    writer: W,
+    terminal: bool,
+) -> Box<dyn tokio::io::AsyncWrite + Send + Sync + Unpin> {
+    if terminal {
+        Box::new(crate::output::TerminalSafe::new(writer))
+    } else {
+        Box::new(writer)
+    }
 }

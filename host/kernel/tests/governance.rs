@@ -399,6 +399,38 @@ async fn usage_beyond_the_hold_is_recorded_as_overage_and_stops_the_job() {
     );
 }
 
+/// A job's cost limit holds when the requested model has no price but its calls are charged
+/// anyway (an alias the provider prices by the model the server reports): once the recorded
+/// cost reaches the limit, no further model call is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_cost_limit_holds_when_the_requested_model_has_no_price() {
+    let dec = |s: &str| Decimal::from_str(s).expect("decimal");
+    let tools = FakeTools::new();
+    tools.add_echo("fs/read", true);
+    let model = Arc::new(Overcharging {
+        // No price for "test-model": nothing can be held in advance.
+        inner: ScriptedModel::new(vec![
+            calls(0, &[("fs__read", json!({}))]),
+            calls(1, &[("fs__read", json!({}))]),
+            calls(2, &[("fs__read", json!({}))]),
+            Message::assistant("done", vec![]),
+        ]),
+        cost: dec("0.90"),
+    });
+    let rt = host(
+        Kernel::new(Arc::new(MemoryStore::new())),
+        model,
+        &tools,
+        Policy::allow_all(),
+    );
+    let mut req = request("read");
+    req.budget.max_cost = Some(dec("0.50"));
+    let r = result(&rt.execute(req).await.expect("execute")).await;
+    assert_eq!(r.status, JobState::Failed, "{r:?}");
+    assert_eq!(r.error.expect("error").code, "budget_exceeded");
+    assert_eq!(tools.count("fs/read"), 1, "model calls went on past the job's cost limit");
+}
+
 /// The same idempotency key with a different request is an error; with the same request it
 /// attaches to the first job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -713,6 +713,14 @@ impl Runner {
             }
             max_tokens = max_tokens.min(left);
         }
+        // What was charged counts even when this model has no price (an alias the provider
+        // prices by the model the server reports): then nothing can be held in advance, but
+        // no call starts once the limit is reached.
+        if let Some(limit) = self.req.budget.max_cost
+            && used.cost >= limit
+        {
+            return Err(exceeded(format!("the job's cost budget ({limit}) is used up")));
+        }
         if let (Some(limit), Some(p)) = (self.req.budget.max_cost, price) {
             let left = limit - used.cost - p.cost(est_in, 0);
             if left <= Decimal::ZERO {

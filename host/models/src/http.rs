@@ -59,6 +59,9 @@ impl HttpCore {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
             .user_agent(concat!("keel-models/", env!("CARGO_PKG_VERSION")))
+            // A redirect would carry the key (reqwest strips only `Authorization` across hosts,
+            // not `x-api-key`) and the conversation to whatever host the server names.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ConfigError::Client(e.to_string()))?;
         Ok(Self {
@@ -133,6 +136,19 @@ impl HttpCore {
         let status = response.status();
         if status.is_success() {
             return Ok(response);
+        }
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("nowhere");
+            return Err(AttemptError::fatal(ModelError::InvalidRequest {
+                message: format!(
+                    "{}: HTTP {status}: the server redirects to {location}; model calls do not follow redirects (set base_url to the address that answers)",
+                    self.label
+                ),
+            }));
         }
         let retry_after = retry_after(response.headers());
         // The error body is small; if it does not arrive in time the status alone still classifies the failure.

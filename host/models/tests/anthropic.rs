@@ -347,6 +347,26 @@ async fn auth_and_unknown_model() {
     assert_eq!(server.hits(), 2);
 }
 
+/// A model call never follows a redirect: the key (`x-api-key`, which reqwest does not strip
+/// across hosts) and the conversation would go to whatever host the server names.
+#[tokio::test]
+async fn a_redirect_is_an_error_and_the_key_never_leaves_for_its_target() {
+    let elsewhere = serve(|_, _| Reply::Json(200, json!({}), vec![])).await;
+    for status in [301, 302, 307, 308] {
+        let target = format!("{}/v1/messages", elsewhere.base_url);
+        let server = serve(move |_, _| Reply::Json(status, json!({}), vec![("location", target.clone())])).await;
+        let p = provider(&server.base_url, true);
+        let (result, _) = complete(&p, &request("claude-sonnet-4", vec![Message::user("Hi")])).await;
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, ModelError::InvalidRequest { .. }) && err.to_string().contains("redirect"),
+            "{status}: {err:?}"
+        );
+        assert_eq!(server.hits(), 1, "{status}: a redirect is not retried");
+    }
+    assert_eq!(elsewhere.hits(), 0, "a redirect was followed (with the key)");
+}
+
 #[tokio::test]
 async fn no_key_at_all_is_auth() {
     let p = AnthropicProvider::with_env(

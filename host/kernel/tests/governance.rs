@@ -428,7 +428,11 @@ async fn a_job_cost_limit_holds_when_the_requested_model_has_no_price() {
     let r = result(&rt.execute(req).await.expect("execute")).await;
     assert_eq!(r.status, JobState::Failed, "{r:?}");
     assert_eq!(r.error.expect("error").code, "budget_exceeded");
-    assert_eq!(tools.count("fs/read"), 1, "model calls went on past the job's cost limit");
+    assert_eq!(
+        tools.count("fs/read"),
+        1,
+        "model calls went on past the job's cost limit"
+    );
 }
 
 /// The same idempotency key with a different request is an error; with the same request it

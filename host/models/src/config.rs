@@ -113,6 +113,10 @@ pub struct ProviderConfig {
     /// `on_delta` once, at the end.
     #[serde(default = "defaults::stream")]
     pub stream: bool,
+    /// The most bytes one response may have (its body, or its whole event stream, framing included): past it the
+    /// call fails with `InvalidResponse`. Bounds what a broken or hostile server can make the host hold and record.
+    #[serde(default = "defaults::max_response_bytes")]
+    pub max_response_bytes: u64,
     /// OpenAI only: the request field carrying `max_tokens`. `max_tokens` (default; what most compatible servers
     /// accept) or `max_completion_tokens` (required by OpenAI's reasoning models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,6 +148,9 @@ mod defaults {
     pub fn stream() -> bool {
         true
     }
+    pub fn max_response_bytes() -> u64 {
+        64 << 20
+    }
 }
 
 /// Default OpenAI API root.
@@ -165,6 +172,7 @@ impl ProviderConfig {
             retry_base_delay_ms: defaults::retry_base_delay_ms(),
             max_retry_delay_ms: defaults::max_retry_delay_ms(),
             stream: defaults::stream(),
+            max_response_bytes: defaults::max_response_bytes(),
             max_tokens_field: None,
             script: None,
             prices: BTreeMap::new(),

@@ -1,7 +1,8 @@
 //! What the HTTP providers share: the client, retries with backoff, status → error mapping, SSE with idle timeouts.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -16,6 +17,9 @@ use crate::config::{ConfigError, ProviderConfig};
 /// Longest provider error text carried into a [`ModelError`] message.
 const MAX_ERROR_TEXT: usize = 500;
 
+/// Bytes of an error response's body read at most (only its start is shown).
+const MAX_ERROR_BODY: usize = 64 << 10;
+
 /// Client plus retry/timeout policy for one provider.
 pub(crate) struct HttpCore {
     client: reqwest::Client,
@@ -26,6 +30,8 @@ pub(crate) struct HttpCore {
     max_delay: Duration,
     /// Provider label for messages (`openai`, `anthropic`).
     label: &'static str,
+    /// The most bytes one response (body or event stream) may have.
+    max_response_bytes: usize,
 }
 
 /// One failed attempt: the error it would end with, and whether another attempt may help.
@@ -71,6 +77,7 @@ impl HttpCore {
             base_delay: Duration::from_millis(config.retry_base_delay_ms),
             max_delay: Duration::from_millis(config.max_retry_delay_ms),
             label,
+            max_response_bytes: usize::try_from(config.max_response_bytes).unwrap_or(usize::MAX),
         })
     }
 
@@ -151,9 +158,10 @@ impl HttpCore {
             }));
         }
         let retry_after = retry_after(response.headers());
-        // The error body is small; if it does not arrive in time the status alone still classifies the failure.
-        let text = match self.read_body(response).await {
-            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        // Only the start of an error body is read; if it does not arrive in time the status alone still
+        // classifies the failure.
+        let text = match self.read_up_to(response, MAX_ERROR_BODY).await {
+            Ok((bytes, _)) => String::from_utf8_lossy(&bytes).into_owned(),
             Err(_) => String::new(),
         };
         let mut err = classify(self.label, status, &text, url, model);
@@ -161,26 +169,66 @@ impl HttpCore {
         Err(err)
     }
 
-    /// The whole body, each chunk within the idle timeout.
+    /// The whole body, each chunk within the idle timeout; a body past `max_response_bytes` is an
+    /// invalid response.
     pub(crate) async fn read_body(&self, response: reqwest::Response) -> Result<Vec<u8>, ModelError> {
+        let (body, cut) = self.read_up_to(response, self.max_response_bytes).await?;
+        if cut {
+            return Err(self.too_large("the response body"));
+        }
+        Ok(body)
+    }
+
+    /// At most `limit` bytes of the body, and whether there was more (left unread).
+    async fn read_up_to(&self, response: reqwest::Response, limit: usize) -> Result<(Vec<u8>, bool), ModelError> {
         let mut stream = response.bytes_stream();
         let mut body = Vec::new();
         loop {
             match tokio::time::timeout(self.timeout, stream.next()).await {
                 Err(_) => return Err(self.timeout_error()),
-                Ok(None) => return Ok(body),
+                Ok(None) => return Ok((body, false)),
                 Ok(Some(Err(e))) => return Err(self.transport_error(&e).error),
-                Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
+                Ok(Some(Ok(chunk))) => {
+                    let room = limit - body.len();
+                    if chunk.len() > room {
+                        body.extend_from_slice(&chunk[..room]);
+                        return Ok((body, true));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
             }
         }
     }
 
-    /// The body as a stream of server-sent events, each within the idle timeout.
+    fn too_large(&self, what: &str) -> ModelError {
+        invalid(
+            self.label,
+            format!(
+                "{what} is larger than {} bytes (max_response_bytes)",
+                self.max_response_bytes
+            ),
+        )
+    }
+
+    /// The body as a stream of server-sent events, each within the idle timeout; the stream fails
+    /// once its bytes pass `max_response_bytes`.
     pub(crate) fn events(&self, response: reqwest::Response) -> SseStream {
+        let over = Arc::new(AtomicBool::new(false));
+        let flag = over.clone();
+        let (limit, mut seen) = (self.max_response_bytes, 0usize);
+        let bytes = response.bytes_stream().take_while(move |chunk| {
+            seen = seen.saturating_add(chunk.as_ref().map_or(0, |c| c.len()));
+            if seen > limit {
+                flag.store(true, Ordering::Relaxed);
+            }
+            std::future::ready(seen <= limit)
+        });
         SseStream {
-            inner: Box::pin(response.bytes_stream().eventsource()),
+            inner: Box::pin(bytes.eventsource()),
             idle: self.timeout,
             label: self.label,
+            over,
+            too_large: self.too_large("the event stream"),
         }
     }
 
@@ -212,6 +260,10 @@ pub(crate) struct SseStream {
     inner: Pin<Box<dyn Stream<Item = EventResult> + Send>>,
     idle: Duration,
     label: &'static str,
+    /// Set when the body was cut off at `max_response_bytes`.
+    over: Arc<AtomicBool>,
+    /// The error to end with then.
+    too_large: ModelError,
 }
 
 impl SseStream {
@@ -221,6 +273,7 @@ impl SseStream {
             Err(_) => Some(Err(ModelError::Timeout {
                 message: format!("{}: stream stalled for {:?}", self.label, self.idle),
             })),
+            Ok(None) if self.over.load(Ordering::Relaxed) => Some(Err(self.too_large.clone())),
             Ok(None) => None,
             Ok(Some(Ok(event))) => Some(Ok(event)),
             Ok(Some(Err(EventStreamError::Transport(e)))) => Some(Err(ModelError::Unavailable {

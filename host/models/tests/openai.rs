@@ -358,6 +358,54 @@ async fn a_stream_that_stalls_times_out() {
     assert!(matches!(result, Err(ModelError::Timeout { .. })), "{result:?}");
 }
 
+/// A server that never stops sending is cut off at `max_response_bytes`, whatever it sends: an
+/// event stream of text, a JSON body, an error body (only its start is read).
+#[tokio::test]
+async fn a_response_that_never_ends_is_cut_off_at_max_response_bytes() {
+    let text = format!(
+        "data: {}\n\n",
+        json!({"choices": [{"index": 0, "delta": {"content": "x".repeat(1000)}}]})
+    );
+    let cases = [
+        ("event stream", Reply::Endless(200, "text/event-stream", text), true),
+        (
+            "JSON body",
+            Reply::Endless(200, "application/json", format!("{{\"pad\": \"{}", "y".repeat(1000))),
+            false,
+        ),
+        (
+            "error body",
+            Reply::Endless(500, "application/json", "z".repeat(1000)),
+            true,
+        ),
+    ];
+    for (what, reply, stream) in cases {
+        let reply = std::sync::Mutex::new(Some(reply));
+        let server = serve(move |_, _| reply.lock().unwrap().take().unwrap_or(Reply::Hang)).await;
+        let mut config = ProviderConfig::new(keel_models::ProviderKind::Openai)
+            .with_base_url(&server.base_url)
+            .with_stream(stream)
+            .with_retries(0, Duration::from_millis(10), Duration::from_millis(50));
+        config.max_response_bytes = 1 << 20;
+        let p = OpenAiProvider::new(&config, PriceTable::empty()).unwrap();
+        let (result, _) = tokio::time::timeout(
+            Duration::from_secs(30),
+            complete(&p, &request("m", vec![Message::user("Hi")])),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still reading after 30 s"));
+        let err = result.unwrap_err();
+        if what == "error body" {
+            assert!(matches!(err, ModelError::Unavailable { .. }), "{what}: {err:?}");
+        } else {
+            assert!(
+                matches!(err, ModelError::InvalidResponse { .. }) && err.to_string().contains("1048576"),
+                "{what}: {err:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn malformed_streams_are_invalid_responses() {
     let server = serve(|n, _| match n {

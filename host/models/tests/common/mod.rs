@@ -21,6 +21,8 @@ pub enum Reply {
     Raw(u16, &'static str, String),
     /// Never answer.
     Hang,
+    /// A status and content type, then this chunk again and again, for ever.
+    Endless(u16, &'static str, String),
 }
 
 /// One recorded request.
@@ -106,6 +108,16 @@ async fn respond(reply: Reply) -> Response {
         }
         Reply::Raw(status, content_type, body) => {
             let mut response = Response::new(Body::from(body));
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+            response
+                .headers_mut()
+                .insert("content-type", HeaderValue::from_static(content_type));
+            response
+        }
+        Reply::Endless(status, content_type, chunk) => {
+            let chunk = Bytes::from(chunk);
+            let stream = futures::stream::repeat_with(move || Ok::<_, std::convert::Infallible>(chunk.clone()));
+            let mut response = Response::new(Body::from_stream(stream));
             *response.status_mut() = StatusCode::from_u16(status).unwrap();
             response
                 .headers_mut()

@@ -435,6 +435,52 @@ async fn a_job_cost_limit_holds_when_the_requested_model_has_no_price() {
     );
 }
 
+/// A provider whose server reports no usage at all (zero tokens, zero cost).
+struct NoUsage(ScriptedModel);
+
+impl ModelProvider for NoUsage {
+    fn complete<'a>(
+        &'a self,
+        request: &'a ModelRequest,
+        on_delta: &'a (dyn Fn(ModelDelta) + Send + Sync),
+    ) -> BoxFuture<'a, Result<ModelResponse, ModelError>> {
+        Box::pin(async move {
+            let mut r = self.0.complete(request, on_delta).await?;
+            r.usage = Default::default();
+            Ok(r)
+        })
+    }
+
+    fn price(&self, model: &str) -> Option<ModelPrice> {
+        self.0.price(model)
+    }
+}
+
+/// A response that reports no usage is charged an estimate (what was sent and what came back),
+/// not nothing: otherwise any number of calls would pass a job's token and cost limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_response_without_usage_is_charged_an_estimate() {
+    let tools = FakeTools::new();
+    tools.add_echo("fs/read", true);
+    let turns: Vec<Message> = (0..20).map(|i| calls(i, &[("fs__read", json!({}))])).collect();
+    let model = Arc::new(NoUsage(
+        ScriptedModel::new(turns).with_price(Decimal::from(1000), Decimal::from(1000)),
+    ));
+    let rt = host(
+        Kernel::new(Arc::new(MemoryStore::new())),
+        model,
+        &tools,
+        Policy::allow_all(),
+    );
+    let mut req = request("read");
+    req.budget.max_tokens = Some(400);
+    let r = result(&rt.execute(req).await.expect("execute")).await;
+    assert_eq!(r.status, JobState::Failed, "{r:?}");
+    assert_eq!(r.error.as_ref().expect("error").code, "budget_exceeded");
+    assert!(r.usage.input_tokens > 0 && r.usage.cost > Decimal::ZERO, "{r:?}");
+    assert!(tools.count("fs/read") < 20, "the token limit never tripped");
+}
+
 /// The same idempotency key with a different request is an error; with the same request it
 /// attaches to the first job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -31,7 +31,7 @@ use crate::json::JsonText;
 use crate::ledger::{
     BudgetOutcome, BudgetStatus, LedgerKind, Reservation, ReservationState, SettleRequest, Usage, evaluate_budgets,
 };
-use crate::model::{Message, ModelDelta, ModelRequest, ModelResponse, ToolCall, ToolSpec};
+use crate::model::{Message, ModelDelta, ModelPrice, ModelRequest, ModelResponse, ToolCall, ToolSpec};
 use crate::policy::{Outcome, Policy, PolicyRequest, SessionKey};
 use crate::services::{HoldRequest, SettleDetails, StatusDetail, job_event, retry, status_event, transition};
 use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError, StoreResult};
@@ -250,6 +250,32 @@ pub fn model_tool_name(qualified: &str) -> String {
 /// covers at least one byte, so bytes (plus a per-message allowance for role/format tokens) can only
 /// over-reserve. An estimate that could be low (e.g. ~4 bytes per token) would let concurrent calls
 /// overspend a budget when the actual usage is settled.
+/// A response whose server reported no usage (no input tokens for a prompt that is not empty)
+/// is charged an estimate instead of nothing: `est_in` for the prompt, its own text and tool
+/// calls at ~4 bytes a token for the answer, priced at `price` when the provider priced nothing.
+/// Charging nothing would let any number of calls pass token and cost limits. True if estimated.
+fn charge_estimate_if_unreported(response: &mut ModelResponse, est_in: u64, price: Option<&ModelPrice>) -> bool {
+    let usage = &mut response.usage;
+    if usage.input_tokens > 0 || est_in == 0 {
+        return false;
+    }
+    let message = &response.message;
+    let out_bytes = message.content.len()
+        + message
+            .tool_calls
+            .iter()
+            .map(|c| c.name.len() + c.arguments.to_string().len())
+            .sum::<usize>();
+    usage.input_tokens = est_in;
+    usage.output_tokens = usage.output_tokens.max((out_bytes as u64).div_ceil(4));
+    if usage.cost.is_zero()
+        && let Some(price) = price
+    {
+        usage.cost = price.cost(usage.input_tokens, usage.output_tokens);
+    }
+    true
+}
+
 fn estimate_tokens(messages: &[Message], tools: &[ToolSpec]) -> u64 {
     let bytes: usize = messages
         .iter()
@@ -868,13 +894,14 @@ impl Runner {
             rt.models.complete(&request, &on_delta).await
         };
         let _ = forwarder.await;
-        let response = match result {
+        let mut response = match result {
             Ok(r) => r,
             Err(e) => {
                 self.release(hold, "model call failed").await;
                 return Err(Stop::Fail(job_error("model_error", e.to_string())));
             }
         };
+        let estimated = charge_estimate_if_unreported(&mut response, est_in, price.as_ref());
         let actual = Usage {
             tokens: response.usage.input_tokens.saturating_add(response.usage.output_tokens),
             cost: round_cost(response.usage.cost),
@@ -885,13 +912,16 @@ impl Runner {
         journaled.usage.cost = actual.cost;
         let entry = Entry::ModelResponse(journaled.clone());
         let names: Vec<&str> = response.message.tool_calls.iter().map(|c| c.name.as_str()).collect();
-        let done = json!({
+        let mut done = json!({
             "turn": turn,
             "model": response.model,
             "finish_reason": response.finish_reason,
             "usage": journaled.usage,
             "tool_calls": names,
         });
+        if estimated {
+            done["usage_estimated"] = json!(true);
+        }
         let duration_ms = started.elapsed().as_millis() as u64;
         let committed = self
             .commit_step(|job, now| {

@@ -187,6 +187,36 @@ fn control_characters_the_code_prints_reach_a_terminal_escaped() {
     assert_eq!((code_, out.as_str()), (0, "\x1b]0;PWNED\x07\u{9b}2J\n"), "{err}");
 }
 
+/// A step stopped at its deadline is recorded with what the sandbox measured (its peak memory),
+/// not just its wall time: the kernel's own timer is a backstop that waits for the sandbox's
+/// report, so code cannot hide what it used by running out the clock.
+#[test]
+fn a_timed_out_step_is_recorded_with_its_peak_memory() {
+    let (home, _) = home();
+    let scope = format!("timeout-{}", std::process::id());
+    let code = "x = bytearray(40 << 20)\nwhile True:\n    pass";
+    let (status, _, err) = exec_lang(
+        home,
+        "python",
+        &["--timeout-ms", "1500", "--scope", &scope, "-c", code],
+        "",
+    );
+    assert_eq!(status, 1, "{err}");
+    assert!(err.contains("timed out") || err.contains("no result within"), "{err}");
+    let usage = common::keel(home, &["ledger", "usage", "--scope", &scope, "--json"])
+        .output()
+        .unwrap();
+    let usage: serde_json::Value = serde_json::from_slice(&usage.stdout).unwrap();
+    let receipt = usage["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "tool_usage")
+        .map(|e| e["data"]["receipt"].clone())
+        .unwrap_or_else(|| panic!("no tool usage: {usage}"));
+    assert!(receipt["peak_memory_bytes"].as_u64() >= Some(40 << 20), "{receipt}");
+}
+
 #[test]
 fn js_output_streams_while_the_script_runs() {
     let (home, _) = js_home();

@@ -150,7 +150,7 @@ impl DirectCall {
         // As `ensure_lease` would extend it before the call: the deadline plus a margin.
         let ttl = inner.config.lease_ttl_ms.max(3);
         let margin = Duration::from_millis(ttl / 3).max(Duration::from_secs(1));
-        let lease_ms = u64::try_from((timeout + margin).as_millis())
+        let lease_ms = u64::try_from((run::backstop(timeout) + margin).as_millis())
             .unwrap_or(u64::MAX)
             .max(ttl);
         let hold_ttl = chrono::Duration::seconds(inner.kernel.config().hold_ttl_secs).max(
@@ -268,7 +268,10 @@ impl DirectCall {
         };
         let cancel = inner.kernel.jobs().cancellation_token(self.job.id);
         let started = Instant::now();
-        let call = tokio::time::timeout(self.timeout, inner.tools.call_tool(&ctx, &self.tool, arguments));
+        let call = tokio::time::timeout(
+            run::backstop(self.timeout),
+            inner.tools.call_tool(&ctx, &self.tool, arguments),
+        );
         let outcome = tokio::select! {
             r = call => Some(match r {
                 Ok(outcome) => outcome,

@@ -1326,9 +1326,10 @@ impl Runner {
             trace_id: self.trace_id.clone(),
             timeout: Some(timeout),
         };
-        self.ensure_lease(timeout).await?;
+        self.ensure_lease(backstop(timeout)).await?;
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(timeout, self.rt.tools.call_tool(&ctx, &tool, &call.arguments)).await {
+        let call_tool = self.rt.tools.call_tool(&ctx, &tool, &call.arguments);
+        let outcome = match tokio::time::timeout(backstop(timeout), call_tool).await {
             Ok(outcome) => outcome,
             Err(_) => timed_out(timeout, started),
         };
@@ -1566,6 +1567,17 @@ impl Runner {
             .terminate_with(self.job_id, to, error, &extra)
             .await;
     }
+}
+
+/// How long past a call's deadline the kernel waits for the tool host's own answer before it
+/// records a timeout itself. The sandbox stops a call at its deadline and reports what it
+/// measured (peak memory, logs) within ~250 ms; the kernel's timer is a backstop for a host that
+/// never answers, and firing first would drop that report from the receipt.
+const REPORT_GRACE: Duration = Duration::from_secs(1);
+
+/// When the kernel gives up on a call whose deadline is `timeout` ([`REPORT_GRACE`] later).
+pub(crate) fn backstop(timeout: Duration) -> Duration {
+    timeout + REPORT_GRACE
 }
 
 /// The outcome of a call that ran past `timeout` (started at `started`).

@@ -207,6 +207,89 @@ async fn writing_past_the_scratch_cap_fails_clearly() {
     assert_eq!(out["value"], "1000");
 }
 
+/// A directory granted at `/scratch` is where the plugin's scratch directories are made, not one
+/// that calls share: each call still gets a fresh, private one inside it, capped like any
+/// other and removed after the call (one scope's files never reach another's call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_scratch_directory_holds_fresh_private_ones() {
+    let host = host(
+        SessionConfig::default(),
+        Limits {
+            max_scratch_bytes: 1 << 20,
+            ..limits()
+        },
+    )
+    .await;
+    let granted = tempfile::tempdir().unwrap();
+    let grants = Grants {
+        fs: vec![
+            keel_sandbox::FsGrant::parse(
+                &format!("{}::/scratch", granted.path().display()),
+                keel_sandbox::FsMode::ReadWrite,
+            )
+            .unwrap(),
+        ],
+        ..Grants::default()
+    };
+    let run = |scope: &'static str, code: &'static str| {
+        let (host, grants) = (&host, &grants);
+        async move {
+            let ctx = ToolCallContext::ad_hoc(scope);
+            let report = host
+                .sandbox
+                .call(
+                    &host.plugin,
+                    grants,
+                    &host.limits,
+                    &ctx,
+                    "run",
+                    &json!({ "code": code }),
+                )
+                .await;
+            report.result.map(|o| o.output)
+        }
+    };
+    let planted = run("tenant-a", "open('/scratch/secret', 'w').write('of tenant a')")
+        .await
+        .unwrap();
+    assert_eq!(planted["error"], Value::Null, "{planted}");
+    let seen = run("tenant-b", "import os\nprint(sorted(os.listdir('/scratch')))")
+        .await
+        .unwrap();
+    assert_eq!(seen["stdout"], "[]\n", "another scope's files: {seen}");
+    let error = run(
+        "tenant-b",
+        "f = open('/scratch/big', 'wb')\nfor _ in range(64):\n    f.write(b'x' * 65536)\n    f.flush()",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, ToolError::LimitExceeded { limit, .. } if limit == "scratch"),
+        "{error:?}"
+    );
+    // What remains is the ready instances' directories, empty.
+    let left = || -> Vec<_> {
+        std::fs::read_dir(granted.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    for _ in 0..100 {
+        let left = left();
+        if left.len() == host.sandbox.ready_instances()
+            && left.iter().all(|d| std::fs::read_dir(d).unwrap().next().is_none())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    panic!(
+        "left in the granted directory: {:?} ({} ready instances)",
+        left(),
+        host.sandbox.ready_instances()
+    );
+}
+
 /// Bytes written below a directory whose host path is longer than `PATH_MAX` (made by
 /// directory handle, as CPython on WASI allows) count against the cap like any others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

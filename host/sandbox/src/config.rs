@@ -215,7 +215,8 @@ pub struct SandboxConfig {
 /// Fresh scratch directories: a tool that requests the guest path [`SCRATCH_GUEST`] read-write,
 /// and was granted no directory there, gets a new, private (0700), empty host directory mounted at
 /// that path for each call (or for each session), removed when the call (or session) ends, and
-/// capped by [`Limits::max_scratch_bytes`]. Concurrent calls never share it.
+/// capped by [`Limits::max_scratch_bytes`]. Concurrent calls never share it. A directory granted
+/// read-write at [`SCRATCH_GUEST`] itself only moves where these are made (inside it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScratchConfig {
     /// Give scratch directories by default. Off: a tool gets `/scratch` only from an explicit

@@ -1053,8 +1053,9 @@ impl Sandbox {
     /// Run `tool` of `plugin` with JSON `arguments` in a fresh store holding only `grants`
     /// (narrowed to what the tool declares), under `limits`.
     ///
-    /// A tool that requests `/scratch` read-write and was granted no directory there gets a fresh
-    /// private scratch directory for the call ([`crate::config::ScratchConfig`]). When the tool's
+    /// A tool that requests `/scratch` read-write gets a fresh private scratch directory for the
+    /// call ([`crate::config::ScratchConfig`]), made inside the directory granted at `/scratch`
+    /// if there is one. When the tool's
     /// input schema has a `session_id` property and `arguments` give one, the call runs in the
     /// instance kept for that session of the caller's scope and principal
     /// ([`crate::config::SessionConfig`]), created on first use.
@@ -1495,18 +1496,32 @@ impl Sandbox {
     ) -> Result<Live, SandboxError> {
         let config = &self.inner.config.scratch;
         let wants_scratch = tool.capabilities.filesystem.iter().any(|r| config.provides(r));
-        let granted = preopens
+        let failed = |e: std::io::Error| SandboxError::Host(format!("cannot create a scratch directory: {e}"));
+        // A directory granted read-write at `/scratch` itself is where this tool's scratch
+        // directories are made: each call still gets a fresh, private, capped one, never a
+        // directory that calls (of any scope) share.
+        let scratch_grant = preopens
             .iter()
-            .any(|p| p.guest == "/" || p.guest == SCRATCH_GUEST || SCRATCH_GUEST.starts_with(&format!("{}/", p.guest)));
-        let scratch = if wants_scratch && !granted {
-            Some(
-                Scratch::create(config.dir.as_deref())
-                    .map_err(|e| SandboxError::Host(format!("cannot create a scratch directory: {e}")))?,
-            )
+            .position(|p| p.guest == SCRATCH_GUEST && p.mode == FsMode::ReadWrite)
+            .filter(|_| wants_scratch);
+        let mut others = std::borrow::Cow::Borrowed(preopens);
+        let scratch = if let Some(at) = scratch_grant {
+            let parent = crate::preopen::open(&preopens[at])
+                .map_err(|e| SandboxError::Grant(e.to_string()))?
+                .ok_or_else(|| SandboxError::Grant(format!("{SCRATCH_GUEST}: the granted directory is missing")))?;
+            others.to_mut().remove(at);
+            Some(Scratch::create_in(parent).map_err(failed)?)
         } else {
-            None
+            // Another grant that contains `/scratch` (at `/` or a parent) is the user's choice.
+            let granted = preopens.iter().any(|p| {
+                p.guest == "/" || p.guest == SCRATCH_GUEST || SCRATCH_GUEST.starts_with(&format!("{}/", p.guest))
+            });
+            match wants_scratch && !granted {
+                true => Some(Scratch::create(config.dir.as_deref()).map_err(failed)?),
+                false => None,
+            }
         };
-        let call = self.new_store(engine, grants, preopens, limits, None, stdio, scratch.as_ref())?;
+        let call = self.new_store(engine, grants, &others, limits, None, stdio, scratch.as_ref())?;
         Ok(Live {
             call,
             instance: None,

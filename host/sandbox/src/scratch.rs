@@ -90,9 +90,13 @@ fn orphan_pid(name: &str) -> Option<i32> {
 /// One scratch directory, removed (with everything in it) when dropped.
 #[derive(Debug)]
 pub(crate) struct Scratch {
+    /// Where it is removed from: its host path, or its name under the open parent's
+    /// `/proc/self/fd/N` path.
     path: PathBuf,
     /// The directory opened by handle, so the preopen is that very inode.
     fd: OwnedFd,
+    /// The granted directory it was made in, held open while it exists (see [`Scratch::create_in`]).
+    _parent: Option<OwnedFd>,
 }
 
 impl Scratch {
@@ -115,7 +119,44 @@ impl Scratch {
                         }
                     };
                     *LIVE.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-                    return Ok(Self { path, fd });
+                    return Ok(Self {
+                        path,
+                        fd,
+                        _parent: None,
+                    });
+                }
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(std::io::Error::other("cannot find a free scratch directory name"))
+    }
+
+    /// Create a fresh private directory inside `parent`, an open directory granted at the guest's
+    /// `/scratch` (made and removed relative to that handle, so it stays inside that very
+    /// directory). Leftovers of processes that are gone are swept from `parent` first.
+    pub(crate) fn create_in(parent: OwnedFd) -> std::io::Result<Self> {
+        use rustix::fs::{Mode, OFlags, mkdirat, openat};
+        let parent_path = PathBuf::from(crate::preopen::fd_path(&parent));
+        sweep_orphans(&parent_path);
+        for _ in 0..16 {
+            let name = format!("{PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>());
+            match mkdirat(&parent, name.as_str(), Mode::RWXU) {
+                Ok(()) => {
+                    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                    let fd = match openat(&parent, name.as_str(), flags, Mode::empty()) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            let _ = rustix::fs::unlinkat(&parent, name.as_str(), rustix::fs::AtFlags::REMOVEDIR);
+                            return Err(e.into());
+                        }
+                    };
+                    *LIVE.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                    return Ok(Self {
+                        path: parent_path.join(name),
+                        fd,
+                        _parent: Some(parent),
+                    });
                 }
                 Err(rustix::io::Errno::EXIST) => continue,
                 Err(e) => return Err(e.into()),

@@ -157,6 +157,19 @@ impl AnthropicProvider {
                 continue;
             }
             let parsed: StreamEvent = parse_json(LABEL, "a stream event", event.data.as_bytes())?;
+            let progress = match &parsed {
+                StreamEvent::Ping | StreamEvent::Other => false,
+                StreamEvent::ContentBlockDelta { delta, .. } => match delta {
+                    BlockDelta::TextDelta { text } => !text.is_empty(),
+                    BlockDelta::ThinkingDelta { thinking } => !thinking.is_empty(),
+                    BlockDelta::InputJsonDelta { partial_json } => !partial_json.is_empty(),
+                    BlockDelta::Other => false,
+                },
+                _ => true,
+            };
+            if progress {
+                events.progressed();
+            }
             match parsed {
                 StreamEvent::MessageStart { message } => {
                     out.model = message.model;

@@ -229,6 +229,7 @@ impl HttpCore {
             label: self.label,
             over,
             too_large: self.too_large("the event stream"),
+            last_progress: tokio::time::Instant::now(),
         }
     }
 
@@ -264,14 +265,22 @@ pub(crate) struct SseStream {
     over: Arc<AtomicBool>,
     /// The error to end with then.
     too_large: ModelError,
+    /// When the last event that carried something arrived (see [`SseStream::progressed`]).
+    last_progress: tokio::time::Instant,
 }
 
 impl SseStream {
-    /// The next event; `None` at the end of the body.
+    /// The next event; `None` at the end of the body. The idle timeout runs from the last event the
+    /// provider said carried something ([`SseStream::progressed`]), not from the last event: a
+    /// server that sends only keep-alives stalls as surely as a silent one.
     pub(crate) async fn next(&mut self) -> Option<Result<Event, ModelError>> {
-        match tokio::time::timeout(self.idle, self.inner.next()).await {
+        let deadline = self.last_progress + self.idle;
+        match tokio::time::timeout_at(deadline, self.inner.next()).await {
             Err(_) => Some(Err(ModelError::Timeout {
-                message: format!("{}: stream stalled for {:?}", self.label, self.idle),
+                message: format!(
+                    "{}: stream stalled for {:?} (nothing but keep-alives, or silence)",
+                    self.label, self.idle
+                ),
             })),
             Ok(None) if self.over.load(Ordering::Relaxed) => Some(Err(self.too_large.clone())),
             Ok(None) => None,
@@ -281,6 +290,14 @@ impl SseStream {
             })),
             Ok(Some(Err(e))) => Some(Err(invalid(self.label, format!("malformed event stream: {e}")))),
         }
+    }
+}
+
+impl SseStream {
+    /// The event just read carried part of the response (text, reasoning, a tool-call fragment,
+    /// usage, the end): the idle timeout starts again.
+    pub(crate) fn progressed(&mut self) {
+        self.last_progress = tokio::time::Instant::now();
     }
 }
 

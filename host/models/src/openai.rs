@@ -176,10 +176,20 @@ impl OpenAiProvider {
             }
             if let Some(usage) = chunk.usage {
                 out.usage = Some(usage);
+                events.progressed();
             }
             let Some(choice) = chunk.choices.into_iter().next() else {
                 continue;
             };
+            let delta = &choice.delta;
+            if [&delta.content, &delta.reasoning_content, &delta.reasoning]
+                .iter()
+                .any(|t| t.as_ref().is_some_and(|t| !t.is_empty()))
+                || !delta.tool_calls.is_empty()
+                || choice.finish_reason.is_some()
+            {
+                events.progressed();
+            }
             if let Some(text) = choice
                 .delta
                 .reasoning_content

@@ -406,6 +406,38 @@ async fn a_response_that_never_ends_is_cut_off_at_max_response_bytes() {
     }
 }
 
+/// The idle timeout counts from the last event that carried something (text, a tool-call
+/// fragment, usage, the end): a server sending only empty events (or empty deltas) stalls as
+/// surely as a silent one.
+#[tokio::test]
+async fn a_stream_of_keep_alives_times_out() {
+    for keep_alive in ["data: \n\n", "data: {\"choices\": [{\"index\": 0, \"delta\": {}}]}\n\n"] {
+        let server = serve(move |_, _| {
+            let mut chunks = openai_sse(&[json!({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})]);
+            chunks.pop(); // no [DONE]
+            chunks.extend(std::iter::repeat_n(keep_alive.to_string(), 100));
+            Reply::Sse(chunks, Duration::from_millis(100))
+        })
+        .await;
+        let config = ProviderConfig::new(keel_models::ProviderKind::Openai)
+            .with_base_url(&server.base_url)
+            .with_timeout(Duration::from_millis(500))
+            .with_retries(0, Duration::from_millis(10), Duration::from_millis(50));
+        let p = OpenAiProvider::new(&config, PriceTable::empty()).unwrap();
+        let started = Instant::now();
+        let (result, _) = complete(&p, &request("m", vec![Message::user("Hi")])).await;
+        assert!(
+            matches!(result, Err(ModelError::Timeout { .. })),
+            "{keep_alive:?}: {result:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{keep_alive:?}: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 #[tokio::test]
 async fn malformed_streams_are_invalid_responses() {
     let server = serve(|n, _| match n {

@@ -481,6 +481,59 @@ async fn a_response_without_usage_is_charged_an_estimate() {
     assert!(tools.count("fs/read") < 20, "the token limit never tripped");
 }
 
+/// A provider whose stream breaks after some text: the model ran (and its provider bills it).
+struct BreaksMidStream;
+
+impl ModelProvider for BreaksMidStream {
+    fn complete<'a>(
+        &'a self,
+        _request: &'a ModelRequest,
+        on_delta: &'a (dyn Fn(ModelDelta) + Send + Sync),
+    ) -> BoxFuture<'a, Result<ModelResponse, ModelError>> {
+        Box::pin(async move {
+            on_delta(ModelDelta::Token("x".repeat(4000)));
+            Err(ModelError::Unavailable {
+                message: "stream interrupted".into(),
+            })
+        })
+    }
+
+    fn price(&self, _model: &str) -> Option<ModelPrice> {
+        Some(ModelPrice {
+            input_per_mtok: Decimal::from(1000),
+            output_per_mtok: Decimal::from(1000),
+        })
+    }
+}
+
+/// A model call that fails after the request was made is recorded as a request, with what the
+/// model generated (an estimate from the streamed text), not released as if never made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_call_that_fails_mid_stream_is_recorded() {
+    let tools = FakeTools::new();
+    let rt = host(
+        Kernel::new(Arc::new(MemoryStore::new())),
+        Arc::new(BreaksMidStream),
+        &tools,
+        Policy::allow_all(),
+    );
+    let r = result(&rt.execute(request("hi")).await.expect("execute")).await;
+    assert_eq!(r.status, JobState::Failed, "{r:?}");
+    assert_eq!(r.error.expect("error").code, "model_error");
+    let usage = rt
+        .kernel()
+        .ledger()
+        .usage(&UsageQuery {
+            tenant: "acme".into(),
+            job_id: Some(r.job_id),
+            ..Default::default()
+        })
+        .await
+        .expect("usage");
+    assert_eq!(usage.requests, 1, "{usage:?}");
+    assert!(usage.tokens >= 1000 && usage.cost > Decimal::ZERO, "{usage:?}");
+}
+
 /// The same idempotency key with a different request is an error; with the same request it
 /// attaches to the first job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -887,8 +887,12 @@ impl Runner {
             })
         };
         let started = Instant::now();
+        let streamed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let result = {
+            let streamed = streamed.clone();
             let on_delta = move |d: ModelDelta| {
+                let (ModelDelta::Token(text) | ModelDelta::Reasoning(text)) = &d;
+                streamed.fetch_add(text.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let _ = tx.send(d);
             };
             rt.models.complete(&request, &on_delta).await
@@ -897,7 +901,25 @@ impl Runner {
         let mut response = match result {
             Ok(r) => r,
             Err(e) => {
-                self.release(hold, "model call failed").await;
+                // The request was made (a provider bills what its model generated before a
+                // stream broke): recorded as one, with an estimate of the streamed output, and
+                // the prompt's estimate when anything came back; never released as if not made.
+                let out_tokens = streamed.load(std::sync::atomic::Ordering::Relaxed).div_ceil(4);
+                let in_tokens = if out_tokens > 0 { est_in } else { 0 };
+                let actual = Usage {
+                    tokens: in_tokens.saturating_add(out_tokens),
+                    cost: round_cost(price.map_or(Decimal::ZERO, |p| p.cost(in_tokens, out_tokens))),
+                    requests: 1,
+                    tool_calls: 0,
+                };
+                let details = SettleDetails {
+                    duration_ms: Some(started.elapsed().as_millis() as u64),
+                    model: Some(model.clone()),
+                    tool: None,
+                    data: json!({ "turn": turn, "failed": true, "error": e.to_string() }).into(),
+                };
+                self.charge_unjournaled(hold, LedgerKind::ModelUsage, actual, details)
+                    .await;
                 return Err(Stop::Fail(job_error("model_error", e.to_string())));
             }
         };

@@ -290,6 +290,33 @@ async fn a_granted_scratch_directory_holds_fresh_private_ones() {
     );
 }
 
+/// Bytes written to a file unlinked while still open count against the cap: its blocks stay
+/// allocated while no walk of the tree can see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_of_a_file_unlinked_while_open_still_count() {
+    let host = host(
+        SessionConfig::default(),
+        Limits {
+            max_scratch_bytes: 1 << 20,
+            ..limits()
+        },
+    )
+    .await;
+    let code = "import os, time\n\
+                f = open('big', 'wb')\n\
+                os.unlink('big')\n\
+                for _ in range(64):\n\
+                \x20   f.write(b'x' * 65536)\n\
+                \x20   f.flush()\n\
+                \x20   time.sleep(0.005)\n\
+                time.sleep(0.3)";
+    let error = host.run_as("default", None, json!({ "code": code })).await.unwrap_err();
+    match &error {
+        ToolError::LimitExceeded { limit, .. } => assert_eq!(limit, "scratch", "{error:?}"),
+        other => panic!("expected the scratch limit, got {other:?}"),
+    }
+}
+
 /// Bytes written below a directory whose host path is longer than `PATH_MAX` (made by
 /// directory handle, as CPython on WASI allows) count against the cap like any others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

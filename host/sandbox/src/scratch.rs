@@ -97,6 +97,14 @@ pub(crate) struct Scratch {
     fd: OwnedFd,
     /// The granted directory it was made in, held open while it exists (see [`Scratch::create_in`]).
     _parent: Option<OwnedFd>,
+    /// Its real path, as `/proc/self/fd` links name the files in it (`None` if unknown: then it
+    /// counts as over any cap).
+    real: Option<PathBuf>,
+}
+
+/// The real path of the open directory `fd`.
+fn real_path(fd: &OwnedFd) -> Option<PathBuf> {
+    std::fs::read_link(crate::preopen::fd_path(fd)).ok()
 }
 
 impl Scratch {
@@ -119,10 +127,12 @@ impl Scratch {
                         }
                     };
                     *LIVE.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                    let real = real_path(&fd);
                     return Ok(Self {
                         path,
                         fd,
                         _parent: None,
+                        real,
                     });
                 }
                 Err(rustix::io::Errno::EXIST) => continue,
@@ -152,10 +162,12 @@ impl Scratch {
                         }
                     };
                     *LIVE.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                    let real = real_path(&fd);
                     return Ok(Self {
                         path: parent_path.join(name),
                         fd,
                         _parent: Some(parent),
+                        real,
                     });
                 }
                 Err(rustix::io::Errno::EXIST) => continue,
@@ -181,8 +193,44 @@ impl Scratch {
     /// [`PER_ENTRY_BYTES`]. Links are not followed. `u64::MAX` (over any cap) when the tree
     /// cannot be measured in full: too many entries, too deep, or a directory that cannot be read.
     pub(crate) fn usage(&self) -> u64 {
-        measure(&self.fd).unwrap_or(u64::MAX)
+        let named = measure(&self.fd);
+        let unlinked = self.real.as_deref().and_then(unlinked_open_bytes);
+        match (named, unlinked) {
+            (Some(named), Some(unlinked)) => named.saturating_add(unlinked),
+            _ => u64::MAX,
+        }
     }
+}
+
+/// The bytes of files under `dir` (a scratch directory's real path) that are unlinked but still
+/// open in this process: a guest can delete a file and go on writing through its descriptor,
+/// and the blocks stay allocated while no walk of the tree can see them. Found through
+/// `/proc/self/fd` (each descriptor's link names its file, with ` (deleted)` once unlinked);
+/// `None` if that cannot be read.
+fn unlinked_open_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let mut prefix = dir.as_os_str().as_bytes().to_vec();
+    prefix.push(b'/');
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        // Descriptors close while this runs: one that is gone is skipped.
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.as_os_str().as_bytes();
+        if !(target.starts_with(&prefix) && target.ends_with(b" (deleted)")) {
+            continue;
+        }
+        // `stat` of the descriptor's link is the open file itself.
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
+            continue;
+        };
+        if meta.is_file() && meta.nlink() == 0 {
+            total = total.saturating_add(meta.len().max(meta.blocks().saturating_mul(512)));
+        }
+    }
+    Some(total)
 }
 
 /// The bytes under `root`, walked by handle (`openat`/`fstatat` relative to each directory), so a
@@ -375,6 +423,22 @@ mod tests {
             MEASURABLE,
             format!("at most {MAX_ENTRIES} entries and {MAX_DEPTH} levels")
         );
+    }
+
+    #[test]
+    fn a_file_unlinked_while_open_still_counts() {
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::create(Some(parent.path())).unwrap();
+        let mut file = std::fs::File::create(scratch.path().join("big")).unwrap();
+        std::fs::remove_file(scratch.path().join("big")).unwrap();
+        file.write_all(&vec![7u8; 1 << 20]).unwrap();
+        let used = scratch.usage();
+        assert!(
+            used >= 1 << 20,
+            "1 MiB in an unlinked, open file counted as {used} bytes"
+        );
+        drop(file);
+        assert!(scratch.usage() < 1 << 20, "closed, it is gone");
     }
 
     #[test]

@@ -1593,9 +1593,10 @@ impl Runner {
 
 /// How long past a call's deadline the kernel waits for the tool host's own answer before it
 /// records a timeout itself. The sandbox stops a call at its deadline and reports what it
-/// measured (peak memory, logs) within ~250 ms; the kernel's timer is a backstop for a host that
-/// never answers, and firing first would drop that report from the receipt.
-const REPORT_GRACE: Duration = Duration::from_secs(1);
+/// measured (peak memory, logs) within ~250 ms, or ~1.25 s for a streamed call (it lets queued
+/// output drain for up to 1 s); the kernel's timer is a backstop for a host that never answers,
+/// and firing first would drop that report from the receipt.
+const REPORT_GRACE: Duration = Duration::from_secs(2);
 
 /// When the kernel gives up on a call whose deadline is `timeout` ([`REPORT_GRACE`] later).
 pub(crate) fn backstop(timeout: Duration) -> Duration {

@@ -215,6 +215,43 @@ fn a_timed_out_step_is_recorded_with_its_peak_memory() {
         .map(|e| e["data"]["receipt"].clone())
         .unwrap_or_else(|| panic!("no tool usage: {usage}"));
     assert!(receipt["peak_memory_bytes"].as_u64() >= Some(40 << 20), "{receipt}");
+
+    // Streamed output a reader is slow to take: the sandbox lets it drain for a moment after the
+    // deadline, and its report still comes before the kernel gives up on it.
+    let scope = format!("slow-reader-{}", std::process::id());
+    let code = "import os\nx = bytearray(40 << 20)\nwhile True:\n    os.write(1, b'y' * 65536)";
+    let mut child = common::keel(
+        home,
+        &[
+            "exec",
+            "--lang",
+            "python",
+            "--timeout-ms",
+            "1500",
+            "--scope",
+            &scope,
+            "-c",
+            code,
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    std::io::copy(&mut child.stdout.take().unwrap(), &mut std::io::sink()).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+    let usage = common::keel(home, &["ledger", "usage", "--scope", &scope, "--json"])
+        .output()
+        .unwrap();
+    let usage: serde_json::Value = serde_json::from_slice(&usage.stdout).unwrap();
+    let entries = usage["entries"].as_array().unwrap();
+    let tool_usage = entries
+        .iter()
+        .find(|e| e["kind"] == "tool_usage")
+        .expect("a tool usage entry");
+    let receipt = &tool_usage["data"]["receipt"];
+    assert!(receipt["peak_memory_bytes"].as_u64() >= Some(40 << 20), "{receipt}");
 }
 
 #[test]

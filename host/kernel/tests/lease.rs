@@ -253,9 +253,9 @@ async fn ledger(k: &Kernel, job: Uuid) -> Vec<LedgerEvent> {
 }
 
 /// Claim orphans on `h` until one is free: a lease extended for a tool call covers the call's
-/// deadline (`tool_timeout_ms`) plus a margin.
+/// deadline (`tool_timeout_ms`), the kernel's 2 s wait for the tool host's report, and a margin.
 async fn claim_when_free(h: &AgentRuntime) -> Vec<Uuid> {
-    let until = std::time::Instant::now() + Duration::from_millis(config().tool_timeout_ms + 2_000);
+    let until = std::time::Instant::now() + Duration::from_millis(config().tool_timeout_ms + 4_000);
     loop {
         let got = h.resume_orphans(h.kernel().clock().now()).await.expect("claim");
         if !got.is_empty() || std::time::Instant::now() > until {

@@ -84,10 +84,13 @@ async fn wait_tool_start(h: &ExecutionHandle, tool: &str) {
 }
 
 /// Let a dead host's lease lapse, then resume its jobs on `h`. A lease taken for a tool call
-/// covers the call's deadline (`TOOL_MS`) plus a margin, so keep trying for that long.
+/// covers the call's deadline (`TOOL_MS`), the kernel's wait for the report and a margin, so
+/// keep trying for that long.
 async fn take_over(h: &Host) -> Vec<uuid::Uuid> {
     tokio::time::sleep(Duration::from_millis(LEASE_MS + 100)).await;
-    let until = std::time::Instant::now() + Duration::from_millis(TOOL_MS + 1_500);
+    // A call's lease covers its deadline, the kernel's 2 s wait for the tool host's report, and
+    // a margin.
+    let until = std::time::Instant::now() + Duration::from_millis(TOOL_MS + 3_500);
     loop {
         let got = h.rt.resume_orphans(h.rt.kernel().clock().now()).await.expect("resume");
         if !got.is_empty() || std::time::Instant::now() > until {

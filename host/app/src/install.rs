@@ -150,9 +150,17 @@ impl App {
             installed_at: String::new(),
             updated_at: String::new(),
         };
-        match request.owner {
-            Some(scope) => self.db.upsert_owned_plugin(&record, scope).await?,
-            None => self.db.upsert_plugin(&record).await?,
+        // Written only over the record read above: a grant, revoke, replace or removal made
+        // meanwhile (e.g. while the question above was on screen) is not overwritten with what
+        // was read before it.
+        let expected = previous.as_ref().map(|p| p.updated_at.as_str());
+        if !self.db.replace_plugin_if(&record, request.owner, expected).await? {
+            if !self.db.component_in_use(&plugin.sha256).await? {
+                let _ = self.components.remove(&plugin.sha256);
+            }
+            return Err(AppError::user(format!(
+                "`{name}` changed while this install was under way (installed, granted, revoked, replaced or removed by another command): nothing was installed; run it again"
+            )));
         }
         let replaced = replacing.cloned();
         if let Some(old) = &replaced

@@ -271,15 +271,45 @@ impl App {
     /// Add `request`'s grants to plugin `name`.
     pub async fn grant(&self, caller: &Caller, name: &str, request: &GrantRequest) -> Result<GrantsChanged, AppError> {
         caller.require(Role::Admin)?;
-        let record = self.record(name).await?;
         if request.is_empty() {
             return Err(AppError::user(
                 "nothing to grant: pass --allow-read, --allow-write, --allow-net or --allow-env",
             ));
         }
-        let mut grants = grants_of(&record)?;
-        request.apply(self, &mut grants)?;
-        self.save_grants(&record, grants).await
+        let (record, grants) = self
+            .update_record(name, |record| {
+                let mut grants = grants_of(record)?;
+                request.apply(self, &mut grants)?;
+                Ok(grants)
+            })
+            .await?;
+        Ok(self.grants_changed(&record, grants))
+    }
+
+    /// Change plugin `name`'s record with `change` (given the current record, it returns the
+    /// grants to store) and write it, as one compare-and-set on the record's `updated_at`: if
+    /// another command changed the record in between, `change` is applied again to the new one,
+    /// so a concurrent grant, revoke or limit change is never overwritten with what was read
+    /// before it. Returns the record written and the grants.
+    async fn update_record(
+        &self,
+        name: &str,
+        change: impl Fn(&mut PluginRecord) -> Result<Grants, AppError>,
+    ) -> Result<(PluginRecord, Grants), AppError> {
+        const ATTEMPTS: usize = 32;
+        for _ in 0..ATTEMPTS {
+            let read = self.record(name).await?;
+            let mut record = read.clone();
+            let grants = change(&mut record)?;
+            record.grants = serde_json::to_value(&grants).expect("grants serialize");
+            if self.db.replace_plugin_if(&record, None, Some(&read.updated_at)).await? {
+                return Ok((record, grants));
+            }
+            tokio::task::yield_now().await;
+        }
+        Err(AppError::internal(format!(
+            "`{name}` kept changing while this change was applied ({ATTEMPTS} attempts); try again"
+        )))
     }
 
     /// Remove `request`'s grants from plugin `name`; naming a grant it does not have is an error
@@ -291,58 +321,22 @@ impl App {
         request: &RevokeRequest,
     ) -> Result<GrantsChanged, AppError> {
         caller.require(Role::Admin)?;
-        let record = self.record(name).await?;
-        let mut grants = grants_of(&record)?;
-        if request.all {
-            grants = Grants::default();
-        }
-        for dir in &request.dirs {
-            let canonical = std::fs::canonicalize(dir).ok();
-            let before = grants.fs.len();
-            grants
-                .fs
-                .retain(|g| g.guest != *dir && Some(&g.host) != canonical.as_ref() && g.host != Path::new(dir));
-            if grants.fs.len() == before {
-                return Err(AppError::user(format!("`{name}` has no grant for directory {dir}")));
-            }
-        }
-        for host in &request.net {
-            let before = grants.net.len();
-            grants.net.retain(|h| !h.eq_ignore_ascii_case(host));
-            if grants.net.len() == before {
-                return Err(AppError::user(format!("`{name}` has no network grant for {host}")));
-            }
-        }
-        for var in &request.env {
-            let before = grants.env.len();
-            grants.env.retain(|v| v != var);
-            if grants.env.len() == before {
-                return Err(AppError::user(format!(
-                    "`{name}` has no grant for environment variable {var}"
-                )));
-            }
-        }
-        if request.private_network {
-            grants.allow_private_network = false;
-        }
-        self.save_grants(&record, grants).await
+        let (record, grants) = self.update_record(name, |record| revoked(record, request)).await?;
+        Ok(self.grants_changed(&record, grants))
     }
 
-    async fn save_grants(&self, record: &PluginRecord, grants: Grants) -> Result<GrantsChanged, AppError> {
-        self.db
-            .set_plugin_grants(&record.name, &serde_json::to_value(&grants).expect("grants serialize"))
-            .await?;
+    fn grants_changed(&self, record: &PluginRecord, grants: Grants) -> GrantsChanged {
         // Only grants that cannot take effect: what is still not granted is the user's choice,
         // made now.
         let notes = match serde_json::from_value::<ImportSummary>(record.imports.clone()) {
             Ok(imports) => effect_warnings(&imports, &grants),
             Err(_) => Vec::new(),
         };
-        Ok(GrantsChanged {
+        GrantsChanged {
             grants,
             name: record.name.clone(),
             notes,
-        })
+        }
     }
 
     /// Set plugin `name`'s limit overrides (`reset` drops the previous ones first) and return
@@ -355,16 +349,21 @@ impl App {
         reset: bool,
     ) -> Result<LimitsChanged, AppError> {
         caller.require(Role::Admin)?;
-        let mut record = self.record(name).await?;
-        let mut map = if reset {
-            serde_json::Map::new()
-        } else {
-            record.limits.as_object().cloned().unwrap_or_default()
-        };
-        map.extend(overrides.to_map());
-        record.limits = Value::Object(map);
+        let (record, _) = self
+            .update_record(name, |record| {
+                let mut map = if reset {
+                    serde_json::Map::new()
+                } else {
+                    record.limits.as_object().cloned().unwrap_or_default()
+                };
+                map.extend(overrides.to_map());
+                record.limits = Value::Object(map);
+                // Refused here, before anything is written, if no call could run under them.
+                self.limits_of(record)?;
+                grants_of(record)
+            })
+            .await?;
         let limits = self.limits_of(&record)?;
-        self.db.upsert_plugin(&record).await?;
         Ok(LimitsChanged {
             limits,
             name: name.to_string(),
@@ -383,4 +382,43 @@ impl App {
             removed: name.to_string(),
         })
     }
+}
+
+/// `record`'s grants with `request`'s revoked; naming a grant it does not have is an error.
+fn revoked(record: &PluginRecord, request: &RevokeRequest) -> Result<Grants, AppError> {
+    let name = &record.name;
+    let mut grants = grants_of(record)?;
+    if request.all {
+        grants = Grants::default();
+    }
+    for dir in &request.dirs {
+        let canonical = std::fs::canonicalize(dir).ok();
+        let before = grants.fs.len();
+        grants
+            .fs
+            .retain(|g| g.guest != *dir && Some(&g.host) != canonical.as_ref() && g.host != Path::new(dir));
+        if grants.fs.len() == before {
+            return Err(AppError::user(format!("`{name}` has no grant for directory {dir}")));
+        }
+    }
+    for host in &request.net {
+        let before = grants.net.len();
+        grants.net.retain(|h| !h.eq_ignore_ascii_case(host));
+        if grants.net.len() == before {
+            return Err(AppError::user(format!("`{name}` has no network grant for {host}")));
+        }
+    }
+    for var in &request.env {
+        let before = grants.env.len();
+        grants.env.retain(|v| v != var);
+        if grants.env.len() == before {
+            return Err(AppError::user(format!(
+                "`{name}` has no grant for environment variable {var}"
+            )));
+        }
+    }
+    if request.private_network {
+        grants.allow_private_network = false;
+    }
+    Ok(grants)
 }

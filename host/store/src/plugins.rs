@@ -8,7 +8,7 @@ use chrono::Utc;
 use futures::future::BoxFuture;
 use keel_kernel::registry::{PluginRegistry, PluginStamp, plugin_not_found};
 use keel_kernel::store::{StoreError, StoreResult};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension as _};
 use serde_json::Value;
 
 use crate::Database;
@@ -181,20 +181,38 @@ fn upsert_in(c: &Connection, record: &PluginRecord) -> StoreResult<()> {
 }
 
 impl Database {
-    /// Install `record` owned by `scope` (a plugin installed through the API): the record and
-    /// its owner are written in one transaction, so no reader ever sees the plugin without its
-    /// owner, i.e. visible to every scope.
-    pub async fn upsert_owned_plugin(&self, record: &PluginRecord, scope: &str) -> StoreResult<()> {
+    /// Write `record` (and, with `owner`, its owning scope) only if plugin `record.name` is still
+    /// as the writer read it: last changed at `expected` (its `updated_at`), or, with `None`, not
+    /// installed at all. `false`, and nothing written, when another change came in between: a
+    /// read-modify-write (grant, revoke, limits, a replacing install) then starts again from the
+    /// current record instead of overwriting the other change. The record and its owner are
+    /// written in one transaction, so no reader sees an API-installed plugin without its owner
+    /// (visible to every scope).
+    pub async fn replace_plugin_if(
+        &self,
+        record: &PluginRecord,
+        owner: Option<&str>,
+        expected: Option<&str>,
+    ) -> StoreResult<bool> {
         self.kernel_connections()
             .write(|c| {
+                let current: Option<String> = c
+                    .prepare_cached("SELECT updated_at FROM plugins WHERE name = ?")
+                    .and_then(|mut s| s.query_row([&record.name], |r| r.get(0)).optional())
+                    .map_err(be)?;
+                if current.as_deref() != expected {
+                    return Ok(false);
+                }
                 upsert_in(c, record)?;
-                c.prepare_cached(
-                    "INSERT INTO plugin_owners (name, scope) VALUES (?, ?) \
-                     ON CONFLICT(name) DO UPDATE SET scope = excluded.scope",
-                )
-                .and_then(|mut s| s.execute(rusqlite::params![record.name, scope]))
-                .map_err(be)?;
-                Ok(())
+                if let Some(scope) = owner {
+                    c.prepare_cached(
+                        "INSERT INTO plugin_owners (name, scope) VALUES (?, ?) \
+                         ON CONFLICT(name) DO UPDATE SET scope = excluded.scope",
+                    )
+                    .and_then(|mut s| s.execute(rusqlite::params![record.name, scope]))
+                    .map_err(be)?;
+                }
+                Ok(true)
             })
             .await
     }

@@ -106,9 +106,13 @@ impl FsGrant {
             return Err(bad("not a directory".into()));
         }
         // Record what was granted, opened the same way every call will open it.
-        let identity = crate::preopen::open_root(&canonical)
-            .and_then(|fd| crate::preopen::identity(&fd))
-            .map_err(|e| bad(e.to_string()))?;
+        let root = crate::preopen::open_root(&canonical).map_err(|e| bad(e.to_string()))?;
+        if let Some(filesystem) = crate::preopen::kernel_filesystem(&root) {
+            return Err(bad(format!(
+                "it is on the kernel's {filesystem} filesystem (the host's processes and system: /proc/self is Keel itself); no plugin may be granted it"
+            )));
+        }
+        let identity = crate::preopen::identity(&root).map_err(|e| bad(e.to_string()))?;
         let guest = match guest {
             Some(guest) if !guest.starts_with('/') => return Err(GrantError::RelativeGuestPath(guest.into())),
             Some(guest) => normalize_guest(guest),

@@ -60,11 +60,12 @@ fn host_open_at(
         let opened = match open_at(&dir, path_flags, path.clone(), oflags, flags).await {
             Ok(opened) => opened,
             Err(Refused::Code(code)) => return Ok((Err(code),)),
-            Err(Refused::Special(kind)) => {
+            Err(refused) => {
+                let reason = refused.reason();
                 let denial = Denial {
                     capability: "filesystem".into(),
                     target: path,
-                    reason: format!("it is a {kind}; plugins may open only regular files and directories"),
+                    reason,
                     grant: None,
                 };
                 store.data().journal.lock().expect("journal lock").denials.push(denial);
@@ -83,6 +84,21 @@ enum Refused {
     Code(ErrorCode),
     /// Not a regular file or directory (named for the journal).
     Special(&'static str),
+    /// On the kernel's process or system filesystem (named), e.g. `/proc` under a grant of `/`.
+    Kernel(&'static str),
+}
+
+impl Refused {
+    /// Why, for the denial the journal records (an ordinary WASI error is not a denial).
+    fn reason(&self) -> String {
+        match self {
+            Refused::Code(code) => format!("{code:?}"),
+            Refused::Special(kind) => format!("it is a {kind}; plugins may open only regular files and directories"),
+            Refused::Kernel(filesystem) => format!(
+                "it is on the kernel's {filesystem} filesystem (the host's processes and system); no grant reaches it"
+            ),
+        }
+    }
 }
 
 impl From<io::Error> for Refused {
@@ -178,6 +194,9 @@ async fn open_at(
             }
         };
         let stat = rustix::fs::fstat(&fd).map_err(io::Error::from)?;
+        if let Some(filesystem) = crate::preopen::kernel_filesystem(&fd) {
+            return Err(Refused::Kernel(filesystem));
+        }
         match FileType::from_raw_mode(stat.st_mode) {
             FileType::Directory => Ok(Opened::Dir(fd)),
             _ if directory => Err(Refused::Code(ErrorCode::NotDirectory)),

@@ -156,3 +156,26 @@ pub(crate) fn open(preopen: &Preopen) -> Result<Option<OwnedFd>, GrantError> {
 pub(crate) fn fd_path(fd: &OwnedFd) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
+
+/// The kernel's process and system filesystem `fd` is on, if it is one: procfs (`/proc/self` is
+/// the Keel process — its environment holds every secret, its memory the cache key), sysfs,
+/// devpts, cgroup, debugfs, tracefs, securityfs, bpf, configfs, efivarfs, pstore or binfmt_misc.
+/// A plugin never opens a file there, whatever it was granted.
+pub(crate) fn kernel_filesystem(fd: impl std::os::fd::AsFd) -> Option<&'static str> {
+    let magic = rustix::fs::fstatfs(fd).ok()?.f_type as u64;
+    Some(match magic {
+        0x9fa0 => "procfs",
+        0x6265_6572 => "sysfs",
+        0x1cd1 => "devpts",
+        0x0027_e0eb | 0x6367_7270 => "cgroup",
+        0x6462_6720 => "debugfs",
+        0x7472_6163 => "tracefs",
+        0x7363_6673 => "securityfs",
+        0xcafe_4a11 => "bpf",
+        0x6265_6570 => "configfs",
+        0xde5e_81e4 => "efivarfs",
+        0x6165_676c => "pstore",
+        0x4249_4e4d => "binfmt_misc",
+        _ => return None,
+    })
+}

@@ -459,6 +459,61 @@ async fn opening_a_fifo_fails_within_the_deadline() {
     assert_eq!(report.result.unwrap().output, json!({"content": "plain"}));
 }
 
+/// A grant never reaches the kernel's process and system filesystems: `/proc/self` is the Keel
+/// process (its environment holds every secret, its memory the cache key), so a file on procfs or
+/// sysfs is refused even under a grant of `/` or of `/proc` itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_of_proc_and_sys_are_refused_under_any_grant() {
+    let sandbox = sandbox();
+    let plugin = prepare(&sandbox, "keel-test-hostile").await;
+    let refused = FsGrant::parse("/proc::/p", FsMode::Read).expect_err("a grant of /proc");
+    assert!(refused.to_string().contains("procfs"), "{refused}");
+    let grants = Grants {
+        fs: vec![
+            grant(Path::new("/"), Some("/root"), FsMode::Read),
+            // As recorded before grants of /proc were refused.
+            FsGrant {
+                host: "/proc".into(),
+                guest: "/p".into(),
+                mode: FsMode::Read,
+                identity: None,
+            },
+        ],
+        ..Grants::default()
+    };
+    for (dir, path) in [
+        ("/root", "proc/self/environ"),
+        ("/p", "self/environ"),
+        ("/p", "self/status"),
+        ("/root", "sys/kernel/hostname"),
+    ] {
+        let report = call(
+            &sandbox,
+            &plugin,
+            &grants,
+            &Limits::default(),
+            "open_path",
+            json!({"dir": dir, "path": path}),
+        )
+        .await;
+        match &report.result {
+            Err(ToolError::Failed { message }) => assert!(message.contains("open_at"), "{dir}/{path}: {message}"),
+            other => panic!("{dir}/{path} was read: {other:?}"),
+        }
+    }
+    // Ordinary files under the same grant still open.
+    let report = call(
+        &sandbox,
+        &plugin,
+        &grants,
+        &Limits::default(),
+        "open_path",
+        json!({"dir": "/root", "path": "etc/hostname"}),
+    )
+    .await;
+    assert!(report.result.is_ok(), "{:?}", report.result);
+}
+
 // -------------------------------------------------------------------------------------------------
 // Item 10: the memory limit is the sum of all of a call's linear memories.
 

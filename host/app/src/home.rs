@@ -189,14 +189,70 @@ impl KeelConfig {
 /// `cache/` and `components/` are made owner-only (0700), whatever the umask (the database, its
 /// grants and its job history are private). Called by every command before it opens the database.
 pub fn prepare_home(home: &Path) -> Result<(), AppError> {
+    check_is_a_home(home)?;
     if let Some(parent) = home.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .map_err(|e| AppError::user(format!("cannot create Keel home {}: {e}", home.display())))?;
     }
-    for dir in [home.to_path_buf(), home.join("cache"), home.join("components")] {
-        private_dir(&dir).map_err(|e| AppError::user(format!("cannot create Keel home {}: {e}", dir.display())))?;
+    let own = !someone_elses_directory(home);
+    let dirs = [home.to_path_buf(), home.join("cache"), home.join("components")];
+    for dir in dirs.iter().skip(usize::from(!own)) {
+        private_dir(dir).map_err(|e| AppError::user(format!("cannot create Keel home {}: {e}", dir.display())))?;
     }
     Ok(())
+}
+
+/// Refuse a directory that cannot be a Keel home: another user's, or a shared one (sticky bit,
+/// like `/tmp`), which making owner-only would break for everyone else.
+fn check_is_a_home(home: &Path) -> Result<(), AppError> {
+    let Ok(meta) = std::fs::metadata(home) else {
+        return Ok(());
+    };
+    let refuse = |why: &str| {
+        Err(AppError::user(format!(
+            "{} is not a Keel home ({why}); name a new or empty directory with --home or KEEL_HOME",
+            home.display()
+        )))
+    };
+    if !meta.is_dir() {
+        return refuse("not a directory");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return refuse("it belongs to another user");
+        }
+        if meta.mode() & 0o1000 != 0 {
+            return refuse("it is a shared directory: its sticky bit is set");
+        }
+    }
+    Ok(())
+}
+
+/// What Keel itself keeps in a home (and what a person or `keel demo` puts there for it).
+const HOME_ENTRIES: &[&str] = &[
+    "keel.db",
+    "keel.db-wal",
+    "keel.db-shm",
+    "cache",
+    "components",
+    "config.toml",
+    "policy.toml",
+    "demo-script.json",
+    "work",
+];
+
+/// Whether `home` holds anything Keel does not keep there (a project or `$HOME` named as the
+/// home): Keel keeps its own files in it private but leaves the directory's mode alone.
+fn someone_elses_directory(home: &Path) -> bool {
+    std::fs::read_dir(home).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_str().is_none_or(|name| !HOME_ENTRIES.contains(&name)))
+    })
 }
 
 /// Create `dir` with mode 0700, or set an existing directory's mode to 0700 if others have any access.

@@ -330,6 +330,41 @@ fn the_keel_home_and_database_are_owner_only() {
     assert_private(&home);
 }
 
+/// A directory named as the home by mistake is not taken over: a shared one (sticky bit, like
+/// `/tmp`) is refused untouched, and one that holds other files and no Keel database (a project,
+/// `$HOME`) keeps its mode (Keel's own files in it are still private).
+#[cfg(unix)]
+#[test]
+fn a_directory_that_is_not_a_keel_home_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let full_mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    let base = tempfile::tempdir().unwrap();
+    let shared = base.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    for args in [&["plugins", "list"][..], &["jobs", "list"][..]] {
+        let out = common::expect(&shared, args, 2);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a Keel home") && err.contains("sticky"), "{err}");
+        assert_eq!(full_mode(&shared), 0o1777, "the shared directory was changed");
+        assert_eq!(
+            std::fs::read_dir(&shared).unwrap().count(),
+            0,
+            "files were written into it"
+        );
+    }
+    let project = base.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    std::fs::write(project.join("README"), "mine").unwrap();
+    std::fs::set_permissions(&project, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for _ in 0..2 {
+        common::expect(&project, &["plugins", "list"], 0);
+        assert_eq!(full_mode(&project), 0o755, "the project's mode was changed");
+    }
+    assert_eq!(mode(&project.join("keel.db")), 0o600);
+    assert_eq!(mode(&project.join("cache")), 0o700);
+}
+
 #[cfg(unix)]
 #[test]
 fn a_closed_stdout_ends_keel_quietly() {

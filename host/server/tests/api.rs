@@ -243,7 +243,8 @@ async fn another_scope_cannot_see_or_touch_anything() {
                         return Some(stamp.owner);
                     }
                 }
-                None
+                // The upload finished between two reads: the first sighting is this one.
+                db.plugin_stamp("textkit-rust").await.unwrap().map(|stamp| stamp.owner)
             })
         })
     };

@@ -654,6 +654,21 @@ fn demo_runs_offline_in_the_home_it_is_given() {
     let home = tempfile::tempdir().unwrap();
     let out = demo(&[], Some(home.path()), tmp.path());
     assert_demo_lives_in(home.path());
+    #[cfg(unix)]
+    for written in [
+        "config.toml",
+        "policy.toml",
+        "demo-script.json",
+        "work",
+        "work/data/notes.txt",
+    ] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(home.path().join(written))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{written} is {mode:o}: the home is private");
+    }
     assert!(entries(tmp.path()).is_empty(), "{:?}", entries(tmp.path()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&home.path().display().to_string()), "{stderr}");
@@ -687,6 +702,29 @@ fn demo_runs_offline_in_the_home_it_is_given() {
     assert_eq!(
         std::fs::read_to_string(taken.path().join("config.toml")).unwrap(),
         "[agent]\npoll_ms = 10\n"
+    );
+
+    // A home with the user's own plugins is refused too: the demo would replace their grants.
+    let used = tempfile::tempdir().unwrap();
+    let docs = tempfile::tempdir().unwrap();
+    let fs = keel_testutil::guest("keel-plugin-fs");
+    let allow = docs.path().display().to_string();
+    common::expect(
+        used.path(),
+        &["install", fs.to_str().unwrap(), "--allow-write", &allow],
+        0,
+    );
+    let grants_before = common::json(used.path(), &["plugins", "show", "fs", "--json"])["grants"].clone();
+    let refused = common::keel(used.path(), &["demo", "--plugins", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", show(&refused));
+    common::one_clear_line(&String::from_utf8_lossy(&refused.stderr));
+    let grants_after = common::json(used.path(), &["plugins", "show", "fs", "--json"])["grants"].clone();
+    assert_eq!(grants_after, grants_before, "the user's grants were replaced");
+    assert!(
+        !used.path().join("config.toml").exists(),
+        "the demo wrote into a refused home"
     );
 
     let missing = Command::new(env!("CARGO_BIN_EXE_keel"))

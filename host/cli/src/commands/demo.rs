@@ -56,17 +56,45 @@ fn find(dir: &Path, names: &[&str]) -> Result<PathBuf, CliError> {
     })
 }
 
+/// Write `text` to `path` (owner-only, 0600, in owner-only directories, whatever the umask: the
+/// home is private).
 fn write(path: &Path, text: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| CliError::internal(format!("cannot create {}: {e}", parent.display())))?;
+        private_dirs(parent)?;
     }
-    std::fs::write(path, text).map_err(|e| CliError::internal(format!("cannot write {}: {e}", path.display())))
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(|e| CliError::internal(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Create `dir` and its missing parents owner-only (0700).
+fn private_dirs(dir: &Path) -> Result<(), CliError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|e| CliError::internal(format!("cannot create {}: {e}", dir.display())))
 }
 
 /// Refuse a home whose `config.toml`, `policy.toml` or `demo-script.json` is not the demo's own:
 /// the demo writes them, and must not overwrite a user's configuration or policy.
 fn check_home_is_free(home: &Path) -> Result<(), CliError> {
+    // A home in use (a database the demo did not make) has the user's plugins and grants, which
+    // the demo's installs would replace.
+    if home.join("keel.db").exists() && !home.join("demo-script.json").exists() {
+        return Err(CliError::user(format!(
+            "{} is a Keel home in use (its plugins and grants would be replaced); run the demo in an empty Keel home (--home DIR) or in a temporary one (no --home and no KEEL_HOME)",
+            home.display()
+        )));
+    }
     for (name, text) in [
         ("config.toml", CONFIG),
         ("policy.toml", POLICY),
@@ -105,7 +133,7 @@ pub async fn demo(home: Option<&Path>, args: DemoArgs) -> CliResult {
         .map_err(|e| CliError::user(format!("cannot open Keel home {}: {e}", home.display())))?;
     let work = home.join("work");
     write(&work.join("data/notes.txt"), NOTES)?;
-    std::fs::create_dir_all(work.join("out")).map_err(|e| CliError::internal(e.to_string()))?;
+    private_dirs(&work.join("out"))?;
     write(&home.join("config.toml"), CONFIG)?;
     write(&home.join("demo-script.json"), SCRIPT)?;
     write(&home.join("policy.toml"), POLICY)?;

@@ -89,6 +89,15 @@ async fn host_of(wasm: &[u8], sessions: SessionConfig, limits: Limits) -> Host {
     }
 }
 
+/// A host whose calls may leave at most 1 MiB in their scratch directory.
+async fn scratch_capped_at_1_mib() -> Host {
+    let limits = Limits {
+        max_scratch_bytes: 1 << 20,
+        ..limits()
+    };
+    host(SessionConfig::default(), limits).await
+}
+
 fn limits() -> Limits {
     Limits {
         timeout_ms: 10_000,
@@ -178,14 +187,7 @@ async fn concurrent_calls_get_their_own_scratch_and_nothing_remains() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writing_past_the_scratch_cap_fails_clearly() {
-    let host = host(
-        SessionConfig::default(),
-        Limits {
-            max_scratch_bytes: 1 << 20,
-            ..limits()
-        },
-    )
-    .await;
+    let host = scratch_capped_at_1_mib().await;
     let error = host
         .run_as(
             "default",
@@ -212,14 +214,7 @@ async fn writing_past_the_scratch_cap_fails_clearly() {
 /// other and removed after the call (one scope's files never reach another's call).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_granted_scratch_directory_holds_fresh_private_ones() {
-    let host = host(
-        SessionConfig::default(),
-        Limits {
-            max_scratch_bytes: 1 << 20,
-            ..limits()
-        },
-    )
-    .await;
+    let host = scratch_capped_at_1_mib().await;
     let granted = tempfile::tempdir().unwrap();
     let grants = Grants {
         fs: vec![
@@ -294,14 +289,7 @@ async fn a_granted_scratch_directory_holds_fresh_private_ones() {
 /// allocated while no walk of the tree can see them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_of_a_file_unlinked_while_open_still_count() {
-    let host = host(
-        SessionConfig::default(),
-        Limits {
-            max_scratch_bytes: 1 << 20,
-            ..limits()
-        },
-    )
-    .await;
+    let host = scratch_capped_at_1_mib().await;
     let code = "import os, time\n\
                 f = open('big', 'wb')\n\
                 os.unlink('big')\n\
@@ -321,14 +309,7 @@ async fn bytes_of_a_file_unlinked_while_open_still_count() {
 /// directory handle, as CPython on WASI allows) count against the cap like any others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_hidden_below_a_path_longer_than_path_max_still_count() {
-    let host = host(
-        SessionConfig::default(),
-        Limits {
-            max_scratch_bytes: 1 << 20,
-            ..limits()
-        },
-    )
-    .await;
+    let host = scratch_capped_at_1_mib().await;
     let code = "import os\n\
                 fd = os.open('/scratch', os.O_RDONLY | os.O_DIRECTORY)\n\
                 for _ in range(20):\n\

@@ -53,6 +53,16 @@ fn host(kernel: Kernel, model: Arc<dyn ModelProvider>, tools: &FakeTools, policy
     )
 }
 
+/// A host over a fresh in-memory store, with `model`, `tools` and the allow-all policy.
+fn in_memory(model: Arc<dyn ModelProvider>, tools: &FakeTools) -> AgentRuntime {
+    host(
+        Kernel::new(Arc::new(MemoryStore::new())),
+        model,
+        tools,
+        Policy::allow_all(),
+    )
+}
+
 fn request(prompt: &str) -> ExecutionRequest {
     let mut r = ExecutionRequest::new("acme", "test-model", prompt).with_tools(["*"]);
     r.principal = Some("alice".into());
@@ -121,12 +131,7 @@ async fn a_job_runs_under_its_own_recorded_policy_on_any_host() {
             })
             .collect(),
     ));
-    let rt = host(
-        Kernel::new(Arc::new(MemoryStore::new())),
-        model.clone(),
-        &tools,
-        Policy::allow_all(),
-    );
+    let rt = in_memory(model.clone(), &tools);
     let mut req = request("write");
     req.policy = PolicyRef {
         name: "strict.toml".into(),
@@ -359,12 +364,7 @@ async fn usage_beyond_the_hold_is_recorded_as_overage_and_stops_the_job() {
         .with_price(Decimal::ZERO, Decimal::from(100)),
         cost: dec("0.90"),
     });
-    let rt = host(
-        Kernel::new(Arc::new(MemoryStore::new())),
-        model,
-        &tools,
-        Policy::allow_all(),
-    );
+    let rt = in_memory(model, &tools);
     let mut budget = Budget::new("acme", "half a dollar", BudgetWindow::Total);
     budget.limits.max_cost = Some(dec("0.50"));
     budget.strategy = ExceedStrategy::Deny;
@@ -417,12 +417,7 @@ async fn a_job_cost_limit_holds_when_the_requested_model_has_no_price() {
         ]),
         cost: dec("0.90"),
     });
-    let rt = host(
-        Kernel::new(Arc::new(MemoryStore::new())),
-        model,
-        &tools,
-        Policy::allow_all(),
-    );
+    let rt = in_memory(model, &tools);
     let mut req = request("read");
     req.budget.max_cost = Some(dec("0.50"));
     let r = result(&rt.execute(req).await.expect("execute")).await;
@@ -466,12 +461,7 @@ async fn a_response_without_usage_is_charged_an_estimate() {
     let model = Arc::new(NoUsage(
         ScriptedModel::new(turns).with_price(Decimal::from(1000), Decimal::from(1000)),
     ));
-    let rt = host(
-        Kernel::new(Arc::new(MemoryStore::new())),
-        model,
-        &tools,
-        Policy::allow_all(),
-    );
+    let rt = in_memory(model, &tools);
     let mut req = request("read");
     req.budget.max_tokens = Some(400);
     let r = result(&rt.execute(req).await.expect("execute")).await;
@@ -511,12 +501,7 @@ impl ModelProvider for BreaksMidStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_call_that_fails_mid_stream_is_recorded() {
     let tools = FakeTools::new();
-    let rt = host(
-        Kernel::new(Arc::new(MemoryStore::new())),
-        Arc::new(BreaksMidStream),
-        &tools,
-        Policy::allow_all(),
-    );
+    let rt = in_memory(Arc::new(BreaksMidStream), &tools);
     let r = result(&rt.execute(request("hi")).await.expect("execute")).await;
     assert_eq!(r.status, JobState::Failed, "{r:?}");
     assert_eq!(r.error.expect("error").code, "model_error");
@@ -540,12 +525,7 @@ async fn a_model_call_that_fails_mid_stream_is_recorded() {
 async fn an_idempotency_key_is_bound_to_its_request() {
     let tools = FakeTools::new();
     let model = Arc::new(ScriptedModel::new(vec![Message::assistant("hi", vec![])]));
-    let rt = host(
-        Kernel::new(Arc::new(MemoryStore::new())),
-        model,
-        &tools,
-        Policy::allow_all(),
-    );
+    let rt = in_memory(model, &tools);
     let mut first = request("hello");
     first.idempotency_key = Some("k1".into());
     let h1 = rt.execute(first.clone()).await.expect("execute");

@@ -330,6 +330,34 @@ fn the_keel_home_and_database_are_owner_only() {
     assert_private(&home);
 }
 
+/// Grants are shown terminal-safe: a granted directory's name (or a network pattern stored by an
+/// older Keel) cannot set the window title or rewrite the listing.
+#[test]
+fn grants_are_listed_with_control_characters_escaped() {
+    let base = tempfile::tempdir().unwrap();
+    let home = base.path().join("home");
+    let odd = base.path().join("data\x1b]0;pwned\x07");
+    std::fs::create_dir(&odd).unwrap();
+    let fs = keel_testutil::guest("keel-plugin-fs");
+    let allow = odd.display().to_string();
+    let installed = common::expect(&home, &["install", fs.to_str().unwrap(), "--allow-read", &allow], 0);
+    let granted = common::expect(&home, &["plugins", "grant", "fs", "--allow-write", &allow], 0);
+    for out in [
+        installed,
+        granted,
+        common::expect(&home, &["plugins", "list"], 0),
+        common::expect(&home, &["plugins", "show", "fs"], 0),
+    ] {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains('\x1b') && !text.contains('\x07'),
+            "raw control characters: {text:?}"
+        );
+    }
+    let refused = common::expect(&home, &["plugins", "grant", "fs", "--allow-net", "\x1b[31mevil.com"], 2);
+    assert!(!String::from_utf8_lossy(&refused.stderr).contains('\x1b'));
+}
+
 /// A directory named as the home by mistake is not taken over: a shared one (sticky bit, like
 /// `/tmp`) is refused untouched, and one that holds other files and no Keel database (a project,
 /// `$HOME`) keeps its mode (Keel's own files in it are still private).

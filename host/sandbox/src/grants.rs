@@ -143,9 +143,20 @@ pub fn validate_host_pattern(pattern: &str) -> Result<(), GrantError> {
         pattern: pattern.into(),
         reason: reason.into(),
     };
+    if pattern.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad("it contains spaces or control characters"));
+    }
     let parsed = HostPattern::parse(pattern).ok_or_else(|| bad("expected `host`, `*.host`, optionally `:port`"))?;
-    if parsed.host.is_empty() || parsed.host.contains(['/', '@', '?', '#', ' ']) {
-        return Err(bad("not a host name"));
+    if !parsed.host.is_ascii() {
+        return Err(bad("not ASCII: write an internationalised name in its `xn--` form"));
+    }
+    // An IPv6 literal, or dot-separated labels of letters, digits, `-` and `_`.
+    let ipv6 = parsed.host.contains(':') && parsed.host.parse::<std::net::Ipv6Addr>().is_ok();
+    let label = |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ipv6 && !parsed.host.split('.').all(label) {
+        return Err(bad(
+            "not a host name (letters, digits, `-` and `.` only; a wildcard only as a leading `*.`)",
+        ));
     }
     Ok(())
 }
@@ -475,6 +486,34 @@ mod tests {
         assert!(validate_host_pattern("http://x").is_err());
         assert!(validate_host_pattern("x:notaport").is_err());
         assert!(validate_host_pattern("*.ok.dev:443").is_ok());
+        for good in [
+            "api.example.com",
+            "localhost:8080",
+            "127.0.0.1",
+            "[::1]:443",
+            "::1",
+            "xn--bcher-kva.de",
+            "a-b.c_d.dev",
+        ] {
+            assert!(validate_host_pattern(good).is_ok(), "{good}");
+        }
+        // Host names only: a pattern is printed on the operator's terminal and matched against
+        // what a plugin asks for, so no controls, no wildcard but a leading `*.`, no empty label.
+        for bad in [
+            "\x1b[31mevil.com",
+            "ok.dev\t",
+            "*",
+            "*.*",
+            ".",
+            "a..b",
+            ".a.b",
+            "a.b.",
+            "*.com*",
+            "bücher.de",
+            "a\u{202e}b.com",
+        ] {
+            assert!(validate_host_pattern(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

@@ -361,7 +361,7 @@ fn print_plugin(info: &PluginInfo, imports: &keel_app::plugin_types::ImportSumma
         yes_no(imports.environment)
     );
     println!("  requests: {}", describe_capabilities(&info.requested()));
-    println!("  granted:  {}", describe_grants(grants));
+    println!("  granted:  {}", sanitize_line(&describe_grants(grants)));
     println!("  tools:");
     for tool in &info.tools {
         let flags = if tool.idempotent { " [idempotent]" } else { "" };
@@ -401,7 +401,7 @@ pub async fn plugins(home: &Path, command: PluginsCommand) -> CliResult {
                         sanitize_line(&plugin.name),
                         sanitize_line(&plugin.version),
                         plugin.tool_count(),
-                        describe_grants(&plugin.granted()?)
+                        sanitize_line(&describe_grants(&plugin.granted()?))
                     );
                 }
             }
@@ -492,7 +492,11 @@ fn print_grants(changed: &GrantsChanged, json: bool) {
     if json {
         print_json(&changed.grants);
     } else {
-        println!("{} granted: {}", changed.name, describe_grants(&changed.grants));
+        println!(
+            "{} granted: {}",
+            sanitize_line(&changed.name),
+            sanitize_line(&describe_grants(&changed.grants))
+        );
         for note in &changed.notes {
             println!("note: {}", sanitize_line(note));
         }

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use rustix::fs::{FlockOperation, Mode, OFlags};
+
 /// Bytes charged for every entry (file, directory, link) besides its contents: a flood of empty
 /// files costs inodes and directory blocks, so it counts against the cap too.
 const PER_ENTRY_BYTES: u64 = 512;
@@ -54,6 +56,15 @@ pub fn wait_for_scratch_removal(within: Duration) -> bool {
     true
 }
 
+/// A shared lock on `dir` (a scratch directory), held while the returned descriptor is open:
+/// it tells [`sweep_orphans`] of any process that the directory is in use.
+fn lock(dir: &OwnedFd) -> std::io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let held = rustix::fs::openat(dir, c".", flags, Mode::empty())?;
+    rustix::fs::flock(&held, FlockOperation::LockShared)?;
+    Ok(held)
+}
+
 /// Remove the scratch directories under `parent` left by processes that no longer run (one killed,
 /// or one that exited before its removal finished): the directories of this user named
 /// `keel-scratch-<pid>-<hex>` whose process is gone. Returns how many it removed.
@@ -73,7 +84,19 @@ pub(crate) fn sweep_orphans(parent: &Path) -> usize {
         // Not followed if a link; only this user's own directories.
         let ours = std::fs::symlink_metadata(entry.path())
             .is_ok_and(|meta| meta.is_dir() && std::os::unix::fs::MetadataExt::uid(&meta) == me);
-        if !alive && ours && std::fs::remove_dir_all(entry.path()).is_ok() {
+        if alive || !ours {
+            continue;
+        }
+        // A process in another PID namespace sharing this directory looks gone from here: its
+        // live scratch directory holds a shared lock (see `Scratch::lock`), so only a directory
+        // this sweep can lock exclusively is left over. The lock is held while it is removed.
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let Ok(dir) = rustix::fs::openat(rustix::fs::CWD, entry.path().as_path(), flags, Mode::empty()) else {
+            continue;
+        };
+        if rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive).is_ok()
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
             removed += 1;
         }
     }
@@ -100,6 +123,8 @@ pub(crate) struct Scratch {
     /// Its real path, as `/proc/self/fd` links name the files in it (`None` if unknown: then it
     /// counts as over any cap).
     real: Option<PathBuf>,
+    /// A shared lock on it, held while it exists: no sweep of any process removes it.
+    _lock: OwnedFd,
 }
 
 /// The real path of the open directory `fd`.
@@ -119,8 +144,8 @@ impl Scratch {
             // directory is ever used.
             match rustix::fs::mkdir(&path, rustix::fs::Mode::RWXU) {
                 Ok(()) => {
-                    let fd = match crate::preopen::open_root(&path) {
-                        Ok(fd) => fd,
+                    let (fd, held) = match crate::preopen::open_root(&path).and_then(|fd| Ok((lock(&fd)?, fd))) {
+                        Ok((held, fd)) => (fd, held),
                         Err(e) => {
                             let _ = std::fs::remove_dir(&path);
                             return Err(e);
@@ -133,6 +158,7 @@ impl Scratch {
                         fd,
                         _parent: None,
                         real,
+                        _lock: held,
                     });
                 }
                 Err(rustix::io::Errno::EXIST) => continue,
@@ -146,7 +172,7 @@ impl Scratch {
     /// `/scratch` (made and removed relative to that handle, so it stays inside that very
     /// directory). Leftovers of processes that are gone are swept from `parent` first.
     pub(crate) fn create_in(parent: OwnedFd) -> std::io::Result<Self> {
-        use rustix::fs::{Mode, OFlags, mkdirat, openat};
+        use rustix::fs::{mkdirat, openat};
         let parent_path = PathBuf::from(crate::preopen::fd_path(&parent));
         sweep_orphans(&parent_path);
         for _ in 0..16 {
@@ -154,11 +180,12 @@ impl Scratch {
             match mkdirat(&parent, name.as_str(), Mode::RWXU) {
                 Ok(()) => {
                     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                    let fd = match openat(&parent, name.as_str(), flags, Mode::empty()) {
-                        Ok(fd) => fd,
+                    let opened = openat(&parent, name.as_str(), flags, Mode::empty()).map_err(std::io::Error::from);
+                    let (fd, held) = match opened.and_then(|fd| Ok((lock(&fd)?, fd))) {
+                        Ok((held, fd)) => (fd, held),
                         Err(e) => {
                             let _ = rustix::fs::unlinkat(&parent, name.as_str(), rustix::fs::AtFlags::REMOVEDIR);
-                            return Err(e.into());
+                            return Err(e);
                         }
                     };
                     *LIVE.lock().unwrap_or_else(|e| e.into_inner()) += 1;
@@ -168,6 +195,7 @@ impl Scratch {
                         fd,
                         _parent: Some(parent),
                         real,
+                        _lock: held,
                     });
                 }
                 Err(rustix::io::Errno::EXIST) => continue,
@@ -335,7 +363,7 @@ mod tests {
     /// a guest does (`mkdirat`/`openat`): the host path of the last is far past `PATH_MAX` at
     /// depth 20. Returns the deepest directory, open.
     fn nest(scratch: &Scratch, depth: usize) -> OwnedFd {
-        use rustix::fs::{Mode, OFlags, mkdirat, openat};
+        use rustix::fs::{mkdirat, openat};
         let name = "d".repeat(250);
         let mut dir = rustix::io::dup(scratch.fd()).unwrap();
         for _ in 0..depth {
@@ -396,6 +424,25 @@ mod tests {
         for path in &kept {
             assert!(path.join("sub/f").exists(), "{} is kept", path.display());
         }
+    }
+
+    /// A process in another PID namespace sharing the temporary directory looks gone from here:
+    /// the lock its live scratch directory holds keeps the sweep away.
+    #[test]
+    fn a_locked_directory_is_never_swept() {
+        let parent = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let live = parent.path().join(format!("{PREFIX}{gone}-0123456789abcdef"));
+        std::fs::create_dir(&live).unwrap();
+        let held = std::fs::File::open(&live).unwrap();
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::LockShared).unwrap();
+        assert_eq!(sweep_orphans(parent.path()), 0);
+        assert!(live.exists(), "a locked directory was swept");
+        drop(held);
+        assert_eq!(sweep_orphans(parent.path()), 1);
+        assert!(!live.exists());
     }
 
     #[test]

@@ -129,6 +129,11 @@ impl Default for SandboxSettings {
     }
 }
 
+/// Allowed `[sandbox] pool_instances`.
+const POOL_INSTANCES: std::ops::RangeInclusive<u32> = 1..=1000;
+/// Allowed `[sandbox] max_memory_bytes`.
+const MAX_MEMORY_BYTES: std::ops::RangeInclusive<u64> = (1 << 20)..=(4 << 30);
+
 impl SandboxSettings {
     /// Check values a type cannot: one clear sentence naming the key when one is out of range.
     fn check(&self) -> Result<(), String> {
@@ -138,6 +143,24 @@ impl SandboxSettings {
                 self.prepare_timeout_ms,
                 PREPARE_TIMEOUT_MS.start(),
                 PREPARE_TIMEOUT_MS.end()
+            ));
+        }
+        // What the pooling allocator can reserve: each slot holds two memories of up to 4 GiB
+        // (plus guards) in one address space.
+        if !POOL_INSTANCES.contains(&self.pool_instances) {
+            return Err(format!(
+                "[sandbox] `pool_instances` is {}; it must be from {} to {}",
+                self.pool_instances,
+                POOL_INSTANCES.start(),
+                POOL_INSTANCES.end()
+            ));
+        }
+        if !MAX_MEMORY_BYTES.contains(&self.max_memory_bytes) {
+            return Err(format!(
+                "[sandbox] `max_memory_bytes` is {}; it must be from {} (1 MiB) to {} (4 GiB, a 32-bit memory)",
+                self.max_memory_bytes,
+                MAX_MEMORY_BYTES.start(),
+                MAX_MEMORY_BYTES.end()
             ));
         }
         if self.memory_keep_resident_bytes as u64 > self.max_memory_bytes {

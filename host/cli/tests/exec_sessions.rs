@@ -644,6 +644,20 @@ fn the_prepare_limit_is_a_checked_setting() {
             "[sandbox]\nprepare_timeout_ms = 0\n",
             "`prepare_timeout_ms` is 0; it must be from 1000",
         ),
+        // Pool sizes past what one address space holds overflowed (a panic) or failed later
+        // blaming a component; 0 deleted a valid compiled artifact.
+        (
+            "[sandbox]\npool_instances = 536870912\n",
+            "`pool_instances` is 536870912; it must be from 1 to 1000",
+        ),
+        (
+            "[sandbox]\npool_instances = 0\n",
+            "`pool_instances` is 0; it must be from 1 to 1000",
+        ),
+        (
+            "[sandbox]\nmax_memory_bytes = 4294967297\n",
+            "`max_memory_bytes` is 4294967297; it must be from",
+        ),
     ] {
         let home = tempfile::tempdir().unwrap();
         std::fs::write(home.path().join("config.toml"), config).unwrap();

@@ -95,11 +95,15 @@ impl ComponentStore {
         self.dir.join(format!("{sha256}.wasm"))
     }
 
-    /// Store `bytes` (a no-op when already present) and return their sha256.
+    /// Store `bytes` and return their sha256: a no-op when they are already stored intact; what is
+    /// stored under that name otherwise (modified on disk, or not a regular file) is replaced, so
+    /// reinstalling repairs it.
     pub fn put(&self, bytes: &[u8]) -> std::io::Result<String> {
         let sha256 = sha256_hex(bytes);
         let path = self.path(&sha256);
-        if !path.exists() {
+        // Read only a regular file: a FIFO put in its place would block the read.
+        let intact = std::fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file()) && self.get(&sha256).is_ok();
+        if !intact {
             write_atomic(&path, bytes)?;
         }
         Ok(sha256)
@@ -412,4 +416,35 @@ impl ArtifactCache {
 /// The wasmtime version this host was built with (part of the cache key).
 pub fn wasmtime_version() -> &'static str {
     "48.0.8"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reinstalling repairs a stored component that was modified on disk (or replaced by something
+    /// that is not a file): the error of a call says "reinstall it", so a reinstall must rewrite it.
+    #[test]
+    fn putting_the_same_bytes_again_repairs_what_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ComponentStore::new(dir.path().join("components"));
+        let bytes = b"\0asm component bytes".to_vec();
+        let sha = store.put(&bytes).unwrap();
+        std::fs::write(store.path(&sha), b"tampered").unwrap();
+        assert!(store.get(&sha).is_err());
+        assert_eq!(store.put(&bytes).unwrap(), sha);
+        assert_eq!(store.get(&sha).unwrap(), bytes, "a reinstall did not repair it");
+        // A FIFO in its place is replaced without being opened (opening one would block).
+        std::fs::remove_file(store.path(&sha)).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            store.path(&sha),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        assert_eq!(store.put(&bytes).unwrap(), sha);
+        assert_eq!(store.get(&sha).unwrap(), bytes);
+    }
 }

@@ -111,7 +111,7 @@ impl ComponentStore {
 
     /// The bytes stored under `sha256`, verified against it.
     pub fn get(&self, sha256: &str) -> std::io::Result<Vec<u8>> {
-        let bytes = std::fs::read(self.path(sha256))?;
+        let bytes = read_regular(&self.path(sha256))?;
         if sha256_hex(&bytes) != sha256 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -215,7 +215,7 @@ impl ArtifactCache {
     pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let key_path = dir.join("artifact.key");
-        let key = match std::fs::read(&key_path) {
+        let key = match read_regular(&key_path) {
             Ok(bytes) if bytes.len() == 32 => bytes.try_into().expect("length checked"),
             _ => {
                 let mut key = [0u8; 32];
@@ -328,22 +328,20 @@ impl ArtifactCache {
     /// verified: by its recorded identity (mapped, not read), else by its content tag (read and
     /// hashed once, then its identity is recorded). See the module docs.
     pub fn load(&self, engine: &Engine, sha256: &str, wasm_len: usize) -> Option<Component> {
-        use rustix::fs::{Mode, OFlags};
+        use rustix::fs::Mode;
         let wasm_len = wasm_len as u64;
         let path = self.path(sha256);
-        let fd = rustix::fs::open(
-            &path,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ok()?;
+        let fd = rustix::fs::open(&path, regular_flags(), Mode::empty()).ok()?;
         let file = std::fs::File::from(fd);
+        if !file.metadata().is_ok_and(|meta| meta.is_file()) {
+            return self.discard(sha256, "is not a regular file");
+        }
         let identity = match Identity::of(&file) {
             Ok(identity) if identity.owned() => identity,
             Ok(_) => return self.discard(sha256, "is not a file only this user may write"),
             Err(_) => return None,
         };
-        let seal = match std::fs::read(self.seal_path(sha256)) {
+        let seal = match read_regular(&self.seal_path(sha256)) {
             Ok(seal) if seal.len() == TAG_LEN || seal.len() == 2 * TAG_LEN => seal,
             _ => return self.discard(sha256, "has no seal"),
         };
@@ -403,7 +401,7 @@ impl ArtifactCache {
 
     /// The note [`ArtifactCache::put_note`] kept, if its tag verifies.
     pub(crate) fn get_note(&self, sha256: &str, kind: &str) -> Option<Vec<u8>> {
-        let file = std::fs::read(self.dir.join(format!("{sha256}.{kind}"))).ok()?;
+        let file = read_regular(&self.dir.join(format!("{sha256}.{kind}"))).ok()?;
         if file.len() < TAG_LEN {
             return None;
         }
@@ -411,6 +409,28 @@ impl ArtifactCache {
         self.mac(kind, sha256, 0, &[note]).verify_slice(tag).ok()?;
         Some(note.to_vec())
     }
+}
+
+/// How the cache and the store open what they read: never through a final symbolic link, and
+/// without waiting (a FIFO put in a file's place would block an ordinary open until a writer
+/// comes; regular files ignore `O_NONBLOCK`).
+fn regular_flags() -> rustix::fs::OFlags {
+    use rustix::fs::OFlags;
+    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC
+}
+
+/// The bytes of the regular file at `path`; anything else (a FIFO, a device, a link) is an error.
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut file = std::fs::File::from(rustix::fs::open(path, regular_flags(), rustix::fs::Mode::empty())?);
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes)?;
+    Ok(bytes)
 }
 
 /// The wasmtime version this host was built with (part of the cache key).
@@ -421,6 +441,46 @@ pub fn wasmtime_version() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fifo(path: &Path) {
+        let _ = std::fs::remove_file(path);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+    }
+
+    /// A FIFO in place of an artifact, its seal or a stored component is refused at once (reading
+    /// one would wait for a writer that never comes, and hang every call of the plugin).
+    #[test]
+    fn a_fifo_in_the_cache_or_the_store_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let root = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let engine = Engine::default();
+            let cache = ArtifactCache::open(&root.join("cache"), &engine).unwrap();
+            let sha = "ab".repeat(32);
+            fifo(&cache.path(&sha));
+            let loaded = cache.load(&engine, &sha, 8).is_some();
+            std::fs::write(cache.path(&sha), b"not an artifact").unwrap();
+            fifo(&cache.seal_path(&sha));
+            let sealed = cache.load(&engine, &sha, 8).is_some();
+            let store = ComponentStore::new(root.join("components"));
+            std::fs::create_dir_all(root.join("components")).unwrap();
+            fifo(&store.path(&sha));
+            let read = store.get(&sha).is_ok();
+            let _ = done.send((loaded, sealed, read));
+        });
+        let got = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("blocked on a FIFO");
+        assert_eq!(got, (false, false, false));
+    }
 
     /// Reinstalling repairs a stored component that was modified on disk (or replaced by something
     /// that is not a file): the error of a call says "reinstall it", so a reinstall must rewrite it.
@@ -435,15 +495,7 @@ mod tests {
         assert_eq!(store.put(&bytes).unwrap(), sha);
         assert_eq!(store.get(&sha).unwrap(), bytes, "a reinstall did not repair it");
         // A FIFO in its place is replaced without being opened (opening one would block).
-        std::fs::remove_file(store.path(&sha)).unwrap();
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            store.path(&sha),
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
-            0,
-        )
-        .unwrap();
+        fifo(&store.path(&sha));
         assert_eq!(store.put(&bytes).unwrap(), sha);
         assert_eq!(store.get(&sha).unwrap(), bytes);
     }

@@ -101,9 +101,8 @@ impl ComponentStore {
     pub fn put(&self, bytes: &[u8]) -> std::io::Result<String> {
         let sha256 = sha256_hex(bytes);
         let path = self.path(&sha256);
-        // Read only a regular file: a FIFO put in its place would block the read.
-        let intact = std::fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file()) && self.get(&sha256).is_ok();
-        if !intact {
+        // `get` reads only a regular file, without blocking, and verifies it.
+        if self.get(&sha256).is_err() {
             write_atomic(&path, bytes)?;
         }
         Ok(sha256)

@@ -1516,9 +1516,10 @@ impl Sandbox {
             let granted = preopens.iter().any(|p| {
                 p.guest == "/" || p.guest == SCRATCH_GUEST || SCRATCH_GUEST.starts_with(&format!("{}/", p.guest))
             });
-            match wants_scratch && !granted {
-                true => Some(Scratch::create(config.dir.as_deref()).map_err(failed)?),
-                false => None,
+            if wants_scratch && !granted {
+                Some(Scratch::create(config.dir.as_deref()).map_err(failed)?)
+            } else {
+                None
             }
         };
         let call = self.new_store(engine, grants, &others, limits, None, stdio, scratch.as_ref())?;

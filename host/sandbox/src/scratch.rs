@@ -59,8 +59,7 @@ pub fn wait_for_scratch_removal(within: Duration) -> bool {
 /// A shared lock on `dir` (a scratch directory), held while the returned descriptor is open:
 /// it tells [`sweep_orphans`] of any process that the directory is in use.
 fn lock(dir: &OwnedFd) -> std::io::Result<OwnedFd> {
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let held = rustix::fs::openat(dir, c".", flags, Mode::empty())?;
+    let held = rustix::fs::openat(dir, c".", DIRECTORY, Mode::empty())?;
     rustix::fs::flock(&held, FlockOperation::LockShared)?;
     Ok(held)
 }
@@ -90,8 +89,7 @@ pub(crate) fn sweep_orphans(parent: &Path) -> usize {
         // A process in another PID namespace sharing this directory looks gone from here: its
         // live scratch directory holds a shared lock (see `Scratch::lock`), so only a directory
         // this sweep can lock exclusively is left over. The lock is held while it is removed.
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let Ok(dir) = rustix::fs::openat(rustix::fs::CWD, entry.path().as_path(), flags, Mode::empty()) else {
+        let Ok(dir) = rustix::fs::openat(rustix::fs::CWD, entry.path().as_path(), DIRECTORY, Mode::empty()) else {
             continue;
         };
         if rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive).is_ok()
@@ -127,6 +125,39 @@ pub(crate) struct Scratch {
     _lock: OwnedFd,
 }
 
+/// How a scratch directory (or one inside it) is opened: for reading, never through a link.
+const DIRECTORY: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// Make a fresh directory in the open directory `parent`, with a random name nobody else can
+/// have prepared (`mkdirat` fails if anything, a link included, already has it): its name, an
+/// open handle on it, and a shared lock on it ([`lock`]).
+fn make_in(parent: &OwnedFd) -> std::io::Result<(String, OwnedFd, OwnedFd)> {
+    use rustix::fs::{mkdirat, openat};
+    for _ in 0..16 {
+        let name = format!("{PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>());
+        match mkdirat(parent, name.as_str(), Mode::RWXU) {
+            Ok(()) => {
+                let opened = openat(parent, name.as_str(), DIRECTORY, Mode::empty())
+                    .map_err(std::io::Error::from)
+                    .and_then(|fd| Ok((lock(&fd)?, fd)));
+                return match opened {
+                    Ok((held, fd)) => Ok((name, fd, held)),
+                    Err(e) => {
+                        let _ = rustix::fs::unlinkat(parent, name.as_str(), rustix::fs::AtFlags::REMOVEDIR);
+                        Err(e)
+                    }
+                };
+            }
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(std::io::Error::other("cannot find a free scratch directory name"))
+}
+
 /// The real path of the open directory `fd`.
 fn real_path(fd: &OwnedFd) -> Option<PathBuf> {
     std::fs::read_link(crate::preopen::fd_path(fd)).ok()
@@ -137,72 +168,30 @@ impl Scratch {
     pub(crate) fn create(parent: Option<&Path>) -> std::io::Result<Self> {
         let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
         std::fs::create_dir_all(&parent)?;
-        for _ in 0..16 {
-            let name = format!("{PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>());
-            let path = parent.join(name);
-            // `mkdir` fails if anything (a link included) already has the name: no one else's
-            // directory is ever used.
-            match rustix::fs::mkdir(&path, rustix::fs::Mode::RWXU) {
-                Ok(()) => {
-                    let (fd, held) = match crate::preopen::open_root(&path).and_then(|fd| Ok((lock(&fd)?, fd))) {
-                        Ok((held, fd)) => (fd, held),
-                        Err(e) => {
-                            let _ = std::fs::remove_dir(&path);
-                            return Err(e);
-                        }
-                    };
-                    *LIVE.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-                    let real = real_path(&fd);
-                    return Ok(Self {
-                        path,
-                        fd,
-                        _parent: None,
-                        real,
-                        _lock: held,
-                    });
-                }
-                Err(rustix::io::Errno::EXIST) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(std::io::Error::other("cannot find a free scratch directory name"))
+        let (name, fd, held) = make_in(&crate::preopen::open_root(&parent)?)?;
+        Ok(Self::new(parent.join(name), fd, held, None))
     }
 
     /// Create a fresh private directory inside `parent`, an open directory granted at the guest's
     /// `/scratch` (made and removed relative to that handle, so it stays inside that very
     /// directory). Leftovers of processes that are gone are swept from `parent` first.
     pub(crate) fn create_in(parent: OwnedFd) -> std::io::Result<Self> {
-        use rustix::fs::{mkdirat, openat};
         let parent_path = PathBuf::from(crate::preopen::fd_path(&parent));
         sweep_orphans(&parent_path);
-        for _ in 0..16 {
-            let name = format!("{PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>());
-            match mkdirat(&parent, name.as_str(), Mode::RWXU) {
-                Ok(()) => {
-                    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                    let opened = openat(&parent, name.as_str(), flags, Mode::empty()).map_err(std::io::Error::from);
-                    let (fd, held) = match opened.and_then(|fd| Ok((lock(&fd)?, fd))) {
-                        Ok((held, fd)) => (fd, held),
-                        Err(e) => {
-                            let _ = rustix::fs::unlinkat(&parent, name.as_str(), rustix::fs::AtFlags::REMOVEDIR);
-                            return Err(e);
-                        }
-                    };
-                    *LIVE.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-                    let real = real_path(&fd);
-                    return Ok(Self {
-                        path: parent_path.join(name),
-                        fd,
-                        _parent: Some(parent),
-                        real,
-                        _lock: held,
-                    });
-                }
-                Err(rustix::io::Errno::EXIST) => continue,
-                Err(e) => return Err(e.into()),
-            }
+        let (name, fd, held) = make_in(&parent)?;
+        Ok(Self::new(parent_path.join(name), fd, held, Some(parent)))
+    }
+
+    /// The scratch directory `fd` (removed from `path`), locked by `held`, counted as live.
+    fn new(path: PathBuf, fd: OwnedFd, held: OwnedFd, parent: Option<OwnedFd>) -> Self {
+        *LIVE.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Self {
+            path,
+            real: real_path(&fd),
+            fd,
+            _parent: parent,
+            _lock: held,
         }
-        Err(std::io::Error::other("cannot find a free scratch directory name"))
     }
 
     /// The open directory (its `/proc/self/fd/N` path is what the guest is given).
@@ -266,13 +255,12 @@ fn unlinked_open_bytes(dir: &Path) -> Option<u64> {
 /// of it cannot be. An entry removed while the walk runs is skipped (the guest may delete as it
 /// goes).
 fn measure(root: &OwnedFd) -> Option<u64> {
-    use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, openat, statat};
+    use rustix::fs::{AtFlags, Dir, FileType, openat, statat};
     use rustix::io::Errno;
     let mut total = 0u64;
     let mut entries = 0usize;
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     // Opened afresh for reading (`root` may be an `O_PATH` handle).
-    let mut stack = vec![Dir::new(openat(root, c".", flags, Mode::empty()).ok()?).ok()?];
+    let mut stack = vec![Dir::new(openat(root, c".", DIRECTORY, Mode::empty()).ok()?).ok()?];
     loop {
         let depth = stack.len();
         let Some(dir) = stack.last_mut() else { break };
@@ -306,7 +294,7 @@ fn measure(root: &OwnedFd) -> Option<u64> {
         if depth >= MAX_DEPTH {
             return None;
         }
-        let sub = match openat(at, name, flags, Mode::empty()) {
+        let sub = match openat(at, name, DIRECTORY, Mode::empty()) {
             Ok(sub) => sub,
             Err(Errno::NOENT) => continue,
             Err(_) => return None,

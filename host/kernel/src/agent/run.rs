@@ -267,13 +267,19 @@ fn charge_estimate_if_unreported(response: &mut ModelResponse, est_in: u64, pric
             .map(|c| c.name.len() + c.arguments.to_string().len())
             .sum::<usize>();
     usage.input_tokens = est_in;
-    usage.output_tokens = usage.output_tokens.max((out_bytes as u64).div_ceil(4));
+    usage.output_tokens = usage.output_tokens.max(tokens_of_text(out_bytes as u64));
     if usage.cost.is_zero()
         && let Some(price) = price
     {
         usage.cost = price.cost(usage.input_tokens, usage.output_tokens);
     }
     true
+}
+
+/// The tokens a model's answer of `bytes` bytes is charged when its server reported none: ~4
+/// bytes a token. (What was *sent* is charged [`estimate_tokens`], the hold's upper bound.)
+fn tokens_of_text(bytes: u64) -> u64 {
+    bytes.div_ceil(4)
 }
 
 fn estimate_tokens(messages: &[Message], tools: &[ToolSpec]) -> u64 {
@@ -904,7 +910,7 @@ impl Runner {
                 // The request was made (a provider bills what its model generated before a
                 // stream broke): recorded as one, with an estimate of the streamed output, and
                 // the prompt's estimate when anything came back; never released as if not made.
-                let out_tokens = streamed.load(std::sync::atomic::Ordering::Relaxed).div_ceil(4);
+                let out_tokens = tokens_of_text(streamed.load(std::sync::atomic::Ordering::Relaxed));
                 let in_tokens = if out_tokens > 0 { est_in } else { 0 };
                 let actual = Usage {
                     tokens: in_tokens.saturating_add(out_tokens),

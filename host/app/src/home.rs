@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use keel_sandbox::{ComponentStore, Grants, Limits, PluginInfo, PreparedPlugin, Sandbox, SandboxConfig};
+use keel_sandbox::{CacheKey, ComponentStore, Grants, Limits, PluginInfo, PreparedPlugin, Sandbox, SandboxConfig};
 use keel_store::Database;
 use keel_store::plugins::PluginRecord;
 // The registry is a kernel trait; `Database` implements it.
@@ -299,6 +299,21 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The key sealing the home's precompiled artifacts, kept in its database (see
+/// `keel_sandbox::cache`). A key file a Keel before this one kept in `cache/` is removed: it is
+/// not trusted, and the artifacts it sealed are recompiled once.
+async fn artifact_key(db: &Database, home: &Path) -> Result<CacheKey, AppError> {
+    let mut candidate = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut candidate);
+    let key = db.artifact_key(candidate).await?;
+    match std::fs::remove_file(home.join("cache").join("artifact.key")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::debug!(error = %e, "could not remove the old cache/artifact.key"),
+    }
+    Ok(CacheKey(key))
+}
+
 /// Everything a plugin command needs.
 pub struct App {
     /// The Keel home (canonical).
@@ -340,6 +355,7 @@ impl App {
         let config = KeelConfig::load(home)?;
         let db = Database::open_with(&home.join("keel.db"), config.store.durability).await?;
         let mut sandbox_config = SandboxConfig::new(home.join("cache"));
+        sandbox_config.cache_key = Some(artifact_key(&db, home).await?);
         sandbox_config.default_limits = config.limits.clone();
         sandbox_config.fuel_metering = config.sandbox.fuel_metering;
         sandbox_config.max_memory_bytes = config.sandbox.max_memory_bytes;

@@ -18,7 +18,10 @@
 //! Why this holds against someone who can write into the `components` and `cache` directories
 //! but is not this user (the only attacker a cache can stop: one running as this user can read the
 //! key, or simply ptrace `keel`):
-//! - They cannot forge either HMAC without the key (`artifact.key`, 0600).
+//! - They cannot forge either HMAC without the key. A Keel home keeps it in its database
+//!   ([`CacheKey`], given in [`SandboxConfig::cache_key`](crate::SandboxConfig::cache_key)), not in
+//!   the directory it protects: a key file in `cache/` could simply be replaced by whoever can write
+//!   there. Only an embedder without a database falls back to `cache/artifact.key` (0600).
 //! - Replacing the artifact (rename, unlink + create, hard link) changes the inode or the ctime;
 //!   ctime is set by the kernel on every write, chmod, link or `utimes` and cannot be set back.
 //!   An inode number reused for a new file comes with a new ctime.
@@ -201,6 +204,16 @@ impl Identity {
 /// How old an artifact's timestamps must be before its identity is recorded (see the module docs).
 pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The secret key that seals artifacts. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CacheKey(pub [u8; 32]);
+
+impl std::fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheKey(..)")
+    }
+}
+
 /// Precompiled native artifacts keyed by component sha256 + wasmtime version + engine config.
 #[derive(Debug, Clone)]
 pub struct ArtifactCache {
@@ -210,7 +223,9 @@ pub struct ArtifactCache {
 }
 
 impl ArtifactCache {
-    /// Open the cache in `dir` for `engine`, creating the directory and its secret key if needed.
+    /// Open the cache in `dir` for `engine` with its key in `dir/artifact.key`, creating both if
+    /// needed: for embedders without a database only (see the module docs; a Keel home uses
+    /// [`open_with_key`](Self::open_with_key)).
     pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let key_path = dir.join("artifact.key");
@@ -223,6 +238,14 @@ impl ArtifactCache {
                 key
             }
         };
+        Self::open_with_key(dir, engine, &CacheKey(key))
+    }
+
+    /// Open the cache in `dir` for `engine`, sealing under `key` (kept elsewhere by the caller;
+    /// nothing in `dir` is read for it).
+    pub fn open_with_key(dir: &Path, engine: &Engine, key: &CacheKey) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let key = key.0;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let engine_tag = format!("wasmtime{}-{:016x}", wasmtime_version(), hasher.finish());

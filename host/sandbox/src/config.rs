@@ -162,6 +162,9 @@ impl Default for DescribeLimits {
 pub struct SandboxConfig {
     /// Directory for precompiled artifacts (`$KEEL_HOME/cache`).
     pub cache_dir: PathBuf,
+    /// The key that seals them, kept outside `cache_dir` by the caller (a Keel home keeps it in
+    /// its database); `None` keeps it in `cache_dir/artifact.key`, for embedders without one.
+    pub cache_key: Option<crate::cache::CacheKey>,
     /// Limits used when a call does not specify its own.
     pub default_limits: Limits,
     /// Hard ceiling on any memory limit; sizes the pooling allocator's slots.
@@ -278,6 +281,7 @@ impl SandboxConfig {
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         Self {
             cache_dir: cache_dir.into(),
+            cache_key: None,
             default_limits: Limits::default(),
             max_memory_bytes: 1 << 30,
             pool_instances: 128,

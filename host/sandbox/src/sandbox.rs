@@ -539,8 +539,11 @@ impl Sandbox {
                 .name("keel-scratch-sweep".into())
                 .spawn(move || crate::scratch::sweep_orphans(&parent));
         }
-        let cache = ArtifactCache::open(&config.cache_dir, &small.engine)
-            .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
+        let cache = match &config.cache_key {
+            Some(key) => ArtifactCache::open_with_key(&config.cache_dir, &small.engine, key),
+            None => ArtifactCache::open(&config.cache_dir, &small.engine),
+        }
+        .map_err(|e| SandboxError::Host(format!("cache directory {}: {e}", config.cache_dir.display())))?;
         let egress = Arc::new(crate::egress::Egress::new(&config).map_err(SandboxError::Host)?);
         let ticker = EpochTicker::start(vec![small.engine.clone(), large.engine.clone()], config.epoch_tick);
         let sessions = Mutex::new(Sessions::new(config.sessions.clone()));

@@ -6,6 +6,7 @@
 pub mod api_keys;
 pub mod kernel_store;
 pub mod plugins;
+pub mod secrets;
 pub mod sqlite;
 
 pub use kernel_store::SqliteKernelStore;

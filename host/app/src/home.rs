@@ -193,6 +193,7 @@ impl KeelConfig {
                 config
                     .limits
                     .check(config.sandbox.max_memory_bytes)
+                    .and_then(|()| unmetered_fuel(&config.limits, &config.sandbox))
                     .map_err(|e| AppError::user(format!("{}: [limits] {e}", path.display())))?;
                 // Relative to the config file, not to wherever `keel` happens to be started.
                 for provider in config.models.providers.values_mut() {
@@ -205,6 +206,18 @@ impl KeelConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(AppError::internal(format!("cannot read {}: {e}", path.display()))),
         }
+    }
+}
+
+/// Refuse a fuel limit the sandbox would not enforce: without fuel metering it would be shown as in
+/// force and never apply.
+fn unmetered_fuel(limits: &Limits, sandbox: &SandboxSettings) -> Result<(), String> {
+    match limits.fuel {
+        Some(fuel) if !sandbox.fuel_metering => Err(format!(
+            "a fuel limit ({fuel}) needs fuel metering, which is off: set `fuel_metering = true` under \
+             [sandbox] in config.toml, or give no fuel limit"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -464,24 +477,35 @@ impl App {
         limits
             .check(self.config.sandbox.max_memory_bytes)
             .map_err(invalid_limit)?;
+        unmetered_fuel(&limits, &self.config.sandbox).map_err(invalid_limit)?;
         Ok(limits)
     }
 
     /// Refuse any directory grant that contains the Keel home, or lies in its `components` or
-    /// `cache` directory: a plugin with it could read the cache key or rewrite the database,
-    /// components and precompiled code of every plugin.
+    /// `cache` directory: a plugin with it could read or rewrite the database, components and
+    /// precompiled code of every plugin. Compared by path and by identity (device and inode), so
+    /// another name for the same directory (a bind mount of the home or of an ancestor, the same
+    /// volume mounted twice) is refused too.
     pub fn check_grants(&self, grants: &Grants) -> Result<(), String> {
+        let home_chain: Vec<Identity> = self.home.ancestors().filter_map(identity).collect();
+        let home_id = home_chain.first().copied();
         for grant in &grants.fs {
             let dir = &grant.host;
-            if self.home.starts_with(dir) {
+            if self.home.starts_with(dir) || identity(dir).is_some_and(|id| home_chain.contains(&id)) {
                 return Err(format!(
                     "the directory {} contains the Keel home {} (its database, components and cache); grant a directory that does not",
                     dir.display(),
                     self.home.display()
                 ));
             }
+            // Where `dir` lies in the home, if one of its ancestors is the home by any name.
+            let in_home = dir.strip_prefix(&self.home).ok().or_else(|| {
+                dir.ancestors()
+                    .find(|a| home_id.is_some() && identity(a) == home_id)
+                    .and_then(|alias| dir.strip_prefix(alias).ok())
+            });
             for own in ["components", "cache"] {
-                if dir.starts_with(self.home.join(own)) {
+                if in_home.is_some_and(|rest| rest.starts_with(own)) {
                     return Err(format!(
                         "the directory {} is inside the Keel home's `{own}` directory, which only Keel may touch",
                         dir.display()
@@ -491,6 +515,14 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// A directory's device and inode (symbolic links followed), if it can be read.
+type Identity = (u64, u64);
+
+fn identity(path: &Path) -> Option<Identity> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Why `described` (what the component's `describe()` answers now) is not the plugin the registry

@@ -472,6 +472,32 @@ fn limits_no_call_could_run_under_are_refused_where_they_are_given() {
     assert!(err.contains("above the sandbox's ceiling of 1024 MiB"), "{err}");
 }
 
+/// A fuel limit is refused where it is given while fuel is not metered (it would be shown as in
+/// force and never apply): on a plugin, on a call, and in `config.toml`; with metering on, it holds.
+#[test]
+fn a_fuel_limit_without_fuel_metering_is_refused() {
+    let keel = Keel::new();
+    keel.expect(&["install", &guest("hello")], 0);
+    let expected = "fuel_metering = true";
+    for args in [
+        vec!["plugins", "limits", "hello", "--fuel", "1"],
+        vec!["call", "hello/greet", r#"{"name":"Ada"}"#, "--fuel", "1"],
+    ] {
+        let err = keel.stderr(&args, 2);
+        one_clear_line(&err);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    assert_eq!(keel.json(&["plugins", "show", "hello", "--json"])["limits"]["fuel"], Value::Null);
+    std::fs::write(keel.home.path().join("config.toml"), "[limits]\nfuel = 5\n").unwrap();
+    let err = keel.stderr(&["plugins", "list"], 2);
+    assert!(err.contains("config.toml") && err.contains(expected), "{err}");
+
+    std::fs::write(keel.home.path().join("config.toml"), "[sandbox]\nfuel_metering = true\n").unwrap();
+    keel.expect(&["plugins", "limits", "hello", "--fuel", "1"], 0);
+    let err = keel.stderr(&["call", "hello/greet", r#"{"name":"Ada"}"#], 1);
+    assert!(err.contains("fuel"), "the limit applies: {err}");
+}
+
 #[test]
 fn exec_runs_wasi_commands_under_grants() {
     let keel = Keel::new();

@@ -94,7 +94,8 @@ pub(crate) async fn send(
 ) -> wasmtime_wasi_http::Result<Sent> {
     // Recorded with the grant that would allow it; the guest gets the WASI code for the refusal.
     let deny = |target: String, reason: String, grant: Option<String>, code: Error| {
-        tracing::info!(%target, %reason, "outbound HTTP refused");
+        // `?`: target and reason carry the guest's text; Debug escapes controls, line breaks and bidi overrides.
+        tracing::info!(?target, ?reason, "outbound HTTP refused");
         journal.lock().expect("journal lock").denials.push(Denial {
             capability: "network".into(),
             target,

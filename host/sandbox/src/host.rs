@@ -183,7 +183,8 @@ impl bindings::keel::plugin::host::Host for State {
             return;
         }
         journal.log_bytes += message.len() as u64;
-        tracing::debug!(target: "keel::plugin", ?level, %message);
+        // `?message`: Debug escapes what `tracing` lets through (line breaks, bidi overrides).
+        tracing::debug!(target: "keel::plugin", ?level, ?message);
         journal.logs.push(LogRecord { level, message });
     }
 

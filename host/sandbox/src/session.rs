@@ -74,7 +74,7 @@ impl<T> Sessions<T> {
                 .map(|(k, _)| k.clone());
             match victim {
                 Some(victim) => {
-                    tracing::debug!(session = %victim.id, "session evicted (least recently used)");
+                    tracing::debug!(session = ?victim.id, "session evicted (least recently used)");
                     self.entries.remove(&victim);
                 }
                 None => {

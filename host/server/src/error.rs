@@ -63,7 +63,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::warn!(code = self.code, message = %self.message, "request failed");
+            tracing::warn!(code = self.code, message = ?self.message, "request failed");
         }
         let mut response = (
             self.status,

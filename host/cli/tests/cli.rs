@@ -487,12 +487,19 @@ fn a_fuel_limit_without_fuel_metering_is_refused() {
         one_clear_line(&err);
         assert!(err.contains(expected), "{args:?}: {err}");
     }
-    assert_eq!(keel.json(&["plugins", "show", "hello", "--json"])["limits"]["fuel"], Value::Null);
+    assert_eq!(
+        keel.json(&["plugins", "show", "hello", "--json"])["limits"]["fuel"],
+        Value::Null
+    );
     std::fs::write(keel.home.path().join("config.toml"), "[limits]\nfuel = 5\n").unwrap();
     let err = keel.stderr(&["plugins", "list"], 2);
     assert!(err.contains("config.toml") && err.contains(expected), "{err}");
 
-    std::fs::write(keel.home.path().join("config.toml"), "[sandbox]\nfuel_metering = true\n").unwrap();
+    std::fs::write(
+        keel.home.path().join("config.toml"),
+        "[sandbox]\nfuel_metering = true\n",
+    )
+    .unwrap();
     keel.expect(&["plugins", "limits", "hello", "--fuel", "1"], 0);
     let err = keel.stderr(&["call", "hello/greet", r#"{"name":"Ada"}"#], 1);
     assert!(err.contains("fuel"), "the limit applies: {err}");

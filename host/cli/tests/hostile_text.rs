@@ -146,9 +146,17 @@ fn plugin_text_is_escaped_in_install_show_list_and_call() {
     assert!(text(&out).contains("log line\\x1b[2J"), "{}", text(&out));
     // Debug logging prints every plugin log line through `tracing`, which escapes C0 and C1
     // controls itself but not bidi overrides.
-    let out = home.keel(&["call", "hostile-describe/echo"]).env("KEEL_LOG", "debug").output().unwrap();
+    let out = home
+        .keel(&["call", "hostile-describe/echo"])
+        .env("KEEL_LOG", "debug")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("log line"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("log line"),
+        "{}",
+        text(&out)
+    );
     assert_clean("call echo with KEEL_LOG=debug", &out);
     let out = home.expect(&["call", "hostile-describe/echo", "--json"], 0);
     assert_clean("call echo --json", &out);

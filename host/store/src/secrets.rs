@@ -49,6 +49,10 @@ mod tests {
         let db = Database::in_memory().await.unwrap();
         let first = db.artifact_key([1; 32]).await.unwrap();
         assert_eq!(first, [1; 32]);
-        assert_eq!(db.artifact_key([2; 32]).await.unwrap(), [1; 32], "a later candidate is ignored");
+        assert_eq!(
+            db.artifact_key([2; 32]).await.unwrap(),
+            [1; 32],
+            "a later candidate is ignored"
+        );
     }
 }

@@ -519,6 +519,82 @@ async fn a_model_call_that_fails_mid_stream_is_recorded() {
     assert!(usage.tokens >= 1000 && usage.cost > Decimal::ZERO, "{usage:?}");
 }
 
+/// A model that streams an answer and never finishes it.
+struct StreamsForEver;
+
+impl ModelProvider for StreamsForEver {
+    fn complete<'a>(
+        &'a self,
+        _request: &'a ModelRequest,
+        on_delta: &'a (dyn Fn(ModelDelta) + Send + Sync),
+    ) -> BoxFuture<'a, Result<ModelResponse, ModelError>> {
+        Box::pin(async move {
+            on_delta(ModelDelta::Token("x".repeat(4000)));
+            std::future::pending().await
+        })
+    }
+
+    fn price(&self, model: &str) -> Option<ModelPrice> {
+        BreaksMidStream.price(model)
+    }
+}
+
+/// A model call stopped by a cancel or by the job's deadline was made (its provider bills what
+/// it generated): it is recorded as a request with estimates, never released as if not made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_call_stopped_by_a_cancel_or_the_deadline_is_recorded() {
+    for stop in ["cancel", "deadline"] {
+        let tools = FakeTools::new();
+        let rt = in_memory(Arc::new(StreamsForEver), &tools);
+        let mut req = request("hi");
+        if stop == "deadline" {
+            req.budget.max_runtime_ms = Some(500);
+        }
+        let h = rt.execute(req).await.expect("execute");
+        let mut events = h.events();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(e) = events.next().await {
+                if e.event_type == EventType::ModelToken {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the model streams");
+        if stop == "cancel" {
+            h.cancel("stop").await.expect("cancel");
+        }
+        let r = result(&h).await;
+        assert!(
+            matches!(r.status, JobState::Cancelled | JobState::TimedOut),
+            "{stop}: {r:?}"
+        );
+        // The hold is settled as the loop stops.
+        let usage = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let usage = rt
+                    .kernel()
+                    .ledger()
+                    .usage(&UsageQuery {
+                        tenant: "acme".into(),
+                        job_id: Some(r.job_id),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("usage");
+                if usage.requests > 0 {
+                    return usage;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{stop}: the stopped model call is recorded"));
+        assert_eq!(usage.requests, 1, "{stop}: {usage:?}");
+        assert!(usage.tokens >= 1000 && usage.cost > Decimal::ZERO, "{stop}: {usage:?}");
+    }
+}
+
 /// The same idempotency key with a different request is an error; with the same request it
 /// attaches to the first job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -246,6 +246,43 @@ pub fn model_tool_name(qualified: &str) -> String {
     format!("{prefix}__{}", &hash[..HASH_HEX])
 }
 
+/// A model call that was made: what it is charged if it ends without an answer (it failed, or
+/// its loop stopped), since its provider bills what its model generated.
+#[derive(Clone)]
+struct ModelAttempt {
+    model: String,
+    turn: u32,
+    /// The prompt's estimate, in tokens.
+    est_in: u64,
+    price: Option<ModelPrice>,
+    /// Bytes of text streamed so far.
+    streamed: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl ModelAttempt {
+    /// One request, with the streamed output as an estimate and the prompt's estimate when
+    /// anything came back; `data` says why it ended.
+    fn charge(&self, mut data: Value) -> (Usage, SettleDetails) {
+        let out_tokens = tokens_of_text(self.streamed.load(Ordering::Relaxed));
+        let in_tokens = if out_tokens > 0 { self.est_in } else { 0 };
+        let usage = Usage {
+            tokens: in_tokens.saturating_add(out_tokens),
+            cost: round_cost(self.price.map_or(Decimal::ZERO, |p| p.cost(in_tokens, out_tokens))),
+            requests: 1,
+            tool_calls: 0,
+        };
+        data["turn"] = json!(self.turn);
+        let details = SettleDetails {
+            duration_ms: Some(self.started.elapsed().as_millis() as u64),
+            model: Some(self.model.clone()),
+            tool: None,
+            data: data.into(),
+        };
+        (usage, details)
+    }
+}
+
 /// An upper bound on the prompt's tokens, used only to size holds: every token of a BPE tokenizer
 /// covers at least one byte, so bytes (plus a per-message allowance for role/format tokens) can only
 /// over-reserve. An estimate that could be low (e.g. ~4 bytes per token) would let concurrent calls
@@ -328,6 +365,9 @@ pub(crate) struct Runner {
     held: Held,
     /// This host's lease on the job (shared with its heartbeat task).
     lease: Arc<LeaseState>,
+    /// Model calls made and not yet settled, by hold: a loop stopped mid-call (cancel, deadline)
+    /// charges them as it stops ([`Runner::release_all`]).
+    models_in_flight: Mutex<HashMap<Uuid, ModelAttempt>>,
     /// Tool calls started so far (for `budget.max_tool_calls`).
     started: AtomicU64,
     /// Serializes this job's writes (step commits, holds): they all write the job row or take
@@ -419,6 +459,7 @@ impl Runner {
             journal: Mutex::new(journal),
             held,
             lease,
+            models_in_flight: Mutex::default(),
             started: AtomicU64::new(started),
             commit_lock: tokio::sync::Mutex::new(()),
             degraded: std::sync::atomic::AtomicBool::new(false),
@@ -894,6 +935,18 @@ impl Runner {
         };
         let started = Instant::now();
         let streamed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let attempt = ModelAttempt {
+            model: model.clone(),
+            turn,
+            est_in,
+            price,
+            streamed: streamed.clone(),
+            started,
+        };
+        self.models_in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hold, attempt.clone());
         let result = {
             let streamed = streamed.clone();
             let on_delta = move |d: ModelDelta| {
@@ -904,26 +957,16 @@ impl Runner {
             rt.models.complete(&request, &on_delta).await
         };
         let _ = forwarder.await;
+        self.models_in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&hold);
         let mut response = match result {
             Ok(r) => r,
             Err(e) => {
                 // The request was made (a provider bills what its model generated before a
-                // stream broke): recorded as one, with an estimate of the streamed output, and
-                // the prompt's estimate when anything came back; never released as if not made.
-                let out_tokens = tokens_of_text(streamed.load(std::sync::atomic::Ordering::Relaxed));
-                let in_tokens = if out_tokens > 0 { est_in } else { 0 };
-                let actual = Usage {
-                    tokens: in_tokens.saturating_add(out_tokens),
-                    cost: round_cost(price.map_or(Decimal::ZERO, |p| p.cost(in_tokens, out_tokens))),
-                    requests: 1,
-                    tool_calls: 0,
-                };
-                let details = SettleDetails {
-                    duration_ms: Some(started.elapsed().as_millis() as u64),
-                    model: Some(model.clone()),
-                    tool: None,
-                    data: json!({ "turn": turn, "failed": true, "error": e.to_string() }).into(),
-                };
+                // stream broke): recorded as one, never released as if not made.
+                let (actual, details) = attempt.charge(json!({ "failed": true, "error": e.to_string() }));
                 self.charge_unjournaled(hold, LedgerKind::ModelUsage, actual, details)
                     .await;
                 return Err(Stop::Fail(job_error("model_error", e.to_string())));
@@ -1074,11 +1117,20 @@ impl Runner {
 
     /// Settle every hold of steps that did not finish (the loop is stopping). A tool call whose
     /// start is journaled may have had its effects, so it is charged as one call, like a call a
-    /// crash interrupted — else stopping jobs mid-call would run calls no budget counts; every
-    /// other hold (a model call, a call still waiting for approval) is released. With `lost`
-    /// (another host owns the job now), the started calls are left to the new owner, which
-    /// resumes and charges them.
+    /// crash interrupted — else stopping jobs mid-call would run calls no budget counts. A model
+    /// call cut off mid-answer was made all the same (its provider bills what it generated): it
+    /// is charged as one request with estimates, whoever owns the job now (nothing journaled it,
+    /// so no new owner will). Every other hold (a call still waiting for approval) is released.
+    /// With `lost` (another host owns the job now), the started tool calls are left to the new
+    /// owner, which resumes and charges them.
     pub(crate) async fn release_all(&self, lost: bool) {
+        let models: HashMap<Uuid, ModelAttempt> =
+            std::mem::take(&mut *self.models_in_flight.lock().unwrap_or_else(|e| e.into_inner()));
+        for (hold, attempt) in &models {
+            let (actual, details) = attempt.charge(json!({ "interrupted": true, "reason": "job stopped" }));
+            self.charge_unjournaled(*hold, LedgerKind::ModelUsage, actual, details)
+                .await;
+        }
         let ids: Vec<Uuid> = self.held.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
         let started: HashMap<Uuid, (String, journal::ToolStarted)> = {
             let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());

@@ -198,6 +198,18 @@ export class Context {
 // ---------------------------------------------------------------------------------------------
 // Plugins and tools
 
+/** A handler's result as output JSON text (`undefined` is `null`). */
+function outputJson(output) {
+  const json = JSON.stringify(output);
+  return json === undefined ? 'null' : json;
+}
+
+/** What a handler threw, as a WIT `tool-error` value. */
+function witError(e) {
+  if (e instanceof ToolError) return e.toWit();
+  return { tag: 'failed', val: e instanceof Error ? `${e.name}: ${e.message}` : String(e) };
+}
+
 const NAME = /^[a-z0-9_-]{1,64}$/;
 
 /** A plugin: name, version, description and the tools it offers. */
@@ -249,7 +261,11 @@ export class Plugin {
     };
   }
 
-  /** Run one tool: returns the output JSON text, or throws a WIT `tool-error` value. */
+  /**
+   * Run one tool: returns the output JSON text, or throws a WIT `tool-error` value. An async
+   * handler (one returning a Promise, e.g. awaiting `fetch`) gives a Promise of the same: the
+   * component runs its event loop until it settles, within the call's deadline.
+   */
   run(witCtx, name, argumentsJson) {
     const found = this.tools.get(name);
     if (found === undefined) throw { tag: 'unknown-tool', val: name };
@@ -263,12 +279,14 @@ export class Plugin {
       const problem = check(found.spec.input ?? { type: 'object' }, input);
       if (problem) throw new InvalidInput(`arguments do not match the input schema: ${problem}`);
       const output = found.handler(input, new Context(witCtx));
-      if (output instanceof Promise) throw new Failed('tool handlers must be synchronous');
-      const json = JSON.stringify(output);
-      return json === undefined ? 'null' : json;
+      if (output instanceof Promise) {
+        return output.then(outputJson).catch((e) => {
+          throw witError(e);
+        });
+      }
+      return outputJson(output);
     } catch (e) {
-      if (e instanceof ToolError) throw e.toWit();
-      throw { tag: 'failed', val: e instanceof Error ? `${e.name}: ${e.message}` : String(e) };
+      throw witError(e);
     }
   }
 
@@ -276,7 +294,10 @@ export class Plugin {
   exports() {
     return {
       describe: () => this.info(),
-      call: (ctx, tool, args) => ({ json: this.run(ctx, tool, args) }),
+      call: (ctx, tool, args) => {
+        const json = this.run(ctx, tool, args);
+        return json instanceof Promise ? json.then((text) => ({ json: text })) : { json };
+      },
     };
   }
 }

@@ -71,6 +71,32 @@ impl App {
         grant: impl FnOnce(&App, &mut Grants) -> Result<(), AppError>,
     ) -> Result<Installed, AppError> {
         let plugin = self.sandbox.prepare_as(request.bytes, request.label).await?;
+        let sha256 = plugin.sha256.clone();
+        let installed = self.install_prepared(request, plugin, confirm, grant).await;
+        if installed.is_err() {
+            // Refused or failed: neither the component nor its compiled code is kept, unless an
+            // installed plugin uses the same one.
+            self.drop_component_if_unused(&sha256).await?;
+        }
+        installed
+    }
+
+    /// Delete component `sha256` and everything cached for it, unless an installed plugin uses it.
+    pub(crate) async fn drop_component_if_unused(&self, sha256: &str) -> Result<(), AppError> {
+        if !self.db.component_in_use(sha256).await? {
+            let _ = self.components.remove(sha256);
+            self.sandbox.forget(sha256);
+        }
+        Ok(())
+    }
+
+    async fn install_prepared(
+        &self,
+        request: InstallRequest<'_>,
+        plugin: Arc<PreparedPlugin>,
+        confirm: impl FnOnce(&PluginRecord, &PreparedPlugin) -> Result<(), AppError>,
+        grant: impl FnOnce(&App, &mut Grants) -> Result<(), AppError>,
+    ) -> Result<Installed, AppError> {
         let name = plugin.info.name.clone();
         let previous = self.db.get_plugin(&name).await?;
 
@@ -155,18 +181,13 @@ impl App {
         // was read before it.
         let expected = previous.as_ref().map(|p| p.updated_at.as_str());
         if !self.db.replace_plugin_if(&record, request.owner, expected).await? {
-            if !self.db.component_in_use(&plugin.sha256).await? {
-                let _ = self.components.remove(&plugin.sha256);
-            }
             return Err(AppError::user(format!(
                 "`{name}` changed while this install was under way (installed, granted, revoked, replaced or removed by another command): nothing was installed; run it again"
             )));
         }
         let replaced = replacing.cloned();
-        if let Some(old) = &replaced
-            && !self.db.component_in_use(&old.sha256).await?
-        {
-            let _ = self.components.remove(&old.sha256);
+        if let Some(old) = &replaced {
+            self.drop_component_if_unused(&old.sha256).await?;
         }
         let scratch = &self.sandbox.config().scratch;
         notes.extend(reach_warnings(&plugin.info, &plugin.imports, &grants, scratch));

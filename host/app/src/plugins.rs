@@ -375,9 +375,7 @@ impl App {
         caller.require(Role::Admin)?;
         let record = self.record(name).await?;
         self.db.remove_plugin(name).await?;
-        if !self.db.component_in_use(&record.sha256).await? {
-            let _ = self.components.remove(&record.sha256);
-        }
+        self.drop_component_if_unused(&record.sha256).await?;
         Ok(Removed {
             removed: name.to_string(),
         })

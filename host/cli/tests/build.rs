@@ -42,3 +42,96 @@ fn a_directory_of_no_known_language_is_one_clear_error() {
     common::one_clear_line(&stderr);
     assert!(stderr.contains("--lang rust|python|js|c"), "{stderr}");
 }
+
+/// A JavaScript tool may be async (`fetch` returns a Promise): the component runs its event loop
+/// until the handler's Promise settles, so a granted `fetch` gives the tool its response, and a
+/// rejected Promise is the tool's error. A tool whose result is `null` prints `null`.
+#[test]
+fn a_javascript_tool_awaits_fetch_and_null_is_an_output() {
+    // A one-page HTTP server on loopback.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            use std::io::{BufRead as _, Write as _};
+            let mut reader = std::io::BufReader::new(&stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let body = "fetched by keel";
+            let _ = write!(
+                &stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("package.json"),
+        r#"{"name": "netjs", "type": "module", "main": "tool.js", "keel": {"http": true}}"#,
+    )
+    .unwrap();
+    let tool = r#"
+import { Plugin, Failed, schema } from '@keel/sdk';
+const plugin = new Plugin({ name: 'netjs', version: '0.1.0', description: 'async tools' });
+plugin.tool(
+  { name: 'fetch', description: 'GET a URL', connects: ['127.0.0.1:PORT'], input: schema.object({ url: schema.string() }) },
+  async ({ url }) => {
+    const response = await fetch(url);
+    return { status: response.status, text: await response.text() };
+  },
+);
+plugin.tool({ name: 'reject', description: 'fails later', input: schema.object({}) }, async () => {
+  await null;
+  throw new Failed('no luck');
+});
+plugin.tool({ name: 'nothing', description: 'returns null', input: schema.object({}) }, () => null);
+export const tools = plugin.exports();
+"#
+    .replace("PORT", &port.to_string());
+    std::fs::write(project.path().join("tool.js"), tool).unwrap();
+
+    let home = tempfile::tempdir().unwrap();
+    let component = project.path().join("netjs.wasm");
+    common::expect(
+        home.path(),
+        &[
+            "build",
+            project.path().to_str().unwrap(),
+            "-o",
+            component.to_str().unwrap(),
+        ],
+        0,
+    );
+    let allow = format!("127.0.0.1:{port}");
+    common::expect(
+        home.path(),
+        &[
+            "install",
+            component.to_str().unwrap(),
+            "--allow-net",
+            &allow,
+            "--allow-private-network",
+        ],
+        0,
+    );
+    let url = json!({ "url": format!("http://127.0.0.1:{port}/page") }).to_string();
+    let out = common::expect(home.path(), &["call", "netjs/fetch", &url], 0);
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value, json!({"status": 200, "text": "fetched by keel"}));
+
+    let out = common::expect(home.path(), &["call", "netjs/reject", "{}", "--json"], 1);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["error"]["kind"], "failed", "{report}");
+    assert!(
+        report["error"]["message"].as_str().unwrap().contains("no luck"),
+        "{report}"
+    );
+
+    let out = common::expect(home.path(), &["call", "netjs/nothing", "{}"], 0);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "null");
+}

@@ -72,8 +72,8 @@ pub struct ToolResult {
     pub ran: bool,
     /// `plugin/tool`.
     pub tool: String,
-    /// The tool's JSON output, when it succeeded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The tool's JSON output, when it succeeded (`Some(null)` when that output is `null`).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
     pub output: Option<Value>,
     /// The tool's error, when it ran and failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,6 +84,12 @@ pub struct ToolResult {
     /// What the tool said besides its result.
     #[serde(default, skip_serializing_if = "Diagnostics::is_empty")]
     pub diagnostics: Diagnostics,
+}
+
+/// A field that is there is `Some`, even when it is `null` (serde reads a `null` `Option` as
+/// `None`, which would turn a tool's `null` output into no output at all).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// How the model's text of a refused call begins (`content` of a refusal).
@@ -354,6 +360,20 @@ mod tests {
         let payload = entry.payload();
         assert_eq!(payload.field("v"), Some(json!(1)));
         assert_eq!(Entry::decode("t1/c0/result", entry.kind(), &payload).unwrap(), entry);
+    }
+
+    /// A tool's `null` output stays an output: it was read back as none, and `keel call` of a
+    /// tool returning `null` failed with "the call ended SUCCEEDED".
+    #[test]
+    fn a_null_output_is_an_output() {
+        let mut result: ToolResult = serde_json::from_value(json!({
+            "content": "null", "is_error": false, "ran": true, "tool": "t/n", "output": null
+        }))
+        .unwrap();
+        assert_eq!(result.output, Some(Value::Null));
+        result.output = None;
+        let absent = serde_json::to_value(&result).unwrap();
+        assert_eq!(serde_json::from_value::<ToolResult>(absent).unwrap().output, None);
     }
 
     /// Every kind's payload is an object its version is added to (`payload` relies on it).

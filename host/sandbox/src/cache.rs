@@ -411,6 +411,27 @@ impl ArtifactCache {
         }
     }
 
+    /// Delete everything kept for component `sha256` (its artifacts for any engine, seals and
+    /// notes): its plugin was removed, replaced or refused. Best effort: what cannot be deleted
+    /// stays, and is verified like anything else if ever read.
+    pub fn forget(&self, sha256: &str) {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(sha256)) else {
+                continue;
+            };
+            if rest.starts_with('-') || rest.starts_with('.') {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// Keep a small verified note about component `sha256` (e.g. the metadata read from its
     /// custom sections), so a start that maps the artifact need not read the component.
     pub(crate) fn put_note(&self, sha256: &str, kind: &str, note: &[u8]) {

@@ -654,6 +654,18 @@ impl Sandbox {
         })
     }
 
+    /// Forget component `sha256`: its prepared plugins in this process and everything the
+    /// artifact cache keeps for it (its plugin was removed, replaced or refused at install).
+    pub fn forget(&self, sha256: &str) {
+        let prefix = format!("{sha256}/");
+        self.inner
+            .prepared
+            .lock()
+            .expect("prepared lock")
+            .retain(|key, _| !key.starts_with(&prefix));
+        self.inner.cache.forget(sha256);
+    }
+
     fn memo_key(sha256: &str, label: Option<&str>) -> String {
         format!("{sha256}/{}", label.unwrap_or_default())
     }

@@ -118,17 +118,12 @@ impl Roots {
             return Err(self.outside(path));
         };
         if !absolute {
-            // A relative path is relative to the only granted directory, if there is exactly one.
-            return match self.0.as_slice() {
-                [root] => Ok(Resolved {
-                    root,
-                    rel: components.join("/"),
-                }),
-                _ => Err(ToolError::invalid_input(format!(
-                    "`{path}` is relative; use an absolute path inside the granted directories: {}",
-                    self.describe()
-                ))),
-            };
+            // Not resolved against a granted directory: a policy matches the path as written,
+            // so a relative path would reach files its rules name only absolutely.
+            return Err(ToolError::invalid_input(format!(
+                "`{path}` is relative; use an absolute path inside the granted directories: {}",
+                self.describe()
+            )));
         }
         for root in &self.0 {
             if components.len() >= root.components.len() && components[..root.components.len()] == root.components[..] {

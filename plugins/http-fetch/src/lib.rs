@@ -42,7 +42,11 @@ struct Url {
 
 impl Url {
     fn parse(text: &str) -> Result<Url, String> {
-        let text = text.trim();
+        // Exactly as written: a policy matches the URL it is given, so this plugin must not
+        // fetch another spelling of it (a trimmed one, say).
+        if text.trim() != text {
+            return Err(format!("`{text}` has leading or trailing whitespace"));
+        }
         let (scheme, rest) = text
             .split_once("://")
             .ok_or_else(|| format!("`{text}` is not an absolute URL"))?;

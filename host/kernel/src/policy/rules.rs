@@ -128,9 +128,9 @@ impl Condition {
         if let Some(g) = &self.glob {
             let matched = v.as_str().is_some_and(|s| match path_spelling(s) {
                 PathSpelling::Resolved(path) => g.matches(&path),
-                // Both spellings must be allowed; either one is caught.
-                PathSpelling::Respelled(url) if permits => g.matches(s) && g.matches(&url),
-                PathSpelling::Respelled(url) => g.matches(s) || g.matches(&url),
+                // Every spelling must be allowed; any one is caught.
+                PathSpelling::Several { all, .. } if permits => all.iter().all(|one| g.matches(one)),
+                PathSpelling::Several { all, also_caught } => all.iter().chain(&also_caught).any(|one| g.matches(one)),
                 PathSpelling::Escapes => !permits,
             });
             if !matched {
@@ -176,10 +176,16 @@ pub(crate) enum PathSpelling<'a> {
     /// The canonical spelling: `//` collapsed, `.` dropped, `..` resolved against the component
     /// before it (borrowed when already canonical, the usual case).
     Resolved(Cow<'a, str>),
-    /// A URL whose WHATWG spelling (what an HTTP client sends) differs from how it was written:
-    /// a glob that allows must match both spellings, a glob that denies or asks either one.
-    /// Both, because a policy's own URLs may be spelled either way (`HTTPS://Host:443`).
-    Respelled(String),
+    /// Spellings a tool may act on for one value, e.g. a URL as written and as an HTTP client
+    /// sends it (a policy's own URLs may be spelled either way: `HTTPS://Host:443`), a path
+    /// naming a directory with and without its trailing `/` (`key.txt/.` opens the file
+    /// `key.txt`): a glob that allows must match every one in `all`, a glob that denies or asks
+    /// any one, or `also_caught`: `https://host/` for `https://host` (the request goes to `/`,
+    /// so `https://host/**` catches it, while an allow of `https://host` still allows it).
+    Several {
+        all: Vec<String>,
+        also_caught: Option<String>,
+    },
     /// A `..` climbs above the root (or above the start of a relative path), or a URL no parser
     /// accepts: where it lands is unknown, so no glob may allow it and every deny or
     /// require-approval glob catches it.
@@ -193,9 +199,20 @@ pub(crate) fn path_spelling(s: &str) -> PathSpelling<'_> {
     if is_url(s) {
         return url_spelling(s);
     }
+    // A URL behind whitespace is no URL to this parser, but one to a tool that trims first.
+    let trimmed = s.trim();
+    if trimmed.len() != s.len() && is_url(trimmed) {
+        return PathSpelling::Escapes;
+    }
     let dotted = s.split('/').any(|seg| seg == "." || seg == "..");
     if !dotted && !s.contains("//") {
-        return PathSpelling::Resolved(Cow::Borrowed(s));
+        return match s.strip_suffix('/') {
+            Some(file) if !file.is_empty() => PathSpelling::Several {
+                all: vec![s.to_string(), file.to_string()],
+                also_caught: None,
+            },
+            _ => PathSpelling::Resolved(Cow::Borrowed(s)),
+        };
     }
     let absolute = s.starts_with('/');
     let mut kept: Vec<&str> = Vec::new();
@@ -210,10 +227,10 @@ pub(crate) fn path_spelling(s: &str) -> PathSpelling<'_> {
             name => kept.push(name),
         }
     }
-    // A path ending in `/`, `/.` or `/..` names a directory: keep the trailing `/` so a glob
-    // sees the same shape as the plain spelling `dir/`.
+    // A path ending in `/`, `/.` or `/..` names a directory as `dir/`, but a tool may open
+    // whatever is there, a file too: both spellings, as for the plain spelling `dir/`.
     let dir = s.ends_with('/') || s.ends_with("/.") || s.ends_with("/..");
-    let mut out = String::with_capacity(s.len());
+    let mut out = String::with_capacity(s.len() + 1);
     if absolute {
         out.push('/');
     }
@@ -223,7 +240,12 @@ pub(crate) fn path_spelling(s: &str) -> PathSpelling<'_> {
             out.push('.');
         }
     } else if dir {
+        let file = out.clone();
         out.push('/');
+        return PathSpelling::Several {
+            all: vec![out, file],
+            also_caught: None,
+        };
     }
     PathSpelling::Resolved(Cow::Owned(out))
 }
@@ -232,7 +254,8 @@ pub(crate) fn path_spelling(s: &str) -> PathSpelling<'_> {
 /// host lower-cased, a default port dropped, `\` read as `/` in `http(s)`, `.`/`..` and their
 /// percent-encoded forms resolved (clamped at the root, as servers do), and percent-escapes of
 /// unreserved characters decoded in the path (RFC 3986 §6.2.2.2: `%61dmin` is `admin` to the
-/// server). A URL with an empty path keeps it empty (`https://host` is not `https://host/`).
+/// server). A URL with an empty path is spelled both ways (`https://host` and `https://host/`):
+/// the request goes to `/`, but a policy may have written either.
 fn url_spelling(s: &str) -> PathSpelling<'_> {
     let Ok(mut url) = url::Url::parse(s) else {
         return PathSpelling::Escapes;
@@ -245,13 +268,21 @@ fn url_spelling(s: &str) -> PathSpelling<'_> {
     let authority_only = s
         .split_once("://")
         .is_some_and(|(_, rest)| !rest.contains(['/', '\\', '?', '#']));
+    let mut also_caught = None;
     if authority_only && spelled.ends_with('/') {
+        also_caught = Some(spelled.clone());
         spelled.pop();
     }
-    if spelled == s {
-        PathSpelling::Resolved(Cow::Borrowed(s))
-    } else {
-        PathSpelling::Respelled(spelled)
+    match (spelled == s, also_caught) {
+        (true, None) => PathSpelling::Resolved(Cow::Borrowed(s)),
+        (true, also_caught) => PathSpelling::Several {
+            all: vec![spelled],
+            also_caught,
+        },
+        (false, also_caught) => PathSpelling::Several {
+            all: vec![s.to_string(), spelled],
+            also_caught,
+        },
     }
 }
 

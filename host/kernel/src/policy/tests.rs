@@ -327,9 +327,6 @@ fn path_spellings() {
         ("/ws/out/../secret/x", "/ws/secret/x"),
         ("//etc//passwd", "/etc/passwd"),
         ("/./etc/./passwd", "/etc/passwd"),
-        ("/etc/.", "/etc/"),
-        ("/etc/x/..", "/etc/"),
-        ("/etc/", "/etc/"),
         ("/", "/"),
         ("/x/..", "/"),
         ("a/./b/../c", "a/c"),
@@ -344,6 +341,17 @@ fn path_spellings() {
         path_spelling("/ws/out/x"),
         PathSpelling::Resolved(std::borrow::Cow::Borrowed(_))
     ));
+    // A trailing `/` (or `/.`, `/..`) names a directory, but a tool may open a file there.
+    for given in ["/etc/.", "/etc/x/..", "/etc/", "/etc//"] {
+        assert_eq!(
+            path_spelling(given),
+            PathSpelling::Several {
+                all: vec!["/etc/".into(), "/etc".into()],
+                also_caught: None
+            },
+            "{given}"
+        );
+    }
     for escaping in [
         "/..",
         "/../etc",
@@ -360,8 +368,15 @@ fn path_spellings() {
 #[test]
 fn url_spellings() {
     use super::rules::{PathSpelling, path_spelling};
+    assert_eq!(
+        path_spelling("https://api.example.com"),
+        PathSpelling::Several {
+            all: vec!["https://api.example.com".into()],
+            also_caught: Some("https://api.example.com/".into())
+        },
+        "an empty path is requested as `/`"
+    );
     for unchanged in [
-        "https://api.example.com",
         "https://api.example.com/",
         "https://api.example.com/v1/x?q=1#top",
         "https://api.example.com:8443/v1/%2Fx",
@@ -373,9 +388,15 @@ fn url_spellings() {
             "{unchanged}"
         );
     }
+    assert_eq!(
+        path_spelling("HTTPS://API.example.com:443"),
+        PathSpelling::Several {
+            all: vec!["HTTPS://API.example.com:443".into(), "https://api.example.com".into()],
+            also_caught: Some("https://api.example.com/".into())
+        }
+    );
     for (given, spelled) in [
         ("https://example.com//a/../b", "https://example.com//b"),
-        ("HTTPS://API.example.com:443", "https://api.example.com"),
         (
             "https://api.example.com/v1/%2e%2E/%61dmin%2F",
             "https://api.example.com/admin%2F",
@@ -384,9 +405,23 @@ fn url_spellings() {
         ("https://h/../../x", "https://h/x"),
         ("s3://bucket/a/../b", "s3://bucket/b"),
     ] {
-        assert_eq!(path_spelling(given), PathSpelling::Respelled(spelled.into()), "{given}");
+        assert_eq!(
+            path_spelling(given),
+            PathSpelling::Several {
+                all: vec![given.into(), spelled.into()],
+                also_caught: None
+            },
+            "{given}"
+        );
     }
-    for unplaceable in ["https://h:99999/", "https://a b/", "http://[::1/x"] {
+    for unplaceable in [
+        "https://h:99999/",
+        "https://a b/",
+        "http://[::1/x",
+        " https://h/x",
+        "\u{a0}https://h/x",
+        "\thttps://h/x",
+    ] {
         assert_eq!(path_spelling(unplaceable), PathSpelling::Escapes, "{unplaceable}");
     }
 }
@@ -994,4 +1029,95 @@ fn single_bracket_rule_table_gets_a_hint() {
     let (line, msg) = load_err("default = \"deny\"\n[tool]\nname = \"a\"\n");
     assert_eq!(line, 2, "{msg}");
     assert!(msg.contains("write [[tool]]"), "{msg}");
+}
+
+/// A trailing `/`, `/.` or `/x/..` after a file's name opens that file in most tools: a deny of
+/// the file (exactly or by a wildcard) still holds, and an allow must hold for both spellings.
+#[test]
+fn a_trailing_slash_or_dot_does_not_get_past_a_path_deny() {
+    let p = policy(
+        r#"
+default = "allow"
+
+[[tool]]
+name = "no-key"
+tools = ["fs/*"]
+decision = "deny"
+when = { path = { glob = "/data/secret/key.txt" } }
+
+[[tool]]
+name = "no-txt"
+tools = ["fs/write"]
+decision = "deny"
+when = { path = { glob = "/data/**/*.txt" } }
+"#,
+    );
+    let d = |tool_name: &str, path: &str| p.evaluate(&tool(tool_name, &json!({ "path": path }))).outcome;
+    for path in [
+        "/data/secret/key.txt",
+        "/data/secret/key.txt/",
+        "/data/secret/key.txt/.",
+        "/data/secret/key.txt/x/..",
+        "/data/secret//key.txt//",
+    ] {
+        assert_eq!(d("fs/read", path), Outcome::Deny, "{path}");
+    }
+    for path in ["/data/public.txt/", "/data/public.txt/."] {
+        assert_eq!(d("fs/write", path), Outcome::Deny, "{path}");
+    }
+    assert_eq!(d("fs/write", "/data/public.md"), Outcome::Allow);
+}
+
+/// Whitespace before a URL makes it no URL to the policy's parser but a URL to a tool that
+/// trims: it is caught by deny and approval globs and allowed by none. A URL with an empty path
+/// is requested as `/`, so a `https://host/**` glob covers it.
+#[test]
+fn url_spellings_a_tool_may_fetch_are_caught() {
+    let p = policy(
+        r#"
+default = "allow"
+
+[[tool]]
+name = "no-secret"
+tools = ["http-fetch/*"]
+decision = "deny"
+when = { url = { glob = "http://127.0.0.1:18931/secret/**" } }
+
+[[tool]]
+name = "ask-internal"
+tools = ["http-fetch/*"]
+decision = "require_approval"
+when = { url = { glob = "http://internal.example/**" } }
+
+[[tool]]
+name = "only-api"
+tools = ["http-fetch/post"]
+decision = "allow"
+when = { url = { glob = "https://api.example.com/**" } }
+
+[[tool]]
+name = "no-other-posts"
+tools = ["http-fetch/post"]
+decision = "deny"
+"#,
+    );
+    let d = |tool_name: &str, url: &str| p.evaluate(&tool(tool_name, &json!({ "url": url }))).outcome;
+    for url in [
+        "http://127.0.0.1:18931/secret/key.txt",
+        " http://127.0.0.1:18931/secret/key.txt",
+        "\u{a0}http://127.0.0.1:18931/secret/key.txt",
+        "\thttp://127.0.0.1:18931/secret/key.txt",
+        "\u{3000}http://127.0.0.1:18931/secret/key.txt",
+    ] {
+        assert_eq!(d("http-fetch/get", url), Outcome::Deny, "{url:?}");
+    }
+    for url in [
+        "http://internal.example",
+        "HTTP://internal.example",
+        "http://internal.example/",
+    ] {
+        assert_eq!(d("http-fetch/get", url), Outcome::RequireApproval, "{url}");
+    }
+    assert_eq!(d("http-fetch/post", "https://api.example.com/v1"), Outcome::Allow);
+    assert_eq!(d("http-fetch/post", " https://api.example.com/v1"), Outcome::Deny);
 }

@@ -49,8 +49,17 @@ impl PolicyChoice {
             return Self::file(path);
         }
         let default = home.join(DEFAULT_POLICY_FILE);
-        if default.exists() {
-            return Self::file(&default);
+        // Anything there is the policy, readable or not (a dangling symlink, no permission): a
+        // policy that cannot be read fails closed; only no entry at all means "no policy".
+        match std::fs::symlink_metadata(&default) {
+            Ok(_) => return Self::file(&default),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(AppError::user(format!(
+                    "cannot read the policy file {}: {e}",
+                    default.display()
+                )));
+            }
         }
         Ok(Self {
             policy: Policy::allow_all(),

@@ -195,3 +195,21 @@ fn a_call_over_the_scope_budget_is_refused() {
     let usage = home.json(&["ledger", "usage", "--json"]);
     assert_eq!(usage["usage"]["tool_calls"], 1, "{usage}");
 }
+
+/// A home's `policy.toml` that cannot be read (here a symbolic link whose target was moved
+/// away) fails closed: the call is refused, never run under allow-all.
+#[test]
+fn an_unreadable_home_policy_refuses_the_call() {
+    let home = Home::with_hello();
+    let target = home.path().join("kept-elsewhere.toml");
+    std::fs::write(&target, "default = \"deny\"\n").unwrap();
+    std::os::unix::fs::symlink(&target, home.path().join("policy.toml")).unwrap();
+    let err = common::expect(home.path(), &["call", "hello/greet", r#"{"name":"Ada"}"#], 1);
+    assert!(String::from_utf8_lossy(&err.stderr).contains("denied"), "the policy applies");
+    std::fs::remove_file(&target).unwrap();
+    let out = common::expect(home.path(), &["call", "hello/greet", r#"{"name":"Ada"}"#], 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    common::one_clear_line(&stderr);
+    assert!(stderr.contains("policy"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing ran: {}", String::from_utf8_lossy(&out.stdout));
+}

@@ -201,7 +201,11 @@ pub fn dry_run(file: &Path, request: &DryRunRequest) -> Result<DryRun, AppError>
             if *session_approved && let Some(session) = &request.session {
                 approvals.approve_call(SessionKey::new(&request.scope, session), tool, &arguments);
             }
-            let decision = policy.evaluate_with(
+            let stands_for = tool
+                .split_once('/')
+                .and_then(|(plugin, name)| crate::tools::alias_target(plugin, name))
+                .map(|(plugin, name)| format!("{plugin}/{name}"));
+            let decision = policy.evaluate_tool_with(
                 &PolicyRequest::Tool {
                     tool,
                     arguments: &arguments,
@@ -211,6 +215,7 @@ pub fn dry_run(file: &Path, request: &DryRunRequest) -> Result<DryRun, AppError>
                     tool_calls_this_turn: request.tool_calls_this_turn,
                     turn: request.turn,
                 },
+                stands_for.as_deref(),
                 &approvals,
             );
             (tool.clone(), decision)

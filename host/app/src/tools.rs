@@ -227,12 +227,14 @@ fn descriptor(plugin: &str, tool: &ToolInfo, timeout: Option<std::time::Duration
         output_schema: tool.output_schema.clone(),
         idempotent: tool.idempotent,
         timeout,
+        stands_for: None,
     }
 }
 
 /// `descriptor` offered under an alias of plugin `target`'s tool.
 fn aliased(mut descriptor: ToolDescriptor, target: &str) -> ToolDescriptor {
     descriptor.description = format!("{} (alias of {target}/{})", descriptor.description, descriptor.name);
+    descriptor.stands_for = Some(format!("{target}/{}", descriptor.name));
     descriptor
 }
 

@@ -205,11 +205,18 @@ fn an_unreadable_home_policy_refuses_the_call() {
     std::fs::write(&target, "default = \"deny\"\n").unwrap();
     std::os::unix::fs::symlink(&target, home.path().join("policy.toml")).unwrap();
     let err = common::expect(home.path(), &["call", "hello/greet", r#"{"name":"Ada"}"#], 1);
-    assert!(String::from_utf8_lossy(&err.stderr).contains("denied"), "the policy applies");
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("denied"),
+        "the policy applies"
+    );
     std::fs::remove_file(&target).unwrap();
     let out = common::expect(home.path(), &["call", "hello/greet", r#"{"name":"Ada"}"#], 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
     common::one_clear_line(&stderr);
     assert!(stderr.contains("policy"), "{stderr}");
-    assert!(out.stdout.is_empty(), "nothing ran: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "nothing ran: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -28,6 +28,10 @@ pub struct ToolDescriptor {
     /// after the real deadline rather than the agent-wide maximum.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_millis")]
     pub timeout: Option<std::time::Duration>,
+    /// For a tool offered under an alias (`python/run`), the `plugin/tool` it stands for
+    /// (`python-exec/run`): policy rules on either name apply to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stands_for: Option<String>,
 }
 
 /// `Option<Duration>` as whole milliseconds.
@@ -319,6 +323,7 @@ mod tests {
             output_schema: None,
             idempotent: false,
             timeout: None,
+            stands_for: None,
         }
     }
 

@@ -172,6 +172,7 @@ mod tests {
             output_schema: Some(serde_json::json!({"type": "string"})),
             idempotent: true,
             timeout: None,
+            stands_for: None,
         };
         let tool = serde_json::to_value(mcp_tool(&d)).unwrap();
         assert_eq!(tool["name"], "hello__greet");

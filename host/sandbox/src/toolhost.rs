@@ -63,6 +63,7 @@ impl ToolHost for SandboxToolHost {
                         output_schema: tool.output_schema.clone(),
                         idempotent: tool.idempotent,
                         timeout: Some(installed.limits.timeout()),
+                        stands_for: None,
                     })
                 })
                 .collect())

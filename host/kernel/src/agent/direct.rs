@@ -76,7 +76,7 @@ impl AgentRuntime {
         if schema::validate(&desc.input_schema, &call.arguments).is_err() {
             return Ok(None);
         }
-        let decision = policy.evaluate_with(
+        let decision = policy.evaluate_tool_with(
             &PolicyRequest::Tool {
                 tool: &call.tool,
                 arguments: &call.arguments,
@@ -86,6 +86,7 @@ impl AgentRuntime {
                 tool_calls_this_turn: 0,
                 turn: 1,
             },
+            desc.stands_for.as_deref(),
             inner.approvals.as_ref(),
         );
         if !matches!(decision.outcome, Outcome::Allow | Outcome::Warn) {

@@ -1255,7 +1255,7 @@ impl Runner {
             let msg = format!("invalid input for `{tool}`: {}", errors.join("; "));
             return self.refuse(&base, call, &tool, "invalid_input", msg).await;
         }
-        let decision = self.policy.evaluate_with(
+        let decision = self.policy.evaluate_tool_with(
             &PolicyRequest::Tool {
                 tool: &tool,
                 arguments: args,
@@ -1265,6 +1265,7 @@ impl Runner {
                 tool_calls_this_turn: idx as u32,
                 turn,
             },
+            desc.stands_for.as_deref(),
             self.rt.approvals.as_ref(),
         );
         match decision.outcome {

@@ -167,6 +167,7 @@ impl FakeTools {
             output_schema: None,
             idempotent,
             timeout: None,
+            stands_for: None,
         };
         let f: ToolFn = Arc::new(move |args| Box::pin(f(args)));
         self.tools.lock().unwrap_or_else(|e| e.into_inner()).push((desc, f));

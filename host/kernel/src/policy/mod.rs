@@ -242,6 +242,54 @@ impl Policy {
         self.evaluate_inner(request, Some(approvals))
     }
 
+    /// Decide a tool call whose tool is also known as `stands_for` (an alias's real name, see
+    /// [`crate::tool::ToolDescriptor::stands_for`]): the more severe decision of the two names, so
+    /// a rule written for either applies.
+    pub fn evaluate_tool_with(
+        &self,
+        request: &PolicyRequest<'_>,
+        stands_for: Option<&str>,
+        approvals: &dyn SessionApprovalStore,
+    ) -> PolicyDecision {
+        let decision = self.evaluate_with(request, approvals);
+        let (
+            Some(other),
+            PolicyRequest::Tool {
+                arguments,
+                scope,
+                principal,
+                session,
+                tool_calls_this_turn,
+                turn,
+                ..
+            },
+        ) = (stands_for, request)
+        else {
+            return decision;
+        };
+        let as_other = self.evaluate_with(
+            &PolicyRequest::Tool {
+                tool: other,
+                arguments,
+                scope,
+                principal,
+                session: *session,
+                tool_calls_this_turn: *tool_calls_this_turn,
+                turn: *turn,
+            },
+            approvals,
+        );
+        // A session approval of this very call (under the name it was made by) answers the
+        // other name's REQUIRE_APPROVAL too; a DENY under either name still holds.
+        let session_approved = decision.applied_rules.iter().any(|r| r == SESSION_APPROVAL_RULE);
+        let answered = session_approved && as_other.outcome == Outcome::RequireApproval;
+        if as_other.outcome > decision.outcome && !answered {
+            as_other
+        } else {
+            decision
+        }
+    }
+
     fn evaluate_inner(
         &self,
         request: &PolicyRequest<'_>,

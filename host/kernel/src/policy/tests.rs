@@ -1121,3 +1121,62 @@ decision = "deny"
     assert_eq!(d("http-fetch/post", "https://api.example.com/v1"), Outcome::Allow);
     assert_eq!(d("http-fetch/post", " https://api.example.com/v1"), Outcome::Deny);
 }
+
+/// A tool offered under an alias (`python/run` for `python-exec/run`) is governed by rules on
+/// either name, the more severe winning; a session approval of the call as made answers an
+/// approval rule on the other name, never a deny.
+#[test]
+fn rules_on_an_aliased_tools_real_name_apply() {
+    let p = policy(
+        r#"
+default = "allow"
+
+[[tool]]
+name = "ask-code"
+tools = ["python-exec/*"]
+decision = "require_approval"
+
+[[tool]]
+name = "no-js"
+tools = ["js-exec/*"]
+decision = "deny"
+"#,
+    );
+    let args = json!({ "code": "print(1)" });
+    let request = |tool: &'static str| PolicyRequest::Tool {
+        tool,
+        arguments: &args,
+        scope: "s",
+        principal: "p",
+        session: Some("sess"),
+        tool_calls_this_turn: 0,
+        turn: 1,
+    };
+    let approvals = SessionApprovals::new();
+    let decide = |tool: &'static str, real: &str| p.evaluate_tool_with(&request(tool), Some(real), &approvals).outcome;
+    assert_eq!(
+        p.evaluate(&request("python/run")).outcome,
+        Outcome::Allow,
+        "by its alias alone"
+    );
+    assert_eq!(decide("python/run", "python-exec/run"), Outcome::RequireApproval);
+    assert_eq!(decide("javascript/run", "js-exec/run"), Outcome::Deny);
+
+    approvals.approve_call(SessionKey::new("s", "sess"), "python/run", &args);
+    let p2 = policy(
+        r#"
+default = "allow"
+
+[[tool]]
+name = "ask-both"
+tools = ["python-exec/*", "python/*"]
+decision = "require_approval"
+"#,
+    );
+    assert_eq!(
+        p2.evaluate_tool_with(&request("python/run"), Some("python-exec/run"), &approvals)
+            .outcome,
+        Outcome::Allow,
+        "approved for the session as made"
+    );
+}

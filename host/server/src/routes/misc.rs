@@ -264,7 +264,12 @@ pub(crate) async fn policy_eval(
     };
     super::plugins::visible(&state, &who, plugin).await?;
     let principal = who.principal.clone().unwrap_or_default();
-    let decision = state.policy.evaluate_with(
+    let stands_for = body
+        .tool
+        .split_once('/')
+        .and_then(|(plugin, name)| keel_app::tools::alias_target(plugin, name))
+        .map(|(plugin, name)| format!("{plugin}/{name}"));
+    let decision = state.policy.evaluate_tool_with(
         &PolicyRequest::Tool {
             tool: &body.tool,
             arguments: &body.arguments,
@@ -274,6 +279,7 @@ pub(crate) async fn policy_eval(
             tool_calls_this_turn: body.tool_calls_this_turn,
             turn: body.turn.unwrap_or(1),
         },
+        stands_for.as_deref(),
         &SessionApprovals::new(),
     );
     Ok(Json(serde_json::to_value(decision).unwrap_or_default()))

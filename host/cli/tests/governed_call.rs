@@ -220,3 +220,51 @@ fn an_unreadable_home_policy_refuses_the_call() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// `keel policy eval` decides what `keel call` would, with the same defaults: no principal
+/// unless one is given (it assumed `cli`, so a rule on principal `cli` was reported as denying
+/// calls that ran).
+#[test]
+fn policy_eval_decides_what_a_call_with_the_same_defaults_gets() {
+    let home = Home::with_hello();
+    let policy = home.policy(
+        "default = \"allow\"\n\n[[tool]]\nname = \"no-cli\"\ntools = [\"hello/*\"]\nprincipals = [\"cli\"]\ndecision = \"deny\"\n",
+    );
+    let args = r#"{"name":"Ada"}"#;
+    let eval = home.json(&[
+        "policy",
+        "eval",
+        "--file",
+        &policy,
+        "--tool",
+        "hello/greet",
+        "--args",
+        args,
+        "--json",
+    ]);
+    assert_eq!(eval["outcome"], "ALLOW", "{eval}");
+    common::expect(home.path(), &["call", "--policy", &policy, "hello/greet", args], 0);
+    let out = common::run(
+        home.path(),
+        &[
+            "policy",
+            "eval",
+            "--file",
+            &policy,
+            "--tool",
+            "hello/greet",
+            "--args",
+            args,
+            "--principal",
+            "cli",
+            "--json",
+        ],
+    );
+    let eval: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(eval["outcome"], "DENY", "{eval}");
+    common::expect(
+        home.path(),
+        &["call", "--policy", &policy, "--principal", "cli", "hello/greet", args],
+        1,
+    );
+}

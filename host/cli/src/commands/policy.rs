@@ -46,8 +46,9 @@ pub enum PolicyCommand {
         /// Scope (tenant).
         #[arg(long, default_value = "default")]
         scope: String,
-        /// Principal (user or service).
-        #[arg(long, default_value = "cli")]
+        /// Principal (user or service); none by default, as `keel call` and `keel run` without
+        /// `--principal`, so the dry run decides what they would.
+        #[arg(long, default_value = "")]
         principal: String,
         /// Session id (session approvals are keyed by it).
         #[arg(long)]
@@ -229,7 +230,7 @@ max_tokens = 100
                 tool: tool.map(str::to_owned),
                 model: model.map(str::to_owned),
                 scope: "default".into(),
-                principal: "cli".into(),
+                principal: String::new(),
                 session: None,
                 args: "{}".into(),
                 session_approved: false,

@@ -401,6 +401,13 @@ fn pattern(cx: &Cx<'_>, p: Spanned<String>, paths: bool) -> Result<Pattern, Poli
     if p.get_ref().is_empty() {
         return Err(cx.err(p.span(), "empty pattern"));
     }
+    if p.get_ref().trim() != p.get_ref() {
+        // ` fs/read` never matches a tool name: a deny rule written so would be dead.
+        return Err(cx.err(
+            p.span(),
+            format!("pattern {:?} has leading or trailing whitespace", p.get_ref()),
+        ));
+    }
     Pattern::compile(p.get_ref(), paths)
         .map_err(|e| cx.err(p.span(), format!("invalid pattern `{}`: {}", p.get_ref(), e.kind())))
 }
@@ -423,6 +430,25 @@ fn condition(cx: &Cx<'_>, rule: &str, key: String, cond: Spanned<ConditionFile>)
             ),
         ));
     }
+    // Values that would quietly change what the rule means: it could never hold, or bound nothing.
+    let refuse = |why: String| Err(cx.err(span.clone(), format!("rule `{rule}`: condition on `{key}`: {why}")));
+    for (name, bound) in [("max", c.max), ("min", c.min)] {
+        if bound.is_some_and(|b| !b.is_finite()) {
+            return refuse(format!("`{name}` is not a finite number"));
+        }
+    }
+    if let (Some(min), Some(max)) = (c.min, c.max)
+        && min > max
+    {
+        return refuse(format!("`min` ({min}) is above `max` ({max}): it could never hold"));
+    }
+    // TOML has no null: a null here was a `nan` or `inf`, which JSON cannot hold.
+    if c.equals.as_ref().is_some_and(has_null) || c.one_of.as_ref().is_some_and(|set| set.iter().any(has_null)) {
+        return refuse("a value in `equals` or `one_of` is not a finite number".into());
+    }
+    if key.starts_with('/') && !valid_pointer(&key) {
+        return refuse("invalid JSON pointer: `~` must be followed by 0 or 1 (RFC 6901)".into());
+    }
     let path = if key.starts_with('/') {
         ArgPath::Pointer(key)
     } else if key.is_empty() {
@@ -440,4 +466,26 @@ fn condition(cx: &Cx<'_>, rule: &str, key: String, cond: Spanned<ConditionFile>)
         max: c.max,
         min: c.min,
     })
+}
+
+/// Whether `v` holds a null anywhere.
+fn has_null(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null => true,
+        Value::Array(items) => items.iter().any(has_null),
+        Value::Object(map) => map.values().any(has_null),
+        _ => false,
+    }
+}
+
+/// Whether every `~` in `pointer` starts an RFC 6901 escape (`~0` or `~1`).
+fn valid_pointer(pointer: &str) -> bool {
+    let mut chars = pointer.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return false;
+        }
+    }
+    true
 }

@@ -1180,3 +1180,33 @@ decision = "require_approval"
         "approved for the session as made"
     );
 }
+
+/// Values that would silently change what a rule means are refused at load, naming them: a bound
+/// that is not a finite number (bounds nothing), `min` above `max` (never holds), a non-finite
+/// `equals`/`one_of` value (TOML `nan` read as JSON null), a pattern with surrounding whitespace
+/// (never matches a tool name) and a JSON pointer with an invalid escape (never matches).
+#[test]
+fn meaningless_conditions_and_patterns_are_refused() {
+    let rule = |when: &str, tools: &str| {
+        format!(
+            "default = \"allow\"\n\n[[tool]]\nname = \"r\"\ntools = [{tools}]\ndecision = \"deny\"\nwhen = {{ {when} }}\n"
+        )
+    };
+    for (when, tools, expected) in [
+        ("length = { max = nan }", "\"fs/read\"", "finite"),
+        ("length = { min = inf }", "\"fs/read\"", "finite"),
+        ("length = { min = 10, max = 1 }", "\"fs/read\"", "min"),
+        ("length = { equals = nan }", "\"fs/read\"", "finite"),
+        ("length = { one_of = [1, nan] }", "\"fs/read\"", "finite"),
+        ("path = { glob = \"/x\" }", "\" fs/read\"", "whitespace"),
+        ("path = { glob = \"/x \" }", "\"fs/read\"", "whitespace"),
+        ("\"/a~2b\" = { equals = 1 }", "\"fs/read\"", "pointer"),
+        ("\"/a~\" = { equals = 1 }", "\"fs/read\"", "pointer"),
+    ] {
+        let (line, msg) = load_err(&rule(when, tools));
+        assert!(line > 0, "{when}");
+        assert!(msg.contains(expected), "{when} {tools}: {msg}");
+    }
+    policy(&rule("\"/a~1b~0c\" = { equals = 1 }", "\"fs/read\""));
+    policy(&rule("length = { min = 1, max = 1 }", "\"fs/read\""));
+}

@@ -325,7 +325,14 @@ fn approval_from_a_second_process() {
     let run = home.spawn_run(&["--tools", "fs"], None);
     let action = home.pending_action();
     assert_eq!(home.effects(), "", "nothing runs before the approval");
-    home.expect(&["actions", "approve", &action], 0);
+    // The approver sees what is to be approved, not only which tool.
+    let listed = home.expect(&["actions", "list"], 0);
+    assert!(
+        listed.contains(r#"arguments: {"content":"line\n","mode":"append","path":"/out/effects.txt"}"#),
+        "{listed}"
+    );
+    let approved = home.expect(&["actions", "approve", &action], 0);
+    assert!(approved.contains("/out/effects.txt"), "{approved}");
     let out = finish(run);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);

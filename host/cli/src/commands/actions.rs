@@ -146,6 +146,10 @@ pub async fn run(home: &Path, cmd: ActionsCommand) -> CliResult {
                         when(Some(a.expires_at)),
                         sanitize_line(&a.title)
                     );
+                    // Two approvals of one tool differ only by their arguments: show them.
+                    if let Some(arguments) = call_arguments(a) {
+                        println!("    arguments: {arguments}");
+                    }
                 }
             }
         }
@@ -215,4 +219,23 @@ fn report(action: &Action, json: bool) {
         sanitize_line(&action.title),
         action.job_id
     );
+    if let Some(arguments) = call_arguments(action) {
+        println!("  arguments: {arguments}");
+    }
+}
+
+/// Longest argument text shown on one line; `--json` has all of it.
+const MAX_SHOWN_ARGUMENTS: usize = 300;
+
+/// The tool call's arguments as one escaped line, cut (and saying so) past
+/// [`MAX_SHOWN_ARGUMENTS`] characters.
+fn call_arguments(action: &Action) -> Option<String> {
+    let arguments = action.request.get("arguments")?;
+    let text = serde_json::to_string(arguments).ok()?;
+    let shown = sanitize_line(&text);
+    if shown.chars().count() <= MAX_SHOWN_ARGUMENTS {
+        return Some(shown.into_owned());
+    }
+    let cut: String = shown.chars().take(MAX_SHOWN_ARGUMENTS).collect();
+    Some(format!("{cut}… ({} bytes in all; --json shows them)", text.len()))
 }

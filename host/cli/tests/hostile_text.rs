@@ -268,6 +268,9 @@ fn bad_describe_answers_are_refused_with_one_clear_line() {
         ("path-dot", "\"/a/../b\", which is not normalised"),
         ("path-esc", "contains control characters"),
         ("host-esc", "is not a host name"),
+        // Refused at install, not as every caller's `invalid_input` later.
+        ("schema", "tool `echo` input schema is not a valid JSON Schema"),
+        ("oschema", "tool `echo` output schema is not a valid JSON Schema"),
     ] {
         let out = home.run(&["install", &hostile(home.path(), mode)]);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -2167,8 +2167,15 @@ fn convert_info(raw: wit::PluginInfo, limits: &DescribeLimits) -> Result<PluginI
                     limits.max_schema_bytes
                 )));
             }
-            serde_json::from_str::<serde_json::Value>(text)
-                .map_err(|e| bad(format!("tool `{}` {what} schema is not JSON: {e}", tool.name)))
+            let schema = serde_json::from_str::<serde_json::Value>(text)
+                .map_err(|e| bad(format!("tool `{}` {what} schema is not JSON: {e}", tool.name)))?;
+            keel_kernel::agent::schema::check(&schema).map_err(|e| {
+                bad(format!(
+                    "tool `{}` {what} schema is not a valid JSON Schema: {e}",
+                    tool.name
+                ))
+            })?;
+            Ok(schema)
         };
         let input_schema = schema(&tool.input_schema, "input")?;
         let output_schema = tool.output_schema.as_deref().map(|s| schema(s, "output")).transpose()?;

@@ -54,6 +54,15 @@ pub fn validate(schema: &Value, value: &Value) -> Result<(), Vec<String>> {
     if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
 
+/// Why `schema` is not a JSON Schema arguments could be validated against (one line), if it is
+/// not: checked when a plugin is installed, so a broken schema is the plugin's error there, not
+/// every caller's `invalid_input` later. Not cached (an install may bring a thousand schemas).
+pub fn check(schema: &Value) -> Result<(), String> {
+    jsonschema::validator_for(schema)
+        .map(drop)
+        .map_err(|e| one_line(&e.to_string()))
+}
+
 /// The compiled form of `schema`, from the cache or compiled now (outside the lock).
 fn compiled(schema: &Value) -> Compiled {
     if let Some(hit) = lock().get(schema) {

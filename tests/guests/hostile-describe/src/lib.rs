@@ -10,6 +10,8 @@
 //! - `path-e__`, `path-rel`, `path-dot`, `path-esc` — a tool requests the path `é`, `relative`,
 //!   `/a/../b` or `/data<ESC>[2J`.
 //! - `host-esc` — a tool requests a network host with an escape in it.
+//! - `schema__`, `oschema_` — a tool's input (output) schema is JSON but no JSON Schema (`"type":
+//!   "strin"`).
 //! - `many____` — 100,000 tools.
 //!
 //! Tools (`text` variant): `echo` (logs and returns hostile text), `fail` (a `failed` error),
@@ -73,6 +75,8 @@ impl Guest for HostileDescribe {
             "path-dot" => info.tools[0].capabilities.filesystem.push(path("/a/../b")),
             "path-esc" => info.tools[0].capabilities.filesystem.push(path("/data\x1b[2J")),
             "host-esc" => info.tools[0].capabilities.network.push("exa\x1b[2Jmple.com".into()),
+            "schema" => info.tools[0].input_schema = r#"{"type":"object","properties":{"a":{"type":"strin"}}}"#.into(),
+            "oschema" => info.tools[0].output_schema = Some(r#"{"type":"strin"}"#.into()),
             "many" => info.tools = (0..100_000).map(|i| tool(&format!("t{i}"), "")).collect(),
             _ => {}
         }

@@ -191,6 +191,10 @@ impl KeelConfig {
                     .check()
                     .map_err(|e| AppError::user(format!("{}: {e}", path.display())))?;
                 config
+                    .agent
+                    .check()
+                    .map_err(|e| AppError::user(format!("{}: [agent] {e}", path.display())))?;
+                config
                     .limits
                     .check(config.sandbox.max_memory_bytes)
                     .and_then(|()| unmetered_fuel(&config.limits, &config.sandbox))

@@ -551,6 +551,33 @@ fn exec_runs_wasi_commands_under_grants() {
     one_clear_line(&keel.stderr(&["exec", &guest("hello")], 2));
 }
 
+/// `[agent]` values outside what the loop can work with are refused at load, naming the key: an
+/// approval TTL of 0 made every approval-gated call hang (no action could be created, the job
+/// retried for ever), a huge one or a huge lease panicked the runner.
+#[test]
+fn agent_settings_out_of_range_are_refused_naming_the_key() {
+    for (config, key) in [
+        ("[agent]\napproval_ttl_secs = 0\n", "approval_ttl_secs"),
+        ("[agent]\napproval_ttl_secs = -30\n", "approval_ttl_secs"),
+        (
+            "[agent]\napproval_ttl_secs = 9223372036854775807\n",
+            "approval_ttl_secs",
+        ),
+        ("[agent]\nlease_ttl_ms = 0\n", "lease_ttl_ms"),
+        ("[agent]\nlease_ttl_ms = 9223372036854775807\n", "lease_ttl_ms"),
+        ("[agent]\npoll_ms = 0\n", "poll_ms"),
+        ("[agent]\ntool_timeout_ms = 0\n", "tool_timeout_ms"),
+        ("[agent]\ntool_timeout_ms = 18446744073709551615\n", "tool_timeout_ms"),
+        ("[agent]\ndefault_max_turns = 0\n", "default_max_turns"),
+    ] {
+        let keel = Keel::new();
+        std::fs::write(keel.home.path().join("config.toml"), config).unwrap();
+        let err = keel.stderr(&["plugins", "list"], 2);
+        one_clear_line(&err);
+        assert!(err.contains("config.toml") && err.contains(key), "{config}: {err}");
+    }
+}
+
 #[test]
 fn config_typos_are_errors_naming_the_key() {
     let cases = [
@@ -695,4 +722,14 @@ fn exec_output_appears_while_the_program_runs() {
     // The program's exit status is keel's (WASI 0.2 carries success or failure only).
     assert_eq!(keel.run(&["exec", &cmd, "--", "exit", "0"]).status.code(), Some(0));
     assert_eq!(keel.run(&["exec", &cmd, "--", "exit", "3"]).status.code(), Some(1));
+}
+
+/// `keel worker --auto-approve` is refused, saying why: a worker answers no approvals, and the
+/// flag was accepted and silently ignored.
+#[test]
+fn a_worker_refuses_auto_approve() {
+    let keel = Keel::new();
+    let err = keel.stderr(&["worker", "--auto-approve", "--until-idle"], 2);
+    one_clear_line(&err);
+    assert!(err.contains("does not answer approvals"), "{err}");
 }

@@ -37,6 +37,12 @@ pub struct WorkerArgs {
 
 /// Run `keel worker`.
 pub async fn worker(home: &Path, args: WorkerArgs) -> CliResult {
+    if args.common.auto_approve {
+        // Said, not ignored: a worker answers no approvals (it runs jobs other people watch).
+        return Err(crate::output::CliError::user(
+            "keel worker does not answer approvals: --auto-approve applies to `keel run` and `keel jobs watch`; answer with `keel actions approve ID`",
+        ));
+    }
     let choice = PolicyChoice::resolve(home, args.common.policy.as_deref())?;
     if let Some(note) = &choice.note {
         eprintln!("note: {note}");

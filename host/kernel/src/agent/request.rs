@@ -194,6 +194,43 @@ impl Default for AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// Longest lease, tool deadline and poll interval accepted: a day.
+    pub const MAX_MS: u64 = 86_400_000;
+    /// Longest approval validity accepted: ten years.
+    pub const MAX_APPROVAL_TTL_SECS: i64 = 10 * 365 * 86_400;
+
+    /// Why these values cannot work, naming the key (`[agent]` in `config.toml`); checked where
+    /// they are read, since a value outside these ranges fails later and far from its cause (an
+    /// approval TTL of 0 creates no action, so a gated call waits for ever; a huge one overflows
+    /// the clock arithmetic).
+    pub fn check(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("lease_ttl_ms", self.lease_ttl_ms),
+            ("tool_timeout_ms", self.tool_timeout_ms),
+            ("poll_ms", self.poll_ms),
+        ] {
+            if !(1..=Self::MAX_MS).contains(&value) {
+                return Err(format!(
+                    "`{key}` is {value}: it must be from 1 to {} (a day)",
+                    Self::MAX_MS
+                ));
+            }
+        }
+        if !(1..=Self::MAX_APPROVAL_TTL_SECS).contains(&self.approval_ttl_secs) {
+            return Err(format!(
+                "`approval_ttl_secs` is {}: it must be from 1 to {} (ten years)",
+                self.approval_ttl_secs,
+                Self::MAX_APPROVAL_TTL_SECS
+            ));
+        }
+        if self.default_max_turns == 0 {
+            return Err("`default_max_turns` is 0: no job could make a model call".into());
+        }
+        Ok(())
+    }
+}
+
 /// Errors of the agent API (the loop's own failures end the job instead; see [`ExecutionResult::error`]).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -24,6 +24,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub enum Entry {
     /// The tools the job may call, fixed at its first step (a resumed job sees the same set).
     Tools(ToolsChosen),
+    /// A model call was made (its hold is reserved; the request goes out next): a host that
+    /// stops before its answer is journaled leaves this, so the next one charges the request.
+    ModelStarted(ModelStarted),
     /// A model's answer for one turn.
     ModelResponse(ModelResponse),
     /// A tool call attempt started (its hold is reserved; its outcome is not known yet).
@@ -43,6 +46,17 @@ pub enum Entry {
 pub struct ToolsChosen {
     /// The tools, as the tool host described them.
     pub tools: Vec<ToolDescriptor>,
+}
+
+/// Payload of [`Entry::ModelStarted`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStarted {
+    /// The budget hold of this attempt.
+    pub reservation_id: Uuid,
+    /// The model asked.
+    pub model: String,
+    /// The prompt's estimate, in tokens (what an interrupted attempt is charged).
+    pub input_tokens: u64,
 }
 
 /// Payload of [`Entry::ToolStarted`].
@@ -182,6 +196,7 @@ impl Entry {
     pub fn kind(&self) -> &'static str {
         match self {
             Entry::Tools(_) => "tools",
+            Entry::ModelStarted(_) => "model_started",
             Entry::ModelResponse(_) => "model_response",
             Entry::ToolStarted(_) => "tool_started",
             Entry::ToolResult(_) => "tool_result",
@@ -207,6 +222,7 @@ impl Entry {
         }
         let text = match self {
             Entry::Tools(p) => versioned(p),
+            Entry::ModelStarted(p) => versioned(p),
             Entry::ModelResponse(p) => versioned(p),
             Entry::ToolStarted(p) => versioned(p),
             Entry::ToolResult(p) => versioned(p),
@@ -238,6 +254,7 @@ impl Entry {
         }
         Ok(match kind {
             "tools" => Entry::Tools(payload.decode().map_err(malformed)?),
+            "model_started" => Entry::ModelStarted(payload.decode().map_err(malformed)?),
             "model_response" => Entry::ModelResponse(payload.decode().map_err(malformed)?),
             "tool_started" => Entry::ToolStarted(payload.decode().map_err(malformed)?),
             "tool_result" => Entry::ToolResult(payload.decode().map_err(malformed)?),
@@ -289,6 +306,11 @@ pub mod key {
     /// The model response of `turn` (from 1).
     pub fn model(turn: u32) -> String {
         format!("t{turn}/model")
+    }
+
+    /// Attempt `attempt` (from 0) of the model call of `turn` started.
+    pub fn model_started(turn: u32, attempt: u32) -> String {
+        format!("t{turn}/model/started{attempt}")
     }
 
     /// The approval of the model call of `turn`.
@@ -389,6 +411,11 @@ mod tests {
         .unwrap();
         let entries = [
             Entry::Tools(ToolsChosen { tools: vec![] }),
+            Entry::ModelStarted(ModelStarted {
+                reservation_id: action_id,
+                model: "m".into(),
+                input_tokens: 12,
+            }),
             Entry::ModelResponse(response),
             Entry::ToolStarted(ToolStarted {
                 reservation_id: action_id,

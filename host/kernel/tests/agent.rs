@@ -222,12 +222,15 @@ async fn multi_turn_job_with_two_tools() {
         keys,
         vec![
             "tools",
+            "t1/model/started0",
             "t1/model",
             "t1/c0/started",
             "t1/c0/result",
+            "t2/model/started0",
             "t2/model",
             "t2/c0/started",
             "t2/c0/result",
+            "t3/model/started0",
             "t3/model",
             "final"
         ]

@@ -595,6 +595,69 @@ async fn a_model_call_stopped_by_a_cancel_or_the_deadline_is_recorded() {
     }
 }
 
+/// A host that dies while its model answers: the next host charges that request (its provider
+/// bills it) before asking again, and says so with an event. Nothing journaled the attempt, so
+/// its hold lapsed unused and the request was never in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_call_cut_off_by_its_hosts_death_is_charged_on_resume() {
+    let store_clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let store: Arc<dyn KernelStore> = Arc::new(MemoryStore::with_clock(store_clock.clone()));
+    let tools = FakeTools::new();
+    let a = host(
+        Kernel::new(store.clone()),
+        Arc::new(StreamsForEver),
+        &tools,
+        Policy::allow_all(),
+    );
+    let h = a.execute(request("hi")).await.expect("execute");
+    let mut events = h.events();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(e) = events.next().await {
+            if e.event_type == EventType::ModelToken {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the model streams");
+    a.abort_all();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let model = Arc::new(ScriptedModel::new(vec![Message::assistant("hello", vec![])]));
+    let b = host(Kernel::new(store.clone()), model, &tools, Policy::allow_all());
+    store_clock.advance(chrono::Duration::hours(1));
+    assert_eq!(
+        b.resume_orphans(chrono::Utc::now()).await.expect("claim"),
+        vec![h.job_id()]
+    );
+    let hb = b.attach("acme", h.job_id()).await.expect("attach");
+    let r = result(&hb).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    let usage = b
+        .kernel()
+        .ledger()
+        .usage(&UsageQuery {
+            tenant: "acme".into(),
+            job_id: Some(r.job_id),
+            ..Default::default()
+        })
+        .await
+        .expect("usage");
+    assert_eq!(usage.requests, 2, "the cut-off request and the answered one: {usage:?}");
+    let query = keel_kernel::event::EventQuery {
+        filter: keel_kernel::event::EventFilter::job(r.job_id),
+        ..Default::default()
+    };
+    let said = b
+        .kernel()
+        .read_events(&query)
+        .await
+        .expect("events")
+        .into_iter()
+        .any(|e| e.event_type == EventType::Progress && e.data.value()["interrupted"] == true);
+    assert!(said, "an event says the model call was interrupted");
+}
+
 /// The same idempotency key with a different request is an error; with the same request it
 /// attaches to the first job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -769,6 +769,7 @@ impl Runner {
         model: String,
     ) -> Result<Option<ModelResponse>, Stop> {
         let rt = &self.rt;
+        let attempt = self.charge_interrupted_model_calls(turn).await?;
         let est_in = estimate_tokens(messages, specs);
         let mut max_tokens = u64::from(self.req.max_tokens.unwrap_or(rt.config.default_max_tokens));
         let used = self.usage_so_far();
@@ -878,6 +879,28 @@ impl Runner {
                 )
                 .await;
             return Ok(None);
+        }
+        // Journaled before the request goes out: if this host stops before the answer is
+        // journaled, the next one finds the attempt and charges it (its provider bills it).
+        let started_entry = Entry::ModelStarted(journal::ModelStarted {
+            reservation_id: hold,
+            model: model.clone(),
+            input_tokens: est_in,
+        });
+        let started_key = key::model_started(turn, attempt);
+        if let Err(stop) = self
+            .commit_step(|job, now| {
+                Ok(Step {
+                    next: bump(job, now),
+                    events: vec![],
+                    journal: vec![(started_key.clone(), started_entry.clone())],
+                    settlements: vec![],
+                })
+            })
+            .await
+        {
+            self.release(hold, "model call not started").await;
+            return Err(stop);
         }
         let request = ModelRequest {
             model: model.clone(),
@@ -1031,6 +1054,53 @@ impl Runner {
         self.after_settle(hold, !journaled.message.tool_calls.is_empty())
             .await?;
         Ok(Some(journaled))
+    }
+
+    /// Charge the model calls of `turn` that a host started and never saw answered (it stopped:
+    /// a crash, a lost lease), each as one request with its prompt's estimate, and say so with an
+    /// event; returns the number of this turn's next attempt. Settling is once: an attempt whose
+    /// hold is already settled (charged by an earlier resume) is left as it is; one the sweeper
+    /// released is recorded as overage.
+    async fn charge_interrupted_model_calls(&self, turn: u32) -> Result<u32, Stop> {
+        let mut attempt = 0;
+        while let Some(entry) = self.journaled(&key::model_started(turn, attempt)) {
+            attempt += 1;
+            let Entry::ModelStarted(started) = entry else { continue };
+            let price = self.rt.models.price(&started.model);
+            let actual = Usage {
+                tokens: started.input_tokens,
+                cost: round_cost(price.map_or(Decimal::ZERO, |p| p.cost(started.input_tokens, 0))),
+                requests: 1,
+                tool_calls: 0,
+            };
+            let details = SettleDetails {
+                duration_ms: None,
+                model: Some(started.model.clone()),
+                tool: None,
+                data: json!({ "turn": turn, "attempt": attempt - 1, "interrupted": true, "reason": "host stopped" })
+                    .into(),
+            };
+            let ledger = self.rt.kernel.ledger();
+            let settled = ledger
+                .settle(started.reservation_id, LedgerKind::ModelUsage, actual, details)
+                .await;
+            if settled.is_ok() {
+                let message = format!(
+                    "the model call of turn {turn} was interrupted (its host stopped): charged as one request; asking again"
+                );
+                let _ = self
+                    .rt
+                    .kernel
+                    .jobs()
+                    .emit(
+                        self.job_id,
+                        EventType::Progress,
+                        json!({ "message": message, "turn": turn, "interrupted": true }),
+                    )
+                    .await;
+            }
+        }
+        Ok(attempt)
     }
 
     /// After a settlement: usage beyond the hold (the store recorded it as `overage`) is shown as

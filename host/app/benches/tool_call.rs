@@ -25,6 +25,10 @@ use keel_app::tools::RegistryToolHost;
 use keel_app::{AgentHost, App};
 use serde_json::json;
 
+/// The allocator the `keel` binary uses, so the bench measures what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn benches(c: &mut Criterion) {
     // Multi-threaded, like `keel mcp` and `keel serve`: work the sandbox hands off (refilling
     // ready instances, freeing used ones) runs beside the next call, as it does in a server.

@@ -360,13 +360,57 @@ const char *keel_call_id(const keel_call *call) { return call->call_id; }
 const char *keel_call_scope(const keel_call *call) { return call->scope; }
 uint64_t keel_call_deadline_ms(const keel_call *call) { return call->ctx->deadline_ms; }
 
+/* Length of the valid UTF-8 sequence at p (1-4), or 0 if the bytes there are not one. */
+static size_t utf8_seq(const unsigned char *p, const unsigned char *end) {
+    unsigned char c = *p;
+    size_t n;
+    uint32_t min, code;
+    if (c < 0x80) return 1;
+    if ((c & 0xE0) == 0xC0) {
+        n = 1, min = 0x80, code = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+        n = 2, min = 0x800, code = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+        n = 3, min = 0x10000, code = c & 0x07;
+    } else {
+        return 0;
+    }
+    if ((size_t)(end - p) <= n) return 0;
+    for (size_t i = 1; i <= n; i++) {
+        if ((p[i] & 0xC0) != 0x80) return 0;
+        code = (code << 6) | (p[i] & 0x3F);
+    }
+    if (code < min || code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF)) return 0;
+    return n + 1;
+}
+
+/* Text for the host, which takes only UTF-8: s with every byte that starts no valid sequence as
+   U+FFFD (a latin-1 file name, a stray byte), instead of a call that traps. Caller frees. */
+static buf utf8_text(const char *s, size_t len) {
+    buf b = {0};
+    const unsigned char *p = (const unsigned char *)s, *end = p + len;
+    while (p < end) {
+        size_t n = utf8_seq(p, end);
+        if (n == 0) {
+            buf_put(&b, "\xEF\xBF\xBD", 3);
+            p++;
+        } else {
+            buf_put(&b, (const char *)p, n);
+            p += n;
+        }
+    }
+    return b;
+}
+
 static void to_wit(tool_string_t *ret, const char *s, size_t len) {
     if (len == 0) {
         ret->ptr = NULL;
         ret->len = 0;
         return;
     }
-    tool_string_dup_n(ret, s, len);
+    buf text = utf8_text(s, len);
+    tool_string_dup_n(ret, text.ptr, text.len);
+    free(text.ptr);
 }
 
 static void to_wit_c(tool_string_t *ret, const char *s) { to_wit(ret, s ? s : "", s ? strlen(s) : 0); }
@@ -378,15 +422,19 @@ void keel_log(keel_call *call, keel_log_level level, const char *format, ...) {
     va_start(ap, format);
     buf_vprintf(&b, format, ap);
     va_end(ap);
-    tool_string_t message = {(uint8_t *)(b.ptr ? b.ptr : ""), b.len};
-    keel_plugin_host_log((keel_plugin_host_log_level_t)level, &message);
+    buf text = utf8_text(b.ptr ? b.ptr : "", b.len);
     free(b.ptr);
+    tool_string_t message = {(uint8_t *)(text.ptr ? text.ptr : ""), text.len};
+    keel_plugin_host_log((keel_plugin_host_log_level_t)level, &message);
+    free(text.ptr);
 }
 
 void keel_progress(keel_call *call, float fraction, const char *message) {
     (void)call;
-    tool_string_t m = {(uint8_t *)message, strlen(message)};
+    buf text = utf8_text(message, strlen(message));
+    tool_string_t m = {(uint8_t *)(text.ptr ? text.ptr : ""), text.len};
     keel_plugin_host_progress(fraction >= 0 ? &fraction : NULL, &m);
+    free(text.ptr);
 }
 
 static bool set_error(keel_call *call, uint8_t tag, const char *format, va_list ap) {
@@ -486,8 +534,17 @@ static void put_escaped(buf *b, const char *s, size_t len) {
             if (c < 0x20) {
                 char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
                 buf_put(b, u, 6);
-            } else {
+            } else if (c < 0x80) {
                 buf_putc(b, (char)c);
+            } else {
+                /* JSON text is UTF-8: a byte that starts no valid sequence is U+FFFD. */
+                size_t n = utf8_seq((const unsigned char *)s + i, (const unsigned char *)s + len);
+                if (n == 0) {
+                    buf_put(b, "\xEF\xBF\xBD", 3);
+                } else {
+                    buf_put(b, s + i, n);
+                    i += n - 1;
+                }
             }
         }
     }
@@ -537,28 +594,9 @@ void keel_out_null(keel_call *call) {
 bool keel_utf8_valid(const char *s, size_t len) {
     const unsigned char *p = (const unsigned char *)s, *end = p + len;
     while (p < end) {
-        unsigned char c = *p;
-        size_t n;
-        uint32_t min, code;
-        if (c < 0x80) {
-            p++;
-            continue;
-        } else if ((c & 0xE0) == 0xC0) {
-            n = 1, min = 0x80, code = c & 0x1F;
-        } else if ((c & 0xF0) == 0xE0) {
-            n = 2, min = 0x800, code = c & 0x0F;
-        } else if ((c & 0xF8) == 0xF0) {
-            n = 3, min = 0x10000, code = c & 0x07;
-        } else {
-            return false;
-        }
-        if ((size_t)(end - p) <= n) return false;
-        for (size_t i = 1; i <= n; i++) {
-            if ((p[i] & 0xC0) != 0x80) return false;
-            code = (code << 6) | (p[i] & 0x3F);
-        }
-        if (code < min || code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF)) return false;
-        p += n + 1;
+        size_t n = utf8_seq(p, end);
+        if (n == 0) return false;
+        p += n;
     }
     return true;
 }

@@ -135,3 +135,54 @@ export const tools = plugin.exports();
     let out = common::expect(home.path(), &["call", "netjs/nothing", "{}"], 0);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "null");
 }
+
+/// A C tool's text is whatever bytes it has: bytes that are not UTF-8 (a latin-1 file, a bad log
+/// line) become U+FFFD in its output, logs and error, instead of crashing the call.
+#[test]
+fn a_c_tool_with_bytes_that_are_not_utf8_still_answers() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("bytes.c"),
+        r#"#include "keel.h"
+
+static bool latin1(keel_call *call, const keel_json *args) {
+    (void)args;
+    keel_log(call, KEEL_WARN, "caf\xe9 log");
+    keel_out_object_begin(call);
+    keel_out_key(call, "text");
+    keel_out_string(call, "caf\xe9 \xff\xfe ok", 10);
+    keel_out_object_end(call);
+    return true;
+}
+
+static bool fails(keel_call *call, const keel_json *args) {
+    (void)args;
+    return keel_failed(call, "bad \xff byte");
+}
+
+static const keel_tool tools[] = {
+    {.name = "latin1", .description = "Bytes that are not UTF-8.", .input_schema = "{\"type\":\"object\"}", .handler = latin1},
+    {.name = "fails", .description = "An error that is not UTF-8.", .input_schema = "{\"type\":\"object\"}", .handler = fails},
+};
+
+KEEL_EXPORT_PLUGIN("bytesc", "0.1.0", "Bytes that are not UTF-8.", tools);
+"#,
+    )
+    .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let component = project.path().join("bytesc.wasm");
+    common::expect(
+        home.path(),
+        &["build", project.path().to_str().unwrap(), "-o", component.to_str().unwrap()],
+        0,
+    );
+    common::expect(home.path(), &["install", component.to_str().unwrap()], 0);
+    let report = common::json(home.path(), &["call", "bytesc/latin1", "{}", "--json"]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["output"]["text"], "caf\u{fffd} \u{fffd}\u{fffd} ok", "{report}");
+    assert_eq!(report["logs"][0]["message"], "caf\u{fffd} log", "{report}");
+    let out = common::expect(home.path(), &["call", "bytesc/fails", "{}", "--json"], 1);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["error"]["kind"], "failed", "{report}");
+    assert_eq!(report["error"]["message"], "bad \u{fffd} byte", "{report}");
+}

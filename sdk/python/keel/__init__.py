@@ -185,7 +185,13 @@ class ToolSpec:
             data = _schema.to_json(result)
         except _schema.ConversionError as e:
             raise Failed(f"the tool's output is not JSON: {e}") from None
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # A lone surrogate (e.g. from `os.listdir` on a name that is not UTF-8) has no UTF-8 form.
+            raise Failed(f"the tool's output is not valid Unicode: {e}") from None
+        return text
 
 
 @dataclass
@@ -340,5 +346,7 @@ def _build_spec(
 
 def _failure_message(error: BaseException) -> str:
     """`failed` text for an exception the tool did not raise on purpose: its type and message."""
+    if isinstance(error, SystemExit):
+        return f"the tool called sys.exit({error.code!r})"
     text = "".join(traceback.format_exception_only(type(error), error)).strip()
     return text or type(error).__name__

@@ -114,7 +114,9 @@ class Tools(exports.Tools):
             return wit.ToolOutput(spec.invoke(context, arguments))
         except ToolError as e:
             raise Err(_wit_error(e)) from None
-        except Exception as e:  # noqa: BLE001 - every other exception is the tool failing
+        # BaseException: KeyboardInterrupt, SystemExit (`sys.exit`) and the like are the tool
+        # failing too; escaping this function they would crash the component instead.
+        except BaseException as e:  # noqa: BLE001 - every other exception is the tool failing
             # The traceback goes to the host log (for the developer); the error says what failed.
             log(LogLevel.ERROR, "".join(_format_traceback(e))[-4000:])
             raise Err(wit.ToolError_Failed(keel._failure_message(e))) from None

@@ -213,6 +213,17 @@ class ToolTest(unittest.TestCase):
         self.assertEqual((denied.capability, denied.target, denied.message), ("filesystem", "/etc", "not granted"))
         self.assertTrue(issubclass(keel.TimedOut, keel.ToolError))
         self.assertEqual(keel._failure_message(KeyError("k")), "KeyError: 'k'")
+        self.assertEqual(keel._failure_message(SystemExit(3)), "the tool called sys.exit(3)")
+        self.assertEqual(keel._failure_message(KeyboardInterrupt()), "KeyboardInterrupt")
+
+    def test_output_that_is_not_unicode_is_a_failure(self):
+        def listing() -> str:
+            """A file name that is not UTF-8, as `os.listdir` gives it."""
+            return "caf\udce9"
+
+        with self.assertRaises(keel.Failed) as caught:
+            fresh_spec(listing).invoke(keel.Context(), "{}")
+        self.assertIn("not valid Unicode", caught.exception.message)
 
 
 class DocstringTest(unittest.TestCase):

@@ -173,7 +173,12 @@ KEEL_EXPORT_PLUGIN("bytesc", "0.1.0", "Bytes that are not UTF-8.", tools);
     let component = project.path().join("bytesc.wasm");
     common::expect(
         home.path(),
-        &["build", project.path().to_str().unwrap(), "-o", component.to_str().unwrap()],
+        &[
+            "build",
+            project.path().to_str().unwrap(),
+            "-o",
+            component.to_str().unwrap(),
+        ],
         0,
     );
     common::expect(home.path(), &["install", component.to_str().unwrap()], 0);
@@ -185,4 +190,23 @@ KEEL_EXPORT_PLUGIN("bytesc", "0.1.0", "Bytes that are not UTF-8.", tools);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["error"]["kind"], "failed", "{report}");
     assert_eq!(report["error"]["message"], "bad \u{fffd} byte", "{report}");
+}
+
+/// A compiler's errors are shown on their own lines, as the compiler wrote them (they were one
+/// line with literal `\n`s), then one `error:` line; `--json` says the same as JSON.
+#[test]
+fn compiler_errors_keep_their_lines() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("broken.c"), "#include \"keel.h\"\nthis is not C;\n").unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let out = common::expect(home.path(), &["build", project.path().to_str().unwrap()], 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("\\n"), "{stderr}");
+    assert!(stderr.lines().count() > 2, "{stderr}");
+    assert!(stderr.lines().any(|l| l.contains("broken.c:2")), "{stderr}");
+    assert!(stderr.lines().last().unwrap().starts_with("error: "), "{stderr}");
+    let out = common::expect(home.path(), &["build", project.path().to_str().unwrap(), "--json"], 1);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert!(report["output"].as_str().unwrap().contains("broken.c:2"), "{report}");
 }

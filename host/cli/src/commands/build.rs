@@ -80,7 +80,15 @@ pub fn build(args: BuildArgs) -> CliResult {
         BuildError::MissingToolchain { .. } | BuildError::Project(_) | BuildError::Unsupported(_) => {
             CliError::user(e.to_string())
         }
-        BuildError::Failed { .. } => CliError::plugin(e.to_string()),
+        // The compiler's own lines, as it wrote them (escaped for the terminal), then one line.
+        BuildError::Failed { step, output } => {
+            if args.json {
+                print_json(&serde_json::json!({ "ok": false, "step": step, "output": output }));
+            } else {
+                eprintln!("{}", crate::output::sanitize(output.trim_end()));
+            }
+            CliError::plugin(format!("{step} failed (its output is above)"))
+        }
         BuildError::Io(_) => CliError::internal(e.to_string()),
     })?;
     let bytes = std::fs::metadata(&built).map(|m| m.len()).unwrap_or(0);

@@ -143,10 +143,15 @@ fn a_c_tool_with_bytes_that_are_not_utf8_still_answers() {
     let project = tempfile::tempdir().unwrap();
     std::fs::write(
         project.path().join("bytes.c"),
-        r#"#include "keel.h"
+        r#"#include <stdio.h>
+
+#include "keel.h"
 
 static bool latin1(keel_call *call, const keel_json *args) {
     (void)args;
+    printf("printed\n");
+    fflush(stdout);
+    fprintf(stderr, "warned\n");
     keel_log(call, KEEL_WARN, "caf\xe9 log");
     keel_out_object_begin(call);
     keel_out_key(call, "text");
@@ -186,6 +191,15 @@ KEEL_EXPORT_PLUGIN("bytesc", "0.1.0", "Bytes that are not UTF-8.", tools);
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["output"]["text"], "caf\u{fffd} \u{fffd}\u{fffd} ok", "{report}");
     assert_eq!(report["logs"][0]["message"], "caf\u{fffd} log", "{report}");
+    // What a tool prints is shown beside its result (print-debugging), never mixed into it.
+    assert_eq!(report["stdout"], "printed\n", "{report}");
+    assert_eq!(report["stderr"], "warned\n", "{report}");
+    let out = common::expect(home.path(), &["call", "bytesc/latin1", "{}"], 0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("[bytesc] stdout: printed"), "{stderr}");
+    assert!(stderr.contains("[bytesc] stderr: warned"), "{stderr}");
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["text"], "caf\u{fffd} \u{fffd}\u{fffd} ok");
     let out = common::expect(home.path(), &["call", "bytesc/fails", "{}", "--json"], 1);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["error"]["kind"], "failed", "{report}");

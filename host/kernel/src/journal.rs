@@ -20,6 +20,9 @@ use crate::tool::{Diagnostics, Receipt, ToolDescriptor, ToolError};
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// One journal entry.
+// A few hundred bytes each, a handful per job step: boxing the tool result would cost an
+// allocation per entry for no measurable gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Entry {
     /// The tools the job may call, fixed at its first step (a resumed job sees the same set).

@@ -143,6 +143,9 @@ pub struct Diagnostics {
     /// Capabilities the host refused during the call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub denials: Vec<Denial>,
+    /// The guest's stdout (capped), lossily decoded: what a tool printed besides its result.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stdout: String,
     /// The guest's stderr (capped), lossily decoded.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stderr: String,
@@ -151,7 +154,11 @@ pub struct Diagnostics {
 impl Diagnostics {
     /// Nothing was said.
     pub fn is_empty(&self) -> bool {
-        self.logs.is_empty() && !self.logs_truncated && self.denials.is_empty() && self.stderr.is_empty()
+        self.logs.is_empty()
+            && !self.logs_truncated
+            && self.denials.is_empty()
+            && self.stdout.is_empty()
+            && self.stderr.is_empty()
     }
 }
 

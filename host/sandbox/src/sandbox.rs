@@ -190,6 +190,7 @@ impl CallReport {
                 logs: self.logs,
                 logs_truncated: self.logs_truncated,
                 denials: self.denials,
+                stdout: String::from_utf8_lossy(&self.stdout).into_owned(),
                 stderr: String::from_utf8_lossy(&self.stderr).into_owned(),
             },
         }

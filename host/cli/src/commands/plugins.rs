@@ -578,6 +578,7 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
             obj.insert("logs".into(), json!(r.diagnostics.logs));
             obj.insert("logs_truncated".into(), json!(r.diagnostics.logs_truncated));
             obj.insert("denials".into(), json!(r.diagnostics.denials));
+            obj.insert("stdout".into(), json!(r.diagnostics.stdout));
             obj.insert("stderr".into(), json!(r.diagnostics.stderr));
             if let Some(error) = &r.error {
                 obj.insert("error".into(), json!(error));
@@ -604,6 +605,12 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
         }
         if r.diagnostics.logs_truncated {
             eprintln!("[{plugin_name}] (further log lines dropped: log limit reached)");
+        }
+        // What the tool printed (print-debugging), apart from its result on stdout.
+        for (stream, text) in [("stdout", &r.diagnostics.stdout), ("stderr", &r.diagnostics.stderr)] {
+            for line in text.lines() {
+                eprintln!("[{plugin_name}] {stream}: {}", sanitize_line(line));
+            }
         }
         // A denial the plugin already reported as its error is not repeated.
         let reported = matches!(r.error, Some(ToolError::Denied { .. }));

@@ -487,6 +487,12 @@ const char *keel_arg_string(keel_call *call, const keel_json *args, const char *
     return s;
 }
 
+const char *keel_arg_string_opt(keel_call *call, const keel_json *args, const char *key, size_t *len) {
+    const keel_json *value = keel_json_get(args, key);
+    if (!value || value->type == KEEL_JSON_NULL) return NULL; /* absent: no error, the caller's default */
+    return keel_arg_string(call, args, key, len);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* JSON writer                                                                                 */
 

@@ -101,6 +101,14 @@ bool keel_denied(keel_call *call, const char *capability, const char *target, co
  */
 const char *keel_arg_string(keel_call *call, const keel_json *args, const char *key, size_t *len);
 
+/**
+ * An optional string member: NULL, recording nothing, when `key` is missing or null (use your
+ * default); like keel_arg_string when it is there (not a string records `invalid-input`). Reading
+ * an optional argument with keel_arg_string records an error that the call's real error, if any,
+ * cannot replace (the first error wins).
+ */
+const char *keel_arg_string_opt(keel_call *call, const keel_json *args, const char *key, size_t *len);
+
 /* ---- Output: the JSON result, written in order (commas and quoting are done for you) ---- */
 
 /** Begin a JSON object. */

@@ -161,8 +161,10 @@ static bool latin1(keel_call *call, const keel_json *args) {
 }
 
 static bool fails(keel_call *call, const keel_json *args) {
-    (void)args;
-    return keel_failed(call, "bad \xff byte");
+    size_t len;
+    const char *suffix = keel_arg_string_opt(call, args, "suffix", &len);
+    if (!suffix) suffix = "";
+    return keel_failed(call, "bad \xff byte%s", suffix);
 }
 
 static const keel_tool tools[] = {
@@ -204,6 +206,10 @@ KEEL_EXPORT_PLUGIN("bytesc", "0.1.0", "Bytes that are not UTF-8.", tools);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["error"]["kind"], "failed", "{report}");
     assert_eq!(report["error"]["message"], "bad \u{fffd} byte", "{report}");
+    // An optional argument, absent: no error recorded in the way of the tool's own.
+    let out = common::expect(home.path(), &["call", "bytesc/fails", r#"{"suffix":"!"}"#, "--json"], 1);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["error"]["message"], "bad \u{fffd} byte!", "{report}");
 }
 
 /// A compiler's errors are shown on their own lines, as the compiler wrote them (they were one

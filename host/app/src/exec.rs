@@ -133,7 +133,7 @@ pub async fn run_code(
     let app = Arc::new(App::open_for_one_call(home).await?);
     // Limit flags against this home's ceiling, before the step's job exists.
     if let Some(change) = &request.limits {
-        app.checked_limits(change(&app.config.limits).map_err(AppError::user)?)?;
+        app.settable_limits(change(&app.config.limits).map_err(AppError::user)?)?;
     }
     if app.db.get_plugin(lang.plugin()).await?.is_none() {
         return Err(AppError::user(lang.install_hint()));

@@ -481,6 +481,15 @@ impl App {
         limits
             .check(self.config.sandbox.max_memory_bytes)
             .map_err(invalid_limit)?;
+        Ok(limits)
+    }
+
+    /// [`checked_limits`](Self::checked_limits) for limits being given now (a flag, `keel plugins
+    /// limits`, an install): also refused when they hold a fuel limit this home would not
+    /// enforce. Not checked when a stored record is loaded, so a plugin whose limits were set
+    /// before this check keeps working.
+    pub fn settable_limits(&self, limits: Limits) -> Result<Limits, AppError> {
+        let limits = self.checked_limits(limits)?;
         unmetered_fuel(&limits, &self.config.sandbox).map_err(invalid_limit)?;
         Ok(limits)
     }

@@ -157,7 +157,7 @@ impl App {
             Some(old) if empty => old.limits.clone(),
             _ => request.limits.clone(),
         };
-        let effective = self.limits_over(&limits)?;
+        let effective = self.settable_limits(self.limits_over(&limits)?)?;
 
         let stored = self
             .components

@@ -359,7 +359,7 @@ impl App {
                 map.extend(overrides.to_map());
                 record.limits = Value::Object(map);
                 // Refused here, before anything is written, if no call could run under them.
-                self.limits_of(record)?;
+                self.settable_limits(self.limits_of(record)?)?;
                 grants_of(record)
             })
             .await?;

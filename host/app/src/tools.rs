@@ -436,7 +436,13 @@ impl RegistryToolHost {
             Some(change) => {
                 let invalid = |message: String| ToolError::InvalidInput { message };
                 let changed = change(&limits).map_err(invalid)?;
-                self.app.checked_limits(changed).map_err(|e| invalid(e.message))?
+                // A fuel limit given now must be one this home enforces; a stored one is as it was.
+                let checked = if changed.fuel == limits.fuel {
+                    self.app.checked_limits(changed)
+                } else {
+                    self.app.settable_limits(changed)
+                };
+                checked.map_err(|e| invalid(e.message))?
             }
             None => limits,
         };

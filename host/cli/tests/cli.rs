@@ -503,6 +503,9 @@ fn a_fuel_limit_without_fuel_metering_is_refused() {
     keel.expect(&["plugins", "limits", "hello", "--fuel", "1"], 0);
     let err = keel.stderr(&["call", "hello/greet", r#"{"name":"Ada"}"#], 1);
     assert!(err.contains("fuel"), "the limit applies: {err}");
+    // A limit stored earlier is not what refuses a call: the plugin keeps working.
+    std::fs::write(keel.home.path().join("config.toml"), "").unwrap();
+    keel.expect(&["call", "hello/greet", r#"{"name":"Ada"}"#], 0);
 }
 
 #[test]

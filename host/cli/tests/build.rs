@@ -95,17 +95,7 @@ export const tools = plugin.exports();
     std::fs::write(project.path().join("tool.js"), tool).unwrap();
 
     let home = tempfile::tempdir().unwrap();
-    let component = project.path().join("netjs.wasm");
-    common::expect(
-        home.path(),
-        &[
-            "build",
-            project.path().to_str().unwrap(),
-            "-o",
-            component.to_str().unwrap(),
-        ],
-        0,
-    );
+    let component = build_into(home.path(), project.path(), "netjs");
     let allow = format!("127.0.0.1:{port}");
     common::expect(
         home.path(),
@@ -177,17 +167,7 @@ KEEL_EXPORT_PLUGIN("bytesc", "0.1.0", "Bytes that are not UTF-8.", tools);
     )
     .unwrap();
     let home = tempfile::tempdir().unwrap();
-    let component = project.path().join("bytesc.wasm");
-    common::expect(
-        home.path(),
-        &[
-            "build",
-            project.path().to_str().unwrap(),
-            "-o",
-            component.to_str().unwrap(),
-        ],
-        0,
-    );
+    let component = build_into(home.path(), project.path(), "bytesc");
     common::expect(home.path(), &["install", component.to_str().unwrap()], 0);
     let report = common::json(home.path(), &["call", "bytesc/latin1", "{}", "--json"]);
     assert_eq!(report["ok"], true, "{report}");
@@ -229,4 +209,15 @@ fn compiler_errors_keep_their_lines() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["ok"], false, "{report}");
     assert!(report["output"].as_str().unwrap().contains("broken.c:2"), "{report}");
+}
+
+/// `keel build PROJECT -o PROJECT/NAME.wasm` with `home`; the component's path.
+fn build_into(home: &std::path::Path, project: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let component = project.join(format!("{name}.wasm"));
+    common::expect(
+        home,
+        &["build", project.to_str().unwrap(), "-o", component.to_str().unwrap()],
+        0,
+    );
+    component
 }

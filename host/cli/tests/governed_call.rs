@@ -231,22 +231,9 @@ fn policy_eval_decides_what_a_call_with_the_same_defaults_gets() {
         "default = \"allow\"\n\n[[tool]]\nname = \"no-cli\"\ntools = [\"hello/*\"]\nprincipals = [\"cli\"]\ndecision = \"deny\"\n",
     );
     let args = r#"{"name":"Ada"}"#;
-    let eval = home.json(&[
-        "policy",
-        "eval",
-        "--file",
-        &policy,
-        "--tool",
-        "hello/greet",
-        "--args",
-        args,
-        "--json",
-    ]);
-    assert_eq!(eval["outcome"], "ALLOW", "{eval}");
-    common::expect(home.path(), &["call", "--policy", &policy, "hello/greet", args], 0);
-    let out = common::run(
-        home.path(),
-        &[
+    // The decision, whatever the exit code says about it.
+    let eval = |extra: &[&str]| -> Value {
+        let mut command = vec![
             "policy",
             "eval",
             "--file",
@@ -255,12 +242,15 @@ fn policy_eval_decides_what_a_call_with_the_same_defaults_gets() {
             "hello/greet",
             "--args",
             args,
-            "--principal",
-            "cli",
             "--json",
-        ],
-    );
-    let eval: Value = serde_json::from_slice(&out.stdout).unwrap();
+        ];
+        command.extend(extra);
+        serde_json::from_slice(&common::run(home.path(), &command).stdout).unwrap()
+    };
+    let allowed = eval(&[]);
+    assert_eq!(allowed["outcome"], "ALLOW", "{allowed}");
+    common::expect(home.path(), &["call", "--policy", &policy, "hello/greet", args], 0);
+    let eval = eval(&["--principal", "cli"]);
     assert_eq!(eval["outcome"], "DENY", "{eval}");
     common::expect(
         home.path(),

@@ -519,6 +519,20 @@ async fn a_model_call_that_fails_mid_stream_is_recorded() {
     assert!(usage.tokens >= 1000 && usage.cost > Decimal::ZERO, "{usage:?}");
 }
 
+/// Wait until the job's model has streamed something.
+async fn wait_model_token(h: &ExecutionHandle) {
+    let mut events = h.events();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(e) = events.next().await {
+            if e.event_type == EventType::ModelToken {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the model streams");
+}
+
 /// A model that streams an answer and never finishes it.
 struct StreamsForEver;
 
@@ -551,16 +565,7 @@ async fn a_model_call_stopped_by_a_cancel_or_the_deadline_is_recorded() {
             req.budget.max_runtime_ms = Some(500);
         }
         let h = rt.execute(req).await.expect("execute");
-        let mut events = h.events();
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(e) = events.next().await {
-                if e.event_type == EventType::ModelToken {
-                    return;
-                }
-            }
-        })
-        .await
-        .expect("the model streams");
+        wait_model_token(&h).await;
         if stop == "cancel" {
             h.cancel("stop").await.expect("cancel");
         }
@@ -610,16 +615,7 @@ async fn a_model_call_cut_off_by_its_hosts_death_is_charged_on_resume() {
         Policy::allow_all(),
     );
     let h = a.execute(request("hi")).await.expect("execute");
-    let mut events = h.events();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(e) = events.next().await {
-            if e.event_type == EventType::ModelToken {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the model streams");
+    wait_model_token(&h).await;
     a.abort_all();
     tokio::time::sleep(Duration::from_millis(50)).await;
 

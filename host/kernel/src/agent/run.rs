@@ -869,14 +869,7 @@ impl Runner {
         {
             self.release(hold, "budget degrade: switching model").await;
             let message = format!("a budget is exceeded (degrade): switching from `{model}` to `{fallback}`");
-            let _ = rt
-                .kernel
-                .jobs()
-                .emit(
-                    self.job_id,
-                    EventType::Progress,
-                    json!({ "message": message, "degraded_to": fallback }),
-                )
+            self.progress(json!({ "message": message, "degraded_to": fallback }))
                 .await;
             return Ok(None);
         }
@@ -1056,6 +1049,11 @@ impl Runner {
         Ok(Some(journaled))
     }
 
+    /// A progress event of this job (best effort: a job that ended meanwhile gets none).
+    async fn progress(&self, data: Value) {
+        let _ = self.rt.kernel.jobs().emit(self.job_id, EventType::Progress, data).await;
+    }
+
     /// Charge the model calls of `turn` that a host started and never saw answered (it stopped:
     /// a crash, a lost lease), each as one request with its prompt's estimate, and say so with an
     /// event; returns the number of this turn's next attempt. Settling is once: an attempt whose
@@ -1088,15 +1086,7 @@ impl Runner {
                 let message = format!(
                     "the model call of turn {turn} was interrupted (its host stopped): charged as one request; asking again"
                 );
-                let _ = self
-                    .rt
-                    .kernel
-                    .jobs()
-                    .emit(
-                        self.job_id,
-                        EventType::Progress,
-                        json!({ "message": message, "turn": turn, "interrupted": true }),
-                    )
+                self.progress(json!({ "message": message, "turn": turn, "interrupted": true }))
                     .await;
             }
         }
@@ -1116,15 +1106,7 @@ impl Runner {
             "usage beyond its hold: {} tokens, cost {}, recorded as overage",
             overage.tokens, overage.cost
         );
-        let _ = self
-            .rt
-            .kernel
-            .jobs()
-            .emit(
-                self.job_id,
-                EventType::Progress,
-                json!({ "message": message, "overage": overage, "reservation_id": hold }),
-            )
+        self.progress(json!({ "message": message, "overage": overage, "reservation_id": hold }))
             .await;
         if !continuing {
             return Ok(());

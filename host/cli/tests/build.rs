@@ -89,6 +89,7 @@ plugin.tool({ name: 'reject', description: 'fails later', input: schema.object({
   throw new Failed('no luck');
 });
 plugin.tool({ name: 'nothing', description: 'returns null', input: schema.object({}) }, () => null);
+plugin.tool({ name: 'big', description: 'a long string', input: schema.object({ n: schema.integer() }) }, ({ n }) => 'x'.repeat(n));
 export const tools = plugin.exports();
 "#
     .replace("PORT", &port.to_string());
@@ -124,6 +125,13 @@ export const tools = plugin.exports();
 
     let out = common::expect(home.path(), &["call", "netjs/nothing", "{}"], 0);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "null");
+
+    // The engine reports its own "out of memory"; the host says which limit it met.
+    let out = common::expect(home.path(), &["call", "netjs/big", r#"{"n":100000000}"#, "--json"], 1);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = report["error"]["message"].as_str().unwrap();
+    assert!(message.contains("memory limit is 67108864 bytes"), "{report}");
+    assert!(message.contains("--memory-mb"), "{report}");
 }
 
 /// A C tool's text is whatever bytes it has: bytes that are not UTF-8 (a latin-1 file, a bad log

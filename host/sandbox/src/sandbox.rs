@@ -1694,7 +1694,14 @@ impl Sandbox {
                 message: format!("the call did not finish within {} ms", limits.timeout_ms),
             }),
             Some(Ok(Err(e))) => Err(classify_error(e, store, &call.stderr.captured())),
-            Some(Ok(Ok(Err(error)))) => Err(cap_error(error, limits.max_output_bytes)),
+            Some(Ok(Ok(Err(error)))) => {
+                let error = cap_error(error, limits.max_output_bytes);
+                Err(memory_refusal_named(
+                    error,
+                    store.data().limiter.hit,
+                    store.data().limiter.memory_bytes,
+                ))
+            }
             Some(Ok(Ok(Ok(json)))) => {
                 if json.len() as u64 > limits.max_output_bytes {
                     Err(ToolError::LimitExceeded {
@@ -2062,6 +2069,21 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
 
 /// A `failed` error's message is plugin text of any size (a plain component's `err` value): it
 /// counts against the output cap like an output would.
+/// A tool's own `failed` after the host refused it memory (a JavaScript engine's "out of memory",
+/// Python's `MemoryError`) says which limit it met and how to raise it: the engine's text names
+/// neither.
+fn memory_refusal_named(error: ToolError, hit: Option<&'static str>, memory_bytes: usize) -> ToolError {
+    match error {
+        ToolError::Failed { message } if hit == Some("memory") => ToolError::Failed {
+            message: format!(
+                "{message} (the host refused it more memory: the plugin's memory limit is {memory_bytes} bytes; \
+                 `--memory-mb` or `keel plugins limits` raises it)"
+            ),
+        },
+        other => other,
+    }
+}
+
 fn cap_error(error: ToolError, max_output_bytes: u64) -> ToolError {
     match error {
         ToolError::Failed { message } if message.len() as u64 > max_output_bytes => ToolError::LimitExceeded {

@@ -606,8 +606,11 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
         if r.diagnostics.logs_truncated {
             eprintln!("[{plugin_name}] (further log lines dropped: log limit reached)");
         }
-        // What the tool printed (print-debugging), apart from its result on stdout.
-        for (stream, text) in [("stdout", &r.diagnostics.stdout), ("stderr", &r.diagnostics.stderr)] {
+        // What the tool printed (print-debugging), apart from its result on stdout. A trap's
+        // stderr (a panic message) is already in its error.
+        let trapped = matches!(r.error, Some(ToolError::Trapped { .. }));
+        let stderr = if trapped { "" } else { r.diagnostics.stderr.as_str() };
+        for (stream, text) in [("stdout", r.diagnostics.stdout.as_str()), ("stderr", stderr)] {
             for line in text.lines() {
                 eprintln!("[{plugin_name}] {stream}: {}", sanitize_line(line));
             }

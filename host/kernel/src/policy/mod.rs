@@ -243,8 +243,9 @@ impl Policy {
     }
 
     /// Decide a tool call whose tool is also known as `stands_for` (an alias's real name, see
-    /// [`crate::tool::ToolDescriptor::stands_for`]): the more severe decision of the two names, so
-    /// a rule written for either applies.
+    /// [`crate::tool::ToolDescriptor::stands_for`]): a rule written for either name applies; when
+    /// rules match both, the more severe decision wins. Only when no rule matches either name does
+    /// the default decide.
     pub fn evaluate_tool_with(
         &self,
         request: &PolicyRequest<'_>,
@@ -279,14 +280,21 @@ impl Policy {
             },
             approvals,
         );
-        // A session approval of this very call (under the name it was made by) answers the
-        // other name's REQUIRE_APPROVAL too; a DENY under either name still holds.
-        let session_approved = decision.applied_rules.iter().any(|r| r == SESSION_APPROVAL_RULE);
-        let answered = session_approved && as_other.outcome == Outcome::RequireApproval;
-        if as_other.outcome > decision.outcome && !answered {
-            as_other
-        } else {
-            decision
+        let by_rule = |d: &PolicyDecision| !d.applied_rules.iter().any(|r| r == DEFAULT_RULE);
+        match (by_rule(&decision), by_rule(&as_other)) {
+            (false, true) => as_other,
+            (true, true) => {
+                // A session approval of this very call (under the name it was made by) answers
+                // the other name's REQUIRE_APPROVAL too; a DENY under either name still holds.
+                let session_approved = decision.applied_rules.iter().any(|r| r == SESSION_APPROVAL_RULE);
+                let answered = session_approved && as_other.outcome == Outcome::RequireApproval;
+                if as_other.outcome > decision.outcome && !answered {
+                    as_other
+                } else {
+                    decision
+                }
+            }
+            _ => decision,
         }
     }
 

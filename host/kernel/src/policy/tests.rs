@@ -1161,6 +1161,18 @@ decision = "deny"
     );
     assert_eq!(decide("python/run", "python-exec/run"), Outcome::RequireApproval);
     assert_eq!(decide("javascript/run", "js-exec/run"), Outcome::Deny);
+    // A rule on either name decides when the other has none (the default does not count).
+    let only = |tools: &str| {
+        policy(&format!(
+            "default = \"deny\"\n\n[[tool]]\nname = \"py\"\ntools = [\"{tools}\"]\ndecision = \"allow\"\n"
+        ))
+    };
+    for tools in ["python/*", "python-exec/*"] {
+        let outcome = only(tools)
+            .evaluate_tool_with(&request("python/run"), Some("python-exec/run"), &approvals)
+            .outcome;
+        assert_eq!(outcome, Outcome::Allow, "{tools}");
+    }
 
     approvals.approve_call(SessionKey::new("s", "sess"), "python/run", &args);
     let p2 = policy(

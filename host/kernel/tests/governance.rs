@@ -505,18 +505,22 @@ async fn a_model_call_that_fails_mid_stream_is_recorded() {
     let r = result(&rt.execute(request("hi")).await.expect("execute")).await;
     assert_eq!(r.status, JobState::Failed, "{r:?}");
     assert_eq!(r.error.expect("error").code, "model_error");
-    let usage = rt
-        .kernel()
+    let usage = job_usage(&rt, r.job_id).await;
+    assert_eq!(usage.requests, 1, "{usage:?}");
+    assert!(usage.tokens >= 1000 && usage.cost > Decimal::ZERO, "{usage:?}");
+}
+
+/// What job `job_id` of tenant `acme` was charged.
+async fn job_usage(rt: &AgentRuntime, job_id: uuid::Uuid) -> keel_kernel::ledger::Usage {
+    rt.kernel()
         .ledger()
         .usage(&UsageQuery {
             tenant: "acme".into(),
-            job_id: Some(r.job_id),
+            job_id: Some(job_id),
             ..Default::default()
         })
         .await
-        .expect("usage");
-    assert_eq!(usage.requests, 1, "{usage:?}");
-    assert!(usage.tokens >= 1000 && usage.cost > Decimal::ZERO, "{usage:?}");
+        .expect("usage")
 }
 
 /// Wait until the job's model has streamed something.
@@ -577,16 +581,7 @@ async fn a_model_call_stopped_by_a_cancel_or_the_deadline_is_recorded() {
         // The hold is settled as the loop stops.
         let usage = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                let usage = rt
-                    .kernel()
-                    .ledger()
-                    .usage(&UsageQuery {
-                        tenant: "acme".into(),
-                        job_id: Some(r.job_id),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("usage");
+                let usage = job_usage(&rt, r.job_id).await;
                 if usage.requests > 0 {
                     return usage;
                 }
@@ -629,16 +624,7 @@ async fn a_model_call_cut_off_by_its_hosts_death_is_charged_on_resume() {
     let hb = b.attach("acme", h.job_id()).await.expect("attach");
     let r = result(&hb).await;
     assert_eq!(r.status, JobState::Succeeded, "{r:?}");
-    let usage = b
-        .kernel()
-        .ledger()
-        .usage(&UsageQuery {
-            tenant: "acme".into(),
-            job_id: Some(r.job_id),
-            ..Default::default()
-        })
-        .await
-        .expect("usage");
+    let usage = job_usage(&b, r.job_id).await;
     assert_eq!(usage.requests, 2, "the cut-off request and the answered one: {usage:?}");
     let query = keel_kernel::event::EventQuery {
         filter: keel_kernel::event::EventFilter::job(r.job_id),

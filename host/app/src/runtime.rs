@@ -284,8 +284,8 @@ impl AgentHost {
     /// journal live in the kernel's in-memory store: nothing is written durably and nothing
     /// survives the process. For measuring the governed call path alone (policy, budget check,
     /// events, receipt, sandboxed call) without the database's commits; never for real work.
-    pub async fn open_in_memory(home: &Path, policy: PolicyChoice) -> Result<Self, AppError> {
-        let app = Arc::new(App::open(home).await?);
+    /// Several may share one `app` (its sandbox, plugins and registry), each with its own store.
+    pub async fn open_in_memory(app: Arc<App>, policy: PolicyChoice) -> Result<Self, AppError> {
         Self::open_on(app, None, policy, None, false, None, true).await
     }
 

@@ -100,7 +100,8 @@ async fn serve_role(role: &str) {
             let home = std::path::Path::new(&home);
             let host = if role == "keel-memory" {
                 let choice = PolicyChoice::resolve(home, None).expect("policy");
-                Arc::new(AgentHost::open_in_memory(home, choice).await.expect("open in memory"))
+                let app = Arc::new(keel_app::App::open(home).await.expect("open home"));
+                Arc::new(AgentHost::open_in_memory(app, choice).await.expect("open in memory"))
             } else {
                 keel_host(home).await
             };
@@ -481,7 +482,8 @@ async fn in_process(home: &std::path::Path, host: &Arc<AgentHost>, (warmup, call
     // The governance path alone: the same call with the jobs, events, ledger and journal in
     // the kernel's in-memory store (no durable write).
     let choice = PolicyChoice::resolve(home, None).expect("policy");
-    let memory = AgentHost::open_in_memory(home, choice).await.expect("open in memory");
+    let app = Arc::new(keel_app::App::open(home).await.expect("open home"));
+    let memory = AgentHost::open_in_memory(app, choice).await.expect("open in memory");
     let in_memory = call_loop(&memory, (warmup, calls), None).await;
     line("in-process, in-memory store (no durable write)", &in_memory);
     (governed, in_memory)

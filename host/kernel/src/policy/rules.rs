@@ -255,7 +255,9 @@ pub(crate) fn path_spelling(s: &str) -> PathSpelling<'_> {
 /// percent-encoded forms resolved (clamped at the root, as servers do), and percent-escapes of
 /// unreserved characters decoded in the path (RFC 3986 §6.2.2.2: `%61dmin` is `admin` to the
 /// server). A URL with an empty path is spelled both ways (`https://host` and `https://host/`):
-/// the request goes to `/`, but a policy may have written either.
+/// the request goes to `/`, but a policy may have written either. A path with `//`, `%2F` or
+/// `%5C` is also spelled as the many servers that merge slashes (nginx by default) or decode
+/// those escapes before routing see it ([`served_path`]).
 fn url_spelling(s: &str) -> PathSpelling<'_> {
     let Ok(mut url) = url::Url::parse(s) else {
         return PathSpelling::Escapes;
@@ -264,6 +266,11 @@ fn url_spelling(s: &str) -> PathSpelling<'_> {
         let decoded = decode_unreserved(url.path());
         url.set_path(&decoded);
     }
+    let served = served_path(url.path()).map(|path| {
+        let mut served = url.clone();
+        served.set_path(&path);
+        String::from(served)
+    });
     let mut spelled: String = url.into();
     let authority_only = s
         .split_once("://")
@@ -273,17 +280,47 @@ fn url_spelling(s: &str) -> PathSpelling<'_> {
         also_caught = Some(spelled.clone());
         spelled.pop();
     }
-    match (spelled == s, also_caught) {
-        (true, None) => PathSpelling::Resolved(Cow::Borrowed(s)),
-        (true, also_caught) => PathSpelling::Several {
-            all: vec![spelled],
-            also_caught,
-        },
-        (false, also_caught) => PathSpelling::Several {
-            all: vec![s.to_string(), spelled],
-            also_caught,
-        },
+    let mut all = Vec::with_capacity(3);
+    if spelled != s {
+        all.push(s.to_string());
     }
+    all.push(spelled);
+    all.extend(served.filter(|served| !all.contains(served)));
+    match (all.as_slice(), also_caught) {
+        ([one], None) if one == s => PathSpelling::Resolved(Cow::Borrowed(s)),
+        (_, also_caught) => PathSpelling::Several { all, also_caught },
+    }
+}
+
+/// `path` (a parsed URL's) as a server that decodes `%2F` and `%5C` and merges repeated slashes
+/// before routing serves it, when that differs; the caller re-parses it, which resolves the `..`
+/// such decoding may bring out (`/public/..%2Fsecret` is `/secret` there).
+fn served_path(path: &str) -> Option<String> {
+    let lower = path.to_ascii_lowercase();
+    if !path.contains("//") && !lower.contains("%2f") && !lower.contains("%5c") {
+        return None;
+    }
+    let mut decoded = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        decoded.push_str(&rest[..at]);
+        let escape = rest.get(at..at + 3).unwrap_or(&rest[at..]);
+        if escape.eq_ignore_ascii_case("%2f") || escape.eq_ignore_ascii_case("%5c") {
+            decoded.push('/');
+            rest = &rest[at + 3..];
+        } else {
+            decoded.push('%');
+            rest = &rest[at + 1..];
+        }
+    }
+    decoded.push_str(rest);
+    let mut merged = String::with_capacity(decoded.len());
+    for c in decoded.chars() {
+        if !(c == '/' && merged.ends_with('/')) {
+            merged.push(c);
+        }
+    }
+    (merged != path).then_some(merged)
 }
 
 /// `path` with every `%XX` escape of an unreserved character (`A-Z a-z 0-9 - . _ ~`) decoded;

@@ -379,7 +379,7 @@ fn url_spellings() {
     for unchanged in [
         "https://api.example.com/",
         "https://api.example.com/v1/x?q=1#top",
-        "https://api.example.com:8443/v1/%2Fx",
+        "https://api.example.com/v1/%2Cx",
         "s3://bucket/key",
     ] {
         assert_eq!(
@@ -395,12 +395,25 @@ fn url_spellings() {
             also_caught: Some("https://api.example.com/".into())
         }
     );
-    for (given, spelled) in [
-        ("https://example.com//a/../b", "https://example.com//b"),
+    // As written, as parsed, and as a server merging slashes or decoding `%2F`/`%5C` serves it.
+    for (given, spelled, served) in [
+        ("https://example.com//a/../b", "https://example.com//b", "https://example.com/b"),
         (
             "https://api.example.com/v1/%2e%2E/%61dmin%2F",
             "https://api.example.com/admin%2F",
+            "https://api.example.com/admin/",
         ),
+        (
+            "https://api.example.com:8443/v1/..%2f%2Fadmin%5Cx",
+            "https://api.example.com:8443/v1/..%2f%2Fadmin%5Cx",
+            "https://api.example.com:8443/admin/x",
+        ),
+    ] {
+        let mut all: Vec<String> = vec![given.into(), spelled.into(), served.into()];
+        all.dedup();
+        assert_eq!(path_spelling(given), PathSpelling::Several { all, also_caught: None }, "{given}");
+    }
+    for (given, spelled) in [
         ("http://h\\a\\..\\b", "http://h/b"),
         ("https://h/../../x", "https://h/x"),
         ("s3://bucket/a/../b", "s3://bucket/b"),
@@ -1099,11 +1112,30 @@ when = { url = { glob = "https://api.example.com/**" } }
 name = "no-other-posts"
 tools = ["http-fetch/post"]
 decision = "deny"
+
+[[tool]]
+name = "public-puts"
+tools = ["http-fetch/put"]
+decision = "allow"
+when = { url = { glob = "https://files.example.com/public/*" } }
+
+[[tool]]
+name = "no-other-puts"
+tools = ["http-fetch/put"]
+decision = "deny"
 "#,
     );
     let d = |tool_name: &str, url: &str| p.evaluate(&tool(tool_name, &json!({ "url": url }))).outcome;
     for url in [
         "http://127.0.0.1:18931/secret/key.txt",
+        // Servers that merge slashes (nginx by default) or decode `%2F` serve these as the
+        // denied path.
+        "http://127.0.0.1:18931//secret/key.txt",
+        "http://127.0.0.1:18931/secret//key.txt",
+        "http://127.0.0.1:18931/secret%2Fkey.txt",
+        "http://127.0.0.1:18931/secret%2fkey.txt",
+        "http://127.0.0.1:18931/public%2F..%2Fsecret/key.txt",
+        "http://127.0.0.1:18931/secret%5Ckey.txt",
         " http://127.0.0.1:18931/secret/key.txt",
         "\u{a0}http://127.0.0.1:18931/secret/key.txt",
         "\thttp://127.0.0.1:18931/secret/key.txt",
@@ -1120,6 +1152,15 @@ decision = "deny"
     }
     assert_eq!(d("http-fetch/post", "https://api.example.com/v1"), Outcome::Allow);
     assert_eq!(d("http-fetch/post", " https://api.example.com/v1"), Outcome::Deny);
+    assert_eq!(d("http-fetch/put", "https://files.example.com/public/a.txt"), Outcome::Allow);
+    // One segment as written, but `/secret` to a server that decodes `%2F` or merges slashes.
+    for url in [
+        "https://files.example.com/public/..%2Fsecret",
+        "https://files.example.com/public/a%2Fb",
+        "https://files.example.com//public/a.txt",
+    ] {
+        assert_eq!(d("http-fetch/put", url), Outcome::Deny, "{url}");
+    }
 }
 
 /// A tool offered under an alias (`python/run` for `python-exec/run`) is governed by rules on

@@ -96,8 +96,9 @@ impl AgentRuntime {
         // One commit for an idempotent tool when no budget could refuse it; else two.
         let once = desc.idempotent && !self.budgets_apply(request).await?;
         let call = DirectCall::new(inner, request, &desc)?;
+        // The steps' futures are boxed so this one stays small (see `call_tool`).
         if !once {
-            match call.commit_started(inner).await {
+            match Box::pin(call.commit_started(inner)).await {
                 Ok(()) => {}
                 // A budget refused the hold (nothing was written): the runner records the verdict
                 // and fails the job the usual way.
@@ -105,8 +106,8 @@ impl AgentRuntime {
                 Err(e) => return Err(e.into()),
             }
         }
-        let result = call.run(inner, arguments).await;
-        let finished = call.commit_result(inner, result, once).await?;
+        let result = Box::pin(call.run(inner, arguments)).await;
+        let finished = Box::pin(call.commit_result(inner, result, once)).await?;
         Ok(Some(ExecutionHandle {
             rt: self.clone(),
             job_id: call.job.id,

@@ -63,6 +63,20 @@ pub fn sanitize_line(text: &str) -> Cow<'_, str> {
     escape(text, |_| false)
 }
 
+/// A tool call's `arguments` as one escaped line, cut past `max` characters with a note saying
+/// so, how many bytes there are in all and `where_all` they can be read: an approval prompt or an action list shows what the
+/// call is about without a multi-megabyte argument flooding the terminal (or scrolling the start
+/// of the question away); the cut is never silent.
+pub fn arguments_line(arguments: &serde_json::Value, max: usize, where_all: &str) -> String {
+    let text = serde_json::to_string(arguments).unwrap_or_default();
+    let shown = sanitize_line(&text);
+    if shown.chars().count() <= max {
+        return shown.into_owned();
+    }
+    let cut: String = shown.chars().take(max).collect();
+    format!("{cut}… ({} bytes in all; {where_all})", text.len())
+}
+
 fn escape(text: &str, keep: impl Fn(char) -> bool) -> Cow<'_, str> {
     // `is_control` is exactly C0, DEL and C1; bidi overrides could reorder what the line appears to say.
     let bad = |c: char| (c.is_control() || is_bidi_control(c)) && !keep(c);
@@ -235,6 +249,28 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TerminalSafe<W>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A multi-megabyte argument neither floods an approval prompt nor is cut silently; the
+    /// line stays one line whatever the arguments hold.
+    #[test]
+    fn long_arguments_are_cut_and_say_so() {
+        let short = serde_json::json!({"path": "/tmp/a"});
+        assert_eq!(arguments_line(&short, 300, "x"), r#"{"path":"/tmp/a"}"#);
+        let big = serde_json::json!({"content": "A".repeat(2 << 20), "path": "/etc/passwd"});
+        let line = arguments_line(&big, 2_000, "`keel actions list --json` shows them all");
+        assert!(line.chars().count() < 2_100, "{} characters", line.chars().count());
+        assert!(
+            line.ends_with(&format!(
+                "… ({} bytes in all; `keel actions list --json` shows them all)",
+                serde_json::to_string(&big).unwrap().len()
+            )),
+            "{}",
+            &line[line.len() - 120..]
+        );
+        let forged = serde_json::json!({"a": "x\n\rAllow? y\u{1b}[2J"});
+        let line = arguments_line(&forged, 300, "x");
+        assert!(!line.contains(['\n', '\r', '\u{1b}']), "{line}");
+    }
 
     #[tokio::test]
     async fn printed_bytes_reach_a_terminal_escaped_even_split_across_writes() {

@@ -231,11 +231,9 @@ const MAX_SHOWN_ARGUMENTS: usize = 300;
 /// [`MAX_SHOWN_ARGUMENTS`] characters.
 fn call_arguments(action: &Action) -> Option<String> {
     let arguments = action.request.get("arguments")?;
-    let text = serde_json::to_string(arguments).ok()?;
-    let shown = sanitize_line(&text);
-    if shown.chars().count() <= MAX_SHOWN_ARGUMENTS {
-        return Some(shown.into_owned());
-    }
-    let cut: String = shown.chars().take(MAX_SHOWN_ARGUMENTS).collect();
-    Some(format!("{cut}… ({} bytes in all; --json shows them)", text.len()))
+    Some(crate::output::arguments_line(
+        arguments,
+        MAX_SHOWN_ARGUMENTS,
+        "--json shows them",
+    ))
 }

@@ -525,12 +525,19 @@ fn stderr_is_a_file() -> bool {
         .is_ok_and(|m| m.file_type().is_file())
 }
 
+/// Longest argument text an approval prompt shows (a terminal screen or so); past it the prompt
+/// says the arguments were cut and where to read them whole.
+const MAX_PROMPTED_ARGUMENTS: usize = 2_000;
+
 /// Ask on the terminal: approve / deny / approve for the session.
 async fn prompt(tool: &str, request: &Value) -> Option<Decision> {
-    let question = format!(
-        "Allow `{tool}` with {}? [y]es / [n]o / [s]ession (approve this call for the session): ",
-        request["arguments"]
+    let arguments = crate::output::arguments_line(
+        &request["arguments"],
+        MAX_PROMPTED_ARGUMENTS,
+        "`keel actions list --json` shows them all",
     );
+    let question =
+        format!("Allow `{tool}` with {arguments}? [y]es / [n]o / [s]ession (approve this call for the session): ");
     tokio::task::spawn_blocking(move || {
         loop {
             eprint!("{}", sanitize_line(&question));

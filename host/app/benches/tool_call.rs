@@ -46,7 +46,9 @@ fn benches(c: &mut Criterion) {
         app.install_unattended(&bytes, "hello").await.expect("install hello");
         app
     });
-    let host = rt.block_on(RegistryToolHost::new(app.clone(), None)).expect("tool host");
+    let host = rt
+        .block_on(RegistryToolHost::new(app.clone(), None))
+        .expect("tool host");
     let ctx = ToolCallContext::ad_hoc("bench");
     let args = json!({"name": "Ada"});
 
@@ -79,7 +81,9 @@ async fn calls_in_memory(app: &Arc<App>, home: &std::path::Path, iters: u64) -> 
     while left > 0 {
         let n = left.min(CALLS_PER_MEMORY_STORE);
         let choice = PolicyChoice::resolve(home, None).expect("policy");
-        let memory = AgentHost::open_in_memory(app.clone(), choice).await.expect("open in memory");
+        let memory = AgentHost::open_in_memory(app.clone(), choice)
+            .await
+            .expect("open in memory");
         governed_call(&memory).await;
         let started = Instant::now();
         for _ in 0..n {

@@ -397,7 +397,11 @@ fn url_spellings() {
     );
     // As written, as parsed, and as a server merging slashes or decoding `%2F`/`%5C` serves it.
     for (given, spelled, served) in [
-        ("https://example.com//a/../b", "https://example.com//b", "https://example.com/b"),
+        (
+            "https://example.com//a/../b",
+            "https://example.com//b",
+            "https://example.com/b",
+        ),
         (
             "https://api.example.com/v1/%2e%2E/%61dmin%2F",
             "https://api.example.com/admin%2F",
@@ -411,7 +415,11 @@ fn url_spellings() {
     ] {
         let mut all: Vec<String> = vec![given.into(), spelled.into(), served.into()];
         all.dedup();
-        assert_eq!(path_spelling(given), PathSpelling::Several { all, also_caught: None }, "{given}");
+        assert_eq!(
+            path_spelling(given),
+            PathSpelling::Several { all, also_caught: None },
+            "{given}"
+        );
     }
     for (given, spelled) in [
         ("http://h\\a\\..\\b", "http://h/b"),
@@ -1152,7 +1160,10 @@ decision = "deny"
     }
     assert_eq!(d("http-fetch/post", "https://api.example.com/v1"), Outcome::Allow);
     assert_eq!(d("http-fetch/post", " https://api.example.com/v1"), Outcome::Deny);
-    assert_eq!(d("http-fetch/put", "https://files.example.com/public/a.txt"), Outcome::Allow);
+    assert_eq!(
+        d("http-fetch/put", "https://files.example.com/public/a.txt"),
+        Outcome::Allow
+    );
     // One segment as written, but `/secret` to a server that decodes `%2F` or merges slashes.
     for url in [
         "https://files.example.com/public/..%2Fsecret",

@@ -64,9 +64,9 @@ pub fn sanitize_line(text: &str) -> Cow<'_, str> {
 }
 
 /// A tool call's `arguments` as one escaped line, cut past `max` characters with a note saying
-/// so, how many bytes there are in all and `where_all` they can be read: an approval prompt or an action list shows what the
-/// call is about without a multi-megabyte argument flooding the terminal (or scrolling the start
-/// of the question away); the cut is never silent.
+/// so, how many bytes there are in all and `where_all` they can be read: an approval prompt or
+/// an action list shows what the call is about without a multi-megabyte argument flooding the
+/// terminal (or scrolling the start of the question away); the cut is never silent.
 pub fn arguments_line(arguments: &serde_json::Value, max: usize, where_all: &str) -> String {
     let text = serde_json::to_string(arguments).unwrap_or_default();
     let shown = sanitize_line(&text);

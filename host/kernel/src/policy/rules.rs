@@ -296,24 +296,10 @@ fn url_spelling(s: &str) -> PathSpelling<'_> {
 /// before routing serves it, when that differs; the caller re-parses it, which resolves the `..`
 /// such decoding may bring out (`/public/..%2Fsecret` is `/secret` there).
 fn served_path(path: &str) -> Option<String> {
-    let lower = path.to_ascii_lowercase();
-    if !path.contains("//") && !lower.contains("%2f") && !lower.contains("%5c") {
+    if !path.contains("//") && !path.contains('%') {
         return None;
     }
-    let mut decoded = String::with_capacity(path.len());
-    let mut rest = path;
-    while let Some(at) = rest.find('%') {
-        decoded.push_str(&rest[..at]);
-        let escape = rest.get(at..at + 3).unwrap_or(&rest[at..]);
-        if escape.eq_ignore_ascii_case("%2f") || escape.eq_ignore_ascii_case("%5c") {
-            decoded.push('/');
-            rest = &rest[at + 3..];
-        } else {
-            decoded.push('%');
-            rest = &rest[at + 1..];
-        }
-    }
-    decoded.push_str(rest);
+    let decoded = decode_escapes(path, |b| matches!(b, b'/' | b'\\').then_some('/'));
     let mut merged = String::with_capacity(decoded.len());
     for c in decoded.chars() {
         if !(c == '/' && merged.ends_with('/')) {
@@ -326,6 +312,14 @@ fn served_path(path: &str) -> Option<String> {
 /// `path` with every `%XX` escape of an unreserved character (`A-Z a-z 0-9 - . _ ~`) decoded;
 /// other escapes (`%2F`, `%20`, ...) stay as written, upper-cased hex is not imposed.
 fn decode_unreserved(path: &str) -> String {
+    decode_escapes(path, |b| {
+        (b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')).then_some(char::from(b))
+    })
+}
+
+/// `path` with each `%XX` escape whose byte `decode` maps to a character replaced by it; every
+/// other escape and character as written.
+fn decode_escapes(path: &str, decode: impl Fn(u8) -> Option<char>) -> String {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
@@ -333,9 +327,9 @@ fn decode_unreserved(path: &str) -> String {
         if bytes[i] == b'%'
             && let Some(hex) = path.get(i + 1..i + 3)
             && let Ok(b) = u8::from_str_radix(hex, 16)
-            && (b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+            && let Some(c) = decode(b)
         {
-            out.push(char::from(b));
+            out.push(c);
             i += 3;
             continue;
         }

@@ -197,6 +197,8 @@ struct Described {
     record: PluginRecord,
     /// The description recorded at install (`None`: the stored one does not decode).
     info: Option<PluginInfo>,
+    /// The grants recorded (`None`: the stored ones do not decode; loading the plugin reports it).
+    grants: Option<Grants>,
     /// The plugin's deadline ([`RegistryToolHost::timeout_of`] of `record`), worked out once per
     /// stamp: merging the limits goes through JSON, which cost a few µs on every call.
     timeout: Option<std::time::Duration>,
@@ -217,9 +219,17 @@ impl Described {
     }
 }
 
-/// Tool `tool`, addressed by the registry's `plugin` name.
-fn descriptor(plugin: &str, tool: &ToolInfo, timeout: Option<std::time::Duration>) -> ToolDescriptor {
+/// Tool `tool` of `info`, addressed by the registry's `plugin` name; effect-free when `grants`
+/// (the plugin's, `None` when they do not decode) make it so.
+fn descriptor(
+    plugin: &str,
+    info: &PluginInfo,
+    tool: &ToolInfo,
+    grants: Option<&Grants>,
+    timeout: Option<std::time::Duration>,
+) -> ToolDescriptor {
     ToolDescriptor {
+        effect_free: grants.is_some_and(|g| g.effect_free_for(tool, &info.tools)),
         plugin: plugin.to_string(),
         name: tool.name.clone(),
         description: tool.description.clone(),
@@ -262,14 +272,13 @@ impl ToolHost for RegistryToolHost {
                     Ok(info) => {
                         // The agent loop leases the job only for the plugin's own deadline.
                         let timeout = self.timeout_of(record);
+                        let grants = crate::home::grants_of(record).ok();
+                        let describe = |plugin: &str, t| descriptor(plugin, &info, t, grants.as_ref(), timeout);
                         if self.in_scope(&record.name) {
-                            tools.extend(info.tools.iter().map(|t| descriptor(&record.name, t, timeout)));
+                            tools.extend(info.tools.iter().map(|t| describe(&record.name, t)));
                         }
                         for (alias, _, tool) in aliases {
-                            tools.extend(
-                                info.tool(tool)
-                                    .map(|t| aliased(descriptor(alias, t, timeout), &record.name)),
-                            );
+                            tools.extend(info.tool(tool).map(|t| aliased(describe(alias, t), &record.name)));
                         }
                     }
                     Err(e) => eprintln!(
@@ -297,7 +306,7 @@ impl ToolHost for RegistryToolHost {
             let plugin = tool.split_once('/').map_or(tool, |(plugin, _)| plugin);
             let timeout = described.timeout;
             Ok(info.tool(&name).map(|t| {
-                let d = descriptor(plugin, t, timeout);
+                let d = descriptor(plugin, info, t, described.grants.as_ref(), timeout);
                 if alias { aliased(d, &described.record.name) } else { d }
             }))
         })
@@ -362,6 +371,7 @@ impl RegistryToolHost {
         let described = Arc::new(Described {
             stamp,
             info: serde_json::from_value(record.info.clone()).ok(),
+            grants: crate::home::grants_of(&record).ok(),
             timeout: self.timeout_of(&record),
             record,
             loaded: Mutex::default(),

@@ -37,6 +37,7 @@ fn ctx() -> ToolCallContext {
         principal: None,
         trace_id: None,
         timeout: None,
+        effect_free: false,
     }
 }
 
@@ -176,4 +177,63 @@ async fn another_scope_gets_no_descriptor_of_an_owned_plugin() {
     other.scope = "team-b".into();
     let refused = host.call_tool(&other, "fs/read", &json!({"path": "/x"})).await.result;
     assert!(matches!(refused, Err(ToolError::UnknownTool { .. })), "{refused:?}");
+}
+
+/// A tool is effect-free while the grants it gets let it write nothing and reach no network (the
+/// host's word, from what the user granted; a plugin cannot claim it), and a call that relied on
+/// that ([`ToolCallContext::effect_free`]: its start was not put on disk first) is refused once a
+/// grant allows an effect, without running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_is_effect_free_only_while_its_grants_allow_no_effect() {
+    let (_home, app) = home_with_fs().await;
+    let (_data, dir, read) = note_dir();
+    let admin = Caller::local_admin("default");
+    let host = RegistryToolHost::new(app.clone(), None).await.unwrap();
+    let effect_free = || async { host.tool("fs/read", "default").await.unwrap().unwrap().effect_free };
+    let relying = ToolCallContext {
+        effect_free: true,
+        ..ctx()
+    };
+
+    assert!(effect_free().await, "nothing granted");
+    let read_only = GrantRequest {
+        read: vec![dir.clone()],
+        ..GrantRequest::default()
+    };
+    app.grant(&admin, "fs", &read_only).await.unwrap();
+    assert!(effect_free().await, "a read-only directory changes nothing");
+    let listed = host.list_tools().await.unwrap();
+    assert!(listed.iter().all(|d| d.effect_free), "listed alike: {listed:?}");
+    let got = host.call_tool(&relying, "fs/read", &read).await.result;
+    assert!(got.expect("runs").to_string().contains("kept"));
+
+    let writable = tempfile::tempdir().unwrap();
+    let write_grant = GrantRequest {
+        write: vec![writable.path().canonicalize().unwrap().display().to_string()],
+        ..GrantRequest::default()
+    };
+    app.grant(&admin, "fs", &write_grant).await.unwrap();
+    assert!(!effect_free().await, "a writable directory is an effect");
+    let refused = host.call_tool(&relying, "fs/read", &read).await;
+    match &refused.result {
+        Err(ToolError::Host { message }) => assert!(message.contains("grants changed"), "{message}"),
+        other => panic!("refused: {other:?}"),
+    }
+    assert_eq!(refused.receipt.wall_us, 0, "not run");
+    assert!(
+        host.call_tool(&ctx(), "fs/read", &read).await.result.is_ok(),
+        "run when not relied on"
+    );
+
+    let revoke = RevokeRequest {
+        all: true,
+        ..RevokeRequest::default()
+    };
+    app.revoke(&admin, "fs", &revoke).await.unwrap();
+    let net = GrantRequest {
+        net: vec!["example.com".into()],
+        ..GrantRequest::default()
+    };
+    app.grant(&admin, "fs", &net).await.unwrap();
+    assert!(!effect_free().await, "a network host is an effect");
 }

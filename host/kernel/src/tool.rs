@@ -20,8 +20,17 @@ pub struct ToolDescriptor {
     pub input_schema: serde_json::Value,
     /// JSON Schema of the output, when published.
     pub output_schema: Option<serde_json::Value>,
-    /// Whether re-running an interrupted call is safe.
+    /// Whether re-running an interrupted call is safe, as the plugin claims.
     pub idempotent: bool,
+    /// Whether the tool's grants let a call change nothing outside its sandbox: no writable
+    /// directory (a fresh per-call scratch directory is not one) and no network. The host sets
+    /// it from what the user granted; a plugin cannot claim it. A call that cannot change
+    /// anything cannot repeat an effect when it is run again, so the kernel treats it as
+    /// idempotent ([`rerun_safe`](Self::rerun_safe)) and need not put its start on disk before it
+    /// runs; it then sets [`ToolCallContext::effect_free`], and the host refuses the call if the
+    /// grants changed since.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub effect_free: bool,
     /// The tool host's own deadline for one call, when it has one shorter than the agent's
     /// `tool_timeout_ms` (e.g. a plugin's sandbox limit). The loop bounds the call by the shorter
     /// of the two and extends its lease only for that, so a host that dies mid-call frees the job
@@ -52,6 +61,12 @@ mod opt_millis {
 }
 
 impl ToolDescriptor {
+    /// Whether a call interrupted by a host's death may be run again without asking anyone:
+    /// the plugin says so, or its grants let it change nothing.
+    pub fn rerun_safe(&self) -> bool {
+        self.idempotent || self.effect_free
+    }
+
     /// The fully-qualified name, `plugin/tool`.
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.plugin, self.name)
@@ -65,6 +80,11 @@ impl ToolDescriptor {
             .is_some_and(|name| name == self.name)
     }
 }
+
+/// Why a host refuses a call that relied on the tool being effect-free
+/// ([`ToolCallContext::effect_free`]) when its grants now allow an effect.
+pub const GRANTS_CHANGED: &str =
+    "the plugin's grants changed while the call was starting (it may now have effects): call it again";
 
 /// Who is calling a tool and under which deadline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +103,12 @@ pub struct ToolCallContext {
     pub trace_id: Option<String>,
     /// Wall-clock budget for the call; the host may clamp it to its own maximum.
     pub timeout: Option<Duration>,
+    /// The caller relied on the tool being [effect-free](ToolDescriptor::effect_free) (it did
+    /// not put the call's start on disk first, or it re-runs an interrupted call without
+    /// asking): the host must refuse to run the call under grants that allow an effect, as they
+    /// do when they changed since the tool was described.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub effect_free: bool,
 }
 
 impl ToolCallContext {
@@ -95,6 +121,7 @@ impl ToolCallContext {
             principal: None,
             trace_id: None,
             timeout: None,
+            effect_free: false,
         }
     }
 }
@@ -329,6 +356,7 @@ mod tests {
             input_schema: serde_json::json!({}),
             output_schema: None,
             idempotent: false,
+            effect_free: false,
             timeout: None,
             stands_for: None,
         }

@@ -134,6 +134,10 @@ fn mcp_tool(d: &ToolDescriptor) -> Tool {
     if d.idempotent {
         annotations = annotations.idempotent(true);
     }
+    if d.effect_free {
+        // Its grants let it write nothing and reach no network (MCP's "read-only", "closed world").
+        annotations = annotations.read_only(true).open_world(false);
+    }
     tool.with_annotations(annotations)
 }
 
@@ -171,6 +175,7 @@ mod tests {
             input_schema: serde_json::json!({"type": "object", "properties": {"name": {"type": "string"}}}),
             output_schema: Some(serde_json::json!({"type": "string"})),
             idempotent: true,
+            effect_free: true,
             timeout: None,
             stands_for: None,
         };
@@ -178,6 +183,14 @@ mod tests {
         assert_eq!(tool["name"], "hello__greet");
         assert_eq!(tool["inputSchema"]["properties"]["name"]["type"], "string");
         assert_eq!(tool["annotations"]["idempotentHint"], true);
+        assert_eq!(tool["annotations"]["readOnlyHint"], true);
+        assert_eq!(tool["annotations"]["openWorldHint"], false);
+        let effectful = serde_json::to_value(mcp_tool(&ToolDescriptor {
+            effect_free: false,
+            ..d.clone()
+        }))
+        .unwrap();
+        assert!(effectful["annotations"].get("readOnlyHint").is_none());
         assert!(
             tool.get("outputSchema").is_none(),
             "non-object output schemas are not offered"

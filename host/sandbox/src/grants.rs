@@ -304,6 +304,21 @@ fn is_non_public_v6(ip: Ipv6Addr) -> bool {
 }
 
 impl Grants {
+    /// Whether a call under these grants can change nothing outside its sandbox: no directory
+    /// granted read-write and no network host. (Environment variables are read-only, and a
+    /// tool's fresh scratch directory is not a grant: it is removed after the call.)
+    pub fn effect_free(&self) -> bool {
+        self.net.is_empty() && self.fs.iter().all(|g| g.mode == FsMode::Read)
+    }
+
+    /// Whether calls of `tool`, one of `all_tools`, are effect-free
+    /// ([`ToolDescriptor::effect_free`](keel_kernel::tool::ToolDescriptor::effect_free)): the
+    /// grants it gets ([`narrow_for`](Self::narrow_for)) are [`effect_free`](Self::effect_free),
+    /// and it keeps no session state that later calls see.
+    pub fn effect_free_for(&self, tool: &ToolInfo, all_tools: &[ToolInfo]) -> bool {
+        !tool.takes_session() && self.narrow_for(tool, all_tools).effect_free()
+    }
+
     /// The grants one tool actually gets. Where a plugin's descriptor declares capabilities of a kind
     /// for any of its tools, each tool gets only the part of the plugin's grants that it declared for
     /// that kind; where no tool declares that kind, the plugin-wide grant applies (generic tools such
@@ -623,5 +638,37 @@ mod tests {
         // A plugin that declares nothing keeps its plugin-wide grants.
         let generic = tool("generic", Capabilities::default());
         assert_eq!(grants.narrow_for(&generic, std::slice::from_ref(&generic)), grants);
+
+        // Effect-free: judged on the grants each tool gets.
+        assert!(grants.effect_free_for(&env_user, &all), "environment only");
+        assert!(!grants.effect_free_for(&reader, &all), "a network host");
+        let no_net = Grants {
+            net: vec![],
+            ..grants.clone()
+        };
+        assert!(
+            no_net.effect_free_for(&reader, &all),
+            "its directory narrowed to read-only"
+        );
+        assert!(
+            !no_net.effect_free_for(&generic, std::slice::from_ref(&generic)),
+            "a writable directory"
+        );
+        let read_only = Grants {
+            fs: vec![FsGrant {
+                mode: FsMode::Read,
+                ..grants.fs[0].clone()
+            }],
+            ..no_net.clone()
+        };
+        assert!(read_only.effect_free_for(&generic, std::slice::from_ref(&generic)));
+        let session = ToolInfo {
+            input_schema: serde_json::json!({"properties": {"session_id": {"type": "string"}}}),
+            ..generic.clone()
+        };
+        assert!(
+            !Grants::default().effect_free_for(&session, std::slice::from_ref(&session)),
+            "a session's state is seen by its later calls"
+        );
     }
 }

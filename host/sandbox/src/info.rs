@@ -102,6 +102,15 @@ pub struct PluginInfo {
     pub tools: Vec<ToolInfo>,
 }
 
+impl ToolInfo {
+    /// Whether calls can run in an instance kept for a session (its input schema has a
+    /// [`crate::SESSION_FIELD`] property): such a call changes state that the session's later
+    /// calls see.
+    pub fn takes_session(&self) -> bool {
+        self.input_schema["properties"].get(crate::SESSION_FIELD).is_some()
+    }
+}
+
 impl PluginInfo {
     /// The tool named `name`.
     pub fn tool(&self, name: &str) -> Option<&ToolInfo> {

@@ -1133,6 +1133,13 @@ impl Sandbox {
         }
         let preopens = grants.preopens_for(tool_info, &plugin.info.tools);
         let grants = grants.narrow_for(tool_info, &plugin.info.tools);
+        if ctx.effect_free && (tool_info.takes_session() || !grants.effect_free()) {
+            // The caller did not put the call's start on disk, or re-runs it without asking,
+            // because the tool was described as effect-free: its grants changed since.
+            return CallReport::unrun(ToolError::Host {
+                message: keel_kernel::tool::GRANTS_CHANGED.into(),
+            });
+        }
         // What the store is built from: a session's store is reused only while these are unchanged
         // (a revoke or a new limit takes effect at the next call).
         let fingerprint = format!(
@@ -1457,7 +1464,7 @@ impl Sandbox {
         ctx: &ToolCallContext,
         arguments: &serde_json::Value,
     ) -> Result<Option<SessionKey>, ToolError> {
-        if tool.input_schema["properties"].get(SESSION_FIELD).is_none() {
+        if !tool.takes_session() {
             return Ok(None);
         }
         let id = match arguments.get(SESSION_FIELD) {

@@ -62,6 +62,7 @@ impl ToolHost for SandboxToolHost {
                         input_schema: tool.input_schema.clone(),
                         output_schema: tool.output_schema.clone(),
                         idempotent: tool.idempotent,
+                        effect_free: installed.grants.effect_free_for(tool, &installed.plugin.info.tools),
                         timeout: Some(installed.limits.timeout()),
                         stands_for: None,
                     })

@@ -13,6 +13,8 @@
 //!   schema, policy, hold, call, settle with receipt, events, journal — two commits (the durable
 //!   "started" commit before the side effect, the result after);
 //! - `governed_call_idempotent`: the same with an idempotent tool and no budget: one commit;
+//! - `governed_call_effect_free`: a non-idempotent tool whose grants allow no effect (no
+//!   writable directory, no network), no budget: one commit, as it is safe to re-run;
 //! - `governed_call_budgeted`: `governed_call` for a tenant with a budget in force (the hold is
 //!   checked against it in the first commit); its ledger grows with every call of the run, which
 //!   the check must not read;
@@ -20,9 +22,9 @@
 //!   carries an idempotency key), i.e. how every call ran before the direct path.
 //!
 //! Plus `agent_sqlite/bare_tool_call` and the agent-loop jobs (`job_no_tools`, `job_1_call`,
-//! `job_10_calls`), and in memory (`agent_memory`) `bare_tool_call` next to `governed_call` and
-//! `governed_call_idempotent`: the governance path alone, no durable write (on a fresh in-memory
-//! store every [`CALLS_PER_MEMORY_STORE`] calls).
+//! `job_10_calls`), and in memory (`agent_memory`) `bare_tool_call` next to the three governed
+//! calls: the governance path alone, no durable write (on a fresh in-memory store every
+//! [`CALLS_PER_MEMORY_STORE`] calls).
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented pub fn.
 
@@ -69,6 +71,10 @@ fn bench(c: &mut Criterion) {
     let tools = FakeTools::new();
     tools.add_echo("p/echo", false);
     tools.add_echo("p/idem", true);
+    // Non-idempotent, but its grants allow no effect (as the host describes a plugin granted no
+    // writable directory and no network).
+    tools.add_echo("p/pure", false);
+    tools.set_effect_free("p/pure", true);
     let call_ctx = ExecutionContext::new("bench");
     let budgeted_ctx = ExecutionContext::new("budgeted");
     let ctx = ToolCallContext::ad_hoc("bench");
@@ -94,6 +100,9 @@ fn bench(c: &mut Criterion) {
         });
         group.bench_function("governed_call_idempotent", |b| {
             b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/idem", None)))
+        });
+        group.bench_function("governed_call_effect_free", |b| {
+            b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/pure", None)))
         });
         // The same tenant's calls so far are its usage: the budget check must not read them.
         rt.block_on(async {
@@ -146,7 +155,11 @@ fn bench(c: &mut Criterion) {
                 .expect("call")
         })
     });
-    for (name, tool) in [("governed_call", "p/echo"), ("governed_call_idempotent", "p/idem")] {
+    for (name, tool) in [
+        ("governed_call", "p/echo"),
+        ("governed_call_idempotent", "p/idem"),
+        ("governed_call_effect_free", "p/pure"),
+    ] {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| rt.block_on(calls_in_memory(&tools, &call_ctx, tool, iters)))
         });

@@ -252,6 +252,59 @@ async fn crash_during_non_idempotent_call_asks_a_human_before_rerunning() {
     assert_eq!(count(&entries, LedgerKind::ModelUsage), 2);
 }
 
+/// A non-idempotent tool whose grants let it change nothing (effect-free, as the host describes
+/// it) is re-run after a host's death without asking anyone: a re-run cannot repeat an effect.
+/// The re-run tells the host it relies on that, so the host would refuse it under grants that
+/// changed since; and once they do, the next interrupted call asks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_during_effect_free_call_reruns_it_without_asking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keel.db");
+    let script = vec![
+        calls(0, &[("calc__roll", json!({"sides": 6}))]),
+        Message::assistant("rolled", vec![]),
+    ];
+    let tools1 = FakeTools::new();
+    blocking(&tools1, "calc/roll", false);
+    tools1.set_effect_free("calc/roll", true);
+    let h1 = host(&path, script.clone(), tools1, ASK_WRITES).await;
+    let handle = h1.rt.execute(request()).await.expect("execute");
+    let job_id = handle.job_id();
+    wait_tool_start(&handle, "calc/roll").await;
+    // `tool.start` is committed just before the tool host is called.
+    for _ in 0..200 {
+        if h1.tools.total() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !h1.tools.contexts()[0].effect_free,
+        "a first attempt, started on disk, relies on nothing"
+    );
+    h1.rt.abort_all();
+
+    let tools2 = FakeTools::new();
+    tools2.add("calc/roll", json!({"type": "object"}), false, |_| async {
+        Ok(json!(4))
+    });
+    tools2.set_effect_free("calc/roll", true);
+    let h2 = host(&path, script, tools2, ASK_WRITES).await;
+    assert_eq!(take_over(&h2).await, vec![job_id]);
+    let handle = h2.rt.attach("acme", job_id).await.expect("attach");
+    let r = finish(&handle).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert!(handle.pending_actions().await.expect("pending").is_empty());
+    assert_eq!(h2.tools.count("calc/roll"), 1, "re-run at once");
+    assert!(h2.tools.contexts()[0].effect_free, "the re-run relies on it");
+    let entries = ledger_kinds(h2.rt.kernel(), job_id).await;
+    assert_eq!(
+        count(&entries, LedgerKind::ToolUsage),
+        2,
+        "each attempt charged once: the interrupted one and the re-run"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiting_action_survives_restarts_and_resumes_when_resolved_elsewhere() {
     let dir = tempfile::tempdir().expect("tempdir");

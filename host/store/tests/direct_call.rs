@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use keel_kernel::action::{Action, ActionFilter};
-use keel_kernel::agent::testing::{FakeTools, scripted_runtime};
+use keel_kernel::agent::testing::{FakeTools, ScriptedModel, scripted_runtime};
 use keel_kernel::context::ExecutionContext;
 use keel_kernel::event::{EventFilter, EventQuery, RuntimeEvent};
 use keel_kernel::job::{Job, JobFilter, JobState};
@@ -18,9 +18,11 @@ use keel_kernel::ledger::{
     Budget, BudgetWindow, ExceedStrategy, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
     ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
+use keel_kernel::policy::{Policy, SessionApprovals};
 use keel_kernel::store::{
     Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreResult,
 };
+use keel_kernel::tool::{ToolCallContext, ToolDescriptor, ToolError, ToolHost, ToolOutcome};
 use keel_kernel::{AgentConfig, AgentRuntime, ExecutionResult, Kernel};
 use keel_store::{Database, SqliteKernelStore};
 use serde_json::json;
@@ -150,6 +152,8 @@ fn tools() -> FakeTools {
     let tools = FakeTools::new();
     tools.add_echo("p/once", true);
     tools.add_echo("p/twice", false);
+    tools.add_echo("p/pure", false);
+    tools.set_effect_free("p/pure", true);
     tools
 }
 
@@ -211,11 +215,12 @@ async fn ledger_kinds(kernel: &Kernel, job: Uuid) -> Vec<LedgerKind> {
 }
 
 /// Issue 9.11: a non-idempotent call costs two write transactions (the durable "started" commit
-/// before the side effect, the result after), an idempotent one a single one. The runner path
+/// before the side effect, the result after), an idempotent one a single one, and so does a
+/// non-idempotent one that is effect-free (its grants allow no effect). The runner path
 /// (taken here with an idempotency key) writes the same rows in more transactions; its count is
 /// printed (`--nocapture`) for the record. Either way the job, journal, events and ledger agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_direct_call_commits_twice_and_an_idempotent_one_once() {
+async fn a_direct_call_commits_twice_and_a_rerun_safe_one_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = Database::open(&dir.path().join("k.db")).await.expect("open");
     let store = Arc::new(Counting {
@@ -232,16 +237,29 @@ async fn a_direct_call_commits_twice_and_an_idempotent_one_once() {
     let (once, writes) = counted_call(&rt, &store, "p/once", None).await;
     assert_eq!(once.status, JobState::Succeeded, "{once:?}");
     assert_eq!(writes, 1, "idempotent: one commit after the call");
+    let (pure, writes) = counted_call(&rt, &store, "p/pure", None).await;
+    assert_eq!(pure.status, JobState::Succeeded, "{pure:?}");
+    assert_eq!(
+        writes, 1,
+        "effect-free (its grants allow no effect): one commit after the call"
+    );
+    let relied: Vec<bool> = tools.contexts().iter().map(|c| c.effect_free).collect();
+    assert_eq!(
+        relied,
+        [false, false, true],
+        "only the effect-free call relies on it (the host refuses it if its grants changed)"
+    );
     let (runner, runner_writes) = counted_call(&rt, &store, "p/twice", Some("k1")).await;
     assert_eq!(runner.status, JobState::Succeeded, "{runner:?}");
     println!("write transactions per governed call: runner path {runner_writes}, direct 2, idempotent direct 1");
     assert!(runner_writes > 2, "the runner path: {runner_writes}");
     assert_eq!(tools.count("p/twice"), 2);
     assert_eq!(tools.count("p/once"), 1);
+    assert_eq!(tools.count("p/pure"), 1);
 
     // The same records whichever path wrote them.
     let output = json!({ "echo": { "n": 1 } });
-    for r in [&twice, &once, &runner] {
+    for r in [&twice, &once, &pure, &runner] {
         let stored = rt
             .attach("t", r.job_id)
             .await
@@ -262,7 +280,7 @@ async fn a_direct_call_commits_twice_and_an_idempotent_one_once() {
             "lease released"
         );
     }
-    for job in [twice.job_id, once.job_id] {
+    for job in [twice.job_id, once.job_id, pure.job_id] {
         assert_eq!(
             event_types(&kernel, job).await,
             event_types(&kernel, runner.job_id).await
@@ -298,6 +316,60 @@ async fn a_direct_call_commits_twice_and_an_idempotent_one_once() {
         .await
         .expect("hold");
     assert_eq!(hold.state, ReservationState::Settled);
+}
+
+/// A tool host whose plugin is granted an effect (a writable directory, a network host) between
+/// the kernel's lookup of the tool and the call.
+struct GrantedMidCall(FakeTools);
+
+impl ToolHost for GrantedMidCall {
+    fn list_tools(&self) -> BoxFuture<'_, Result<Vec<ToolDescriptor>, ToolError>> {
+        self.0.list_tools()
+    }
+    fn tool<'a>(&'a self, tool: &'a str, scope: &'a str) -> BoxFuture<'a, Result<Option<ToolDescriptor>, ToolError>> {
+        let described = self.0.tool(tool, scope);
+        self.0.set_effect_free(tool, false);
+        described
+    }
+    fn call_tool<'a>(
+        &'a self,
+        ctx: &'a ToolCallContext,
+        tool: &'a str,
+        arguments: &'a serde_json::Value,
+    ) -> BoxFuture<'a, ToolOutcome> {
+        self.0.call_tool(ctx, tool, arguments)
+    }
+}
+
+/// A call made in one commit because the tool was effect-free, whose grants change before it
+/// runs: the host refuses it (it would run with effects and nothing on disk), and the refusal is
+/// recorded like any failed call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_free_call_whose_grants_change_before_it_runs_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Database::open(&dir.path().join("k.db")).await.expect("open");
+    let kernel = Kernel::new(Arc::new(db.kernel_store()));
+    let tools = tools();
+    let rt = AgentRuntime::new(
+        kernel.clone(),
+        Arc::new(ScriptedModel::new(vec![])),
+        Arc::new(GrantedMidCall(tools.clone())),
+        Arc::new(Policy::allow_all()),
+        Arc::new(SessionApprovals::new()),
+        AgentConfig::default(),
+    );
+    let r = rt
+        .call_tool(&ExecutionContext::new("t"), "p/pure", json!({}), None)
+        .await
+        .expect("call")
+        .result()
+        .await
+        .expect("result");
+    assert_eq!(r.status, JobState::Failed, "{r:?}");
+    let error = r.error.expect("error");
+    assert!(error.message.contains("grants changed"), "{error:?}");
+    assert!(tools.contexts()[0].effect_free);
+    assert!(ledger_kinds(&kernel, r.job_id).await.contains(&LedgerKind::ToolUsage));
 }
 
 /// A budget that refuses the call: nothing runs, and the refusal is recorded (a `budget_check`

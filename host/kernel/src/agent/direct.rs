@@ -12,9 +12,12 @@
 //!    `tool.end` / `tool.error` event, the `result` and `final` journal entries, the job
 //!    SUCCEEDED or FAILED and the lease released.
 //!
-//! An idempotent tool may skip (1) when no budget applies to the caller: the call runs first and
-//! everything, the hold included, is committed once after it (a crash mid-call leaves nothing;
-//! the caller may simply call again, which is what idempotent means).
+//! A tool that is safe to re-run may skip (1) when no budget applies to the caller: the call runs
+//! first and everything, the hold included, is committed once after it (a crash mid-call leaves
+//! nothing; the caller may simply call again). Safe to re-run is idempotent, or
+//! [effect-free](ToolDescriptor::effect_free): granted no writable directory and no network, so
+//! that a call run twice cannot change anything twice (the host refuses it if the grants changed
+//! since the tool was described).
 //!
 //! Anything else — an approval to wait for, a refusal (unknown tool, invalid input, policy deny,
 //! budget deny), an idempotency key, a runtime limit, a policy recorded by reference — is left to
@@ -93,9 +96,9 @@ impl AgentRuntime {
             return Ok(None);
         }
         let arguments = &call.arguments;
-        // One commit for an idempotent tool when no budget could refuse it; else two.
-        let once = desc.idempotent && !self.budgets_apply(request).await?;
-        let call = DirectCall::new(inner, request, &desc)?;
+        // One commit for a tool that is safe to re-run when no budget could refuse it; else two.
+        let once = desc.rerun_safe() && !self.budgets_apply(request).await?;
+        let call = DirectCall::new(inner, request, &desc, once)?;
         // The steps' futures are boxed so this one stays small (see `call_tool`).
         if !once {
             match Box::pin(call.commit_started(inner)).await {
@@ -138,10 +141,14 @@ struct DirectCall {
     owner: String,
     /// The trace id of the context checkpointed in the job's metadata.
     trace_id: String,
+    /// Whether this call is safe to re-run, or its start need not be on disk before it runs,
+    /// only because the tool is effect-free: the host must refuse it if its grants changed since
+    /// (see [`ToolCallContext::effect_free`]).
+    relies_on_effect_free: bool,
 }
 
 impl DirectCall {
-    fn new(inner: &Inner, request: &ExecutionRequest, desc: &ToolDescriptor) -> Result<Self, AgentError> {
+    fn new(inner: &Inner, request: &ExecutionRequest, desc: &ToolDescriptor, once: bool) -> Result<Self, AgentError> {
         let now = inner.kernel.clock().now();
         let (new, trace_id) = job_with_trace(request, now)?;
         let mut job = Job::queued(new, None, now);
@@ -175,6 +182,8 @@ impl DirectCall {
             check_budgets: true,
         };
         Ok(Self {
+            // Only its grants make a one-commit call of a non-idempotent tool safe to re-run.
+            relies_on_effect_free: once && !desc.idempotent,
             tool: desc.qualified_name(),
             job,
             hold,
@@ -267,6 +276,7 @@ impl DirectCall {
             principal: self.job.principal.clone(),
             trace_id: Some(self.trace_id.clone()),
             timeout: Some(self.timeout),
+            effect_free: self.relies_on_effect_free,
         };
         let cancel = inner.kernel.jobs().cancellation_token(self.job.id);
         let started = Instant::now();

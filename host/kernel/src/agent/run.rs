@@ -1341,7 +1341,7 @@ impl Runner {
             // The interrupted attempt may have run: charge it (a lapsed hold is recorded as
             // overage), so the budget check of the re-run below counts it.
             self.charge_interrupted(&base, attempt - 1, turn, call, &tool).await?;
-            if !desc.idempotent {
+            if !desc.rerun_safe() {
                 // Keyed by attempt: a "yes" covers one re-run, never the next interruption.
                 let title = format!("The host stopped during `{tool}`; re-run it (attempt {})?", attempt + 1);
                 let approved = self
@@ -1398,7 +1398,10 @@ impl Runner {
             })
         })
         .await?;
-        self.run_tool(turn, &base, call, desc, hold).await
+        // A re-run nobody was asked about is safe only because the tool is effect-free.
+        let relies_on_effect_free = attempt > 0 && !desc.idempotent && desc.effect_free;
+        self.run_tool(turn, &base, call, desc, hold, relies_on_effect_free)
+            .await
     }
 
     /// How many attempts of the call at `base` were started (journaled).
@@ -1439,7 +1442,8 @@ impl Runner {
     }
 
     /// Run the tool under its own timeout, then journal the result + settle (with the call's
-    /// receipt) + events at once.
+    /// receipt) + events at once. With `relies_on_effect_free`, the host refuses the call if the
+    /// tool's grants now allow an effect (see [`ToolCallContext::effect_free`]).
     async fn run_tool(
         &self,
         turn: u32,
@@ -1447,6 +1451,7 @@ impl Runner {
         call: &ToolCall,
         desc: &ToolDescriptor,
         hold: Uuid,
+        relies_on_effect_free: bool,
     ) -> Result<journal::ToolResult, Stop> {
         let tool = desc.qualified_name();
         let agent_limit = Duration::from_millis(self.rt.config.tool_timeout_ms);
@@ -1458,6 +1463,7 @@ impl Runner {
             principal: self.principal.clone(),
             trace_id: self.trace_id.clone(),
             timeout: Some(timeout),
+            effect_free: relies_on_effect_free,
         };
         self.ensure_lease(backstop(timeout)).await?;
         let started = Instant::now();

@@ -143,7 +143,7 @@ pub struct FakeTools {
     tools: Arc<Mutex<Vec<(ToolDescriptor, ToolFn)>>>,
     counts: Arc<Mutex<HashMap<String, usize>>>,
     total: Arc<AtomicUsize>,
-    call_ids: Arc<Mutex<Vec<String>>>,
+    contexts: Arc<Mutex<Vec<ToolCallContext>>>,
 }
 
 impl FakeTools {
@@ -166,6 +166,7 @@ impl FakeTools {
             input_schema: schema,
             output_schema: None,
             idempotent,
+            effect_free: false,
             timeout: None,
             stands_for: None,
         };
@@ -179,6 +180,18 @@ impl FakeTools {
         self.add(qualified, json!({"type": "object"}), idempotent, |args| async move {
             Ok(json!({ "echo": args }))
         })
+    }
+
+    /// Describe `plugin/tool` as [effect-free](ToolDescriptor::effect_free) or not, as a real host
+    /// does from the plugin's grants (which may change between two calls). A call that relies on
+    /// it ([`ToolCallContext::effect_free`]) while the tool is not is refused, as a real host
+    /// refuses it.
+    pub fn set_effect_free(&self, qualified: &str, effect_free: bool) -> &Self {
+        let mut tools = self.tools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((desc, _)) = tools.iter_mut().find(|(d, _)| d.is_named(qualified)) {
+            desc.effect_free = effect_free;
+        }
+        self
     }
 
     /// Calls of `plugin/tool` so far (including calls that were interrupted).
@@ -198,7 +211,12 @@ impl FakeTools {
 
     /// The `call_id` (idempotency key) of every call so far, in call order.
     pub fn call_ids(&self) -> Vec<String> {
-        self.call_ids.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.contexts().into_iter().map(|c| c.call_id).collect()
+    }
+
+    /// The context of every call so far, in call order.
+    pub fn contexts(&self) -> Vec<ToolCallContext> {
+        self.contexts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -231,13 +249,13 @@ impl ToolHost for FakeTools {
         tool: &'a str,
         arguments: &'a Value,
     ) -> BoxFuture<'a, ToolOutcome> {
-        let f = self
+        let found = self
             .tools
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .find(|(d, _)| d.is_named(tool))
-            .map(|(_, f)| f.clone());
+            .map(|(d, f)| (d.effect_free, f.clone()));
         *self
             .counts
             .lock()
@@ -245,15 +263,20 @@ impl ToolHost for FakeTools {
             .entry(tool.to_string())
             .or_default() += 1;
         self.total.fetch_add(1, Ordering::SeqCst);
-        self.call_ids
+        self.contexts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(ctx.call_id.clone());
+            .push(ctx.clone());
         let args = arguments.clone();
         Box::pin(async move {
-            let Some(f) = f else {
+            let Some((effect_free, f)) = found else {
                 return ToolOutcome::unrun(ToolError::UnknownTool { tool: tool.to_string() });
             };
+            if ctx.effect_free && !effect_free {
+                return ToolOutcome::unrun(crate::tool::ToolError::Host {
+                    message: crate::tool::GRANTS_CHANGED.into(),
+                });
+            }
             let started = std::time::Instant::now();
             let result = f(args).await;
             let output_bytes = result.as_ref().map_or(0, |v| v.to_string().len() as u64);

@@ -12,8 +12,9 @@ use serde_json::{Value, json};
 
 mod common;
 
-/// The scaffold's greeting, plus a `wait` mode: with `{"name": "slow"}` the tool waits until
-/// `/sync/go` exists (the test creates it), so a call can be held in flight across a reinstall.
+/// The scaffold's greeting, plus a `wait` mode: with `{"name": "slow"}` the tool creates
+/// `/sync/started`, then waits until `/sync/go` exists (the test creates it), so a call can be
+/// held in flight across a reinstall.
 fn source(greeting: &str) -> String {
     format!(
         r#"#include <stdio.h>
@@ -25,6 +26,8 @@ static bool greet(keel_call *call, const keel_json *args) {{
     const char *name = keel_arg_string(call, args, "name", &len);
     if (!name) return false;
     if (len == 4 && name[0] == 's' && name[1] == 'l') {{
+        FILE *started = fopen("/sync/started", "w");
+        if (started) fclose(started);
         while (access("/sync/go", F_OK) != 0) usleep(20000);
     }}
     char text[256];
@@ -41,7 +44,7 @@ static const keel_tool tools[] = {{{{
     .description = "Greet someone by name.",
     .input_schema = "{{\"type\":\"object\",\"properties\":{{\"name\":{{\"type\":\"string\"}}}},\"required\":[\"name\"]}}",
     .handler = greet,
-    .reads = KEEL_LIST("/sync"),
+    .writes = KEEL_LIST("/sync"),
 }}}};
 
 KEEL_EXPORT_PLUGIN("dev-tool", "0.1.0", "Greets people.", tools);
@@ -135,7 +138,7 @@ fn dev_rebuilds_on_change_keeps_the_last_good_version_and_lets_calls_in_flight_f
     let grant = format!("{}::/sync", sync.display());
     common::expect(
         home.path(),
-        &["plugins", "grant", "dev-tool", "--allow-read", &grant],
+        &["plugins", "grant", "dev-tool", "--allow-write", &grant],
         0,
     );
 
@@ -147,19 +150,14 @@ fn dev_rebuilds_on_change_keeps_the_last_good_version_and_lets_calls_in_flight_f
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // ...is running once its job is (the tool is resolved and loaded within milliseconds of
-    // that; the rebuild below takes over a second).
+    // ...is running once the guest says so.
     let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let jobs = common::json(home.path(), &["jobs", "list", "--state", "running", "--json"]);
-        let running = jobs.as_array().is_some_and(|jobs| !jobs.is_empty());
-        if running {
-            break;
-        }
-        assert!(Instant::now() < end, "the slow call never started: {jobs}");
+    while !sync.join("started").exists() {
+        assert!(Instant::now() < end, "the slow call never started");
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    let jobs = common::json(home.path(), &["jobs", "list", "--state", "running", "--json"]);
+    assert_eq!(jobs.as_array().map(Vec::len), Some(1), "its job is running: {jobs}");
 
     // ...an edit is rebuilt and reinstalled while it runs...
     std::fs::write(&file, source("Howdy")).unwrap();

@@ -199,7 +199,11 @@ pub fn dry_run(file: &Path, request: &DryRunRequest) -> Result<DryRun, AppError>
                 arguments.clone()
             };
             if *session_approved && let Some(session) = &request.session {
-                approvals.approve_call(SessionKey::new(&request.scope, session), tool, &arguments);
+                approvals.approve_call(
+                    SessionKey::new(&request.scope, &request.principal, session),
+                    tool,
+                    &arguments,
+                );
             }
             let stands_for = tool
                 .split_once('/')

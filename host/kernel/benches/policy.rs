@@ -161,7 +161,7 @@ fn cases() -> Vec<Case> {
     let kv = leak(json!({"key": "k1", "value": 1}));
     let url = leak(json!({"url": "https://api.example.com/v1/items?page=2"}));
     let respelled = leak(json!({"url": "https://api.example.com/v1/x/../%69tems"}));
-    approvals.approve_call(SessionKey::new("dev", "session-1"), "fs/write", write);
+    approvals.approve_call(SessionKey::new("dev", "alice", "session-1"), "fs/write", write);
     let cost = Decimal::new(2, 2);
     vec![
         Case {

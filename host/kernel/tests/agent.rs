@@ -337,7 +337,7 @@ async fn approval_approved_runs_the_exact_call_and_session_approval_sticks() {
     assert_eq!(s.tools.count("fs/write"), 2);
     assert!(
         s.approvals
-            .is_call_approved(SessionKey::new("acme", "s1"), "fs/write", &args)
+            .is_call_approved(SessionKey::new("acme", "alice", "s1"), "fs/write", &args)
     );
     let all = actions_of(&s, &h).await;
     assert_eq!(all.len(), 1, "the second identical call was approved for the session");

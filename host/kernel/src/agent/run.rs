@@ -468,6 +468,11 @@ impl Runner {
         })
     }
 
+    /// This job's principal's session `session`, where its session approvals live.
+    fn session_key<'a>(&'a self, session: &'a str) -> SessionKey<'a> {
+        SessionKey::new(&self.tenant, self.principal.as_deref().unwrap_or(""), session)
+    }
+
     fn journaled(&self, key: &str) -> Option<Entry> {
         let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         j.get(key).cloned()
@@ -840,7 +845,7 @@ impl Runner {
                 };
                 let session_approved = self.session.as_deref().is_some_and(|s| {
                     rt.approvals
-                        .is_call_approved(SessionKey::new(&self.tenant, s), &subject, &call.arguments)
+                        .is_call_approved(self.session_key(s), &subject, &call.arguments)
                 });
                 if !session_approved {
                     let title = format!("Allow a call to model `{model}` (up to {max_tokens} output tokens)?");
@@ -1557,7 +1562,7 @@ impl Runner {
                 {
                     self.rt
                         .approvals
-                        .approve_call(SessionKey::new(&self.tenant, session), tool, &call.arguments);
+                        .approve_call(self.session_key(session), tool, &call.arguments);
                 }
                 ok
             }

@@ -323,7 +323,7 @@ impl Policy {
                         let approved = rule.decision == Outcome::RequireApproval
                             && session.zip(approvals).is_some_and(|(s, store)| {
                                 // Digest only when it can matter: it hashes the canonical arguments.
-                                let key = SessionKey::new(scope, s);
+                                let key = SessionKey::new(scope, principal, s);
                                 store.may_have_approvals(key, tool)
                                     && store.is_approved(key, tool, &call_digest(tool, arguments))
                             });

@@ -5,7 +5,8 @@
 //! allowed without asking again. The key is ([`SessionKey`], tool, [`call_digest`]) — never the
 //! tool alone, so approving `fs/write {path: "/tmp/a"}` does not approve
 //! `fs/write {path: "/etc/passwd"}`, and never the session name alone, because clients choose
-//! session names freely: tenant A's session "main" is not tenant B's.
+//! session names freely: tenant A's session "main" is not tenant B's, nor is Alice's Mallory's
+//! within one tenant (a principal is the caller's identity, e.g. its API key).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
@@ -15,19 +16,26 @@ use serde_json::Value;
 use crate::canonical::call_digest;
 
 /// Which session an approval belongs to: a session name is chosen by the client, so it is unique
-/// only within its tenant (scope).
+/// only within its tenant (scope) and principal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionKey<'a> {
     /// The tenant (scope) the session lives in.
     pub tenant: &'a str,
+    /// The principal whose session it is (`""`: none named).
+    pub principal: &'a str,
     /// The session name, as the client gave it.
     pub session: &'a str,
 }
 
 impl<'a> SessionKey<'a> {
-    /// The session `session` of tenant `tenant`.
-    pub fn new(tenant: &'a str, session: &'a str) -> Self {
-        Self { tenant, session }
+    /// The session `session` of `principal` (`""`: none named, as in
+    /// [`PolicyRequest`](super::PolicyRequest)) in tenant `tenant`.
+    pub fn new(tenant: &'a str, principal: &'a str, session: &'a str) -> Self {
+        Self {
+            tenant,
+            principal,
+            session,
+        }
     }
 }
 
@@ -61,8 +69,11 @@ pub trait SessionApprovalStore: Send + Sync {
     }
 }
 
-/// tenant -> session -> tool -> approved call digests.
-type Tenants = HashMap<String, HashMap<String, HashMap<String, HashSet<String>>>>;
+/// tool -> approved call digests.
+type Tools = HashMap<String, HashSet<String>>;
+
+/// tenant -> principal -> session -> tools.
+type Tenants = HashMap<String, HashMap<String, HashMap<String, Tools>>>;
 
 /// Thread-safe, in-memory [`SessionApprovalStore`].
 #[derive(Debug, Default)]
@@ -84,6 +95,7 @@ impl SessionApprovals {
         map.values()
             .flat_map(HashMap::values)
             .flat_map(HashMap::values)
+            .flat_map(HashMap::values)
             .map(HashSet::len)
             .sum()
     }
@@ -93,8 +105,10 @@ impl SessionApprovals {
         self.len() == 0
     }
 
-    fn tools<'m>(map: &'m Tenants, key: SessionKey<'_>) -> Option<&'m HashMap<String, HashSet<String>>> {
-        map.get(key.tenant).and_then(|sessions| sessions.get(key.session))
+    fn tools<'m>(map: &'m Tenants, key: SessionKey<'_>) -> Option<&'m Tools> {
+        map.get(key.tenant)
+            .and_then(|principals| principals.get(key.principal))
+            .and_then(|sessions| sessions.get(key.session))
     }
 }
 
@@ -117,6 +131,8 @@ impl SessionApprovalStore for SessionApprovals {
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
         map.entry(session.tenant.to_owned())
             .or_default()
+            .entry(session.principal.to_owned())
+            .or_default()
             .entry(session.session.to_owned())
             .or_default()
             .entry(tool.to_owned())
@@ -126,11 +142,17 @@ impl SessionApprovalStore for SessionApprovals {
 
     fn revoke_session(&self, session: SessionKey<'_>) {
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(sessions) = map.get_mut(session.tenant) {
+        let Some(principals) = map.get_mut(session.tenant) else {
+            return;
+        };
+        if let Some(sessions) = principals.get_mut(session.principal) {
             sessions.remove(session.session);
             if sessions.is_empty() {
-                map.remove(session.tenant);
+                principals.remove(session.principal);
             }
+        }
+        if principals.is_empty() {
+            map.remove(session.tenant);
         }
     }
 }

@@ -33,6 +33,7 @@ fn tool<'a>(name: &'a str, args: &'a Value) -> PolicyRequest<'a> {
 /// The session [`tool`] requests run in.
 const S1: SessionKey<'static> = SessionKey {
     tenant: "acme",
+    principal: "alice",
     session: "s1",
 };
 
@@ -772,14 +773,14 @@ fn a_session_approval_belongs_to_its_tenant() {
         tool_calls_this_turn: 0,
         turn: 1,
     };
-    approvals.approve_call(SessionKey::new("tenant-a", "main"), "fs/write", &args);
+    approvals.approve_call(SessionKey::new("tenant-a", "alice", "main"), "fs/write", &args);
     // Another tenant's session of the same name: still asks.
     assert_eq!(
         p.evaluate_with(&in_scope("tenant-b"), &approvals).outcome,
         Outcome::RequireApproval
     );
-    assert!(!approvals.is_call_approved(SessionKey::new("tenant-b", "main"), "fs/write", &args));
-    assert!(!approvals.may_have_approvals(SessionKey::new("tenant-b", "main"), "fs/write"));
+    assert!(!approvals.is_call_approved(SessionKey::new("tenant-b", "alice", "main"), "fs/write", &args));
+    assert!(!approvals.may_have_approvals(SessionKey::new("tenant-b", "alice", "main"), "fs/write"));
     // The approving tenant's session: approved.
     assert_eq!(
         p.evaluate_with(&in_scope("tenant-a"), &approvals).outcome,
@@ -787,12 +788,50 @@ fn a_session_approval_belongs_to_its_tenant() {
     );
 
     // Revoking tenant-b's "main" leaves tenant-a's alone.
-    approvals.revoke_session(SessionKey::new("tenant-b", "main"));
+    approvals.revoke_session(SessionKey::new("tenant-b", "alice", "main"));
     assert_eq!(
         p.evaluate_with(&in_scope("tenant-a"), &approvals).outcome,
         Outcome::Allow
     );
-    approvals.revoke_session(SessionKey::new("tenant-a", "main"));
+    approvals.revoke_session(SessionKey::new("tenant-a", "alice", "main"));
+    assert!(approvals.is_empty());
+}
+
+/// A session name is the client's choice: another principal of the same tenant naming the same
+/// session does not get what a human approved for the first one's session.
+#[test]
+fn a_session_approval_belongs_to_its_principal() {
+    let p = policy(BASIC);
+    let approvals = SessionApprovals::new();
+    let args = json!({"path": "/home/alice/notes", "content": "hi"});
+    let as_principal = |principal| PolicyRequest::Tool {
+        tool: "fs/write",
+        arguments: &args,
+        scope: "acme",
+        principal,
+        session: Some("main"),
+        tool_calls_this_turn: 0,
+        turn: 1,
+    };
+    approvals.approve_call(SessionKey::new("acme", "alice", "main"), "fs/write", &args);
+    assert_eq!(
+        p.evaluate_with(&as_principal("mallory"), &approvals).outcome,
+        Outcome::RequireApproval,
+        "another principal's session of the same name still asks"
+    );
+    assert_eq!(
+        p.evaluate_with(&as_principal(""), &approvals).outcome,
+        Outcome::RequireApproval,
+        "nor does a call naming no principal"
+    );
+    assert_eq!(
+        p.evaluate_with(&as_principal("alice"), &approvals).outcome,
+        Outcome::Allow,
+        "the approving principal's session: approved"
+    );
+    approvals.revoke_session(SessionKey::new("acme", "mallory", "main"));
+    assert_eq!(approvals.len(), 1, "revoking Mallory's leaves Alice's");
+    approvals.revoke_session(SessionKey::new("acme", "alice", "main"));
     assert!(approvals.is_empty());
 }
 
@@ -834,7 +873,11 @@ fn session_approvals_are_thread_safe() {
             let a = approvals.clone();
             std::thread::spawn(move || {
                 for j in 0..50 {
-                    a.approve_call(SessionKey::new("acme", &format!("s{i}")), "t/x", &json!({ "n": j }));
+                    a.approve_call(
+                        SessionKey::new("acme", "alice", &format!("s{i}")),
+                        "t/x",
+                        &json!({ "n": j }),
+                    );
                 }
             })
         })
@@ -843,8 +886,8 @@ fn session_approvals_are_thread_safe() {
         h.join().unwrap();
     }
     assert_eq!(approvals.len(), 200);
-    assert!(approvals.is_call_approved(SessionKey::new("acme", "s3"), "t/x", &json!({"n": 49})));
-    assert!(!approvals.is_call_approved(SessionKey::new("acme", "s3"), "t/y", &json!({"n": 49})));
+    assert!(approvals.is_call_approved(SessionKey::new("acme", "alice", "s3"), "t/x", &json!({"n": 49})));
+    assert!(!approvals.is_call_approved(SessionKey::new("acme", "alice", "s3"), "t/y", &json!({"n": 49})));
 }
 
 #[test]
@@ -1226,7 +1269,7 @@ decision = "deny"
         assert_eq!(outcome, Outcome::Allow, "{tools}");
     }
 
-    approvals.approve_call(SessionKey::new("s", "sess"), "python/run", &args);
+    approvals.approve_call(SessionKey::new("s", "p", "sess"), "python/run", &args);
     let p2 = policy(
         r#"
 default = "allow"

@@ -81,13 +81,27 @@ impl App {
         installed
     }
 
-    /// Delete component `sha256` and everything cached for it, unless an installed plugin uses it.
+    /// Delete component `sha256` and everything cached for it, unless an installed plugin uses it
+    /// (checked and deleted under the component store's lock: see [`App::lock_components`]).
     pub(crate) async fn drop_component_if_unused(&self, sha256: &str) -> Result<(), AppError> {
+        let _lock = self.lock_components().await?;
         if !self.db.component_in_use(sha256).await? {
             let _ = self.components.remove(sha256);
             self.sandbox.forget(sha256);
         }
         Ok(())
+    }
+
+    /// The component store's lock ([`keel_sandbox::ComponentStore::lock`]; another process may
+    /// hold it, so it is waited for on a blocking thread). An install holds it from storing the
+    /// component to recording the plugin, a removal from finding a component unused to deleting
+    /// it, so that a removal never deletes a component an install has just recorded.
+    pub async fn lock_components(&self) -> Result<keel_sandbox::ComponentsLock, AppError> {
+        let store = self.components.clone();
+        tokio::task::spawn_blocking(move || store.lock())
+            .await
+            .map_err(|e| AppError::internal(format!("cannot lock the component store: {e}")))?
+            .map_err(|e| AppError::internal(format!("cannot lock the component store: {e}")))
     }
 
     async fn install_prepared(
@@ -159,6 +173,7 @@ impl App {
         };
         let effective = self.settable_limits(self.limits_over(&limits)?)?;
 
+        let lock = self.lock_components().await?;
         let stored = self
             .components
             .put(request.bytes)
@@ -185,6 +200,7 @@ impl App {
                 "`{name}` changed while this install was under way (installed, granted, revoked, replaced or removed by another command): nothing was installed; run it again"
             )));
         }
+        drop(lock);
         let replaced = replacing.cloned();
         if let Some(old) = &replaced {
             self.drop_component_if_unused(&old.sha256).await?;

@@ -129,6 +129,27 @@ impl ComponentStore {
         Ok(std::fs::symlink_metadata(self.path(sha256))?.len())
     }
 
+    /// Take the store's lock (exclusive, across processes; blocking until it is free), held until
+    /// the guard is dropped. A registry change that stores a component and then records a plugin
+    /// using it holds it across both, as does one that checks a component is unused and then
+    /// deletes it: otherwise an install could record a plugin on a component that a removal,
+    /// having found it unused a moment before, deletes next.
+    pub fn lock(&self) -> std::io::Result<ComponentsLock> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options
+                .mode(0o600)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+        }
+        let file = options.open(self.dir.join(".lock"))?;
+        file.lock()?;
+        Ok(ComponentsLock { _file: file })
+    }
+
     /// Delete the component `sha256` if stored.
     pub fn remove(&self, sha256: &str) -> std::io::Result<()> {
         match std::fs::remove_file(self.path(sha256)) {
@@ -136,6 +157,12 @@ impl ComponentStore {
             _ => Ok(()),
         }
     }
+}
+
+/// The [`ComponentStore`]'s lock, released when dropped (its file closed).
+#[derive(Debug)]
+pub struct ComponentsLock {
+    _file: std::fs::File,
 }
 
 /// Outcome of [`ArtifactCache::load_or_compile`], for install output and benchmarks.

@@ -26,7 +26,7 @@ mod session;
 mod stdio;
 mod toolhost;
 
-pub use cache::{ArtifactCache, CacheKey, CacheOutcome, ComponentStore};
+pub use cache::{ArtifactCache, CacheKey, CacheOutcome, ComponentStore, ComponentsLock};
 pub use config::{DescribeLimits, Limits, SCRATCH_GUEST, SandboxConfig, ScratchConfig, SessionConfig};
 pub use egress::{Resolver, SystemResolver};
 pub use exports::plugin_name_from;

@@ -254,6 +254,27 @@ fn a_timed_out_step_is_recorded_with_its_peak_memory() {
     assert!(receipt["peak_memory_bytes"].as_u64() >= Some(40 << 20), "{receipt}");
 }
 
+/// What a streamed step printed is counted in its receipt (it is not in the step's output).
+#[test]
+fn the_receipt_counts_what_the_code_printed() {
+    let (home, _) = home();
+    let scope = format!("printed-{}", std::process::id());
+    let code = "import sys\nprint('x' * 99)\nsys.stderr.write('e' * 9)";
+    let (status, out, err) = exec_lang(home, "python", &["--scope", &scope, "-c", code], "");
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(out, format!("{}\n", "x".repeat(99)));
+    let usage = common::json(home, &["ledger", "usage", "--scope", &scope, "--json"]);
+    let receipt = usage["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "tool_usage")
+        .map(|e| e["data"]["receipt"].clone())
+        .unwrap_or_else(|| panic!("no tool usage: {usage}"));
+    assert_eq!(receipt["stdout_bytes"], 100, "{receipt}");
+    assert_eq!(receipt["stderr_bytes"], 9, "{receipt}");
+}
+
 #[test]
 fn js_output_streams_while_the_script_runs() {
     let (home, _) = js_home();

@@ -145,6 +145,13 @@ pub struct Receipt {
     pub http_bytes_sent: u64,
     /// Bytes read from granted HTTP connections.
     pub http_bytes_received: u64,
+    /// Bytes of the guest's stdout the host took: kept (up to `max_stdio_bytes`), or streamed
+    /// to the caller (up to `max_output_bytes`).
+    #[serde(default)]
+    pub stdout_bytes: u64,
+    /// Bytes of the guest's stderr the host took, as [`stdout_bytes`](Self::stdout_bytes).
+    #[serde(default)]
+    pub stderr_bytes: u64,
 }
 
 /// The outcome of one tool call: its result and its receipt (a failed call has a receipt too).

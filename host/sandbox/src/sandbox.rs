@@ -3,6 +3,7 @@
 //! granted capabilities and the call's limits.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1152,16 +1153,17 @@ impl Sandbox {
         if let Some((stdout, stderr)) = streams {
             // Streaming changes where a call's output goes, not how much it may print.
             let cap = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
+            let (stdout_bytes, stderr_bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
             let stdio = StdioMode::Stream(
-                Box::new(crate::stdio::Capped::new(stdout, cap)),
-                Box::new(crate::stdio::Capped::new(stderr, cap)),
+                Box::new(crate::stdio::Capped::new(stdout, cap, stdout_bytes.clone())),
+                Box::new(crate::stdio::Capped::new(stderr, cap, stderr_bytes.clone())),
             );
             let mut live = match self.live_for(plugin.id(), tool_info, &grants, &preopens, &limits, fingerprint, stdio)
             {
                 Ok(live) => live,
                 Err(e) => return CallReport::unrun(ToolError::Host { message: e.to_string() }),
             };
-            let report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
+            let mut report = self.run_in(&mut live, plugin, &limits, ctx, tool, arguments).await.0;
             // Streamed output: wait until it has all reached the writers (a call past its
             // deadline gets only a moment more).
             let drain = async {
@@ -1173,6 +1175,8 @@ impl Sandbox {
             } else {
                 drain.await;
             }
+            report.receipt.stdout_bytes = stdout_bytes.load(Ordering::Relaxed);
+            report.receipt.stderr_bytes = stderr_bytes.load(Ordering::Relaxed);
             self.free_later(live);
             return report;
         }
@@ -1732,6 +1736,10 @@ impl Sandbox {
         let output_bytes = outcome_bytes.unwrap_or(0);
         let peak_memory_bytes = store.data().limiter.memory_used as u64;
         let journal = std::mem::take(&mut *call.journal.lock().expect("journal lock"));
+        // A session's pipes hold everything it printed: report only this call's part.
+        let (stdout, stderr) = (call.stdout.captured(), call.stderr.captured());
+        let stdout = stdout.get(live.stdout_seen..).unwrap_or_default();
+        let stderr = stderr.get(live.stderr_seen..).unwrap_or_default();
         let receipt = Receipt {
             wall_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
             fuel: fuel_consumed,
@@ -1740,9 +1748,9 @@ impl Sandbox {
             log_bytes: journal.log_bytes,
             http_bytes_sent: journal.traffic.sent(),
             http_bytes_received: journal.traffic.received(),
+            stdout_bytes: stdout.len() as u64,
+            stderr_bytes: stderr.len() as u64,
         };
-        // A session's pipes hold everything it printed: report only this call's part.
-        let (stdout, stderr) = (call.stdout.captured(), call.stderr.captured());
         let report = CallReport {
             result,
             receipt,
@@ -1750,11 +1758,11 @@ impl Sandbox {
             logs_truncated: journal.logs_dropped > 0,
             progress: journal.progress,
             denials: journal.denials,
-            stdout: stdout.get(live.stdout_seen..).unwrap_or_default().to_vec(),
-            stderr: stderr.get(live.stderr_seen..).unwrap_or_default().to_vec(),
+            stdout: stdout.to_vec(),
+            stderr: stderr.to_vec(),
         };
-        live.stdout_seen = stdout.len();
-        live.stderr_seen = stderr.len();
+        live.stdout_seen += stdout.len();
+        live.stderr_seen += stderr.len();
         (report, usable)
     }
 

@@ -12,6 +12,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::AsyncWrite;
@@ -97,17 +99,21 @@ pub(crate) struct Capped {
     inner: OutputWriter,
     left: usize,
     cap: usize,
+    /// Bytes passed to `inner` so far (the note not counted), for the call's receipt.
+    passed: Arc<AtomicU64>,
     /// The line saying the output was cut, while part of it is still to be written.
     note: Option<(Vec<u8>, usize)>,
     cut: bool,
 }
 
 impl Capped {
-    pub(crate) fn new(inner: OutputWriter, cap: usize) -> Self {
+    /// `inner`, cut at `cap` bytes; `passed` counts the bytes that reach it.
+    pub(crate) fn new(inner: OutputWriter, cap: usize, passed: Arc<AtomicU64>) -> Self {
         Self {
             inner,
             left: cap,
             cap,
+            passed,
             note: None,
             cut: false,
         }
@@ -139,14 +145,11 @@ impl AsyncWrite for Capped {
                 format!("the call printed more than {} bytes (max_output_bytes)", this.cap),
             )));
         }
-        if buf.len() <= this.left {
-            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
-            this.left -= n;
-            return Poll::Ready(Ok(n));
-        }
         if this.left > 0 {
-            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..this.left]))?;
+            let fits = buf.len().min(this.left);
+            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..fits]))?;
             this.left -= n;
+            this.passed.fetch_add(n as u64, Ordering::Relaxed);
             return Poll::Ready(Ok(n));
         }
         // Past the cap: say so once, then refuse. The bytes of `buf` are taken (and dropped) so

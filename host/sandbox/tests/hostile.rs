@@ -583,6 +583,10 @@ async fn stdout_flood_is_capped() {
         "{} bytes of stderr kept",
         report.stderr.len()
     );
+    // The receipt counts what was kept.
+    assert_eq!(report.receipt.stdout_bytes, report.stdout.len() as u64);
+    assert_eq!(report.receipt.stderr_bytes, report.stderr.len() as u64);
+    assert!(report.receipt.stdout_bytes > 0);
     env.assert_alive().await;
 }
 
@@ -637,9 +641,14 @@ async fn a_streamed_stdout_flood_stops_at_the_output_cap() {
             Box::new(stderr.clone()),
         )
         .await;
-    for (name, kept) in [("stdout", &stdout), ("stderr", &stderr)] {
+    for (name, kept, counted) in [
+        ("stdout", &stdout, report.receipt.stdout_bytes),
+        ("stderr", &stderr, report.receipt.stderr_bytes),
+    ] {
         let kept = kept.0.lock().unwrap();
         assert!(kept.len() <= 100_000 + 200, "{} bytes of {name} streamed", kept.len());
+        // The receipt counts what reached the writer, the cut's note not included.
+        assert_eq!(counted, 100_000, "{name} bytes in the receipt");
         let text = String::from_utf8_lossy(&kept);
         assert!(
             text.ends_with("(max_output_bytes)]\n"),

@@ -141,9 +141,9 @@ struct DirectCall {
     owner: String,
     /// The trace id of the context checkpointed in the job's metadata.
     trace_id: String,
-    /// Whether this call is safe to re-run, or its start need not be on disk before it runs,
-    /// only because the tool is effect-free: the host must refuse it if its grants changed since
-    /// (see [`ToolCallContext::effect_free`]).
+    /// Whether this call is made in one commit only because the tool is effect-free (not
+    /// idempotent): the host must refuse it if its grants changed since (see
+    /// [`ToolCallContext::effect_free`]).
     relies_on_effect_free: bool,
 }
 

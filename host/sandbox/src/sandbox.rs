@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use keel_kernel::tool::{Receipt, ToolCallContext, ToolError, ToolOutcome};
 use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
 
@@ -1770,10 +1770,19 @@ impl Sandbox {
     /// store's memory use stays counted: a session's memory is capped for its whole life).
     fn arm(&self, store: &mut Store<State>, limits: &Limits) -> Result<(), SandboxError> {
         store.data_mut().limiter.hit = None;
-        let tick = self.inner.config.epoch_tick.as_millis().max(1) as u64;
-        // A new store's deadline is 0 (trap at once): always set it.
-        store.set_epoch_deadline(limits.timeout_ms.div_ceil(tick) + 1);
-        store.epoch_deadline_trap();
+        // At every epoch tick the guest yields to the async runtime until its deadline, then
+        // traps (`Trap::Interrupt`): a guest spinning until its deadline otherwise held the
+        // caller's thread for all of it (a server's worker; every other task of a
+        // single-threaded runtime). A new store's deadline is 0 (at once): always set it.
+        let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
         if self.inner.config.fuel_metering {
             store
                 .set_fuel(limits.fuel.unwrap_or(u64::MAX))

@@ -431,6 +431,36 @@ async fn infinite_loop_times_out() {
     env.assert_alive().await;
 }
 
+/// A guest spinning until its deadline does not hold the caller's thread for that long: it
+/// yields to the async runtime at every epoch tick, so the host's other work (a server's other
+/// requests, approvals, heartbeats) goes on meanwhile, even on a single-threaded runtime.
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_guest_leaves_the_runtime_to_other_tasks() {
+    let env = setup().await;
+    let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let report = env
+        .call_with(&env.grants, &small_limits(), "infinite_loop", json!({}))
+        .await;
+    ticker.abort();
+    assert!(
+        matches!(report.result, Err(ToolError::TimedOut { .. })),
+        "{:?}",
+        report.result
+    );
+    let ticks = ticks.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(ticks >= 20, "another task ran {ticks} times in the guest's 500 ms");
+    env.assert_alive().await;
+}
+
 #[tokio::test]
 async fn call_context_timeout_is_honoured() {
     let env = setup().await;

@@ -108,15 +108,25 @@ impl AgentHost {
         ctx.session = request.session.clone();
         ctx.budget = request.budget.clone();
         ctx.policy = self.policy.clone();
-        // One registry read for the call's lookups (`ToolHost::tool`, then `call_tool`).
-        crate::tools::one_call(self.rt.call_tool(
-            &ctx,
-            &request.tool,
+        let rt = self.rt.clone();
+        let (tool, arguments, key) = (
+            request.tool.clone(),
             request.arguments.clone(),
             request.idempotency_key.clone(),
-        ))
-        .await
-        .map_err(agent_error)
+        );
+        // On a task of its own, so that a front end that stops waiting (an HTTP client that hangs
+        // up drops its handler) does not stop the call midway: a call made in one commit, after
+        // it ran, would leave no job and no charge, and one made in two would hold its job until
+        // its lease lapsed. One registry read for the call's lookups (`ToolHost::tool`, then
+        // `call_tool`).
+        let call = tokio::spawn(crate::tools::one_call(async move {
+            rt.call_tool(&ctx, &tool, arguments, key).await
+        }));
+        match call.await {
+            Ok(started) => started.map_err(agent_error),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(AppError::internal(format!("the call's task was stopped: {e}"))),
+        }
     }
 
     /// Call and wait for the outcome (approvals are answered by someone else meanwhile: another

@@ -203,17 +203,7 @@ fn a_timed_out_step_is_recorded_with_its_peak_memory() {
     );
     assert_eq!(status, 1, "{err}");
     assert!(err.contains("timed out") || err.contains("no result within"), "{err}");
-    let usage = common::keel(home, &["ledger", "usage", "--scope", &scope, "--json"])
-        .output()
-        .unwrap();
-    let usage: serde_json::Value = serde_json::from_slice(&usage.stdout).unwrap();
-    let receipt = usage["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["kind"] == "tool_usage")
-        .map(|e| e["data"]["receipt"].clone())
-        .unwrap_or_else(|| panic!("no tool usage: {usage}"));
+    let receipt = tool_receipt(home, &scope);
     assert!(receipt["peak_memory_bytes"].as_u64() >= Some(40 << 20), "{receipt}");
 
     // Streamed output a reader is slow to take: the sandbox lets it drain for a moment after the
@@ -241,17 +231,20 @@ fn a_timed_out_step_is_recorded_with_its_peak_memory() {
     std::thread::sleep(Duration::from_secs(5));
     std::io::copy(&mut child.stdout.take().unwrap(), &mut std::io::sink()).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(1));
-    let usage = common::keel(home, &["ledger", "usage", "--scope", &scope, "--json"])
-        .output()
-        .unwrap();
-    let usage: serde_json::Value = serde_json::from_slice(&usage.stdout).unwrap();
-    let entries = usage["entries"].as_array().unwrap();
-    let tool_usage = entries
+    let receipt = tool_receipt(home, &scope);
+    assert!(receipt["peak_memory_bytes"].as_u64() >= Some(40 << 20), "{receipt}");
+}
+
+/// The receipt of the (one) tool call recorded in `scope`'s ledger.
+fn tool_receipt(home: &Path, scope: &str) -> serde_json::Value {
+    let usage = common::json(home, &["ledger", "usage", "--scope", scope, "--json"]);
+    usage["entries"]
+        .as_array()
+        .unwrap()
         .iter()
         .find(|e| e["kind"] == "tool_usage")
-        .expect("a tool usage entry");
-    let receipt = &tool_usage["data"]["receipt"];
-    assert!(receipt["peak_memory_bytes"].as_u64() >= Some(40 << 20), "{receipt}");
+        .map(|e| e["data"]["receipt"].clone())
+        .unwrap_or_else(|| panic!("no tool usage: {usage}"))
 }
 
 /// What a streamed step printed is counted in its receipt (it is not in the step's output).
@@ -263,14 +256,7 @@ fn the_receipt_counts_what_the_code_printed() {
     let (status, out, err) = exec_lang(home, "python", &["--scope", &scope, "-c", code], "");
     assert_eq!(status, 0, "{err}");
     assert_eq!(out, format!("{}\n", "x".repeat(99)));
-    let usage = common::json(home, &["ledger", "usage", "--scope", &scope, "--json"]);
-    let receipt = usage["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["kind"] == "tool_usage")
-        .map(|e| e["data"]["receipt"].clone())
-        .unwrap_or_else(|| panic!("no tool usage: {usage}"));
+    let receipt = tool_receipt(home, &scope);
     assert_eq!(receipt["stdout_bytes"], 100, "{receipt}");
     assert_eq!(receipt["stderr_bytes"], 9, "{receipt}");
 }

@@ -117,10 +117,13 @@ impl AgentHost {
         // On a task of its own, so that a front end that stops waiting (an HTTP client that hangs
         // up drops its handler) does not stop the call midway: a call made in one commit, after
         // it ran, would leave no job and no charge, and one made in two would hold its job until
-        // its lease lapsed. One registry read for the call's lookups (`ToolHost::tool`, then
-        // `call_tool`).
+        // its lease lapsed (a server exiting waits for it: `finish_calls`). One registry read for
+        // the call's lookups (`ToolHost::tool`, then `call_tool`).
+        let in_flight = self.in_flight.clone().read_owned().await;
         let call = tokio::spawn(crate::tools::one_call(async move {
-            rt.call_tool(&ctx, &tool, arguments, key).await
+            let started = rt.call_tool(&ctx, &tool, arguments, key).await;
+            drop(in_flight);
+            started
         }));
         match call.await {
             Ok(started) => started.map_err(agent_error),

@@ -242,6 +242,9 @@ pub struct AgentHost {
     pub models: Arc<dyn ModelProvider>,
     /// The Keel home it was opened from.
     pub app: Arc<App>,
+    /// Held (shared) by every call [`start_call`](Self::start_call) is running, each on a task of
+    /// its own; [`finish_calls`](Self::finish_calls) takes it exclusively.
+    pub(crate) in_flight: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Changes a plugin's effective limits for every call of one host (e.g. `keel call --timeout`).
@@ -336,7 +339,16 @@ impl AgentHost {
             providers,
             models,
             app,
+            in_flight: Arc::default(),
         })
+    }
+
+    /// Wait until every call started on this host ([`start_call`](Self::start_call)) has ended
+    /// and been recorded: a server whose client went away (or that is told to stop) finishes the
+    /// calls in flight before it exits, as each runs on a task of its own that the runtime's
+    /// shutdown would drop midway. Each is bounded by its tool's deadline.
+    pub async fn finish_calls(&self) {
+        let _all_done = self.in_flight.write().await;
     }
 }
 

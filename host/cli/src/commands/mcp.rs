@@ -34,8 +34,10 @@ pub async fn mcp(home: &Path, args: McpArgs) -> CliResult {
     // Expires approvals nobody answered (their jobs then time out).
     let stop = keel_app::keel_kernel::context::CancellationToken::new();
     let _sweeper = host.kernel.spawn_sweeper(host.poll, stop.clone());
-    let server = keel_mcp::McpServer::new(host).await?;
+    let server = keel_mcp::McpServer::new(host.clone()).await?;
     let served = server.serve_stdio(args.scope).await;
+    // The client is gone: the calls it started still end and are recorded.
+    host.finish_calls().await;
     stop.cancel();
     served?;
     Ok(ExitCode::SUCCESS)

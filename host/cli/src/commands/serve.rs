@@ -46,7 +46,8 @@ pub async fn serve(home: &Path, args: ServeArgs) -> CliResult {
     let mut mcp_hosts = allow_hosts;
     mcp_hosts.push(args.listen.ip().to_string());
     mcp_hosts.push(args.listen.to_string());
-    let mcp = keel_mcp::McpServer::new(server.host().clone()).await?;
+    let host = server.host().clone();
+    let mcp = keel_mcp::McpServer::new(host.clone()).await?;
     let server = server.with_protected_routes("/mcp", keel_mcp::http_service_allowing(mcp, &mcp_hosts));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -65,5 +66,7 @@ pub async fn serve(home: &Path, args: ServeArgs) -> CliResult {
         })
         .await
         .map_err(|e| CliError::internal(format!("server failed: {e}")))?;
+    // Calls already running end and are recorded before the process exits.
+    host.finish_calls().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -197,8 +197,9 @@ struct Described {
     record: PluginRecord,
     /// The description recorded at install (`None`: the stored one does not decode).
     info: Option<PluginInfo>,
-    /// The grants recorded (`None`: the stored ones do not decode; loading the plugin reports it).
-    grants: Option<Grants>,
+    /// The tools its recorded grants make effect-free, worked out once per stamp (none when the
+    /// stored grants do not decode; loading the plugin reports it).
+    effect_free: HashSet<String>,
     /// The plugin's deadline ([`RegistryToolHost::timeout_of`] of `record`), worked out once per
     /// stamp: merging the limits goes through JSON, which cost a few µs on every call.
     timeout: Option<std::time::Duration>,
@@ -219,17 +220,26 @@ impl Described {
     }
 }
 
-/// Tool `tool` of `info`, addressed by the registry's `plugin` name; effect-free when `grants`
-/// (the plugin's, `None` when they do not decode) make it so.
+/// The tools of `info` that `grants` (the plugin's, `None` when they do not decode) make
+/// effect-free.
+fn effect_free_tools(info: &PluginInfo, grants: Option<&Grants>) -> HashSet<String> {
+    let Some(grants) = grants else { return HashSet::new() };
+    info.tools
+        .iter()
+        .filter(|t| grants.effect_free_for(t, &info.tools))
+        .map(|t| t.name.clone())
+        .collect()
+}
+
+/// Tool `tool`, addressed by the registry's `plugin` name.
 fn descriptor(
     plugin: &str,
-    info: &PluginInfo,
     tool: &ToolInfo,
-    grants: Option<&Grants>,
+    effect_free: bool,
     timeout: Option<std::time::Duration>,
 ) -> ToolDescriptor {
     ToolDescriptor {
-        effect_free: grants.is_some_and(|g| g.effect_free_for(tool, &info.tools)),
+        effect_free,
         plugin: plugin.to_string(),
         name: tool.name.clone(),
         description: tool.description.clone(),
@@ -272,8 +282,9 @@ impl ToolHost for RegistryToolHost {
                     Ok(info) => {
                         // The agent loop leases the job only for the plugin's own deadline.
                         let timeout = self.timeout_of(record);
-                        let grants = crate::home::grants_of(record).ok();
-                        let describe = |plugin: &str, t| descriptor(plugin, &info, t, grants.as_ref(), timeout);
+                        let effect_free = effect_free_tools(&info, crate::home::grants_of(record).ok().as_ref());
+                        let describe =
+                            |plugin: &str, t: &ToolInfo| descriptor(plugin, t, effect_free.contains(&t.name), timeout);
                         if self.in_scope(&record.name) {
                             tools.extend(info.tools.iter().map(|t| describe(&record.name, t)));
                         }
@@ -306,7 +317,7 @@ impl ToolHost for RegistryToolHost {
             let plugin = tool.split_once('/').map_or(tool, |(plugin, _)| plugin);
             let timeout = described.timeout;
             Ok(info.tool(&name).map(|t| {
-                let d = descriptor(plugin, info, t, described.grants.as_ref(), timeout);
+                let d = descriptor(plugin, t, described.effect_free.contains(&t.name), timeout);
                 if alias { aliased(d, &described.record.name) } else { d }
             }))
         })
@@ -368,10 +379,14 @@ impl RegistryToolHost {
         };
         // Kept under the stamp read first: if the record changed in between, the next call sees
         // a different stamp and decodes it again.
+        let info: Option<PluginInfo> = serde_json::from_value(record.info.clone()).ok();
+        let effect_free = info.as_ref().map_or_else(HashSet::new, |info| {
+            effect_free_tools(info, crate::home::grants_of(&record).ok().as_ref())
+        });
         let described = Arc::new(Described {
             stamp,
-            info: serde_json::from_value(record.info.clone()).ok(),
-            grants: crate::home::grants_of(&record).ok(),
+            info,
+            effect_free,
             timeout: self.timeout_of(&record),
             record,
             loaded: Mutex::default(),

@@ -101,7 +101,10 @@ impl AgentHost {
     }
 
     /// Start a governed call of `request.tool` under this host's policy; the front end follows
-    /// the returned job (its events, approvals) and reads [`CallOutcome`] from its result.
+    /// the returned job (its events, approvals), reads [`CallOutcome`] from its result and may
+    /// cancel it. A call allowed at once is returned as soon as it has started (its handle
+    /// [`is_direct`](ExecutionHandle::is_direct)), so that a long one can be followed or
+    /// cancelled while it runs.
     pub async fn start_call(&self, request: &CallRequest) -> Result<ExecutionHandle, AppError> {
         let mut ctx = ExecutionContext::new(request.scope.clone());
         ctx.principal = request.principal.clone();
@@ -120,13 +123,21 @@ impl AgentHost {
         // its lease lapsed (a server exiting waits for it: `finish_calls`). One registry read for
         // the call's lookups (`ToolHost::tool`, then `call_tool`).
         let in_flight = self.in_flight.clone().read_owned().await;
+        let (started_tx, started) = tokio::sync::oneshot::channel();
         let call = tokio::spawn(crate::tools::one_call(async move {
-            let started = rt.call_tool(&ctx, &tool, arguments, key).await;
+            let ended = rt
+                .call_tool_reporting(&ctx, &tool, arguments, key, Some(started_tx))
+                .await;
             drop(in_flight);
-            started
+            ended
         }));
+        // The handle of a call that has started on that task; else (sent to a runner, or refused)
+        // what the task returned.
+        if let Ok(handle) = started.await {
+            return Ok(handle);
+        }
         match call.await {
-            Ok(started) => started.map_err(agent_error),
+            Ok(ended) => ended.map_err(agent_error),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(AppError::internal(format!("the call's task was stopped: {e}"))),
         }

@@ -12,8 +12,9 @@ use keel_app::runtime::{AgentHost, LimitOverride, PolicyChoice};
 use keel_kernel::job::{JobFilter, JobState};
 use serde_json::json;
 
-/// A call of a tool that spins until its 300 ms deadline, abandoned after 50 ms (its one commit
-/// comes after the call: dropping it midway used to leave no job, no ledger entry, no trace).
+/// Calls of a tool that spins until its 300 ms deadline, one abandoned while it starts and one
+/// after 50 ms of waiting for its result (its one commit comes after the call: dropping it midway
+/// used to leave no job, no ledger entry, no trace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_its_caller_stops_waiting_for_still_ends_and_is_charged() {
     let home = tempfile::tempdir().unwrap();
@@ -32,8 +33,14 @@ async fn a_call_its_caller_stops_waiting_for_still_ends_and_is_charged() {
         .unwrap();
     let request = CallRequest::new("default", "hostile/infinite_loop", json!({}));
 
-    let abandoned = tokio::time::timeout(Duration::from_millis(50), host.start_call(&request)).await;
+    // Abandoned while it starts, and abandoned after it started (its handle dropped).
+    let abandoned = tokio::time::timeout(Duration::from_millis(1), host.start_call(&request)).await;
+    drop(abandoned);
+    let handle = host.start_call(&request).await.unwrap();
+    assert!(handle.is_direct(), "allowed at once: runs on the direct path");
+    let abandoned = tokio::time::timeout(Duration::from_millis(50), handle.result()).await;
     assert!(abandoned.is_err(), "the call outlives its caller's patience");
+    drop(handle);
 
     let until = std::time::Instant::now() + Duration::from_secs(20);
     let job = loop {
@@ -46,21 +53,24 @@ async fn a_call_its_caller_stops_waiting_for_still_ends_and_is_charged() {
             })
             .await
             .unwrap();
-        if let Some(job) = jobs.into_iter().find(|j| j.state.is_terminal()) {
-            break job;
+        let ended: Vec<_> = jobs.into_iter().filter(|j| j.state.is_terminal()).collect();
+        if ended.len() == 2 {
+            break ended;
         }
         assert!(
             std::time::Instant::now() < until,
-            "the abandoned call left no finished job"
+            "the abandoned calls left no finished jobs"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(job.state, JobState::Failed, "{job:?}");
-    assert_eq!(
-        job.error.as_ref().map(|e| e.code.as_str()),
-        Some("timed_out"),
-        "{job:?}"
-    );
+    for job in &job {
+        assert_eq!(job.state, JobState::Failed, "{job:?}");
+        assert_eq!(
+            job.error.as_ref().map(|e| e.code.as_str()),
+            Some("timed_out"),
+            "{job:?}"
+        );
+    }
     let usage = host
         .kernel
         .ledger()
@@ -70,5 +80,5 @@ async fn a_call_its_caller_stops_waiting_for_still_ends_and_is_charged() {
         })
         .await
         .unwrap();
-    assert_eq!(usage.tool_calls, 1, "charged: {usage:?}");
+    assert_eq!(usage.tool_calls, 2, "charged: {usage:?}");
 }

@@ -439,8 +439,9 @@ fn a_closed_stdout_ends_keel_quietly() {
 }
 
 /// A server outlives its client: `keel mcp` whose client stops reading with a call in flight ends
-/// the session with that call finished and recorded, not by SIGPIPE with its job left running
-/// (and its budget hold held).
+/// the session with that call ended and recorded, not by SIGPIPE with its job left running (and
+/// its budget hold held). The call is cancelled (the client is gone: nobody can read its result),
+/// its guest stopped and its attempt charged.
 #[test]
 fn keel_mcp_finishes_its_calls_when_the_client_stops_reading() {
     use std::io::{BufRead as _, BufReader, Write as _};
@@ -493,10 +494,9 @@ fn keel_mcp_finishes_its_calls_when_the_client_stops_reading() {
     let jobs: Value = serde_json::from_slice(&home.expect(&["jobs", "list", "--json"], 0).stdout).unwrap();
     let jobs = jobs.as_array().unwrap();
     assert_eq!(jobs.len(), 1, "{jobs:?}");
-    assert_eq!(
-        jobs[0]["state"], "SUCCEEDED",
-        "the call in flight was finished: {jobs:?}"
-    );
+    assert_eq!(jobs[0]["state"], "CANCELLED", "the call in flight was ended: {jobs:?}");
+    let usage = common::json(home.path(), &["ledger", "usage", "--json"]);
+    assert_eq!(usage["usage"]["tool_calls"], 1, "the attempt is charged: {usage}");
 }
 
 /// SIGPIPE is 13 on every Unix Keel builds for.

@@ -50,9 +50,18 @@ pub(crate) async fn governed(
         Err(e) => return refused(&e, None),
     };
     let job_id = handle.job_id();
-    if handle.is_finished() {
-        // Ended on this task before it returned: no approval to follow, no event to read.
-        return finished(&handle).await;
+    if handle.is_direct() {
+        // Allowed at once and running (no approval to follow, no event to read) until it ends or
+        // the client cancels it: `notifications/cancelled`, or the session ends, as a stdio
+        // client that exits ends it (nobody is left to read the result).
+        let ended = tokio::select! {
+            ended = handle.result() => ended,
+            _ = ctx.ct.cancelled() => {
+                let _ = handle.cancel(CLIENT_CANCELLED).await;
+                handle.result().await
+            }
+        };
+        return result_of(&handle, ended);
     }
     let elicits = ctx
         .peer
@@ -105,9 +114,9 @@ pub(crate) async fn governed(
             }
             _ = ctx.ct.cancelled() => {
                 // The client gave up on the call (notifications/cancelled): so does Keel.
-                let _ = handle.cancel("the MCP client cancelled the call").await;
+                let _ = handle.cancel(CLIENT_CANCELLED).await;
                 asking.iter().for_each(|t| t.abort());
-                return error_result(json!({"kind": "cancelled", "message": "the MCP client cancelled the call"}), Some(job_id));
+                return error_result(json!({"kind": "cancelled", "message": CLIENT_CANCELLED}), Some(job_id));
             }
         }
     }
@@ -115,9 +124,20 @@ pub(crate) async fn governed(
     finished(&handle).await
 }
 
+/// Why a call is cancelled when its MCP client cancels it.
+const CLIENT_CANCELLED: &str = "the MCP client cancelled the call";
+
 /// The result of the call of `handle`, once its job has ended.
 async fn finished(handle: &keel_app::keel_kernel::ExecutionHandle) -> CallToolResult {
-    match handle.result().await {
+    result_of(handle, handle.result().await)
+}
+
+/// The `CallToolResult` of the call of `handle` that ended as `ended`.
+fn result_of(
+    handle: &keel_app::keel_kernel::ExecutionHandle,
+    ended: Result<keel_app::keel_kernel::ExecutionResult, keel_app::keel_kernel::agent::AgentError>,
+) -> CallToolResult {
+    match ended {
         Ok(result) => outcome_result(CallOutcome::from_result(result)),
         Err(e) => refused(&keel_app::runtime::agent_error(e), Some(handle.job_id())),
     }

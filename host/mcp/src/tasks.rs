@@ -105,18 +105,23 @@ pub(crate) async fn call(
         Ok(handle) => handle,
         Err(e) => return refused(&e, None).into(),
     };
-    let mut events = handle.events();
-    let ended = tokio::time::timeout(shared.task_after, async {
-        while let Some(event) = events.next().await {
-            if event.event_type == EventType::ActionRequired {
-                return false;
+    let ended = if handle.is_direct() {
+        // Allowed at once: it ends, or becomes a task once it runs past `task_after`.
+        tokio::time::timeout(shared.task_after, handle.result()).await.is_ok()
+    } else {
+        let mut events = handle.events();
+        tokio::time::timeout(shared.task_after, async {
+            while let Some(event) = events.next().await {
+                if event.event_type == EventType::ActionRequired {
+                    return false;
+                }
             }
-        }
-        // The stream ends after the job's terminal event.
-        true
-    })
-    .await
-    .unwrap_or(false);
+            // The stream ends after the job's terminal event.
+            true
+        })
+        .await
+        .unwrap_or(false)
+    };
     if ended {
         return finished(&handle).await.into();
     }

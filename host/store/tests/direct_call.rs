@@ -318,6 +318,92 @@ async fn a_direct_call_commits_twice_and_a_rerun_safe_one_once() {
     assert_eq!(hold.state, ReservationState::Settled);
 }
 
+/// A direct call stopped while it runs — by its caller's context, or by its handle — ends its
+/// job CANCELLED with the attempt charged and its hold settled, in the same number of commits as a
+/// call that ends (two, or one for an effect-free tool, whose job is stored only then: its handle
+/// reports it RUNNING meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_call_stopped_while_it_runs_ends_cancelled_and_charged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Database::open(&dir.path().join("k.db")).await.expect("open");
+    let store = Arc::new(Counting {
+        inner: db.kernel_store(),
+        writes: AtomicUsize::new(0),
+    });
+    let kernel = Kernel::new(store.clone());
+    let tools = FakeTools::new();
+    let hang = |_| std::future::pending::<Result<serde_json::Value, ToolError>>();
+    tools.add("p/hang", json!({"type": "object"}), false, hang);
+    tools.add("p/hang_pure", json!({"type": "object"}), false, hang);
+    tools.set_effect_free("p/hang_pure", true);
+    let rt = runtime(kernel.clone(), &tools, AgentConfig::default());
+    for (tool, commits) in [("p/hang", 2), ("p/hang_pure", 1)] {
+        for by_handle in [false, true] {
+            let what = format!(
+                "{tool}, stopped by its {}",
+                if by_handle { "handle" } else { "context" }
+            );
+            let before = store.writes.load(Ordering::SeqCst);
+            let ctx = ExecutionContext::new("t");
+            let (started_tx, started) = tokio::sync::oneshot::channel();
+            let call = {
+                let (rt, ctx) = (rt.clone(), ctx.clone());
+                tokio::spawn(async move {
+                    rt.call_tool_reporting(&ctx, tool, json!({}), None, Some(started_tx))
+                        .await
+                })
+            };
+            let handle = started.await.expect("started");
+            assert!(handle.is_direct() && !handle.is_finished(), "{what}");
+            let job = handle.job().await.expect("job");
+            assert_eq!(job.state, JobState::Running, "{what}");
+            let stored = kernel.store().get_job(handle.job_id()).await.expect("get");
+            assert_eq!(stored.is_some(), commits == 2, "{what}: stored before it ends");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if by_handle {
+                let job = handle.cancel("stopped by the test").await.expect("cancel");
+                assert_eq!(job.state, JobState::Cancelled, "{what}");
+            } else {
+                ctx.cancel.cancel();
+            }
+            call.await.expect("the call's task").expect("the call");
+            let r = handle.result().await.expect("result");
+            assert_eq!(r.status, JobState::Cancelled, "{what}: {r:?}");
+            let error = r.error.expect("error");
+            assert_eq!(error.code, "cancelled", "{what}");
+            if by_handle {
+                assert_eq!(error.message, "stopped by the test", "{what}");
+            }
+            assert_eq!(store.writes.load(Ordering::SeqCst) - before, commits, "{what}: commits");
+            let usage = kernel
+                .ledger()
+                .entries(&LedgerQuery {
+                    tenant: "t".into(),
+                    job_id: Some(r.job_id),
+                    kinds: vec![LedgerKind::ToolUsage],
+                    ..Default::default()
+                })
+                .await
+                .expect("ledger");
+            assert_eq!(usage.len(), 1, "{what}: the attempt is charged");
+            assert_eq!(usage[0].entry.usage.tool_calls, 1, "{what}");
+            let hold = kernel
+                .ledger()
+                .reservation(usage[0].entry.reservation_id.expect("reservation"))
+                .await
+                .expect("hold");
+            assert_eq!(hold.state, ReservationState::Settled, "{what}");
+            let events = event_types(&kernel, r.job_id).await;
+            assert_eq!(
+                events,
+                ["job.status_changed", "job.started", "tool.start", "job.cancelled"],
+                "{what}"
+            );
+        }
+    }
+    assert_eq!(tools.count("p/hang") + tools.count("p/hang_pure"), 4);
+}
+
 /// A tool host whose plugin is granted an effect (a writable directory, a network host) between
 /// the kernel's lookup of the tool and the call.
 struct GrantedMidCall(FakeTools);

@@ -17,7 +17,7 @@ use keel_app::home::{App, grants_of};
 use keel_app::install::{InstallRequest, Installed, describe_grants};
 use keel_app::kernel::DEFAULT_SCOPE;
 use keel_app::plugins::{GrantRequest, GrantsChanged, LimitOverrides, PluginRecord, PluginView, RevokeRequest};
-use keel_app::runtime::{AgentHost, PolicyChoice};
+use keel_app::runtime::{AgentHost, PolicyChoice, agent_error};
 
 use crate::commands::run::{AgentArgs, FollowOptions, follow_to_end};
 use crate::output::{CliError, CliResult, json_text, print_json, sanitize_line};
@@ -557,7 +557,12 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     let handle = host.start_call(&request).await?;
     let mut opts = FollowOptions::from_args(&args.agent, 0);
     opts.quiet = true;
-    let result = follow_to_end(&host, &args.agent.scope, handle.job_id(), &opts, tokens).await;
+    let result = if handle.is_direct() {
+        // Allowed at once: nothing to follow (no approval), its result comes with its end.
+        handle.result().await.map_err(agent_error)
+    } else {
+        follow_to_end(&host, &args.agent.scope, handle.job_id(), &opts, tokens).await
+    };
     stop.cancel();
     let outcome = CallOutcome::from_result(result?);
     let tool_result = outcome.tool_result.as_ref();

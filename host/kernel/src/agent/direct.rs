@@ -12,12 +12,22 @@
 //!    `tool.end` / `tool.error` event, the `result` and `final` journal entries, the job
 //!    SUCCEEDED or FAILED and the lease released.
 //!
+//! Its [`ExecutionHandle`] is also sent to the caller's `started` channel once (1) is committed
+//! (or, in one commit, before the call): a front end running the call on a task of its own (as
+//! `keel-app` does, so that a caller that stops waiting does not stop it midway) can follow a
+//! long call, hand it to an MCP task or cancel it while it runs ([`ExecutionHandle::cancel`], or
+//! the request's [`ExecutionContext::cancel`](crate::context::ExecutionContext::cancel)). A
+//! cancelled call stops its guest at once and ends the job CANCELLED, its attempt charged.
+//!
 //! A tool that is safe to re-run may skip (1) when no budget applies to the caller: the call runs
 //! first and everything, the hold included, is committed once after it (a crash mid-call leaves
 //! nothing; the caller may simply call again). Safe to re-run is idempotent, or
 //! [effect-free](ToolDescriptor::effect_free): granted no writable directory and no network, so
 //! that a call run twice cannot change anything twice (the host refuses it if the grants changed
 //! since the tool was described).
+//!
+//! A one-commit call's job is stored only when it ends: until then its handle reports it RUNNING
+//! (`keel jobs list` in another process does not show it).
 //!
 //! Anything else — an approval to wait for, a refusal (unknown tool, invalid input, policy deny,
 //! budget deny), an idempotency key, a runtime limit, a policy recorded by reference — is left to
@@ -36,6 +46,7 @@ use uuid::Uuid;
 use super::request::{ExecutionRequest, ExecutionResult, ExecutionUsage};
 use super::run::{self, call_key, job_policy};
 use super::{AgentError, AgentRuntime, ExecutionHandle, Inner, job_with_trace, schema};
+use crate::context::CancellationToken;
 use crate::event::{EventType, NewEvent};
 use crate::job::{Job, JobError, JobState};
 use crate::journal::{self, Entry, key};
@@ -57,7 +68,12 @@ const CALL_ID: &str = "c0";
 impl AgentRuntime {
     /// Run `request` (a direct call) on this path if it qualifies (see the module docs); `None`
     /// when the runner must take it.
-    pub(super) async fn direct_call(&self, request: &ExecutionRequest) -> Result<Option<ExecutionHandle>, AgentError> {
+    pub(super) async fn direct_call(
+        &self,
+        request: &ExecutionRequest,
+        stop: &CancellationToken,
+        started: Option<tokio::sync::oneshot::Sender<ExecutionHandle>>,
+    ) -> Result<Option<ExecutionHandle>, AgentError> {
         let inner = &self.inner;
         let Some(call) = &request.call else { return Ok(None) };
         if request.idempotency_key.is_some()
@@ -99,6 +115,14 @@ impl AgentRuntime {
         // One commit for a tool that is safe to re-run when no budget could refuse it; else two.
         let once = desc.rerun_safe() && !self.budgets_apply(request).await?;
         let call = DirectCall::new(inner, request, &desc, once)?;
+        let running = Arc::new(RunningCall::new(call.job.clone(), stop.child()));
+        let handle = ExecutionHandle {
+            rt: self.clone(),
+            job_id: call.job.id,
+            tenant: call.job.tenant.clone(),
+            finished: None,
+            running: Some(running.clone()),
+        };
         // The steps' futures are boxed so this one stays small (see `call_tool`).
         if !once {
             match Box::pin(call.commit_started(inner)).await {
@@ -109,14 +133,22 @@ impl AgentRuntime {
                 Err(e) => return Err(e.into()),
             }
         }
-        let result = Box::pin(call.run(inner, arguments)).await;
-        let finished = Box::pin(call.commit_result(inner, result, once)).await?;
-        Ok(Some(ExecutionHandle {
-            rt: self.clone(),
-            job_id: call.job.id,
-            tenant: call.job.tenant.clone(),
-            finished: finished.map(Arc::new),
-        }))
+        if let Some(started) = started {
+            let _ = started.send(handle.clone());
+        }
+        let ran = Box::pin(call.run(inner, arguments, &running.stop)).await;
+        let finished = match ran.outcome {
+            Some(outcome) => Box::pin(call.commit_result(inner, outcome, ran.duration_ms, once)).await,
+            None => Box::pin(call.commit_stopped(inner, &running, ran.duration_ms, once)).await,
+        };
+        let finished = finished.map(|result| result.map(Arc::new));
+        running.finish(match &finished {
+            Ok(Some(result)) => Finished::Result(result.clone()),
+            Ok(None) => Finished::Stored,
+            Err(e) => Finished::Failed(e.to_string()),
+        });
+        finished?;
+        Ok(Some(handle))
     }
 
     /// Whether any budget of the request's tenant applies to its principal and session.
@@ -267,8 +299,9 @@ impl DirectCall {
         Ok(())
     }
 
-    /// The sandboxed call, under its deadline and the job's in-process cancellation.
-    async fn run(&self, inner: &Inner, arguments: &serde_json::Value) -> Ran {
+    /// The sandboxed call, under its deadline, the job's in-process cancellation (`keel jobs
+    /// cancel` in this process) and `stop` (the caller's).
+    async fn run(&self, inner: &Inner, arguments: &serde_json::Value, stop: &CancellationToken) -> Ran {
         let ctx = ToolCallContext {
             call_id: call_key(self.job.id, &base()),
             job_id: Some(self.job.id.to_string()),
@@ -290,6 +323,7 @@ impl DirectCall {
                 Err(_) => run::timed_out(self.timeout, started),
             }),
             _ = cancel.cancelled() => None,
+            _ = stop.cancelled() => None,
         };
         inner.kernel.jobs().forget_token(self.job.id);
         Ran {
@@ -301,32 +335,21 @@ impl DirectCall {
     /// Commit (3) — or, with `once`, (1) and (3) together. Returns the job's result when this
     /// host wrote it; `None` when the job was ended elsewhere (cancelled) or taken by another
     /// host meanwhile (its usage is charged all the same).
-    async fn commit_result(&self, inner: &Inner, ran: Ran, once: bool) -> Result<Option<ExecutionResult>, AgentError> {
-        let duration_ms = ran.duration_ms;
-        let Some(outcome) = ran.outcome else {
-            // Cancelled while it ran: the cancel already ended the job; charge the attempt.
-            self.charge_unjournaled(inner, duration_ms).await;
-            return Ok(None);
-        };
+    async fn commit_result(
+        &self,
+        inner: &Inner,
+        outcome: crate::tool::ToolOutcome,
+        duration_ms: u64,
+        once: bool,
+    ) -> Result<Option<ExecutionResult>, AgentError> {
         let (result, event_type, data) = run::tool_result(outcome, &self.tool, 1, CALL_ID, duration_ms);
         let now = inner.kernel.clock().now();
-        let settle = SettleRequest {
-            reservation_id: self.hold.id,
-            kind: LedgerKind::ToolUsage,
-            actual: Usage {
-                tool_calls: 1,
-                ..Usage::zero()
-            },
-            duration_ms: Some(duration_ms),
-            model: None,
-            tool: Some(self.tool.clone()),
-            data: run::data_json(&run::UsageData {
-                turn: 1,
-                call_id: CALL_ID,
-                receipt: result.receipt.as_ref(),
-            }),
-            now,
-        };
+        let usage = run::data_json(&run::UsageData {
+            turn: 1,
+            call_id: CALL_ID,
+            receipt: result.receipt.as_ref(),
+        });
+        let settle = self.settlement(duration_ms, usage, now);
         let mut next = self.job.clone();
         next.version += 1;
         next.updated_at = now;
@@ -481,13 +504,87 @@ impl DirectCall {
         }))
     }
 
+    /// The settlement of this call's hold: one tool call, taking `duration_ms`.
+    fn settlement(&self, duration_ms: u64, data: JsonText, now: DateTime<Utc>) -> SettleRequest {
+        SettleRequest {
+            reservation_id: self.hold.id,
+            kind: LedgerKind::ToolUsage,
+            actual: Usage {
+                tool_calls: 1,
+                ..Usage::zero()
+            },
+            duration_ms: Some(duration_ms),
+            model: None,
+            tool: Some(self.tool.clone()),
+            data,
+            now,
+        }
+    }
+
+    /// Record a call stopped while it ran (its caller cancelled it, or the job was cancelled in
+    /// this process): the job CANCELLED, the attempt charged (the guest ran, however briefly).
+    /// With `once` nothing was written yet: the job is inserted as it ended, in one commit.
+    async fn commit_stopped(
+        &self,
+        inner: &Inner,
+        running: &RunningCall,
+        duration_ms: u64,
+        once: bool,
+    ) -> Result<Option<ExecutionResult>, AgentError> {
+        let error = JobError {
+            code: "cancelled".into(),
+            message: running.reason(),
+        };
+        let now = inner.kernel.clock().now();
+        let settle = self.settlement(duration_ms, unjournaled(), now);
+        if !once {
+            let extra = Batch {
+                settlements: vec![settle],
+                ..Batch::default()
+            };
+            // The job's own cancel (`keel jobs cancel`) may have ended it first: then only the
+            // attempt is left to charge.
+            let cancelled = retry::retry_transient(retry::BUSY, || {
+                inner
+                    .kernel
+                    .jobs()
+                    .terminate_with(self.job.id, JobState::Cancelled, error.clone(), &extra)
+            })
+            .await;
+            if cancelled.is_err() {
+                self.charge_unjournaled(inner, duration_ms).await;
+            }
+            return Ok(None);
+        }
+        let mut next = crate::services::transition(&self.job, JobState::Cancelled, now)?;
+        // Inserted in its final state, so at version 1 (an insert's version); nobody can claim it.
+        next.version = 1;
+        next.error = Some(error.clone());
+        let reason = format!("{}: {}", error.code, error.message);
+        let status = status_event(
+            JobState::Running,
+            &next,
+            StatusDetail {
+                reason: Some(reason.as_str()),
+                ..StatusDetail::default()
+            },
+            now,
+        );
+        let mut batch = self.started_rows(&self.owner, next);
+        batch.holds[0].check_budgets = false;
+        batch.events.push(status);
+        batch.settlements.push(settle);
+        inner.kernel.commit_busy(batch).await.map_err(|(e, _)| e)?;
+        Ok(None)
+    }
+
     /// Settle the hold of a call whose result could not be journaled: the usage happened.
     async fn charge_unjournaled(&self, inner: &Inner, duration_ms: u64) {
         let details = SettleDetails {
             duration_ms: Some(duration_ms),
             model: None,
             tool: Some(self.tool.clone()),
-            data: json!({ "turn": 1, "call_id": CALL_ID, "journaled": false }).into(),
+            data: unjournaled(),
         };
         let ledger = inner.kernel.ledger();
         let actual = Usage {
@@ -498,6 +595,80 @@ impl DirectCall {
             ledger.settle(self.hold.id, LedgerKind::ToolUsage, actual.clone(), details.clone())
         })
         .await;
+    }
+}
+
+/// The ledger data of a call whose result is not journaled (it was stopped, or its job was ended
+/// elsewhere).
+fn unjournaled() -> JsonText {
+    json!({ "turn": 1, "call_id": CALL_ID, "journaled": false }).into()
+}
+
+/// A direct call running on its task: what its [`ExecutionHandle`] knows of it before its job is
+/// stored as ended.
+#[derive(Debug)]
+pub(super) struct RunningCall {
+    /// The job as it started (RUNNING): a one-commit call's row is written only when it ends.
+    pub(super) job: Job,
+    /// Stops the call (its caller's cancel, or the handle's).
+    stop: CancellationToken,
+    /// Why it was stopped, from the handle's cancel (else the caller cancelled).
+    reason: std::sync::OnceLock<String>,
+    done: tokio::sync::watch::Sender<Option<Finished>>,
+}
+
+/// How a direct call's task ended.
+#[derive(Debug, Clone)]
+pub(super) enum Finished {
+    /// It wrote the job's result.
+    Result(Arc<ExecutionResult>),
+    /// The job's row says how it ended (stopped, or ended elsewhere).
+    Stored,
+    /// Its last commit failed (the job stays RUNNING until its lease lapses and a worker
+    /// resumes it).
+    Failed(String),
+}
+
+impl RunningCall {
+    fn new(job: Job, stop: CancellationToken) -> Self {
+        Self {
+            job,
+            stop,
+            reason: std::sync::OnceLock::new(),
+            done: tokio::sync::watch::channel(None).0,
+        }
+    }
+
+    fn finish(&self, finished: Finished) {
+        self.done.send_replace(Some(finished));
+    }
+
+    fn reason(&self) -> String {
+        self.reason
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "the caller cancelled the call".into())
+    }
+
+    /// How it ended, if it has.
+    pub(super) fn finished(&self) -> Option<Finished> {
+        self.done.borrow().clone()
+    }
+
+    /// Wait until it has ended.
+    pub(super) async fn wait(&self) -> Finished {
+        let mut done = self.done.subscribe();
+        // The sender lives in `self`: the channel cannot close while this waits.
+        match done.wait_for(Option::is_some).await {
+            Ok(finished) => finished.clone().expect("waited for Some"),
+            Err(_) => Finished::Stored,
+        }
+    }
+
+    /// Stop it (a no-op once it has ended), for `reason`.
+    pub(super) fn stop(&self, reason: &str) {
+        let _ = self.reason.set(reason.to_string());
+        self.stop.cancel();
     }
 }
 

@@ -248,13 +248,32 @@ impl AgentRuntime {
     ///
     /// `handle.result().await` gives the outcome: [`ExecutionResult::tool_result`] carries the
     /// output or error and the receipt; a refused or failed call ends the job FAILED with the
-    /// error's code.
+    /// error's code. A call allowed at once (no approval to wait for) runs on the caller's task
+    /// and has ended when this returns; cancelling `ctx.cancel` stops it (the job ends
+    /// CANCELLED). A call that waits for an approval runs on a runner of this host.
     pub async fn call_tool(
         &self,
         ctx: &ExecutionContext,
         tool: &str,
         arguments: serde_json::Value,
         idempotency_key: Option<String>,
+    ) -> Result<ExecutionHandle, AgentError> {
+        self.call_tool_reporting(ctx, tool, arguments, idempotency_key, None)
+            .await
+    }
+
+    /// [`call_tool`](Self::call_tool), which also sends the call's handle to `started` as soon as a
+    /// call that runs on the caller's task has started (its start committed), before it runs: a
+    /// front end that runs this on a task of its own can follow, hand over or cancel a long call
+    /// while it runs. `started` is dropped unsent when the call goes to a runner (the returned
+    /// handle is then the one) or is refused.
+    pub async fn call_tool_reporting(
+        &self,
+        ctx: &ExecutionContext,
+        tool: &str,
+        arguments: serde_json::Value,
+        idempotency_key: Option<String>,
+        started: Option<tokio::sync::oneshot::Sender<ExecutionHandle>>,
     ) -> Result<ExecutionHandle, AgentError> {
         if !tool.contains('/') {
             return Err(AgentError::Invalid(format!(
@@ -281,7 +300,7 @@ impl AgentRuntime {
         // The common case (allowed, valid, no approval to wait for) on the caller's task in one or
         // two commits; everything else on a runner, like an agent's call. Both futures are boxed:
         // inline they made this one 6.6 KB, copied at every level of every front end that awaits it.
-        if let Some(handle) = Box::pin(self.direct_call(&request)).await? {
+        if let Some(handle) = Box::pin(self.direct_call(&request, &ctx.cancel, started)).await? {
             return Ok(handle);
         }
         Box::pin(self.execute(request)).await
@@ -321,6 +340,7 @@ impl AgentRuntime {
             job_id: job.id,
             tenant: job.tenant,
             finished: None,
+            running: None,
         }
     }
 
@@ -540,9 +560,12 @@ pub struct ExecutionHandle {
     rt: AgentRuntime,
     job_id: Uuid,
     tenant: String,
-    /// The result, when the job ended on the caller's task before the handle was returned (a
-    /// direct call): [`result`](Self::result) needs no store read then.
+    /// The result, when the job ended before the handle was returned: [`result`](Self::result)
+    /// needs no store read then.
     finished: Option<Arc<ExecutionResult>>,
+    /// A direct call running on this host: its result needs no store read either, and it is
+    /// stopped (not its stored job cancelled) by [`cancel`](Self::cancel).
+    running: Option<Arc<direct::RunningCall>>,
 }
 
 struct EventCursor {
@@ -617,10 +640,21 @@ impl ExecutionHandle {
         self.job_id
     }
 
-    /// Whether the job had already ended when the handle was returned (a direct call run on the
-    /// caller's task): it never waited for an approval, and [`result`](Self::result) is at hand.
+    /// Whether the job has ended and its result is at hand without a store read (a direct call
+    /// that has ended).
     pub fn is_finished(&self) -> bool {
         self.finished.is_some()
+            || self
+                .running
+                .as_ref()
+                .is_some_and(|r| matches!(r.finished(), Some(direct::Finished::Result(_))))
+    }
+
+    /// Whether this is a direct call run by this host (see [`AgentRuntime::call_tool`]): it never
+    /// waits for an approval, [`result`](Self::result) needs no store read, and its job may not
+    /// be stored until it ends ([`job`](Self::job) reports it RUNNING meanwhile).
+    pub fn is_direct(&self) -> bool {
+        self.running.is_some()
     }
 
     /// The tenant (scope).
@@ -649,15 +683,38 @@ impl ExecutionHandle {
         }))
     }
 
-    /// The job as stored now.
+    /// The job as stored now; a direct call's job that is not stored yet (made in one commit, when
+    /// it ends) as it started: RUNNING.
     pub async fn job(&self) -> Result<Job, AgentError> {
-        Ok(self.rt.kernel().jobs().get(&self.tenant, self.job_id).await?)
+        let stored = self.rt.kernel().jobs().get(&self.tenant, self.job_id).await;
+        match (stored, &self.running) {
+            (Err(crate::error::KernelError::JobNotFound(_)), Some(running)) => match running.finished() {
+                None => Ok(running.job.clone()),
+                // Stored since the read above.
+                Some(_) => Ok(self.rt.kernel().jobs().get(&self.tenant, self.job_id).await?),
+            },
+            (stored, _) => Ok(stored?),
+        }
+    }
+
+    /// The result of a direct call once its task has ended, when the task has it (else the
+    /// stored job has it).
+    async fn direct_result(&self) -> Option<Result<ExecutionResult, AgentError>> {
+        let running = self.running.as_ref()?;
+        match running.wait().await {
+            direct::Finished::Result(result) => Some(Ok(result.as_ref().clone())),
+            direct::Finished::Stored => None,
+            direct::Finished::Failed(e) => Some(Err(crate::store::StoreError::Backend(e).into())),
+        }
     }
 
     /// Wait for the job to end and return its result.
     pub async fn result(&self) -> Result<ExecutionResult, AgentError> {
         if let Some(done) = &self.finished {
             return Ok(done.as_ref().clone());
+        }
+        if let Some(result) = self.direct_result().await {
+            return result;
         }
         let every = Duration::from_millis(self.rt.inner.config.poll_ms.max(1));
         loop {
@@ -687,12 +744,27 @@ impl ExecutionHandle {
         if let Some(done) = &self.finished {
             return Ok(done.as_ref().clone());
         }
+        if let Some(direct::Finished::Result(done)) = self.running.as_ref().and_then(|r| r.finished()) {
+            return Ok(done.as_ref().clone());
+        }
         let job = self.job().await?;
         Ok(run::build_result(&self.rt.inner, &job).await?)
     }
 
-    /// Cancel the job (and its children and pending actions); its loop stops promptly.
+    /// Cancel the job (and its children and pending actions); its loop stops promptly. A direct
+    /// call running on this host is stopped, and its job recorded CANCELLED, before this returns
+    /// (its guest stops at once, whether or not its job is stored yet).
     pub async fn cancel(&self, reason: &str) -> Result<Job, AgentError> {
+        if let Some(running) = &self.running
+            && running.finished().is_none()
+        {
+            running.stop(reason);
+            running.wait().await;
+            let job = self.job().await?;
+            if job.state.is_terminal() {
+                return Ok(job);
+            }
+        }
         Ok(self.rt.kernel().jobs().cancel(self.job_id, reason).await?)
     }
 

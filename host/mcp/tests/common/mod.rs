@@ -1,5 +1,6 @@
 //! A Keel home with the `hello` guest (built from source) installed, an MCP server on it, and
 //! rmcp's own client connected to a session of it over an in-process pipe.
+#![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::Path;
 use std::sync::Arc;

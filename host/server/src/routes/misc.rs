@@ -337,7 +337,8 @@ pub(crate) async fn call_tool(
     match tokio::time::timeout(state.config.call_wait, handle.result()).await {
         Ok(result) => Ok(Json(outcome_json(&CallOutcome::from_result(result?))).into_response()),
         Err(_) => {
-            let job = keel_app::jobs::get_job(&host.kernel, &who, job_id).await?;
+            // The handle's view: a direct call made in one commit is stored only when it ends.
+            let job = handle.job().await.map_err(keel_app::runtime::agent_error)?;
             Ok((
                 StatusCode::ACCEPTED,
                 Json(json!({ "job_id": job_id, "status": job.state })),

@@ -404,6 +404,99 @@ async fn a_direct_call_stopped_while_it_runs_ends_cancelled_and_charged() {
     assert_eq!(tools.count("p/hang") + tools.count("p/hang_pure"), 4);
 }
 
+/// A call made in one commit (an effect-free tool, no budget) that is still running after
+/// `store_running_call_after_ms` has its start committed then: other processes see its job
+/// RUNNING (and `keel jobs cancel` can end it); it ends like a two-commit call, with the same
+/// records. A short call keeps its single commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_one_commit_call_is_stored_while_it_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Database::open(&dir.path().join("k.db")).await.expect("open");
+    let store = Arc::new(Counting {
+        inner: db.kernel_store(),
+        writes: AtomicUsize::new(0),
+    });
+    let kernel = Kernel::new(store.clone());
+    let tools = tools();
+    tools.add("p/slow_pure", json!({"type": "object"}), false, |args| async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        Ok(json!({ "echo": args }))
+    });
+    tools.set_effect_free("p/slow_pure", true);
+    let config = AgentConfig {
+        store_running_call_after_ms: 200,
+        ..AgentConfig::default()
+    };
+    let rt = runtime(kernel.clone(), &tools, config);
+
+    let (short, writes) = counted_call(&rt, &store, "p/pure", None).await;
+    assert_eq!(
+        (short.status, writes),
+        (JobState::Succeeded, 1),
+        "a short call: one commit"
+    );
+
+    let before = store.writes.load(Ordering::SeqCst);
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let call = {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            rt.call_tool_reporting(
+                &ExecutionContext::new("t"),
+                "p/slow_pure",
+                json!({ "n": 1 }),
+                None,
+                Some(started_tx),
+            )
+            .await
+        })
+    };
+    let handle = started.await.expect("started");
+    let job_id = handle.job_id();
+    assert_eq!(
+        kernel.store().get_job(job_id).await.expect("get"),
+        None,
+        "not stored at first"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stored = kernel
+        .store()
+        .get_job(job_id)
+        .await
+        .expect("get")
+        .expect("stored while it runs");
+    assert_eq!(stored.state, JobState::Running);
+    assert!(
+        kernel.store().get_lease(job_id).await.expect("lease").is_some(),
+        "leased to this host"
+    );
+    call.await.expect("task").expect("call");
+    let long = handle.result().await.expect("result");
+    assert_eq!(long.status, JobState::Succeeded, "{long:?}");
+    assert_eq!(
+        store.writes.load(Ordering::SeqCst) - before,
+        2,
+        "stored late: two commits"
+    );
+    assert_eq!(
+        event_types(&kernel, job_id).await,
+        event_types(&kernel, short.job_id).await
+    );
+    assert_eq!(
+        journal_keys(&kernel, job_id).await,
+        journal_keys(&kernel, short.job_id).await
+    );
+    assert_eq!(
+        ledger_kinds(&kernel, job_id).await,
+        ledger_kinds(&kernel, short.job_id).await
+    );
+    assert_eq!(
+        kernel.store().get_lease(job_id).await.expect("lease"),
+        None,
+        "lease released"
+    );
+}
+
 /// A tool host whose plugin is granted an effect (a writable directory, a network host) between
 /// the kernel's lookup of the tool and the call.
 struct GrantedMidCall(FakeTools);

@@ -26,8 +26,11 @@
 //! that a call run twice cannot change anything twice (the host refuses it if the grants changed
 //! since the tool was described).
 //!
-//! A one-commit call's job is stored only when it ends: until then its handle reports it RUNNING
-//! (`keel jobs list` in another process does not show it).
+//! A one-commit call's job is stored when it ends, or, if it is still running after
+//! [`AgentConfig::store_running_call_after_ms`](super::AgentConfig::store_running_call_after_ms),
+//! then (its commit (1), made while the call runs; it then ends like a two-commit call): a long
+//! call is visible to other processes (`keel jobs list`, the HTTP API) and cancellable by id,
+//! while a short one keeps its single commit. Until it is stored, its handle reports it RUNNING.
 //!
 //! Anything else — an approval to wait for, a refusal (unknown tool, invalid input, policy deny,
 //! budget deny), an idempotency key, a runtime limit, a policy recorded by reference — is left to
@@ -136,7 +139,10 @@ impl AgentRuntime {
         if let Some(started) = started {
             let _ = started.send(handle.clone());
         }
-        let ran = Box::pin(call.run(inner, arguments, &running.stop)).await;
+        let store_after = once.then(|| Duration::from_millis(inner.config.store_running_call_after_ms));
+        let ran = Box::pin(call.run(inner, arguments, &running.stop, store_after)).await;
+        // A long one-commit call whose start was committed meanwhile ends like a two-commit one.
+        let once = once && !ran.stored;
         let finished = match ran.outcome {
             Some(outcome) => Box::pin(call.commit_result(inner, outcome, ran.duration_ms, once)).await,
             None => Box::pin(call.commit_stopped(inner, &running, ran.duration_ms, once)).await,
@@ -300,8 +306,16 @@ impl DirectCall {
     }
 
     /// The sandboxed call, under its deadline, the job's in-process cancellation (`keel jobs
-    /// cancel` in this process) and `stop` (the caller's).
-    async fn run(&self, inner: &Inner, arguments: &serde_json::Value, stop: &CancellationToken) -> Ran {
+    /// cancel` in this process) and `stop` (the caller's). With `store_after`, a call still
+    /// running then has its start committed (commit 1) meanwhile: the job becomes visible to
+    /// other processes and from then on is written like a two-commit call's.
+    async fn run(
+        &self,
+        inner: &Inner,
+        arguments: &serde_json::Value,
+        stop: &CancellationToken,
+        store_after: Option<Duration>,
+    ) -> Ran {
         let ctx = ToolCallContext {
             call_id: call_key(self.job.id, &base()),
             job_id: Some(self.job.id.to_string()),
@@ -317,18 +331,30 @@ impl DirectCall {
             run::backstop(self.timeout),
             inner.tools.call_tool(&ctx, &self.tool, arguments),
         );
-        let outcome = tokio::select! {
-            r = call => Some(match r {
-                Ok(outcome) => outcome,
-                Err(_) => run::timed_out(self.timeout, started),
-            }),
-            _ = cancel.cancelled() => None,
-            _ = stop.cancelled() => None,
+        tokio::pin!(call);
+        let mut store_at = store_after.map(|after| Box::pin(tokio::time::sleep(after)));
+        let mut stored = false;
+        let outcome = loop {
+            tokio::select! {
+                r = &mut call => break Some(match r {
+                    Ok(outcome) => outcome,
+                    Err(_) => run::timed_out(self.timeout, started),
+                }),
+                _ = cancel.cancelled() => break None,
+                _ = stop.cancelled() => break None,
+                () = async { if let Some(at) = store_at.as_mut() { at.await } }, if store_at.is_some() => {
+                    store_at = None;
+                    // The guest waits for this commit (~1 ms; it is not polled meanwhile). If it
+                    // fails, the call is still written in one commit when it ends.
+                    stored = Box::pin(self.commit_started(inner)).await.is_ok();
+                }
+            }
         };
         inner.kernel.jobs().forget_token(self.job.id);
         Ran {
             outcome,
             duration_ms: started.elapsed().as_millis() as u64,
+            stored,
         }
     }
 
@@ -672,8 +698,10 @@ impl RunningCall {
     }
 }
 
-/// What the sandboxed call came to: its outcome (`None`: cancelled while it ran) and how long it took.
+/// What the sandboxed call came to: its outcome (`None`: cancelled while it ran), how long it
+/// took, and whether its start was committed while it ran (see [`DirectCall::run`]).
 struct Ran {
     outcome: Option<crate::tool::ToolOutcome>,
     duration_ms: u64,
+    stored: bool,
 }

@@ -166,6 +166,11 @@ pub struct AgentConfig {
     pub default_max_tokens: u32,
     /// Per-tool-call wall-clock limit in milliseconds (the tool host may clamp it further).
     pub tool_timeout_ms: u64,
+    /// A direct call made in one commit (a tool safe to re-run, no budget in force), whose job is
+    /// otherwise stored only when it ends, that is still running after this many milliseconds
+    /// has its start committed then: `keel jobs list`, the HTTP API and other processes see it
+    /// RUNNING, and `keel jobs cancel` can end it. Short calls keep their single commit.
+    pub store_running_call_after_ms: u64,
     /// How long an approval request stays valid, in seconds.
     pub approval_ttl_secs: i64,
     /// How often waiting approvals, the worker and `result()` re-read the store, in milliseconds
@@ -186,6 +191,7 @@ impl Default for AgentConfig {
             default_max_turns: 16,
             default_max_tokens: 1024,
             tool_timeout_ms: 60_000,
+            store_running_call_after_ms: 1000,
             approval_ttl_secs: 24 * 3600,
             poll_ms: 500,
             claim_batch: 64,
@@ -209,6 +215,7 @@ impl AgentConfig {
             ("lease_ttl_ms", self.lease_ttl_ms),
             ("tool_timeout_ms", self.tool_timeout_ms),
             ("poll_ms", self.poll_ms),
+            ("store_running_call_after_ms", self.store_running_call_after_ms),
         ] {
             if !(1..=Self::MAX_MS).contains(&value) {
                 return Err(format!(

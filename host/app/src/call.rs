@@ -3,7 +3,7 @@
 //! schema check, policy, approval, budget hold, sandboxed call, settlement with a receipt, events
 //! and journal. No front end reaches the sandbox any other way.
 
-use keel_kernel::context::{BudgetSpec, ExecutionContext};
+use keel_kernel::context::{BudgetSpec, CancellationToken, ExecutionContext};
 use keel_kernel::job::{JobError, JobState};
 use keel_kernel::journal::ToolResult;
 use keel_kernel::{ExecutionHandle, ExecutionResult};
@@ -30,6 +30,11 @@ pub struct CallRequest {
     pub idempotency_key: Option<String>,
     /// Limits of this call (cost, tool calls, runtime).
     pub budget: BudgetSpec,
+    /// Cancelling it cancels the call (e.g. `keel call` interrupted by Ctrl-C): a running call's
+    /// guest stops and its job ends CANCELLED, the attempt charged. [`AgentHost::call`] watches
+    /// it throughout; with [`AgentHost::start_call`] it stops a call allowed at once (a front end
+    /// following a call that waits for an approval cancels that one with its handle).
+    pub cancel: CancellationToken,
 }
 
 impl CallRequest {
@@ -43,6 +48,7 @@ impl CallRequest {
             session: None,
             idempotency_key: None,
             budget: BudgetSpec::default(),
+            cancel: CancellationToken::new(),
         }
     }
 }
@@ -78,6 +84,9 @@ impl CallOutcome {
     }
 }
 
+/// Why a call is cancelled when its [`CallRequest::cancel`] is.
+pub const CALLER_CANCELLED: &str = "the caller cancelled the call";
+
 impl AgentHost {
     /// Refuse, before any job exists, a call of a plugin or tool that is not installed (one
     /// sentence naming the tools the plugin has) or of a plugin that cannot be loaded.
@@ -111,6 +120,7 @@ impl AgentHost {
         ctx.session = request.session.clone();
         ctx.budget = request.budget.clone();
         ctx.policy = self.policy.clone();
+        ctx.cancel = request.cancel.clone();
         let rt = self.rt.clone();
         let (tool, arguments, key) = (
             request.tool.clone(),
@@ -147,7 +157,17 @@ impl AgentHost {
     /// process, the web page, an MCP client).
     pub async fn call(&self, request: &CallRequest) -> Result<CallOutcome, AppError> {
         let handle = self.start_call(request).await?;
-        let result = handle.result().await.map_err(agent_error)?;
-        Ok(CallOutcome::from_result(result))
+        let result = tokio::select! {
+            result = handle.result() => result,
+            () = request.cancel.cancelled() => {
+                // A call allowed at once has stopped already (its context is `request.cancel`);
+                // one that waits for an approval is cancelled here.
+                if !handle.is_direct() {
+                    let _ = handle.cancel(CALLER_CANCELLED).await;
+                }
+                handle.result().await
+            }
+        };
+        Ok(CallOutcome::from_result(result.map_err(agent_error)?))
     }
 }

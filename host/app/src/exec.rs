@@ -99,6 +99,8 @@ pub struct CodeRequest {
     pub policy: PolicyChoice,
     /// Limit changes for this call (e.g. `--timeout-ms`).
     pub limits: Option<LimitOverride>,
+    /// Cancelling it stops the code (e.g. Ctrl-C): its job ends CANCELLED, the attempt charged.
+    pub cancel: keel_kernel::context::CancellationToken,
 }
 
 /// What a code step came to.
@@ -171,6 +173,7 @@ pub async fn run_code(
     let mut call = CallRequest::new(request.scope, tool, arguments);
     call.principal = request.principal;
     call.session = Some(format!("exec-{}", uuid::Uuid::now_v7().simple()));
+    call.cancel = request.cancel;
     let outcome = host.call(&call).await?;
     let exit_code = outcome
         .tool_result

@@ -131,6 +131,28 @@ pub fn ignore_sigpipe() {
     }
 }
 
+/// The exit status of a command interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+pub const INTERRUPTED: u8 = 130;
+
+/// A token the first Ctrl-C (SIGINT) from now on cancels, for a command that stops its call
+/// cleanly (`keel call`, `keel exec --lang`: the guest stops, the job ends CANCELLED and the
+/// attempt is charged) instead of dying with the call in flight. A second Ctrl-C exits at once.
+pub fn cancel_on_interrupt() -> Result<keel_kernel::context::CancellationToken, CliError> {
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| CliError::internal(format!("cannot watch for Ctrl-C: {e}")))?;
+    let token = keel_kernel::context::CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        if interrupts.recv().await.is_some() {
+            cancel.cancel();
+            if interrupts.recv().await.is_some() {
+                std::process::exit(i32::from(INTERRUPTED));
+            }
+        }
+    });
+    Ok(token)
+}
+
 /// A writer for what sandboxed code prints, bound for a terminal: the bytes are written with
 /// control characters escaped as [`sanitize`] does (newlines and tabs kept), and bytes that are
 /// not UTF-8 shown as `\xNN`, so the code cannot set the window title, write the clipboard or

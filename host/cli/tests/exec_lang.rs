@@ -271,6 +271,51 @@ fn js_output_streams_while_the_script_runs() {
     );
 }
 
+/// Ctrl-C stops a code step: the guest stops at once (not at its deadline), the job ends
+/// CANCELLED with the attempt charged, and `keel exec` exits 130 (it used to die with the step
+/// in flight, its job left RUNNING until a worker took it up).
+#[test]
+fn ctrl_c_stops_running_code_and_records_it_cancelled() {
+    let (home, _) = js_home();
+    let scope = "exec-ctrl-c";
+    let mut child = common::keel(
+        home,
+        &[
+            "exec",
+            "--lang",
+            "js",
+            "--scope",
+            scope,
+            "-c",
+            "console.log('started'); while (true) {}",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    let interrupted = Instant::now();
+    assert!(common::signal(child.id(), "INT"));
+    let status = common::wait_or_kill(&mut child, Duration::from_secs(20)).expect("keel exec ends on Ctrl-C");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted: the code was stopped"), "{stderr}");
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(10),
+        "stopped at once, not at its deadline"
+    );
+    let jobs = common::json(home, &["jobs", "list", "--scope", scope, "--json"]);
+    assert_eq!(jobs[0]["state"], "CANCELLED", "{jobs}");
+    let usage = common::json(home, &["ledger", "usage", "--scope", scope, "--json"]);
+    assert_eq!(usage["usage"]["tool_calls"], 1, "the attempt is charged: {usage}");
+}
+
 #[test]
 fn js_code_exits_with_its_status_and_prints_as_written() {
     let (home, _) = js_home();

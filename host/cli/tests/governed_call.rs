@@ -258,3 +258,46 @@ fn policy_eval_decides_what_a_call_with_the_same_defaults_gets() {
         1,
     );
 }
+
+/// Ctrl-C stops a call in flight and records it: the guest stops (not at its deadline), the job
+/// ends CANCELLED, the attempt is charged, and `keel call` exits 130. (Before, the process died
+/// with the call in flight: an effect-free call's job, stored once it had run a second, was left
+/// RUNNING for a worker to run again.)
+#[test]
+fn ctrl_c_stops_a_call_in_flight_and_records_it_cancelled() {
+    let home = Home::with_hello();
+    let hostile = keel_testutil::guest("keel-test-hostile");
+    common::expect(home.path(), &["install", hostile.to_str().unwrap()], 0);
+    let started = Instant::now();
+    let mut child = common::keel(home.path(), &["call", "hostile/infinite_loop", "{}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stored RUNNING once it has run for a second (`store_running_call_after_ms`).
+    let running = loop {
+        let jobs = home.json(&["jobs", "list", "--json"]);
+        if let Some(job) = jobs.as_array().unwrap().first() {
+            break job.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the call never showed up");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(running["state"], "RUNNING", "{running}");
+    assert!(common::signal(child.id(), "INT"));
+    let status = common::wait_or_kill(&mut child, Duration::from_secs(20)).expect("keel call ends on Ctrl-C");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted: the call was cancelled"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "stopped well before its 60 s deadline"
+    );
+    let jobs = home.json(&["jobs", "list", "--json"]);
+    let job = &jobs.as_array().unwrap()[0];
+    assert_eq!(job["state"], "CANCELLED", "{job}");
+    assert_eq!(job["id"], running["id"]);
+    let usage = home.json(&["ledger", "usage", "--json"]);
+    assert_eq!(usage["usage"]["tool_calls"], 1, "the attempt is charged: {usage}");
+}

@@ -13,6 +13,7 @@ use keel_app::home::App;
 use keel_app::kernel::DEFAULT_SCOPE;
 use keel_app::plugin_types::{Grants, Limits};
 use keel_app::runtime::{LimitOverride, PolicyChoice};
+use keel_kernel::job::JobState;
 use serde_json::Value;
 
 use crate::commands::plugins::{GrantArgs, LimitArgs, read_input};
@@ -137,6 +138,7 @@ async fn exec_code(home: &Path, lang: CodeLang, args: ExecArgs) -> CliResult {
     {
         eprintln!("note: {}", sanitize_line(note));
     }
+    let interrupt = crate::output::cancel_on_interrupt()?;
     let request = CodeRequest {
         lang,
         code,
@@ -145,6 +147,7 @@ async fn exec_code(home: &Path, lang: CodeLang, args: ExecArgs) -> CliResult {
         principal: None,
         policy,
         limits: Some(limits),
+        cancel: interrupt.clone(),
     };
     let outcome = keel_app::exec::run_code(
         home,
@@ -174,6 +177,10 @@ async fn exec_code(home: &Path, lang: CodeLang, args: ExecArgs) -> CliResult {
             }
         }
         return Ok(ExitCode::from(status.clamp(0, 255) as u8));
+    }
+    if interrupt.is_cancelled() && outcome.call.status == JobState::Cancelled {
+        eprintln!("\ninterrupted: the code was stopped (job {})", outcome.call.job_id);
+        return Ok(ExitCode::from(crate::output::INTERRUPTED));
     }
     // The code did not run to an end: refused (policy, budget, schema) or stopped (deadline, memory).
     let message = match (result.and_then(|r| r.error.as_ref()), &outcome.call.error) {

@@ -551,6 +551,8 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
             .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7().simple())),
     );
     request.idempotency_key = args.idempotency_key.clone();
+    let interrupt = crate::output::cancel_on_interrupt()?;
+    request.cancel = interrupt.clone();
     let stop = keel_kernel::context::CancellationToken::new();
     let _sweeper = host.kernel.spawn_sweeper(host.poll, stop.clone());
     let tokens = host.rt.issued_tokens();
@@ -558,13 +560,28 @@ pub async fn call(home: &Path, args: CallArgs) -> CliResult {
     let mut opts = FollowOptions::from_args(&args.agent, 0);
     opts.quiet = true;
     let result = if handle.is_direct() {
-        // Allowed at once: nothing to follow (no approval), its result comes with its end.
+        // Allowed at once: nothing to follow (no approval), its result comes with its end; Ctrl-C
+        // stops it (`request.cancel`).
         handle.result().await.map_err(agent_error)
     } else {
-        follow_to_end(&host, &args.agent.scope, handle.job_id(), &opts, tokens).await
+        tokio::select! {
+            result = follow_to_end(&host, &args.agent.scope, handle.job_id(), &opts, tokens) => result,
+            () = interrupt.cancelled() => {
+                let _ = handle.cancel(keel_app::call::CALLER_CANCELLED).await;
+                stop.cancel();
+                eprintln!("\ninterrupted: the call was cancelled (job {})", handle.job_id());
+                // An approval prompt may be reading stdin on a blocking thread, which the
+                // runtime's shutdown would wait for; everything is recorded.
+                std::process::exit(i32::from(crate::output::INTERRUPTED));
+            }
+        }
     };
     stop.cancel();
     let outcome = CallOutcome::from_result(result?);
+    if interrupt.is_cancelled() && outcome.status == keel_kernel::job::JobState::Cancelled {
+        eprintln!("\ninterrupted: the call was cancelled (job {})", outcome.job_id);
+        return Ok(ExitCode::from(crate::output::INTERRUPTED));
+    }
     let tool_result = outcome.tool_result.as_ref();
     if args.agent.json {
         let mut value = json!({

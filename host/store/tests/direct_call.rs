@@ -157,6 +157,18 @@ fn tools() -> FakeTools {
     tools
 }
 
+/// A kernel on a fresh SQLite file (kept while the directory lives), counting its writes.
+async fn counting_kernel() -> (tempfile::TempDir, Arc<Counting>, Kernel) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Database::open(&dir.path().join("k.db")).await.expect("open");
+    let store = Arc::new(Counting {
+        inner: db.kernel_store(),
+        writes: AtomicUsize::new(0),
+    });
+    let kernel = Kernel::new(store.clone());
+    (dir, store, kernel)
+}
+
 /// One call to its end, and the writes it cost.
 async fn counted_call(rt: &AgentRuntime, store: &Counting, tool: &str, key: Option<&str>) -> (ExecutionResult, usize) {
     let before = store.writes.load(Ordering::SeqCst);
@@ -199,6 +211,20 @@ async fn journal_keys(kernel: &Kernel, job: Uuid) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `tool_usage` ledger entries of `job`.
+async fn tool_usage(kernel: &Kernel, job: Uuid) -> Vec<LedgerEvent> {
+    kernel
+        .ledger()
+        .entries(&LedgerQuery {
+            tenant: "t".into(),
+            job_id: Some(job),
+            kinds: vec![LedgerKind::ToolUsage],
+            ..Default::default()
+        })
+        .await
+        .expect("ledger")
+}
+
 async fn ledger_kinds(kernel: &Kernel, job: Uuid) -> Vec<LedgerKind> {
     kernel
         .ledger()
@@ -221,13 +247,7 @@ async fn ledger_kinds(kernel: &Kernel, job: Uuid) -> Vec<LedgerKind> {
 /// printed (`--nocapture`) for the record. Either way the job, journal, events and ledger agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_call_commits_twice_and_a_rerun_safe_one_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = Database::open(&dir.path().join("k.db")).await.expect("open");
-    let store = Arc::new(Counting {
-        inner: db.kernel_store(),
-        writes: AtomicUsize::new(0),
-    });
-    let kernel = Kernel::new(store.clone());
+    let (_dir, store, kernel) = counting_kernel().await;
     let tools = tools();
     let rt = runtime(kernel.clone(), &tools, AgentConfig::default());
 
@@ -294,16 +314,7 @@ async fn a_direct_call_commits_twice_and_a_rerun_safe_one_once() {
             ledger_kinds(&kernel, runner.job_id).await
         );
     }
-    let usage = kernel
-        .ledger()
-        .entries(&LedgerQuery {
-            tenant: "t".into(),
-            job_id: Some(twice.job_id),
-            kinds: vec![LedgerKind::ToolUsage],
-            ..Default::default()
-        })
-        .await
-        .expect("ledger");
+    let usage = tool_usage(&kernel, twice.job_id).await;
     assert_eq!(usage.len(), 1);
     assert!(
         usage[0].entry.data.value()["receipt"]["wall_us"].is_u64(),
@@ -324,13 +335,7 @@ async fn a_direct_call_commits_twice_and_a_rerun_safe_one_once() {
 /// reports it RUNNING meanwhile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_call_stopped_while_it_runs_ends_cancelled_and_charged() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = Database::open(&dir.path().join("k.db")).await.expect("open");
-    let store = Arc::new(Counting {
-        inner: db.kernel_store(),
-        writes: AtomicUsize::new(0),
-    });
-    let kernel = Kernel::new(store.clone());
+    let (_dir, store, kernel) = counting_kernel().await;
     let tools = FakeTools::new();
     let hang = |_| std::future::pending::<Result<serde_json::Value, ToolError>>();
     tools.add("p/hang", json!({"type": "object"}), false, hang);
@@ -375,16 +380,7 @@ async fn a_direct_call_stopped_while_it_runs_ends_cancelled_and_charged() {
                 assert_eq!(error.message, "stopped by the test", "{what}");
             }
             assert_eq!(store.writes.load(Ordering::SeqCst) - before, commits, "{what}: commits");
-            let usage = kernel
-                .ledger()
-                .entries(&LedgerQuery {
-                    tenant: "t".into(),
-                    job_id: Some(r.job_id),
-                    kinds: vec![LedgerKind::ToolUsage],
-                    ..Default::default()
-                })
-                .await
-                .expect("ledger");
+            let usage = tool_usage(&kernel, r.job_id).await;
             assert_eq!(usage.len(), 1, "{what}: the attempt is charged");
             assert_eq!(usage[0].entry.usage.tool_calls, 1, "{what}");
             let hold = kernel
@@ -410,13 +406,7 @@ async fn a_direct_call_stopped_while_it_runs_ends_cancelled_and_charged() {
 /// records. A short call keeps its single commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_one_commit_call_is_stored_while_it_runs() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = Database::open(&dir.path().join("k.db")).await.expect("open");
-    let store = Arc::new(Counting {
-        inner: db.kernel_store(),
-        writes: AtomicUsize::new(0),
-    });
-    let kernel = Kernel::new(store.clone());
+    let (_dir, store, kernel) = counting_kernel().await;
     let tools = tools();
     tools.add("p/slow_pure", json!({"type": "object"}), false, |args| async move {
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -644,15 +634,6 @@ async fn a_call_whose_host_dies_mid_call_is_not_rerun_without_approval() {
     let _ = worker.await;
     rt.abort_all();
     assert_eq!(second_tools.count("p/charge"), 0, "not re-run without a yes");
-    let charged = second
-        .ledger()
-        .entries(&LedgerQuery {
-            tenant: "t".into(),
-            job_id: Some(job.id),
-            kinds: vec![LedgerKind::ToolUsage],
-            ..Default::default()
-        })
-        .await
-        .expect("ledger");
+    let charged = tool_usage(&second, job.id).await;
     assert_eq!(charged.len(), 1, "the interrupted attempt is charged once");
 }

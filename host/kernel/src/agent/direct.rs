@@ -388,16 +388,7 @@ impl DirectCall {
             };
             next.state = JobState::Failed;
             next.error = Some(error.clone());
-            let reason = format!("{}: {}", error.code, error.message);
-            let status = status_event(
-                JobState::Running,
-                &next,
-                StatusDetail {
-                    reason: Some(reason.as_str()),
-                    ..StatusDetail::default()
-                },
-                now,
-            );
+            let status = ended_by(&next, &error, now);
             let fin = self.event(
                 EventType::FinalError,
                 json!({ "code": error.code, "message": error.message }),
@@ -532,19 +523,7 @@ impl DirectCall {
 
     /// The settlement of this call's hold: one tool call, taking `duration_ms`.
     fn settlement(&self, duration_ms: u64, data: JsonText, now: DateTime<Utc>) -> SettleRequest {
-        SettleRequest {
-            reservation_id: self.hold.id,
-            kind: LedgerKind::ToolUsage,
-            actual: Usage {
-                tool_calls: 1,
-                ..Usage::zero()
-            },
-            duration_ms: Some(duration_ms),
-            model: None,
-            tool: Some(self.tool.clone()),
-            data,
-            now,
-        }
+        run::tool_settlement(self.hold.id, &self.tool, duration_ms, data, now)
     }
 
     /// Record a call stopped while it ran (its caller cancelled it, or the job was cancelled in
@@ -585,17 +564,8 @@ impl DirectCall {
         let mut next = crate::services::transition(&self.job, JobState::Cancelled, now)?;
         // Inserted in its final state, so at version 1 (an insert's version); nobody can claim it.
         next.version = 1;
-        next.error = Some(error.clone());
-        let reason = format!("{}: {}", error.code, error.message);
-        let status = status_event(
-            JobState::Running,
-            &next,
-            StatusDetail {
-                reason: Some(reason.as_str()),
-                ..StatusDetail::default()
-            },
-            now,
-        );
+        let status = ended_by(&next, &error, now);
+        next.error = Some(error);
         let mut batch = self.started_rows(&self.owner, next);
         batch.holds[0].check_budgets = false;
         batch.events.push(status);
@@ -622,6 +592,20 @@ impl DirectCall {
         })
         .await;
     }
+}
+
+/// The status event of `next`, a job that left RUNNING because of `error`.
+fn ended_by(next: &Job, error: &JobError, now: DateTime<Utc>) -> NewEvent {
+    let reason = format!("{}: {}", error.code, error.message);
+    status_event(
+        JobState::Running,
+        next,
+        StatusDetail {
+            reason: Some(reason.as_str()),
+            ..StatusDetail::default()
+        },
+        now,
+    )
 }
 
 /// The ledger data of a call whose result is not journaled (it was stopped, or its job was ended

@@ -1492,19 +1492,7 @@ impl Runner {
                 events: vec![job_event(&next, event_type, data.clone(), now)],
                 next,
                 journal: vec![(key::result(base), entry.clone())],
-                settlements: vec![SettleRequest {
-                    reservation_id: hold,
-                    kind: LedgerKind::ToolUsage,
-                    actual: Usage {
-                        tool_calls: 1,
-                        ..Usage::zero()
-                    },
-                    duration_ms: Some(duration_ms),
-                    model: None,
-                    tool: Some(tool.clone()),
-                    data: usage_data.clone(),
-                    now,
-                }],
+                settlements: vec![tool_settlement(hold, &tool, duration_ms, usage_data.clone(), now)],
             })
         })
         .await?;
@@ -1838,6 +1826,30 @@ pub(crate) struct FinalResultData<'a> {
 }
 
 /// Event or ledger data (strings, numbers, plain structs: serialising cannot fail) as JSON text.
+/// The settlement of a tool call's hold `hold`: one call of `tool`, taking `duration_ms`, with
+/// `data` (its turn, call id and receipt).
+pub(crate) fn tool_settlement(
+    hold: Uuid,
+    tool: &str,
+    duration_ms: u64,
+    data: JsonText,
+    now: DateTime<Utc>,
+) -> SettleRequest {
+    SettleRequest {
+        reservation_id: hold,
+        kind: LedgerKind::ToolUsage,
+        actual: Usage {
+            tool_calls: 1,
+            ..Usage::zero()
+        },
+        duration_ms: Some(duration_ms),
+        model: None,
+        tool: Some(tool.to_string()),
+        data,
+        now,
+    }
+}
+
 pub(crate) fn data_json(data: &impl Serialize) -> JsonText {
     JsonText::of(data).expect("event and ledger data serialise")
 }

@@ -487,6 +487,59 @@ async fn a_long_one_commit_call_is_stored_while_it_runs() {
     );
 }
 
+/// A direct call whose job another process cancels (`keel jobs cancel`, the HTTP API) stops within
+/// `poll_ms`, not at its deadline: one- and two-commit calls alike (the former once it is stored,
+/// after `store_running_call_after_ms`). The attempt is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_call_whose_job_another_process_cancels_stops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("k.db");
+    let config = AgentConfig {
+        poll_ms: 50,
+        store_running_call_after_ms: 100,
+        ..AgentConfig::default()
+    };
+    let tools = FakeTools::new();
+    let hang = |_| std::future::pending::<Result<serde_json::Value, ToolError>>();
+    tools.add("p/hang", json!({"type": "object"}), false, hang);
+    tools.add("p/hang_pure", json!({"type": "object"}), false, hang);
+    tools.set_effect_free("p/hang_pure", true);
+    let here = Kernel::new(Arc::new(Database::open(&path).await.expect("open").kernel_store()));
+    let rt = runtime(here.clone(), &tools, config);
+    // Another process on the same database: it sees the job and cancels it.
+    let elsewhere = Kernel::new(Arc::new(Database::open(&path).await.expect("open").kernel_store()));
+    for tool in ["p/hang", "p/hang_pure"] {
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let call = {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                rt.call_tool_reporting(&ExecutionContext::new("t"), tool, json!({}), None, Some(started_tx))
+                    .await
+            })
+        };
+        let handle = started.await.expect("started");
+        let job_id = handle.job_id();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while elsewhere.store().get_job(job_id).await.expect("get").is_none() {
+            assert!(std::time::Instant::now() < until, "{tool}: never stored");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        elsewhere
+            .jobs()
+            .cancel(job_id, "cancelled elsewhere")
+            .await
+            .expect("cancel");
+        let stopped = tokio::time::timeout(Duration::from_secs(5), call).await;
+        stopped
+            .unwrap_or_else(|_| panic!("{tool}: the call ran on after its job was cancelled"))
+            .expect("task")
+            .expect("call");
+        let r = handle.result().await.expect("result");
+        assert_eq!(r.status, JobState::Cancelled, "{tool}: {r:?}");
+        assert_eq!(tool_usage(&here, job_id).await.len(), 1, "{tool}: charged once");
+    }
+}
+
 /// A tool host whose plugin is granted an effect (a writable directory, a network host) between
 /// the kernel's lookup of the tool and the call.
 struct GrantedMidCall(FakeTools);

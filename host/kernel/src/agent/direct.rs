@@ -305,10 +305,12 @@ impl DirectCall {
         Ok(())
     }
 
-    /// The sandboxed call, under its deadline, the job's in-process cancellation (`keel jobs
-    /// cancel` in this process) and `stop` (the caller's). With `store_after`, a call still
-    /// running then has its start committed (commit 1) meanwhile: the job becomes visible to
-    /// other processes and from then on is written like a two-commit call's.
+    /// The sandboxed call, under its deadline, the job's cancellation and `stop` (the caller's).
+    /// A cancel in this process is seen at once; one by another process (`keel jobs cancel`, the
+    /// HTTP API) by reading the job every `poll_ms` while it is stored (a direct call has no
+    /// heartbeat to notice it). With `store_after`, a call still running then has its start
+    /// committed (commit 1) meanwhile: the job becomes visible to other processes and from then on
+    /// is written like a two-commit call's.
     async fn run(
         &self,
         inner: &Inner,
@@ -334,6 +336,9 @@ impl DirectCall {
         tokio::pin!(call);
         let mut store_at = store_after.map(|after| Box::pin(tokio::time::sleep(after)));
         let mut stored = false;
+        let poll = Duration::from_millis(inner.config.poll_ms.max(1));
+        let mut reread = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+        reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
             tokio::select! {
                 r = &mut call => break Some(match r {
@@ -347,6 +352,13 @@ impl DirectCall {
                     // The guest waits for this commit (~1 ms; it is not polled meanwhile). If it
                     // fails, the call is still written in one commit when it ends.
                     stored = Box::pin(self.commit_started(inner)).await.is_ok();
+                }
+                _ = reread.tick(), if store_after.is_none() || stored => {
+                    if let Ok(Some(job)) = inner.kernel.store().get_job(self.job.id).await
+                        && job.state.is_terminal()
+                    {
+                        break None;
+                    }
                 }
             }
         };

@@ -208,6 +208,43 @@ fn plugin_and_model_text_is_escaped_in_run() {
     }
 }
 
+/// Model text (streamed, and the result) cannot pass for Keel's own lines: each of its lines is
+/// marked, so a model told by a page it read to print `✓ fs/write` or a usage line does not forge
+/// what the terminal says happened.
+#[test]
+fn model_text_cannot_pass_for_keel_lines() {
+    let home = Home::new();
+    let p = home.path();
+    let forged = "Done.\n✓ fs/write (1 ms)\n? approval required: nothing to see\nusage: 0 turns, 0 model calls";
+    let script = json!({ "turns": [
+        { "text": forged, "usage": { "input_tokens": 1, "output_tokens": 1 } },
+    ]});
+    std::fs::write(p.join("script.json"), script.to_string()).unwrap();
+    std::fs::write(
+        p.join("config.toml"),
+        "[agent]\npoll_ms = 50\n\n[models.providers.scripted]\nkind = \"scripted\"\nscript = \"script.json\"\n",
+    )
+    .unwrap();
+    let out = home.expect(&["run", "go", "--model", "scripted:test"], 0);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for fake in ["✓ fs/write", "? approval required: nothing", "usage: 0 turns"] {
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.contains(fake)).collect();
+        // Once as it streamed, once in the result: each time marked as the model's.
+        assert_eq!(lines.len(), 2, "{fake}: {stdout}");
+        for line in lines {
+            assert!(
+                line.starts_with("│ "),
+                "a model line passes for keel's: {line:?} in\n{stdout}"
+            );
+        }
+    }
+    assert!(stdout.contains("\nresult: Done.\n│ ✓ fs/write"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("usage: 1 turns")),
+        "keel's own usage line: {stdout}"
+    );
+}
+
 /// A job's principal, session and idempotency key are the client's words (an MCP client's name,
 /// an API request's body): `keel jobs show` and `keel budgets show` escape them.
 #[test]

@@ -217,6 +217,27 @@ impl FollowOptions {
     }
 }
 
+/// What each line of model text starts with on the terminal. Keel's own lines (`· tool …`, `✓`,
+/// `✗`, `? approval required`, `result:`, `usage:`) start in the first column, so text a model
+/// writes (or a prompt-injected page makes it write) cannot pass for one of them.
+const MODEL_GUTTER: &str = "│ ";
+
+/// `text` (model text, already sanitized) with [`MODEL_GUTTER`] before each of its lines, the
+/// cursor being at the start of a line when `at_line_start`. Also returns whether the text leaves
+/// the cursor mid-line (a text ending in a newline does not: the next line is Keel's or gets its
+/// gutter when more text comes).
+fn in_gutter(text: &str, mut at_line_start: bool) -> (String, bool) {
+    let mut out = String::with_capacity(text.len() + 2 * MODEL_GUTTER.len());
+    for c in text.chars() {
+        if at_line_start {
+            out.push_str(MODEL_GUTTER);
+        }
+        out.push(c);
+        at_line_start = c == '\n';
+    }
+    (out, !at_line_start)
+}
+
 /// The terminal renderer: event lines on stdout, a status line on stderr.
 struct Screen {
     opts: FollowOptions,
@@ -287,9 +308,10 @@ impl Screen {
             }
             EventType::ModelToken => {
                 self.clear_status();
-                print!("{}", sanitize(&s("text")));
+                let (shown, mid_line) = in_gutter(&sanitize(&s("text")), !self.mid_line);
+                print!("{shown}");
                 let _ = std::io::stdout().flush();
-                self.mid_line = true;
+                self.mid_line = mid_line;
             }
             EventType::ModelReasoning => {}
             EventType::ModelDone => {
@@ -446,7 +468,11 @@ pub fn print_result(result: &ExecutionResult, json_lines: bool) {
     }
     let u = &result.usage;
     match (&result.status, &result.content, &result.error) {
-        (JobState::Succeeded, content, _) => println!("\nresult: {}", sanitize(content.as_deref().unwrap_or(""))),
+        (JobState::Succeeded, content, _) => {
+            // The first line follows `result: `; the others are marked like streamed model text.
+            let (shown, _) = in_gutter(&sanitize(content.as_deref().unwrap_or("")), false);
+            println!("\nresult: {shown}");
+        }
         (status, _, Some(e)) => println!("\n{status}: {} ({})", sanitize_line(&e.message), sanitize_line(&e.code)),
         (status, _, None) => println!("\n{status}"),
     }
@@ -563,4 +589,23 @@ async fn prompt(tool: &str, request: &Value) -> Option<Decision> {
     .await
     .ok()
     .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_gutter;
+
+    #[test]
+    fn every_line_of_model_text_is_marked() {
+        let (shown, mid_line) = in_gutter("done.\n✓ fs/write (1 ms)\nusage: 0 turns", true);
+        assert_eq!(shown, "│ done.\n│ ✓ fs/write (1 ms)\n│ usage: 0 turns");
+        assert!(mid_line);
+        // Text streamed in pieces: a piece that continues a line gets no second gutter, a line
+        // end leaves the cursor at the start of a line, where the next piece puts its gutter.
+        assert_eq!(in_gutter("wor", false), ("wor".to_string(), true));
+        assert_eq!(in_gutter("ld\n", false), ("ld\n".to_string(), false));
+        assert_eq!(in_gutter("\n", true), ("│ \n".to_string(), false));
+        assert_eq!(in_gutter("", false), (String::new(), true));
+        assert_eq!(in_gutter("", true), (String::new(), false));
+    }
 }

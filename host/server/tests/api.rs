@@ -528,7 +528,7 @@ async fn tool_calls_go_through_the_governed_path() {
         .post(
             "/v1/tools/hello/greet/call",
             &key,
-            json!({ "arguments": { "name": "Ada" } }),
+            json!({ "arguments": { "name": "Ada" }, "session": "s1" }),
             202,
         )
         .await;
@@ -545,6 +545,27 @@ async fn tool_calls_go_through_the_governed_path() {
     let done = server.wait_job(&job, &key, "the call", state_is("SUCCEEDED")).await;
     let output = done["result"]["tool_result"]["output"].to_string();
     assert!(output.contains("Ada"), "{done}");
+    // The policy dry run answers as the session's next call is decided: that call is allowed,
+    // another session's or other arguments are still asked about.
+    let eval =
+        |session: &str, name: &str| json!({ "tool": "hello/greet", "arguments": { "name": name }, "session": session });
+    for (session, name, outcome) in [
+        ("s1", "Ada", "ALLOW"),
+        ("s2", "Ada", "REQUIRE_APPROVAL"),
+        ("s1", "Bob", "REQUIRE_APPROVAL"),
+    ] {
+        let decision = server.post("/v1/policy/eval", &key, eval(session, name), 200).await;
+        assert_eq!(decision["outcome"], outcome, "{session} {name}: {decision}");
+    }
+    let again = server
+        .post(
+            "/v1/tools/hello/greet/call",
+            &key,
+            json!({ "arguments": { "name": "Ada" }, "session": "s1" }),
+            200,
+        )
+        .await;
+    assert_eq!(again["status"], "SUCCEEDED", "approved for the session: {again}");
     // Invalid input is refused by the schema check, as an outcome (not a protocol error).
     let refused = server
         .post(

@@ -195,6 +195,12 @@ impl AgentRuntime {
         self.inner.issued_tokens.subscribe()
     }
 
+    /// The session approvals this runtime's calls consult ("approve for this session"), for a
+    /// policy dry run that answers as a call of the same session would be decided.
+    pub fn session_approvals(&self) -> &dyn SessionApprovalStore {
+        self.inner.approvals.as_ref()
+    }
+
     /// This host's lease-owner id.
     pub fn owner(&self) -> &str {
         &self.inner.owner

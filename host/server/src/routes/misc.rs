@@ -12,7 +12,7 @@ use keel_app::Role;
 use keel_app::call::{CallOutcome, CallRequest};
 use keel_kernel::event::EventType;
 use keel_kernel::ledger::{BudgetLimits, BudgetWindow, ExceedStrategy};
-use keel_kernel::policy::{PolicyRequest, SessionApprovals};
+use keel_kernel::policy::PolicyRequest;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -239,7 +239,7 @@ pub struct PolicyEval {
     #[serde(default)]
     #[schema(value_type = Object)]
     arguments: Value,
-    /// Session id (for session-scoped rules).
+    /// Session id (for session-scoped rules, and calls this key approved for the session).
     session: Option<String>,
     /// Tool calls already made in this turn.
     #[serde(default)]
@@ -249,7 +249,8 @@ pub struct PolicyEval {
 }
 
 /// Dry-run the server's policy for a tool call by this scope: the decision and the rules that
-/// made it, without running anything.
+/// made it, without running anything. Calls approved "for the session" by this key in `session`
+/// are allowed, as they would be.
 #[utoipa::path(post, path = "/v1/policy/eval", tag = "policy", request_body = PolicyEval,
     responses((status = 200, description = "`{outcome, reason, applied_rules, violated_rules}`", body = PolicyDecision),
         (status = 404, description = "No such plugin visible to this scope")))]
@@ -280,7 +281,8 @@ pub(crate) async fn policy_eval(
             turn: body.turn.unwrap_or(1),
         },
         stands_for.as_deref(),
-        &SessionApprovals::new(),
+        // What this key approved for the session is what its calls in that session get.
+        state.host.rt.session_approvals(),
     );
     Ok(Json(serde_json::to_value(decision).unwrap_or_default()))
 }

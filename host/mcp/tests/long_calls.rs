@@ -61,6 +61,11 @@ fn long_calls(marks: &std::path::Path) -> [(&'static str, Option<&std::path::Pat
 
 /// Wait (at most 15 s, well inside the call's 60 s deadline) until the scope has a job in a
 /// terminal state and one tool call charged: the guest stopped and its attempt was recorded.
+/// Task `id` as `tasks/get` answers it.
+async fn task_of(peer: &rmcp::Peer<rmcp::RoleClient>, id: &str) -> rmcp::model::DetailedTask {
+    peer.get_task(GetTaskParams::new(id)).await.expect("tasks/get").task
+}
+
 async fn ended_and_charged(server: &keel_mcp::McpServer, what: &str) -> keel_app::keel_kernel::job::Job {
     let kernel = &server.host().kernel;
     let admin = Caller::local_admin("default");
@@ -105,12 +110,7 @@ async fn a_long_call_becomes_a_task_and_tasks_cancel_stops_it() {
         };
         assert_eq!(created.task.status, TaskStatus::Working, "{what}: {created:?}");
         let id = created.task.task_id;
-        let task = client
-            .peer()
-            .get_task(GetTaskParams::new(&id))
-            .await
-            .expect("tasks/get")
-            .task;
+        let task = task_of(client.peer(), &id).await;
         assert_eq!(task.status(), TaskStatus::Working, "{what}: {task:?}");
 
         client
@@ -121,12 +121,7 @@ async fn a_long_call_becomes_a_task_and_tasks_cancel_stops_it() {
         let job = ended_and_charged(&server, what).await;
         assert_eq!(job.id.to_string(), id, "{what}: the task is the call's job");
         assert_eq!(job.state.to_string(), "CANCELLED", "{what}: {job:?}");
-        let task = client
-            .peer()
-            .get_task(GetTaskParams::new(&id))
-            .await
-            .expect("tasks/get")
-            .task;
+        let task = task_of(client.peer(), &id).await;
         assert_eq!(task.status(), TaskStatus::Cancelled, "{what}: {task:?}");
         let _ = client.cancel().await;
     }

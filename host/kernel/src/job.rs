@@ -140,7 +140,10 @@ pub struct Job {
     pub progress_message: Option<String>,
     /// Agent turns taken.
     pub turns: u32,
-    /// Tool calls made.
+    /// Tool calls the job made that ended with their result (a tool error included). Not
+    /// counted: calls refused before they ran (policy, budget, invalid input), and attempts
+    /// interrupted (their host died) or stopped (cancelled) mid-call, which the ledger charges as
+    /// one tool call each: the ledger is what budgets and `keel ledger usage` count.
     pub tool_calls: u32,
     /// Past this instant the sweeper times the job out.
     pub deadline: Option<DateTime<Utc>>,

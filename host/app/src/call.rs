@@ -84,8 +84,8 @@ impl CallOutcome {
     }
 }
 
-/// Why a call is cancelled when its [`CallRequest::cancel`] is.
-pub const CALLER_CANCELLED: &str = "the caller cancelled the call";
+/// Why a call is cancelled when its [`CallRequest::cancel`] is (the kernel's words for it).
+pub use keel_kernel::agent::CALLER_CANCELLED;
 
 impl AgentHost {
     /// Refuse, before any job exists, a call of a plugin or tool that is not installed (one

@@ -669,7 +669,7 @@ impl RunningCall {
         self.reason
             .get()
             .cloned()
-            .unwrap_or_else(|| "the caller cancelled the call".into())
+            .unwrap_or_else(|| super::CALLER_CANCELLED.into())
     }
 
     /// How it ended, if it has.

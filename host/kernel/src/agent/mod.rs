@@ -29,6 +29,10 @@ use uuid::Uuid;
 pub use request::{AgentConfig, AgentError, DirectCall, ExecutionRequest, ExecutionResult, ExecutionUsage};
 pub use run::model_tool_name;
 
+/// Why a call is cancelled when its caller cancels it (its context's cancel token, or a front
+/// end cancelling its handle on the caller's behalf, e.g. after Ctrl-C).
+pub const CALLER_CANCELLED: &str = "the caller cancelled the call";
+
 use crate::action::{Action, Resolution};
 use crate::context::{CancellationToken, ExecutionContext, PolicyRef};
 use crate::event::{EventFilter, EventQuery, EventType, RuntimeEvent, Subscription, SubscriptionError};

@@ -1825,7 +1825,6 @@ pub(crate) struct FinalResultData<'a> {
     pub(crate) turns: u32,
 }
 
-/// Event or ledger data (strings, numbers, plain structs: serialising cannot fail) as JSON text.
 /// The settlement of a tool call's hold `hold`: one call of `tool`, taking `duration_ms`, with
 /// `data` (its turn, call id and receipt).
 pub(crate) fn tool_settlement(
@@ -1850,6 +1849,7 @@ pub(crate) fn tool_settlement(
     }
 }
 
+/// Event or ledger data (strings, numbers, plain structs: serialising cannot fail) as JSON text.
 pub(crate) fn data_json(data: &impl Serialize) -> JsonText {
     JsonText::of(data).expect("event and ledger data serialise")
 }

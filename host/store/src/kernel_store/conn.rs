@@ -42,8 +42,15 @@ const READERS: usize = 4;
 /// Prepared statements kept per connection: every statement the store runs, with room to spare.
 const STATEMENT_CACHE: usize = 96;
 
-/// How often the background thread checkpoints the WAL.
+/// How often the background thread checkpoints the WAL while it stays small.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// How often, at most, it checkpoints a WAL that keeps growing.
+const CHECKPOINT_EVERY_BUSY: Duration = Duration::from_millis(10);
+
+/// WAL frames found by a checkpoint past which the next one comes sooner (16 MiB of 4 KiB pages,
+/// a quarter of the inline threshold).
+const BUSY_WAL_FRAMES: i64 = INLINE_CHECKPOINT_PAGES / 4;
 
 /// WAL pages past which the writer checkpoints inline after all (the background thread is behind).
 const INLINE_CHECKPOINT_PAGES: i64 = 16_384;
@@ -148,16 +155,26 @@ impl Connections {
     }
 }
 
-/// Checkpoint the WAL every [`CHECKPOINT_EVERY`] while the connections are in use. PASSIVE: it
-/// copies what it can without waiting for, or blocking, readers and the writer.
+/// Checkpoint the WAL in the background while the connections are in use. PASSIVE: it copies
+/// what it can without waiting for, or blocking, readers and the writer.
+///
+/// Every [`CHECKPOINT_EVERY`] while the WAL stays small, sooner (down to [`CHECKPOINT_EVERY_BUSY`])
+/// while commits keep it growing: at a steady ~70 frames a millisecond (a governed call every
+/// ~120 µs) the WAL reached the writer's inline threshold between two passes 200 ms apart, and
+/// then commits checkpointed inline until the next pass (15% of a call's time, measured).
 fn checkpoint_while(alive: &Weak<Connections>, conn: &Connection) {
+    let mut every = CHECKPOINT_EVERY;
     loop {
-        std::thread::sleep(CHECKPOINT_EVERY);
+        std::thread::sleep(every);
         if alive.strong_count() == 0 {
             return;
         }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, "background WAL checkpoint failed; the next one retries");
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            // The number of frames the WAL held.
+            Ok(frames) if frames > BUSY_WAL_FRAMES => every = (every / 2).max(CHECKPOINT_EVERY_BUSY),
+            Ok(frames) if frames < BUSY_WAL_FRAMES / 4 => every = (every * 2).min(CHECKPOINT_EVERY),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "background WAL checkpoint failed; the next one retries"),
         }
     }
 }

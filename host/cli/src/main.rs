@@ -92,7 +92,12 @@ fn main() -> ExitCode {
         // Colours only for a terminal: escape sequences in a log file or a pipe are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = if matches!(cli.command, Command::Mcp(_)) {
+        keel_mcp::stdio_runtime()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => return output::report(CliError::internal(format!("cannot start the async runtime: {e}"))),
     };

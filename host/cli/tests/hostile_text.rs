@@ -1,7 +1,7 @@
 //! Hostile text, hostile `describe()` answers and private files, through the real `keel` binary:
 //! terminal escapes a plugin (or a model) produces never reach the terminal raw, a bad describe
-//! answer is refused with one clear line, the Keel home is owner-only, and a closed stdout pipe
-//! ends `keel` quietly.
+//! answer is refused with one clear line, the Keel home is owner-only, a closed stdout pipe
+//! ends `keel` quietly, and `keel mcp` survives its client leaving and a plugin that computes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -482,15 +482,15 @@ fn a_closed_stdout_ends_keel_quietly() {
 /// it lets handlers in flight finish for up to 5 s (a client may close stdin and still read), and
 /// cancels them at once only if an answer fails to write in that time (here the `tools/list` answer,
 /// unless it was written, and failed, before stdin's end was read). So the call outlasts 5 s.
-#[test]
-fn keel_mcp_finishes_its_calls_when_the_client_stops_reading() {
-    use std::io::{BufRead as _, BufReader, Write as _};
-    use std::os::unix::process::ExitStatusExt;
-    let home = Home::new();
-    let marks = tempfile::tempdir().unwrap();
-    let hostile = keel_testutil::guest("keel-test-hostile");
-    let grant = format!("{}::/marks", marks.path().display());
-    home.expect(&["install", hostile.to_str().unwrap(), "--allow-write", &grant], 0);
+/// `keel mcp` on `home`, initialized by a raw JSON-RPC client: its stdin, its stdout and the child.
+fn keel_mcp_session(
+    home: &Home,
+) -> (
+    std::process::ChildStdin,
+    std::io::BufReader<std::process::ChildStdout>,
+    std::process::Child,
+) {
+    use std::io::{BufRead as _, BufReader};
     let mut child = home
         .keel(&["mcp"])
         .stdin(Stdio::piped())
@@ -500,9 +500,6 @@ fn keel_mcp_finishes_its_calls_when_the_client_stops_reading() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let send = |stdin: &mut std::process::ChildStdin, message: Value| {
-        writeln!(stdin, "{message}").and_then(|()| stdin.flush())
-    };
     send(
         &mut stdin,
         json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
@@ -517,6 +514,29 @@ fn keel_mcp_finishes_its_calls_when_the_client_stops_reading() {
         json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
     )
     .unwrap();
+    (stdin, stdout, child)
+}
+
+/// Send one JSON-RPC message on a `keel mcp` session's stdin.
+fn send(stdin: &mut std::process::ChildStdin, message: Value) -> std::io::Result<()> {
+    use std::io::Write as _;
+    writeln!(stdin, "{message}").and_then(|()| stdin.flush())
+}
+
+/// `hostile/spin_ms` granted a writable directory (`/marks`), as two `keel mcp` tests call it.
+fn install_spinner(home: &Home, marks: &Path) {
+    let hostile = keel_testutil::guest("keel-test-hostile");
+    let grant = format!("{}::/marks", marks.display());
+    home.expect(&["install", hostile.to_str().unwrap(), "--allow-write", &grant], 0);
+}
+
+#[test]
+fn keel_mcp_finishes_its_calls_when_the_client_stops_reading() {
+    use std::os::unix::process::ExitStatusExt;
+    let home = Home::new();
+    let marks = tempfile::tempdir().unwrap();
+    install_spinner(&home, marks.path());
+    let (mut stdin, stdout, mut child) = keel_mcp_session(&home);
     send(
         &mut stdin,
         json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
@@ -537,6 +557,45 @@ fn keel_mcp_finishes_its_calls_when_the_client_stops_reading() {
     assert_eq!(jobs[0]["state"], "CANCELLED", "the call in flight was ended: {jobs:?}");
     let usage = common::json(home.path(), &["ledger", "usage", "--json"]);
     assert_eq!(usage["usage"]["tool_calls"], 1, "the attempt is charged: {usage}");
+}
+
+/// `keel mcp` runs on one worker thread: a plugin that computes without pause must not hold it.
+/// A short call made while a long one spins is answered first, and so is a `ping`.
+#[test]
+fn keel_mcp_answers_while_a_plugin_computes() {
+    use std::io::BufRead as _;
+    let home = Home::new();
+    let marks = tempfile::tempdir().unwrap();
+    install_spinner(&home, marks.path());
+    let (mut stdin, mut stdout, mut child) = keel_mcp_session(&home);
+    let spin = |id: u64, ms: u64| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "hostile__spin_ms", "arguments": {"dir": "/marks", "ms": ms}}})
+    };
+    send(&mut stdin, spin(1, 4000)).unwrap();
+    // The long call is computing (its marker is written before it spins).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(marks.path()).unwrap().next().is_none() {
+        assert!(Instant::now() < deadline, "the long call never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    send(&mut stdin, json!({"jsonrpc": "2.0", "id": 2, "method": "ping"})).unwrap();
+    send(&mut stdin, spin(3, 10)).unwrap();
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(answer.get("error").is_none(), "{answer}");
+        answered.push(answer["id"].as_u64().unwrap());
+    }
+    assert_eq!(
+        answered,
+        [2, 3, 1],
+        "the ping and the short call are answered while the long one spins"
+    );
+    drop(stdin);
+    common::wait_or_kill(&mut child, Duration::from_secs(30)).expect("keel mcp ends with its client");
 }
 
 /// SIGPIPE is 13 on every Unix Keel builds for.

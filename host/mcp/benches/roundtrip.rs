@@ -519,14 +519,16 @@ async fn call_loop(host: &Arc<AgentHost>, (warmup, calls): (usize, usize), idle:
 }
 
 fn main() {
+    if let Ok(role) = std::env::var(ROLE) {
+        // As `keel mcp` runs.
+        let runtime = keel_mcp::stdio_runtime().expect("runtime");
+        runtime.block_on(serve_role(&role));
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    if let Ok(role) = std::env::var(ROLE) {
-        runtime.block_on(serve_role(&role));
-        return;
-    }
     // `cargo bench` passes `--bench`; `cargo test --benches` runs this once, quickly.
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let smoke = !std::env::args().any(|a| a == "--bench");

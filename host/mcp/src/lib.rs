@@ -39,6 +39,21 @@ use tokio::sync::watch;
 
 use crate::catalog::{Catalog, ToolFilter};
 
+/// The async runtime to run [`McpServer::serve_stdio`] on (`keel mcp`): one worker thread.
+///
+/// A stdio server answers one client, whose requests come one at a time as a rule; a second
+/// worker only added wake-ups (the idle worker woken at every spawned task, tasks moved between
+/// cores, each move an inter-processor interrupt on a VM): Keel added ~70 µs more per
+/// `tools/call` with two workers on a 2-core machine (`benches/roundtrip.rs`). Calls made at the
+/// same time still run together: a guest yields to the runtime at every epoch tick (5 ms), and
+/// file and cache work goes to the blocking pool.
+pub fn stdio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+}
+
 /// One MCP server over one Keel home. Cheap to clone; every session (the stdio one, each HTTP
 /// session) shares it.
 #[derive(Clone)]

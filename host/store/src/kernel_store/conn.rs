@@ -164,18 +164,43 @@ impl Connections {
 /// then commits checkpointed inline until the next pass (15% of a call's time, measured).
 fn checkpoint_while(alive: &Weak<Connections>, conn: &Connection) {
     let mut every = CHECKPOINT_EVERY;
+    let mut frames_before = 0;
     loop {
         std::thread::sleep(every);
         if alive.strong_count() == 0 {
             return;
         }
+        // The second column is the number of frames in the WAL.
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
-            // The number of frames the WAL held.
-            Ok(frames) if frames > BUSY_WAL_FRAMES => every = (every / 2).max(CHECKPOINT_EVERY_BUSY),
-            Ok(frames) if frames < BUSY_WAL_FRAMES / 4 => every = (every * 2).min(CHECKPOINT_EVERY),
-            Ok(_) => {}
+            Ok(frames) => {
+                every = checkpoint_pace(every, frames_before, frames);
+                frames_before = frames;
+            }
             Err(e) => tracing::debug!(error = %e, "background WAL checkpoint failed; the next one retries"),
         }
+    }
+}
+
+/// The wait before the next checkpoint, after one that found `frames` in the WAL where the one
+/// before found `frames_before`. Commits that appended nothing meanwhile: the slow pace at once
+/// (a WAL left large by a burst starts over only at the next commit, and an idle host must not
+/// wake every few milliseconds). Else twice as soon while the WAL is large or grew fast, twice as
+/// late once it grows slowly.
+fn checkpoint_pace(every: Duration, frames_before: i64, frames: i64) -> Duration {
+    // A WAL that started over since (fewer frames than before) grew by all it holds.
+    let grew = if frames >= frames_before {
+        frames - frames_before
+    } else {
+        frames
+    };
+    if grew == 0 {
+        CHECKPOINT_EVERY
+    } else if frames > BUSY_WAL_FRAMES || grew > BUSY_WAL_FRAMES / 4 {
+        (every / 2).max(CHECKPOINT_EVERY_BUSY)
+    } else if grew < BUSY_WAL_FRAMES / 16 {
+        (every * 2).min(CHECKPOINT_EVERY)
+    } else {
+        every
     }
 }
 
@@ -207,6 +232,39 @@ fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Checkpoints come sooner while the WAL grows, and back to the slow pace as soon as nothing
+    /// is committed, even if a burst left the WAL large.
+    #[test]
+    fn checkpoints_follow_the_wal_s_growth_and_idle_slowly() {
+        let busy = BUSY_WAL_FRAMES;
+        let mut every = CHECKPOINT_EVERY;
+        let mut before = 0;
+        for frames in [busy, 2 * busy, 3 * busy, 4 * busy, 5 * busy, 6 * busy, 7 * busy] {
+            every = checkpoint_pace(every, before, frames);
+            before = frames;
+        }
+        assert_eq!(
+            every, CHECKPOINT_EVERY_BUSY,
+            "a fast-growing WAL is checkpointed at the fastest pace"
+        );
+        assert_eq!(
+            checkpoint_pace(every, before, before),
+            CHECKPOINT_EVERY,
+            "an idle host goes back to the slow pace, however large the WAL"
+        );
+        assert_eq!(
+            checkpoint_pace(CHECKPOINT_EVERY, 5 * busy, busy),
+            CHECKPOINT_EVERY / 2,
+            "a WAL that started over grew by all it holds"
+        );
+        let slow = checkpoint_pace(CHECKPOINT_EVERY_BUSY, 10, 20);
+        assert_eq!(
+            slow,
+            CHECKPOINT_EVERY_BUSY * 2,
+            "a slowly growing small WAL: the pace eases off"
+        );
+    }
 
     fn count(c: &Connection) -> StoreResult<i64> {
         c.query_row("SELECT count(*) FROM budgets", [], |r| r.get(0))

@@ -1590,12 +1590,7 @@ impl Sandbox {
         let watch = async {
             match scratch.as_ref() {
                 None => std::future::pending::<()>().await,
-                Some(dir) => loop {
-                    tokio::time::sleep(SCRATCH_WATCH).await;
-                    if dir.usage() > cap {
-                        break;
-                    }
-                },
+                Some(dir) => dir.over_cap(cap, SCRATCH_WATCH).await,
             }
         };
         let outcome = match &plugin.kind {

@@ -210,12 +210,63 @@ impl Scratch {
     /// [`PER_ENTRY_BYTES`]. Links are not followed. `u64::MAX` (over any cap) when the tree
     /// cannot be measured in full: too many entries, too deep, or a directory that cannot be read.
     pub(crate) fn usage(&self) -> u64 {
-        let named = measure(&self.fd);
-        let unlinked = self.real.as_deref().and_then(unlinked_open_bytes);
-        match (named, unlinked) {
-            (Some(named), Some(unlinked)) => named.saturating_add(unlinked),
-            _ => u64::MAX,
+        usage_of(&self.fd, self.real.as_deref())
+    }
+
+    /// Resolve once the directory holds more than `cap` bytes (see [`usage`](Self::usage)),
+    /// measured every `every`. Each walk runs on the blocking pool: a tree of many entries takes
+    /// milliseconds to walk, and the thread polling this future runs the host's other calls
+    /// meanwhile (`keel mcp` has one such thread).
+    pub(crate) async fn over_cap(&self, cap: u64, every: Duration) {
+        self.over_cap_with(cap, every, Meter::usage).await;
+    }
+
+    async fn over_cap_with(&self, cap: u64, every: Duration, measure: fn(&Meter) -> u64) {
+        let meter = match self.fd.try_clone() {
+            Ok(fd) => std::sync::Arc::new(Meter {
+                fd,
+                real: self.real.clone(),
+            }),
+            // No descriptor to spare for the walks: measured here.
+            Err(_) => loop {
+                tokio::time::sleep(every).await;
+                if self.usage() > cap {
+                    return;
+                }
+            },
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let meter = meter.clone();
+            match tokio::task::spawn_blocking(move || measure(&meter)).await {
+                Ok(used) if used <= cap => {}
+                // Over the cap, or the walk did not finish (as unmeasurable: over any cap).
+                _ => return,
+            }
         }
+    }
+}
+
+/// What a walk of a scratch directory needs, owned (its descriptor duplicated), so that it can
+/// run on another thread while the call goes on.
+struct Meter {
+    fd: OwnedFd,
+    real: Option<PathBuf>,
+}
+
+impl Meter {
+    fn usage(&self) -> u64 {
+        usage_of(&self.fd, self.real.as_deref())
+    }
+}
+
+/// See [`Scratch::usage`]: the directory open as `fd`, whose real path is `real`.
+fn usage_of(fd: &OwnedFd, real: Option<&Path>) -> u64 {
+    let named = measure(fd);
+    let unlinked = real.and_then(unlinked_open_bytes);
+    match (named, unlinked) {
+        (Some(named), Some(unlinked)) => named.saturating_add(unlinked),
+        _ => u64::MAX,
     }
 }
 
@@ -323,6 +374,35 @@ mod tests {
     use super::*;
     use std::io::Write as _;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// The threads the recording meter walked on.
+    static WALKED_ON: Mutex<Vec<std::thread::ThreadId>> = Mutex::new(Vec::new());
+
+    fn recording_usage(meter: &Meter) -> u64 {
+        WALKED_ON.lock().unwrap().push(std::thread::current().id());
+        meter.usage()
+    }
+
+    /// The cap is watched by walks on other threads than the one awaiting the watch (on a
+    /// single-threaded runtime, a walk there stalls every other task), and a directory over its
+    /// cap is noticed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_cap_is_watched_off_the_awaiting_thread() {
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::create(Some(parent.path())).unwrap();
+        std::fs::File::create(scratch.path().join("f"))
+            .unwrap()
+            .write_all(&vec![7u8; 64 << 10])
+            .unwrap();
+        let watched = scratch.over_cap_with(32 << 10, Duration::from_millis(1), recording_usage);
+        tokio::time::timeout(Duration::from_secs(10), watched)
+            .await
+            .expect("a directory over its cap is noticed");
+        let here = std::thread::current().id();
+        let walked = WALKED_ON.lock().unwrap().clone();
+        assert!(!walked.is_empty(), "measured");
+        assert!(walked.iter().all(|t| *t != here), "measured on the awaiting thread");
+    }
 
     #[test]
     fn private_measured_and_removed() {

@@ -48,8 +48,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// How often, at most, it checkpoints a WAL that keeps growing.
 const CHECKPOINT_EVERY_BUSY: Duration = Duration::from_millis(10);
 
-/// WAL frames found by a checkpoint past which the next one comes sooner (16 MiB of 4 KiB pages,
-/// a quarter of the inline threshold).
+/// WAL frames found by a checkpoint past which the next one comes sooner: a quarter of the inline
+/// threshold.
 const BUSY_WAL_FRAMES: i64 = INLINE_CHECKPOINT_PAGES / 4;
 
 /// WAL pages past which the writer checkpoints inline after all (the background thread is behind).

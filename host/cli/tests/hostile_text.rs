@@ -475,13 +475,6 @@ fn a_closed_stdout_ends_keel_quietly() {
     assert_eq!(list[0]["name"], "hello");
 }
 
-/// A server outlives its client: `keel mcp` whose client stops reading with a call in flight ends
-/// the session with that call ended and recorded, not by SIGPIPE with its job left running (and
-/// its budget hold held). The call is cancelled (the client is gone: nobody can read its result),
-/// its guest stopped and its attempt charged. When that happens depends on rmcp: after stdin ends
-/// it lets handlers in flight finish for up to 5 s (a client may close stdin and still read), and
-/// cancels them at once only if an answer fails to write in that time (here the `tools/list` answer,
-/// unless it was written, and failed, before stdin's end was read). So the call outlasts 5 s.
 /// `keel mcp` on `home`, initialized by a raw JSON-RPC client: its stdin, its stdout and the child.
 fn keel_mcp_session(
     home: &Home,
@@ -530,6 +523,13 @@ fn install_spinner(home: &Home, marks: &Path) {
     home.expect(&["install", hostile.to_str().unwrap(), "--allow-write", &grant], 0);
 }
 
+/// A server outlives its client: `keel mcp` whose client stops reading with a call in flight ends
+/// the session with that call ended and recorded, not by SIGPIPE with its job left running (and
+/// its budget hold held). The call is cancelled (the client is gone: nobody can read its result),
+/// its guest stopped and its attempt charged. When that happens depends on rmcp: after stdin ends
+/// it lets handlers in flight finish for up to 5 s (a client may close stdin and still read), and
+/// cancels them at once only if an answer fails to write in that time (here the `tools/list` answer,
+/// unless it was written, and failed, before stdin's end was read). So the call outlasts 5 s.
 #[test]
 fn keel_mcp_finishes_its_calls_when_the_client_stops_reading() {
     use std::os::unix::process::ExitStatusExt;

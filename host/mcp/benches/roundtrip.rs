@@ -1,10 +1,10 @@
 //! MCP `tools/call` round trips: Keel (`hello/greet`, governed: policy, budget check, job, events,
 //! ledger receipt in SQLite, sandboxed WebAssembly call) next to a do-nothing rmcp server (one
 //! tool returning a constant: the pipe floor), measured by the same client in the same run, over
-//! stdio (a child process each, the rmcp client) and over Streamable HTTP (an axum server each on
-//! 127.0.0.1, one hand-written HTTP/1.1 client), plus the governed call alone
-//! (`AgentHost::call`, no MCP; back to back, and each call after a 200 µs idle pause, as a server
-//! idles between requests), and that call again with an in-memory kernel store
+//! stdio (a child process each, the rmcp client) and over Streamable HTTP (on 127.0.0.1, one
+//! hand-written HTTP/1.1 client; Keel's server is `keel serve`'s, with an API key), plus the
+//! governed call alone (`AgentHost::call`, no MCP; back to back, and each call after a 200 µs idle
+//! pause, as a server idles between requests), and that call again with an in-memory kernel store
 //! (`AgentHost::open_in_memory`: the governance path alone, no durable write).
 //!
 //! A VM's steal time comes in bursts that would land on whichever scenario runs then, so the floor
@@ -263,11 +263,13 @@ struct HttpClient {
     sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
     session: Option<String>,
     addr: std::net::SocketAddr,
+    /// The API key sent as a bearer token, if the server wants one.
+    key: Option<String>,
     next_id: u64,
 }
 
 impl HttpClient {
-    async fn connect(addr: std::net::SocketAddr) -> Self {
+    async fn connect(addr: std::net::SocketAddr, key: Option<String>) -> Self {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
         let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -278,6 +280,7 @@ impl HttpClient {
             sender,
             session: None,
             addr,
+            key,
             next_id: 0,
         };
         let init = client
@@ -301,6 +304,9 @@ impl HttpClient {
             .header("mcp-protocol-version", "2025-06-18");
         if let Some(session) = &self.session {
             request = request.header("mcp-session-id", session);
+        }
+        if let Some(key) = &self.key {
+            request = request.header("authorization", format!("Bearer {key}"));
         }
         request
             .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
@@ -383,11 +389,11 @@ async fn driver((warmup, calls): (usize, usize)) {
         None
     };
 
-    let host = keel_host(home).await;
     let mut http = None;
     if runs("http") {
-        http = Some(http_scenario(&host, (warmup, calls)).await);
+        http = Some(http_scenario(home, (warmup, calls)).await);
     }
+    let host = keel_host(home).await;
     let (mut governed, mut in_memory) = (None, None);
     if runs("inproc") {
         let (g, m) = in_process(home, &host, (warmup, calls)).await;
@@ -427,8 +433,11 @@ async fn stdio_scenario(
     m
 }
 
-/// The floor and Keel over Streamable HTTP, interleaved.
-async fn http_scenario(host: &Arc<AgentHost>, (warmup, calls): (usize, usize)) -> Interleaved {
+/// The floor and Keel over Streamable HTTP, interleaved. Keel is `keel serve`'s router, as the
+/// CLI assembles it: `/mcp` behind the Host/Origin check, API-key authentication and the per-key
+/// rate limit (set high enough not to throttle the bench), with the server's in-process worker
+/// running; the client sends its key with every request.
+async fn http_scenario(home: &std::path::Path, (warmup, calls): (usize, usize)) -> Interleaved {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
     let floor_router = axum::Router::new().nest_service(
         "/mcp",
@@ -438,25 +447,45 @@ async fn http_scenario(host: &Arc<AgentHost>, (warmup, calls): (usize, usize)) -
             Default::default(),
         ),
     );
-    let server = keel_mcp::McpServer::new(host.clone()).await.expect("server");
-    let caller = keel_app::Caller::local_admin("bench");
-    let keel_router = axum::Router::new()
-        .nest_service("/mcp", keel_mcp::http_service(server))
-        .layer(axum::middleware::from_fn(
-            move |mut request: axum::extract::Request, next: axum::middleware::Next| {
-                request.extensions_mut().insert(caller.clone());
-                next.run(request)
-            },
-        ));
-    let mut floor = Client::Http(HttpClient::connect(serve_http(floor_router).await).await);
-    let mut keel = Client::Http(HttpClient::connect(serve_http(keel_router).await).await);
+    let mut floor = Client::Http(HttpClient::connect(serve_http(floor_router).await, None).await);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = keel_server::ServerConfig {
+        listen: addr,
+        rate_per_second: 1_000_000,
+        rate_burst: 1_000_000,
+        ..keel_server::ServerConfig::default()
+    };
+    let server = keel_server::Server::open(home, config).await.expect("open the server");
+    let mcp = keel_mcp::McpServer::new(server.host().clone())
+        .await
+        .expect("MCP server");
+    let server = server.with_protected_routes(
+        "/mcp",
+        keel_mcp::http_service_allowing(mcp, &[addr.ip().to_string(), addr.to_string()]),
+    );
+    let db = keel_app::kernel::open_db(home).await.expect("database");
+    let key = keel_app::keys::create_key(&db, "bench", keel_app::Role::Write, None)
+        .await
+        .expect("API key")
+        .key;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let mut keel = Client::Http(HttpClient::connect(addr, Some(key)).await);
+
     let http = interleaved(
         (&mut floor, "noop__greet"),
         (&mut keel, "hello__greet"),
         (warmup, calls),
     )
     .await;
-    report("http", &http);
+    report("http (keel serve)", &http);
+    drop(keel);
+    let _ = stop.send(());
+    serving.await.expect("server task").expect("serve");
     http
 }
 

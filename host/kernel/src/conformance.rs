@@ -2457,9 +2457,32 @@ pub async fn batch_holds_and_leases(store: Arc<dyn KernelStore>) {
     batch.jobs[0].job.state = JobState::Succeeded;
     batch.settlements.push(settle(rid4));
     store.commit(batch).await.expect("hold and settle at once");
+    let r4 = k.ledger().reservation(rid4).await.expect("r");
     assert_eq!(
-        k.ledger().reservation(rid4).await.expect("r").state,
-        ReservationState::Settled
+        (r4.state, r4.actual.map(|u| u.tool_calls), r4.closed_at.is_some()),
+        (ReservationState::Settled, Some(1), true),
+        "settled with its actual usage, as if held and then settled"
+    );
+    let kinds: Vec<_> = k
+        .ledger()
+        .entries(&LedgerQuery {
+            tenant: "t1".into(),
+            job_id: Some(job4),
+            ..Default::default()
+        })
+        .await
+        .expect("entries")
+        .into_iter()
+        .map(|e| (e.entry.kind, e.entry.reservation_id))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (LedgerKind::Hold, Some(rid4)),
+            (LedgerKind::ToolUsage, Some(rid4)),
+            (LedgerKind::Settle, Some(rid4))
+        ],
+        "the ledger reads as a hold, then its settlement"
     );
     assert_eq!(
         store.get_job(job4).await.expect("get").expect("job").state,

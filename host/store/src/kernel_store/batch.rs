@@ -2,6 +2,7 @@
 //! transaction applying a whole [`Batch`].
 
 use keel_kernel::event::RuntimeEvent;
+use keel_kernel::ledger::{NewLedgerEvent, SettleRequest};
 use keel_kernel::store::{Batch, StoreResult};
 use rusqlite::Connection;
 
@@ -10,7 +11,7 @@ use super::events::insert_events;
 use super::jobs::{insert_job_leased, update_job_fenced};
 use super::journal::insert_journal;
 use super::leases::{check_lease, claim_free, release_lease};
-use super::ledger::{hold_in, settle_in};
+use super::ledger::{hold_in, insert_ledger_many, settle_in};
 use super::rows::missing_or_conflict;
 
 /// Apply `batch` inside the caller's transaction (all or nothing: an error rolls it back).
@@ -64,14 +65,30 @@ pub(super) fn commit(conn: &Connection, batch: Batch) -> StoreResult<Vec<Runtime
             return Err(missing_or_conflict(conn, "jobs", "lease", c.job_id));
         }
     }
+    // A hold settled by the same batch (a call committed once, after it ran) is inserted settled;
+    // its settlement's entries are still appended where the batch settles, so the ledger reads as
+    // if the hold had been inserted and then settled.
+    let mut settlements: Vec<Option<SettleRequest>> = batch.settlements.into_iter().map(Some).collect();
+    let mut settled_with_hold: Vec<Vec<NewLedgerEvent>> = settlements.iter().map(|_| Vec::new()).collect();
     for h in &batch.holds {
-        hold_in(conn, h)?;
+        let same = settlements
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.reservation_id == h.id));
+        let entries = hold_in(conn, h, same.and_then(|i| settlements[i].take()))?;
+        if let Some(i) = same {
+            settled_with_hold[i] = entries;
+        }
     }
     for j in &batch.journal {
         insert_journal(conn, j)?;
     }
-    for req in batch.settlements {
-        settle_in(conn, req)?;
+    for (settlement, entries) in settlements.into_iter().zip(settled_with_hold) {
+        match settlement {
+            Some(req) => {
+                settle_in(conn, req)?;
+            }
+            None => insert_ledger_many(conn, &entries)?,
+        }
     }
     let inserted: Vec<_> = batch
         .jobs

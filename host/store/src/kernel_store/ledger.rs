@@ -298,45 +298,74 @@ pub(super) fn budget_statuses(conn: &Connection, req: &ReserveRequest) -> StoreR
 /// Write what a reserve plan says: the HELD row (if allowed), then its ledger entries.
 pub(super) fn write_reserve_plan(conn: &Connection, plan: &ReservePlan) -> StoreResult<()> {
     if let Some(r) = &plan.outcome.reservation {
-        const SQL: &str = "INSERT INTO reservations (id, tenant, principal, session, job_id, tokens, cost_nanos, \
-             requests, tool_calls, state, actual_json, created_at, expires_at, closed_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, NULL)";
-        let args = [
-            Value::Text(r.id.to_string()),
-            Value::Text(r.tenant.clone()),
-            text(r.principal.as_deref()),
-            text(r.session.as_deref()),
-            text(r.job_id.map(|u| u.to_string()).as_deref()),
-            Value::Integer(i64_of(r.amount.tokens)?),
-            Value::Integer(nanos(r.amount.cost)?),
-            Value::Integer(i64_of(r.amount.requests)?),
-            Value::Integer(i64_of(r.amount.tool_calls)?),
-            Value::Text(r.state.as_str().to_owned()),
-            Value::Integer(micros(r.created_at)),
-            Value::Integer(micros(r.expires_at)),
-        ];
-        execute(conn, SQL, &args).map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict {
-                    entity: "reservation",
-                    id: r.id.to_string(),
-                }
-            } else {
-                be(e)
-            }
-        })?;
+        insert_reservation(conn, r)?;
     }
     insert_ledger_many(conn, &plan.entries)
 }
 
-/// One [`keel_kernel::store::Batch::holds`] entry inside the batch's transaction.
-pub(super) fn hold_in(conn: &Connection, hold: &HoldWrite) -> StoreResult<()> {
+/// Insert reservation `r` as it is (HELD, or already closed: see [`hold_in`]).
+fn insert_reservation(conn: &Connection, r: &Reservation) -> StoreResult<()> {
+    const SQL: &str = "INSERT INTO reservations (id, tenant, principal, session, job_id, tokens, cost_nanos, \
+         requests, tool_calls, state, actual_json, created_at, expires_at, closed_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    let args = [
+        Value::Text(r.id.to_string()),
+        Value::Text(r.tenant.clone()),
+        text(r.principal.as_deref()),
+        text(r.session.as_deref()),
+        text(r.job_id.map(|u| u.to_string()).as_deref()),
+        Value::Integer(i64_of(r.amount.tokens)?),
+        Value::Integer(nanos(r.amount.cost)?),
+        Value::Integer(i64_of(r.amount.requests)?),
+        Value::Integer(i64_of(r.amount.tool_calls)?),
+        Value::Text(r.state.as_str().to_owned()),
+        text(r.actual.as_ref().map(to_json).transpose()?.as_deref()),
+        Value::Integer(micros(r.created_at)),
+        Value::Integer(micros(r.expires_at)),
+        int(r.closed_at.map(micros)),
+    ];
+    execute(conn, SQL, &args).map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict {
+                entity: "reservation",
+                id: r.id.to_string(),
+            }
+        } else {
+            be(e)
+        }
+    })?;
+    Ok(())
+}
+
+/// One [`keel_kernel::store::Batch::holds`] entry inside the batch's transaction. With
+/// `settlement`, the same batch's settlement of this hold (a call committed once, after it ran):
+/// the reservation is inserted already settled instead of inserted HELD and updated, and the
+/// settlement's ledger entries are returned for the caller to append where the batch settles
+/// (the ledger then reads exactly as if the two had been written one after the other).
+pub(super) fn hold_in(
+    conn: &Connection,
+    hold: &HoldWrite,
+    settlement: Option<SettleRequest>,
+) -> StoreResult<Vec<NewLedgerEvent>> {
     let statuses = if hold.check_budgets {
         budget_statuses(conn, &hold.request)?
     } else {
         Vec::new()
     };
-    write_reserve_plan(conn, &plan_hold(hold, &statuses)?)
+    let mut plan = plan_hold(hold, &statuses)?;
+    let Some(settlement) = settlement else {
+        write_reserve_plan(conn, &plan)?;
+        return Ok(Vec::new());
+    };
+    let held = plan
+        .outcome
+        .reservation
+        .take()
+        .expect("plan_hold refuses a hold it does not grant");
+    let settled = plan_settle(&held, settlement)?;
+    insert_reservation(conn, &settled.reservation)?;
+    insert_ledger_many(conn, &plan.entries)?;
+    Ok(settled.entries)
 }
 
 /// [`KernelStore::get_reservation`](keel_kernel::store::KernelStore::get_reservation).
@@ -588,7 +617,7 @@ mod tests {
             },
             check_budgets: true,
         };
-        let (held, ops) = vm_ops(&tx, || hold_in(&tx, &hold));
+        let (held, ops) = vm_ops(&tx, || hold_in(&tx, &hold, None));
         held.expect("hold within the budget");
         tx.rollback().expect("rollback");
         ops

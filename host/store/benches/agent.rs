@@ -9,6 +9,9 @@
 //! `agent_normal`: `synchronous = NORMAL`), each on its own file:
 //! - `bare_commit`: one `BEGIN IMMEDIATE; INSERT; COMMIT` on the same file, on a plain SQLite
 //!   connection on the calling thread (the floor);
+//! - `bare_commit_wide`: the same, one row into each of [`GOVERNED_COMMIT_BTREES`] tables: a
+//!   commit that writes as many pages as one of a governed call's, and does nothing else (the
+//!   floor of the store's data model: two of them are what a two-commit call cannot go below);
 //! - `governed_call`: `AgentRuntime::call_tool` of a non-idempotent echo tool to its result:
 //!   schema, policy, hold, call, settle with receipt, events, journal — two commits (the durable
 //!   "started" commit before the side effect, the result after);
@@ -48,6 +51,14 @@ use serde_json::json;
 /// The allocator the `keel` binary uses, so the bench measures what ships.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// B-trees (tables and indexes) one commit of a non-idempotent governed call writes rows to, on
+/// average: its first writes 14 (the job's table, id, listing and claimable indexes; its hold's
+/// table and live-holds index; its events' table, per-job and per-tenant indexes; its journal's
+/// table and key index; its ledger entry's table, per-tenant and per-job indexes), its second 12
+/// (the job's id and listing entries are not rewritten). Counted from the WAL frames each commit
+/// writes.
+const GOVERNED_COMMIT_BTREES: usize = 13;
 
 fn script(n_calls: usize) -> Vec<Message> {
     if n_calls == 0 {
@@ -94,6 +105,8 @@ fn bench(c: &mut Criterion) {
         };
         let mut bare = common::BareCommit::open(&path, synchronous);
         group.bench_function("bare_commit", |b| b.iter(|| bare.commit()));
+        let mut wide = common::BareCommit::open_wide(&path, synchronous, GOVERNED_COMMIT_BTREES);
+        group.bench_function("bare_commit_wide", |b| b.iter(|| wide.commit()));
         let governed = runtime(kernel.clone(), &tools, vec![]);
         group.bench_function("governed_call", |b| {
             b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/echo", None)))

@@ -836,7 +836,7 @@ pub async fn wait_for_resolution(store: Arc<dyn KernelStore>) {
 
 /// Per-job sequences, resume from a sequence, type filters, live subscription filters.
 pub async fn events(store: Arc<dyn KernelStore>) {
-    let (k, _) = kernel_with_clock(store);
+    let (k, clock) = kernel_with_clock(store.clone());
     let mut all = k.subscribe(EventFilter::tenant("t1"));
     let mut tokens_only = k.subscribe(EventFilter::tenant("t1").with_types([EventType::ModelToken]));
     let a = k.jobs().create(NewJob::new("t1", "agent")).await.expect("a").job.id;
@@ -894,6 +894,61 @@ pub async fn events(store: Arc<dyn KernelStore>) {
         .expect("read")
         .len(),
         2
+    );
+
+    // One batch's events, a run of one job longer than a store may write at once and another
+    // job's in between: what the commit returns is what was stored, ids and sequences included.
+    let at = clock.now();
+    let new_event = |job_id: Uuid, tenant: &str, i: usize| crate::event::NewEvent {
+        job_id,
+        tenant: tenant.into(),
+        event_type: EventType::Progress,
+        data: json!({ "i": i }).into(),
+        at,
+    };
+    let mut batch_events: Vec<_> = (0..11).map(|i| new_event(other, "t2", i)).collect();
+    batch_events.insert(3, new_event(b, "t1", 99));
+    let committed = store
+        .commit(Batch {
+            events: batch_events,
+            ..Batch::default()
+        })
+        .await
+        .expect("commit events");
+    let stored = k
+        .read_events(&EventQuery {
+            filter: EventFilter::tenant("t2"),
+            after_id: ea[3].id,
+            ..Default::default()
+        })
+        .await
+        .expect("read");
+    let stored_b = k.read_events(&read(b, 4)).await.expect("read");
+    let mut expected: Vec<_> = stored
+        .iter()
+        .chain(&stored_b)
+        .filter(|e| e.event_type == EventType::Progress)
+        .cloned()
+        .collect();
+    expected.sort_by_key(|e| e.id);
+    assert_eq!(committed, expected, "the commit returns the stored events");
+    assert_eq!(
+        committed.iter().map(|e| (e.job_id == b, e.seq)).collect::<Vec<_>>(),
+        [
+            (false, 3),
+            (false, 4),
+            (false, 5),
+            (true, 5),
+            (false, 6),
+            (false, 7),
+            (false, 8),
+            (false, 9),
+            (false, 10),
+            (false, 11),
+            (false, 12),
+            (false, 13)
+        ],
+        "each job's next sequence numbers, in the batch's order"
     );
 
     let first = all.recv().await.expect("live");

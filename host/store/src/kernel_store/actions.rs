@@ -2,14 +2,14 @@
 
 use chrono::{DateTime, Utc};
 use keel_kernel::action::{Action, ActionFilter, ActionState, ActionType, Resolution};
-use keel_kernel::store::{StoreError, StoreResult};
+use keel_kernel::store::StoreResult;
 use rusqlite::types::Value;
 use rusqlite::{Connection, Row};
 use uuid::Uuid;
 
 use super::rows::{
-    Query, be, execute, fetch_optional, from_json, from_micros, get, i64_of, int, is_unique_violation, job_ref_error,
-    micros, missing_or_conflict, opt_from_micros, parse, text, to_json, u64_of, uuid,
+    Query, be, conflict_or, execute, fetch_optional, from_json, from_micros, get, i64_of, int, job_ref_error, micros,
+    missing_or_conflict, opt_from_micros, parse, text, to_json, u64_of, uuid,
 };
 
 pub(super) fn action_from_row(r: &Row<'_>) -> StoreResult<Action> {
@@ -56,16 +56,8 @@ pub(super) fn insert_action(conn: &Connection, a: &Action) -> StoreResult<()> {
     const SQL: &str = "INSERT INTO actions (id, job_id, tenant, action_type, state, version, title, request_json, \
          call_digest, token_hash, resolution_json, created_at, expires_at, resolved_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
-    execute(conn, SQL, &action_values(a)?).map_err(|e| {
-        if is_unique_violation(&e) {
-            StoreError::Conflict {
-                entity: "action",
-                id: a.id.to_string(),
-            }
-        } else {
-            job_ref_error(e, a.job_id)
-        }
-    })?;
+    execute(conn, SQL, &action_values(a)?)
+        .map_err(|e| conflict_or(e, "action", a.id, |e| job_ref_error(e, a.job_id)))?;
     Ok(())
 }
 

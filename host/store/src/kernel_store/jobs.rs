@@ -9,9 +9,8 @@ use uuid::Uuid;
 
 use super::leases::check_lease;
 use super::rows::{
-    Query, be, corrupt, db_now_micros, execute, fetch_optional, from_json, from_micros, get, i64_of, int,
-    is_unique_violation, json_text, micros, missing_or_conflict, opt_from_micros, opt_uuid, parse, text, to_json,
-    ttl_micros, u64_of, uuid,
+    Query, be, conflict_or, corrupt, db_now_micros, execute, fetch_optional, from_json, from_micros, get, i64_of, int,
+    json_text, micros, missing_or_conflict, opt_from_micros, opt_uuid, parse, text, to_json, ttl_micros, u64_of, uuid,
 };
 
 pub(super) fn job_from_row(r: &Row<'_>) -> StoreResult<Job> {
@@ -149,16 +148,7 @@ pub(super) fn insert_job_leased(conn: &Connection, job: &Job, lease: Option<(&st
             INSERT_JOB_LEASED
         }
     };
-    let changed = execute(conn, sql, &args).map_err(|e| {
-        if is_unique_violation(&e) {
-            StoreError::Conflict {
-                entity: "job",
-                id: job.id.to_string(),
-            }
-        } else {
-            be(e)
-        }
-    })?;
+    let changed = execute(conn, sql, &args).map_err(|e| conflict_or(e, "job", job.id, be))?;
     if changed == 0 {
         // The unique index on (tenant, idempotency_key) refused it: another writer got there first.
         return Err(StoreError::DuplicateIdempotencyKey {

@@ -16,8 +16,8 @@ use rusqlite::{Connection, Row};
 use uuid::Uuid;
 
 use super::rows::{
-    Query, be, execute, fetch, fetch_optional, from_json, from_micros, get, i64_of, int, is_unique_violation,
-    json_text, micros, nanos, opt_from_micros, opt_uuid, parse, text, to_json, u64_of, uuid,
+    Query, be, conflict_or, execute, fetch, fetch_optional, from_json, from_micros, get, i64_of, int, json_text,
+    micros, nanos, opt_from_micros, opt_uuid, parse, text, to_json, u64_of, uuid,
 };
 
 pub(super) fn usage_from_row(r: &Row<'_>) -> StoreResult<Usage> {
@@ -324,16 +324,7 @@ fn insert_reservation(conn: &Connection, r: &Reservation) -> StoreResult<()> {
         Value::Integer(micros(r.expires_at)),
         int(r.closed_at.map(micros)),
     ];
-    execute(conn, SQL, &args).map_err(|e| {
-        if is_unique_violation(&e) {
-            StoreError::Conflict {
-                entity: "reservation",
-                id: r.id.to_string(),
-            }
-        } else {
-            be(e)
-        }
-    })?;
+    execute(conn, SQL, &args).map_err(|e| conflict_or(e, "reservation", r.id, be))?;
     Ok(())
 }
 

@@ -36,11 +36,29 @@ pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
 }
 
 /// A UNIQUE or PRIMARY KEY constraint refused the write.
-pub(super) fn is_unique_violation(e: &rusqlite::Error) -> bool {
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(
         extended_code(e),
         Some((_, ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY))
     )
+}
+
+/// What a refused write means: `Conflict` on `entity` `id` when a UNIQUE or PRIMARY KEY
+/// constraint refused it, else `other(e)`.
+pub(super) fn conflict_or(
+    e: rusqlite::Error,
+    entity: &'static str,
+    id: impl ToString,
+    other: impl FnOnce(rusqlite::Error) -> StoreError,
+) -> StoreError {
+    if is_unique_violation(&e) {
+        StoreError::Conflict {
+            entity,
+            id: id.to_string(),
+        }
+    } else {
+        other(e)
+    }
 }
 
 /// A write that references job `job_id`: a foreign-key violation means the job does not exist.

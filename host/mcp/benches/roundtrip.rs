@@ -19,6 +19,9 @@
 //! `cargo bench --profile dev --bench roundtrip`; with Keel's crates optimised but the dev
 //! dependency build reused: `CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo bench --profile dev --bench roundtrip`.
 //!
+//! `KEEL_MCP_BENCH_POLICY=FILE` makes FILE the home's policy (it must allow `hello/greet`; without
+//! it, no policy: allow-all, whose text is one line). Every job records its policy's text.
+//!
 //! `KEEL_MCP_BENCH_ONLY=stdio,stdio-memory,http,inproc` (any of them) runs only those scenarios, e.g. to profile
 //! one of them (`perf record` of the whole run then holds nothing else).
 //!
@@ -366,13 +369,20 @@ async fn driver((warmup, calls): (usize, usize)) {
         format!("[store]\ndurability = \"{durability}\"\n"),
     )
     .expect("config");
+    // The home's policy (`KEEL_MCP_BENCH_POLICY=FILE`; it must allow `hello/greet`), else none:
+    // allow-all. Every job records its policy's text, so a longer policy is a longer job row.
+    let policy = std::env::var_os("KEEL_MCP_BENCH_POLICY");
+    if let Some(file) = &policy {
+        std::fs::copy(file, home.join(keel_app::runtime::DEFAULT_POLICY_FILE)).expect("copy the policy");
+    }
     {
         let app = keel_app::App::open(home).await.expect("open home");
         let bytes = keel_testutil::guest_bytes("hello");
         app.install_unattended(&bytes, "hello").await.expect("install hello");
     }
     println!(
-        "tools/call round trips, {calls} calls each after {warmup} warm-up calls (floor and Keel interleaved in rounds of {ROUND}), durability {durability}"
+        "tools/call round trips, {calls} calls each after {warmup} warm-up calls (floor and Keel interleaved in rounds of {ROUND}), durability {durability}, policy {}",
+        policy.as_ref().map_or("allow-all".into(), |p| p.to_string_lossy())
     );
 
     let only = std::env::var("KEEL_MCP_BENCH_ONLY").unwrap_or_default();

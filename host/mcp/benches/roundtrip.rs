@@ -468,6 +468,12 @@ async fn http_scenario(home: &std::path::Path, (warmup, calls): (usize, usize)) 
         ..keel_server::ServerConfig::default()
     };
     let server = keel_server::Server::open(home, config).await.expect("open the server");
+    // On the server's own database: a second handle would run a checkpointer of its own on the
+    // file while the calls are measured.
+    let key = keel_app::keys::create_key(&server.host().app.db, "bench", keel_app::Role::Write, None)
+        .await
+        .expect("API key")
+        .key;
     let mcp = keel_mcp::McpServer::new(server.host().clone())
         .await
         .expect("MCP server");
@@ -475,11 +481,6 @@ async fn http_scenario(home: &std::path::Path, (warmup, calls): (usize, usize)) 
         "/mcp",
         keel_mcp::http_service_allowing(mcp, &[addr.ip().to_string(), addr.to_string()]),
     );
-    let db = keel_app::kernel::open_db(home).await.expect("database");
-    let key = keel_app::keys::create_key(&db, "bench", keel_app::Role::Write, None)
-        .await
-        .expect("API key")
-        .key;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.serve(listener, async {
         let _ = stopped.await;

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use keel_kernel::agent::AGENT_JOB_KIND;
+use keel_kernel::agent::{AGENT_JOB_KIND, attach_policy_text};
 use keel_kernel::context::CancellationToken;
 use keel_kernel::event::{EventFilter, EventQuery, RuntimeEvent};
 use keel_kernel::job::{Job, JobFilter, JobState};
@@ -352,11 +352,19 @@ pub enum ResumeNote {
     Resumed,
 }
 
-/// The agent request recorded with an agent job (`None` for other kinds, or an unreadable one).
-pub fn recorded_request(job: &Job) -> Option<ExecutionRequest> {
-    (job.kind == AGENT_JOB_KIND)
+/// The agent request recorded with an agent job, its policy's text included (`None` for other
+/// kinds, or an unreadable one).
+pub async fn recorded_request(kernel: &Kernel, job: &Job) -> Result<Option<ExecutionRequest>, AppError> {
+    let Some(mut request) = (job.kind == AGENT_JOB_KIND)
         .then(|| job.input.decode::<ExecutionRequest>().ok())
         .flatten()
+    else {
+        return Ok(None);
+    };
+    attach_policy_text(kernel.store().as_ref(), &mut request.policy)
+        .await
+        .map_err(AppError::from)?;
+    Ok(Some(request))
 }
 
 #[cfg(test)]

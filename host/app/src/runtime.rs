@@ -10,10 +10,9 @@ use keel_kernel::agent::new_job;
 use keel_kernel::clock::SystemClock;
 use keel_kernel::context::PolicyRef;
 use keel_kernel::model::ModelProvider;
-use keel_kernel::policy::{Policy, SessionApprovals};
+use keel_kernel::policy::{Policy, SessionApprovals, text_digest};
 use keel_kernel::{AgentRuntime, ExecutionRequest, Kernel, KernelConfig};
 use keel_models::ModelRouter;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::error::AppError;
@@ -113,7 +112,7 @@ impl PolicyChoice {
             // `jobs watch`) applies exactly these rules, even if the file changes or is gone.
             reference: PolicyRef {
                 name: absolute.display().to_string(),
-                version: Some(hex::encode(Sha256::digest(text.as_bytes()))),
+                version: Some(text_digest(&text)),
                 source: Some(text),
                 ..PolicyRef::default()
             },
@@ -129,7 +128,7 @@ const ALLOW_ALL_TOML: &str = "default = \"allow\"\n";
 pub fn allow_all_reference() -> PolicyRef {
     PolicyRef {
         name: ALLOW_ALL.into(),
-        version: Some(hex::encode(Sha256::digest(ALLOW_ALL_TOML.as_bytes()))),
+        version: Some(text_digest(ALLOW_ALL_TOML)),
         source: Some(ALLOW_ALL_TOML.into()),
         ..PolicyRef::default()
     }
@@ -149,7 +148,7 @@ pub fn load_recorded_policy(recorded: &PolicyRef) -> Result<Policy, String> {
                 recorded.name
             )
         })?;
-    let now = hex::encode(Sha256::digest(text.as_bytes()));
+    let now = text_digest(&text);
     if recorded.version.as_deref() != Some(now.as_str()) {
         return Err(format!(
             "the job's policy file {} changed since the job was submitted; {override_hint}",

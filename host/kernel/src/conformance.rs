@@ -27,7 +27,8 @@ use crate::ledger::{
 use crate::registry::{PluginRecord, PluginRegistry, PluginStamp};
 use crate::services::{HoldRequest, Kernel, KernelConfig, SettleDetails};
 use crate::store::{
-    Batch, ClaimRequest, HoldWrite, JobWrite, KernelStore, LeaseClaim, LeaseGuard, NewJournalEntry, StoreError,
+    Batch, ClaimRequest, HoldWrite, JobWrite, KernelStore, LeaseClaim, LeaseGuard, NewJournalEntry, PolicyText,
+    StoreError,
 };
 
 /// A start instant for the manual clock (mid-month, mid-day, so windows are unambiguous).
@@ -106,6 +107,7 @@ where
     idempotency_request_hash(make().await).await;
     hold_extension(make().await).await;
     batch_holds_and_leases(make().await).await;
+    policy_texts(make().await).await;
 }
 
 /// Expand to one `#[tokio::test]` per conformance check, so a failure names the check.
@@ -123,7 +125,7 @@ macro_rules! conformance_tests {
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
             concurrent_job_writers, journal_atomicity, lease_claiming, concurrent_resolves,
             settle_is_bounded_by_the_hold, create_leased, idempotency_request_hash, hold_extension,
-            batch_holds_and_leases);
+            batch_holds_and_leases, policy_texts);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(
@@ -2554,4 +2556,63 @@ pub async fn batch_holds_and_leases(store: Arc<dyn KernelStore>) {
     assert!(matches!(err, StoreError::Conflict { entity: "budget", .. }), "{err}");
     assert!(store.get_reservation(rid5).await.expect("get").is_none());
     assert_eq!(tool_calls_used().await, 3);
+}
+
+/// Policy texts are stored by the batch that creates the job naming them, once per sha256,
+/// only if the batch applies; any text can be read back by its sha256.
+pub async fn policy_texts(store: Arc<dyn KernelStore>) {
+    let (k, _clock) = kernel_with_clock(store.clone());
+    let text = PolicyText::new("default = \"deny\"\n# rules\n".repeat(40));
+    let other = PolicyText::new("default = \"allow\"\n".into());
+    assert_eq!(store.policy_text(text.sha256()).await.expect("read"), None);
+
+    // Stored by the job's creation, in its transaction.
+    let mut new = NewJob::new("t1", "agent");
+    new.policy_text = Some(text.clone());
+    let first = k.jobs().create(new).await.expect("create").job;
+    assert_eq!(
+        store.policy_text(text.sha256()).await.expect("read").as_deref(),
+        Some(text.text())
+    );
+    // The same text again (another job, or in the same batch twice): still the same text.
+    let mut job = Job::queued(NewJob::new("t1", "agent"), None, epoch());
+    job.id = Uuid::now_v7();
+    store
+        .commit(Batch {
+            jobs: vec![JobWrite {
+                job,
+                expected_version: None,
+            }],
+            policy_texts: vec![text.clone(), text.clone(), other.clone()],
+            ..Batch::default()
+        })
+        .await
+        .expect("a stored text is stored again without error");
+    assert_eq!(
+        store.policy_text(text.sha256()).await.expect("read").as_deref(),
+        Some(text.text())
+    );
+    assert_eq!(
+        store.policy_text(other.sha256()).await.expect("read").as_deref(),
+        Some(other.text())
+    );
+
+    // A batch that is refused stores nothing, its texts included.
+    let refused = PolicyText::new("default = \"allow\"\n# refused\n".into());
+    let mut duplicate = first.clone();
+    duplicate.version = 1;
+    let err = store
+        .commit(Batch {
+            jobs: vec![JobWrite {
+                job: duplicate,
+                expected_version: None,
+            }],
+            policy_texts: vec![refused.clone()],
+            ..Batch::default()
+        })
+        .await
+        .expect_err("inserting a job twice is refused");
+    assert!(matches!(err, StoreError::Conflict { entity: "job", .. }), "{err}");
+    assert_eq!(store.policy_text(refused.sha256()).await.expect("read"), None);
+    assert_eq!(store.policy_text(&"0".repeat(64)).await.expect("read"), None);
 }

@@ -258,6 +258,10 @@ pub struct NewJob {
     pub tags: Vec<String>,
     /// Metadata.
     pub metadata: JsonText,
+    /// The policy text `input` names by sha256 instead of carrying it, stored with the job (see
+    /// [`crate::store::PolicyText`]).
+    #[serde(skip)]
+    pub policy_text: Option<crate::store::PolicyText>,
 }
 
 impl NewJob {

@@ -44,6 +44,8 @@ struct State {
     leases: IdMap<Lease>,
     /// Last lease epoch per job (kept when a lease is released).
     epochs: IdMap<u64>,
+    /// Policy texts by sha256.
+    policy_texts: HashMap<String, String>,
 }
 
 /// What [`MemoryStore::check`] worked out for applying a batch.
@@ -313,6 +315,11 @@ impl MemoryStore {
             staged_keys,
             hold_plans,
         } = checked;
+        for text in batch.policy_texts {
+            st.policy_texts
+                .entry(text.sha256().to_owned())
+                .or_insert_with(|| text.text().to_owned());
+        }
         for plan in hold_plans {
             if let Some(r) = plan.outcome.reservation {
                 st.reservations.insert(r.id, r);
@@ -743,6 +750,11 @@ impl KernelStore for MemoryStore {
 
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
         let r = self.lock().leases.get(&job_id).cloned();
+        Box::pin(async move { Ok(r) })
+    }
+
+    fn policy_text<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<Option<String>>> {
+        let r = self.lock().policy_texts.get(sha256).cloned();
         Box::pin(async move { Ok(r) })
     }
 }

@@ -87,6 +87,45 @@ pub struct Batch {
     /// each only if owner and epoch still match (else nothing, like
     /// [`KernelStore::release_lease`]). The epoch counter is kept.
     pub lease_releases: Vec<LeaseGuard>,
+    /// Policy texts the batch's jobs name by sha256 (see [`PolicyText`]), each stored unless a
+    /// text of that sha256 already is (applied first).
+    pub policy_texts: Vec<PolicyText>,
+}
+
+/// A policy's text, stored once under its sha256 ([`KernelStore::policy_text`]): a job records
+/// its policy as a name and that digest, not a copy of the text per job. A stored text is never
+/// changed or removed (its key is its content), so any host that runs the job reads the same
+/// rules. Built only by hashing the text, so a store never receives a key that is not the
+/// digest of its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyText {
+    sha256: String,
+    text: String,
+}
+
+impl PolicyText {
+    /// `text` under its sha256.
+    pub fn new(text: String) -> Self {
+        Self {
+            sha256: crate::policy::text_digest(&text),
+            text,
+        }
+    }
+
+    /// `text` under `sha256`, which the caller has just checked is its digest.
+    pub(crate) fn checked(sha256: String, text: String) -> Self {
+        Self { sha256, text }
+    }
+
+    /// Hex sha256 of the text: its key.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The policy (TOML).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
 }
 
 /// A budget hold taken inside a [`Batch`] (see [`Batch::holds`]): the governed call path writes
@@ -117,6 +156,7 @@ impl Batch {
             && self.claims.is_empty()
             && self.holds.is_empty()
             && self.lease_releases.is_empty()
+            && self.policy_texts.is_empty()
     }
 }
 
@@ -329,6 +369,11 @@ pub trait KernelStore: Send + Sync + std::fmt::Debug {
     fn release_lease<'a>(&'a self, guard: &'a LeaseGuard) -> BoxFuture<'a, StoreResult<bool>>;
     /// The current lease of a job, if any.
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>>;
+
+    // ---- policy texts ----
+
+    /// The policy text stored under `sha256` by a batch (see [`Batch::policy_texts`]).
+    fn policy_text<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<Option<String>>>;
 }
 
 // ---- reservation arithmetic, shared by every backend ----

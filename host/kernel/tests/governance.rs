@@ -12,7 +12,9 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use keel_kernel::action::Resolution;
 use keel_kernel::action::{Action, ActionFilter};
+use keel_kernel::agent::AgentError;
 use keel_kernel::agent::testing::{FakeTools, ScriptedModel, calls};
+use keel_kernel::agent::{INLINE_POLICY_TEXT_MAX, new_job};
 use keel_kernel::clock::{Clock, ManualClock};
 use keel_kernel::context::PolicyRef;
 use keel_kernel::event::EventType;
@@ -25,7 +27,7 @@ use keel_kernel::ledger::{
 };
 use keel_kernel::memory::MemoryStore;
 use keel_kernel::model::{Message, ModelDelta, ModelError, ModelPrice, ModelProvider, ModelRequest, ModelResponse};
-use keel_kernel::policy::{Policy, SessionApprovals};
+use keel_kernel::policy::{Policy, SessionApprovals, text_digest};
 use keel_kernel::store::{
     Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreResult,
 };
@@ -175,6 +177,83 @@ async fn a_job_runs_under_its_own_recorded_policy_on_any_host() {
     let r = result(&rt.execute(req).await.expect("execute")).await;
     assert_eq!(r.status, JobState::Succeeded, "{r:?}");
     assert_eq!(tools.count("fs/write"), 1, "denied again under the first job's text");
+}
+
+/// A policy text longer than `INLINE_POLICY_TEXT_MAX` is stored once, apart from the job, whose
+/// input names it by sha256; the host that runs the job reads it back and applies it, and an
+/// idempotency key still matches the request it was first used with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_policy_is_stored_apart_and_applied_by_the_host_that_runs_the_job() {
+    let text = format!(
+        "{DENY_WRITES}{}",
+        "# a real policy is kilobytes of rules and comments\n".repeat(16)
+    );
+    assert!(text.len() > INLINE_POLICY_TEXT_MAX);
+    let sha = text_digest(&text);
+    let store = Arc::new(MemoryStore::new());
+    let kernel = Kernel::new(store.clone());
+    let long = PolicyRef {
+        name: "long.toml".into(),
+        version: Some(sha.clone()),
+        source: Some(text.clone()),
+        ..PolicyRef::default()
+    };
+    let mut req = request("write");
+    req.policy = long.clone();
+
+    // Queued by one front end, not run there.
+    let queued = kernel
+        .jobs()
+        .create(new_job(&req, Utc::now()).expect("job"))
+        .await
+        .expect("create")
+        .job;
+    let input = queued.input.value();
+    assert!(input["policy"].get("source").is_none(), "{input}");
+    assert_eq!(input["policy"]["version"], sha.as_str());
+    assert_eq!(store.policy_text(&sha).await.expect("read"), Some(text.clone()));
+
+    // Another host, whose own policy allows everything, runs it under the stored rules.
+    let tools = FakeTools::new();
+    tools.add_echo("fs/write", false);
+    let model = Arc::new(ScriptedModel::new(vec![
+        calls(0, &[("fs__write", json!({"path": "x"}))]),
+        Message::assistant("done", vec![]),
+    ]));
+    let rt = host(kernel.clone(), model, &tools, Policy::allow_all());
+    assert_eq!(rt.resume_orphans(Utc::now()).await.expect("claim"), vec![queued.id]);
+    let r = result(&rt.attach("acme", queued.id).await.expect("attach")).await;
+    assert_eq!(r.status, JobState::Succeeded, "{r:?}");
+    assert_eq!(tools.count("fs/write"), 0, "the stored policy denies fs/write");
+
+    // A text that is not what its recorded sha256 names is refused before anything is stored.
+    let mut forged = request("write");
+    forged.policy = PolicyRef {
+        version: Some(text_digest("default = \"allow\"\n")),
+        ..long.clone()
+    };
+    assert!(matches!(new_job(&forged, Utc::now()), Err(AgentError::Invalid(_))));
+
+    // A key used by a Keel that kept the text in the job's input matches the same request.
+    let mut keyed = request("write");
+    keyed.policy = long;
+    keyed.idempotency_key = Some("k1".into());
+    let mut earlier = new_job(&keyed, Utc::now()).expect("job");
+    earlier.policy_text = None;
+    earlier.input = keel_kernel::json::JsonText::of(&keyed).expect("input");
+    let mut fingerprint = earlier.input.value();
+    for noise in ["session", "idempotency_key", "metadata"] {
+        fingerprint.as_object_mut().expect("object").remove(noise);
+    }
+    earlier.request_fingerprint = Some(fingerprint);
+    let first = kernel.jobs().create(earlier).await.expect("create").job;
+    let again = kernel
+        .jobs()
+        .create(new_job(&keyed, Utc::now()).expect("job"))
+        .await
+        .expect("the same request with the same key");
+    assert!(!again.created);
+    assert_eq!(again.job.id, first.id);
 }
 
 /// Wait (at most 10 s) until `tool` of `tools` has been called `n` times.
@@ -810,6 +889,10 @@ impl KernelStore for PolledRightAfterInsert {
     }
     fn get_lease(&self, job_id: uuid::Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
         self.inner.get_lease(job_id)
+    }
+
+    fn policy_text<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<Option<String>>> {
+        self.inner.policy_text(sha256)
     }
 }
 

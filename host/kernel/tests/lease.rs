@@ -188,6 +188,10 @@ impl KernelStore for Faulty {
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
         self.inner.get_lease(job_id)
     }
+
+    fn policy_text<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<Option<String>>> {
+        self.inner.policy_text(sha256)
+    }
 }
 
 const TTL_MS: u64 = 300;

@@ -11,14 +11,14 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use keel_kernel::action::{Action, ActionFilter};
 use keel_kernel::agent::testing::{FakeTools, ScriptedModel, scripted_runtime};
-use keel_kernel::context::ExecutionContext;
+use keel_kernel::context::{ExecutionContext, PolicyRef};
 use keel_kernel::event::{EventFilter, EventQuery, RuntimeEvent};
 use keel_kernel::job::{Job, JobFilter, JobState};
 use keel_kernel::ledger::{
     Budget, BudgetWindow, ExceedStrategy, LedgerEvent, LedgerKind, LedgerQuery, NewLedgerEvent, Reservation,
     ReservationState, ReserveOutcome, ReserveRequest, SettleRequest, Usage, UsageQuery,
 };
-use keel_kernel::policy::{Policy, SessionApprovals};
+use keel_kernel::policy::{Policy, SessionApprovals, text_digest};
 use keel_kernel::store::{
     Batch, BudgetEvaluator, ClaimRequest, JournalEntry, KernelStore, Lease, LeaseGuard, StoreResult,
 };
@@ -142,6 +142,10 @@ impl KernelStore for Counting {
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
         self.inner.get_lease(job_id)
     }
+
+    fn policy_text<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<Option<String>>> {
+        self.inner.policy_text(sha256)
+    }
 }
 
 fn runtime(kernel: Kernel, tools: &FakeTools, config: AgentConfig) -> AgentRuntime {
@@ -238,6 +242,65 @@ async fn ledger_kinds(kernel: &Kernel, job: Uuid) -> Vec<LedgerKind> {
         .into_iter()
         .map(|e| e.entry.kind)
         .collect()
+}
+
+/// Calls under a policy too long to repeat in every job row: each job names it by sha256, its
+/// text is stored once, and a call the runner takes (here: one with an idempotency key) reads
+/// it back and applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_under_a_long_policy_store_its_text_once() {
+    let (dir, _store, kernel) = counting_kernel().await;
+    let tools = tools();
+    tools.add_echo("p/denied", true);
+    let rt = runtime(kernel.clone(), &tools, AgentConfig::default());
+    let text = format!(
+        "default = \"allow\"\n{}[[tool]]\nname = \"no\"\ntools = [\"p/denied\"]\ndecision = \"deny\"\n",
+        "# a real policy is kilobytes of rules and comments\n".repeat(20)
+    );
+    let sha = text_digest(&text);
+    let mut ctx = ExecutionContext::new("t");
+    ctx.policy = PolicyRef {
+        name: "long.toml".into(),
+        version: Some(sha.clone()),
+        source: Some(text.clone()),
+        ..PolicyRef::default()
+    };
+    for (tool, key) in [
+        ("p/once", None),
+        ("p/twice", None),
+        ("p/pure", None),
+        ("p/once", Some("k1")),
+    ] {
+        let h = rt
+            .call_tool(&ctx, tool, json!({ "n": 1 }), key.map(String::from))
+            .await
+            .expect("call");
+        let r = h.result().await.expect("result");
+        assert_eq!(r.status, JobState::Succeeded, "{tool}: {r:?}");
+    }
+    let h = rt
+        .call_tool(&ctx, "p/denied", json!({ "n": 1 }), Some("k2".into()))
+        .await
+        .expect("call");
+    let r = h.result().await.expect("result");
+    assert_eq!(tools.count("p/denied"), 0, "the stored policy denies p/denied: {r:?}");
+
+    let jobs = kernel.jobs().list(&JobFilter::tenant("t")).await.expect("jobs");
+    assert_eq!(jobs.len(), 5);
+    for job in &jobs {
+        let policy = &job.input.value()["policy"];
+        assert!(policy.get("source").is_none(), "{policy}");
+        assert_eq!(policy["version"], sha.as_str());
+    }
+    let db = rusqlite::Connection::open(dir.path().join("k.db")).expect("open");
+    let stored: Vec<(String, String)> = db
+        .prepare("SELECT sha256, text FROM policy_texts")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(stored, vec![(sha, text)]);
 }
 
 /// Issue 9.11: a non-idempotent call costs two write transactions (the durable "started" commit

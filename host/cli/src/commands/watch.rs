@@ -36,8 +36,8 @@ pub async fn watch(home: &Path, args: WatchArgs) -> CliResult {
     let scope = args.common.scope.clone();
     let kernel = keel_app::kernel::open_kernel(home).await?;
     let job = get_job(&kernel, &Caller::local_admin(&scope), id).await?;
+    let request = recorded_request(&kernel, &job).await?;
     drop(kernel);
-    let request = recorded_request(&job);
     let resume = !args.no_resume && !job.state.is_terminal() && request.is_some();
     let choice = match &request {
         Some(r) if resume => PolicyChoice::of_job(home, &r.policy, args.common.policy.as_deref())?,

@@ -57,7 +57,7 @@ use crate::json::JsonText;
 use crate::ledger::{LedgerKind, ReserveRequest, SettleRequest, Usage};
 use crate::policy::{Outcome, PolicyRequest};
 use crate::services::{SettleDetails, StatusDetail, job_event, retry, status_event};
-use crate::store::{Batch, HoldWrite, JobWrite, LeaseClaim, LeaseGuard, NewJournalEntry, StoreError};
+use crate::store::{Batch, HoldWrite, JobWrite, LeaseClaim, LeaseGuard, NewJournalEntry, PolicyText, StoreError};
 use crate::tool::{ToolCallContext, ToolDescriptor};
 
 /// The step key of a direct call (its only call: turn 1, call 0), as the runner names it.
@@ -183,12 +183,17 @@ struct DirectCall {
     /// idempotent): the host must refuse it if its grants changed since (see
     /// [`ToolCallContext::effect_free`]).
     relies_on_effect_free: bool,
+    /// The policy text the job names by sha256, stored by the commit that inserts the job.
+    policy_text: Option<PolicyText>,
 }
 
 impl DirectCall {
     fn new(inner: &Inner, request: &ExecutionRequest, desc: &ToolDescriptor, once: bool) -> Result<Self, AgentError> {
         let now = inner.kernel.clock().now();
-        let (new, trace_id) = job_with_trace(request, now)?;
+        // `direct_call` has applied the request's policy: `job_policy` checked its text against
+        // its sha256.
+        let (mut new, trace_id) = job_with_trace(request, now, true)?;
+        let policy_text = new.policy_text.take();
         let mut job = Job::queued(new, None, now);
         job.state = JobState::Running;
         job.started_at = Some(now);
@@ -229,6 +234,7 @@ impl DirectCall {
             lease_ms,
             owner: inner.owner.clone(),
             trace_id,
+            policy_text,
         })
     }
 
@@ -289,6 +295,7 @@ impl DirectCall {
             events: vec![queued, started, tool_start],
             journal: vec![self.entry(key::started(&base(), 0), &entry, now)],
             holds: vec![self.hold.clone()],
+            policy_texts: self.policy_text.iter().cloned().collect(),
             ..Batch::default()
         }
     }

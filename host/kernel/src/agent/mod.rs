@@ -18,6 +18,7 @@ pub mod schema;
 #[cfg(feature = "conformance")]
 pub mod testing;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,7 +28,7 @@ use futures::stream::BoxStream;
 use uuid::Uuid;
 
 pub use request::{AgentConfig, AgentError, DirectCall, ExecutionRequest, ExecutionResult, ExecutionUsage};
-pub use run::model_tool_name;
+pub use run::{attach_policy_text, model_tool_name};
 
 /// Why a call is cancelled when its caller cancels it (its context's cancel token, or a front
 /// end cancelling its handle on the caller's behalf, e.g. after Ctrl-C).
@@ -41,7 +42,7 @@ use crate::json::JsonText;
 use crate::model::ModelProvider;
 use crate::policy::{Policy, SessionApprovalStore};
 use crate::services::Kernel;
-use crate::store::ClaimRequest;
+use crate::store::{ClaimRequest, PolicyText};
 use crate::tool::ToolHost;
 
 /// The job kind of agent executions (what `resume_orphans` claims).
@@ -54,11 +55,22 @@ pub type PolicyLoader = Arc<dyn Fn(&PolicyRef) -> Result<Policy, String> + Send 
 /// The job an execution of `request` is stored as (QUEUED, its input the request), for
 /// [`AgentRuntime::execute`] and for front ends that queue a job without running it.
 pub fn new_job(request: &ExecutionRequest, now: DateTime<Utc>) -> Result<NewJob, AgentError> {
-    job_with_trace(request, now).map(|(job, _)| job)
+    job_with_trace(request, now, false).map(|(job, _)| job)
 }
 
-/// [`new_job`], and the trace id of the context it checkpoints.
-pub(crate) fn job_with_trace(request: &ExecutionRequest, now: DateTime<Utc>) -> Result<(NewJob, String), AgentError> {
+/// A policy text longer than this is stored apart, once per text ([`PolicyText`]), and the job's
+/// input names it by sha256: a real policy is kilobytes, which every job row (one per direct
+/// call) would otherwise repeat. A shorter one (allow-all is one line) stays in the input, where
+/// it costs less than the statement that stores it.
+pub const INLINE_POLICY_TEXT_MAX: usize = 512;
+
+/// [`new_job`], and the trace id of the context it checkpoints. `digest_checked`: the caller
+/// has checked the request's policy text against its `version` (no need to hash it again).
+pub(crate) fn job_with_trace(
+    request: &ExecutionRequest,
+    now: DateTime<Utc>,
+    digest_checked: bool,
+) -> Result<(NewJob, String), AgentError> {
     let mut ctx = ExecutionContext::new(request.scope.clone());
     ctx.principal = request.principal.clone();
     ctx.session = request.session.clone();
@@ -72,7 +84,8 @@ pub(crate) fn job_with_trace(request: &ExecutionRequest, now: DateTime<Utc>) -> 
     ctx.metadata = request.metadata.clone();
     let mut new = NewJob::from_context(&ctx, AGENT_JOB_KIND);
     new.idempotency_key = request.idempotency_key.clone();
-    new.input = JsonText::of(request).map_err(|e| AgentError::Invalid(e.to_string()))?;
+    let (recorded, policy_text) = recorded_form(request, digest_checked)?;
+    new.input = JsonText::of(&*recorded).map_err(|e| AgentError::Invalid(e.to_string()))?;
     // The idempotency key is bound to the request minus what differs between two attempts of the
     // same request (the session a front end makes up per process, the key itself, metadata).
     // Without a key nothing reads it: no copy of the input is made.
@@ -82,13 +95,52 @@ pub(crate) fn job_with_trace(request: &ExecutionRequest, now: DateTime<Utc>) -> 
             for noise in ["session", "idempotency_key", "metadata"] {
                 obj.remove(noise);
             }
+            // The whole request, text included, as before texts were stored apart: a key used
+            // by an earlier Keel still matches the same request.
+            if let (Some(text), Some(policy)) = (&policy_text, obj.get_mut("policy").and_then(|p| p.as_object_mut())) {
+                policy.insert("source".into(), text.text().into());
+            }
         }
         new.request_fingerprint = Some(fingerprint);
     }
+    new.policy_text = policy_text;
     new.deadline = request
         .runtime_limit()
         .map(|d| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
     Ok((new, ctx.trace_id))
+}
+
+/// `request` as its job records it: a policy text past [`INLINE_POLICY_TEXT_MAX`] is taken out
+/// (returned, to be stored with the job) and named by its sha256.
+fn recorded_form(
+    request: &ExecutionRequest,
+    digest_checked: bool,
+) -> Result<(Cow<'_, ExecutionRequest>, Option<PolicyText>), AgentError> {
+    let Some(text) = request
+        .policy
+        .source
+        .as_ref()
+        .filter(|t| t.len() > INLINE_POLICY_TEXT_MAX)
+    else {
+        return Ok((Cow::Borrowed(request), None));
+    };
+    let stored = match &request.policy.version {
+        Some(pinned) if digest_checked => PolicyText::checked(pinned.clone(), text.clone()),
+        pinned => {
+            let stored = PolicyText::new(text.clone());
+            if pinned.as_ref().is_some_and(|p| p != stored.sha256()) {
+                return Err(AgentError::Invalid(format!(
+                    "the sha256 recorded for policy {} is not its text's",
+                    request.policy.name
+                )));
+            }
+            stored
+        }
+    };
+    let mut recorded = request.clone();
+    recorded.policy.source = None;
+    recorded.policy.version = Some(stored.sha256().to_owned());
+    Ok((Cow::Owned(recorded), Some(stored)))
 }
 
 pub(crate) struct Inner {

@@ -34,7 +34,7 @@ use crate::ledger::{
 use crate::model::{Message, ModelDelta, ModelPrice, ModelRequest, ModelResponse, ToolCall, ToolSpec};
 use crate::policy::{Outcome, Policy, PolicyRequest, SessionKey};
 use crate::services::{HoldRequest, SettleDetails, StatusDetail, job_event, retry, status_event, transition};
-use crate::store::{Batch, JobWrite, LeaseGuard, NewJournalEntry, StoreError, StoreResult};
+use crate::store::{Batch, JobWrite, KernelStore, LeaseGuard, NewJournalEntry, StoreError, StoreResult};
 use crate::tool::{Receipt, ToolCallContext, ToolDescriptor, ToolError};
 
 /// Why the loop stopped without finishing the job itself.
@@ -380,6 +380,18 @@ pub(crate) struct Runner {
     policy: Arc<Policy>,
 }
 
+/// Put back the text of a policy its job names by sha256 only (stored apart, see
+/// [`crate::store::PolicyText`]). A reference whose text is not stored (recorded by a Keel that
+/// kept only the policy file's path and digest) stays as it is, for [`job_policy`]'s loader.
+pub async fn attach_policy_text(store: &dyn KernelStore, policy: &mut PolicyRef) -> Result<(), StoreError> {
+    if policy.source.is_none()
+        && let Some(sha256) = &policy.version
+    {
+        policy.source = store.policy_text(sha256).await?;
+    }
+    Ok(())
+}
+
 /// The policy a job runs under: the text recorded with the job (checked against its recorded
 /// sha256); for a job recorded by reference only (name + sha256), what the host's loader returns;
 /// for a job that recorded none, or under an operator override, the host's policy.
@@ -424,12 +436,13 @@ pub(crate) fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>
 
 impl Runner {
     pub(crate) async fn load(rt: Arc<Inner>, job: &Job, lease: Arc<LeaseState>, held: Held) -> Result<Self, Stop> {
-        let req = job.input.decode::<ExecutionRequest>().map_err(|e| {
+        let mut req = job.input.decode::<ExecutionRequest>().map_err(|e| {
             Stop::Fail(job_error(
                 "invalid_request",
                 format!("the job input is not a request: {e}"),
             ))
         })?;
+        attach_policy_text(rt.kernel.store().as_ref(), &mut req.policy).await?;
         let policy = job_policy(&rt, &req.policy)?;
         if rt.policy_override.load(Ordering::SeqCst) && req.policy != PolicyRef::default() {
             let message = format!(

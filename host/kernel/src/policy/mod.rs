@@ -177,6 +177,13 @@ pub struct RuleSummary {
     pub decision: Outcome,
 }
 
+/// A policy text's identity: its hex sha256, recorded as `PolicyRef::version` and the key it is
+/// stored under (`crate::store::PolicyText`).
+pub fn text_digest(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
 /// A loaded, compiled policy. Cheap to share (`Arc<Policy>`); immutable once loaded.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {

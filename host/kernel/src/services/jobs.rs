@@ -203,7 +203,7 @@ impl JobManager {
     /// (An existing job found by idempotency key is returned as it is, unclaimed.)
     pub async fn create_leased(
         &self,
-        new: NewJob,
+        mut new: NewJob,
         lease: Option<(String, chrono::Duration)>,
     ) -> KernelResult<CreatedJob> {
         if new.tenant.is_empty() || new.kind.is_empty() {
@@ -232,6 +232,7 @@ impl JobManager {
             return same_request(job);
         }
         let now = self.core.now();
+        let policy_texts: Vec<_> = new.policy_text.take().into_iter().collect();
         let job = Job::queued(new, request_hash.clone(), now);
         let event = job_event(
             &job,
@@ -239,7 +240,7 @@ impl JobManager {
             json!({ "from": null, "to": JobState::Queued }),
             now,
         );
-        let (job, event, lease, same_request) = (&job, &event, &lease, &same_request);
+        let (job, event, lease, same_request, policy_texts) = (&job, &event, &lease, &same_request, &policy_texts);
         let attempt = || async move {
             let mut jobs = vec![JobWrite {
                 job: job.clone(),
@@ -280,6 +281,7 @@ impl JobManager {
                 actions: vec![],
                 events: vec![event.clone()],
                 claims,
+                policy_texts: policy_texts.clone(),
                 ..Batch::default()
             };
             match self.core.commit(batch).await {

@@ -12,6 +12,7 @@ use super::jobs::{insert_job_leased, update_job_fenced};
 use super::journal::insert_journal;
 use super::leases::{check_lease, claim_free, release_lease};
 use super::ledger::{hold_in, insert_ledger_many, settle_in};
+use super::policy_texts::insert_policy_text;
 use super::rows::missing_or_conflict;
 
 /// Apply `batch` inside the caller's transaction (all or nothing: an error rolls it back).
@@ -32,6 +33,9 @@ pub(super) fn commit(conn: &Connection, batch: Batch) -> StoreResult<Vec<Runtime
         for g in &batch.leases {
             check_lease(conn, g)?;
         }
+    }
+    for text in &batch.policy_texts {
+        insert_policy_text(conn, text)?;
     }
     let mut claimed_at_insert = Vec::new();
     for w in &batch.jobs {

@@ -17,6 +17,7 @@ mod jobs;
 mod journal;
 mod leases;
 mod ledger;
+mod policy_texts;
 mod rows;
 mod wal_vfs;
 
@@ -207,5 +208,9 @@ impl KernelStore for SqliteKernelStore {
 
     fn get_lease(&self, job_id: Uuid) -> BoxFuture<'_, StoreResult<Option<Lease>>> {
         read!(self, |c| leases::get_lease(c, job_id))
+    }
+
+    fn policy_text<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, StoreResult<Option<String>>> {
+        read!(self, |c| policy_texts::policy_text(c, sha256))
     }
 }

@@ -259,9 +259,9 @@ pub struct NewJob {
     /// Metadata.
     pub metadata: JsonText,
     /// The policy text `input` names by sha256 instead of carrying it, stored with the job (see
-    /// [`crate::store::PolicyText`]).
+    /// [`crate::policy::PolicyText`]).
     #[serde(skip)]
-    pub policy_text: Option<crate::store::PolicyText>,
+    pub policy_text: Option<crate::policy::PolicyText>,
 }
 
 impl NewJob {

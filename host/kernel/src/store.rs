@@ -15,6 +15,8 @@ use uuid::Uuid;
 // Defined with the kernel's other errors (a leaf of the module graph); re-exported here, where the
 // traits that return it live.
 pub use crate::error::StoreError;
+// Defined with the policy (a job names one); stored by a batch.
+pub use crate::policy::PolicyText;
 
 use crate::action::{Action, ActionFilter};
 use crate::event::{EventQuery, NewEvent, RuntimeEvent};
@@ -90,42 +92,6 @@ pub struct Batch {
     /// Policy texts the batch's jobs name by sha256 (see [`PolicyText`]), each stored unless a
     /// text of that sha256 already is (applied first).
     pub policy_texts: Vec<PolicyText>,
-}
-
-/// A policy's text, stored once under its sha256 ([`KernelStore::policy_text`]): a job records
-/// its policy as a name and that digest, not a copy of the text per job. A stored text is never
-/// changed or removed (its key is its content), so any host that runs the job reads the same
-/// rules. Built only by hashing the text, so a store never receives a key that is not the
-/// digest of its text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyText {
-    sha256: String,
-    text: String,
-}
-
-impl PolicyText {
-    /// `text` under its sha256.
-    pub fn new(text: String) -> Self {
-        Self {
-            sha256: crate::policy::text_digest(&text),
-            text,
-        }
-    }
-
-    /// `text` under `sha256`, which the caller has just checked is its digest.
-    pub(crate) fn checked(sha256: String, text: String) -> Self {
-        Self { sha256, text }
-    }
-
-    /// Hex sha256 of the text: its key.
-    pub fn sha256(&self) -> &str {
-        &self.sha256
-    }
-
-    /// The policy (TOML).
-    pub fn text(&self) -> &str {
-        &self.text
-    }
 }
 
 /// A budget hold taken inside a [`Batch`] (see [`Batch::holds`]): the governed call path writes

@@ -382,7 +382,8 @@ pub(crate) struct Runner {
 
 /// Put back the text of a policy its job names by sha256 only (stored apart, see
 /// [`crate::store::PolicyText`]). A reference whose text is not stored (recorded by a Keel that
-/// kept only the policy file's path and digest) stays as it is, for [`job_policy`]'s loader.
+/// kept only the policy file's path and digest) stays as it is, for the host's policy loader
+/// ([`crate::AgentRuntime::set_policy_loader`]).
 pub async fn attach_policy_text(store: &dyn KernelStore, policy: &mut PolicyRef) -> Result<(), StoreError> {
     if policy.source.is_none()
         && let Some(sha256) = &policy.version

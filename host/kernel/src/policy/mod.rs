@@ -178,10 +178,46 @@ pub struct RuleSummary {
 }
 
 /// A policy text's identity: its hex sha256, recorded as `PolicyRef::version` and the key it is
-/// stored under (`crate::store::PolicyText`).
+/// stored under ([`PolicyText`]).
 pub fn text_digest(text: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// A policy's text, stored once under its sha256 ([`crate::store::KernelStore::policy_text`]): a job records
+/// its policy as a name and that digest, not a copy of the text per job. A stored text is never
+/// changed or removed (its key is its content), so any host that runs the job reads the same
+/// rules. Built only by hashing the text, so a store never receives a key that is not the
+/// digest of its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyText {
+    sha256: String,
+    text: String,
+}
+
+impl PolicyText {
+    /// `text` under its sha256.
+    pub fn new(text: String) -> Self {
+        Self {
+            sha256: text_digest(&text),
+            text,
+        }
+    }
+
+    /// `text` under `sha256`, which the caller has just checked is its digest.
+    pub(crate) fn checked(sha256: String, text: String) -> Self {
+        Self { sha256, text }
+    }
+
+    /// Hex sha256 of the text: its key.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The policy (TOML).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
 }
 
 /// A loaded, compiled policy. Cheap to share (`Arc<Policy>`); immutable once loaded.

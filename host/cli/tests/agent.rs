@@ -854,8 +854,22 @@ fn terminal_prompt_approves_for_the_session() {
     assert_eq!(actions.as_array().unwrap().len(), 1, "asked once: {actions}");
 }
 
+/// Write `strict.toml` into the home: a policy denying `fs/write`, as long as a real one (past the
+/// length a job keeps inline, so the job names it by sha256); its path.
+fn long_read_only_policy(home: &Home) -> String {
+    let strict = home.path().join("strict.toml");
+    let comments = "# Jobs run from this file may read but never write: reviewed 2026-12-04.\n".repeat(12);
+    std::fs::write(
+        &strict,
+        format!("{comments}version = 1\ndefault = \"allow\"\n\n[[tool]]\nname = \"no-writes\"\ntools = [\"fs/write\"]\ndecision = \"deny\"\nreason = \"read-only job\"\n"),
+    )
+    .unwrap();
+    strict.display().to_string()
+}
+
 /// `keel run --detach --policy strict.toml` then `keel worker` (allow-all here): the worker runs
-/// the job under the policy recorded with it, so the write is denied.
+/// the job under the policy recorded with it, so the write is denied. The policy is long, like a
+/// real one: the job names it by sha256 and the worker reads its text from the database.
 #[test]
 fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
     let home = Home::new(
@@ -863,13 +877,7 @@ fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
         None,
         "",
     );
-    let strict = home.path().join("strict.toml");
-    std::fs::write(
-        &strict,
-        "version = 1\ndefault = \"allow\"\n\n[[tool]]\nname = \"no-writes\"\ntools = [\"fs/write\"]\ndecision = \"deny\"\nreason = \"read-only job\"\n",
-    )
-    .unwrap();
-    let strict = strict.display().to_string();
+    let strict = long_read_only_policy(&home);
     let out = home.expect(
         &[
             "run", "write it", "--tools", "fs", "--model", MODEL, "--detach", "--policy", &strict,
@@ -877,6 +885,8 @@ fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
         0,
     );
     let job = out.trim().to_string();
+    let recorded = &home.job(&job)["job"]["input"]["policy"];
+    assert!(recorded.get("source").is_none(), "stored apart: {recorded}");
     let worker = home.output(&["worker", "--until-idle"]);
     assert_eq!(worker.status.code(), Some(0), "{}", show(&worker));
     let shown = home.job(&job);
@@ -888,6 +898,38 @@ fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
         .iter()
         .any(|e| e["event_type"] == "tool.error" && e["data"]["code"] == "policy_denied");
     assert!(denied, "{shown}");
+}
+
+/// `keel jobs watch` resumes a detached job under the policy recorded with it, read from the
+/// database: the policy file being gone since changes nothing.
+#[test]
+fn a_watched_job_runs_under_its_recorded_policy_after_the_file_is_gone() {
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Could not write.")]),
+        None,
+        "",
+    );
+    let strict = long_read_only_policy(&home);
+    let out = home.expect(
+        &[
+            "run", "write it", "--tools", "fs", "--model", MODEL, "--detach", "--policy", &strict,
+        ],
+        0,
+    );
+    let job = out.trim().to_string();
+    std::fs::remove_file(&strict).unwrap();
+    let out = home.output(&["jobs", "watch", &job, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (events, result) = lines(&out);
+    assert_eq!(result["status"], "SUCCEEDED", "{}", show(&out));
+    assert_eq!(home.effects(), "", "the watcher ran a write the job's policy denies");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event_type"] == "tool.error" && e["data"]["code"] == "policy_denied"),
+        "{}",
+        show(&out)
+    );
 }
 
 /// Issue 8 item 7: a job cancelled by another process settles its holds at once: with a budget of

@@ -854,9 +854,15 @@ fn terminal_prompt_approves_for_the_session() {
     assert_eq!(actions.as_array().unwrap().len(), 1, "asked once: {actions}");
 }
 
-/// Write `strict.toml` into the home: a policy denying `fs/write`, as long as a real one (past the
-/// length a job keeps inline, so the job names it by sha256); its path.
-fn long_read_only_policy(home: &Home) -> String {
+/// A home whose scripted model asks for one write, and a job of it run `--detach` under
+/// `strict.toml`: a policy denying `fs/write`, as long as a real one (past the length a job keeps
+/// inline, so the job names it by sha256). The home, the policy's path and the job's id.
+fn detached_read_only_job() -> (Home, String, String) {
+    let home = Home::new(
+        json!([turn(vec![append_line()], 5), text("Could not write.")]),
+        None,
+        "",
+    );
     let strict = home.path().join("strict.toml");
     let comments = "# Jobs run from this file may read but never write: reviewed 2026-12-04.\n".repeat(12);
     std::fs::write(
@@ -864,20 +870,7 @@ fn long_read_only_policy(home: &Home) -> String {
         format!("{comments}version = 1\ndefault = \"allow\"\n\n[[tool]]\nname = \"no-writes\"\ntools = [\"fs/write\"]\ndecision = \"deny\"\nreason = \"read-only job\"\n"),
     )
     .unwrap();
-    strict.display().to_string()
-}
-
-/// `keel run --detach --policy strict.toml` then `keel worker` (allow-all here): the worker runs
-/// the job under the policy recorded with it, so the write is denied. The policy is long, like a
-/// real one: the job names it by sha256 and the worker reads its text from the database.
-#[test]
-fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
-    let home = Home::new(
-        json!([turn(vec![append_line()], 5), text("Could not write.")]),
-        None,
-        "",
-    );
-    let strict = long_read_only_policy(&home);
+    let strict = strict.display().to_string();
     let out = home.expect(
         &[
             "run", "write it", "--tools", "fs", "--model", MODEL, "--detach", "--policy", &strict,
@@ -885,6 +878,15 @@ fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
         0,
     );
     let job = out.trim().to_string();
+    (home, strict, job)
+}
+
+/// `keel run --detach --policy strict.toml` then `keel worker` (allow-all here): the worker runs
+/// the job under the policy recorded with it, so the write is denied. The policy is long, like a
+/// real one: the job names it by sha256 and the worker reads its text from the database.
+#[test]
+fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
+    let (home, _, job) = detached_read_only_job();
     let recorded = &home.job(&job)["job"]["input"]["policy"];
     assert!(recorded.get("source").is_none(), "stored apart: {recorded}");
     let worker = home.output(&["worker", "--until-idle"]);
@@ -904,19 +906,7 @@ fn a_worker_applies_the_policy_recorded_with_a_detached_job() {
 /// database: the policy file being gone since changes nothing.
 #[test]
 fn a_watched_job_runs_under_its_recorded_policy_after_the_file_is_gone() {
-    let home = Home::new(
-        json!([turn(vec![append_line()], 5), text("Could not write.")]),
-        None,
-        "",
-    );
-    let strict = long_read_only_policy(&home);
-    let out = home.expect(
-        &[
-            "run", "write it", "--tools", "fs", "--model", MODEL, "--detach", "--policy", &strict,
-        ],
-        0,
-    );
-    let job = out.trim().to_string();
+    let (home, strict, job) = detached_read_only_job();
     std::fs::remove_file(&strict).unwrap();
     let out = home.output(&["jobs", "watch", &job, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));

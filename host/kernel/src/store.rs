@@ -1,5 +1,5 @@
 //! The storage contract the kernel needs. keel-store implements it on SQLite; [`crate::memory`]
-//! implements it in memory for tests; [`crate::conformance`] (feature `conformance`) is the test
+//! implements it in memory for tests; `crate::conformance` (feature `conformance`) is the test
 //! suite every implementation must pass.
 //!
 //! The kernel owns the logic (state machines, budget evaluation); a store owns atomicity. Every

@@ -301,6 +301,23 @@ async fn calls_under_a_long_policy_store_its_text_once() {
         .collect::<Result<_, _>>()
         .expect("rows");
     assert_eq!(stored, vec![(sha, text)]);
+
+    // A stored text changed behind Keel's back is not what the job names: refused, not applied.
+    let tampered = db
+        .execute(
+            "UPDATE policy_texts SET text = replace(text, 'decision = \"deny\"', 'decision = \"allow\"')",
+            [],
+        )
+        .expect("tamper");
+    assert_eq!(tampered, 1);
+    let h = rt
+        .call_tool(&ctx, "p/denied", json!({ "n": 1 }), Some("k3".into()))
+        .await
+        .expect("call");
+    let r = h.result().await.expect("result");
+    assert_eq!(r.status, JobState::Failed, "{r:?}");
+    assert_eq!(r.error.expect("error").code, "policy_unavailable");
+    assert_eq!(tools.count("p/denied"), 0);
 }
 
 /// Issue 9.11: a non-idempotent call costs two write transactions (the durable "started" commit

@@ -2575,8 +2575,7 @@ pub async fn policy_texts(store: Arc<dyn KernelStore>) {
         Some(text.text())
     );
     // The same text again (another job, or in the same batch twice): still the same text.
-    let mut job = Job::queued(NewJob::new("t1", "agent"), None, epoch());
-    job.id = Uuid::now_v7();
+    let job = Job::queued(NewJob::new("t1", "agent"), None, epoch());
     store
         .commit(Batch {
             jobs: vec![JobWrite {
@@ -2599,12 +2598,10 @@ pub async fn policy_texts(store: Arc<dyn KernelStore>) {
 
     // A batch that is refused stores nothing, its texts included.
     let refused = PolicyText::new("default = \"allow\"\n# refused\n".into());
-    let mut duplicate = first.clone();
-    duplicate.version = 1;
     let err = store
         .commit(Batch {
             jobs: vec![JobWrite {
-                job: duplicate,
+                job: first,
                 expected_version: None,
             }],
             policy_texts: vec![refused.clone()],

@@ -116,18 +116,20 @@ fn recorded_form(
     request: &ExecutionRequest,
     digest_checked: bool,
 ) -> Result<(Cow<'_, ExecutionRequest>, Option<PolicyText>), AgentError> {
-    let Some(text) = request
+    if request
         .policy
         .source
         .as_ref()
-        .filter(|t| t.len() > INLINE_POLICY_TEXT_MAX)
-    else {
+        .is_none_or(|t| t.len() <= INLINE_POLICY_TEXT_MAX)
+    {
         return Ok((Cow::Borrowed(request), None));
-    };
+    }
+    let mut recorded = request.clone();
+    let text = recorded.policy.source.take().unwrap_or_default();
     let stored = match &request.policy.version {
-        Some(pinned) if digest_checked => PolicyText::checked(pinned.clone(), text.clone()),
+        Some(pinned) if digest_checked => PolicyText::checked(pinned.clone(), text),
         pinned => {
-            let stored = PolicyText::new(text.clone());
+            let stored = PolicyText::new(text);
             if pinned.as_ref().is_some_and(|p| p != stored.sha256()) {
                 return Err(AgentError::Invalid(format!(
                     "the sha256 recorded for policy {} is not its text's",
@@ -137,8 +139,6 @@ fn recorded_form(
             stored
         }
     };
-    let mut recorded = request.clone();
-    recorded.policy.source = None;
     recorded.policy.version = Some(stored.sha256().to_owned());
     Ok((Cow::Owned(recorded), Some(stored)))
 }

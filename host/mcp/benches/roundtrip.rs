@@ -20,7 +20,8 @@
 //! dependency build reused: `CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo bench --profile dev --bench roundtrip`.
 //!
 //! `KEEL_MCP_BENCH_POLICY=FILE` makes FILE the home's policy (it must allow `hello/greet`; without
-//! it, no policy: allow-all, whose text is one line). Every job records its policy's text.
+//! it, no policy: allow-all, whose one-line text each job keeps inline; a text past 512 bytes is
+//! stored once and each job names it by sha256).
 //!
 //! `KEEL_MCP_BENCH_ONLY=stdio,stdio-memory,http,inproc` (any of them) runs only those scenarios, e.g. to profile
 //! one of them (`perf record` of the whole run then holds nothing else).
@@ -370,7 +371,7 @@ async fn driver((warmup, calls): (usize, usize)) {
     )
     .expect("config");
     // The home's policy (`KEEL_MCP_BENCH_POLICY=FILE`; it must allow `hello/greet`), else none:
-    // allow-all. Every job records its policy's text, so a longer policy is a longer job row.
+    // allow-all. A real policy adds its rules' evaluation and, once, its stored text.
     let policy = std::env::var_os("KEEL_MCP_BENCH_POLICY");
     if let Some(file) = &policy {
         std::fs::copy(file, home.join(keel_app::runtime::DEFAULT_POLICY_FILE)).expect("copy the policy");

@@ -16,7 +16,6 @@ use chrono::{DateTime, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Serialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::request::{ExecutionRequest, ExecutionResult, ExecutionUsage};
@@ -32,7 +31,7 @@ use crate::ledger::{
     BudgetOutcome, BudgetStatus, LedgerKind, Reservation, ReservationState, SettleRequest, Usage, evaluate_budgets,
 };
 use crate::model::{Message, ModelDelta, ModelPrice, ModelRequest, ModelResponse, ToolCall, ToolSpec};
-use crate::policy::{Outcome, Policy, PolicyRequest, SessionKey};
+use crate::policy::{Outcome, Policy, PolicyRequest, SessionKey, text_digest};
 use crate::services::{HoldRequest, SettleDetails, StatusDetail, job_event, retry, status_event, transition};
 use crate::store::{Batch, JobWrite, KernelStore, LeaseGuard, NewJournalEntry, StoreError, StoreResult};
 use crate::tool::{Receipt, ToolCallContext, ToolDescriptor, ToolError};
@@ -407,7 +406,7 @@ pub(crate) fn job_policy(rt: &Inner, recorded: &PolicyRef) -> Result<Arc<Policy>
         {
             return Ok(policy.clone());
         }
-        let digest = hex::encode(Sha256::digest(text.as_bytes()));
+        let digest = text_digest(text);
         if let Some(pinned) = &recorded.version
             && *pinned != digest
         {

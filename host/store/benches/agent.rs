@@ -15,6 +15,12 @@
 //! - `governed_call`: `AgentRuntime::call_tool` of a non-idempotent echo tool to its result:
 //!   schema, policy, hold, call, settle with receipt, events, journal — two commits (the durable
 //!   "started" commit before the side effect, the result after);
+//! - `log_commit_pair`: two one-row commits together carrying the bytes the store keeps for one
+//!   `governed_call` (half each): the floor of a design that appends each commit as one row of a
+//!   per-call log and writes the tables in the background;
+//! - `materialize_calls`: what that design's background writer pays at best: the rows of
+//!   [`MATERIALIZED_CALLS`] calls (as many b-trees as their commits write, their bytes) in one
+//!   commit (divide by that many for a call's share);
 //! - `governed_call_idempotent`: the same with an idempotent tool and no budget: one commit;
 //! - `governed_call_effect_free`: a non-idempotent tool whose grants allow no effect (no
 //!   writable directory, no network), no budget: one commit, as it is safe to re-run;
@@ -51,6 +57,9 @@ use serde_json::json;
 /// The allocator the `keel` binary uses, so the bench measures what ships.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Calls whose rows `materialize_calls` writes in one commit.
+const MATERIALIZED_CALLS: usize = 16;
 
 /// B-trees (tables and indexes) one commit of a non-idempotent governed call writes rows to, on
 /// average: its first writes 14 (the job's table, id, listing and claimable indexes; its hold's
@@ -111,6 +120,30 @@ fn bench(c: &mut Criterion) {
         group.bench_function("governed_call", |b| {
             b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/echo", None)))
         });
+        // The floor of a per-call log (each commit one appended row carrying what the call's
+        // commit writes, its tables written later in the background): two one-row commits that
+        // together carry the bytes the store keeps for one non-idempotent call.
+        let call_bytes = bare.job_bytes(&bare.last_job());
+        println!("{group_name}: one governed call's rows hold {call_bytes} bytes");
+        let mut log = common::BareCommit::open_sized(&path, synchronous, "bench_call_log", call_bytes / 2);
+        group.bench_function("log_commit_pair", |b| {
+            b.iter(|| {
+                log.commit();
+                log.commit();
+            })
+        });
+        // What the background writer of such a log would pay per call at best: the rows of
+        // MATERIALIZED_CALLS calls (GOVERNED_COMMIT_BTREES b-trees per commit, two commits a call,
+        // the call's bytes spread over them) in one commit; time per call = this / that many.
+        let per_row = call_bytes / (2 * GOVERNED_COMMIT_BTREES);
+        let mut batch = common::BareCommit::open_batch(
+            &path,
+            synchronous,
+            2 * GOVERNED_COMMIT_BTREES,
+            MATERIALIZED_CALLS,
+            per_row,
+        );
+        group.bench_function("materialize_calls", |b| b.iter(|| batch.commit()));
         group.bench_function("governed_call_idempotent", |b| {
             b.iter(|| rt.block_on(governed_call(&governed, &call_ctx, "p/idem", None)))
         });

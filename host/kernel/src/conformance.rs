@@ -108,6 +108,7 @@ where
     hold_extension(make().await).await;
     batch_holds_and_leases(make().await).await;
     policy_texts(make().await).await;
+    deferrable_batches(make().await).await;
 }
 
 /// Expand to one `#[tokio::test]` per conformance check, so a failure names the check.
@@ -125,7 +126,7 @@ macro_rules! conformance_tests {
             concurrent_reservations, concurrent_idempotency, concurrent_token_resolution,
             concurrent_job_writers, journal_atomicity, lease_claiming, concurrent_resolves,
             settle_is_bounded_by_the_hold, create_leased, idempotency_request_hash, hold_extension,
-            batch_holds_and_leases, policy_texts);
+            batch_holds_and_leases, policy_texts, deferrable_batches);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(
@@ -2612,4 +2613,213 @@ pub async fn policy_texts(store: Arc<dyn KernelStore>) {
     assert!(matches!(err, StoreError::Conflict { entity: "job", .. }), "{err}");
     assert_eq!(store.policy_text(refused.sha256()).await.expect("read"), None);
     assert_eq!(store.policy_text(&"0".repeat(64)).await.expect("read"), None);
+}
+
+/// A batch marked [`Batch::deferrable`] (a direct call's one commit: a new job in its final
+/// state, a hold taken unchecked and settled, events, journal entries, a policy text) reads back,
+/// through every read, exactly as any committed batch, at once: events with the ids and
+/// sequences the commit returned, between those of the batches committed before and after it,
+/// and JSON documents as written (key order, numbers beyond 64 bits). A batch marked deferrable
+/// that a budget may refuse is checked as any other.
+pub async fn deferrable_batches(store: Arc<dyn KernelStore>) {
+    let (k, clock) = kernel_with_clock(store.clone());
+    let now = clock.now();
+    let one_call = Usage {
+        tool_calls: 1,
+        ..Usage::zero()
+    };
+    let event = |job_id: Uuid, event_type: EventType, data: &str| crate::event::NewEvent {
+        job_id,
+        tenant: "t1".into(),
+        event_type,
+        data: crate::json::JsonText::from_text(data.into()).expect("json"),
+        at: now,
+    };
+    let plain = |event_type: EventType| {
+        let job = Job::queued(NewJob::new("t1", "agent"), None, now);
+        let id = job.id;
+        Batch {
+            jobs: vec![JobWrite {
+                job,
+                expected_version: None,
+            }],
+            events: vec![event(id, event_type, "{}")],
+            ..Batch::default()
+        }
+    };
+    let before = store.commit(plain(EventType::JobStatusChanged)).await.expect("before");
+
+    // A job input and payloads a tree would change: keys out of order, an integer past u64.
+    let exact = r#"{"z":1,"a":123456789012345678901234567890,"m":[3,2,1]}"#;
+    let mut new = NewJob::new("t1", "tool");
+    new.input = crate::json::JsonText::from_text(exact.into()).expect("json");
+    let mut job = Job::queued(new, None, now);
+    job.state = JobState::Succeeded;
+    job.started_at = Some(now);
+    job.finished_at = Some(now);
+    let id = job.id;
+    let hold = HoldWrite {
+        id: Uuid::now_v7(),
+        request: ReserveRequest {
+            tenant: "t1".into(),
+            principal: None,
+            session: None,
+            job_id: Some(id),
+            amount: one_call.clone(),
+            now,
+            expires_at: now + Duration::minutes(10),
+        },
+        check_budgets: false,
+    };
+    let settle = SettleRequest {
+        reservation_id: hold.id,
+        kind: LedgerKind::ToolUsage,
+        actual: one_call.clone(),
+        duration_ms: Some(3),
+        model: None,
+        tool: Some("p/t".into()),
+        data: crate::json::JsonText::from_text(exact.into()).expect("json"),
+        now,
+    };
+    let text = PolicyText::new("default = \"allow\"\n# deferred\n".repeat(30));
+    let journal = NewJournalEntry {
+        payload: crate::json::JsonText::from_text(exact.into()).expect("json"),
+        ..journal_entry(id, "t1/c0/result")
+    };
+    let batch = Batch {
+        jobs: vec![JobWrite {
+            job: job.clone(),
+            expected_version: None,
+        }],
+        events: vec![
+            event(id, EventType::JobStatusChanged, r#"{"to":"queued","from":null}"#),
+            event(id, EventType::ToolStart, "{}"),
+            event(id, EventType::FinalResult, exact),
+        ],
+        journal: vec![journal_entry(id, "t1/c0/started/0"), journal.clone()],
+        holds: vec![hold.clone()],
+        settlements: vec![settle],
+        policy_texts: vec![text.clone()],
+        deferrable: true,
+        ..Batch::default()
+    };
+    let committed = store.commit(batch).await.expect("deferred commit");
+    let after = store.commit(plain(EventType::JobStatusChanged)).await.expect("after");
+
+    assert_eq!(committed.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(committed.windows(2).all(|w| w[0].id < w[1].id), "{committed:?}");
+    assert!(before[0].id < committed[0].id && committed[2].id < after[0].id);
+    let read = store
+        .read_events(&EventQuery {
+            filter: EventFilter {
+                job_id: Some(id),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await
+        .expect("events");
+    assert_eq!(read, committed, "the events as the commit returned them");
+    assert_eq!(read[2].data.as_str(), exact, "a payload as written");
+    let all = store
+        .read_events(&EventQuery {
+            filter: EventFilter::tenant("t1"),
+            ..Default::default()
+        })
+        .await
+        .expect("events");
+    let ids: Vec<i64> = all.iter().map(|e| e.id).collect();
+    let mut expected = vec![before[0].id];
+    expected.extend(committed.iter().map(|e| e.id));
+    expected.push(after[0].id);
+    assert_eq!(ids, expected, "the tenant's stream, in commit order");
+
+    let stored = store.get_job(id).await.expect("job").expect("the deferred job");
+    assert_eq!(stored, job);
+    assert_eq!(stored.input.as_str(), exact);
+    assert_eq!(
+        k.jobs().list(&JobFilter::tenant("t1")).await.expect("list").len(),
+        3,
+        "listed with the others"
+    );
+    let entries = store.read_journal(id).await.expect("journal");
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[1].entry, journal);
+    assert_eq!(entries[1].entry.payload.as_str(), exact);
+    let reservation = store
+        .get_reservation(hold.id)
+        .await
+        .expect("reservation")
+        .expect("hold");
+    assert_eq!(reservation.state, ReservationState::Settled);
+    let kinds: Vec<LedgerKind> = store
+        .list_ledger(&LedgerQuery {
+            tenant: "t1".into(),
+            job_id: Some(id),
+            ..Default::default()
+        })
+        .await
+        .expect("ledger")
+        .into_iter()
+        .map(|e| e.entry.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [LedgerKind::Hold, LedgerKind::ToolUsage, LedgerKind::Settle],
+        "the hold, its usage, its settlement"
+    );
+    let usage = k
+        .ledger()
+        .usage(&UsageQuery {
+            tenant: "t1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("usage");
+    assert_eq!(usage.tool_calls, 1);
+    assert_eq!(
+        store.policy_text(text.sha256()).await.expect("text").as_deref(),
+        Some(text.text())
+    );
+
+    // Marked deferrable but with a hold a budget must check: refused when the budget says so.
+    let mut budget = Budget::new("t1", "one call", BudgetWindow::Total);
+    budget.limits.max_tool_calls = Some(1);
+    budget.strategy = ExceedStrategy::Deny;
+    k.ledger().put_budget(budget).await.expect("budget");
+    let mut job = Job::queued(NewJob::new("t1", "tool"), None, now);
+    job.state = JobState::Succeeded;
+    let checked = HoldWrite {
+        id: Uuid::now_v7(),
+        request: ReserveRequest {
+            job_id: Some(job.id),
+            ..hold.request.clone()
+        },
+        check_budgets: true,
+    };
+    let refused = Batch {
+        jobs: vec![JobWrite {
+            job: job.clone(),
+            expected_version: None,
+        }],
+        settlements: vec![SettleRequest {
+            reservation_id: checked.id,
+            ..SettleRequest {
+                reservation_id: hold.id,
+                kind: LedgerKind::ToolUsage,
+                actual: one_call.clone(),
+                duration_ms: None,
+                model: None,
+                tool: None,
+                data: json!({}).into(),
+                now,
+            }
+        }],
+        holds: vec![checked],
+        deferrable: true,
+        ..Batch::default()
+    };
+    let err = store.commit(refused).await.expect_err("the budget refuses the hold");
+    assert!(matches!(err, StoreError::Conflict { entity: "budget", .. }), "{err}");
+    assert_eq!(store.get_job(job.id).await.expect("job"), None, "nothing of it written");
 }

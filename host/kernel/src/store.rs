@@ -92,15 +92,6 @@ pub struct Batch {
     /// Policy texts the batch's jobs name by sha256 (see [`PolicyText`]), each stored unless a
     /// text of that sha256 already is (applied first).
     pub policy_texts: Vec<PolicyText>,
-    /// The store may make the batch durable as one appended record and write its rows to their
-    /// tables later, before any read or other write can see the tables without them (the
-    /// commit's events, ids and sequences included, are exactly what it returns). Only for a
-    /// batch that cannot be refused once its caller built it: it inserts one new job, keyless,
-    /// in a terminal state, with rows of that job only (events, journal entries, holds taken
-    /// unchecked and settled in the same batch, policy texts) and no action, lease, claim or
-    /// fencing. A store that cannot defer, or finds the batch not of that shape, applies it as
-    /// any other. The direct call's one commit sets it (see `keel_kernel::agent`).
-    pub deferrable: bool,
 }
 
 /// A budget hold taken inside a [`Batch`] (see [`Batch::holds`]): the governed call path writes

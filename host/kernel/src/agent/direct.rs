@@ -468,8 +468,6 @@ impl DirectCall {
             next.version = 1;
             let mut batch = self.started_rows(&self.owner, next);
             batch.holds[0].check_budgets = false;
-            // A new job in its final state with its own rows only: nothing can refuse it.
-            batch.deferrable = true;
             batch.events.push(tool_event);
             batch.events.extend(end_events);
             batch.journal.extend(journal);

@@ -23,21 +23,17 @@
 //!
 //! Every connection opens the file through the `keel-wal` VFS (`wal_vfs.rs`): the default one,
 //! except that a commit's WAL frames reach the file in two writes instead of two per page.
-//!
-//! Batches committed as pending records (`write_behind.rs`) are applied by every other write
-//! transaction before its own work, by [`Connections::settle`] before a read of the tables they
-//! write, and by a background thread of their own soon after they were appended.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use keel_kernel::store::{StoreError, StoreResult};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use super::rows::{be, is_busy};
-use super::{wal_vfs, write_behind};
+use super::wal_vfs;
 use crate::sqlite::Durability;
 
 /// How many read-only connections each database keeps.
@@ -66,25 +62,12 @@ const WRITE_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// How long a read may wait on a lock (WAL readers only wait while a WAL index is rebuilt).
 const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long after a pending record is appended the background thread applies it (with those
-/// appended meanwhile): a burst of calls is applied in a few transactions, between its commits.
-const WRITE_BEHIND_DELAY: Duration = Duration::from_millis(2);
-
-/// How long a store being dropped tries to apply its pending records while another process
-/// holds the write lock (they are durable: the next store to open the file applies them).
-const DROP_DRAIN_WAIT: Duration = Duration::from_millis(100);
-
-/// How often the idle write-behind thread checks that its store still exists.
-const WRITE_BEHIND_IDLE: Duration = Duration::from_secs(1);
-
 /// The writer and the readers of one database file.
 #[derive(Debug)]
 pub(crate) struct Connections {
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
-    /// Set when a record is appended to `pending_writes`; the write-behind thread waits on it.
-    appended: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl Connections {
@@ -102,99 +85,22 @@ impl Connections {
             .collect::<rusqlite::Result<_>>()
             .map_err(sqlite)?;
         let checkpointer = open_one(path, durability, false).map_err(sqlite)?;
-        // Records left by a process that ended before applying them are applied soon too.
-        let appended = Arc::new((Mutex::new(true), Condvar::new()));
         let this = Arc::new(Self {
             writer: Mutex::new(writer),
             readers,
             next_reader: AtomicUsize::new(0),
-            appended: appended.clone(),
         });
         let alive = Arc::downgrade(&this);
         std::thread::Builder::new()
             .name("keel-checkpoint".into())
             .spawn(move || checkpoint_while(&alive, &checkpointer))?;
-        let alive = Arc::downgrade(&this);
-        std::thread::Builder::new()
-            .name("keel-write-behind".into())
-            .spawn(move || write_behind_while(&alive, &appended))?;
         Ok(this)
     }
 
     /// Run `f` in one `BEGIN IMMEDIATE` transaction and commit it; an error from `f` rolls the
-    /// whole transaction back. Pending records are applied first, in the same transaction. While
-    /// another connection holds the write lock this waits asynchronously (up to
-    /// [`WRITE_LOCK_WAIT`]), never blocking the thread.
+    /// whole transaction back. While another connection holds the write lock this waits
+    /// asynchronously (up to [`WRITE_LOCK_WAIT`]), never blocking the thread.
     pub(crate) async fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
-        self.transact(|tx| {
-            write_behind::drain(tx, None)?;
-            f(tx)
-        })
-        .await
-    }
-
-    /// Append a pending record with `f` (see `write_behind`), in a transaction of its own that
-    /// applies none (they stay in order behind it), and wake the write-behind thread.
-    pub(crate) async fn append<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
-        let out = self.transact(f).await?;
-        let (appended, wake) = &*self.appended;
-        let mut appended = appended.lock().unwrap_or_else(PoisonError::into_inner);
-        if !*appended {
-            // Once per burst: the thread applies every record appended until it runs.
-            *appended = true;
-            wake.notify_one();
-        }
-        Ok(out)
-    }
-
-    /// Apply the pending records, if any (another process's too), before a read of the tables
-    /// they write: a read never sees a committed batch missing.
-    pub(crate) async fn settle(&self) -> StoreResult<()> {
-        if self.read_point(write_behind::pending)? {
-            self.write(|_| Ok(())).await?;
-        }
-        Ok(())
-    }
-
-    /// Apply every pending record now, on this thread (the write-behind thread, or a store
-    /// being dropped), in transactions of [`write_behind::DRAIN_CHUNK`]. While another process
-    /// holds the write lock this retries, without holding the writer, for up to `wait`; then
-    /// the records stay for the next write or read.
-    fn drain_blocking(&self, wait: Duration) {
-        let deadline = Instant::now() + wait;
-        loop {
-            let applied = {
-                let mut conn = lock(&self.writer);
-                match write_behind::pending(&conn) {
-                    Ok(false) => return,
-                    Ok(true) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read pending writes");
-                        return;
-                    }
-                }
-                match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-                    Ok(tx) => write_behind::drain(&tx, Some(write_behind::DRAIN_CHUNK))
-                        .and_then(|n| tx.commit().map(|()| n).map_err(be)),
-                    Err(e) if is_busy(&e) => Ok(0),
-                    Err(e) => Err(be(e)),
-                }
-            };
-            match applied {
-                Ok(0) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) => {
-                    // The next write or read applies them.
-                    tracing::warn!(error = %e, "applying pending writes failed");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// [`write`](Self::write) without applying pending records first.
-    async fn transact<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
         let deadline = Instant::now() + WRITE_LOCK_WAIT;
         let mut pause = Duration::from_micros(250);
         let mut f = Some(f);
@@ -249,39 +155,6 @@ impl Connections {
     }
 }
 
-impl Drop for Connections {
-    /// A store closed normally leaves no pending record behind.
-    fn drop(&mut self) {
-        self.drain_blocking(DROP_DRAIN_WAIT);
-    }
-}
-
-/// Apply pending records in the background: [`WRITE_BEHIND_DELAY`] after the first of a burst is
-/// appended (so a burst of calls is applied in a few transactions), on the writer connection
-/// (in this process, calls then wait for it as for any other write, without SQLite's busy
-/// retries). Ends soon after the last handle is dropped.
-fn write_behind_while(alive: &Weak<Connections>, appended: &(Mutex<bool>, Condvar)) {
-    let (flag, wake) = appended;
-    loop {
-        {
-            let set = flag.lock().unwrap_or_else(PoisonError::into_inner);
-            let (mut set, _) = wake
-                .wait_timeout_while(set, WRITE_BEHIND_IDLE, |set| !*set)
-                .unwrap_or_else(PoisonError::into_inner);
-            if !*set {
-                if alive.strong_count() == 0 {
-                    return;
-                }
-                continue;
-            }
-            *set = false;
-        }
-        std::thread::sleep(WRITE_BEHIND_DELAY);
-        let Some(conns) = alive.upgrade() else { return };
-        conns.drain_blocking(WRITE_LOCK_WAIT);
-    }
-}
-
 /// Checkpoint the WAL in the background while the connections are in use. PASSIVE: it copies
 /// what it can without waiting for, or blocking, readers and the writer.
 ///
@@ -331,7 +204,7 @@ fn checkpoint_pace(every: Duration, frames_before: i64, frames: i64) -> Duration
     }
 }
 
-pub(super) fn open_one(path: &Path, durability: Durability, read_only: bool) -> rusqlite::Result<Connection> {
+fn open_one(path: &Path, durability: Durability, read_only: bool) -> rusqlite::Result<Connection> {
     // Each connection is used by one thread at a time (behind its mutex): no SQLite mutex needed.
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let vfs = wal_vfs::register()

@@ -83,29 +83,6 @@ pub(super) fn insert_events(
     Ok(out)
 }
 
-/// Insert `events` with the ids and sequences they were given when their batch was committed as
-/// a pending record (see `write_behind`).
-pub(super) fn insert_events_as(conn: &Connection, events: &[RuntimeEvent]) -> StoreResult<()> {
-    const INSERT: &str = "INSERT INTO events (id, job_id, tenant, seq, event_type, data_json, at) \
-                          VALUES (?, ?, ?, ?, ?, ?, ?)";
-    for e in events {
-        conn.prepare_cached(INSERT)
-            .and_then(|mut s| {
-                s.execute((
-                    e.id,
-                    e.job_id.to_string(),
-                    &e.tenant,
-                    i64_of(e.seq).map_err(|err| rusqlite::Error::ToSqlConversionFailure(Box::new(err)))?,
-                    e.event_type.as_str(),
-                    e.data.as_str(),
-                    micros(e.at),
-                ))
-            })
-            .map_err(|err| job_ref_error(err, e.job_id))?;
-    }
-    Ok(())
-}
-
 /// [`KernelStore::read_events`](keel_kernel::store::KernelStore::read_events).
 pub(super) fn read_events(conn: &Connection, query: &EventQuery) -> StoreResult<Vec<RuntimeEvent>> {
     let mut q = Query::new("SELECT * FROM events WHERE id > ");

@@ -20,7 +20,6 @@ mod ledger;
 mod policy_texts;
 mod rows;
 mod wal_vfs;
-mod write_behind;
 
 use std::sync::Arc;
 
@@ -65,19 +64,8 @@ impl Database {
     }
 }
 
-/// A read of the tables pending records write (see `write_behind`), on a reader connection once
-/// none is pending, as a store future.
+/// A read on a reader connection, as a store future.
 macro_rules! read {
-    ($self:ident, |$c:ident| $body:expr) => {
-        Box::pin(async move {
-            $self.db.settle().await?;
-            $self.db.read(|$c| $body)
-        })
-    };
-}
-
-/// A read of tables no pending record writes (actions), on a reader connection.
-macro_rules! read_now {
     ($self:ident, |$c:ident| $body:expr) => {
         Box::pin(async move { $self.db.read(|$c| $body) })
     };
@@ -94,9 +82,6 @@ impl KernelStore for SqliteKernelStore {
     fn commit(&self, batch: Batch) -> BoxFuture<'_, StoreResult<Vec<RuntimeEvent>>> {
         if batch.is_empty() {
             return Box::pin(async { Ok(vec![]) });
-        }
-        if write_behind::qualifies(&batch) {
-            return Box::pin(async move { self.db.append(|c| write_behind::append(c, batch)).await });
         }
         write!(self, |c| batch::commit(c, batch))
     }
@@ -122,19 +107,19 @@ impl KernelStore for SqliteKernelStore {
     }
 
     fn get_action(&self, id: Uuid) -> BoxFuture<'_, StoreResult<Option<Action>>> {
-        read_now!(self, |c| actions::get_action(c, id))
+        read!(self, |c| actions::get_action(c, id))
     }
 
     fn get_action_by_token_hash<'a>(&'a self, token_hash: &'a str) -> BoxFuture<'a, StoreResult<Option<Action>>> {
-        read_now!(self, |c| actions::get_action_by_token_hash(c, token_hash))
+        read!(self, |c| actions::get_action_by_token_hash(c, token_hash))
     }
 
     fn list_actions<'a>(&'a self, filter: &'a ActionFilter) -> BoxFuture<'a, StoreResult<Vec<Action>>> {
-        read_now!(self, |c| actions::list_actions(c, filter))
+        read!(self, |c| actions::list_actions(c, filter))
     }
 
     fn expired_actions(&self, now: DateTime<Utc>, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Action>>> {
-        read_now!(self, |c| actions::expired_actions(c, now, limit))
+        read!(self, |c| actions::expired_actions(c, now, limit))
     }
 
     fn read_events<'a>(&'a self, query: &'a EventQuery) -> BoxFuture<'a, StoreResult<Vec<RuntimeEvent>>> {

@@ -1440,7 +1440,7 @@ impl Sandbox {
     }
 
     /// How many finished calls' stores are queued to be freed by the housekeeping thread (for
-    /// tests and metrics; at most a few, see [`Sandbox::free_later`]).
+    /// tests and metrics; at most a few, see `Sandbox::free_later`).
     pub fn frees_queued_on_housekeeper(&self) -> usize {
         self.inner
             .freeing

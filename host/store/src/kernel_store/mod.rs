@@ -6,7 +6,7 @@
 //! Reads run outside transactions (WAL gives them a consistent snapshot per statement).
 //!
 //! The store runs on its own rusqlite connections, each transaction as one closure on the
-//! calling thread ([`conn`] says why); the rest of keel-store (plugins, API keys, migrations)
+//! calling thread (`conn.rs` says why); the rest of keel-store (plugins, API keys, migrations)
 //! stays on sqlx.
 
 mod actions;

@@ -1,6 +1,6 @@
 //! `hostile-describe` — an adversarial test plugin whose `describe()` answer is itself the attack.
 //!
-//! One build serves every variant: the component carries the marker [`MODE`] in its data, and a
+//! One build serves every variant: the component carries the marker `MODE` in its data, and a
 //! test overwrites the 8 bytes after `KEEL-HOSTILE-DESCRIBE-MODE:` in a copy of the `.wasm` to pick
 //! a variant (padded with `_`), so no extra builds are needed. Variants:
 //! - `text____` — installs: description, tool descriptions, log lines, tool errors, denials,

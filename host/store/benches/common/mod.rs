@@ -1,5 +1,7 @@
 //! What the store benches share: the bare one-row commit every durable path is compared with.
 
+#![allow(dead_code)] // Each bench that includes this module uses a part of it.
+
 use std::path::Path;
 
 use rusqlite::{Connection, TransactionBehavior};

@@ -25,69 +25,57 @@ impl BareCommit {
     /// [`open`](Self::open) for commits of one row into each of `tables` tables: as many b-trees
     /// (so as many WAL pages) as a commit of the store writes, with none of its work.
     pub fn open_wide(path: &Path, synchronous: &str, tables: usize) -> Self {
+        let names = (0..tables).map(|i| {
+            if i == 0 {
+                "bench_commit".into()
+            } else {
+                format!("bench_commit_{i}")
+            }
+        });
+        Self::open_tables(path, synchronous, names, 1, 1)
+    }
+
+    /// [`open`](Self::open) for commits of one row of `bytes` bytes, into `table`.
+    pub fn open_sized(path: &Path, synchronous: &str, table: &str, bytes: usize) -> Self {
+        Self::open_tables(path, synchronous, [table.to_owned()], 1, bytes)
+    }
+
+    /// [`open`](Self::open) for commits of `rows` rows of `bytes` bytes into each of `tables`
+    /// tables (of their own).
+    pub fn open_batch(path: &Path, synchronous: &str, tables: usize, rows: usize, bytes: usize) -> Self {
+        let names = (0..tables).map(|i| format!("bench_batch_{i}"));
+        Self::open_tables(path, synchronous, names, rows, bytes)
+    }
+
+    /// Commits of `rows` rows of `bytes` bytes into each of the tables `names` (created if
+    /// missing), on a connection with the store's pragmas.
+    fn open_tables(
+        path: &Path,
+        synchronous: &str,
+        names: impl IntoIterator<Item = String>,
+        rows: usize,
+        bytes: usize,
+    ) -> Self {
         let conn = Connection::open(path).unwrap();
         conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
         conn.pragma_update(None, "synchronous", synchronous).unwrap();
-        let names: Vec<String> = (0..tables)
-            .map(|i| {
-                if i == 0 {
-                    "bench_commit".into()
-                } else {
-                    format!("bench_commit_{i}")
-                }
-            })
-            .collect();
-        for name in &names {
+        let mut inserts = Vec::new();
+        for name in names {
             conn.execute(
                 &format!("CREATE TABLE IF NOT EXISTS {name} (id INTEGER PRIMARY KEY, body TEXT NOT NULL)"),
                 [],
             )
             .unwrap();
+            inserts.extend(std::iter::repeat_n(
+                format!("INSERT INTO {name} (body) VALUES (?)"),
+                rows,
+            ));
         }
-        let inserts = names
-            .iter()
-            .map(|name| format!("INSERT INTO {name} (body) VALUES (?)"))
-            .collect();
         Self {
             conn,
             inserts,
-            body: "x".into(),
+            body: "x".repeat(bytes.max(1)),
         }
-    }
-
-    /// [`open`](Self::open) for commits of one row of `bytes` bytes, into a table of its own.
-    pub fn open_sized(path: &Path, synchronous: &str, table: &str, bytes: usize) -> Self {
-        let mut this = Self::open_wide(path, synchronous, 0);
-        this.conn
-            .execute(
-                &format!("CREATE TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY, body TEXT NOT NULL)"),
-                [],
-            )
-            .unwrap();
-        this.inserts = vec![format!("INSERT INTO {table} (body) VALUES (?)")];
-        this.body = "x".repeat(bytes.max(1));
-        this
-    }
-
-    /// [`open_wide`](Self::open_wide) for commits of `rows` rows of `bytes` bytes into each of
-    /// `tables` tables (of their own).
-    pub fn open_batch(path: &Path, synchronous: &str, tables: usize, rows: usize, bytes: usize) -> Self {
-        let mut this = Self::open_wide(path, synchronous, 0);
-        this.inserts.clear();
-        for i in 0..tables {
-            let table = format!("bench_batch_{i}");
-            this.conn
-                .execute(
-                    &format!("CREATE TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY, body TEXT NOT NULL)"),
-                    [],
-                )
-                .unwrap();
-            for _ in 0..rows {
-                this.inserts.push(format!("INSERT INTO {table} (body) VALUES (?)"));
-            }
-        }
-        this.body = "x".repeat(bytes.max(1));
-        this
     }
 
     /// The bytes of the rows (every column, as text) that the kernel store keeps for job `id`:

@@ -122,10 +122,10 @@ fn bench(c: &mut Criterion) {
         });
         // The floor of a per-call log (each commit one appended row carrying what the call's
         // commit writes, its tables written later in the background): two one-row commits that
-        // together carry the bytes the store keeps for one non-idempotent call.
-        // One call of its own, so that a filtered run that skipped `governed_call` has one too.
-        rt.block_on(governed_call(&governed, &call_ctx, "p/echo", None));
-        let call_bytes = bare.job_bytes(&bare.last_job());
+        // together carry the bytes the store keeps for one non-idempotent call (a call of its
+        // own, measured, so that a filtered run that skipped `governed_call` has one too).
+        let job = rt.block_on(governed_call(&governed, &call_ctx, "p/echo", None));
+        let call_bytes = bare.job_bytes(&job.to_string());
         println!("{group_name}: one governed call's rows hold {call_bytes} bytes");
         let mut log = common::BareCommit::open_sized(&path, synchronous, "bench_call_log", call_bytes / 2);
         group.bench_function("log_commit_pair", |b| {
@@ -239,11 +239,12 @@ async fn calls_in_memory(tools: &FakeTools, ctx: &ExecutionContext, tool: &str, 
     took
 }
 
-/// One governed call of `tool` (an echo tool), to its end.
-async fn governed_call(agent: &AgentRuntime, ctx: &ExecutionContext, tool: &str, key: Option<String>) {
+/// One governed call of `tool` (an echo tool), to its end; its job.
+async fn governed_call(agent: &AgentRuntime, ctx: &ExecutionContext, tool: &str, key: Option<String>) -> uuid::Uuid {
     let h = agent.call_tool(ctx, tool, json!({ "i": 1 }), key).await.expect("call");
     let r = h.result().await.expect("result");
     assert_eq!(r.status, keel_kernel::job::JobState::Succeeded, "{r:?}");
+    r.job_id
 }
 
 criterion::criterion_group!(benches, bench);

@@ -9,7 +9,7 @@ use rusqlite::{Connection, TransactionBehavior};
 /// A plain SQLite connection on the bench's database file, with the store's pragmas: the floor.
 pub struct BareCommit {
     conn: Connection,
-    /// The tables each commit inserts one row into.
+    /// The `INSERT`s each commit runs, one per row.
     inserts: Vec<String>,
     /// What each row holds.
     body: String,
@@ -113,17 +113,6 @@ impl BareCommit {
             total += usize::try_from(bytes).unwrap();
         }
         total
-    }
-
-    /// The id of the job created last.
-    pub fn last_job(&self) -> String {
-        self.conn
-            .query_row(
-                "SELECT id FROM jobs ORDER BY created_at DESC, id DESC LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
     }
 
     /// One row (into each table) committed the cheapest way SQLite allows, on the calling thread:
